@@ -1,0 +1,355 @@
+"""The synchronous engine: step() = schedule -> run -> sample -> update -> stop checks.
+
+It owns the model, the KV cache (through the Runner), the scheduler and the sampler. The
+async engine and the offline LLM API both drive it; neither touches its parts directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from moeserve.config import CacheConfig, ConfigError, SchedulerConfig
+from moeserve.engine.outputs import (
+    CompletionOutput,
+    RequestMetrics,
+    RequestOutput,
+    StepStats,
+    TokenLogprob,
+)
+from moeserve.engine.runner import Runner, check_kv_capacity, kv_bytes_per_block
+from moeserve.engine.sampler import Sampler
+from moeserve.engine.scheduler import RequestTooLarge, Scheduler
+from moeserve.engine.sequence import Sequence
+from moeserve.model.loader import load_model
+from moeserve.sampling_params import SamplingParams
+from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_BYTES = 2 << 30  # cap for the CPU KV budget when none is given
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses at admission; the message says what is wrong."""
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer | None]
+    metrics: RequestMetrics
+    last_token_time: list[float]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class StepResult:
+    outputs: list[RequestOutput]
+    stats: StepStats | None
+
+
+class Engine:
+    """Continuous-batching engine over one model directory."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        dtype: str | None = None,
+        device: str | None = None,
+        cache: CacheConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        cache = cache or CacheConfig()
+        sched = scheduler or SchedulerConfig()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.checkpoint, self.model = load_model(
+            model_dir, dtype=dtype, device=device, progress=progress
+        )
+        cfg = self.model.cfg
+        self.model_config = cfg
+        path = Path(model_dir)
+        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        self.max_model_len = sched.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {cfg.max_position_embeddings}"
+            )
+        per_block = kv_bytes_per_block(cfg, cache.block_size, self.model.dtype)
+        num_blocks = self._num_blocks(cache, sched, per_block)
+        check_kv_capacity(num_blocks, cache.block_size, self.max_model_len, per_block)
+        self.runner = Runner(self.model, num_blocks, cache.block_size)
+        self.scheduler = Scheduler(
+            num_blocks=num_blocks,
+            block_size=cache.block_size,
+            max_num_seqs=sched.max_num_seqs,
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=sched.enable_chunked_prefill,
+        )
+        vocab = cfg.vocab_size
+        if self.tokenizer is not None:
+            vocab = min(vocab, self.tokenizer.vocab_size)
+        self.vocab_size = vocab
+        self.sampler = Sampler(vocab, seed=seed)
+        self.eos_token_ids = set(cfg.eos_token_ids)
+        if not self.eos_token_ids and self.tokenizer and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids = {self.tokenizer.eos_token_id}
+        self.num_blocks = num_blocks
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        log.info(
+            "engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
+            cfg.model_type,
+            device,
+            num_blocks,
+            cache.block_size,
+            self.max_model_len,
+        )
+
+    def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig, per_block: int) -> int:
+        if cache.kv_cache_memory is not None:
+            return cache.kv_cache_memory // per_block
+        if self.model.device.type == "cuda":
+            return self._profile_cuda_blocks(cache, sched, per_block)
+        per_seq = -(-self.max_model_len // cache.block_size)
+        wanted = per_seq * sched.max_num_seqs
+        return max(per_seq, min(wanted, CPU_DEFAULT_KV_BYTES // per_block))
+
+    def _profile_cuda_blocks(
+        self, cache: CacheConfig, sched: SchedulerConfig, per_block: int
+    ) -> int:
+        """Blocks that fit in gpu_memory_utilization of the device after weights and the peak
+        activations of a maximal step (measured with one forward of max_num_batched_tokens)."""
+        n = min(sched.max_num_batched_tokens, self.max_model_len)
+        bs = cache.block_size
+        probe = Runner(self.model, -(-n // bs), bs)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        seq = Sequence(seq_id=-1, request_id="profile", prompt_ids=[0] * n, max_tokens=1)
+        seq.block_ids = list(range(probe.num_blocks))
+        from moeserve.engine.scheduler import ScheduledSeq
+
+        probe.execute([ScheduledSeq(seq, 0, n, True)])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del probe
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        # Memory taken by other processes counts against the budget too.
+        others = total - free - torch.cuda.memory_reserved()
+        budget = int(total * cache.gpu_memory_utilization) - peak - others
+        return max(0, budget // per_block)
+
+    # ----------------------------------------------------------------- requests
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequest("this model has no tokenizer.json: send token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequest("prompt is empty")
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
+        if bad:
+            raise InvalidRequest(f"prompt token ids must be integers, got {bad[0]!r}")
+        out = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if out:
+            raise InvalidRequest(
+                f"prompt token id {out[0]} is outside the vocabulary "
+                f"(0..{self.model_config.vocab_size - 1})"
+            )
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        prompt_ids: list[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> list[int]:
+        """Queue a request (n sequences); returns its prompt token ids. Raises ValueError."""
+        if request_id in self._requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        ids = prompt_ids if prompt_ids is not None else self.encode_prompt(prompt)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLarge(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the "
+                f"request needs {total} ({len(ids)} in the prompt + {params.max_tokens} "
+                "max_tokens)"
+            )
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequest(f"stop_token_ids: {bad[0]} is outside the vocabulary")
+        now = arrival_time if arrival_time is not None else time.monotonic()
+        seqs, detoks = [], []
+        for i in range(params.n):
+            # Seeded n>1 samples must differ from each other, yet stay reproducible.
+            p = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+            seqs.append(
+                Sequence(
+                    seq_id=next(self._seq_ids),
+                    request_id=request_id,
+                    prompt_ids=ids,
+                    max_tokens=params.max_tokens,
+                    params=p,
+                    arrival_time=now,
+                )
+            )
+            detoks.append(
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+                if self.tokenizer is not None
+                else None
+            )
+        for seq in seqs:
+            self.scheduler.add(seq)
+        prompt_text = prompt if isinstance(prompt, str) else None
+        self._requests[request_id] = _Request(
+            request_id,
+            prompt_text,
+            ids,
+            params,
+            seqs,
+            detoks,
+            RequestMetrics(arrival_time=now, num_prompt_tokens=len(ids)),
+            [0.0] * params.n,
+        )
+        return ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks now; False if it is unknown or finished."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.abort_request(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # --------------------------------------------------------------------- step
+    def step(self) -> StepResult:
+        """Run one iteration; returns the deltas of every request that progressed."""
+        t0 = time.monotonic()
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return StepResult([], None)
+        for w in out.scheduled:
+            req = self._requests[w.seq.request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = t0
+        logits, rows = self.runner.execute(out.scheduled)
+        seqs = [out.scheduled[i].seq for i in rows]
+        sampled = self.sampler.sample(logits, seqs)
+        self.scheduler.update(out, {s.seq_id: t for s, t in zip(seqs, sampled.token_ids)})
+        now = time.monotonic()
+        stats = StepStats(
+            timestamp=now,
+            step_seconds=now - t0,
+            num_running=0,
+            num_waiting=0,
+            num_seqs=len(out.scheduled),
+            num_prefill_tokens=out.num_prefill_tokens,
+            num_decode_tokens=out.num_decode_tokens,
+            num_generated_tokens=len(seqs),
+            kv_usage=0.0,
+            num_preempted=len(out.preempted),
+        )
+        deltas: dict[str, RequestOutput] = {}
+        for row, seq in enumerate(seqs):
+            req = self._requests[seq.request_id]
+            delta = self._process(req, seq, row, sampled, now, stats)
+            ro = deltas.setdefault(
+                req.request_id, RequestOutput(req.request_id, req.prompt_ids, [], prompt=req.prompt)
+            )
+            ro.outputs.append(delta)
+        for ro in deltas.values():
+            req = self._requests[ro.request_id]
+            if req.finished:
+                req.metrics.finish_time = now
+                ro.finished, ro.metrics = True, req.metrics
+                reason = next((o.finish_reason for o in ro.outputs if o.finish_reason), "stop")
+                stats.finished.append((reason, req.metrics))
+                del self._requests[ro.request_id]
+        s = self.scheduler.stats()
+        stats.num_running, stats.num_waiting, stats.kv_usage = (
+            s.num_running,
+            s.num_waiting,
+            s.kv_usage,
+        )
+        return StepResult(list(deltas.values()), stats)
+
+    def _process(
+        self, req: _Request, seq: Sequence, row: int, sampled, now: float, stats: StepStats
+    ) -> CompletionOutput:
+        """Stop checks and detokenisation for one newly sampled token."""
+        index = req.seqs.index(seq)
+        token = seq.output_ids[-1]
+        params: SamplingParams = seq.params
+        delta = CompletionOutput(index=index, token_ids=[token])
+        if params.logprobs is not None:
+            lp = TokenLogprob(token, sampled.logprobs[row], sampled.top_logprobs[row] or [])
+            delta.logprobs = [lp]
+        if seq.num_output_tokens == 1:
+            req.metrics.first_token_time = req.metrics.first_token_time or now
+        else:
+            stats.itl.append(now - req.last_token_time[index])
+        req.last_token_time[index] = now
+        req.metrics.num_generated_tokens += 1
+        detok = req.detoks[index]
+        reason: str | None = None
+        stop_reason: str | int | None = None
+        if token in params.stop_token_ids or (
+            token in self.eos_token_ids and not params.ignore_eos
+        ):
+            reason, stop_reason = "stop", token
+        elif detok is not None:
+            text, hit = detok.step([token])
+            delta.text = text
+            if hit:
+                reason, stop_reason = "stop", detok.stop_str
+        if reason is None and (
+            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            reason = "length"
+        if reason is not None:
+            if detok is not None:
+                delta.text += detok.flush()
+            delta.finish_reason, delta.stop_reason = reason, stop_reason
+            self.scheduler.finish(seq, reason)
+        return delta
+
+    def expert_token_counts(self) -> torch.Tensor:
+        """[sparse layers, E] tokens routed to each expert since start (one host copy)."""
+        return self.model.tokens_per_expert().cpu()

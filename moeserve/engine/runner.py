@@ -1,0 +1,143 @@
+"""Builds the flat batch for one step, owns the paged KV cache, runs the model.
+
+Shapes: T tokens in the flat batch, B sequences, M max blocks per sequence, V vocab,
+N blocks, S slots per block, G kv heads, X head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moeserve.config import ModelConfig
+from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.layers import AttentionMetadata
+
+
+class KVCacheTooSmall(ValueError):
+    """The KV budget cannot hold even one maximum-length sequence."""
+
+
+class _Seq(Protocol):
+    token_ids: list[int]
+    block_ids: list[int]
+
+
+class Work(Protocol):
+    """One sequence's share of a step (the scheduler's ScheduledSeq satisfies this)."""
+
+    seq: _Seq
+    start: int
+    num_tokens: int
+    sample: bool
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def allocate_kv_cache(
+    cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, a (K, V) pair of [N, S, G, X] tensors, allocated once at startup."""
+    kv = torch.zeros(
+        cfg.num_layers,
+        2,
+        num_blocks,
+        block_size,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        dtype=dtype,
+        device=device,
+    )
+    return [(kv[i, 0], kv[i, 1]) for i in range(cfg.num_layers)]
+
+
+def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, per_block: int) -> None:
+    need = -(-max_model_len // block_size)
+    if num_blocks < need:
+        raise KVCacheTooSmall(
+            f"the KV cache holds {num_blocks} blocks of {block_size} tokens "
+            f"({num_blocks * block_size} tokens) but one sequence of max_model_len "
+            f"{max_model_len} needs {need} blocks: raise --kv-cache-memory to at least "
+            f"{need * per_block} bytes (or --gpu-memory-utilization), or lower --max-model-len"
+        )
+
+
+@dataclass
+class StepInputs:
+    input_ids_T: torch.Tensor
+    positions_T: torch.Tensor
+    meta: AttentionMetadata
+    logits_rows: torch.Tensor  # rows of the flat batch whose logits are sampled
+    order: list[int]  # work index of each laid-out sequence
+
+
+class Runner:
+    """Turns a list of per-sequence work items into one model forward and sampled-row logits."""
+
+    def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_cache(
+            model.cfg, num_blocks, block_size, model.dtype, model.device
+        )
+
+    def prepare(self, work: Sequence[Work]) -> StepInputs:
+        # Decodes first (one token each): the attention batches them in one call.
+        order = sorted(range(len(work)), key=lambda i: work[i].num_tokens != 1)
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        tables: list[list[int]] = []
+        rows: list[int] = []
+        bs = self.block_size
+        for i in order:
+            w = work[i]
+            end = w.start + w.num_tokens
+            ids.extend(w.seq.token_ids[w.start : end])
+            pos = torch.arange(w.start, end)
+            blocks = torch.tensor(w.seq.block_ids, dtype=torch.int64)
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            query_lens.append(w.num_tokens)
+            context_lens.append(end)
+            tables.append(w.seq.block_ids)
+            if w.sample:
+                rows.append(len(ids) - 1)
+        width = max(len(t) for t in tables)
+        table_BM = torch.zeros(len(tables), width, dtype=torch.int64)
+        for b, t in enumerate(tables):
+            table_BM[b, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        dev = self.device
+        meta = AttentionMetadata(
+            query_lens=query_lens,
+            context_lens=context_lens,
+            num_decodes=sum(1 for n in query_lens if n == 1),
+            block_tables_BM=table_BM.to(dev),
+            context_lens_B=torch.tensor(context_lens, dtype=torch.int64, device=dev),
+            slot_mapping_T=torch.cat(slots).to(dev),
+        )
+        return StepInputs(
+            input_ids_T=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions_T=torch.cat(positions).to(dev),
+            meta=meta,
+            logits_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
+            order=order,
+        )
+
+    def execute(self, work: Sequence[Work]) -> tuple[torch.Tensor, list[int]]:
+        """Run one step; returns float32 logits [R, V] and, per row, the index into `work`."""
+        inp = self.prepare(work)
+        hidden_TD = self.model(inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches)
+        logits = self.model.compute_logits(hidden_TD[inp.logits_rows])
+        sampled = [i for i in inp.order if work[i].sample]
+        return logits, sampled

@@ -1,0 +1,213 @@
+"""Logits -> next tokens (+ logprobs), vectorised over the rows of one engine step.
+
+Legend: B rows (sequences) in the step, R the random (non-greedy) subset of them, P the
+subset with penalties, V vocab (the tokenizer's, after dropping padding columns), L longest
+token list in a padded batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from moeserve.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+# Exp(1) draws of exactly 0 would turn p/q into inf (or 0/0 = NaN for masked tokens).
+_MIN_NOISE = 1e-20
+
+
+class SampleRow(Protocol):
+    """What the sampler reads from a sequence: its params and its tokens so far."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+@dataclass
+class SamplerOutput:
+    """One entry per row, in row order."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]  # chosen token's logprob when params.logprobs is not None
+    top_logprobs: list[list[tuple[int, float]] | None]  # top-N (token, logprob), best first
+
+
+class Sampler:
+    """Turns a step's logits into one token per row.
+
+    Order of operations per row: repetition/presence/frequency penalties, then (random rows
+    only) temperature, top-k, top-p, min-p, then an exponential race ``argmax(p / q)`` with
+    ``q ~ Exp(1)``. Greedy rows take the argmax of the penalised logits. A row with
+    ``params.seed`` draws its noise from a generator seeded by ``(seed, len(output_ids))``,
+    so its tokens do not depend on the other rows in the batch and are reproduced when the
+    sequence is recomputed after preemption. Columns ``>= vocab_size`` (padding of the
+    lm_head) are dropped, so they are never sampled.
+
+    Logprobs are ``log_softmax`` of the RAW logits (before penalties, temperature and
+    filtering) in float32 over the first ``vocab_size`` columns, as vLLM and OpenAI report.
+    """
+
+    def __init__(self, vocab_size: int, seed: int | None = None) -> None:
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        self.vocab_size = vocab_size
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def sample(self, logits_BV: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
+        """Sample one token per row; ``logits_BV`` (any float dtype/device) is not modified."""
+        if logits_BV.dim() != 2 or logits_BV.shape[0] != len(rows):
+            raise ValueError(
+                f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits_BV.shape)}"
+            )
+        B = len(rows)
+        logits_BV = logits_BV[:, : self.vocab_size]
+        params = [row.params for row in rows]
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not lp_rows and all(p.greedy and not p.has_penalties for p in params):
+            return SamplerOutput(logits_BV.argmax(dim=-1).tolist(), [None] * B, [None] * B)
+
+        device = logits_BV.device
+        # A private float32 copy: the steps below edit it in place.
+        logits_BV = logits_BV.to(torch.float32, copy=True)
+        raw_lp = None
+        if lp_rows:
+            raw_lp = torch.log_softmax(logits_BV[_index(lp_rows, device)], dim=-1)
+
+        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
+        if pen_rows:
+            idx = _index(pen_rows, device)
+            logits_BV[idx] = apply_penalties(logits_BV[idx], [rows[i] for i in pen_rows])
+
+        tokens_B = logits_BV.argmax(dim=-1)  # the answer for greedy rows
+        rand_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rand_rows:
+            idx = _index(rand_rows, device)
+            rand = [rows[i] for i in rand_rows]
+            temps_R = torch.tensor([r.params.temperature for r in rand], device=device)
+            logits_RV = _filtered(logits_BV[idx] / temps_R[:, None], [r.params for r in rand])
+            probs_RV = torch.softmax(logits_RV, dim=-1)
+            noise_RV = self._exponential(rand, logits_RV.shape[1], device)
+            tokens_B[idx] = (probs_RV / noise_RV).argmax(dim=-1)
+
+        token_ids: list[int] = tokens_B.tolist()
+        logprobs: list[float | None] = [None] * B
+        top: list[list[tuple[int, float]] | None] = [None] * B
+        if raw_lp is not None:
+            chosen = raw_lp.gather(1, tokens_B[_index(lp_rows, device)][:, None])
+            n_top = min(max(params[i].logprobs or 0 for i in lp_rows), raw_lp.shape[1])
+            vals, ids = raw_lp.topk(n_top, dim=-1) if n_top else (chosen[:, :0], chosen[:, :0])
+            # float64 holds token ids exactly, so all of it comes back in one transfer.
+            host = torch.cat([chosen.double(), vals.double(), ids.double()], dim=1).tolist()
+            for j, i in enumerate(lp_rows):
+                n = min(params[i].logprobs or 0, n_top)
+                vals_j, ids_j = host[j][1 : 1 + n], host[j][1 + n_top : 1 + n_top + n]
+                logprobs[i] = host[j][0]
+                top[i] = [(int(t), v) for v, t in zip(vals_j, ids_j, strict=True)]
+        return SamplerOutput(token_ids, logprobs, top)
+
+    def _exponential(self, rows: Sequence[SampleRow], V: int, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise [R, V]: seeded rows from their own generator, the rest from ours."""
+        noise_RV = torch.empty(len(rows), V, device=device)
+        unseeded = [j for j, r in enumerate(rows) if r.params.seed is None]
+        if len(unseeded) == len(rows):
+            noise_RV.exponential_(generator=self._generator(device))
+        elif unseeded:
+            draw = torch.empty(len(unseeded), V, device=device)
+            draw.exponential_(generator=self._generator(device))
+            noise_RV[_index(unseeded, device)] = draw
+        for j, r in enumerate(rows):
+            if r.params.seed is not None:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(_row_seed(r.params.seed, len(r.output_ids)))
+                noise_RV[j].exponential_(generator=gen)
+        return noise_RV.clamp_min_(_MIN_NOISE)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if self._seed is None:
+                gen.seed()  # non-deterministic, and leaves torch's global RNG alone
+            else:
+                gen.manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
+
+
+def _index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def _padded_ids(lists: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
+    """[P, L] ids padded with V (a spare column that is dropped); ids >= V map there too."""
+    width = max(1, max(len(ids) for ids in lists))
+    ids_PL = torch.tensor([ids + [V] * (width - len(ids)) for ids in lists], dtype=torch.long)
+    return ids_PL.clamp_(0, V).to(device)
+
+
+def apply_penalties(logits_PV: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Penalised copy of ``logits_PV`` (row p belongs to ``rows[p]``).
+
+    HF repetition penalty over prompt + output tokens (``l > 0 ? l / r : l * r``), then
+    OpenAI's ``l -= frequency * count + presence * (count > 0)`` over output tokens.
+    """
+    P, V = logits_PV.shape
+    device = logits_PV.device
+    out_PL = _padded_ids([r.output_ids for r in rows], V, device)
+    counts_PV = torch.zeros(P, V + 1, device=device)
+    counts_PV.scatter_add_(1, out_PL, torch.ones(out_PL.shape, device=device))
+    counts_PV = counts_PV[:, :V]
+    rep = [r.params.repetition_penalty for r in rows]
+    if any(p != 1.0 for p in rep):
+        prompt_PL = _padded_ids([r.prompt_ids for r in rows], V, device)
+        seen_PV = torch.zeros(P, V + 1, dtype=torch.bool, device=device)
+        seen_PV.scatter_(1, prompt_PL, True)
+        seen_PV = seen_PV[:, :V] | (counts_PV > 0)
+        rep_P1 = torch.tensor(rep, device=device)[:, None]
+        scaled = torch.where(logits_PV > 0, logits_PV / rep_P1, logits_PV * rep_P1)
+        logits_PV = torch.where(seen_PV, scaled, logits_PV)
+    freq_P1 = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
+    pres_P1 = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
+    return logits_PV - freq_P1 * counts_PV - pres_P1 * (counts_PV > 0).float()
+
+
+def _filtered(logits_RV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """top-k, then top-p on the renormalised survivors, then min-p; removed -> -inf."""
+    R, V = logits_RV.shape
+    device = logits_RV.device
+    use_k = any(1 <= p.top_k < V for p in params)
+    use_p = any(p.top_p < 1.0 for p in params)
+    if use_k or use_p:
+        sorted_RV, order_RV = logits_RV.sort(dim=-1, descending=True)
+        if use_k:
+            k_R = torch.tensor([p.top_k if p.top_k >= 1 else V for p in params], device=device)
+            rank_V = torch.arange(V, device=device)
+            # By rank, not by value threshold, so ties at the k-th value keep exactly k.
+            sorted_RV.masked_fill_(rank_V[None, :] >= k_R[:, None], float("-inf"))
+        if use_p:
+            probs_RV = torch.softmax(sorted_RV, dim=-1)
+            before_RV = probs_RV.cumsum(dim=-1) - probs_RV  # mass strictly above each token
+            # top_p == 1 rows get +inf: float error in the cumsum must not trim their tail.
+            p_R = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params])
+            sorted_RV.masked_fill_(before_RV >= p_R.to(device)[:, None], float("-inf"))
+        logits_RV = torch.empty_like(logits_RV).scatter_(1, order_RV, sorted_RV)
+    if any(p.min_p > 0.0 for p in params):
+        probs_RV = torch.softmax(logits_RV, dim=-1)
+        min_p_R = torch.tensor([p.min_p for p in params], device=device)
+        floor_R1 = probs_RV.max(dim=-1, keepdim=True).values * min_p_R[:, None]
+        logits_RV = logits_RV.masked_fill(probs_RV < floor_R1, float("-inf"))
+    return logits_RV
+
+
+def _row_seed(seed: int, step: int) -> int:
+    """A well-mixed 64-bit seed from (request seed, output position) (splitmix64)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)

@@ -1,0 +1,300 @@
+"""Continuous batching over a paged KV cache: token budget, chunked prefill, preemption. No torch.
+
+Each engine step: `schedule()` picks which sequences run and which token range of each, and
+allocates the KV blocks those tokens need; the engine runs the model and samples; `update()`
+records the computed tokens and appends the sampled ones; the engine then checks its stop
+conditions and calls `finish()`. Only this class changes a sequence's scheduling state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from moeserve.engine.block_pool import BlockPool
+from moeserve.engine.sequence import SeqStatus, Sequence
+
+
+class RequestTooLarge(ValueError):
+    """A request that could never run: longer than the context or than the whole KV cache."""
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """Run `seq.token_ids[start:start+num_tokens]` this step; sample a token when `sample`."""
+
+    seq: Sequence
+    start: int  # seq.num_computed_tokens when scheduled: position of the first token
+    num_tokens: int
+    sample: bool  # the step ends at the seq's last known token, so its next token is sampled
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefills
+    preempted: list[Sequence] = field(default_factory=list)  # preempted during this schedule()
+    num_batched_tokens: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    """Plain record for the metrics module."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_usage: float
+    num_preemptions_total: int
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    """FCFS continuous-batching scheduler; owns the `BlockPool` (see `block_pool`)."""
+
+    def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int,
+                 enable_chunked_prefill: bool = True) -> None:
+        sizes = {"num_blocks": num_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs,
+                 "max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len}
+        for name, value in sizes.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+                f"({max_model_len}) when chunked prefill is disabled, or a long prompt never runs"
+            )
+        if max_num_batched_tokens < max_num_seqs:
+            # Otherwise a full batch of decodes would not fit in one step's budget.
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({max_num_seqs})"
+            )
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.block_pool = BlockPool(num_blocks)
+        self._waiting: deque[Sequence] = deque()
+        # Insertion order = admission order; a dict gives O(1) removal and newest-first scans.
+        self._running: dict[int, Sequence] = {}
+        self._seqs: dict[int, Sequence] = {}  # every unfinished sequence by seq_id
+        self._by_request: dict[str, list[Sequence]] = {}
+        self._num_preemptions_total = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a fresh WAITING seq; `RequestTooLarge`/`ValueError` if it could never run."""
+        if seq.num_prompt_tokens == 0:
+            raise ValueError(f"prompt of request {seq.request_id!r} is empty")
+        if seq.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {seq.max_tokens}")
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"seq_id {seq.seq_id} is already scheduled")
+        if seq.status is not SeqStatus.WAITING or seq.block_ids or seq.num_computed_tokens:
+            raise ValueError(f"seq {seq.seq_id} is not a fresh WAITING sequence")
+        total = seq.num_prompt_tokens + seq.max_tokens
+        if total > self.max_model_len:
+            raise RequestTooLarge(
+                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.max_tokens}) = "
+                f"{total} tokens exceeds max_model_len ({self.max_model_len})"
+            )
+        blocks = _cdiv(total, self.block_size)
+        if blocks > self.block_pool.num_blocks:
+            raise RequestTooLarge(
+                f"prompt + max_tokens = {total} tokens needs {blocks} KV blocks of "
+                f"{self.block_size} tokens, the cache has only {self.block_pool.num_blocks}"
+            )
+        self._seqs[seq.seq_id] = seq
+        self._by_request.setdefault(seq.request_id, []).append(seq)
+        self._waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark `seq` FINISHED and free its blocks now. A second call is a no-op."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            del self._running[seq.seq_id]
+        else:
+            self._waiting.remove(seq)  # O(waiting), but only on aborts of queued requests
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        del self._seqs[seq.seq_id]
+        siblings = self._by_request[seq.request_id]
+        siblings.remove(seq)
+        if not siblings:
+            del self._by_request[seq.request_id]
+
+    def abort_request(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished seq of `request_id` with reason "abort"; return them."""
+        seqs = list(self._by_request.get(request_id, ()))
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def get(self, seq_id: int) -> Sequence | None:
+        """The unfinished sequence with this id, or None."""
+        return self._seqs.get(seq_id)
+
+    def running(self) -> list[Sequence]:
+        """Running sequences, oldest-admitted first (a copy)."""
+        return list(self._running.values())
+
+    def waiting(self) -> list[Sequence]:
+        """Waiting sequences in admission order (a copy)."""
+        return list(self._waiting)
+
+    def stats(self) -> SchedulerStats:
+        pool = self.block_pool
+        return SchedulerStats(
+            num_running=len(self._running), num_waiting=len(self._waiting),
+            kv_blocks_used=pool.num_used, kv_blocks_total=pool.num_blocks, kv_usage=pool.usage,
+            num_preemptions_total=self._num_preemptions_total,
+        )
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work: running decodes, then running prefills, then admissions."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        done: set[int] = set()  # seq_ids scheduled this step: never preempted, never twice
+        running = list(self._running.values())
+        decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in running if s.num_tokens - s.num_computed_tokens > 1]
+        assert len(decodes) + len(prefills) == len(running), "a running seq has nothing to run"
+
+        for seq in decodes:
+            if seq.status is not SeqStatus.RUNNING:  # preempted as a victim earlier this step
+                continue
+            # No budget check: max_num_batched_tokens >= max_num_seqs >= number of decodes.
+            if not self._make_room(seq, 1, done, out):
+                self._preempt(seq, out)  # nobody else to evict: it recomputes later
+                continue
+            self._emit(seq, 1, done, out)
+            out.num_decode_tokens += 1
+            budget -= 1
+
+        for seq in prefills:
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            if budget == 0:
+                break
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            chunk = min(remaining, budget)
+            if not self.enable_chunked_prefill and chunk < remaining:
+                continue
+            need = 1 if self.enable_chunked_prefill else chunk
+            if not self._make_room(seq, need, done, out):
+                continue  # it keeps its blocks and simply waits for a later step
+            chunk = min(chunk, self._capacity(seq))
+            self._emit(seq, chunk, done, out)
+            out.num_prefill_tokens += chunk
+            budget -= chunk
+
+        # Admissions never preempt, and a step that had to preempt is short of blocks: admitting
+        # now would only be evicted again (and could readmit a seq preempted this very step).
+        while (not out.preempted and self._waiting and budget > 0
+               and len(self._running) < self.max_num_seqs):
+            seq = self._waiting[0]  # strict FCFS: if the head can't go, nobody behind it does
+            chunk = min(seq.num_tokens, budget)  # a preempted seq recomputes prompt + outputs
+            if (not self.enable_chunked_prefill and chunk < seq.num_tokens) or (
+                _cdiv(chunk, self.block_size) > self.block_pool.num_free
+            ):
+                break
+            self._waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self._running[seq.seq_id] = seq
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self._emit(seq, chunk, done, out)
+            out.num_prefill_tokens += chunk
+            budget -= chunk
+
+        out.num_batched_tokens = self.max_num_batched_tokens - budget
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
+        """Record that `out` ran: advance computed tokens, append sampled tokens (seq_id -> id).
+
+        Call once per `schedule()`, before finishing anything sampled this step. Sequences
+        finished since `schedule()` (e.g. aborted) are skipped. Every still-RUNNING entry with
+        `sample=True` must have a token in `sampled`.
+        """
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            assert seq.num_computed_tokens == s.start, f"seq {seq.seq_id} updated twice"
+            seq.num_computed_tokens += s.num_tokens
+            if s.sample:
+                tok = sampled.get(seq.seq_id)
+                assert tok is not None, f"no sampled token for seq {seq.seq_id}"
+                seq.append_token(tok)
+                if seq.first_token_time is None:
+                    seq.first_token_time = time.monotonic()
+
+    def _capacity(self, seq: Sequence) -> int:
+        """Tokens `seq` could add now using its own blocks' slack plus every free block."""
+        slots = (len(seq.block_ids) + self.block_pool.num_free) * self.block_size
+        return slots - seq.num_computed_tokens
+
+    def _make_room(self, seq: Sequence, n: int, done: set[int], out: SchedulerOutput) -> bool:
+        """Preempt newest-admitted unscheduled others until `seq` can add `n` tokens."""
+        while self._capacity(seq) < n:
+            victim = next((v for v in reversed(self._running.values())
+                           if v is not seq and v.seq_id not in done), None)
+            if victim is None:
+                return False
+            self._preempt(victim, out)
+        return True
+
+    def _emit(self, seq: Sequence, n: int, done: set[int], out: SchedulerOutput) -> None:
+        start = seq.num_computed_tokens
+        extra = _cdiv(start + n, self.block_size) - len(seq.block_ids)
+        if extra > 0:
+            seq.block_ids.extend(self.block_pool.allocate(extra))
+        done.add(seq.seq_id)
+        out.scheduled.append(ScheduledSeq(seq, start, n, start + n == seq.num_tokens))
+
+    def _release(self, seq: Sequence) -> None:
+        # A new list, not clear(): a runner still holding the old list keeps a consistent view.
+        self.block_pool.free(seq.block_ids)
+        seq.block_ids = []
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Recompute preemption: drop its KV, keep its outputs, requeue it at the front."""
+        del self._running[seq.seq_id]
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self._num_preemptions_total += 1
+        out.preempted.append(seq)
+        # The front of the queue holds the preempted seqs in arrival order; insert among them.
+        key = (seq.arrival_time, seq.seq_id)
+        i = 0
+        for w in self._waiting:
+            if w.num_preemptions == 0 or (w.arrival_time, w.seq_id) > key:
+                break
+            i += 1
+        self._waiting.insert(i, seq)

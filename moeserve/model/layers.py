@@ -1,0 +1,197 @@
+"""RMSNorm, rotary embedding and attention over the paged KV cache.
+
+Shapes: T tokens in the flat batch, B sequences, D hidden, H heads, G kv heads, X head dim,
+N blocks in the pool, S slots per block (block size), M max blocks per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeserve.config import ModelConfig
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flat batch splits into sequences and where their K/V live.
+
+    Sequences with exactly one new token (decodes) come first, then the prefill chunks.
+    Host lists serve the Python-side loop over prefills; device tensors serve the kernels.
+    """
+
+    query_lens: list[int]  # new tokens per sequence
+    context_lens: list[int]  # tokens in the cache per sequence after this step
+    num_decodes: int  # the first num_decodes sequences bring one token each
+    block_tables_BM: torch.Tensor  # int64, padded with 0
+    context_lens_B: torch.Tensor  # int64
+    slot_mapping_T: torch.Tensor  # int64: flat slot (block * S + offset) for each new token
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the reference computes it: statistics in float32, scale in the input dtype."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+class Rotary:
+    """Rotary position embedding (rotate-half layout) with the default/linear/yarn/llama3 rules."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device) -> None:
+        dim = cfg.head_dim
+        p = cfg.rope_params
+        base = cfg.rope_theta
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.scale = 1.0
+        kind = p.get("rope_type", "default")
+        if kind == "linear":
+            inv_freq = inv_freq / p["factor"]
+        elif kind == "llama3":
+            inv_freq = _llama3(inv_freq, p)
+        elif kind == "yarn":
+            inv_freq, self.scale = _yarn(dim, base, p, cfg.max_position_embeddings)
+        self.inv_freq = inv_freq.to(device)
+
+    def cos_sin(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        freqs_TX = positions_T.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs_TX, freqs_TX), dim=-1)
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rotary(x_THX: torch.Tensor, cos_TX: torch.Tensor, sin_TX: torch.Tensor) -> torch.Tensor:
+    half = x_THX.shape[-1] // 2
+    rotated = torch.cat((-x_THX[..., half:], x_THX[..., :half]), dim=-1)
+    return x_THX * cos_TX[:, None, :] + rotated * sin_TX[:, None, :]
+
+
+def _llama3(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
+    factor, low, high = p["factor"], p.get("low_freq_factor", 1.0), p.get("high_freq_factor", 4.0)
+    old_len = p["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn(dim: int, base: float, p: dict, max_pos: int) -> tuple[torch.Tensor, float]:
+    factor = p["factor"]
+    orig = p.get("original_max_position_embeddings") or max_pos
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = p.get("attention_factor")
+    if attn is None:
+        m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (
+        1.0 / pos_freqs
+    ) * extrapolation
+    return inv_freq, float(attn)
+
+
+def write_kv(
+    k_cache_NSGX: torch.Tensor,
+    v_cache_NSGX: torch.Tensor,
+    k_TGX: torch.Tensor,
+    v_TGX: torch.Tensor,
+    slot_mapping_T: torch.Tensor,
+) -> None:
+    """Store this step's keys and values into their slots of the paged cache."""
+    g, x = k_TGX.shape[1:]
+    k_cache_NSGX.view(-1, g, x).index_copy_(0, slot_mapping_T, k_TGX)
+    v_cache_NSGX.view(-1, g, x).index_copy_(0, slot_mapping_T, v_TGX)
+
+
+def _gather(cache_NSGX: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The cache rows of the given blocks, flattened to one position axis."""
+    out = cache_NSGX[blocks]
+    return out.reshape(*blocks.shape[:-1], -1, *cache_NSGX.shape[2:])
+
+
+def paged_attention(
+    q_THX: torch.Tensor,
+    k_cache_NSGX: torch.Tensor,
+    v_cache_NSGX: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over everything cached for their sequence.
+
+    The readable torch path: decodes are one batched gather + SDPA with a padding mask;
+    each prefill chunk is one SDPA over its own context. Returns [T, H, X].
+    """
+    out_THX = torch.empty_like(q_THX)
+    heads, groups = q_THX.shape[1], k_cache_NSGX.shape[2]
+    gqa = heads != groups
+    nd = meta.num_decodes
+    if nd:
+        max_ctx = max(meta.context_lens[:nd])
+        s = k_cache_NSGX.shape[1]
+        blocks_BM = meta.block_tables_BM[:nd, : (max_ctx + s - 1) // s]
+        k_BCGX, v_BCGX = _gather(k_cache_NSGX, blocks_BM), _gather(v_cache_NSGX, blocks_BM)
+        ctx_B = meta.context_lens_B[:nd]
+        key_pos = torch.arange(k_BCGX.shape[1], device=q_THX.device)
+        mask_BC = key_pos[None, :] < ctx_B[:, None]
+        if window is not None:
+            mask_BC &= key_pos[None, :] > (ctx_B[:, None] - 1 - window)
+        q = q_THX[:nd].unsqueeze(2)  # B H 1 X
+        o = F.scaled_dot_product_attention(
+            q,
+            k_BCGX.transpose(1, 2),
+            v_BCGX.transpose(1, 2),
+            attn_mask=mask_BC[:, None, None, :],
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out_THX[:nd] = o.squeeze(2)
+    start = nd
+    for b in range(nd, len(meta.query_lens)):
+        n, ctx = meta.query_lens[b], meta.context_lens[b]
+        s = k_cache_NSGX.shape[1]
+        blocks = meta.block_tables_BM[b, : (ctx + s - 1) // s]
+        k_CGX = _gather(k_cache_NSGX, blocks)[:ctx]
+        v_CGX = _gather(v_cache_NSGX, blocks)[:ctx]
+        q_pos = torch.arange(ctx - n, ctx, device=q_THX.device)
+        key_pos = torch.arange(ctx, device=q_THX.device)
+        mask_QC = key_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            mask_QC &= key_pos[None, :] > (q_pos[:, None] - window)
+        o = F.scaled_dot_product_attention(
+            q_THX[start : start + n].transpose(0, 1),
+            k_CGX.transpose(0, 1),
+            v_CGX.transpose(0, 1),
+            attn_mask=mask_QC,
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        out_THX[start : start + n] = o.transpose(0, 1)
+        start += n
+    return out_THX

@@ -1,0 +1,210 @@
+"""Safetensors checkpoints -> a MoEForCausalLM, tensor by tensor, validated.
+
+Never unpickles and never runs code from the checkpoint. Every tensor is read from the
+memory-mapped file and copied straight into its preallocated parameter, so peak host memory
+stays near the size of the weights plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from moeserve.config import ConfigError, ModelConfig
+from moeserve.model.decoder import DTYPES, MoEForCausalLM
+from moeserve.model.families import IGNORED_SUFFIXES, parse_config, weight_plan
+
+log = logging.getLogger(__name__)
+
+_ST_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded; the message names file and tensor."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a model directory holds, before any weight is read."""
+
+    path: Path
+    config: ModelConfig
+    raw_config: dict[str, Any]
+    generation_config: dict[str, Any]
+    shards: tuple[Path, ...]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _find_shards(path: Path) -> tuple[Path, ...]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: 'weight_map' is missing or empty")
+        shards = []
+        for name in sorted(set(weight_map.values())):
+            shard = path / name
+            if Path(name).name != name:
+                raise CheckpointError(f"{index}: shard name {name!r} must be a plain file name")
+            if not shard.exists():
+                raise CheckpointError(f"{index}: lists shard {name}, which does not exist")
+            shards.append(shard)
+        return tuple(shards)
+    single = path / "model.safetensors"
+    if single.exists():
+        return (single,)
+    found = sorted(path.glob("*.safetensors"))
+    if found:
+        return tuple(found)
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise CheckpointError(
+            f"{path}: only PyTorch pickle weights (.bin/.pt) found; moeserve requires safetensors "
+            "(pickles can run arbitrary code). Convert the checkpoint to safetensors first."
+        )
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def inspect_checkpoint(model_dir: str | Path) -> Checkpoint:
+    """Read and validate config.json (+ generation_config.json) and locate the shards."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path}: config.json is missing")
+    raw = _read_json(config_path)
+    try:
+        cfg = parse_config(raw)
+    except ConfigError as e:
+        raise CheckpointError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from e
+    gen: dict[str, Any] = {}
+    gen_path = path / "generation_config.json"
+    if gen_path.exists():
+        gen = _read_json(gen_path)
+        eos = gen.get("eos_token_id")
+        if eos is not None:
+            eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+            if not all(isinstance(i, int) for i in eos_ids):
+                raise CheckpointError(f"{gen_path}: eos_token_id must be ints, got {eos!r}")
+            cfg = replace(cfg, eos_token_ids=eos_ids)
+    return Checkpoint(path, cfg, raw, gen, _find_shards(path))
+
+
+def _open(shard: Path) -> Any:
+    try:
+        return safe_open(str(shard), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{shard}: corrupt or truncated safetensors file ({e})") from e
+
+
+def _index_tensors(ckpt: Checkpoint, plan: dict[str, tuple[str, Any]]) -> dict[str, Path]:
+    """Tensor name -> shard, refusing duplicates, unknown tensors and missing ones."""
+    where: dict[str, Path] = {}
+    for shard in ckpt.shards:
+        with _open(shard) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name in where:
+                    raise CheckpointError(
+                        f"tensor {name} appears in two shards: {where[name].name} and {shard.name}"
+                    )
+                where[name] = shard
+    for name, shard in list(where.items()):
+        if name in plan:
+            continue
+        if name.endswith(IGNORED_SUFFIXES) or (
+            name == "lm_head.weight" and ckpt.config.tie_word_embeddings
+        ):
+            del where[name]
+            continue
+        raise CheckpointError(
+            f"{shard}: unexpected tensor {name} for model_type {ckpt.config.model_type} "
+            "(does config.json match these weights?)"
+        )
+    missing = [n for n in plan if n not in where]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{ckpt.path}: tensor {missing[0]}{more} missing from the checkpoint "
+            f"(shards: {', '.join(s.name for s in ckpt.shards)})"
+        )
+    return where
+
+
+def resolve_dtype(cfg: ModelConfig, dtype: str | None) -> torch.dtype:
+    name = cfg.dtype if dtype in (None, "auto") else dtype
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[name]
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[Checkpoint, MoEForCausalLM]:
+    """Load and validate a checkpoint; raises CheckpointError naming the file and tensor."""
+    ckpt = inspect_checkpoint(model_dir)
+    cfg = ckpt.config
+    torch_dtype = resolve_dtype(cfg, dtype)
+    plan = weight_plan(cfg)
+    where = _index_tensors(ckpt, plan)
+    model = MoEForCausalLM(cfg, torch_dtype, torch.device(device))
+    params = dict(model.named_parameters())
+    total = sum(s.stat().st_size for s in ckpt.shards)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="loading weights",
+        delay=1.0,
+        disable=not progress,
+    )
+    filled = 0
+    for shard in ckpt.shards:
+        with _open(shard) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if name not in plan or where.get(name) != shard:
+                    continue
+                target_name, index = plan[name]
+                target = params[target_name][index] if index else params[target_name]
+                meta = f.get_slice(name)
+                shape, st_dtype = list(meta.get_shape()), meta.get_dtype()
+                if shape != list(target.shape):
+                    raise CheckpointError(
+                        f"{shard}: tensor {name} has shape {shape}, expected "
+                        f"{list(target.shape)} from config.json"
+                    )
+                if st_dtype not in _ST_FLOAT_DTYPES:
+                    raise CheckpointError(
+                        f"{shard}: tensor {name} has dtype {st_dtype}; only float weights "
+                        "(F32, F16, BF16) are supported"
+                    )
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, RuntimeError) as e:
+                    raise CheckpointError(f"{shard}: cannot read tensor {name} ({e})") from e
+                target.copy_(tensor)
+                filled += 1
+                bar.update(tensor.numel() * tensor.element_size())
+                del tensor
+    bar.close()
+    assert filled == len(plan), (filled, len(plan))
+    return ckpt, model.eval()

@@ -1,0 +1,103 @@
+"""The MoE layer: router, dispatch by expert, expert MLPs, combine.
+
+Shapes: T tokens, D hidden, E experts, K top-k, F expert intermediate, R = T*K assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.config import ModelConfig
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def silu_mul(gate_up_TF2: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up_TF2.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with the gate and up projections stored as one [2F, D] matrix."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.w_gate_up = _empty(2 * inter, hidden, dtype=dtype, device=device)
+        self.w_down = _empty(hidden, inter, dtype=dtype, device=device)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(silu_mul(F.linear(x_TD, self.w_gate_up)), self.w_down)
+
+
+def route(
+    router_logits_TE: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (float32) over all experts, top-k, optional renormalisation over the k.
+
+    Mixtral's "top-k over logits, then softmax" is this with renormalize=True.
+    """
+    probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
+    weights_TK, experts_TK = torch.topk(probs_TE, top_k, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return weights_TK, experts_TK
+
+
+class MoE(nn.Module):
+    """Routed experts (stacked per layer) plus the optional shared expert with a sigmoid gate."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        e, f, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.top_k = cfg.top_k
+        self.num_experts = e
+        self.renormalize = cfg.norm_topk_prob
+        self.router = _empty(e, d, dtype=dtype, device=device)
+        self.w_gate_up = _empty(e, 2 * f, d, dtype=dtype, device=device)
+        self.w_down = _empty(e, d, f, dtype=dtype, device=device)
+        self.shared: DenseMLP | None = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared = DenseMLP(d, cfg.shared_expert_intermediate_size, dtype, device)
+            self.shared_gate = _empty(1, d, dtype=dtype, device=device)
+        # Tokens routed to each expert since start; stays on the device, read at scrape time.
+        self.register_buffer(
+            "tokens_per_expert_E",
+            torch.zeros(e, dtype=torch.int64, device=device),
+            persistent=False,
+        )
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        weights_TK, experts_TK = route(F.linear(x_TD, self.router), self.top_k, self.renormalize)
+        out_TD = self.experts(x_TD, weights_TK, experts_TK)
+        if self.shared is not None:
+            gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
+            out_TD = out_TD + gate_T1 * self.shared(x_TD)
+        return out_TD
+
+    def experts(
+        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor
+    ) -> torch.Tensor:
+        """Each expert runs once, on exactly the rows routed to it, then a weighted scatter-add."""
+        flat_R = experts_TK.flatten()
+        order_R = torch.argsort(flat_R, stable=True)
+        counts_E = torch.bincount(flat_R, minlength=self.num_experts)
+        self.tokens_per_expert_E += counts_E
+        token_R = order_R // self.top_k
+        x_RD = x_TD[token_R]
+        y_RD = torch.empty_like(x_RD)
+        # One host read of the per-expert counts per layer tells the slices; the grouped-GEMM
+        # path (GPU) avoids it.
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                rows = slice(start, start + n)
+                h = silu_mul(F.linear(x_RD[rows], self.w_gate_up[e]))
+                y_RD[rows] = F.linear(h, self.w_down[e])
+                start += n
+        # Weights multiply in float32 before the cast, as the reference does.
+        y_RD = (y_RD * weights_TK.flatten()[order_R, None]).to(x_TD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)

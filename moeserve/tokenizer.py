@@ -1,0 +1,459 @@
+"""Tokenizer for a Hugging Face model directory: encode/decode, chat template, streaming text.
+
+``Tokenizer`` wraps ``tokenizers.Tokenizer`` with what ``tokenizer_config.json`` adds (special
+tokens, add_bos/add_eos, chat templates) so that ``encode`` matches ``AutoTokenizer`` and
+``apply_chat_template`` matches transformers' rendering. ``IncrementalDetokenizer`` turns a
+stream of token ids into a stream of text with stop strings (see its docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import tokenizers
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import processors
+
+_REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
+# Tokens of prompt context decoded with the output, so the first output token gets the
+# leading space (or merge) it has after the prompt; vLLM uses the same number.
+_PROMPT_CONTEXT = 5
+
+
+class Tokenizer:
+    """Encoding, decoding and chat templating for one model.
+
+    ``encode(text)`` equals ``AutoTokenizer.from_pretrained(dir)(text)["input_ids"]``;
+    ``decode`` is the ``tokenizers`` decode (no ``clean_up_tokenization_spaces``).
+    ``vocab_size`` counts added tokens.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        *,
+        special_tokens: dict[str, str] | None = None,
+        chat_templates: dict[str, str] | None = None,
+        name: str = "tokenizer",
+    ) -> None:
+        self._tok = backend
+        self.name = name
+        # bos_token, eos_token, unk_token, pad_token...: passed to chat templates by name.
+        self.special_tokens: dict[str, str] = dict(special_tokens or {})
+        self._templates: dict[str, str] = dict(chat_templates or {})
+        self._renderer = ChatTemplateRenderer()
+        self.bos_token_id = self._id_of(self.special_tokens.get("bos_token"))
+        self.eos_token_id = self._id_of(self.special_tokens.get("eos_token"))
+        special = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+        named = (self._id_of(t) for t in self.special_tokens.values())
+        self.all_special_ids: set[int] = special | {i for i in named if i is not None}
+        self.vocab_size: int = max(
+            backend.get_vocab_size(with_added_tokens=True),
+            1 + max(backend.get_added_tokens_decoder(), default=-1),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load ``tokenizer.json`` (required) and ``tokenizer_config.json`` / chat templates
+        (optional) from a model directory; ``ValueError`` naming the file when one is bad."""
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ValueError(f"{tok_file} not found: a tokenizer.json is required")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as exc:
+            raise ValueError(f"{tok_file} is not a valid tokenizer.json: {exc}") from exc
+        config: dict[str, Any] = {}
+        cfg_file = path / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                config = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{cfg_file} is not valid JSON: {exc}") from exc
+            if not isinstance(config, dict):
+                raise ValueError(f"{cfg_file} must hold a JSON object")
+        special = {
+            key: text
+            for key, value in config.items()
+            if key.endswith("_token") and (text := _token_text(value)) is not None
+        }
+        # Like transformers: special tokens named in the config but missing from the vocab
+        # are added, so their ids exist.
+        missing = [t for t in special.values() if backend.token_to_id(t) is None]
+        if missing:
+            backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in missing])
+        if "add_bos_token" in config or "add_eos_token" in config:
+            # transformers (v5) rebuilds the post-processor from these flags when present.
+            add_bos, add_eos = bool(config.get("add_bos_token")), bool(config.get("add_eos_token"))
+            backend.post_processor = _bos_eos_processor(backend, special, add_bos, add_eos)
+        templates = _load_templates(path, config.get("chat_template"), cfg_file)
+        return cls(backend, special_tokens=special, chat_templates=templates, name=str(path))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; with ``add_special_tokens`` the post-processor adds BOS etc."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; incomplete UTF-8 at the end shows as U+FFFD."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template, or None when the model has none."""
+        return self._templates.get("default")
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Render ``messages`` with the model's template, as transformers does (sandboxed).
+
+        Template variables: messages (keys whose value is None dropped), tools, documents,
+        add_generation_prompt, the special tokens (bos_token, eos_token, ...) and ``kwargs``.
+        ``ValueError`` when there is no template, or it raises, escapes or runs too long.
+        """
+        name = "tool_use" if tools is not None and "tool_use" in self._templates else "default"
+        template = self._templates.get(name)
+        if template is None:
+            raise ValueError(f"{self.name} has no chat_template; give one or use a plain prompt")
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        variables = {**self.special_tokens, "documents": None, **kwargs}
+        return self._renderer.render(
+            template,
+            messages=messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+
+def _token_text(value: object) -> str | None:
+    """A special-token entry of tokenizer_config.json: a string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _bos_eos_processor(
+    backend: tokenizers.Tokenizer, special: dict[str, str], add_bos: bool, add_eos: bool
+) -> processors.TemplateProcessing:
+    bos, eos = special.get("bos_token"), special.get("eos_token")
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+
+    def segment(seq: str, type_id: int) -> str:
+        parts = [f"{bos}:{type_id}"] if add_bos else []
+        parts.append(f"${seq}:{type_id}")
+        return " ".join(parts + ([f"{eos}:{type_id}"] if add_eos else []))
+
+    single = segment("A", 0)
+    pair = f"{single} {segment('B', 1)}"
+    tokens = [(t, backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=tokens)
+
+
+def _load_templates(path: Path, from_config: object, cfg_file: Path) -> dict[str, str]:
+    """Chat templates by name; ``chat_template.jinja`` (transformers 5) wins over the config."""
+    templates: dict[str, str] = {}
+    if isinstance(from_config, str):
+        templates["default"] = from_config
+    elif isinstance(from_config, list):
+        for entry in from_config:
+            if not (isinstance(entry, dict) and isinstance(entry.get("template"), str)):
+                raise ValueError(f"{cfg_file}: chat_template entries need name and template")
+            templates[str(entry.get("name"))] = entry["template"]
+    elif from_config is not None:
+        raise ValueError(f"{cfg_file}: chat_template must be a string or a list")
+    extra_dir = path / "additional_chat_templates"
+    if extra_dir.is_dir():
+        for file in sorted(extra_dir.glob("*.jinja")):
+            templates[file.stem] = file.read_text(encoding="utf-8")
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        templates["default"] = jinja_file.read_text(encoding="utf-8")
+    return templates
+
+
+class IncrementalDetokenizer:
+    """Streams the text of one sequence's output tokens, cut at stop strings.
+
+    Each ``step`` decodes a window of recent tokens twice (up to the last emitted token, and
+    through the new ones) and emits the difference, as vLLM and TGI do: the window starts
+    in the prompt so the first output token keeps its leading space, and a decode ending
+    in U+FFFD (a split UTF-8 character) waits for more tokens. Without a stop string, all
+    deltas + ``flush()`` equal ``tokenizer.decode(output_ids)`` for byte-level BPE (for a
+    SentencePiece-style decoder the text also keeps the first token's leading space).
+
+    Stop strings: the output is cut before the earliest match (after it with
+    ``include_stop_str_in_output``), also when the match spans tokens. Unless the stop
+    string is included, the last ``max(len(stop)) - 1`` characters are held back while
+    streaming, so text that turns out to start a stop string is never emitted.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: list[int],
+        *,
+        skip_special_tokens: bool = True,
+        stop: Iterable[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = list(prompt_ids[-_PROMPT_CONTEXT:])
+        self._prefix = 0  # window start in _ids
+        self._read = len(self._ids)  # _ids before this are already in the text
+        self._prefix_text: str | None = None  # decode of _ids[_prefix:_read], cached
+        self._stop = [s for s in stop if s]
+        self._include = include_stop_str_in_output
+        self._hold = 0 if self._include or not self._stop else max(map(len, self._stop)) - 1
+        self._text = ""
+        self._emitted = 0  # characters of _text already returned
+        self._finished = False
+        self.stopped = False
+        self.stop_str: str | None = None  # the stop string that matched
+
+    @property
+    def output_text(self) -> str:
+        """All output text decoded so far (held-back characters included), cut at a stop."""
+        return self._text
+
+    def step(self, new_token_ids: list[int]) -> tuple[str, bool]:
+        """Add tokens; return (text newly safe to emit, whether a stop string matched)."""
+        if self.stopped or self._finished:
+            return "", self.stopped
+        self._ids.extend(new_token_ids)
+        self._advance(final=False)
+        return self._release(final=False), self.stopped
+
+    def flush(self) -> str:
+        """At finish: the rest of the output (held-back text and a trailing partial char)."""
+        if self.stopped or self._finished:
+            return self._release(final=True)
+        self._advance(final=True)
+        self._finished = True
+        return self._release(final=True)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def _advance(self, final: bool) -> None:
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full = self._decode(self._ids[self._prefix :])
+        if len(full) <= len(self._prefix_text) or (not final and full.endswith(_REPLACEMENT)):
+            return  # nothing new, or a character still incomplete: wait
+        self._append(full[len(self._prefix_text) :])
+        self._prefix, self._read, self._prefix_text = self._read, len(self._ids), None
+        if self._prefix > 256:  # keep the id list short on long outputs
+            del self._ids[: self._prefix]
+            self._read -= self._prefix
+            self._prefix = 0
+
+    def _append(self, delta: str) -> None:
+        old_len = len(self._text)
+        self._text += delta
+        best: tuple[int, str] | None = None
+        for s in self._stop:
+            # Only matches that end in the new text: earlier ones were checked before.
+            i = self._text.find(s, max(0, old_len - len(s) + 1))
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is not None:
+            i, s = best
+            self._text = self._text[: i + len(s) if self._include else i]
+            self.stopped, self.stop_str = True, s
+
+    def _release(self, final: bool) -> str:
+        end = len(self._text) if final or self.stopped else len(self._text) - self._hold
+        if end <= self._emitted:
+            return ""
+        out = self._text[self._emitted : end]
+        self._emitted = end
+        return out
+
+
+# Budgets for one chat-template render. A template is code (from the model directory, or a
+# client): a runaway loop or string blow-up must fail that request, never the server.
+_RENDER_SECONDS = 2.0
+_RENDER_OPS = 2_000_000  # range() items + attribute/item lookups + calls
+_RENDER_MAX_LEN = 16_000_000  # longest str/list a lookup, call or the output may produce
+
+
+class _TemplateBudgetError(Exception):
+    pass
+
+
+class _GenerationTag(Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask marker)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> list[jinja2.nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+class ChatTemplateRenderer(ImmutableSandboxedEnvironment):
+    """transformers' chat-template environment (sandboxed, trim_blocks, lstrip_blocks,
+    loopcontrols, ``raise_exception``, ``strftime_now``, its ``tojson``) plus budgets on
+    time, operations and sizes. Unsafe attribute access raises instead of rendering ''."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self) -> None:
+        super().__init__(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag]
+        )
+        self._state = threading.local()  # budgets of the render running on this thread
+        self._compiled: dict[str, jinja2.Template] = {}
+        self.filters["tojson"] = _tojson
+        self.globals.update(
+            raise_exception=_raise_exception, strftime_now=_strftime_now, range=self._range
+        )
+
+    def render(self, source: str, **variables: Any) -> str:
+        """Render ``source``; every failure (syntax, raise_exception, sandbox, budget) is a
+        ``ValueError`` carrying the template's message."""
+        try:
+            template = self._compiled.get(source)
+            if template is None:
+                if len(self._compiled) >= 16:  # client-given templates must not pile up
+                    self._compiled.clear()
+                template = self._compiled[source] = self.from_string(source)
+            self._state.deadline = time.monotonic() + _RENDER_SECONDS
+            self._state.ops = 0
+            chunks: list[str] = []
+            size = 0
+            for chunk in template.generate(**_plain(variables)):
+                size += len(chunk)
+                if size > _RENDER_MAX_LEN:
+                    raise _TemplateBudgetError(f"output longer than {_RENDER_MAX_LEN} chars")
+                chunks.append(chunk)
+            return "".join(chunks)
+        except Exception as exc:  # a template must never take the server down
+            raise ValueError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+
+    def _tick(self, n: int = 1) -> None:
+        self._state.ops += n
+        if self._state.ops > _RENDER_OPS:
+            raise _TemplateBudgetError(f"more than {_RENDER_OPS} operations")
+        if time.monotonic() > self._state.deadline:
+            raise _TemplateBudgetError(f"took longer than {_RENDER_SECONDS}s")
+
+    def _sized(self, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple, dict)) and len(value) > _RENDER_MAX_LEN:
+            raise _TemplateBudgetError(f"a value longer than {_RENDER_MAX_LEN} items")
+        return value
+
+    def _range(self, *args: int) -> Iterable[int]:
+        return _BudgetRange(range(*args), self._tick)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        self._tick()
+        return self._sized(super().getattr(obj, attribute))
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        self._tick()
+        return self._sized(super().getitem(obj, argument))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        __self._tick()
+        for arg in (*args, *kwargs.values()):
+            __self._sized(arg)
+        return __self._sized(super().call(__context, __obj, *args, **kwargs))
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
+            raise _TemplateBudgetError("exponent larger than 1024")
+        if operator == "*":
+            seq, count = (left, right) if isinstance(right, int) else (right, left)
+            sized = isinstance(seq, (str, list, tuple)) and isinstance(count, int)
+            if sized and len(seq) * count > _RENDER_MAX_LEN:
+                raise _TemplateBudgetError(f"a value longer than {_RENDER_MAX_LEN} items")
+        return super().call_binop(context, operator, left, right)
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise jinja2.sandbox.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} is not allowed"
+        )
+
+
+class _BudgetRange:
+    """``range`` whose iteration is charged to the render's operation budget."""
+
+    def __init__(self, rng: range, tick: Any) -> None:
+        self._rng, self._tick = rng, tick
+
+    def __iter__(self) -> Iterator[int]:
+        for i in self._rng:
+            self._tick()
+            yield i
+
+    def __reversed__(self) -> Iterator[int]:
+        return iter(_BudgetRange(self._rng[::-1], self._tick))
+
+    def __len__(self) -> int:
+        return len(self._rng)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._rng[index]
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._rng
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers' version: no HTML escaping (Jinja's own tojson escapes <, >, &, ').
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _plain(value: Any) -> Any:
+    """A copy made of plain JSON types only: objects with methods never reach the template."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return f"<{type(value).__name__}>"

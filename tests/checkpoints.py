@@ -1,0 +1,101 @@
+"""Tiny random checkpoints built with transformers (the reference) for the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    num_experts_per_tok=2,
+    vocab_size=128,
+)
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "mixtral": dict(num_local_experts=6),
+    "qwen2_moe": dict(
+        num_experts=6,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(num_experts=6, moe_intermediate_size=24, norm_topk_prob=True, head_dim=16),
+    "olmoe": dict(num_experts=6, norm_topk_prob=False),
+}
+
+
+def hf_classes(family: str) -> tuple[Any, Any]:
+    import transformers as tf
+
+    return {
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
+        "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+        "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
+    }[family]
+
+
+def make_checkpoint(
+    path: Path,
+    family: str,
+    *,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    hub_style: bool = False,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = False,
+    **overrides: Any,
+) -> Path:
+    """Save a random `family` model in the Hugging Face layout under `path`.
+
+    hub_style rewrites config.json the way hub checkpoints spell it (rope_theta at the top
+    level, torch_dtype), instead of the transformers-5 rope_parameters form.
+    """
+    config_cls, model_cls = hf_classes(family)
+    kwargs = {**SMALL, **FAMILIES[family], **overrides}
+    if tokenizer:
+        from tests.tokenizer_fixture import write_test_tokenizer
+
+        path.mkdir(parents=True, exist_ok=True)
+        vocab = write_test_tokenizer(path)
+        kwargs["vocab_size"] = max(kwargs["vocab_size"], vocab)
+        kwargs.setdefault("bos_token_id", 1)  # the fixture's <s> and </s>
+        kwargs.setdefault("eos_token_id", 2)
+    torch.manual_seed(seed)
+    cfg = config_cls(**kwargs)
+    model = model_cls(cfg).to(dtype)
+    # Random init leaves norms at 1 and biases at 0; perturb them so they are exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "gate.weight" in name or "embed" in name:
+                p.mul_(20.0)  # sharper routing and logits than the 0.02-std init
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **save_kwargs)
+    if hub_style:
+        cfg_path = path / "config.json"
+        raw = json.loads(cfg_path.read_text())
+        rope = raw.pop("rope_parameters", None) or {}
+        raw["rope_theta"] = rope.pop("rope_theta", 10000.0)
+        if rope.get("rope_type", "default") != "default":
+            raw["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+        raw["torch_dtype"] = raw.pop("dtype", "float32")
+        cfg_path.write_text(json.dumps(raw, indent=2))
+    return path
+
+
+def load_reference(path: Path, dtype: torch.dtype = torch.float32) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

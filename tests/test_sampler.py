@@ -1,0 +1,222 @@
+"""Sampler and SamplingParams: semantics against hand computations and statistics (CPU)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from moeserve.engine.sampler import Sampler, apply_penalties
+from moeserve.sampling_params import SamplingParams
+
+
+@dataclass
+class Row:
+    params: SamplingParams
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+
+
+def random_logits(B: int, V: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(B, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def draw(sampler: Sampler, logits_V: torch.Tensor, params: SamplingParams, n: int) -> list[int]:
+    """n independent draws for one distribution, as one batch of n identical rows."""
+    out = sampler.sample(logits_V.expand(n, -1), [Row(params) for _ in range(n)])
+    return out.token_ids
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy() -> None:
+    logits = random_logits(8, 50)
+    expected = logits.argmax(-1).tolist()
+    sampler = Sampler(50, seed=0)
+    assert sampler.sample(logits, [Row(SamplingParams(temperature=0))] * 8).token_ids == expected
+    top1 = [Row(SamplingParams(temperature=1.3, top_k=1)) for _ in range(8)]
+    assert sampler.sample(logits, top1).token_ids == expected
+
+
+def test_greedy_in_a_mixed_batch_and_other_dtypes() -> None:
+    logits = random_logits(4, 40).to(torch.bfloat16)
+    rows = [Row(SamplingParams(temperature=0 if i % 2 else 1.0, logprobs=1)) for i in range(4)]
+    out = Sampler(40, seed=1).sample(logits, rows)
+    expected = logits.float().argmax(-1).tolist()
+    assert [out.token_ids[i] for i in (1, 3)] == [expected[1], expected[3]]
+    assert logits.dtype == torch.bfloat16  # input untouched
+
+
+def test_seeded_rows_do_not_depend_on_the_batch() -> None:
+    V = 64
+    target = random_logits(1, V, seed=3)[0]
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234)
+    alone = Sampler(V).sample(target[None], [Row(seeded, output_ids=[5, 6])]).token_ids[0]
+    for position in range(4):
+        logits = random_logits(4, V, seed=10 + position)
+        logits[position] = target
+        rows = [Row(SamplingParams(temperature=0.7, seed=None)) for _ in range(4)]
+        rows[position] = Row(seeded, prompt_ids=[1, 2], output_ids=[7, 8])
+        out = Sampler(V).sample(logits, rows)
+        assert out.token_ids[position] == alone
+
+
+def test_different_seeds_and_steps_differ() -> None:
+    V = 100
+    logits = torch.zeros(V)  # uniform: any two streams of draws should differ quickly
+    sampler = Sampler(V)
+
+    def stream(seed: int) -> list[int]:
+        rows = [Row(SamplingParams(seed=seed), output_ids=[0] * step) for step in range(30)]
+        return sampler.sample(logits.expand(30, -1), rows).token_ids
+
+    assert stream(1) == stream(1)
+    assert stream(1) != stream(2)
+    assert len(set(stream(1))) > 10  # the step changes the draw too
+
+
+def test_filters_never_emit_a_filtered_token() -> None:
+    probs = torch.tensor([0.30, 0.25, 0.20, 0.12, 0.08, 0.05])
+    logits = probs.log()
+    sampler = Sampler(6, seed=0)
+    cases = [
+        (SamplingParams(top_k=3), {0, 1, 2}),
+        (SamplingParams(top_p=0.5), {0, 1}),  # 0.30 < 0.5, then 0.55 >= 0.5 stops
+        (SamplingParams(top_p=0.76), {0, 1, 2, 3}),
+        (SamplingParams(min_p=0.5), {0, 1, 2}),  # p >= 0.15
+        # top_p acts on the renormalised top 4: mass above token 3 is 0.75/0.87 = 0.86 > 0.8.
+        (SamplingParams(top_k=4, top_p=0.8), {0, 1, 2}),
+        (SamplingParams(top_k=5, min_p=0.3, temperature=0.5), {0, 1, 2}),
+    ]
+    for params, allowed in cases:
+        seen = set(draw(sampler, logits, params, 3000))
+        assert seen == allowed, params
+    # Seeded rows: one draw per output position, through the per-row generators.
+    seeded = [Row(SamplingParams(top_k=2, seed=9), output_ids=[0] * i) for i in range(300)]
+    assert set(sampler.sample(logits.expand(300, -1), seeded).token_ids) == {0, 1}
+
+
+def test_frequencies_match_softmax() -> None:
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, 2.0])
+    n = 40000
+    tokens = torch.tensor(draw(Sampler(6, seed=42), logits, SamplingParams(), n))
+    counts = torch.bincount(tokens, minlength=6).double()
+    expected = torch.softmax(logits.double(), -1) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 30.0  # 5 degrees of freedom: p < 1e-5 of a false alarm
+
+
+def test_temperature_sharpens() -> None:
+    logits = torch.tensor([1.0, 0.0])
+    tokens = draw(Sampler(2, seed=5), logits, SamplingParams(temperature=0.25), 20000)
+    p0 = 1 - sum(tokens) / len(tokens)
+    assert abs(p0 - 1 / (1 + math.exp(-4))) < 0.01
+
+
+def test_penalties_match_hand_computation() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0, 1.0]])
+    params = SamplingParams(
+        temperature=0,
+        repetition_penalty=2.0,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        logprobs=0,
+    )
+    row = Row(params, prompt_ids=[0, 1], output_ids=[3, 3, 4])
+    expected = logits[0].tolist()
+    for tok in {0, 1, 3, 4}:  # repetition: prompt + output
+        expected[tok] = expected[tok] / 2 if expected[tok] > 0 else expected[tok] * 2
+    expected[3] -= 0.25 * 2 + 0.5  # output counts: 3 twice, 4 once
+    expected[4] -= 0.25 * 1 + 0.5
+    assert expected == [1.0, -2.0, 0.5, 0.5, -4.75, 1.0]
+    assert apply_penalties(logits, [row])[0].tolist() == expected
+    out = Sampler(6).sample(logits, [row])
+    assert out.token_ids == [max(range(6), key=lambda i: (expected[i], -i))]  # 0 (first max)
+    # Logprobs stay those of the raw logits.
+    assert out.logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[0].item())
+
+
+def test_penalties_change_the_greedy_choice() -> None:
+    logits = torch.tensor([[5.0, 4.0, 0.0]])
+    assert Sampler(3).sample(logits, [Row(SamplingParams(temperature=0))]).token_ids == [0]
+    penalised = Row(SamplingParams(temperature=0, frequency_penalty=2.0), output_ids=[0])
+    assert Sampler(3).sample(logits, [penalised]).token_ids == [1]
+
+
+def test_logprobs_are_raw_log_softmax_sorted() -> None:
+    logits = random_logits(3, 30, seed=7)
+    rows = [
+        Row(SamplingParams(temperature=0.5, logprobs=5, repetition_penalty=1.5), [1], [2]),
+        Row(SamplingParams(temperature=0)),
+        Row(SamplingParams(temperature=0, logprobs=0)),
+    ]
+    out = Sampler(30, seed=0).sample(logits, rows)
+    ref = torch.log_softmax(logits.float(), -1)
+    assert out.logprobs[1] is None and out.top_logprobs[1] is None
+    assert out.top_logprobs[2] == []
+    assert out.logprobs[2] == pytest.approx(ref[2].max().item())
+    assert out.logprobs[0] == pytest.approx(ref[0, out.token_ids[0]].item())
+    top = out.top_logprobs[0]
+    assert top is not None and len(top) == 5
+    assert [t for t, _ in top] == ref[0].topk(5).indices.tolist()
+    assert [v for _, v in top] == pytest.approx(ref[0].topk(5).values.tolist())
+    assert all(a[1] >= b[1] for a, b in zip(top, top[1:], strict=False))
+
+
+def test_padding_columns_are_never_sampled() -> None:
+    vocab, padded = 10, 16
+    logits = torch.full((4, padded), -5.0)
+    logits[:, vocab:] = 50.0  # the padding looks best: must still never be chosen
+    rows = [
+        Row(SamplingParams(temperature=0)),
+        Row(SamplingParams(temperature=1.0)),
+        Row(SamplingParams(temperature=2.0, seed=3)),
+        Row(SamplingParams(temperature=0, logprobs=20)),
+    ]
+    sampler = Sampler(vocab, seed=0)
+    for _ in range(50):
+        out = sampler.sample(logits, rows)
+        assert all(t < vocab for t in out.token_ids)
+    assert all(t < vocab for t, _ in out.top_logprobs[3] or [])
+    assert len(out.top_logprobs[3] or []) == vocab  # asked 20, only 10 real tokens
+
+
+def test_empty_batch_and_shape_check() -> None:
+    assert Sampler(5).sample(torch.zeros(0, 5), []).token_ids == []
+    with pytest.raises(ValueError, match="rows"):
+        Sampler(5).sample(torch.zeros(2, 5), [Row(SamplingParams())])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field_name"),
+    [
+        ({"n": 0}, "n"),
+        ({"n": 129}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.1}, "min_p"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["x"] * 17}, "stop"),
+        ({"stop": ["x" * 257]}, "stop"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"seed": 1.5}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+    ],
+)
+def test_sampling_params_validation_names_the_field(kwargs: dict, field_name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field_name}\b"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_defaults_and_conveniences() -> None:
+    params = SamplingParams(stop="###", temperature=1e-6, top_k=-1)
+    assert params.stop == ["###"] and params.greedy and not params.has_penalties
+    assert not SamplingParams().greedy
+    assert SamplingParams(top_k=0).top_k_enabled is False
