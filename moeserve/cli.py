@@ -1,4 +1,4 @@
-"""`moeserve generate | ...`: the command line.
+"""`moeserve serve | generate`: the command line.
 
 Every option can also come from the environment as MOESERVE_<OPTION> (dashes as
 underscores, e.g. MOESERVE_MAX_NUM_SEQS=32); a flag on the command line wins.
@@ -113,10 +113,40 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from moeserve.server.serve import run
+
+    return run(args, engine_kwargs(args))
+
+
+def add_serve_args(p: _EnvDefaults) -> None:
+    p.add_option("--host", default="127.0.0.1",
+                 help="address to listen on (0.0.0.0 for every interface)")
+    p.add_option("--port", type=int, default=8000, help="TCP port")
+    p.add_option("--served-model-name", default=None,
+                 help="model name of the API (default: the model directory's name)")
+    p.add_option("--api-key", default=None,
+                 help="require `Authorization: Bearer KEY` on /v1/* (prefer the env variable)")
+    p.add_option("--max-queued-requests", type=int, default=256,
+                 help="prompts admitted but not yet generating before new ones get 429")
+    p.add_option("--shutdown-timeout", type=float, default=30.0,
+                 help="seconds in-flight requests may run after SIGTERM")
+    p.add_option("--max-body-bytes", type=_bytes, default=2_000_000,
+                 help="largest request body; larger ones get 413")
+    p.add_option("--log-prompts", action="store_true", default=False,
+                 help="include prompts in the request log (off: they may be private)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("MOESERVE_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--log-level", default=os.environ.get("MOESERVE_LOG_LEVEL"),
+                        help="default: INFO for serve, WARNING otherwise")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvDefaults)
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    assert isinstance(serve, _EnvDefaults)
+    add_engine_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=_serve, default_log_level="INFO")
     gen = sub.add_parser("generate", help="complete one prompt and print the result")
     assert isinstance(gen, _EnvDefaults)
     add_engine_args(gen)
@@ -130,14 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_option("--ignore-eos", action="store_true", default=False, help="do not stop at EOS")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object with ids, text and top-5 logprobs per position")
-    gen.set_defaults(func=_generate)
+    gen.set_defaults(func=_generate, default_log_level="WARNING")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    level = (args.log_level or args.default_log_level).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ValueError as e:  # bad checkpoint, bad option, bad prompt: a message, not a trace

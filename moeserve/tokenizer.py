@@ -9,18 +9,14 @@ stream of token ids into a stream of text with stop strings (see its docstring).
 from __future__ import annotations
 
 import json
-import threading
-import time
-from collections.abc import Iterable, Iterator
-from datetime import datetime
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import tokenizers
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
+
+from moeserve.chat_template import ChatTemplateRenderer
 
 _REPLACEMENT = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
 # Tokens of prompt context decoded with the output, so the first output token gets the
@@ -129,6 +125,9 @@ class Tokenizer:
         template = self._templates.get(name)
         if template is None:
             raise ValueError(f"{self.name} has no chat_template; give one or use a plain prompt")
+        if not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a list of objects with a role and a content")
+        # Like transformers: a key set to None (OpenAI's content=None) counts as absent.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {**self.special_tokens, "documents": None, **kwargs}
         return self._renderer.render(
@@ -292,168 +291,4 @@ class IncrementalDetokenizer:
 
 
 # Budgets for one chat-template render. A template is code (from the model directory, or a
-# client): a runaway loop or string blow-up must fail that request, never the server.
-_RENDER_SECONDS = 2.0
-_RENDER_OPS = 2_000_000  # range() items + attribute/item lookups + calls
-_RENDER_MAX_LEN = 16_000_000  # longest str/list a lookup, call or the output may produce
-
-
-class _TemplateBudgetError(Exception):
-    pass
-
-
-class _GenerationTag(Extension):
-    """``{% generation %}...{% endgeneration %}`` (transformers' assistant-mask marker)."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> list[jinja2.nodes.Node]:
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-class ChatTemplateRenderer(ImmutableSandboxedEnvironment):
-    """transformers' chat-template environment (sandboxed, trim_blocks, lstrip_blocks,
-    loopcontrols, ``raise_exception``, ``strftime_now``, its ``tojson``) plus budgets on
-    time, operations and sizes. Unsafe attribute access raises instead of rendering ''."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def __init__(self) -> None:
-        super().__init__(
-            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag]
-        )
-        self._state = threading.local()  # budgets of the render running on this thread
-        self._compiled: dict[str, jinja2.Template] = {}
-        self.filters["tojson"] = _tojson
-        self.globals.update(
-            raise_exception=_raise_exception, strftime_now=_strftime_now, range=self._range
-        )
-
-    def render(self, source: str, **variables: Any) -> str:
-        """Render ``source``; every failure (syntax, raise_exception, sandbox, budget) is a
-        ``ValueError`` carrying the template's message."""
-        try:
-            template = self._compiled.get(source)
-            if template is None:
-                if len(self._compiled) >= 16:  # client-given templates must not pile up
-                    self._compiled.clear()
-                template = self._compiled[source] = self.from_string(source)
-            self._state.deadline = time.monotonic() + _RENDER_SECONDS
-            self._state.ops = 0
-            chunks: list[str] = []
-            size = 0
-            for chunk in template.generate(**_plain(variables)):
-                size += len(chunk)
-                if size > _RENDER_MAX_LEN:
-                    raise _TemplateBudgetError(f"output longer than {_RENDER_MAX_LEN} chars")
-                chunks.append(chunk)
-            return "".join(chunks)
-        except Exception as exc:  # a template must never take the server down
-            raise ValueError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
-
-    def _tick(self, n: int = 1) -> None:
-        self._state.ops += n
-        if self._state.ops > _RENDER_OPS:
-            raise _TemplateBudgetError(f"more than {_RENDER_OPS} operations")
-        if time.monotonic() > self._state.deadline:
-            raise _TemplateBudgetError(f"took longer than {_RENDER_SECONDS}s")
-
-    def _sized(self, value: Any) -> Any:
-        if isinstance(value, (str, list, tuple, dict)) and len(value) > _RENDER_MAX_LEN:
-            raise _TemplateBudgetError(f"a value longer than {_RENDER_MAX_LEN} items")
-        return value
-
-    def _range(self, *args: int) -> Iterable[int]:
-        return _BudgetRange(range(*args), self._tick)
-
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        self._tick()
-        return self._sized(super().getattr(obj, attribute))
-
-    def getitem(self, obj: Any, argument: Any) -> Any:
-        self._tick()
-        return self._sized(super().getitem(obj, argument))
-
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        __self._tick()
-        for arg in (*args, *kwargs.values()):
-            __self._sized(arg)
-        return __self._sized(super().call(__context, __obj, *args, **kwargs))
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 1024:
-            raise _TemplateBudgetError("exponent larger than 1024")
-        if operator == "*":
-            seq, count = (left, right) if isinstance(right, int) else (right, left)
-            sized = isinstance(seq, (str, list, tuple)) and isinstance(count, int)
-            if sized and len(seq) * count > _RENDER_MAX_LEN:
-                raise _TemplateBudgetError(f"a value longer than {_RENDER_MAX_LEN} items")
-        return super().call_binop(context, operator, left, right)
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-        raise jinja2.sandbox.SecurityError(
-            f"access to attribute {attribute!r} of {type(obj).__name__!r} is not allowed"
-        )
-
-
-class _BudgetRange:
-    """``range`` whose iteration is charged to the render's operation budget."""
-
-    def __init__(self, rng: range, tick: Any) -> None:
-        self._rng, self._tick = rng, tick
-
-    def __iter__(self) -> Iterator[int]:
-        for i in self._rng:
-            self._tick()
-            yield i
-
-    def __reversed__(self) -> Iterator[int]:
-        return iter(_BudgetRange(self._rng[::-1], self._tick))
-
-    def __len__(self) -> int:
-        return len(self._rng)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self._rng[index]
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._rng
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    x: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # transformers' version: no HTML escaping (Jinja's own tojson escapes <, >, &, ').
-    return json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _plain(value: Any) -> Any:
-    """A copy made of plain JSON types only: objects with methods never reach the template."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return f"<{type(value).__name__}>"
+# client): a runaway loop or a memory bomb must fail that request, never the server.

@@ -130,7 +130,9 @@ def test_penalties_match_hand_computation() -> None:
     expected[4] -= 0.25 * 1 + 0.5
     assert expected == [1.0, -2.0, 0.5, 0.5, -4.75, 1.0]
     assert apply_penalties(logits, [row])[0].tolist() == expected
+    before = logits.clone()
     out = Sampler(6).sample(logits, [row])
+    assert torch.equal(logits, before)  # the caller's logits are not edited
     assert out.token_ids == [max(range(6), key=lambda i: (expected[i], -i))]  # 0 (first max)
     # Logprobs stay those of the raw logits.
     assert out.logprobs[0] == pytest.approx(torch.log_softmax(logits[0], -1)[0].item())
@@ -220,3 +222,24 @@ def test_sampling_params_defaults_and_conveniences() -> None:
     assert params.stop == ["###"] and params.greedy and not params.has_penalties
     assert not SamplingParams().greedy
     assert SamplingParams(top_k=0).top_k_enabled is False
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_seeded_rows_and_padding() -> None:
+    device = torch.device("cuda")
+    vocab, padded = 1000, 1024
+    logits = random_logits(6, padded, seed=11).to(device=device, dtype=torch.bfloat16)
+    logits[:, vocab:] = 100.0
+    seeded = SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=77, logprobs=3)
+    sampler = Sampler(vocab)
+    alone = sampler.sample(logits[2:3], [Row(seeded)]).token_ids[0]
+    for position in range(6):
+        batch = logits.clone()
+        batch[position] = logits[2]
+        rows = [Row(SamplingParams(temperature=1.0, repetition_penalty=1.2), [1], [2])] * 6
+        rows = rows[:position] + [Row(seeded)] + rows[position + 1 :]
+        out = sampler.sample(batch, rows)
+        assert out.token_ids[position] == alone
+        assert all(t < vocab for t in out.token_ids)
+    greedy = sampler.sample(logits, [Row(SamplingParams(temperature=0))] * 6).token_ids
+    assert greedy == logits[:, :vocab].float().argmax(-1).tolist()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
-from tests.tokenizer_fixture import CHAT_TEMPLATE, write_test_tokenizer
+from tests.tokenizer_fixture import CHAT_TEMPLATE, TOOL_CHAT_TEMPLATE, write_test_tokenizer
 
 TEXTS = [
     "Hello, world!",
@@ -99,41 +99,53 @@ def test_chat_template_raise_exception_and_missing(tok: Tokenizer, tmp_path: Pat
         Tokenizer.from_dir(tmp_path).apply_chat_template(CHATS[0])
 
 
-EXTRAS_TEMPLATE = """{% set ns = namespace(n=0) %}
-{% for m in messages %}
-{% if m.role == 'skip' %}{% continue %}{% endif %}
-{% set ns.n = ns.n + 1 %}
-{{ ns.n }}:{{ m | tojson }}{{ eos_token }}
-{% endfor %}
-{% if tools %}{{ tools | tojson(indent=2) }}{% endif %}
-{{ strftime_now('%Y') | length }}"""
+TOOL_CHATS = [
+    [{"role": "user", "content": "<b>\u00e9 & \U0001f600</b>", "name": None}],
+    [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {"c": 1}}}],
+        },
+        {"role": "tool", "content": "22C"},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is 22C."},
+    ],
+]
+TOOLS = [{"type": "function", "function": {"name": "w", "description": '<now> & "later"'}}]
 
 
 def test_jinja_file_and_named_templates_match_transformers(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     write_test_tokenizer(tmp_path, chat_template=False)
-    (tmp_path / "chat_template.jinja").write_text(EXTRAS_TEMPLATE)
-    chat = [
-        {"role": "user", "content": "<b>\u00e9 & \U0001f600</b>", "name": None},
-        {"role": "skip", "content": "x"},
-        {"role": "assistant", "content": "ok"},
-    ]
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    ours = Tokenizer.from_dir(tmp_path).apply_chat_template(chat, tools=tools)
+    (tmp_path / "chat_template.jinja").write_text(TOOL_CHAT_TEMPLATE)
+    ours = Tokenizer.from_dir(tmp_path)
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    assert ours == hf.apply_chat_template(chat, tools=tools, tokenize=False)
-    assert "null" not in ours and "\U0001f600" in ours  # None keys dropped, no escaping
+    for chat in TOOL_CHATS:
+        for tools in (None, TOOLS):
+            for gen in (True, False):
+                rendered = ours.apply_chat_template(chat, add_generation_prompt=gen, tools=tools)
+                expected = hf.apply_chat_template(
+                    chat, add_generation_prompt=gen, tools=tools, tokenize=False
+                )
+                assert rendered == expected
+    assert "null" not in rendered and '"<now> & \\"later\\""' in rendered  # HF's tojson
 
     (tmp_path / "chat_template.jinja").unlink()
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["chat_template"] = [
-        {"name": "default", "template": "D{{ messages | length }}"},
+        {
+            "name": "default",
+            "template": "D{{ messages | length }}{% generation %}!{% endgeneration %}",
+        },
         {"name": "tool_use", "template": "T{{ tools | length }}"},
     ]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     named = Tokenizer.from_dir(tmp_path)
-    assert named.apply_chat_template(chat) == "D3"
-    assert named.apply_chat_template(chat, tools=tools) == "T1"
+    assert named.apply_chat_template(TOOL_CHATS[1]) == "D6!"
+    assert named.apply_chat_template(TOOL_CHATS[1], tools=TOOLS) == "T1"
 
 
 @pytest.mark.parametrize(
@@ -239,6 +251,7 @@ def test_stop_string_split_across_tokens(tok: Tokenizer, include: bool) -> None:
 @pytest.mark.parametrize("include", [False, True])
 def test_streaming_never_emits_what_a_stop_string_takes_back(tok: Tokenizer, include: bool) -> None:
     rng = random.Random(7)
+    hits = 0
     for _ in range(300):
         text = "".join(rng.choices(["a", "b", " ", "\u00e9", "ab", "ba"], k=rng.randint(1, 25)))
         stops = rng.sample(["abba", "bab", "\u00e9a", "aaa", "b b"], k=rng.randint(1, 3))
@@ -255,6 +268,8 @@ def test_streaming_never_emits_what_a_stop_string_takes_back(tok: Tokenizer, inc
                 break
         emitted += detok.flush()
         assert emitted == detok.output_text == expected
+        hits += detok.stopped
+    assert 50 < hits < 250  # both outcomes are well exercised
 
 
 def reference_cut(tok: Tokenizer, ids: list[int], stops: list[str], include: bool) -> str:

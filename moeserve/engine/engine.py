@@ -113,6 +113,7 @@ class Engine:
             self.eos_token_ids = {self.tokenizer.eos_token_id}
         self.num_blocks = num_blocks
         self._requests: dict[str, _Request] = {}
+        self._aborted: list[RequestMetrics] = []
         self._seq_ids = itertools.count()
         log.info(
             "engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -249,6 +250,8 @@ class Engine:
         if req is None:
             return False
         self.scheduler.abort_request(request_id)
+        req.metrics.finish_time = time.monotonic()
+        self._aborted.append(req.metrics)  # reported with the next step's stats
         return True
 
     def has_unfinished(self) -> bool:
@@ -286,6 +289,8 @@ class Engine:
             kv_usage=0.0,
             num_preempted=len(out.preempted),
         )
+        stats.finished.extend(("abort", m) for m in self._aborted)
+        self._aborted.clear()
         deltas: dict[str, RequestOutput] = {}
         for row, seq in enumerate(seqs):
             req = self._requests[seq.request_id]

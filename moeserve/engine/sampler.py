@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -73,8 +73,7 @@ class Sampler:
             return SamplerOutput(logits_BV.argmax(dim=-1).tolist(), [None] * B, [None] * B)
 
         device = logits_BV.device
-        # A private float32 copy: the steps below edit it in place.
-        logits_BV = logits_BV.to(torch.float32, copy=True)
+        logits_BV = logits_BV.float()  # every step below is out of place: input untouched
         raw_lp = None
         if lp_rows:
             raw_lp = torch.log_softmax(logits_BV[_index(lp_rows, device)], dim=-1)
@@ -82,18 +81,25 @@ class Sampler:
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
             idx = _index(pen_rows, device)
-            logits_BV[idx] = apply_penalties(logits_BV[idx], [rows[i] for i in pen_rows])
+            penalised = apply_penalties(logits_BV[idx], [rows[i] for i in pen_rows])
+            logits_BV = logits_BV.index_copy(0, idx, penalised)
 
-        tokens_B = logits_BV.argmax(dim=-1)  # the answer for greedy rows
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if len(rand_rows) < B:
+            tokens_B = logits_BV.argmax(dim=-1)  # the answer for greedy rows
         if rand_rows:
             idx = _index(rand_rows, device)
             rand = [rows[i] for i in rand_rows]
-            temps_R = torch.tensor([r.params.temperature for r in rand], device=device)
-            logits_RV = _filtered(logits_BV[idx] / temps_R[:, None], [r.params for r in rand])
+            temps_R1 = _on(device, [r.params.temperature for r in rand])[:, None]
+            logits_RV = logits_BV if len(rand_rows) == B else logits_BV[idx]
+            logits_RV = _filtered(logits_RV / temps_R1, [r.params for r in rand])
             probs_RV = torch.softmax(logits_RV, dim=-1)
             noise_RV = self._exponential(rand, logits_RV.shape[1], device)
-            tokens_B[idx] = (probs_RV / noise_RV).argmax(dim=-1)
+            sampled_R = (probs_RV / noise_RV).argmax(dim=-1)
+            if len(rand_rows) == B:
+                tokens_B = sampled_R
+            else:
+                tokens_B[idx] = sampled_R
 
         token_ids: list[int] = tokens_B.tolist()
         logprobs: list[float | None] = [None] * B
@@ -140,15 +146,23 @@ class Sampler:
         return gen
 
 
+def _on(
+    device: torch.device, values: list[Any], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A small host list on ``device``. non_blocking: a pageable host->device copy is staged
+    at once and, unlike a blocking one, does not wait for the model's queued kernels."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device)
+    return _on(device, rows, torch.long)
 
 
 def _padded_ids(lists: list[list[int]], V: int, device: torch.device) -> torch.Tensor:
     """[P, L] ids padded with V (a spare column that is dropped); ids >= V map there too."""
     width = max(1, max(len(ids) for ids in lists))
     ids_PL = torch.tensor([ids + [V] * (width - len(ids)) for ids in lists], dtype=torch.long)
-    return ids_PL.clamp_(0, V).to(device)
+    return ids_PL.clamp_(0, V).to(device, non_blocking=True)
 
 
 def apply_penalties(logits_PV: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -169,11 +183,11 @@ def apply_penalties(logits_PV: torch.Tensor, rows: Sequence[SampleRow]) -> torch
         seen_PV = torch.zeros(P, V + 1, dtype=torch.bool, device=device)
         seen_PV.scatter_(1, prompt_PL, True)
         seen_PV = seen_PV[:, :V] | (counts_PV > 0)
-        rep_P1 = torch.tensor(rep, device=device)[:, None]
+        rep_P1 = _on(device, rep)[:, None]
         scaled = torch.where(logits_PV > 0, logits_PV / rep_P1, logits_PV * rep_P1)
         logits_PV = torch.where(seen_PV, scaled, logits_PV)
-    freq_P1 = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
-    pres_P1 = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
+    freq_P1 = _on(device, [r.params.frequency_penalty for r in rows])[:, None]
+    pres_P1 = _on(device, [r.params.presence_penalty for r in rows])[:, None]
     return logits_PV - freq_P1 * counts_PV - pres_P1 * (counts_PV > 0).float()
 
 
@@ -186,7 +200,7 @@ def _filtered(logits_RV: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     if use_k or use_p:
         sorted_RV, order_RV = logits_RV.sort(dim=-1, descending=True)
         if use_k:
-            k_R = torch.tensor([p.top_k if p.top_k >= 1 else V for p in params], device=device)
+            k_R = _on(device, [p.top_k if p.top_k >= 1 else V for p in params], torch.long)
             rank_V = torch.arange(V, device=device)
             # By rank, not by value threshold, so ties at the k-th value keep exactly k.
             sorted_RV.masked_fill_(rank_V[None, :] >= k_R[:, None], float("-inf"))
@@ -194,12 +208,12 @@ def _filtered(logits_RV: torch.Tensor, params: Sequence[SamplingParams]) -> torc
             probs_RV = torch.softmax(sorted_RV, dim=-1)
             before_RV = probs_RV.cumsum(dim=-1) - probs_RV  # mass strictly above each token
             # top_p == 1 rows get +inf: float error in the cumsum must not trim their tail.
-            p_R = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params])
-            sorted_RV.masked_fill_(before_RV >= p_R.to(device)[:, None], float("-inf"))
+            p_R = _on(device, [p.top_p if p.top_p < 1.0 else float("inf") for p in params])
+            sorted_RV.masked_fill_(before_RV >= p_R[:, None], float("-inf"))
         logits_RV = torch.empty_like(logits_RV).scatter_(1, order_RV, sorted_RV)
     if any(p.min_p > 0.0 for p in params):
         probs_RV = torch.softmax(logits_RV, dim=-1)
-        min_p_R = torch.tensor([p.min_p for p in params], device=device)
+        min_p_R = _on(device, [p.min_p for p in params])
         floor_R1 = probs_RV.max(dim=-1, keepdim=True).values * min_p_R[:, None]
         logits_RV = logits_RV.masked_fill(probs_RV < floor_R1, float("-inf"))
     return logits_RV

@@ -1,0 +1,300 @@
+"""Prometheus metrics: StepStats pushed per step (cheap: no torch, no device sync), expert counts
+pulled at scrape time (one host copy; per-layer balance over a sliding window). Names follow
+vLLM's (`vllm:X` -> `moeserve_X`) so dashboards translate; each HELP names its vLLM twin."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from moeserve.engine.outputs import StepStats
+
+# generate_latest() writes the classic 0.0.4 text format, so say that (prometheus_client
+# >= 0.22's CONTENT_TYPE_LATEST names 1.0.0, a version only newer scrapers ask for).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# fmt: off
+# Pre-created label values, so every series exists (at 0) before its first event: rate() and
+# absent-series alerts then work from the first scrape.
+FINISH_REASONS = ("stop", "length", "abort", "error")
+REJECT_REASONS = (
+    "invalid_request", "queue_full", "context_length_exceeded", "unauthorized", "draining",
+    "too_large",
+)
+
+# Seconds. From 1 ms (a small model's decode step) to ~10 min (a long queue or generation).
+TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
+                1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+               0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0,
+               60.0, 90.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+_HISTOGRAMS = {  # key in Metrics.hist -> (name, buckets)
+    "ttft": ("moeserve_time_to_first_token_seconds", TTFT_BUCKETS),
+    "queue_time": ("moeserve_request_queue_time_seconds", TTFT_BUCKETS),
+    "e2e": ("moeserve_e2e_request_latency_seconds", E2E_BUCKETS),
+    "itl": ("moeserve_inter_token_latency_seconds", ITL_BUCKETS),
+    "iteration_tokens": ("moeserve_iteration_tokens", ITERATION_TOKEN_BUCKETS),
+}
+
+_RING_SLOTS = 12  # snapshots per window: a scrape at most every window/12 s adds one
+
+# HELP text of every series; each names its vLLM twin so dashboards translate.
+_HELP = {
+    "moeserve_model_info": "Served model; always 1 (vLLM puts model_name on every series).",
+    "moeserve_num_requests_running": "Sequences running; n>1 counts n (vllm:num_requests_running).",
+    "moeserve_num_requests_waiting": "Sequences waiting (vllm:num_requests_waiting).",
+    "moeserve_kv_cache_usage_perc": "KV cache blocks in use, 0..1 (vllm:kv_cache_usage_perc).",
+    "moeserve_prompt_tokens_total": (
+        "Prompt (prefill) tokens computed, counted in the step that computes them; a preempted "
+        "sequence's recomputation counts again (vllm:prompt_tokens_total)."),
+    "moeserve_generation_tokens_total": "Tokens generated (vllm:generation_tokens_total).",
+    "moeserve_num_preemptions_total": "Sequences preempted (vllm:num_preemptions_total).",
+    "moeserve_request_success_total": "Requests finished, by reason (vllm:request_success_total).",
+    "moeserve_request_rejected_total": "Requests refused before the engine, by reason (no vLLM).",
+    "moeserve_time_to_first_token_seconds": (
+        "Arrival to first token (vllm:time_to_first_token_seconds)."),
+    "moeserve_inter_token_latency_seconds": (
+        "Gap between consecutive tokens of a sequence (vllm:inter_token_latency_seconds)."),
+    "moeserve_e2e_request_latency_seconds": "Arrival to finish (vllm:e2e_request_latency_seconds).",
+    "moeserve_request_queue_time_seconds": (
+        "Arrival to first scheduled (vllm:request_queue_time_seconds)."),
+    "moeserve_iteration_tokens": "Tokens per engine step (vllm:iteration_tokens_total).",
+    "moeserve_expert_tokens": (
+        "Token assignments routed to each expert since start (a token counts once for each of "
+        "its top-k experts). No vLLM equivalent."),
+    "moeserve_expert_tokens_layer": (
+        "Token assignments routed to the experts of a sparse layer since start (sum over its "
+        "experts). No vLLM equivalent."),
+    "moeserve_expert_load_imbalance": (
+        "Max over mean of tokens per expert in the recent window; 1 = perfectly balanced, "
+        "E = all on one expert, NaN = no tokens in the window. No vLLM equivalent."),
+    "moeserve_expert_routing_entropy": (
+        "Shannon entropy of the recent window's expert load divided by log(E): 1 = uniform, "
+        "0 = one expert, NaN = no tokens in the window. No vLLM equivalent."),
+    "moeserve_expert_idle": "Experts that got no token in the recent window. No vLLM equivalent.",
+}
+_EXPERT_FAMILIES: dict[str, tuple[type[Metric], list[str]]] = {
+    "moeserve_expert_tokens": (CounterMetricFamily, ["layer", "expert"]),
+    "moeserve_expert_tokens_layer": (CounterMetricFamily, ["layer"]),
+    "moeserve_expert_load_imbalance": (GaugeMetricFamily, ["layer"]),
+    "moeserve_expert_routing_entropy": (GaugeMetricFamily, ["layer"]),
+    "moeserve_expert_idle": (GaugeMetricFamily, ["layer"]),
+}
+# fmt: on
+
+
+def _families() -> dict[str, Metric]:
+    return {n: cls(n, _HELP[n], labels=labels) for n, (cls, labels) in _EXPERT_FAMILIES.items()}
+
+
+def _doc(name: str) -> tuple[str, str]:
+    return name, _HELP[name]
+
+
+def _balance(window_LE: torch.Tensor) -> tuple[list[float], list[float], list[int]]:
+    """Per layer: max/mean load, normalised entropy (both NaN if the window routed nothing),
+    and the number of experts that got no token."""
+    load_LE = window_LE.to(torch.float64)
+    e = load_LE.shape[1]
+    total_L = load_LE.sum(1)
+    busy_L, safe_L = total_L > 0, total_L.clamp_min(1.0)
+    p_LE = load_LE / safe_L[:, None]
+    h_L = -torch.special.xlogy(p_LE, p_LE).sum(1)  # xlogy: an idle expert adds 0, not NaN
+    entropy_L = (h_L / math.log(e)).clamp(0.0, 1.0) if e > 1 else torch.ones_like(h_L)
+    imbalance_L = torch.where(busy_L, load_LE.amax(1) * e / safe_L, math.nan)
+    entropy_L = torch.where(busy_L, entropy_L, math.nan)
+    return imbalance_L.tolist(), entropy_L.tolist(), (window_LE == 0).sum(1).tolist()
+
+
+class _WithoutCreated(Collector):
+    """The registry minus prometheus_client's `*_created` samples: they double the series and
+    no dashboard reads them (vLLM turns them off too, but only process-wide)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self._registry.collect():  # fresh Metric objects each scrape: safe to edit
+            fam.samples = [s for s in fam.samples if not s.name.endswith("_created")]
+            yield fam
+
+
+class _ExpertCollector(Collector):
+    """Scrape-time expert series from cumulative [sparse layers, E] counts; nothing per step."""
+
+    def __init__(
+        self,
+        counts_fn: Callable[[], torch.Tensor],
+        layer_ids: list[int],
+        num_experts: int,
+        per_expert: bool,
+        window_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._counts_fn, self._clock, self._per_expert = counts_fn, clock, per_expert
+        self._layers = [str(i) for i in layer_ids]
+        self._experts = [str(e) for e in range(num_experts)]
+        self._window, self._interval = window_seconds, window_seconds / _RING_SLOTS
+        # (time, counts_LE), oldest first; bounded by the interval, maxlen only as a backstop.
+        self._ring: deque[tuple[float, torch.Tensor]] = deque(maxlen=_RING_SLOTS + 3)
+        self._lock = threading.Lock()  # concurrent scrapes must not interleave ring updates
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: registering (and its duplicate-name check) must not call expert_counts().
+        yield from _families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        counts_LE = self._counts_fn().detach().to("cpu", torch.int64)
+        want = (len(self._layers), len(self._experts))
+        if tuple(counts_LE.shape) != want:
+            raise ValueError(
+                f"expert_counts() returned shape {tuple(counts_LE.shape)}, "
+                f"expected [sparse layers, experts] = {list(want)}"
+            )
+        with self._lock:
+            window_LE = self._advance(self._clock(), counts_LE)
+        fams = _families()
+        imbalance, entropy, idle = _balance(window_LE)
+        for i, (layer, total) in enumerate(zip(self._layers, counts_LE.sum(1).tolist())):
+            fams["moeserve_expert_tokens_layer"].add_metric([layer], total)
+            fams["moeserve_expert_load_imbalance"].add_metric([layer], imbalance[i])
+            fams["moeserve_expert_routing_entropy"].add_metric([layer], entropy[i])
+            fams["moeserve_expert_idle"].add_metric([layer], idle[i])
+        per_expert = fams.pop("moeserve_expert_tokens")
+        if self._per_expert:
+            for layer, row in zip(self._layers, counts_LE.tolist()):
+                for expert, n in zip(self._experts, row):
+                    per_expert.add_metric([layer, expert], n)
+            yield per_expert
+        yield from fams.values()
+
+    def _advance(self, now: float, counts_LE: torch.Tensor) -> torch.Tensor:
+        """Record a snapshot (at most one per interval) and return the counts in the window.
+
+        Baseline: the oldest snapshot aged [interval, window]; else the newest older one (scrapes
+        sparser than the window stretch it); else zero, i.e. since start. A snapshot younger
+        than one interval is never a baseline, so two scrapers a few ms apart (an HA Prometheus
+        pair) see the same window instead of one of them an empty one.
+        """
+        base_LE: torch.Tensor | None = None
+        older: torch.Tensor | None = None
+        for t, snap_LE in self._ring:
+            age = now - t
+            if age > self._window:
+                older = snap_LE
+            elif age >= self._interval:
+                base_LE = snap_LE
+                break
+        base_LE = base_LE if base_LE is not None else older
+        if not self._ring or now - self._ring[-1][0] >= self._interval:
+            self._ring.append((now, counts_LE))
+        while len(self._ring) > 1 and now - self._ring[1][0] > self._window:
+            self._ring.popleft()  # keep only the newest snapshot older than the window
+        if base_LE is None:
+            return counts_LE
+        window_LE = counts_LE - base_LE
+        if bool((window_LE < 0).any()):  # counts went back (model reloaded): restart
+            self._ring.clear()
+            self._ring.append((now, counts_LE))
+            return counts_LE
+        return window_LE
+
+
+class Metrics:
+    """All of the server's Prometheus series, in one private registry.
+
+    `observe_step` is the AsyncEngine stats_sink; `request_rejected` is for requests refused
+    before the engine saw them; `render` serves GET /metrics. Per-expert series are on when
+    expert_metrics is "on", or "auto" and num_sparse_layers * num_experts <= max_expert_series;
+    the per-layer series are always on when expert_counts is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        num_sparse_layers: int,
+        num_experts: int,
+        expert_counts: Callable[[], torch.Tensor] | None,
+        sparse_layer_ids: list[int],
+        max_expert_series: int = 4096,
+        expert_metrics: str = "auto",
+        window_seconds: float = 60.0,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if expert_metrics not in ("auto", "on", "off"):
+            raise ValueError(f"expert_metrics must be auto, on or off, got {expert_metrics!r}")
+        if len(sparse_layer_ids) != num_sparse_layers:
+            raise ValueError(f"{len(sparse_layer_ids)=} != {num_sparse_layers=}")
+        if num_experts < 1 or window_seconds <= 0:
+            raise ValueError(f"need > 0: {num_experts=}, {window_seconds=}")
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.per_expert = expert_metrics == "on" or (
+            expert_metrics == "auto" and num_sparse_layers * num_experts <= max_expert_series
+        )
+        r = self.registry
+        # ---- serving (pushed per step) -----------------------------------------------------
+        Gauge(*_doc("moeserve_model_info"), ["model_name"], registry=r).labels(model_name).set(1)
+        self.num_running = Gauge(*_doc("moeserve_num_requests_running"), registry=r)
+        self.num_waiting = Gauge(*_doc("moeserve_num_requests_waiting"), registry=r)
+        self.kv_usage = Gauge(*_doc("moeserve_kv_cache_usage_perc"), registry=r)
+        self.prompt_tokens = Counter(*_doc("moeserve_prompt_tokens_total"), registry=r)
+        self.generation_tokens = Counter(*_doc("moeserve_generation_tokens_total"), registry=r)
+        self.preemptions = Counter(*_doc("moeserve_num_preemptions_total"), registry=r)
+        self.success = Counter(
+            *_doc("moeserve_request_success_total"), ["finished_reason"], registry=r
+        )
+        self.rejected = Counter(*_doc("moeserve_request_rejected_total"), ["reason"], registry=r)
+        for counter, reasons in ((self.success, FINISH_REASONS), (self.rejected, REJECT_REASONS)):
+            for reason in reasons:
+                counter.labels(reason)
+        self.hist = {
+            k: Histogram(*_doc(n), buckets=b, registry=r) for k, (n, b) in _HISTOGRAMS.items()
+        }
+        # ---- experts (pulled at scrape time) -----------------------------------------------
+        if expert_counts is not None:
+            collector = _ExpertCollector(
+                expert_counts, sparse_layer_ids, num_experts, self.per_expert, window_seconds, clock
+            )
+            r.register(collector)
+
+    def observe_step(self, stats: StepStats) -> None:
+        """Record one engine step. Plain Python only: it runs on the event loop every step."""
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.prompt_tokens.inc(stats.num_prefill_tokens)
+        self.generation_tokens.inc(stats.num_generated_tokens)
+        self.preemptions.inc(stats.num_preempted)
+        hist = self.hist
+        hist["iteration_tokens"].observe(stats.num_prefill_tokens + stats.num_decode_tokens)
+        for gap in stats.itl:
+            hist["itl"].observe(gap)
+        # Request latencies arrive with the finished request (StepStats carries no first-token
+        # event), so TTFT and queue time are observed at finish rather than when they happen.
+        for reason, m in stats.finished:
+            self.success.labels(reason).inc()
+            for key, value in (("ttft", m.ttft), ("queue_time", m.queue_time), ("e2e", m.e2e)):
+                if value is not None:
+                    hist[key].observe(value)
+
+    def request_rejected(self, reason: str) -> None:
+        """Count a request refused before the engine saw it. `reason` must come from a fixed
+        set (REJECT_REASONS or a new constant), never a message: each value is a series."""
+        self.rejected.labels(reason).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) for GET /metrics. Calls expert_counts() (a device-to-host copy
+        that waits for the running step on CUDA): call it off the event loop, e.g. in
+        asyncio.to_thread."""
+        return generate_latest(_WithoutCreated(self.registry)), CONTENT_TYPE

@@ -1,0 +1,127 @@
+"""The FastAPI application: routes, API-key auth, probes, metrics, middleware, lifespan.
+
+`create_app(state)` builds an app around a ServerState; serve.py runs it under uvicorn. The
+inference routes live under /v1 and require the API key when one is set; the probes and
+/metrics stay open so orchestrators and scrapers need no secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.responses import Response
+
+from moeserve.server.chat import create_chat_completion
+from moeserve.server.completions import create_completion
+from moeserve.server.errors import (
+    RETRY_DRAINING,
+    RETRY_LOADING,
+    APIError,
+    install_handlers,
+    unavailable,
+)
+from moeserve.server.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from moeserve.server.protocol import ModelCard, ModelList
+from moeserve.server.state import ServerState
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The app; its lifespan starts loading the model and shuts the engine down at exit."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.start_loading()
+        try:
+            yield
+        finally:
+            await state.close()
+
+    # No /docs or /openapi.json: the API is OpenAI's, documented elsewhere, and a production
+    # server should not expose more surface than it serves.
+    app = FastAPI(title="moeserve", lifespan=lifespan, openapi_url=None)
+    app.state.moeserve = state
+    install_handlers(app, state.reject)
+    app.add_middleware(BodyLimitMiddleware, limit=state.config.max_body_bytes,
+                       on_reject=state.reject)  # fmt: skip
+    app.add_middleware(AccessLogMiddleware, log_prompts=state.config.log_prompts)  # outermost
+    app.include_router(_v1_router(state))
+    _add_probes(app, state)
+    return app
+
+
+def _require_key(state: ServerState):  # noqa: ANN202 - a FastAPI dependency
+    key = state.config.api_key.encode() if state.config.api_key else None
+
+    async def check(request: Request) -> None:
+        """401 unless `Authorization: Bearer KEY` matches (constant-time comparison)."""
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            raise APIError(
+                401, "missing or invalid API key: send `Authorization: Bearer <key>`",
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+                reject_reason="unauthorized",
+            )  # fmt: skip
+
+    return check
+
+
+def _v1_router(state: ServerState) -> APIRouter:
+    # The dependency sits on the routes themselves, so no rewritten URL can route around it.
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_require_key(state))])
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await create_completion(request, state)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await create_chat_completion(request, state)
+
+    @router.get("/models")
+    async def models() -> JSONResponse:
+        card = ModelCard(
+            id=state.config.served_model_name,
+            created=state.created,
+            max_model_len=state.engine.max_model_len if state.engine else None,
+        )
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    return router
+
+
+def _add_probes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness: the process answers and the engine loop (once loaded) is alive."""
+        if not state.alive:
+            why = "the model failed to load" if state.load_error else "the engine loop died"
+            return APIError(503, why, type="server_error", code="engine_dead").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: weights loaded, warm-up step done, not draining, engine alive."""
+        if state.ready:
+            return JSONResponse({"status": "ready"})
+        if state.phase == "loading":
+            return unavailable("the model is still loading", RETRY_LOADING, None).response()
+        if state.phase == "draining":
+            return unavailable("the server is shutting down", RETRY_DRAINING, None).response()
+        return APIError(503, "the engine is not running", type="server_error",
+                        code="engine_dead").response()  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.metrics is None:
+            return unavailable("metrics start once the model is loaded", RETRY_LOADING,
+                               None).response()  # fmt: skip
+        # render() copies the expert counts off the device: not on the event loop.
+        body, content_type = await asyncio.to_thread(state.metrics.render)
+        return Response(body, media_type=content_type)

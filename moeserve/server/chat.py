@@ -1,0 +1,197 @@
+"""POST /v1/chat/completions: messages rendered with the checkpoint's chat template.
+
+The template renders in a worker thread (a template is code; a long conversation must not
+stall the event loop) and its text is tokenised without adding special tokens again: the
+template already wrote BOS, as transformers' apply_chat_template(tokenize=True) does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from moeserve.engine.outputs import CompletionOutput
+from moeserve.sampling_params import MAX_LOGPROBS
+from moeserve.server.common import (
+    chat_logprobs,
+    check_model,
+    finish_reason,
+    fit_context,
+    new_id,
+    sampling_params,
+)
+from moeserve.server.errors import bad_request, parse_json
+from moeserve.server.protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    UsageInfo,
+)
+from moeserve.server.state import ServerState, Ticket
+from moeserve.server.streaming import (
+    DONE,
+    EngineRequest,
+    SSEResponse,
+    as_api_error,
+    merged_outputs,
+    run_admitted,
+    sse,
+)
+
+_THREAD_CHARS = 2048  # tokenise longer texts in a worker thread, like AsyncEngine.encode
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Plain dicts for the template; text content parts are joined, other parts refused."""
+    if not messages:
+        raise bad_request("messages must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise bad_request(f"messages.{i}.content: only text parts are supported",
+                                  param="messages")  # fmt: skip
+            content = "".join(part.text or "" for part in content)
+        out.append({"role": m.role, "content": content, "name": m.name})
+    return out
+
+
+async def create_chat_completion(request: Request, state: ServerState) -> Response:
+    state.check_serving()
+    req: ChatCompletionRequest = parse_json(await request.body(), ChatCompletionRequest)
+    check_model(req, state)
+    messages = _messages(req.messages)
+    top = req.top_logprobs
+    if top is not None and not (0 <= top <= MAX_LOGPROBS):
+        raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}",
+                          param="top_logprobs")  # fmt: skip
+    if top and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+        else req.max_tokens  # fmt: skip
+    logprobs = (top or 0) if req.logprobs else None
+    params = sampling_params(req, state, logprobs=logprobs, max_tokens=max_tokens)
+    tokenizer = state.engine.tokenizer if state.engine else None
+    if tokenizer is None:
+        raise bad_request("this model has no tokenizer.json, so chat is not available")
+    cid = new_id("chatcmpl")
+    request.state.request_id = cid
+    if state.config.log_prompts:
+        request.state.prompt = messages
+
+    async def work(ticket: Ticket) -> Response:
+        assert state.engine is not None
+        try:
+            text = await asyncio.to_thread(
+                tokenizer.apply_chat_template, messages, add_generation_prompt=True
+            )
+        except ValueError as e:
+            raise bad_request(str(e), param="messages") from None
+        if len(text) > _THREAD_CHARS:
+            ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise bad_request("the chat template rendered an empty prompt", param="messages")
+        p = fit_context(params, len(ids), max_tokens, state.engine.max_model_len)
+        request.state.prompt_tokens = len(ids)
+        job = _Chat(state, req, cid, EngineRequest(f"{cid}-0", text, ids, p), ticket, request)
+        if req.stream:
+            return SSEResponse(job.stream(), kill=state.kill, on_close=ticket.close,
+                               request=request)  # fmt: skip
+        return await job.collect()
+
+    return await run_admitted(request, state, 1, work)
+
+
+class _Chat:
+    """One chat request in flight: formats engine deltas as chat completions."""
+
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, cid: str,
+                 engine_req: EngineRequest, ticket: Ticket, request: Request) -> None:  # fmt: skip
+        self.state, self.req, self.cid, self.engine_req = state, req, cid, engine_req
+        self.ticket, self.request = ticket, request
+        self.created = int(time.time())
+        self.model = state.config.served_model_name
+        self.completion_tokens = 0
+
+    def _usage(self) -> UsageInfo:
+        self.request.state.completion_tokens = self.completion_tokens
+        prompt = len(self.engine_req.prompt_ids)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
+                         total_tokens=prompt + self.completion_tokens)  # fmt: skip
+
+    def _logprobs(self, o: CompletionOutput) -> ChatChoiceLogprobs | None:
+        if o.logprobs is None:
+            return None
+        return ChatChoiceLogprobs(content=chat_logprobs(o.logprobs, self.state))
+
+    def _outputs(self) -> AsyncIterator[tuple[int, Any]]:
+        assert self.state.aengine is not None
+        return merged_outputs(self.state.aengine, [self.engine_req], self.ticket)
+
+    async def collect(self) -> JSONResponse:
+        results = [CompletionOutput(index=i) for i in range(self.engine_req.params.n)]
+        async with aclosing(self._outputs()) as outs:
+            async for _, delta in outs:
+                for o in delta.outputs:
+                    results[o.index].merge(o)
+        choices = []
+        for o in results:
+            self.completion_tokens += len(o.token_ids)
+            choices.append(ChatChoice(
+                index=o.index, message=ChatResponseMessage(content=o.text),
+                logprobs=self._logprobs(o), finish_reason=finish_reason(o.finish_reason),
+            ))  # fmt: skip
+        body = ChatCompletionResponse(id=self.cid, created=self.created, model=self.model,
+                                      choices=choices, usage=self._usage())  # fmt: skip
+        return JSONResponse(body.model_dump())
+
+    def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> bytes:
+        chunk = ChatCompletionChunk(id=self.cid, created=self.created, model=self.model,
+                                    choices=choices, usage=usage)  # fmt: skip
+        return sse(chunk.model_dump(exclude=None if usage else {"usage"}))
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """Role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE];
+        an error once streaming has begun becomes an error chunk before [DONE]."""
+        try:
+            for i in range(self.engine_req.params.n):
+                role = DeltaMessage(role="assistant", content="")
+                yield self._chunk([ChatStreamChoice(index=i, delta=role)])
+            async with aclosing(self._outputs()) as outs:
+                async for _, delta in outs:
+                    for o in delta.outputs:
+                        self.completion_tokens += len(o.token_ids)
+                        logprobs = self._logprobs(o)
+                        if o.text or logprobs is not None:
+                            yield self._chunk([ChatStreamChoice(
+                                index=o.index, delta=DeltaMessage(content=o.text),
+                                logprobs=logprobs,
+                            )])  # fmt: skip
+                        if o.finish_reason is not None:
+                            yield self._chunk([ChatStreamChoice(
+                                index=o.index, delta=DeltaMessage(),
+                                finish_reason=finish_reason(o.finish_reason),
+                            )])  # fmt: skip
+            usage = self._usage()
+            if self.req.include_usage:
+                yield self._chunk([], usage)
+        except Exception as e:
+            self._usage()
+            yield sse(as_api_error(e).body())
+        yield DONE

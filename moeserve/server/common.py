@@ -1,0 +1,143 @@
+"""What the completion and chat routes share: sampling parameters, context checks, logprobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any
+
+from moeserve.engine.outputs import TokenLogprob
+from moeserve.sampling_params import SamplingParams
+from moeserve.server.errors import APIError, bad_request, from_value_error
+from moeserve.server.protocol import (
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    SamplingFields,
+    TopLogprob,
+)
+from moeserve.server.state import ServerState
+
+# Request fields copied to SamplingParams under the same name when given.
+_SAMPLING_FIELDS = (
+    "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
+    "skip_special_tokens", "include_stop_str_in_output",
+)  # fmt: skip
+_PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(req: SamplingFields, state: ServerState) -> None:
+    """404 for a model this server does not serve (absent means the served one)."""
+    name = state.config.served_model_name
+    if req.model is not None and req.model != name:
+        raise APIError(
+            404, f"the model `{req.model}` does not exist; this server serves `{name}`",
+            type="not_found_error", param="model", code="model_not_found",
+            reject_reason="invalid_request",
+        )  # fmt: skip
+
+
+def sampling_params(
+    req: SamplingFields, state: ServerState, *, logprobs: int | None, max_tokens: int | None
+) -> SamplingParams:
+    """Validated SamplingParams; max_tokens stays a placeholder when absent (see fit_context)."""
+    if req.logit_bias:
+        raise bad_request("logit_bias is not supported", param="logit_bias")
+    kwargs: dict[str, Any] = {
+        name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None
+    }
+    if req.stop is not None:
+        kwargs["stop"] = req.stop
+    try:
+        params = SamplingParams(
+            **kwargs, logprobs=logprobs, max_tokens=1 if max_tokens is None else max_tokens
+        )
+    except ValueError as e:
+        raise from_value_error(e, _PARAM_NAMES) from None
+    assert state.engine is not None
+    vocab = state.engine.model_config.vocab_size
+    bad = [t for t in params.stop_token_ids if t >= vocab]
+    if bad:
+        raise bad_request(
+            f"stop_token_ids: {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+            param="stop_token_ids",
+        )
+    return params
+
+
+def fit_context(
+    params: SamplingParams, prompt_len: int, max_tokens: int | None, max_model_len: int
+) -> SamplingParams:
+    """Params for one prompt: max_tokens defaults to the rest of the context; a request that
+    does not fit is a 400 `context_length_exceeded` naming both numbers."""
+    if max_tokens is None:
+        if prompt_len >= max_model_len:
+            raise _context_error(
+                f"this model's maximum context length is {max_model_len} tokens, but the "
+                f"prompt has {prompt_len} tokens, which leaves no room to generate"
+            )
+        return dataclasses.replace(params, max_tokens=max_model_len - prompt_len)
+    if prompt_len + max_tokens > max_model_len:
+        raise _context_error(
+            f"this model's maximum context length is {max_model_len} tokens, but "
+            f"{prompt_len + max_tokens} were requested ({prompt_len} in the prompt + "
+            f"{max_tokens} max_tokens); shorten the prompt or lower max_tokens"
+        )
+    return params
+
+
+def _context_error(message: str) -> APIError:
+    return APIError(
+        400, message, param="max_tokens", code="context_length_exceeded",
+        reject_reason="context_length_exceeded",
+    )  # fmt: skip
+
+
+def finish_reason(reason: str | None) -> str | None:
+    # "abort"/"error" never reach a client that is still listening; keep OpenAI's two.
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+def _finite(logprob: float) -> float:
+    # JSON has no -Infinity; OpenAI reports impossible tokens as -9999.
+    return max(logprob, -9999.0)
+
+
+def completion_logprobs(
+    entries: list[TokenLogprob], state: ServerState, offset: int
+) -> tuple[CompletionLogprobs, int]:
+    """The legacy format for `entries`, text offsets from `offset`; returns the next offset.
+    top_logprobs holds the k alternatives plus the chosen token, as OpenAI's does."""
+    out = CompletionLogprobs()
+    for e in entries:
+        text = state.token_text(e.token_id)
+        top = {state.token_text(t): _finite(lp) for t, lp in e.top}
+        top.setdefault(text, _finite(e.logprob))
+        out.tokens.append(text)
+        out.token_logprobs.append(_finite(e.logprob))
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out, offset
+
+
+def chat_logprobs(entries: list[TokenLogprob], state: ServerState) -> list[ChatTokenLogprob]:
+    """The chat format: one entry per token with its bytes and the top alternatives."""
+    result = []
+    for e in entries:
+        text = state.token_text(e.token_id)
+        top = [_top(state.token_text(t), lp) for t, lp in e.top]
+        result.append(
+            ChatTokenLogprob(
+                token=text, logprob=_finite(e.logprob), bytes=list(text.encode()), top_logprobs=top
+            )
+        )
+    return result
+
+
+def _top(text: str, logprob: float) -> TopLogprob:
+    return TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode()))

@@ -1,0 +1,179 @@
+"""POST /v1/completions: string, token-id and batched prompts; plain JSON or SSE.
+
+A batch of P prompts with n samples each runs as P engine requests (each with n sequences);
+choice `p * n + i` is sample i of prompt p, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from moeserve.engine.outputs import CompletionOutput
+from moeserve.server.common import (
+    check_model,
+    completion_logprobs,
+    finish_reason,
+    fit_context,
+    new_id,
+    sampling_params,
+)
+from moeserve.server.errors import bad_request, parse_json
+from moeserve.server.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from moeserve.server.state import ServerState, Ticket
+from moeserve.server.streaming import (
+    DONE,
+    EngineRequest,
+    SSEResponse,
+    as_api_error,
+    merged_outputs,
+    run_admitted,
+    sse,
+)
+
+
+def split_prompts(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a request: one string, one id list, or a batch of either; 400 if empty."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise bad_request("prompt must not be empty (nor hold an empty prompt)", param="prompt")
+    return prompts
+
+
+async def create_completion(request: Request, state: ServerState) -> Response:
+    state.check_serving()
+    req: CompletionRequest = parse_json(await request.body(), CompletionRequest)
+    check_model(req, state)
+    if req.echo and req.logprobs is not None:
+        raise bad_request(
+            "echo with logprobs is not supported: this server cannot compute the "
+            "log-probabilities of prompt tokens", param="logprobs",
+        )  # fmt: skip
+    if req.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise bad_request("best_of is not supported (except equal to n)", param="best_of")
+    prompts = split_prompts(req.prompt)
+    params = sampling_params(req, state, logprobs=req.logprobs, max_tokens=req.max_tokens)
+    cid = new_id("cmpl")
+    request.state.request_id = cid
+    if state.config.log_prompts:
+        request.state.prompt = req.prompt
+
+    async def work(ticket: Ticket) -> Response:
+        assert state.aengine is not None and state.engine is not None
+        reqs = []
+        for i, prompt in enumerate(prompts):
+            ids = await state.aengine.encode(prompt)
+            p = fit_context(params, len(ids), req.max_tokens, state.engine.max_model_len)
+            reqs.append(EngineRequest(f"{cid}-{i}", prompt, ids, p))
+        request.state.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+        job = _Completion(state, req, cid, reqs, ticket, request)
+        if req.stream:
+            return SSEResponse(job.stream(), kill=state.kill, on_close=ticket.close,
+                               request=request)  # fmt: skip
+        return await job.collect()
+
+    return await run_admitted(request, state, len(prompts), work)
+
+
+class _Completion:
+    """One completion request in flight: formats engine deltas as OpenAI responses."""
+
+    def __init__(
+        self, state: ServerState, req: CompletionRequest, cid: str,
+        reqs: list[EngineRequest], ticket: Ticket, request: Request,
+    ) -> None:  # fmt: skip
+        self.state, self.req, self.cid, self.reqs = state, req, cid, reqs
+        self.ticket, self.request = ticket, request
+        self.n = reqs[0].params.n
+        self.created = int(time.time())
+        self.model = state.config.served_model_name
+        self.echo = [self._echo_text(r) if req.echo else "" for r in reqs]
+        self.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+        self.completion_tokens = 0
+
+    def _echo_text(self, r: EngineRequest) -> str:
+        if isinstance(r.prompt, str):
+            return r.prompt
+        tok = self.state.engine.tokenizer if self.state.engine else None
+        return tok.decode(r.prompt_ids, r.params.skip_special_tokens) if tok else ""
+
+    def _usage(self) -> UsageInfo:
+        self.request.state.completion_tokens = self.completion_tokens
+        total = self.prompt_tokens + self.completion_tokens
+        return UsageInfo(prompt_tokens=self.prompt_tokens,
+                         completion_tokens=self.completion_tokens, total_tokens=total)  # fmt: skip
+
+    async def collect(self) -> JSONResponse:
+        assert self.state.aengine is not None
+        results = [[CompletionOutput(index=i) for i in range(self.n)] for _ in self.reqs]
+        async with aclosing(merged_outputs(self.state.aengine, self.reqs, self.ticket)) as outs:
+            async for p, delta in outs:
+                for o in delta.outputs:
+                    results[p][o.index].merge(o)
+        choices = []
+        for p, outputs in enumerate(results):
+            for o in outputs:
+                self.completion_tokens += len(o.token_ids)
+                logprobs = None
+                if o.logprobs is not None:
+                    logprobs, _ = completion_logprobs(o.logprobs, self.state, len(self.echo[p]))
+                choices.append(CompletionChoice(
+                    index=p * self.n + o.index, text=self.echo[p] + o.text, logprobs=logprobs,
+                    finish_reason=finish_reason(o.finish_reason),
+                ))  # fmt: skip
+        body = CompletionResponse(id=self.cid, created=self.created, model=self.model,
+                                  choices=choices, usage=self._usage())  # fmt: skip
+        return JSONResponse(body.model_dump())
+
+    def _chunk(self, index: int, text: str, logprobs: Any = None, reason: str | None = None
+               ) -> bytes:  # fmt: skip
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
+        return sse(CompletionResponse(id=self.cid, created=self.created, model=self.model,
+                                      choices=[choice]).model_dump(exclude={"usage"}))  # fmt: skip
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """SSE chunks; an error after the first chunk becomes an error chunk, then [DONE]."""
+        assert self.state.aengine is not None
+        offsets: dict[int, int] = {}
+        try:
+            for p, text in enumerate(self.echo):
+                for i in range(self.n if text else 0):
+                    offsets[p * self.n + i] = len(text)
+                    yield self._chunk(p * self.n + i, text)
+            async with aclosing(merged_outputs(self.state.aengine, self.reqs, self.ticket)) as outs:
+                async for p, delta in outs:
+                    for o in delta.outputs:
+                        index = p * self.n + o.index
+                        self.completion_tokens += len(o.token_ids)
+                        logprobs = None
+                        if o.logprobs is not None:
+                            logprobs, offsets[index] = completion_logprobs(
+                                o.logprobs, self.state, offsets.get(index, 0)
+                            )
+                        if o.text or logprobs is not None or o.finish_reason is not None:
+                            yield self._chunk(index, o.text, logprobs,
+                                              finish_reason(o.finish_reason))  # fmt: skip
+            usage = self._usage()
+            if self.req.include_usage:
+                yield sse(CompletionResponse(id=self.cid, created=self.created, model=self.model,
+                                             choices=[], usage=usage).model_dump())  # fmt: skip
+        except Exception as e:
+            self._usage()
+            yield sse(as_api_error(e).body())
+        yield DONE

@@ -1,0 +1,156 @@
+"""`moeserve serve`: run the app under uvicorn with our own signal handling.
+
+uvicorn's handlers would stop the server at the first SIGTERM and cut open streams. Ours
+drain instead: readiness turns 503 at once, new requests get 503, requests in flight get up to
+--shutdown-timeout seconds to finish and the rest end with an explicit error; then uvicorn
+shuts down and the process exits 0. A second SIGTERM/SIGINT ends the drain's wait at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from moeserve.engine.engine import Engine
+from moeserve.server.app import create_app
+from moeserve.server.state import ServerConfig, ServerState
+
+log = logging.getLogger("moeserve.server")
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# After the drain, uvicorn waits this long for idle keep-alive connections to close.
+_UVICORN_GRACE_S = 5
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose shutdown is a drain (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.exit_code = 0
+        self._drain: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        state.on_fatal = self._fatal
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # Replaces uvicorn's handlers, which also re-raise the signal after shutdown (the
+        # exit status would then be the signal's, not 0).
+        self.loop = asyncio.get_running_loop()
+        if threading.current_thread() is not threading.main_thread():
+            yield  # in-process servers (tests) are stopped with begin_shutdown()
+            return
+        for sig in _SIGNALS:
+            self.loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in _SIGNALS:
+                self.loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("received %s", signal.Signals(sig).name)
+        self.begin_shutdown()
+
+    def begin_shutdown(self) -> None:
+        """Start the drain (on the event loop); a second call stops what is still running."""
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
+        else:
+            log.warning("asked again to stop: ending the requests in flight now")
+            self.state.kill.set()
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.state.drain(self.state.config.shutdown_timeout)
+        finally:
+            self.should_exit = True
+
+    def _fatal(self, error: BaseException) -> None:
+        self.exit_code = 2 if isinstance(error, ValueError) else 1
+        self.should_exit = True
+
+
+def build_server(
+    state: ServerState, host: str, port: int, **uvicorn_kwargs: Any
+) -> DrainingServer:
+    """A DrainingServer for `state` (not started); tests run it in a thread."""
+    config = uvicorn.Config(
+        create_app(state), host=host, port=port, access_log=False, log_config=None,
+        lifespan="on", timeout_graceful_shutdown=_UVICORN_GRACE_S, **uvicorn_kwargs,
+    )  # fmt: skip
+    return DrainingServer(config, state)
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """ServerConfig from the `serve` flags; ValueError (exit 2) for a bad value."""
+    if not args.model:
+        raise ValueError(
+            "--model DIR is required (or MOESERVE_MODEL): a model directory with config.json, "
+            "*.safetensors and tokenizer.json"
+        )
+    if not Path(args.model).is_dir():
+        raise ValueError(f"--model {args.model}: not a directory")
+    checks: list[tuple[str, bool]] = [
+        ("--port must be in 0..65535", 0 <= args.port <= 65535),
+        ("--max-queued-requests must be >= 1", args.max_queued_requests >= 1),
+        ("--shutdown-timeout must be >= 0", args.shutdown_timeout >= 0),
+        ("--max-body-bytes must be >= 1", args.max_body_bytes >= 1),
+    ]
+    for message, ok in checks:
+        if not ok:
+            raise ValueError(message)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    return ServerConfig(
+        served_model_name=name, api_key=args.api_key or None,
+        max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
+        max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a drain)."""
+    config = server_config(args)
+
+    def load() -> Engine:
+        from moeserve.engine.llm import LLM
+
+        log.info("loading %s", args.model)
+        return LLM(args.model, progress=False, **engine_kwargs).engine
+
+    state = ServerState(config, load)
+    server = build_server(state, args.host, args.port)
+    log.info("serving %r on http://%s:%d", config.served_model_name, args.host, args.port)
+    server.run()
+    return server.exit_code
+
+
+def start_in_thread(server: DrainingServer, timeout: float = 30.0) -> threading.Thread:
+    """Run `server` in a daemon thread and wait until it listens (for tests and embedding)."""
+    thread = threading.Thread(target=server.run, name="moeserve-http", daemon=True)
+    thread.start()
+    end = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > end:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    return thread
+
+
+def stop_in_thread(server: DrainingServer, thread: threading.Thread, timeout: float = 30) -> None:
+    """Drain and stop a server started by start_in_thread."""
+    if server.loop is not None and thread.is_alive():
+        server.loop.call_soon_threadsafe(server.begin_shutdown)
+    thread.join(timeout)

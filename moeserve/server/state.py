@@ -1,0 +1,224 @@
+"""The server's life: loading in the background, admission (queue limit), draining.
+
+Phases: loading -> ready -> draining (or failed when the model does not load). Inference
+routes admit a request only while ready; each admitted HTTP request holds a `Ticket` until its
+response has been sent, so the drain knows what is still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from moeserve.engine.async_engine import AsyncEngine
+from moeserve.engine.engine import Engine
+from moeserve.metrics import Metrics
+from moeserve.sampling_params import SamplingParams
+from moeserve.server.errors import (
+    RETRY_DRAINING,
+    RETRY_LOADING,
+    RETRY_QUEUE_FULL,
+    APIError,
+    bad_request,
+    unavailable,
+)
+
+log = logging.getLogger("moeserve.server")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The operator's server options (the engine's live in the engine factory)."""
+
+    served_model_name: str
+    api_key: str | None = None
+    max_queued_requests: int = 256
+    shutdown_timeout: float = 30.0
+    max_body_bytes: int = 2_000_000
+    log_prompts: bool = False
+
+
+class ServerState:
+    """Shared by the routes; touched only from the event loop (the load thread hands over
+    through call_soon_threadsafe)."""
+
+    def __init__(self, config: ServerConfig, engine_factory: Callable[[], Engine]) -> None:
+        self.config = config
+        self._factory = engine_factory
+        self.phase = "loading"  # loading | ready | draining | failed
+        self.engine: Engine | None = None
+        self.aengine: AsyncEngine | None = None
+        self.metrics: Metrics | None = None
+        self.load_error: BaseException | None = None
+        self.created = int(time.time())
+        self.queued = 0  # admitted prompts that have not produced a token yet
+        self.inflight = 0  # admitted HTTP requests whose response is not finished
+        self.kill = asyncio.Event()  # set when the drain gives up on what is still running
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._baseline: torch.Tensor | None = None
+        self.on_fatal: Callable[[BaseException], None] | None = None
+        self._token_text: dict[int, str] = {}
+
+    # ----------------------------------------------------------------------- loading
+    def start_loading(self) -> None:
+        """Load weights and run one warm-up step in a daemon thread (a SIGTERM during a long
+        load must not wait for it), then switch to ready on the event loop."""
+        loop = asyncio.get_running_loop()
+
+        def work() -> None:
+            try:
+                t0 = time.monotonic()
+                engine = self._factory()
+                baseline = _warm_up(engine)
+                log.info("model loaded and warmed up in %.1fs", time.monotonic() - t0)
+            except BaseException as e:  # noqa: BLE001 - reported, not swallowed
+                loop.call_soon_threadsafe(self._failed, e)
+            else:
+                loop.call_soon_threadsafe(self._loaded, engine, baseline)
+
+        threading.Thread(target=work, name="moeserve-load", daemon=True).start()
+
+    def _loaded(self, engine: Engine, baseline: torch.Tensor) -> None:
+        cfg = engine.model_config
+        self.engine, self._baseline = engine, baseline
+        self.metrics = Metrics(
+            model_name=self.config.served_model_name,
+            num_sparse_layers=cfg.num_sparse_layers,
+            num_experts=cfg.num_experts,
+            expert_counts=self.expert_counts,
+            sparse_layer_ids=[i for i, sparse in enumerate(cfg.sparse_layers) if sparse],
+            registry=CollectorRegistry(),  # private: several servers may share a process
+        )
+        self.aengine = AsyncEngine(engine, stats_sink=self.metrics.observe_step)
+        if self.phase == "loading":
+            self.phase = "ready"
+
+    def _failed(self, error: BaseException) -> None:
+        log.error("the model failed to load: %s", error)
+        self.load_error, self.phase = error, "failed"
+        if self.on_fatal is not None:
+            self.on_fatal(error)
+
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert by served requests: the warm-up step is subtracted so
+        the counters describe traffic only."""
+        assert self.engine is not None and self._baseline is not None
+        return self.engine.expert_token_counts() - self._baseline
+
+    @property
+    def alive(self) -> bool:
+        return self.phase != "failed" and not (self.aengine is not None and self.aengine.is_dead)
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready" and self.alive
+
+    def reject(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.request_rejected(reason)
+
+    # --------------------------------------------------------------------- admission
+    def admit(self, num_prompts: int) -> Ticket:
+        """Admit an HTTP request of `num_prompts` engine requests, or raise 503/429/400."""
+        if self.phase == "loading":
+            raise unavailable("the model is still loading", RETRY_LOADING, reason=None)
+        if self.phase == "draining":
+            raise unavailable("the server is shutting down", RETRY_DRAINING)
+        if not self.alive:
+            raise APIError(503, "the engine has stopped", type="server_error", code="engine_dead")
+        limit = self.config.max_queued_requests
+        if num_prompts > limit:
+            raise bad_request(
+                f"a batch of {num_prompts} prompts is more than the server queues at once "
+                f"({limit}, --max-queued-requests)", param="prompt",
+            )  # fmt: skip
+        if self.queued + num_prompts > limit:
+            raise APIError(
+                429, f"too many requests are queued ({self.queued} of {limit}); retry later",
+                type="rate_limit_error", code="queue_full",
+                headers={"Retry-After": str(RETRY_QUEUE_FULL)}, reject_reason="queue_full",
+            )  # fmt: skip
+        return Ticket(self, num_prompts)
+
+    def check_serving(self) -> None:
+        """503 unless ready: the cheap check before a body is even parsed."""
+        if self.phase != "ready" or not self.alive:
+            self.admit(0)
+
+    # ------------------------------------------------------------------------- drain
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, let in-flight requests finish for up to `timeout` seconds, then end
+        the rest with an explicit error and wait (briefly) for those responses to go out."""
+        if self.phase in ("loading", "ready"):
+            self.phase = "draining"
+        log.info("draining: %d requests in flight, up to %.1fs", self.inflight, timeout)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("shutdown timeout: stopping %d requests in flight", self.inflight)
+            self.kill.set()
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+            except asyncio.TimeoutError:
+                log.error("%d requests did not stop within 5s", self.inflight)
+
+    async def close(self) -> None:
+        if self.aengine is not None:
+            await self.aengine.shutdown()
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token alone (for logprobs); special tokens included."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            tok = self.engine.tokenizer if self.engine is not None else None
+            text = tok.decode([token_id], skip_special_tokens=False) if tok else str(token_id)
+            self._token_text[token_id] = text
+        return text
+
+
+class Ticket:
+    """One admitted HTTP request: holds queue slots until each prompt's first token, and an
+    in-flight slot until close()."""
+
+    def __init__(self, state: ServerState, num_prompts: int) -> None:
+        self._state = state
+        self._waiting = set(range(num_prompts))
+        state.queued += num_prompts
+        state.inflight += 1
+        state._idle.clear()
+        self._open = True
+
+    def started(self, index: int) -> None:
+        """Prompt `index` is running in the engine (or over): free its queue slot."""
+        if index in self._waiting:
+            self._waiting.discard(index)
+            self._state.queued -= 1
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        for i in list(self._waiting):
+            self.started(i)
+        self._state.inflight -= 1
+        if self._state.inflight == 0:
+            self._state._idle.set()
+
+
+def _warm_up(engine: Engine) -> torch.Tensor:
+    """One real generation step before readiness (first-call costs are paid here, not by a
+    user); returns the expert counts it left behind."""
+    token = engine.model_config.bos_token_id
+    token = token if token is not None and 0 <= token < engine.vocab_size else 0
+    engine.add_request("warmup", [token], SamplingParams(max_tokens=1, temperature=0.0))
+    while engine.has_unfinished():
+        engine.step()
+    return engine.expert_token_counts()
