@@ -132,7 +132,7 @@ def add_serve_args(p: _EnvDefaults) -> None:
     p.add_option("--shutdown-timeout", type=float, default=30.0,
                  help="seconds in-flight requests may run after SIGTERM")
     p.add_option("--max-body-bytes", type=_bytes, default=2_000_000,
-                 help="largest request body; larger ones get 413")
+                 help="largest request body in bytes (also 2MB, 1MiB); larger ones get 413")
     p.add_option("--log-prompts", action="store_true", default=False,
                  help="include prompts in the request log (off: they may be private)")
 

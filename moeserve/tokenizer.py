@@ -96,6 +96,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` the post-processor adds BOS etc."""
+        if len(text) > 4096:
+            # encode_batch releases the GIL, so a huge prompt tokenised in a worker thread
+            # does not stall the server's event loop; plain encode holds it throughout.
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:

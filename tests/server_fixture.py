@@ -20,10 +20,9 @@ from tests.checkpoints import make_checkpoint
 MODEL_NAME = "tiny-moe"
 
 
-@pytest.fixture(scope="session")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Mixtral with the test tokenizer and chat template; 1024 positions so that slow
-    (long) generations are possible."""
+    (long) generations are possible. Test modules wrap this in their `ckpt` fixture."""
     path = tmp_path_factory.mktemp("srv") / "mixtral"
     return make_checkpoint(path, "mixtral", tokenizer=True, max_position_embeddings=1024)
 
@@ -71,6 +70,7 @@ def start_server(
     engine_factory: Callable[[], Engine] | None = None,
     wait_ready: bool = True,
     max_model_len: int = 128,
+    engine_kwargs: dict[str, Any] | None = None,
     **config: Any,
 ) -> RunningServer:
     """Start a server in this process; engine options are the tests' small defaults."""
@@ -79,7 +79,8 @@ def start_server(
     def load() -> Engine:
         from moeserve import LLM
 
-        return LLM(ckpt, progress=False, block_size=4, max_model_len=max_model_len).engine
+        kwargs = {"block_size": 4, "max_model_len": max_model_len, **(engine_kwargs or {})}
+        return LLM(ckpt, progress=False, **kwargs).engine
 
     state = ServerState(ServerConfig(**config), engine_factory or load)
     server = build_server(state, "127.0.0.1", 0)
@@ -91,11 +92,13 @@ def start_server(
     return running
 
 
-@pytest.fixture(scope="module")
-def srv(ckpt: Path) -> Iterator[RunningServer]:
-    running = start_server(ckpt)
-    yield running
-    running.stop()
+def serving(ckpt: Path, **kwargs: Any) -> Iterator[RunningServer]:
+    """Body of a server fixture: start, yield, stop."""
+    running = start_server(ckpt, **kwargs)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 def sse_events(lines: Iterator[str]) -> list[Any]:

@@ -161,3 +161,49 @@ def test_generation_config_eos(mixtral: Path, tmp_path: Path) -> None:
     path = _copy(mixtral, tmp_path / "c")
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert inspect_checkpoint(path).config.eos_token_ids == (2, 7)
+
+
+_MEMORY_PROBE = """
+import sys, threading, time
+from moeserve.model.loader import load_model
+
+def anon_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+peak = [0]
+stop = threading.Event()
+def sample():
+    while not stop.is_set():
+        peak[0] = max(peak[0], anon_kb())
+        time.sleep(0.002)
+
+base = anon_kb()
+t = threading.Thread(target=sample)
+t.start()
+_, model = load_model(sys.argv[1], progress=False)
+stop.set()
+t.join()
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(base, max(peak[0], anon_kb()), weights // 1024)
+"""
+
+
+def test_peak_host_memory_stays_near_weight_size(tmp_path: Path) -> None:
+    """Anonymous memory during a load grows by the weights plus about one tensor."""
+    import subprocess
+    import sys
+
+    path = make_checkpoint(
+        tmp_path / "big", "mixtral", hidden_size=256, intermediate_size=1024,
+        num_hidden_layers=4, num_local_experts=8, vocab_size=4096,
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(path)],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout.split()
+    base_kb, peak_kb, weights_kb = map(int, out)
+    assert weights_kb > 90_000  # ~100 MB of float32 weights
+    # A second full copy would double the growth; one tensor is 1 MB here.
+    assert peak_kb - base_kb < 1.15 * weights_kb + 20_000

@@ -243,3 +243,16 @@ def test_cuda_bf16_seeded_rows_and_padding() -> None:
         assert all(t < vocab for t in out.token_ids)
     greedy = sampler.sample(logits, [Row(SamplingParams(temperature=0))] * 6).token_ids
     assert greedy == logits[:, :vocab].float().argmax(-1).tolist()
+
+
+def test_extreme_top_k_and_top_p_stay_valid() -> None:
+    """A top_k far above the vocabulary means 'off'; a top_p that underflows keeps the best."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [0.5, 0.1, 4.0, 0.2]])
+    rows = [
+        Row(SamplingParams(temperature=1.0, top_k=2**62)),
+        Row(SamplingParams(temperature=1.0, top_p=1e-300)),
+    ]
+    for _ in range(20):
+        out = Sampler(vocab_size=4).sample(logits, rows)
+        assert 0 <= out.token_ids[0] < 4
+        assert out.token_ids[1] == 2

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moeserve.config import CacheConfig, ConfigError, SchedulerConfig
+from moeserve.engine.kv_budget import plan_num_blocks
 from moeserve.engine.outputs import (
     CompletionOutput,
     RequestMetrics,
@@ -22,7 +23,7 @@ from moeserve.engine.outputs import (
     StepStats,
     TokenLogprob,
 )
-from moeserve.engine.runner import Runner, check_kv_capacity, kv_bytes_per_block
+from moeserve.engine.runner import Runner
 from moeserve.engine.sampler import Sampler
 from moeserve.engine.scheduler import RequestTooLarge, Scheduler
 from moeserve.engine.sequence import Sequence
@@ -31,8 +32,6 @@ from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
-
-CPU_DEFAULT_KV_BYTES = 2 << 30  # cap for the CPU KV budget when none is given
 
 
 class InvalidRequest(ValueError):
@@ -91,9 +90,7 @@ class Engine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {cfg.max_position_embeddings}"
             )
-        per_block = kv_bytes_per_block(cfg, cache.block_size, self.model.dtype)
-        num_blocks = self._num_blocks(cache, sched, per_block)
-        check_kv_capacity(num_blocks, cache.block_size, self.max_model_len, per_block)
+        num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len)
         self.runner = Runner(self.model, num_blocks, cache.block_size)
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
@@ -123,40 +120,6 @@ class Engine:
             cache.block_size,
             self.max_model_len,
         )
-
-    def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig, per_block: int) -> int:
-        if cache.kv_cache_memory is not None:
-            return cache.kv_cache_memory // per_block
-        if self.model.device.type == "cuda":
-            return self._profile_cuda_blocks(cache, sched, per_block)
-        per_seq = -(-self.max_model_len // cache.block_size)
-        wanted = per_seq * sched.max_num_seqs
-        return max(per_seq, min(wanted, CPU_DEFAULT_KV_BYTES // per_block))
-
-    def _profile_cuda_blocks(
-        self, cache: CacheConfig, sched: SchedulerConfig, per_block: int
-    ) -> int:
-        """Blocks that fit in gpu_memory_utilization of the device after weights and the peak
-        activations of a maximal step (measured with one forward of max_num_batched_tokens)."""
-        n = min(sched.max_num_batched_tokens, self.max_model_len)
-        bs = cache.block_size
-        probe = Runner(self.model, -(-n // bs), bs)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        seq = Sequence(seq_id=-1, request_id="profile", prompt_ids=[0] * n, max_tokens=1)
-        seq.block_ids = list(range(probe.num_blocks))
-        from moeserve.engine.scheduler import ScheduledSeq
-
-        probe.execute([ScheduledSeq(seq, 0, n, True)])
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del probe
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info()
-        # Memory taken by other processes counts against the budget too.
-        others = total - free - torch.cuda.memory_reserved()
-        budget = int(total * cache.gpu_memory_utilization) - peak - others
-        return max(0, budget // per_block)
 
     # ----------------------------------------------------------------- requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

@@ -200,7 +200,7 @@ def _filtered(logits_RV: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     if use_k or use_p:
         sorted_RV, order_RV = logits_RV.sort(dim=-1, descending=True)
         if use_k:
-            k_R = _on(device, [p.top_k if p.top_k >= 1 else V for p in params], torch.long)
+            k_R = _on(device, [min(p.top_k, V) if p.top_k >= 1 else V for p in params], torch.long)
             rank_V = torch.arange(V, device=device)
             # By rank, not by value threshold, so ties at the k-th value keep exactly k.
             sorted_RV.masked_fill_(rank_V[None, :] >= k_R[:, None], float("-inf"))
@@ -209,7 +209,9 @@ def _filtered(logits_RV: torch.Tensor, params: Sequence[SamplingParams]) -> torc
             before_RV = probs_RV.cumsum(dim=-1) - probs_RV  # mass strictly above each token
             # top_p == 1 rows get +inf: float error in the cumsum must not trim their tail.
             p_R = _on(device, [p.top_p if p.top_p < 1.0 else float("inf") for p in params])
-            sorted_RV.masked_fill_(before_RV >= p_R[:, None], float("-inf"))
+            cut_RV = before_RV >= p_R[:, None]
+            cut_RV[:, 0] = False  # the best token always survives (a tiny top_p underflows)
+            sorted_RV.masked_fill_(cut_RV, float("-inf"))
         logits_RV = torch.empty_like(logits_RV).scatter_(1, order_RV, sorted_RV)
     if any(p.min_p > 0.0 for p in params):
         probs_RV = torch.softmax(logits_RV, dim=-1)

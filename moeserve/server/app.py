@@ -7,7 +7,6 @@ inference routes live under /v1 and require the API key when one is set; the pro
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -123,5 +122,5 @@ def _add_probes(app: FastAPI, state: ServerState) -> None:
             return unavailable("metrics start once the model is loaded", RETRY_LOADING,
                                None).response()  # fmt: skip
         # render() copies the expert counts off the device: not on the event loop.
-        body, content_type = await asyncio.to_thread(state.metrics.render)
+        body, content_type = await state.offload(state.metrics.render)
         return Response(body, media_type=content_type)

@@ -7,7 +7,6 @@ template already wrote BOS, as transformers' apply_chat_template(tokenize=True) 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -25,9 +24,10 @@ from moeserve.server.common import (
     finish_reason,
     fit_context,
     new_id,
+    parse_body,
     sampling_params,
 )
-from moeserve.server.errors import bad_request, parse_json
+from moeserve.server.errors import bad_request
 from moeserve.server.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -40,7 +40,7 @@ from moeserve.server.protocol import (
     DeltaMessage,
     UsageInfo,
 )
-from moeserve.server.state import ServerState, Ticket
+from moeserve.server.state import OFFLOAD_LEN, ServerState, Ticket
 from moeserve.server.streaming import (
     DONE,
     EngineRequest,
@@ -50,8 +50,6 @@ from moeserve.server.streaming import (
     run_admitted,
     sse,
 )
-
-_THREAD_CHARS = 2048  # tokenise longer texts in a worker thread, like AsyncEngine.encode
 
 
 def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -72,7 +70,7 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 
 async def create_chat_completion(request: Request, state: ServerState) -> Response:
     state.check_serving()
-    req: ChatCompletionRequest = parse_json(await request.body(), ChatCompletionRequest)
+    req = await parse_body(request, state, ChatCompletionRequest)
     check_model(req, state)
     messages = _messages(req.messages)
     top = req.top_logprobs
@@ -96,13 +94,13 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     async def work(ticket: Ticket) -> Response:
         assert state.engine is not None
         try:
-            text = await asyncio.to_thread(
+            text = await state.offload(
                 tokenizer.apply_chat_template, messages, add_generation_prompt=True
             )
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
-        if len(text) > _THREAD_CHARS:
-            ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
+        if len(text) > OFFLOAD_LEN:
+            ids = await state.offload(tokenizer.encode, text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(text, add_special_tokens=False)
         if not ids:
@@ -177,6 +175,7 @@ class _Chat:
                 async for _, delta in outs:
                     for o in delta.outputs:
                         self.completion_tokens += len(o.token_ids)
+                        self.request.state.completion_tokens = self.completion_tokens
                         logprobs = self._logprobs(o)
                         if o.text or logprobs is not None:
                             yield self._chunk([ChatStreamChoice(
@@ -192,6 +191,7 @@ class _Chat:
             if self.req.include_usage:
                 yield self._chunk([], usage)
         except Exception as e:
-            self._usage()
-            yield sse(as_api_error(e).body())
+            err = as_api_error(e)
+            self.request.state.error = err.code or err.type
+            yield sse(err.body())
         yield DONE

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from starlette.requests import Request
 
 from moeserve.engine.outputs import TokenLogprob
 from moeserve.sampling_params import SamplingParams
-from moeserve.server.errors import APIError, bad_request, from_value_error
+from moeserve.server.errors import APIError, bad_request, from_value_error, parse_json
 from moeserve.server.protocol import (
     ChatTokenLogprob,
     CompletionLogprobs,
     SamplingFields,
     TopLogprob,
 )
-from moeserve.server.state import ServerState
+from moeserve.server.state import OFFLOAD_LEN, ServerState
+
+M = TypeVar("M", bound=BaseModel)
 
 # Request fields copied to SamplingParams under the same name when given.
 _SAMPLING_FIELDS = (
@@ -24,6 +29,14 @@ _SAMPLING_FIELDS = (
     "skip_special_tokens", "include_stop_str_in_output",
 )  # fmt: skip
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+async def parse_body(request: Request, state: ServerState, model: type[M]) -> M:
+    """The request body as `model` (400 on any problem); big bodies parse off the loop."""
+    body = await request.body()
+    if len(body) > OFFLOAD_LEN:
+        return await state.offload(parse_json, body, model)
+    return parse_json(body, model)
 
 
 def new_id(prefix: str) -> str:
@@ -52,13 +65,19 @@ def sampling_params(
     }
     if req.stop is not None:
         kwargs["stop"] = req.stop
+    assert state.engine is not None
+    if isinstance(req.top_k, int) and req.top_k > state.engine.vocab_size:
+        # Same meaning (k >= vocab filters nothing), and a huge k would overflow the sampler's
+        # int64 tensor and take the whole engine loop down with it.
+        kwargs["top_k"] = state.engine.vocab_size
     try:
         params = SamplingParams(
             **kwargs, logprobs=logprobs, max_tokens=1 if max_tokens is None else max_tokens
         )
+        if params.seed is not None and params.n > 1:  # sample i uses seed + i: check the last
+            dataclasses.replace(params, seed=params.seed + params.n - 1)
     except ValueError as e:
         raise from_value_error(e, _PARAM_NAMES) from None
-    assert state.engine is not None
     vocab = state.engine.model_config.vocab_size
     bad = [t for t in params.stop_token_ids if t >= vocab]
     if bad:
@@ -133,11 +152,16 @@ def chat_logprobs(entries: list[TokenLogprob], state: ServerState) -> list[ChatT
         top = [_top(state.token_text(t), lp) for t, lp in e.top]
         result.append(
             ChatTokenLogprob(
-                token=text, logprob=_finite(e.logprob), bytes=list(text.encode()), top_logprobs=top
+                token=text, logprob=_finite(e.logprob), bytes=_bytes(text), top_logprobs=top
             )
         )
     return result
 
 
 def _top(text: str, logprob: float) -> TopLogprob:
-    return TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode()))
+    return TopLogprob(token=text, logprob=_finite(logprob), bytes=_bytes(text))
+
+
+def _bytes(text: str) -> list[int] | None:
+    # OpenAI allows null bytes; a token_id:N stand-in has no true text to encode.
+    return None if text.startswith("token_id:") else list(text.encode())

@@ -22,9 +22,10 @@ from moeserve.server.common import (
     finish_reason,
     fit_context,
     new_id,
+    parse_body,
     sampling_params,
 )
-from moeserve.server.errors import bad_request, parse_json
+from moeserve.server.errors import bad_request
 from moeserve.server.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -56,7 +57,7 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
 
 async def create_completion(request: Request, state: ServerState) -> Response:
     state.check_serving()
-    req: CompletionRequest = parse_json(await request.body(), CompletionRequest)
+    req = await parse_body(request, state, CompletionRequest)
     check_model(req, state)
     if req.echo and req.logprobs is not None:
         raise bad_request(
@@ -78,7 +79,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         assert state.aengine is not None and state.engine is not None
         reqs = []
         for i, prompt in enumerate(prompts):
-            ids = await state.aengine.encode(prompt)
+            ids = await state.encode(prompt)
             p = fit_context(params, len(ids), req.max_tokens, state.engine.max_model_len)
             reqs.append(EngineRequest(f"{cid}-{i}", prompt, ids, p))
         request.state.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
@@ -161,6 +162,7 @@ class _Completion:
                     for o in delta.outputs:
                         index = p * self.n + o.index
                         self.completion_tokens += len(o.token_ids)
+                        self.request.state.completion_tokens = self.completion_tokens
                         logprobs = None
                         if o.logprobs is not None:
                             logprobs, offsets[index] = completion_logprobs(
@@ -174,6 +176,7 @@ class _Completion:
                 yield sse(CompletionResponse(id=self.cid, created=self.created, model=self.model,
                                              choices=[], usage=usage).model_dump())  # fmt: skip
         except Exception as e:
-            self._usage()
-            yield sse(as_api_error(e).body())
+            err = as_api_error(e)
+            self.request.state.error = err.code or err.type
+            yield sse(err.body())
         yield DONE

@@ -129,6 +129,7 @@ def install_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> None:
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         if exc.reject_reason:
             on_reject(exc.reject_reason)
+        request.state.error = exc.code or exc.type  # for the access log
         return exc.response()
 
     @app.exception_handler(RequestValidationError)

@@ -119,6 +119,8 @@ class AccessLogMiddleware:
         if "prompt_tokens" in info:
             parts.append(f"prompt_tokens={info['prompt_tokens']}")
             parts.append(f"completion_tokens={info.get('completion_tokens', 0)}")
+        if info.get("error"):
+            parts.append(f"error={info['error']}")
         parts.append(f"{seconds:.3f}s")
         if self.log_prompts and info.get("prompt") is not None:
             parts.append(f"prompt={info['prompt']!r:.4000}")

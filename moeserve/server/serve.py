@@ -134,6 +134,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     server = build_server(state, args.host, args.port)
     log.info("serving %r on http://%s:%d", config.served_model_name, args.host, args.port)
     server.run()
+    if isinstance(state.load_error, ValueError):
+        raise state.load_error  # a bad checkpoint: the CLI prints it and exits 2
     return server.exit_code
 
 

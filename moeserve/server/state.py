@@ -8,11 +8,14 @@ response has been sent, so the drain knows what is still in flight.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -31,6 +34,9 @@ from moeserve.server.errors import (
 )
 
 log = logging.getLogger("moeserve.server")
+T = TypeVar("T")
+# Inputs longer than this (characters, token ids or body bytes) are handled off the event loop.
+OFFLOAD_LEN = 2048
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,9 @@ class ServerState:
         self._baseline: torch.Tensor | None = None
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._token_text: dict[int, str] = {}
+        # Parsing, tokenising and chat templates run here, not in the default executor: the
+        # engine's steps run there, and a burst of big prompts must not delay them.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moeserve-cpu")
 
     # ----------------------------------------------------------------------- loading
     def start_loading(self) -> None:
@@ -102,7 +111,9 @@ class ServerState:
             self.phase = "ready"
 
     def _failed(self, error: BaseException) -> None:
-        log.error("the model failed to load: %s", error)
+        # A bad checkpoint (ValueError) is a message; anything else is a bug: keep the trace.
+        log.error("the model failed to load: %s", error,
+                  exc_info=None if isinstance(error, ValueError) else error)  # fmt: skip
         self.load_error, self.phase = error, "failed"
         if self.on_fatal is not None:
             self.on_fatal(error)
@@ -126,14 +137,19 @@ class ServerState:
             self.metrics.request_rejected(reason)
 
     # --------------------------------------------------------------------- admission
-    def admit(self, num_prompts: int) -> Ticket:
-        """Admit an HTTP request of `num_prompts` engine requests, or raise 503/429/400."""
+    def check_serving(self) -> None:
+        """503 (+ Retry-After while loading or draining) unless requests are admitted now."""
         if self.phase == "loading":
             raise unavailable("the model is still loading", RETRY_LOADING, reason=None)
         if self.phase == "draining":
             raise unavailable("the server is shutting down", RETRY_DRAINING)
         if not self.alive:
-            raise APIError(503, "the engine has stopped", type="server_error", code="engine_dead")
+            why = "the model failed to load" if self.load_error else "the engine loop stopped"
+            raise APIError(503, why, type="server_error", code="engine_dead")
+
+    def admit(self, num_prompts: int) -> Ticket:
+        """Admit an HTTP request of `num_prompts` engine requests, or raise 503/429/400."""
+        self.check_serving()
         limit = self.config.max_queued_requests
         if num_prompts > limit:
             raise bad_request(
@@ -147,11 +163,6 @@ class ServerState:
                 headers={"Retry-After": str(RETRY_QUEUE_FULL)}, reject_reason="queue_full",
             )  # fmt: skip
         return Ticket(self, num_prompts)
-
-    def check_serving(self) -> None:
-        """503 unless ready: the cheap check before a body is even parsed."""
-        if self.phase != "ready" or not self.alive:
-            self.admit(0)
 
     # ------------------------------------------------------------------------- drain
     async def drain(self, timeout: float) -> None:
@@ -173,13 +184,31 @@ class ServerState:
     async def close(self) -> None:
         if self.aengine is not None:
             await self.aengine.shutdown()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU work (tokenising, templating, parsing) in the server's worker threads."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def encode(self, prompt: str | list[int]) -> list[int]:
+        """Engine.encode_prompt (ValueError for an empty prompt or ids outside the vocab),
+        off the event loop when the prompt is long."""
+        assert self.engine is not None
+        if len(prompt) > OFFLOAD_LEN:
+            return await self.offload(self.engine.encode_prompt, prompt)
+        return self.engine.encode_prompt(prompt)
 
     def token_text(self, token_id: int) -> str:
-        """The text of one token alone (for logprobs); special tokens included."""
+        """The text of one token alone, for logprobs (special tokens included). A token that is
+        not valid text alone (part of a UTF-8 character) is `token_id:N`, vLLM's spelling:
+        U+FFFD for all of them would merge distinct alternatives into one dict key."""
         text = self._token_text.get(token_id)
         if text is None:
             tok = self.engine.tokenizer if self.engine is not None else None
-            text = tok.decode([token_id], skip_special_tokens=False) if tok else str(token_id)
+            text = tok.decode([token_id], skip_special_tokens=False) if tok else ""
+            if not text or "\ufffd" in text:
+                text = f"token_id:{token_id}"
             self._token_text[token_id] = text
         return text
 

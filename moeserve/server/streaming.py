@@ -163,15 +163,20 @@ class SSEResponse(Response):
             gone = asyncio.create_task(wait_disconnect(receive))
             killed = asyncio.create_task(self._kill.wait())
             try:
-                await asyncio.wait({body, gone, killed}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {body, gone, killed}, return_when=asyncio.FIRST_COMPLETED
+                )
             finally:
                 for t in (body, gone, killed):
                     t.cancel()
                 await asyncio.gather(body, gone, killed, return_exceptions=True)
-            if gone.done() and not gone.cancelled() and not body.done():
+            if body in done:
+                body.result()  # re-raises a failed send
+            elif gone in done:
                 self._request.state.disconnected = True
                 return
-            if not (body.done() and not body.cancelled()):  # the drain stopped it
+            else:  # the drain gave up on this stream
+                self._request.state.error = "server_shutting_down"
                 await send({"type": "http.response.body", "body": sse(stopped_error().body()),
                             "more_body": True})  # fmt: skip
                 await send({"type": "http.response.body", "body": DONE, "more_body": True})

@@ -1,0 +1,63 @@
+"""How many KV blocks to allocate: an explicit byte budget, or what the device has room for."""
+
+from __future__ import annotations
+
+import torch
+
+from moeserve.config import CacheConfig, SchedulerConfig
+from moeserve.engine.runner import Runner, check_kv_capacity, kv_bytes_per_block
+from moeserve.engine.scheduler import ScheduledSeq
+from moeserve.engine.sequence import Sequence
+from moeserve.model.decoder import MoEForCausalLM
+
+CPU_DEFAULT_KV_BYTES = 2 << 30  # cap for the CPU KV budget when none is given
+
+
+def plan_num_blocks(
+    model: MoEForCausalLM, cache: CacheConfig, sched: SchedulerConfig, max_model_len: int
+) -> int:
+    """Blocks for the KV pool; raises KVCacheTooSmall when one max-length sequence won't fit.
+
+    --kv-cache-memory wins; on CUDA, gpu_memory_utilization of the device minus weights and
+    measured peak activations; on CPU, max_num_seqs full-length sequences capped at 2 GiB.
+    """
+    per_block = kv_bytes_per_block(model.cfg, cache.block_size, model.dtype)
+    per_seq = -(-max_model_len // cache.block_size)
+    if cache.kv_cache_memory is not None:
+        blocks = cache.kv_cache_memory // per_block
+    elif model.device.type == "cuda":
+        blocks = _cuda_blocks(model, cache, sched, max_model_len, per_block)
+    else:
+        blocks = max(per_seq, min(per_seq * sched.max_num_seqs, CPU_DEFAULT_KV_BYTES // per_block))
+    check_kv_capacity(blocks, cache.block_size, max_model_len, per_block)
+    return blocks
+
+
+def _cuda_blocks(
+    model: MoEForCausalLM,
+    cache: CacheConfig,
+    sched: SchedulerConfig,
+    max_model_len: int,
+    per_block: int,
+) -> int:
+    """Blocks that fit in gpu_memory_utilization of the device after weights and the peak
+    activations of a maximal step (measured with one forward of max_num_batched_tokens)."""
+    n = min(sched.max_num_batched_tokens, max_model_len)
+    bs = cache.block_size
+    probe = Runner(model, -(-n // bs), bs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    seq = Sequence(seq_id=-1, request_id="profile", prompt_ids=[0] * n, max_tokens=1)
+    seq.block_ids = list(range(probe.num_blocks))
+    probe.execute([ScheduledSeq(seq, 0, n, True)])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del probe
+    for _, moe in model.moe_layers():  # the probe's tokens are not traffic
+        moe.tokens_per_expert_E.zero_()
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    # Memory held by other processes counts against the budget too.
+    others = total - free - torch.cuda.memory_reserved()
+    budget = int(total * cache.gpu_memory_utilization) - peak - others
+    return max(0, budget // per_block)
