@@ -130,8 +130,6 @@ def run_transformers(path: Path, ps: list[list[int]], outs_len: list[int],
     _sync(args.device)
     dt = time.perf_counter() - t0
     generated = sum(outs_len)
-    del model
-    _free()
     return dict(seconds=dt, generated=generated, tokens_per_s=generated / dt, first_tokens=firsts)
 
 
@@ -152,7 +150,8 @@ def main() -> None:
     ap.add_argument("--output-len", default="64", help="N, or LO:HI for uniform random lengths")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--hf-sequential", action="store_true", help="also time HF one prompt at a time")
+    ap.add_argument("--hf-sequential", action="store_true",
+                    help="also time transformers one prompt at a time")
     ap.add_argument("--json", type=Path, default=Path("bench_out/offline_throughput.json"))
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -163,12 +162,15 @@ def main() -> None:
     ps = prompts(lengths(args.num_prompts, args.input_len, 1), vocab)
     outs_len = lengths(args.num_prompts, args.output_len, 2)
     results = {"moeserve": run_moeserve(path, ps, outs_len, args)}
+    _free()
     results["transformers (batched)"] = run_transformers(path, ps, outs_len, args,
                                                          args.concurrency)
+    _free()
     if args.hf_sequential:
         results["transformers (sequential)"] = run_transformers(path, ps, outs_len, args, 1)
     base = results["transformers (batched)"]["tokens_per_s"]
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    on_cuda = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name() if on_cuda else platform.processor() or "cpu"
     print(f"\n{args.num_prompts} prompts x {args.input_len} in -> {args.output_len} out, "
           f"concurrency {args.concurrency}, "
           f"{args.device} ({device}, {torch.get_num_threads()} threads), model {path}")
@@ -177,7 +179,8 @@ def main() -> None:
         print(f"{name:<28}{r['seconds']:>10.2f}{r['tokens_per_s']:>12.1f}"
               f"{r['tokens_per_s'] / base:>14.2f}x")
     # Random bf16 weights give near-tied logits, where the two can legitimately part ways.
-    pairs = zip(results["moeserve"]["first_tokens"], results["transformers (batched)"]["first_tokens"])
+    pairs = zip(results["moeserve"]["first_tokens"],
+                results["transformers (batched)"]["first_tokens"])
     same = sum(a == b[: len(a)] for a, b in pairs)
     print(f"requests whose first 8 greedy tokens equal transformers': {same}/{len(ps)}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
