@@ -321,3 +321,7 @@ class Engine:
     def expert_token_counts(self) -> torch.Tensor:
         """[sparse layers, E] tokens routed to each expert since start (one host copy)."""
         return self.model.tokens_per_expert().cpu()
+
+    def reset_expert_counts(self) -> None:
+        """Zero the per-expert counters (after a warm-up, whose tokens are not traffic)."""
+        self.model.reset_expert_counts()

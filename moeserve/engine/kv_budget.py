@@ -53,8 +53,7 @@ def _cuda_blocks(
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del probe
-    for _, moe in model.moe_layers():  # the probe's tokens are not traffic
-        moe.tokens_per_expert_E.zero_()
+    model.reset_expert_counts()  # the probe's tokens are not traffic
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     # Memory held by other processes counts against the budget too.

@@ -143,6 +143,10 @@ class MoEForCausalLM(nn.Module):
         h = rms_norm(hidden_XD, self.norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.lm_head_weight).float()
 
+    def reset_expert_counts(self) -> None:
+        for _, moe in self.moe_layers():
+            moe.tokens_per_expert_E.zero_()
+
     def tokens_per_expert(self) -> torch.Tensor:
         """[L_sparse, E] token assignments per expert since start (device tensor, no sync)."""
         return torch.stack([m.tokens_per_expert_E for _, m in self.moe_layers()])

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 from prometheus_client import CollectorRegistry
 
 from moeserve.engine.async_engine import AsyncEngine
@@ -69,7 +68,6 @@ class ServerState:
         self.kill = asyncio.Event()  # set when the drain gives up on what is still running
         self._idle = asyncio.Event()
         self._idle.set()
-        self._baseline: torch.Tensor | None = None
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._token_text: dict[int, str] = {}
         # Parsing, tokenising and chat templates run here, not in the default executor: the
@@ -86,23 +84,23 @@ class ServerState:
             try:
                 t0 = time.monotonic()
                 engine = self._factory()
-                baseline = _warm_up(engine)
+                _warm_up(engine)
                 log.info("model loaded and warmed up in %.1fs", time.monotonic() - t0)
             except BaseException as e:  # noqa: BLE001 - reported, not swallowed
                 loop.call_soon_threadsafe(self._failed, e)
             else:
-                loop.call_soon_threadsafe(self._loaded, engine, baseline)
+                loop.call_soon_threadsafe(self._loaded, engine)
 
         threading.Thread(target=work, name="moeserve-load", daemon=True).start()
 
-    def _loaded(self, engine: Engine, baseline: torch.Tensor) -> None:
+    def _loaded(self, engine: Engine) -> None:
         cfg = engine.model_config
-        self.engine, self._baseline = engine, baseline
+        self.engine = engine
         self.metrics = Metrics(
             model_name=self.config.served_model_name,
             num_sparse_layers=cfg.num_sparse_layers,
             num_experts=cfg.num_experts,
-            expert_counts=self.expert_counts,
+            expert_counts=engine.expert_token_counts,
             sparse_layer_ids=[i for i, sparse in enumerate(cfg.sparse_layers) if sparse],
             registry=CollectorRegistry(),  # private: several servers may share a process
         )
@@ -117,12 +115,6 @@ class ServerState:
         self.load_error, self.phase = error, "failed"
         if self.on_fatal is not None:
             self.on_fatal(error)
-
-    def expert_counts(self) -> torch.Tensor:
-        """Tokens routed to each expert by served requests: the warm-up step is subtracted so
-        the counters describe traffic only."""
-        assert self.engine is not None and self._baseline is not None
-        return self.engine.expert_token_counts() - self._baseline
 
     @property
     def alive(self) -> bool:
@@ -242,12 +234,12 @@ class Ticket:
             self._state._idle.set()
 
 
-def _warm_up(engine: Engine) -> torch.Tensor:
+def _warm_up(engine: Engine) -> None:
     """One real generation step before readiness (first-call costs are paid here, not by a
-    user); returns the expert counts it left behind."""
+    user); its expert counts are then cleared so the counters describe traffic only."""
     token = engine.model_config.bos_token_id
     token = token if token is not None and 0 <= token < engine.vocab_size else 0
     engine.add_request("warmup", [token], SamplingParams(max_tokens=1, temperature=0.0))
     while engine.has_unfinished():
         engine.step()
-    return engine.expert_token_counts()
+    engine.reset_expert_counts()
