@@ -1,7 +1,8 @@
-"""`moeserve serve | generate`: the command line.
+"""`moeserve serve | generate | bench serve`: the command line.
 
-Every option can also come from the environment as MOESERVE_<OPTION> (dashes as
-underscores, e.g. MOESERVE_MAX_NUM_SEQS=32); a flag on the command line wins.
+Every serve/generate option can also come from the environment as MOESERVE_<OPTION> (dashes
+as underscores, e.g. MOESERVE_MAX_NUM_SEQS=32); a flag on the command line wins. The load
+tester's flags live in moeserve/bench/cli.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from moeserve.bench.cli import add_bench_parser
 
 ENV_PREFIX = "MOESERVE_"
 
@@ -50,7 +53,8 @@ def _bytes(text: str) -> int:
 
 
 def add_engine_args(p: _EnvDefaults) -> None:
-    p.add_option("--model", help="model directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_option("--model", help="model directory (config.json, *.safetensors, tokenizer.json); "
+                 "default: the demo model that ships with moeserve")
     p.add_option("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                  help="weight and activation dtype (auto: the checkpoint's)")
     p.add_option("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -88,10 +92,9 @@ def _prompt_ids(text: str) -> list[int]:
 
 def _generate(args: argparse.Namespace) -> int:
     from moeserve import LLM, SamplingParams
+    from moeserve.assets import model_or_demo
 
-    if not args.model:
-        raise ValueError("--model DIR is required for generate")
-    llm = LLM(args.model, progress=not args.json, **engine_kwargs(args))
+    llm = LLM(model_or_demo(args.model), progress=not args.json, **engine_kwargs(args))
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         seed=args.sample_seed, logprobs=5 if args.json else None, ignore_eos=args.ignore_eos,
@@ -161,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object with ids, text and top-5 logprobs per position")
     gen.set_defaults(func=_generate, default_log_level="WARNING")
+    add_bench_parser(sub)
     return parser
 
 

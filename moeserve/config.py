@@ -97,3 +97,37 @@ class SchedulerConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+OFFLOAD_MODES = ("fetch", "cpu", "auto")
+CACHE_POLICIES = ("lru", "lfu")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Where routed experts live: all on the device, or a per-layer device cache over host memory.
+
+    cache_slots (experts per sparse layer) or cache_bytes (all layers together) bound the
+    device cache; neither set means every expert is resident when it fits on the device.
+    """
+
+    cache_slots: int | None = None
+    cache_bytes: int | None = None
+    mode: str = "auto"  # how a missed expert runs: copied to the device, or computed on the CPU
+    policy: str = "lru"
+    prefetch: bool = True
+    lfu_decay: float = 0.9  # per-step decay of LFU scores
+
+    def __post_init__(self) -> None:
+        if self.cache_slots is not None and self.cache_slots < 1:
+            raise ConfigError(f"expert_cache_slots must be >= 1, got {self.cache_slots}")
+        if self.cache_bytes is not None and self.cache_bytes <= 0:
+            raise ConfigError(f"expert_cache_gb must be > 0, got {self.cache_bytes} bytes")
+        if self.cache_slots is not None and self.cache_bytes is not None:
+            raise ConfigError("give expert_cache_slots or expert_cache_gb, not both")
+        if self.mode not in OFFLOAD_MODES:
+            raise ConfigError(f"offload_mode must be one of {', '.join(OFFLOAD_MODES)}")
+        if self.policy not in CACHE_POLICIES:
+            raise ConfigError(f"expert_cache_policy must be one of {', '.join(CACHE_POLICIES)}")
+        if not 0.0 < self.lfu_decay <= 1.0:
+            raise ConfigError(f"lfu_decay must be in (0, 1], got {self.lfu_decay}")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from moeserve.config import CacheConfig, ConfigError, SchedulerConfig
-from moeserve.engine.kv_budget import plan_num_blocks
+from moeserve.config import CacheConfig, ConfigError, OffloadConfig, SchedulerConfig
+from moeserve.engine.expert_store import ExpertCacheStats, ExpertStore
+from moeserve.engine.kv_budget import plan_expert_slots, plan_num_blocks
 from moeserve.engine.outputs import (
     CompletionOutput,
     RequestMetrics,
@@ -27,7 +28,7 @@ from moeserve.engine.runner import Runner
 from moeserve.engine.sampler import Sampler
 from moeserve.engine.scheduler import RequestTooLarge, Scheduler
 from moeserve.engine.sequence import Sequence
-from moeserve.model.loader import load_model
+from moeserve.model.loader import inspect_checkpoint, load_model, resolve_dtype
 from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -71,15 +72,26 @@ class Engine:
         device: str | None = None,
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig | None = None,
+        offload: OffloadConfig | None = None,
+        load_format: str = "safetensors",
         seed: int | None = None,
         progress: bool = True,
     ) -> None:
         cache = cache or CacheConfig()
         sched = scheduler or SchedulerConfig()
+        offload = offload or OffloadConfig()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.checkpoint, self.model = load_model(
-            model_dir, dtype=dtype, device=device, progress=progress
+        ckpt = inspect_checkpoint(model_dir, need_weights=load_format != "dummy")
+        slots = plan_expert_slots(
+            ckpt.config, resolve_dtype(ckpt.config, dtype), torch.device(device), offload,
+            cache.gpu_memory_utilization,
         )
+        self.checkpoint, self.model = load_model(
+            model_dir, dtype=dtype, device=device, progress=progress, load_format=load_format,
+            expert_device="cpu" if slots is not None else None,
+        )
+        # Experts in host memory run through a per-layer device cache.
+        self.expert_store = ExpertStore(self.model, offload, slots) if slots is not None else None
         cfg = self.model.cfg
         self.model_config = cfg
         path = Path(model_dir)
@@ -321,6 +333,10 @@ class Engine:
     def expert_token_counts(self) -> torch.Tensor:
         """[sparse layers, E] tokens routed to each expert since start (one host copy)."""
         return self.model.tokens_per_expert().cpu()
+
+    def expert_cache_stats(self) -> list[ExpertCacheStats]:
+        """Per sparse layer cache counters; empty when every expert is resident."""
+        return self.expert_store.stats() if self.expert_store is not None else []
 
     def reset_expert_counts(self) -> None:
         """Zero the per-expert counters (after a warm-up, whose tokens are not traffic)."""

@@ -1,10 +1,10 @@
-"""How many KV blocks to allocate: an explicit byte budget, or what the device has room for."""
+"""Device memory budgets: expert cache slots (when experts are offloaded) and KV blocks."""
 
 from __future__ import annotations
 
 import torch
 
-from moeserve.config import CacheConfig, SchedulerConfig
+from moeserve.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
 from moeserve.engine.runner import Runner, check_kv_capacity, kv_bytes_per_block
 from moeserve.engine.scheduler import ScheduledSeq
 from moeserve.engine.sequence import Sequence
@@ -60,3 +60,49 @@ def _cuda_blocks(
     others = total - free - torch.cuda.memory_reserved()
     budget = int(total * cache.gpu_memory_utilization) - peak - others
     return max(0, budget // per_block)
+
+
+def plan_expert_slots(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    offload: OffloadConfig,
+    gpu_memory_utilization: float,
+) -> int | None:
+    """Device cache slots per sparse layer, or None when every expert stays on the device.
+
+    An explicit --expert-cache-slots / --expert-cache-gb wins. Otherwise, on CUDA, the experts
+    are offloaded only when all weights would not fit in gpu_memory_utilization of the device
+    with 10% of it left for the KV cache and activations; the cache then takes what remains.
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * elem
+    per_slot = per_expert * cfg.num_sparse_layers  # one slot in every sparse layer
+    if offload.cache_slots is not None:
+        slots = offload.cache_slots
+    elif offload.cache_bytes is not None:
+        slots = offload.cache_bytes // per_slot
+        if slots < 1:
+            raise ConfigError(
+                f"expert_cache_gb {offload.cache_bytes / 2**30:.2f} GiB holds no expert: one slot "
+                f"in each of the {cfg.num_sparse_layers} sparse layers needs {per_slot} bytes"
+            )
+    elif device.type == "cuda":
+        meta = MoEForCausalLM(cfg, dtype, torch.device("meta"))
+        total = sum(p.numel() for p in meta.parameters())
+        experts = per_slot * cfg.num_experts
+        dense = total * elem - experts
+        free, capacity = torch.cuda.mem_get_info()
+        budget = int(capacity * gpu_memory_utilization) - (capacity - free)
+        usable = int(budget * 0.9)
+        if dense + experts <= usable:
+            return None
+        slots = (usable - dense) // per_slot
+        if slots < 1:
+            raise ConfigError(
+                f"the dense weights ({dense / 2**30:.1f} GiB) leave no room for even one expert "
+                f"per layer in {budget / 2**30:.1f} GiB of GPU memory"
+            )
+    else:
+        return None
+    return None if slots >= cfg.num_experts else slots

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from moeserve.config import CacheConfig, SchedulerConfig
+from moeserve.config import CacheConfig, OffloadConfig, SchedulerConfig
 from moeserve.engine.engine import Engine
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.sampling_params import SamplingParams
@@ -22,7 +22,8 @@ class LLM:
 
     Keyword arguments mirror the CLI: dtype, device, block_size, kv_cache_memory,
     gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
-    enable_chunked_prefill, seed.
+    enable_chunked_prefill, expert_cache_slots, expert_cache_gb, offload_mode,
+    expert_cache_policy, prefetch, load_format, seed.
     """
 
     def __init__(self, model: str | Path, **kwargs: Any) -> None:
@@ -33,7 +34,12 @@ class LLM:
             "max_model_len",
             "enable_chunked_prefill",
         }
-        unknown = set(kwargs) - cache_keys - sched_keys - {"dtype", "device", "seed", "progress"}
+        offload_keys = {
+            "expert_cache_slots": "cache_slots", "expert_cache_gb": "cache_bytes",
+            "offload_mode": "mode", "expert_cache_policy": "policy", "prefetch": "prefetch",
+        }
+        other = {"dtype", "device", "seed", "progress", "load_format"}
+        unknown = set(kwargs) - cache_keys - sched_keys - set(offload_keys) - other
         if unknown:
             raise TypeError(f"LLM() got unknown options: {', '.join(sorted(unknown))}")
         self.engine = Engine(
@@ -42,6 +48,11 @@ class LLM:
             device=kwargs.get("device"),
             cache=CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys}),
             scheduler=SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys}),
+            offload=OffloadConfig(**{
+                offload_keys[k]: (int(v * 2**30) if k == "expert_cache_gb" else v)
+                for k, v in kwargs.items() if k in offload_keys and v is not None
+            }),
+            load_format=kwargs.get("load_format", "safetensors"),
             seed=kwargs.get("seed"),
             progress=kwargs.get("progress", True),
         )

@@ -72,7 +72,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        expert_device: torch.device | None = None,
+    ):
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.input_norm = _empty(cfg.hidden_size, dtype=dtype, device=device)
@@ -80,7 +87,7 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(cfg, layer, dtype, device)
         self.mlp: MoE | DenseMLP
         if cfg.sparse_layers[layer]:
-            self.mlp = MoE(cfg, dtype, device)
+            self.mlp = MoE(cfg, dtype, device, expert_device)
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size, dtype, device)
 
@@ -101,14 +108,20 @@ class MoEForCausalLM(nn.Module):
     Parameters are allocated uninitialised on `device`; the loader fills them.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        expert_device: torch.device | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
         self.embed_tokens = _empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_layers)
+            DecoderLayer(cfg, i, dtype, device, expert_device) for i in range(cfg.num_layers)
         )
         self.norm = _empty(cfg.hidden_size, dtype=dtype, device=device)
         if not cfg.tie_word_embeddings:

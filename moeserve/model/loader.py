@@ -80,7 +80,7 @@ def _find_shards(path: Path) -> tuple[Path, ...]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def inspect_checkpoint(model_dir: str | Path) -> Checkpoint:
+def inspect_checkpoint(model_dir: str | Path, *, need_weights: bool = True) -> Checkpoint:
     """Read and validate config.json (+ generation_config.json) and locate the shards."""
     path = Path(model_dir)
     if not path.is_dir():
@@ -103,7 +103,7 @@ def inspect_checkpoint(model_dir: str | Path) -> Checkpoint:
             if not all(isinstance(i, int) for i in eos_ids):
                 raise CheckpointError(f"{gen_path}: eos_token_id must be ints, got {eos!r}")
             cfg = replace(cfg, eos_token_ids=eos_ids)
-    return Checkpoint(path, cfg, raw, gen, _find_shards(path))
+    return Checkpoint(path, cfg, raw, gen, _find_shards(path) if need_weights else ())
 
 
 def _open(shard: Path) -> Any:
@@ -158,15 +158,28 @@ def load_model(
     *,
     dtype: str | None = None,
     device: str | torch.device = "cpu",
+    expert_device: str | torch.device | None = None,
+    load_format: str = "safetensors",
     progress: bool = True,
 ) -> tuple[Checkpoint, MoEForCausalLM]:
-    """Load and validate a checkpoint; raises CheckpointError naming the file and tensor."""
-    ckpt = inspect_checkpoint(model_dir)
+    """Load and validate a checkpoint; raises CheckpointError naming the file and tensor.
+
+    Routed experts go to `expert_device` (host memory when offloading). load_format "dummy"
+    reads config.json only and fills random weights of the right shapes (for benchmarks).
+    """
+    if load_format not in ("safetensors", "dummy"):
+        raise ConfigError(f"load_format must be safetensors or dummy, got {load_format!r}")
+    dummy = load_format == "dummy"
+    ckpt = inspect_checkpoint(model_dir, need_weights=not dummy)
     cfg = ckpt.config
     torch_dtype = resolve_dtype(cfg, dtype)
+    home = torch.device(expert_device) if expert_device is not None else None
+    model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home)
+    if dummy:
+        _fill_dummy(model)
+        return ckpt, model.eval()
     plan = weight_plan(cfg)
     where = _index_tensors(ckpt, plan)
-    model = MoEForCausalLM(cfg, torch_dtype, torch.device(device))
     params = dict(model.named_parameters())
     total = sum(s.stat().st_size for s in ckpt.shards)
     bar = tqdm(
@@ -208,3 +221,14 @@ def load_model(
     bar.close()
     assert filled == len(plan), (filled, len(plan))
     return ckpt, model.eval()
+
+
+def _fill_dummy(model: MoEForCausalLM) -> None:
+    """Random weights at the reference init scale (std 0.02); norms 1, biases 0."""
+    bound = 0.02 * 3**0.5  # uniform with std 0.02: faster than normal_ on GBs of host memory
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+            else:
+                p.uniform_(-bound, bound)

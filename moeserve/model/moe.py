@@ -5,6 +5,8 @@ Shapes: T tokens, D hidden, E experts, K top-k, F expert intermediate, R = T*K a
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,8 +14,21 @@ from torch import nn
 from moeserve.config import ModelConfig
 
 
-def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+def _empty(
+    *shape: int, dtype: torch.dtype, device: torch.device, pin: bool = False
+) -> nn.Parameter:
+    data = torch.empty(*shape, dtype=dtype, device=device, pin_memory=pin)
+    return nn.Parameter(data, requires_grad=False)
+
+
+class ExpertRunner(Protocol):
+    """Runs a layer's routed experts when they do not all live on the compute device
+    (the engine's expert cache implements it)."""
+
+    def run(
+        self, x_TD: torch.Tensor, x_RD: torch.Tensor, counts_E: torch.Tensor, y_RD: torch.Tensor
+    ) -> None:
+        """Fill y_RD: rows are grouped by expert in ascending order, counts_E rows each."""
 
 
 def silu_mul(gate_up_TF2: torch.Tensor) -> torch.Tensor:
@@ -33,6 +48,10 @@ class DenseMLP(nn.Module):
         return F.linear(silu_mul(F.linear(x_TD, self.w_gate_up)), self.w_down)
 
 
+def expert_mlp(x_ND: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    return F.linear(silu_mul(F.linear(x_ND, w_gate_up)), w_down)
+
+
 def route(
     router_logits_TE: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,15 +69,26 @@ def route(
 class MoE(nn.Module):
     """Routed experts (stacked per layer) plus the optional shared expert with a sigmoid gate."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        expert_device: torch.device | None = None,
+    ) -> None:
+        """Routed experts live on `expert_device` (host memory when offloaded, pinned when a
+        GPU computes); everything else on `device`."""
         super().__init__()
         e, f, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        home = expert_device or device
+        pin = home.type == "cpu" and device.type == "cuda"
         self.top_k = cfg.top_k
         self.num_experts = e
         self.renormalize = cfg.norm_topk_prob
         self.router = _empty(e, d, dtype=dtype, device=device)
-        self.w_gate_up = _empty(e, 2 * f, d, dtype=dtype, device=device)
-        self.w_down = _empty(e, d, f, dtype=dtype, device=device)
+        self.w_gate_up = _empty(e, 2 * f, d, dtype=dtype, device=home, pin=pin)
+        self.w_down = _empty(e, d, f, dtype=dtype, device=home, pin=pin)
+        self.offload: ExpertRunner | None = None  # set by the engine when experts are offloaded
         self.shared: DenseMLP | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared = DenseMLP(d, cfg.shared_expert_intermediate_size, dtype, device)
@@ -89,15 +119,16 @@ class MoE(nn.Module):
         token_R = order_R // self.top_k
         x_RD = x_TD[token_R]
         y_RD = torch.empty_like(x_RD)
-        # One host read of the per-expert counts per layer tells the slices; the grouped-GEMM
-        # path (GPU) avoids it.
-        start = 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                rows = slice(start, start + n)
-                h = silu_mul(F.linear(x_RD[rows], self.w_gate_up[e]))
-                y_RD[rows] = F.linear(h, self.w_down[e])
-                start += n
+        if self.offload is not None:
+            self.offload.run(x_TD, x_RD, counts_E, y_RD)
+        else:
+            # One host read of the per-expert counts per layer tells the slices.
+            start = 0
+            for e, n in enumerate(counts_E.tolist()):
+                if n:
+                    rows = slice(start, start + n)
+                    y_RD[rows] = expert_mlp(x_RD[rows], self.w_gate_up[e], self.w_down[e])
+                    start += n
         # Weights multiply in float32 before the cast, as the reference does.
         y_RD = (y_RD * weights_TK.flatten()[order_R, None]).to(x_TD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)

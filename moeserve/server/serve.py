@@ -22,6 +22,7 @@ from typing import Any
 
 import uvicorn
 
+from moeserve.assets import model_or_demo
 from moeserve.engine.engine import Engine
 from moeserve.server.app import create_app
 from moeserve.server.state import ServerConfig, ServerState
@@ -95,14 +96,13 @@ def build_server(
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
-    """ServerConfig from the `serve` flags; ValueError (exit 2) for a bad value."""
-    if not args.model:
-        raise ValueError(
-            "--model DIR is required (or MOESERVE_MODEL): a model directory with config.json, "
-            "*.safetensors and tokenizer.json"
-        )
-    if not Path(args.model).is_dir():
-        raise ValueError(f"--model {args.model}: not a directory")
+    """ServerConfig from the `serve` flags; ValueError (exit 2) for a bad value.
+
+    Without --model the packaged demo model is served, under the name "demo-moe".
+    """
+    model = model_or_demo(args.model)
+    if not Path(model).is_dir():
+        raise ValueError(f"--model {model}: not a directory")
     checks: list[tuple[str, bool]] = [
         ("--port must be in 0..65535", 0 <= args.port <= 65535),
         ("--max-queued-requests must be >= 1", args.max_queued_requests >= 1),
@@ -112,7 +112,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     for message, ok in checks:
         if not ok:
             raise ValueError(message)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    name = args.served_model_name or os.path.basename(os.path.normpath(model))
     return ServerConfig(
         served_model_name=name, api_key=args.api_key or None,
         max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
@@ -123,12 +123,15 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a drain)."""
     config = server_config(args)
+    model = model_or_demo(args.model)
+    if not args.model:
+        log.info("no --model given: serving the packaged demo model (see the README)")
 
     def load() -> Engine:
         from moeserve.engine.llm import LLM
 
-        log.info("loading %s", args.model)
-        return LLM(args.model, progress=False, **engine_kwargs).engine
+        log.info("loading %s", model)
+        return LLM(model, progress=False, **engine_kwargs).engine
 
     state = ServerState(config, load)
     server = build_server(state, args.host, args.port)

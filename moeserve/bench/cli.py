@@ -1,0 +1,156 @@
+"""Flags of `moeserve bench serve` (and of benchmarks/loadtest.py, the same tool as a script).
+
+These flags do not read MOESERVE_* variables: in a server's container MOESERVE_MODEL names the
+checkpoint directory, which is not the model name the API serves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from moeserve.bench.workloads import RequestSpec
+
+DEFAULT_NUM_REQUESTS = 100  # when neither --num-requests nor --duration is given
+
+
+def _rate(text: str) -> float:
+    value = float(text)  # "inf" parses too
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0 (or inf)")
+    return value
+
+
+def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
+    """Every flag of the load tester."""
+    g = p.add_argument_group("target")
+    g.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="the server, with or without /v1 (default %(default)s)")
+    g.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="bearer token (default: $OPENAI_API_KEY)")
+    g.add_argument("--metrics-url", default=None,
+                   help="Prometheus endpoint to diff (default: BASE/metrics)")
+    g.add_argument("--no-metrics", action="store_true", help="do not scrape /metrics")
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", choices=["random", "jsonl", "demo"], default="random",
+                   help="random prompts, a JSONL file (--prompts-file), or the demo model's "
+                        "tasks (default %(default)s)")  # fmt: skip
+    g.add_argument("--input-len", default="128",
+                   help="random prompt length in tokens: N, uniform:LO:HI, normal:MEAN:STD, "
+                        "lognormal:MEDIAN:SIGMA or exponential:MEAN (default %(default)s)")
+    g.add_argument("--output-len", default="64",
+                   help="max_tokens, same forms as --input-len (default %(default)s)")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or model dir: exact random prompt lengths (else words)")
+    g.add_argument("--prompts-file", default=None,
+                   help="JSONL, one object a line: prompt or messages, optional max_tokens")
+    g.add_argument("--demo-tasks", default=None,
+                   help="comma-separated demo tasks (default: all of them)")
+    g.add_argument("--demo-max-tokens", type=int, default=16, help="max_tokens of demo requests")
+    g.add_argument("--temperature", type=float, default=0.0, help="default %(default)s")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly max_tokens (vLLM's extension field)")
+    g.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
+    g = p.add_argument_group("load")
+    g.add_argument("--num-requests", type=int, default=None,
+                   help=f"requests to send (default {DEFAULT_NUM_REQUESTS} without --duration)")
+    g.add_argument("--duration", type=float, default=None,
+                   help="seconds during which requests start; the run then finishes them")
+    g.add_argument("--request-rate", type=_rate, default=math.inf,
+                   help="requests/s, gamma arrivals (Poisson at burstiness 1); inf: all at once")
+    g.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of the arrivals: <1 burstier, >1 more regular")
+    g.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    g.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds one request may take before it counts as failed")
+    g = p.add_argument_group("output")
+    g.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=None,
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:10000")
+    g.add_argument("--result-json", type=Path, default=None, help="write the result here")
+    g.add_argument("--save-detailed", action="store_true",
+                   help="include every request's timings in the JSON")
+    g.add_argument("--plot-dir", type=Path, default=None,
+                   help="write latency.png, throughput.png, expert_load.png here")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _workload(args: argparse.Namespace) -> tuple[Iterator[RequestSpec], str]:
+    from moeserve.bench import workloads
+
+    if args.workload == "jsonl":
+        if not args.prompts_file:
+            raise ValueError("--workload jsonl needs --prompts-file PATH")
+        return workloads.jsonl_workload(args.prompts_file, args.output_len, seed=args.seed), (
+            f"jsonl:{args.prompts_file}")
+    if args.workload == "demo":
+        tasks = [t.strip() for t in args.demo_tasks.split(",")] if args.demo_tasks else None
+        return workloads.demo_workload(args.demo_max_tokens, seed=args.seed, tasks=tasks), "demo"
+    gen = workloads.random_workload(args.input_len, args.output_len, seed=args.seed,
+                                    tokenizer=args.tokenizer)  # fmt: skip
+    return gen, f"random(in={args.input_len}, out={args.output_len})"
+
+
+def run_serve_bench(args: argparse.Namespace) -> int:
+    """Run the load test, print the table, write JSON and plots; 1 if no request succeeded."""
+    from moeserve.bench.loadtest import LoadTestConfig, run_load
+    from moeserve.bench.report import build_report, format_report, parse_goodput
+
+    slos = parse_goodput(args.goodput)
+    num = args.num_requests
+    if num is None and args.duration is None:
+        num = DEFAULT_NUM_REQUESTS
+    cfg = LoadTestConfig(
+        base_url=args.base_url, model=args.model, api_key=args.api_key, num_requests=num,
+        duration=args.duration, request_rate=args.request_rate, burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
+        temperature=args.temperature, ignore_eos=args.ignore_eos, seed=args.seed,
+        progress=not args.no_progress, scrape_metrics=not args.no_metrics,
+        metrics_url=args.metrics_url,
+    )  # fmt: skip
+    workload, name = _workload(args)
+    run = asyncio.run(run_load(cfg, workload, name))
+    rep = build_report(run, slos, detailed=args.save_detailed)
+    print(format_report(rep))
+    if args.result_json:
+        args.result_json.parent.mkdir(parents=True, exist_ok=True)
+        args.result_json.write_text(json.dumps(rep, indent=2) + "\n")
+        print(f"result: {args.result_json}")
+    if args.plot_dir:
+        from moeserve.bench.plots import write_plots
+
+        for path in write_plots(rep, run.results, args.plot_dir):
+            print(f"plot: {path}")
+    if rep["completed"] == 0:
+        print("moeserve bench: no request succeeded", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`moeserve bench serve ...` under the main CLI's subcommands."""
+    bench = sub.add_parser("bench", help="benchmark a running server")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    serve = bench_sub.add_parser(
+        "serve", help="load-test an OpenAI-compatible endpoint (like `vllm bench serve`)"
+    )
+    add_serve_bench_args(serve)
+    serve.set_defaults(func=run_serve_bench, default_log_level="WARNING")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """benchmarks/loadtest.py: the same flags as `moeserve bench serve`."""
+    parser = argparse.ArgumentParser(prog="loadtest.py", description=__doc__.splitlines()[0])
+    add_serve_bench_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_serve_bench(args)
+    except ValueError as e:
+        print(f"loadtest: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,208 @@
+"""Summarise a load-test run: throughput, latency percentiles, goodput, expert metrics.
+
+Definitions follow `vllm bench serve`: TTFT is send to first content; TPOT is (latency -
+TTFT) / (output tokens - 1) per request; ITL is each gap between streamed chunks; E2E is send
+to [DONE]. Throughputs divide by the run's duration (first send to last reply). Goodput
+counts requests that met every SLO given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from typing import Any
+
+from moeserve.bench.loadtest import RequestResult, RunData
+from moeserve.bench.server_metrics import server_summary
+
+GOODPUT_KEYS = {"ttft": "ttft", "tpot": "tpot", "e2e": "e2el", "e2el": "e2el"}
+_LATENCIES = ("ttft", "tpot", "itl", "e2el")
+_BINS_S = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600)  # timeline bin widths
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float]:
+    """`["ttft:500", "tpot:50", "e2e:10000"]` (milliseconds) -> {"ttft": 500.0, ...}."""
+    slos: dict[str, float] = {}
+    for item in items or []:
+        key, sep, value = item.partition(":")
+        if not sep or key not in GOODPUT_KEYS:
+            raise ValueError(f"--goodput {item!r}: expected KEY:MS with KEY in ttft, tpot, e2e")
+        try:
+            ms = float(value)
+        except ValueError:
+            raise ValueError(f"--goodput {item!r}: {value!r} is not a number") from None
+        if not ms > 0:
+            raise ValueError(f"--goodput {item!r}: the limit must be > 0 ms")
+        slos[GOODPUT_KEYS[key]] = ms
+    return slos
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    # Linear interpolation between order statistics (numpy's default).
+    pos = (len(sorted_xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def summarize(values_s: list[float]) -> dict[str, float | int | None]:
+    """Mean, median, p90 and p99 in milliseconds (None when there is no value)."""
+    xs = sorted(v * 1000.0 for v in values_s)
+    if not xs:
+        return {"count": 0, "mean": None, "median": None, "p90": None, "p99": None}
+    return {
+        "count": len(xs), "mean": sum(xs) / len(xs), "median": _quantile(xs, 0.5),
+        "p90": _quantile(xs, 0.9), "p99": _quantile(xs, 0.99),
+    }  # fmt: skip
+
+
+def _latencies(r: RequestResult) -> dict[str, list[float]]:
+    return {
+        "ttft": [r.ttft] if r.ttft is not None else [],
+        "tpot": [r.tpot] if r.tpot is not None else [],
+        "itl": r.itl,
+        "e2el": [r.latency] if r.latency is not None else [],
+    }
+
+
+def _is_good(r: RequestResult, slos_ms: dict[str, float]) -> bool:
+    # A one-token reply has no TPOT: it meets a TPOT limit (vLLM counts it as 0).
+    values = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2el": r.latency}
+    return r.success and all(
+        values[k] is not None and values[k] * 1000.0 <= limit for k, limit in slos_ms.items()
+    )
+
+
+def timeline(results: list[RequestResult], duration: float) -> dict[str, Any]:
+    """Per time bin (100 at most, 0.1 s at least, a round width): output tokens/s, completed
+    requests/s and the mean number of requests in flight."""
+    bin_s = next((b for b in _BINS_S if duration / b <= 100), math.ceil(duration / 100))
+    n = max(1, math.ceil(duration / bin_s))
+    # The last bin may be partial: rates divide by the time it really covers.
+    widths = [bin_s] * (n - 1) + [max(1e-9, duration - (n - 1) * bin_s)]
+    tokens, done, busy = [0.0] * n, [0] * n, [0.0] * n
+    for r in results:
+        if r.chunk_times:  # a chunk may carry several tokens: spread the count over chunks
+            per_chunk = r.output_tokens / len(r.chunk_times)
+            for t in r.chunk_times:
+                tokens[min(n - 1, int(t / bin_s))] += per_chunk
+        end = r.ended if r.ended is not None else duration
+        if r.success:
+            done[min(n - 1, int(end / bin_s))] += 1
+        for b in range(int(r.sent / bin_s), min(n, int(end / bin_s) + 1)):
+            lo = b * bin_s
+            busy[b] += max(0.0, min(end, lo + widths[b]) - max(r.sent, lo))
+    return {
+        "bin_s": bin_s,
+        "output_tokens_per_s": [x / w for x, w in zip(tokens, widths)],
+        "completed_per_s": [x / w for x, w in zip(done, widths)],
+        "in_flight": [x / w for x, w in zip(busy, widths)],
+    }
+
+
+def build_report(
+    run: RunData, goodput_slos_ms: dict[str, float] | None = None, detailed: bool = False
+) -> dict[str, Any]:
+    """The JSON result of a run (see the module docstring for the definitions)."""
+    ok = [r for r in run.results if r.success]
+    duration = max(run.duration, 1e-9)
+    in_tok = sum(r.prompt_tokens or 0 for r in ok)
+    out_tok = sum(r.output_tokens for r in ok)
+    lat: dict[str, list[float]] = {k: [] for k in _LATENCIES}
+    for r in ok:
+        for k, v in _latencies(r).items():
+            lat[k].extend(v)
+    cfg = dataclasses.asdict(run.config)
+    cfg.pop("api_key")  # never write the secret into a result file
+    report: dict[str, Any] = {
+        "date": run.started_at, "model": run.model, "workload": run.workload, "config": cfg,
+        "num_requests": len(run.results), "completed": len(ok),
+        "failed": len(run.results) - len(ok), "duration_s": run.duration,
+        "total_input_tokens": in_tok, "total_output_tokens": out_tok,
+        "request_throughput": len(ok) / duration, "output_throughput": out_tok / duration,
+        "total_token_throughput": (in_tok + out_tok) / duration,
+    }  # fmt: skip
+    for k in _LATENCIES:
+        report[f"{k}_ms"] = summarize(lat[k])
+    report["goodput"] = None
+    if goodput_slos_ms:
+        good = sum(_is_good(r, goodput_slos_ms) for r in run.results)
+        report["goodput"] = {
+            "slos_ms": goodput_slos_ms, "good_requests": good,
+            "request_goodput": good / duration,
+        }  # fmt: skip
+    errors = Counter((r.error or "")[:160] for r in run.results if not r.success)
+    report["errors"] = dict(errors.most_common(10))
+    checked = [r for r in ok if r.correct is not None]
+    report["demo_accuracy"] = None if not checked else {
+        "checked": len(checked), "correct": sum(bool(r.correct) for r in checked),
+        "accuracy": sum(bool(r.correct) for r in checked) / len(checked),
+    }  # fmt: skip
+    report["server"] = server_summary(run.before, run.after)
+    report["timeline"] = timeline(run.results, run.duration)
+    if detailed:
+        report["requests"] = [
+            {**dataclasses.asdict(r), "tpot": r.tpot} for r in run.results
+        ]  # fmt: skip
+    return report
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    """The human-readable table printed at the end of a run."""
+    w = 50
+    lines = [" Serving Benchmark Result ".center(w, "=")]
+
+    def row(label: str, value: Any, digits: int = 2) -> None:
+        lines.append(f"{label:<40}{_fmt(value, digits):>10}")
+
+    row("Successful requests:", rep["completed"])
+    row("Failed requests:", rep["failed"])
+    row("Benchmark duration (s):", rep["duration_s"])
+    row("Total input tokens:", rep["total_input_tokens"])
+    row("Total generated tokens:", rep["total_output_tokens"])
+    row("Request throughput (req/s):", rep["request_throughput"])
+    if rep["goodput"]:
+        row("Request goodput (req/s):", rep["goodput"]["request_goodput"])
+    row("Output token throughput (tok/s):", rep["output_throughput"])
+    row("Total token throughput (tok/s):", rep["total_token_throughput"])
+    titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
+              "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}  # fmt: skip
+    for key, title in titles.items():
+        lines.append(f" {title} ".center(w, "-"))
+        stats = rep[f"{key}_ms"]
+        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p90", "P90"),
+                            ("p99", "P99")):  # fmt: skip
+            row(f"{label} {key.upper()} (ms):", stats[stat])
+    if rep["demo_accuracy"]:
+        lines.append(" Demo tasks ".center(w, "-"))
+        row("Correct answers:", rep["demo_accuracy"]["correct"])
+        row("Accuracy:", rep["demo_accuracy"]["accuracy"], 3)
+    server = rep["server"]
+    lines.append(" Server (moeserve /metrics) ".center(w, "-"))
+    if not server.get("moeserve"):
+        lines.append(server.get("note", ""))
+    else:
+        row("Preemptions:", server.get("preemptions"))
+        load = server.get("expert_load")
+        if load:
+            row("Expert imbalance, mean over layers:", load["imbalance_mean"], 3)
+            row("Expert imbalance, worst layer:", load["imbalance_max"], 3)
+            row("Routing entropy / log E, mean:", load["entropy_mean"], 3)
+        else:
+            lines.append("no per-expert series (too many experts, or off)")
+        cache = server["expert_cache"]
+        if cache.get("hit_rate") is not None:
+            row("Expert cache hit rate:", cache["hit_rate"], 3)
+        else:
+            lines.append(f"Expert cache: {cache.get('note', 'no lookups during the run')}")
+    if rep["errors"]:
+        lines.append(" Errors ".center(w, "-"))
+        lines.extend(f"{n:>5} x {msg}" for msg, n in rep["errors"].items())
+    lines.append("=" * w)
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""moeserve's /metrics before and after a run: what the router and the caches did during it.
+
+The counters are cumulative since the server started, so the run's share is after - before:
+tokens routed to each expert of each layer (load balance) and, once the server exports them,
+expert cache hits and misses. Any other server simply has no moeserve_* series, and the
+report says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+# Sample name -> [(labels, value)]
+Snapshot = dict[str, list[tuple[dict[str, str], float]]]
+
+MODEL_INFO = "moeserve_model_info"  # present on every moeserve server: "is this moeserve?"
+EXPERT_TOKENS = "moeserve_expert_tokens_total"  # the counter family moeserve_expert_tokens
+# Pending: expert offloading (a later issue) will export these counters. Until a server has
+# them, the report's expert_cache section says the server exports no expert cache metrics.
+EXPERT_CACHE_HITS = "moeserve_expert_cache_hits_total"
+EXPERT_CACHE_MISSES = "moeserve_expert_cache_misses_total"
+EXPERT_CACHE_BYTES = "moeserve_expert_cache_bytes_moved_total"
+_SERVER_COUNTERS = {  # report key -> sample name
+    "prompt_tokens": "moeserve_prompt_tokens_total",
+    "generation_tokens": "moeserve_generation_tokens_total",
+    "preemptions": "moeserve_num_preemptions_total",
+}
+
+
+def metrics_url_for(base_url: str) -> str:
+    """/metrics sits at the server's root, beside /v1."""
+    url = base_url.rstrip("/")
+    return (url[: -len("/v1")] if url.endswith("/v1") else url) + "/metrics"
+
+
+async def scrape(client: httpx.AsyncClient, url: str) -> Snapshot | None:
+    """Parse the Prometheus text at `url`; None when there is none (not every server has it)."""
+    try:
+        resp = await client.get(url)
+        if resp.status_code != 200:
+            return None
+        snap: Snapshot = defaultdict(list)
+        for family in text_string_to_metric_families(resp.text):
+            for s in family.samples:
+                snap[s.name].append((dict(s.labels), float(s.value)))
+        return dict(snap)
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _total(snap: Snapshot, name: str) -> float | None:
+    samples = snap.get(name)
+    return sum(v for _, v in samples) if samples else None
+
+
+def _delta(before: Snapshot, after: Snapshot, name: str) -> float | None:
+    a = _total(after, name)
+    return None if a is None else a - (_total(before, name) or 0.0)
+
+
+def expert_load(before: Snapshot, after: Snapshot) -> dict[str, Any] | None:
+    """Tokens routed to each (layer, expert) during the run and each layer's balance:
+    imbalance = max / mean tokens per expert (1 = even), entropy / log(E) (1 = uniform),
+    idle = experts that got none. None without per-expert series."""
+    counts: dict[tuple[int, int], float] = defaultdict(float)
+    for sign, snap in ((1.0, after), (-1.0, before)):
+        for labels, value in snap.get(EXPERT_TOKENS, []):
+            counts[int(labels["layer"]), int(labels["expert"])] += sign * value
+    if not counts:
+        return None
+    layers = sorted({layer for layer, _ in counts})
+    num_experts = max(e for _, e in counts) + 1
+    tokens_LE = [[max(0.0, counts.get((layer, e), 0.0)) for e in range(num_experts)]
+                 for layer in layers]  # fmt: skip
+    imbalance, entropy, idle = [], [], []
+    for row in tokens_LE:
+        total = sum(row)
+        idle.append(sum(1 for x in row if x == 0))
+        if total == 0:
+            imbalance.append(None)
+            entropy.append(None)
+            continue
+        imbalance.append(max(row) * num_experts / total)
+        h = -sum(x / total * math.log(x / total) for x in row if x > 0)
+        entropy.append(h / math.log(num_experts) if num_experts > 1 else 1.0)
+    busy = [x for x in imbalance if x is not None]
+    ent = [x for x in entropy if x is not None]
+    return {
+        "layers": layers,
+        "num_experts": num_experts,
+        "tokens": [[int(x) for x in row] for row in tokens_LE],
+        "imbalance_per_layer": imbalance,
+        "entropy_per_layer": entropy,
+        "idle_experts_per_layer": idle,
+        "imbalance_mean": sum(busy) / len(busy) if busy else None,
+        "imbalance_max": max(busy) if busy else None,
+        "entropy_mean": sum(ent) / len(ent) if ent else None,
+    }
+
+
+def expert_cache(before: Snapshot, after: Snapshot) -> dict[str, Any]:
+    """The run's expert cache hit rate and bytes moved, or a note that there are none."""
+    hits = _delta(before, after, EXPERT_CACHE_HITS)
+    misses = _delta(before, after, EXPERT_CACHE_MISSES)
+    if hits is None or misses is None:
+        return {"hit_rate": None, "note": "the server exports no expert cache metrics "
+                f"({EXPERT_CACHE_HITS}, {EXPERT_CACHE_MISSES})"}  # fmt: skip
+    lookups = hits + misses
+    return {
+        "hits": int(hits), "misses": int(misses),
+        "hit_rate": hits / lookups if lookups else None,
+        "bytes_moved": _delta(before, after, EXPERT_CACHE_BYTES),
+    }  # fmt: skip
+
+
+def server_summary(before: Snapshot | None, after: Snapshot | None) -> dict[str, Any]:
+    """The `server` section of the report: what moeserve itself counted during the run."""
+    if before is None or after is None:
+        return {"moeserve": False, "note": "no /metrics to scrape"}
+    if MODEL_INFO not in after:
+        return {"moeserve": False, "note": "not a moeserve server: no expert metrics"}
+    out: dict[str, Any] = {"moeserve": True}
+    for key, name in _SERVER_COUNTERS.items():
+        d = _delta(before, after, name)
+        out[key] = None if d is None else int(d)
+    out["expert_load"] = expert_load(before, after)
+    out["expert_cache"] = expert_cache(before, after)
+    return out

@@ -1,0 +1,140 @@
+"""The verifiable tasks the packaged demo model (moeserve/assets/demo-moe) was trained on.
+
+Each task turns a random draw into a short question and its one right answer; `solve`
+recomputes the answer from the question alone, so any reply can be checked. The training
+script, the tests and the heatmap script share this module, so they agree on the formats.
+
+    add      "347+85"            -> "432"      two numbers in 0..999
+    sub      "347-85"            -> "262"      a - b with 0 <= b <= a <= 999
+    reverse  "reverse kqzd"      -> "dzqk"     3..6 lowercase letters
+    sort     "sort 5193"         -> "1359"     3..6 digits, ascending
+    count    "count a in bacaa"  -> "3"        occurrences of a letter in a 3..8 letter word
+
+The user message is the question; the assistant message is the answer, nothing else.
+Held-out questions (`held_out`) come from their own seed, and `is_held_out` lets the
+training sampler skip them, so evaluation never sees a training question.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+TASKS: tuple[str, ...] = ("add", "sub", "reverse", "sort", "count")
+HELD_OUT_SEED = 20_240_917
+HELD_OUT_PER_TASK = 200
+MAX_NUMBER = 999
+LETTERS = string.ascii_lowercase
+
+
+@dataclass(frozen=True)
+class Example:
+    """One question of `task` and its exact expected answer."""
+
+    task: str
+    question: str
+    answer: str
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = _operand(rng), _operand(rng)
+    return f"{a}+{b}", str(a + b)
+
+
+def _sub(rng: random.Random) -> tuple[str, str]:
+    a, b = _operand(rng), _operand(rng)
+    a, b = max(a, b), min(a, b)  # non-negative results: no sign to learn
+    return f"{a}-{b}", str(a - b)
+
+
+def _operand(rng: random.Random) -> int:
+    # Uniform over the digit count first, so 1- and 2-digit operands are not swamped by the
+    # 900 three-digit ones (the model must handle every length).
+    digits = rng.randint(1, 3)
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+def _reverse(rng: random.Random) -> tuple[str, str]:
+    word = "".join(rng.choices(LETTERS, k=rng.randint(3, 6)))
+    return f"reverse {word}", word[::-1]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    digits = "".join(rng.choices(string.digits, k=rng.randint(3, 6)))
+    return f"sort {digits}", "".join(sorted(digits))
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    letter = rng.choice(LETTERS)
+    others = LETTERS.replace(letter, "")
+    # Each position is the target letter with probability 0.4, so counts spread over 0..8
+    # instead of piling up at 0 as uniform letters would.
+    word = "".join(
+        letter if rng.random() < 0.4 else rng.choice(others) for _ in range(rng.randint(3, 8))
+    )
+    return f"count {letter} in {word}", str(word.count(letter))
+
+
+_GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "add": _add, "sub": _sub, "reverse": _reverse, "sort": _sort, "count": _count,
+}  # fmt: skip
+
+
+def sample(task: str, rng: random.Random) -> Example:
+    """A fresh random example of `task` (KeyError for an unknown task)."""
+    question, answer = _GENERATORS[task](rng)
+    return Example(task, question, answer)
+
+
+def solve(question: str) -> str:
+    """The right answer to any question in the formats above; ValueError for other text."""
+    q = question.strip()
+    if q.startswith("reverse "):
+        return q[len("reverse ") :][::-1]
+    if q.startswith("sort "):
+        return "".join(sorted(q[len("sort ") :]))
+    if q.startswith("count "):
+        parts = q.split(" ")
+        if len(parts) == 4 and parts[2] == "in" and len(parts[1]) == 1:
+            return str(parts[3].count(parts[1]))
+    for op, fn in (("+", int.__add__), ("-", int.__sub__)):
+        a, sep, b = q.partition(op)
+        if sep and a.isdigit() and b.isdigit():
+            return str(fn(int(a), int(b)))
+    raise ValueError(f"not a demo task question: {question!r}")
+
+
+def task_of(question: str) -> str:
+    """The task a question belongs to (ValueError for other text)."""
+    solve(question)
+    for task in ("reverse", "sort", "count"):
+        if question.startswith(task + " "):
+            return task
+    return "add" if "+" in question else "sub"
+
+
+@lru_cache(maxsize=4)
+def held_out(per_task: int = HELD_OUT_PER_TASK, seed: int = HELD_OUT_SEED) -> dict[str, tuple[Example, ...]]:  # noqa: E501
+    """`per_task` distinct evaluation examples per task, the same on every call and machine."""
+    rng = random.Random(seed)
+    out: dict[str, tuple[Example, ...]] = {}
+    for task in TASKS:
+        seen: dict[str, Example] = {}
+        while len(seen) < per_task:
+            ex = sample(task, rng)
+            seen.setdefault(ex.question, ex)
+        out[task] = tuple(seen.values())
+    return out
+
+
+def is_held_out(question: str) -> bool:
+    """Whether `question` is one of the default held-out questions (training skips these)."""
+    return question in _held_out_questions()
+
+
+@lru_cache(maxsize=1)
+def _held_out_questions() -> frozenset[str]:
+    return frozenset(ex.question for exs in held_out().values() for ex in exs)

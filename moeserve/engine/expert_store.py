@@ -1,0 +1,291 @@
+"""Where each routed expert lives: a bounded per-layer device cache over host memory.
+
+Per step and layer, after routing, the batch's distinct experts are known (one host read of
+the per-expert counts, which the dispatch needs anyway). Each missed expert is copied once
+for the whole batch on a copy stream into a cache slot chosen by the eviction policy, or
+computed on the CPU from its host weights when that is cheaper (mode "cpu", or "auto" with a
+cost model measured at startup). Layer L also applies layer L+1's router to its own input
+and starts copying the experts it predicts, so they arrive while layer L computes; a wrong
+guess costs bandwidth, never correctness. On a CPU-only machine both tiers are host memory
+and the same logic runs, so CI tests it.
+
+Semantics (what tests replay): for each forward of a layer, `needed` = experts with tokens,
+ascending. Resident ones are hits (touched in order); the others are misses. Fetched misses
+take a free slot (lowest first) or evict the policy's victim among residents that this step
+no longer needs; misses that find no such slot wait until the experts before them have run.
+Shapes: D hidden, F expert intermediate, E experts, S slots, R routed rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from moeserve.config import OffloadConfig
+from moeserve.engine.cache_policy import CachePolicy, make_policy
+from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.moe import MoE, expert_mlp
+
+
+@dataclass
+class ExpertCacheStats:
+    """Cumulative counters of one sparse layer's cache (plain record for the metrics)."""
+
+    layer: int
+    slots: int
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    prefetches_issued: int = 0
+    prefetches_used: int = 0
+    bytes_copied: int = 0
+    cpu_experts: int = 0  # misses computed on the CPU instead of copied
+    copy_wait_seconds: float = 0.0  # time the step waited for copies to land
+    cpu_seconds: float = 0.0  # time spent computing missed experts on the CPU
+    resident: int = 0
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Copy a missed expert, or compute its rows on the CPU: whichever the clock says is faster."""
+
+    expert_bytes: int
+    copy_bytes_per_s: float
+    cpu_fixed_s: float
+    cpu_per_token_s: float
+
+    def prefer_cpu(self, tokens: int) -> bool:
+        cpu = self.cpu_fixed_s + tokens * self.cpu_per_token_s
+        return cpu < self.expert_bytes / self.copy_bytes_per_s
+
+
+@dataclass
+class _Step:
+    pending: set[int] = field(default_factory=set)  # device experts not yet run this step
+
+
+class LayerCache:
+    """One sparse layer's slots; implements the MoE layer's ExpertRunner protocol."""
+
+    def __init__(self, layer: int, moe: MoE, slots: int, store: ExpertStore) -> None:
+        self.layer, self.moe, self.store = layer, moe, store
+        e, two_f, d = moe.w_gate_up.shape
+        dev = store.device
+        self.dev_gate_up = torch.empty(slots, two_f, d, dtype=moe.w_gate_up.dtype, device=dev)
+        self.dev_down = torch.empty(slots, d, two_f // 2, dtype=moe.w_down.dtype, device=dev)
+        self.slot_of = [-1] * e
+        self.expert_in = [-1] * slots
+        self.policy: CachePolicy = make_policy(store.config.policy, e, store.config.lfu_decay)
+        self.prefetched: set[int] = set()
+        self.ready: dict[int, torch.cuda.Event] = {}  # expert -> its copy has landed
+        self.next: LayerCache | None = None
+        self.stats = ExpertCacheStats(layer=layer, slots=slots)
+        self.trace: list[tuple[str, tuple[int, ...]]] | None = [] if store.record_trace else None
+        self.expert_bytes = (moe.w_gate_up[0].numel() + moe.w_down[0].numel()) * (
+            moe.w_gate_up.element_size()
+        )
+
+    # ----------------------------------------------------------------- residency
+    def _acquire(self, expert: int, pending: set[int]) -> bool:
+        """Give `expert` a slot and start its copy; False if every slot is still needed."""
+        if -1 in self.expert_in:
+            slot = self.expert_in.index(-1)
+        else:
+            victim = self.policy.victim(e for e in self.expert_in if e not in pending)
+            if victim is None:
+                return False
+            slot = self.slot_of[victim]
+            self.policy.evict(victim)
+            self.slot_of[victim] = -1
+            self.prefetched.discard(victim)
+            self.ready.pop(victim, None)
+            self.stats.evictions += 1
+        self.expert_in[slot], self.slot_of[expert] = expert, slot
+        self.policy.admit(expert)
+        self._copy_in(expert, slot)
+        self.stats.bytes_copied += self.expert_bytes
+        self.stats.resident = sum(1 for x in self.expert_in if x >= 0)
+        return True
+
+    def _copy_in(self, expert: int, slot: int) -> None:
+        stream = self.store.copy_stream
+        if stream is None:
+            self.dev_gate_up[slot].copy_(self.moe.w_gate_up[expert])
+            self.dev_down[slot].copy_(self.moe.w_down[expert])
+            return
+        # The slot's previous expert may still be in use by work already queued.
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.dev_gate_up[slot].copy_(self.moe.w_gate_up[expert], non_blocking=True)
+            self.dev_down[slot].copy_(self.moe.w_down[expert], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        self.ready[expert] = event
+
+    def _wait(self, expert: int) -> None:
+        event = self.ready.pop(expert, None)
+        if event is None:
+            return
+        if not event.query():
+            t0 = time.perf_counter()
+            event.synchronize()
+            self.stats.copy_wait_seconds += time.perf_counter() - t0
+        torch.cuda.current_stream().wait_event(event)
+
+    def fill(self, experts: list[int]) -> None:
+        """Initial residents (startup): copies that count as neither misses nor prefetches."""
+        for e in experts:
+            self._acquire(e, set())
+        self.stats.bytes_copied = 0
+
+    def prefetch(self, experts: list[int]) -> None:
+        """Start copying predicted experts; never evicts another predicted one."""
+        if self.trace is not None:
+            self.trace.append(("prefetch", tuple(experts)))
+        keep = set(experts)
+        for e in experts:
+            if self.slot_of[e] < 0 and self._acquire(e, keep):
+                self.prefetched.add(e)
+                self.stats.prefetches_issued += 1
+
+    # ------------------------------------------------------------------- compute
+    def run(
+        self, x_TD: torch.Tensor, x_RD: torch.Tensor, counts_E: torch.Tensor, y_RD: torch.Tensor
+    ) -> None:
+        num_e = counts_E.shape[0]
+        predict = self.next is not None and self.store.config.prefetch
+        if predict:
+            nxt = self.next.moe
+            guess_TK = torch.topk(F.linear(x_TD, nxt.router), nxt.top_k, dim=-1).indices
+            both = torch.cat([counts_E, torch.bincount(guess_TK.flatten(), minlength=num_e)])
+            host = both.tolist()  # the one device->host read of this layer
+        else:
+            host = counts_E.tolist()
+        counts = host[:num_e]
+        starts = [0] * num_e
+        for e in range(1, num_e):
+            starts[e] = starts[e - 1] + counts[e - 1]
+        needed = [e for e in range(num_e) if counts[e]]
+        if self.trace is not None:
+            self.trace.append(("use", tuple(needed)))
+        hits = [e for e in needed if self.slot_of[e] >= 0]
+        misses = [e for e in needed if self.slot_of[e] < 0]
+        mode, cost = self.store.config.mode, self.store.cost
+        on_cpu = [
+            e for e in misses
+            if mode == "cpu" or (mode == "auto" and cost is not None and cost.prefer_cpu(counts[e]))
+        ]
+        fetch = [e for e in misses if e not in on_cpu]
+        st = self.stats
+        st.hits += len(hits)
+        st.misses += len(misses)
+        st.cpu_experts += len(on_cpu)
+        for e in hits:
+            self.policy.touch(e)
+            if e in self.prefetched:
+                self.prefetched.discard(e)
+                st.prefetches_used += 1
+        pending = set(hits) | set(fetch)
+        started = []
+        for e in fetch:  # copies start before any compute, so they overlap it
+            if not self._acquire(e, pending):
+                break
+            started.append(e)
+        if predict:
+            assert self.next is not None
+            self.next.prefetch([e for e in range(num_e) if host[num_e + e]])
+
+        def run_on_device(e: int) -> None:
+            self._wait(e)
+            rows = slice(starts[e], starts[e] + counts[e])
+            slot = self.slot_of[e]
+            y_RD[rows] = expert_mlp(x_RD[rows], self.dev_gate_up[slot], self.dev_down[slot])
+            pending.discard(e)
+
+        for e in hits:
+            run_on_device(e)
+        for e in fetch:
+            if e not in started:
+                assert self._acquire(e, pending), "a slot frees once earlier experts have run"
+            run_on_device(e)
+        # CPU experts last: the GPU works through the queued experts meanwhile.
+        host_dev = self.moe.w_gate_up.device
+        t0 = time.perf_counter()
+        for e in on_cpu:
+            rows = slice(starts[e], starts[e] + counts[e])
+            x = x_RD[rows].to(host_dev)
+            y = expert_mlp(x, self.moe.w_gate_up[e], self.moe.w_down[e])
+            y_RD[rows] = y.to(y_RD.device)
+        if on_cpu:
+            st.cpu_seconds += time.perf_counter() - t0
+        self.policy.end_step()
+
+
+class ExpertStore:
+    """The expert caches of every sparse layer of a model whose experts live in host memory."""
+
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        config: OffloadConfig,
+        slots: int,
+        *,
+        record_trace: bool = False,
+    ) -> None:
+        self.config = config
+        self.device = model.device
+        self.record_trace = record_trace
+        self.copy_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        moes = model.moe_layers()
+        num_e = moes[0][1].num_experts
+        self.slots = max(1, min(slots, num_e))
+        self.layers = [LayerCache(i, moe, self.slots, self) for i, moe in moes]
+        for a, b in zip(self.layers, self.layers[1:]):
+            a.next = b
+        self.cost = measure_cost(self.layers[0]) if config.mode == "auto" else None
+        for layer, (_, moe) in zip(self.layers, moes):
+            layer.fill(list(range(self.slots)))
+            moe.offload = layer
+
+    def stats(self) -> list[ExpertCacheStats]:
+        return [layer.stats for layer in self.layers]
+
+
+def measure_cost(layer: LayerCache) -> CostModel:
+    """Time one expert's copy and its CPU compute at 1 and 16 tokens (startup, ~100 ms)."""
+    moe, dev = layer.moe, layer.store.device
+
+    def timed(fn, reps: int = 3) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    def copy() -> None:
+        layer.dev_gate_up[0].copy_(moe.w_gate_up[0], non_blocking=True)
+        layer.dev_down[0].copy_(moe.w_down[0], non_blocking=True)
+
+    d = moe.w_gate_up.shape[2]
+    host = moe.w_gate_up.device
+    x1 = torch.randn(1, d, dtype=moe.w_gate_up.dtype, device=host)
+    x16 = torch.randn(16, d, dtype=moe.w_gate_up.dtype, device=host)
+    t_copy = timed(copy)
+    t1 = timed(lambda: expert_mlp(x1, moe.w_gate_up[0], moe.w_down[0]))
+    t16 = timed(lambda: expert_mlp(x16, moe.w_gate_up[0], moe.w_down[0]))
+    per_token = max(t16 - t1, 0.0) / 15
+    return CostModel(
+        expert_bytes=layer.expert_bytes,
+        copy_bytes_per_s=layer.expert_bytes / max(t_copy, 1e-9),
+        cpu_fixed_s=max(t1 - per_token, 0.0),
+        cpu_per_token_s=per_token,
+    )
