@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: install what is missing, run the gpu-marked tests, benchmark.
-#   bash benchmarks/gpu_check.sh            # tests + offline throughput on mixtral-4l (bf16)
+#   bash benchmarks/gpu_check.sh                 # every stage
+#   bash benchmarks/gpu_check.sh tests offload   # some stages: tests offline offload mixtral
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,11 +14,26 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+stages=${*:-tests offline offload mixtral}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 status=0
-python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-python3 benchmarks/offline_throughput.py --synthetic mixtral-4l --dtype bfloat16 \
-  --num-prompts 16 --input-len 128 --output-len 128 --json "$OUT/offline_h100.json" \
-  2>&1 | grep -v Warning | tee "$OUT/offline_h100.log" || status=1
+for stage in $stages; do
+  echo "=== $stage"
+  case $stage in
+    tests)
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    offline)
+      python3 benchmarks/offline_throughput.py --synthetic mixtral-4l --dtype bfloat16 \
+        --num-prompts 16 --input-len 128 --output-len 128 --json "$OUT/offline_h100.json" ;;
+    offload)
+      python3 benchmarks/offload_bench.py --synthetic mixtral-4l --slots 4 --batch 1 64 --peer \
+        --modes auto,fetch,cpu --json "$OUT/offload_4l.json" ;;
+    mixtral)
+      python3 benchmarks/offload_bench.py --dummy mixtral-8x7b --batch 1 64 --modes auto \
+        --json "$OUT/offload_8x7b.json" ;;
+    *) echo "unknown stage $stage"; status=2 ;;
+  esac
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
 exit $status

@@ -70,6 +70,19 @@ def add_engine_args(p: _EnvDefaults) -> None:
     p.add_option("--no-chunked-prefill", action="store_true", default=False,
                  help="run each prompt in one step instead of budget-sized chunks")
     p.add_option("--seed", type=int, default=None, help="seed for unseeded sampling")
+    p.add_option("--expert-cache-slots", type=int, default=None,
+                 help="experts per sparse layer kept on the device (the rest in host memory)")
+    p.add_option("--expert-cache-gb", type=float, default=None,
+                 help="device memory for the expert cache, all layers together, in GiB")
+    p.add_option("--offload-mode", default="auto", choices=["fetch", "cpu", "auto"],
+                 help="a missed expert is copied to the device, computed on the CPU, or "
+                      "whichever a cost model measured at startup says is faster")
+    p.add_option("--expert-cache-policy", default="lru", choices=["lru", "lfu"],
+                 help="eviction policy of the expert cache (lfu decays with time)")
+    p.add_option("--no-prefetch", action="store_true", default=False,
+                 help="do not predict and prefetch the next layer's experts")
+    p.add_option("--load-format", default="safetensors", choices=["safetensors", "dummy"],
+                 help="dummy: random weights of config.json's shapes (benchmarks)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,7 +91,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
-        seed=args.seed,
+        seed=args.seed, expert_cache_slots=args.expert_cache_slots,
+        expert_cache_gb=args.expert_cache_gb, offload_mode=args.offload_mode,
+        expert_cache_policy=args.expert_cache_policy, prefetch=not args.no_prefetch,
+        load_format=args.load_format,
     )
 
 

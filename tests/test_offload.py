@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,33 @@ def test_gpu_greedy_tokens_identical(ckpt: Path, mode: str) -> None:
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
     assert all(s.misses > 0 for s in llm.engine.expert_cache_stats())
     assert torch.cuda.is_available()
+
+
+def test_server_exports_expert_cache_metrics(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.server_fixture import build_checkpoint, start_server
+
+    srv = start_server(
+        build_checkpoint(tmp_path_factory), engine_kwargs={"expert_cache_slots": 2}
+    )
+    try:
+        client = srv.client()
+        r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8})
+        assert r.status_code == 200
+        body = client.get("/metrics").text
+        stats = srv.engine.expert_cache_stats()
+        for s in stats:
+            assert f'moeserve_expert_cache_misses_total{{layer="{s.layer}"}} {s.misses}.0' in body
+            assert f'moeserve_expert_cache_slots{{layer="{s.layer}"}} 2.0' in body
+        assert sum(s.hits + s.misses for s in stats) > 0
+        for name in ("hits", "evictions", "prefetches_issued", "prefetches_used",
+                     "copied_bytes", "cpu_experts", "copy_wait_seconds", "cpu_seconds"):
+            assert f"moeserve_expert_cache_{name}_total" in body
+        promtool = shutil.which("promtool")
+        if promtool is not None:  # CI installs it (.ci/run); test_metrics.py covers the rest
+            report = subprocess.run(
+                [promtool, "check", "metrics"], input=body, capture_output=True, text=True,
+                timeout=60,
+            )
+            assert report.returncode == 0 and report.stdout.strip() == "", report
+    finally:
+        srv.stop()

@@ -124,6 +124,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._aborted: list[RequestMetrics] = []
         self._seq_ids = itertools.count()
+        self.num_steps = 0  # steps that ran the model
         log.info(
             "engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
             cfg.model_type,
@@ -247,6 +248,7 @@ class Engine:
             req = self._requests[w.seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = t0
+        self.num_steps += 1
         logits, rows = self.runner.execute(out.scheduled)
         seqs = [out.scheduled[i].seq for i in rows]
         sampled = self.sampler.sample(logits, seqs)

@@ -5,6 +5,7 @@ Shapes: T tokens, D hidden, E experts, K top-k, F expert intermediate, R = T*K a
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -13,11 +14,19 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 
+log = logging.getLogger(__name__)
+
 
 def _empty(
     *shape: int, dtype: torch.dtype, device: torch.device, pin: bool = False
 ) -> nn.Parameter:
-    data = torch.empty(*shape, dtype=dtype, device=device, pin_memory=pin)
+    try:
+        data = torch.empty(*shape, dtype=dtype, device=device, pin_memory=pin)
+    except RuntimeError as e:  # pinned memory can run out before RAM does: slower, not fatal
+        if not pin:
+            raise
+        log.warning("cannot pin %s of host memory (%s); copies will be slower", shape, e)
+        data = torch.empty(*shape, dtype=dtype, device=device)
     return nn.Parameter(data, requires_grad=False)
 
 

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from moeserve.engine.async_engine import AsyncEngine
 from moeserve.engine.engine import Engine
 from moeserve.metrics import Metrics
+from moeserve.metrics_cache import ExpertCacheCollector
 from moeserve.sampling_params import SamplingParams
 from moeserve.server.errors import (
     RETRY_DRAINING,
@@ -104,6 +105,8 @@ class ServerState:
             sparse_layer_ids=[i for i, sparse in enumerate(cfg.sparse_layers) if sparse],
             registry=CollectorRegistry(),  # private: several servers may share a process
         )
+        if engine.expert_store is not None:
+            self.metrics.registry.register(ExpertCacheCollector(engine.expert_cache_stats))
         self.aengine = AsyncEngine(engine, stats_sink=self.metrics.observe_step)
         if self.phase == "loading":
             self.phase = "ready"
