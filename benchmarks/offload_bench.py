@@ -110,14 +110,17 @@ def accelerate_peer(path: Path, offload_layers: list[int], out_len: int) -> dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(path)
-    device_map: dict[str, int | str] = {"model.embed_tokens": 0, "model.norm": 0, "lm_head": 0,
-                                        "model.rotary_emb": 0}
+    with torch.device("meta"):  # module names differ across transformers versions: ask
+        names = {n for n, _ in AutoModelForCausalLM.from_config(cfg).named_modules()}
+    moe = "mlp" if "model.layers.0.mlp.experts" in names else "block_sparse_moe"
+    device_map: dict[str, int | str] = {"model.embed_tokens": 0, "model.norm": 0, "lm_head": 0}
+    if "model.rotary_emb" in names:
+        device_map["model.rotary_emb"] = 0
     for i in range(cfg.num_hidden_layers):
         if i in offload_layers:
-            for part in ("self_attn", "input_layernorm", "post_attention_layernorm",
-                         "block_sparse_moe.gate"):
+            for part in ("self_attn", "input_layernorm", "post_attention_layernorm", f"{moe}.gate"):
                 device_map[f"model.layers.{i}.{part}"] = 0
-            device_map[f"model.layers.{i}.block_sparse_moe.experts"] = "cpu"
+            device_map[f"model.layers.{i}.{moe}.experts"] = "cpu"
         else:
             device_map[f"model.layers.{i}"] = 0
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device_map)
@@ -147,6 +150,7 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--peer", action="store_true", help="also run transformers+accelerate")
+    ap.add_argument("--prefetch", action="store_true", help="turn on next-layer prefetch")
     ap.add_argument("--json", type=Path, default=Path("bench_out/offload.json"))
     args = ap.parse_args()
     hbm, h2d = bandwidths()
@@ -161,7 +165,7 @@ def main() -> None:
         t0 = time.perf_counter()
         llm = LLM(path, dtype="bfloat16", device="cuda", load_format=fmt, offload_mode=mode,
                   expert_cache_slots=args.slots, max_model_len=max_len,
-                  max_num_seqs=max(args.batch), progress=False)
+                  max_num_seqs=max(args.batch), prefetch=args.prefetch, progress=False)
         load_s = time.perf_counter() - t0
         store = llm.engine.expert_store
         slots = store.slots if store else "all"
@@ -170,7 +174,8 @@ def main() -> None:
               f"cost model: {cost}", flush=True)
         for batch in args.batch:
             r = run(llm, batch, args.input_len, args.output_len, hbm, h2d)
-            r.update(engine="moeserve", mode=mode, slots=slots, load_seconds=load_s)
+            r.update(engine="moeserve", mode=mode, slots=slots, load_seconds=load_s,
+                     prefetch=args.prefetch)
             results.append(r)
             print(json.dumps(r), flush=True)
         del llm, store

@@ -79,8 +79,9 @@ def add_engine_args(p: _EnvDefaults) -> None:
                       "whichever a cost model measured at startup says is faster")
     p.add_option("--expert-cache-policy", default="lru", choices=["lru", "lfu"],
                  help="eviction policy of the expert cache (lfu decays with time)")
-    p.add_option("--no-prefetch", action="store_true", default=False,
-                 help="do not predict and prefetch the next layer's experts")
+    p.add_option("--prefetch", action="store_true", default=False,
+                 help="predict the next layer's experts from this layer's input and copy them "
+                      "ahead (pays off when the router's guesses are mostly right)")
     p.add_option("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                  help="dummy: random weights of config.json's shapes (benchmarks)")
 
@@ -93,7 +94,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
         seed=args.seed, expert_cache_slots=args.expert_cache_slots,
         expert_cache_gb=args.expert_cache_gb, offload_mode=args.offload_mode,
-        expert_cache_policy=args.expert_cache_policy, prefetch=not args.no_prefetch,
+        expert_cache_policy=args.expert_cache_policy, prefetch=args.prefetch,
         load_format=args.load_format,
     )
 

@@ -115,7 +115,9 @@ class OffloadConfig:
     cache_bytes: int | None = None
     mode: str = "auto"  # how a missed expert runs: copied to the device, or computed on the CPU
     policy: str = "lru"
-    prefetch: bool = True
+    # Off by default: on random-weight models the next layer's router guesses ~60% right and
+    # wrong guesses cost more bandwidth than right ones save (benchmarks/RESULTS.md).
+    prefetch: bool = False
     lfu_decay: float = 0.9  # per-step decay of LFU scores
 
     def __post_init__(self) -> None:

@@ -4,11 +4,11 @@ Each task turns a random draw into a short question and its one right answer; `s
 recomputes the answer from the question alone, so any reply can be checked. The training
 script, the tests and the heatmap script share this module, so they agree on the formats.
 
-    add      "347+85"            -> "432"      two numbers in 0..999
-    sub      "347-85"            -> "262"      a - b with 0 <= b <= a <= 999
+    add      "47+85"             -> "132"      two numbers in 0..99
+    sub      "85-47"             -> "38"       a - b with 0 <= b <= a <= 99
     reverse  "reverse kqzd"      -> "dzqk"     3..6 lowercase letters
     sort     "sort 5193"         -> "1359"     3..6 digits, ascending
-    count    "count a in bacaa"  -> "3"        occurrences of a letter in a 3..8 letter word
+    count    "count a in bacaa"  -> "3"        occurrences of a letter in a 3..6 letter word
 
 The user message is the question; the assistant message is the answer, nothing else.
 Held-out questions (`held_out`) come from their own seed, and `is_held_out` lets the
@@ -26,7 +26,7 @@ from functools import lru_cache
 TASKS: tuple[str, ...] = ("add", "sub", "reverse", "sort", "count")
 HELD_OUT_SEED = 20_240_917
 HELD_OUT_PER_TASK = 200
-MAX_NUMBER = 999
+MAX_DIGITS = 2  # operands of add/sub: 0..99
 LETTERS = string.ascii_lowercase
 
 
@@ -53,7 +53,7 @@ def _sub(rng: random.Random) -> tuple[str, str]:
 def _operand(rng: random.Random) -> int:
     # Uniform over the digit count first, so 1- and 2-digit operands are not swamped by the
     # 900 three-digit ones (the model must handle every length).
-    digits = rng.randint(1, 3)
+    digits = rng.randint(1, MAX_DIGITS)
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
 
 
@@ -70,10 +70,10 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 def _count(rng: random.Random) -> tuple[str, str]:
     letter = rng.choice(LETTERS)
     others = LETTERS.replace(letter, "")
-    # Each position is the target letter with probability 0.4, so counts spread over 0..8
+    # Each position is the target letter with probability 0.4, so counts spread over 0..6
     # instead of piling up at 0 as uniform letters would.
     word = "".join(
-        letter if rng.random() < 0.4 else rng.choice(others) for _ in range(rng.randint(3, 8))
+        letter if rng.random() < 0.4 else rng.choice(others) for _ in range(rng.randint(3, 6))
     )
     return f"count {letter} in {word}", str(word.count(letter))
 

@@ -37,7 +37,7 @@ def _outputs(outs) -> list[tuple[list[int], list[float]]]:
 @pytest.mark.parametrize("mode", ["fetch", "cpu", "auto"])
 @pytest.mark.parametrize("slots", [8, 4, 2, 1])  # 100%, 50%, 25% of 8 experts, one slot
 def test_outputs_identical_at_every_cache_size(ckpt: Path, reference, mode: str, slots: int):
-    llm = LLM(ckpt, progress=False, expert_cache_slots=slots, offload_mode=mode)
+    llm = LLM(ckpt, progress=False, expert_cache_slots=slots, offload_mode=mode, prefetch=True)
     assert _outputs(llm.generate(PROMPTS, GREEDY)) == reference
     stats = llm.engine.expert_cache_stats()
     if slots == 8:
@@ -49,6 +49,13 @@ def test_outputs_identical_at_every_cache_size(ckpt: Path, reference, mode: str,
         assert all(s.cpu_experts == s.misses for s in stats)
     if mode == "fetch":
         assert all(s.cpu_experts == 0 and s.bytes_copied > 0 for s in stats)
+
+
+@pytest.mark.parametrize(("mode", "slots"), [("fetch", 2), ("auto", 1), ("cpu", 3)])
+def test_outputs_identical_without_prefetch(ckpt: Path, reference, mode: str, slots: int):
+    llm = LLM(ckpt, progress=False, expert_cache_slots=slots, offload_mode=mode)
+    assert _outputs(llm.generate(PROMPTS, GREEDY)) == reference
+    assert all(s.prefetches_issued == 0 for s in llm.engine.expert_cache_stats())
 
 
 def _replay(trace, slots: int, num_experts: int, policy_name: str) -> dict[str, int]:

@@ -245,6 +245,7 @@ async def run_load(cfg: LoadTestConfig, workload: Iterator[RequestSpec], name: s
 async def _drive(
     client: httpx.AsyncClient, cfg: LoadTestConfig, workload: Iterator[RequestSpec], model: str
 ) -> tuple[list[RequestResult], float, float]:
+    """Send the workload on its arrival schedule; (results, start time, end time)."""
     from tqdm import tqdm
 
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
@@ -275,8 +276,9 @@ async def _drive(
         for i, spec in enumerate(workload):
             if cfg.num_requests is not None and i >= cfg.num_requests:
                 break
-            # Absolute arrival times, so time spent waiting below does not stretch the schedule.
-            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            # Absolute arrival times, so time spent waiting below does not stretch the schedule;
+            # never sleep past the deadline only to stop there.
+            await asyncio.sleep(max(0.0, min(next_at, deadline) - time.perf_counter()))
             if sem is not None:
                 await sem.acquire()  # closed loop: wait for a free slot before the next one
             if time.perf_counter() >= deadline:

@@ -197,10 +197,14 @@ def format_report(rep: dict[str, Any]) -> str:
         else:
             lines.append("no per-expert series (too many experts, or off)")
         cache = server["expert_cache"]
-        if cache.get("hit_rate") is not None:
-            row("Expert cache hit rate:", cache["hit_rate"], 3)
+        if "note" in cache:
+            lines.append(f"Expert cache: {cache['note']}")
         else:
-            lines.append(f"Expert cache: {cache.get('note', 'no lookups during the run')}")
+            row("Expert cache hit rate:", cache["hit_rate"], 3)
+            row("Expert cache misses:", cache["misses"])
+            mib = cache["bytes_copied"] / 2**20 if cache["bytes_copied"] is not None else None
+            row("Expert bytes copied (MiB):", mib)
+            row("Prefetch accuracy:", cache["prefetch_accuracy"], 3)
     if rep["errors"]:
         lines.append(" Errors ".center(w, "-"))
         lines.extend(f"{n:>5} x {msg}" for msg, n in rep["errors"].items())

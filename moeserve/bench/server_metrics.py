@@ -1,9 +1,9 @@
 """moeserve's /metrics before and after a run: what the router and the caches did during it.
 
 The counters are cumulative since the server started, so the run's share is after - before:
-tokens routed to each expert of each layer (load balance) and, once the server exports them,
-expert cache hits and misses. Any other server simply has no moeserve_* series, and the
-report says so.
+tokens routed to each expert of each layer (load balance) and, with offloading on, the
+expert cache's hits, misses and bytes copied. Any other server simply has no moeserve_*
+series, and the report says so.
 """
 
 from __future__ import annotations
@@ -20,11 +20,19 @@ Snapshot = dict[str, list[tuple[dict[str, str], float]]]
 
 MODEL_INFO = "moeserve_model_info"  # present on every moeserve server: "is this moeserve?"
 EXPERT_TOKENS = "moeserve_expert_tokens_total"  # the counter family moeserve_expert_tokens
-# Pending: expert offloading (a later issue) will export these counters. Until a server has
-# them, the report's expert_cache section says the server exports no expert cache metrics.
-EXPERT_CACHE_HITS = "moeserve_expert_cache_hits_total"
-EXPERT_CACHE_MISSES = "moeserve_expert_cache_misses_total"
-EXPERT_CACHE_BYTES = "moeserve_expert_cache_bytes_moved_total"
+# Expert cache counters (moeserve/metrics_cache.py), per layer; absent when every expert is
+# resident (no offloading), and then the report says so.
+CACHE = "moeserve_expert_cache_"
+EXPERT_CACHE_HITS = CACHE + "hits_total"
+EXPERT_CACHE_MISSES = CACHE + "misses_total"
+_CACHE_COUNTERS = {  # report key -> sample name, summed over layers
+    "bytes_copied": CACHE + "copied_bytes_total",
+    "evictions": CACHE + "evictions_total",
+    "prefetches_issued": CACHE + "prefetches_issued_total",
+    "prefetches_used": CACHE + "prefetches_used_total",
+    "cpu_experts": CACHE + "cpu_experts_total",
+    "copy_wait_seconds": CACHE + "copy_wait_seconds_total",
+}
 _SERVER_COUNTERS = {  # report key -> sample name
     "prompt_tokens": "moeserve_prompt_tokens_total",
     "generation_tokens": "moeserve_generation_tokens_total",
@@ -103,19 +111,38 @@ def expert_load(before: Snapshot, after: Snapshot) -> dict[str, Any] | None:
     }
 
 
+def _by_layer(before: Snapshot, after: Snapshot, name: str) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for sign, snap in ((1.0, after), (-1.0, before)):
+        for labels, value in snap.get(name, []):
+            out[labels.get("layer", "")] += sign * value
+    return dict(out)
+
+
 def expert_cache(before: Snapshot, after: Snapshot) -> dict[str, Any]:
-    """The run's expert cache hit rate and bytes moved, or a note that there are none."""
-    hits = _delta(before, after, EXPERT_CACHE_HITS)
-    misses = _delta(before, after, EXPERT_CACHE_MISSES)
-    if hits is None or misses is None:
-        return {"hit_rate": None, "note": "the server exports no expert cache metrics "
-                f"({EXPERT_CACHE_HITS}, {EXPERT_CACHE_MISSES})"}  # fmt: skip
-    lookups = hits + misses
-    return {
-        "hits": int(hits), "misses": int(misses),
-        "hit_rate": hits / lookups if lookups else None,
-        "bytes_moved": _delta(before, after, EXPERT_CACHE_BYTES),
+    """The run's expert cache hit rate (overall and per layer), bytes copied to the device,
+    prefetch accuracy; or a note that the server has no expert cache (all resident)."""
+    if EXPERT_CACHE_HITS not in after or EXPERT_CACHE_MISSES not in after:
+        return {"hit_rate": None, "note": "no expert cache metrics: every expert is resident "
+                "(offloading off) or the server predates them"}  # fmt: skip
+    hits = _by_layer(before, after, EXPERT_CACHE_HITS)
+    misses = _by_layer(before, after, EXPERT_CACHE_MISSES)
+
+    def rate(h: float, m: float) -> float | None:
+        return h / (h + m) if h + m > 0 else None
+
+    layers = sorted(hits, key=lambda x: int(x) if x.isdigit() else -1)
+    out: dict[str, Any] = {
+        "hits": int(sum(hits.values())), "misses": int(sum(misses.values())),
+        "hit_rate": rate(sum(hits.values()), sum(misses.values())),
+        "hit_rate_per_layer": {k: rate(hits[k], misses.get(k, 0.0)) for k in layers},
     }  # fmt: skip
+    for key, name in _CACHE_COUNTERS.items():
+        d = _delta(before, after, name)
+        out[key] = None if d is None else (d if key.endswith("seconds") else int(d))
+    issued, used = out.get("prefetches_issued"), out.get("prefetches_used")
+    out["prefetch_accuracy"] = used / issued if issued and used is not None else None
+    return out
 
 
 def server_summary(before: Snapshot | None, after: Snapshot | None) -> dict[str, Any]:
