@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: install what is missing, run the gpu-marked tests, benchmark.
 #   bash benchmarks/gpu_check.sh                 # every stage
-#   bash benchmarks/gpu_check.sh tests offload   # some stages: tests offline offload mixtral
+#   bash benchmarks/gpu_check.sh tests offload   # some: tests offline counting offload mixtral
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-stages=${*:-tests offline offload mixtral}
+stages=${*:-tests offline counting offload mixtral}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 status=0
@@ -28,6 +28,9 @@ for stage in $stages; do
     offline)
       python3 benchmarks/offline_throughput.py --synthetic mixtral-4l --dtype bfloat16 \
         --num-prompts 16 --input-len 128 --output-len 128 --json "$OUT/offline_h100.json" ;;
+    counting)
+      python3 benchmarks/expert_count_cost.py --synthetic mixtral-4l --dtype bfloat16 \
+        --batch 64 --output-len 32 --rounds 5 --json "$OUT/count_cost.json" ;;
     offload)
       python3 benchmarks/offload_bench.py --synthetic mixtral-4l --slots 4 --batch 1 64 --peer \
         --modes fetch,cpu,auto --json "$OUT/offload_4l.json"

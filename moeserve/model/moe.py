@@ -98,6 +98,7 @@ class MoE(nn.Module):
         self.w_gate_up = _empty(e, 2 * f, d, dtype=dtype, device=home, pin=pin)
         self.w_down = _empty(e, d, f, dtype=dtype, device=home, pin=pin)
         self.offload: ExpertRunner | None = None  # set by the engine when experts are offloaded
+        self.count_tokens = True  # off only to measure what counting costs (benchmarks)
         self.shared: DenseMLP | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared = DenseMLP(d, cfg.shared_expert_intermediate_size, dtype, device)
@@ -124,7 +125,8 @@ class MoE(nn.Module):
         flat_R = experts_TK.flatten()
         order_R = torch.argsort(flat_R, stable=True)
         counts_E = torch.bincount(flat_R, minlength=self.num_experts)
-        self.tokens_per_expert_E += counts_E
+        if self.count_tokens:
+            self.tokens_per_expert_E += counts_E
         token_R = order_R // self.top_k
         x_RD = x_TD[token_R]
         y_RD = torch.empty_like(x_RD)
