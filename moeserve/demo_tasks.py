@@ -5,27 +5,29 @@ recomputes the answer from the question alone, so any reply can be checked. The 
 script, the tests and the heatmap script share this module, so they agree on the formats.
 
     add      "47+85"             -> "132"      two numbers in 0..99
-    sub      "85-47"             -> "38"       a - b with 0 <= b <= a <= 99
+    sub      "85-47"             -> "38"       a - b with 0 <= b <= a <= 99, a quarter close
     reverse  "reverse kqzd"      -> "dzqk"     3..6 lowercase letters
     sort     "sort 5193"         -> "1359"     3..6 digits, ascending
-    count    "count a in bacaa"  -> "3"        occurrences of a letter in a 3..6 letter word
 
 The user message is the question; the assistant message is the answer, nothing else.
-Held-out questions (`held_out`) come from their own seed, and `is_held_out` lets the
-training sampler skip them, so evaluation never sees a training question.
+A fixed sixteenth of all questions (by a hash, `is_held_out`) is reserved for evaluation:
+training skips them and `held_out` draws from them only, so evaluation never sees a
+training question.
 """
 
 from __future__ import annotations
 
 import random
 import string
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-TASKS: tuple[str, ...] = ("add", "sub", "reverse", "sort", "count")
+TASKS: tuple[str, ...] = ("add", "sub", "reverse", "sort")
 HELD_OUT_SEED = 20_240_917
 HELD_OUT_PER_TASK = 200
+HELD_OUT_BUCKETS = 16  # 1/16 of each task's questions are never trained on
 MAX_DIGITS = 2  # operands of add/sub: 0..99
 LETTERS = string.ascii_lowercase
 
@@ -46,6 +48,10 @@ def _add(rng: random.Random) -> tuple[str, str]:
 
 def _sub(rng: random.Random) -> tuple[str, str]:
     a, b = _operand(rng), _operand(rng)
+    if rng.random() < 0.25:
+        # Close operands ("43-38"): a one-digit result from two-digit numbers, with or without
+        # a borrow. Independent draws make this rare (~5%), too rare to be learned.
+        b = max(0, a - rng.randint(0, 9))
     a, b = max(a, b), min(a, b)  # non-negative results: no sign to learn
     return f"{a}-{b}", str(a - b)
 
@@ -67,19 +73,8 @@ def _sort(rng: random.Random) -> tuple[str, str]:
     return f"sort {digits}", "".join(sorted(digits))
 
 
-def _count(rng: random.Random) -> tuple[str, str]:
-    letter = rng.choice(LETTERS)
-    others = LETTERS.replace(letter, "")
-    # Each position is the target letter with probability 0.4, so counts spread over 0..6
-    # instead of piling up at 0 as uniform letters would.
-    word = "".join(
-        letter if rng.random() < 0.4 else rng.choice(others) for _ in range(rng.randint(3, 6))
-    )
-    return f"count {letter} in {word}", str(word.count(letter))
-
-
 _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "add": _add, "sub": _sub, "reverse": _reverse, "sort": _sort, "count": _count,
+    "add": _add, "sub": _sub, "reverse": _reverse, "sort": _sort,
 }  # fmt: skip
 
 
@@ -96,10 +91,6 @@ def solve(question: str) -> str:
         return q[len("reverse ") :][::-1]
     if q.startswith("sort "):
         return "".join(sorted(q[len("sort ") :]))
-    if q.startswith("count "):
-        parts = q.split(" ")
-        if len(parts) == 4 and parts[2] == "in" and len(parts[1]) == 1:
-            return str(parts[3].count(parts[1]))
     for op, fn in (("+", int.__add__), ("-", int.__sub__)):
         a, sep, b = q.partition(op)
         if sep and a.isdigit() and b.isdigit():
@@ -110,31 +101,35 @@ def solve(question: str) -> str:
 def task_of(question: str) -> str:
     """The task a question belongs to (ValueError for other text)."""
     solve(question)
-    for task in ("reverse", "sort", "count"):
+    for task in ("reverse", "sort"):
         if question.startswith(task + " "):
             return task
     return "add" if "+" in question else "sub"
 
 
+def is_held_out(question: str) -> bool:
+    """Whether `question` is reserved for evaluation (training skips these): one in
+    HELD_OUT_BUCKETS by CRC-32, so every part of a task keeps most of its questions for
+    training. One-digit arithmetic ("2+4") is never held out: its 155 questions are a finite
+    table to learn, not a rule to generalise, and a demo's first questions must be right."""
+    if len(question) == 3 and question[1] in "+-":
+        return False
+    return zlib.crc32(question.encode()) % HELD_OUT_BUCKETS == 0
+
+
 @lru_cache(maxsize=4)
-def held_out(per_task: int = HELD_OUT_PER_TASK, seed: int = HELD_OUT_SEED) -> dict[str, tuple[Example, ...]]:  # noqa: E501
-    """`per_task` distinct evaluation examples per task, the same on every call and machine."""
+def held_out(
+    per_task: int = HELD_OUT_PER_TASK, seed: int = HELD_OUT_SEED
+) -> dict[str, tuple[Example, ...]]:
+    """`per_task` distinct held-out examples per task, drawn with the task's own distribution
+    from its held-out questions; the same on every call and machine."""
     rng = random.Random(seed)
     out: dict[str, tuple[Example, ...]] = {}
     for task in TASKS:
         seen: dict[str, Example] = {}
         while len(seen) < per_task:
             ex = sample(task, rng)
-            seen.setdefault(ex.question, ex)
+            if is_held_out(ex.question):
+                seen.setdefault(ex.question, ex)
         out[task] = tuple(seen.values())
     return out
-
-
-def is_held_out(question: str) -> bool:
-    """Whether `question` is one of the default held-out questions (training skips these)."""
-    return question in _held_out_questions()
-
-
-@lru_cache(maxsize=1)
-def _held_out_questions() -> frozenset[str]:
-    return frozenset(ex.question for exs in held_out().values() for ex in exs)

@@ -121,9 +121,17 @@ def test_sigterm_drains_then_exits_zero(server_proc: Any) -> None:
     assert "received SIGTERM" in log and "draining" in log
 
 
-def test_serve_requires_model(capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_missing_model_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without --model the packaged demo model is served (tests/test_demo_model.py); a model
+    # named by the flag or the environment that does not exist is still an error.
+    missing = str(tmp_path / "no-such-model")
+    assert main(["serve", "--model", missing]) == 2
+    assert f"--model {missing}: not a directory" in capsys.readouterr().err
+    monkeypatch.setenv("MOESERVE_MODEL", missing)
     assert main(["serve"]) == 2
-    assert "--model DIR is required" in capsys.readouterr().err
+    assert "no-such-model" in capsys.readouterr().err
 
 
 def test_flags_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
