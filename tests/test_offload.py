@@ -157,7 +157,8 @@ def test_dummy_weights_need_no_safetensors(ckpt: Path, tmp_path: Path) -> None:
     path.mkdir()
     (path / "config.json").write_text((ckpt / "config.json").read_text())
     llm = LLM(path, progress=False, load_format="dummy", expert_cache_slots=2)
-    [out] = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    [out] = llm.generate([[3, 4, 5]], greedy)
     assert len(out.outputs[0].token_ids) == 4
     w = llm.engine.model.layers[0].mlp.w_gate_up
     assert w.device.type == "cpu" and 0.01 < w.float().std().item() < 0.03
