@@ -15,7 +15,10 @@ Recorded run (2 CPU cores, torch 2.13 CPU, seeds fixed; the files in the package
 
     time python scripts/train_demo.py --out moeserve/assets/demo-moe
 
-    RESULTS-PLACEHOLDER
+    real 15m18.6s (914 s of training + export), 2026-11-23
+    held-out greedy accuracy: add 0.990 sub 0.990 reverse 1.000 sort 1.000
+    export verified: transformers logits max |diff| 7.63e-06; moeserve greedy and logprobs
+    equal on 40 prompts
 """
 
 from __future__ import annotations
