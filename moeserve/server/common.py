@@ -57,7 +57,8 @@ def check_model(req: SamplingFields, state: ServerState) -> None:
 def sampling_params(
     req: SamplingFields, state: ServerState, *, logprobs: int | None, max_tokens: int | None
 ) -> SamplingParams:
-    """Validated SamplingParams; max_tokens stays a placeholder when absent (see fit_context)."""
+    """Validated SamplingParams; an absent max_tokens is 1 here and fit_context later sets it to
+    the rest of the context."""
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", param="logit_bias")
     kwargs: dict[str, Any] = {
@@ -65,11 +66,6 @@ def sampling_params(
     }
     if req.stop is not None:
         kwargs["stop"] = req.stop
-    assert state.engine is not None
-    if isinstance(req.top_k, int) and req.top_k > state.engine.vocab_size:
-        # Same meaning (k >= vocab filters nothing), and a huge k would overflow the sampler's
-        # int64 tensor and take the whole engine loop down with it.
-        kwargs["top_k"] = state.engine.vocab_size
     try:
         params = SamplingParams(
             **kwargs, logprobs=logprobs, max_tokens=1 if max_tokens is None else max_tokens
@@ -78,6 +74,7 @@ def sampling_params(
             dataclasses.replace(params, seed=params.seed + params.n - 1)
     except ValueError as e:
         raise from_value_error(e, _PARAM_NAMES) from None
+    assert state.engine is not None  # inference routes run only once the model is loaded
     vocab = state.engine.model_config.vocab_size
     bad = [t for t in params.stop_token_ids if t >= vocab]
     if bad:
