@@ -210,3 +210,21 @@ def test_length_specs_and_slos() -> None:
     s = summarize([0.001 * x for x in range(1, 101)])  # 1..100 ms
     assert (s["count"], s["mean"], s["median"]) == (100, pytest.approx(50.5), pytest.approx(50.5))
     assert s["p90"] == pytest.approx(90.1) and s["p99"] == pytest.approx(99.01)
+
+
+def test_random_prompts_from_a_tokenizer_with_special_tokens() -> None:
+    """--tokenizer: exact-length prompts that never contain the tokenizer's special tokens."""
+    from tokenizers import Tokenizer
+
+    from moeserve.assets import demo_model_path
+    from moeserve.bench.workloads import random_workload
+
+    path = demo_model_path()
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    work = random_workload("40", "8", seed=3, tokenizer=str(path))
+    for _ in range(5):
+        spec = next(work)
+        assert spec.prompt is not None and spec.max_tokens == 8
+        assert len(tok.encode(spec.prompt, add_special_tokens=False).ids) == 40
+        assert not any(s in spec.prompt for s in special)

@@ -85,7 +85,7 @@ class _Tokenizer:
         if not p.is_file():
             raise ValueError(f"--tokenizer {path}: no tokenizer.json there")
         self.tok = Tokenizer.from_file(str(p))
-        special = {t.id for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         self.ids = [i for i in range(self.tok.get_vocab_size()) if i not in special]
 
     def prompt(self, n: int, rng: random.Random) -> str:
