@@ -1,0 +1,337 @@
+"""Fused MoE experts in Triton: grouped GEMMs over expert-sorted rows, capturable in a CUDA graph.
+
+The readable twin is moeserve.model.moe.MoE.experts. Pipeline, with R = T*K assignments:
+
+    moe_align:      the R (token, k) assignments grouped by expert, each group padded to BLOCK_M
+    GEMM 1:         x[token] @ w_gate_up[e].T          -> gate_up_RF2 [R, 2F] (model dtype)
+    silu_mul:       silu(gate) * up                     -> h_RF [R, F]
+    GEMM 2:         weight * (h @ w_down[e].T)          -> y_RD [R, D] (model dtype)
+    sum over k:                                         -> out_TD [T, D]
+
+Nothing here reads device memory on the host and every shape and grid size follows from the
+input shapes alone, so a CUDA graph captured once replays for any routing of the same T.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import interpreting
+
+# Launch configs tuned by vLLM for Mixtral (E=8, top-2, D=4096) in bf16 on an H100 SXM, keyed by
+# the token count M: vllm/model_executor/layers/fused_moe/configs/
+# E=8,N=7168,device_name=NVIDIA_H100_80GB_HBM3.json (there is no bf16 H100 table for N=14336;
+# the H200 one makes much the same choices). Its noisy rows for M <= 32 are merged into their
+# most common choice. vLLM takes the entry of the nearest key, so each row here runs up to the
+# midpoint between its key and the next one. On an H100 these GEMMs read the weights at about
+# 2.9 TB/s in decode (measured: 0.25 ms for Mixtral's two experts at T=1).
+# (max M, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+_H100_TABLE: tuple[tuple[int, int, int, int, int, int, int], ...] = (
+    (40, 16, 128, 128, 1, 4, 4),  # decode: a few rows per expert, so one 16-row block each
+    (112, 32, 128, 128, 1, 4, 4),
+    (384, 64, 128, 128, 1, 4, 4),
+    (768, 64, 256, 64, 16, 4, 4),
+    (1 << 62, 128, 256, 64, 16, 8, 4),  # prefill
+)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _config(
+    num_tokens: int, num_experts: int, top_k: int, N: int, K: int, dtype: torch.dtype
+) -> dict[str, int]:
+    """Block sizes for one grouped GEMM of M = num_tokens * top_k rows, [N, K] weights."""
+    if interpreting():  # the interpreter runs every program in Python: tiny tiles keep CI fast
+        block_m, block_n, block_k, group_m, warps, stages = 16, 16, 16, 1, 4, 1
+    else:
+        # The table is for Mixtral's 2 of 8 experts; other models look it up at the same
+        # average rows per expert, which is what BLOCK_M has to fit.
+        mixtral_m = num_tokens * top_k * 4 // max(num_experts, 1)
+        row = next(r for r in _H100_TABLE if mixtral_m <= r[0])
+        _, block_m, block_n, block_k, group_m, warps, stages = row
+        if block_m == 16 and N <= 8192:
+            # A down projection at decode: 128-wide tiles leave most SMs idle (4096 / 128 x 2
+            # experts = 64 programs); 64 wide with a deeper pipeline measured 0.71 vs 0.55 of
+            # the copy bandwidth at batch 1 on an H100 (benchmarks/kernel_bench.py).
+            block_n, stages = 64, 5
+        if dtype == torch.float32:
+            # Twice the bytes per element: keep the shared-memory ring of A and B tiles under
+            # the H100's 227 KiB.
+            block_k, stages = min(block_k, 32), min(stages, 3)
+    return dict(
+        BLOCK_M=block_m,
+        BLOCK_N=min(block_n, _pow2_at_least_16(N)),
+        BLOCK_K=min(block_k, _pow2_at_least_16(K)),
+        GROUP_M=group_m,
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+def moe_align(
+    experts_TK: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the T*K (token, k) assignments by expert, each group padded to a multiple of block_m.
+
+    Returns sorted_ids_P int32 (P = T*K + num_experts*(block_m-1), rounded up to a multiple of
+    block_m; entry = flat assignment index t*K+k, padding entries = T*K), block_expert_Q int32
+    (Q = P // block_m; the expert of each block, -1 for blocks past the last used one),
+    num_post_pad_1 int32 [1] (used length).
+    Assignments whose expert id is >= num_experts (the sentinel the caller uses for padding rows)
+    are dropped.
+    """
+    device = experts_TK.device
+    flat_R = experts_TK.flatten()
+    R = flat_R.numel()
+    P = triton.cdiv(R + num_experts * (block_m - 1), block_m) * block_m
+    # Sentinels share one extra bucket, num_experts, that sorts last and gets no slots.
+    key_R = flat_R.long().clamp(max=num_experts)
+    counts_E1 = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts_E1.scatter_add_(0, key_R, torch.ones_like(key_R))
+    padded_E = (counts_E1[:num_experts] + block_m - 1) // block_m * block_m
+    end_E = torch.cumsum(padded_E, 0)
+    start_E1 = torch.cat([end_E - padded_E, end_E.new_zeros(1)])  # first slot of each bucket
+
+    order_R = torch.argsort(key_R, stable=True)  # stable: within an expert, in token order
+    key_sorted_R = key_R[order_R]
+    first_E1 = torch.cumsum(counts_E1, 0) - counts_E1  # bucket starts in the unpadded order
+    rank_R = torch.arange(R, device=device) - first_E1[key_sorted_R]
+    # Sentinel assignments all go to scratch slot P, cut off below.
+    dest_R = torch.where(key_sorted_R < num_experts, start_E1[key_sorted_R] + rank_R, P)
+    sorted_ids = torch.full((P + 1,), R, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest_R, order_R.to(torch.int32))
+
+    # Block b belongs to the expert whose padded range holds b*block_m: the number of experts
+    # that end at or before it (empty experts end where the previous one did, so they never
+    # own a block).
+    block_start_Q = torch.arange(0, P, block_m, device=device)
+    block_expert_Q = torch.searchsorted(end_E, block_start_Q, right=True)
+    block_expert_Q = torch.where(block_expert_Q < num_experts, block_expert_Q, -1)
+    return sorted_ids[:P], block_expert_Q.to(torch.int32), end_E[-1:].to(torch.int32)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr,  # [rows, K]: x_TD for GEMM 1, h_RF for GEMM 2
+    b_ptr,  # [slots, N, K]: one nn.Linear weight per expert
+    c_ptr,  # [R, N], row = assignment id
+    routed_weight_ptr,  # [R] float32
+    sorted_ids_ptr,
+    block_expert_ptr,
+    num_post_pad_ptr,
+    expert_slot_ptr,
+    N,
+    K,
+    P,
+    num_assignments,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bn,
+    stride_bk,
+    stride_cm,
+    stride_cn,
+    ROWS_PER_A: tl.constexpr,  # top_k for GEMM 1 (token = id // top_k), 1 for GEMM 2
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    HAS_EXPERT_SLOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 models: torch's matmul uses no TF32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Programs that run back to back take GROUP_M row blocks for one column tile, so a B tile
+    # (weights: the big operand) is read from L2 rather than HBM by the blocks of one expert.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(P, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    # The grid covers the worst case P; blocks past the used length have nothing to do.
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    if HAS_EXPERT_SLOT:
+        expert = tl.load(expert_slot_ptr + expert)
+    expert = expert.to(tl.int64)  # slot * stride_be can pass 2**31 elements
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)  # P is a multiple of BLOCK_M
+    row_ok = ids < num_assignments  # padding entries hold num_assignments
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + (ids // ROWS_PER_A)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if MUL_ROUTED_WEIGHT:
+        # The readable path rounds the expert output to the model dtype, then multiplies the
+        # float32 weight; do the same so both round alike.
+        w = tl.load(routed_weight_ptr + ids, mask=row_ok, other=0.0)
+        acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32) * w[:, None]
+    c_ptrs = c_ptr + ids[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _moe_gemm(
+    a: torch.Tensor,
+    b_ENK: torch.Tensor,
+    c_RN: torch.Tensor,
+    routed_weight_R: torch.Tensor | None,
+    sorted_ids_P: torch.Tensor,
+    block_expert_Q: torch.Tensor,
+    num_post_pad_1: torch.Tensor,
+    expert_slot_E: torch.Tensor | None,
+    rows_per_a: int,
+    cfg: dict[str, int],
+) -> None:
+    _, N, K = b_ENK.shape
+    P = sorted_ids_P.numel()
+    grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _moe_gemm_kernel[grid](
+        a,
+        b_ENK,
+        c_RN,
+        routed_weight_R if routed_weight_R is not None else c_RN,  # unused pointer
+        sorted_ids_P,
+        block_expert_Q,
+        num_post_pad_1,
+        expert_slot_E if expert_slot_E is not None else block_expert_Q,  # unused pointer
+        N,
+        K,
+        P,
+        c_RN.shape[0],
+        a.stride(0),
+        a.stride(1),
+        b_ENK.stride(0),
+        b_ENK.stride(1),
+        b_ENK.stride(2),
+        c_RN.stride(0),
+        c_RN.stride(1),
+        ROWS_PER_A=rows_per_a,
+        MUL_ROUTED_WEIGHT=routed_weight_R is not None,
+        HAS_EXPERT_SLOT=expert_slot_E is not None,
+        # "tf32" is Triton's default, and only affects float32 inputs.
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up_ptr, out_ptr, F, stride_in, stride_out, BLOCK_F: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    ok = offs < F
+    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + F + offs, mask=ok, other=0.0).to(tl.float32)
+    # torch's F.silu(gate) * up rounds twice, after the silu and after the product: so do we,
+    # and with torch's formula for silu.
+    silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + offs, (silu * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate_up_RF2: torch.Tensor, out_RF: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up of a [R, 2F] tensor whose halves are gate then up (rows may be strided)."""
+    R, F2 = gate_up_RF2.shape
+    F = F2 // 2
+    if out_RF is None:
+        out_RF = torch.empty(R, F, dtype=gate_up_RF2.dtype, device=gate_up_RF2.device)
+    assert gate_up_RF2.stride(1) == 1 and out_RF.stride(1) == 1, "rows must be contiguous"
+    block_f = 16 if interpreting() else min(1024, _pow2_at_least_16(F))
+    if R:
+        grid = (R, triton.cdiv(F, block_f))
+        _silu_mul_kernel[grid](
+            gate_up_RF2, out_RF, F, gate_up_RF2.stride(0), out_RF.stride(0), BLOCK_F=block_f
+        )
+    return out_RF
+
+
+def fused_moe(
+    x_TD: torch.Tensor,
+    w_gate_up_EF2D: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    *,
+    expert_slot_E: torch.Tensor | None = None,
+    out_TD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
+
+    w_gate_up is [E, 2F, D] (rows 0..F-1 gate, F..2F-1 up, as MoE.w_gate_up), w_down [E, D, F];
+    weights_TK float32, experts_TK int64. expert_slot_E (optional int32/int64 [num_experts]):
+    expert e's weights live at index expert_slot_E[e] of the weight tensors (for an expert
+    cache); default identity. Rows whose experts are all the sentinel (>= num_experts) get 0.
+    """
+    T, D = x_TD.shape
+    K = experts_TK.shape[1]
+    F = w_down_EDF.shape[2]
+    R = T * K
+    num_experts = expert_slot_E.numel() if expert_slot_E is not None else w_gate_up_EF2D.shape[0]
+    dtype, device = x_TD.dtype, x_TD.device
+    if out_TD is None:
+        out_TD = torch.empty(T, D, dtype=dtype, device=device)
+
+    cfg_up = _config(T, num_experts, K, 2 * F, D, dtype)
+    cfg_down = _config(T, num_experts, K, D, F, dtype)
+    cfg_down["BLOCK_M"] = cfg_up["BLOCK_M"]  # one alignment serves both GEMMs
+    sorted_ids_P, block_expert_Q, num_post_pad_1 = moe_align(
+        experts_TK, num_experts, cfg_up["BLOCK_M"]
+    )
+
+    # Rows of sentinel assignments are never written by GEMM 1 nor read by GEMM 2; under the
+    # interpreter silu_mul's numpy would warn about the garbage in them, so zero them there.
+    alloc = torch.zeros if interpreting() else torch.empty
+    gate_up_RF2 = alloc(R, 2 * F, dtype=dtype, device=device)
+    _moe_gemm(
+        x_TD,
+        w_gate_up_EF2D,
+        gate_up_RF2,
+        None,
+        sorted_ids_P,
+        block_expert_Q,
+        num_post_pad_1,
+        expert_slot_E,
+        K,
+        cfg_up,
+    )
+    h_RF = silu_mul(gate_up_RF2)
+    # Zeroed because GEMM 2 skips sentinel assignments and the sum below reads every row.
+    y_RD = torch.zeros(R, D, dtype=dtype, device=device)
+    _moe_gemm(
+        h_RF,
+        w_down_EDF,
+        y_RD,
+        weights_TK.reshape(R).to(torch.float32),
+        sorted_ids_P,
+        block_expert_Q,
+        num_post_pad_1,
+        expert_slot_E,
+        1,
+        cfg_down,
+    )
+    return torch.sum(y_RD.view(T, K, D), dim=1, out=out_TD)

@@ -1,0 +1,360 @@
+"""Paged-attention decode (one new query token per sequence) as Triton kernels, CUDA-graph safe.
+
+Flash-decoding / split-K: the context of each sequence is cut into partitions of
+PARTITION_SIZE positions, spread over J programs per (sequence, kv head): program j takes
+partitions j, j + J, j + 2J, ... (interleaved, so short and long sequences both spread over
+their programs) and leaves one partial result (running max, sum, unnormalised output). A small
+second kernel merges the J partials with log-sum-exp rescaling. With batch 1 and 8 kv heads a
+4k context runs on 8 * 16 = 128 programs instead of 8.
+
+J = min(partitions in the table's width, MAX_PROGRAMS // (B * G)): the grid depends only on
+shapes, never on the context lengths' values, so there is no device-to-host read and a captured
+graph stays valid when lengths change. The cap matters because tables are usually padded to the
+longest allowed context: without it a batch of 64 with 32k-wide tables would launch 65k
+programs, most of them idle. When J == 1 the single program per (sequence, kv head) normalises
+and writes the output itself and the merge is skipped (a shape-only decision).
+
+Each program carries all query heads of its kv head (GQA) as the rows of one [QH_PAD, X_PAD]
+tile, so K and V are read once per kv head, and walks its partitions TILE positions at a time:
+every position looks up its own block id, which handles any block size S (also S < 16, below
+tl.dot's minimum) and never touches block-table entries past the sequence's context.
+The twin readable path is moeserve.model.layers.paged_attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Positions per partition. Fixed rather than sized from the table width, so that parallelism
+# follows the actual context. On an H100 (bf16, H=32, G=8, X=128, S=16, 4k contexts, graph
+# replays) 256 ran batch 1 in 15 us against 71 us unsplit (8 programs on 132 SMs).
+PARTITION_SIZE = 256
+# Most programs per launch (about 16 per SM on an H100) before partitions get interleaved:
+# 2048 edged out 4096 and 8192 there at batch 7 to 256.
+MAX_PROGRAMS = 2048
+# Positions per inner step (one K and one V tile), for head dims up to 128; half that above, to
+# bound registers. A multiple of 16 (tl.dot) that divides PARTITION_SIZE. 128 beat 32 and 64.
+TILE_N = 128
+NUM_WARPS = 4
+# Partial results the merge reads per step.
+_MERGE_CHUNK = 32
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# "No key yet" running max: finite, so exp2(m_old - m_new) never gives NaN. A constexpr: jitted
+# code may read no other globals (the interpreter does not enforce this; the compiler does).
+_NEG_BIG = tl.constexpr(-1.0e30)
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_partition_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bt_ptr,
+    ctx_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    scale_log2e,
+    window,
+    num_progs,  # J: programs per (sequence, kv head)
+    stride_qb,
+    stride_qh,
+    stride_kn,
+    stride_ks,
+    stride_kg,
+    stride_vn,
+    stride_vs,
+    stride_vg,
+    stride_btb,
+    stride_btm,
+    stride_ob,
+    stride_oh,
+    stride_ab,
+    stride_ah,
+    stride_aj,
+    stride_mb,
+    stride_mh,
+    X: tl.constexpr,
+    QPG: tl.constexpr,  # query heads per kv head
+    S: tl.constexpr,
+    QH_PAD: tl.constexpr,
+    X_PAD: tl.constexpr,
+    PARTITION: tl.constexpr,
+    TILE: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    SINGLE: tl.constexpr,  # J == 1: write the normalised output, no merge
+):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    j = tl.program_id(2)
+
+    ctx = tl.load(ctx_ptr + b).to(tl.int32)
+    lo = 0  # first position the query may see
+    if USE_WINDOW:
+        lo = tl.maximum(ctx - window, 0)
+    first_part = lo // PARTITION
+    last_part = tl.cdiv(ctx, PARTITION)
+    # This program's first partition at or after first_part (partitions j mod J are its own).
+    behind = tl.maximum(first_part - j, 0)
+    p0 = j + ((behind + num_progs - 1) // num_progs) * num_progs
+
+    rows = tl.arange(0, QH_PAD)
+    cols = tl.arange(0, X_PAD)
+    heads = g * QPG + rows
+    row_ok = rows < QPG
+    col_ok = cols < X
+    ml_off = b * stride_mb + heads * stride_mh + j
+
+    if p0 >= last_part:
+        # Nothing of this sequence is ours: a neutral max/sum (the merge skips the output).
+        if not SINGLE:
+            tl.store(part_max_ptr + ml_off, tl.full([QH_PAD], _NEG_BIG, tl.float32), mask=row_ok)
+            tl.store(part_sum_ptr + ml_off, tl.zeros([QH_PAD], tl.float32), mask=row_ok)
+        return
+
+    q_mask = row_ok[:, None] & col_ok[None, :]
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :], mask=q_mask, other=0.0
+    )
+
+    m_i = tl.full([QH_PAD], _NEG_BIG, tl.float32)  # running max of log2-scaled scores
+    l_i = tl.zeros([QH_PAD], tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([QH_PAD, X_PAD], tl.float32)
+
+    toks = tl.arange(0, TILE)
+    bt_row = bt_ptr + b * stride_btb
+    for part in range(p0, last_part, num_progs):
+        start = part * PARTITION
+        end = tl.minimum(start + PARTITION, ctx)
+        # From the tile holding the first visible position: tiles wholly before the window are
+        # skipped, and tile starts stay aligned to the partition.
+        first = start + ((tl.maximum(start, lo) - start) // TILE) * TILE
+        for t in range(first, end, TILE):
+            pos = t + toks
+            ok = (pos < end) & (pos >= lo)
+            # Masked lanes read no table entry: entries past the context may be garbage.
+            blk = tl.load(bt_row + (pos // S) * stride_btm, mask=ok, other=0).to(tl.int64)
+            slot = pos % S
+
+            k_row = blk * stride_kn + slot * stride_ks + g * stride_kg
+            k_t = tl.load(
+                k_ptr + k_row[None, :] + cols[:, None],
+                mask=col_ok[:, None] & ok[None, :],
+                other=0.0,
+            )  # [X_PAD, TILE]
+            # "ieee" only matters for float32 inputs (no tf32 rounding); bf16/fp16 ignore it.
+            s = tl.dot(q, k_t, input_precision="ieee") * scale_log2e
+            s = tl.where(ok[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+
+            v_row = blk * stride_vn + slot * stride_vs + g * stride_vg
+            v = tl.load(
+                v_ptr + v_row[:, None] + cols[None, :],
+                mask=ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )  # [TILE, X_PAD]
+            # Probabilities go to the cache dtype for the tensor-core product (as flash
+            # attention does); accumulation stays float32.
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+
+    if SINGLE:
+        o = acc / l_i[:, None]
+        o_off = b * stride_ob + heads[:, None] * stride_oh + cols[None, :]
+        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        a_off = b * stride_ab + heads[:, None] * stride_ah + j * stride_aj + cols[None, :]
+        tl.store(part_acc_ptr + a_off, acc, mask=q_mask)
+        tl.store(part_max_ptr + ml_off, m_i, mask=row_ok)
+        tl.store(part_sum_ptr + ml_off, l_i, mask=row_ok)  # >= 1: at least one key seen
+
+
+@triton.jit
+def _decode_merge_kernel(
+    out_ptr,
+    ctx_ptr,
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    num_progs,
+    stride_ob,
+    stride_oh,
+    stride_ab,
+    stride_ah,
+    stride_aj,
+    stride_mb,
+    stride_mh,
+    X: tl.constexpr,
+    X_PAD: tl.constexpr,
+    PARTITION: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    # Program j owns partitions j mod J, so programs j >= the sequence's partition count
+    # found nothing: stop there (a short context in a wide table reads few partials).
+    used = tl.minimum(tl.cdiv(tl.load(ctx_ptr + b).to(tl.int32), PARTITION), num_progs)
+    cols = tl.arange(0, X_PAD)
+    col_ok = cols < X
+    chunk = tl.arange(0, CHUNK)
+    ml_row = b * stride_mb + h * stride_mh
+    acc_row = part_acc_ptr + b * stride_ab + h * stride_ah
+
+    m = tl.max(tl.full([CHUNK], _NEG_BIG, tl.float32), 0)
+    l_sum = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
+    acc = tl.zeros([X_PAD], tl.float32)
+    for c0 in range(0, used, CHUNK):
+        js = c0 + chunk
+        m_c = tl.load(part_max_ptr + ml_row + js, mask=js < used, other=_NEG_BIG)
+        l_c = tl.load(part_sum_ptr + ml_row + js, mask=js < used, other=0.0)
+        # Neutral partials (l == 0, e.g. wholly before the window) wrote no output: skip it.
+        live = (js < used) & (l_c > 0)
+        a_c = tl.load(
+            acc_row + js[:, None] * stride_aj + cols[None, :],
+            mask=live[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(m_c, 0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.where(live, tl.exp2(m_c - m_new), 0.0)
+        l_sum = l_sum * alpha + tl.sum(l_c * w, 0)
+        acc = acc * alpha + tl.sum(a_c * w[:, None], 0)
+        m = m_new
+
+    o = acc / l_sum
+    o_ptr = out_ptr + b * stride_ob + h * stride_oh + cols
+    tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def paged_decode_attention(
+    q_BHX: torch.Tensor,
+    k_cache_NSGX: torch.Tensor,
+    v_cache_NSGX: torch.Tensor,
+    block_tables_BM: torch.Tensor,
+    context_lens_B: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    out_BHX: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One new query token per sequence (already written into the cache) attends over its
+    sequence's first context_lens_B[b] cached positions (position p lives at block
+    block_tables_BM[b, p // S], slot p % S).
+
+    window: only keys with position > context_len - 1 - window (same rule as
+    layers.paged_attention). Returns [B, H, X] in q's dtype (written into out_BHX when given).
+    GQA: H is a multiple of G; query head h uses kv head h // (H // G).
+    Only shapes size the launch (no host reads), so the call can be captured in a CUDA graph.
+    """
+    b, h, x = q_BHX.shape
+    _, s, g, xk = k_cache_NSGX.shape
+    if v_cache_NSGX.shape != k_cache_NSGX.shape or xk != x:
+        raise ValueError(f"cache shapes {k_cache_NSGX.shape} / {v_cache_NSGX.shape} vs q {x=}")
+    if h % g:
+        raise ValueError(f"{h} query heads are not a multiple of {g} kv heads")
+    if q_BHX.dtype not in _DTYPES or {k_cache_NSGX.dtype, v_cache_NSGX.dtype} != {q_BHX.dtype}:
+        raise ValueError(f"dtypes {q_BHX.dtype}, {k_cache_NSGX.dtype}, {v_cache_NSGX.dtype}")
+    if x > 256 or s & (s - 1) or block_tables_BM.dim() != 2 or block_tables_BM.shape[0] < b:
+        raise ValueError(
+            f"unsupported head dim {x}, block size {s} or table {block_tables_BM.shape}"
+        )
+    if context_lens_B.shape[0] < b:
+        raise ValueError(f"context_lens_B has {context_lens_B.shape[0]} entries for {b} sequences")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+
+    q_BHX = _last_dim_contiguous(q_BHX)
+    k_cache_NSGX = _last_dim_contiguous(k_cache_NSGX)
+    v_cache_NSGX = _last_dim_contiguous(v_cache_NSGX)
+    if out_BHX is None:
+        out_BHX = torch.empty_like(q_BHX)
+    elif out_BHX.shape != q_BHX.shape or out_BHX.dtype != q_BHX.dtype:
+        raise ValueError(f"out_BHX {out_BHX.shape} {out_BHX.dtype} does not match q")
+    dst = _last_dim_contiguous(out_BHX)
+    if b == 0:
+        return out_BHX
+
+    qpg = h // g
+    num_parts = triton.cdiv(block_tables_BM.shape[1] * s, PARTITION_SIZE)
+    num_progs = max(1, min(num_parts, MAX_PROGRAMS // (b * g)))
+    single = num_progs == 1  # shape-only: the merge would be an identity
+    x_pad = max(16, triton.next_power_of_2(x))
+    if single:
+        part_acc = part_max = part_sum = dst  # unused placeholders
+        acc_strides = ml_strides = (0, 0, 0)
+    else:
+        # float32 partials; allocated per call (from the graph's private pool when captured).
+        dev = q_BHX.device
+        part_acc = torch.empty((b, h, num_progs, x), dtype=torch.float32, device=dev)
+        part_max = torch.empty((b, h, num_progs), dtype=torch.float32, device=dev)
+        part_sum = torch.empty_like(part_max)
+        acc_strides = part_acc.stride()[:3]
+        ml_strides = part_max.stride()
+    win = 0 if window is None else int(window)
+
+    _decode_partition_kernel[(b, g, num_progs)](
+        q_BHX,
+        k_cache_NSGX,
+        v_cache_NSGX,
+        block_tables_BM,
+        context_lens_B,
+        dst,
+        part_acc,
+        part_max,
+        part_sum,
+        float(scale) * _LOG2E,
+        win,
+        num_progs,
+        q_BHX.stride(0),
+        q_BHX.stride(1),
+        *k_cache_NSGX.stride()[:3],
+        *v_cache_NSGX.stride()[:3],
+        *block_tables_BM.stride(),
+        dst.stride(0),
+        dst.stride(1),
+        *acc_strides,
+        *ml_strides[:2],
+        X=x,
+        QPG=qpg,
+        S=s,
+        QH_PAD=max(16, triton.next_power_of_2(qpg)),
+        X_PAD=x_pad,
+        PARTITION=PARTITION_SIZE,
+        TILE=TILE_N if x_pad <= 128 else TILE_N // 2,
+        USE_WINDOW=window is not None,
+        SINGLE=single,
+        num_warps=NUM_WARPS,
+    )
+    if not single:
+        _decode_merge_kernel[(b, h)](
+            dst,
+            context_lens_B,
+            part_acc,
+            part_max,
+            part_sum,
+            num_progs,
+            dst.stride(0),
+            dst.stride(1),
+            *acc_strides,
+            *ml_strides[:2],
+            X=x,
+            X_PAD=x_pad,
+            PARTITION=PARTITION_SIZE,
+            CHUNK=_MERGE_CHUNK,
+            num_warps=2,
+        )
+    if dst is not out_BHX:
+        out_BHX.copy_(dst)
+    return out_BHX

@@ -1,0 +1,284 @@
+"""The Triton paged decode-attention kernel against the readable path (layers.paged_attention).
+
+On CPU the kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET), in float32
+with tiny shapes: indexing, masking, windows, GQA and the split-K merge must match to ~1e-5.
+gpu-marked tests run bf16 at Mixtral-like shapes on CUDA and capture the kernel in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moeserve.kernels import paged_attention as pa_module  # noqa: E402
+from moeserve.kernels.paged_attention import PARTITION_SIZE, paged_decode_attention  # noqa: E402
+from moeserve.model.layers import AttentionMetadata, paged_attention  # noqa: E402
+
+P = PARTITION_SIZE
+
+
+def _make_case(
+    batch: int,
+    heads: int,
+    groups: int,
+    head_dim: int,
+    block: int,
+    ctxs: list[int],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    table_dtype: torch.dtype = torch.int64,
+    ctx_dtype: torch.dtype = torch.int64,
+    extra_cols: int = 2,
+    gen: torch.Generator | None = None,  # on `device`
+) -> dict:
+    """Random q and a paged cache in shuffled blocks, poisoned wherever the kernel must not look.
+
+    Blocks no sequence uses and the slots past each context are NaN; table entries past each
+    sequence's used blocks are garbage (huge, negative, or pointing at a NaN block). The
+    readable path gets a clean copy (NaN -> 0, garbage -> 0): its gather reads whole blocks.
+    """
+    assert len(ctxs) == batch
+    used = [(c + block - 1) // block for c in ctxs]
+    width = max(used) + extra_cols
+    spare = 3
+    n_blocks = sum(used) + spare
+    kw = {"dtype": dtype, "device": device, "generator": gen}
+    k = torch.randn(n_blocks, block, groups, head_dim, **kw)
+    v = torch.randn(n_blocks, block, groups, head_dim, **kw)
+    q = torch.randn(batch, heads, head_dim, **kw)
+
+    perm = torch.randperm(n_blocks, generator=gen, device=device).tolist()
+    poison = perm[:spare]
+    k[poison] = float("nan")
+    v[poison] = float("nan")
+    huge = 2**31 - 1 if table_dtype == torch.int32 else 2**40
+    garbage = [huge, -7, poison[0], n_blocks]
+    table = torch.zeros(batch, width, dtype=torch.int64)
+    clean_table = torch.zeros(batch, width, dtype=torch.int64)
+    nxt = spare
+    for b, (c, u) in enumerate(zip(ctxs, used)):
+        ids = perm[nxt : nxt + u]
+        nxt += u
+        table[b, :u] = torch.tensor(ids)
+        clean_table[b, :u] = torch.tensor(ids)
+        for j in range(u, width):
+            table[b, j] = garbage[(b + j) % len(garbage)]
+        tail = c - (u - 1) * block  # slots of the last block past the context
+        k[ids[-1], tail:] = float("nan")
+        v[ids[-1], tail:] = float("nan")
+
+    ctx_t = torch.tensor(ctxs)
+    meta = AttentionMetadata(
+        query_lens=[1] * batch,
+        context_lens=list(ctxs),
+        num_decodes=batch,
+        block_tables_BM=clean_table.to(device),
+        context_lens_B=ctx_t.to(device),
+        slot_mapping_T=torch.zeros(batch, dtype=torch.int64, device=device),
+    )
+    return {
+        "q": q,
+        "k": k,
+        "v": v,
+        "k_clean": torch.nan_to_num(k, nan=0.0),
+        "v_clean": torch.nan_to_num(v, nan=0.0),
+        "table": table.to(table_dtype).to(device),
+        "ctx": ctx_t.to(ctx_dtype).to(device),
+        "meta": meta,
+    }
+
+
+def _run_kernel(case: dict, scale: float, window: int | None) -> torch.Tensor:
+    out = torch.full_like(case["q"], float("nan"))  # poisoned: every element must be written
+    got = paged_decode_attention(
+        case["q"], case["k"], case["v"], case["table"], case["ctx"], scale, window, out_BHX=out
+    )
+    assert got is out
+    return out
+
+
+def _run_readable(case: dict, scale: float, window: int | None) -> torch.Tensor:
+    return paged_attention(case["q"], case["k_clean"], case["v_clean"], case["meta"], scale, window)
+
+
+# (batch, heads, kv heads, head dim, block size, context lengths, window)
+CPU_CASES = [
+    pytest.param(1, 4, 2, 16, 8, [1], None, id="b1-ctx1"),
+    pytest.param(4, 4, 2, 24, 8, [1, 7, 8, 9], None, id="S-1,S,S+1-x24"),
+    pytest.param(3, 4, 4, 32, 16, [15, 16, 17], None, id="mha"),
+    pytest.param(1, 8, 1, 16, 16, [P + 1], None, id="mqa-b1-two-parts"),
+    pytest.param(3, 4, 2, 24, 16, [2 * P + 37, P, 5], None, id="three-parts-mixed"),
+    pytest.param(2, 4, 2, 80, 32, [P - 1, 2 * P], None, id="x80-part-edges"),
+    pytest.param(2, 2, 1, 16, 256, [600, 3], None, id="S256"),
+    pytest.param(1, 2, 1, 136, 8, [P + 5], None, id="x136-half-tile"),
+    pytest.param(3, 4, 2, 24, 8, [600, 40, 1], 100, id="window-skips-part"),
+    pytest.param(2, 4, 2, 24, 16, [2 * P + 10, 90], P, id="window-spans-parts"),
+    pytest.param(2, 4, 2, 16, 8, [30, 3], 1000, id="window-past-start"),
+    pytest.param(2, 4, 2, 16, 8, [30, 3], 1, id="window-1"),
+]
+
+
+@pytest.mark.parametrize("batch,heads,groups,head_dim,block,ctxs,window", CPU_CASES)
+def test_matches_readable_path(batch, heads, groups, head_dim, block, ctxs, window):
+    gen = torch.Generator().manual_seed(sum(ctxs) + head_dim)
+    case = _make_case(batch, heads, groups, head_dim, block, ctxs, gen=gen)
+    scale = head_dim**-0.5
+    torch.testing.assert_close(
+        _run_kernel(case, scale, window), _run_readable(case, scale, window), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("ctx_dtype", [torch.int32, torch.int64])
+def test_index_dtypes(table_dtype, ctx_dtype):
+    gen = torch.Generator().manual_seed(7)
+    case = _make_case(
+        2, 4, 2, 16, 16, [P + 20, 33], table_dtype=table_dtype, ctx_dtype=ctx_dtype, gen=gen
+    )
+    torch.testing.assert_close(
+        _run_kernel(case, 0.25, None), _run_readable(case, 0.25, None), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("max_programs", [1, 2, 5])
+@pytest.mark.parametrize("window", [None, P + 30])
+def test_programs_take_interleaved_partitions(monkeypatch, max_programs, window):
+    """Fewer programs than partitions (the cap MAX_PROGRAMS // (B * G)): each walks partitions
+    j, j + J, ...; with J == 1 one program walks them all and the merge is skipped."""
+    monkeypatch.setattr(pa_module, "MAX_PROGRAMS", max_programs)
+    gen = torch.Generator().manual_seed(max_programs)
+    case = _make_case(1, 2, 1, 16, 16, [5 * P + 11], extra_cols=2 * P // 16, gen=gen)
+    torch.testing.assert_close(
+        _run_kernel(case, 0.3, window), _run_readable(case, 0.3, window), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_short_contexts_in_a_wide_table():
+    """A table wide enough for many partitions while every context fits the first: the other
+    partitions exit early and the merge sees only one."""
+    gen = torch.Generator().manual_seed(3)
+    case = _make_case(2, 4, 2, 16, 8, [5, 12], extra_cols=3 * P // 8, gen=gen)
+    torch.testing.assert_close(
+        _run_kernel(case, 0.3, None), _run_readable(case, 0.3, None), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_strided_views_in_and_out():
+    """q as a slice of a fused qkv row and out as rows of a larger [T, H, X] buffer."""
+    gen = torch.Generator().manual_seed(5)
+    batch, heads, groups, x = 3, 4, 2, 24
+    case = _make_case(batch, heads, groups, x, 8, [9, P + 3, 1], gen=gen)
+    qkv = torch.randn(batch + 2, (heads + 2 * groups) * x, generator=gen)
+    qkv[:batch, : heads * x] = case["q"].reshape(batch, -1)
+    q_view = qkv[:, : heads * x].view(batch + 2, heads, x)[:batch]
+    out_all = torch.full((batch + 2, heads, x), float("nan"))
+    paged_decode_attention(
+        q_view, case["k"], case["v"], case["table"], case["ctx"], 0.2, None, out_BHX=out_all[:batch]
+    )
+    torch.testing.assert_close(
+        out_all[:batch], _run_readable(case, 0.2, None), atol=1e-5, rtol=1e-5
+    )
+    assert out_all[batch:].isnan().all()  # nothing written past the batch
+    # Without out_BHX: a fresh tensor in q's dtype and shape.
+    got = paged_decode_attention(q_view, case["k"], case["v"], case["table"], case["ctx"], 0.2)
+    assert got.shape == (batch, heads, x) and got.dtype == torch.float32
+    torch.testing.assert_close(got, out_all[:batch], atol=0.0, rtol=0.0)
+
+
+# ---------------------------------------------------------------- CUDA (gpu-marked) tests
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _random_ctxs(batch: int, max_ctx: int, gen: torch.Generator) -> list[int]:
+    ctxs = torch.randint(1, max_ctx + 1, (batch,), generator=gen, device=gen.device).tolist()
+    ctxs[0] = max_ctx  # the longest context always present: all partitions in play
+    return ctxs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "batch,max_ctx,window,dtype",
+    [
+        (1, 4096, None, torch.bfloat16),
+        (1, 300, None, torch.bfloat16),
+        (7, 4000, None, torch.bfloat16),
+        (64, 4096, None, torch.bfloat16),
+        (7, 4096, 1000, torch.bfloat16),
+        (7, 3000, None, torch.float16),
+    ],
+)
+def test_cuda_mixtral_shapes(batch, max_ctx, window, dtype):
+    heads, groups, x, block = 32, 8, 128, 16
+    scale = x**-0.5
+    gen = torch.Generator(device="cuda").manual_seed(batch * 10_000 + max_ctx)
+    for _ in range(3):  # fresh random data for each check
+        ctxs = _random_ctxs(batch, max_ctx, gen)
+        case = _make_case(batch, heads, groups, x, block, ctxs, dtype, "cuda", gen=gen)
+        kernel = _run_kernel(case, scale, window)
+        readable = _run_readable(case, scale, window)
+        exact = dict(case, **{key: case[key].double() for key in ("q", "k_clean", "v_clean")})
+        ref = _run_readable(exact, scale, window)  # float64 from the same low-precision inputs
+        err_kernel, err_readable = _rel_err(kernel, ref), _rel_err(readable, ref)
+        # Both paths see identical (exact) low-precision inputs and accumulate in float32, so
+        # their errors come from rounding the output to its dtype (relative ~u/sqrt(3), with
+        # u = 2^-8 for bf16) plus, in the kernel, rounding the probabilities to that dtype
+        # before the P @ V product (as flash attention does): an independent error of the same
+        # size (each output is a weighted mean of V rows, each weight off by at most u
+        # relative). So the kernel's error should be about sqrt(2) times the readable path's;
+        # more than twice it, or above 1e-2 (a wrong index lands near 1), is a bug.
+        assert err_kernel <= 2.0 * err_readable, (err_kernel, err_readable)
+        assert err_kernel < 1e-2, (err_kernel, err_readable)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_after_inputs_change():
+    heads, groups, x, block, batch, max_ctx = 32, 8, 128, 16, 5, 2048
+    scale = x**-0.5
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    width = max_ctx // block
+    n_blocks = batch * width + 8
+
+    def fill(q, k, v, table, ctx) -> None:
+        """New contents for the captured buffers, in place: all of them change."""
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, generator=gen, device="cuda"))
+        ctxs = _random_ctxs(batch, max_ctx, gen)
+        ctx.copy_(torch.tensor(ctxs, dtype=ctx.dtype))
+        perm = torch.randperm(n_blocks, generator=gen, device="cuda")[: batch * width]
+        table.copy_(perm.view(batch, width).to(table.dtype))
+
+    kw = {"dtype": torch.bfloat16, "device": "cuda"}
+    q = torch.empty(batch, heads, x, **kw)
+    k = torch.empty(n_blocks, block, groups, x, **kw)
+    v = torch.empty_like(k)
+    table = torch.empty(batch, width, dtype=torch.int32, device="cuda")
+    ctx = torch.empty(batch, dtype=torch.int32, device="cuda")
+    out = torch.empty(batch, heads, x, **kw)
+    fill(q, k, v, table, ctx)
+
+    side = torch.cuda.Stream()  # warm up (compile) off the capture stream, as torch advises
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        paged_decode_attention(q, k, v, table, ctx, scale, out_BHX=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(q, k, v, table, ctx, scale, out_BHX=out)
+
+    for _ in range(3):
+        fill(q, k, v, table, ctx)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = paged_decode_attention(q, k, v, table, ctx, scale)
+        torch.testing.assert_close(out, eager, atol=0.0, rtol=0.0)  # same kernels, same inputs
+        meta = AttentionMetadata(
+            [1] * batch, ctx.tolist(), batch, table.long(), ctx.long(), ctx.long()
+        )
+        readable = paged_attention(q, k, v, meta, scale, None)
+        torch.testing.assert_close(out, readable, atol=2e-2, rtol=2e-2)
