@@ -84,6 +84,12 @@ def add_engine_args(p: _EnvDefaults) -> None:
                       "ahead (pays off when the router's guesses are mostly right)")
     p.add_option("--load-format", default="safetensors", choices=["safetensors", "dummy"],
                  help="dummy: random weights of config.json's shapes (benchmarks)")
+    p.add_option("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                 help="auto: Triton fused-MoE and paged-attention kernels on CUDA; torch: the "
+                      "readable path everywhere")
+    p.add_option("--enforce-eager", action="store_true", default=False,
+                 help="no CUDA graphs for decode steps (they need --kernels triton/auto on CUDA "
+                      "and every expert resident)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -95,7 +101,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed, expert_cache_slots=args.expert_cache_slots,
         expert_cache_gb=args.expert_cache_gb, offload_mode=args.offload_mode,
         expert_cache_policy=args.expert_cache_policy, prefetch=args.prefetch,
-        load_format=args.load_format,
+        load_format=args.load_format, kernels=args.kernels, enforce_eager=args.enforce_eager,
     )
 
 

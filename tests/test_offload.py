@@ -183,8 +183,9 @@ def test_cache_too_small_for_one_expert(ckpt: Path) -> None:
 @pytest.mark.parametrize("mode", ["fetch", "cpu", "auto"])
 def test_gpu_greedy_tokens_identical(ckpt: Path, mode: str) -> None:
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    ref = LLM(ckpt, progress=False, device="cuda").generate(PROMPTS, greedy)
-    llm = LLM(ckpt, progress=False, device="cuda", expert_cache_slots=2, offload_mode=mode)
+    kw = dict(progress=False, device="cuda", kv_cache_memory=2**28)
+    ref = LLM(ckpt, **kw).generate(PROMPTS, greedy)
+    llm = LLM(ckpt, expert_cache_slots=2, offload_mode=mode, **kw)
     outs = llm.generate(PROMPTS, greedy)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in ref]
     assert all(s.misses > 0 for s in llm.engine.expert_cache_stats())

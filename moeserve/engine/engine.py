@@ -61,6 +61,31 @@ class StepResult:
     stats: StepStats | None
 
 
+KERNELS = ("auto", "triton", "torch")
+# The fused MoE GEMMs beat one cuBLAS GEMM per expert at every size measured on an H100 (up
+# to 4k-token prefills: benchmarks/RESULTS.md), and CUDA graphs need them.
+FUSED_MOE_MAX_TOKENS = 1 << 62
+
+
+def resolve_kernels(choice: str, device: torch.device) -> str:
+    """"triton" or "torch" for this device; "triton" without CUDA only under the interpreter."""
+    from moeserve.kernels import interpreting, triton_available
+
+    if choice not in KERNELS:
+        raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, got {choice!r}")
+    if choice == "torch":
+        return "torch"
+    runnable = triton_available() and (device.type == "cuda" or interpreting())
+    if choice == "triton" and not runnable:
+        raise ConfigError(
+            "kernels=triton needs the triton package and a CUDA device "
+            "(or TRITON_INTERPRET=1 for the slow CPU interpreter)"
+        )
+    if choice == "auto":
+        return "triton" if runnable and device.type == "cuda" else "torch"
+    return "triton"
+
+
 class Engine:
     """Continuous-batching engine over one model directory."""
 
@@ -76,7 +101,11 @@ class Engine:
         load_format: str = "safetensors",
         seed: int | None = None,
         progress: bool = True,
+        kernels: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
+        """kernels: "auto" (Triton on CUDA when importable), "triton" or "torch" (the readable
+        path). enforce_eager: no CUDA graphs for decode steps."""
         cache = cache or CacheConfig()
         sched = scheduler or SchedulerConfig()
         offload = offload or OffloadConfig()
@@ -102,8 +131,22 @@ class Engine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {cfg.max_position_embeddings}"
             )
+        self.kernels = resolve_kernels(kernels, self.model.device)
+        self.model.use_kernels(
+            self.kernels == "triton", fused_moe_max_tokens=FUSED_MOE_MAX_TOKENS
+        )
         num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len)
-        self.runner = Runner(self.model, num_blocks, cache.block_size)
+        graphs = (
+            self.kernels == "triton"
+            and self.model.device.type == "cuda"
+            and self.expert_store is None
+            and not enforce_eager
+        )
+        self.runner = Runner(
+            self.model, num_blocks, cache.block_size,
+            decode_graphs_up_to=sched.max_num_seqs if graphs else 0,
+            max_model_len=self.max_model_len,
+        )  # fmt: skip
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=cache.block_size,
@@ -126,13 +169,11 @@ class Engine:
         self._seq_ids = itertools.count()
         self.num_steps = 0  # steps that ran the model
         log.info(
-            "engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d",
-            cfg.model_type,
-            device,
-            num_blocks,
-            cache.block_size,
-            self.max_model_len,
-        )
+            "engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d, "
+            "%s kernels, decode CUDA graphs %s",
+            cfg.model_type, device, num_blocks, cache.block_size, self.max_model_len,
+            self.kernels, "on" if graphs else "off",
+        )  # fmt: skip
 
     # ----------------------------------------------------------------- requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

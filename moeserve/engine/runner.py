@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from moeserve.config import ModelConfig
+from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.layers import AttentionMetadata
 
@@ -78,23 +79,45 @@ class StepInputs:
 
 
 class Runner:
-    """Turns a list of per-sequence work items into one model forward and sampled-row logits."""
+    """Turns a list of per-sequence work items into one model forward and sampled-row logits.
 
-    def __init__(self, model: MoEForCausalLM, num_blocks: int, block_size: int) -> None:
+    With `decode_graphs_up_to` > 0 (CUDA, Triton kernels, experts resident), decode-only steps
+    of up to that many sequences replay captured CUDA graphs; the KV cache then holds one
+    extra scratch block for the graphs' padding rows.
+    """
+
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        *,
+        decode_graphs_up_to: int = 0,
+        max_model_len: int | None = None,
+    ) -> None:
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.num_blocks = num_blocks
+        extra = 1 if decode_graphs_up_to else 0
         self.kv_caches = allocate_kv_cache(
-            model.cfg, num_blocks, block_size, model.dtype, model.device
+            model.cfg, num_blocks + extra, block_size, model.dtype, model.device
         )
+        self.graphs: DecodeGraphs | None = None
+        if decode_graphs_up_to:
+            max_len = max_model_len or model.cfg.max_position_embeddings
+            self.graphs = DecodeGraphs(
+                model, self.kv_caches, block_size, -(-max_len // block_size),
+                scratch_block=num_blocks, sizes=capture_sizes(decode_graphs_up_to),
+            )  # fmt: skip
+            self.graphs.capture()
 
     def prepare(self, work: Sequence[Work]) -> StepInputs:
         # Decodes first (one token each): the attention batches them in one call.
         order = sorted(range(len(work)), key=lambda i: work[i].num_tokens != 1)
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        positions: list[int] = []
+        slots: list[int] = []
         query_lens: list[int] = []
         context_lens: list[int] = []
         tables: list[list[int]] = []
@@ -103,39 +126,42 @@ class Runner:
         for i in order:
             w = work[i]
             end = w.start + w.num_tokens
+            blocks = w.seq.block_ids
             ids.extend(w.seq.token_ids[w.start : end])
-            pos = torch.arange(w.start, end)
-            blocks = torch.tensor(w.seq.block_ids, dtype=torch.int64)
-            positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
+            positions.extend(range(w.start, end))
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(w.start, end))
             query_lens.append(w.num_tokens)
             context_lens.append(end)
-            tables.append(w.seq.block_ids)
+            tables.append(blocks)
             if w.sample:
                 rows.append(len(ids) - 1)
         width = max(len(t) for t in tables)
-        table_BM = torch.zeros(len(tables), width, dtype=torch.int64)
-        for b, t in enumerate(tables):
-            table_BM[b, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        table = [t + [0] * (width - len(t)) for t in tables]
         dev = self.device
         meta = AttentionMetadata(
             query_lens=query_lens,
             context_lens=context_lens,
             num_decodes=sum(1 for n in query_lens if n == 1),
-            block_tables_BM=table_BM.to(dev),
-            context_lens_B=torch.tensor(context_lens, dtype=torch.int64, device=dev),
-            slot_mapping_T=torch.cat(slots).to(dev),
+            block_tables_BM=torch.tensor(table, dtype=torch.int64).to(dev, non_blocking=True),
+            context_lens_B=torch.tensor(context_lens, dtype=torch.int64).to(dev),
+            slot_mapping_T=torch.tensor(slots, dtype=torch.int64).to(dev),
         )
         return StepInputs(
-            input_ids_T=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions_T=torch.cat(positions).to(dev),
+            input_ids_T=torch.tensor(ids, dtype=torch.int64).to(dev),
+            positions_T=torch.tensor(positions, dtype=torch.int64).to(dev),
             meta=meta,
-            logits_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
+            logits_rows=torch.tensor(rows, dtype=torch.int64).to(dev),
             order=order,
         )
 
     def execute(self, work: Sequence[Work]) -> tuple[torch.Tensor, list[int]]:
         """Run one step; returns float32 logits [R, V] and, per row, the index into `work`."""
+        if self.graphs is not None and self.graphs.covers(work):
+            logits_BV = self.graphs.run(work)
+            sampled = [i for i, w in enumerate(work) if w.sample]
+            if len(sampled) < len(work):
+                return logits_BV[sampled], sampled
+            return logits_BV.clone(), sampled  # the graph's buffer is rewritten next step
         inp = self.prepare(work)
         hidden_TD = self.model(inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches)
         logits = self.model.compute_logits(hidden_TD[inp.logits_rows])

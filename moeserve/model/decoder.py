@@ -6,6 +6,8 @@ N KV blocks, S slots per block.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,7 @@ class Attention(nn.Module):
             self.k_norm = _empty(kv, dtype=dtype, device=device)
         self.window = cfg.layer_windows[layer]
         self.scale = cfg.head_dim**-0.5
+        self.decode_kernel = False  # Triton kernels on (MoEForCausalLM.use_kernels)
 
     def forward(
         self,
@@ -64,11 +67,38 @@ class Attention(nn.Module):
             q_THX = rms_norm(q_THX, self.q_norm, cfg.rms_norm_eps)
             k_TGX = rms_norm(k_TGX, self.k_norm, cfg.rms_norm_eps)
         cos, sin = cos_sin
-        q_THX, k_TGX = apply_rotary(q_THX, cos, sin), apply_rotary(k_TGX, cos, sin)
+        if _fused_elementwise(self.decode_kernel, q_THX):
+            from moeserve.kernels.norm_rope import apply_rotary_
+
+            apply_rotary_(q_THX, k_TGX, cos, sin)
+        else:
+            q_THX, k_TGX = apply_rotary(q_THX, cos, sin), apply_rotary(k_TGX, cos, sin)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
-        o_THX = paged_attention(q_THX, k_cache, v_cache, meta, self.scale, self.window)
+        o_THX = paged_attention(
+            q_THX, k_cache, v_cache, meta, self.scale, self.window, self.decode_kernel
+        )
         return F.linear(o_THX.reshape(t, cfg.q_size), self.o_weight)
+
+
+# Below this many tokens an eager step launches torch's elementwise ops faster than Triton's
+# Python launcher runs; inside a CUDA graph launches cost nothing and one kernel beats six.
+_FUSED_ELEMENTWISE_MIN_TOKENS = 256
+
+
+def _fused_elementwise(kernels: bool, x: torch.Tensor) -> bool:
+    return kernels and (
+        x.shape[0] >= _FUSED_ELEMENTWISE_MIN_TOKENS
+        or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    )
+
+
+def _norm_fn(kernels: bool) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    if kernels:
+        from moeserve.kernels.norm_rope import rms_norm as fused
+
+        return fused
+    return rms_norm
 
 
 class DecoderLayer(nn.Module):
@@ -98,8 +128,12 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x_TD = x_TD + self.attn(rms_norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta)
-        return x_TD + self.mlp(rms_norm(x_TD, self.post_norm, self.eps))
+        norm = _norm_fn(_fused_elementwise(self.attn.decode_kernel, x_TD))
+        x_TD = x_TD + self.attn(norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta)
+        h_TD = norm(x_TD, self.post_norm, self.eps)
+        if isinstance(self.mlp, MoE):
+            return x_TD + self.mlp(h_TD, meta.valid_T)
+        return x_TD + self.mlp(h_TD)
 
 
 class MoEForCausalLM(nn.Module):
@@ -132,6 +166,15 @@ class MoEForCausalLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
 
+    def use_kernels(self, enabled: bool = True, fused_moe_max_tokens: int = 256) -> None:
+        """Switch the Triton fast path on or off: RMSNorm, rotary and paged decode attention
+        kernels everywhere, and the fused MoE GEMMs for batches of at most
+        `fused_moe_max_tokens` tokens (0: none). Offloaded layers keep their runner."""
+        for layer in self.layers:
+            layer.attn.decode_kernel = enabled
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.fused_max_tokens = fused_moe_max_tokens if enabled else 0
+
     def moe_layers(self) -> list[tuple[int, MoE]]:
         return [(i, l.mlp) for i, l in enumerate(self.layers) if isinstance(l.mlp, MoE)]
 
@@ -153,7 +196,8 @@ class MoEForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden_XD: torch.Tensor) -> torch.Tensor:
         """Float32 logits [X, V] for the selected rows of forward()'s output."""
-        h = rms_norm(hidden_XD, self.norm, self.cfg.rms_norm_eps)
+        norm = _norm_fn(_fused_elementwise(self.layers[0].attn.decode_kernel, hidden_XD))
+        h = norm(hidden_XD, self.norm, self.cfg.rms_norm_eps)
         return F.linear(h, self.lm_head_weight).float()
 
     def reset_expert_counts(self) -> None:

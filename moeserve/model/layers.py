@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from moeserve.config import ModelConfig
 
@@ -29,6 +30,9 @@ class AttentionMetadata:
     block_tables_BM: torch.Tensor  # int64, padded with 0
     context_lens_B: torch.Tensor  # int64
     slot_mapping_T: torch.Tensor  # int64: flat slot (block * S + offset) for each new token
+    # CUDA-graph batches are padded to a captured size: 1 for real tokens, 0 for padding
+    # (padding rows route to no expert and are not counted). None: every token is real.
+    valid_T: torch.Tensor | None = None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -142,56 +146,97 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
+    decode_kernel: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over everything cached for their sequence.
 
-    The readable torch path: decodes are one batched gather + SDPA with a padding mask;
-    each prefill chunk is one SDPA over its own context. Returns [T, H, X].
+    Decodes are one batched call: the Triton paged kernel when `decode_kernel` (no host
+    reads: CUDA-graph safe), else the readable gather + SDPA with a padding mask. Each prefill
+    chunk is one SDPA over its own context. Returns [T, H, X].
     """
     out_THX = torch.empty_like(q_THX)
-    heads, groups = q_THX.shape[1], k_cache_NSGX.shape[2]
-    gqa = heads != groups
     nd = meta.num_decodes
-    if nd:
-        max_ctx = max(meta.context_lens[:nd])
-        s = k_cache_NSGX.shape[1]
-        blocks_BM = meta.block_tables_BM[:nd, : (max_ctx + s - 1) // s]
-        k_BCGX, v_BCGX = _gather(k_cache_NSGX, blocks_BM), _gather(v_cache_NSGX, blocks_BM)
-        ctx_B = meta.context_lens_B[:nd]
-        key_pos = torch.arange(k_BCGX.shape[1], device=q_THX.device)
-        mask_BC = key_pos[None, :] < ctx_B[:, None]
-        if window is not None:
-            mask_BC &= key_pos[None, :] > (ctx_B[:, None] - 1 - window)
-        q = q_THX[:nd].unsqueeze(2)  # B H 1 X
-        o = F.scaled_dot_product_attention(
-            q,
-            k_BCGX.transpose(1, 2),
-            v_BCGX.transpose(1, 2),
-            attn_mask=mask_BC[:, None, None, :],
-            scale=scale,
-            enable_gqa=gqa,
-        )
-        out_THX[:nd] = o.squeeze(2)
+    if nd and decode_kernel:
+        from moeserve.kernels.paged_attention import paged_decode_attention
+
+        paged_decode_attention(
+            q_THX[:nd], k_cache_NSGX, v_cache_NSGX, meta.block_tables_BM[:nd],
+            meta.context_lens_B[:nd], scale, window, out_BHX=out_THX[:nd],
+        )  # fmt: skip
+    elif nd:
+        q = q_THX[:nd]
+        out_THX[:nd] = _decode_attention(q, k_cache_NSGX, v_cache_NSGX, meta, scale, window)
     start = nd
     for b in range(nd, len(meta.query_lens)):
         n, ctx = meta.query_lens[b], meta.context_lens[b]
-        s = k_cache_NSGX.shape[1]
-        blocks = meta.block_tables_BM[b, : (ctx + s - 1) // s]
-        k_CGX = _gather(k_cache_NSGX, blocks)[:ctx]
-        v_CGX = _gather(v_cache_NSGX, blocks)[:ctx]
-        q_pos = torch.arange(ctx - n, ctx, device=q_THX.device)
-        key_pos = torch.arange(ctx, device=q_THX.device)
-        mask_QC = key_pos[None, :] <= q_pos[:, None]
-        if window is not None:
-            mask_QC &= key_pos[None, :] > (q_pos[:, None] - window)
-        o = F.scaled_dot_product_attention(
-            q_THX[start : start + n].transpose(0, 1),
-            k_CGX.transpose(0, 1),
-            v_CGX.transpose(0, 1),
-            attn_mask=mask_QC,
-            scale=scale,
-            enable_gqa=gqa,
-        )
-        out_THX[start : start + n] = o.transpose(0, 1)
+        o_HQX = _prefill_attention(
+            q_THX[start : start + n], k_cache_NSGX, v_cache_NSGX, meta.block_tables_BM[b], ctx,
+            scale, window,
+        )  # fmt: skip
+        out_THX[start : start + n] = o_HQX.transpose(0, 1)
         start += n
     return out_THX
+
+
+def _decode_attention(
+    q_BHX: torch.Tensor,
+    k_cache_NSGX: torch.Tensor,
+    v_cache_NSGX: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    nd = q_BHX.shape[0]
+    max_ctx = max(meta.context_lens[:nd])
+    s = k_cache_NSGX.shape[1]
+    blocks_BM = meta.block_tables_BM[:nd, : (max_ctx + s - 1) // s]
+    k_BCGX, v_BCGX = _gather(k_cache_NSGX, blocks_BM), _gather(v_cache_NSGX, blocks_BM)
+    ctx_B = meta.context_lens_B[:nd]
+    key_pos = torch.arange(k_BCGX.shape[1], device=q_BHX.device)
+    mask_BC = key_pos[None, :] < ctx_B[:, None]
+    if window is not None:
+        mask_BC &= key_pos[None, :] > (ctx_B[:, None] - 1 - window)
+    o = F.scaled_dot_product_attention(
+        q_BHX.unsqueeze(2),  # B H 1 X
+        k_BCGX.transpose(1, 2),
+        v_BCGX.transpose(1, 2),
+        attn_mask=mask_BC[:, None, None, :],
+        scale=scale,
+        enable_gqa=q_BHX.shape[1] != k_cache_NSGX.shape[2],
+    )
+    return o.squeeze(2)
+
+
+def _prefill_attention(
+    q_QHX: torch.Tensor,
+    k_cache_NSGX: torch.Tensor,
+    v_cache_NSGX: torch.Tensor,
+    blocks_M: torch.Tensor,
+    ctx: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """One chunk of n queries (the last n of ctx positions) over its cached context: [H, n, X].
+
+    Without a sliding window the causal mask is implicit (lower-right aligned), which lets
+    SDPA pick its flash / memory-efficient kernels instead of materialising scores.
+    """
+    n = q_QHX.shape[0]
+    s = k_cache_NSGX.shape[1]
+    blocks = blocks_M[: (ctx + s - 1) // s]
+    k_CGX = _gather(k_cache_NSGX, blocks)[:ctx]
+    v_CGX = _gather(v_cache_NSGX, blocks)[:ctx]
+    heads, groups = q_QHX.shape[1], k_CGX.shape[1]
+    if heads != groups:  # expanded here: every SDPA backend takes equal head counts
+        k_CGX = k_CGX.repeat_interleave(heads // groups, dim=1)
+        v_CGX = v_CGX.repeat_interleave(heads // groups, dim=1)
+    q, k, v = (a.transpose(0, 1).unsqueeze(0) for a in (q_QHX, k_CGX, v_CGX))
+    if window is not None and window < ctx:
+        q_pos = torch.arange(ctx - n, ctx, device=q_QHX.device)
+        key_pos = torch.arange(ctx, device=q_QHX.device)
+        mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > (q_pos[:, None] - window))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]
+    if n == ctx:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0]
+    mask = causal_lower_right(n, ctx)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]

@@ -99,6 +99,9 @@ class MoE(nn.Module):
         self.w_down = _empty(e, d, f, dtype=dtype, device=home, pin=pin)
         self.offload: ExpertRunner | None = None  # set by the engine when experts are offloaded
         self.count_tokens = True  # off only to measure what counting costs (benchmarks)
+        # Batches of at most this many tokens use the fused Triton GEMMs (0: never); they
+        # need no host read, so CUDA graphs can capture them.
+        self.fused_max_tokens = 0
         self.shared: DenseMLP | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared = DenseMLP(d, cfg.shared_expert_intermediate_size, dtype, device)
@@ -110,13 +113,36 @@ class MoE(nn.Module):
             persistent=False,
         )
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+        """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere."""
         weights_TK, experts_TK = route(F.linear(x_TD, self.router), self.top_k, self.renormalize)
-        out_TD = self.experts(x_TD, weights_TK, experts_TK)
+        if self.offload is None and x_TD.shape[0] <= self.fused_max_tokens:
+            out_TD = self.fused_experts(x_TD, weights_TK, experts_TK, valid_T)
+        else:
+            out_TD = self.experts(x_TD, weights_TK, experts_TK)
         if self.shared is not None:
             gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
             out_TD = out_TD + gate_T1 * self.shared(x_TD)
         return out_TD
+
+    def fused_experts(
+        self,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        experts_TK: torch.Tensor,
+        valid_T: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The Triton path: sort/pad on the device, two grouped GEMMs; no host synchronisation."""
+        from moeserve.kernels.fused_moe import fused_moe
+
+        e = self.num_experts
+        if valid_T is not None:  # expert id e is the sentinel that routes nowhere
+            experts_TK = torch.where(valid_T[:, None].bool(), experts_TK, e)
+        if self.count_tokens:
+            ones = torch.ones(experts_TK.numel(), dtype=torch.int64, device=x_TD.device)
+            counts = torch.zeros(e + 1, dtype=torch.int64, device=x_TD.device)
+            self.tokens_per_expert_E += counts.scatter_add_(0, experts_TK.flatten(), ones)[:e]
+        return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK)
 
     def experts(
         self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor

@@ -1,0 +1,143 @@
+"""CUDA graphs for decode steps: one captured forward (embedding -> logits) per batch size.
+
+A decode step of B sequences replays the graph of the smallest captured size >= B, its inputs
+written into static device buffers by two host->device copies; padding rows write their K/V to
+a scratch block that the block pool never hands out, attend to it alone, and route to no
+expert. Python, the launch of every kernel and the dispatcher's overhead vanish: at batch 1 the
+step costs what the GPU spends reading the weights. Needs the Triton kernels (no host reads
+inside the forward) and every expert resident.
+
+Shapes: P padded batch (a captured size), M max blocks per sequence, V vocab.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.layers import AttentionMetadata
+
+if TYPE_CHECKING:
+    from moeserve.engine.runner import Work
+
+log = logging.getLogger(__name__)
+
+# Powers of two, then steps of 32: padding wastes at most half of a small batch's rows (rows
+# cost little at decode: the weights dominate) and few graphs cover large batches.
+_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+_FIELDS = 5  # input id, position, slot, context length, valid
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in _SIZES if s < max_num_seqs]
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    """Captured decode forwards for every size in `sizes`, sharing one memory pool."""
+
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        max_blocks_per_seq: int,
+        scratch_block: int,
+        sizes: Sequence[int],
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.sizes = sorted(sizes)
+        self.max_size = self.sizes[-1]
+        p, m, dev = self.max_size, max_blocks_per_seq, model.device
+        # Host staging (pinned: the copies are asynchronous) and the static device inputs.
+        self._host_vec = torch.zeros(_FIELDS, p, dtype=torch.int64, pin_memory=True)
+        self._host_tables = torch.zeros(p, m, dtype=torch.int64, pin_memory=True)
+        self._vec_np = self._host_vec.numpy()
+        self._tables_np = self._host_tables.numpy()
+        self._vec = torch.zeros(_FIELDS, p, dtype=torch.int64, device=dev)
+        self._tables = torch.zeros(p, m, dtype=torch.int64, device=dev)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pad_rows(0)
+        self._vec.copy_(self._host_vec)
+        self._tables.copy_(self._host_tables)
+
+    def _pad_rows(self, start: int) -> None:
+        """Rows from `start` on: token 0 at position 0, written to and reading the scratch
+        block only, routed to no expert."""
+        v = self._vec_np
+        v[0, start:] = 0
+        v[1, start:] = 0
+        v[2, start:] = self.scratch_block * self.block_size
+        v[3, start:] = 1
+        v[4, start:] = 0
+        self._tables_np[start:, 0] = self.scratch_block
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ids, pos, slots, ctx, valid = (self._vec[i, :size] for i in range(_FIELDS))
+        meta = AttentionMetadata(
+            query_lens=[1] * size,
+            context_lens=[1] * size,  # host copy unused: the decode kernel reads ctx
+            num_decodes=size,
+            block_tables_BM=self._tables[:size],
+            context_lens_B=ctx,
+            slot_mapping_T=slots,
+            valid_T=valid,
+        )
+        hidden_PD = self.model(ids, pos, meta, self.kv_caches)
+        return self.model.compute_logits(hidden_PD)
+
+    def capture(self) -> None:
+        t0 = time.monotonic()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compiles the kernels, settles the allocator
+                for _ in range(2):
+                    self._forward(size)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits_PV = self._forward(size)
+            self._graphs[size] = (graph, logits_PV)
+        torch.cuda.synchronize()
+        log.info(
+            "captured %d decode CUDA graphs (batch %d..%d) in %.1f s",
+            len(self.sizes), self.sizes[0], self.max_size, time.monotonic() - t0,
+        )  # fmt: skip
+
+    def covers(self, work: Sequence[Work]) -> bool:
+        return len(work) <= self.max_size and all(w.num_tokens == 1 for w in work)
+
+    def run(self, work: Sequence[Work]) -> torch.Tensor:
+        """Logits [B, V] (a view of the graph's static output: read it before the next run)."""
+        b = len(work)
+        size = next(s for s in self.sizes if s >= b)
+        v, tables, bs = self._vec_np, self._tables_np, self.block_size
+        width = 1
+        for i, w in enumerate(work):
+            p = w.start
+            blocks = w.seq.block_ids
+            v[0, i] = w.seq.token_ids[p]
+            v[1, i] = p
+            v[2, i] = blocks[p // bs] * bs + p % bs
+            v[3, i] = p + 1
+            v[4, i] = 1
+            n = p // bs + 1  # blocks the kernel reads
+            tables[i, :n] = blocks[:n]
+            width = max(width, n)
+        self._pad_rows(b)
+        self._vec.copy_(self._host_vec, non_blocking=True)
+        # Only the columns in use: entries past a row's context are never read.
+        self._tables[:size, :width].copy_(self._host_tables[:size, :width], non_blocking=True)
+        graph, logits_PV = self._graphs[size]
+        graph.replay()
+        return logits_PV[:b]

@@ -1,0 +1,101 @@
+"""The engine on its fast path (Triton kernels, CUDA graphs) gives the readable path's outputs.
+
+On a CPU the kernels run under Triton's interpreter (tests/conftest.py), which checks how the
+engine drives them; the gpu-marked tests check CUDA graphs and bf16 on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeserve import LLM, SamplingParams
+from moeserve.config import ConfigError
+from moeserve.engine.cuda_graphs import capture_sizes
+from moeserve.engine.engine import resolve_kernels
+from tests.checkpoints import make_checkpoint
+
+pytest.importorskip("triton")
+
+# Mixed prompt lengths and max_tokens: batches shrink as requests finish, so decode steps run
+# at many sizes (padded to the captured graphs on the GPU) beside prefill chunks.
+PROMPTS = [[5 + i, 9, 40 + 3 * i, 7, 11, 13, 17, 19, 23][: 2 + i % 8] for i in range(7)]
+
+
+def _params(i: int, logprobs: int | None = 2) -> SamplingParams:
+    return SamplingParams(max_tokens=3 + 2 * (i % 4), temperature=0.0, ignore_eos=True,
+                          logprobs=logprobs)  # fmt: skip
+
+
+def _run(llm: LLM) -> list[tuple[list[int], list[float]]]:
+    outs = llm.generate(PROMPTS, [_params(i) for i in range(len(PROMPTS))])
+    return [
+        (o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []]) for o in outs
+    ]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("fast") / "mixtral", "mixtral",
+                           num_local_experts=8, num_hidden_layers=2)  # fmt: skip
+
+
+def _assert_same(got: list, want: list, tol: float) -> None:
+    for (tok_g, lp_g), (tok_w, lp_w) in zip(got, want, strict=True):
+        assert tok_g == tok_w
+        assert max(abs(a - b) for a, b in zip(lp_g, lp_w, strict=True)) <= tol
+
+
+def test_interpreted_kernels_match_readable_path(ckpt: Path) -> None:
+    """Fused MoE for small batches, the paged decode kernel, chunked prefill around them."""
+    kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=5)
+    ref = LLM(ckpt, kernels="torch", **kw)
+    fast = LLM(ckpt, kernels="triton", **kw)
+    assert fast.engine.kernels == "triton" and fast.engine.runner.graphs is None  # no CUDA
+    _assert_same(_run(fast), _run(ref), 1e-4)
+    assert torch.equal(fast.engine.expert_token_counts(), ref.engine.expert_token_counts())
+
+
+def test_kernel_choice_is_validated() -> None:
+    with pytest.raises(ConfigError, match="kernels must be one of"):
+        resolve_kernels("cuda", torch.device("cpu"))
+    assert resolve_kernels("auto", torch.device("cpu")) == "torch"
+    assert resolve_kernels("torch", torch.device("cuda")) == "torch"
+
+
+def test_capture_sizes_cover_every_batch() -> None:
+    for n in (1, 3, 64, 100, 600):
+        sizes = capture_sizes(n)
+        assert sizes[-1] == n and sizes == sorted(set(sizes))
+        assert all(any(s >= b for s in sizes) for b in range(1, n + 1))
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_match_readable_path(ckpt: Path) -> None:
+    """float32 on the device: CUDA-graph decode (padded batches) = the readable eager path."""
+    kw = dict(progress=False, device="cuda", max_num_batched_tokens=16, max_num_seqs=8,
+              kv_cache_memory=2**28)  # fmt: skip
+    ref = LLM(ckpt, kernels="torch", **kw)
+    fast = LLM(ckpt, **kw)
+    assert fast.engine.kernels == "triton" and fast.engine.runner.graphs is not None
+    _assert_same(_run(fast), _run(ref), 1e-3)
+    # Padding rows route nowhere: the counters hold exactly the real tokens.
+    tokens = sum(len(p) + _params(i).max_tokens - 1 for i, p in enumerate(PROMPTS))
+    counts = fast.engine.expert_token_counts()
+    assert counts.sum(dim=1).tolist() == [tokens * 2] * counts.shape[0]
+    assert torch.equal(counts, ref.engine.expert_token_counts())
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_graphs_match_eager_kernels(ckpt: Path) -> None:
+    """bf16: graphs replay exactly the kernels the eager fast path runs."""
+    kw = dict(progress=False, device="cuda", dtype="bfloat16", max_num_seqs=16,
+              kv_cache_memory=2**28)  # fmt: skip
+    eager = LLM(ckpt, enforce_eager=True, **kw)
+    graphs = LLM(ckpt, **kw)
+    assert eager.engine.runner.graphs is None and graphs.engine.runner.graphs is not None
+    # Padded graph batches may make cuBLAS pick other GEMM kernels than the eager batch of
+    # the real size: same tokens, log-probabilities within bf16 rounding.
+    _assert_same(_run(graphs), _run(eager), 5e-2)
