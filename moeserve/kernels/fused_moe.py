@@ -72,6 +72,13 @@ def _config(
     )
 
 
+def moe_block_m(
+    num_tokens: int, num_experts: int, top_k: int, inter: int, hidden: int, dtype: torch.dtype
+) -> int:
+    """The row block fused_moe groups assignments by, for an alignment computed outside."""
+    return _config(num_tokens, num_experts, top_k, 2 * inter, hidden, dtype)["BLOCK_M"]
+
+
 def moe_align(
     experts_TK: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,7 +121,9 @@ def moe_align(
     return sorted_ids[:P], block_expert_Q.to(torch.int32), end_E[-1:].to(torch.int32)
 
 
-@triton.jit
+# Arguments that change from step to step are not specialised on (Triton would compile a
+# variant per divisibility-by-16 pattern, in the middle of serving).
+@triton.jit(do_not_specialize=["P", "num_assignments"])
 def _moe_gemm_kernel(
     a_ptr,  # [rows, K]: x_TD for GEMM 1, h_RF for GEMM 2
     b_ptr,  # [slots, N, K]: one nn.Linear weight per expert
@@ -279,6 +288,7 @@ def fused_moe(
     *,
     expert_slot_E: torch.Tensor | None = None,
     out_TD: torch.Tensor | None = None,
+    align: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
 
@@ -286,6 +296,8 @@ def fused_moe(
     weights_TK float32, experts_TK int64. expert_slot_E (optional int32/int64 [num_experts]):
     expert e's weights live at index expert_slot_E[e] of the weight tensors (for an expert
     cache); default identity. Rows whose experts are all the sentinel (>= num_experts) get 0.
+    align: moe_align's result for these experts with block_m = moe_block_m(...), when the
+    caller computed it already (moe_routing.route_and_align).
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
@@ -299,9 +311,9 @@ def fused_moe(
     cfg_up = _config(T, num_experts, K, 2 * F, D, dtype)
     cfg_down = _config(T, num_experts, K, D, F, dtype)
     cfg_down["BLOCK_M"] = cfg_up["BLOCK_M"]  # one alignment serves both GEMMs
-    sorted_ids_P, block_expert_Q, num_post_pad_1 = moe_align(
-        experts_TK, num_experts, cfg_up["BLOCK_M"]
-    )
+    if align is None:
+        align = moe_align(experts_TK, num_experts, cfg_up["BLOCK_M"])
+    sorted_ids_P, block_expert_Q, num_post_pad_1 = align
 
     # Rows of sentinel assignments are never written by GEMM 1 nor read by GEMM 2; under the
     # interpreter silu_mul's numpy would warn about the garbage in them, so zero them there.

@@ -115,10 +115,11 @@ class MoE(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
         """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere."""
-        weights_TK, experts_TK = route(F.linear(x_TD, self.router), self.top_k, self.renormalize)
+        logits_TE = F.linear(x_TD, self.router)
         if self.offload is None and x_TD.shape[0] <= self.fused_max_tokens:
-            out_TD = self.fused_experts(x_TD, weights_TK, experts_TK, valid_T)
+            out_TD = self.fused_experts(x_TD, logits_TE, valid_T)
         else:
+            weights_TK, experts_TK = route(logits_TE, self.top_k, self.renormalize)
             out_TD = self.experts(x_TD, weights_TK, experts_TK)
         if self.shared is not None:
             gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
@@ -126,22 +127,30 @@ class MoE(nn.Module):
         return out_TD
 
     def fused_experts(
-        self,
-        x_TD: torch.Tensor,
-        weights_TK: torch.Tensor,
-        experts_TK: torch.Tensor,
-        valid_T: torch.Tensor | None,
+        self, x_TD: torch.Tensor, logits_TE: torch.Tensor, valid_T: torch.Tensor | None
     ) -> torch.Tensor:
-        """The Triton path: sort/pad on the device, two grouped GEMMs; no host synchronisation."""
-        from moeserve.kernels.fused_moe import fused_moe
+        """The Triton path: routing and expert alignment on the device, two grouped GEMMs;
+        no host synchronisation (CUDA graphs capture it)."""
+        from moeserve.kernels import moe_routing
+        from moeserve.kernels.fused_moe import fused_moe, moe_block_m
 
-        e = self.num_experts
+        e, k, t = self.num_experts, self.top_k, x_TD.shape[0]
+        counts = self.tokens_per_expert_E if self.count_tokens else None
+        if moe_routing.applicable(t, e, k):  # decode-sized: one program instead of ~27 ops
+            f, d = self.w_down.shape[2], self.w_down.shape[1]
+            weights_TK, experts_TK, align = moe_routing.route_and_align(
+                logits_TE, k, self.renormalize, moe_block_m(t, e, k, f, d, x_TD.dtype),
+                valid_T, counts,
+            )  # fmt: skip
+            return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK,
+                             align=align)  # fmt: skip
+        weights_TK, experts_TK = route(logits_TE, k, self.renormalize)
         if valid_T is not None:  # expert id e is the sentinel that routes nowhere
             experts_TK = torch.where(valid_T[:, None].bool(), experts_TK, e)
-        if self.count_tokens:
+        if counts is not None:
             ones = torch.ones(experts_TK.numel(), dtype=torch.int64, device=x_TD.device)
-            counts = torch.zeros(e + 1, dtype=torch.int64, device=x_TD.device)
-            self.tokens_per_expert_E += counts.scatter_add_(0, experts_TK.flatten(), ones)[:e]
+            per_e = torch.zeros(e + 1, dtype=torch.int64, device=x_TD.device)
+            counts += per_e.scatter_add_(0, experts_TK.flatten(), ones)[:e]
         return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK)
 
     def experts(

@@ -1,0 +1,135 @@
+"""Routing and expert alignment of a decode-sized batch in one Triton program.
+
+The torch route (softmax, top-k, renormalise, padding-row sentinel, per-expert counters) and
+moe_align (count, pad, cumsum, sort, rank, scatter, searchsorted) are ~27 small kernels per
+MoE layer; inside a CUDA graph each still costs a few microseconds of launch gap, as much as
+reading the attention weights at batch 1. One program does it all for batches whose
+[tokens, experts] router tile fits in registers; larger batches keep the torch ops.
+Twins: moeserve.model.moe.route and moeserve.kernels.fused_moe.moe_align.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# The whole [tokens, experts] tile lives in one program: beyond this the torch path wins.
+MAX_TILE = 8192
+
+
+def applicable(num_tokens: int, num_experts: int, top_k: int) -> bool:
+    pad = triton.next_power_of_2
+    return num_tokens > 0 and pad(num_tokens) * pad(max(num_experts, top_k)) <= MAX_TILE
+
+
+# Arguments that change from step to step are not specialised on (Triton would compile a
+# variant per divisibility-by-16 pattern, in the middle of serving).
+@triton.jit(do_not_specialize=["T", "P", "Q"])
+def _route_align_kernel(
+    logits_ptr, stride_l, valid_ptr, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr,
+    num_post_pad_ptr, counts_ptr, T, P, Q,
+    E: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr,
+    E_PAD: tl.constexpr, K_PAD: tl.constexpr, P_PAD: tl.constexpr, Q_PAD: tl.constexpr,
+    RENORM: tl.constexpr, HAS_VALID: tl.constexpr, COUNT: tl.constexpr,
+):  # fmt: skip
+    rows = tl.arange(0, T_PAD)
+    cols = tl.arange(0, E_PAD)
+    kk = tl.arange(0, K_PAD)
+    row_ok = rows < T
+    col_ok = cols < E
+    # Softmax over every expert in float32, as route() does.
+    x = tl.load(
+        logits_ptr + rows[:, None] * stride_l + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=-float("inf"),
+    ).to(tl.float32)
+    x = tl.where(row_ok[:, None], x, 0.0)  # padding rows: finite, ignored below
+    p = tl.exp(x - tl.max(x, 1)[:, None])
+    p = tl.where(col_ok[None, :], p, 0.0)
+    p = p / tl.sum(p, 1)[:, None]
+
+    # Top-k by repeated argmax (first index on ties); taken entries drop to -1.
+    w_tk = tl.zeros([T_PAD, K_PAD], dtype=tl.float32)
+    e_tk = tl.full([T_PAD, K_PAD], E, dtype=tl.int32)
+    total = tl.zeros([T_PAD], dtype=tl.float32)
+    for k in tl.static_range(K):
+        best = tl.max(p, 1)
+        idx = tl.argmax(p, 1).to(tl.int32)
+        w_tk = tl.where(kk[None, :] == k, best[:, None], w_tk)
+        e_tk = tl.where(kk[None, :] == k, idx[:, None], e_tk)
+        p = tl.where(cols[None, :] == idx[:, None], -1.0, p)
+        total += best
+    if RENORM:
+        w_tk = w_tk / total[:, None]
+    entry_ok = row_ok[:, None] & (kk[None, :] < K)
+    valid = row_ok
+    if HAS_VALID:
+        valid = valid & (tl.load(valid_ptr + rows, mask=row_ok, other=0) != 0)
+    e_tk = tl.where(valid[:, None] & entry_ok, e_tk, E)  # E: the sentinel that routes nowhere
+    flat = rows[:, None] * K + kk[None, :]
+    tl.store(weights_ptr + flat, w_tk, mask=entry_ok)
+    tl.store(experts_ptr + flat, e_tk.to(tl.int64), mask=entry_ok)
+
+    # Alignment: expert e's assignments fill [start_e, start_e + count_e) in flat order,
+    # each group padded to BLOCK_M; the rest of the P slots hold the sentinel T*K.
+    pp = tl.arange(0, P_PAD)
+    tl.store(sorted_ptr + pp, tl.full([P_PAD], 0, tl.int32) + T * K, mask=pp < P)
+    tl.debug_barrier()  # the fill above must land before the scatters below overwrite it
+    qq = tl.arange(0, Q_PAD)
+    block_expert = tl.full([Q_PAD], -1, dtype=tl.int32)
+    start = 0
+    for e in range(E):
+        hit = (e_tk == e).to(tl.int32)
+        row_count = tl.sum(hit, 1)
+        before_row = tl.cumsum(row_count, 0) - row_count
+        in_row = tl.cumsum(hit, 1) - hit
+        dest = start + before_row[:, None] + in_row
+        tl.store(sorted_ptr + dest, flat.to(tl.int32), mask=hit != 0)
+        count = tl.sum(row_count, 0)
+        padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        first = qq * BLOCK_M
+        block_expert = tl.where((first >= start) & (first < start + padded), e, block_expert)
+        if COUNT:
+            tl.store(counts_ptr + e, tl.load(counts_ptr + e) + count.to(tl.int64))
+        start += padded
+    tl.store(block_expert_ptr + qq, block_expert, mask=qq < Q)
+    tl.store(num_post_pad_ptr, start)
+
+
+def route_and_align(
+    router_logits_TE: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    block_m: int,
+    valid_T: torch.Tensor | None = None,
+    counts_E: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(weights_TK float32, experts_TK int64, (sorted_ids_P, block_expert_Q, num_post_pad_1)).
+
+    Same contract as route() followed by moe_align(); rows with valid_T == 0 get the sentinel
+    expert E. counts_E (int64 [E]), when given, is incremented by the tokens each expert got.
+    """
+    t, e = router_logits_TE.shape
+    dev = router_logits_TE.device
+    assert router_logits_TE.stride(1) == 1 and applicable(t, e, top_k)
+    r = t * top_k
+    p = triton.cdiv(r + e * (block_m - 1), block_m) * block_m
+    q = p // block_m
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
+    experts = torch.empty(t, top_k, dtype=torch.int64, device=dev)
+    sorted_ids = torch.empty(p, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(q, dtype=torch.int32, device=dev)
+    num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
+    pad = triton.next_power_of_2
+    _route_align_kernel[(1,)](
+        router_logits_TE, router_logits_TE.stride(0),
+        valid_T if valid_T is not None else num_post_pad,  # unused pointer when absent
+        weights, experts, sorted_ids, block_expert, num_post_pad,
+        counts_E if counts_E is not None else weights,  # unused pointer when absent
+        t, p, q,
+        E=e, K=top_k, BLOCK_M=block_m, T_PAD=pad(t), E_PAD=pad(e), K_PAD=pad(top_k),
+        P_PAD=pad(p), Q_PAD=pad(q), RENORM=renormalize, HAS_VALID=valid_T is not None,
+        COUNT=counts_E is not None, num_warps=4,
+    )  # fmt: skip
+    return weights, experts, (sorted_ids, block_expert, num_post_pad)
