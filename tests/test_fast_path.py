@@ -99,3 +99,14 @@ def test_gpu_bf16_graphs_match_eager_kernels(ckpt: Path) -> None:
     # Padded graph batches may make cuBLAS pick other GEMM kernels than the eager batch of
     # the real size: same tokens, log-probabilities within bf16 rounding.
     _assert_same(_run(graphs), _run(eager), 5e-2)
+
+
+def test_warm_up_runs_every_power_of_two_and_leaves_no_trace(ckpt: Path) -> None:
+    llm = LLM(ckpt, progress=False, device="cpu", kernels="torch", max_num_batched_tokens=40,
+              max_num_seqs=8)  # fmt: skip
+    eng = llm.engine
+    before = _run(llm)
+    eng.reset_expert_counts()
+    assert eng.runner.warm_up(40) >= 0.0
+    assert int(eng.expert_token_counts().sum()) == 0  # the warm-up is not traffic
+    assert _run(llm) == before  # nothing it wrote into free blocks leaks into requests

@@ -147,6 +147,9 @@ class Engine:
             decode_graphs_up_to=sched.max_num_seqs if graphs else 0,
             max_model_len=self.max_model_len,
         )  # fmt: skip
+        if self.kernels == "triton" and self.model.device.type == "cuda":
+            secs = self.runner.warm_up(sched.max_num_batched_tokens)
+            log.info("Triton kernels compiled for every step size in %.1f s", secs)
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=cache.block_size,

@@ -6,6 +6,7 @@ N blocks, S slots per block, G kv heads, X head dim.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,6 +71,20 @@ def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, per_
 
 
 @dataclass
+class _Scratch:
+    token_ids: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class _ScratchWork:
+    seq: _Scratch
+    start: int
+    num_tokens: int
+    sample: bool
+
+
+@dataclass
 class StepInputs:
     input_ids_T: torch.Tensor
     positions_T: torch.Tensor
@@ -111,6 +126,19 @@ class Runner:
                 scratch_block=num_blocks, sizes=capture_sizes(decode_graphs_up_to),
             )  # fmt: skip
             self.graphs.capture()
+
+    def warm_up(self, max_tokens: int) -> float:
+        """One forward per power-of-two token count up to max_tokens (prefill-shaped, on free
+        blocks): every Triton kernel variant a step can pick is compiled now, not while a
+        request waits. Returns the seconds it took."""
+        t0 = time.monotonic()
+        bs, n = self.block_size, 1
+        while n <= min(max_tokens, self.num_blocks * bs):
+            seq = _Scratch(token_ids=[0] * n, block_ids=list(range(-(-n // bs))))
+            self.execute([_ScratchWork(seq, 0, n, True)])
+            n *= 2
+        self.model.reset_expert_counts()  # not traffic
+        return time.monotonic() - t0
 
     def prepare(self, work: Sequence[Work]) -> StepInputs:
         # Decodes first (one token each): the attention batches them in one call.

@@ -48,7 +48,12 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Arguments that change from step to step are not specialised on (Triton would compile a
+# variant per divisibility-by-16 pattern, in the middle of serving).
+@triton.jit(
+    do_not_specialize=["num_progs", "stride_btb", "stride_ab", "stride_ah", "stride_aj",
+                       "stride_mb", "stride_mh"]
+)  # fmt: skip
 def _decode_partition_kernel(
     q_ptr,
     k_ptr,
@@ -178,7 +183,10 @@ def _decode_partition_kernel(
         tl.store(part_sum_ptr + ml_off, l_i, mask=row_ok)  # >= 1: at least one key seen
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_progs", "stride_ab", "stride_ah", "stride_aj", "stride_mb",
+                       "stride_mh"]
+)  # fmt: skip
 def _decode_merge_kernel(
     out_ptr,
     ctx_ptr,
