@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: install what is missing, run the gpu-marked tests, benchmark.
 #   bash benchmarks/gpu_check.sh                 # every stage
-#   bash benchmarks/gpu_check.sh tests offload   # some: tests offline counting offload mixtral
+#   bash benchmarks/gpu_check.sh tests speed     # some: tests kernels speed http offline counting
+#                                                #       offload mixtral
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-stages=${*:-tests offline counting offload mixtral}
+stages=${*:-tests kernels speed http offline counting offload mixtral}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 status=0
@@ -24,7 +25,17 @@ for stage in $stages; do
     tests)
       # The files with gpu tests (the server tests need packages the GPU image lacks).
       python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fidelity.py \
-        tests/test_offload.py tests/test_sampler.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+        tests/test_offload.py tests/test_sampler.py tests/test_kernel_fused_moe.py \
+        tests/test_kernel_paged_attention.py tests/test_kernel_norm_rope.py \
+        tests/test_kernel_moe_routing.py tests/test_fast_path.py 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    kernels)
+      python3 benchmarks/kernel_bench.py --sweep --json "$OUT/kernel_bench.json" 2>&1 \
+        | tee "$OUT/kernel_bench.log" ;;
+    speed)
+      python3 benchmarks/gpu_speed.py --json "$OUT/gpu_speed.json" 2>&1 | tee "$OUT/gpu_speed.log" ;;
+    http)
+      python3 benchmarks/http_vs_offline.py --json "$OUT/http_vs_offline.json" 2>&1 \
+        | grep -v "it/s\]" | tee "$OUT/http.log" ;;
     offline)
       python3 benchmarks/offline_throughput.py --synthetic mixtral-4l --dtype bfloat16 \
         --num-prompts 16 --input-len 128 --output-len 128 --json "$OUT/offline_h100.json" ;;

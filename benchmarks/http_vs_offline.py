@@ -1,0 +1,136 @@
+"""HTTP serving throughput vs the offline engine, on the same workload and the same GPU.
+
+The Mixtral-8x7B shape cut to --layers layers (dummy bf16 weights) gets the demo model's
+character tokenizer (so random prompts have exact lengths). First the offline engine runs the
+workload (LLM.generate, all requests at once, --max-num-seqs in flight); then `moeserve serve`
+starts in a subprocess and the load tester (`moeserve bench serve`) sends the same prompts with
+--concurrency streams. Prints both output-token rates and their ratio; writes JSON.
+
+    python benchmarks/http_vs_offline.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_speed import MIXTRAL  # noqa: E402
+from moeserve import LLM, SamplingParams  # noqa: E402
+from moeserve.assets import demo_model_path  # noqa: E402
+from moeserve.bench.workloads import random_workload  # noqa: E402
+
+KV_BYTES = 8 * 2**30
+
+
+# A CPU smoke test of this script (--tiny): the same code path on a toy shape.
+TINY = MIXTRAL | dict(vocab_size=1024, hidden_size=128, intermediate_size=256,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+
+
+def model_dir(layers: int, tiny: bool) -> Path:
+    from transformers import MixtralConfig
+
+    path = Path(tempfile.mkdtemp(prefix="moeserve-http-"))
+    MixtralConfig(num_hidden_layers=layers, **(TINY if tiny else MIXTRAL)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_path() / name, path / name)
+    return path
+
+
+def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: str) -> float:
+    llm = LLM(str(path), dtype=dtype, load_format="dummy", kv_cache_memory=KV_BYTES,
+              max_num_seqs=max_seqs, max_model_len=4096, progress=False)  # fmt: skip
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:max_seqs], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return tokens / dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--port", type=int, default=8177)
+    ap.add_argument("--tiny", action="store_true", help="toy shape in float32 (CPU smoke test)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    path = model_dir(args.layers, args.tiny)
+    dtype = "float32" if args.tiny else "bfloat16"
+    work = random_workload(str(args.input_len), str(args.output_len), seed=0, tokenizer=str(path))
+    prompts = [next(work).prompt or "" for _ in range(args.num_requests)]
+    off = offline(path, prompts, args.output_len, args.concurrency, dtype)
+    print(f"offline: {off:.0f} output tok/s")
+
+    env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moeserve.cli", "serve", "--model", str(path), "--load-format",
+         "dummy", "--dtype", dtype, "--kv-cache-memory", str(KV_BYTES), "--max-model-len", "4096",
+         "--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1", "--port", str(args.port)],
+        env=env,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{args.port}"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit(f"server exited with {server.returncode}")
+            time.sleep(1)
+        out = Path(tempfile.mkdtemp()) / "load.json"
+
+        def load(n: int) -> None:
+            subprocess.run(
+                [sys.executable, "-m", "moeserve.cli", "bench", "serve", "--base-url", url,
+                 "--tokenizer", str(path), "--input-len", str(args.input_len), "--output-len",
+                 str(args.output_len), "--ignore-eos", "--max-concurrency",
+                 str(args.concurrency), "--num-requests", str(n), "--no-progress",
+                 "--result-json", str(out)],
+                env=env, check=True,
+            )  # fmt: skip
+
+        load(args.concurrency)  # warm-up, as offline had
+        load(args.num_requests)
+        rep = json.loads(out.read_text())
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    http = rep["output_throughput"]
+    ratio = http / off
+    print(f"HTTP at {args.concurrency} streams: {http:.0f} output tok/s = {ratio:.2f} of offline")
+    if args.json:
+        args.json.write_text(json.dumps({"offline_tokens_per_s": off, "http_tokens_per_s": http,
+                                         "ratio": ratio, "args": vars(args) | {"json": None},
+                                         "loadtest": rep}, indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

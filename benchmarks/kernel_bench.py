@@ -1,0 +1,135 @@
+"""Bandwidth of the Triton kernels on Mixtral-8x7B layer shapes, and a small config sweep.
+
+Each grouped GEMM of the fused MoE is timed alone (CUDA events, many repetitions) on the
+experts a random routing of T tokens touches; bandwidth = those experts' weight bytes / time,
+compared with the device copy bandwidth (read + write, measured here). The paged decode
+kernel is timed on B sequences of a given context (bytes = K/V read). --sweep tries launch
+configs around the shipped table for the decode sizes.
+
+    python benchmarks/kernel_bench.py --sweep --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from triton.runtime.errors import OutOfResources
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moeserve.kernels import fused_moe as fm  # noqa: E402
+from moeserve.kernels.paged_attention import paged_decode_attention  # noqa: E402
+
+E, K_TOP, D, F = 8, 2, 4096, 14336
+
+
+def bench(fn: Any, reps: int = 50) -> float:
+    """Median seconds of fn() over reps, with an L2-flushing copy between calls."""
+    flush = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bw() -> float:
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * 2**30 / bench(lambda: dst.copy_(src), 20)
+
+
+def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]:
+    torch.manual_seed(t)
+    x = torch.randn(t, D, dtype=torch.bfloat16, device="cuda")
+    w1 = torch.randn(E, 2 * F, D, dtype=torch.bfloat16, device="cuda") * 0.02
+    w2 = torch.randn(E, D, F, dtype=torch.bfloat16, device="cuda") * 0.02
+    experts = torch.stack([torch.randperm(E, device="cuda")[:K_TOP] for _ in range(t)])
+    weights = torch.rand(t, K_TOP, device="cuda")
+    touched = experts.unique().numel()
+    rows = []
+    base1 = fm._config(t, E, K_TOP, 2 * F, D, torch.bfloat16)
+    base2 = fm._config(t, E, K_TOP, D, F, torch.bfloat16)
+    for name, w, n, k, base in (("gate_up", w1, 2 * F, D, base1), ("down", w2, D, F, base2)):
+        a = x if name == "gate_up" else torch.randn(t * K_TOP, F, dtype=torch.bfloat16,
+                                                    device="cuda")  # fmt: skip
+        c = torch.empty(t * K_TOP, n, dtype=torch.bfloat16, device="cuda")
+        ids, blocks, used = fm.moe_align(experts, E, base["BLOCK_M"])
+        rw = weights.flatten() if name == "down" else None
+        per_a = K_TOP if name == "gate_up" else 1
+        for cfg in [base] + [dict(base, **c2) for c2 in (cfgs or [])]:
+            if cfg["BLOCK_M"] != base["BLOCK_M"]:
+                continue
+            args = (a, w, c, rw, ids, blocks, used, None, per_a, cfg)
+            try:
+                s = bench(lambda args=args: fm._moe_gemm(*args))
+            except OutOfResources:  # a sweep point over shared memory
+                continue
+            rows.append({
+                "gemm": name, "tokens": t, "experts": touched, "config": cfg, "us": s * 1e6,
+                "bytes_per_s": touched * n * k * 2 / s, "shipped": cfg is base,
+            })  # fmt: skip
+    return rows
+
+
+def attention(b: int, ctx: int) -> dict[str, Any]:
+    h, g, x, s = 32, 8, 128, 16
+    blocks_per = -(-ctx // s)
+    n = b * blocks_per
+    k = torch.randn(n, s, g, x, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    q = torch.randn(b, h, x, dtype=torch.bfloat16, device="cuda")
+    tables = torch.randperm(n, device="cuda").view(b, blocks_per)
+    lens = torch.full((b,), ctx, dtype=torch.int64, device="cuda")
+    out = torch.empty_like(q)
+    sec = bench(lambda: paged_decode_attention(q, k, v, tables, lens, x**-0.5, out_BHX=out))
+    bytes_ = 2 * b * ctx * g * x * 2
+    return {"batch": b, "context": ctx, "us": sec * 1e6, "bytes_per_s": bytes_ / sec}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", default="1,8,64,256")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    bw = copy_bw()
+    print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s")
+    sweep = None
+    if args.sweep:
+        grid = itertools.product((32, 64, 128), (64, 128, 256), (3, 5))
+        sweep = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=st, GROUP_M=1) for n, k, st in grid]
+    result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": []}
+    for t in (int(x) for x in args.tokens.split(",")):
+        rows = moe_gemms(t, sweep if t in (1, 64) else None)
+        result["moe"] += rows
+        for gemm in ("gate_up", "down"):
+            mine = [r for r in rows if r["gemm"] == gemm]
+            ship = next(r for r in mine if r["shipped"])
+            best = max(mine, key=lambda r: r["bytes_per_s"])
+            print(f"T={t:4d} {gemm:7s} experts {ship['experts']}: shipped {ship['us']:7.1f} us "
+                  f"{ship['bytes_per_s'] / bw:.2f} of copy bw; best {best['us']:7.1f} us "
+                  f"{best['bytes_per_s'] / bw:.2f} {best['config']}")  # fmt: skip
+    for b, ctx in ((1, 512), (1, 4096), (64, 256), (64, 2048)):
+        r = attention(b, ctx)
+        result["attention"].append(r)
+        print(f"attention b{b} ctx {ctx}: {r['us']:.1f} us, {r['bytes_per_s'] / bw:.2f} of copy bw")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
