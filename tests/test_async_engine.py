@@ -116,3 +116,31 @@ def test_dead_loop_fails_every_open_request(ckpt: Path, monkeypatch: pytest.Monk
             await _collect(aeng, [5], params, "late")
 
     asyncio.run(main())
+
+
+def test_slow_consumer_gets_coalesced_deltas(ckpt: Path) -> None:
+    """A stream that falls behind receives what piled up as one delta: same tokens, text and
+    logprobs in order, fewer deltas, exactly one finished."""
+    engine = _engine(ckpt)
+    aeng = AsyncEngine(engine)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    async def main() -> list:
+        deltas = []
+        try:
+            async for out in aeng.generate([5, 9, 40, 7], params, "slow"):
+                deltas.append(out)
+                await asyncio.sleep(0.05)  # several engine steps pass meanwhile
+        finally:
+            await aeng.shutdown()
+        return deltas
+
+    deltas = asyncio.run(main())
+    [want] = LLM(ckpt, progress=False).generate([[5, 9, 40, 7]], params)
+    tokens = [t for d in deltas for o in d.outputs for t in o.token_ids]
+    assert tokens == want.outputs[0].token_ids
+    assert "".join(o.text for d in deltas for o in d.outputs) == want.outputs[0].text
+    lps = [lp.token_id for d in deltas for o in d.outputs for lp in o.logprobs or []]
+    assert lps == tokens
+    assert len(deltas) < 12 and [d.finished for d in deltas].count(True) == 1
+    assert deltas[-1].finished and deltas[-1].outputs[0].finish_reason == "length"

@@ -233,3 +233,28 @@ def test_unknown_fields_ignored_and_one_log_line_without_prompt(
     assert len(lines) == 1
     assert " 200 " in lines[0] and "completion_tokens=2" in lines[0] and lines[0].endswith("s")
     assert all(secret not in rec.getMessage() for rec in caplog.records)
+
+
+@pytest.mark.parametrize("text", ["", "plain", 'quo"te\\back\nnew', "ünï ✓ 😀", None])
+@pytest.mark.parametrize("reason", [None, "stop", "length"])
+def test_chunk_template_renders_what_pydantic_would(text: str | None, reason: str | None) -> None:
+    """The fast streaming chunks are byte-for-byte the models' own JSON."""
+    from moeserve.server.protocol import (
+        ChatCompletionChunk,
+        ChatStreamChoice,
+        CompletionChoice,
+        CompletionResponse,
+        DeltaMessage,
+    )
+    from moeserve.server.streaming import ChunkTemplate, sse
+
+    head = {"id": "cmpl-1", "created": 1700000000, "model": 'm"odel'}
+    comp = ChunkTemplate({"id": head["id"], "object": "text_completion", **head}, "text")
+    want = CompletionResponse(**head, choices=[
+        CompletionChoice(index=3, text=text or "", finish_reason=reason)])  # fmt: skip
+    assert comp.render(3, text or "", reason) == sse(want.model_dump(exclude={"usage"}))
+    chat = ChunkTemplate({"id": head["id"], "object": "chat.completion.chunk", **head}, "delta")
+    delta = DeltaMessage() if text is None else DeltaMessage(content=text)
+    want_chat = ChatCompletionChunk(**head, choices=[
+        ChatStreamChoice(index=1, delta=delta, finish_reason=reason)])  # fmt: skip
+    assert chat.render(1, text, reason) == sse(want_chat.model_dump(exclude={"usage"}))

@@ -100,8 +100,20 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer that fell behind the engine (many streams on one event loop) gets
+                # what piled up as one delta: one chunk and one socket write instead of one
+                # per step, so serving overhead shrinks exactly when it is the bottleneck.
+                error: BaseException | None = None
+                while not item.finished and not queue.empty():
+                    later = queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        error = later
+                        break
+                    item.absorb(later)
                 finished = item.finished
                 yield item
+                if error is not None:
+                    raise error
                 if finished:
                     return
         finally:

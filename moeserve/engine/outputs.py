@@ -71,6 +71,17 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     prompt: str | None = None
 
+    def absorb(self, later: RequestOutput) -> None:
+        """Append a later delta of the same request (coalescing deltas a stream fell behind on)."""
+        mine = {o.index: o for o in self.outputs}
+        for o in later.outputs:
+            if o.index in mine:
+                mine[o.index].merge(o)
+            else:
+                self.outputs.append(o)
+        self.finished = later.finished
+        self.metrics = later.metrics or self.metrics
+
 
 @dataclass
 class StepStats:

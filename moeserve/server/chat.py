@@ -43,6 +43,7 @@ from moeserve.server.protocol import (
 from moeserve.server.state import OFFLOAD_LEN, ServerState, Ticket
 from moeserve.server.streaming import (
     DONE,
+    ChunkTemplate,
     EngineRequest,
     SSEResponse,
     as_api_error,
@@ -167,6 +168,9 @@ class _Chat:
     async def stream(self) -> AsyncIterator[bytes]:
         """Role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE];
         an error once streaming has begun becomes an error chunk before [DONE]."""
+        head = {"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model}  # fmt: skip
+        template = ChunkTemplate(head, "delta")
         try:
             for i in range(self.engine_req.params.n):
                 role = DeltaMessage(role="assistant", content="")
@@ -177,16 +181,15 @@ class _Chat:
                         self.completion_tokens += len(o.token_ids)
                         self.request.state.completion_tokens = self.completion_tokens
                         logprobs = self._logprobs(o)
-                        if o.text or logprobs is not None:
+                        if logprobs is not None:
                             yield self._chunk([ChatStreamChoice(
                                 index=o.index, delta=DeltaMessage(content=o.text),
                                 logprobs=logprobs,
                             )])  # fmt: skip
+                        elif o.text:
+                            yield template.render(o.index, o.text, None)
                         if o.finish_reason is not None:
-                            yield self._chunk([ChatStreamChoice(
-                                index=o.index, delta=DeltaMessage(),
-                                finish_reason=finish_reason(o.finish_reason),
-                            )])  # fmt: skip
+                            yield template.render(o.index, None, finish_reason(o.finish_reason))
             usage = self._usage()
             if self.req.include_usage:
                 yield self._chunk([], usage)

@@ -35,6 +35,7 @@ from moeserve.server.protocol import (
 from moeserve.server.state import ServerState, Ticket
 from moeserve.server.streaming import (
     DONE,
+    ChunkTemplate,
     EngineRequest,
     SSEResponse,
     as_api_error,
@@ -104,6 +105,7 @@ class _Completion:
         self.n = reqs[0].params.n
         self.created = int(time.time())
         self.model = state.config.served_model_name
+        self._template: ChunkTemplate | None = None
         self.echo = [self._echo_text(r) if req.echo else "" for r in reqs]
         self.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         self.completion_tokens = 0
@@ -144,6 +146,12 @@ class _Completion:
 
     def _chunk(self, index: int, text: str, logprobs: Any = None, reason: str | None = None
                ) -> bytes:  # fmt: skip
+        if logprobs is None:
+            if self._template is None:
+                self._template = ChunkTemplate({"id": self.cid, "object": "text_completion",
+                                                "created": self.created, "model": self.model},
+                                               "text")  # fmt: skip
+            return self._template.render(index, text, reason)
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
         return sse(CompletionResponse(id=self.cid, created=self.created, model=self.model,
                                       choices=[choice]).model_dump(exclude={"usage"}))  # fmt: skip

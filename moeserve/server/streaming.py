@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -68,6 +68,17 @@ async def merged_outputs(
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Deltas of all `reqs` as (index, delta), interleaved as they come. Closing the
     iterator (or cancelling its consumer) aborts every engine request still running."""
+    if len(reqs) == 1:  # the common case: no fan-in task and queue per delta
+        r = reqs[0]
+        try:
+            async for out in aengine.generate(
+                r.prompt, r.params, r.request_id, prompt_ids=r.prompt_ids
+            ):
+                ticket.started(0)
+                yield 0, out
+        finally:
+            ticket.started(0)
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, r: EngineRequest) -> None:
@@ -133,6 +144,29 @@ def sse(payload: object) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+class ChunkTemplate:
+    """SSE chunks of one stream that differ only in index, text and finish_reason, rendered
+    without building pydantic models per token (the common case: no logprobs). The output
+    is byte-for-byte what sse(model.model_dump()) gives; tests/test_server_api.py checks it."""
+
+    def __init__(self, head: dict[str, Any], choice_key: str) -> None:
+        # The invariant fields once, with the choices list opened; `choice_key` is the text
+        # field ("text" for completions, "delta" for chat).
+        body = json.dumps({**head, "choices": []}, separators=(",", ":"))
+        self._prefix = b"data: " + body[: -len("[]}")].encode() + b"[{"
+        self._chat = choice_key == "delta"
+
+    def render(self, index: int, text: str | None, finish_reason: str | None) -> bytes:
+        reason = "null" if finish_reason is None else json.dumps(finish_reason)
+        if self._chat:
+            delta = "{}" if text is None else '{"content":' + json.dumps(text) + "}"
+            choice = f'"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{reason}'
+        else:
+            choice = (f'"index":{index},"text":{json.dumps(text or "")},"logprobs":null,'
+                      f'"finish_reason":{reason}')  # fmt: skip
+        return self._prefix + choice.encode() + b"}]}\n\n"
 
 
 class SSEResponse(Response):
