@@ -136,10 +136,11 @@ class Engine:
             self.kernels == "triton", fused_moe_max_tokens=FUSED_MOE_MAX_TOKENS
         )
         num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len)
+        offloaded = self.expert_store is not None
         graphs = (
             self.kernels == "triton"
             and self.model.device.type == "cuda"
-            and self.expert_store is None
+            and not offloaded
             and not enforce_eager
         )
         self.runner = Runner(
@@ -147,7 +148,8 @@ class Engine:
             decode_graphs_up_to=sched.max_num_seqs if graphs else 0,
             max_model_len=self.max_model_len,
         )  # fmt: skip
-        if self.kernels == "triton" and self.model.device.type == "cuda":
+        # (Not with offloading: the warm-up's expert fetches would show in the cache metrics.)
+        if self.kernels == "triton" and self.model.device.type == "cuda" and not offloaded:
             secs = self.runner.warm_up(sched.max_num_batched_tokens)
             log.info("Triton kernels compiled for every step size in %.1f s", secs)
         self.scheduler = Scheduler(
