@@ -58,6 +58,30 @@ def test_interpreted_kernels_match_readable_path(ckpt: Path) -> None:
     assert torch.equal(fast.engine.expert_token_counts(), ref.engine.expert_token_counts())
 
 
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("mixtral", {"sliding_window": 5}),  # windowed decode kernel and prefill chunks
+        ("qwen2_moe", {}),  # shared expert with its gate, a dense layer, no renormalisation
+        ("qwen3_moe", {}),  # per-head q/k norms, head_dim != hidden / heads
+        ("olmoe", {"clip_qkv": 0.5}),  # full q/k norms, clipped qkv
+    ],
+)
+def test_interpreted_kernels_every_family(
+    tmp_path: Path, family: str, overrides: dict
+) -> None:
+    path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2, **overrides)
+    kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
+    prompts, params = PROMPTS[:4], [_params(i) for i in range(4)]
+
+    def run(kernels: str) -> list[tuple[list[int], list[float]]]:
+        outs = LLM(path, kernels=kernels, **kw).generate(prompts, params)
+        return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
+                for o in outs]  # fmt: skip
+
+    _assert_same(run("triton"), run("torch"), 1e-4)
+
+
 def test_kernel_choice_is_validated() -> None:
     with pytest.raises(ConfigError, match="kernels must be one of"):
         resolve_kernels("cuda", torch.device("cpu"))
