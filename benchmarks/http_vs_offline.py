@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -51,6 +52,21 @@ def model_dir(layers: int, tiny: bool) -> Path:
     return path
 
 
+def fake_gpu(step_ms: float) -> None:
+    """CPU proxy of a GPU step: every model step also waits step_ms with the GIL released, as
+    the host does while CUDA runs; the rest (Python) is the real engine's."""
+    import moeserve.engine.runner as runner
+
+    real = runner.Runner.execute
+
+    def execute(self: runner.Runner, work: Any) -> Any:
+        out = real(self, work)
+        time.sleep(step_ms / 1e3)
+        return out
+
+    runner.Runner.execute = execute  # type: ignore[method-assign]
+
+
 def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: str) -> float:
     llm = LLM(str(path), dtype=dtype, load_format="dummy", kv_cache_memory=KV_BYTES,
               max_num_seqs=max_seqs, max_model_len=4096, progress=False)  # fmt: skip
@@ -76,18 +92,27 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--port", type=int, default=8177)
     ap.add_argument("--tiny", action="store_true", help="toy shape in float32 (CPU smoke test)")
+    ap.add_argument("--fake-gpu-step-ms", type=float, default=0.0,
+                    help="CPU proxy: each step also sleeps this long, GIL released (with --tiny)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     path = model_dir(args.layers, args.tiny)
     dtype = "float32" if args.tiny else "bfloat16"
     work = random_workload(str(args.input_len), str(args.output_len), seed=0, tokenizer=str(path))
     prompts = [next(work).prompt or "" for _ in range(args.num_requests)]
+    if args.fake_gpu_step_ms:
+        fake_gpu(args.fake_gpu_step_ms)
     off = offline(path, prompts, args.output_len, args.concurrency, dtype)
     print(f"offline: {off:.0f} output tok/s")
 
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    launch = [sys.executable, "-m", "moeserve.cli"]
+    if args.fake_gpu_step_ms:
+        launch = [sys.executable, "-c", "import sys; from benchmarks.http_vs_offline import "
+                  f"fake_gpu; fake_gpu({args.fake_gpu_step_ms}); from moeserve.cli import main; "
+                  "sys.exit(main(sys.argv[1:]))"]  # fmt: skip
     server = subprocess.Popen(
-        [sys.executable, "-m", "moeserve.cli", "serve", "--model", str(path), "--load-format",
+        [*launch, "serve", "--model", str(path), "--load-format",
          "dummy", "--dtype", dtype, "--kv-cache-memory", str(KV_BYTES), "--max-model-len", "4096",
          "--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1", "--port", str(args.port)],
         env=env,
