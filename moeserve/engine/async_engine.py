@@ -1,15 +1,17 @@
-"""The only asyncio in the engine: request streams, aborts, and one background step loop.
+"""The only asyncio in the engine: request streams, aborts, and the engine's own step thread.
 
-Engine.step() runs in a worker thread so the event loop keeps serving HTTP while the model
-computes. Adds and aborts never touch the engine while a step runs: they are queued and
-applied by the loop between steps, so the engine itself needs no locks.
+Engine.step() runs back to back in a dedicated thread, so the next step never waits for the
+event loop to get around to it (with many streams the loop is busy serialising chunks). Adds
+and aborts are handed to that thread, which applies them between steps: the engine itself
+needs no locks. Each step's deltas are merged per request into an outbox that the event loop
+drains when it can; a stream the loop fell behind on gets several steps' tokens as one delta.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -44,10 +46,16 @@ class AsyncEngine:
         self.engine = engine
         self.stats_sink = stats_sink
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._lock = threading.Lock()  # guards everything the two threads exchange below
         self._adds: list[_Add] = []
         self._aborts: set[str] = set()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._outbox: dict[str, RequestOutput] = {}
+        self._stats: list[StepStats] = []
+        self._delivery_pending = False
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None
         self.steps = 0
 
@@ -60,9 +68,11 @@ class AsyncEngine:
         return len(self._queues)
 
     def _ensure_started(self) -> None:
-        if self._task is None:
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="engine-loop")
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="moeserve-engine", daemon=True)
+            self._thread.start()
 
     async def encode(self, prompt: str | list[int]) -> list[int]:
         """Tokenise in a worker thread: a huge prompt must not stall other requests."""
@@ -91,8 +101,9 @@ class AsyncEngine:
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
         add = _Add(request_id, prompt, ids, params)
-        self._adds.append(add)
-        self._wake.set()  # type: ignore[union-attr]
+        with self._lock:
+            self._adds.append(add)
+        self._wake.set()
         finished = False
         try:
             await add.done
@@ -100,9 +111,8 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                # A consumer that fell behind the engine (many streams on one event loop) gets
-                # what piled up as one delta: one chunk and one socket write instead of one
-                # per step, so serving overhead shrinks exactly when it is the bottleneck.
+                # Deltas that piled up while this stream waited go out as one (one chunk, one
+                # socket write), so serving overhead shrinks exactly when it is the bottleneck.
                 error: BaseException | None = None
                 while not item.finished and not queue.empty():
                     later = queue.get_nowait()
@@ -129,66 +139,104 @@ class AsyncEngine:
             queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
 
     def _request_abort(self, request_id: str) -> None:
-        self._aborts.add(request_id)
-        if self._wake is not None:
-            self._wake.set()
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wake.set()
 
+    # ------------------------------------------------------------ engine thread
     def _apply_pending(self) -> None:
-        adds, self._adds = self._adds, []
+        with self._lock:
+            adds, self._adds = self._adds, []
+            aborts, self._aborts = self._aborts, set()
+        loop = self._loop
+        assert loop is not None
         for add in adds:
-            if add.request_id in self._aborts or add.done.cancelled():
-                self._aborts.discard(add.request_id)
+            if add.request_id in aborts:  # gone before it was admitted
+                aborts.discard(add.request_id)
+                loop.call_soon_threadsafe(_settle, add.done, None)
                 continue
             try:
                 self.engine.add_request(
                     add.request_id, add.prompt, add.params, prompt_ids=add.prompt_ids
                 )
             except ValueError as e:
-                add.done.set_exception(e)
+                loop.call_soon_threadsafe(_settle, add.done, e)
             else:
-                add.done.set_result(None)
-        aborts, self._aborts = self._aborts, set()
+                loop.call_soon_threadsafe(_settle, add.done, None)
         for rid in aborts:
             self.engine.abort_request(rid)
 
-    async def _loop(self) -> None:
-        assert self._wake is not None
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
         try:
-            while True:
+            while not self._stop:
+                self._wake.clear()
                 self._apply_pending()
                 if not self.engine.has_unfinished():
-                    self._wake.clear()
-                    if not self._adds and not self._aborts:
-                        await self._wake.wait()
+                    self._wake.wait()
                     continue
-                result = await asyncio.to_thread(self.engine.step)
+                result = self.engine.step()
                 self.steps += 1
-                for out in result.outputs:
-                    queue = self._queues.get(out.request_id)
-                    if queue is not None:
-                        queue.put_nowait(out)
-                if result.stats is not None and self.stats_sink is not None:
-                    self.stats_sink(result.stats)
-        except asyncio.CancelledError:
-            self._fail(EngineDeadError("the engine is shutting down"))
-            raise
-        except Exception as e:  # the step crashed: nobody may hang on a dead engine
+                with self._lock:
+                    for out in result.outputs:
+                        held = self._outbox.get(out.request_id)
+                        if held is None:
+                            self._outbox[out.request_id] = out
+                        else:
+                            held.absorb(out)
+                    if result.stats is not None:
+                        self._stats.append(result.stats)
+                    schedule = not self._delivery_pending
+                    self._delivery_pending = True
+                if schedule:
+                    loop.call_soon_threadsafe(self._deliver)
+        except BaseException as e:  # the step crashed: nobody may hang on a dead engine
             log.exception("engine loop died")
             self.error = e
-            self._fail(EngineDeadError(f"the engine loop has stopped: {e}"))
+            dead = EngineDeadError(f"the engine loop has stopped: {e}")
+            loop.call_soon_threadsafe(self._fail, dead)
+
+    # --------------------------------------------------------------- event loop
+    def _deliver(self) -> None:
+        with self._lock:
+            outbox, self._outbox = self._outbox, {}
+            stats, self._stats = self._stats, []
+            self._delivery_pending = False
+        for rid, out in outbox.items():
+            queue = self._queues.get(rid)
+            if queue is not None:
+                queue.put_nowait(out)
+        if self.stats_sink is not None:
+            for st in stats:
+                self.stats_sink(st)
 
     def _fail(self, error: BaseException) -> None:
-        for add in self._adds:
-            if not add.done.done():
-                add.done.set_exception(error)
-        self._adds = []
+        self._deliver()  # what finished before the failure still reaches its stream
+        with self._lock:
+            adds, self._adds = self._adds, []
+        for add in adds:
+            _settle(add.done, error)
         for queue in self._queues.values():
             queue.put_nowait(error)
 
     async def shutdown(self) -> None:
-        """Stop the loop; open requests end with EngineDeadError."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the engine thread (after its current step); open requests end with
+        EngineDeadError."""
+        if self._thread is not None:
+            self._stop = True
+            self._wake.set()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            if self.error is None:
+                self._fail(EngineDeadError("the engine is shutting down"))
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    """Resolve an add's future on the event loop, unless its caller already gave up."""
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
