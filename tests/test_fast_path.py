@@ -131,6 +131,10 @@ def test_warm_up_runs_every_power_of_two_and_leaves_no_trace(ckpt: Path) -> None
     eng = llm.engine
     before = _run(llm)
     eng.reset_expert_counts()
-    assert eng.runner.warm_up(40) >= 0.0
+    sizes: list[int] = []
+    real = eng.runner.scratch_prefill
+    eng.runner.scratch_prefill = lambda n: (sizes.append(n), real(n))[1]  # type: ignore[method-assign]
+    eng.runner.warm_up(40)
+    assert sizes == [1, 2, 4, 8, 16, 32]  # each power of two up to the step budget
     assert int(eng.expert_token_counts().sum()) == 0  # the warm-up is not traffic
     assert _run(llm) == before  # nothing it wrote into free blocks leaks into requests

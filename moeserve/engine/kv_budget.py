@@ -6,8 +6,6 @@ import torch
 
 from moeserve.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
 from moeserve.engine.runner import Runner, check_kv_capacity, kv_bytes_per_block
-from moeserve.engine.scheduler import ScheduledSeq
-from moeserve.engine.sequence import Sequence
 from moeserve.model.decoder import MoEForCausalLM
 
 CPU_DEFAULT_KV_BYTES = 2 << 30  # cap for the CPU KV budget when none is given
@@ -47,9 +45,7 @@ def _cuda_blocks(
     probe = Runner(model, -(-n // bs), bs)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    seq = Sequence(seq_id=-1, request_id="profile", prompt_ids=[0] * n, max_tokens=1)
-    seq.block_ids = list(range(probe.num_blocks))
-    probe.execute([ScheduledSeq(seq, 0, n, True)])
+    probe.scratch_prefill(n)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del probe

@@ -15,6 +15,8 @@ import torch
 
 from moeserve.config import ModelConfig
 from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from moeserve.engine.scheduler import ScheduledSeq
+from moeserve.engine.sequence import Sequence as SeqRecord
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.layers import AttentionMetadata
 
@@ -71,20 +73,6 @@ def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, per_
 
 
 @dataclass
-class _Scratch:
-    token_ids: list[int]
-    block_ids: list[int]
-
-
-@dataclass
-class _ScratchWork:
-    seq: _Scratch
-    start: int
-    num_tokens: int
-    sample: bool
-
-
-@dataclass
 class StepInputs:
     input_ids_T: torch.Tensor
     positions_T: torch.Tensor
@@ -127,15 +115,20 @@ class Runner:
             )  # fmt: skip
             self.graphs.capture()
 
+    def scratch_prefill(self, n: int) -> None:
+        """One prefill of n placeholder tokens on blocks 0.. (free at startup: nothing of it
+        outlives the call but the K/V garbage in blocks the pool still counts as free)."""
+        seq = SeqRecord(seq_id=-1, request_id="scratch", prompt_ids=[0] * n, max_tokens=1)
+        seq.block_ids = list(range(-(-n // self.block_size)))
+        self.execute([ScheduledSeq(seq, 0, n, True)])
+
     def warm_up(self, max_tokens: int) -> float:
-        """One forward per power-of-two token count up to max_tokens (prefill-shaped, on free
-        blocks): every Triton kernel variant a step can pick is compiled now, not while a
-        request waits. Returns the seconds it took."""
+        """One forward per power-of-two token count up to max_tokens: every Triton kernel
+        variant a step can pick is compiled now, not while a request waits. Returns seconds."""
         t0 = time.monotonic()
-        bs, n = self.block_size, 1
-        while n <= min(max_tokens, self.num_blocks * bs):
-            seq = _Scratch(token_ids=[0] * n, block_ids=list(range(-(-n // bs))))
-            self.execute([_ScratchWork(seq, 0, n, True)])
+        n = 1
+        while n <= min(max_tokens, self.num_blocks * self.block_size):
+            self.scratch_prefill(n)
             n *= 2
         self.model.reset_expert_counts()  # not traffic
         return time.monotonic() - t0
@@ -187,9 +180,8 @@ class Runner:
         if self.graphs is not None and self.graphs.covers(work):
             logits_BV = self.graphs.run(work)
             sampled = [i for i, w in enumerate(work) if w.sample]
-            if len(sampled) < len(work):
-                return logits_BV[sampled], sampled
-            return logits_BV.clone(), sampled  # the graph's buffer is rewritten next step
+            # A view of the graph's buffer: the engine samples from it before the next replay.
+            return (logits_BV[sampled] if len(sampled) < len(work) else logits_BV), sampled
         inp = self.prepare(work)
         hidden_TD = self.model(inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches)
         logits = self.model.compute_logits(hidden_TD[inp.logits_rows])

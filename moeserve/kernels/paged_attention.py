@@ -300,7 +300,7 @@ def paged_decode_attention(
     single = num_progs == 1  # shape-only: the merge would be an identity
     x_pad = max(16, triton.next_power_of_2(x))
     if single:
-        part_acc = part_max = part_sum = dst  # unused placeholders
+        part_acc = part_max = part_sum = dst  # pointers the SINGLE kernel never reads
         acc_strides = ml_strides = (0, 0, 0)
     else:
         # float32 partials; allocated per call (from the graph's private pool when captured).
