@@ -2,8 +2,9 @@
 
     # Mixtral-8x7B cut to 4 layers, half of each layer's experts in host memory, batch 1:
     python benchmarks/offload_bench.py --synthetic mixtral-4l --slots 4 --batch 1 --peer
-    # the full Mixtral-8x7B shape (93 GB bf16, dummy weights) on one 80 GB GPU:
-    python benchmarks/offload_bench.py --dummy mixtral-8x7b --batch 1 64
+    # the full Mixtral-8x7B shape (93 GB bf16, dummy weights) on an 80 GB H100, or a larger
+    # GPU made to behave as one:
+    python benchmarks/offload_bench.py --dummy mixtral-8x7b --batch 1 64 --emulate-card-mib 81559
 
 Floor per run (from the routing actually seen): every step reads the dense weights and the
 cache-resident experts it uses from HBM, and every missed expert once over the host link:
@@ -31,11 +32,24 @@ from offline_throughput import SYNTHETIC, synthetic_checkpoint  # noqa: E402
 from moeserve import LLM, SamplingParams  # noqa: E402
 
 MIXTRAL_8X7B = dict(
-    model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=32000,
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-    max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, torch_dtype="bfloat16",
-    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, sliding_window=None,
+    model_type="mixtral",
+    architectures=["MixtralForCausalLM"],
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-5,
+    torch_dtype="bfloat16",
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+    sliding_window=None,
 )
 
 
@@ -60,49 +74,89 @@ def bandwidths() -> tuple[float, float]:
     return hbm, h2d
 
 
+STAT_KEYS = (
+    "hits",
+    "misses",
+    "bytes_copied",
+    "copy_wait_seconds",
+    "cpu_seconds",
+    "cpu_experts",
+    "prefetches_issued",
+    "prefetches_used",
+)
+
+
+def _snapshot(eng) -> tuple[float, int, dict[str, float]]:
+    torch.cuda.synchronize()
+    stats = eng.expert_cache_stats()
+    return (
+        time.perf_counter(),
+        eng.num_steps,
+        {k: sum(getattr(s, k) for s in stats) for k in STAT_KEYS},
+    )
+
+
+def _phase(eng, a, b, tokens: int, hbm: float, h2d: float) -> dict:
+    """Figures between two snapshots: tokens/s, the floor from the routing seen, time split."""
+    (t0, steps0, s0), (t1, steps1, s1) = a, b
+    d = {k: s1[k] - s0[k] for k in STAT_KEYS}
+    dt, steps = t1 - t0, steps1 - steps0
+    cfg, model = eng.model_config, eng.model
+    expert_bytes = 3 * cfg.moe_intermediate_size * cfg.hidden_size * 2
+    routed = sum(m.w_gate_up.numel() + m.w_down.numel() for _, m in model.moe_layers()) * 2
+    dense = sum(p.numel() for p in model.parameters()) * 2 - routed - model.embed_tokens.numel() * 2
+    # HBM bandwidth as the design notes state it: a device copy's read+write bytes per second.
+    floor = (steps * dense + d["hits"] * expert_bytes) / hbm + d["misses"] * expert_bytes / h2d
+    if not eng.expert_cache_stats():
+        floor = float("nan")  # nothing offloaded: no cache counters to build the floor from
+    looked = d["hits"] + d["misses"]
+    return dict(
+        tokens=tokens,
+        seconds=dt,
+        tokens_per_s=tokens / dt,
+        steps=steps,
+        floor_seconds=floor,
+        fraction_of_floor=floor / dt,
+        hit_rate=d["hits"] / looked if looked else 1.0,
+        misses_per_token=d["misses"] / tokens,
+        bytes_moved_per_token=d["bytes_copied"] / tokens,
+        copy_wait_s=d["copy_wait_seconds"],
+        cpu_s=d["cpu_seconds"],
+        other_s=dt - d["copy_wait_seconds"] - d["cpu_seconds"],
+        cpu_experts=d["cpu_experts"],
+        prefetch_issued=d["prefetches_issued"],
+        prefetch_used=d["prefetches_used"],
+    )
+
+
 def run(llm: LLM, batch: int, in_len: int, out_len: int, hbm: float, h2d: float) -> dict:
+    """Prefill then decode `batch` requests; whole-run figures plus the decode phase alone
+    (from the step after every request has its first token)."""
     eng = llm.engine
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(10, eng.vocab_size - 10, (batch, in_len), generator=g).tolist()
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-    before = [dict(vars(s)) for s in eng.expert_cache_stats()]
-    steps0 = _steps(eng)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    after = [dict(vars(s)) for s in eng.expert_cache_stats()]
-    delta = {k: sum(a[k] - b[k] for a, b in zip(after, before))
-             for k in ("hits", "misses", "bytes_copied", "copy_wait_seconds", "cpu_seconds",
-                       "cpu_experts", "prefetches_issued", "prefetches_used")}
-    steps = _steps(eng) - steps0
-    model = eng.model
-    expert_bytes = 3 * model.cfg.moe_intermediate_size * model.cfg.hidden_size * 2
-    routed = sum(m.w_gate_up.numel() + m.w_down.numel() for _, m in model.moe_layers()) * 2
-    dense = sum(p.numel() for p in model.parameters()) * 2 - routed - model.embed_tokens.numel() * 2
-    # HBM bandwidth as the design notes state it: a device copy's read+write bytes per second.
-    floor = (steps * dense + delta["hits"] * expert_bytes) / hbm
-    floor += delta["misses"] * expert_bytes / h2d
-    if not after:
-        floor = float("nan")  # nothing offloaded: no cache counters to build the floor from
-    looked = delta["hits"] + delta["misses"]
-    return dict(
-        batch=batch, tokens=tokens, seconds=dt, tokens_per_s=tokens / dt, steps=steps,
-        floor_seconds=floor, fraction_of_floor=floor / dt,
-        hit_rate=delta["hits"] / looked if looked else 1.0,
-        bytes_moved_per_token=delta["bytes_copied"] / tokens,
-        copy_wait_s=delta["copy_wait_seconds"], cpu_s=delta["cpu_seconds"],
-        compute_s=dt - delta["copy_wait_seconds"] - delta["cpu_seconds"],
-        cpu_experts=delta["cpu_experts"], prefetch_issued=delta["prefetches_issued"],
-        prefetch_used=delta["prefetches_used"],
-    )
-
-
-def _steps(eng) -> int:
-    return eng.num_steps
+    start = _snapshot(eng)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"bench-{batch}-{i}", p, params)
+    started: set[str] = set()
+    decode_start = None
+    tokens = decode_tokens = 0
+    while eng.has_unfinished():
+        for out in eng.step().outputs:
+            n = sum(len(o.token_ids) for o in out.outputs)
+            tokens += n
+            if decode_start is not None:
+                decode_tokens += n
+            started.add(out.request_id)
+        if decode_start is None and len(started) == batch:
+            decode_start = _snapshot(eng)
+    end = _snapshot(eng)
+    r = dict(batch=batch, **_phase(eng, start, end, tokens, hbm, h2d))
+    r["ttft_s"] = decode_start[0] - start[0]
+    r["decode"] = _phase(eng, decode_start, end, decode_tokens, hbm, h2d)
+    return r
 
 
 def accelerate_peer(path: Path, offload_layers: list[int], out_len: int) -> dict:
@@ -139,6 +193,20 @@ def accelerate_peer(path: Path, offload_layers: list[int], out_len: int) -> dict
     return dict(batch=1, tokens=out_len, seconds=dt, tokens_per_s=out_len / dt)
 
 
+def emulate_card(card_bytes: int, utilization: float) -> float:
+    """Make this GPU behave as one with `card_bytes` of memory: torch may allocate no more
+    than such a card leaves after this process's CUDA context, and the engine's
+    gpu_memory_utilization becomes the same share of that card. Returns that utilization."""
+    torch.cuda.init()
+    torch.empty(1, device="cuda")  # the context exists before it is measured
+    free, total = torch.cuda.mem_get_info()
+    context = total - free - torch.cuda.memory_reserved()
+    if card_bytes > total:
+        raise SystemExit(f"cannot emulate {card_bytes / 1e9:.1f} GB on a {total / 1e9:.1f} GB GPU")
+    torch.cuda.set_per_process_memory_fraction((card_bytes - context) / total)
+    return utilization * card_bytes / total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
@@ -151,9 +219,22 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--peer", action="store_true", help="also run transformers+accelerate")
     ap.add_argument("--prefetch", action="store_true", help="turn on next-layer prefetch")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument(
+        "--emulate-card-mib",
+        type=int,
+        default=None,
+        help="behave as a GPU of this much memory (81559: an H100 80GB HBM3, as "
+        "nvidia-smi reports it)",
+    )
     ap.add_argument("--json", type=Path, default=Path("bench_out/offload.json"))
     args = ap.parse_args()
+    util = args.gpu_memory_utilization
+    card_bytes = args.emulate_card_mib << 20 if args.emulate_card_mib else None
+    if card_bytes:
+        util = emulate_card(card_bytes, util)
     hbm, h2d = bandwidths()
+    torch.cuda.empty_cache()
     if args.synthetic:
         path, fmt = synthetic_checkpoint(args.synthetic, torch.bfloat16), "safetensors"
     else:
@@ -163,19 +244,41 @@ def main() -> None:
     results: list[dict] = []
     for mode in args.modes.split(","):
         t0 = time.perf_counter()
-        llm = LLM(path, dtype="bfloat16", device="cuda", load_format=fmt, offload_mode=mode,
-                  expert_cache_slots=args.slots, max_model_len=max_len,
-                  max_num_seqs=max(args.batch), prefetch=args.prefetch, progress=False)
+        torch.cuda.reset_peak_memory_stats()
+        llm = LLM(
+            path,
+            dtype="bfloat16",
+            device="cuda",
+            load_format=fmt,
+            offload_mode=mode,
+            expert_cache_slots=args.slots,
+            max_model_len=max_len,
+            max_num_seqs=max(args.batch),
+            prefetch=args.prefetch,
+            progress=False,
+            gpu_memory_utilization=util,
+        )
         load_s = time.perf_counter() - t0
         store = llm.engine.expert_store
         slots = store.slots if store else "all"
         cost = store.cost if store else None
-        print(f"[{mode}] loaded in {load_s:.0f}s, cache slots per layer: {slots}, "
-              f"cost model: {cost}", flush=True)
+        print(
+            f"[{mode}] loaded in {load_s:.0f}s, cache slots per layer: {slots}, "
+            f"KV blocks {llm.engine.num_blocks}, cost model: {cost}",
+            flush=True,
+        )
         for batch in args.batch:
             r = run(llm, batch, args.input_len, args.output_len, hbm, h2d)
-            r.update(engine="moeserve", mode=mode, slots=slots, load_seconds=load_s,
-                     prefetch=args.prefetch)
+            free, total = torch.cuda.mem_get_info()
+            r.update(
+                engine="moeserve",
+                mode=mode,
+                slots=slots,
+                load_seconds=load_s,
+                prefetch=args.prefetch,
+                peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+                device_used_bytes=total - free,
+            )
             results.append(r)
             print(json.dumps(r), flush=True)
         del llm, store
@@ -184,28 +287,55 @@ def main() -> None:
     if args.peer and args.synthetic:
         n_layers = SYNTHETIC[args.synthetic]["num_hidden_layers"]
         peer = accelerate_peer(path, list(range(n_layers // 2, n_layers)), min(args.output_len, 8))
-        peer.update(engine="transformers+accelerate", mode=f"experts of layers "
-                    f"{n_layers // 2}..{n_layers - 1} on CPU")
+        peer.update(
+            engine="transformers+accelerate",
+            mode=f"experts of layers {n_layers // 2}..{n_layers - 1} on CPU",
+        )
         results.append(peer)
         print(json.dumps(peer), flush=True)
-    print(f"\nHBM copy {hbm / 1e12:.2f} TB/s (r+w), pinned host->device {h2d / 1e9:.1f} GB/s, "
-          f"{torch.cuda.get_device_name()}")
-    print(f"{'engine':<26}{'mode':<12}{'batch':>6}{'tok/s':>9}{'floor':>8}{'hit':>7}"
-          f"{'MB/tok':>9}{'wait s':>8}{'cpu s':>7}")
+    card = f", behaving as a {args.emulate_card_mib} MiB card" if card_bytes else ""
+    print(
+        f"\nHBM copy {hbm / 1e12:.2f} TB/s (r+w), pinned host->device {h2d / 1e9:.1f} GB/s, "
+        f"{torch.cuda.get_device_name()}{card}"
+    )
+    print(
+        f"{'engine':<24}{'mode':<7}{'batch':>6}{'tok/s':>9}{'floor':>7}{'decode':>9}"
+        f"{'floor':>7}{'hit':>6}{'MB/tok':>8}{'wait s':>8}{'cpu s':>7}{'other s':>8}"
+        f"{'GiB':>6}"
+    )
     base = next((r for r in results if r["engine"] != "moeserve"), None)
+    nan = float("nan")
     for r in results:
-        nan = float("nan")
         ratio = ""
         if base is not None and r is not base and r["batch"] == 1:
-            ratio = f"   {r['tokens_per_s'] / base['tokens_per_s']:.1f}x peer"
-        print(f"{r['engine']:<26}{str(r['mode'])[:11]:<12}{r['batch']:>6}"
-              f"{r['tokens_per_s']:>9.2f}{r.get('fraction_of_floor', nan):>8.2f}"
-              f"{r.get('hit_rate', nan):>7.2f}{r.get('bytes_moved_per_token', 0) / 1e6:>9.1f}"
-              f"{r.get('copy_wait_s', 0):>8.2f}{r.get('cpu_s', 0):>7.2f}{ratio}")
+            ratio = f"  {r['tokens_per_s'] / base['tokens_per_s']:.1f}x peer"
+        d = r.get("decode", {})
+        print(
+            f"{r['engine'][:23]:<24}{str(r['mode'])[:6]:<7}{r['batch']:>6}"
+            f"{r['tokens_per_s']:>9.2f}{r.get('fraction_of_floor', nan):>7.2f}"
+            f"{d.get('tokens_per_s', nan):>9.2f}{d.get('fraction_of_floor', nan):>7.2f}"
+            f"{d.get('hit_rate', nan):>6.2f}{d.get('bytes_moved_per_token', 0) / 1e6:>8.1f}"
+            f"{d.get('copy_wait_s', 0):>8.2f}{d.get('cpu_s', 0):>7.2f}{d.get('other_s', 0):>8.2f}"
+            f"{r.get('peak_reserved_bytes', 0) / 2**30:>6.1f}{ratio}"
+        )
+    print(
+        "tok/s, floor: the whole run (prefill included); decode, floor and the rest: the "
+        "decode phase; GiB: peak reserved by torch"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(dict(hbm=hbm, h2d=h2d, results=results,
-                                         device=torch.cuda.get_device_name(),
-                                         date=time.strftime("%Y-%m-%d")), indent=2))
+    args.json.write_text(
+        json.dumps(
+            dict(
+                hbm=hbm,
+                h2d=h2d,
+                results=results,
+                device=torch.cuda.get_device_name(),
+                emulated_card_bytes=card_bytes,
+                date=time.strftime("%Y-%m-%d"),
+            ),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

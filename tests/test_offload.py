@@ -220,3 +220,46 @@ def test_server_exports_expert_cache_metrics(tmp_path_factory: pytest.TempPathFa
             assert report.returncode == 0 and report.stdout.strip() == "", report
     finally:
         srv.stop()
+
+
+# The Mixtral-8x7B shape and what an H100 80GB HBM3 reports (total bytes, ~600 MiB context).
+MIXTRAL_8X7B = dict(
+    model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+    num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
+)
+H100_80GB = (81559 << 20) - (600 << 20), 81559 << 20
+
+
+def _plan(raw: dict, memory: tuple[int, int], util: float = 0.9, max_len: int = 32768):
+    from moeserve.config import SchedulerConfig
+    from moeserve.engine.kv_budget import offload_reserve_bytes, plan_expert_slots
+    from moeserve.model.families import parse_config
+
+    cfg = parse_config(raw)
+    sched = SchedulerConfig(max_model_len=max_len)
+    reserve = offload_reserve_bytes(cfg, torch.bfloat16, sched, max_len)
+    slots = plan_expert_slots(
+        cfg, torch.bfloat16, torch.device("cuda"), OffloadConfig(), util,
+        reserve_bytes=reserve, memory_info=memory,
+    )  # fmt: skip
+    return cfg, reserve, slots
+
+
+def test_default_plan_fills_an_80gb_card_after_weights_and_one_full_sequence() -> None:
+    cfg, reserve, slots = _plan(MIXTRAL_8X7B, H100_80GB)
+    # The KV of one 32k-token sequence (4 GiB) is the least the KV pool accepts.
+    kv_one_seq = 2 * 32 * 1024 * 2 * 32768
+    assert kv_one_seq < reserve < kv_one_seq + (2 << 30)
+    assert slots == 6
+    per_slot = 3 * 14336 * 4096 * 2 * 32
+    dense = 32 * (4096 * 6144 + 4096 * 4096) * 2 + 2 * 32000 * 4096 * 2  # attention, embeddings
+    budget = int(0.9 * H100_80GB[1]) - (H100_80GB[1] - H100_80GB[0])
+    assert dense + 6 * per_slot + reserve <= budget < dense + 7 * per_slot + reserve
+    # A card that holds every weight and the reserve keeps every expert resident.
+    assert _plan(MIXTRAL_8X7B, (200 << 30, 200 << 30))[2] is None
+
+
+def test_plan_refuses_a_card_without_room_for_one_expert_per_layer() -> None:
+    with pytest.raises(ConfigError, match=r"leave no room for one expert per layer.*max-model-len"):
+        _plan(MIXTRAL_8X7B, (20 << 30, 20 << 30))

@@ -16,7 +16,7 @@ import torch
 
 from moeserve.config import CacheConfig, ConfigError, OffloadConfig, SchedulerConfig
 from moeserve.engine.expert_store import ExpertCacheStats, ExpertStore
-from moeserve.engine.kv_budget import plan_expert_slots, plan_num_blocks
+from moeserve.engine.kv_budget import offload_reserve_bytes, plan_expert_slots, plan_num_blocks
 from moeserve.engine.outputs import (
     CompletionOutput,
     RequestMetrics,
@@ -111,10 +111,15 @@ class Engine:
         offload = offload or OffloadConfig()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = inspect_checkpoint(model_dir, need_weights=load_format != "dummy")
-        slots = plan_expert_slots(
-            ckpt.config, resolve_dtype(ckpt.config, dtype), torch.device(device), offload,
-            cache.gpu_memory_utilization,
+        model_dtype = resolve_dtype(ckpt.config, dtype)
+        max_len = min(
+            sched.max_model_len or ckpt.config.max_position_embeddings,
+            ckpt.config.max_position_embeddings,
         )
+        slots = plan_expert_slots(
+            ckpt.config, model_dtype, torch.device(device), offload, cache.gpu_memory_utilization,
+            reserve_bytes=offload_reserve_bytes(ckpt.config, model_dtype, sched, max_len),
+        )  # fmt: skip
         self.checkpoint, self.model = load_model(
             model_dir, dtype=dtype, device=device, progress=progress, load_format=load_format,
             expert_device="cpu" if slots is not None else None,

@@ -18,8 +18,9 @@ Shapes: D hidden, F expert intermediate, E experts, S slots, R routed rows.
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ class ExpertCacheStats:
     prefetches_used: int = 0
     bytes_copied: int = 0
     cpu_experts: int = 0  # misses computed on the CPU instead of copied
-    copy_wait_seconds: float = 0.0  # time the step waited for copies to land
+    copy_wait_seconds: float = 0.0  # time the compute stream waited for copies (device clock)
     cpu_seconds: float = 0.0  # time spent computing missed experts on the CPU
     resident: int = 0
 
@@ -62,11 +63,6 @@ class CostModel:
         return cpu < self.expert_bytes / self.copy_bytes_per_s
 
 
-@dataclass
-class _Step:
-    pending: set[int] = field(default_factory=set)  # device experts not yet run this step
-
-
 class LayerCache:
     """One sparse layer's slots; implements the MoE layer's ExpertRunner protocol."""
 
@@ -81,6 +77,9 @@ class LayerCache:
         self.policy: CachePolicy = make_policy(store.config.policy, e, store.config.lfu_decay)
         self.prefetched: set[int] = set()
         self.ready: dict[int, torch.cuda.Event] = {}  # expert -> its copy has landed
+        # (compute stream reached its wait, copy landed) event pairs, timed once both ran:
+        # the host never blocks on a copy, so the wait is measured on the device.
+        self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.next: LayerCache | None = None
         self.stats = ExpertCacheStats(layer=layer, slots=slots)
         self.trace: list[tuple[str, tuple[int, ...]]] | None = [] if store.record_trace else None
@@ -121,19 +120,33 @@ class LayerCache:
         with torch.cuda.stream(stream):
             self.dev_gate_up[slot].copy_(self.moe.w_gate_up[expert], non_blocking=True)
             self.dev_down[slot].copy_(self.moe.w_down[expert], non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(enable_timing=True)
             event.record(stream)
         self.ready[expert] = event
 
     def _wait(self, expert: int) -> None:
+        """Make the compute stream wait for the expert's copy; the host runs on, so it queues
+        the next layer's attention while the copy is still landing."""
         event = self.ready.pop(expert, None)
-        if event is None:
+        if event is None or event.query():
             return
-        if not event.query():
-            t0 = time.perf_counter()
-            event.synchronize()
-            self.stats.copy_wait_seconds += time.perf_counter() - t0
+        arrived = torch.cuda.Event(enable_timing=True)
+        arrived.record()
         torch.cuda.current_stream().wait_event(event)
+        with self.store.lock:
+            self._waits.append((arrived, event))
+
+    def settle_waits(self) -> None:
+        """Add the copy waits the device has finished timing to the stats."""
+        with self.store.lock:
+            keep = []
+            for arrived, landed in self._waits:
+                if arrived.query() and landed.query():
+                    wait_ms = arrived.elapsed_time(landed)  # negative: landed first
+                    self.stats.copy_wait_seconds += max(wait_ms, 0.0) / 1e3
+                else:
+                    keep.append((arrived, landed))
+            self._waits = keep
 
     def fill(self, experts: list[int]) -> None:
         """Initial residents (startup): copies that count as neither misses nor prefetches."""
@@ -201,16 +214,17 @@ class LayerCache:
             y_RD[rows] = expert_mlp(x_RD[rows], self.dev_gate_up[slot], self.dev_down[slot])
             pending.discard(e)
 
+        # The CPU experts' inputs leave the device before any expert work is queued, so
+        # this read waits only for the routing, not for the hits' compute.
+        host_dev = self.moe.w_gate_up.device
+        x_host = {e: x_RD[starts[e] : starts[e] + counts[e]].to(host_dev) for e in on_cpu}
         for e in hits:
             run_on_device(e)
-        # CPU experts next: the host computes them while the copies land and the GPU works.
-        host_dev = self.moe.w_gate_up.device
+        # The host computes its experts while the copies land and the GPU runs the hits.
         t0 = time.perf_counter()
         for e in on_cpu:
-            rows = slice(starts[e], starts[e] + counts[e])
-            x = x_RD[rows].to(host_dev)
-            y = expert_mlp(x, self.moe.w_gate_up[e], self.moe.w_down[e])
-            y_RD[rows] = y.to(y_RD.device)
+            y = expert_mlp(x_host[e], self.moe.w_gate_up[e], self.moe.w_down[e])
+            y_RD[starts[e] : starts[e] + counts[e]].copy_(y)
         if on_cpu:
             st.cpu_seconds += time.perf_counter() - t0
         for e in fetch:
@@ -218,6 +232,8 @@ class LayerCache:
                 assert self._acquire(e, pending), "a slot frees once earlier experts have run"
             run_on_device(e)
         self.policy.end_step()
+        if self._waits:
+            self.settle_waits()
 
     def _split(self, misses: list[int], counts: list[int]) -> list[int]:
         """The misses to compute on the CPU. In auto mode each goes to the resource (copy
@@ -255,6 +271,7 @@ class ExpertStore:
         self.device = model.device
         self.record_trace = record_trace
         self.copy_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
+        self.lock = threading.Lock()  # the metrics thread settles copy waits too
         moes = model.moe_layers()
         num_e = moes[0][1].num_experts
         self.slots = max(1, min(slots, num_e))
@@ -267,6 +284,8 @@ class ExpertStore:
             moe.offload = layer
 
     def stats(self) -> list[ExpertCacheStats]:
+        for layer in self.layers:
+            layer.settle_waits()
         return [layer.stats for layer in self.layers]
 
 

@@ -58,18 +58,36 @@ def _cuda_blocks(
     return max(0, budget // per_block)
 
 
+def offload_reserve_bytes(
+    cfg: ModelConfig, dtype: torch.dtype, sched: SchedulerConfig, max_model_len: int
+) -> int:
+    """What an expert cache must leave free: the KV of one max-length sequence (the least the
+    KV pool accepts), a maximal step's activations (an upper bound: every routed row's expert
+    intermediate at once) and 512 MiB for workspaces and fragmentation."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv = 2 * cfg.num_layers * cfg.kv_size * elem * max_model_len
+    t = min(sched.max_num_batched_tokens, max_model_len)
+    per_token = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size
+    per_token += cfg.top_k * (cfg.hidden_size + 3 * cfg.moe_intermediate_size)
+    logits = sched.max_num_seqs * cfg.vocab_size * 8  # float32 logits and their softmax
+    return kv + t * per_token * elem + logits + (512 << 20)
+
+
 def plan_expert_slots(
     cfg: ModelConfig,
     dtype: torch.dtype,
     device: torch.device,
     offload: OffloadConfig,
     gpu_memory_utilization: float,
+    reserve_bytes: int = 0,
+    memory_info: tuple[int, int] | None = None,
 ) -> int | None:
     """Device cache slots per sparse layer, or None when every expert stays on the device.
 
     An explicit --expert-cache-slots / --expert-cache-gb wins. Otherwise, on CUDA, the experts
-    are offloaded only when all weights would not fit in gpu_memory_utilization of the device
-    with 10% of it left for the KV cache and activations; the cache then takes what remains.
+    are offloaded only when all weights and `reserve_bytes` (offload_reserve_bytes) would not
+    fit in gpu_memory_utilization of the device; the cache then takes what remains.
+    memory_info: (free, total) bytes, by default torch.cuda.mem_get_info().
     """
     elem = torch.empty((), dtype=dtype).element_size()
     per_expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * elem
@@ -88,16 +106,18 @@ def plan_expert_slots(
         total = sum(p.numel() for p in meta.parameters())
         experts = per_slot * cfg.num_experts
         dense = total * elem - experts
-        free, capacity = torch.cuda.mem_get_info()
+        free, capacity = memory_info or torch.cuda.mem_get_info()
         budget = int(capacity * gpu_memory_utilization) - (capacity - free)
-        usable = int(budget * 0.9)
+        usable = budget - reserve_bytes
         if dense + experts <= usable:
             return None
         slots = (usable - dense) // per_slot
         if slots < 1:
             raise ConfigError(
-                f"the dense weights ({dense / 2**30:.1f} GiB) leave no room for even one expert "
-                f"per layer in {budget / 2**30:.1f} GiB of GPU memory"
+                f"the dense weights ({dense / 2**30:.1f} GiB) and {reserve_bytes / 2**30:.1f} GiB "
+                f"for the KV cache and activations leave no room for one expert per layer in "
+                f"{budget / 2**30:.1f} GiB of GPU memory (gpu_memory_utilization "
+                f"{gpu_memory_utilization}): lower --max-model-len or raise the utilization"
             )
     else:
         return None
