@@ -5,7 +5,12 @@ written into static device buffers by two host->device copies; padding rows writ
 a scratch block that the block pool never hands out, attend to it alone, and route to no
 expert. Python, the launch of every kernel and the dispatcher's overhead vanish: at batch 1 the
 step costs what the GPU spends reading the weights. Needs the Triton kernels (no host reads
-inside the forward) and every expert resident.
+inside the forward).
+
+With experts offloaded, each size gets one graph per stage of a StagedForward (the forward cut
+at every offloaded layer's experts): a step replays stage 0, runs that layer's experts eagerly
+(the routing read, cache fetches), replays stage 1, and so on. Attention, norms, routers and
+dispatch then cost no launch overhead, so the host's time goes to the expert cache alone.
 
 Shapes: P padded batch (a captured size), M max blocks per sequence, V vocab.
 """
@@ -21,6 +26,7 @@ import torch
 
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.layers import AttentionMetadata
+from moeserve.model.staged import StagedForward
 
 if TYPE_CHECKING:
     from moeserve.engine.runner import Work
@@ -65,6 +71,9 @@ class DecodeGraphs:
         self._vec = torch.zeros(_FIELDS, p, dtype=torch.int64, device=dev)
         self._tables = torch.zeros(p, m, dtype=torch.int64, device=dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Offloaded experts: per size, a graph per stage and the staged forward they replay.
+        self.staged = any(moe.offload is not None for _, moe in model.moe_layers())
+        self._stages: dict[int, tuple[list[torch.cuda.CUDAGraph], StagedForward]] = {}
         self._pad_rows(0)
         self._vec.copy_(self._host_vec)
         self._tables.copy_(self._host_tables)
@@ -80,7 +89,7 @@ class DecodeGraphs:
         v[4, start:] = 0
         self._tables_np[start:, 0] = self.scratch_block
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         ids, pos, slots, ctx, valid = (self._vec[i, :size] for i in range(_FIELDS))
         meta = AttentionMetadata(
             query_lens=[1] * size,
@@ -91,6 +100,10 @@ class DecodeGraphs:
             slot_mapping_T=slots,
             valid_T=valid,
         )
+        return ids, pos, meta
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ids, pos, meta = self._inputs(size)
         hidden_PD = self.model(ids, pos, meta, self.kv_caches)
         return self.model.compute_logits(hidden_PD)
 
@@ -99,6 +112,9 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
+            if self.staged:
+                self._capture_stages(size, pool, side)
+                continue
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compiles the kernels, settles the allocator
                 for _ in range(2):
@@ -110,9 +126,29 @@ class DecodeGraphs:
             self._graphs[size] = (graph, logits_PV)
         torch.cuda.synchronize()
         log.info(
-            "captured %d decode CUDA graphs (batch %d..%d) in %.1f s",
-            len(self.sizes), self.sizes[0], self.max_size, time.monotonic() - t0,
+            "captured %d decode CUDA graphs (batch %d..%d%s) in %.1f s",
+            len(self.sizes), self.sizes[0], self.max_size,
+            ", one per stage between offloaded experts" if self.staged else "",
+            time.monotonic() - t0,
         )  # fmt: skip
+
+    def _capture_stages(self, size: int, pool: tuple[int, int], side: torch.cuda.Stream) -> None:
+        staged = StagedForward(self.model, *self._inputs(size), self.kv_caches)
+        # Warm-up without the expert steps: every row is padding (routed nowhere), so there
+        # is nothing to fetch and nothing reaches the cache's counters.
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                for j in range(staged.num_stages):
+                    staged.stage(j)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for j in range(staged.num_stages):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                staged.stage(j)
+            graphs.append(graph)
+        self._stages[size] = (graphs, staged)
 
     def covers(self, work: Sequence[Work]) -> bool:
         return len(work) <= self.max_size and all(w.num_tokens == 1 for w in work)
@@ -138,6 +174,14 @@ class DecodeGraphs:
         self._vec.copy_(self._host_vec, non_blocking=True)
         # Only the columns in use: entries past a row's context are never read.
         self._tables[:size, :width].copy_(self._host_tables[:size, :width], non_blocking=True)
+        if self.staged:
+            graphs, staged = self._stages[size]
+            for j, graph in enumerate(graphs):
+                graph.replay()
+                if j < len(graphs) - 1:
+                    staged.run_experts(j)
+            assert staged.logits_TV is not None
+            return staged.logits_TV[:b]
         graph, logits_PV = self._graphs[size]
         graph.replay()
         return logits_PV[:b]

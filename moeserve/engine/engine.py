@@ -142,12 +142,7 @@ class Engine:
         )
         num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len)
         offloaded = self.expert_store is not None
-        graphs = (
-            self.kernels == "triton"
-            and self.model.device.type == "cuda"
-            and not offloaded
-            and not enforce_eager
-        )
+        graphs = self.kernels == "triton" and self.model.device.type == "cuda" and not enforce_eager
         self.runner = Runner(
             self.model, num_blocks, cache.block_size,
             decode_graphs_up_to=sched.max_num_seqs if graphs else 0,

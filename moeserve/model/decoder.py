@@ -121,6 +121,18 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size, dtype, device)
 
+    def attention_block(
+        self,
+        x_TD: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after attention, and its post-attention norm (the MLP's input)."""
+        norm = _norm_fn(_fused_elementwise(self.attn.decode_kernel, x_TD))
+        x_TD = x_TD + self.attn(norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta)
+        return x_TD, norm(x_TD, self.post_norm, self.eps)
+
     def forward(
         self,
         x_TD: torch.Tensor,
@@ -128,9 +140,7 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        norm = _norm_fn(_fused_elementwise(self.attn.decode_kernel, x_TD))
-        x_TD = x_TD + self.attn(norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta)
-        h_TD = norm(x_TD, self.post_norm, self.eps)
+        x_TD, h_TD = self.attention_block(x_TD, cos_sin, kv_cache, meta)
         if isinstance(self.mlp, MoE):
             return x_TD + self.mlp(h_TD, meta.valid_T)
         return x_TD + self.mlp(h_TD)

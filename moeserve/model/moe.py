@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -141,16 +142,28 @@ class MoE(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
         """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere."""
-        logits_TE = F.linear(x_TD, self.router)
         if self.offload is None and x_TD.shape[0] <= self.fused_max_tokens:
-            out_TD = self.fused_experts(x_TD, logits_TE, valid_T)
-        else:
-            weights_TK, experts_TK = route(logits_TE, self.top_k, self.renormalize)
-            out_TD = self.experts(x_TD, weights_TK, experts_TK)
-        if self.shared is not None:
-            gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
-            out_TD = out_TD + gate_T1 * self.shared(x_TD)
-        return out_TD
+            logits_TE = F.linear(x_TD, self.router)
+            return self.add_shared(x_TD, self.fused_experts(x_TD, logits_TE, valid_T))
+        d = self.route_and_dispatch(x_TD, valid_T)
+        self.run_experts(x_TD, d)
+        return self.finish(x_TD, d)
+
+    def route_and_dispatch(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> Dispatch:
+        """Router, top-k and dispatch: everything before the experts, graph-safe."""
+        weights_TK, experts_TK = route(F.linear(x_TD, self.router), self.top_k, self.renormalize)
+        return self.dispatch(x_TD, weights_TK, experts_TK, valid_T)
+
+    def finish(self, x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """Everything after the experts: combine, plus the shared expert (graph-safe)."""
+        return self.add_shared(x_TD, self.combine(x_TD, d))
+
+    def add_shared(self, x_TD: torch.Tensor, routed_TD: torch.Tensor) -> torch.Tensor:
+        """The routed experts' output plus the shared expert's, when the family has one."""
+        if self.shared is None:
+            return routed_TD
+        gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
+        return routed_TD + gate_T1 * self.shared(x_TD)
 
     def fused_experts(
         self, x_TD: torch.Tensor, logits_TE: torch.Tensor, valid_T: torch.Tensor | None
@@ -180,27 +193,68 @@ class MoE(nn.Module):
         return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK)
 
     def experts(
-        self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor
+        self,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        experts_TK: torch.Tensor,
+        valid_T: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each expert runs once, on exactly the rows routed to it, then a weighted scatter-add."""
+        d = self.dispatch(x_TD, weights_TK, experts_TK, valid_T)
+        self.run_experts(x_TD, d)
+        return self.combine(x_TD, d)
+
+    def dispatch(
+        self,
+        x_TD: torch.Tensor,
+        weights_TK: torch.Tensor,
+        experts_TK: torch.Tensor,
+        valid_T: torch.Tensor | None = None,
+    ) -> Dispatch:
+        """Rows grouped by expert, ascending, and the count of each; no host read (CUDA graphs
+        capture it). Padding rows (valid_T 0) take the sentinel expert E: they sort last, are
+        not counted and get zero output."""
+        e = self.num_experts
+        if valid_T is not None:
+            experts_TK = torch.where(valid_T[:, None].bool(), experts_TK, e)
         flat_R = experts_TK.flatten()
         order_R = torch.argsort(flat_R, stable=True)
-        counts_E = torch.bincount(flat_R, minlength=self.num_experts)
+        ones_R = torch.ones_like(flat_R)
+        counts_E = torch.zeros(e + 1, dtype=torch.int64, device=x_TD.device)
+        counts_E = counts_E.scatter_add_(0, flat_R, ones_R)[:e]
         if self.count_tokens:
             self.tokens_per_expert_E += counts_E
         token_R = order_R // self.top_k
         x_RD = x_TD[token_R]
-        y_RD = torch.empty_like(x_RD)
+        # Rows no expert writes (padding) must add nothing, not garbage.
+        y_RD = torch.zeros_like(x_RD) if valid_T is not None else torch.empty_like(x_RD)
+        return Dispatch(weights_TK.flatten()[order_R], token_R, counts_E, x_RD, y_RD)
+
+    def run_experts(self, x_TD: torch.Tensor, d: Dispatch) -> None:
+        """Fill d.y_RD: through the expert cache when offloaded, else one expert at a time."""
         if self.offload is not None:
-            self.offload.run(x_TD, x_RD, counts_E, y_RD)
-        else:
-            # One host read of the per-expert counts per layer tells the slices.
-            start = 0
-            for e, n in enumerate(counts_E.tolist()):
-                if n:
-                    rows = slice(start, start + n)
-                    y_RD[rows] = expert_mlp(x_RD[rows], self.w_gate_up[e], self.w_down[e])
-                    start += n
+            self.offload.run(x_TD, d.x_RD, d.counts_E, d.y_RD)
+            return
+        start = 0  # one host read of the per-expert counts per layer tells the slices
+        for e, n in enumerate(d.counts_E.tolist()):
+            if n:
+                rows = slice(start, start + n)
+                d.y_RD[rows] = expert_mlp(d.x_RD[rows], self.w_gate_up[e], self.w_down[e])
+                start += n
+
+    def combine(self, x_TD: torch.Tensor, d: Dispatch) -> torch.Tensor:
+        """The weighted sum of each token's expert outputs (graph-safe)."""
         # Weights multiply in float32 before the cast, as the reference does.
-        y_RD = (y_RD * weights_TK.flatten()[order_R, None]).to(x_TD.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
+        y_RD = (d.y_RD * d.weights_R[:, None]).to(x_TD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, d.token_R, y_RD)
+
+
+@dataclass
+class Dispatch:
+    """One MoE layer's routed rows between dispatch and combine (R = T*K, grouped by expert)."""
+
+    weights_R: torch.Tensor  # float32 routing weight of each row
+    token_R: torch.Tensor  # the token each row came from
+    counts_E: torch.Tensor  # rows per expert, ascending expert order
+    x_RD: torch.Tensor  # the rows' inputs
+    y_RD: torch.Tensor  # the experts' outputs, filled by run_experts

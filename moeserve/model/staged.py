@@ -1,0 +1,94 @@
+"""The decoder's forward cut at every offloaded MoE layer's experts, for piecewise CUDA graphs.
+
+With experts offloaded, a step must read each layer's routing on the host (to fetch missed
+experts), so one graph cannot cover the forward. The stages between those reads can: stage 0
+embeds and runs up to the first offloaded layer's dispatch; `run_experts(j)` runs that layer's
+experts eagerly (host read, cache fetches, CPU experts); stage j+1 combines them and runs on to
+the next offloaded layer's dispatch; the last stage ends with the logits. No stage reads the
+device from the host, so each can be captured; what a stage hands the next (residual stream,
+normed input, dispatch) lives in tensors the stage allocated, which graph replays rewrite in
+place.
+
+Shapes: T tokens, D hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.layers import AttentionMetadata
+from moeserve.model.moe import Dispatch, MoE
+
+
+class StagedForward:
+    """One forward over fixed input tensors, run as `num_stages` stages with eager expert
+    steps between them: for j in range(num_stages): stage(j); then run_experts(j) unless j is
+    the last. `logits_TV` holds the float32 logits of every row after the last stage."""
+
+    def __init__(
+        self,
+        model: MoEForCausalLM,
+        input_ids_T: torch.Tensor,
+        positions_T: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.model, self.meta, self.kv_caches = model, meta, kv_caches
+        self.input_ids_T, self.positions_T = input_ids_T, positions_T
+        self.cuts = [
+            i for i, layer in enumerate(model.layers)
+            if isinstance(layer.mlp, MoE) and layer.mlp.offload is not None
+        ]  # fmt: skip
+        self.num_stages = len(self.cuts) + 1
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._x_TD: torch.Tensor | None = None  # residual stream at the latest cut
+        # Per cut: the MLP input and its dispatch, which the eager expert step of a replay
+        # reads and writes (held, so their memory stays theirs).
+        self._cut_inputs: list[tuple[torch.Tensor, Dispatch] | None] = [None] * len(self.cuts)
+        self.logits_TV: torch.Tensor | None = None
+
+    def _moe(self, j: int) -> MoE:
+        mlp = self.model.layers[self.cuts[j]].mlp
+        assert isinstance(mlp, MoE)
+        return mlp
+
+    @torch.inference_mode()
+    def stage(self, j: int) -> None:
+        m, meta, kv = self.model, self.meta, self.kv_caches
+        if j == 0:
+            x_TD = F.embedding(self.input_ids_T, m.embed_tokens)
+            self._cos_sin = m.rotary.cos_sin(self.positions_T, m.dtype)
+            start = 0
+        else:
+            carried = self._cut_inputs[j - 1]
+            assert self._x_TD is not None and carried is not None
+            x_TD = self._x_TD + self._moe(j - 1).finish(*carried)
+            start = self.cuts[j - 1] + 1
+        assert self._cos_sin is not None
+        last = j == len(self.cuts)
+        stop = len(m.layers) if last else self.cuts[j]
+        for i in range(start, stop):
+            x_TD = m.layers[i](x_TD, self._cos_sin, kv[i], meta)
+        if last:
+            self.logits_TV = m.compute_logits(x_TD)
+            return
+        self._x_TD, h_TD = m.layers[stop].attention_block(x_TD, self._cos_sin, kv[stop], meta)
+        self._cut_inputs[j] = (h_TD, self._moe(j).route_and_dispatch(h_TD, meta.valid_T))
+
+    @torch.inference_mode()
+    def run_experts(self, j: int) -> None:
+        """Cut j's routed experts, eagerly (reads its routing on the host)."""
+        carried = self._cut_inputs[j]
+        assert carried is not None, "stage j runs before its experts"
+        self._moe(j).run_experts(*carried)
+
+    def run(self) -> torch.Tensor:
+        """Every stage eagerly, in order; returns the logits."""
+        for j in range(self.num_stages):
+            self.stage(j)
+            if j < len(self.cuts):
+                self.run_experts(j)
+        assert self.logits_TV is not None
+        return self.logits_TV
