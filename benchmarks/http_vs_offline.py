@@ -12,8 +12,10 @@ starts in a subprocess and the load tester (`moeserve bench serve`) sends the sa
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +37,7 @@ from moeserve.assets import demo_model_path  # noqa: E402
 from moeserve.bench.workloads import random_workload  # noqa: E402
 
 KV_BYTES = 8 * 2**30
+WHERE = {"process": "its own process", "thread": "a thread of the server"}
 
 
 # A CPU smoke test of this script (--tiny): the same code path on a toy shape.
@@ -67,6 +70,17 @@ def fake_gpu(step_ms: float) -> None:
     runner.Runner.execute = execute  # type: ignore[method-assign]
 
 
+def serve_fake_gpu(step_ms: float, argv: list[str]) -> int:
+    """`moeserve serve argv` with fake_gpu(step_ms) applied where the engine steps (its own
+    process, or this one with --no-engine-process)."""
+    from moeserve.cli import build_parser, engine_kwargs
+    from moeserve.server.serve import run
+
+    args = build_parser().parse_args(["serve", *argv])
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args, engine_kwargs(args), engine_setup=functools.partial(fake_gpu, step_ms))
+
+
 def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: str) -> float:
     llm = LLM(str(path), dtype=dtype, load_format="dummy", kv_cache_memory=KV_BYTES,
               max_num_seqs=max_seqs, max_model_len=4096, progress=False)  # fmt: skip
@@ -94,6 +108,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="toy shape in float32 (CPU smoke test)")
     ap.add_argument("--fake-gpu-step-ms", type=float, default=0.0,
                     help="CPU proxy: each step also sleeps this long, GIL released (with --tiny)")
+    ap.add_argument("--compare-thread", action="store_true",
+                    help="also serve with --no-engine-process (the engine in a server thread)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     path = model_dir(args.layers, args.tiny)
@@ -106,17 +122,42 @@ def main() -> int:
     print(f"offline: {off:.0f} output tok/s")
 
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    launch = [sys.executable, "-m", "moeserve.cli"]
+    results = {}
+    for mode in ("process", "thread") if args.compare_thread else ("process",):
+        results[mode] = serve_and_load(args, path, dtype, env, mode == "thread")
+        print(f"HTTP at {args.concurrency} streams, engine in {WHERE[mode]}: "
+              f"{results[mode]['output_throughput']:.0f} output tok/s")  # fmt: skip
+    rep = results["process"]
+    http = rep["output_throughput"]
+    ratio = http / off
+    print(f"offline: {off:.0f} output tok/s")
+    for mode, r in results.items():
+        print(f"HTTP at {args.concurrency} streams, engine in {WHERE[mode]}: "
+              f"{r['output_throughput']:.0f} output tok/s = {r['output_throughput'] / off:.2f} "
+              "of offline")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({
+            "offline_tokens_per_s": off, "http_tokens_per_s": http, "ratio": ratio,
+            "args": vars(args) | {"json": None}, "loadtest": results,
+        }, indent=2))  # fmt: skip
+    return 0
+
+
+def serve_and_load(
+    args: argparse.Namespace, path: Path, dtype: str, env: dict[str, str], thread: bool
+) -> dict[str, Any]:
+    """Start `moeserve serve` in a subprocess, run the load tester against it, stop it."""
+    flags = ["--model", str(path), "--load-format", "dummy", "--dtype", dtype,
+             "--kv-cache-memory", str(KV_BYTES), "--max-model-len", "4096",
+             "--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1",
+             "--port", str(args.port)] + (["--no-engine-process"] if thread else [])  # fmt: skip
     if args.fake_gpu_step_ms:
-        launch = [sys.executable, "-c", "import sys; from benchmarks.http_vs_offline import "
-                  f"fake_gpu; fake_gpu({args.fake_gpu_step_ms}); from moeserve.cli import main; "
-                  "sys.exit(main(sys.argv[1:]))"]  # fmt: skip
-    server = subprocess.Popen(
-        [*launch, "serve", "--model", str(path), "--load-format",
-         "dummy", "--dtype", dtype, "--kv-cache-memory", str(KV_BYTES), "--max-model-len", "4096",
-         "--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1", "--port", str(args.port)],
-        env=env,
-    )  # fmt: skip
+        cmd = [sys.executable, "-c", "import sys; from benchmarks.http_vs_offline import "
+               f"serve_fake_gpu; sys.exit(serve_fake_gpu({args.fake_gpu_step_ms}, "
+               f"{flags!r}))"]  # fmt: skip
+    else:
+        cmd = [sys.executable, "-m", "moeserve.cli", "serve", *flags]
+    server = subprocess.Popen(cmd, env=env)
     try:
         url = f"http://127.0.0.1:{args.port}"
         deadline = time.monotonic() + 300
@@ -143,18 +184,10 @@ def main() -> int:
 
         load(args.concurrency)  # warm-up, as offline had
         load(args.num_requests)
-        rep = json.loads(out.read_text())
+        return json.loads(out.read_text())
     finally:
         server.terminate()
         server.wait(timeout=60)
-    http = rep["output_throughput"]
-    ratio = http / off
-    print(f"HTTP at {args.concurrency} streams: {http:.0f} output tok/s = {ratio:.2f} of offline")
-    if args.json:
-        args.json.write_text(json.dumps({"offline_tokens_per_s": off, "http_tokens_per_s": http,
-                                         "ratio": ratio, "args": vars(args) | {"json": None},
-                                         "loadtest": rep}, indent=2))  # fmt: skip
-    return 0
 
 
 if __name__ == "__main__":

@@ -161,6 +161,9 @@ def add_serve_args(p: _EnvDefaults) -> None:
                  help="largest request body in bytes (also 2MB, 1MiB); larger ones get 413")
     p.add_option("--log-prompts", action="store_true", default=False,
                  help="include prompts in the request log (off: they may be private)")
+    p.add_option("--no-engine-process", action="store_true", default=False,
+                 help="step the engine in a thread of the server's process instead of a "
+                      "process of its own (which keeps streaming from slowing the engine)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,9 +101,7 @@ class AsyncEngine:
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = queue
         add = _Add(request_id, prompt, ids, params)
-        with self._lock:
-            self._adds.append(add)
-        self._wake.set()
+        self._submit(add)
         finished = False
         try:
             await add.done
@@ -138,10 +136,35 @@ class AsyncEngine:
         if queue is not None:
             queue.put_nowait(asyncio.CancelledError(f"request {request_id} aborted"))
 
+    # The transport: how adds and aborts reach the engine (here its thread; a subclass sends
+    # them to an engine process). Outputs come back through _post.
+    def _submit(self, add: _Add) -> None:
+        with self._lock:
+            self._adds.append(add)
+        self._wake.set()
+
     def _request_abort(self, request_id: str) -> None:
         with self._lock:
             self._aborts.add(request_id)
         self._wake.set()
+
+    def _post(self, outputs: list[RequestOutput], stats: list[StepStats]) -> None:
+        """From the engine's side (any thread): merge deltas per request into the outbox and
+        have the event loop deliver them, once however many posts pile up meanwhile."""
+        loop = self._loop
+        assert loop is not None
+        with self._lock:
+            for out in outputs:
+                held = self._outbox.get(out.request_id)
+                if held is None:
+                    self._outbox[out.request_id] = out
+                else:
+                    held.absorb(out)
+            self._stats.extend(stats)
+            schedule = not self._delivery_pending
+            self._delivery_pending = True
+        if schedule:
+            loop.call_soon_threadsafe(self._deliver)
 
     # ------------------------------------------------------------ engine thread
     def _apply_pending(self) -> None:
@@ -178,19 +201,7 @@ class AsyncEngine:
                     continue
                 result = self.engine.step()
                 self.steps += 1
-                with self._lock:
-                    for out in result.outputs:
-                        held = self._outbox.get(out.request_id)
-                        if held is None:
-                            self._outbox[out.request_id] = out
-                        else:
-                            held.absorb(out)
-                    if result.stats is not None:
-                        self._stats.append(result.stats)
-                    schedule = not self._delivery_pending
-                    self._delivery_pending = True
-                if schedule:
-                    loop.call_soon_threadsafe(self._deliver)
+                self._post(result.outputs, [result.stats] if result.stats is not None else [])
         except BaseException as e:  # the step crashed: nobody may hang on a dead engine
             log.exception("engine loop died")
             self.error = e

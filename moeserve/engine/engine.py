@@ -86,6 +86,31 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
     return "triton"
 
 
+def encode_prompt(
+    tokenizer: Tokenizer | None, vocab_size: int, prompt: str | list[int]
+) -> list[int]:
+    """Token ids of a prompt (text, or ids checked against the vocabulary); InvalidRequest
+    says what is wrong."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequest("prompt is empty")
+        if tokenizer is None:
+            raise InvalidRequest("this model has no tokenizer.json: send token ids")
+        return tokenizer.encode(prompt)
+    ids = list(prompt)
+    if not ids:
+        raise InvalidRequest("prompt is empty")
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
+    if bad:
+        raise InvalidRequest(f"prompt token ids must be integers, got {bad[0]!r}")
+    out = [t for t in ids if not 0 <= t < vocab_size]
+    if out:
+        raise InvalidRequest(
+            f"prompt token id {out[0]} is outside the vocabulary (0..{vocab_size - 1})"
+        )
+    return ids
+
+
 class Engine:
     """Continuous-batching engine over one model directory."""
 
@@ -182,25 +207,21 @@ class Engine:
 
     # ----------------------------------------------------------------- requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("prompt is empty")
-            if self.tokenizer is None:
-                raise InvalidRequest("this model has no tokenizer.json: send token ids")
-            return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not ids:
-            raise InvalidRequest("prompt is empty")
-        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
-        if bad:
-            raise InvalidRequest(f"prompt token ids must be integers, got {bad[0]!r}")
-        out = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if out:
-            raise InvalidRequest(
-                f"prompt token id {out[0]} is outside the vocabulary "
-                f"(0..{self.model_config.vocab_size - 1})"
-            )
-        return ids
+        return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
+
+    @property
+    def offloads_experts(self) -> bool:
+        return self.expert_store is not None
+
+    def warm_up(self) -> None:
+        """One real generation step before serving (first-call costs are paid here, not by a
+        user); its expert counts are then cleared so the counters describe traffic only."""
+        token = self.model_config.bos_token_id
+        token = token if token is not None and 0 <= token < self.vocab_size else 0
+        self.add_request("warmup", [token], SamplingParams(max_tokens=1, temperature=0.0))
+        while self.has_unfinished():
+            self.step()
+        self.reset_expert_counts()
 
     def add_request(
         self,

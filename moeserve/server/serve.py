@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import uvicorn
 
 from moeserve.assets import model_or_demo
 from moeserve.engine.engine import Engine
+from moeserve.engine.engine_process import EngineProcess
 from moeserve.server.app import create_app
 from moeserve.server.state import ServerConfig, ServerState
 
@@ -120,17 +121,29 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )  # fmt: skip
 
 
-def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
-    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a drain)."""
+def run(
+    args: argparse.Namespace,
+    engine_kwargs: dict[str, Any],
+    *,
+    engine_setup: Callable[[], None] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a drain).
+
+    The engine runs in a process of its own unless --no-engine-process; `engine_setup`
+    (picklable) runs there before the model loads (benchmarks use it)."""
     config = server_config(args)
     model = model_or_demo(args.model)
     if not args.model:
         log.info("no --model given: serving the packaged demo model (see the README)")
 
-    def load() -> Engine:
+    def load() -> Engine | EngineProcess:
+        log.info("loading %s", model)
+        if not args.no_engine_process:
+            return EngineProcess.start(model, engine_kwargs, setup=engine_setup)
         from moeserve.engine.llm import LLM
 
-        log.info("loading %s", model)
+        if engine_setup is not None:
+            engine_setup()
         return LLM(model, progress=False, **engine_kwargs).engine
 
     state = ServerState(config, load)

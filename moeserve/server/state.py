@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry
 
 from moeserve.engine.async_engine import AsyncEngine
 from moeserve.engine.engine import Engine
+from moeserve.engine.engine_process import EngineProcess
 from moeserve.metrics import Metrics
 from moeserve.metrics_cache import ExpertCacheCollector
-from moeserve.sampling_params import SamplingParams
 from moeserve.server.errors import (
     RETRY_DRAINING,
     RETRY_LOADING,
@@ -55,11 +55,15 @@ class ServerState:
     """Shared by the routes; touched only from the event loop (the load thread hands over
     through call_soon_threadsafe)."""
 
-    def __init__(self, config: ServerConfig, engine_factory: Callable[[], Engine]) -> None:
+    def __init__(
+        self, config: ServerConfig, engine_factory: Callable[[], Engine | EngineProcess]
+    ) -> None:
         self.config = config
         self._factory = engine_factory
         self.phase = "loading"  # loading | ready | draining | failed
-        self.engine: Engine | None = None
+        # The engine in this process, or the front of one in its own process (which offers
+        # the same reads: tokenizer, model_config, max_model_len, encode_prompt, metrics).
+        self.engine: Engine | EngineProcess | None = None
         self.aengine: AsyncEngine | None = None
         self.metrics: Metrics | None = None
         self.load_error: BaseException | None = None
@@ -85,7 +89,8 @@ class ServerState:
             try:
                 t0 = time.monotonic()
                 engine = self._factory()
-                _warm_up(engine)
+                if isinstance(engine, Engine):  # an engine process warms itself up
+                    engine.warm_up()
                 log.info("model loaded and warmed up in %.1fs", time.monotonic() - t0)
             except BaseException as e:  # noqa: BLE001 - reported, not swallowed
                 loop.call_soon_threadsafe(self._failed, e)
@@ -94,7 +99,7 @@ class ServerState:
 
         threading.Thread(target=work, name="moeserve-load", daemon=True).start()
 
-    def _loaded(self, engine: Engine) -> None:
+    def _loaded(self, engine: Engine | EngineProcess) -> None:
         cfg = engine.model_config
         self.engine = engine
         self.metrics = Metrics(
@@ -105,9 +110,13 @@ class ServerState:
             sparse_layer_ids=[i for i, sparse in enumerate(cfg.sparse_layers) if sparse],
             registry=CollectorRegistry(),  # private: several servers may share a process
         )
-        if engine.expert_store is not None:
+        if engine.offloads_experts:
             self.metrics.registry.register(ExpertCacheCollector(engine.expert_cache_stats))
-        self.aengine = AsyncEngine(engine, stats_sink=self.metrics.observe_step)
+        if isinstance(engine, EngineProcess):
+            engine.attach(stats_sink=self.metrics.observe_step)
+            self.aengine = engine
+        else:
+            self.aengine = AsyncEngine(engine, stats_sink=self.metrics.observe_step)
         if self.phase == "loading":
             self.phase = "ready"
 
@@ -237,12 +246,3 @@ class Ticket:
             self._state._idle.set()
 
 
-def _warm_up(engine: Engine) -> None:
-    """One real generation step before readiness (first-call costs are paid here, not by a
-    user); its expert counts are then cleared so the counters describe traffic only."""
-    token = engine.model_config.bos_token_id
-    token = token if token is not None and 0 <= token < engine.vocab_size else 0
-    engine.add_request("warmup", [token], SamplingParams(max_tokens=1, temperature=0.0))
-    while engine.has_unfinished():
-        engine.step()
-    engine.reset_expert_counts()
