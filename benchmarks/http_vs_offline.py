@@ -108,8 +108,9 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="toy shape in float32 (CPU smoke test)")
     ap.add_argument("--fake-gpu-step-ms", type=float, default=0.0,
                     help="CPU proxy: each step also sleeps this long, GIL released (with --tiny)")
-    ap.add_argument("--compare-thread", action="store_true",
-                    help="also serve with --no-engine-process (the engine in a server thread)")
+    ap.add_argument("--servers", default="process",
+                    help="servers to run in turn: process (the default engine process) and "
+                         "thread (--no-engine-process), e.g. process,thread,process")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     path = model_dir(args.layers, args.tiny)
@@ -122,23 +123,27 @@ def main() -> int:
     print(f"offline: {off:.0f} output tok/s")
 
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    results = {}
-    for mode in ("process", "thread") if args.compare_thread else ("process",):
-        results[mode] = serve_and_load(args, path, dtype, env, mode == "thread")
+    results: list[tuple[str, dict[str, Any]]] = []
+    for mode in args.servers.split(","):
+        if mode not in WHERE:
+            raise SystemExit(f"--servers: {mode!r} is not one of {', '.join(WHERE)}")
+        results.append((mode, serve_and_load(args, path, dtype, env, mode == "thread")))
         print(f"HTTP at {args.concurrency} streams, engine in {WHERE[mode]}: "
-              f"{results[mode]['output_throughput']:.0f} output tok/s")  # fmt: skip
-    rep = results["process"]
+              f"{results[-1][1]['output_throughput']:.0f} output tok/s")  # fmt: skip
+    # The figure: the last server with the engine in its own process (the default).
+    rep = next((r for m, r in reversed(results) if m == "process"), results[-1][1])
     http = rep["output_throughput"]
     ratio = http / off
     print(f"offline: {off:.0f} output tok/s")
-    for mode, r in results.items():
+    for mode, r in results:
         print(f"HTTP at {args.concurrency} streams, engine in {WHERE[mode]}: "
               f"{r['output_throughput']:.0f} output tok/s = {r['output_throughput'] / off:.2f} "
-              "of offline")  # fmt: skip
+              f"of offline (TTFT p90 {(r['ttft_ms']['p90'] or 0):.0f} ms)")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({
             "offline_tokens_per_s": off, "http_tokens_per_s": http, "ratio": ratio,
-            "args": vars(args) | {"json": None}, "loadtest": results,
+            "args": vars(args) | {"json": None},
+            "loadtest": [dict(r, server=m) for m, r in results],
         }, indent=2))  # fmt: skip
     return 0
 

@@ -177,6 +177,10 @@ class Engine:
         if self.kernels == "triton" and self.model.device.type == "cuda" and not offloaded:
             secs = self.runner.warm_up(sched.max_num_batched_tokens)
             log.info("Triton kernels compiled for every step size in %.1f s", secs)
+        if self.kernels == "triton" and self.model.device.type == "cuda":
+            from moeserve.kernels import log_later_compiles
+
+            log_later_compiles()
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=cache.block_size,

@@ -29,6 +29,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -251,6 +252,7 @@ class EngineProcess(AsyncEngine):
         self._call_ids = itertools.count()
         self._closing = False
         self._last_counts: list[list[int]] | None = None
+        self._loop_thread: int | None = None
 
     @classmethod
     def start(
@@ -293,11 +295,12 @@ class EngineProcess(AsyncEngine):
         return cls(proc, conn, info, tok)
 
     def attach(self, stats_sink: Callable[[StepStats], None] | None = None) -> None:
-        """Bind to the running event loop and start reading the engine's messages."""
+        """Bind to the running event loop, which reads the engine's messages itself: no
+        reader thread contends for the GIL with the loop's streaming."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.stats_sink = stats_sink
-        self._thread = threading.Thread(target=self._read, name="moeserve-engine-io", daemon=True)
-        self._thread.start()
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
 
     # ------------------------------------------------------------- what Engine offers
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -322,13 +325,22 @@ class EngineProcess(AsyncEngine):
         return self._call("expert_cache_stats") if self.error is None else []
 
     def _call(self, name: str, timeout: float = 10.0) -> Any:
-        """Ask the engine process (answered between steps by its receiver thread)."""
+        """Ask the engine process (its receiver thread answers while the engine steps)."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         n = next(self._call_ids)
         self._calls[n] = fut
         try:
             self._send(("call", n, name))
-            return fut.result(timeout)
+            if self._loop is not None and threading.get_ident() != self._loop_thread:
+                return fut.result(timeout)  # the event loop reads the reply
+            # On the loop itself (or before attach): read until the reply comes.
+            deadline = time.monotonic() + timeout
+            while not fut.done():
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._conn.poll(left):
+                    raise concurrent.futures.TimeoutError(f"the engine did not answer {name}")
+                self._handle(self._conn.recv())
+            return fut.result()
         finally:
             self._calls.pop(n, None)
 
@@ -356,44 +368,60 @@ class EngineProcess(AsyncEngine):
             with contextlib.suppress(OSError):  # a dead process: the reader reports it
                 self._send(("abort", request_id))
 
-    def _read(self) -> None:
-        loop = self._loop
-        assert loop is not None
+    def _on_readable(self) -> None:
+        """On the event loop: a few of the engine's messages (then back to streaming; the
+        engine merges what arrives meanwhile)."""
         try:
-            while True:
-                msg = self._conn.recv()
-                if msg[0] == "out":
-                    _, admitted, outputs, stats = msg
-                    with self._lock:
-                        adds = [(self._pending.pop(rid, None), err) for rid, err in admitted]
-                    for add, err in adds:
-                        if add is not None:
-                            loop.call_soon_threadsafe(_settle, add.done, err)
-                    self._post(outputs, stats)
-                elif msg[0] == "reply":
-                    fut = self._calls.get(msg[1])
-                    if fut is not None:
-                        if isinstance(msg[2], BaseException):
-                            fut.set_exception(msg[2])
-                        else:
-                            fut.set_result(msg[2])
-                elif msg[0] == "dead":
-                    raise EngineDeadError(f"the engine loop has stopped: {msg[1]}")
+            for _ in range(8):
+                if not self._conn.poll():
+                    return
+                self._handle(self._conn.recv())
         except BaseException as e:  # noqa: BLE001 - EOF or a crash: fail whatever is open
-            if isinstance(e, EngineDeadError):
-                err = e
-            elif self._closing:
-                err = EngineDeadError("the engine is shutting down")
-            else:
-                self._proc.join(1)
-                err = EngineDeadError(
-                    f"the engine process exited unexpectedly (exit code {self._proc.exitcode})"
-                )
-                log.error("%s", err)
+            self._lost(e)
+
+    def _handle(self, msg: tuple) -> None:
+        if msg[0] == "out":
+            _, admitted, outputs, stats = msg
+            for rid, err in admitted:
+                add = self._pending.pop(rid, None)
+                if add is not None:
+                    _settle(add.done, err)
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            if self.stats_sink is not None:
+                for st in stats:
+                    self.stats_sink(st)
+        elif msg[0] == "reply":
+            fut = self._calls.get(msg[1])
+            if fut is not None:
+                if isinstance(msg[2], BaseException):
+                    fut.set_exception(msg[2])
+                else:
+                    fut.set_result(msg[2])
+        elif msg[0] == "dead":
+            raise EngineDeadError(f"the engine loop has stopped: {msg[1]}")
+
+    def _lost(self, e: BaseException) -> None:
+        """The engine process is gone (or its loop died): every open request fails."""
+        if self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
+        if isinstance(e, EngineDeadError):
+            err = e
+        elif self._closing:
+            err = EngineDeadError("the engine is shutting down")
+        else:
+            self._proc.join(1)
+            err = EngineDeadError(
+                f"the engine process exited unexpectedly (exit code {self._proc.exitcode})"
+            )
+            log.error("%s", err)
+        if self.error is None:
             self.error = err
             for fut in list(self._calls.values()):
                 fut.set_exception(err)
-            loop.call_soon_threadsafe(self._fail, err)
+            self._fail(err)
 
     def _fail(self, error: BaseException) -> None:
         with self._lock:
@@ -414,8 +442,8 @@ class EngineProcess(AsyncEngine):
             log.warning("the engine process did not stop in 30 s: terminating it")
             self._proc.terminate()
             await asyncio.to_thread(self._proc.join, 5)
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 5)
-        if self.error is None:
-            self.error = EngineDeadError("the engine is shutting down")
-            self._fail(self.error)
+        with contextlib.suppress(BaseException):  # what it sent before it stopped
+            while self._conn.poll():
+                self._handle(self._conn.recv())
+        self._lost(EngineDeadError("the engine is shutting down"))
+        self._conn.close()

@@ -23,3 +23,26 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def log_later_compiles() -> None:
+    """From now on, log every Triton compile of this process: after the startup warm-up one
+    means a step waited for the compiler (seconds), i.e. a specialisation the warm-up missed."""
+    import logging
+
+    import triton
+
+    log = logging.getLogger("moeserve.kernels")
+
+    def hook(**kwargs: object) -> None:
+        log.info("Triton compiles a kernel after the warm-up (the step waits): %s",
+                 kwargs.get("repr"))  # fmt: skip
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.runtime, "jit_cache_hook"):
+        knobs.runtime.jit_cache_hook = hook
+    else:  # older Triton
+        from triton.runtime.jit import JITFunction
+
+        JITFunction.cache_hook = hook
