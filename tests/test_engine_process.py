@@ -4,13 +4,16 @@ back as the same exceptions, a dead engine process fails every open request."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
+import os
+import pickle
 from pathlib import Path
 
 import pytest
 
 from moeserve import LLM, SamplingParams
 from moeserve.engine.async_engine import EngineDeadError
-from moeserve.engine.engine_process import EngineProcess
+from moeserve.engine.engine_process import EngineProcess, _Frames
 from moeserve.engine.outputs import StepStats
 from moeserve.engine.scheduler import RequestTooLarge
 from tests.checkpoints import make_checkpoint
@@ -32,7 +35,18 @@ async def _collect(eng: EngineProcess, prompt, params, rid: str) -> list[int]:
     return tokens
 
 
-def test_engine_process_serves_like_the_engine(ckpt: Path) -> None:
+def _run(main, loop: str) -> None:
+    """Under asyncio's own loop or uvloop's (uvicorn's choice when installed, and libuv makes
+    the pipe's descriptor non-blocking)."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_engine_process_serves_like_the_engine(ckpt: Path, loop: str) -> None:
     prompts = [[5 + i, 9, 40 + 3 * i, 7] for i in range(8)]
     offline = LLM(ckpt, progress=False, **KW).generate(prompts + ["hello world"], GREEDY)
     stats: list[StepStats] = []
@@ -83,7 +97,7 @@ def test_engine_process_serves_like_the_engine(ckpt: Path) -> None:
         with pytest.raises(EngineDeadError):
             await _collect(eng, [1, 2], GREEDY, "late")
 
-    asyncio.run(main())
+    _run(main, loop)
 
 
 def test_a_bad_checkpoint_fails_start_with_its_message(tmp_path: Path) -> None:
@@ -108,3 +122,26 @@ def test_a_killed_engine_process_fails_open_requests(ckpt: Path) -> None:
             await eng.shutdown()
 
     asyncio.run(main())
+
+
+def test_frames_reassemble_messages_that_arrive_in_pieces() -> None:
+    """uvloop leaves the pipe non-blocking and a big message arrives in several reads: the
+    reader must neither block nor fail on a partial message."""
+    reader, writer = mp.Pipe()
+    os.set_blocking(reader.fileno(), False)
+    frames = _Frames(reader.fileno())
+    assert frames.read() and list(frames.messages()) == []  # nothing there: no block, no error
+    big = ("out", [], list(range(100_000)), [])
+    small = ("reply", 1, "ok")
+    data = b""
+    for msg in (big, small):
+        payload = pickle.dumps(msg)
+        data += len(payload).to_bytes(4, "big") + payload
+    got = []
+    for i in range(0, len(data), 7001):  # odd-sized pieces, split headers included
+        os.write(writer.fileno(), data[i : i + 7001])
+        assert frames.read()
+        got.extend(frames.messages())
+    assert got == [big, small]
+    writer.close()
+    assert not frames.read()  # end of stream

@@ -27,10 +27,12 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import select
 import signal
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -227,6 +229,43 @@ class _EngineLoop:
                 return
 
 
+class _Frames:
+    """A Connection's messages read as the bytes arrive, never blocking: the event loop's
+    reader may find the descriptor non-blocking (uvloop makes it so) and a message only
+    partly written."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray()
+
+    def read(self) -> bool:
+        """Take what has arrived; False at end of stream (the engine process is gone)."""
+        try:
+            data = os.read(self.fd, 1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return True
+        self.buf += data
+        return bool(data)
+
+    def ready(self, timeout: float) -> bool:
+        return bool(select.select([self.fd], [], [], timeout)[0])
+
+    def messages(self) -> Iterator[Any]:
+        """Every complete message in the buffer (multiprocessing's framing: a 4-byte length,
+        or -1 and an 8-byte one)."""
+        while len(self.buf) >= 4:
+            (size,), head = struct.unpack("!i", self.buf[:4]), 4
+            if size == -1:
+                if len(self.buf) < 12:
+                    return
+                (size,), head = struct.unpack("!Q", self.buf[4:12]), 12
+            if len(self.buf) < head + size:
+                return
+            payload = bytes(self.buf[head : head + size])
+            del self.buf[: head + size]
+            yield pickle.loads(payload)
+
+
 # ------------------------------------------------------------------------ the server's side
 class EngineProcess(AsyncEngine):
     """AsyncEngine whose engine runs in a child process. `start()` loads it (blocking, in a
@@ -253,6 +292,7 @@ class EngineProcess(AsyncEngine):
         self._closing = False
         self._last_counts: list[list[int]] | None = None
         self._loop_thread: int | None = None
+        self._frames = _Frames(conn.fileno())
 
     @classmethod
     def start(
@@ -337,9 +377,9 @@ class EngineProcess(AsyncEngine):
             deadline = time.monotonic() + timeout
             while not fut.done():
                 left = deadline - time.monotonic()
-                if left <= 0 or not self._conn.poll(left):
+                if left <= 0 or not self._frames.ready(left):
                     raise concurrent.futures.TimeoutError(f"the engine did not answer {name}")
-                self._handle(self._conn.recv())
+                self._pump()
             return fut.result()
         finally:
             self._calls.pop(n, None)
@@ -369,15 +409,19 @@ class EngineProcess(AsyncEngine):
                 self._send(("abort", request_id))
 
     def _on_readable(self) -> None:
-        """On the event loop: a few of the engine's messages (then back to streaming; the
-        engine merges what arrives meanwhile)."""
+        """On the event loop: whatever the engine has sent (it merges what arrives while the
+        loop streams, so this never falls behind by more than one read)."""
         try:
-            for _ in range(8):
-                if not self._conn.poll():
-                    return
-                self._handle(self._conn.recv())
+            self._pump()
         except BaseException as e:  # noqa: BLE001 - EOF or a crash: fail whatever is open
             self._lost(e)
+
+    def _pump(self) -> None:
+        alive = self._frames.read()
+        for msg in self._frames.messages():
+            self._handle(msg)
+        if not alive:
+            raise EOFError("the engine process closed its pipe")
 
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "out":
@@ -416,7 +460,7 @@ class EngineProcess(AsyncEngine):
             err = EngineDeadError(
                 f"the engine process exited unexpectedly (exit code {self._proc.exitcode})"
             )
-            log.error("%s", err)
+            log.error("%s", err, exc_info=None if isinstance(e, EOFError) else e)
         if self.error is None:
             self.error = err
             for fut in list(self._calls.values()):
@@ -437,13 +481,17 @@ class EngineProcess(AsyncEngine):
         self._closing = True
         with contextlib.suppress(OSError):
             self._send(("stop",))
-        await asyncio.to_thread(self._proc.join, 30)
+        # Keep reading while it stops: a sender blocked on a full pipe would never finish.
+        deadline = time.monotonic() + 30
+        while self._proc.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(BaseException):
+                if self._frames.ready(0):
+                    self._pump()
+            await asyncio.sleep(0.02)
         if self._proc.is_alive():
             log.warning("the engine process did not stop in 30 s: terminating it")
             self._proc.terminate()
             await asyncio.to_thread(self._proc.join, 5)
-        with contextlib.suppress(BaseException):  # what it sent before it stopped
-            while self._conn.poll():
-                self._handle(self._conn.recv())
+        self._proc.join(1)
         self._lost(EngineDeadError("the engine is shutting down"))
         self._conn.close()
