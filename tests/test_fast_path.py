@@ -132,9 +132,12 @@ def test_warm_up_runs_every_power_of_two_and_leaves_no_trace(ckpt: Path) -> None
     before = _run(llm)
     eng.reset_expert_counts()
     sizes: list[int] = []
-    real = eng.runner.scratch_prefill
+    mixed: list[int] = []
+    real, real_mixed = eng.runner.scratch_prefill, eng.runner.scratch_mixed
     eng.runner.scratch_prefill = lambda n: (sizes.append(n), real(n))[1]  # type: ignore[method-assign]
+    eng.runner.scratch_mixed = lambda n: (mixed.append(n), real_mixed(n))[1]  # type: ignore[method-assign]
     eng.runner.warm_up(40)
     assert sizes == [1, 2, 4, 8, 16, 32]  # each power of two up to the step budget
+    assert mixed == [1, 2, 4, 8, 16, 32]  # and beside a decode (eager decode kernels)
     assert int(eng.expert_token_counts().sum()) == 0  # the warm-up is not traffic
     assert _run(llm) == before  # nothing it wrote into free blocks leaks into requests

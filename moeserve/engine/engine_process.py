@@ -200,6 +200,8 @@ class _EngineLoop:
             result = self.engine.step()
             with self.cond:
                 for out in result.outputs:
+                    # The server knows each request's prompt: no need to send it every step.
+                    out.prompt_token_ids, out.prompt = [], None
                     held = self.outbox.get(out.request_id)
                     if held is None:
                         self.outbox[out.request_id] = out
@@ -287,6 +289,7 @@ class EngineProcess(AsyncEngine):
         self.tokenizer = tokenizer
         self._send_lock = threading.Lock()
         self._pending: dict[str, _Add] = {}  # sent adds awaiting their admission
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # per open request
         self._calls: dict[int, concurrent.futures.Future[Any]] = {}
         self._call_ids = itertools.count()
         self._closing = False
@@ -396,6 +399,7 @@ class EngineProcess(AsyncEngine):
         with self._lock:
             self._pending[add.request_id] = add
         prompt = add.prompt if isinstance(add.prompt, str) else None
+        self._prompts[add.request_id] = (prompt, add.prompt_ids)
         try:
             self._send(("add", add.request_id, prompt, add.prompt_ids, add.params))
         except OSError as e:
@@ -404,6 +408,7 @@ class EngineProcess(AsyncEngine):
             _settle(add.done, EngineDeadError(f"the engine process is gone: {e}"))
 
     def _request_abort(self, request_id: str) -> None:
+        self._prompts.pop(request_id, None)
         if self.error is None:
             with contextlib.suppress(OSError):  # a dead process: the reader reports it
                 self._send(("abort", request_id))
@@ -433,7 +438,10 @@ class EngineProcess(AsyncEngine):
             for out in outputs:
                 queue = self._queues.get(out.request_id)
                 if queue is not None:
+                    out.prompt, out.prompt_token_ids = self._prompts.get(out.request_id, (None, []))
                     queue.put_nowait(out)
+                if out.finished:
+                    self._prompts.pop(out.request_id, None)
             if self.stats_sink is not None:
                 for st in stats:
                     self.stats_sink(st)
@@ -468,6 +476,7 @@ class EngineProcess(AsyncEngine):
             self._fail(err)
 
     def _fail(self, error: BaseException) -> None:
+        self._prompts.clear()
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
         for add in pending:

@@ -122,13 +122,27 @@ class Runner:
         seq.block_ids = list(range(-(-n // self.block_size)))
         self.execute([ScheduledSeq(seq, 0, n, True)])
 
+    def scratch_mixed(self, n: int) -> None:
+        """One eager step of a decode beside a prefill of n placeholder tokens (blocks 0..):
+        the decode kernels as a mixed step calls them, outside the CUDA graphs."""
+        bs = self.block_size
+        dec = SeqRecord(seq_id=-2, request_id="scratch-decode", prompt_ids=[0, 0], max_tokens=1)
+        dec.block_ids = [0]
+        pre = SeqRecord(seq_id=-3, request_id="scratch-prefill", prompt_ids=[0] * n, max_tokens=1)
+        pre.block_ids = list(range(1, 1 + -(-n // bs)))
+        self.execute([ScheduledSeq(dec, 1, 1, True), ScheduledSeq(pre, 0, n, True)])
+
     def warm_up(self, max_tokens: int) -> float:
-        """One forward per power-of-two token count up to max_tokens: every Triton kernel
-        variant a step can pick is compiled now, not while a request waits. Returns seconds."""
+        """Per power-of-two token count up to max_tokens, one prefill and one mixed step
+        (decode + prefill): every Triton kernel variant a step can pick is compiled now, not
+        while a request waits. Returns seconds."""
         t0 = time.monotonic()
         n = 1
-        while n <= min(max_tokens, self.num_blocks * self.block_size):
+        capacity = self.num_blocks * self.block_size
+        while n <= min(max_tokens, capacity):
             self.scratch_prefill(n)
+            if n + 1 <= max_tokens and n + 2 * self.block_size <= capacity:
+                self.scratch_mixed(n)
             n *= 2
         self.model.reset_expert_counts()  # not traffic
         return time.monotonic() - t0
