@@ -154,12 +154,7 @@ class AsyncEngine:
         loop = self._loop
         assert loop is not None
         with self._lock:
-            for out in outputs:
-                held = self._outbox.get(out.request_id)
-                if held is None:
-                    self._outbox[out.request_id] = out
-                else:
-                    held.absorb(out)
+            merge_outputs(self._outbox, outputs)
             self._stats.extend(stats)
             schedule = not self._delivery_pending
             self._delivery_pending = True
@@ -173,21 +168,10 @@ class AsyncEngine:
             aborts, self._aborts = self._aborts, set()
         loop = self._loop
         assert loop is not None
-        for add in adds:
-            if add.request_id in aborts:  # gone before it was admitted
-                aborts.discard(add.request_id)
-                loop.call_soon_threadsafe(_settle, add.done, None)
-                continue
-            try:
-                self.engine.add_request(
-                    add.request_id, add.prompt, add.params, prompt_ids=add.prompt_ids
-                )
-            except ValueError as e:
-                loop.call_soon_threadsafe(_settle, add.done, e)
-            else:
-                loop.call_soon_threadsafe(_settle, add.done, None)
-        for rid in aborts:
-            self.engine.abort_request(rid)
+        results = admit(self.engine, [(a.request_id, a.prompt, a.prompt_ids, a.params)
+                                      for a in adds], aborts)  # fmt: skip
+        for add, (_, error) in zip(adds, results):
+            loop.call_soon_threadsafe(_settle, add.done, error)
 
     def _run(self) -> None:
         loop = self._loop
@@ -241,6 +225,41 @@ class AsyncEngine:
             self._thread = None
             if self.error is None:
                 self._fail(EngineDeadError("the engine is shutting down"))
+
+
+def admit(
+    engine: Engine,
+    adds: list[tuple[str, str | list[int], list[int], SamplingParams]],
+    aborts: set[str],
+) -> list[tuple[str, ValueError | None]]:
+    """Between steps: queue the (id, prompt, prompt ids, params) adds and drop the aborted
+    requests. Returns each add's admission error (None when admitted, or when it was aborted
+    before it got in: nothing to wait for then)."""
+    results: list[tuple[str, ValueError | None]] = []
+    for rid, prompt, ids, params in adds:
+        if rid in aborts:  # gone before it was admitted
+            aborts.discard(rid)
+            results.append((rid, None))
+            continue
+        try:
+            engine.add_request(rid, prompt, params, prompt_ids=ids)
+        except ValueError as e:
+            results.append((rid, e))
+        else:
+            results.append((rid, None))
+    for rid in aborts:
+        engine.abort_request(rid)
+    return results
+
+
+def merge_outputs(outbox: dict[str, RequestOutput], outputs: list[RequestOutput]) -> None:
+    """Fold a step's deltas into the undelivered ones, one merged delta per request."""
+    for out in outputs:
+        held = outbox.get(out.request_id)
+        if held is None:
+            outbox[out.request_id] = out
+        else:
+            held.absorb(out)
 
 
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:

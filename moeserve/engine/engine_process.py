@@ -41,7 +41,14 @@ from typing import Any
 import torch
 
 from moeserve.config import ModelConfig
-from moeserve.engine.async_engine import AsyncEngine, EngineDeadError, _Add, _settle
+from moeserve.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    _Add,
+    _settle,
+    admit,
+    merge_outputs,
+)
 from moeserve.engine.engine import Engine, encode_prompt
 from moeserve.engine.expert_store import ExpertCacheStats
 from moeserve.engine.outputs import RequestOutput, StepStats
@@ -170,24 +177,12 @@ class _EngineLoop:
         with self.cond:
             adds, self.adds = self.adds, []
             aborts, self.aborts = self.aborts, set()
-        admitted: list[tuple[str, BaseException | None]] = []
-        for rid, prompt, ids, params in adds:
-            if rid in aborts:  # gone before it was admitted
-                aborts.discard(rid)
-                admitted.append((rid, None))
-                continue
-            try:
-                self.engine.add_request(rid, prompt if prompt is not None else ids, params,
-                                        prompt_ids=ids)  # fmt: skip
-            except ValueError as e:
-                admitted.append((rid, _portable(e)))
-            else:
-                admitted.append((rid, None))
-        for rid in aborts:
-            self.engine.abort_request(rid)
-        if admitted:
+        # Text prompts travel for the outputs' record; the ids are what the engine runs.
+        results = admit(self.engine, [(rid, prompt if prompt is not None else ids, ids, params)
+                                      for rid, prompt, ids, params in adds], aborts)  # fmt: skip
+        if results:
             with self.cond:
-                self.admitted.extend(admitted)
+                self.admitted.extend((rid, err and _portable(err)) for rid, err in results)
                 self.cond.notify()
 
     def _step_loop(self) -> None:
@@ -198,15 +193,11 @@ class _EngineLoop:
                 self.wake.wait()
                 continue
             result = self.engine.step()
+            for out in result.outputs:
+                # The server knows each request's prompt: no need to send it every step.
+                out.prompt_token_ids, out.prompt = [], None
             with self.cond:
-                for out in result.outputs:
-                    # The server knows each request's prompt: no need to send it every step.
-                    out.prompt_token_ids, out.prompt = [], None
-                    held = self.outbox.get(out.request_id)
-                    if held is None:
-                        self.outbox[out.request_id] = out
-                    else:
-                        held.absorb(out)
+                merge_outputs(self.outbox, result.outputs)
                 if result.stats is not None:
                     self.stats.append(result.stats)
                 self.cond.notify()
