@@ -263,3 +263,18 @@ def test_default_plan_fills_an_80gb_card_after_weights_and_one_full_sequence() -
 def test_plan_refuses_a_card_without_room_for_one_expert_per_layer() -> None:
     with pytest.raises(ConfigError, match=r"leave no room for one expert per layer.*max-model-len"):
         _plan(MIXTRAL_8X7B, (20 << 30, 20 << 30))
+
+
+def test_startup_fetches_are_not_traffic(ckpt: Path, reference) -> None:
+    """The warm-up (and on CUDA the KV probe) runs through the expert cache; the counters
+    then start from zero, the cache keeps its residents, and outputs do not change."""
+    llm = LLM(ckpt, progress=False, expert_cache_slots=2, offload_mode="fetch")
+    eng = llm.engine
+    eng.runner.warm_up(32)
+    assert sum(s.misses for s in eng.expert_cache_stats()) > 0
+    eng.expert_store.reset_stats()
+    for s in eng.expert_cache_stats():
+        assert (s.hits, s.misses, s.evictions, s.bytes_copied, s.copy_wait_seconds) == (0,) * 5
+        assert s.slots == 2 and s.resident == 2
+    assert int(eng.expert_token_counts().sum()) == 0
+    assert _outputs(llm.generate(PROMPTS, GREEDY)) == reference

@@ -166,21 +166,21 @@ class Engine:
             self.kernels == "triton", fused_moe_max_tokens=FUSED_MOE_MAX_TOKENS
         )
         num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len)
-        offloaded = self.expert_store is not None
         graphs = self.kernels == "triton" and self.model.device.type == "cuda" and not enforce_eager
         self.runner = Runner(
             self.model, num_blocks, cache.block_size,
             decode_graphs_up_to=sched.max_num_seqs if graphs else 0,
             max_model_len=self.max_model_len,
         )  # fmt: skip
-        # (Not with offloading: the warm-up's expert fetches would show in the cache metrics.)
-        if self.kernels == "triton" and self.model.device.type == "cuda" and not offloaded:
+        if self.kernels == "triton" and self.model.device.type == "cuda":
             secs = self.runner.warm_up(sched.max_num_batched_tokens)
             log.info("Triton kernels compiled for every step size in %.1f s", secs)
-        if self.kernels == "triton" and self.model.device.type == "cuda":
             from moeserve.kernels import log_later_compiles
 
             log_later_compiles()
+        if self.expert_store is not None:
+            # The KV probe's and the warm-up's expert fetches are not traffic.
+            self.expert_store.reset_stats()
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=cache.block_size,

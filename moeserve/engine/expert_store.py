@@ -288,6 +288,16 @@ class ExpertStore:
             layer.settle_waits()
         return [layer.stats for layer in self.layers]
 
+    def reset_stats(self) -> None:
+        """Zero the traffic counters (after startup work that is not traffic); the cache keeps
+        its contents and the gauges their values."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # every timed copy wait settles into the old counters
+        for layer in self.layers:
+            layer.settle_waits()
+            old = layer.stats
+            layer.stats = ExpertCacheStats(layer=old.layer, slots=old.slots, resident=old.resident)
+
 
 def measure_cost(layer: LayerCache) -> CostModel:
     """Time one expert's copy and its CPU compute at 1 and 64 tokens (startup, < 1 s)."""
