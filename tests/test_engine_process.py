@@ -7,13 +7,14 @@ import asyncio
 import multiprocessing as mp
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import pytest
 
 from moeserve import LLM, SamplingParams
 from moeserve.engine.async_engine import EngineDeadError
-from moeserve.engine.engine_process import EngineProcess, _Frames
+from moeserve.engine.engine_process import EngineProcess, _Frames, _write_frame
 from moeserve.engine.outputs import StepStats
 from moeserve.engine.scheduler import RequestTooLarge
 from tests.checkpoints import make_checkpoint
@@ -145,3 +146,17 @@ def test_frames_reassemble_messages_that_arrive_in_pieces() -> None:
     assert got == [big, small]
     writer.close()
     assert not frames.read()  # end of stream
+
+
+def test_write_frame_waits_out_a_full_buffer_on_a_non_blocking_pipe() -> None:
+    """A prompt larger than the socket buffer, sent from uvloop's non-blocking descriptor."""
+    reader, writer = mp.Pipe()
+    os.set_blocking(writer.fileno(), False)
+    big = ("add", "r1", "x" * 3_000_000, list(range(1000)), None)
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(reader.recv()))  # a plain Connection reads it
+    t.start()
+    _write_frame(writer.fileno(), big)
+    _write_frame(writer.fileno(), ("abort", "r1"))
+    t.join(10)
+    assert got == [big] and reader.recv() == ("abort", "r1")

@@ -259,6 +259,20 @@ class _Frames:
             yield pickle.loads(payload)
 
 
+def _write_frame(fd: int, msg: Any) -> None:
+    """Send one message in multiprocessing's framing, waiting out a full buffer on a
+    non-blocking descriptor (a 2 MB prompt is more than a socket buffer holds)."""
+    payload = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    n = len(payload)
+    head = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+    view = memoryview(head + payload)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+
+
 # ------------------------------------------------------------------------ the server's side
 class EngineProcess(AsyncEngine):
     """AsyncEngine whose engine runs in a child process. `start()` loads it (blocking, in a
@@ -381,7 +395,7 @@ class EngineProcess(AsyncEngine):
     # ---------------------------------------------------------------- the transport
     def _send(self, msg: tuple) -> None:
         with self._send_lock:
-            self._conn.send(msg)
+            _write_frame(self._conn.fileno(), msg)
 
     def _ensure_started(self) -> None:
         assert self._loop is not None, "attach() the engine process before generating"
