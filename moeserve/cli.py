@@ -88,8 +88,8 @@ def add_engine_args(p: _EnvDefaults) -> None:
                  help="auto: Triton fused-MoE and paged-attention kernels on CUDA; torch: the "
                       "readable path everywhere")
     p.add_option("--enforce-eager", action="store_true", default=False,
-                 help="no CUDA graphs for decode steps (they need --kernels triton/auto on CUDA "
-                      "and every expert resident)")
+                 help="no CUDA graphs for decode steps (they need --kernels triton/auto on CUDA; "
+                      "with offloaded experts, one graph per stage between their layers)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
