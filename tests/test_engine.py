@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from moeserve import LLM, SamplingParams
+from moeserve.config import ConfigError
 from moeserve.engine.runner import KVCacheTooSmall
 from moeserve.engine.scheduler import RequestTooLarge
 from tests.checkpoints import make_checkpoint
@@ -149,3 +150,9 @@ def test_soak_with_aborts_frees_everything(ckpt: Path) -> None:
     assert not live and finished + aborted == 300 and aborted > 50
     s = eng.scheduler.stats()
     assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0
+
+
+def test_max_model_len_beyond_the_model_is_refused_before_loading(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "m", "mixtral")  # 256 positions
+    with pytest.raises(ConfigError, match="max_model_len 300 exceeds .* 256"):
+        LLM(ckpt, progress=False, max_model_len=300)

@@ -18,6 +18,7 @@ from moeserve.engine.engine_process import EngineProcess, _Frames, _write_frame
 from moeserve.engine.outputs import StepStats
 from moeserve.engine.scheduler import RequestTooLarge
 from tests.checkpoints import make_checkpoint
+from tests.test_async_engine import _collect
 
 KW = {"device": "cpu", "block_size": 4, "max_model_len": 128}
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -26,14 +27,6 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ck") / "mixtral", "mixtral", tokenizer=True)
-
-
-async def _collect(eng: EngineProcess, prompt, params, rid: str) -> list[int]:
-    tokens: list[int] = []
-    async for out in eng.generate(prompt, params, rid):
-        for o in out.outputs:
-            tokens.extend(o.token_ids)
-    return tokens
 
 
 def _run(main, loop: str) -> None:

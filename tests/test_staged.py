@@ -79,15 +79,6 @@ def test_staged_forward_equals_plain_forward(tmp_path: Path, family: str) -> Non
         assert torch.equal(model.tokens_per_expert() - before, plain_counts)
 
 
-def test_staged_forward_needs_stage_before_experts(tmp_path: Path) -> None:
-    ckpt = make_checkpoint(tmp_path / "m", "mixtral")
-    llm = LLM(ckpt, progress=False, expert_cache_slots=2)
-    ids, pos, meta = _decode_inputs([[1, 2]], 0, 16, 0)
-    staged = StagedForward(llm.engine.model, ids, pos, meta, llm.engine.runner.kv_caches)
-    with pytest.raises(AssertionError, match="stage j runs before its experts"):
-        staged.run_experts(0)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["fetch", "auto"])
 def test_gpu_offloaded_graphs_match_eager(tmp_path: Path, mode: str) -> None:

@@ -137,13 +137,17 @@ class Engine:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = inspect_checkpoint(model_dir, need_weights=load_format != "dummy")
         model_dtype = resolve_dtype(ckpt.config, dtype)
-        max_len = min(
-            sched.max_model_len or ckpt.config.max_position_embeddings,
-            ckpt.config.max_position_embeddings,
-        )
+        max_positions = ckpt.config.max_position_embeddings
+        self.max_model_len = sched.max_model_len or max_positions
+        if self.max_model_len > max_positions:  # before any weight is read
+            raise ConfigError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {max_positions}"
+            )
+        reserve = offload_reserve_bytes(ckpt.config, model_dtype, sched, self.max_model_len)
         slots = plan_expert_slots(
             ckpt.config, model_dtype, torch.device(device), offload, cache.gpu_memory_utilization,
-            reserve_bytes=offload_reserve_bytes(ckpt.config, model_dtype, sched, max_len),
+            reserve_bytes=reserve,
         )  # fmt: skip
         self.checkpoint, self.model = load_model(
             model_dir, dtype=dtype, device=device, progress=progress, load_format=load_format,
@@ -155,12 +159,6 @@ class Engine:
         self.model_config = cfg
         path = Path(model_dir)
         self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-        self.max_model_len = sched.max_model_len or cfg.max_position_embeddings
-        if self.max_model_len > cfg.max_position_embeddings:
-            raise ConfigError(
-                f"max_model_len {self.max_model_len} exceeds the model's "
-                f"max_position_embeddings {cfg.max_position_embeddings}"
-            )
         self.kernels = resolve_kernels(kernels, self.model.device)
         self.model.use_kernels(
             self.kernels == "triton", fused_moe_max_tokens=FUSED_MOE_MAX_TOKENS

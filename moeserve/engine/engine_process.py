@@ -2,10 +2,10 @@
 
 With the engine stepping in a thread of the server's process, both share one GIL: at 64
 streams the event loop's per-token work (chunks, socket writes) holds it while the step thread
-waits to launch the next step, and the GPU idles (measured: HTTP at 0.25 of the offline rate
-on an H200). Here the engine steps in its own process, so its loop never waits for the
-server's; the server tokenises, streams and answers metrics, as vLLM's API server does beside
-its engine core.
+waits to launch the next step. Here the engine steps in its own process (engine_worker.py),
+so its loop never waits for the server's; the server tokenises, streams and answers metrics,
+as vLLM's API server does beside its engine core (on an H200 at 64 streams: 1.25x the
+thread's HTTP throughput, benchmarks/RESULTS.md).
 
 Protocol (pickled tuples over a multiprocessing Pipe):
   server -> engine: ("add", id, prompt text or None, prompt ids, params), ("abort", id),
@@ -28,199 +28,24 @@ import multiprocessing as mp
 import os
 import pickle
 import select
-import signal
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moeserve.config import ModelConfig
-from moeserve.engine.async_engine import (
-    AsyncEngine,
-    EngineDeadError,
-    _Add,
-    _settle,
-    admit,
-    merge_outputs,
-)
-from moeserve.engine.engine import Engine, encode_prompt
+from moeserve.engine.async_engine import AsyncEngine, EngineDeadError, _Add, _settle
+from moeserve.engine.engine import encode_prompt
+from moeserve.engine.engine_worker import EngineInfo, engine_main
 from moeserve.engine.expert_store import ExpertCacheStats
-from moeserve.engine.outputs import RequestOutput, StepStats
+from moeserve.engine.outputs import StepStats
 from moeserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-# What the server may ask the engine between steps (read at scrape time, never per step).
-_CALLS = {
-    "expert_token_counts": lambda e: e.expert_token_counts().tolist(),
-    "expert_cache_stats": lambda e: e.expert_cache_stats(),
-}
-
-
-@dataclass(frozen=True)
-class EngineInfo:
-    """What the server needs to know of the loaded engine."""
-
-    model_config: ModelConfig
-    max_model_len: int
-    vocab_size: int
-    offloads_experts: bool
-
-
-def _portable(e: BaseException) -> BaseException:
-    """The exception itself if it survives pickling (a ValueError keeps exit status 2)."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001 - anything unpicklable travels as its text
-        return RuntimeError(f"{type(e).__name__}: {e}")
-
-
-# ----------------------------------------------------------------------- the engine process
-def _engine_main(
-    conn: Connection,
-    model: str,
-    engine_kwargs: dict[str, Any],
-    log_level: int,
-    setup: Callable[[], None] | None,
-) -> None:
-    # The server handles SIGINT/SIGTERM (it drains, then stops this process).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if setup is not None:
-            setup()
-        from moeserve.engine.llm import LLM
-
-        engine = LLM(model, progress=False, **engine_kwargs).engine
-        engine.warm_up()
-    except BaseException as e:  # noqa: BLE001 - reported to the server, which exits with it
-        conn.send(("failed", _portable(e)))
-        return
-    info = EngineInfo(
-        engine.model_config, engine.max_model_len, engine.vocab_size, engine.offloads_experts
-    )
-    conn.send(("ready", info))
-    _EngineLoop(engine, conn).run()
-
-
-class _EngineLoop:
-    """Inside the engine process: a receiver thread, the step loop, a sender thread."""
-
-    def __init__(self, engine: Engine, conn: Connection) -> None:
-        self.engine, self.conn = engine, conn
-        self.send_lock = threading.Lock()
-        self.cond = threading.Condition()  # guards everything below
-        self.adds: list[tuple[str, str | None, list[int], Any]] = []
-        self.aborts: set[str] = set()
-        self.admitted: list[tuple[str, BaseException | None]] = []
-        self.outbox: dict[str, RequestOutput] = {}
-        self.stats: list[StepStats] = []
-        self.stop = False
-        self.done: str | None = None  # set when the step loop ends: "" stopped, else an error
-        self.wake = threading.Event()
-
-    def send(self, msg: tuple) -> None:
-        with self.send_lock:
-            self.conn.send(msg)
-
-    def run(self) -> None:
-        threading.Thread(target=self._receive, name="moeserve-recv", daemon=True).start()
-        sender = threading.Thread(target=self._send_loop, name="moeserve-send")
-        sender.start()
-        error = ""
-        try:
-            self._step_loop()
-        except BaseException as e:  # noqa: BLE001 - every open request must learn of it
-            log.exception("engine loop died")
-            error = f"{type(e).__name__}: {e}"
-        with self.cond:
-            self.done = error
-            self.cond.notify()
-        sender.join()
-
-    def _receive(self) -> None:
-        while True:
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError):
-                os._exit(0)  # the server is gone: nobody is left to serve
-            kind = msg[0]
-            if kind == "add":
-                with self.cond:
-                    self.adds.append(msg[1:])
-                self.wake.set()
-            elif kind == "abort":
-                with self.cond:
-                    self.aborts.add(msg[1])
-                self.wake.set()
-            elif kind == "call":
-                _, n, name = msg
-                try:
-                    result: Any = _CALLS[name](self.engine)
-                except BaseException as e:  # noqa: BLE001 - the caller gets it
-                    result = _portable(e)
-                self.send(("reply", n, result))
-            elif kind == "stop":
-                self.stop = True
-                self.wake.set()
-                return
-
-    def _apply_pending(self) -> None:
-        with self.cond:
-            adds, self.adds = self.adds, []
-            aborts, self.aborts = self.aborts, set()
-        # Text prompts travel for the outputs' record; the ids are what the engine runs.
-        results = admit(self.engine, [(rid, prompt if prompt is not None else ids, ids, params)
-                                      for rid, prompt, ids, params in adds], aborts)  # fmt: skip
-        if results:
-            with self.cond:
-                self.admitted.extend((rid, err and _portable(err)) for rid, err in results)
-                self.cond.notify()
-
-    def _step_loop(self) -> None:
-        while not self.stop:
-            self.wake.clear()
-            self._apply_pending()
-            if not self.engine.has_unfinished():
-                self.wake.wait()
-                continue
-            result = self.engine.step()
-            for out in result.outputs:
-                # The server knows each request's prompt: no need to send it every step.
-                out.prompt_token_ids, out.prompt = [], None
-            with self.cond:
-                merge_outputs(self.outbox, result.outputs)
-                if result.stats is not None:
-                    self.stats.append(result.stats)
-                self.cond.notify()
-
-    def _send_loop(self) -> None:
-        while True:
-            with self.cond:
-                while not (self.outbox or self.stats or self.admitted) and self.done is None:
-                    self.cond.wait()
-                admitted, self.admitted = self.admitted, []
-                outbox, self.outbox = self.outbox, {}
-                stats, self.stats = self.stats, []
-                done = self.done
-            try:
-                if admitted or outbox or stats:
-                    self.send(("out", admitted, list(outbox.values()), stats))
-                if done is not None and not (admitted or outbox or stats):
-                    if done:
-                        self.send(("dead", done))
-                    return
-            except (BrokenPipeError, OSError):
-                return
-
 
 class _Frames:
     """A Connection's messages read as the bytes arrive, never blocking: the event loop's
@@ -299,6 +124,7 @@ class EngineProcess(AsyncEngine):
         self._call_ids = itertools.count()
         self._closing = False
         self._last_counts: list[list[int]] | None = None
+        self._last_cache_stats: list[ExpertCacheStats] = []
         self._loop_thread: int | None = None
         self._frames = _Frames(conn.fileno())
 
@@ -317,7 +143,7 @@ class EngineProcess(AsyncEngine):
         conn, child = ctx.Pipe()
         level = logging.getLogger().getEffectiveLevel()
         proc = ctx.Process(
-            target=_engine_main, args=(child, str(model), engine_kwargs, level, setup),
+            target=engine_main, args=(child, str(model), engine_kwargs, level, setup),
             name="moeserve-engine", daemon=True,
         )  # fmt: skip
         proc.start()
@@ -370,7 +196,12 @@ class EngineProcess(AsyncEngine):
         return torch.tensor(self._last_counts, dtype=torch.int64)
 
     def expert_cache_stats(self) -> list[ExpertCacheStats]:
-        return self._call("expert_cache_stats") if self.error is None else []
+        """Per-layer cache counters from the engine (its last known ones if it has died or
+        does not answer: a scrape must not fail)."""
+        if self.error is None:
+            with contextlib.suppress(EngineDeadError, concurrent.futures.TimeoutError, OSError):
+                self._last_cache_stats = self._call("expert_cache_stats")
+        return self._last_cache_stats
 
     def _call(self, name: str, timeout: float = 10.0) -> Any:
         """Ask the engine process (its receiver thread answers while the engine steps)."""
