@@ -4,7 +4,8 @@ Each grouped GEMM of the fused MoE is timed alone (CUDA events, many repetitions
 experts a random routing of T tokens touches; bandwidth = those experts' weight bytes / time,
 compared with the device copy bandwidth (read + write, measured here). The paged decode
 kernel is timed on B sequences of a given context (bytes = K/V read). --sweep tries launch
-configs around the shipped table for the decode sizes.
+configs around the shipped table for the decode sizes (K splits included); fused_moe is also
+timed whole at decode sizes, at the shipped K split and at fixed ones.
 
     python benchmarks/kernel_bench.py --sweep --json out.json
 """
@@ -65,13 +66,16 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
     for name, w, n, k, base in (("gate_up", w1, 2 * F, D, base1), ("down", w2, D, F, base2)):
         a = x if name == "gate_up" else torch.randn(t * K_TOP, F, dtype=torch.bfloat16,
                                                     device="cuda")  # fmt: skip
-        c = torch.empty(t * K_TOP, n, dtype=torch.bfloat16, device="cuda")
         ids, blocks, used = fm.moe_align(experts, E, base["BLOCK_M"])
-        rw = weights.flatten() if name == "down" else None
         per_a = K_TOP if name == "gate_up" else 1
         for cfg in [base] + [dict(base, **c2) for c2 in (cfgs or [])]:
             if cfg["BLOCK_M"] != base["BLOCK_M"]:
                 continue
+            split = cfg["SPLIT_K"]
+            # Split: float32 partials, the weight applied by the reader (timed apart, below).
+            c = (torch.empty(split, t * K_TOP, n, dtype=torch.float32, device="cuda") if split > 1
+                 else torch.empty(t * K_TOP, n, dtype=torch.bfloat16, device="cuda"))  # fmt: skip
+            rw = weights.flatten() if name == "down" and split == 1 else None
             args = (a, w, c, rw, ids, blocks, used, None, per_a, cfg)
             try:
                 s = bench(lambda args=args: fm._moe_gemm(*args))
@@ -81,6 +85,23 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
                 "gemm": name, "tokens": t, "experts": touched, "config": cfg, "us": s * 1e6,
                 "bytes_per_s": touched * n * k * 2 / s, "shipped": cfg is base,
             })  # fmt: skip
+    return rows
+
+
+def whole_moe(t: int) -> list[dict[str, Any]]:
+    """fused_moe end to end (both GEMMs, silu, the sum over k) at the shipped split and unsplit."""
+    torch.manual_seed(t)
+    x = torch.randn(t, D, dtype=torch.bfloat16, device="cuda")
+    w1 = torch.randn(E, 2 * F, D, dtype=torch.bfloat16, device="cuda") * 0.02
+    w2 = torch.randn(E, D, F, dtype=torch.bfloat16, device="cuda") * 0.02
+    experts = torch.stack([torch.randperm(E, device="cuda")[:K_TOP] for _ in range(t)])
+    weights = torch.rand(t, K_TOP, device="cuda")
+    touched = experts.unique().numel()
+    rows = []
+    for split in (None, 1, 2, 4, 8):
+        sec = bench(lambda s=split: fm.fused_moe(x, w1, w2, weights, experts, split_k=s))
+        rows.append({"tokens": t, "experts": touched, "split_k": split, "us": sec * 1e6,
+                     "bytes_per_s": touched * 3 * F * D * 2 / sec})  # fmt: skip
     return rows
 
 
@@ -109,11 +130,17 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s")
     sweep = None
     if args.sweep:
-        grid = itertools.product((32, 64, 128), (64, 128, 256), (3, 5))
-        sweep = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=st, GROUP_M=1) for n, k, st in grid]
-    result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": []}
+        grid = itertools.product((32, 64, 128), (128, 256), (4,), (1, 2, 4, 8))
+        sweep = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=st, GROUP_M=1, SPLIT_K=sk)
+                 for n, k, st, sk in grid]  # fmt: skip
+    result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": [], "whole": []}
+    for t in (1, 2, 4, 8, 16):
+        for r in whole_moe(t):
+            result["whole"].append(r)
+            print(f"fused_moe T={t:3d} experts {r['experts']} split {r['split_k']}: "
+                  f"{r['us']:7.1f} us {r['bytes_per_s'] / bw:.2f} of copy bw")  # fmt: skip
     for t in (int(x) for x in args.tokens.split(",")):
-        rows = moe_gemms(t, sweep if t in (1, 64) else None)
+        rows = moe_gemms(t, sweep if t in (1, 8) else None)
         result["moe"] += rows
         for gemm in ("gate_up", "down"):
             mine = [r for r in rows if r["gemm"] == gemm]

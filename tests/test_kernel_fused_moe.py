@@ -97,16 +97,18 @@ def test_moe_align_invariants(T: int, E: int, K: int, block_m: int, sentinel_row
 
 
 @pytest.mark.parametrize(
-    ("T", "E", "D", "F_"),
-    [(1, 4, 32, 32), (3, 8, 48, 80), (17, 6, 40, 72)],  # 40, 72: tails in every dimension
-)
-def test_fused_matches_readable(T: int, E: int, D: int, F_: int) -> None:
+    ("T", "E", "D", "F_", "split_k"),
+    # 40, 72: tails in every dimension; split 3 of 3 or 5 K blocks leaves a short last split
+    [(1, 4, 32, 32, 1), (3, 8, 48, 80, 1), (17, 6, 40, 72, 1), (1, 4, 40, 72, 3),
+     (5, 8, 48, 80, 3)],
+)  # fmt: skip
+def test_fused_matches_readable(T: int, E: int, D: int, F_: int, split_k: int) -> None:
     K = 2
     moe = _moe(E, D, F_, K, torch.float32, "cpu", seed=T)
     x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(T + 1))
     weights_TK, experts_TK = _routing(T, E, K, seed=T + 2)
     want = moe.experts(x_TD, weights_TK, experts_TK)
-    got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK)
+    got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, split_k=split_k)
     assert got.shape == want.shape and got.dtype == want.dtype
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -129,7 +131,8 @@ def test_expert_slot_remap(slot_dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_sentinel_rows_give_zero() -> None:
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_sentinel_rows_give_zero(split_k: int) -> None:
     T, E, K, D, F_ = 7, 4, 2, 32, 40
     moe = _moe(E, D, F_, K, torch.float32, "cpu", seed=8)
     x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(9))
@@ -138,7 +141,8 @@ def test_sentinel_rows_give_zero() -> None:
     experts_TK[5, 1] = E + 3  # a row with one real expert: only that one counts
 
     out_TD = torch.full((T, D), float("nan"))
-    got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, out_TD=out_TD)
+    got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, out_TD=out_TD,
+                    split_k=split_k)  # fmt: skip
     assert got.data_ptr() == out_TD.data_ptr()
     assert (got[[1, 4]] == 0).all()
 
@@ -172,6 +176,13 @@ def test_config_table(monkeypatch: pytest.MonkeyPatch) -> None:
     small = _config(4096, 8, 2, 40, 20, torch.bfloat16)  # clamped to the problem, >= 16
     assert small["BLOCK_N"] == 64 and small["BLOCK_K"] == 32
     assert _config(1, 8, 2, 16, 16, torch.bfloat16)["BLOCK_K"] == 16
+    # Decode on an H100-sized part: both GEMMs split K to fill the SMs; prefill never does.
+    monkeypatch.setattr(fm, "_num_sms", lambda: 132)
+    up1, down1 = _config(1, 8, 2, 2 * 14336, 4096, torch.bfloat16), _config(
+        1, 8, 2, 4096, 14336, torch.bfloat16)  # fmt: skip
+    assert up1["SPLIT_K"] > 1 and down1["SPLIT_K"] > up1["SPLIT_K"]
+    assert prefill["SPLIT_K"] == 1 and _config(4096, 8, 2, 4096, 14336, torch.bfloat16)[
+        "SPLIT_K"] == 1  # fmt: skip
     fp32 = _config(4096, 8, 2, 4096, 4096, torch.float32)
     assert fp32["BLOCK_K"] <= 32 and fp32["num_stages"] <= 3
 

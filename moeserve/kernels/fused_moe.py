@@ -8,6 +8,11 @@ The readable twin is moeserve.model.moe.MoE.experts. Pipeline, with R = T*K assi
     GEMM 2:         weight * (h @ w_down[e].T)          -> y_RD [R, D] (model dtype)
     sum over k:                                         -> out_TD [T, D]
 
+At decode the weights of a few experts are all a step reads, and one program per output tile
+leaves most SMs idle: both GEMMs then split K (split_k partial sums in float32), and the
+next kernel adds the partials where it reads them (silu_mul for GEMM 1, the sum over k for
+GEMM 2), rounding where the unsplit path rounds.
+
 Nothing here reads device memory on the host and every shape and grid size follows from the
 input shapes alone, so a CUDA graph captured once replays for any routing of the same T.
 """
@@ -62,14 +67,42 @@ def _config(
             # Twice the bytes per element: keep the shared-memory ring of A and B tiles under
             # the H100's 227 KiB.
             block_k, stages = min(block_k, 32), min(stages, 3)
+    block_n, block_k = min(block_n, _pow2_at_least_16(N)), min(block_k, _pow2_at_least_16(K))
+    split = 1
+    if not interpreting() and block_m == 16:
+        split = _split_k(num_tokens * top_k, num_experts, N, K, block_n, block_k)
     return dict(
         BLOCK_M=block_m,
-        BLOCK_N=min(block_n, _pow2_at_least_16(N)),
-        BLOCK_K=min(block_k, _pow2_at_least_16(K)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
         GROUP_M=group_m,
         num_warps=warps,
         num_stages=stages,
+        SPLIT_K=split,
     )
+
+
+# Programs per SM a decode GEMM aims for, and the fewest K blocks a split may have.
+_PROGRAMS_PER_SM = 4
+_MIN_K_BLOCKS = 8
+_SMS: dict[int, int] = {}
+
+
+def _num_sms() -> int:
+    if not torch.cuda.is_available():
+        return 132
+    dev = torch.cuda.current_device()
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SMS[dev]
+
+
+def _split_k(assignments: int, num_experts: int, N: int, K: int, block_n: int, block_k: int) -> int:
+    """K splits for a decode GEMM: enough programs to fill the SMs, each split long enough to
+    stream (few experts, one row block each: the grid is experts x N tiles)."""
+    programs = min(assignments, num_experts) * triton.cdiv(N, block_n)
+    want = -(-_PROGRAMS_PER_SM * _num_sms() // programs)
+    return max(1, min(want, triton.cdiv(K, block_k) // _MIN_K_BLOCKS, 8))
 
 
 def moe_block_m(
@@ -127,7 +160,7 @@ def moe_align(
 def _moe_gemm_kernel(
     a_ptr,  # [rows, K]: x_TD for GEMM 1, h_RF for GEMM 2
     b_ptr,  # [slots, N, K]: one nn.Linear weight per expert
-    c_ptr,  # [R, N], row = assignment id
+    c_ptr,  # [R, N], row = assignment id; [SPLIT_K, R, N] float32 partial sums when split
     routed_weight_ptr,  # [R] float32
     sorted_ids_ptr,
     block_expert_ptr,
@@ -144,6 +177,7 @@ def _moe_gemm_kernel(
     stride_bk,
     stride_cm,
     stride_cn,
+    stride_cs,
     ROWS_PER_A: tl.constexpr,  # top_k for GEMM 1 (token = id // top_k), 1 for GEMM 2
     MUL_ROUTED_WEIGHT: tl.constexpr,
     HAS_EXPERT_SLOT: tl.constexpr,
@@ -152,6 +186,7 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     # Programs that run back to back take GROUP_M row blocks for one column tile, so a B tile
     # (weights: the big operand) is read from L2 rather than HBM by the blocks of one expert.
@@ -181,17 +216,28 @@ def _moe_gemm_kernel(
     col_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
+    # This program's share of the K blocks (all of them unless split).
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_blocks, SPLIT_K)
+    k_first = tl.program_id(1) * per_split
+    k_last = tl.minimum(k_first + per_split, k_blocks)
+    offs_k = k_first * BLOCK_K + offs_k
     a_ptrs = a_ptr + (ids // ROWS_PER_A)[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = offs_k < K - k * BLOCK_K
+    for k in range(k_first, k_last):
+        k_ok = offs_k < K - (k - k_first) * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    if SPLIT_K > 1:  # the reader adds the partials, rounds and weighs
+        c_ptrs = c_ptr + tl.program_id(1) * stride_cs + ids[:, None] * stride_cm
+        c_ptrs += offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+        return
     if MUL_ROUTED_WEIGHT:
         # The readable path rounds the expert output to the model dtype, then multiplies the
         # float32 weight; do the same so both round alike.
@@ -213,9 +259,14 @@ def _moe_gemm(
     rows_per_a: int,
     cfg: dict[str, int],
 ) -> None:
+    """c_RN: [R, N], or [split, R, N] float32 partials when cfg["SPLIT_K"] > 1 (then no
+    routed weight: the reader applies it)."""
     _, N, K = b_ENK.shape
     P = sorted_ids_P.numel()
-    grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    split = cfg["SPLIT_K"]
+    assert split == 1 or (c_RN.dim() == 3 and c_RN.dtype == torch.float32)
+    assert split == 1 or routed_weight_R is None
+    grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     _moe_gemm_kernel[grid](
         a,
         b_ENK,
@@ -228,14 +279,15 @@ def _moe_gemm(
         N,
         K,
         P,
-        c_RN.shape[0],
+        c_RN.shape[-2],
         a.stride(0),
         a.stride(1),
         b_ENK.stride(0),
         b_ENK.stride(1),
         b_ENK.stride(2),
-        c_RN.stride(0),
-        c_RN.stride(1),
+        c_RN.stride(-2),
+        c_RN.stride(-1),
+        c_RN.stride(0) if split > 1 else 0,
         ROWS_PER_A=rows_per_a,
         MUL_ROUTED_WEIGHT=routed_weight_R is not None,
         HAS_EXPERT_SLOT=expert_slot_E is not None,
@@ -247,36 +299,85 @@ def _moe_gemm(
         GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        SPLIT_K=split,
     )
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, F, stride_in, stride_out, BLOCK_F: tl.constexpr):
+def _silu_mul_kernel(
+    gate_up_ptr, out_ptr, F, stride_in, stride_out, stride_split,
+    SPLIT: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     ok = offs < F
-    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=ok, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * stride_in + F + offs, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    up = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    for s in range(SPLIT):  # split GEMM 1: add its partials, then round as its store would
+        base = gate_up_ptr + s * stride_split + row * stride_in + offs
+        gate += tl.load(base, mask=ok, other=0.0).to(tl.float32)
+        up += tl.load(base + F, mask=ok, other=0.0).to(tl.float32)
+    if SPLIT > 1:
+        gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
+        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
     # torch's F.silu(gate) * up rounds twice, after the silu and after the product: so do we,
     # and with torch's formula for silu.
     silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * stride_out + offs, (silu * up).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gate_up_RF2: torch.Tensor, out_RF: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up of a [R, 2F] tensor whose halves are gate then up (rows may be strided)."""
-    R, F2 = gate_up_RF2.shape
+def silu_mul(
+    gate_up_RF2: torch.Tensor, out_RF: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """silu(gate) * up of a [R, 2F] tensor whose halves are gate then up (rows may be strided);
+    of [S, R, 2F] float32 partial sums, their sum rounded to `dtype` first."""
+    parts = gate_up_RF2 if gate_up_RF2.dim() == 3 else gate_up_RF2[None]
+    S, R, F2 = parts.shape
     F = F2 // 2
+    dtype = dtype or gate_up_RF2.dtype
     if out_RF is None:
-        out_RF = torch.empty(R, F, dtype=gate_up_RF2.dtype, device=gate_up_RF2.device)
-    assert gate_up_RF2.stride(1) == 1 and out_RF.stride(1) == 1, "rows must be contiguous"
+        out_RF = torch.empty(R, F, dtype=dtype, device=gate_up_RF2.device)
+    assert parts.stride(2) == 1 and out_RF.stride(1) == 1, "rows must be contiguous"
     block_f = 16 if interpreting() else min(1024, _pow2_at_least_16(F))
     if R:
         grid = (R, triton.cdiv(F, block_f))
         _silu_mul_kernel[grid](
-            gate_up_RF2, out_RF, F, gate_up_RF2.stride(0), out_RF.stride(0), BLOCK_F=block_f
-        )
+            parts, out_RF, F, parts.stride(1), out_RF.stride(0), parts.stride(0),
+            SPLIT=S, BLOCK_F=block_f,
+        )  # fmt: skip
     return out_RF
+
+
+@triton.jit
+def _sum_split_kernel(
+    part_ptr,  # [SPLIT, T*TOP_K, D] float32
+    experts_ptr,  # [T, TOP_K]
+    weights_ptr,  # [T, TOP_K] float32
+    out_ptr,  # [T, D]
+    D,
+    num_experts,
+    stride_split,
+    stride_out,
+    SPLIT: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = offs < D
+    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k in range(TOP_K):
+        expert = tl.load(experts_ptr + t * TOP_K + k)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for s in range(SPLIT):
+            acc += tl.load(part_ptr + s * stride_split + (t * TOP_K + k) * D + offs, mask=ok,
+                           other=0.0)  # fmt: skip
+        # As the unsplit GEMM 2 and the sum after it: expert output rounded, weighed, rounded,
+        # then the k terms added in float32 and rounded once.
+        w = tl.load(weights_ptr + t * TOP_K + k).to(tl.float32)
+        y = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) * w).to(out_ptr.dtype.element_ty)
+        total += tl.where(expert < num_experts, y.to(tl.float32), 0.0)  # sentinel: no term
+    tl.store(out_ptr + t * stride_out + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def fused_moe(
@@ -289,6 +390,7 @@ def fused_moe(
     expert_slot_E: torch.Tensor | None = None,
     out_TD: torch.Tensor | None = None,
     align: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
 
@@ -297,7 +399,8 @@ def fused_moe(
     expert e's weights live at index expert_slot_E[e] of the weight tensors (for an expert
     cache); default identity. Rows whose experts are all the sentinel (>= num_experts) get 0.
     align: moe_align's result for these experts with block_m = moe_block_m(...), when the
-    caller computed it already (moe_routing.route_and_align).
+    caller computed it already (moe_routing.route_and_align). split_k: K splits of both
+    GEMMs instead of the config's (tests).
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
@@ -311,6 +414,8 @@ def fused_moe(
     cfg_up = _config(T, num_experts, K, 2 * F, D, dtype)
     cfg_down = _config(T, num_experts, K, D, F, dtype)
     cfg_down["BLOCK_M"] = cfg_up["BLOCK_M"]  # one alignment serves both GEMMs
+    if split_k is not None:
+        cfg_up["SPLIT_K"] = cfg_down["SPLIT_K"] = split_k
     if align is None:
         align = moe_align(experts_TK, num_experts, cfg_up["BLOCK_M"])
     sorted_ids_P, block_expert_Q, num_post_pad_1 = align
@@ -318,7 +423,11 @@ def fused_moe(
     # Rows of sentinel assignments are never written by GEMM 1 nor read by GEMM 2; under the
     # interpreter silu_mul's numpy would warn about the garbage in them, so zero them there.
     alloc = torch.zeros if interpreting() else torch.empty
-    gate_up_RF2 = alloc(R, 2 * F, dtype=dtype, device=device)
+    split_up, split_down = cfg_up["SPLIT_K"], cfg_down["SPLIT_K"]
+    if split_up > 1:
+        gate_up_RF2 = alloc(split_up, R, 2 * F, dtype=torch.float32, device=device)
+    else:
+        gate_up_RF2 = alloc(R, 2 * F, dtype=dtype, device=device)
     _moe_gemm(
         x_TD,
         w_gate_up_EF2D,
@@ -331,7 +440,18 @@ def fused_moe(
         K,
         cfg_up,
     )
-    h_RF = silu_mul(gate_up_RF2)
+    h_RF = silu_mul(gate_up_RF2, dtype=dtype)
+    if split_down > 1:
+        part_SRD = alloc(split_down, R, D, dtype=torch.float32, device=device)
+        _moe_gemm(h_RF, w_down_EDF, part_SRD, None, sorted_ids_P, block_expert_Q,
+                  num_post_pad_1, expert_slot_E, 1, cfg_down)  # fmt: skip
+        block_d = 16 if interpreting() else min(1024, _pow2_at_least_16(D))
+        _sum_split_kernel[(T, triton.cdiv(D, block_d))](
+            part_SRD, experts_TK.contiguous(), weights_TK.to(torch.float32).contiguous(),
+            out_TD, D, num_experts,
+            part_SRD.stride(0), out_TD.stride(0), SPLIT=split_down, TOP_K=K, BLOCK_D=block_d,
+        )  # fmt: skip
+        return out_TD
     # Zeroed because GEMM 2 skips sentinel assignments and the sum below reads every row.
     y_RD = torch.zeros(R, D, dtype=dtype, device=device)
     _moe_gemm(
