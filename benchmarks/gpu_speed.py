@@ -5,8 +5,9 @@ random weights: moeserve's --load-format dummy, transformers' random init):
 - the floors: device copy bandwidth (read + write) and the bf16 matmul rate;
 - transformers generate() decode rate at batch 1 and --batch;
 - moeserve's decode rate at batch 1 and --batch (steady decode steps, wall clock between
-  steps, host work included) in three modes: Triton kernels + CUDA graphs (the default),
-  Triton kernels eager, and the readable torch path;
+  steps, host work included) in the modes --modes names: graphs (Triton kernels + CUDA graphs
+  + async scheduling: the default), graphs-sync (the same, each step's tokens read before the
+  next is queued), eager (Triton kernels, no graphs) and torch (the readable path);
 - prefill of --prefill-len-token prompts (one per step) as a fraction of the matmul rate.
 Prints a table (tokens/s, fraction of floor, ratio to transformers) and writes JSON.
 
@@ -174,14 +175,15 @@ def ms_prefill(llm: LLM, prompt_len: int, n: int) -> dict[str, float]:
     for i in range(n):
         prompt = torch.randint(0, 32000, (prompt_len,), generator=g).tolist()
         eng.add_request(f"p{i}", prompt, params)
-    times = []
+    # One prompt per step: the time between consecutive steps' results is one prefill (with
+    # async scheduling a step's result comes one step() later, so no single call is timed).
+    done = []
+    torch.cuda.synchronize()
     while eng.has_unfinished():
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
         res = eng.step()
-        torch.cuda.synchronize()
         if res.stats is not None and res.stats.num_prefill_tokens == prompt_len:
-            times.append(time.perf_counter() - t0)
+            done.append(time.perf_counter())
+    times = [b - a for a, b in zip(done, done[1:])]
     times = times[1:] or times  # the first pays one-off allocations
     return {"seconds": sum(times) / len(times), "steps": len(times)}
 
@@ -214,7 +216,8 @@ def main() -> int:
             _free()  # the model died with hf_decode's frame
             print(f"transformers b{b}: {hf[b]:.1f} tok/s")
     result["transformers"] = hf
-    modes = {"graphs": {}, "eager": {"enforce_eager": True}, "torch": {"kernels": "torch"}}
+    modes = {"graphs": {}, "graphs-sync": {"async_scheduling": False},
+             "eager": {"enforce_eager": True}, "torch": {"kernels": "torch"}}  # fmt: skip
     rows = []
     for mode in args.modes.split(","):
         llm = make_llm(path, args.batch, **modes[mode])
@@ -226,11 +229,11 @@ def main() -> int:
                   "fraction_of_floor": r["tokens_per_s"] / floor,
                   "vs_transformers": r["tokens_per_s"] / hf[b] if b in hf else None}  # fmt: skip
             rows.append(r)
-            print(f"{mode:7s} b{b:<3d} {r['tokens_per_s']:9.1f} tok/s  {r['step_ms']:7.2f} ms/step"
+            print(f"{mode:11s} b{b:<3d} {r['tokens_per_s']:9.1f} tok/s  {r['step_ms']:7.2f} ms/step"
                   f"  {r['fraction_of_floor']:.2f} of floor {floor:.0f}"
                   + (f"  {r['vs_transformers']:.1f}x transformers" if b in hf else ""))
         if mode == args.modes.split(",")[0] and args.prefill_len:
-            p = ms_prefill(llm, args.prefill_len, 4)
+            p = ms_prefill(llm, args.prefill_len, 5)
             flops = prefill_flops(L, args.prefill_len)
             p |= {"tokens": args.prefill_len, "flops_per_s": flops / p["seconds"],
                   "fraction_of_matmul": flops / p["seconds"] / mm, "mode": mode}  # fmt: skip

@@ -62,8 +62,8 @@ def fake_gpu(step_ms: float) -> None:
 
     real = runner.Runner.execute
 
-    def execute(self: runner.Runner, work: Any) -> Any:
-        out = real(self, work)
+    def execute(self: runner.Runner, work: Any, feed: Any = None) -> Any:
+        out = real(self, work, feed)
         time.sleep(step_ms / 1e3)
         return out
 

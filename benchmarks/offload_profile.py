@@ -48,6 +48,18 @@ def busy_per_stream(trace: Path) -> dict[str, float]:
     return out
 
 
+def top_kernels(trace: Path, n: int) -> list[tuple[str, float, int]]:
+    """The n device kernels with the most total time: (name, ms, launches)."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    total: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for ev in events:
+        if ev.get("ph") == "X" and ev.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            total[ev["name"][:90]] += ev["dur"] / 1e3
+            count[ev["name"][:90]] += 1
+    return [(k, total[k], count[k]) for k in sorted(total, key=total.get, reverse=True)[:n]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4)
@@ -56,6 +68,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", choices=["on", "off"], default="on")
     ap.add_argument("--trace", type=Path, default=Path("bench_out/offload_trace.json"))
     args = ap.parse_args()
     path = Path(tempfile.mkdtemp(prefix="moeserve-profile-"))
@@ -64,6 +77,7 @@ def main() -> None:
         path, dtype="bfloat16", device="cuda", load_format="dummy", progress=False,
         expert_cache_slots=args.slots or None, offload_mode=args.mode, max_model_len=256,
         max_num_seqs=max(args.batch, 1), enforce_eager=args.enforce_eager, kv_cache_memory=1 << 30,
+        async_scheduling=args.async_scheduling == "on",
     )  # fmt: skip
     eng = llm.engine
     params = SamplingParams(max_tokens=args.steps * 4 + 4, temperature=0.0, ignore_eos=True)
@@ -92,6 +106,9 @@ def main() -> None:
     print(f"profiled {sum(walls):.1f} ms over {args.steps} steps (profiler overhead included)")
     for key, ms in sorted(busy_per_stream(args.trace).items()):
         print(f"  device busy, {key}: {ms:.1f} ms")
+    print(f"top device kernels over {args.steps} profiled steps (ms, launches):")
+    for name, ms, k in top_kernels(args.trace, 25):
+        print(f"  {ms:8.3f} {k:5d}  {name}")
     stats = eng.expert_cache_stats()
     print("cache:", {k: sum(getattr(s, k) for s in stats) for k in ("hits", "misses")})
 

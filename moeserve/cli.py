@@ -90,6 +90,10 @@ def add_engine_args(p: _EnvDefaults) -> None:
     p.add_option("--enforce-eager", action="store_true", default=False,
                  help="no CUDA graphs for decode steps (they need --kernels triton/auto on CUDA; "
                       "with offloaded experts, one graph per stage between their layers)")
+    p.add_option("--async-scheduling", default="auto", choices=["auto", "on", "off"],
+                 help="queue each step before the last one's tokens reach the host, so "
+                      "scheduling, detokenizing and stop checks overlap the device "
+                      "(auto: on for CUDA)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +106,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         expert_cache_gb=args.expert_cache_gb, offload_mode=args.offload_mode,
         expert_cache_policy=args.expert_cache_policy, prefetch=args.prefetch,
         load_format=args.load_format, kernels=args.kernels, enforce_eager=args.enforce_eager,
+        async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
     )
 
 

@@ -95,11 +95,11 @@ def test_dead_loop_fails_every_open_request(ckpt: Path, monkeypatch: pytest.Monk
     calls = {"n": 0}
     real = engine.runner.execute
 
-    def flaky(work):
+    def flaky(work, feed=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("device lost")
-        return real(work)
+        return real(work, feed)
 
     monkeypatch.setattr(engine.runner, "execute", flaky)
     params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)

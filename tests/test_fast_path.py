@@ -125,6 +125,36 @@ def test_gpu_bf16_graphs_match_eager_kernels(ckpt: Path) -> None:
     _assert_same(_run(graphs), _run(eager), 5e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("offloaded", [False, True], ids=["resident", "offloaded"])
+def test_gpu_async_scheduling_feeds_graphs_the_tokens_sync_reads(
+    ckpt: Path, offloaded: bool
+) -> None:
+    """A decode graph queued before the last step's tokens reach the host reads them on the
+    device: exactly the tokens and logprobs of the synchronous engine, stops and seeded
+    sampling included, with every block freed."""
+    kw = dict(progress=False, device="cuda", dtype="bfloat16", max_num_seqs=8,
+              max_num_batched_tokens=16, kv_cache_memory=2**28)  # fmt: skip
+    if offloaded:
+        kw |= dict(expert_cache_slots=3, offload_mode="fetch")
+    sync = LLM(ckpt, async_scheduling=False, **kw)
+    [probe] = sync.generate([PROMPTS[0]], _params(3, None))
+    stop = probe.outputs[0].token_ids[4]
+    params = [_params(i) for i in range(len(PROMPTS))]
+    params[0] = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop])
+    params[2] = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, logprobs=1)
+
+    def run(llm: LLM) -> list:
+        outs = llm.generate(PROMPTS, params)
+        return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []],
+                 o.outputs[0].finish_reason) for o in outs]  # fmt: skip
+
+    lag = LLM(ckpt, async_scheduling=True, **kw)
+    assert lag.engine.runner.graphs is not None
+    assert run(lag) == run(sync)
+    assert lag.engine.scheduler.stats().kv_blocks_used == 0
+
+
 def test_warm_up_runs_every_power_of_two_and_leaves_no_trace(ckpt: Path) -> None:
     llm = LLM(ckpt, progress=False, device="cpu", kernels="torch", max_num_batched_tokens=40,
               max_num_seqs=8)  # fmt: skip

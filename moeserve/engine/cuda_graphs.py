@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # Powers of two, then steps of 32: padding wastes at most half of a small batch's rows (rows
 # cost little at decode: the weights dominate) and few graphs cover large batches.
 _SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-_FIELDS = 5  # input id, position, slot, context length, valid
+_FIELDS = 6  # input id, position, slot, context length, valid, feed row (-1: id from host)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -55,7 +55,9 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         scratch_block: int,
         sizes: Sequence[int],
+        fed_R: torch.Tensor | None = None,
     ) -> None:
+        """fed_R: the runner's device copy of the last step's sampled tokens (see run)."""
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -63,20 +65,34 @@ class DecodeGraphs:
         self.sizes = sorted(sizes)
         self.max_size = self.sizes[-1]
         p, m, dev = self.max_size, max_blocks_per_seq, model.device
-        # Host staging (pinned: the copies are asynchronous) and the static device inputs.
-        self._host_vec = torch.zeros(_FIELDS, p, dtype=torch.int64, pin_memory=True)
-        self._host_tables = torch.zeros(p, m, dtype=torch.int64, pin_memory=True)
-        self._vec_np = self._host_vec.numpy()
-        self._tables_np = self._host_tables.numpy()
+        self.fed_R = fed_R if fed_R is not None else torch.zeros(p, dtype=torch.int64, device=dev)
+        # Host staging (pinned: the copies are asynchronous), two sets used in turn: with async
+        # scheduling the host fills the next step's while this step's copy may still be queued.
+        self._host = [
+            (
+                torch.zeros(_FIELDS, p, dtype=torch.int64, pin_memory=True),
+                torch.zeros(p, m, dtype=torch.int64, pin_memory=True),
+            )
+            for _ in range(2)
+        ]
+        self._turn = 0
+        self._use_host(0)
         self._vec = torch.zeros(_FIELDS, p, dtype=torch.int64, device=dev)
         self._tables = torch.zeros(p, m, dtype=torch.int64, device=dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Offloaded experts: per size, a graph per stage and the staged forward they replay.
         self.staged = any(moe.offload is not None for _, moe in model.moe_layers())
         self._stages: dict[int, tuple[list[torch.cuda.CUDAGraph], StagedForward]] = {}
-        self._pad_rows(0)
+        for turn in (1, 0):
+            self._use_host(turn)
+            self._pad_rows(0)
         self._vec.copy_(self._host_vec)
         self._tables.copy_(self._host_tables)
+
+    def _use_host(self, turn: int) -> None:
+        self._host_vec, self._host_tables = self._host[turn]
+        self._vec_np = self._host_vec.numpy()
+        self._tables_np = self._host_tables.numpy()
 
     def _pad_rows(self, start: int) -> None:
         """Rows from `start` on: token 0 at position 0, written to and reading the scratch
@@ -87,10 +103,11 @@ class DecodeGraphs:
         v[2, start:] = self.scratch_block * self.block_size
         v[3, start:] = 1
         v[4, start:] = 0
+        v[5, start:] = -1
         self._tables_np[start:, 0] = self.scratch_block
 
     def _inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        ids, pos, slots, ctx, valid = (self._vec[i, :size] for i in range(_FIELDS))
+        ids, pos, slots, ctx, valid, _ = (self._vec[i, :size] for i in range(_FIELDS))
         meta = AttentionMetadata(
             query_lens=[1] * size,
             context_lens=[1] * size,  # host copy unused: the decode kernel reads ctx
@@ -153,16 +170,24 @@ class DecodeGraphs:
     def covers(self, work: Sequence[Work]) -> bool:
         return len(work) <= self.max_size and all(w.num_tokens == 1 for w in work)
 
-    def run(self, work: Sequence[Work]) -> torch.Tensor:
-        """Logits [B, V] (a view of the graph's static output: read it before the next run)."""
+    def run(self, work: Sequence[Work], feed: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits [B, V] (a view of the graph's static output: read it before the next run).
+
+        feed: per row, the row of fed_R that holds its input token (-1: the host knows it)."""
         b = len(work)
         size = next(s for s in self.sizes if s >= b)
+        self._turn ^= 1
+        self._use_host(self._turn)
         v, tables, bs = self._vec_np, self._tables_np, self.block_size
         width = 1
+        fed = False
         for i, w in enumerate(work):
             p = w.start
             blocks = w.seq.block_ids
-            v[0, i] = w.seq.token_ids[p]
+            row = feed[i] if feed is not None else -1
+            fed |= row >= 0
+            v[0, i] = w.seq.token_ids[p] if row < 0 else 0
+            v[5, i] = row
             v[1, i] = p
             v[2, i] = blocks[p // bs] * bs + p % bs
             v[3, i] = p + 1
@@ -174,6 +199,9 @@ class DecodeGraphs:
         self._vec.copy_(self._host_vec, non_blocking=True)
         # Only the columns in use: entries past a row's context are never read.
         self._tables[:size, :width].copy_(self._host_tables[:size, :width], non_blocking=True)
+        if fed:  # input tokens the last step sampled, read where they are
+            ids, rows = self._vec[0, :b], self._vec[5, :b]
+            torch.where(rows >= 0, self.fed_R[rows.clamp(min=0)], ids, out=ids)
         if self.staged:
             graphs, staged = self._stages[size]
             for j, graph in enumerate(graphs):

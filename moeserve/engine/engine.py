@@ -25,9 +25,9 @@ from moeserve.engine.outputs import (
     TokenLogprob,
 )
 from moeserve.engine.runner import Runner
-from moeserve.engine.sampler import Sampler
-from moeserve.engine.scheduler import RequestTooLarge, Scheduler
-from moeserve.engine.sequence import Sequence
+from moeserve.engine.sampler import PendingSample, Sampler, SamplerOutput
+from moeserve.engine.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
+from moeserve.engine.sequence import PENDING, Sequence
 from moeserve.model.loader import inspect_checkpoint, load_model, resolve_dtype
 from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -59,6 +59,18 @@ class _Request:
 class StepResult:
     outputs: list[RequestOutput]
     stats: StepStats | None
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose sampled tokens the host has not read yet."""
+
+    out: SchedulerOutput
+    seqs: list[Sequence]  # the sampled rows' sequences, in row order
+    slots: list[int]  # per row, the output index its token fills (appended as PENDING)
+    rows: dict[int, int]  # seq_id -> row: where the next step finds the seq's input token
+    sample: PendingSample
+    t0: float
 
 
 KERNELS = ("auto", "triton", "torch")
@@ -128,9 +140,13 @@ class Engine:
         progress: bool = True,
         kernels: str = "auto",
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
     ) -> None:
         """kernels: "auto" (Triton on CUDA when importable), "triton" or "torch" (the readable
-        path). enforce_eager: no CUDA graphs for decode steps."""
+        path). enforce_eager: no CUDA graphs for decode steps. async_scheduling (default: on
+        for CUDA): queue each step before reading the last one's tokens, so the host's work
+        (scheduling, detokenizing, stop checks) overlaps the device's; outputs then come one
+        step() later."""
         cache = cache or CacheConfig()
         sched = scheduler or SchedulerConfig()
         offload = offload or OffloadConfig()
@@ -168,8 +184,11 @@ class Engine:
         self.runner = Runner(
             self.model, num_blocks, cache.block_size,
             decode_graphs_up_to=sched.max_num_seqs if graphs else 0,
-            max_model_len=self.max_model_len,
+            max_model_len=self.max_model_len, max_num_seqs=sched.max_num_seqs,
         )  # fmt: skip
+        if async_scheduling is None:
+            async_scheduling = self.model.device.type == "cuda"
+        self.async_scheduling = async_scheduling
         if self.kernels == "triton" and self.model.device.type == "cuda":
             secs = self.runner.warm_up(sched.max_num_batched_tokens)
             log.info("Triton kernels compiled for every step size in %.1f s", secs)
@@ -198,13 +217,18 @@ class Engine:
         self.num_blocks = num_blocks
         self._requests: dict[str, _Request] = {}
         self._aborted: list[RequestMetrics] = []
+        self._launched: _Launched | None = None
+        self._last_resolved = 0.0
+        # Requests whose sampling reads their earlier tokens (penalties): a step with one of
+        # them running waits for the last step's tokens before it is scheduled.
+        self._penalised: set[str] = set()
         self._seq_ids = itertools.count()
         self.num_steps = 0  # steps that ran the model
         log.info(
             "engine ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d, "
-            "%s kernels, decode CUDA graphs %s",
+            "%s kernels, decode CUDA graphs %s, async scheduling %s",
             cfg.model_type, device, num_blocks, cache.block_size, self.max_model_len,
-            self.kernels, "on" if graphs else "off",
+            self.kernels, "on" if graphs else "off", "on" if async_scheduling else "off",
         )  # fmt: skip
 
     # ----------------------------------------------------------------- requests
@@ -276,6 +300,8 @@ class Engine:
             )
         for seq in seqs:
             self.scheduler.add(seq)
+        if params.has_penalties:
+            self._penalised.add(request_id)
         prompt_text = prompt if isinstance(prompt, str) else None
         self._requests[request_id] = _Request(
             request_id,
@@ -294,6 +320,7 @@ class Engine:
         req = self._requests.pop(request_id, None)
         if req is None:
             return False
+        self._penalised.discard(request_id)
         self.scheduler.abort_request(request_id)
         req.metrics.finish_time = time.monotonic()
         self._aborted.append(req.metrics)  # reported with the next step's stats
@@ -308,39 +335,82 @@ class Engine:
 
     # --------------------------------------------------------------------- step
     def step(self) -> StepResult:
-        """Run one iteration; returns the deltas of every request that progressed."""
+        """Run one iteration; returns the deltas of every request that progressed.
+
+        With async scheduling the step launched here is resolved (its tokens read, stop checks
+        run) by the next call, which first queues the step after it; this call returns the
+        deltas of the step before.
+        """
+        prev, self._launched = self._launched, None
+        if prev is not None and (not self.async_scheduling or self._penalised):
+            return self._resolve(prev)
+        launched = self._launch(prev)
+        if prev is not None:
+            self._launched = launched
+            return self._resolve(prev)
+        if launched is None:
+            return StepResult([], None)
+        if self.async_scheduling:
+            self._launched = launched
+            return StepResult([], None)
+        return self._resolve(launched)
+
+    def _launch(self, prev: _Launched | None) -> _Launched | None:
+        """Schedule a step and queue it (model and sampler) on the device; reads nothing back.
+        Decodes of tokens `prev` sampled read them on the device."""
         t0 = time.monotonic()
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return StepResult([], None)
+            return None
+        feed = None
+        if prev is not None:
+            feed = [
+                prev.rows[w.seq.seq_id] if w.seq.token_ids[w.start] == PENDING else -1
+                for w in out.scheduled
+            ]
         for w in out.scheduled:
             req = self._requests[w.seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = t0
         self.num_steps += 1
-        logits, rows = self.runner.execute(out.scheduled)
+        logits, rows = self.runner.execute(out.scheduled, feed)
         seqs = [out.scheduled[i].seq for i in rows]
-        sampled = self.sampler.sample(logits, seqs)
-        self.scheduler.update(out, {s.seq_id: t for s, t in zip(seqs, sampled.token_ids)})
+        sample = self.sampler.launch(logits, seqs)
+        if self.async_scheduling:
+            self.runner.keep_sampled(sample.tokens_B)
+        self.scheduler.update(out, dict.fromkeys((s.seq_id for s in seqs), PENDING))
+        slots = [s.num_output_tokens - 1 for s in seqs]
+        rows_of = {s.seq_id: r for r, s in enumerate(seqs)}
+        return _Launched(out, seqs, slots, rows_of, sample, t0)
+
+    def _resolve(self, step: _Launched) -> StepResult:
+        """Read a launched step's tokens; stop checks, detokenisation, deltas."""
+        sampled = step.sample.result()
         now = time.monotonic()
+        out = step.out
         stats = StepStats(
             timestamp=now,
-            step_seconds=now - t0,
+            step_seconds=now - max(step.t0, self._last_resolved),
             num_running=0,
             num_waiting=0,
             num_seqs=len(out.scheduled),
             num_prefill_tokens=out.num_prefill_tokens,
             num_decode_tokens=out.num_decode_tokens,
-            num_generated_tokens=len(seqs),
+            num_generated_tokens=0,
             kv_usage=0.0,
             num_preempted=len(out.preempted),
         )
+        self._last_resolved = now
         stats.finished.extend(("abort", m) for m in self._aborted)
         self._aborted.clear()
         deltas: dict[str, RequestOutput] = {}
-        for row, seq in enumerate(seqs):
+        for row, (seq, slot) in enumerate(zip(step.seqs, step.slots)):
+            if seq.is_finished:  # aborted, or it stopped at the step before (async)
+                continue
+            seq.set_output(slot, sampled.token_ids[row])
             req = self._requests[seq.request_id]
-            delta = self._process(req, seq, row, sampled, now, stats)
+            delta = self._process(req, seq, row, slot + 1, sampled, now, stats)
+            stats.num_generated_tokens += 1
             ro = deltas.setdefault(
                 req.request_id, RequestOutput(req.request_id, req.prompt_ids, [], prompt=req.prompt)
             )
@@ -353,6 +423,7 @@ class Engine:
                 reason = next((o.finish_reason for o in ro.outputs if o.finish_reason), "stop")
                 stats.finished.append((reason, req.metrics))
                 del self._requests[ro.request_id]
+                self._penalised.discard(ro.request_id)
         s = self.scheduler.stats()
         stats.num_running, stats.num_waiting, stats.kv_usage = (
             s.num_running,
@@ -362,17 +433,25 @@ class Engine:
         return StepResult(list(deltas.values()), stats)
 
     def _process(
-        self, req: _Request, seq: Sequence, row: int, sampled, now: float, stats: StepStats
+        self,
+        req: _Request,
+        seq: Sequence,
+        row: int,
+        num_outputs: int,
+        sampled: SamplerOutput,
+        now: float,
+        stats: StepStats,
     ) -> CompletionOutput:
-        """Stop checks and detokenisation for one newly sampled token."""
+        """Stop checks and detokenisation for output number `num_outputs` (1-based) of `seq`,
+        just sampled (under async scheduling the seq may hold one more, still pending)."""
         index = req.seqs.index(seq)
-        token = seq.output_ids[-1]
+        token = sampled.token_ids[row]
         params: SamplingParams = seq.params
         delta = CompletionOutput(index=index, token_ids=[token])
         if params.logprobs is not None:
             lp = TokenLogprob(token, sampled.logprobs[row], sampled.top_logprobs[row] or [])
             delta.logprobs = [lp]
-        if seq.num_output_tokens == 1:
+        if num_outputs == 1:
             req.metrics.first_token_time = req.metrics.first_token_time or now
         else:
             stats.itl.append(now - req.last_token_time[index])
@@ -391,7 +470,8 @@ class Engine:
             if hit:
                 reason, stop_reason = "stop", detok.stop_str
         if reason is None and (
-            seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len
+            num_outputs >= params.max_tokens
+            or seq.num_prompt_tokens + num_outputs >= self.max_model_len
         ):
             reason = "length"
         if reason is not None:

@@ -23,7 +23,7 @@ class LLM:
     Keyword arguments mirror the CLI: dtype, device, block_size, kv_cache_memory,
     gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
     enable_chunked_prefill, expert_cache_slots, expert_cache_gb, offload_mode,
-    expert_cache_policy, prefetch, load_format, kernels, enforce_eager, seed.
+    expert_cache_policy, prefetch, load_format, kernels, enforce_eager, async_scheduling, seed.
     """
 
     def __init__(self, model: str | Path, **kwargs: Any) -> None:
@@ -38,7 +38,8 @@ class LLM:
             "expert_cache_slots": "cache_slots", "expert_cache_gb": "cache_bytes",
             "offload_mode": "mode", "expert_cache_policy": "policy", "prefetch": "prefetch",
         }
-        other = {"dtype", "device", "seed", "progress", "load_format", "kernels", "enforce_eager"}
+        other = {"dtype", "device", "seed", "progress", "load_format", "kernels", "enforce_eager",
+                 "async_scheduling"}  # fmt: skip
         unknown = set(kwargs) - cache_keys - sched_keys - set(offload_keys) - other
         if unknown:
             raise TypeError(f"LLM() got unknown options: {', '.join(sorted(unknown))}")
@@ -57,6 +58,7 @@ class LLM:
             progress=kwargs.get("progress", True),
             kernels=kwargs.get("kernels") or "auto",
             enforce_eager=bool(kwargs.get("enforce_eager", False)),
+            async_scheduling=kwargs.get("async_scheduling"),
         )
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()

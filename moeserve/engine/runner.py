@@ -97,7 +97,9 @@ class Runner:
         *,
         decode_graphs_up_to: int = 0,
         max_model_len: int | None = None,
+        max_num_seqs: int = 1,
     ) -> None:
+        """max_num_seqs bounds the rows a step samples: `keep_sampled` holds that many."""
         self.model = model
         self.device = model.device
         self.block_size = block_size
@@ -106,12 +108,18 @@ class Runner:
         self.kv_caches = allocate_kv_cache(
             model.cfg, num_blocks + extra, block_size, model.dtype, model.device
         )
+        # The last step's sampled tokens, on the device: a step launched before they reach
+        # the host (async scheduling) reads its decodes' input tokens from here.
+        self.fed_R = torch.zeros(
+            max(max_num_seqs, decode_graphs_up_to), dtype=torch.int64, device=model.device
+        )
         self.graphs: DecodeGraphs | None = None
         if decode_graphs_up_to:
             max_len = max_model_len or model.cfg.max_position_embeddings
             self.graphs = DecodeGraphs(
                 model, self.kv_caches, block_size, -(-max_len // block_size),
                 scratch_block=num_blocks, sizes=capture_sizes(decode_graphs_up_to),
+                fed_R=self.fed_R,
             )  # fmt: skip
             self.graphs.capture()
 
@@ -147,9 +155,15 @@ class Runner:
         self.model.reset_expert_counts()  # not traffic
         return time.monotonic() - t0
 
-    def prepare(self, work: Sequence[Work]) -> StepInputs:
+    def keep_sampled(self, tokens_R: torch.Tensor) -> None:
+        """Hold a step's sampled tokens (row order) on the device for the next step's feed."""
+        self.fed_R[: tokens_R.numel()].copy_(tokens_R)
+
+    def prepare(self, work: Sequence[Work], feed: Sequence[int] | None = None) -> StepInputs:
         # Decodes first (one token each): the attention batches them in one call.
         order = sorted(range(len(work)), key=lambda i: work[i].num_tokens != 1)
+        fed_at: list[int] = []  # flat positions whose token comes from fed_R ...
+        fed_rows: list[int] = []  # ... and the row of fed_R it is
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -162,6 +176,9 @@ class Runner:
             w = work[i]
             end = w.start + w.num_tokens
             blocks = w.seq.block_ids
+            if feed is not None and feed[i] >= 0:  # a decode of a token still on the device
+                fed_at.append(len(ids))
+                fed_rows.append(feed[i])
             ids.extend(w.seq.token_ids[w.start : end])
             positions.extend(range(w.start, end))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(w.start, end))
@@ -172,31 +189,44 @@ class Runner:
                 rows.append(len(ids) - 1)
         width = max(len(t) for t in tables)
         table = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
         meta = AttentionMetadata(
             query_lens=query_lens,
             context_lens=context_lens,
             num_decodes=sum(1 for n in query_lens if n == 1),
-            block_tables_BM=torch.tensor(table, dtype=torch.int64).to(dev, non_blocking=True),
-            context_lens_B=torch.tensor(context_lens, dtype=torch.int64).to(dev),
-            slot_mapping_T=torch.tensor(slots, dtype=torch.int64).to(dev),
+            block_tables_BM=self._on_device(table),
+            context_lens_B=self._on_device(context_lens),
+            slot_mapping_T=self._on_device(slots),
         )
+        ids_T = self._on_device(ids)
+        if fed_at:
+            ids_T[self._on_device(fed_at)] = self.fed_R[self._on_device(fed_rows)]
         return StepInputs(
-            input_ids_T=torch.tensor(ids, dtype=torch.int64).to(dev),
-            positions_T=torch.tensor(positions, dtype=torch.int64).to(dev),
+            input_ids_T=ids_T,
+            positions_T=self._on_device(positions),
             meta=meta,
-            logits_rows=torch.tensor(rows, dtype=torch.int64).to(dev),
+            logits_rows=self._on_device(rows),
             order=order,
         )
 
-    def execute(self, work: Sequence[Work]) -> tuple[torch.Tensor, list[int]]:
-        """Run one step; returns float32 logits [R, V] and, per row, the index into `work`."""
+    def _on_device(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        # non_blocking: a pageable host->device copy is staged at once and does not wait for
+        # the kernels already queued (a step launched ahead must not wait for the one before).
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    def execute(
+        self, work: Sequence[Work], feed: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Run one step; returns float32 logits [R, V] and, per row, the index into `work`.
+
+        feed: per work item, the row of `fed_R` (the last step's sampled tokens, see
+        `keep_sampled`) that holds its input token, or -1 where the host knows it.
+        """
         if self.graphs is not None and self.graphs.covers(work):
-            logits_BV = self.graphs.run(work)
+            logits_BV = self.graphs.run(work, feed)
             sampled = [i for i, w in enumerate(work) if w.sample]
             # A view of the graph's buffer: the engine samples from it before the next replay.
             return (logits_BV[sampled] if len(sampled) < len(work) else logits_BV), sampled
-        inp = self.prepare(work)
+        inp = self.prepare(work, feed)
         hidden_TD = self.model(inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches)
         logits = self.model.compute_logits(hidden_TD[inp.logits_rows])
         sampled = [i for i in inp.order if work[i].sample]

@@ -37,6 +37,58 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]] | None]  # top-N (token, logprob), best first
 
 
+class PendingSample:
+    """A step's sampled tokens (and logprobs) on their way to the host.
+
+    The device->host copies start at once into page-locked memory, so the host can queue more
+    work (the next step) before it reads them; `result()` waits for them alone.
+    """
+
+    def __init__(
+        self,
+        tokens_B: torch.Tensor,
+        num_rows: int,
+        logprobs_LC: torch.Tensor | None = None,
+        wants: list[tuple[int, int]] | None = None,
+        n_top: int = 0,
+    ) -> None:
+        self.tokens_B = tokens_B  # on the device: the next step may read it there
+        self._num_rows = num_rows
+        self._wants = wants or []  # (row, top-N count) per logprobs row
+        self._n_top = n_top
+        self._event: torch.cuda.Event | None = None
+        self._tokens = _to_host(tokens_B)
+        self._lp = _to_host(logprobs_LC) if logprobs_LC is not None else None
+        if tokens_B.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._result: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput:
+        if self._result is not None:
+            return self._result
+        if self._event is not None:
+            self._event.synchronize()
+        B = self._num_rows
+        logprobs: list[float | None] = [None] * B
+        top: list[list[tuple[int, float]] | None] = [None] * B
+        if self._lp is not None:
+            host, n_top = self._lp.tolist(), self._n_top
+            for j, (i, n) in enumerate(self._wants):
+                vals_j, ids_j = host[j][1 : 1 + n], host[j][1 + n_top : 1 + n_top + n]
+                logprobs[i] = host[j][0]
+                top[i] = [(int(t), v) for v, t in zip(vals_j, ids_j, strict=True)]
+        self._result = SamplerOutput(self._tokens.tolist(), logprobs, top)
+        return self._result
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 class Sampler:
     """Turns a step's logits into one token per row.
 
@@ -61,6 +113,11 @@ class Sampler:
 
     def sample(self, logits_BV: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
         """Sample one token per row; ``logits_BV`` (any float dtype/device) is not modified."""
+        return self.launch(logits_BV, rows).result()
+
+    def launch(self, logits_BV: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
+        """Queue the sampling of one token per row on the logits' device; nothing waits for
+        the device until the result's `result()`."""
         if logits_BV.dim() != 2 or logits_BV.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits_BV.shape)}"
@@ -70,7 +127,7 @@ class Sampler:
         params = [row.params for row in rows]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not lp_rows and all(p.greedy and not p.has_penalties for p in params):
-            return SamplerOutput(logits_BV.argmax(dim=-1).tolist(), [None] * B, [None] * B)
+            return PendingSample(logits_BV.argmax(dim=-1), B)
 
         device = logits_BV.device
         logits_BV = logits_BV.float()  # every step below is out of place: input untouched
@@ -101,21 +158,15 @@ class Sampler:
             else:
                 tokens_B[idx] = sampled_R
 
-        token_ids: list[int] = tokens_B.tolist()
-        logprobs: list[float | None] = [None] * B
-        top: list[list[tuple[int, float]] | None] = [None] * B
-        if raw_lp is not None:
-            chosen = raw_lp.gather(1, tokens_B[_index(lp_rows, device)][:, None])
-            n_top = min(max(params[i].logprobs or 0 for i in lp_rows), raw_lp.shape[1])
-            vals, ids = raw_lp.topk(n_top, dim=-1) if n_top else (chosen[:, :0], chosen[:, :0])
-            # float64 holds token ids exactly, so all of it comes back in one transfer.
-            host = torch.cat([chosen.double(), vals.double(), ids.double()], dim=1).tolist()
-            for j, i in enumerate(lp_rows):
-                n = min(params[i].logprobs or 0, n_top)
-                vals_j, ids_j = host[j][1 : 1 + n], host[j][1 + n_top : 1 + n_top + n]
-                logprobs[i] = host[j][0]
-                top[i] = [(int(t), v) for v, t in zip(vals_j, ids_j, strict=True)]
-        return SamplerOutput(token_ids, logprobs, top)
+        if raw_lp is None:
+            return PendingSample(tokens_B, B)
+        chosen = raw_lp.gather(1, tokens_B[_index(lp_rows, device)][:, None])
+        n_top = min(max(params[i].logprobs or 0 for i in lp_rows), raw_lp.shape[1])
+        vals, ids = raw_lp.topk(n_top, dim=-1) if n_top else (chosen[:, :0], chosen[:, :0])
+        # float64 holds token ids exactly, so all of it comes back in one transfer.
+        lp = torch.cat([chosen.double(), vals.double(), ids.double()], dim=1)
+        wants = [(i, min(params[i].logprobs or 0, n_top)) for i in lp_rows]
+        return PendingSample(tokens_B, B, lp, wants, n_top)
 
     def _exponential(self, rows: Sequence[SampleRow], V: int, device: torch.device) -> torch.Tensor:
         """Exp(1) noise [R, V]: seeded rows from their own generator, the rest from ours."""

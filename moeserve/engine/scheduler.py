@@ -178,7 +178,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         done: set[int] = set()  # seq_ids scheduled this step: never preempted, never twice
-        running = list(self._running.values())
+        # Under async scheduling a seq's last token may still be on the device when this runs:
+        # one that reached max_tokens or max_model_len with it only awaits the engine's finish.
+        running = [s for s in self._running.values() if not self._complete(s)]
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in running if s.num_tokens - s.num_computed_tokens > 1]
         assert len(decodes) + len(prefills) == len(running), "a running seq has nothing to run"
@@ -252,6 +254,9 @@ class Scheduler:
                 seq.append_token(tok)
                 if seq.first_token_time is None:
                     seq.first_token_time = time.monotonic()
+
+    def _complete(self, seq: Sequence) -> bool:
+        return seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _capacity(self, seq: Sequence) -> int:
         """Tokens `seq` could add now using its own blocks' slack plus every free block."""

@@ -12,6 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+# The token of a sequence whose sampling is still running on the device (async scheduling):
+# the next step reads it from the device, and the engine fills it in when the step resolves.
+PENDING = -1
+
 
 class SeqStatus(enum.Enum):
     """Lifecycle: WAITING -> RUNNING (-> WAITING again when preempted) -> FINISHED."""
@@ -77,6 +81,12 @@ class Sequence:
         return self.status is SeqStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
-        """Append one generated token (called by the scheduler's `update`)."""
+        """Append one generated token, or PENDING (called by the scheduler's `update`)."""
         self.output_ids.append(token_id)
         self._all_ids.append(token_id)
+
+    def set_output(self, index: int, token_id: int) -> None:
+        """Fill in output `index`, appended as PENDING when its step was launched."""
+        assert self.output_ids[index] == PENDING, f"output {index} of seq {self.seq_id} is known"
+        self.output_ids[index] = token_id
+        self._all_ids[self.num_prompt_tokens + index] = token_id
