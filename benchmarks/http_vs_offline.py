@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -81,15 +82,51 @@ def serve_fake_gpu(step_ms: float, argv: list[str]) -> int:
     return run(args, engine_kwargs(args), engine_setup=functools.partial(fake_gpu, step_ms))
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (Linux /proc), 0 where it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def steps_metric(url: str) -> tuple[float, float]:
+    """(engine steps, tokens they ran) from the server's iteration-tokens histogram."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    count = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("moeserve_iteration_tokens_count"):
+            count = float(line.split()[-1])
+        elif line.startswith("moeserve_iteration_tokens_sum"):
+            total = float(line.split()[-1])
+    return count, total
+
+
 def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: str) -> float:
     llm = LLM(str(path), dtype=dtype, load_format="dummy", kv_cache_memory=KV_BYTES,
               max_num_seqs=max_seqs, max_model_len=4096, progress=False)  # fmt: skip
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:max_seqs], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    t0 = time.perf_counter()
+    t0, steps0, cpu0 = time.perf_counter(), llm.engine.num_steps, time.process_time()
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    steps = llm.engine.num_steps - steps0
+    print(f"offline: {steps} steps, {1e3 * dt / steps:.2f} ms per step, "
+          f"CPU {(time.process_time() - cpu0) / dt:.2f} of a core")  # fmt: skip
     del llm
     gc.collect()
     if torch.cuda.is_available():
@@ -188,8 +225,26 @@ def serve_and_load(
             )  # fmt: skip
 
         load(args.concurrency)  # warm-up, as offline had
+        procs = [server.pid] + children(server.pid)
+        cpu0 = [cpu_seconds(p) for p in procs]
+        steps0, tokens0 = steps_metric(url)
+        client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
         load(args.num_requests)
-        return json.loads(out.read_text())
+        wall = time.perf_counter() - t0
+        client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        steps1, tokens1 = steps_metric(url)
+        # Where a server or client core saturates, that process bounds the throughput.
+        util = {f"pid {p}" + (" (server)" if p == server.pid else ""): (cpu_seconds(p) - c) / wall
+                for p, c in zip(procs, cpu0)}  # fmt: skip
+        util["load tester"] = (
+            client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
+        ) / wall
+        steps = steps1 - steps0
+        print(f"HTTP: {steps:.0f} steps, {1e3 * wall / max(steps, 1):.2f} ms per step, "
+              f"{(tokens1 - tokens0) / max(steps, 1):.1f} tokens per step; CPU of a core: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in util.items()))  # fmt: skip
+        return json.loads(out.read_text()) | {"cpu_util": util, "steps": steps}
     finally:
         server.terminate()
         server.wait(timeout=60)
