@@ -32,7 +32,9 @@ E, K_TOP, D, F = 8, 2, 4096, 14336
 
 def bench(fn: Any, reps: int = 50) -> float:
     """Median seconds of fn() over reps, with an L2-flushing copy between calls."""
-    flush = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    # Large enough that zeroing it outlasts the host's launch of fn (Triton's launcher takes
+    # tens of us): the timed span then holds the kernel alone, not the launch latency.
+    flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     fn()
     times = []
     for _ in range(reps):
@@ -105,6 +107,32 @@ def whole_moe(t: int) -> list[dict[str, Any]]:
     return rows
 
 
+def dense(sweep: bool) -> list[dict[str, Any]]:
+    """Mixtral's attention projections at one token: small_linear (configs) vs cuBLAS."""
+    from moeserve.kernels.dense import small_linear
+
+    rows = []
+    for name, n, k in (("qkv", 6144, D), ("o", D, D)):
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+        cfgs: list[tuple[int, int, int, int] | None] = [None]
+        if sweep:
+            cfgs += list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5)))
+        runs: list[tuple[str, Any]] = [
+            ("cublas", lambda x=x, w=w: torch.nn.functional.linear(x, w))
+        ]
+        runs += [(str(c or "shipped"), lambda c=c, x=x, w=w: small_linear(x, w, None, c))
+                 for c in cfgs]  # fmt: skip
+        for label, fn in runs:
+            try:
+                sec = bench(fn)
+            except OutOfResources:
+                continue
+            rows.append({"layer": name, "config": label, "us": sec * 1e6,
+                         "bytes_per_s": n * k * 2 / sec})  # fmt: skip
+    return rows
+
+
 def attention(b: int, ctx: int) -> dict[str, Any]:
     h, g, x, s = 32, 8, 128, 16
     blocks_per = -(-ctx // s)
@@ -149,6 +177,14 @@ def main() -> int:
             print(f"T={t:4d} {gemm:7s} experts {ship['experts']}: shipped {ship['us']:7.1f} us "
                   f"{ship['bytes_per_s'] / bw:.2f} of copy bw; best {best['us']:7.1f} us "
                   f"{best['bytes_per_s'] / bw:.2f} {best['config']}")  # fmt: skip
+    result["dense"] = dense(args.sweep)
+    for layer in ("qkv", "o"):
+        mine = [r for r in result["dense"] if r["layer"] == layer]
+        for r in [r for r in mine if r["config"] in ("cublas", "shipped")] + [
+            max(mine, key=lambda r: r["bytes_per_s"])
+        ]:
+            print(f"dense {layer} T=1 {r['config']}: {r['us']:6.1f} us "
+                  f"{r['bytes_per_s'] / bw:.2f} of copy bw")  # fmt: skip
     for b, ctx in ((1, 512), (1, 4096), (64, 256), (64, 2048)):
         r = attention(b, ctx)
         result["attention"].append(r)

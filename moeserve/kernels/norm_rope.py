@@ -42,10 +42,50 @@ def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Te
 
 
 @triton.jit
+def _add_rms_norm_kernel(
+    x_ptr, d_ptr, sum_ptr, out_ptr, w_ptr, D, stride_x, stride_d, stride_s, stride_o, eps,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    ok = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * stride_d + offs, mask=ok, other=0.0).to(tl.float32)
+    # The residual add rounds to the model dtype; the norm reads the rounded sum.
+    s = (x + d).to(sum_ptr.dtype.element_ty)
+    tl.store(sum_ptr + row * stride_s + offs, s, mask=ok)
+    s = s.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(s * s, 0) / D + eps)
+    sn = (s * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (w * sn).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(
+    x_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one pass; the readable twin is the two ops."""
+    t, d = x_TD.shape
+    if not (t and x_TD.stride(1) == 1 and delta_TD.stride(1) == 1):
+        from moeserve.model.layers import rms_norm as readable
+
+        s = x_TD + delta_TD
+        return s, readable(s, weight_D, eps)
+    s = torch.empty((t, d), dtype=x_TD.dtype, device=x_TD.device)
+    out = torch.empty_like(s)
+    _add_rms_norm_kernel[(t,)](
+        x_TD, delta_TD, s, out, weight_D, d, x_TD.stride(0), delta_TD.stride(0), s.stride(0),
+        out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8,
+    )  # fmt: skip
+    return s, out
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-    H, HALF: tl.constexpr, BLOCK: tl.constexpr,
+    H, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_vt, stride_vh, stride_slot,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, WRITE_KV: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -72,12 +112,26 @@ def _rotary_kernel(
     ).to(dt).to(tl.float32)
     tl.store(base + offs, y1.to(dt), mask=ok)
     tl.store(base + HALF + offs, y2.to(dt), mask=ok)
+    if WRITE_KV and h >= H:  # the rotated key and its value into their cache slot
+        g = h - H
+        dst = tl.load(slot_ptr + t) * stride_slot + g * (2 * HALF)
+        tl.store(k_cache_ptr + dst + offs, y1.to(dt), mask=ok)
+        tl.store(k_cache_ptr + dst + HALF + offs, y2.to(dt), mask=ok)
+        vbase = v_ptr + t * stride_vt + g * stride_vh
+        tl.store(v_cache_ptr + dst + offs, tl.load(vbase + offs, mask=ok), mask=ok)
+        tl.store(v_cache_ptr + dst + HALF + offs, tl.load(vbase + HALF + offs, mask=ok), mask=ok)
 
 
 def apply_rotary_(
-    q_THX: torch.Tensor, k_TGX: torch.Tensor, cos_TX: torch.Tensor, sin_TX: torch.Tensor
+    q_THX: torch.Tensor,
+    k_TGX: torch.Tensor,
+    cos_TX: torch.Tensor,
+    sin_TX: torch.Tensor,
+    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Rotate q and k in place (rotate-half layout); one launch for both."""
+    """Rotate q and k in place (rotate-half layout); one launch for both. kv_write: (v_TGX,
+    k_cache_NSGX, v_cache_NSGX, slot_mapping_T): also store the rotated keys and the values
+    into their slots of the paged cache (layers.write_kv's job), in the same launch."""
     t, h, x = q_THX.shape
     g = k_TGX.shape[1]
     if not t:
@@ -85,8 +139,16 @@ def apply_rotary_(
     assert q_THX.stride(2) == 1 and k_TGX.stride(2) == 1 and cos_TX.stride(1) == 1
     assert cos_TX.stride() == sin_TX.stride()
     half = x // 2
+    if kv_write is not None:
+        v_TGX, k_cache, v_cache, slots_T = kv_write
+        assert v_TGX.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+        assert x % 2 == 0
+        extra = (v_TGX, k_cache, v_cache, slots_T, v_TGX.stride(0), v_TGX.stride(1), g * x)
+    else:
+        extra = (k_TGX, k_TGX, k_TGX, k_TGX, 0, 0, 0)  # unused pointers
     _rotary_kernel[(t, h + g)](
         q_THX, k_TGX, cos_TX, sin_TX,
         q_THX.stride(0), q_THX.stride(1), k_TGX.stride(0), k_TGX.stride(1), cos_TX.stride(0),
-        h, HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1,
+        h, *extra, HALF=half, BLOCK=triton.next_power_of_2(half),
+        WRITE_KV=kv_write is not None, num_warps=1,
     )  # fmt: skip

@@ -53,7 +53,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         t = x_TD.shape[0]
-        qkv = F.linear(x_TD, self.qkv_weight, self.qkv_bias)
+        linear = _linear_fn(self.decode_kernel, x_TD)
+        qkv = linear(x_TD, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm == "full":
             q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
@@ -67,18 +68,19 @@ class Attention(nn.Module):
             q_THX = rms_norm(q_THX, self.q_norm, cfg.rms_norm_eps)
             k_TGX = rms_norm(k_TGX, self.k_norm, cfg.rms_norm_eps)
         cos, sin = cos_sin
+        k_cache, v_cache = kv_cache
         if _fused_elementwise(self.decode_kernel, q_THX):
             from moeserve.kernels.norm_rope import apply_rotary_
 
-            apply_rotary_(q_THX, k_TGX, cos, sin)
+            # One launch rotates q and k and stores k and v in the cache (write_kv's job).
+            apply_rotary_(q_THX, k_TGX, cos, sin, (v_TGX, k_cache, v_cache, meta.slot_mapping_T))
         else:
             q_THX, k_TGX = apply_rotary(q_THX, cos, sin), apply_rotary(k_TGX, cos, sin)
-        k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
+            write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
         o_THX = paged_attention(
             q_THX, k_cache, v_cache, meta, self.scale, self.window, self.decode_kernel
         )
-        return F.linear(o_THX.reshape(t, cfg.q_size), self.o_weight)
+        return linear(o_THX.reshape(t, cfg.q_size), self.o_weight, None)
 
 
 # Below this many tokens an eager step launches torch's elementwise ops faster than Triton's
@@ -91,6 +93,18 @@ def _fused_elementwise(kernels: bool, x: torch.Tensor) -> bool:
         x.shape[0] >= _FUSED_ELEMENTWISE_MIN_TOKENS
         or (x.is_cuda and torch.cuda.is_current_stream_capturing())
     )
+
+
+def _linear_fn(
+    kernels: bool, x: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The Triton small-batch linear inside a CUDA-graph decode of a few rows, else torch's."""
+    if kernels and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        from moeserve.kernels.dense import MAX_ROWS, small_linear
+
+        if x.shape[0] <= MAX_ROWS and torch.cuda.is_current_stream_capturing():
+            return small_linear
+    return F.linear
 
 
 def _norm_fn(kernels: bool) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
@@ -129,8 +143,14 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream after attention, and its post-attention norm (the MLP's input)."""
-        norm = _norm_fn(_fused_elementwise(self.attn.decode_kernel, x_TD))
-        x_TD = x_TD + self.attn(norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta)
+        fused = _fused_elementwise(self.attn.decode_kernel, x_TD)
+        norm = _norm_fn(fused)
+        attn_TD = self.attn(norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta)
+        if fused:
+            from moeserve.kernels.norm_rope import add_rms_norm
+
+            return add_rms_norm(x_TD, attn_TD, self.post_norm, self.eps)
+        x_TD = x_TD + attn_TD
         return x_TD, norm(x_TD, self.post_norm, self.eps)
 
     def forward(
@@ -170,7 +190,7 @@ class MoEForCausalLM(nn.Module):
         self.norm = _empty(cfg.hidden_size, dtype=dtype, device=device)
         if not cfg.tie_word_embeddings:
             self.lm_head = _empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.rotary = Rotary(cfg, device)
+        self.rotary = Rotary(cfg, device, dtype)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
