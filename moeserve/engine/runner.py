@@ -110,6 +110,7 @@ class Runner:
         )
         # The last step's sampled tokens, on the device: a step launched before they reach
         # the host (async scheduling) reads its decodes' input tokens from here.
+        self.max_model_len = max_model_len or model.cfg.max_position_embeddings
         self.fed_R = torch.zeros(
             max(max_num_seqs, decode_graphs_up_to), dtype=torch.int64, device=model.device
         )
@@ -123,22 +124,29 @@ class Runner:
             )  # fmt: skip
             self.graphs.capture()
 
+    def _scratch_prefills(self, n: int, first_block: int) -> list[ScheduledSeq]:
+        """Prefills of n placeholder tokens in all, as sequences of at most max_model_len
+        tokens (no position past the model's), on consecutive blocks from first_block."""
+        work, bs, block = [], self.block_size, first_block
+        for i, start in enumerate(range(0, n, self.max_model_len)):
+            m = min(self.max_model_len, n - start)
+            seq = SeqRecord(seq_id=-3 - i, request_id="scratch", prompt_ids=[0] * m, max_tokens=1)
+            seq.block_ids = list(range(block, block + -(-m // bs)))
+            block += len(seq.block_ids)
+            work.append(ScheduledSeq(seq, 0, m, True))
+        return work
+
     def scratch_prefill(self, n: int) -> None:
-        """One prefill of n placeholder tokens on blocks 0.. (free at startup: nothing of it
-        outlives the call but the K/V garbage in blocks the pool still counts as free)."""
-        seq = SeqRecord(seq_id=-1, request_id="scratch", prompt_ids=[0] * n, max_tokens=1)
-        seq.block_ids = list(range(-(-n // self.block_size)))
-        self.execute([ScheduledSeq(seq, 0, n, True)])
+        """One step of n prefill placeholder tokens on blocks 0.. (free at startup: nothing of
+        it outlives the call but the K/V garbage in blocks the pool still counts as free)."""
+        self.execute(self._scratch_prefills(n, 0))
 
     def scratch_mixed(self, n: int) -> None:
-        """One eager step of a decode beside a prefill of n placeholder tokens (blocks 0..):
+        """One eager step of a decode beside prefills of n placeholder tokens (blocks 0..):
         the decode kernels as a mixed step calls them, outside the CUDA graphs."""
-        bs = self.block_size
         dec = SeqRecord(seq_id=-2, request_id="scratch-decode", prompt_ids=[0, 0], max_tokens=1)
         dec.block_ids = [0]
-        pre = SeqRecord(seq_id=-3, request_id="scratch-prefill", prompt_ids=[0] * n, max_tokens=1)
-        pre.block_ids = list(range(1, 1 + -(-n // bs)))
-        self.execute([ScheduledSeq(dec, 1, 1, True), ScheduledSeq(pre, 0, n, True)])
+        self.execute([ScheduledSeq(dec, 1, 1, True), *self._scratch_prefills(n, 1)])
 
     def warm_up(self, max_tokens: int) -> float:
         """Per power-of-two token count up to max_tokens, one prefill and one mixed step
@@ -146,10 +154,13 @@ class Runner:
         while a request waits. Returns seconds."""
         t0 = time.monotonic()
         n = 1
-        capacity = self.num_blocks * self.block_size
-        while n <= min(max_tokens, capacity):
+        # Blocks the split prefills may need: one partial block per sequence at most.
+        def blocks(tokens: int) -> int:
+            return -(-tokens // self.block_size) + -(-tokens // self.max_model_len)
+
+        while n <= max_tokens and blocks(n) <= self.num_blocks:
             self.scratch_prefill(n)
-            if n + 1 <= max_tokens and n + 2 * self.block_size <= capacity:
+            if n + 1 <= max_tokens and 1 + blocks(n) <= self.num_blocks:
                 self.scratch_mixed(n)
             n *= 2
         self.model.reset_expert_counts()  # not traffic

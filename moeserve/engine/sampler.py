@@ -83,13 +83,13 @@ class PendingSample:
 
 
 def _argmax(logits_BV: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocabulary; on CUDA one Triton program per row (torch's reduction
-    took 10 us for one 32k row on an H200, a step's worth of small kernels at batch 1)."""
+    """argmax over the vocabulary; on CUDA the Triton kernel (torch's one-block reduction
+    took 10 us for one 32k row on an H200)."""
     if logits_BV.is_cuda and logits_BV.stride(1) == 1:
         from moeserve.kernels import triton_available
 
         if triton_available():
-            from moeserve.kernels.dense import argmax_rows
+            from moeserve.kernels.argmax import argmax_rows
 
             return argmax_rows(logits_BV)
     return logits_BV.argmax(dim=-1)

@@ -53,8 +53,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         t = x_TD.shape[0]
-        linear = _linear_fn(self.decode_kernel, x_TD)
-        qkv = linear(x_TD, self.qkv_weight, self.qkv_bias)
+        qkv = F.linear(x_TD, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm == "full":
             q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
@@ -80,7 +79,7 @@ class Attention(nn.Module):
         o_THX = paged_attention(
             q_THX, k_cache, v_cache, meta, self.scale, self.window, self.decode_kernel
         )
-        return linear(o_THX.reshape(t, cfg.q_size), self.o_weight, None)
+        return F.linear(o_THX.reshape(t, cfg.q_size), self.o_weight)
 
 
 # Below this many tokens an eager step launches torch's elementwise ops faster than Triton's
@@ -93,18 +92,6 @@ def _fused_elementwise(kernels: bool, x: torch.Tensor) -> bool:
         x.shape[0] >= _FUSED_ELEMENTWISE_MIN_TOKENS
         or (x.is_cuda and torch.cuda.is_current_stream_capturing())
     )
-
-
-def _linear_fn(
-    kernels: bool, x: torch.Tensor
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """The Triton small-batch linear inside a CUDA-graph decode of a few rows, else torch's."""
-    if kernels and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        from moeserve.kernels.dense import MAX_ROWS, small_linear
-
-        if x.shape[0] <= MAX_ROWS and torch.cuda.is_current_stream_capturing():
-            return small_linear
-    return F.linear
 
 
 def _norm_fn(kernels: bool) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:

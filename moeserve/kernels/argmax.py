@@ -1,0 +1,51 @@
+"""Greedy sampling's argmax over the vocabulary in Triton, for rows free of NaN.
+
+torch reduces one 32k-wide row in a single block: 10 us on an H200, as long as a decode
+step's attention kernels at batch 1. Here the row is cut into BLOCK-wide chunks, one program
+each, and a second launch picks the best chunk: the first index of the maximum, as torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import interpreting
+
+
+@triton.jit
+def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, C, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < V, other=float("-inf"))
+    x = x.to(tl.float32)
+    tl.store(val_ptr + row * C + chunk, tl.max(x, 0))
+    tl.store(idx_ptr + row * C + chunk, tl.argmax(x, 0, tie_break_left=True) + chunk * BLOCK)
+
+
+@triton.jit
+def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    v = tl.load(val_ptr + row * C + offs, mask=offs < C, other=float("-inf"))
+    # Chunks are in row order: the first chunk holding the maximum has its first index.
+    best = tl.argmax(v, 0, tie_break_left=True)
+    tl.store(out_ptr + row, tl.load(idx_ptr + row * C + best).to(tl.int64))
+
+
+def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) for a 2-D tensor with unit column stride and no NaN."""
+    B, V = x_BV.shape
+    assert x_BV.stride(1) == 1
+    out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
+    if not B:
+        return out
+    block = 16 if interpreting() else 1024
+    c = triton.cdiv(V, block)
+    vals = torch.empty(B, c, dtype=torch.float32, device=x_BV.device)
+    idx = torch.empty(B, c, dtype=torch.int32, device=x_BV.device)
+    _chunk_argmax_kernel[(B, c)](x_BV, vals, idx, V, c, x_BV.stride(0), BLOCK=block, num_warps=4)
+    _pick_kernel[(B,)](vals, idx, out, c, BLOCK_C=triton.next_power_of_2(c), num_warps=4)
+    return out
