@@ -49,32 +49,3 @@ def test_applicable_bounds_the_tile() -> None:
     assert not moe_routing.applicable(2048, 8, 2)
     assert not moe_routing.applicable(0, 8, 2)
     assert not moe_routing.applicable(128, 128, 8)
-
-
-@pytest.mark.parametrize(
-    ("device", "dtype"),
-    [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)],
-)
-@pytest.mark.parametrize(("t", "e", "d"), [(1, 8, 40), (2, 6, 24), (1, 64, 48)])
-def test_router_in_the_program_matches_linear_then_route(
-    device: str, dtype: torch.dtype, t: int, e: int, d: int
-) -> None:
-    """Small batches compute the router logits in the same program: as F.linear then the
-    routing of those logits (same experts, weights within the logits' rounding)."""
-    assert moe_routing.router_fused(t, e)
-    for seed in range(3):  # fresh data each check
-        g = torch.Generator().manual_seed(seed * 7 + t + e)
-        x = torch.randn(t, d, generator=g).to(device, dtype)
-        router = torch.randn(e, d, generator=g).to(device, dtype)
-        valid = torch.ones(t, dtype=torch.long, device=device)
-        got_w, got_x, (ids, blocks, used) = moe_routing.route_and_align(
-            None, 2, True, 16, valid, router=(x, router)
-        )
-        want_w, want_x, (w_ids, w_blocks, w_used) = moe_routing.route_and_align(
-            torch.nn.functional.linear(x, router), 2, True, 16, valid
-        )
-        assert torch.equal(got_x, want_x) and torch.equal(ids, w_ids)
-        assert torch.equal(blocks, w_blocks) and torch.equal(used, w_used)
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(got_w, want_w, rtol=tol, atol=tol)
-    assert not moe_routing.router_fused(16, 8)  # larger batches keep cuBLAS

@@ -16,9 +16,6 @@ import triton.language as tl
 
 # The whole [tokens, experts] tile lives in one program: beyond this the torch path wins.
 MAX_TILE = 8192
-# Up to this many [tokens, experts] entries the program also computes the router logits (a
-# cuBLAS split-K GEMV and its reduction took 5.6 us per layer at batch 1 on an H200).
-MAX_ROUTER_TILE = 64
 
 
 def applicable(num_tokens: int, num_experts: int, top_k: int) -> bool:
@@ -31,36 +28,22 @@ def applicable(num_tokens: int, num_experts: int, top_k: int) -> bool:
 @triton.jit(do_not_specialize=["T", "P", "Q"])
 def _route_align_kernel(
     logits_ptr, stride_l, valid_ptr, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr,
-    num_post_pad_ptr, counts_ptr, T, P, Q, h_ptr, router_ptr, D, stride_h,
+    num_post_pad_ptr, counts_ptr, T, P, Q,
     E: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr,
     E_PAD: tl.constexpr, K_PAD: tl.constexpr, P_PAD: tl.constexpr, Q_PAD: tl.constexpr,
     RENORM: tl.constexpr, HAS_VALID: tl.constexpr, COUNT: tl.constexpr,
-    ROUTER: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.arange(0, T_PAD)
     cols = tl.arange(0, E_PAD)
     kk = tl.arange(0, K_PAD)
     row_ok = rows < T
     col_ok = cols < E
-    if ROUTER:  # logits = h @ router.T, float32 sums rounded to the model dtype as F.linear
-        acc = tl.zeros([T_PAD, E_PAD], dtype=tl.float32)
-        dd = tl.arange(0, BLOCK_D)
-        for d0 in range(0, D, BLOCK_D):
-            d_ok = d0 + dd < D
-            h = tl.load(h_ptr + rows[:, None] * stride_h + (d0 + dd)[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            w = tl.load(router_ptr + cols[:, None] * D + (d0 + dd)[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(h[:, None, :] * w[None, :, :], 2)  # fmt: skip
-        x = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
-        x = tl.where(col_ok[None, :], x, -float("inf"))
-    else:
-        x = tl.load(
-            logits_ptr + rows[:, None] * stride_l + cols[None, :],
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=-float("inf"),
-        ).to(tl.float32)
     # Softmax over every expert in float32, as route() does.
+    x = tl.load(
+        logits_ptr + rows[:, None] * stride_l + cols[None, :],
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=-float("inf"),
+    ).to(tl.float32)
     x = tl.where(row_ok[:, None], x, 0.0)  # padding rows: finite, ignored below
     p = tl.exp(x - tl.max(x, 1)[:, None])
     p = tl.where(col_ok[None, :], p, 0.0)
@@ -114,38 +97,22 @@ def _route_align_kernel(
     tl.store(num_post_pad_ptr, start)
 
 
-def router_fused(num_tokens: int, num_experts: int) -> bool:
-    """route_and_align computes the router logits itself (pass x and the router weight)."""
-    pad = triton.next_power_of_2
-    return pad(num_tokens) * pad(num_experts) <= MAX_ROUTER_TILE
-
-
 def route_and_align(
-    router_logits_TE: torch.Tensor | None,
+    router_logits_TE: torch.Tensor,
     top_k: int,
     renormalize: bool,
     block_m: int,
     valid_T: torch.Tensor | None = None,
     counts_E: torch.Tensor | None = None,
-    router: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(weights_TK float32, experts_TK int64, (sorted_ids_P, block_expert_Q, num_post_pad_1)).
 
     Same contract as route() followed by moe_align(); rows with valid_T == 0 get the sentinel
     expert E. counts_E (int64 [E]), when given, is incremented by the tokens each expert got.
-    router: (x_TD, weight_ED) instead of the logits, where router_fused() allows.
     """
-    if router is not None:
-        x_TD, w_ED = router
-        (t, d), e = x_TD.shape, w_ED.shape[0]
-        assert x_TD.stride(1) == 1 and w_ED.is_contiguous() and router_fused(t, e)
-        dev = x_TD.device
-    else:
-        assert router_logits_TE is not None
-        t, e = router_logits_TE.shape
-        dev = router_logits_TE.device
-        assert router_logits_TE.stride(1) == 1
-    assert applicable(t, e, top_k)
+    t, e = router_logits_TE.shape
+    dev = router_logits_TE.device
+    assert router_logits_TE.stride(1) == 1 and applicable(t, e, top_k)
     r = t * top_k
     p = triton.cdiv(r + e * (block_m - 1), block_m) * block_m
     q = p // block_m
@@ -155,21 +122,14 @@ def route_and_align(
     block_expert = torch.empty(q, dtype=torch.int32, device=dev)
     num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
     pad = triton.next_power_of_2
-    if router is not None:
-        logits, stride_l = x_TD, 0  # unused
-        h, w, stride_h = x_TD, w_ED, x_TD.stride(0)
-        block_d = max(16, min(512, 4096 // (pad(t) * pad(e)), pad(d)))
-    else:
-        logits, stride_l = router_logits_TE, router_logits_TE.stride(0)
-        h, w, d, stride_h, block_d = logits, logits, 0, 0, 16  # unused
     _route_align_kernel[(1,)](
-        logits, stride_l,
+        router_logits_TE, router_logits_TE.stride(0),
         valid_T if valid_T is not None else num_post_pad,  # unused pointer when absent
         weights, experts, sorted_ids, block_expert, num_post_pad,
         counts_E if counts_E is not None else weights,  # unused pointer when absent
-        t, p, q, h, w, d, stride_h,
+        t, p, q,
         E=e, K=top_k, BLOCK_M=block_m, T_PAD=pad(t), E_PAD=pad(e), K_PAD=pad(top_k),
         P_PAD=pad(p), Q_PAD=pad(q), RENORM=renormalize, HAS_VALID=valid_T is not None,
-        COUNT=counts_E is not None, ROUTER=router is not None, BLOCK_D=block_d, num_warps=4,
+        COUNT=counts_E is not None, num_warps=4,
     )  # fmt: skip
     return weights, experts, (sorted_ids, block_expert, num_post_pad)

@@ -143,7 +143,8 @@ class MoE(nn.Module):
     def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
         """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere."""
         if self.offload is None and x_TD.shape[0] <= self.fused_max_tokens:
-            return self.add_shared(x_TD, self.fused_experts(x_TD, valid_T))
+            logits_TE = F.linear(x_TD, self.router)
+            return self.add_shared(x_TD, self.fused_experts(x_TD, logits_TE, valid_T))
         d = self.route_and_dispatch(x_TD, valid_T)
         self.run_experts(x_TD, d)
         return self.finish(x_TD, d)
@@ -164,9 +165,11 @@ class MoE(nn.Module):
         gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
         return routed_TD + gate_T1 * self.shared(x_TD)
 
-    def fused_experts(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> torch.Tensor:
-        """The Triton path: router, routing and expert alignment on the device, two grouped
-        GEMMs; no host synchronisation (CUDA graphs capture it)."""
+    def fused_experts(
+        self, x_TD: torch.Tensor, logits_TE: torch.Tensor, valid_T: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The Triton path: routing and expert alignment on the device, two grouped GEMMs;
+        no host synchronisation (CUDA graphs capture it)."""
         from moeserve.kernels import moe_routing
         from moeserve.kernels.fused_moe import fused_moe, moe_block_m
 
@@ -174,15 +177,13 @@ class MoE(nn.Module):
         counts = self.tokens_per_expert_E if self.count_tokens else None
         if moe_routing.applicable(t, e, k):  # decode-sized: one program instead of ~27 ops
             f, d = self.w_down.shape[2], self.w_down.shape[1]
-            fuse = moe_routing.router_fused(t, e) and x_TD.stride(1) == 1
             weights_TK, experts_TK, align = moe_routing.route_and_align(
-                None if fuse else F.linear(x_TD, self.router), k, self.renormalize,
-                moe_block_m(t, e, k, f, d, x_TD.dtype), valid_T, counts,
-                router=(x_TD, self.router) if fuse else None,
+                logits_TE, k, self.renormalize, moe_block_m(t, e, k, f, d, x_TD.dtype),
+                valid_T, counts,
             )  # fmt: skip
             return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK,
                              align=align)  # fmt: skip
-        weights_TK, experts_TK = route(F.linear(x_TD, self.router), k, self.renormalize)
+        weights_TK, experts_TK = route(logits_TE, k, self.renormalize)
         if valid_T is not None:  # expert id e is the sentinel that routes nowhere
             experts_TK = torch.where(valid_T[:, None].bool(), experts_TK, e)
         if counts is not None:
