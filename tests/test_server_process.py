@@ -21,7 +21,7 @@ from moeserve.server.serve import server_config
 from tests.server_fixture import assert_envelope, build_checkpoint, wait_for
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
-SHORT = {"prompt": "Hello", "max_tokens": 40, "ignore_eos": True}  # well within the timeout
+SHORT = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True}  # well within the timeout
 
 
 @pytest.fixture(scope="module")
