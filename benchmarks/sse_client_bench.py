@@ -8,9 +8,11 @@ HTTP/1.1 chunked encoding, one chunk per event as uvicorn writes them. Each serv
 one token to every open stream (a decode step of a batch); with --rate the steps are paced to
 that many events/s in all, else they run as fast as the sockets take them.
 
-The client is `run_load` itself (closed loop, --streams in flight), timed with process_time in
-this process; the server's CPU is its own process's. Reported: events/s (every SSE event: the
-tokens, usage and [DONE]), client CPU seconds per 1000 events and the client's core share.
+The client is `run_load` itself (closed loop, --streams in flight), for each --http-client in
+--clients (httpx: the load tester's old path) on each event loop in --loops, timed with
+process_time in this process; the server's CPU is its own process's. Reported: events/s
+(every SSE event: the tokens, usage and [DONE]), client CPU milliseconds per 1000 events (=
+microseconds per event) and the client's and server's core shares.
 
     python benchmarks/sse_client_bench.py --streams 64 --tokens 256 --requests 640
     python benchmarks/sse_client_bench.py --streams 64 --rate 10000 --duration 10
@@ -228,7 +230,10 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=None, help="or seconds per run")
     p.add_argument("--rate", type=float, default=0.0,
                    help="server events/s in all; 0: as fast as the client reads (default)")
-    p.add_argument("--loops", default="asyncio", help="client loops, comma-separated")
+    p.add_argument("--clients", default="httpx,auto",
+                   help="--http-client values, comma-separated (default %(default)s)")
+    p.add_argument("--loops", default="asyncio,uvloop",
+                   help="client event loops, comma-separated (default %(default)s)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each configuration")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -245,12 +250,13 @@ def main() -> None:
         assert server.stdout is not None
         url = f"http://127.0.0.1:{server.stdout.readline().strip()}"
         rows = []
-        for loop in args.loops.split(","):
-            warm = argparse.Namespace(**{**vars(args), "requests": args.streams, "duration": None})
-            measure(url, server.pid, warm, loop)
-            for _ in range(args.repeat):
-                rows.append(row := measure(url, server.pid, args, loop))
-                print(json.dumps(row), flush=True)
+        warm = argparse.Namespace(**{**vars(args), "requests": args.streams, "duration": None})
+        for client in args.clients.split(","):
+            for loop in args.loops.split(","):
+                measure(url, server.pid, warm, loop, http_client=client)
+                for _ in range(args.repeat):
+                    rows.append(row := measure(url, server.pid, args, loop, http_client=client))
+                    print(json.dumps(row), flush=True)
     finally:
         server.terminate()
         server.wait(10)
@@ -259,7 +265,7 @@ def main() -> None:
     print(f"{'client':<24} {'events/s':>10} {'CPU ms/1k events':>17} {'client cores':>13} "
           f"{'server cores':>13}")  # fmt: skip
     for r in rows:
-        name = r["loop"]
+        name = f"{r['http_client']} on {r['loop']}"
         print(f"{name:<24} {r['events_per_s']:>10} {r['cpu_ms_per_1k_events']:>17} "
               f"{r['client_cores']:>13} {r['server_cores']:>13}")  # fmt: skip
     if args.json:
