@@ -7,18 +7,22 @@ Every run is a handful of short requests: seconds, not minutes.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import math
+import re
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from moeserve.bench.loadtest import MAX_REQUESTS, LoadTestConfig
+from moeserve.bench.loadtest import MAX_REQUESTS, LoadTestConfig, RequestResult, run_load
 from moeserve.bench.report import parse_goodput, summarize
-from moeserve.bench.workloads import length_sampler
+from moeserve.bench.workloads import RequestSpec, length_sampler
 from moeserve.cli import main
 from tests.server_fixture import RunningServer, build_checkpoint, serving
 
@@ -228,3 +232,241 @@ def test_random_prompts_from_a_tokenizer_with_special_tokens() -> None:
         assert spec.prompt is not None and spec.max_tokens == 8
         assert len(tok.encode(spec.prompt, add_special_tokens=False).ids) == 40
         assert not any(s in spec.prompt for s in special)
+
+
+# ---- The streaming client: the built-in HTTP/1.1 one (--http-client auto) and httpx ----
+
+CLIENTS = [("auto", "asyncio"), ("auto", "uvloop"), ("httpx", "asyncio")]
+HEAD_200 = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+DONE = b"data: [DONE]\n\n"
+Script = Callable[[asyncio.StreamWriter], Awaitable[bool]]  # True: keep the connection
+
+
+def _event(text: str | None = None, finish: str | None = None, chat: bool = False,
+           **top: Any) -> bytes:  # fmt: skip
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    if chat:
+        choice["delta"] = {} if text is None else {"content": text}
+    else:
+        choice["text"] = text or ""
+    body = {"id": "x", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [choice] if text is not None or finish else [], **top}  # fmt: skip
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _chunked(*events: bytes, end: bool = True) -> bytes:
+    """Each event in its own chunk, as uvicorn writes them; then the last chunk."""
+    return b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events) + (b"0\r\n\r\n" * end)
+
+
+USAGE = _event(usage={"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5})
+ABC = [_event("a"), _event("b"), _event("c", "length"), USAGE, DONE]
+
+
+def _scripted(
+    script: Script, client: tuple[str, str], *, n: int = 1, timeout: float = 5.0,
+    endpoint: str = "completions", answer: str | None = None, api_key: str | None = None,
+    port: int | None = None,
+) -> tuple[list[RequestResult], list[bytes], int]:  # fmt: skip
+    """Run the load tester against a server on 127.0.0.1 that answers every request with
+    `script`, one request at a time; (results, request heads, connections accepted)."""
+    heads: list[bytes] = []
+    accepted = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted[0] += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                heads.append(head)
+                if not await script(writer):
+                    return
+        except asyncio.CancelledError:  # the test is over (a script that outlives the client)
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> list[RequestResult]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port or server.sockets[0].getsockname()[1]}"
+        messages = [{"role": "user", "content": "hi"}]
+        spec = RequestSpec(endpoint, 3, prompt=None if endpoint == "chat" else "hi",
+                           messages=messages if endpoint == "chat" else None, answer=answer)
+        cfg = LoadTestConfig(url, model="m", api_key=api_key, num_requests=n,
+                             max_concurrency=1, request_timeout=timeout,
+                             progress=False, scrape_metrics=False, http_client=client[0])
+        try:  # bounded: a hang here is a failure, not a stuck suite
+            run = await asyncio.wait_for(run_load(cfg, itertools.repeat(spec), "t"), 20)
+        finally:
+            server.close()
+        return run.results
+
+    if client[1] == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        return uvloop.run(main()), heads, accepted[0]
+    return asyncio.run(main()), heads, accepted[0]
+
+
+def _writes(*parts: bytes, keep: bool = True, pause: float = 0.0) -> Script:
+    """Write `parts`, each its own send (`pause` s after each); keep: the connection."""
+
+    async def script(writer: asyncio.StreamWriter) -> bool:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            if pause:
+                await asyncio.sleep(pause)
+        return keep
+
+    return script
+
+
+@pytest.mark.parametrize("client", CLIENTS, ids="-".join)
+@pytest.mark.parametrize(("reply", "keep", "error"), [
+    (b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 37\r\n\r\n"
+     b'{"error":{"message":"no such model"}}', True, "HTTP 404: no such model"),
+    (b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n"
+     + _chunked(b"busy"), True, "HTTP 503: busy"),
+    (HEAD_200 + _chunked(_event("a"), b'data: {"error": {"message": "stopped"}}\n\n', DONE),
+     True, "stream error: stopped"),
+    (HEAD_200 + _chunked(_event("a"), _event("b", "length")), True,
+     "the stream ended without [DONE]"),
+    (HEAD_200 + _chunked(_event("a"), _event("b"), end=False)[:-20], False,
+     "RemoteProtocolError: peer closed connection without sending complete message body "
+     "(incomplete chunked read)"),
+    (b"", False, "RemoteProtocolError: Server disconnected without sending a response."),
+    (HEAD_200 + _chunked(b"data: {oops\n\n", DONE), True, "JSONDecodeError: Expecting property "
+     "name enclosed in double quotes: line 1 column 2 (char 1)"),
+], ids=["404", "503-chunked", "error-chunk", "no-done", "truncated", "no-response", "not-json"])
+def test_stream_failures_are_recorded_not_raised(
+    client: tuple[str, str], reply: bytes, keep: bool, error: str
+) -> None:
+    """Each failure reads the same on both clients, and the run goes on (3 requests)."""
+    results, _, _ = _scripted(_writes(reply, keep=keep), client, n=3)
+    assert [r.error for r in results] == [error] * 3
+    assert not any(r.success or r.latency is not None for r in results)
+
+
+@pytest.mark.parametrize("client", CLIENTS, ids="-".join)
+def test_stream_timeout_and_refused_connection(client: tuple[str, str]) -> None:
+    # One token, then nothing until well past --request-timeout: the token counts, the one
+    # that comes after the timeout reaches nothing.
+    t0 = time.monotonic()
+    script = _writes(HEAD_200 + _chunked(_event("a"), end=False), _chunked(_event("b")),
+                     pause=1.0)  # fmt: skip
+    [res], _, _ = _scripted(script, client, timeout=0.5)
+    assert res.error == "timed out after 0.5s (--request-timeout)"
+    assert len(res.chunk_times) == 1 and res.ttft is not None and not res.success
+    assert time.monotonic() - t0 < 10
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    [res], _, _ = _scripted(_writes(), client, port=port)
+    assert res.error is not None and res.error.startswith("ConnectError: ")
+
+
+def _split(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("client", CLIENTS, ids="-".join)
+@pytest.mark.parametrize("framing", ["split", "crlf", "cr", "length", "until-close"])
+def test_stream_framings(client: tuple[str, str], framing: str) -> None:
+    """Chunk sizes, payloads and CRLFs cut across reads; lines ended by CRLF or CR (as SSE
+    allows), cut after a CR; Content-Length; a body ended by the close, its last line not."""
+    body = b"".join(ABC)
+    if framing == "split":
+        script = _writes(HEAD_200, *_split(_chunked(*ABC), 5), pause=0.002)
+    elif framing in ("crlf", "cr"):
+        pieces = _split(body.replace(b"\n", b"\r\n" if framing == "crlf" else b"\r"), 40)
+        assert any(p.endswith(b"\r") for p in pieces)  # a CR, and what follows in a later read
+        script = _writes(HEAD_200, *(_chunked(p, end=False) for p in pieces), b"0\r\n\r\n",
+                         pause=0.002)  # fmt: skip
+    elif framing == "length":
+        script = _writes(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         b"content-length: %d\r\n\r\n%b" % (len(body), body))  # fmt: skip
+    else:
+        script = _writes(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+                         body.rstrip(b"\n"), keep=False)  # fmt: skip
+    results, _, _ = _scripted(script, client, n=2, answer="abc")
+    for res in results:
+        assert res.error is None and res.success and res.correct
+        assert (res.prompt_tokens, res.output_tokens, res.finish_reason) == (2, 3, "length")
+        assert len(res.chunk_times) == 3 and len(res.itl) == 2
+
+
+@pytest.mark.parametrize("client", CLIENTS, ids="-".join)
+def test_stream_events_are_timed_when_they_arrive(client: tuple[str, str]) -> None:
+    """A chat stream: one token, a pause, then two tokens in one read; each event gets the
+    time it is parsed at, so the pause shows as the first ITL, not spread or lost."""
+    first = HEAD_200 + _chunked(_event(None, chat=True), _event("a", chat=True), end=False)
+    rest = _chunked(_event("b", chat=True), _event("c", chat=True),
+                    _event(None, "stop", chat=True), DONE)  # fmt: skip
+    [res], _, _ = _scripted(_writes(first, rest, pause=0.3), client, endpoint="chat",
+                            answer="abc")  # fmt: skip
+    assert res.success and res.correct and res.finish_reason == "stop"
+    assert res.output_tokens == 3  # no usage chunk: one per content chunk
+    assert res.ttft is not None and res.latency is not None
+    assert res.chunk_times[0] == pytest.approx(res.sent + res.ttft)
+    assert res.itl[0] >= 0.29 and 0 <= res.itl[1] < res.itl[0] and res.ttft < res.itl[0]
+    assert res.latency >= res.chunk_times[-1] - res.sent
+
+
+@pytest.mark.parametrize("client", CLIENTS, ids="-".join)
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-alive", "server-closes"])
+def test_stream_connections_and_headers(client: tuple[str, str], keep: bool) -> None:
+    """The built-in client reuses connections while the server keeps them (and none after
+    the server has closed it); every request carries the API key."""
+    script = _writes(HEAD_200 + _chunked(*ABC), keep=keep)
+    results, heads, accepted = _scripted(script, client, n=4, api_key="sk-test")
+    assert all(r.success for r in results)
+    # httpx closes a connection whose body it left unread after [DONE], so it never reuses one.
+    assert accepted == (1 if keep and client[0] == "auto" else 4)
+    for head in heads:
+        assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n")
+        assert b"authorization: bearer sk-test\r\n" in head.lower()
+
+
+def test_builtin_client_against_moeserve(
+    server: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Completions and chat against the real server: the built-in client sees what httpx
+    sees, and reuses its connections (at most two per --max-concurrency slot: a stream's
+    last chunk may still be on its way, after [DONE], when the slot's next request starts)."""
+    from moeserve.bench.sse_client import StreamClient
+
+    connects = [0]
+    real_connect = StreamClient._connect
+
+    async def counting_connect(self: StreamClient) -> Any:
+        connects[0] += 1
+        return await real_connect(self)
+
+    monkeypatch.setattr(StreamClient, "_connect", counting_connect)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "The river runs", "max_tokens": 5}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    seen = {}
+    for client in ("auto", "httpx"):
+        rc, rep = bench(server, tmp_path, "--workload", "jsonl", "--prompts-file", str(prompts),
+                        "--num-requests", "10", "--max-concurrency", "2", "--output-len", "4",
+                        "--ignore-eos", "--no-metrics", "--http-client", client)  # fmt: skip
+        assert rc == 0 and rep["completed"] == 10
+        for r in rep["requests"]:
+            assert 1 <= len(r["chunk_times"]) <= r["output_tokens"]
+            assert len(r["itl"]) == len(r["chunk_times"]) - 1
+            assert r["chunk_times"][0] == pytest.approx(r["sent"] + r["ttft"])
+            assert r["ttft"] <= r["latency"] <= r["ended"] - r["sent"]
+        seen[client] = [(r["endpoint"], r["prompt_tokens"], r["output_tokens"],
+                         r["finish_reason"]) for r in rep["requests"]]  # fmt: skip
+        if client == "auto":
+            assert connects[0] <= 4
+    assert seen["auto"] == seen["httpx"]
+    assert [x[0] for x in seen["auto"]] == ["completions", "chat"] * 5
+    assert [x[2] for x in seen["auto"]] == [5, 4] * 5

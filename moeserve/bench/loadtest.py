@@ -18,11 +18,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from moeserve.bench.server_metrics import Snapshot, metrics_url_for, scrape
+from moeserve.bench.sse_client import OnData, SSELines, StreamClient
 from moeserve.bench.workloads import RequestSpec
 
 # Upper bounds on the run's size: a typo must not start a load test that never ends.
@@ -49,6 +50,7 @@ class LoadTestConfig:
     progress: bool = True
     scrape_metrics: bool = True
     metrics_url: str | None = None
+    http_client: str = "auto"  # "auto": the built-in client for http://, httpx for https://
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,6 +63,7 @@ class LoadTestConfig:
             ("--max-concurrency must be >= 1",
              self.max_concurrency is None or self.max_concurrency >= 1),
             ("--request-timeout must be > 0", self.request_timeout > 0),
+            ("--http-client must be auto or httpx", self.http_client in ("auto", "httpx")),
             ("give --num-requests or --duration: the run must end by itself",
              self.num_requests is not None or self.duration is not None),
             # Without a count, an infinite rate and no concurrency cap would start requests
@@ -158,51 +161,98 @@ def _error_text(status: int, raw: bytes) -> str:
     return f"HTTP {status}: {message}"
 
 
+class _Events:
+    """One stream's SSE `data:` payloads, parsed into its RequestResult as each arrives: the
+    time of a token is when its event is parsed, also when one read brings several."""
+
+    __slots__ = ("res", "chat", "start", "t0", "last", "text", "done")
+
+    def __init__(self, spec: RequestSpec, res: RequestResult, start: float, t0: float) -> None:
+        self.res, self.chat, self.start, self.t0 = res, spec.endpoint == "chat", start, t0
+        self.last, self.text, self.done = start, [], False
+
+    def __call__(self, data: bytes) -> bool:
+        """One payload; True when the stream is over for us: [DONE] or an error chunk."""
+        if data == b"[DONE]":
+            self.done = True
+            return True
+        now = time.perf_counter()
+        chunk = json.loads(data)
+        res = self.res
+        if "error" in chunk:  # e.g. the server's drain stopped the request
+            res.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
+            return True
+        if chunk.get("usage"):
+            res.prompt_tokens = chunk["usage"].get("prompt_tokens")
+            res.output_tokens = chunk["usage"].get("completion_tokens") or 0
+        for choice in chunk.get("choices") or []:
+            delta = ((choice.get("delta") or {}).get("content") if self.chat
+                     else choice.get("text"))  # fmt: skip
+            if delta:
+                if res.ttft is None:
+                    res.ttft = now - self.start
+                else:
+                    res.itl.append(now - self.last)
+                self.last = now
+                res.chunk_times.append(now - self.t0)
+                self.text.append(delta)
+            res.finish_reason = choice.get("finish_reason") or res.finish_reason
+        return False
+
+
+class _Streams(Protocol):
+    """What sends the streaming POSTs: the built-in client (sse_client.py) or httpx."""
+
+    async def post_sse(self, path: str, body: bytes, on_data: OnData) -> tuple[int, bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _HttpxStreams:
+    """The streaming POSTs over httpx: https://, or --http-client httpx."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def post_sse(self, path: str, body: bytes, on_data: OnData) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"}
+        async with self.client.stream("POST", path, content=body, headers=headers) as resp:
+            if resp.status_code != 200:
+                return resp.status_code, await resp.aread()
+            lines = SSELines(on_data)  # the same SSE parsing as the built-in client
+            async for data in resp.aiter_bytes():
+                if lines.feed(data):
+                    return 200, b""
+            lines.close()
+        return 200, b""
+
+    async def aclose(self) -> None:
+        pass  # run_load closes the httpx client
+
+
 async def _send(
-    client: httpx.AsyncClient, cfg: LoadTestConfig, spec: RequestSpec, model: str,
+    streams: _Streams, cfg: LoadTestConfig, spec: RequestSpec, model: str,
     res: RequestResult, t0: float,
 ) -> None:  # fmt: skip
     """Stream one request into `res`; every failure is recorded there, never raised."""
     path = "/chat/completions" if spec.endpoint == "chat" else "/completions"
     start = time.perf_counter()
     res.sent = start - t0
-    last, text, done = start, [], False
+    # As httpx's json= encodes it.
+    body = json.dumps(_body(cfg, spec, model), ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode()  # fmt: skip
+    events = _Events(spec, res, start, t0)
     try:
-        async with client.stream("POST", path, json=_body(cfg, spec, model)) as resp:
-            if resp.status_code != 200:
-                res.error = _error_text(resp.status_code, await resp.aread())
-                return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[len("data:"):].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                now = time.perf_counter()
-                chunk = json.loads(data)
-                if "error" in chunk:  # e.g. the server's drain stopped the request
-                    res.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
-                    return
-                if chunk.get("usage"):
-                    res.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                    res.output_tokens = chunk["usage"].get("completion_tokens") or 0
-                for choice in chunk.get("choices") or []:
-                    delta = choice.get("text") if spec.endpoint != "chat" else (
-                        choice.get("delta") or {}).get("content")
-                    if delta:
-                        if res.ttft is None:
-                            res.ttft = now - start
-                        else:
-                            res.itl.append(now - last)
-                        last = now
-                        res.chunk_times.append(now - t0)
-                        text.append(delta)
-                    res.finish_reason = choice.get("finish_reason") or res.finish_reason
+        status, raw = await streams.post_sse(path, body, events)
     except (httpx.HTTPError, ValueError) as e:  # ValueError: a chunk that is not JSON
         res.error = f"{type(e).__name__}: {e}"
         return
-    if not done:
+    if status != 200:
+        res.error = _error_text(status, raw)
+        return
+    if res.error is not None:  # an error chunk
+        return
+    if not events.done:
         res.error = "the stream ended without [DONE]"
         return
     res.latency = time.perf_counter() - start
@@ -210,7 +260,7 @@ async def _send(
     if not res.output_tokens:  # no usage chunk (a server without include_usage)
         res.output_tokens = len(res.chunk_times)
     if spec.answer is not None:
-        res.correct = "".join(text).strip() == spec.answer
+        res.correct = "".join(events.text).strip() == spec.answer
 
 
 def _gaps(cfg: LoadTestConfig) -> Iterator[float]:
@@ -229,21 +279,31 @@ async def run_load(cfg: LoadTestConfig, workload: Iterator[RequestSpec], name: s
     # No connection cap in the client: a pool limit would queue requests here and count the
     # wait as server latency. --max-concurrency is the cap, enforced below.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(cfg.request_timeout, connect=min(30.0, cfg.request_timeout))
+    connect_timeout = min(30.0, cfg.request_timeout)
+    timeout = httpx.Timeout(cfg.request_timeout, connect=connect_timeout)
+    base = api_base(cfg.base_url)
     async with httpx.AsyncClient(
-        base_url=api_base(cfg.base_url), headers=headers, limits=limits, timeout=timeout
+        base_url=base, headers=headers, limits=limits, timeout=timeout
     ) as client:
         model = await _resolve_model(client, cfg.model)
         murl = cfg.metrics_url or metrics_url_for(cfg.base_url)
         before = await scrape(client, murl) if cfg.scrape_metrics else None
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        results, t0, t_end = await _drive(client, cfg, workload, model)
+        streams: _Streams = _HttpxStreams(client)
+        if cfg.http_client == "auto" and base.startswith("http://"):
+            # httpx stays for the calls above; the streams, one SSE event per token, cost
+            # several times less CPU on the built-in client (benchmarks/sse_client_bench.py).
+            streams = StreamClient(base, headers, connect_timeout)
+        try:
+            results, t0, t_end = await _drive(streams, cfg, workload, model)
+        finally:
+            await streams.aclose()
         after = await scrape(client, murl) if cfg.scrape_metrics else None
     return RunData(cfg, model, name, started_at, t_end - t0, results, before, after)
 
 
 async def _drive(
-    client: httpx.AsyncClient, cfg: LoadTestConfig, workload: Iterator[RequestSpec], model: str
+    streams: _Streams, cfg: LoadTestConfig, workload: Iterator[RequestSpec], model: str
 ) -> tuple[list[RequestResult], float, float]:
     """Send the workload on its arrival schedule; (results, start time, end time)."""
     from tqdm import tqdm
@@ -257,7 +317,7 @@ async def _drive(
 
     async def one(spec: RequestSpec, res: RequestResult) -> None:
         try:
-            await asyncio.wait_for(_send(client, cfg, spec, model, res, t0), cfg.request_timeout)
+            await asyncio.wait_for(_send(streams, cfg, spec, model, res, t0), cfg.request_timeout)
         except asyncio.TimeoutError:
             res.error = f"timed out after {cfg.request_timeout:g}s (--request-timeout)"
         finally:
