@@ -54,13 +54,18 @@ def copy_bw() -> float:
     return 2 * 2**30 / bench(lambda: dst.copy_(src), 20)
 
 
-def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]:
+def _moe_inputs(t: int) -> tuple[torch.Tensor, ...]:
+    """x, gate_up and down weights, a random top-k routing of t tokens and its weights."""
     torch.manual_seed(t)
     x = torch.randn(t, D, dtype=torch.bfloat16, device="cuda")
     w1 = torch.randn(E, 2 * F, D, dtype=torch.bfloat16, device="cuda") * 0.02
     w2 = torch.randn(E, D, F, dtype=torch.bfloat16, device="cuda") * 0.02
     experts = torch.stack([torch.randperm(E, device="cuda")[:K_TOP] for _ in range(t)])
-    weights = torch.rand(t, K_TOP, device="cuda")
+    return x, w1, w2, experts, torch.rand(t, K_TOP, device="cuda")
+
+
+def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]:
+    x, w1, w2, experts, weights = _moe_inputs(t)
     touched = experts.unique().numel()
     rows = []
     base1 = fm._config(t, E, K_TOP, 2 * F, D, torch.bfloat16)
@@ -92,12 +97,7 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
 
 def whole_moe(t: int) -> list[dict[str, Any]]:
     """fused_moe end to end (both GEMMs, silu, the sum over k) at the shipped split and unsplit."""
-    torch.manual_seed(t)
-    x = torch.randn(t, D, dtype=torch.bfloat16, device="cuda")
-    w1 = torch.randn(E, 2 * F, D, dtype=torch.bfloat16, device="cuda") * 0.02
-    w2 = torch.randn(E, D, F, dtype=torch.bfloat16, device="cuda") * 0.02
-    experts = torch.stack([torch.randperm(E, device="cuda")[:K_TOP] for _ in range(t)])
-    weights = torch.rand(t, K_TOP, device="cuda")
+    x, w1, w2, experts, weights = _moe_inputs(t)
     touched = experts.unique().numel()
     rows = []
     for split in (None, 1, 2, 4, 8):
