@@ -67,6 +67,10 @@ def add_engine_args(p: _EnvDefaults) -> None:
     p.add_option("--max-num-batched-tokens", type=int, default=2048, help="tokens per step at most")
     p.add_option("--max-model-len", type=int, default=None,
                  help="context length (default: the model's max_position_embeddings)")
+    p.add_option("--admission-wait-steps", type=int, default=8,
+                 help="while decodes run, new requests wait up to this many steps to start "
+                      "together (max-num-seqs/8 of them start at once): fewer steps mix a "
+                      "prompt into the decodes, which cannot replay a CUDA graph; 0: at once")
     p.add_option("--no-chunked-prefill", action="store_true", default=False,
                  help="run each prompt in one step instead of budget-sized chunks")
     p.add_option("--seed", type=int, default=None, help="seed for unseeded sampling")
@@ -102,6 +106,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
+        admission_wait_steps=args.admission_wait_steps,
         seed=args.seed, expert_cache_slots=args.expert_cache_slots,
         expert_cache_gb=args.expert_cache_gb, offload_mode=args.offload_mode,
         expert_cache_policy=args.expert_cache_policy, prefetch=args.prefetch,

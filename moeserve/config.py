@@ -87,8 +87,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     enable_chunked_prefill: bool = True
+    # While decodes run, new requests wait up to this many steps to start together (0: at once).
+    admission_wait_steps: int = 8
 
     def __post_init__(self) -> None:
+        if self.admission_wait_steps < 0:
+            raise ConfigError(
+                f"admission_wait_steps must be >= 0, got {self.admission_wait_steps}"
+            )
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

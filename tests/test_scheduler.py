@@ -325,3 +325,43 @@ def test_soak_random_requests_and_aborts(chunked: bool) -> None:
     assert any(s.finish_reason == "abort" for s in added)
     for s in added:
         assert s.is_finished and (s.finish_reason == "abort" or s.output_ids == expected_output(s))
+
+
+def test_admission_wait_gathers_arrivals_beside_decodes() -> None:
+    """Beside running decodes a lone arrival waits up to admission_wait_steps steps; a group
+    of max_num_seqs // 8 starts at once; with nothing else running nobody waits."""
+    sched = make(max_num_seqs=16, admission_wait_steps=3)  # a group is 2 requests
+    d = driver(sched, mkseq(4, 50))
+    d.step()  # alone: admitted at once
+    assert sched.num_running == 1
+    late = mkseq(4, 5)
+    sched.add(late)
+    waited = 0
+    while late.status is SeqStatus.WAITING:
+        out = d.step()
+        assert all(x.num_tokens == 1 for x in out.scheduled) or late.status is SeqStatus.RUNNING
+        waited += 1
+    assert waited == 4  # 3 steps of decodes alone, then it starts
+    pair = [mkseq(4, 5), mkseq(4, 5)]
+    for s in pair:
+        sched.add(s)
+    d.step()
+    assert all(s.status is SeqStatus.RUNNING for s in pair)  # together: no wait
+    d.run()
+    assert not sched.has_unfinished() and sched.block_pool.num_used == 0
+
+
+def test_admission_wait_never_delays_a_step_that_prefills_anyway() -> None:
+    sched = make(max_num_seqs=16, max_num_batched_tokens=32, admission_wait_steps=50)
+    d = driver(sched, mkseq(4, 30), mkseq(40, 5))  # the second prompt takes 2 chunks
+    d.step()
+    late = mkseq(3, 3)
+    sched.add(late)
+    d.step()  # the long prompt's last chunk runs: the arrival joins it
+    assert late.status is SeqStatus.RUNNING
+    d.run()
+
+
+def test_admission_wait_validation() -> None:
+    with pytest.raises(ValueError, match="admission_wait_steps"):
+        make(admission_wait_steps=-1)

@@ -205,6 +205,7 @@ class Engine:
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             enable_chunked_prefill=sched.enable_chunked_prefill,
+            admission_wait_steps=sched.admission_wait_steps,
         )
         vocab = cfg.vocab_size
         if self.tokenizer is not None:

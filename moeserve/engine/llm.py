@@ -22,7 +22,7 @@ class LLM:
 
     Keyword arguments mirror the CLI: dtype, device, block_size, kv_cache_memory,
     gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
-    enable_chunked_prefill, expert_cache_slots, expert_cache_gb, offload_mode,
+    enable_chunked_prefill, admission_wait_steps, expert_cache_slots, expert_cache_gb, offload_mode,
     expert_cache_policy, prefetch, load_format, kernels, enforce_eager, async_scheduling, seed.
     """
 
@@ -33,6 +33,7 @@ class LLM:
             "max_num_batched_tokens",
             "max_model_len",
             "enable_chunked_prefill",
+            "admission_wait_steps",
         }
         offload_keys = {
             "expert_cache_slots": "cache_slots", "expert_cache_gb": "cache_bytes",

@@ -60,7 +60,11 @@ class Scheduler:
 
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
-                 enable_chunked_prefill: bool = True) -> None:
+                 enable_chunked_prefill: bool = True, admission_wait_steps: int = 0) -> None:
+        """admission_wait_steps > 0: while other sequences run, hold new requests back until
+        max_num_seqs // 8 of them can start together or the oldest has waited that many steps
+        (a step that admits a prompt beside decodes cannot replay a decode CUDA graph, so a
+        trickle of arrivals would make most steps eager ones)."""
         sizes = {"num_blocks": num_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs,
                  "max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len}
         for name, value in sizes.items():
@@ -71,6 +75,8 @@ class Scheduler:
                 f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
                 f"({max_model_len}) when chunked prefill is disabled, or a long prompt never runs"
             )
+        if admission_wait_steps < 0:
+            raise ValueError(f"admission_wait_steps must be >= 0, got {admission_wait_steps}")
         if max_num_batched_tokens < max_num_seqs:
             # Otherwise a full batch of decodes would not fit in one step's budget.
             raise ValueError(
@@ -89,6 +95,10 @@ class Scheduler:
         self._seqs: dict[int, Sequence] = {}  # every unfinished sequence by seq_id
         self._by_request: dict[str, list[Sequence]] = {}
         self._num_preemptions_total = 0
+        self.admission_wait_steps = admission_wait_steps
+        self._admit_together = max(1, max_num_seqs // 8)
+        self._num_schedules = 0
+        self._queued_at: dict[int, int] = {}  # seq_id -> schedule() count when it queued
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -116,6 +126,7 @@ class Scheduler:
         self._seqs[seq.seq_id] = seq
         self._by_request.setdefault(seq.request_id, []).append(seq)
         self._waiting.append(seq)
+        self._queued_at[seq.seq_id] = self._num_schedules
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark `seq` FINISHED and free its blocks now. A second call is a no-op."""
@@ -125,6 +136,7 @@ class Scheduler:
             del self._running[seq.seq_id]
         else:
             self._waiting.remove(seq)  # O(waiting), but only on aborts of queued requests
+            self._queued_at.pop(seq.seq_id, None)
         self._release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -215,8 +227,9 @@ class Scheduler:
 
         # Admissions never preempt, and a step that had to preempt is short of blocks: admitting
         # now would only be evicted again (and could readmit a seq preempted this very step).
+        self._num_schedules += 1
         while (not out.preempted and self._waiting and budget > 0
-               and len(self._running) < self.max_num_seqs):
+               and len(self._running) < self.max_num_seqs and self._admit_now(out)):
             seq = self._waiting[0]  # strict FCFS: if the head can't go, nobody behind it does
             chunk = min(seq.num_tokens, budget)  # a preempted seq recomputes prompt + outputs
             if (not self.enable_chunked_prefill and chunk < seq.num_tokens) or (
@@ -224,6 +237,7 @@ class Scheduler:
             ):
                 break
             self._waiting.popleft()
+            self._queued_at.pop(seq.seq_id, None)
             seq.status = SeqStatus.RUNNING
             self._running[seq.seq_id] = seq
             if seq.first_scheduled_time is None:
@@ -254,6 +268,18 @@ class Scheduler:
                 seq.append_token(tok)
                 if seq.first_token_time is None:
                     seq.first_token_time = time.monotonic()
+
+    def _admit_now(self, out: SchedulerOutput) -> bool:
+        """Whether this step may start waiting requests (see admission_wait_steps)."""
+        if not self.admission_wait_steps or not out.scheduled:
+            return True  # nothing else runs this step: waiting gains nothing
+        if any(s.num_tokens != 1 for s in out.scheduled):
+            return True  # a prefill runs anyway: the step is eager already
+        head = self._waiting[0]
+        if self._num_schedules - self._queued_at.get(head.seq_id, 0) > self.admission_wait_steps:
+            return True
+        free = self.max_num_seqs - len(self._running)
+        return min(free, len(self._waiting)) >= self._admit_together
 
     def _complete(self, seq: Sequence) -> bool:
         return seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
@@ -295,6 +321,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self._num_preemptions_total += 1
         out.preempted.append(seq)
+        self._queued_at[seq.seq_id] = -self.admission_wait_steps - 1  # back as soon as it fits
         # The front of the queue holds the preempted seqs in arrival order; insert among them.
         key = (seq.arrival_time, seq.seq_id)
         i = 0
