@@ -155,3 +155,24 @@ def test_aborts_with_a_step_in_flight_free_everything(ckpt: Path) -> None:
     assert not live and finished + aborted == 150 and aborted > 20
     s = eng.scheduler.stats()
     assert s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0
+
+
+def test_cli_flags_reach_the_engine(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeserve.cli import build_parser, engine_kwargs
+    from moeserve.config import ConfigError
+
+    def kwargs(*argv: str) -> dict:
+        return engine_kwargs(build_parser().parse_args(["serve", "--model", str(ckpt), *argv]))
+
+    assert kwargs()["async_scheduling"] is None  # auto: on for CUDA
+    assert kwargs("--async-scheduling", "on")["async_scheduling"] is True
+    assert kwargs("--async-scheduling", "off")["async_scheduling"] is False
+    assert kwargs()["admission_wait_steps"] == 8
+    monkeypatch.setenv("MOESERVE_ADMISSION_WAIT_STEPS", "0")
+    kw = kwargs()
+    assert kw["admission_wait_steps"] == 0
+    llm = LLM(ckpt, progress=False, **{k: kw[k] for k in ("async_scheduling",
+                                                           "admission_wait_steps")})
+    assert llm.engine.scheduler.admission_wait_steps == 0 and not llm.engine.async_scheduling
+    with pytest.raises(ConfigError, match="admission_wait_steps"):
+        LLM(ckpt, progress=False, admission_wait_steps=-1)
