@@ -238,13 +238,13 @@ async def _send(
     path = "/chat/completions" if spec.endpoint == "chat" else "/completions"
     start = time.perf_counter()
     res.sent = start - t0
-    # As httpx's json= encodes it.
-    body = json.dumps(_body(cfg, spec, model), ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode()  # fmt: skip
     events = _Events(spec, res, start, t0)
     try:
+        # As httpx's json= encodes it (ValueError for a NaN, e.g. from a JSONL line).
+        body = json.dumps(_body(cfg, spec, model), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()  # fmt: skip
         status, raw = await streams.post_sse(path, body, events)
-    except (httpx.HTTPError, ValueError) as e:  # ValueError: a chunk that is not JSON
+    except (httpx.HTTPError, ValueError) as e:  # ValueError: also a chunk that is not JSON
         res.error = f"{type(e).__name__}: {e}"
         return
     if status != 200:
