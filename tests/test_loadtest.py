@@ -313,6 +313,13 @@ def _scripted(
     return asyncio.run(main()), heads, accepted[0]
 
 
+def _unused_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _writes(*parts: bytes, keep: bool = True, pause: float = 0.0) -> Script:
     """Write `parts`, each its own send (`pause` s after each); keep: the connection."""
 
@@ -364,10 +371,7 @@ def test_stream_timeout_and_refused_connection(client: tuple[str, str]) -> None:
     assert res.error == "timed out after 0.5s (--request-timeout)"
     assert len(res.chunk_times) == 1 and res.ttft is not None and not res.success
     assert time.monotonic() - t0 < 10
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    [res], _, _ = _scripted(_writes(), client, port=port)
+    [res], _, _ = _scripted(_writes(), client, port=_unused_port())
     assert res.error is not None and res.error.startswith("ConnectError: ")
 
 
@@ -431,6 +435,29 @@ def test_stream_connections_and_headers(client: tuple[str, str], keep: bool) -> 
     for head in heads:
         assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n")
         assert b"authorization: bearer sk-test\r\n" in head.lower()
+
+
+def test_https_and_http_client_httpx_stream_over_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in client is for http:// only; https:// and --http-client httpx use httpx
+    (its own message for a refused connection shows which client tried)."""
+    import moeserve.bench.loadtest as loadtest
+    from moeserve.bench.sse_client import StreamClient
+
+    with pytest.raises(ValueError, match="http:// only"):
+        StreamClient("https://127.0.0.1:1/v1")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the built-in client was used")
+
+    monkeypatch.setattr(loadtest, "StreamClient", refuse)
+    port = _unused_port()
+    for scheme, client in (("https", "auto"), ("http", "httpx")):
+        cfg = LoadTestConfig(f"{scheme}://127.0.0.1:{port}", model="m", num_requests=1,
+                             request_timeout=5, progress=False, scrape_metrics=False,
+                             http_client=client)  # fmt: skip
+        spec = RequestSpec("completions", 3, prompt="hi")
+        [res] = asyncio.run(run_load(cfg, itertools.repeat(spec), "t")).results
+        assert res.error == "ConnectError: All connection attempts failed"
 
 
 def test_builtin_client_against_moeserve(
