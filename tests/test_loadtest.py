@@ -20,7 +20,13 @@ from typing import Any
 
 import pytest
 
-from moeserve.bench.loadtest import MAX_REQUESTS, LoadTestConfig, RequestResult, run_load
+from moeserve.bench.loadtest import (
+    MAX_REQUESTS,
+    LoadTestConfig,
+    RequestResult,
+    _gaps,
+    run_load,
+)
 from moeserve.bench.report import parse_goodput, summarize
 from moeserve.bench.workloads import RequestSpec, length_sampler
 from moeserve.cli import main
@@ -267,10 +273,11 @@ ABC = [_event("a"), _event("b"), _event("c", "length"), USAGE, DONE]
 def _scripted(
     script: Script, client: tuple[str, str], *, n: int = 1, timeout: float = 5.0,
     endpoint: str = "completions", answer: str | None = None, api_key: str | None = None,
-    port: int | None = None,
+    port: int | None = None, rate: float = math.inf,
 ) -> tuple[list[RequestResult], list[bytes], int]:  # fmt: skip
     """Run the load tester against a server on 127.0.0.1 that answers every request with
-    `script`, one request at a time; (results, request heads, connections accepted)."""
+    `script`, one request at a time (or at `rate` per second); (results, request heads,
+    connections accepted)."""
     heads: list[bytes] = []
     accepted = [0]
 
@@ -298,8 +305,9 @@ def _scripted(
         messages = [{"role": "user", "content": "hi"}]
         spec = RequestSpec(endpoint, 3, prompt=None if endpoint == "chat" else "hi",
                            messages=messages if endpoint == "chat" else None, answer=answer)
-        cfg = LoadTestConfig(url, model="m", api_key=api_key, num_requests=n,
-                             max_concurrency=1, request_timeout=timeout,
+        cfg = LoadTestConfig(url, model="m", api_key=api_key, num_requests=n, request_rate=rate,
+                             max_concurrency=None if math.isfinite(rate) else 1,
+                             request_timeout=timeout,
                              progress=False, scrape_metrics=False, http_client=client[0])
         try:  # bounded: a hang here is a failure, not a stuck suite
             run = await asyncio.wait_for(run_load(cfg, itertools.repeat(spec), "t"), 20)
@@ -311,6 +319,13 @@ def _scripted(
         uvloop = pytest.importorskip("uvloop")
         return uvloop.run(main()), heads, accepted[0]
     return asyncio.run(main()), heads, accepted[0]
+
+
+def _unused_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on: connecting to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _writes(*parts: bytes, keep: bool = True, pause: float = 0.0) -> Script:
@@ -364,10 +379,7 @@ def test_stream_timeout_and_refused_connection(client: tuple[str, str]) -> None:
     assert res.error == "timed out after 0.5s (--request-timeout)"
     assert len(res.chunk_times) == 1 and res.ttft is not None and not res.success
     assert time.monotonic() - t0 < 10
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    [res], _, _ = _scripted(_writes(), client, port=port)
+    [res], _, _ = _scripted(_writes(), client, port=_unused_port())
     assert res.error is not None and res.error.startswith("ConnectError: ")
 
 
@@ -431,6 +443,43 @@ def test_stream_connections_and_headers(client: tuple[str, str], keep: bool) -> 
     for head in heads:
         assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n")
         assert b"authorization: bearer sk-test\r\n" in head.lower()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_requests_are_never_sent_before_their_arrival_time(loop: str) -> None:
+    """uvloop's timers fire up to a millisecond early (libuv's cached clock, in ms): the
+    schedule is kept in real time all the same."""
+    n, rate = 40, 400.0
+    results, _, _ = _scripted(_writes(HEAD_200 + _chunked(*ABC)), ("auto", loop), n=n,
+                              rate=rate)  # fmt: skip
+    cfg = LoadTestConfig("http://127.0.0.1:1", num_requests=n, request_rate=rate)
+    arrivals = [0.0, *itertools.accumulate(itertools.islice(_gaps(cfg), n - 1))]
+    assert all(r.success for r in results)
+    early = [at - r.sent for r, at in zip(results, arrivals) if r.sent < at]
+    assert not early, early
+
+
+def test_https_and_http_client_httpx_stream_over_httpx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The built-in client is for http:// only; https:// and --http-client httpx use httpx
+    (its own message for a refused connection shows which client tried)."""
+    import moeserve.bench.loadtest as loadtest
+    from moeserve.bench.sse_client import StreamClient
+
+    with pytest.raises(ValueError, match="http:// only"):
+        StreamClient("https://127.0.0.1:1/v1")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the built-in client was used")
+
+    monkeypatch.setattr(loadtest, "StreamClient", refuse)
+    port = _unused_port()
+    for scheme, client in (("https", "auto"), ("http", "httpx")):
+        cfg = LoadTestConfig(f"{scheme}://127.0.0.1:{port}", model="m", num_requests=1,
+                             request_timeout=5, progress=False, scrape_metrics=False,
+                             http_client=client)  # fmt: skip
+        spec = RequestSpec("completions", 3, prompt="hi")
+        [res] = asyncio.run(run_load(cfg, itertools.repeat(spec), "t")).results
+        assert res.error == "ConnectError: All connection attempts failed"
 
 
 def test_builtin_client_against_moeserve(

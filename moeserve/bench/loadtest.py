@@ -238,13 +238,13 @@ async def _send(
     path = "/chat/completions" if spec.endpoint == "chat" else "/completions"
     start = time.perf_counter()
     res.sent = start - t0
-    # As httpx's json= encodes it.
-    body = json.dumps(_body(cfg, spec, model), ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False).encode()  # fmt: skip
     events = _Events(spec, res, start, t0)
     try:
+        # As httpx's json= encodes it (ValueError for a NaN, e.g. from a JSONL line).
+        body = json.dumps(_body(cfg, spec, model), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode()  # fmt: skip
         status, raw = await streams.post_sse(path, body, events)
-    except (httpx.HTTPError, ValueError) as e:  # ValueError: a chunk that is not JSON
+    except (httpx.HTTPError, ValueError) as e:  # ValueError: also a chunk that is not JSON
         res.error = f"{type(e).__name__}: {e}"
         return
     if status != 200:
@@ -337,8 +337,12 @@ async def _drive(
             if cfg.num_requests is not None and i >= cfg.num_requests:
                 break
             # Absolute arrival times, so time spent waiting below does not stretch the schedule;
-            # never sleep past the deadline only to stop there.
+            # never sleep past the deadline only to stop there. (A sleep of 0 still lets the
+            # tasks started so far run.) uvloop's timers may fire up to a millisecond early:
+            # sleep again until it is time.
             await asyncio.sleep(max(0.0, min(next_at, deadline) - time.perf_counter()))
+            while (wait := min(next_at, deadline) - time.perf_counter()) > 0:
+                await asyncio.sleep(wait)
             if sem is not None:
                 await sem.acquire()  # closed loop: wait for a free slot before the next one
             if time.perf_counter() >= deadline:
