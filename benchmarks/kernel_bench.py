@@ -4,8 +4,9 @@ Each grouped GEMM of the fused MoE is timed alone (CUDA events, many repetitions
 experts a random routing of T tokens touches; bandwidth = those experts' weight bytes / time,
 compared with the device copy bandwidth (read + write, measured here). The paged decode
 kernel is timed on B sequences of a given context (bytes = K/V read). --sweep tries launch
-configs around the shipped table for the decode sizes (K splits included); fused_moe is also
-timed whole at decode sizes, at the shipped K split and at fixed ones.
+configs around the shipped table for the decode sizes (K splits included). Eager launches of
+the whole fused_moe are host-bound at decode sizes; its in-graph cost per step is what
+benchmarks/offload_profile.py --slots 0 reports.
 
     python benchmarks/kernel_bench.py --sweep --json out.json
 """
@@ -54,18 +55,13 @@ def copy_bw() -> float:
     return 2 * 2**30 / bench(lambda: dst.copy_(src), 20)
 
 
-def _moe_inputs(t: int) -> tuple[torch.Tensor, ...]:
-    """x, gate_up and down weights, a random top-k routing of t tokens and its weights."""
+def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]:
     torch.manual_seed(t)
     x = torch.randn(t, D, dtype=torch.bfloat16, device="cuda")
     w1 = torch.randn(E, 2 * F, D, dtype=torch.bfloat16, device="cuda") * 0.02
     w2 = torch.randn(E, D, F, dtype=torch.bfloat16, device="cuda") * 0.02
     experts = torch.stack([torch.randperm(E, device="cuda")[:K_TOP] for _ in range(t)])
-    return x, w1, w2, experts, torch.rand(t, K_TOP, device="cuda")
-
-
-def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]:
-    x, w1, w2, experts, weights = _moe_inputs(t)
+    weights = torch.rand(t, K_TOP, device="cuda")
     touched = experts.unique().numel()
     rows = []
     base1 = fm._config(t, E, K_TOP, 2 * F, D, torch.bfloat16)
@@ -79,7 +75,7 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
             if cfg["BLOCK_M"] != base["BLOCK_M"]:
                 continue
             split = cfg["SPLIT_K"]
-            # Split: float32 partials, the weight applied by the reader (timed apart, below).
+            # Split: float32 partials; their reader (silu_mul, the sum over k) is not timed here.
             c = (torch.empty(split, t * K_TOP, n, dtype=torch.float32, device="cuda") if split > 1
                  else torch.empty(t * K_TOP, n, dtype=torch.bfloat16, device="cuda"))  # fmt: skip
             rw = weights.flatten() if name == "down" and split == 1 else None
@@ -92,44 +88,6 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
                 "gemm": name, "tokens": t, "experts": touched, "config": cfg, "us": s * 1e6,
                 "bytes_per_s": touched * n * k * 2 / s, "shipped": cfg is base,
             })  # fmt: skip
-    return rows
-
-
-def whole_moe(t: int) -> list[dict[str, Any]]:
-    """fused_moe end to end (both GEMMs, silu, the sum over k) at the shipped split and unsplit."""
-    x, w1, w2, experts, weights = _moe_inputs(t)
-    touched = experts.unique().numel()
-    rows = []
-    for split in (None, 1, 2, 4, 8):
-        sec = bench(lambda s=split: fm.fused_moe(x, w1, w2, weights, experts, split_k=s))
-        rows.append({"tokens": t, "experts": touched, "split_k": split, "us": sec * 1e6,
-                     "bytes_per_s": touched * 3 * F * D * 2 / sec})  # fmt: skip
-    return rows
-
-
-def dense(sweep: bool) -> list[dict[str, Any]]:
-    """Mixtral's attention projections at one token: small_linear (configs) vs cuBLAS."""
-    from moeserve.kernels.dense import small_linear
-
-    rows = []
-    for name, n, k in (("qkv", 6144, D), ("o", D, D)):
-        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
-        cfgs: list[tuple[int, int, int, int] | None] = [None]
-        if sweep:
-            cfgs += list(itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5)))
-        runs: list[tuple[str, Any]] = [
-            ("cublas", lambda x=x, w=w: torch.nn.functional.linear(x, w))
-        ]
-        runs += [(str(c or "shipped"), lambda c=c, x=x, w=w: small_linear(x, w, None, c))
-                 for c in cfgs]  # fmt: skip
-        for label, fn in runs:
-            try:
-                sec = bench(fn)
-            except OutOfResources:
-                continue
-            rows.append({"layer": name, "config": label, "us": sec * 1e6,
-                         "bytes_per_s": n * k * 2 / sec})  # fmt: skip
     return rows
 
 
@@ -161,12 +119,7 @@ def main() -> int:
         grid = itertools.product((32, 64, 128), (128, 256), (4,), (1, 2, 4, 8))
         sweep = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=st, GROUP_M=1, SPLIT_K=sk)
                  for n, k, st, sk in grid]  # fmt: skip
-    result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": [], "whole": []}
-    for t in (1, 2, 4, 8, 16):
-        for r in whole_moe(t):
-            result["whole"].append(r)
-            print(f"fused_moe T={t:3d} experts {r['experts']} split {r['split_k']}: "
-                  f"{r['us']:7.1f} us {r['bytes_per_s'] / bw:.2f} of copy bw")  # fmt: skip
+    result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": []}
     for t in (int(x) for x in args.tokens.split(",")):
         rows = moe_gemms(t, sweep if t in (1, 8) else None)
         result["moe"] += rows
@@ -177,14 +130,6 @@ def main() -> int:
             print(f"T={t:4d} {gemm:7s} experts {ship['experts']}: shipped {ship['us']:7.1f} us "
                   f"{ship['bytes_per_s'] / bw:.2f} of copy bw; best {best['us']:7.1f} us "
                   f"{best['bytes_per_s'] / bw:.2f} {best['config']}")  # fmt: skip
-    result["dense"] = dense(args.sweep)
-    for layer in ("qkv", "o"):
-        mine = [r for r in result["dense"] if r["layer"] == layer]
-        for r in [r for r in mine if r["config"] in ("cublas", "shipped")] + [
-            max(mine, key=lambda r: r["bytes_per_s"])
-        ]:
-            print(f"dense {layer} T=1 {r['config']}: {r['us']:6.1f} us "
-                  f"{r['bytes_per_s'] / bw:.2f} of copy bw")  # fmt: skip
     for b, ctx in ((1, 512), (1, 4096), (64, 256), (64, 2048)):
         r = attention(b, ctx)
         result["attention"].append(r)

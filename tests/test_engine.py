@@ -121,9 +121,11 @@ def test_admission_errors(ckpt: Path) -> None:
         LLM(ckpt, progress=False, max_model_len=64, block_size=4, kv_cache_memory=1000)
 
 
-def test_soak_with_aborts_frees_everything(ckpt: Path) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_soak_with_aborts_frees_everything(ckpt: Path, async_scheduling: bool) -> None:
+    """With async scheduling an abort may hit a request whose step is already queued."""
     llm = LLM(ckpt, progress=False, block_size=4, max_model_len=64, kv_cache_memory=60 * 4096,
-              max_num_seqs=8)
+              max_num_seqs=8, async_scheduling=async_scheduling)
     eng = llm.engine
     rng = random.Random(7)
     live: list[str] = []
@@ -135,6 +137,7 @@ def test_soak_with_aborts_frees_everything(ckpt: Path) -> None:
         live.append(f"r{i}")
         for _ in range(rng.randrange(0, 3)):
             for out in eng.step().outputs:
+                assert out.request_id in live  # nothing arrives for an aborted request
                 if out.finished:
                     live.remove(out.request_id)
                     finished += 1
@@ -144,6 +147,7 @@ def test_soak_with_aborts_frees_everything(ckpt: Path) -> None:
             aborted += 1
     while eng.has_unfinished():
         for out in eng.step().outputs:
+            assert out.request_id in live
             if out.finished:
                 live.remove(out.request_id)
                 finished += 1

@@ -171,3 +171,16 @@ def test_warm_up_runs_every_power_of_two_and_leaves_no_trace(ckpt: Path) -> None
     assert mixed == [1, 2, 4, 8, 16, 32]  # and beside a decode (eager decode kernels)
     assert int(eng.expert_token_counts().sum()) == 0  # the warm-up is not traffic
     assert _run(llm) == before  # nothing it wrote into free blocks leaks into requests
+
+
+def test_warm_up_steps_past_max_model_len_split_into_sequences(ckpt: Path) -> None:
+    """A step budget above max_model_len warms up as several sequences, none of them past the
+    model's positions (the cos/sin table has no row beyond them: an index error before)."""
+    llm = LLM(ckpt, progress=False, device="cpu", kernels="torch", max_model_len=24,
+              max_num_batched_tokens=64, max_num_seqs=8)  # fmt: skip
+    runner = llm.engine.runner
+    work = runner._scratch_prefills(64, 1)
+    assert [w.num_tokens for w in work] == [24, 24, 16]
+    blocks = [b for w in work for b in w.seq.block_ids]
+    assert blocks == list(range(1, 1 + len(blocks)))  # consecutive, none shared
+    runner.warm_up(64)  # 64-token steps run, each sequence within 24 positions

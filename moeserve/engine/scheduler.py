@@ -228,8 +228,9 @@ class Scheduler:
         # Admissions never preempt, and a step that had to preempt is short of blocks: admitting
         # now would only be evicted again (and could readmit a seq preempted this very step).
         self._num_schedules += 1
-        while (not out.preempted and self._waiting and budget > 0
-               and len(self._running) < self.max_num_seqs and self._admit_now(out)):
+        admit = not out.preempted and bool(self._waiting) and self._admit_now(out)
+        while (admit and self._waiting and budget > 0
+               and len(self._running) < self.max_num_seqs):
             seq = self._waiting[0]  # strict FCFS: if the head can't go, nobody behind it does
             chunk = min(seq.num_tokens, budget)  # a preempted seq recomputes prompt + outputs
             if (not self.enable_chunked_prefill and chunk < seq.num_tokens) or (
@@ -270,7 +271,8 @@ class Scheduler:
                     seq.first_token_time = time.monotonic()
 
     def _admit_now(self, out: SchedulerOutput) -> bool:
-        """Whether this step may start waiting requests (see admission_wait_steps)."""
+        """Whether this step may start waiting requests (see admission_wait_steps); once one
+        starts, the step has a prefill and the rest may follow."""
         if not self.admission_wait_steps or not out.scheduled:
             return True  # nothing else runs this step: waiting gains nothing
         if any(s.num_tokens != 1 for s in out.scheduled):
