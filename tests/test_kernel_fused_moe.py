@@ -272,3 +272,19 @@ def test_gpu_cuda_graph_replay(T: int) -> None:
         eager = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK)
         assert torch.equal(replayed, eager)
         assert (replayed[: T // 3] == 0).all()
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_residual_add_matches_the_separate_add(split_k: int) -> None:
+    """residual_TD: the decoder's residual add, inside the sum over k when K is split."""
+    T, E, K, D, F_ = 5, 4, 2, 32, 40
+    moe = _moe(E, D, F_, K, torch.float32, "cpu", seed=12)
+    g = torch.Generator().manual_seed(13)
+    x_TD, res_TD = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+    weights_TK, experts_TK = _routing(T, E, K, seed=14)
+    experts_TK[2] = E  # a padding row: the residual passes through unchanged
+    plain = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, split_k=split_k)
+    got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, split_k=split_k,
+                    residual_TD=res_TD)  # fmt: skip
+    torch.testing.assert_close(got, res_TD + plain, rtol=0, atol=0)
+    assert torch.equal(got[2], res_TD[2])

@@ -121,8 +121,12 @@ class DecodeGraphs:
 
     def _forward(self, size: int) -> torch.Tensor:
         ids, pos, meta = self._inputs(size)
+        from moeserve.kernels.tokens import feed_ids
+
+        # Captured: rows whose token the last step sampled read it from fed_R (one kernel).
+        ids = feed_ids(ids, self._vec[5, :size], self.fed_R)
         hidden_PD = self.model(ids, pos, meta, self.kv_caches)
-        return self.model.compute_logits(hidden_PD)
+        return self.model.compute_logits(hidden_PD, float32=False)
 
     def capture(self) -> None:
         t0 = time.monotonic()
@@ -171,7 +175,8 @@ class DecodeGraphs:
         return len(work) <= self.max_size and all(w.num_tokens == 1 for w in work)
 
     def run(self, work: Sequence[Work], feed: Sequence[int] | None = None) -> torch.Tensor:
-        """Logits [B, V] (a view of the graph's static output: read it before the next run).
+        """Logits [B, V] in the model dtype (a view of the graph's static output: read it
+        before the next run).
 
         feed: per row, the row of fed_R that holds its input token (-1: the host knows it)."""
         b = len(work)
@@ -199,7 +204,7 @@ class DecodeGraphs:
         self._vec.copy_(self._host_vec, non_blocking=True)
         # Only the columns in use: entries past a row's context are never read.
         self._tables[:size, :width].copy_(self._host_tables[:size, :width], non_blocking=True)
-        if fed:  # input tokens the last step sampled, read where they are
+        if fed and self.staged:  # the plain graphs resolve fed tokens themselves
             ids, rows = self._vec[0, :b], self._vec[5, :b]
             torch.where(rows >= 0, self.fed_R[rows.clamp(min=0)], ids, out=ids)
         if self.staged:

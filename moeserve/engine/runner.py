@@ -227,7 +227,8 @@ class Runner:
     def execute(
         self, work: Sequence[Work], feed: Sequence[int] | None = None
     ) -> tuple[torch.Tensor, list[int]]:
-        """Run one step; returns float32 logits [R, V] and, per row, the index into `work`.
+        """Run one step; returns logits [R, V] (float32, or the model dtype from a decode
+        graph: the sampler casts what it needs) and, per row, the index into `work`.
 
         feed: per work item, the row of `fed_R` (the last step's sampled tokens, see
         `keep_sampled`) that holds its input token, or -1 where the host knows it.

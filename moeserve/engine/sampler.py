@@ -89,7 +89,7 @@ def _argmax(logits_BV: torch.Tensor) -> torch.Tensor:
         from moeserve.kernels import triton_available
 
         if triton_available():
-            from moeserve.kernels.argmax import argmax_rows
+            from moeserve.kernels.tokens import argmax_rows
 
             return argmax_rows(logits_BV)
     return logits_BV.argmax(dim=-1)

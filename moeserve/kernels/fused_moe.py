@@ -338,7 +338,8 @@ def silu_mul(
     if out_RF is None:
         out_RF = torch.empty(R, F, dtype=dtype, device=gate_up_RF2.device)
     assert parts.stride(2) == 1 and out_RF.stride(1) == 1, "rows must be contiguous"
-    block_f = 16 if interpreting() else min(1024, _pow2_at_least_16(F))
+    # A few rows (decode): narrower blocks, so more than a handful of programs share the work.
+    block_f = 16 if interpreting() else min(1024 if R > 16 else 256, _pow2_at_least_16(F))
     if R:
         grid = (R, triton.cdiv(F, block_f))
         _silu_mul_kernel[grid](
@@ -354,13 +355,16 @@ def _sum_split_kernel(
     experts_ptr,  # [T, TOP_K]
     weights_ptr,  # [T, TOP_K] float32
     out_ptr,  # [T, D]
+    res_ptr,  # [T, D] residual stream (RESIDUAL)
     D,
     num_experts,
     stride_split,
     stride_out,
+    stride_res,
     SPLIT: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -377,7 +381,11 @@ def _sum_split_kernel(
         w = tl.load(weights_ptr + t * TOP_K + k).to(tl.float32)
         y = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) * w).to(out_ptr.dtype.element_ty)
         total += tl.where(expert < num_experts, y.to(tl.float32), 0.0)  # sentinel: no term
-    tl.store(out_ptr + t * stride_out + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
+    out = total.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:  # residual + out, each rounded to the model dtype as the two torch ops
+        res = tl.load(res_ptr + t * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + res).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * stride_out + offs, out, mask=ok)
 
 
 def fused_moe(
@@ -391,6 +399,7 @@ def fused_moe(
     out_TD: torch.Tensor | None = None,
     align: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     split_k: int | None = None,
+    residual_TD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
 
@@ -400,7 +409,8 @@ def fused_moe(
     cache); default identity. Rows whose experts are all the sentinel (>= num_experts) get 0.
     align: moe_align's result for these experts with block_m = moe_block_m(...), when the
     caller computed it already (moe_routing.route_and_align). split_k: K splits of both
-    GEMMs instead of the config's (tests).
+    GEMMs instead of the config's (tests). residual_TD: returns residual + out instead (the
+    decoder layer's residual add, done in the sum over k when K is split: one launch fewer).
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
@@ -445,11 +455,13 @@ def fused_moe(
         part_SRD = alloc(split_down, R, D, dtype=torch.float32, device=device)
         _moe_gemm(h_RF, w_down_EDF, part_SRD, None, sorted_ids_P, block_expert_Q,
                   num_post_pad_1, expert_slot_E, 1, cfg_down)  # fmt: skip
-        block_d = 16 if interpreting() else min(1024, _pow2_at_least_16(D))
+        block_d = 16 if interpreting() else min(1024 if T > 16 else 256, _pow2_at_least_16(D))
+        res = residual_TD if residual_TD is not None else out_TD  # unused pointer when absent
+        assert res.stride(1) == 1
         _sum_split_kernel[(T, triton.cdiv(D, block_d))](
             part_SRD, experts_TK.contiguous(), weights_TK.to(torch.float32).contiguous(),
-            out_TD, D, num_experts,
-            part_SRD.stride(0), out_TD.stride(0), SPLIT=split_down, TOP_K=K, BLOCK_D=block_d,
+            out_TD, res, D, num_experts, part_SRD.stride(0), out_TD.stride(0), res.stride(0),
+            SPLIT=split_down, TOP_K=K, BLOCK_D=block_d, RESIDUAL=residual_TD is not None,
         )  # fmt: skip
         return out_TD
     # Zeroed because GEMM 2 skips sentinel assignments and the sum below reads every row.
@@ -466,4 +478,5 @@ def fused_moe(
         1,
         cfg_down,
     )
-    return torch.sum(y_RD.view(T, K, D), dim=1, out=out_TD)
+    torch.sum(y_RD.view(T, K, D), dim=1, out=out_TD)
+    return out_TD if residual_TD is None else residual_TD + out_TD

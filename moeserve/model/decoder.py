@@ -148,8 +148,8 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x_TD, h_TD = self.attention_block(x_TD, cos_sin, kv_cache, meta)
-        if isinstance(self.mlp, MoE):
-            return x_TD + self.mlp(h_TD, meta.valid_T)
+        if isinstance(self.mlp, MoE):  # the residual add happens inside (fused when it can)
+            return self.mlp(h_TD, meta.valid_T, residual_TD=x_TD)
         return x_TD + self.mlp(h_TD)
 
 
@@ -211,11 +211,14 @@ class MoEForCausalLM(nn.Module):
         return x_TD
 
     @torch.inference_mode()
-    def compute_logits(self, hidden_XD: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [X, V] for the selected rows of forward()'s output."""
+    def compute_logits(self, hidden_XD: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """Logits [X, V] for the selected rows of forward()'s output: float32, or with
+        float32=False the model dtype they are computed in (a decode graph leaves the cast,
+        a kernel of its own, to the sampler, which only needs it off the greedy path)."""
         norm = _norm_fn(_fused_elementwise(self.layers[0].attn.decode_kernel, hidden_XD))
         h = norm(hidden_XD, self.norm, self.cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head_weight).float()
+        logits = F.linear(h, self.lm_head_weight)
+        return logits.float() if float32 else logits
 
     def reset_expert_counts(self) -> None:
         for _, moe in self.moe_layers():

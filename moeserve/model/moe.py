@@ -140,14 +140,25 @@ class MoE(nn.Module):
             persistent=False,
         )
 
-    def forward(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
-        """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere."""
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        valid_T: torch.Tensor | None = None,
+        residual_TD: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere.
+        residual_TD: return residual + the layer's output (fused into the Triton path's last
+        kernel when there is no shared expert to add first)."""
         if self.offload is None and x_TD.shape[0] <= self.fused_max_tokens:
             logits_TE = F.linear(x_TD, self.router)
-            return self.add_shared(x_TD, self.fused_experts(x_TD, logits_TE, valid_T))
-        d = self.route_and_dispatch(x_TD, valid_T)
-        self.run_experts(x_TD, d)
-        return self.finish(x_TD, d)
+            if self.shared is None:
+                return self.fused_experts(x_TD, logits_TE, valid_T, residual_TD)
+            out = self.add_shared(x_TD, self.fused_experts(x_TD, logits_TE, valid_T))
+        else:
+            d = self.route_and_dispatch(x_TD, valid_T)
+            self.run_experts(x_TD, d)
+            out = self.finish(x_TD, d)
+        return out if residual_TD is None else residual_TD + out
 
     def route_and_dispatch(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> Dispatch:
         """Router, top-k and dispatch: everything before the experts, graph-safe."""
@@ -166,10 +177,14 @@ class MoE(nn.Module):
         return routed_TD + gate_T1 * self.shared(x_TD)
 
     def fused_experts(
-        self, x_TD: torch.Tensor, logits_TE: torch.Tensor, valid_T: torch.Tensor | None
+        self,
+        x_TD: torch.Tensor,
+        logits_TE: torch.Tensor,
+        valid_T: torch.Tensor | None,
+        residual_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The Triton path: routing and expert alignment on the device, two grouped GEMMs;
-        no host synchronisation (CUDA graphs capture it)."""
+        no host synchronisation (CUDA graphs capture it). residual_TD: see fused_moe."""
         from moeserve.kernels import moe_routing
         from moeserve.kernels.fused_moe import fused_moe, moe_block_m
 
@@ -182,7 +197,7 @@ class MoE(nn.Module):
                 valid_T, counts,
             )  # fmt: skip
             return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK,
-                             align=align)  # fmt: skip
+                             align=align, residual_TD=residual_TD)  # fmt: skip
         weights_TK, experts_TK = route(logits_TE, k, self.renormalize)
         if valid_T is not None:  # expert id e is the sentinel that routes nowhere
             experts_TK = torch.where(valid_T[:, None].bool(), experts_TK, e)
@@ -190,7 +205,8 @@ class MoE(nn.Module):
             ones = torch.ones(experts_TK.numel(), dtype=torch.int64, device=x_TD.device)
             per_e = torch.zeros(e + 1, dtype=torch.int64, device=x_TD.device)
             counts += per_e.scatter_add_(0, experts_TK.flatten(), ones)[:e]
-        return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK)
+        return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK,
+                         residual_TD=residual_TD)
 
     def experts(
         self,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from moeserve.kernels.argmax import argmax_rows  # noqa: E402
+from moeserve.kernels.tokens import argmax_rows  # noqa: E402
 
 
 def test_argmax_rows_interpreted() -> None:
@@ -30,3 +30,13 @@ def test_gpu_argmax_rows_matches_torch() -> None:
         x[5, 100] = x[5, 31000] = 1e4
         assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
         assert torch.equal(argmax_rows(x[:1]), x[:1].argmax(dim=-1))
+
+
+def test_feed_ids_interpreted() -> None:
+    from moeserve.kernels.tokens import feed_ids
+
+    ids = torch.tensor([5, 0, 7, 0, 9], dtype=torch.int64)
+    feed = torch.tensor([-1, 2, -1, 0, -1], dtype=torch.int64)
+    fed = torch.tensor([40, 41, 42], dtype=torch.int64)
+    assert feed_ids(ids, feed, fed).tolist() == [5, 42, 7, 40, 9]
+    assert feed_ids(ids[:0], feed[:0], fed).numel() == 0

@@ -1,8 +1,10 @@
-"""Greedy sampling's argmax over the vocabulary in Triton, for rows free of NaN.
+"""Token-level kernels of a decode step: greedy argmax and the async-scheduling token feed.
 
-torch reduces one 32k-wide row in a single block: 10 us on an H200, as long as a decode
-step's attention kernels at batch 1. Here the row is cut into BLOCK-wide chunks, one program
-each, and a second launch picks the best chunk: the first index of the maximum, as torch.
+argmax: torch reduces one 32k-wide row in a single block, 10 us on an H200, as long as a
+decode step's attention kernels at batch 1. Here the row is cut into BLOCK-wide chunks, one
+program each, and a second launch picks the best chunk: the first index of the maximum, as
+torch. feed_ids: the input ids of a step whose tokens the last step sampled on the device, in
+one launch (torch's where/gather/clamp/compare were four).
 """
 
 from __future__ import annotations
@@ -48,4 +50,24 @@ def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
     idx = torch.empty(B, c, dtype=torch.int32, device=x_BV.device)
     _chunk_argmax_kernel[(B, c)](x_BV, vals, idx, V, c, x_BV.stride(0), BLOCK=block, num_warps=4)
     _pick_kernel[(B,)](vals, idx, out, c, BLOCK_C=triton.next_power_of_2(c), num_warps=4)
+    return out
+
+
+@triton.jit
+def _feed_ids_kernel(ids_ptr, feed_ptr, fed_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    row = tl.load(feed_ptr + offs, mask=ok, other=-1)
+    ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+    fed = tl.load(fed_ptr + tl.maximum(row, 0), mask=ok & (row >= 0), other=0)
+    tl.store(out_ptr + offs, tl.where(row >= 0, fed, ids), mask=ok)
+
+
+def feed_ids(ids_T: torch.Tensor, feed_T: torch.Tensor, fed_R: torch.Tensor) -> torch.Tensor:
+    """ids where feed < 0, else fed_R[feed]: int64 [T]."""
+    n = ids_T.numel()
+    out = torch.empty_like(ids_T)
+    if n:
+        block = 16 if interpreting() else max(16, min(1024, triton.next_power_of_2(n)))
+        _feed_ids_kernel[(triton.cdiv(n, block),)](ids_T, feed_T, fed_R, out, n, BLOCK=block)
     return out
