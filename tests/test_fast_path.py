@@ -82,6 +82,38 @@ def test_interpreted_kernels_every_family(
     _assert_same(run("triton"), run("torch"), 1e-4)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_interpreted_captured_step_path(
+    tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a captured decode step runs, forced at every step: split-K partials of the router
+    (added by the routing program), of qkv (by the rotary kernel, which reads cos/sin from the
+    table by position) and of the output projection (by the residual-add norm)."""
+    import moeserve.kernels.linear as linear
+    import moeserve.model.decoder as decoder
+
+    path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2)
+    kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
+    prompts, params = PROMPTS[:4], [_params(i) for i in range(4)]
+    calls: list[int] = []
+    real = linear.linear_partials
+
+    def counted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, w)
+
+    def run(kernels: str) -> list[tuple[list[int], list[float]]]:
+        outs = LLM(path, kernels=kernels, **kw).generate(prompts, params)
+        return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
+                for o in outs]  # fmt: skip
+
+    want = run("torch")
+    monkeypatch.setattr(decoder, "_FUSED_ELEMENTWISE_MIN_TOKENS", 1)
+    monkeypatch.setattr(linear, "linear_partials", counted)
+    _assert_same(run("triton"), want, 1e-4)
+    assert calls and max(calls) <= linear.MAX_ROWS
+
+
 def test_kernel_choice_is_validated() -> None:
     with pytest.raises(ConfigError, match="kernels must be one of"):
         resolve_kernels("cuda", torch.device("cpu"))

@@ -49,3 +49,50 @@ def test_applicable_bounds_the_tile() -> None:
     assert not moe_routing.applicable(2048, 8, 2)
     assert not moe_routing.applicable(0, 8, 2)
     assert not moe_routing.applicable(128, 128, 8)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),  # bf16 dots: GPU only (see tests/test_kernel_linear.py)
+    [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+     pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)],
+)  # fmt: skip
+def test_router_partials_route_as_the_rounded_logits(device: str, dtype: torch.dtype) -> None:
+    """Split-K router partials, added and rounded inside the program, route exactly as the
+    logits F.linear returns in the model dtype (the same sum of the same partials)."""
+    from moeserve.kernels.linear import linear_partials, reduce_partials
+
+    g = torch.Generator().manual_seed(3)
+    t, d, e, k = 5, 96, 8, 2
+    x = torch.randn(t, d, generator=g).to(device, dtype)
+    w = torch.randn(e, d, generator=g).to(device, dtype)
+    parts = linear_partials(x, w)
+    assert parts.dim() == 3 and parts.shape[1:] == (t, e) and parts.shape[0] > 1
+    logits = reduce_partials(parts, dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    exact = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(logits.float(), exact, rtol=tol, atol=1e-3)
+    got = moe_routing.route_and_align(parts, k, True, 16, logits_dtype=dtype)
+    want = moe_routing.route_and_align(logits, k, True, 16)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(got[2], want[2]):
+        assert torch.equal(a, b)
+
+
+# The interpreter's bf16 casts truncate (the GPU rounds to nearest): bf16 on the GPU only.
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [("cpu", torch.float16), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)],
+)
+def test_partials_round_to_the_logits_dtype(device: str, dtype: torch.dtype) -> None:
+    """The program rounds the partials' sum to the model dtype before the softmax, so the
+    weights are those of the rounded logits, not of the exact sum."""
+    g = torch.Generator().manual_seed(11)
+    parts = (torch.randn(4, 6, 8, generator=g) * 2).to(device)
+    logits = parts.sum(0).to(dtype)
+    w, x, _ = moe_routing.route_and_align(parts, 2, False, 16, logits_dtype=dtype)
+    want_w, want_x = route(logits, 2, False)
+    assert torch.equal(x, want_x)
+    torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
+    exact_w, _ = route(parts.sum(0), 2, False)
+    assert not torch.allclose(w, exact_w, rtol=1e-6, atol=1e-7)  # the rounding is real

@@ -65,6 +65,30 @@ def test_add_rms_norm_matches_the_two_ops(device: str, dtype: torch.dtype) -> No
     torch.testing.assert_close(normed, rms_norm(x + delta, w, 1e-6), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [("cpu", torch.float32), ("cpu", torch.float16),
+     pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)],
+)  # fmt: skip
+def test_add_rms_norm_adds_linear_partials(device: str, dtype: torch.dtype) -> None:
+    """A projection's float32 split-K partials as the delta: summed and rounded to the model
+    dtype first, the result is that of add_rms_norm on the projection's rounded output."""
+    from moeserve.kernels.norm_rope import add_rms_norm
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 40, generator=g) * 3).to(device, dtype)
+    parts = torch.randn(4, 3, 40, generator=g).to(device)
+    w = torch.randn(40, generator=g).to(device, dtype)
+    total, normed = add_rms_norm(x, parts, w, 1e-6)
+    want_total, want_normed = add_rms_norm(x, parts.sum(0).to(dtype), w, 1e-6)
+    assert torch.equal(total, want_total)
+    torch.testing.assert_close(normed, want_normed, rtol=1e-6, atol=1e-6)
+    strided = torch.randn(4, 3, 80, generator=g).to(device)[:, :, ::2]  # the fallback path
+    got = add_rms_norm(x, strided, w, 1e-6)
+    want = add_rms_norm(x, strided.sum(0).to(dtype), w, 1e-6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize(("device", "dtype"), _device_cases())
 def test_rotary_writes_keys_and_values_into_their_slots(device: str, dtype: torch.dtype) -> None:
     from moeserve.model.layers import write_kv
@@ -91,3 +115,61 @@ def test_rotary_writes_keys_and_values_into_their_slots(device: str, dtype: torc
     untouched = torch.ones(n * s, dtype=torch.bool)
     untouched[slots.cpu()] = False
     assert (k_cache.view(n * s, -1)[untouched.to(device)] == 0).all()
+
+
+@pytest.mark.parametrize(("device", "dtype"), _device_cases())
+def test_rotary_reads_table_rows_by_position(device: str, dtype: torch.dtype) -> None:
+    """With positions, cos/sin are whole tables and token t reads row positions[t]: the same
+    result as gathering the rows first (the gather kernel the decode step no longer runs)."""
+    g = torch.Generator().manual_seed(5)
+    t, h, gk, x = 4, 3, 1, 16
+    q = torch.randn(t, h, x, generator=g).to(device, dtype)
+    k = torch.randn(t, gk, x, generator=g).to(device, dtype)
+    ang = torch.randn(50, x // 2, generator=g).repeat(1, 2)
+    table = torch.cat([ang.cos(), ang.sin()], dim=-1).to(device, dtype)  # as Rotary's [P, 2X]
+    cos_p, sin_p = table[:, :x], table[:, x:]
+    pos = torch.tensor([7, 0, 49, 7], device=device)
+    want_q, want_k = q.clone(), k.clone()
+    apply_rotary_(want_q, want_k, cos_p[pos], sin_p[pos])
+    apply_rotary_(q, k, cos_p, sin_p, positions_T=pos)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [("cpu", torch.float32), ("cpu", torch.float16),
+     pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)],
+)  # fmt: skip
+@pytest.mark.parametrize("table", [False, True])
+def test_rotary_from_qkv_partials(device: str, dtype: torch.dtype, table: bool) -> None:
+    """The qkv projection's split-K partials in, rotated queries out and keys/values in the
+    cache: exactly what the in-place kernel makes of the projection's rounded output."""
+    from moeserve.kernels.norm_rope import rotary_from_partials
+
+    g = torch.Generator().manual_seed(8)
+    t, h, gk, x, n, s, split = 3, 4, 2, 16, 4, 4, 3
+    parts = torch.randn(split, t, (h + 2 * gk) * x, generator=g).to(device)
+    ang = torch.randn(t, x // 2, generator=g).repeat(1, 2)
+    cos, sin = ang.cos().to(device, dtype), ang.sin().to(device, dtype)
+    slots = torch.tensor([5, 0, 12], device=device)
+    qkv = parts.sum(0).to(dtype)
+    q = qkv[:, : h * x].reshape(t, h, x)
+    k = qkv[:, h * x : (h + gk) * x].reshape(t, gk, x)
+    v = qkv[:, (h + gk) * x :].reshape(t, gk, x)
+    want_k_cache = torch.zeros(n, s, gk, x, dtype=dtype, device=device)
+    want_v_cache = torch.zeros_like(want_k_cache)
+    apply_rotary_(q, k, cos, sin, (v, want_k_cache, want_v_cache, slots))
+    k_cache, v_cache = torch.zeros_like(want_k_cache), torch.zeros_like(want_v_cache)
+    pos = None
+    if table:  # the rows live at other positions of a bigger table
+        pos = torch.tensor([2, 9, 4], device=device)
+        big_cos = torch.zeros(10, x, dtype=dtype, device=device).index_copy_(0, pos, cos)
+        big_sin = torch.zeros(10, x, dtype=dtype, device=device).index_copy_(0, pos, sin)
+        cos, sin = big_cos, big_sin
+    got_q = rotary_from_partials(parts, h, gk, cos, sin, (k_cache, v_cache, slots), dtype, pos)
+    assert got_q.dtype == dtype and got_q.shape == (t, h, x)
+    # Same inputs, same math; on the GPU two compiles may contract an FMA differently.
+    tol = dict(rtol=0.0, atol=0.0) if device == "cpu" else dict(rtol=2**-6, atol=2**-5)
+    torch.testing.assert_close(got_q, q, **tol)
+    torch.testing.assert_close(k_cache, want_k_cache, **tol)
+    assert torch.equal(v_cache, want_v_cache)

@@ -18,6 +18,10 @@ import triton.language as tl
 MAX_TILE = 8192
 
 
+# How partials are rounded before the softmax: F.linear's output dtype.
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def applicable(num_tokens: int, num_experts: int, top_k: int) -> bool:
     pad = triton.next_power_of_2
     return num_tokens > 0 and pad(num_tokens) * pad(max(num_experts, top_k)) <= MAX_TILE
@@ -27,23 +31,32 @@ def applicable(num_tokens: int, num_experts: int, top_k: int) -> bool:
 # variant per divisibility-by-16 pattern, in the middle of serving).
 @triton.jit(do_not_specialize=["T", "P", "Q"])
 def _route_align_kernel(
-    logits_ptr, stride_l, valid_ptr, weights_ptr, experts_ptr, sorted_ptr, block_expert_ptr,
-    num_post_pad_ptr, counts_ptr, T, P, Q,
+    logits_ptr, stride_l, stride_ls, valid_ptr, weights_ptr, experts_ptr, sorted_ptr,
+    block_expert_ptr, num_post_pad_ptr, counts_ptr, T, P, Q,
     E: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr,
     E_PAD: tl.constexpr, K_PAD: tl.constexpr, P_PAD: tl.constexpr, Q_PAD: tl.constexpr,
     RENORM: tl.constexpr, HAS_VALID: tl.constexpr, COUNT: tl.constexpr,
+    SPLIT: tl.constexpr, ROUND: tl.constexpr,
 ):  # fmt: skip
     rows = tl.arange(0, T_PAD)
     cols = tl.arange(0, E_PAD)
     kk = tl.arange(0, K_PAD)
     row_ok = rows < T
     col_ok = cols < E
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    tile = logits_ptr + rows[:, None] * stride_l + cols[None, :]
+    if SPLIT == 0:
+        x = tl.load(tile, mask=tile_ok, other=-float("inf")).to(tl.float32)
+    else:  # float32 partials of the router GEMV (kernels.linear): add, round as F.linear
+        x = tl.zeros([T_PAD, E_PAD], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            x += tl.load(tile + s * stride_ls, mask=tile_ok, other=0.0)
+        if ROUND == 1:
+            x = x.to(tl.bfloat16).to(tl.float32)
+        elif ROUND == 2:
+            x = x.to(tl.float16).to(tl.float32)
+        x = tl.where(tile_ok, x, -float("inf"))
     # Softmax over every expert in float32, as route() does.
-    x = tl.load(
-        logits_ptr + rows[:, None] * stride_l + cols[None, :],
-        mask=row_ok[:, None] & col_ok[None, :],
-        other=-float("inf"),
-    ).to(tl.float32)
     x = tl.where(row_ok[:, None], x, 0.0)  # padding rows: finite, ignored below
     p = tl.exp(x - tl.max(x, 1)[:, None])
     p = tl.where(col_ok[None, :], p, 0.0)
@@ -104,12 +117,20 @@ def route_and_align(
     block_m: int,
     valid_T: torch.Tensor | None = None,
     counts_E: torch.Tensor | None = None,
+    logits_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(weights_TK float32, experts_TK int64, (sorted_ids_P, block_expert_Q, num_post_pad_1)).
 
     Same contract as route() followed by moe_align(); rows with valid_T == 0 get the sentinel
     expert E. counts_E (int64 [E]), when given, is incremented by the tokens each expert got.
+    router_logits_TE may also be float32 partials [split, T, E] (kernels.linear) with
+    `logits_dtype` the dtype F.linear would have returned: they are added and rounded to it.
     """
+    split = 0
+    stride_s = 0
+    if router_logits_TE.dim() == 3:
+        split, stride_s = router_logits_TE.shape[0], router_logits_TE.stride(0)
+        router_logits_TE = router_logits_TE[0]
     t, e = router_logits_TE.shape
     dev = router_logits_TE.device
     assert router_logits_TE.stride(1) == 1 and applicable(t, e, top_k)
@@ -123,13 +144,14 @@ def route_and_align(
     num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
     pad = triton.next_power_of_2
     _route_align_kernel[(1,)](
-        router_logits_TE, router_logits_TE.stride(0),
+        router_logits_TE, router_logits_TE.stride(0), stride_s,
         valid_T if valid_T is not None else num_post_pad,  # unused pointer when absent
         weights, experts, sorted_ids, block_expert, num_post_pad,
         counts_E if counts_E is not None else weights,  # unused pointer when absent
         t, p, q,
         E=e, K=top_k, BLOCK_M=block_m, T_PAD=pad(t), E_PAD=pad(e), K_PAD=pad(top_k),
         P_PAD=pad(p), Q_PAD=pad(q), RENORM=renormalize, HAS_VALID=valid_T is not None,
-        COUNT=counts_E is not None, num_warps=4,
+        COUNT=counts_E is not None, SPLIT=split,
+        ROUND=_ROUND[logits_dtype] if split else 0, num_warps=4,
     )  # fmt: skip
     return weights, experts, (sorted_ids, block_expert, num_post_pad)

@@ -44,13 +44,19 @@ def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Te
 @triton.jit
 def _add_rms_norm_kernel(
     x_ptr, d_ptr, sum_ptr, out_ptr, w_ptr, D, stride_x, stride_d, stride_s, stride_o, eps,
-    BLOCK_D: tl.constexpr,
+    stride_dp, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-    d = tl.load(d_ptr + row * stride_d + offs, mask=ok, other=0.0).to(tl.float32)
+    if SPLIT == 0:
+        d = tl.load(d_ptr + row * stride_d + offs, mask=ok, other=0.0).to(tl.float32)
+    else:  # float32 partials of the projection (kernels.linear), rounded as F.linear's output
+        d = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for p in tl.static_range(SPLIT):
+            d += tl.load(d_ptr + p * stride_dp + row * stride_d + offs, mask=ok, other=0.0)
+        d = d.to(sum_ptr.dtype.element_ty).to(tl.float32)
     # The residual add rounds to the model dtype; the norm reads the rounded sum.
     s = (x + d).to(sum_ptr.dtype.element_ty)
     tl.store(sum_ptr + row * stride_s + offs, s, mask=ok)
@@ -64,8 +70,19 @@ def _add_rms_norm_kernel(
 def add_rms_norm(
     x_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta)) in one pass; the readable twin is the two ops."""
+    """(x + delta, rms_norm(x + delta)) in one pass; the readable twin is the two ops.
+
+    delta_TD may be float32 partials [split, T, D] of a linear layer (kernels.linear): they are
+    added and rounded to x's dtype first, as the layer's output would have been."""
     t, d = x_TD.shape
+    split, stride_p = 0, 0
+    if delta_TD.dim() == 3:
+        split, stride_p = delta_TD.shape[0], delta_TD.stride(0)
+        if not (t and x_TD.stride(1) == 1 and delta_TD.stride(2) == 1):
+            delta_TD = delta_TD.sum(0).to(x_TD.dtype)
+            split = 0
+        else:
+            delta_TD = delta_TD[0]
     if not (t and x_TD.stride(1) == 1 and delta_TD.stride(1) == 1):
         from moeserve.model.layers import rms_norm as readable
 
@@ -75,32 +92,52 @@ def add_rms_norm(
     out = torch.empty_like(s)
     _add_rms_norm_kernel[(t,)](
         x_TD, delta_TD, s, out, weight_D, d, x_TD.stride(0), delta_TD.stride(0), s.stride(0),
-        out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8,
+        out.stride(0), eps, stride_p, BLOCK_D=triton.next_power_of_2(d), SPLIT=split,
+        num_warps=4 if d <= 4096 else 8,
     )  # fmt: skip
     return s, out
 
 
 @triton.jit
+def _load_half(ptr, offs, ok, stride_p, like_ptr, SPLIT: tl.constexpr):
+    """Half a head: loaded, or with SPLIT > 0 the sum of SPLIT float32 partials rounded to
+    like_ptr's dtype (what F.linear would have stored)."""
+    if SPLIT == 0:
+        return tl.load(ptr + offs, mask=ok, other=0.0)
+    acc = tl.load(ptr + offs, mask=ok, other=0.0)
+    for p in tl.static_range(1, SPLIT):
+        acc += tl.load(ptr + p * stride_p + offs, mask=ok, other=0.0)
+    return acc.to(like_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-    H, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_vt, stride_vh, stride_slot,
-    HALF: tl.constexpr, BLOCK: tl.constexpr, WRITE_KV: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, cos_ptr, sin_ptr, pos_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_p,
+    stride_ot, stride_oh, stride_ct, H, k_cache_ptr, v_cache_ptr, slot_ptr, stride_slot,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, WRITE_KV: tl.constexpr, TABLE: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     if h < H:
         base = q_ptr + t * stride_qt + h * stride_qh
+        out = q_out_ptr + t * stride_ot + h * stride_oh
     else:
         base = k_ptr + t * stride_kt + (h - H) * stride_kh
+        out = base  # in place (not stored at all from partials: the cache has the key)
     offs = tl.arange(0, BLOCK)
     ok = offs < HALF
-    x1 = tl.load(base + offs, mask=ok, other=0.0)
-    x2 = tl.load(base + HALF + offs, mask=ok, other=0.0)
-    c1 = tl.load(cos_ptr + t * stride_ct + offs, mask=ok, other=0.0)
-    c2 = tl.load(cos_ptr + t * stride_ct + HALF + offs, mask=ok, other=0.0)
-    s1 = tl.load(sin_ptr + t * stride_ct + offs, mask=ok, other=0.0)
-    s2 = tl.load(sin_ptr + t * stride_ct + HALF + offs, mask=ok, other=0.0)
+    x1 = _load_half(base, offs, ok, stride_p, q_out_ptr, SPLIT)
+    x2 = _load_half(base + HALF, offs, ok, stride_p, q_out_ptr, SPLIT)
+    # The cos/sin row: the table's row of this token's position, or the caller's row t.
+    c = t
+    if TABLE:
+        c = tl.load(pos_ptr + t).to(tl.int64)
+    c1 = tl.load(cos_ptr + c * stride_ct + offs, mask=ok, other=0.0)
+    c2 = tl.load(cos_ptr + c * stride_ct + HALF + offs, mask=ok, other=0.0)
+    s1 = tl.load(sin_ptr + c * stride_ct + offs, mask=ok, other=0.0)
+    s2 = tl.load(sin_ptr + c * stride_ct + HALF + offs, mask=ok, other=0.0)
     dt = x1.dtype
     # x * cos + rotate_half(x) * sin, each product and the sum rounded to the model dtype (the
     # compiler may still contract a product into the add: bf16 results can differ by an ulp).
@@ -110,16 +147,49 @@ def _rotary_kernel(
     y2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(dt).to(tl.float32) + (
         x1.to(tl.float32) * s2.to(tl.float32)
     ).to(dt).to(tl.float32)
-    tl.store(base + offs, y1.to(dt), mask=ok)
-    tl.store(base + HALF + offs, y2.to(dt), mask=ok)
+    if SPLIT == 0 or h < H:
+        tl.store(out + offs, y1.to(dt), mask=ok)
+        tl.store(out + HALF + offs, y2.to(dt), mask=ok)
     if WRITE_KV and h >= H:  # the rotated key and its value into their cache slot
         g = h - H
         dst = tl.load(slot_ptr + t) * stride_slot + g * (2 * HALF)
         tl.store(k_cache_ptr + dst + offs, y1.to(dt), mask=ok)
         tl.store(k_cache_ptr + dst + HALF + offs, y2.to(dt), mask=ok)
         vbase = v_ptr + t * stride_vt + g * stride_vh
-        tl.store(v_cache_ptr + dst + offs, tl.load(vbase + offs, mask=ok), mask=ok)
-        tl.store(v_cache_ptr + dst + HALF + offs, tl.load(vbase + HALF + offs, mask=ok), mask=ok)
+        v1 = _load_half(vbase, offs, ok, stride_p, q_out_ptr, SPLIT)
+        v2 = _load_half(vbase + HALF, offs, ok, stride_p, q_out_ptr, SPLIT)
+        tl.store(v_cache_ptr + dst + offs, v1, mask=ok)
+        tl.store(v_cache_ptr + dst + HALF + offs, v2, mask=ok)
+
+
+def _rotary(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_out: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, positions_T: torch.Tensor | None,
+    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, stride_p: int, split: int,
+) -> None:  # fmt: skip
+    """One launch over t tokens x (H query + G key heads); q, k, v are [T, heads, X] views."""
+    t, h, x = q.shape
+    g = k.shape[1]
+    if not t:
+        return
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and x % 2 == 0
+    assert cos.stride() == sin.stride() and q_out.stride(2) == 1
+    half = x // 2
+    if kv_cache is not None:
+        assert v is not None and v.stride(2) == 1
+        k_cache, v_cache, slots_T = kv_cache
+        assert k_cache.is_contiguous() and v_cache.is_contiguous()
+        cache = (k_cache, v_cache, slots_T, g * x)
+    else:
+        v, cache = k, (k, k, k, 0)  # unused pointers
+    assert v is not None
+    _rotary_kernel[(t, h + g)](
+        q, k, v, q_out, cos, sin, positions_T if positions_T is not None else q_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_p,
+        q_out.stride(0), q_out.stride(1), cos.stride(0), h, *cache,
+        HALF=half, BLOCK=triton.next_power_of_2(half), WRITE_KV=kv_cache is not None,
+        TABLE=positions_T is not None, SPLIT=split, num_warps=1,
+    )  # fmt: skip
 
 
 def apply_rotary_(
@@ -128,27 +198,37 @@ def apply_rotary_(
     cos_TX: torch.Tensor,
     sin_TX: torch.Tensor,
     kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    positions_T: torch.Tensor | None = None,
 ) -> None:
     """Rotate q and k in place (rotate-half layout); one launch for both. kv_write: (v_TGX,
     k_cache_NSGX, v_cache_NSGX, slot_mapping_T): also store the rotated keys and the values
-    into their slots of the paged cache (layers.write_kv's job), in the same launch."""
-    t, h, x = q_THX.shape
-    g = k_TGX.shape[1]
-    if not t:
-        return
-    assert q_THX.stride(2) == 1 and k_TGX.stride(2) == 1 and cos_TX.stride(1) == 1
-    assert cos_TX.stride() == sin_TX.stride()
-    half = x // 2
-    if kv_write is not None:
-        v_TGX, k_cache, v_cache, slots_T = kv_write
-        assert v_TGX.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-        assert x % 2 == 0
-        extra = (v_TGX, k_cache, v_cache, slots_T, v_TGX.stride(0), v_TGX.stride(1), g * x)
-    else:
-        extra = (k_TGX, k_TGX, k_TGX, k_TGX, 0, 0, 0)  # unused pointers
-    _rotary_kernel[(t, h + g)](
-        q_THX, k_TGX, cos_TX, sin_TX,
-        q_THX.stride(0), q_THX.stride(1), k_TGX.stride(0), k_TGX.stride(1), cos_TX.stride(0),
-        h, *extra, HALF=half, BLOCK=triton.next_power_of_2(half),
-        WRITE_KV=kv_write is not None, num_warps=1,
-    )  # fmt: skip
+    into their slots of the paged cache (layers.write_kv's job), in the same launch.
+    positions_T: cos/sin are whole tables [P, X], and token t reads row positions_T[t]."""
+    v, cache = (kv_write[0], kv_write[1:]) if kv_write is not None else (None, None)
+    _rotary(q_THX, k_TGX, v, q_THX, cos_TX, sin_TX, positions_T, cache, 0, 0)
+
+
+def rotary_from_partials(
+    qkv_STN: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    cos_TX: torch.Tensor,
+    sin_TX: torch.Tensor,
+    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    dtype: torch.dtype,
+    positions_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The qkv projection's float32 split-K partials (kernels.linear) [split, T, (H+2G)X] to
+    the rotated queries [T, H, X] in `dtype`, with the rotated keys and the values stored in
+    their cache slots (kv_cache: k_cache, v_cache, slot_mapping_T). Each element is summed and
+    rounded to `dtype` first, as the projection's output would have been."""
+    split, t, n = qkv_STN.shape
+    x = n // (num_heads + 2 * num_kv_heads)
+    assert qkv_STN.dtype == torch.float32 and qkv_STN.stride(2) == 1
+    rows = qkv_STN[0]
+    q = rows[:, : num_heads * x].unflatten(1, (num_heads, x))
+    k = rows[:, num_heads * x : (num_heads + num_kv_heads) * x].unflatten(1, (num_kv_heads, x))
+    v = rows[:, (num_heads + num_kv_heads) * x :].unflatten(1, (num_kv_heads, x))
+    q_out = torch.empty(t, num_heads, x, dtype=dtype, device=qkv_STN.device)
+    _rotary(q, k, v, q_out, cos_TX, sin_TX, positions_T, kv_cache, qkv_STN.stride(0), split)
+    return q_out

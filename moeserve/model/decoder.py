@@ -15,6 +15,7 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.model.layers import (
     AttentionMetadata,
+    CosSin,
     Rotary,
     apply_rotary,
     paged_attention,
@@ -43,16 +44,34 @@ class Attention(nn.Module):
         self.window = cfg.layer_windows[layer]
         self.scale = cfg.head_dim**-0.5
         self.decode_kernel = False  # Triton kernels on (MoEForCausalLM.use_kernels)
+        # The qkv projection may go straight from split-K partials into the rotary kernel.
+        self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm is None and cfg.clip_qkv is None
 
     def forward(
         self,
         x_TD: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: CosSin,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        partials_out: bool = False,
     ) -> torch.Tensor:
+        """The attention output [T, D]; with partials_out, float32 split-K partials of it
+        [split, T, D] (kernels.linear) for a consumer that adds them (add_rms_norm)."""
         cfg = self.cfg
         t = x_TD.shape[0]
+        k_cache, v_cache = kv_cache
+        if partials_out and self._plain_qkv and meta.num_decodes == t:
+            # A few decode rows: qkv partials go straight into the rotary kernel, which adds
+            # them and stores q, and k and v in the cache (no qkv tensor, no reduction).
+            from moeserve.kernels.linear import linear_partials
+            from moeserve.kernels.norm_rope import rotary_from_partials
+
+            cos, sin, pos = cos_sin.for_kernel()
+            q_THX = rotary_from_partials(
+                linear_partials(x_TD, self.qkv_weight), cfg.num_heads, cfg.num_kv_heads,
+                cos, sin, (k_cache, v_cache, meta.slot_mapping_T), x_TD.dtype, pos,
+            )  # fmt: skip
+            return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
         qkv = F.linear(x_TD, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm == "full":
@@ -66,20 +85,38 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q_THX = rms_norm(q_THX, self.q_norm, cfg.rms_norm_eps)
             k_TGX = rms_norm(k_TGX, self.k_norm, cfg.rms_norm_eps)
-        cos, sin = cos_sin
-        k_cache, v_cache = kv_cache
         if _fused_elementwise(self.decode_kernel, q_THX):
             from moeserve.kernels.norm_rope import apply_rotary_
 
-            # One launch rotates q and k and stores k and v in the cache (write_kv's job).
-            apply_rotary_(q_THX, k_TGX, cos, sin, (v_TGX, k_cache, v_cache, meta.slot_mapping_T))
+            # One launch rotates q and k and stores k and v in the cache (write_kv's job); it
+            # reads cos/sin rows from the table by position (no gather).
+            cos, sin, pos = cos_sin.for_kernel()
+            apply_rotary_(
+                q_THX, k_TGX, cos, sin, (v_TGX, k_cache, v_cache, meta.slot_mapping_T), pos
+            )
         else:
+            cos, sin = cos_sin.pair()
             q_THX, k_TGX = apply_rotary(q_THX, cos, sin), apply_rotary(k_TGX, cos, sin)
             write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
+        return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
+
+    def _attend_and_project(
+        self,
+        q_THX: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        partials_out: bool,
+    ) -> torch.Tensor:
+        t = q_THX.shape[0]
         o_THX = paged_attention(
-            q_THX, k_cache, v_cache, meta, self.scale, self.window, self.decode_kernel
+            q_THX, *kv_cache, meta, self.scale, self.window, self.decode_kernel
         )
-        return F.linear(o_THX.reshape(t, cfg.q_size), self.o_weight)
+        o_TQ = o_THX.reshape(t, self.cfg.q_size)
+        if partials_out:
+            from moeserve.kernels.linear import linear_partials
+
+            return linear_partials(o_TQ, self.o_weight)
+        return F.linear(o_TQ, self.o_weight)
 
 
 # Below this many tokens an eager step launches torch's elementwise ops faster than Triton's
@@ -92,6 +129,12 @@ def _fused_elementwise(kernels: bool, x: torch.Tensor) -> bool:
         x.shape[0] >= _FUSED_ELEMENTWISE_MIN_TOKENS
         or (x.is_cuda and torch.cuda.is_current_stream_capturing())
     )
+
+
+def _few_rows(x_TD: torch.Tensor) -> bool:
+    from moeserve.kernels import linear
+
+    return linear.applicable(x_TD)
 
 
 def _norm_fn(kernels: bool) -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
@@ -125,14 +168,18 @@ class DecoderLayer(nn.Module):
     def attention_block(
         self,
         x_TD: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: CosSin,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream after attention, and its post-attention norm (the MLP's input)."""
         fused = _fused_elementwise(self.attn.decode_kernel, x_TD)
         norm = _norm_fn(fused)
-        attn_TD = self.attn(norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta)
+        # A few rows (a captured decode step): the projections return split-K partials, which
+        # the residual-add norm (and the rotary kernel, for qkv) add up themselves.
+        partials = fused and _few_rows(x_TD)
+        attn_TD = self.attn(norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta,
+                            partials_out=partials)  # fmt: skip
         if fused:
             from moeserve.kernels.norm_rope import add_rms_norm
 
@@ -143,7 +190,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x_TD: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        cos_sin: CosSin,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:

@@ -82,14 +82,46 @@ class Rotary:
         emb = torch.cat((freqs_TX, freqs_TX), dim=-1)
         return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
-    def cos_sin(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def cos_sin(self, positions_T: torch.Tensor, dtype: torch.dtype) -> CosSin:
+        return CosSin(self, positions_T, dtype)
+
+    def rows(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos, sin [T, X] (views of one gather when the table covers the model's positions;
         the same values either way: the table is this formula at every position)."""
-        table = self._table
-        if table is None or table.dtype != dtype:
+        table = self.table(dtype)
+        if table is None:
             return self._compute(positions_T, dtype)
         rows = table[positions_T]
         return rows[:, : self.dim], rows[:, self.dim :]
+
+    def table(self, dtype: torch.dtype) -> torch.Tensor | None:
+        table = self._table
+        return table if table is not None and table.dtype == dtype else None
+
+
+class CosSin:
+    """A batch's rotary cos and sin. The readable path asks for the [T, X] rows (`pair`,
+    computed once); a kernel may instead read the table rows itself (`for_kernel`), so a decode
+    step launches no gather at all."""
+
+    def __init__(self, rotary: Rotary, positions_T: torch.Tensor, dtype: torch.dtype) -> None:
+        self.rotary, self.positions_T, self.dtype = rotary, positions_T, dtype
+        self._pair: tuple[torch.Tensor, ...] | None = None
+
+    def pair(self) -> tuple[torch.Tensor, ...]:
+        if self._pair is None:
+            self._pair = self.rotary.rows(self.positions_T, self.dtype)
+        return self._pair
+
+    def for_kernel(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(cos, sin, positions): whole tables [P, X] read at positions, or (with no table for
+        this dtype) the rows [T, X] and None."""
+        table = self.rotary.table(self.dtype)
+        if table is None:
+            cos, sin = self.pair()
+            return cos, sin, None
+        x = self.rotary.dim
+        return table[:, :x], table[:, x:], self.positions_T
 
 
 def apply_rotary(x_THX: torch.Tensor, cos_TX: torch.Tensor, sin_TX: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,7 @@ class MoE(nn.Module):
         residual_TD: return residual + the layer's output (fused into the Triton path's last
         kernel when there is no shared expert to add first)."""
         if self.offload is None and x_TD.shape[0] <= self.fused_max_tokens:
-            logits_TE = F.linear(x_TD, self.router)
+            logits_TE = self.router_logits(x_TD)
             if self.shared is None:
                 return self.fused_experts(x_TD, logits_TE, valid_T, residual_TD)
             out = self.add_shared(x_TD, self.fused_experts(x_TD, logits_TE, valid_T))
@@ -159,6 +159,16 @@ class MoE(nn.Module):
             self.run_experts(x_TD, d)
             out = self.finish(x_TD, d)
         return out if residual_TD is None else residual_TD + out
+
+    def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """[T, E] logits for the Triton path; at a few rows float32 split-K partials
+        [split, T, E] that the routing program adds up (one launch instead of cuBLAS's two)."""
+        from moeserve.kernels import linear, moe_routing
+
+        t = x_TD.shape[0]
+        if linear.applicable(x_TD) and moe_routing.applicable(t, self.num_experts, self.top_k):
+            return linear.linear_partials(x_TD, self.router)
+        return F.linear(x_TD, self.router)
 
     def route_and_dispatch(self, x_TD: torch.Tensor, valid_T: torch.Tensor | None) -> Dispatch:
         """Router, top-k and dispatch: everything before the experts, graph-safe."""
@@ -194,7 +204,7 @@ class MoE(nn.Module):
             f, d = self.w_down.shape[2], self.w_down.shape[1]
             weights_TK, experts_TK, align = moe_routing.route_and_align(
                 logits_TE, k, self.renormalize, moe_block_m(t, e, k, f, d, x_TD.dtype),
-                valid_T, counts,
+                valid_T, counts, logits_dtype=x_TD.dtype,
             )  # fmt: skip
             return fused_moe(x_TD, self.w_gate_up, self.w_down, weights_TK, experts_TK,
                              align=align, residual_TD=residual_TD)  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.model.decoder import MoEForCausalLM
-from moeserve.model.layers import AttentionMetadata
+from moeserve.model.layers import AttentionMetadata, CosSin
 from moeserve.model.moe import Dispatch, MoE
 
 
@@ -42,7 +42,7 @@ class StagedForward:
             if isinstance(layer.mlp, MoE) and layer.mlp.offload is not None
         ]  # fmt: skip
         self.num_stages = len(self.cuts) + 1
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cos_sin: CosSin | None = None
         self._x_TD: torch.Tensor | None = None  # residual stream at the latest cut
         # Per cut: the MLP input and its dispatch, which the eager expert step of a replay
         # reads and writes (held, so their memory stays theirs).

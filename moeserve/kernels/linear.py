@@ -1,0 +1,107 @@
+"""A few-row linear layer as split-K partial sums, added up by the kernel that reads it.
+
+At batch 1 cuBLAS runs the router (8 x 4096) as a split-K GEMV plus a reduction kernel, and
+the attention output projection the same way: two launches and a gap each, for a handful of
+microseconds of work. Here the K range is cut among programs that each write a float32
+partial [split, T, N]; the consumer (the routing program, the residual-add norm) adds the
+partials in a fixed order and rounds to the model dtype, where F.linear would have rounded
+its output. One launch fewer per use, and the reduction costs nothing extra.
+Twin: F.linear (what `reduce_partials` of these partials equals, up to float32 summation order).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import interpreting
+
+# Rows up to which the split path is used: beyond this the partials' traffic and the
+# register tile grow while cuBLAS's one GEMM is already efficient.
+MAX_ROWS = 16
+# Programs per SM the grid aims for, and the most splits.
+_PROGRAMS_PER_SM = 4
+_MAX_SPLIT = 32
+
+
+def applicable(x_TD: torch.Tensor) -> bool:
+    return 0 < x_TD.shape[0] <= MAX_ROWS and x_TD.stride(-1) == 1
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    from moeserve.kernels.fused_moe import _num_sms as sms
+
+    return sms()
+
+
+def config(t: int, n: int, k: int, device: torch.device) -> dict[str, int]:
+    """Tiles and splits: enough programs to fill the SMs; a split streams at least
+    `min_k` K blocks when the weight is large (short splits only pay off for a tiny N)."""
+    if interpreting():
+        block_n, block_k = 16, 16
+    else:
+        block_n = 16 if n <= 16 else 32 if n <= 64 else 64
+        block_k = 256 if n <= 16 else 128
+    block_m = 16  # tl.dot's smallest M; rows past T are masked
+    k_blocks = triton.cdiv(k, block_k)
+    programs = triton.cdiv(t, block_m) * triton.cdiv(n, block_n)
+    want = -(-_PROGRAMS_PER_SM * _num_sms(device) // programs)
+    min_k = 8 if n * k >= 1 << 20 else 1
+    split = max(1, min(want, k_blocks // min_k, _MAX_SPLIT))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _linear_partials_kernel(
+    x_ptr, w_ptr, out_ptr, T, N, K, stride_xt, stride_wn, stride_os, stride_ot,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < T
+    col_ok = offs_n < N
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(k_blocks, SPLIT)
+    k_first = s * per
+    k_last = tl.minimum(k_first + per, k_blocks)
+    offs_k = k_first * BLOCK_K + tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xt + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(k_first, k_last):
+        k_ok = offs_k < K - (kb - k_first) * BLOCK_K
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    out = out_ptr + s * stride_os + offs_m[:, None] * stride_ot + offs_n[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def linear_partials(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """float32 [split, T, N] whose sum over dim 0 is x @ w.T (no bias)."""
+    t, k = x_TK.shape
+    n = w_NK.shape[0]
+    assert w_NK.shape[1] == k and x_TK.stride(1) == 1 and w_NK.stride(1) == 1
+    cfg = config(t, n, k, x_TK.device)
+    out = torch.empty(cfg["SPLIT"], t, n, dtype=torch.float32, device=x_TK.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(t, cfg["BLOCK_M"]), cfg["SPLIT"])
+    _linear_partials_kernel[grid](
+        x_TK, w_NK, out, t, n, k, x_TK.stride(0), w_NK.stride(0), out.stride(0), out.stride(1),
+        DOT_PRECISION="ieee" if x_TK.dtype == torch.float32 else "tf32", num_warps=4,
+        num_stages=1 if interpreting() else 4, **cfg,
+    )  # fmt: skip
+    return out
+
+
+def reduce_partials(partials_STN: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The readable sum of the partials, rounded as F.linear's output (tests, fallbacks)."""
+    return partials_STN.sum(0).to(dtype)

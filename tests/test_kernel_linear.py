@@ -1,0 +1,59 @@
+"""Split-K linear partials (kernels.linear) against a float64 matmul (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from moeserve.kernels import linear  # noqa: E402
+
+
+def _devices() -> list:
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize(("t", "n", "k"), [(1, 8, 64), (3, 40, 100), (16, 33, 48), (2, 70, 17)])
+def test_partials_sum_to_the_product(device: str, t: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(t * n + k)
+    x = torch.randn(t, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    parts = linear.linear_partials(x.to(device), w.to(device))
+    cfg = linear.config(t, n, k, torch.device(device))
+    assert parts.shape == (cfg["SPLIT"], t, n) and parts.dtype == torch.float32
+    want = x.double() @ w.double().T
+    torch.testing.assert_close(parts.sum(0).double().cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+# Triton's interpreter mishandles bf16 dots (as tests/test_kernel_fused_moe.py notes): bf16
+# runs on the GPU only.
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)],
+)
+def test_strided_rows(device: str, dtype: torch.dtype) -> None:
+    """Rows of a wider tensor (a view, as an attention output slice); bf16 inputs accumulate
+    in float32 and round once, as F.linear."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(4, 80, generator=g).to(device, dtype)
+    x = big[:, 8:72]
+    w = torch.randn(24, 64, generator=g).to(device, dtype)
+    got = linear.reduce_partials(linear.linear_partials(x, w), dtype)
+    want = (x.double() @ w.double().T).to(dtype)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_config_splits_to_fill_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny weight (a router) splits K finely; a large one keeps splits of >= 8 K blocks."""
+    monkeypatch.setattr(linear, "interpreting", lambda: False)  # the GPU's tiles
+    cpu = torch.device("cpu")  # off CUDA, config assumes an H100's 132 SMs
+    router = linear.config(1, 8, 4096, cpu)
+    assert router["BLOCK_N"] == 16 and router["SPLIT"] == 4096 // router["BLOCK_K"]
+    o_proj = linear.config(1, 4096, 4096, cpu)
+    assert o_proj["SPLIT"] == 4 and 4096 // o_proj["BLOCK_K"] // o_proj["SPLIT"] == 8
+    wide = linear.config(16, 65536, 4096, cpu)  # 1,024 programs already: no split
+    assert wide["SPLIT"] == 1
+    assert linear.applicable(torch.empty(16, 4)) and not linear.applicable(torch.empty(17, 4))
+    assert not linear.applicable(torch.empty(0, 4))
