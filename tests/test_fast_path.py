@@ -82,7 +82,7 @@ def test_interpreted_kernels_every_family(
     _assert_same(run("triton"), run("torch"), 1e-4)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # no shared expert / shared, bias
 def test_interpreted_captured_step_path(
     tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -95,15 +95,18 @@ def test_interpreted_captured_step_path(
     path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2)
     kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
     prompts, params = PROMPTS[:4], [_params(i) for i in range(4)]
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
     real = linear.linear_partials
 
     def counted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        calls.append(x.shape[0])
+        calls.append((x.shape[0], w.shape[0]))
         return real(x, w)
 
+    llms: list[LLM] = []
+
     def run(kernels: str) -> list[tuple[list[int], list[float]]]:
-        outs = LLM(path, kernels=kernels, **kw).generate(prompts, params)
+        llms.append(LLM(path, kernels=kernels, **kw))
+        outs = llms[-1].generate(prompts, params)
         return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
                 for o in outs]  # fmt: skip
 
@@ -111,7 +114,13 @@ def test_interpreted_captured_step_path(
     monkeypatch.setattr(decoder, "_FUSED_ELEMENTWISE_MIN_TOKENS", 1)
     monkeypatch.setattr(linear, "linear_partials", counted)
     _assert_same(run("triton"), want, 1e-4)
-    assert calls and max(calls) <= linear.MAX_ROWS
+    assert max(t for t, _ in calls) <= linear.MAX_ROWS
+    cfg = llms[0].engine.model_config
+    # Router and output projection; qkv at decode steps when it has no bias (Qwen2's has).
+    want_n = {cfg.num_experts, cfg.hidden_size}
+    if not cfg.qkv_bias:
+        want_n.add(cfg.q_size + 2 * cfg.kv_size)
+    assert {n for _, n in calls} == want_n
 
 
 def test_kernel_choice_is_validated() -> None:

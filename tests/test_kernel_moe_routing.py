@@ -62,7 +62,7 @@ def test_router_partials_route_as_the_rounded_logits(device: str, dtype: torch.d
     from moeserve.kernels.linear import linear_partials, reduce_partials
 
     g = torch.Generator().manual_seed(3)
-    t, d, e, k = 5, 96, 8, 2
+    t, d, e, k = 5, 1024, 8, 2  # K long enough to split on the GPU's tiles too
     x = torch.randn(t, d, generator=g).to(device, dtype)
     w = torch.randn(e, d, generator=g).to(device, dtype)
     parts = linear_partials(x, w)

@@ -22,6 +22,30 @@ def test_argmax_rows_interpreted() -> None:
     assert argmax_rows(x[:, :40]).tolist() == x[:, :40].argmax(dim=-1).tolist()  # strided rows
 
 
+def test_argmax_rows_writes_out_and_host_interpreted() -> None:
+    """The tokens land in the caller's device buffer and in its host buffer, nowhere else."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 50, generator=g)
+    out = torch.full((5,), -7, dtype=torch.int64)
+    host = torch.full((3,), -7, dtype=torch.int64)
+    got = argmax_rows(x, out[:3], host)
+    assert got.data_ptr() == out.data_ptr()
+    assert out.tolist() == x.argmax(dim=-1).tolist() + [-7, -7]
+    assert host.tolist() == x.argmax(dim=-1).tolist()
+    with pytest.raises(AssertionError):
+        argmax_rows(x, out)  # wrong length
+
+
+@pytest.mark.gpu
+def test_gpu_argmax_rows_writes_page_locked_host_memory() -> None:
+    x = torch.randn(4, 32000, device="cuda")
+    out = torch.empty(4, dtype=torch.int64, device="cuda")
+    host = torch.full((4,), -1, dtype=torch.int64, pin_memory=True)
+    argmax_rows(x, out, host)
+    torch.cuda.synchronize()
+    assert torch.equal(host, x.argmax(dim=-1).cpu()) and torch.equal(out, x.argmax(dim=-1))
+
+
 @pytest.mark.gpu
 def test_gpu_argmax_rows_matches_torch() -> None:
     for seed in range(3):

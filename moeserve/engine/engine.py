@@ -376,9 +376,11 @@ class Engine:
         self.num_steps += 1
         logits, rows = self.runner.execute(out.scheduled, feed)
         seqs = [out.scheduled[i].seq for i in rows]
-        sample = self.sampler.launch(logits, seqs)
-        if self.async_scheduling:
+        if self.async_scheduling:  # the greedy kernel writes straight into the feed buffer
+            sample = self.sampler.launch(logits, seqs, self.runner.fed_R[: len(seqs)])
             self.runner.keep_sampled(sample.tokens_B)
+        else:
+            sample = self.sampler.launch(logits, seqs)
         self.scheduler.update(out, dict.fromkeys((s.seq_id for s in seqs), PENDING))
         slots = [s.num_output_tokens - 1 for s in seqs]
         rows_of = {s.seq_id: r for r, s in enumerate(seqs)}

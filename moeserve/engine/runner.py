@@ -167,8 +167,10 @@ class Runner:
         return time.monotonic() - t0
 
     def keep_sampled(self, tokens_R: torch.Tensor) -> None:
-        """Hold a step's sampled tokens (row order) on the device for the next step's feed."""
-        self.fed_R[: tokens_R.numel()].copy_(tokens_R)
+        """Hold a step's sampled tokens (row order) on the device for the next step's feed
+        (nothing to copy when the sampler wrote them there)."""
+        if tokens_R.data_ptr() != self.fed_R.data_ptr():
+            self.fed_R[: tokens_R.numel()].copy_(tokens_R)
 
     def prepare(self, work: Sequence[Work], feed: Sequence[int] | None = None) -> StepInputs:
         # Decodes first (one token each): the attention batches them in one call.

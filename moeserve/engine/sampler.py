@@ -51,13 +51,16 @@ class PendingSample:
         logprobs_LC: torch.Tensor | None = None,
         wants: list[tuple[int, int]] | None = None,
         n_top: int = 0,
+        host_tokens_B: torch.Tensor | None = None,
     ) -> None:
+        """host_tokens_B: page-locked memory the sampling kernel writes the tokens to itself
+        (no copy to queue)."""
         self.tokens_B = tokens_B  # on the device: the next step may read it there
         self._num_rows = num_rows
         self._wants = wants or []  # (row, top-N count) per logprobs row
         self._n_top = n_top
         self._event: torch.cuda.Event | None = None
-        self._tokens = _to_host(tokens_B)
+        self._tokens = host_tokens_B if host_tokens_B is not None else _to_host(tokens_B)
         self._lp = _to_host(logprobs_LC) if logprobs_LC is not None else None
         if tokens_B.device.type == "cuda":
             self._event = torch.cuda.Event()
@@ -82,17 +85,20 @@ class PendingSample:
         return self._result
 
 
-def _argmax(logits_BV: torch.Tensor) -> torch.Tensor:
-    """argmax over the vocabulary; on CUDA the Triton kernel (torch's one-block reduction
-    took 10 us for one 32k row on an H200)."""
-    if logits_BV.is_cuda and logits_BV.stride(1) == 1:
+def _greedy(logits_BV: torch.Tensor, out_B: torch.Tensor | None) -> PendingSample:
+    """Every row greedy, no logprobs. On CUDA the Triton argmax (torch's one-block reduction
+    took 10 us for one 32k row on an H200) writes the tokens into out_B (when given) and
+    straight into page-locked host memory: no copies to queue after it."""
+    B = logits_BV.shape[0]
+    if logits_BV.is_cuda and logits_BV.stride(1) == 1 and B:
         from moeserve.kernels import triton_available
 
         if triton_available():
             from moeserve.kernels.tokens import argmax_rows
 
-            return argmax_rows(logits_BV)
-    return logits_BV.argmax(dim=-1)
+            host = torch.empty(B, dtype=torch.int64, pin_memory=True)
+            return PendingSample(argmax_rows(logits_BV, out_B, host), B, host_tokens_B=host)
+    return PendingSample(logits_BV.argmax(dim=-1), B)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -128,9 +134,15 @@ class Sampler:
         """Sample one token per row; ``logits_BV`` (any float dtype/device) is not modified."""
         return self.launch(logits_BV, rows).result()
 
-    def launch(self, logits_BV: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
+    def launch(
+        self,
+        logits_BV: torch.Tensor,
+        rows: Sequence[SampleRow],
+        out_B: torch.Tensor | None = None,
+    ) -> PendingSample:
         """Queue the sampling of one token per row on the logits' device; nothing waits for
-        the device until the result's `result()`."""
+        the device until the result's `result()`. out_B: where the greedy path may write the
+        tokens (the result's tokens_B is then out_B)."""
         if logits_BV.dim() != 2 or logits_BV.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits_BV.shape)}"
@@ -140,7 +152,7 @@ class Sampler:
         params = [row.params for row in rows]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not lp_rows and all(p.greedy and not p.has_penalties for p in params):
-            return PendingSample(_argmax(logits_BV), B)
+            return _greedy(logits_BV, out_B)
 
         device = logits_BV.device
         logits_BV = logits_BV.float()  # every step below is out of place: input untouched

@@ -122,10 +122,8 @@ def _rotary_kernel(
     h = tl.program_id(1)
     if h < H:
         base = q_ptr + t * stride_qt + h * stride_qh
-        out = q_out_ptr + t * stride_ot + h * stride_oh
     else:
         base = k_ptr + t * stride_kt + (h - H) * stride_kh
-        out = base  # in place (not stored at all from partials: the cache has the key)
     offs = tl.arange(0, BLOCK)
     ok = offs < HALF
     x1 = _load_half(base, offs, ok, stride_p, q_out_ptr, SPLIT)
@@ -147,9 +145,13 @@ def _rotary_kernel(
     y2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(dt).to(tl.float32) + (
         x1.to(tl.float32) * s2.to(tl.float32)
     ).to(dt).to(tl.float32)
-    if SPLIT == 0 or h < H:
+    if h < H:  # the rotated query: in place, or out of the partials into q_out
+        out = q_out_ptr + t * stride_ot + h * stride_oh
         tl.store(out + offs, y1.to(dt), mask=ok)
         tl.store(out + HALF + offs, y2.to(dt), mask=ok)
+    elif SPLIT == 0:  # the key in place (from partials only into the cache: no key tensor)
+        tl.store(base + offs, y1.to(dt), mask=ok)
+        tl.store(base + HALF + offs, y2.to(dt), mask=ok)
     if WRITE_KV and h >= H:  # the rotated key and its value into their cache slot
         g = h - H
         dst = tl.load(slot_ptr + t) * stride_slot + g * (2 * HALF)

@@ -28,20 +28,35 @@ def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, C, stride_x, BLOCK: tl.cons
 
 
 @triton.jit
-def _pick_kernel(val_ptr, idx_ptr, out_ptr, C, BLOCK_C: tl.constexpr):
+def _pick_kernel(val_ptr, idx_ptr, out_ptr, host_ptr, C, BLOCK_C: tl.constexpr,
+                 TO_HOST: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     v = tl.load(val_ptr + row * C + offs, mask=offs < C, other=float("-inf"))
     # Chunks are in row order: the first chunk holding the maximum has its first index.
     best = tl.argmax(v, 0, tie_break_left=True)
-    tl.store(out_ptr + row, tl.load(idx_ptr + row * C + best).to(tl.int64))
+    token = tl.load(idx_ptr + row * C + best).to(tl.int64)
+    tl.store(out_ptr + row, token)
+    if TO_HOST:  # page-locked host memory, written over the bus: no copy to queue after
+        tl.store(host_ptr + row, token)
 
 
-def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(x, dim=-1) for a 2-D tensor with unit column stride and no NaN."""
+def argmax_rows(
+    x_BV: torch.Tensor, out: torch.Tensor | None = None, host_out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) for a 2-D tensor with unit column stride and no NaN.
+
+    out: int64 [B] to write (a device buffer the next step reads); host_out: page-locked
+    int64 [B] host memory the kernel also writes, so the host needs no device-to-host copy
+    (it must wait for the kernel, e.g. on an event, before reading)."""
     B, V = x_BV.shape
     assert x_BV.stride(1) == 1
-    out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
+    if out is None:
+        out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
+    assert out.shape == (B,) and out.dtype == torch.int64
+    if host_out is not None:
+        assert host_out.shape == (B,) and host_out.dtype == torch.int64
+        assert host_out.device.type == "cpu" and (host_out.is_pinned() or interpreting())
     if not B:
         return out
     block = 16 if interpreting() else 1024
@@ -49,7 +64,10 @@ def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
     vals = torch.empty(B, c, dtype=torch.float32, device=x_BV.device)
     idx = torch.empty(B, c, dtype=torch.int32, device=x_BV.device)
     _chunk_argmax_kernel[(B, c)](x_BV, vals, idx, V, c, x_BV.stride(0), BLOCK=block, num_warps=4)
-    _pick_kernel[(B,)](vals, idx, out, c, BLOCK_C=triton.next_power_of_2(c), num_warps=4)
+    _pick_kernel[(B,)](
+        vals, idx, out, host_out if host_out is not None else out, c,
+        BLOCK_C=triton.next_power_of_2(c), TO_HOST=host_out is not None, num_warps=4,
+    )  # fmt: skip
     return out
 
 

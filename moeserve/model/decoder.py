@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.decode_kernel = False  # Triton kernels on (MoEForCausalLM.use_kernels)
         # The qkv projection may go straight from split-K partials into the rotary kernel.
-        self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm is None and cfg.clip_qkv is None
+        self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None
 
     def forward(
         self,
