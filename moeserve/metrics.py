@@ -37,6 +37,10 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.0
 E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0,
                60.0, 90.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# Seconds per engine step: a 1 ms batch-1 decode to a multi-second long prefill.
+STEP_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02,
+                0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STEP_KINDS = ("decode", "prefill", "mixed")
 _HISTOGRAMS = {  # key in Metrics.hist -> (name, buckets)
     "ttft": ("moeserve_time_to_first_token_seconds", TTFT_BUCKETS),
     "queue_time": ("moeserve_request_queue_time_seconds", TTFT_BUCKETS),
@@ -68,6 +72,9 @@ _HELP = {
     "moeserve_request_queue_time_seconds": (
         "Arrival to first scheduled (vllm:request_queue_time_seconds)."),
     "moeserve_iteration_tokens": "Tokens per engine step (vllm:iteration_tokens_total).",
+    "moeserve_step_duration_seconds": (
+        "Wall time of an engine step by kind: decode (every token a decode; CUDA graphs replay "
+        "these), prefill (prompt tokens only) or mixed (TGI: tgi_batch_forward_duration)."),
     "moeserve_expert_tokens": (
         "Token assignments routed to each expert since start (a token counts once for each of "
         "its top-k experts). No vLLM equivalent."),
@@ -209,6 +216,13 @@ class _ExpertCollector(Collector):
         return window_LE
 
 
+def step_kind(stats: StepStats) -> str:
+    """decode, prefill or mixed: what the step's batch held."""
+    if not stats.num_prefill_tokens:
+        return "decode"
+    return "mixed" if stats.num_decode_tokens else "prefill"
+
+
 class Metrics:
     """All of the server's Prometheus series, in one private registry.
 
@@ -261,6 +275,9 @@ class Metrics:
         self.hist = {
             k: Histogram(*_doc(n), buckets=b, registry=r) for k, (n, b) in _HISTOGRAMS.items()
         }
+        step_hist = Histogram(*_doc("moeserve_step_duration_seconds"), ["kind"],
+                              buckets=STEP_BUCKETS, registry=r)  # fmt: skip
+        self.step_duration = {kind: step_hist.labels(kind) for kind in STEP_KINDS}
         # ---- experts (pulled at scrape time) -----------------------------------------------
         if expert_counts is not None:
             collector = _ExpertCollector(
@@ -278,6 +295,7 @@ class Metrics:
         self.preemptions.inc(stats.num_preempted)
         hist = self.hist
         hist["iteration_tokens"].observe(stats.num_prefill_tokens + stats.num_decode_tokens)
+        self.step_duration[step_kind(stats)].observe(stats.step_seconds)
         for gap in stats.itl:
             hist["itl"].observe(gap)
         # Request latencies arrive with the finished request (StepStats carries no first-token

@@ -128,6 +128,10 @@ def test_serving_counters_gauges_histograms() -> None:
     assert val("moeserve_iteration_tokens_count") == 3
     assert val("moeserve_iteration_tokens_sum") == 100 + 21 + 2
     assert val("moeserve_iteration_tokens_bucket", le="64.0") == 2
+    # Step time by what the batch held: the first step prefill only, then mixed, then decode.
+    for kind in ("prefill", "mixed", "decode"):
+        assert val("moeserve_step_duration_seconds_count", kind=kind) == 1
+        assert val("moeserve_step_duration_seconds_sum", kind=kind) == pytest.approx(0.01)
     # A range of buckets fit for serving: milliseconds for decode gaps, minutes for requests.
     les = [float(dict(k)["le"]) for k in s["moeserve_e2e_request_latency_seconds_bucket"]]
     assert min(les) <= 0.01 and max(x for x in les if x != math.inf) >= 600
@@ -282,6 +286,7 @@ EXPECTED_TYPES = {
     "moeserve_e2e_request_latency_seconds": "histogram",
     "moeserve_request_queue_time_seconds": "histogram",
     "moeserve_iteration_tokens": "histogram",
+    "moeserve_step_duration_seconds": "histogram",
     "moeserve_expert_tokens": "counter",
     "moeserve_expert_tokens_layer": "counter",
     "moeserve_expert_load_imbalance": "gauge",
