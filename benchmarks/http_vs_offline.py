@@ -4,7 +4,8 @@ The Mixtral-8x7B shape cut to --layers layers (dummy bf16 weights) gets the demo
 character tokenizer (so random prompts have exact lengths). First the offline engine runs the
 workload (LLM.generate, all requests at once, --max-num-seqs in flight); then `moeserve serve`
 starts in a subprocess and the load tester (`moeserve bench serve`) sends the same prompts with
---concurrency streams; then the offline engine runs again, warm, and that run is the figure.
+--concurrency streams, twice (the second run is timed); then the offline engine runs again,
+warm, and that run is the figure.
 Prints the output-token rates and the ratio; writes JSON.
 
     python benchmarks/http_vs_offline.py --json out.json
@@ -37,6 +38,7 @@ from benchmarks.gpu_speed import MIXTRAL  # noqa: E402
 from moeserve import LLM, SamplingParams  # noqa: E402
 from moeserve.assets import demo_model_path  # noqa: E402
 from moeserve.bench.workloads import random_workload  # noqa: E402
+from moeserve.metrics import STEP_KINDS, step_kind  # noqa: E402
 
 KV_BYTES = 8 * 2**30
 WHERE = {"process": "its own process", "thread": "a thread of the server"}
@@ -104,16 +106,27 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def steps_metric(url: str) -> tuple[float, float]:
-    """(engine steps, tokens they ran) from the server's iteration-tokens histogram."""
+def steps_metric(url: str) -> tuple[float, float, dict[str, list[float]]]:
+    """(engine steps, tokens they ran, {kind: [steps, seconds]}) from the server's
+    iteration-tokens and step-duration histograms."""
     text = httpx.get(url + "/metrics", timeout=10).text
     count = total = 0.0
+    kinds: dict[str, list[float]] = {k: [0.0, 0.0] for k in STEP_KINDS}
     for line in text.splitlines():
         if line.startswith("moeserve_iteration_tokens_count"):
             count = float(line.split()[-1])
         elif line.startswith("moeserve_iteration_tokens_sum"):
             total = float(line.split()[-1])
-    return count, total
+        for k in STEP_KINDS:
+            for i, part in enumerate(("count", "sum")):
+                if line.startswith(f'moeserve_step_duration_seconds_{part}{{kind="{k}"}}'):
+                    kinds[k][i] = float(line.split()[-1])
+    return count, total, kinds
+
+
+def kinds_line(kinds: dict[str, list[float]]) -> str:
+    """'decode 500 x 3.10 ms, ...': steps and mean wall time of each kind."""
+    return ", ".join(f"{k} {n:.0f} x {1e3 * sec / n:.2f} ms" for k, (n, sec) in kinds.items() if n)
 
 
 def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: str) -> float:
@@ -121,12 +134,23 @@ def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: 
               max_num_seqs=max_seqs, max_model_len=4096, progress=False)  # fmt: skip
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:max_seqs], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    kinds: dict[str, list[float]] = {k: [0.0, 0.0] for k in STEP_KINDS}
+    real_step = llm.engine.step
+
+    def step() -> Any:  # the same per-kind step times the server's metrics report
+        res = real_step()
+        if res.stats is not None:
+            kinds[step_kind(res.stats)][0] += 1
+            kinds[step_kind(res.stats)][1] += res.stats.step_seconds
+        return res
+
+    llm.engine.step = step  # type: ignore[method-assign]
     t0, steps0, cpu0 = time.perf_counter(), llm.engine.num_steps, time.process_time()
     outs = llm.generate(prompts, params)
     dt = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = llm.engine.num_steps - steps0
-    print(f"offline: {steps} steps, {1e3 * dt / steps:.2f} ms per step, "
+    print(f"offline: {steps} steps, {1e3 * dt / steps:.2f} ms per step ({kinds_line(kinds)}), "
           f"CPU {(time.process_time() - cpu0) / dt:.2f} of a core")  # fmt: skip
     del llm
     gc.collect()
@@ -233,16 +257,19 @@ def serve_and_load(
                 env=env, check=True,
             )  # fmt: skip
 
-        load(args.concurrency)  # warm-up, as offline had
+        # Warm-up: the whole workload once, as the offline engine's figure is its second run
+        # (a first run's prefill and mixed steps ran 1.4-2.5x slower, benchmarks/RESULTS.md).
+        load(args.num_requests)
         procs = [server.pid] + children(server.pid)
         cpu0 = [cpu_seconds(p) for p in procs]
-        steps0, tokens0 = steps_metric(url)
+        steps0, tokens0, kinds0 = steps_metric(url)
         client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         load(args.num_requests)
         wall = time.perf_counter() - t0
         client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        steps1, tokens1 = steps_metric(url)
+        steps1, tokens1, kinds1 = steps_metric(url)
+        kinds = {k: [a - b for a, b in zip(kinds1[k], kinds0[k])] for k in STEP_KINDS}
         # Where a server or client core saturates, that process bounds the throughput.
         util = {f"pid {p}" + (" (server)" if p == server.pid else ""): (cpu_seconds(p) - c) / wall
                 for p, c in zip(procs, cpu0)}  # fmt: skip
@@ -250,10 +277,12 @@ def serve_and_load(
             client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
         ) / wall
         steps = steps1 - steps0
-        print(f"HTTP: {steps:.0f} steps, {1e3 * wall / max(steps, 1):.2f} ms per step, "
+        print(f"HTTP: {steps:.0f} steps, {1e3 * wall / max(steps, 1):.2f} ms per step "
+              f"({kinds_line(kinds)}), "
               f"{(tokens1 - tokens0) / max(steps, 1):.1f} tokens per step; CPU of a core: "
               + ", ".join(f"{k} {v:.2f}" for k, v in util.items()))  # fmt: skip
-        return json.loads(out.read_text()) | {"cpu_util": util, "steps": steps}
+        return json.loads(out.read_text()) | {"cpu_util": util, "steps": steps,
+                                              "step_kinds": kinds}
     finally:
         server.terminate()
         server.wait(timeout=60)
