@@ -153,3 +153,33 @@ def test_write_frame_waits_out_a_full_buffer_on_a_non_blocking_pipe() -> None:
     _write_frame(writer.fileno(), ("abort", "r1"))
     t.join(10)
     assert got == [big] and reader.recv() == ("abort", "r1")
+
+
+def test_engine_loop_shortens_the_gil_switch_interval() -> None:
+    """The engine process's step thread must get the GIL back within 0.5 ms of a device wait,
+    not Python's 5 ms, while its relay threads run; the loop sets it as it starts."""
+    import sys
+
+    from moeserve.engine.engine_worker import SWITCH_INTERVAL_S, _EngineLoop
+
+    class Idle:  # an engine with nothing to run
+        def has_unfinished(self) -> bool:
+            return False
+
+    ours, theirs = mp.Pipe()
+    before = sys.getswitchinterval()
+    loop = _EngineLoop(Idle(), theirs)  # type: ignore[arg-type]
+    runner = threading.Thread(target=loop.run, daemon=True)
+    try:
+        runner.start()
+        for _ in range(100):
+            if abs(sys.getswitchinterval() - SWITCH_INTERVAL_S) < 1e-6:
+                break
+            threading.Event().wait(0.01)
+        assert abs(sys.getswitchinterval() - SWITCH_INTERVAL_S) < 1e-6
+        assert before > SWITCH_INTERVAL_S
+    finally:
+        ours.send(("stop",))  # the loop ends (its sender thread too) whatever happened
+        runner.join(timeout=10)
+        sys.setswitchinterval(before)
+    assert not runner.is_alive()
