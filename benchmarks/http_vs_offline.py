@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._proc import cpu_seconds  # noqa: E402
 from benchmarks.gpu_speed import MIXTRAL  # noqa: E402
 from moeserve import LLM, SamplingParams  # noqa: E402
 from moeserve.assets import demo_model_path  # noqa: E402
@@ -83,15 +84,6 @@ def serve_fake_gpu(step_ms: float, argv: list[str]) -> int:
     args = build_parser().parse_args(["serve", *argv])
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args, engine_kwargs(args), engine_setup=functools.partial(fake_gpu, step_ms))
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process (Linux /proc), 0 where it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:

@@ -25,7 +25,6 @@ import asyncio
 import gc
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._proc import cpu_seconds  # noqa: E402
 from moeserve.bench.loadtest import LoadTestConfig, run_load  # noqa: E402
 from moeserve.bench.workloads import RequestSpec  # noqa: E402
 
@@ -186,15 +186,6 @@ def _workload(tokens: int) -> Iterator[RequestSpec]:
         yield RequestSpec("completions", tokens, prompt="hello")
 
 
-def _cpu_seconds(pid: int) -> float:
-    """A process's user + system CPU time, from /proc (Linux); 0 elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(
     url: str, server_pid: int, args: argparse.Namespace, loop: str, **cfg: Any
 ) -> dict[str, Any]:
@@ -206,10 +197,10 @@ def measure(
         scrape_metrics=False, ignore_eos=True, **cfg,
     )  # fmt: skip
     gc.collect()
-    server0, cpu0, t0 = _cpu_seconds(server_pid), time.process_time(), time.perf_counter()
+    server0, cpu0, t0 = cpu_seconds(server_pid), time.process_time(), time.perf_counter()
     run = _run(run_load(config, _workload(args.tokens), "sse-bench"), loop)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-    server_cpu = _cpu_seconds(server_pid) - server0
+    server_cpu = cpu_seconds(server_pid) - server0
     failed = [r.error for r in run.results if not r.success]
     if failed:
         raise SystemExit(f"{len(failed)} requests failed, e.g. {failed[0]}")

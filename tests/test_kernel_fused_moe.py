@@ -177,7 +177,9 @@ def test_config_table(monkeypatch: pytest.MonkeyPatch) -> None:
     assert small["BLOCK_N"] == 64 and small["BLOCK_K"] == 32
     assert _config(1, 8, 2, 16, 16, torch.bfloat16)["BLOCK_K"] == 16
     # Decode on an H100-sized part: both GEMMs split K to fill the SMs; prefill never does.
-    monkeypatch.setattr(fm, "_num_sms", lambda: 132)
+    import moeserve.kernels as kernels
+
+    monkeypatch.setattr(kernels, "num_sms", lambda: 132)
     up1, down1 = _config(1, 8, 2, 2 * 14336, 4096, torch.bfloat16), _config(
         1, 8, 2, 4096, 14336, torch.bfloat16)  # fmt: skip
     assert up1["SPLIT_K"] > 1 and down1["SPLIT_K"] > up1["SPLIT_K"]

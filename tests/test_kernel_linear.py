@@ -20,7 +20,7 @@ def test_partials_sum_to_the_product(device: str, t: int, n: int, k: int) -> Non
     x = torch.randn(t, k, generator=g)
     w = torch.randn(n, k, generator=g)
     parts = linear.linear_partials(x.to(device), w.to(device))
-    cfg = linear.config(t, n, k, torch.device(device))
+    cfg = linear.config(t, n, k)
     assert parts.shape == (cfg["SPLIT"], t, n) and parts.dtype == torch.float32
     want = x.double() @ w.double().T
     torch.testing.assert_close(parts.sum(0).double().cpu(), want, rtol=1e-5, atol=1e-4)
@@ -47,13 +47,15 @@ def test_strided_rows(device: str, dtype: torch.dtype) -> None:
 
 def test_config_splits_to_fill_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny weight (a router) splits K finely; a large one keeps splits of >= 8 K blocks."""
+    import moeserve.kernels as kernels
+
     monkeypatch.setattr(linear, "interpreting", lambda: False)  # the GPU's tiles
-    cpu = torch.device("cpu")  # off CUDA, config assumes an H100's 132 SMs
-    router = linear.config(1, 8, 4096, cpu)
+    monkeypatch.setattr(kernels, "num_sms", lambda: 132)  # an H100's
+    router = linear.config(1, 8, 4096)
     assert router["BLOCK_N"] == 16 and router["SPLIT"] == 4096 // router["BLOCK_K"]
-    o_proj = linear.config(1, 4096, 4096, cpu)
+    o_proj = linear.config(1, 4096, 4096)
     assert o_proj["SPLIT"] == 4 and 4096 // o_proj["BLOCK_K"] // o_proj["SPLIT"] == 8
-    wide = linear.config(16, 65536, 4096, cpu)  # 1,024 programs already: no split
+    wide = linear.config(16, 65536, 4096)  # 1,024 programs already: no split
     assert wide["SPLIT"] == 1
     assert linear.applicable(torch.empty(16, 4)) and not linear.applicable(torch.empty(17, 4))
     assert not linear.applicable(torch.empty(0, 4))

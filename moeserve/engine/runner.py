@@ -116,16 +116,15 @@ class Runner:
         )
         self.graphs: DecodeGraphs | None = None
         if decode_graphs_up_to:
-            max_len = max_model_len or model.cfg.max_position_embeddings
             self.graphs = DecodeGraphs(
-                model, self.kv_caches, block_size, -(-max_len // block_size),
+                model, self.kv_caches, block_size, -(-self.max_model_len // block_size),
                 scratch_block=num_blocks, sizes=capture_sizes(decode_graphs_up_to),
                 fed_R=self.fed_R,
             )  # fmt: skip
             self.graphs.capture()
 
     def _scratch_prefills(self, n: int, first_block: int) -> list[ScheduledSeq]:
-        """Prefills of n placeholder tokens in all, as sequences of at most max_model_len
+        """Prefills of n scratch tokens (id 0) in all, as sequences of at most max_model_len
         tokens (no position past the model's), on consecutive blocks from first_block."""
         work, bs, block = [], self.block_size, first_block
         for i, start in enumerate(range(0, n, self.max_model_len)):
@@ -137,12 +136,12 @@ class Runner:
         return work
 
     def scratch_prefill(self, n: int) -> None:
-        """One step of n prefill placeholder tokens on blocks 0.. (free at startup: nothing of
+        """One step of n scratch prefill tokens on blocks 0.. (free at startup: nothing of
         it outlives the call but the K/V garbage in blocks the pool still counts as free)."""
         self.execute(self._scratch_prefills(n, 0))
 
     def scratch_mixed(self, n: int) -> None:
-        """One eager step of a decode beside prefills of n placeholder tokens (blocks 0..):
+        """One eager step of a decode beside prefills of n scratch tokens (blocks 0..):
         the decode kernels as a mixed step calls them, outside the CUDA graphs."""
         dec = SeqRecord(seq_id=-2, request_id="scratch-decode", prompt_ids=[0, 0], max_tokens=1)
         dec.block_ids = [0]

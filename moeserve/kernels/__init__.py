@@ -26,6 +26,31 @@ def interpreting() -> bool:
 
 
 @functools.cache
+def _sm_count(device: int) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the current CUDA device (an H100's 132 without one)."""
+    import torch
+
+    return _sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 132
+
+
+# Programs per SM a split-K decode GEMM aims for.
+PROGRAMS_PER_SM = 4
+
+
+def k_splits(programs: int, k_blocks: int, min_k_blocks: int, most: int) -> int:
+    """Splits of K for a GEMM with `programs` output tiles: enough programs to fill the SMs,
+    each split at least `min_k_blocks` K blocks long (so it streams), at most `most`."""
+    want = -(-PROGRAMS_PER_SM * num_sms() // programs)
+    return max(1, min(want, k_blocks // min_k_blocks, most))
+
+
+@functools.cache
 def log_later_compiles() -> None:
     """From now on, log every Triton compile of this process: after the startup warm-up one
     means a step waited for the compiler (seconds), i.e. a specialisation the warm-up missed."""

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting
+from moeserve.kernels import interpreting, k_splits
 
 # Launch configs tuned by vLLM for Mixtral (E=8, top-2, D=4096) in bf16 on an H100 SXM, keyed by
 # the token count M: vllm/model_executor/layers/fused_moe/configs/
@@ -82,27 +82,15 @@ def _config(
     )
 
 
-# Programs per SM a decode GEMM aims for, and the fewest K blocks a split may have.
-_PROGRAMS_PER_SM = 4
+# The fewest K blocks a split may have.
 _MIN_K_BLOCKS = 8
-_SMS: dict[int, int] = {}
-
-
-def _num_sms() -> int:
-    if not torch.cuda.is_available():
-        return 132
-    dev = torch.cuda.current_device()
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    return _SMS[dev]
 
 
 def _split_k(assignments: int, num_experts: int, N: int, K: int, block_n: int, block_k: int) -> int:
     """K splits for a decode GEMM: enough programs to fill the SMs, each split long enough to
     stream (few experts, one row block each: the grid is experts x N tiles)."""
     programs = min(assignments, num_experts) * triton.cdiv(N, block_n)
-    want = -(-_PROGRAMS_PER_SM * _num_sms() // programs)
-    return max(1, min(want, triton.cdiv(K, block_k) // _MIN_K_BLOCKS, 8))
+    return k_splits(programs, triton.cdiv(K, block_k), _MIN_K_BLOCKS, 8)
 
 
 def moe_block_m(

@@ -15,13 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting
+from moeserve.kernels import interpreting, k_splits
 
 # Rows up to which the split path is used: beyond this the partials' traffic and the
 # register tile grow while cuBLAS's one GEMM is already efficient.
 MAX_ROWS = 16
-# Programs per SM the grid aims for, and the most splits.
-_PROGRAMS_PER_SM = 4
 _MAX_SPLIT = 32
 
 
@@ -29,15 +27,7 @@ def applicable(x_TD: torch.Tensor) -> bool:
     return 0 < x_TD.shape[0] <= MAX_ROWS and x_TD.stride(-1) == 1
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    from moeserve.kernels.fused_moe import _num_sms as sms
-
-    return sms()
-
-
-def config(t: int, n: int, k: int, device: torch.device) -> dict[str, int]:
+def config(t: int, n: int, k: int) -> dict[str, int]:
     """Tiles and splits: enough programs to fill the SMs; a split streams at least
     `min_k` K blocks when the weight is large (short splits only pay off for a tiny N)."""
     if interpreting():
@@ -46,11 +36,9 @@ def config(t: int, n: int, k: int, device: torch.device) -> dict[str, int]:
         block_n = 16 if n <= 16 else 32 if n <= 64 else 64
         block_k = 256 if n <= 16 else 128
     block_m = 16  # tl.dot's smallest M; rows past T are masked
-    k_blocks = triton.cdiv(k, block_k)
     programs = triton.cdiv(t, block_m) * triton.cdiv(n, block_n)
-    want = -(-_PROGRAMS_PER_SM * _num_sms(device) // programs)
     min_k = 8 if n * k >= 1 << 20 else 1
-    split = max(1, min(want, k_blocks // min_k, _MAX_SPLIT))
+    split = k_splits(programs, triton.cdiv(k, block_k), min_k, _MAX_SPLIT)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split)
 
 
@@ -91,7 +79,7 @@ def linear_partials(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     t, k = x_TK.shape
     n = w_NK.shape[0]
     assert w_NK.shape[1] == k and x_TK.stride(1) == 1 and w_NK.stride(1) == 1
-    cfg = config(t, n, k, x_TK.device)
+    cfg = config(t, n, k)
     out = torch.empty(cfg["SPLIT"], t, n, dtype=torch.float32, device=x_TK.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(t, cfg["BLOCK_M"]), cfg["SPLIT"])
     _linear_partials_kernel[grid](
@@ -103,5 +91,6 @@ def linear_partials(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_partials(partials_STN: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The readable sum of the partials, rounded as F.linear's output (tests, fallbacks)."""
+    """The readable sum of the partials, rounded as F.linear's output (a consumer's fallback
+    where its kernel cannot read them)."""
     return partials_STN.sum(0).to(dtype)

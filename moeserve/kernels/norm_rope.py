@@ -79,7 +79,9 @@ def add_rms_norm(
     if delta_TD.dim() == 3:
         split, stride_p = delta_TD.shape[0], delta_TD.stride(0)
         if not (t and x_TD.stride(1) == 1 and delta_TD.stride(2) == 1):
-            delta_TD = delta_TD.sum(0).to(x_TD.dtype)
+            from moeserve.kernels.linear import reduce_partials
+
+            delta_TD = reduce_partials(delta_TD, x_TD.dtype)
             split = 0
         else:
             delta_TD = delta_TD[0]
