@@ -21,6 +21,7 @@ import logging
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._proc import cpu_seconds  # noqa: E402
+from benchmarks._proc import busy_cores, cpu_seconds, thread_cpu_seconds  # noqa: E402
 from benchmarks.gpu_speed import MIXTRAL  # noqa: E402
 from moeserve import LLM, SamplingParams  # noqa: E402
 from moeserve.assets import demo_model_path  # noqa: E402
@@ -121,7 +122,36 @@ def kinds_line(kinds: dict[str, list[float]]) -> str:
     return ", ".join(f"{k} {n:.0f} x {1e3 * sec / n:.2f} ms" for k, (n, sec) in kinds.items() if n)
 
 
-def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: str) -> float:
+class PySpy:
+    """`py-spy record` attached to a process while the block runs (--py-spy): a raw profile
+    of every thread, idle ones and native frames included, for benchmarks/pyspy_summary.py."""
+
+    def __init__(self, out: Path | None, name: str, pid: int, rate: int = 250) -> None:
+        self.out, self.pid, self.rate = out and out / f"{name}.txt", pid, rate
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PySpy:
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            exe = shutil.which("py-spy") or "py-spy"
+            cmd = [exe, "record", "--pid", str(self.pid), "--threads", "--idle", "--native",
+                   "--rate", str(self.rate), "--format", "raw", "--output", str(self.out)]
+            self.proc = subprocess.Popen(cmd)
+            time.sleep(1.0)  # attached before the timed work starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            self.proc.wait(timeout=120)
+
+
+def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: str,
+            profile: Path | None = None, closed: bool = False) -> float:  # fmt: skip
+    """The offline engine's output tok/s on the workload (LLM.generate, every request at once).
+    With `closed`, then also as a closed loop in-process (run twice, the second printed): each
+    finished request's replacement is added before the next step, as the load tester's streams
+    do at best over HTTP; that separates the arrival pattern's cost from the server's."""
     llm = LLM(str(path), dtype=dtype, load_format="dummy", kv_cache_memory=KV_BYTES,
               max_num_seqs=max_seqs, max_model_len=4096, progress=False)  # fmt: skip
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
@@ -136,19 +166,59 @@ def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: 
             kinds[step_kind(res.stats)][1] += res.stats.step_seconds
         return res
 
+    def report(name: str, tokens: int, dt: float, steps0: int, cpu0: float) -> float:
+        steps = llm.engine.num_steps - steps0
+        print(f"{name}: {tokens / dt:.0f} output tok/s, {steps} steps, "
+              f"{1e3 * dt / steps:.2f} ms per step ({kinds_line(kinds)}), "
+              f"CPU {(time.process_time() - cpu0) / dt:.2f} of a core")  # fmt: skip
+        return tokens / dt
+
     llm.engine.step = step  # type: ignore[method-assign]
-    t0, steps0, cpu0 = time.perf_counter(), llm.engine.num_steps, time.process_time()
-    outs = llm.generate(prompts, params)
-    dt = time.perf_counter() - t0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    steps = llm.engine.num_steps - steps0
-    print(f"offline: {steps} steps, {1e3 * dt / steps:.2f} ms per step ({kinds_line(kinds)}), "
-          f"CPU {(time.process_time() - cpu0) / dt:.2f} of a core")  # fmt: skip
-    del llm
+    with PySpy(profile, "offline", os.getpid()):
+        t0, steps0, cpu0 = time.perf_counter(), llm.engine.num_steps, time.process_time()
+        outs = llm.generate(prompts, params)
+        dt = time.perf_counter() - t0
+    rate = report("offline", sum(len(o.outputs[0].token_ids) for o in outs), dt, steps0, cpu0)
+    if closed:
+        ids = [llm.engine.encode_prompt(p) for p in prompts]
+        for run in ("warm-up", "timed"):
+            for k in kinds.values():
+                k[:] = [0.0, 0.0]
+            t0, steps0, cpu0 = time.perf_counter(), llm.engine.num_steps, time.process_time()
+            tokens = closed_loop(llm.engine, ids, params, max_seqs, run)
+            if run == "timed":
+                report("offline closed loop", tokens, time.perf_counter() - t0, steps0, cpu0)
+    return rate
+
+
+def free_device() -> None:
+    """Give the last engine's device memory back before the next one loads."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return tokens / dt
+
+
+def closed_loop(
+    engine: Any, ids: list[list[int]], params: SamplingParams, streams: int, tag: str
+) -> int:
+    """`streams` requests in flight; a finished one's replacement joins before the next step.
+    Returns the output tokens."""
+    todo = iter(enumerate(ids))
+
+    def add() -> None:
+        nxt = next(todo, None)
+        if nxt is not None:
+            engine.add_request(f"closed-{tag}-{nxt[0]}", nxt[1], params, prompt_ids=nxt[1])
+
+    for _ in range(streams):
+        add()
+    tokens = 0
+    while engine.has_unfinished():
+        for delta in engine.step().outputs:
+            tokens += sum(len(o.token_ids) for o in delta.outputs)
+            if delta.finished:
+                add()
+    return tokens
 
 
 def main() -> int:
@@ -166,6 +236,10 @@ def main() -> int:
                     help="servers to run in turn: process (the default engine process) and "
                          "thread (--no-engine-process), e.g. process,thread,process")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                    help="profile the timed runs with py-spy (on PATH): DIR/offline.txt (this "
+                         "process, second offline run), DIR/engine-MODE.txt (the server's engine "
+                         "process or, for thread, the server); see benchmarks/pyspy_summary.py")
     args = ap.parse_args()
     path = model_dir(args.layers, args.tiny)
     dtype = "float32" if args.tiny else "bfloat16"
@@ -174,7 +248,7 @@ def main() -> int:
     if args.fake_gpu_step_ms:
         fake_gpu(args.fake_gpu_step_ms)
     off = offline(path, prompts, args.output_len, args.concurrency, dtype)
-    print(f"offline: {off:.0f} output tok/s")
+    free_device()
 
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     results: list[tuple[str, dict[str, Any]]] = []
@@ -190,7 +264,8 @@ def main() -> int:
     # costs such as in-process Triton compiles are the likely cause), while the servers warm
     # up with a load before they are timed.
     off_first = off
-    off = offline(path, prompts, args.output_len, args.concurrency, dtype)
+    off = offline(path, prompts, args.output_len, args.concurrency, dtype, args.py_spy,
+                  closed=True)
     print(f"offline: first run {off_first:.0f}, second run {off:.0f} output tok/s")
     rep = next((r for m, r in reversed(results) if m == "process"), results[-1][1])
     http = rep["output_throughput"]
@@ -253,12 +328,16 @@ def serve_and_load(
         # (a first run's prefill and mixed steps ran 1.4-2.5x slower, benchmarks/RESULTS.md).
         load(args.num_requests)
         procs = [server.pid] + children(server.pid)
+        engine_pid = next((p for p in procs[1:] if b"spawn_main" in Path(f"/proc/{p}/cmdline")
+                           .read_bytes()), server.pid)  # fmt: skip
         cpu0 = [cpu_seconds(p) for p in procs]
+        threads0 = thread_cpu_seconds(engine_pid)
         steps0, tokens0, kinds0 = steps_metric(url)
         client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        load(args.num_requests)
-        wall = time.perf_counter() - t0
+        with PySpy(args.py_spy, f"engine-{'thread' if thread else 'process'}", engine_pid):
+            t0 = time.perf_counter()
+            load(args.num_requests)
+            wall = time.perf_counter() - t0
         client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         steps1, tokens1, kinds1 = steps_metric(url)
         kinds = {k: [a - b for a, b in zip(kinds1[k], kinds0[k])] for k in STEP_KINDS}
@@ -269,10 +348,12 @@ def serve_and_load(
             client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
         ) / wall
         steps = steps1 - steps0
+        threads = busy_cores(threads0, thread_cpu_seconds(engine_pid), wall)
         print(f"HTTP: {steps:.0f} steps, {1e3 * wall / max(steps, 1):.2f} ms per step "
               f"({kinds_line(kinds)}), "
               f"{(tokens1 - tokens0) / max(steps, 1):.1f} tokens per step; CPU of a core: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in util.items()))  # fmt: skip
+              + ", ".join(f"{k} {v:.2f}" for k, v in util.items())
+              + f"; engine threads: {threads}")  # fmt: skip
         return json.loads(out.read_text()) | {"cpu_util": util, "steps": steps,
                                               "step_kinds": kinds}
     finally:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import random
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from moeserve import LLM, SamplingParams
 from moeserve.config import ConfigError
 from moeserve.engine.runner import KVCacheTooSmall
 from moeserve.engine.scheduler import RequestTooLarge
+from moeserve.model import layers
 from tests.checkpoints import make_checkpoint
 
 
@@ -57,6 +62,32 @@ def test_batch_invariance_chunked_prefill_and_preemption(ckpt: Path) -> None:
     assert _tokens(outs) == alone
     assert tight.engine.scheduler.stats().num_preemptions_total > 0
     assert tight.engine.scheduler.stats().kv_blocks_used == 0
+
+
+def test_eager_steps_run_attention_without_cudnn(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cuDNN's SDPA compiles a plan for each new pair of lengths (tens of ms on a GPU): every
+    attention call of an eager step, chunked prefills' lower-right masks included, runs with
+    it switched off, and the switch is back as it was after the step."""
+    real = F.scaled_dot_product_attention
+    seen: list[bool] = []
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*args, **kwargs)
+
+    # Only the model's calls (torch's CausalBias checks the function it is given is SDPA's).
+    fake_f = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+    fake_f.scaled_dot_product_attention = spy
+    monkeypatch.setattr(layers, "F", fake_f)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    prompts, params = _requests(4)
+    llm = LLM(ckpt, progress=False, block_size=4, max_num_batched_tokens=8, max_num_seqs=4,
+              enforce_eager=True)
+    llm.generate(prompts, params)
+    assert len(seen) > 8 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
 def _block_bytes(llm: LLM) -> int:

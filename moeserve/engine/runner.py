@@ -18,7 +18,7 @@ from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from moeserve.engine.scheduler import ScheduledSeq
 from moeserve.engine.sequence import Sequence as SeqRecord
 from moeserve.model.decoder import MoEForCausalLM
-from moeserve.model.layers import AttentionMetadata
+from moeserve.model.layers import AttentionMetadata, attention_backends
 
 
 class KVCacheTooSmall(ValueError):
@@ -240,7 +240,8 @@ class Runner:
             # A view of the graph's buffer: the engine samples from it before the next replay.
             return (logits_BV[sampled] if len(sampled) < len(work) else logits_BV), sampled
         inp = self.prepare(work, feed)
-        hidden_TD = self.model(inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches)
+        with attention_backends():
+            hidden_TD = self.model(inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches)
         logits = self.model.compute_logits(hidden_TD[inp.logits_rows])
         sampled = [i for i in inp.order if work[i].sample]
         return logits, sampled

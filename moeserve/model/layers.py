@@ -7,13 +7,26 @@ N blocks in the pool, S slots per block (block size), M max blocks per sequence.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from moeserve.config import ModelConfig
+
+# The SDPA backends eager steps may use: not cuDNN's, which PyTorch prefers on Hopper. It
+# builds an execution plan for every new pair of query and key lengths, compiling it with
+# NVRTC (tens of ms), and a server's prompts and prefill chunks keep bringing new pairs: on an
+# H200 at 64 streams its mixed steps took 47 ms against 17 (benchmarks/RESULTS.md).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_backends() -> AbstractContextManager[None]:
+    """Scope a step's attention calls to SDPA_BACKENDS (one switch per step, not per call)."""
+    return sdpa_kernel(SDPA_BACKENDS)
 
 
 @dataclass
