@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -99,21 +100,28 @@ def children(pid: int) -> list[int]:
     return out
 
 
+LATENCIES = {"ttft": "moeserve_time_to_first_token_seconds",
+             "queue": "moeserve_request_queue_time_seconds"}
+
+
 def steps_metric(url: str) -> tuple[float, float, dict[str, list[float]]]:
-    """(engine steps, tokens they ran, {kind: [steps, seconds]}) from the server's
-    iteration-tokens and step-duration histograms."""
+    """(engine steps, tokens they ran, {kind or latency: [count, seconds]}) from the server's
+    iteration-tokens, step-duration and request-latency histograms."""
     text = httpx.get(url + "/metrics", timeout=10).text
     count = total = 0.0
-    kinds: dict[str, list[float]] = {k: [0.0, 0.0] for k in STEP_KINDS}
+    kinds: dict[str, list[float]] = {k: [0.0, 0.0] for k in (*STEP_KINDS, *LATENCIES)}
+    prefixes = {f'moeserve_step_duration_seconds_{part}{{kind="{k}"}}': (k, i)
+                for k in STEP_KINDS for i, part in enumerate(("count", "sum"))}  # fmt: skip
+    prefixes |= {f"{name}_{part} ": (k, i) for k, name in LATENCIES.items()
+                 for i, part in enumerate(("count", "sum"))}  # fmt: skip
     for line in text.splitlines():
         if line.startswith("moeserve_iteration_tokens_count"):
             count = float(line.split()[-1])
         elif line.startswith("moeserve_iteration_tokens_sum"):
             total = float(line.split()[-1])
-        for k in STEP_KINDS:
-            for i, part in enumerate(("count", "sum")):
-                if line.startswith(f'moeserve_step_duration_seconds_{part}{{kind="{k}"}}'):
-                    kinds[k][i] = float(line.split()[-1])
+        for prefix, (k, i) in prefixes.items():
+            if line.startswith(prefix):
+                kinds[k][i] = float(line.split()[-1])
     return count, total, kinds
 
 
@@ -212,12 +220,18 @@ def closed_loop(
 
     for _ in range(streams):
         add()
-    tokens = 0
+    tokens, ttft, queued = 0, [], []
     while engine.has_unfinished():
         for delta in engine.step().outputs:
             tokens += sum(len(o.token_ids) for o in delta.outputs)
             if delta.finished:
                 add()
+                if delta.metrics is not None:
+                    ttft.append(delta.metrics.ttft or 0.0)
+                    queued.append(delta.metrics.queue_time or 0.0)
+    if tag == "timed":
+        print(f"offline closed loop: engine-side means: TTFT {1e3 * sum(ttft) / len(ttft):.1f} "
+              f"ms, queued {1e3 * sum(queued) / len(queued):.1f} ms")  # fmt: skip
     return tokens
 
 
@@ -235,6 +249,9 @@ def main() -> int:
     ap.add_argument("--servers", default="process",
                     help="servers to run in turn: process (the default engine process) and "
                          "thread (--no-engine-process), e.g. process,thread,process")
+    ap.add_argument("--server-flags", default="",
+                    help="more `moeserve serve` flags for every server, e.g. "
+                         "'--admission-wait-steps 0'")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                     help="profile the timed runs with py-spy (on PATH): DIR/offline.txt (this "
@@ -292,7 +309,8 @@ def serve_and_load(
     flags = ["--model", str(path), "--load-format", "dummy", "--dtype", dtype,
              "--kv-cache-memory", str(KV_BYTES), "--max-model-len", "4096",
              "--max-num-seqs", str(args.concurrency), "--host", "127.0.0.1",
-             "--port", str(args.port)] + (["--no-engine-process"] if thread else [])  # fmt: skip
+             "--port", str(args.port), *shlex.split(args.server_flags)]
+    flags += ["--no-engine-process"] if thread else []
     if args.fake_gpu_step_ms:
         cmd = [sys.executable, "-c", "import sys; from benchmarks.http_vs_offline import "
                f"serve_fake_gpu; sys.exit(serve_fake_gpu({args.fake_gpu_step_ms}, "
@@ -340,7 +358,9 @@ def serve_and_load(
             wall = time.perf_counter() - t0
         client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         steps1, tokens1, kinds1 = steps_metric(url)
-        kinds = {k: [a - b for a, b in zip(kinds1[k], kinds0[k])] for k in STEP_KINDS}
+        kinds = {k: [a - b for a, b in zip(kinds1[k], kinds0[k])] for k in kinds1}
+        lat = {k: 1e3 * sec / max(n, 1) for k, (n, sec) in
+               ((k, kinds.pop(k)) for k in LATENCIES)}  # fmt: skip
         # Where a server or client core saturates, that process bounds the throughput.
         util = {f"pid {p}" + (" (server)" if p == server.pid else ""): (cpu_seconds(p) - c) / wall
                 for p, c in zip(procs, cpu0)}  # fmt: skip
@@ -353,7 +373,8 @@ def serve_and_load(
               f"({kinds_line(kinds)}), "
               f"{(tokens1 - tokens0) / max(steps, 1):.1f} tokens per step; CPU of a core: "
               + ", ".join(f"{k} {v:.2f}" for k, v in util.items())
-              + f"; engine threads: {threads}")  # fmt: skip
+              + f"; engine threads: {threads}; engine-side means: TTFT {lat['ttft']:.1f} ms, "
+              f"queued {lat['queue']:.1f} ms")  # fmt: skip
         return json.loads(out.read_text()) | {"cpu_util": util, "steps": steps,
                                               "step_kinds": kinds}
     finally:

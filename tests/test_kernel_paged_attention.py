@@ -7,6 +7,8 @@ gpu-marked tests run bf16 at Mixtral-like shapes on CUDA and capture the kernel 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -282,3 +284,84 @@ def test_cuda_graph_replay_after_inputs_change():
         )
         readable = paged_attention(q, k, v, meta, scale, None)
         torch.testing.assert_close(out, readable, atol=2e-2, rtol=2e-2)
+
+
+def _mixed_step(
+    dec_ctxs: list[int], prefills: list[tuple[int, int]], heads: int, groups: int, x: int,
+    block: int, dtype: torch.dtype, device: str, gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
+    """q and a paged cache in shuffled blocks for decodes beside prefill chunks (n new tokens
+    at the end of a ctx-token context each), with the readable path's metadata."""
+    query_lens = [1] * len(dec_ctxs) + [n for n, _ in prefills]
+    ctxs = dec_ctxs + [c for _, c in prefills]
+    used = [-(-c // block) for c in ctxs]
+    n_blocks = sum(used) + 2
+    perm = torch.randperm(n_blocks, generator=gen, device=device).tolist()
+    tables, nxt = [], 0
+    for u in used:
+        tables.append(perm[nxt : nxt + u])
+        nxt += u
+    width = max(used)
+    kw = {"dtype": dtype, "device": device, "generator": gen}
+    k = torch.randn(n_blocks, block, groups, x, **kw)
+    v = torch.randn(n_blocks, block, groups, x, **kw)
+    q = torch.randn(sum(query_lens), heads, x, **kw)
+    meta = AttentionMetadata(
+        query_lens=query_lens, context_lens=ctxs, num_decodes=len(dec_ctxs),
+        block_tables_BM=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
+        context_lens_B=torch.tensor(ctxs, device=device),
+        slot_mapping_T=torch.zeros(len(q), dtype=torch.int64, device=device),
+    )  # fmt: skip
+    return q, k, v, meta, tables
+
+
+def test_prefill_pack_lays_out_each_context():
+    """The varlen call's slots are each prefill's context positions 0..ctx-1, end to end."""
+    from types import SimpleNamespace
+
+    from moeserve.engine.runner import Runner
+
+    block = 4
+    tables = [[7, 2, 9], [5], [1, 8, 3, 6]]
+    query_lens, ctxs = [3, 2, 16], [10, 2, 13]
+    runner = SimpleNamespace(block_size=block, device=torch.device("cpu"))
+    pack = Runner._pack_prefills(runner, query_lens, ctxs, tables)  # type: ignore[arg-type]
+    want = [t[p // block] * block + p % block for t, c in zip(tables, ctxs) for p in range(c)]
+    assert pack.slots_C.tolist() == want
+    assert pack.cu_q_P1.tolist() == [0, 3, 5, 21] and pack.cu_k_P1.tolist() == [0, 10, 12, 25]
+    assert pack.cu_q_P1.dtype == pack.cu_k_P1.dtype == torch.int32
+    assert (pack.max_q, pack.max_k) == (16, 13)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decodes", [0, 3])
+def test_cuda_varlen_prefill_matches_one_sdpa_per_chunk(decodes):
+    """One flash-attention call over every prefill chunk (whole prompts and later chunks,
+    whose causal mask aligns to the context's end) against the per-chunk SDPA loop."""
+    from moeserve.engine.runner import Runner
+    from moeserve.model.layers import attention_backends, varlen_prefill_supported
+
+    heads, groups, x, block = 32, 8, 128, 16
+    assert varlen_prefill_supported(torch.device("cuda"), torch.bfloat16, x)
+    gen = torch.Generator(device="cuda").manual_seed(decodes)
+    prefills = [(128, 128), (37, 293), (1000, 1000), (200, 4096), (2, 2)]
+    q, k, v, meta, tables = _mixed_step(
+        [300, 17, 4000][:decodes], prefills, heads, groups, x, block, torch.bfloat16, "cuda", gen
+    )
+    scale = x**-0.5
+    with attention_backends():
+        loop = paged_attention(q, k, v, meta, scale, None, decode_kernel=True)
+    runner = type("R", (), {"block_size": block, "device": torch.device("cuda")})()
+    meta.prefill_pack = Runner._pack_prefills(
+        runner, meta.query_lens[decodes:], meta.context_lens[decodes:], tables[decodes:]
+    )  # type: ignore[arg-type]
+    packed = paged_attention(q, k, v, meta, scale, None, decode_kernel=True)
+    exact = paged_attention(q.double(), k.double(), v.double(),
+                            dataclasses.replace(meta, prefill_pack=None), scale, None)  # fmt: skip
+    err_loop, err_packed = _rel_err(loop, exact), _rel_err(packed, exact)
+    assert err_packed < 1e-2 and err_packed <= 2.0 * err_loop, (err_packed, err_loop)
+    # A window wider than every context changes nothing; a narrower one takes the loop.
+    assert torch.equal(paged_attention(q, k, v, meta, scale, 5000, decode_kernel=True), packed)
+    with attention_backends():
+        narrow = paged_attention(q, k, v, meta, scale, 64, decode_kernel=True)
+    assert _rel_err(narrow, packed) > 0.1

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from moeserve.config import ModelConfig
@@ -18,7 +19,12 @@ from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from moeserve.engine.scheduler import ScheduledSeq
 from moeserve.engine.sequence import Sequence as SeqRecord
 from moeserve.model.decoder import MoEForCausalLM
-from moeserve.model.layers import AttentionMetadata, attention_backends
+from moeserve.model.layers import (
+    AttentionMetadata,
+    PrefillPack,
+    attention_backends,
+    varlen_prefill_supported,
+)
 
 
 class KVCacheTooSmall(ValueError):
@@ -114,6 +120,9 @@ class Runner:
         self.fed_R = torch.zeros(
             max(max_num_seqs, decode_graphs_up_to), dtype=torch.int64, device=model.device
         )
+        # Prefills as one flash-attention call rather than a Python loop of SDPAs.
+        self.varlen_prefill = varlen_prefill_supported(model.device, model.dtype,
+                                                       model.cfg.head_dim)  # fmt: skip
         self.graphs: DecodeGraphs | None = None
         if decode_graphs_up_to:
             self.graphs = DecodeGraphs(
@@ -201,14 +210,18 @@ class Runner:
                 rows.append(len(ids) - 1)
         width = max(len(t) for t in tables)
         table = [t + [0] * (width - len(t)) for t in tables]
+        nd = sum(1 for n in query_lens if n == 1)
         meta = AttentionMetadata(
             query_lens=query_lens,
             context_lens=context_lens,
-            num_decodes=sum(1 for n in query_lens if n == 1),
+            num_decodes=nd,
             block_tables_BM=self._on_device(table),
             context_lens_B=self._on_device(context_lens),
             slot_mapping_T=self._on_device(slots),
         )
+        if self.varlen_prefill and nd < len(query_lens):
+            meta.prefill_pack = self._pack_prefills(query_lens[nd:], context_lens[nd:],
+                                                    tables[nd:])  # fmt: skip
         ids_T = self._on_device(ids)
         if fed_at:
             ids_T[self._on_device(fed_at)] = self.fed_R[self._on_device(fed_rows)]
@@ -219,6 +232,23 @@ class Runner:
             logits_rows=self._on_device(rows),
             order=order,
         )
+
+    def _pack_prefills(
+        self, query_lens: list[int], context_lens: list[int], tables: list[list[int]]
+    ) -> PrefillPack:
+        """The prefills' contexts as cache slots end to end, for layers.PrefillPack."""
+        bs = self.block_size
+        offsets = np.arange(bs)
+        slots = np.concatenate([
+            (np.asarray(t[: -(-ctx // bs)], dtype=np.int64)[:, None] * bs + offsets).ravel()[:ctx]
+            for t, ctx in zip(tables, context_lens)
+        ])  # fmt: skip
+        cu_q = np.cumsum([0, *query_lens], dtype=np.int32)
+        cu_k = np.cumsum([0, *context_lens], dtype=np.int32)
+        return PrefillPack(
+            *(torch.from_numpy(a).to(self.device, non_blocking=True) for a in (slots, cu_q, cu_k)),
+            max_q=max(query_lens), max_k=max(context_lens),
+        )  # fmt: skip
 
     def _on_device(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         # non_blocking: a pageable host->device copy is staged at once and does not wait for

@@ -30,6 +30,31 @@ def attention_backends() -> AbstractContextManager[None]:
 
 
 @dataclass
+class PrefillPack:
+    """A step's prefill chunks laid out for one varlen flash-attention call: the cache slots
+    of each chunk's whole context end to end, and cumulative query and key lengths."""
+
+    slots_C: torch.Tensor  # int64 [sum of contexts]
+    cu_q_P1: torch.Tensor  # int32 [prefills + 1]
+    cu_k_P1: torch.Tensor  # int32 [prefills + 1]
+    max_q: int
+    max_k: int
+
+
+def varlen_prefill_supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether prefills can run as one flash-attention call (PyTorch's FlashAttention-2:
+    CUDA sm80+, half precision, head dim a multiple of 8 up to 256)."""
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and head_dim % 8 == 0
+        and head_dim <= 256
+        and torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
+@dataclass
 class AttentionMetadata:
     """How the flat batch splits into sequences and where their K/V live.
 
@@ -46,6 +71,8 @@ class AttentionMetadata:
     # CUDA-graph batches are padded to a captured size: 1 for real tokens, 0 for padding
     # (padding rows route to no expert and are not counted). None: every token is real.
     valid_T: torch.Tensor | None = None
+    # Set where varlen_prefill_supported: the prefills then take one call, not one each.
+    prefill_pack: PrefillPack | None = None
 
     @property
     def num_decode_tokens(self) -> int:
@@ -217,11 +244,17 @@ def paged_attention(
     """Causal attention of the new tokens over everything cached for their sequence.
 
     Decodes are one batched call: the Triton paged kernel when `decode_kernel` (no host
-    reads: CUDA-graph safe), else the readable gather + SDPA with a padding mask. Each prefill
-    chunk is one SDPA over its own context. Returns [T, H, X].
+    reads: CUDA-graph safe), else the readable gather + SDPA with a padding mask. Prefill
+    chunks are one varlen flash-attention call when the metadata packs them (`prefill_pack`,
+    no sliding window inside the contexts), else one SDPA each over its own context.
+    Returns [T, H, X].
     """
-    out_THX = torch.empty_like(q_THX)
     nd = meta.num_decodes
+    pack = meta.prefill_pack
+    varlen = pack is not None and (window is None or window >= pack.max_k)
+    if varlen and nd == 0:
+        return _varlen_prefill(q_THX, k_cache_NSGX, v_cache_NSGX, pack, scale)
+    out_THX = torch.empty_like(q_THX)
     if nd and decode_kernel:
         from moeserve.kernels.paged_attention import paged_decode_attention
 
@@ -232,6 +265,9 @@ def paged_attention(
     elif nd:
         q = q_THX[:nd]
         out_THX[:nd] = _decode_attention(q, k_cache_NSGX, v_cache_NSGX, meta, scale, window)
+    if varlen:
+        out_THX[nd:] = _varlen_prefill(q_THX[nd:], k_cache_NSGX, v_cache_NSGX, pack, scale)
+        return out_THX
     start = nd
     for b in range(nd, len(meta.query_lens)):
         n, ctx = meta.query_lens[b], meta.context_lens[b]
@@ -242,6 +278,25 @@ def paged_attention(
         out_THX[start : start + n] = o_HQX.transpose(0, 1)
         start += n
     return out_THX
+
+
+def _varlen_prefill(
+    q_QHX: torch.Tensor,
+    k_cache_NSGX: torch.Tensor,
+    v_cache_NSGX: torch.Tensor,
+    pack: PrefillPack | None,
+    scale: float,
+) -> torch.Tensor:
+    """Every prefill chunk (the last n of its ctx positions) over its cached context, in one
+    flash-attention call: causal, aligned to each context's end; GQA as is. [Q, H, X]."""
+    assert pack is not None
+    g, x = k_cache_NSGX.shape[2:]
+    k_CGX = k_cache_NSGX.view(-1, g, x).index_select(0, pack.slots_C)
+    v_CGX = v_cache_NSGX.view(-1, g, x).index_select(0, pack.slots_C)
+    return torch.ops.aten._flash_attention_forward(
+        q_QHX, k_CGX, v_CGX, pack.cu_q_P1, pack.cu_k_P1, pack.max_q, pack.max_k, 0.0, True,
+        False, scale=scale,
+    )[0]  # fmt: skip
 
 
 def _decode_attention(
