@@ -134,16 +134,19 @@ class PySpy:
     """`py-spy record` attached to a process while the block runs (--py-spy): a raw profile
     of every thread, idle ones and native frames included, for benchmarks/pyspy_summary.py."""
 
-    def __init__(self, out: Path | None, name: str, pid: int, rate: int = 250) -> None:
+    def __init__(self, out: Path | None, name: str, pid: int, rate: int = 250,
+                 native: bool = True) -> None:  # fmt: skip
         self.out, self.pid, self.rate = out and out / f"{name}.txt", pid, rate
+        self.native = native
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> PySpy:
         if self.out is not None:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             exe = shutil.which("py-spy") or "py-spy"
-            cmd = [exe, "record", "--pid", str(self.pid), "--threads", "--idle", "--native",
+            cmd = [exe, "record", "--pid", str(self.pid), "--threads", "--idle",
                    "--rate", str(self.rate), "--format", "raw", "--output", str(self.out)]
+            cmd += ["--native"] if self.native else ["--nonblocking"]
             self.proc = subprocess.Popen(cmd)
             time.sleep(1.0)  # attached before the timed work starts
         return self
@@ -256,7 +259,8 @@ def main() -> int:
     ap.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
                     help="profile the timed runs with py-spy (on PATH): DIR/offline.txt (this "
                          "process, second offline run), DIR/engine-MODE.txt (the server's engine "
-                         "process or, for thread, the server); see benchmarks/pyspy_summary.py")
+                         "process or, for thread, the server), DIR/server.txt (the server beside "
+                         "an engine process); see benchmarks/pyspy_summary.py")
     args = ap.parse_args()
     path = model_dir(args.layers, args.tiny)
     dtype = "float32" if args.tiny else "bfloat16"
@@ -352,7 +356,9 @@ def serve_and_load(
         threads0 = thread_cpu_seconds(engine_pid)
         steps0, tokens0, kinds0 = steps_metric(url)
         client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        with PySpy(args.py_spy, f"engine-{'thread' if thread else 'process'}", engine_pid):
+        where = "thread" if thread else "process"
+        with PySpy(args.py_spy, f"engine-{where}", engine_pid), \
+             PySpy(None if thread else args.py_spy, "server", server.pid, native=False):
             t0 = time.perf_counter()
             load(args.num_requests)
             wall = time.perf_counter() - t0

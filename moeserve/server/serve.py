@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -148,11 +149,21 @@ def run(
 
     state = ServerState(config, load)
     server = build_server(state, args.host, args.port)
-    log.info("serving %r on http://%s:%d", config.served_model_name, args.host, args.port)
+    log.info("serving %r on http://%s:%d (%s)", config.served_model_name, args.host, args.port,
+             _uvicorn_choices())  # fmt: skip
     server.run()
     if isinstance(state.load_error, ValueError):
         raise state.load_error  # a bad checkpoint: the CLI prints it and exits 2
     return server.exit_code
+
+
+def _uvicorn_choices() -> str:
+    """What uvicorn's "auto" settings pick: its C parser and uvloop when they are installed
+    (dependencies on Linux); the pure-Python fallbacks cost a busy server a lot of CPU."""
+    have = {m: importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop")}
+    http = "httptools" if have["httptools"] else "h11 (slower: pip install httptools)"
+    loop = "uvloop" if have["uvloop"] else "asyncio"
+    return f"HTTP parser {http}, event loop {loop}"
 
 
 def start_in_thread(server: DrainingServer, timeout: float = 30.0) -> threading.Thread:
