@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 # The GIL switch interval of the engine process. An eager step (a prefill, or prompts beside
 # decodes) waits for the device a few times (the MoE layers' expert counts) and releases the
 # GIL meanwhile; if the sender or receiver thread takes it, the step thread gets it back only
-# when that thread blocks or the interval (Python's default: 5 ms) runs out. On an H200 at 64
-# streams such steps took 46 ms over HTTP against 18 ms offline (benchmarks/RESULTS.md).
+# when that thread blocks or the interval (Python's default: 5 ms) runs out. (On an H200 the
+# change went with HTTP mixed steps of 46 -> 30 ms, but the offline ones moved too; most of
+# that gap was cuDNN compiling attention plans, benchmarks/RESULTS.md, fourth pass.)
 SWITCH_INTERVAL_S = 0.0005
 
 # What the server may ask the engine between steps (read at scrape time, never per step).
