@@ -25,9 +25,9 @@ from moeserve.engine.outputs import RequestOutput, StepStats
 
 log = logging.getLogger(__name__)
 
-# The GIL switch interval of the engine process. An eager step (a prefill, or prompts beside
-# decodes) waits for the device a few times (the MoE layers' expert counts) and releases the
-# GIL meanwhile; if the sender or receiver thread takes it, the step thread gets it back only
+# The GIL switch interval of the engine process. A step waits for the device (the sampled
+# tokens; on the torch path also each MoE layer's expert counts) and releases the GIL
+# meanwhile; if the sender or receiver thread takes it, the step thread gets it back only
 # when that thread blocks or the interval (Python's default: 5 ms) runs out. (On an H200 the
 # change went with HTTP mixed steps of 46 -> 30 ms, but the offline ones moved too; most of
 # that gap was cuDNN compiling attention plans, benchmarks/RESULTS.md, fourth pass.)

@@ -159,7 +159,7 @@ def run(
 
 def _uvicorn_choices() -> str:
     """What uvicorn's "auto" settings pick: its C parser and uvloop when they are installed
-    (dependencies on Linux); the pure-Python fallbacks cost a busy server a lot of CPU."""
+    (dependencies on Linux); the pure-Python fallbacks cost a busy server more CPU."""
     have = {m: importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop")}
     http = "httptools" if have["httptools"] else "h11 (slower: pip install httptools)"
     loop = "uvloop" if have["uvloop"] else "asyncio"
