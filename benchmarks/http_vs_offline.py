@@ -135,9 +135,9 @@ class PySpy:
     of every thread, idle ones and native frames included, for benchmarks/pyspy_summary.py."""
 
     def __init__(self, out: Path | None, name: str, pid: int, rate: int = 250,
-                 native: bool = True) -> None:  # fmt: skip
+                 native: bool = True, blocking: bool = True) -> None:  # fmt: skip
         self.out, self.pid, self.rate = out and out / f"{name}.txt", pid, rate
-        self.native = native
+        self.native, self.blocking = native, blocking
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> PySpy:
@@ -146,7 +146,8 @@ class PySpy:
             exe = shutil.which("py-spy") or "py-spy"
             cmd = [exe, "record", "--pid", str(self.pid), "--threads", "--idle",
                    "--rate", str(self.rate), "--format", "raw", "--output", str(self.out)]
-            cmd += ["--native"] if self.native else ["--nonblocking"]
+            cmd += ["--native"] if self.native else []
+            cmd += [] if self.blocking else ["--nonblocking"]  # pauses the process per sample
             self.proc = subprocess.Popen(cmd)
             time.sleep(1.0)  # attached before the timed work starts
         return self
@@ -358,7 +359,8 @@ def serve_and_load(
         client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         where = "thread" if thread else "process"
         with PySpy(args.py_spy, f"engine-{where}", engine_pid), \
-             PySpy(None if thread else args.py_spy, "server", server.pid, native=False):
+             PySpy(None if thread else args.py_spy, "server", server.pid, native=False,
+                   blocking=False):
             t0 = time.perf_counter()
             load(args.num_requests)
             wall = time.perf_counter() - t0
