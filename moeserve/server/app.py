@@ -48,12 +48,13 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=state.config.max_body_bytes,
                        on_reject=state.reject)  # fmt: skip
     app.add_middleware(AccessLogMiddleware, log_prompts=state.config.log_prompts)  # outermost
+    _add_inference_routes(app, state)
     app.include_router(_v1_router(state))
     _add_probes(app, state)
     return app
 
 
-def _require_key(state: ServerState):  # noqa: ANN202 - a FastAPI dependency
+def _require_key(state: ServerState):  # noqa: ANN202 - a FastAPI dependency (and called)
     key = state.config.api_key.encode() if state.config.api_key else None
 
     async def check(request: Request) -> None:
@@ -71,17 +72,28 @@ def _require_key(state: ServerState):  # noqa: ANN202 - a FastAPI dependency
     return check
 
 
+def _add_inference_routes(app: FastAPI, state: ServerState) -> None:
+    """POST /v1/completions and /v1/chat/completions as plain Starlette routes, the key
+    checked first in each: FastAPI's per-request dependency solving and endpoint wrapping
+    took about a sixth of a request's event-loop CPU (benchmarks/server_overhead.py), and a
+    burst of new requests waits for that on the loop. The handlers parse their bodies."""
+    check = _require_key(state)
+
+    async def completions(request: Request) -> Response:
+        await check(request)
+        return await create_completion(request, state)
+
+    async def chat_completions(request: Request) -> Response:
+        await check(request)
+        return await create_chat_completion(request, state)
+
+    app.router.add_route("/v1/completions", completions, methods=["POST"])
+    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+
+
 def _v1_router(state: ServerState) -> APIRouter:
     # The dependency sits on the routes themselves, so no rewritten URL can route around it.
     router = APIRouter(prefix="/v1", dependencies=[Depends(_require_key(state))])
-
-    @router.post("/completions")
-    async def completions(request: Request) -> Response:
-        return await create_completion(request, state)
-
-    @router.post("/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(request, state)
 
     @router.get("/models")
     async def models() -> JSONResponse:
