@@ -1,9 +1,14 @@
-"""Process CPU time for the benchmarks that split a run's CPU between processes."""
+"""Process and thread CPU time, and a server's readiness, for the benchmarks that start
+servers and split a run's CPU between processes."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
+
+import httpx
 
 
 def cpu_seconds(pid: int) -> float:
@@ -27,10 +32,25 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
-def busy_cores(before: dict[int, float], after: dict[int, float], wall: float,
+def busy_cores(pid: int, before: dict[int, float], after: dict[int, float], wall: float,
                top: int = 4) -> str:  # fmt: skip
-    """'main 0.95, 1234 0.30, ...': the busiest threads' cores over a run of `wall` seconds."""
-    main = min(after, default=0)  # the main thread's id is the process id, the lowest
+    """'main 0.95, 1234 0.30, ...': the busiest threads of process `pid` (its main thread's id
+    is the pid) and their cores over a run of `wall` seconds."""
     used = sorted(((t, (c - before.get(t, 0.0)) / wall) for t, c in after.items()),
                   key=lambda tc: -tc[1])[:top]  # fmt: skip
-    return ", ".join(f"{'main' if t == main else t} {u:.2f}" for t, u in used)
+    return ", ".join(f"{'main' if t == pid else t} {u:.2f}" for t, u in used)
+
+
+def wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float) -> None:
+    """Poll `url`/ready until it answers 200; SystemExit if `server` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"server exited with {server.returncode}")
+        time.sleep(0.5)
+    raise SystemExit(f"the server at {url} was not ready after {timeout:.0f} s")

@@ -36,7 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._proc import busy_cores, cpu_seconds, thread_cpu_seconds  # noqa: E402
+from benchmarks._proc import (  # noqa: E402
+    busy_cores,
+    cpu_seconds,
+    thread_cpu_seconds,
+    wait_ready,
+)
 from benchmarks.gpu_speed import MIXTRAL  # noqa: E402
 from moeserve import LLM, SamplingParams  # noqa: E402
 from moeserve.assets import demo_model_path  # noqa: E402
@@ -325,16 +330,7 @@ def serve_and_load(
     server = subprocess.Popen(cmd, env=env)
     try:
         url = f"http://127.0.0.1:{args.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"server exited with {server.returncode}")
-            time.sleep(1)
+        wait_ready(url, server, 300)
         out = Path(tempfile.mkdtemp()) / "load.json"
 
         def load(n: int) -> None:
@@ -376,7 +372,7 @@ def serve_and_load(
             client1.ru_utime + client1.ru_stime - client0.ru_utime - client0.ru_stime
         ) / wall
         steps = steps1 - steps0
-        threads = busy_cores(threads0, thread_cpu_seconds(engine_pid), wall)
+        threads = busy_cores(engine_pid, threads0, thread_cpu_seconds(engine_pid), wall)
         print(f"HTTP: {steps:.0f} steps, {1e3 * wall / max(steps, 1):.2f} ms per step "
               f"({kinds_line(kinds)}), "
               f"{(tokens1 - tokens0) / max(steps, 1):.1f} tokens per step; CPU of a core: "

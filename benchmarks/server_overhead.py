@@ -17,15 +17,12 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._proc import thread_cpu_seconds  # noqa: E402
+from benchmarks._proc import thread_cpu_seconds, wait_ready  # noqa: E402
 from benchmarks.http_vs_offline import PySpy, model_dir  # noqa: E402
 
 
@@ -52,16 +49,7 @@ def main() -> int:
         "--kv-cache-memory", "64MiB", "--no-engine-process",
     ], stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("the server did not become ready")
+        wait_ready(url, server, 120)
         out = Path(tempfile.mkdtemp()) / "load.json"
 
         def load(n: int, tokens: int) -> tuple[float, dict]:

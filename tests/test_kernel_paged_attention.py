@@ -8,6 +8,7 @@ gpu-marked tests run bf16 at Mixtral-like shapes on CUDA and capture the kernel 
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -317,8 +318,6 @@ def _mixed_step(
 
 def test_prefill_pack_lays_out_each_context():
     """The varlen call's slots are each prefill's context positions 0..ctx-1, end to end."""
-    from types import SimpleNamespace
-
     from moeserve.engine.runner import Runner
 
     block = 4
@@ -351,7 +350,7 @@ def test_cuda_varlen_prefill_matches_one_sdpa_per_chunk(decodes):
     scale = x**-0.5
     with attention_backends():
         loop = paged_attention(q, k, v, meta, scale, None, decode_kernel=True)
-    runner = type("R", (), {"block_size": block, "device": torch.device("cuda")})()
+    runner = SimpleNamespace(block_size=block, device=torch.device("cuda"))
     meta.prefill_pack = Runner._pack_prefills(
         runner, meta.query_lens[decodes:], meta.context_lens[decodes:], tables[decodes:]
     )  # type: ignore[arg-type]
