@@ -45,6 +45,7 @@ from moeserve.server.streaming import (
     DONE,
     ChunkTemplate,
     EngineRequest,
+    Guard,
     SSEResponse,
     as_api_error,
     merged_outputs,
@@ -92,7 +93,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if state.config.log_prompts:
         request.state.prompt = messages
 
-    async def work(ticket: Ticket) -> Response:
+    async def work(ticket: Ticket, guard: Guard) -> Response:
         assert state.engine is not None
         try:
             text = await state.offload(
@@ -110,7 +111,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         request.state.prompt_tokens = len(ids)
         job = _Chat(state, req, cid, EngineRequest(f"{cid}-0", text, ids, p), ticket, request)
         if req.stream:
-            return SSEResponse(job.stream(), kill=state.kill, on_close=ticket.close,
+            return SSEResponse(job.stream(), guard=guard, on_close=ticket.close,
                                request=request)  # fmt: skip
         return await job.collect()
 

@@ -37,6 +37,7 @@ from moeserve.server.streaming import (
     DONE,
     ChunkTemplate,
     EngineRequest,
+    Guard,
     SSEResponse,
     as_api_error,
     merged_outputs,
@@ -76,7 +77,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     if state.config.log_prompts:
         request.state.prompt = req.prompt
 
-    async def work(ticket: Ticket) -> Response:
+    async def work(ticket: Ticket, guard: Guard) -> Response:
         assert state.aengine is not None and state.engine is not None
         reqs = []
         for i, prompt in enumerate(prompts):
@@ -86,7 +87,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         request.state.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         job = _Completion(state, req, cid, reqs, ticket, request)
         if req.stream:
-            return SSEResponse(job.stream(), kill=state.kill, on_close=ticket.close,
+            return SSEResponse(job.stream(), guard=guard, on_close=ticket.close,
                                request=request)  # fmt: skip
         return await job.collect()
 

@@ -73,7 +73,7 @@ class DrainingServer(uvicorn.Server):
             self._drain = asyncio.ensure_future(self._drain_then_exit())
         else:
             log.warning("asked again to stop: ending the requests in flight now")
-            self.state.kill.set()
+            self.state.stop_all()
 
     async def _drain_then_exit(self) -> None:
         try:

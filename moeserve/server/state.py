@@ -70,7 +70,8 @@ class ServerState:
         self.created = int(time.time())
         self.queued = 0  # admitted prompts that have not produced a token yet
         self.inflight = 0  # admitted HTTP requests whose response is not finished
-        self.kill = asyncio.Event()  # set when the drain gives up on what is still running
+        self.stopped = False  # the drain gave up on what is still running
+        self._stop_hooks: set[Callable[[], None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self.on_fatal: Callable[[BaseException], None] | None = None
@@ -179,11 +180,25 @@ class ServerState:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("shutdown timeout: stopping %d requests in flight", self.inflight)
-            self.kill.set()
+            self.stop_all()
             try:
                 await asyncio.wait_for(self._idle.wait(), 5.0)
             except asyncio.TimeoutError:
                 log.error("%d requests did not stop within 5s", self.inflight)
+
+    def on_stop(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call `hook` when the drain gives up on the requests in flight (at once if it has);
+        returns what unregisters it."""
+        if self.stopped:
+            hook()
+        self._stop_hooks.add(hook)
+        return lambda: self._stop_hooks.discard(hook)
+
+    def stop_all(self) -> None:
+        """End every request still running with an explicit error (the drain's last resort)."""
+        self.stopped = True
+        for hook in list(self._stop_hooks):
+            hook()
 
     async def close(self) -> None:
         if self.aengine is not None:
@@ -244,5 +259,3 @@ class Ticket:
         self._state.inflight -= 1
         if self._state.inflight == 0:
             self._state._idle.set()
-
-

@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -26,7 +26,6 @@ from moeserve.server.errors import RETRY_DRAINING, APIError, from_value_error, i
 from moeserve.server.state import ServerState, Ticket
 
 log = logging.getLogger("moeserve.server")
-T = TypeVar("T")
 
 
 @dataclass
@@ -43,6 +42,10 @@ class ClientGone(Exception):
     """The client disconnected; nobody is left to answer."""
 
 
+class Stopped(Exception):
+    """The drain gave up on this request."""
+
+
 def stopped_error() -> APIError:
     return APIError(
         503, "the server is shutting down and stopped this request before it finished",
@@ -55,6 +58,8 @@ def as_api_error(e: BaseException) -> APIError:
     """What an exception raised while generating means for the client."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, Stopped):
+        return stopped_error()
     if isinstance(e, EngineDeadError):
         return APIError(500, str(e), type="server_error", code="engine_dead")
     if isinstance(e, ValueError):
@@ -111,31 +116,65 @@ async def merged_outputs(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def wait_disconnect(receive: Receive) -> None:
-    """Return when the client disconnects (the body must already have been read)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
+class Guard:
+    """Watches one HTTP request for its client leaving and for the drain giving up, and
+    interrupts the task serving it (a cancel, turned into ClientGone or Stopped) while that
+    task is inside `protect()`. One watcher task per request: the asyncio.wait over three tasks
+    per phase that this replaces created six tasks per streamed request, a cost every arrival
+    paid on the event loop (benchmarks/server_overhead.py)."""
+
+    def __init__(self, request: Request, state: ServerState) -> None:
+        self._request = request
+        self._task = asyncio.current_task()
+        self.reason: str | None = None  # "gone" or "stopped", once either happened
+        self._active = False
+        self._watcher: asyncio.Task[None] | None = asyncio.create_task(self._watch())
+        self._unhook = state.on_stop(lambda: self._interrupt("stopped"))
+
+    async def _watch(self) -> None:
+        """Until the client disconnects (the body must already have been read)."""
+        while (await self._request.receive())["type"] != "http.disconnect":
+            pass
+        self._interrupt("gone")
+
+    def _interrupt(self, reason: str) -> None:
+        if self.reason is not None:
             return
+        self.reason = reason
+        if self._active and self._task is not None:
+            self._task.cancel()  # lands at the protected section's await, inside it
 
+    @contextlib.contextmanager
+    def protect(self) -> Iterator[None]:
+        """Raise ClientGone or Stopped inside this block as soon as either happens (at once
+        if it already has)."""
+        self._check()
+        self._active = True
+        try:
+            yield
+        except asyncio.CancelledError:
+            if self.reason is None:
+                raise  # cancelled from outside: not ours to turn into an answer
+            uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+
+            if uncancel is not None:
+                uncancel()
+            self._check()
+        finally:
+            self._active = False
 
-async def guarded(request: Request, kill: asyncio.Event, work: Awaitable[T]) -> T:
-    """Await `work` unless the client leaves (ClientGone) or the drain gives up (503)."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.create_task(wait_disconnect(request.receive))
-    killed = asyncio.create_task(kill.wait())
-    try:
-        await asyncio.wait({task, gone, killed}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        if gone.done():
-            request.state.disconnected = True
+    def _check(self) -> None:
+        if self.reason == "gone":
+            self._request.state.disconnected = True
             raise ClientGone()
-        raise stopped_error()
-    finally:
-        for t in (task, gone, killed):
-            t.cancel()
-        await asyncio.gather(task, gone, killed, return_exceptions=True)
+        if self.reason == "stopped":
+            raise Stopped()
+
+    def close(self) -> None:
+        """Stop watching (idempotent)."""
+        self._unhook()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
 
 def sse(payload: object) -> bytes:
@@ -170,10 +209,10 @@ class ChunkTemplate:
 
 
 class SSEResponse(Response):
-    """A text/event-stream response over `chunks` that also watches for a disconnect (stop
-    generating) and the drain's kill (send an error chunk and [DONE]). `on_close` runs once
-    when the stream ends, however it ends. `chunks` must itself turn its own errors into an
-    error chunk + [DONE]."""
+    """A text/event-stream response over `chunks`, interrupted by its request's Guard: a client
+    that leaves stops generating; when the drain gives up, the stream ends with an error chunk
+    and [DONE]. `on_close` runs once when the stream ends, however it ends, and the guard is
+    closed then. `chunks` must itself turn its own errors into an error chunk + [DONE]."""
 
     media_type = "text/event-stream"
 
@@ -181,75 +220,69 @@ class SSEResponse(Response):
         self,
         chunks: AsyncIterator[bytes],
         *,
-        kill: asyncio.Event,
+        guard: Guard,
         on_close: Callable[[], None],
         request: Request,
     ) -> None:
         # Not Response.__init__: it would set a body, and with it Content-Length: 0.
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._chunks, self._kill, self._on_close, self._request = chunks, kill, on_close, request
+        self._chunks, self._guard, self._on_close, self._request = chunks, guard, on_close, request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            body = asyncio.create_task(self._pump(send))
-            gone = asyncio.create_task(wait_disconnect(receive))
-            killed = asyncio.create_task(self._kill.wait())
             try:
-                done, _ = await asyncio.wait(
-                    {body, gone, killed}, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                for t in (body, gone, killed):
-                    t.cancel()
-                await asyncio.gather(body, gone, killed, return_exceptions=True)
-            if body in done:
-                body.result()  # re-raises a failed send
-            elif gone in done:
-                self._request.state.disconnected = True
+                with self._guard.protect():
+                    async for chunk in self._chunks:
+                        # [DONE] is a stream's last chunk: it ends the body in the same write.
+                        last = chunk is DONE
+                        await send({"type": "http.response.body", "body": chunk,
+                                    "more_body": not last})  # fmt: skip
+                        if last:
+                            return
+            except ClientGone:
                 return
-            else:  # the drain gave up on this stream
+            except Stopped:
                 self._request.state.error = "server_shutting_down"
                 await send({"type": "http.response.body", "body": sse(stopped_error().body()),
                             "more_body": True})  # fmt: skip
-                await send({"type": "http.response.body", "body": DONE, "more_body": True})
+                await send({"type": "http.response.body", "body": DONE, "more_body": False})
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the socket went away while sending
             self._request.state.disconnected = True
         finally:
+            self._guard.close()
             with contextlib.suppress(Exception):
                 await self._chunks.aclose()  # type: ignore[attr-defined]
             self._on_close()
-
-    async def _pump(self, send: Send) -> None:
-        async for chunk in self._chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 
 async def run_admitted(
     request: Request,
     state: ServerState,
     num_prompts: int,
-    work: Callable[[Ticket], Awaitable[Response]],
+    work: Callable[[Ticket, Guard], Awaitable[Response]],
 ) -> Response:
     """Admit the request (429/503), then run `work` guarded against disconnects and the drain.
 
     The ticket is released when the response is complete: by SSEResponse.on_close for a
-    stream, here otherwise. Errors leave as APIError, so they reach the envelope handler.
+    stream (which also closes the guard), here otherwise. Errors leave as APIError, so they
+    reach the envelope handler.
     """
     ticket = state.admit(num_prompts)
+    guard = Guard(request, state)
+    response: Response | None = None
     try:
-        response = await guarded(request, state.kill, work(ticket))
+        with guard.protect():
+            response = await work(ticket, guard)
     except ClientGone:
-        ticket.close()
-        return Response(status_code=499)  # nobody reads it; the access log says 499
+        response = Response(status_code=499)  # nobody reads it; the access log says 499
     except Exception as e:
-        ticket.close()
         raise as_api_error(e) from None
-    except BaseException:
-        ticket.close()
-        raise
-    if not isinstance(response, SSEResponse):
-        ticket.close()
+    finally:
+        if not isinstance(response, SSEResponse):  # a stream closes both when it ends
+            guard.close()
+            ticket.close()
     return response

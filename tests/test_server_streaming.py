@@ -1,0 +1,167 @@
+"""streaming.py's pieces without a server: the per-request Guard (one watcher task that turns
+a disconnect or the drain's stop into ClientGone or Stopped inside a protected section, and
+never cancels anything outside one) and SSEResponse's messages."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from moeserve.server.streaming import DONE, ClientGone, Guard, SSEResponse, Stopped
+
+
+class FakeState:
+    """ServerState's stop hooks, alone."""
+
+    def __init__(self) -> None:
+        self.hooks: set[Any] = set()
+        self.stopped = False
+
+    def on_stop(self, hook: Any) -> Any:
+        if self.stopped:
+            hook()
+        self.hooks.add(hook)
+        return lambda: self.hooks.discard(hook)
+
+    def stop_all(self) -> None:
+        self.stopped = True
+        for hook in list(self.hooks):
+            hook()
+
+
+def fake_request() -> tuple[SimpleNamespace, asyncio.Queue[dict[str, str]]]:
+    """A request whose receive() hands out what the test puts in the queue."""
+    messages: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+    return SimpleNamespace(receive=messages.get, state=SimpleNamespace()), messages
+
+
+def cancelling() -> int:
+    task = asyncio.current_task()
+    return task.cancelling() if sys.version_info >= (3, 11) else 0  # type: ignore[union-attr]
+
+
+def test_disconnect_inside_protect_is_client_gone() -> None:
+    async def main() -> None:
+        request, messages = fake_request()
+        state = FakeState()
+        guard = Guard(request, state)  # type: ignore[arg-type]
+        messages.put_nowait({"type": "http.request"})  # not a disconnect: keeps watching
+        with pytest.raises(ClientGone), guard.protect():
+            asyncio.get_running_loop().call_later(0.01, messages.put_nowait,
+                                                  {"type": "http.disconnect"})  # fmt: skip
+            await asyncio.sleep(5)
+        assert request.state.disconnected is True
+        assert cancelling() == 0  # the guard's own cancel was taken back
+        await asyncio.sleep(0)  # nothing pending: the task runs on
+        guard.close()
+        assert not state.hooks
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_stop_before_and_during_protect() -> None:
+    async def main() -> None:
+        state = FakeState()
+        request, _ = fake_request()
+        during = Guard(request, state)  # type: ignore[arg-type]
+        with pytest.raises(Stopped), during.protect():
+            asyncio.get_running_loop().call_later(0.01, state.stop_all)
+            await asyncio.sleep(5)
+        during.close()
+        # A request that arrives after the stop fails as it enters its first section.
+        late = Guard(fake_request()[0], state)  # type: ignore[arg-type]
+        with pytest.raises(Stopped), late.protect():
+            raise AssertionError("the section must not run")
+        late.close()
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_events_outside_protect_cancel_nothing() -> None:
+    async def main() -> None:
+        request, messages = fake_request()
+        guard = Guard(request, FakeState())  # type: ignore[arg-type]
+        with guard.protect():
+            await asyncio.sleep(0)
+        messages.put_nowait({"type": "http.disconnect"})  # between sections
+        await asyncio.sleep(0.02)  # the watcher saw it, and must not have cancelled us
+        assert guard.reason == "gone" and cancelling() == 0
+        with pytest.raises(ClientGone), guard.protect():  # the next section learns at once
+            pass
+        guard.close()
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_a_cancel_from_outside_stays_a_cancel() -> None:
+    async def main() -> None:
+        request, _ = fake_request()
+        guard = Guard(request, FakeState())  # type: ignore[arg-type]
+
+        async def section() -> None:
+            with guard.protect():
+                await asyncio.sleep(5)
+
+        guard._task = task = asyncio.create_task(section())  # the guarded task is that one
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        guard.close()
+        assert guard._watcher is None
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def run_sse(chunks: list[bytes], stop_after: int | None = None) -> tuple[list[dict], list[str]]:
+    """The ASGI messages an SSEResponse over `chunks` sends, and what happened at its close;
+    with `stop_after`, the drain stops it once that many chunks are out."""
+
+    async def main() -> tuple[list[dict], list[str]]:
+        state = FakeState()
+        request, _ = fake_request()
+        guard = Guard(request, state)  # type: ignore[arg-type]
+        events: list[str] = []
+
+        async def gen() -> Any:
+            for i, c in enumerate(chunks):
+                if i == stop_after:
+                    state.stop_all()
+                    await asyncio.sleep(5)
+                yield c
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        resp = SSEResponse(gen(), guard=guard, on_close=lambda: events.append("closed"),
+                           request=request)  # type: ignore[arg-type]  # fmt: skip
+        await resp({"type": "http"}, request.receive, send)
+        events.append(f"hooks={len(state.hooks)}")
+        return sent, events
+
+    return asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_sse_ends_the_body_with_done() -> None:
+    sent, events = run_sse([b"data: 1\n\n", b"data: 2\n\n", DONE])
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    # [DONE] ends the body itself: no empty closing message after it.
+    assert bodies == [(b"data: 1\n\n", True), (b"data: 2\n\n", True), (DONE, False)]
+    assert events == ["closed", "hooks=0"]
+
+
+def test_sse_stopped_mid_stream_sends_error_then_done() -> None:
+    sent, events = run_sse([b"data: 1\n\n", b"data: 2\n\n", DONE], stop_after=1)
+    bodies = [(m["body"], m["more_body"]) for m in sent[1:]]
+    assert bodies[0] == (b"data: 1\n\n", True)
+    assert bodies[1][0].startswith(b'data: {"error":') and bodies[1][1]
+    assert b"server_shutting_down" in bodies[1][0]
+    assert bodies[2:] == [(DONE, False)]
+    assert events == ["closed", "hooks=0"]
