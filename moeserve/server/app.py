@@ -1,6 +1,7 @@
-"""The FastAPI application: routes, API-key auth, probes, metrics, middleware, lifespan.
+"""The application: routes, API-key auth, probes, metrics, middleware, lifespan.
 
-`create_app(state)` builds an app around a ServerState; serve.py runs it under uvicorn. The
+`create_app(state)` builds a FastAPI app around a ServerState and puts the two inference
+POST routes in front of it (`InferenceFastPath`); serve.py runs that under uvicorn. The
 inference routes live under /v1 and require the API key when one is set; the probes and
 /metrics stay open so orchestrators and scrapers need no secret.
 """
@@ -8,12 +9,14 @@ inference routes live under /v1 and require the API key when one is set; the pro
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from moeserve.server.chat import create_chat_completion
 from moeserve.server.completions import create_completion
@@ -21,15 +24,19 @@ from moeserve.server.errors import (
     RETRY_DRAINING,
     RETRY_LOADING,
     APIError,
+    api_error_response,
     install_handlers,
     unavailable,
+    unexpected_error_response,
 )
 from moeserve.server.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from moeserve.server.protocol import ModelCard, ModelList
 from moeserve.server.state import ServerState
 
+Endpoint = Callable[[Request], Awaitable[Response]]
 
-def create_app(state: ServerState) -> FastAPI:
+
+def create_app(state: ServerState) -> InferenceFastPath:
     """The app; its lifespan starts loading the model and shuts the engine down at exit."""
 
     @asynccontextmanager
@@ -48,9 +55,57 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=state.config.max_body_bytes,
                        on_reject=state.reject)  # fmt: skip
     app.add_middleware(AccessLogMiddleware, log_prompts=state.config.log_prompts)  # outermost
-    _add_inference_routes(app, state)
+    endpoints = _add_inference_routes(app, state)
     app.include_router(_v1_router(state))
     _add_probes(app, state)
+    return InferenceFastPath(app, state, endpoints)
+
+
+class InferenceFastPath:
+    """The app uvicorn runs. POST /v1/completions and /v1/chat/completions go straight to
+    their endpoints, inside the same access-log and body-limit middleware and the same error
+    envelopes; everything else (the other routes, a wrong method, the lifespan) goes to the
+    FastAPI app, which holds the two routes as well. FastAPI's own layers on the way (its
+    error, telemetry and body-limit middleware, the exception middleware, the exit stack, the
+    router and the route's wrappers) cost about a tenth of a request's event-loop CPU, and
+    every SSE chunk passed three of their send wrappers (benchmarks/server_overhead.py)."""
+
+    def __init__(self, app: FastAPI, state: ServerState, endpoints: dict[str, Endpoint]) -> None:
+        self.app = app
+        cfg = state.config
+        self._routes: dict[str, ASGIApp] = {
+            path: AccessLogMiddleware(
+                BodyLimitMiddleware(_as_asgi(endpoint, state), cfg.max_body_bytes, state.reject),
+                log_prompts=cfg.log_prompts,
+            )
+            for path, endpoint in endpoints.items()
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = self._routes.get(scope["path"])
+            if route is not None:
+                await route(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def __getattr__(self, name: str) -> Any:  # the FastAPI app's: routes, state, ...
+        return getattr(self.app, name)
+
+
+def _as_asgi(endpoint: Endpoint, state: ServerState) -> ASGIApp:
+    """`endpoint` as an ASGI app, its errors answered as the FastAPI app's handlers do."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except APIError as e:
+            response = api_error_response(request, e, state.reject)
+        except Exception as e:  # noqa: BLE001 - a bug: logged, answered with a 500 envelope
+            response = unexpected_error_response(request, e)
+        await response(scope, receive, send)
+
     return app
 
 
@@ -72,11 +127,12 @@ def _require_key(state: ServerState):  # noqa: ANN202 - a FastAPI dependency (an
     return check
 
 
-def _add_inference_routes(app: FastAPI, state: ServerState) -> None:
+def _add_inference_routes(app: FastAPI, state: ServerState) -> dict[str, Endpoint]:
     """POST /v1/completions and /v1/chat/completions as plain Starlette routes, the key
     checked first in each: FastAPI's per-request dependency solving and endpoint wrapping
     took about a sixth of a request's event-loop CPU (benchmarks/server_overhead.py), and a
-    burst of new requests waits for that on the loop. The handlers parse their bodies."""
+    burst of new requests waits for that on the loop. The handlers parse their bodies.
+    Returns the endpoints by path, for InferenceFastPath."""
     check = _require_key(state)
 
     async def completions(request: Request) -> Response:
@@ -87,8 +143,13 @@ def _add_inference_routes(app: FastAPI, state: ServerState) -> None:
         await check(request)
         return await create_chat_completion(request, state)
 
-    app.router.add_route("/v1/completions", completions, methods=["POST"])
-    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    endpoints: dict[str, Endpoint] = {
+        "/v1/completions": completions,
+        "/v1/chat/completions": chat_completions,
+    }
+    for path, endpoint in endpoints.items():
+        app.router.add_route(path, endpoint, methods=["POST"])
+    return endpoints
 
 
 def _v1_router(state: ServerState) -> APIRouter:

@@ -127,10 +127,7 @@ def install_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        if exc.reject_reason:
-            on_reject(exc.reject_reason)
-        request.state.error = exc.code or exc.type  # for the access log
-        return exc.response()
+        return api_error_response(request, exc, on_reject)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -144,8 +141,23 @@ def install_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error on %s", request.url.path, exc_info=exc)
-        return internal_error().response()
+        return unexpected_error_response(request, exc)
+
+
+def api_error_response(
+    request: Request, exc: APIError, on_reject: Callable[[str], None]
+) -> JSONResponse:
+    """The envelope for `exc`, counted when it is a refusal and named in the access log."""
+    if exc.reject_reason:
+        on_reject(exc.reject_reason)
+    request.state.error = exc.code or exc.type
+    return exc.response()
+
+
+def unexpected_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """A bug: the trace in the log, a plain 500 envelope to the client."""
+    log.error("unexpected error on %s", request.url.path, exc_info=exc)
+    return internal_error().response()
 
 
 def internal_error(message: str = "internal server error") -> APIError:
