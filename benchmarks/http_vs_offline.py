@@ -47,6 +47,7 @@ from moeserve import LLM, SamplingParams  # noqa: E402
 from moeserve.assets import demo_model_path  # noqa: E402
 from moeserve.bench.workloads import random_workload  # noqa: E402
 from moeserve.metrics import STEP_KINDS, step_kind  # noqa: E402
+from moeserve.runtime import freeze_startup_heap  # noqa: E402
 
 KV_BYTES = 8 * 2**30
 WHERE = {"process": "its own process", "thread": "a thread of the server"}
@@ -171,8 +172,19 @@ def offline(path: Path, prompts: list[str], out_len: int, max_seqs: int, dtype: 
     do at best over HTTP; that separates the arrival pattern's cost from the server's."""
     llm = LLM(str(path), dtype=dtype, load_format="dummy", kv_cache_memory=KV_BYTES,
               max_num_seqs=max_seqs, max_model_len=4096, progress=False)  # fmt: skip
-    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     llm.generate(prompts[:max_seqs], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    # As the server's processes do once loaded: without it, full collections (160 ms each for
+    # the engine's heap on the CPU machine, benchmarks/gc_pauses.py) stall the offline steps.
+    freeze_startup_heap("offline")
+    try:
+        params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+        return _timed_offline(llm, prompts, params, max_seqs, profile, closed)
+    finally:
+        gc.unfreeze()  # this engine's objects become collectable again once it is dropped
+
+
+def _timed_offline(llm: LLM, prompts: list[str], params: SamplingParams, max_seqs: int,
+                   profile: Path | None, closed: bool) -> float:  # fmt: skip
     kinds: dict[str, list[float]] = {k: [0.0, 0.0] for k in STEP_KINDS}
     real_step = llm.engine.step
 

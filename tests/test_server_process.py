@@ -119,6 +119,9 @@ def test_sigterm_drains_then_exits_zero(server_proc: Any) -> None:
         assert last["error"]["code"] == "server_shutting_down", last
     log = log_path.read_text()
     assert "received SIGTERM" in log and "draining" in log
+    # Both processes took their startup heap out of the collector's scans once loaded.
+    for where in ("server", "engine process"):
+        assert re.search(rf"{where}: froze [1-9]\d* startup objects", log), log
 
 
 def test_serve_missing_model_exits_2(

@@ -22,6 +22,7 @@ from moeserve.config import ModelConfig
 from moeserve.engine.async_engine import admit, merge_outputs
 from moeserve.engine.engine import Engine
 from moeserve.engine.outputs import RequestOutput, StepStats
+from moeserve.runtime import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def engine_main(
 
         engine = LLM(model, progress=False, **engine_kwargs).engine
         engine.warm_up()
+        freeze_startup_heap("engine process")  # this process is the engine's alone
     except BaseException as e:  # noqa: BLE001 - reported to the server, which exits with it
         conn.send(("failed", _portable(e)))
         return

@@ -118,7 +118,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         served_model_name=name, api_key=args.api_key or None,
         max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
-        max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts,
+        max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts, freeze_gc=True,
     )  # fmt: skip
 
 

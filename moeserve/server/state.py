@@ -24,6 +24,7 @@ from moeserve.engine.engine import Engine
 from moeserve.engine.engine_process import EngineProcess
 from moeserve.metrics import Metrics
 from moeserve.metrics_cache import ExpertCacheCollector
+from moeserve.runtime import freeze_startup_heap
 from moeserve.server.errors import (
     RETRY_DRAINING,
     RETRY_LOADING,
@@ -49,6 +50,9 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 2_000_000
     log_prompts: bool = False
+    # Once loaded, freeze the startup heap out of the garbage collector's scans
+    # (runtime.freeze_startup_heap): for a process the server owns, as `moeserve serve` does.
+    freeze_gc: bool = False
 
 
 class ServerState:
@@ -118,6 +122,8 @@ class ServerState:
             self.aengine = engine
         else:
             self.aengine = AsyncEngine(engine, stats_sink=self.metrics.observe_step)
+        if self.config.freeze_gc:
+            freeze_startup_heap("server")
         if self.phase == "loading":
             self.phase = "ready"
 
