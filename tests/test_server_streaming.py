@@ -14,29 +14,18 @@ from typing import Any
 import pytest
 
 from moeserve.runtime import freeze_startup_heap
+from moeserve.server.state import ServerConfig, ServerState
 from moeserve.server.streaming import DONE, ClientGone, Guard, SSEResponse, Stopped
 
 
-class FakeState:
-    """ServerState's stop hooks, alone."""
-
-    def __init__(self) -> None:
-        self.hooks: set[Any] = set()
-        self.stopped = False
-
-    def on_stop(self, hook: Any) -> Any:
-        if self.stopped:
-            hook()
-        self.hooks.add(hook)
-        return lambda: self.hooks.discard(hook)
-
-    def stop_all(self) -> None:
-        self.stopped = True
-        for hook in list(self.hooks):
-            hook()
+def fake_state() -> ServerState:
+    """A ServerState with no engine: the tests use its stop hooks."""
+    state = ServerState(ServerConfig(served_model_name="test"), lambda: None)  # type: ignore
+    state._pool.shutdown()
+    return state
 
 
-def fake_request() -> tuple[SimpleNamespace, asyncio.Queue[dict[str, str]]]:
+def fake_request() -> tuple[Any, asyncio.Queue[dict[str, str]]]:
     """A request whose receive() hands out what the test puts in the queue."""
     messages: asyncio.Queue[dict[str, str]] = asyncio.Queue()
     return SimpleNamespace(receive=messages.get, state=SimpleNamespace()), messages
@@ -50,8 +39,8 @@ def cancelling() -> int:
 def test_disconnect_inside_protect_is_client_gone() -> None:
     async def main() -> None:
         request, messages = fake_request()
-        state = FakeState()
-        guard = Guard(request, state)  # type: ignore[arg-type]
+        state = fake_state()
+        guard = Guard(request, state)
         messages.put_nowait({"type": "http.request"})  # not a disconnect: keeps watching
         with pytest.raises(ClientGone), guard.protect():
             asyncio.get_running_loop().call_later(0.01, messages.put_nowait,
@@ -61,22 +50,22 @@ def test_disconnect_inside_protect_is_client_gone() -> None:
         assert cancelling() == 0  # the guard's own cancel was taken back
         await asyncio.sleep(0)  # nothing pending: the task runs on
         guard.close()
-        assert not state.hooks
+        assert not state._stop_hooks
 
     asyncio.run(asyncio.wait_for(main(), 5))
 
 
 def test_stop_before_and_during_protect() -> None:
     async def main() -> None:
-        state = FakeState()
+        state = fake_state()
         request, _ = fake_request()
-        during = Guard(request, state)  # type: ignore[arg-type]
+        during = Guard(request, state)
         with pytest.raises(Stopped), during.protect():
             asyncio.get_running_loop().call_later(0.01, state.stop_all)
             await asyncio.sleep(5)
         during.close()
         # A request that arrives after the stop fails as it enters its first section.
-        late = Guard(fake_request()[0], state)  # type: ignore[arg-type]
+        late = Guard(fake_request()[0], state)
         with pytest.raises(Stopped), late.protect():
             raise AssertionError("the section must not run")
         late.close()
@@ -87,7 +76,7 @@ def test_stop_before_and_during_protect() -> None:
 def test_events_outside_protect_cancel_nothing() -> None:
     async def main() -> None:
         request, messages = fake_request()
-        guard = Guard(request, FakeState())  # type: ignore[arg-type]
+        guard = Guard(request, fake_state())
         with guard.protect():
             await asyncio.sleep(0)
         messages.put_nowait({"type": "http.disconnect"})  # between sections
@@ -103,7 +92,7 @@ def test_events_outside_protect_cancel_nothing() -> None:
 def test_a_cancel_from_outside_stays_a_cancel() -> None:
     async def main() -> None:
         request, _ = fake_request()
-        guard = Guard(request, FakeState())  # type: ignore[arg-type]
+        guard = Guard(request, fake_state())
 
         async def section() -> None:
             with guard.protect():
@@ -125,9 +114,9 @@ def run_sse(chunks: list[bytes], stop_after: int | None = None) -> tuple[list[di
     with `stop_after`, the drain stops it once that many chunks are out."""
 
     async def main() -> tuple[list[dict], list[str]]:
-        state = FakeState()
+        state = fake_state()
         request, _ = fake_request()
-        guard = Guard(request, state)  # type: ignore[arg-type]
+        guard = Guard(request, state)
         events: list[str] = []
 
         async def gen() -> Any:
@@ -143,9 +132,9 @@ def run_sse(chunks: list[bytes], stop_after: int | None = None) -> tuple[list[di
             sent.append(message)
 
         resp = SSEResponse(gen(), guard=guard, on_close=lambda: events.append("closed"),
-                           request=request)  # type: ignore[arg-type]  # fmt: skip
+                           request=request)  # fmt: skip
         await resp({"type": "http"}, request.receive, send)
-        events.append(f"hooks={len(state.hooks)}")
+        events.append(f"hooks={len(state._stop_hooks)}")
         return sent, events
 
     return asyncio.run(asyncio.wait_for(main(), 5))
@@ -175,16 +164,16 @@ def test_a_closed_guard_is_freed_without_the_collector() -> None:
     at 64 streams those would pile up for the collector's full passes."""
 
     async def main() -> None:
-        state = FakeState()
+        state = fake_state()
         request, messages = fake_request()
-        guard = Guard(request, state)  # type: ignore[arg-type]
+        guard = Guard(request, state)
         with guard.protect():
             await asyncio.sleep(0)
         guard.close()
         await asyncio.sleep(0.01)  # the cancelled watcher finishes
         ref = weakref.ref(guard)
         del guard
-        assert ref() is None and not state.hooks
+        assert ref() is None and not state._stop_hooks
 
     gc.disable()
     try:
