@@ -67,8 +67,9 @@ class InferenceFastPath:
     envelopes; everything else (the other routes, a wrong method, the lifespan) goes to the
     FastAPI app, which holds the two routes as well. FastAPI's own layers on the way (its
     error, telemetry and body-limit middleware, the exception middleware, the exit stack, the
-    router and the route's wrappers) cost about a tenth of a request's event-loop CPU, and
-    every SSE chunk passed three of their send wrappers (benchmarks/server_overhead.py)."""
+    router and the route's wrappers) took about a tenth of a request's event-loop CPU in a
+    py-spy profile of benchmarks/server_overhead.py, and every SSE chunk passed three of
+    their send wrappers."""
 
     def __init__(self, app: FastAPI, state: ServerState, endpoints: dict[str, Endpoint]) -> None:
         self.app = app
