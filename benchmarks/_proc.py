@@ -11,24 +11,27 @@ from pathlib import Path
 import httpx
 
 
+def _stat_cpu(stat: Path) -> float | None:
+    """utime + stime from a /proc stat file, None where it is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a live process (Linux /proc), 0 where it is gone or elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu(Path(f"/proc/{pid}/stat")) or 0.0
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """utime + stime of each thread of a live process, by thread id (the main thread's is pid)."""
     out = {}
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        cpu = _stat_cpu(task / "stat")
+        if cpu is not None:
+            out[int(task.name)] = cpu
     return out
 
 

@@ -52,13 +52,12 @@ def serve(log: str, freeze: bool, argv: list[str]) -> int:
     not `freeze`)."""
     import logging
 
-    import moeserve.engine.engine_worker as worker
     import moeserve.server.state as state
     from moeserve.cli import build_parser, engine_kwargs
     from moeserve.server.serve import run
 
-    if not freeze:
-        state.freeze_startup_heap = worker.freeze_startup_heap = lambda where: 0
+    if not freeze:  # the server's freeze; the engine process's is undone by _engine_setup
+        state.freeze_startup_heap = lambda where: 0
     record_gc(log, "server")
     args = build_parser().parse_args(["serve", *argv])
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
