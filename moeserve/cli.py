@@ -57,7 +57,8 @@ def add_engine_args(p: _EnvDefaults) -> None:
                  "default: the demo model that ships with moeserve")
     p.add_option("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                  help="weight and activation dtype (auto: the checkpoint's)")
-    p.add_option("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_option("--device", default=None,
+                 help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_option("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_option("--kv-cache-memory", type=_bytes, default=None,
                  help="KV cache budget in bytes (e.g. 4GiB); default: from the device")

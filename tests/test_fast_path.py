@@ -14,7 +14,7 @@ import torch
 from moeserve import LLM, SamplingParams
 from moeserve.config import ConfigError
 from moeserve.engine.cuda_graphs import capture_sizes
-from moeserve.engine.engine import resolve_kernels
+from moeserve.engine.engine import resolve_device, resolve_kernels
 from tests.checkpoints import make_checkpoint
 
 pytest.importorskip("triton")
@@ -130,6 +130,25 @@ def test_kernel_choice_is_validated() -> None:
     assert resolve_kernels("torch", torch.device("cuda")) == "torch"
 
 
+def test_device_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("gpu", "cuda:x", "cuda:-1"):
+        with pytest.raises(ConfigError, match=f"device '{bad}' is not a device"):
+            resolve_device(bad)
+    assert resolve_device("cpu") == torch.device("cpu")
+    # A machine with two GPUs, the second current: a bare "cuda" means it, as in torch.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolve_device(None) == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"'cuda:2': only 2 CUDA device\(s\) visible"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="'cuda:0': no CUDA device"):
+        resolve_device("cuda:0")
+    assert resolve_device(None) == torch.device("cpu")
+
+
 def test_capture_sizes_cover_every_batch() -> None:
     for n in (1, 3, 64, 100, 600):
         sizes = capture_sizes(n)
@@ -225,3 +244,32 @@ def test_warm_up_steps_past_max_model_len_split_into_sequences(ckpt: Path) -> No
     blocks = [b for w in work for b in w.seq.block_ids]
     assert blocks == list(range(1, 1 + len(blocks)))  # consecutive, none shared
     runner.warm_up(64)  # 64-token steps run, each sequence within 24 positions
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("offloaded", [False, True], ids=["resident", "offloaded"])
+def test_gpu_second_device(ckpt: Path, offloaded: bool) -> None:
+    """An engine on cuda:1 (graphs, Triton, async scheduling, the expert cache's copy stream)
+    gives cuda:0's outputs, puts nothing on cuda:0, leaves the caller's current device alone,
+    and steps from a thread whose current device is cuda:0 (the server's engine thread)."""
+    import threading
+
+    kw = dict(progress=False, dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=16,
+              kv_cache_memory=2**28)  # fmt: skip
+    if offloaded:
+        kw |= dict(expert_cache_slots=3, offload_mode="fetch")
+    want = _run(LLM(ckpt, device="cuda:0", **kw))
+    torch.cuda.synchronize(0)
+    on_first = torch.cuda.memory_allocated(0)
+    second = LLM(ckpt, device="cuda:1", **kw)
+    assert torch.cuda.current_device() == 0
+    assert second.engine.runner.graphs is not None and second.engine.model.device.index == 1
+    got: list = []
+    worker = threading.Thread(target=lambda: got.append(_run(second)))
+    worker.start()
+    worker.join(timeout=300)
+    assert got, "the generation on cuda:1 failed (see the thread's traceback)"
+    _assert_same(got[0], want, 5e-2)
+    assert torch.cuda.memory_allocated(0) == on_first
+    assert second.engine.scheduler.stats().kv_blocks_used == 0

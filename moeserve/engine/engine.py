@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,6 +34,31 @@ from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The engine's device, with a CUDA index: `None` is CUDA when available, else the CPU;
+    CUDA without an index is the current device (cuda:0 unless set). Raises ConfigError for
+    a name torch does not know, CUDA that this machine or torch build lacks, or an index
+    beyond the visible devices."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from e
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "none is visible"
+        raise ConfigError(f"device {device!r}: no CUDA device ({why}); use --device cpu")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= count:
+        raise ConfigError(
+            f"device {device!r}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})"
+        )
+    return torch.device("cuda", index)
 
 
 class InvalidRequest(ValueError):
@@ -150,7 +176,23 @@ class Engine:
         cache = cache or CacheConfig()
         sched = scheduler or SchedulerConfig()
         offload = offload or OffloadConfig()
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = resolve_device(device)
+        self._cuda_index = dev.index if dev.type == "cuda" else None
+        with self._on_device():
+            self._build(model_dir, dtype, str(dev), cache, sched, offload, load_format, seed,
+                        progress, kernels, enforce_eager, async_scheduling)  # fmt: skip
+
+    def _on_device(self) -> AbstractContextManager[object]:
+        """The engine's CUDA device as the current one, then the caller's again: Triton
+        launches, streams, graph capture and the memory probe use the current device (per
+        thread), not the tensors'."""
+        return nullcontext() if self._cuda_index is None else torch.cuda.device(self._cuda_index)
+
+    def _build(
+        self, model_dir: str | Path, dtype: str | None, device: str, cache: CacheConfig,
+        sched: SchedulerConfig, offload: OffloadConfig, load_format: str, seed: int | None,
+        progress: bool, kernels: str, enforce_eager: bool, async_scheduling: bool | None,
+    ) -> None:  # fmt: skip
         ckpt = inspect_checkpoint(model_dir, need_weights=load_format != "dummy")
         model_dtype = resolve_dtype(ckpt.config, dtype)
         max_positions = ckpt.config.max_position_embeddings
@@ -342,6 +384,10 @@ class Engine:
         run) by the next call, which first queues the step after it; this call returns the
         deltas of the step before.
         """
+        with self._on_device():
+            return self._step()
+
+    def _step(self) -> StepResult:
         prev, self._launched = self._launched, None
         if prev is not None and (not self.async_scheduling or self._penalised):
             return self._resolve(prev)
