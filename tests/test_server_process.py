@@ -20,13 +20,17 @@ from moeserve.cli import build_parser, main
 from moeserve.server.serve import server_config
 from tests.server_fixture import assert_envelope, build_checkpoint, wait_for
 
-LONG = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
-SHORT = {"prompt": "Hello", "max_tokens": 8, "ignore_eos": True}  # well within the timeout
+# Long enough that no machine finishes it inside the 3 s drain: 1,000 tokens alone take
+# 1.7 s on a 2-core CPU machine, so a drained 1,000-token request could finish in time.
+POSITIONS = 8192
+LONG = {"prompt": "Once upon a time", "max_tokens": POSITIONS - 100, "ignore_eos": True}
+# Still running when SIGTERM comes (a few hundred ms), finished well inside the drain.
+SHORT = {"prompt": "Hello", "max_tokens": 96, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_checkpoint(tmp_path_factory)
+    return build_checkpoint(tmp_path_factory, POSITIONS)
 
 
 def _free_port() -> int:
@@ -44,9 +48,9 @@ def _running(http: httpx.Client) -> float:
 def server_proc(ckpt: Path, tmp_path: Path):
     port = _free_port()
     log = (tmp_path / "server.log").open("wb")  # a file, not a pipe: a full one would block
-    env = {**os.environ, "MOESERVE_SHUTDOWN_TIMEOUT": "2", "MOESERVE_PORT": str(port)}
+    env = {**os.environ, "MOESERVE_SHUTDOWN_TIMEOUT": "3", "MOESERVE_PORT": str(port)}
     cmd = [sys.executable, "-m", "moeserve", "serve", "--model", str(ckpt), "--device", "cpu",
-           "--max-model-len", "1024", "--block-size", "4"]  # fmt: skip
+           "--max-model-len", str(POSITIONS), "--block-size", "4"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
 
@@ -71,7 +75,7 @@ def test_sigterm_drains_then_exits_zero(server_proc: Any) -> None:
     proc, url, log_path = server_proc
     http = httpx.Client(base_url=url, timeout=60)
     results: dict[str, Any] = {}
-    first_chunk = threading.Barrier(3)  # both long streams started + the test thread
+    first_chunk = threading.Barrier(5)  # every stream started + the test thread
 
     def plain(name: str, body: dict) -> None:
         results[name] = http.post("/v1/completions", json=body)
@@ -80,24 +84,23 @@ def test_sigterm_drains_then_exits_zero(server_proc: Any) -> None:
         with http.stream("POST", route, json={**body, "stream": True}) as resp:
             lines = resp.iter_lines()
             first = next(lines)
-            if name.startswith("long"):
-                first_chunk.wait(30)
+            first_chunk.wait(30)
             results[name] = [first, *lines]
 
     chat_long = {"messages": [{"role": "user", "content": "Tell me a story"}],
-                 "max_tokens": 1000, "ignore_eos": True}  # fmt: skip
+                 "max_tokens": LONG["max_tokens"], "ignore_eos": True}  # fmt: skip
     threads = [
         threading.Thread(target=plain, args=("long_plain", LONG)),
         threading.Thread(target=stream, args=("long_stream", "/v1/completions", LONG)),
         threading.Thread(target=stream, args=("long_chat", "/v1/chat/completions", chat_long)),
     ]
-    for t in threads:
+    short = [threading.Thread(target=stream, args=(f"short{i}", "/v1/completions", SHORT))
+             for i in range(2)]  # fmt: skip
+    threads[0].start()
+    wait_for(lambda: _running(http) == 1, 10, "the long plain request running")
+    for t in threads[1:] + short:
         t.start()
-    first_chunk.wait(30)
-    short = [threading.Thread(target=plain, args=(f"short{i}", SHORT)) for i in range(2)]
-    for t in short:
-        t.start()
-    wait_for(lambda: _running(http) == 5, 10, "five running sequences")
+    first_chunk.wait(30)  # all five in flight: the streams have their first chunks
     proc.send_signal(signal.SIGTERM)
     # Draining: not ready, new requests refused with Retry-After, in-flight ones still going.
     wait_for(lambda: http.get("/ready").status_code == 503, 5, "readiness off")
@@ -109,7 +112,9 @@ def test_sigterm_drains_then_exits_zero(server_proc: Any) -> None:
     assert proc.wait(30) == 0, log_path.read_text()
 
     for i in range(2):  # short requests finish inside the timeout
-        assert results[f"short{i}"].status_code == 200
+        lines = [line for line in results[f"short{i}"] if line]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][len("data: "):])["choices"][0]["finish_reason"] == "length"
     err = assert_envelope(results["long_plain"], 503)
     assert err["code"] == "server_shutting_down"
     for name in ("long_stream", "long_chat"):
