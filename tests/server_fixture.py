@@ -21,8 +21,8 @@ MODEL_NAME = "tiny-moe"
 
 
 def build_checkpoint(tmp_path_factory: pytest.TempPathFactory, positions: int = 1024) -> Path:
-    """A tiny Mixtral with the test tokenizer and chat template; 1024 positions so that slow
-    (long) generations are possible. Test modules wrap this in their `ckpt` fixture."""
+    """A tiny Mixtral with the test tokenizer and chat template; `positions` (1024) so that
+    slow (long) generations are possible. Test modules wrap this in their `ckpt` fixture."""
     path = tmp_path_factory.mktemp("srv") / "mixtral"
     return make_checkpoint(path, "mixtral", tokenizer=True, max_position_embeddings=positions)
 
