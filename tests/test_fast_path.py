@@ -14,7 +14,7 @@ import torch
 from moeserve import LLM, SamplingParams
 from moeserve.config import ConfigError
 from moeserve.engine.cuda_graphs import capture_sizes
-from moeserve.engine.engine import resolve_device, resolve_kernels
+from moeserve.engine.placement import resolve_device, resolve_kernels
 from tests.checkpoints import make_checkpoint
 
 pytest.importorskip("triton")

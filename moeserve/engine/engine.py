@@ -25,6 +25,7 @@ from moeserve.engine.outputs import (
     StepStats,
     TokenLogprob,
 )
+from moeserve.engine.placement import resolve_device, resolve_kernels
 from moeserve.engine.runner import Runner
 from moeserve.engine.sampler import PendingSample, Sampler, SamplerOutput
 from moeserve.engine.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
@@ -34,31 +35,6 @@ from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """The engine's device, with a CUDA index: `None` is CUDA when available, else the CPU;
-    CUDA without an index is the current device (cuda:0 unless set). Raises ConfigError for
-    a name torch does not know, CUDA that this machine or torch build lacks, or an index
-    beyond the visible devices."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device {device!r} is not a device: use cpu, cuda or cuda:N") from e
-    if dev.type != "cuda":
-        return dev
-    if not torch.cuda.is_available():
-        why = "this torch build has no CUDA" if torch.version.cuda is None else "none is visible"
-        raise ConfigError(f"device {device!r}: no CUDA device ({why}); use --device cpu")
-    count = torch.cuda.device_count()
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    if index >= count:
-        raise ConfigError(
-            f"device {device!r}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})"
-        )
-    return torch.device("cuda", index)
 
 
 class InvalidRequest(ValueError):
@@ -99,29 +75,9 @@ class _Launched:
     t0: float
 
 
-KERNELS = ("auto", "triton", "torch")
 # The fused MoE GEMMs beat one cuBLAS GEMM per expert at every size measured on an H100 (up
 # to 4k-token prefills: benchmarks/RESULTS.md), and CUDA graphs need them.
 FUSED_MOE_MAX_TOKENS = 1 << 62
-
-
-def resolve_kernels(choice: str, device: torch.device) -> str:
-    """"triton" or "torch" for this device; "triton" without CUDA only under the interpreter."""
-    from moeserve.kernels import interpreting, triton_available
-
-    if choice not in KERNELS:
-        raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, got {choice!r}")
-    if choice == "torch":
-        return "torch"
-    runnable = triton_available() and (device.type == "cuda" or interpreting())
-    if choice == "triton" and not runnable:
-        raise ConfigError(
-            "kernels=triton needs the triton package and a CUDA device "
-            "(or TRITON_INTERPRET=1 for the slow CPU interpreter)"
-        )
-    if choice == "auto":
-        return "triton" if runnable and device.type == "cuda" else "torch"
-    return "triton"
 
 
 def encode_prompt(
