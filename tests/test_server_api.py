@@ -219,12 +219,13 @@ def test_async_client_concurrent(srv: RunningServer) -> None:
     srv.wait_idle()
 
 
-def test_unknown_fields_ignored_and_one_log_line_without_prompt(
+def test_output_neutral_fields_accepted_and_one_log_line_without_prompt(
     srv: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = "my secret prompt text"
     with caplog.at_level(logging.INFO, logger="moeserve.server"):
-        body = {"prompt": secret, "max_tokens": 2, "frobnicate": True, "user": "u1"}
+        body = {"prompt": secret, "max_tokens": 2, "user": "u1", "metadata": {"k": "v"},
+                "store": False, "service_tier": "auto"}  # fmt: skip
         r = srv.client().post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
         rid = r.json()["id"]

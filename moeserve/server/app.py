@@ -29,7 +29,13 @@ from moeserve.server.errors import (
     unavailable,
     unexpected_error_response,
 )
-from moeserve.server.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from moeserve.server.middleware import (
+    AccessLogMiddleware,
+    BodyLimitMiddleware,
+    bad_host,
+    host_allowed,
+    send_error,
+)
 from moeserve.server.protocol import ModelCard, ModelList
 from moeserve.server.state import ServerState
 
@@ -49,7 +55,9 @@ def create_app(state: ServerState) -> InferenceFastPath:
 
     # No /docs or /openapi.json: the API is OpenAI's, documented elsewhere, and a production
     # server should not expose more surface than it serves.
-    app = FastAPI(title="moeserve", lifespan=lifespan, openapi_url=None)
+    # redirect_slashes off: the 307 for `/v1/completions/` came before the API-key check and
+    # built its Location from the client's Host header.
+    app = FastAPI(title="moeserve", lifespan=lifespan, openapi_url=None, redirect_slashes=False)
     app.state.moeserve = state
     install_handlers(app, state.reject)
     app.add_middleware(BodyLimitMiddleware, limit=state.config.max_body_bytes,
@@ -74,6 +82,7 @@ class InferenceFastPath:
     def __init__(self, app: FastAPI, state: ServerState, endpoints: dict[str, Endpoint]) -> None:
         self.app = app
         cfg = state.config
+        self._hosts = cfg.allowed_hosts
         self._routes: dict[str, ASGIApp] = {
             path: AccessLogMiddleware(
                 BodyLimitMiddleware(_as_asgi(endpoint, state), cfg.max_body_bytes, state.reject),
@@ -83,6 +92,11 @@ class InferenceFastPath:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._hosts is not None and scope["type"] == "http" and not host_allowed(
+            scope, self._hosts
+        ):
+            await send_error(send, bad_host())
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             route = self._routes.get(scope["path"])
             if route is not None:
@@ -157,14 +171,26 @@ def _v1_router(state: ServerState) -> APIRouter:
     # The dependency sits on the routes themselves, so no rewritten URL can route around it.
     router = APIRouter(prefix="/v1", dependencies=[Depends(_require_key(state))])
 
-    @router.get("/models")
-    async def models() -> JSONResponse:
-        card = ModelCard(
+    def card() -> ModelCard:
+        return ModelCard(
             id=state.config.served_model_name,
             created=state.created,
             max_model_len=state.engine.max_model_len if state.engine else None,
         )
-        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @router.get("/models")
+    async def models() -> JSONResponse:
+        return JSONResponse(ModelList(data=[card()]).model_dump())
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        name = state.config.served_model_name
+        if model_id != name:
+            raise APIError(
+                404, f"the model `{model_id}` does not exist; this server serves `{name}`",
+                type="not_found_error", param="model", code="model_not_found",
+            )  # fmt: skip
+        return JSONResponse(card().model_dump())
 
     return router
 
@@ -176,6 +202,8 @@ def _add_probes(app: FastAPI, state: ServerState) -> None:
         if not state.alive:
             why = "the model failed to load" if state.load_error else "the engine loop died"
             return APIError(503, why, type="server_error", code="engine_dead").response()
+        if state.stalled:
+            return state.stalled_error().response()
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
@@ -187,6 +215,8 @@ def _add_probes(app: FastAPI, state: ServerState) -> None:
             return unavailable("the model is still loading", RETRY_LOADING, None).response()
         if state.phase == "draining":
             return unavailable("the server is shutting down", RETRY_DRAINING, None).response()
+        if state.stalled:
+            return state.stalled_error().response()
         return APIError(503, "the engine is not running", type="server_error",
                         code="engine_dead").response()  # fmt: skip
 

@@ -66,12 +66,13 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 raise bad_request(f"messages.{i}.content: only text parts are supported",
                                   param="messages")  # fmt: skip
             content = "".join(part.text or "" for part in content)
-        out.append({"role": m.role, "content": content, "name": m.name})
+        out.append({"role": m.role, "content": content, "name": m.name,
+                    "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id})  # fmt: skip
     return out
 
 
 async def create_chat_completion(request: Request, state: ServerState) -> Response:
-    state.check_serving()
+    state.check_admissible()
     req = await parse_body(request, state, ChatCompletionRequest)
     check_model(req, state)
     messages = _messages(req.messages)
@@ -166,31 +167,43 @@ class _Chat:
                                     choices=choices, usage=usage)  # fmt: skip
         return sse(chunk.model_dump(exclude=None if usage else {"usage"}))
 
+    def _running_usage(self) -> UsageInfo | None:
+        """The usage so far on every chunk, with stream_options.continuous_usage_stats."""
+        return self._usage() if self.req.continuous_usage else None
+
     async def stream(self) -> AsyncIterator[bytes]:
         """Role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE];
         an error once streaming has begun becomes an error chunk before [DONE]."""
         head = {"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model}  # fmt: skip
         template = ChunkTemplate(head, "delta")
+        plain = not self.req.continuous_usage  # chunks the template renders (no usage)
         try:
             for i in range(self.engine_req.params.n):
                 role = DeltaMessage(role="assistant", content="")
-                yield self._chunk([ChatStreamChoice(index=i, delta=role)])
+                yield self._chunk([ChatStreamChoice(index=i, delta=role)], self._running_usage())
             async with aclosing(self._outputs()) as outs:
                 async for _, delta in outs:
                     for o in delta.outputs:
                         self.completion_tokens += len(o.token_ids)
                         self.request.state.completion_tokens = self.completion_tokens
                         logprobs = self._logprobs(o)
-                        if logprobs is not None:
-                            yield self._chunk([ChatStreamChoice(
-                                index=o.index, delta=DeltaMessage(content=o.text),
-                                logprobs=logprobs,
-                            )])  # fmt: skip
-                        elif o.text:
+                        reason = finish_reason(o.finish_reason)
+                        if logprobs is not None or not plain:
+                            if o.text or logprobs is not None:
+                                yield self._chunk([ChatStreamChoice(
+                                    index=o.index, delta=DeltaMessage(content=o.text),
+                                    logprobs=logprobs,
+                                )], self._running_usage())  # fmt: skip
+                            if reason is not None:
+                                yield self._chunk([ChatStreamChoice(
+                                    index=o.index, delta=DeltaMessage(), finish_reason=reason,
+                                )], self._running_usage())  # fmt: skip
+                            continue
+                        if o.text:
                             yield template.render(o.index, o.text, None)
-                        if o.finish_reason is not None:
-                            yield template.render(o.index, None, finish_reason(o.finish_reason))
+                        if reason is not None:
+                            yield template.render(o.index, None, reason)
             usage = self._usage()
             if self.req.include_usage:
                 yield self._chunk([], usage)

@@ -17,10 +17,13 @@ from moeserve.server.protocol import (
     CompletionLogprobs,
     SamplingFields,
     TopLogprob,
+    unsupported_option,
 )
 from moeserve.server.state import OFFLOAD_LEN, ServerState
 
 M = TypeVar("M", bound=BaseModel)
+# OpenAI's API caps temperature at 2; the offline API (SamplingParams) does not.
+MAX_TEMPERATURE = 2.0
 
 # Request fields copied to SamplingParams under the same name when given.
 _SAMPLING_FIELDS = (
@@ -59,8 +62,18 @@ def sampling_params(
 ) -> SamplingParams:
     """Validated SamplingParams; an absent max_tokens is 1 here and fit_context later sets it to
     the rest of the context."""
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias")
+    option = unsupported_option(req)
+    if option is not None:
+        raise bad_request(
+            f"{option} is not supported by this server (a request that needs it is refused "
+            "rather than answered without it)",
+            param=option,
+        )
+    if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
+        raise bad_request(
+            f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {req.temperature}",
+            param="temperature",
+        )
     kwargs: dict[str, Any] = {
         name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None
     }

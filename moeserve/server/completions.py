@@ -58,7 +58,7 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
 
 
 async def create_completion(request: Request, state: ServerState) -> Response:
-    state.check_serving()
+    state.check_admissible()
     req = await parse_body(request, state, CompletionRequest)
     check_model(req, state)
     if req.echo and req.logprobs is not None:
@@ -66,8 +66,6 @@ async def create_completion(request: Request, state: ServerState) -> Response:
             "echo with logprobs is not supported: this server cannot compute the "
             "log-probabilities of prompt tokens", param="logprobs",
         )  # fmt: skip
-    if req.suffix:
-        raise bad_request("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of is not supported (except equal to n)", param="best_of")
     prompts = split_prompts(req.prompt)
@@ -147,15 +145,17 @@ class _Completion:
 
     def _chunk(self, index: int, text: str, logprobs: Any = None, reason: str | None = None
                ) -> bytes:  # fmt: skip
-        if logprobs is None:
+        usage = self._usage() if self.req.continuous_usage else None
+        if logprobs is None and usage is None:
             if self._template is None:
                 self._template = ChunkTemplate({"id": self.cid, "object": "text_completion",
                                                 "created": self.created, "model": self.model},
                                                "text")  # fmt: skip
             return self._template.render(index, text, reason)
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
-        return sse(CompletionResponse(id=self.cid, created=self.created, model=self.model,
-                                      choices=[choice]).model_dump(exclude={"usage"}))  # fmt: skip
+        body = CompletionResponse(id=self.cid, created=self.created, model=self.model,
+                                  choices=[choice], usage=usage)  # fmt: skip
+        return sse(body.model_dump(exclude=None if usage else {"usage"}))
 
     async def stream(self) -> AsyncIterator[bytes]:
         """SSE chunks; an error after the first chunk becomes an error chunk, then [DONE]."""

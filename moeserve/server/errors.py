@@ -7,6 +7,7 @@ SamplingParams (a client's mistake by the codebase's convention) becomes a 400.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
@@ -20,7 +21,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeserve.engine.scheduler import RequestTooLarge
-from moeserve.server.protocol import ErrorInfo, ErrorResponse
+from moeserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+)
 
 log = logging.getLogger("moeserve.server")
 
@@ -95,25 +101,141 @@ def parse_json(body: bytes, model: type[BaseModel]) -> Any:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        field = _deep_field(text)
+        raise bad_request(
+            f"{field or 'the request body'}: JSON nested more than {_MAX_DEPTH} levels deep",
+            param=field,
+        ) from None
+    except ValueError:  # an integer literal past Python's 4,300-digit limit
+        field = _field_before(text, _LONG_INT)
+        raise bad_request(
+            f"{field or 'the request body'}: an integer literal of more than 4,300 digits",
+            param=field,
+        ) from None
     if not isinstance(obj, dict):
         raise bad_request("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(text):  # only then can a string hold a lone surrogate
+        field = _lone_surrogate(obj)
+        if field is not None:
+            top = field.split(".")[0]
+            raise bad_request(
+                f"{field}: a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                "without its pair), which is not text",
+                param=top,
+            )
     try:
         return model.model_validate(obj, strict=None)
     except ValidationError as e:
-        raise _from_pydantic(e.errors()) from None
+        raise _from_pydantic(e.errors(), model) from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
 
 
-def _from_pydantic(errors: list[Any]) -> APIError:
+# Python's JSON decoder raises RecursionError near its recursion limit (about 1,000 levels).
+_MAX_DEPTH = 900
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# A string literal (skipped) or an integer literal longer than Python converts.
+_LONG_INT = re.compile(r'"(?:[^"\\]|\\.)*"|(-?\d{4301,})')
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{}]')
+
+
+def _field_before(text: str, pattern: re.Pattern[str]) -> str | None:
+    """The top-level key whose value holds the first match of `pattern`'s group 1 (error
+    paths only)."""
+    for m in pattern.finditer(text):
+        if m.group(1) is not None:
+            return _top_key_at(text, m.start())
+    return None
+
+
+def _top_key_at(text: str, pos: int) -> str | None:
+    key, depth = None, 0
+    for m in _TOKEN.finditer(text, 0, pos):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+        elif tok in "]}":
+            depth -= 1
+        elif depth == 1 and tok.endswith(":"):
+            key = json.loads(tok[:-1].rstrip())
+    return key
+
+
+def _deep_field(text: str) -> str | None:
+    """The top-level key under which the body nests past _MAX_DEPTH (error path only)."""
+    depth = 0
+    for m in _TOKEN.finditer(text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            if depth > _MAX_DEPTH:
+                return _top_key_at(text, m.start())
+        elif tok in "]}":
+            depth -= 1
+    return None
+
+
+def _lone_surrogate(obj: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (value or key) holding a lone surrogate."""
+    if isinstance(obj, str):
+        return (path or "body") if _has_surrogate(obj) else None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if _has_surrogate(k):
+                return sub
+            found = _lone_surrogate(v, sub)
+            if found:
+                return found
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = _lone_surrogate(v, f"{path}.{i}")
+            if found:
+                return found
+    return None
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _from_pydantic(errors: list[Any], model: type[BaseModel] | None = None) -> APIError:
     """One message naming the first bad field (`messages.0.content: ...`)."""
     err = errors[0]
     # Union members appear in loc as type names ('str', 'list[int]'); they are noise to users.
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body",) and not _is_type_tag(p)]
     field = ".".join(loc) or "body"
     top = loc[0] if loc else None
+    if err.get("type") == "extra_forbidden":
+        hint = _did_you_mean(loc[-1], model) if loc and len(loc) == 1 else ""
+        return bad_request(
+            f"{field}: unknown field{hint}; this server accepts OpenAI's fields and the "
+            "extensions its README lists, and refuses the rest rather than ignore them",
+            param=top,
+        )
     if top == "prompt" and len(errors) > 1:
         msg = "must be a string, a list of token ids, or a list of strings or token-id lists"
         return bad_request(f"prompt: {msg}", param="prompt")
     return bad_request(f"{field}: {err.get('msg', 'invalid value')}", param=top)
+
+
+def _did_you_mean(name: str, model: type[BaseModel] | None) -> str:
+    """A hint for an unknown top-level field: the other endpoint's field, or a close name."""
+    if model is None:
+        return ""
+    for other, path in (
+        (ChatCompletionRequest, "chat/completions"),
+        (CompletionRequest, "completions"),
+    ):
+        if other is not model and name in other.model_fields:
+            return f" here (it is a field of /v1/{path})"
+    close = difflib.get_close_matches(name, sorted(model.model_fields), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""
 
 
 def _is_type_tag(part: Any) -> bool:
@@ -137,7 +259,9 @@ def install_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        # exc.headers carries the 405's Allow, which RFC 9110 requires.
+        return APIError(exc.status_code, str(exc.detail), type=kind,
+                        headers=exc.headers).response()  # fmt: skip
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +46,7 @@ class BodyLimitMiddleware:
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
             self.on_reject("too_large")
-            await _send_error(send, too_large(self.limit))
+            await send_error(send, too_large(self.limit))
             return
         seen = 0
 
@@ -70,7 +72,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, error: APIError) -> None:
+async def send_error(send: Send, error: APIError) -> None:
     body = json.dumps(error.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
@@ -78,8 +80,45 @@ async def _send_error(send: Send, error: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: safe to echo and to log
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    """The client's X-Request-Id when it is a short visible-ASCII string (else ignored)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _REQUEST_ID.fullmatch(text) else None
+    return None
+
+
+def bad_host() -> APIError:
+    return APIError(400, "invalid Host header: this server answers only its allowed hosts",
+                    code="invalid_host", reject_reason="invalid_request")  # fmt: skip
+
+
+def host_allowed(scope: Scope, patterns: tuple[str, ...]) -> bool:
+    """Whether the Host header matches one of `patterns` (`*` any, `*.x.com` subdomains).
+    The probes are exempt: kubelets call them by the pod's IP."""
+    if scope.get("path") in _QUIET_PATHS:
+        return True
+    host = ""
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            host = value.decode("latin-1").lower()
+            break
+    host = host.rsplit(":", 1)[0] if not host.endswith("]") else host  # drop the port
+    for pattern in patterns:
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
 class AccessLogMiddleware:
-    """One log line per request when its response ends: id, status, tokens, latency.
+    """One log line per request when its response ends: id, status, tokens, latency; every
+    response carries X-Request-Id (the client's own, echoed, or the request's id).
 
     Handlers put what they know in `request.state` (scope["state"]): `request_id`,
     `prompt_tokens`, `completion_tokens`, `disconnected`, and `prompt` (logged only with
@@ -96,11 +135,19 @@ class AccessLogMiddleware:
         start = time.monotonic()
         info: dict[str, Any] = scope.setdefault("state", {})
         status = 500
+        client_id = _client_request_id(scope)
+        if client_id is not None:
+            info["client_request_id"] = client_id
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # The client's id echoed, else the request's own (set by its handler).
+                rid = client_id or info.get("request_id") or f"req-{uuid.uuid4().hex}"
+                info.setdefault("request_id", rid)
+                headers = [h for h in message.get("headers", ()) if h[0] != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:
@@ -121,6 +168,8 @@ class AccessLogMiddleware:
             parts.append(f"completion_tokens={info.get('completion_tokens', 0)}")
         if info.get("error"):
             parts.append(f"error={info['error']}")
+        if info.get("client_request_id") and info["client_request_id"] != parts[0]:
+            parts.append(f"x_request_id={info['client_request_id']}")
         parts.append(f"{seconds:.3f}s")
         if self.log_prompts and info.get("prompt") is not None:
             parts.append(f"prompt={info['prompt']!r:.4000}")

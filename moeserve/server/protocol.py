@@ -1,24 +1,64 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic models, OpenAI shapes).
 
 Requests are parsed in strict mode: a JSON string where a number belongs is a 400, not a
-silent coercion. Unknown fields are ignored, as OpenAI-compatible servers usually do. Range
-checks live in SamplingParams (one place for the engine and the server); these models only
-check types and shapes.
+silent coercion. An unknown field is a 400 naming it, as OpenAI's API answers, so a typo
+(`max_token`) or an option this server lacks never vanishes silently. Accepted besides
+OpenAI's sampling fields: the vLLM-style extras that are honoured (`top_k`, `min_p`, ...) and
+OpenAI fields that do not change the output (`user`, `metadata`, `store`, ...). Options that
+OpenAI or vLLM define but this server does not implement yet (`tools`, `response_format`,
+`guided_json`, ...) parse, then `unsupported_option` refuses them with a 400 naming the
+field, unless their value is the no-op default. Range checks live in SamplingParams (one
+place for the engine and the server); these models only check types and shapes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    # vLLM's (guidellm sends it): every chunk carries the usage so far.
+    continuous_usage_stats: bool = False
+
+
+def _absent(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {}
+
+
+# Fields OpenAI or vLLM define that this server does not implement: accepted only with a
+# value that asks for nothing (field -> that test). Anything else is a 400 naming the field.
+_NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
+    "tools": _absent,
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": _absent,
+    "function_call": lambda v: v is None or v == "none",
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "logit_bias": _absent,
+    "suffix": lambda v: v is None or v == "",
+    "audio": _absent,
+    "modalities": lambda v: v is None or v == ["text"],
+    "prediction": _absent,
+    "web_search_options": _absent,
+    "reasoning_effort": _absent,
+    "guided_json": _absent,
+    "guided_regex": _absent,
+    "guided_choice": _absent,
+    "guided_grammar": _absent,
+    "guided_decoding_backend": _absent,
+    "structured_outputs": _absent,
+    "prompt_logprobs": _absent,
+    "continue_final_message": _absent,
+    "chat_template": _absent,
+    "chat_template_kwargs": _absent,
+}
 
 
 class SamplingFields(_Request):
@@ -35,9 +75,7 @@ class SamplingFields(_Request):
     frequency_penalty: float | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None  # refused when non-empty: not supported
-    user: str | None = None
-    # Extras (vLLM's names).
+    # Extras (vLLM's names), honoured.
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -45,10 +83,40 @@ class SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # OpenAI fields that do not change the output: accepted, not used.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None  # meaningful only with tools, which are refused
+    # Defined by OpenAI or vLLM, not implemented: see _NOT_IMPLEMENTED.
+    logit_bias: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    structured_outputs: Any = None
+    response_format: Any = None
+    prompt_logprobs: Any = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+def unsupported_option(req: BaseModel) -> str | None:
+    """The first field of `req` that asks for something this server does not implement."""
+    for name, harmless in _NOT_IMPLEMENTED.items():
+        if name in req.model_fields_set and not harmless(getattr(req, name)):
+            return name
+    return None
 
 
 Prompt = str | list[int] | list[str] | list[list[int]]
@@ -59,7 +127,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     echo: bool | None = None
     best_of: int | None = None  # accepted only when equal to n
-    suffix: str | None = None  # refused when non-empty: no fill-in-the-middle
+    suffix: Any = None  # no fill-in-the-middle: see _NOT_IMPLEMENTED
 
 
 class TextPart(_Request):
@@ -71,6 +139,16 @@ class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # A conversation may carry earlier tool calls and results; the chat template renders
+    # them as transformers does.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    # What the openai SDK puts in an assistant message it returned, when a client sends
+    # that message back: accepted when empty.
+    refusal: str | None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -78,6 +156,18 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None  # wins over max_tokens, as in OpenAI
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    continue_final_message: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
 
 
 # ------------------------------------------------------------------------------ responses

@@ -70,6 +70,7 @@ class DrainingServer(uvicorn.Server):
     def begin_shutdown(self) -> None:
         """Start the drain (on the event loop); a second call stops what is still running."""
         if self._drain is None:
+            self.state.begin_drain()
             self._drain = asyncio.ensure_future(self._drain_then_exit())
         else:
             log.warning("asked again to stop: ending the requests in flight now")

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from moeserve.engine.async_engine import AsyncEngine
 from moeserve.engine.engine import Engine
 from moeserve.engine.engine_process import EngineProcess
+from moeserve.engine.outputs import StepStats
 from moeserve.metrics import Metrics
 from moeserve.metrics_cache import ExpertCacheCollector
 from moeserve.runtime import freeze_startup_heap
@@ -53,6 +54,11 @@ class ServerConfig:
     # Once loaded, freeze the startup heap out of the garbage collector's scans
     # (runtime.freeze_startup_heap): for a process the server owns, as `moeserve serve` does.
     freeze_gc: bool = False
+    # Seconds without a finished engine step, while requests are open, after which the engine
+    # counts as stuck: /health and /ready turn 503 and new requests get 503 (0: never).
+    watchdog_timeout: float = 30.0
+    # Host header values the server answers (None: any); `*.example.com` matches subdomains.
+    allowed_hosts: tuple[str, ...] | None = None
 
 
 class ServerState:
@@ -80,6 +86,10 @@ class ServerState:
         self._idle.set()
         self.on_fatal: Callable[[BaseException], None] | None = None
         self._token_text: dict[int, str] = {}
+        self.stalled = False  # the watchdog's verdict: requests wait and no step finishes
+        self._last_step = time.monotonic()
+        self._busy_since: float | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         # Parsing, tokenising and chat templates run here, not in the default executor: the
         # engine's steps run there, and a burst of big prompts must not delay them.
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moeserve-cpu")
@@ -118,10 +128,12 @@ class ServerState:
         if engine.offloads_experts:
             self.metrics.registry.register(ExpertCacheCollector(engine.expert_cache_stats))
         if isinstance(engine, EngineProcess):
-            engine.attach(stats_sink=self.metrics.observe_step)
+            engine.attach(stats_sink=self._on_step)
             self.aengine = engine
         else:
-            self.aengine = AsyncEngine(engine, stats_sink=self.metrics.observe_step)
+            self.aengine = AsyncEngine(engine, stats_sink=self._on_step)
+        if self.config.watchdog_timeout > 0:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         if self.config.freeze_gc:
             freeze_startup_heap("server")
         if self.phase == "loading":
@@ -135,13 +147,56 @@ class ServerState:
         if self.on_fatal is not None:
             self.on_fatal(error)
 
+    def _on_step(self, stats: StepStats) -> None:
+        self._last_step = time.monotonic()
+        assert self.metrics is not None
+        self.metrics.observe_step(stats)
+
+    async def _watch(self) -> None:
+        """The watchdog: flags the engine as stalled while requests are open and no step has
+        finished for watchdog_timeout seconds (a hung device, a stopped engine process), so
+        an orchestrator restarts the pod instead of routing more requests into it."""
+        timeout = self.config.watchdog_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            aengine = self.aengine
+            if aengine is None or aengine.num_open_requests == 0:
+                self._busy_since = None
+                self._set_stalled(False)
+                continue
+            now = time.monotonic()
+            if self._busy_since is None:
+                self._busy_since = now
+            quiet = now - max(self._last_step, self._busy_since)
+            self._set_stalled(quiet > timeout)
+
+    def _set_stalled(self, stalled: bool) -> None:
+        if stalled == self.stalled:
+            return
+        self.stalled = stalled
+        if stalled:
+            log.error(
+                "watchdog: no engine step finished for %.0f s while %d requests are open; "
+                "reporting unhealthy", self.config.watchdog_timeout,
+                self.aengine.num_open_requests if self.aengine else 0,
+            )  # fmt: skip
+        else:
+            log.warning("watchdog: the engine is stepping again")
+
+    def stalled_error(self) -> APIError:
+        return APIError(
+            503, f"the engine has not finished a step in over {self.config.watchdog_timeout:g} "
+            "s while requests wait; it looks stuck", type="server_error", code="engine_stalled",
+            headers={"Retry-After": str(RETRY_DRAINING)},
+        )  # fmt: skip
+
     @property
     def alive(self) -> bool:
         return self.phase != "failed" and not (self.aengine is not None and self.aengine.is_dead)
 
     @property
     def ready(self) -> bool:
-        return self.phase == "ready" and self.alive
+        return self.phase == "ready" and self.alive and not self.stalled
 
     def reject(self, reason: str) -> None:
         if self.metrics is not None:
@@ -157,6 +212,23 @@ class ServerState:
         if not self.alive:
             why = "the model failed to load" if self.load_error else "the engine loop stopped"
             raise APIError(503, why, type="server_error", code="engine_dead")
+        if self.stalled:
+            raise self.stalled_error()
+
+    def check_admissible(self) -> None:
+        """check_serving, and 429 when the queue is already full: decided before the body is
+        read or parsed, so that refusing a flood stays cheap."""
+        self.check_serving()
+        if self.queued >= self.config.max_queued_requests:
+            raise self._queue_full()
+
+    def _queue_full(self) -> APIError:
+        limit = self.config.max_queued_requests
+        return APIError(
+            429, f"too many requests are queued ({self.queued} of {limit}); retry later",
+            type="rate_limit_error", code="queue_full",
+            headers={"Retry-After": str(RETRY_QUEUE_FULL)}, reject_reason="queue_full",
+        )  # fmt: skip
 
     def admit(self, num_prompts: int) -> Ticket:
         """Admit an HTTP request of `num_prompts` engine requests, or raise 503/429/400."""
@@ -168,19 +240,20 @@ class ServerState:
                 f"({limit}, --max-queued-requests)", param="prompt",
             )  # fmt: skip
         if self.queued + num_prompts > limit:
-            raise APIError(
-                429, f"too many requests are queued ({self.queued} of {limit}); retry later",
-                type="rate_limit_error", code="queue_full",
-                headers={"Retry-After": str(RETRY_QUEUE_FULL)}, reject_reason="queue_full",
-            )  # fmt: skip
+            raise self._queue_full()
         return Ticket(self, num_prompts)
 
     # ------------------------------------------------------------------------- drain
+    def begin_drain(self) -> None:
+        """Stop admitting now: called by the signal handler itself, so that no request that
+        arrives after the signal is admitted while the drain task is still to start."""
+        if self.phase in ("loading", "ready"):
+            self.phase = "draining"
+
     async def drain(self, timeout: float) -> None:
         """Stop admitting, let in-flight requests finish for up to `timeout` seconds, then end
         the rest with an explicit error and wait (briefly) for those responses to go out."""
-        if self.phase in ("loading", "ready"):
-            self.phase = "draining"
+        self.begin_drain()
         log.info("draining: %d requests in flight, up to %.1fs", self.inflight, timeout)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
@@ -207,6 +280,8 @@ class ServerState:
             hook()
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.aengine is not None:
             await self.aengine.shutdown()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,299 @@
+"""What a request may carry: unknown fields and unimplemented options are 400s naming the
+field; output-neutral OpenAI fields and the documented extensions are accepted; bodies that
+used to crash the parser are 400s; the small HTTP conventions clients rely on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.server_fixture import (
+    MODEL_NAME,
+    RunningServer,
+    assert_envelope,
+    build_checkpoint,
+    serving,
+    sse_events,
+)
+
+COMP, CHAT = "/v1/completions", "/v1/chat/completions"
+PROMPT: dict[str, Any] = {"prompt": "Hello", "max_tokens": 2}
+MESSAGES: dict[str, Any] = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def srv(ckpt: Path) -> Iterator[RunningServer]:
+    yield from serving(ckpt)
+
+
+# (route, extra fields, the param the 400 must name)
+REFUSED: list[tuple[str, dict[str, Any], str]] = [
+    (COMP, {"max_token": 5}, "max_token"),  # a typo
+    (COMP, {"frobnicate": True}, "frobnicate"),
+    (CHAT, {"continue_final_message": True}, "continue_final_message"),
+    (
+        CHAT,
+        {
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": "required",
+        },
+        "tools",
+    ),
+    (CHAT, {"tool_choice": "required"}, "tool_choice"),
+    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (
+        CHAT,
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object"}},
+            }
+        },
+        "response_format",
+    ),
+    (CHAT, {"functions": [{"name": "f"}]}, "functions"),
+    (CHAT, {"reasoning_effort": "high"}, "reasoning_effort"),
+    (CHAT, {"modalities": ["text", "audio"]}, "modalities"),
+    (COMP, {"guided_json": {"type": "object"}}, "guided_json"),
+    (COMP, {"guided_choice": ["a", "b"]}, "guided_choice"),
+    (COMP, {"guided_regex": "a+"}, "guided_regex"),
+    (COMP, {"prompt_logprobs": 1}, "prompt_logprobs"),
+    (COMP, {"suffix": "tail"}, "suffix"),
+    (COMP, {"logit_bias": {"5": 1.0}}, "logit_bias"),
+    (COMP, {"tools": []}, "tools"),  # a chat field, not a completions one
+    (COMP, {"temperature": 2.5}, "temperature"),
+    (CHAT, {"temperature": 2.01}, "temperature"),
+    (COMP, {"stream_options": {"include_usage": True, "bogus": 1}}, "stream_options"),
+    (CHAT, {"messages": [{"role": "user", "content": "Hi", "extra": 1}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("route,extra,param", REFUSED)
+def test_unknown_and_unimplemented_fields_are_400s_naming_them(
+    srv: RunningServer, route: str, extra: dict[str, Any], param: str
+) -> None:
+    body = {**(PROMPT if route == COMP else MESSAGES), **extra}
+    err = assert_envelope(srv.client().post(route, json=body), 400, param)
+    assert param in err["message"]
+
+
+def test_a_typo_gets_a_suggestion(srv: RunningServer) -> None:
+    err = assert_envelope(srv.client().post(COMP, json={**PROMPT, "max_token": 5}), 400)
+    assert "max_tokens" in err["message"]
+
+
+# Values that ask for nothing: accepted, with the same output as without them.
+ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    (
+        COMP,
+        {
+            "user": "u",
+            "metadata": {"a": "b"},
+            "store": False,
+            "service_tier": "auto",
+            "safety_identifier": "s",
+            "prompt_cache_key": "k",
+        },
+    ),
+    (COMP, {"logit_bias": {}, "suffix": "", "guided_json": None}),
+    (CHAT, {"tools": [], "tool_choice": "none", "parallel_tool_calls": False}),
+    (CHAT, {"response_format": {"type": "text"}, "modalities": ["text"]}),
+    (
+        CHAT,
+        {
+            "top_k": 1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "ignore_eos": False,
+            "stop_token_ids": [],
+            "skip_special_tokens": True,
+            "include_stop_str_in_output": False,
+        },
+    ),
+    (CHAT, {"temperature": 2.0, "seed": 1}),
+]
+
+
+@pytest.mark.parametrize("route,extra", ACCEPTED)
+def test_output_neutral_fields_and_extensions_are_accepted(
+    srv: RunningServer, route: str, extra: dict[str, Any]
+) -> None:
+    base = {**(PROMPT if route == COMP else MESSAGES), "temperature": 0.0}
+    http = srv.client()
+    plain = http.post(route, json=base)
+    r = http.post(route, json={**base, **extra})
+    assert r.status_code == 200, r.text
+    if "temperature" not in extra:
+        key = "text" if route == COMP else "message"
+        assert r.json()["choices"][0][key] == plain.json()["choices"][0][key]
+
+
+def test_a_returned_assistant_message_can_be_sent_back(srv: RunningServer) -> None:
+    """The openai SDK's message objects dumped back into a conversation carry empty
+    refusal/annotations/audio/function_call/tool_calls fields."""
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    first = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+    )
+    reply = first.choices[0].message.model_dump()
+    assert {"refusal", "tool_calls", "function_call", "audio"} <= set(reply)
+    second = client.chat.completions.create(
+        model=MODEL_NAME,
+        max_tokens=3,
+        messages=[{"role": "user", "content": "Hi"}, reply, {"role": "user", "content": "Ok"}],
+    )
+    assert second.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_openai_sdk_sees_tools_refused(srv: RunningServer) -> None:
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    tool = {"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": "Hi"}],
+            tools=[tool],
+            tool_choice="required",
+        )
+
+
+def _deep(n: int) -> bytes:
+    return b'{"prompt": "hi", "x": ' + b"[" * n + b"]" * n + b"}"
+
+
+# Bodies that used to be 500s: (body, param the 400 must name)
+CRASHERS: list[tuple[bytes, str | None]] = [
+    (_deep(1500), "x"),
+    (b'{"prompt": "hi", "max_tokens": 2, "stop": [' + b"[" * 1500 + b"]" * 1500 + b"]}", "stop"),
+    (b'{"prompt": "ab\\ud800cd", "max_tokens": 2}', "prompt"),
+    (b'{"prompt": ["ok", "x\\udfffy"], "max_tokens": 2}', "prompt"),
+    (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "max_tokens"),
+    (b'{"prompt": "' + b"1" * 5000 + b'", "n": ' + b"7" * 4400 + b"}", "n"),
+]
+
+
+@pytest.mark.parametrize("body,param", CRASHERS)
+def test_bodies_that_crashed_the_parser_are_400s(
+    srv: RunningServer, body: bytes, param: str | None
+) -> None:
+    http = srv.client()
+    resp = http.post(COMP, content=body, headers={"content-type": "application/json"})
+    err = assert_envelope(resp, 400, param)
+    assert err["type"] == "invalid_request_error"
+    chat = b'{"messages": [{"role": "user", "content": "a\\ud800"}], "max_tokens": 2}'
+    resp = http.post(CHAT, content=chat, headers={"content-type": "application/json"})
+    assert "messages.0.content" in assert_envelope(resp, 400, "messages")["message"]
+    assert http.post(COMP, json=PROMPT).status_code == 200
+
+
+def test_a_valid_surrogate_pair_is_text(srv: RunningServer) -> None:
+    body = b'{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
+    r = srv.client().post(COMP, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_model_retrieve(srv: RunningServer) -> None:
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    card = client.models.retrieve(MODEL_NAME)
+    assert card.id == MODEL_NAME and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    err = assert_envelope(srv.client().get("/v1/models/gpt-4"), 404, "model")
+    assert err["code"] == "model_not_found"
+
+
+def test_x_request_id(srv: RunningServer) -> None:
+    http = srv.client()
+    r = http.post(COMP, json=PROMPT)
+    assert r.headers["x-request-id"] == r.json()["id"]
+    r = http.post(COMP, json=PROMPT, headers={"X-Request-Id": "trace-42"})
+    assert r.headers["x-request-id"] == "trace-42"
+    with http.stream(
+        "POST", CHAT, json={**MESSAGES, "stream": True}, headers={"X-Request-Id": "s-1"}
+    ) as s:
+        assert s.headers["x-request-id"] == "s-1"
+        s.read()
+    bad = http.post(COMP, json={"prompt": ""})
+    assert bad.status_code == 400 and bad.headers["x-request-id"]
+    assert http.get("/health").headers["x-request-id"]
+
+
+def test_405_names_the_allowed_methods(srv: RunningServer) -> None:
+    http = srv.client()
+    for path, allow in ((COMP, "POST"), (CHAT, "POST"), ("/v1/models", "GET")):
+        resp = http.put(path, json={})
+        assert_envelope(resp, 405)
+        assert allow in resp.headers["allow"]
+
+
+def test_a_trailing_slash_is_404_not_a_redirect(srv: RunningServer) -> None:
+    http = srv.client(follow_redirects=False)
+    resp = http.post(COMP + "/", json=PROMPT, headers={"Host": "evil.example"})
+    assert_envelope(resp, 404)
+    assert "location" not in resp.headers
+
+
+def test_allowed_hosts(ckpt: Path) -> None:
+    for running in serving(ckpt, allowed_hosts=("api.example.com", "*.internal")):
+        http = running.client()
+        for host in ("evil.example", "api.example.com.evil", "internal"):
+            resp = http.post(COMP, json=PROMPT, headers={"Host": host})
+            assert assert_envelope(resp, 400)["code"] == "invalid_host"
+        for host in ("api.example.com", "api.example.com:8000", "a.b.internal"):
+            assert http.post(COMP, json=PROMPT, headers={"Host": host}).status_code == 200
+        # Probes are exempt: kubelets call them by the pod's address.
+        assert http.get("/health", headers={"Host": "10.0.0.7:8000"}).status_code == 200
+
+
+def test_continuous_usage_stats(srv: RunningServer) -> None:
+    """guidellm's stream_options: every chunk carries the usage so far."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    for route, base in ((COMP, PROMPT), (CHAT, MESSAGES)):
+        body = {
+            **base,
+            "max_tokens": 4,
+            "ignore_eos": True,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": opts,
+        }
+        with srv.client().stream("POST", route, json=body) as s:
+            events = sse_events(s.iter_lines())
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all("usage" in c for c in chunks), chunks
+        completion = [c["usage"]["completion_tokens"] for c in chunks]
+        assert completion == sorted(completion) and completion[-1] == 4
+        assert all(c["usage"]["prompt_tokens"] > 0 for c in chunks)
+        text = "".join(
+            c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content") or ""
+            for c in chunks
+            if c["choices"]
+        )
+        plain = srv.client().post(route, json={**body, "stream": False, "stream_options": None})
+        choice = plain.json()["choices"][0]
+        assert text == (choice["text"] if route == COMP else choice["message"]["content"])
+
+
+def test_tool_messages_reach_the_template(srv: RunningServer) -> None:
+    """A conversation carrying earlier tool calls and results is handed to the chat template
+    (this test model's Mixtral template refuses the tool role itself), not refused as
+    unknown fields."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    resp = srv.client().post(CHAT, json={"messages": messages, "max_tokens": 2})
+    err = assert_envelope(resp, 400, "messages")
+    assert "Only system, user and assistant roles are supported" in err["message"]
