@@ -294,8 +294,10 @@ class Metrics:
         self.generation_tokens.inc(stats.num_generated_tokens)
         self.preemptions.inc(stats.num_preempted)
         hist = self.hist
-        hist["iteration_tokens"].observe(stats.num_prefill_tokens + stats.num_decode_tokens)
-        self.step_duration[step_kind(stats)].observe(stats.step_seconds)
+        tokens = stats.num_prefill_tokens + stats.num_decode_tokens
+        if tokens:  # else a record of no step (aborts reported while idle)
+            hist["iteration_tokens"].observe(tokens)
+            self.step_duration[step_kind(stats)].observe(stats.step_seconds)
         for gap in stats.itl:
             hist["itl"].observe(gap)
         # Request latencies arrive with the finished request (StepStats carries no first-token

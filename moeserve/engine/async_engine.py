@@ -180,7 +180,7 @@ class AsyncEngine:
             while not self._stop:
                 self._wake.clear()
                 self._apply_pending()
-                if not self.engine.has_unfinished():
+                if not self.engine.has_work():
                     self._wake.wait()
                     continue
                 result = self.engine.step()

@@ -205,11 +205,11 @@ class Engine:
             enable_chunked_prefill=sched.enable_chunked_prefill,
             admission_wait_steps=sched.admission_wait_steps,
         )
-        vocab = cfg.vocab_size
-        if self.tokenizer is not None:
-            vocab = min(vocab, self.tokenizer.vocab_size)
-        self.vocab_size = vocab
-        self.sampler = Sampler(vocab, seed=seed)
+        # Every row of the lm_head, as transformers and vLLM do: checkpoints pad the vocabulary
+        # past the tokenizer's ids (Qwen: 151,936 rows for 151,665 tokens), and log-probs are
+        # normalised over all of them. An id the tokenizer lacks decodes to "".
+        self.vocab_size = cfg.vocab_size
+        self.sampler = Sampler(self.vocab_size, seed=seed)
         self.eos_token_ids = set(cfg.eos_token_ids)
         if not self.eos_token_ids and self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids = {self.tokenizer.eos_token_id}
@@ -328,6 +328,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
+    def has_work(self) -> bool:
+        """Whether step() has something to do: requests to run, a launched step to resolve, or
+        aborts to report. A loop that sleeps only when this is False reports an abort at once,
+        even when nothing else runs (the gauges must not keep showing the aborted requests)."""
+        return bool(self._requests) or self._launched is not None or bool(self._aborted)
+
     @property
     def num_requests(self) -> int:
         return len(self._requests)
@@ -352,7 +358,7 @@ class Engine:
             self._launched = launched
             return self._resolve(prev)
         if launched is None:
-            return StepResult([], None)
+            return StepResult([], self._idle_stats() if self._aborted else None)
         if self.async_scheduling:
             self._launched = launched
             return StepResult([], None)
@@ -388,6 +394,26 @@ class Engine:
         rows_of = {s.seq_id: r for r, s in enumerate(seqs)}
         return _Launched(out, seqs, slots, rows_of, sample, t0)
 
+    def _idle_stats(self) -> StepStats:
+        """A record of no step: the scheduler's state and the aborts since the last step."""
+        stats = StepStats(
+            timestamp=time.monotonic(), step_seconds=0.0, num_running=0, num_waiting=0,
+            num_seqs=0, num_prefill_tokens=0, num_decode_tokens=0, num_generated_tokens=0,
+            kv_usage=0.0, num_preempted=0,
+        )  # fmt: skip
+        return self._finish_stats(stats)
+
+    def _finish_stats(self, stats: StepStats) -> StepStats:
+        stats.finished.extend(("abort", m) for m in self._aborted)
+        self._aborted.clear()
+        s = self.scheduler.stats()
+        stats.num_running, stats.num_waiting, stats.kv_usage = (
+            s.num_running,
+            s.num_waiting,
+            s.kv_usage,
+        )
+        return stats
+
     def _resolve(self, step: _Launched) -> StepResult:
         """Read a launched step's tokens; stop checks, detokenisation, deltas."""
         sampled = step.sample.result()
@@ -406,8 +432,6 @@ class Engine:
             num_preempted=len(out.preempted),
         )
         self._last_resolved = now
-        stats.finished.extend(("abort", m) for m in self._aborted)
-        self._aborted.clear()
         deltas: dict[str, RequestOutput] = {}
         for row, (seq, slot) in enumerate(zip(step.seqs, step.slots)):
             if seq.is_finished:  # aborted, or it stopped at the step before (async)
@@ -429,13 +453,7 @@ class Engine:
                 stats.finished.append((reason, req.metrics))
                 del self._requests[ro.request_id]
                 self._penalised.discard(ro.request_id)
-        s = self.scheduler.stats()
-        stats.num_running, stats.num_waiting, stats.kv_usage = (
-            s.num_running,
-            s.num_waiting,
-            s.kv_usage,
-        )
-        return StepResult(list(deltas.values()), stats)
+        return StepResult(list(deltas.values()), self._finish_stats(stats))
 
     def _process(
         self,

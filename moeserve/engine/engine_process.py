@@ -47,6 +47,9 @@ from moeserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
+# How long a metrics scrape waits for the engine's answer before serving the last known one.
+SCRAPE_WAIT_S = 1.0
+
 class _Frames:
     """A Connection's messages read as the bytes arrive, never blocking: the event loop's
     reader may find the descriptor non-blocking (uvloop makes it so) and a message only
@@ -121,6 +124,7 @@ class EngineProcess(AsyncEngine):
         self._pending: dict[str, _Add] = {}  # sent adds awaiting their admission
         self._prompts: dict[str, tuple[str | None, list[int]]] = {}  # per open request
         self._calls: dict[int, concurrent.futures.Future[Any]] = {}
+        self._scrapes: dict[str, concurrent.futures.Future[Any]] = {}  # unanswered reads
         self._call_ids = itertools.count()
         self._closing = False
         self._last_counts: list[list[int]] | None = None
@@ -186,42 +190,71 @@ class EngineProcess(AsyncEngine):
         return self.encode_prompt(prompt)
 
     def expert_token_counts(self) -> torch.Tensor:
-        """[sparse layers, E] from the engine (its last known counts if it has died)."""
-        if self.error is None:
-            with contextlib.suppress(EngineDeadError, concurrent.futures.TimeoutError, OSError):
-                self._last_counts = self._call("expert_token_counts")
+        """[sparse layers, E] from the engine, or its last known counts when it does not
+        answer at once (stuck or dead): a scrape never waits on the engine."""
+        counts = self._scrape("expert_token_counts")
+        if counts is not None:
+            self._last_counts = counts
         if self._last_counts is None:
             layers = self.model_config.num_sparse_layers
             return torch.zeros(layers, self.model_config.num_experts, dtype=torch.int64)
         return torch.tensor(self._last_counts, dtype=torch.int64)
 
     def expert_cache_stats(self) -> list[ExpertCacheStats]:
-        """Per-layer cache counters from the engine (its last known ones if it has died or
-        does not answer: a scrape must not fail)."""
-        if self.error is None:
-            with contextlib.suppress(EngineDeadError, concurrent.futures.TimeoutError, OSError):
-                self._last_cache_stats = self._call("expert_cache_stats")
+        """Per-layer cache counters from the engine (its last known ones when it does not
+        answer at once)."""
+        stats = self._scrape("expert_cache_stats")
+        if stats is not None:
+            self._last_cache_stats = stats
         return self._last_cache_stats
 
-    def _call(self, name: str, timeout: float = 10.0) -> Any:
-        """Ask the engine process (its receiver thread answers while the engine steps)."""
+    def _scrape(self, name: str) -> Any:
+        """A metrics read: the engine's answer within SCRAPE_WAIT_S, else None. The receiver
+        thread answers between and during steps, so only a stopped or hung process misses
+        the wait; its question stays asked (never a second one), and the answer, when it
+        comes, serves the next scrape."""
+        if self.error is not None:
+            return None
+        fut = self._scrapes.get(name)
+        if fut is None:
+            try:
+                fut = self._scrapes[name] = self._ask(name)
+            except OSError:
+                return None
+        try:
+            result = self._wait(fut, SCRAPE_WAIT_S)
+        except concurrent.futures.TimeoutError:
+            return None
+        except (EngineDeadError, OSError, EOFError):
+            result = None
+        if fut.done():
+            del self._scrapes[name]
+        return result
+
+    def _off_loop(self) -> bool:
+        return self._loop is not None and threading.get_ident() != self._loop_thread
+
+    def _ask(self, name: str) -> concurrent.futures.Future[Any]:
+        """Send a call; the event loop's reader settles the future with the reply."""
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         n = next(self._call_ids)
         self._calls[n] = fut
-        try:
-            self._send(("call", n, name))
-            if self._loop is not None and threading.get_ident() != self._loop_thread:
-                return fut.result(timeout)  # the event loop reads the reply
-            # On the loop itself (or before attach): read until the reply comes.
-            deadline = time.monotonic() + timeout
-            while not fut.done():
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._frames.ready(left):
-                    raise concurrent.futures.TimeoutError(f"the engine did not answer {name}")
-                self._pump()
-            return fut.result()
-        finally:
-            self._calls.pop(n, None)
+        fut.add_done_callback(lambda _: self._calls.pop(n, None))
+        self._send(("call", n, name))
+        return fut
+
+    def _wait(self, fut: concurrent.futures.Future[Any], timeout: float) -> Any:
+        """The call's answer within `timeout` seconds, else TimeoutError."""
+        if self._off_loop():
+            return fut.result(timeout)  # the event loop reads the reply
+        # On the loop itself (or before attach): read until the reply comes.
+        deadline = time.monotonic() + timeout
+        while not fut.done():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._frames.ready(left):
+                raise concurrent.futures.TimeoutError("the engine did not answer")
+            self._pump()
+        return fut.result()
 
     # ---------------------------------------------------------------- the transport
     def _send(self, msg: tuple) -> None:

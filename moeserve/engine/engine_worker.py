@@ -170,7 +170,7 @@ class _EngineLoop:
         while not self.stop:
             self.wake.clear()
             self._apply_pending()
-            if not self.engine.has_unfinished():
+            if not self.engine.has_work():
                 self.wake.wait()
                 continue
             result = self.engine.step()

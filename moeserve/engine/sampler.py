@@ -1,7 +1,7 @@
 """Logits -> next tokens (+ logprobs), vectorised over the rows of one engine step.
 
 Legend: B rows (sequences) in the step, R the random (non-greedy) subset of them, P the
-subset with penalties, V vocab (the tokenizer's, after dropping padding columns), L longest
+subset with penalties, V vocab (every row of the model's lm_head), L longest
 token list in a padded batch.
 """
 
@@ -116,8 +116,8 @@ class Sampler:
     ``q ~ Exp(1)``. Greedy rows take the argmax of the penalised logits. A row with
     ``params.seed`` draws its noise from a generator seeded by ``(seed, len(output_ids))``,
     so its tokens do not depend on the other rows in the batch and are reproduced when the
-    sequence is recomputed after preemption. Columns ``>= vocab_size`` (padding of the
-    lm_head) are dropped, so they are never sampled.
+    sequence is recomputed after preemption. Columns ``>= vocab_size`` are dropped (the
+    engine passes the model's whole vocabulary, so none are).
 
     Logprobs are ``log_softmax`` of the RAW logits (before penalties, temperature and
     filtering) in float32 over the first ``vocab_size`` columns, as vLLM and OpenAI report.
