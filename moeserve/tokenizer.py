@@ -9,6 +9,7 @@ stream of token ids into a stream of text with stop strings (see its docstring).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ class Tokenizer:
         self.special_tokens: dict[str, str] = dict(special_tokens or {})
         self._templates: dict[str, str] = dict(chat_templates or {})
         self._renderer = ChatTemplateRenderer()
+        # The most prompt bytes one token can stand for (None: no sound bound), for a cheap
+        # lower bound on a prompt's length before tokenising it.
+        self.bytes_per_token = _bytes_per_token(json.loads(backend.to_str()))
         self.bos_token_id = self._id_of(self.special_tokens.get("bos_token"))
         self.eos_token_id = self._id_of(self.special_tokens.get("eos_token"))
         special = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
@@ -102,6 +106,14 @@ class Tokenizer:
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) from its UTF-8 length alone (0 when the
+        tokenizer allows no sound bound): a prompt far past the context is refused without
+        tokenising it."""
+        if self.bytes_per_token is None:
+            return 0
+        return math.ceil(len(text.encode("utf-8", "surrogatepass")) / self.bytes_per_token)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; incomplete UTF-8 at the end shows as U+FFFD."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -144,6 +156,72 @@ class Tokenizer:
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
+
+
+def _bytes_per_token(spec: dict[str, Any]) -> float | None:
+    """The most input bytes one token can cover, from tokenizer.json, or None when nothing
+    bounds it. A token covers at most its own text's UTF-8 bytes (byte-level and byte-fallback
+    vocabularies spell every byte, so no token stands for more than it shows), except an
+    unknown token, which may cover any run of unknown characters; normalizers may shrink the
+    input before that, and some pre-tokenizers drop parts of it."""
+    model = spec.get("model") or {}
+    kind, vocab = model.get("type"), model.get("vocab")
+    if kind == "BPE" and isinstance(vocab, dict):
+        pieces: Iterable[str] = vocab
+        unk = model.get("unk_token") is not None and not model.get("byte_fallback")
+        if unk and model.get("fuse_unk"):
+            return None
+    elif kind == "Unigram" and isinstance(vocab, list):
+        pieces = (entry[0] for entry in vocab)
+        if model.get("unk_id") is not None and not model.get("byte_fallback"):
+            return None  # Unigram fuses runs of unknown characters into one token
+        unk = False
+    else:
+        return None  # WordPiece and WordLevel map a whole unknown word to one token
+    longest = max((len(p.encode("utf-8", "surrogatepass")) for p in pieces), default=1)
+    added = (len(t.get("content", "").encode()) for t in spec.get("added_tokens") or ())
+    longest = max(longest, *added, 4 if unk else 1)  # an unfused unknown: one character
+    shrink = _shrink(spec.get("normalizer"))
+    if shrink is None or not _keeps_input(spec.get("pre_tokenizer")):
+        return None
+    return longest * shrink
+
+
+def _shrink(norm: dict[str, Any] | None) -> float | None:
+    """How many times shorter (in UTF-8 bytes) a normalizer can make its input, or None."""
+    if norm is None:
+        return 1.0
+    kind = norm.get("type")
+    if kind == "Sequence":
+        factor = 1.0
+        for member in norm.get("normalizers", ()):
+            f = _shrink(member)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    if kind == "Prepend":
+        return 1.0
+    if kind == "Replace":
+        pattern, content = (norm.get("pattern") or {}).get("String"), norm.get("content") or ""
+        if not isinstance(pattern, str) or not content:
+            return None
+        return max(1.0, len(pattern.encode()) / len(content.encode()))
+    if kind in ("NFC", "NFD", "NFKC", "NFKD", "Lowercase"):
+        return 4.0  # Unicode composition and case mapping shrink text by 3x at most
+    return None  # Strip, BertNormalizer, Precompiled, ...: may delete characters
+
+
+def _keeps_input(pre: dict[str, Any] | None) -> bool:
+    """Whether a pre-tokenizer passes every input character on (Whitespace drops spaces)."""
+    if pre is None:
+        return True
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return all(_keeps_input(p) for p in pre.get("pretokenizers", ()))
+    if kind == "Split":
+        return pre.get("behavior") != "Removed"
+    return kind in ("ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts")
 
 
 def _token_text(value: object) -> str | None:

@@ -297,3 +297,27 @@ def test_tool_messages_reach_the_template(srv: RunningServer) -> None:
     resp = srv.client().post(CHAT, json={"messages": messages, "max_tokens": 2})
     err = assert_envelope(resp, 400, "messages")
     assert "Only system, user and assistant roles are supported" in err["message"]
+
+
+def test_a_huge_prompt_is_refused_before_tokenising(
+    srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tok = srv.state.engine.tokenizer
+    assert tok is not None
+    calls: list[int] = []
+    real = tok.encode
+
+    def counting(text: str, *args: object, **kw: object) -> list[int]:
+        calls.append(len(text))
+        return real(text, *args, **kw)
+
+    monkeypatch.setattr(tok, "encode", counting)
+    http = srv.client()
+    for route, body in (
+        (COMP, {"prompt": "word " * 300_000, "max_tokens": 2}),
+        (CHAT, {"messages": [{"role": "user", "content": "word " * 300_000}]}),
+    ):
+        err = assert_envelope(http.post(route, json=body), 400)
+        assert err["code"] == "context_length_exceeded" and "128" in err["message"]
+    assert all(n < 10_000 for n in calls), calls  # the huge texts were never tokenised
+    assert http.post(COMP, json=PROMPT).status_code == 200

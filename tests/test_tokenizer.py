@@ -281,3 +281,24 @@ def reference_cut(tok: Tokenizer, ids: list[int], stops: list[str], include: boo
             start, s = min(hits)
             return text[: start + len(s)] if include else text[:start]
     return tok.decode(ids)
+
+
+def test_min_tokens_is_a_lower_bound() -> None:
+    import random
+
+    from moeserve.assets import model_or_demo
+    from tests.tokenizer_fixture import build_test_tokenizer
+
+    tok = Tokenizer(build_test_tokenizer())
+    assert tok.bytes_per_token is not None
+    rng = random.Random(0)
+    texts = ["", "hello world", " " * 700, "x" * 5000, "é" * 900, "😀" * 300]
+    texts += [
+        "".join(chr(rng.randint(32, 0x2FFF)) for _ in range(rng.randint(1, 3000)))
+        for _ in range(20)
+    ]
+    for text in texts:
+        assert tok.min_tokens(text) <= len(tok.encode(text, add_special_tokens=False))
+    assert tok.min_tokens("x" * 90_000) >= 10_000  # and it bounds something
+    # The demo's word-level vocabulary maps any unknown word to one token: no bound.
+    assert Tokenizer.from_dir(model_or_demo(None)).min_tokens("x" * 10_000) == 0

@@ -25,6 +25,7 @@ from moeserve.server.common import (
     fit_context,
     new_id,
     parse_body,
+    refuse_oversized,
     sampling_params,
 )
 from moeserve.server.errors import bad_request
@@ -102,6 +103,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
             )
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
+        refuse_oversized(state, text, max_tokens)
         if len(text) > OFFLOAD_LEN:
             ids = await state.offload(tokenizer.encode, text, add_special_tokens=False)
         else:

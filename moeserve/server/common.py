@@ -119,6 +119,20 @@ def fit_context(
     return params
 
 
+def refuse_oversized(state: ServerState, text: str, max_tokens: int | None) -> None:
+    """context_length_exceeded for a prompt text that cannot fit, from its byte length alone,
+    before it is tokenised (a 1 MB prompt would otherwise be tokenised in full first)."""
+    assert state.engine is not None
+    tok = state.engine.tokenizer
+    at_least = tok.min_tokens(text) if tok is not None else 0
+    limit = state.engine.max_model_len
+    if at_least + (1 if max_tokens is None else max_tokens) > limit:
+        raise _context_error(
+            f"this model's maximum context length is {limit} tokens, but the prompt "
+            f"({len(text)} characters) has at least {at_least} tokens; shorten the prompt"
+        )
+
+
 def _context_error(message: str) -> APIError:
     return APIError(
         400, message, param="max_tokens", code="context_length_exceeded",

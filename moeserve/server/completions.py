@@ -23,6 +23,7 @@ from moeserve.server.common import (
     fit_context,
     new_id,
     parse_body,
+    refuse_oversized,
     sampling_params,
 )
 from moeserve.server.errors import bad_request
@@ -79,6 +80,8 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         assert state.aengine is not None and state.engine is not None
         reqs = []
         for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                refuse_oversized(state, prompt, req.max_tokens)
             ids = await state.encode(prompt)
             p = fit_context(params, len(ids), req.max_tokens, state.engine.max_model_len)
             reqs.append(EngineRequest(f"{cid}-{i}", prompt, ids, p))
