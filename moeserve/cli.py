@@ -53,65 +53,139 @@ def _bytes(text: str) -> int:
 
 
 def add_engine_args(p: _EnvDefaults) -> None:
-    p.add_option("--model", help="model directory (config.json, *.safetensors, tokenizer.json); "
-                 "default: the demo model that ships with moeserve")
-    p.add_option("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                 help="weight and activation dtype (auto: the checkpoint's)")
-    p.add_option("--device", default=None,
-                 help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_option(
+        "--model",
+        help="model directory (config.json, *.safetensors, tokenizer.json); "
+        "default: the demo model that ships with moeserve",
+    )
+    p.add_option(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype (auto: the checkpoint's)",
+    )
+    p.add_option(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"
+    )
     p.add_option("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_option("--kv-cache-memory", type=_bytes, default=None,
-                 help="KV cache budget in bytes (e.g. 4GiB); default: from the device")
-    p.add_option("--gpu-memory-utilization", type=float, default=0.9,
-                 help="fraction of GPU memory for weights, activations and KV cache")
+    p.add_option(
+        "--kv-cache-memory",
+        type=_bytes,
+        default=None,
+        help="KV cache budget in bytes (e.g. 4GiB); default: from the device",
+    )
+    p.add_option(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory for weights, activations and KV cache",
+    )
     p.add_option("--max-num-seqs", type=int, default=64, help="sequences per step at most")
     p.add_option("--max-num-batched-tokens", type=int, default=2048, help="tokens per step at most")
-    p.add_option("--max-model-len", type=int, default=None,
-                 help="context length (default: the model's max_position_embeddings)")
-    p.add_option("--admission-wait-steps", type=int, default=8,
-                 help="while decodes run, new requests wait up to this many steps to start "
-                      "together (max-num-seqs/8 of them start at once): fewer steps mix a "
-                      "prompt into the decodes, which cannot replay a CUDA graph; 0: at once")
-    p.add_option("--no-chunked-prefill", action="store_true", default=False,
-                 help="run each prompt in one step instead of budget-sized chunks")
+    p.add_option(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (default: the model's max_position_embeddings)",
+    )
+    p.add_option(
+        "--admission-wait-steps",
+        type=int,
+        default=8,
+        help="while decodes run, new requests wait up to this many steps to start "
+        "together (max-num-seqs/8 of them start at once): fewer steps mix a "
+        "prompt into the decodes, which cannot replay a CUDA graph; 0: at once",
+    )
+    p.add_option(
+        "--no-chunked-prefill",
+        action="store_true",
+        default=False,
+        help="run each prompt in one step instead of budget-sized chunks",
+    )
     p.add_option("--seed", type=int, default=None, help="seed for unseeded sampling")
-    p.add_option("--expert-cache-slots", type=int, default=None,
-                 help="experts per sparse layer kept on the device (the rest in host memory)")
-    p.add_option("--expert-cache-gb", type=float, default=None,
-                 help="device memory for the expert cache, all layers together, in GiB")
-    p.add_option("--offload-mode", default="auto", choices=["fetch", "cpu", "auto"],
-                 help="a missed expert is copied to the device, computed on the CPU, or "
-                      "whichever a cost model measured at startup says is faster")
-    p.add_option("--expert-cache-policy", default="lru", choices=["lru", "lfu"],
-                 help="eviction policy of the expert cache (lfu decays with time)")
-    p.add_option("--prefetch", action="store_true", default=False,
-                 help="predict the next layer's experts from this layer's input and copy them "
-                      "ahead (pays off when the router's guesses are mostly right)")
-    p.add_option("--load-format", default="safetensors", choices=["safetensors", "dummy"],
-                 help="dummy: random weights of config.json's shapes (benchmarks)")
-    p.add_option("--kernels", default="auto", choices=["auto", "triton", "torch"],
-                 help="auto: Triton fused-MoE and paged-attention kernels on CUDA; torch: the "
-                      "readable path everywhere")
-    p.add_option("--enforce-eager", action="store_true", default=False,
-                 help="no CUDA graphs for decode steps (they need --kernels triton/auto on CUDA; "
-                      "with offloaded experts, one graph per stage between their layers)")
-    p.add_option("--async-scheduling", default="auto", choices=["auto", "on", "off"],
-                 help="queue each step before the last one's tokens reach the host, so "
-                      "scheduling, detokenizing and stop checks overlap the device "
-                      "(auto: on for CUDA)")
+    p.add_option(
+        "--expert-cache-slots",
+        type=int,
+        default=None,
+        help="experts per sparse layer kept on the device (the rest in host memory)",
+    )
+    p.add_option(
+        "--expert-cache-gb",
+        type=float,
+        default=None,
+        help="device memory for the expert cache, all layers together, in GiB",
+    )
+    p.add_option(
+        "--offload-mode",
+        default="auto",
+        choices=["fetch", "cpu", "auto"],
+        help="a missed expert is copied to the device, computed on the CPU, or "
+        "whichever a cost model measured at startup says is faster",
+    )
+    p.add_option(
+        "--expert-cache-policy",
+        default="lru",
+        choices=["lru", "lfu"],
+        help="eviction policy of the expert cache (lfu decays with time)",
+    )
+    p.add_option(
+        "--prefetch",
+        action="store_true",
+        default=False,
+        help="predict the next layer's experts from this layer's input and copy them "
+        "ahead (pays off when the router's guesses are mostly right)",
+    )
+    p.add_option(
+        "--load-format",
+        default="safetensors",
+        choices=["safetensors", "dummy"],
+        help="dummy: random weights of config.json's shapes (benchmarks)",
+    )
+    p.add_option(
+        "--kernels",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="auto: Triton fused-MoE and paged-attention kernels on CUDA; torch: the "
+        "readable path everywhere",
+    )
+    p.add_option(
+        "--enforce-eager",
+        action="store_true",
+        default=False,
+        help="no CUDA graphs for decode steps (they need --kernels triton/auto on CUDA; "
+        "with offloaded experts, one graph per stage between their layers)",
+    )
+    p.add_option(
+        "--async-scheduling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="queue each step before the last one's tokens reach the host, so "
+        "scheduling, detokenizing and stop checks overlap the device "
+        "(auto: on for CUDA)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        dtype=args.dtype, device=args.device, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_chunked_prefill=not args.no_chunked_prefill,
         admission_wait_steps=args.admission_wait_steps,
-        seed=args.seed, expert_cache_slots=args.expert_cache_slots,
-        expert_cache_gb=args.expert_cache_gb, offload_mode=args.offload_mode,
-        expert_cache_policy=args.expert_cache_policy, prefetch=args.prefetch,
-        load_format=args.load_format, kernels=args.kernels, enforce_eager=args.enforce_eager,
+        seed=args.seed,
+        expert_cache_slots=args.expert_cache_slots,
+        expert_cache_gb=args.expert_cache_gb,
+        offload_mode=args.offload_mode,
+        expert_cache_policy=args.expert_cache_policy,
+        prefetch=args.prefetch,
+        load_format=args.load_format,
+        kernels=args.kernels,
+        enforce_eager=args.enforce_eager,
         async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
     )
 
@@ -130,8 +204,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     llm = LLM(model_or_demo(args.model), progress=not args.json, **engine_kwargs(args))
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        seed=args.sample_seed, logprobs=5 if args.json else None, ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.sample_seed,
+        logprobs=5 if args.json else None,
+        ignore_eos=args.ignore_eos,
     )
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
     [out] = llm.generate([prompt], params)
@@ -157,30 +235,60 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_args(p: _EnvDefaults) -> None:
-    p.add_option("--host", default="127.0.0.1",
-                 help="address to listen on (0.0.0.0 for every interface)")
+    p.add_option(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"
+    )
     p.add_option("--port", type=int, default=8000, help="TCP port")
-    p.add_option("--served-model-name", default=None,
-                 help="model name of the API (default: the model directory's name)")
-    p.add_option("--api-key", default=None,
-                 help="require `Authorization: Bearer KEY` on /v1/* (prefer the env variable)")
-    p.add_option("--max-queued-requests", type=int, default=256,
-                 help="prompts admitted but not yet generating before new ones get 429")
-    p.add_option("--shutdown-timeout", type=float, default=30.0,
-                 help="seconds in-flight requests may run after SIGTERM")
-    p.add_option("--max-body-bytes", type=_bytes, default=2_000_000,
-                 help="largest request body in bytes (also 2MB, 1MiB); larger ones get 413")
-    p.add_option("--log-prompts", action="store_true", default=False,
-                 help="include prompts in the request log (off: they may be private)")
-    p.add_option("--no-engine-process", action="store_true", default=False,
-                 help="step the engine in a thread of the server's process instead of a "
-                      "process of its own (which keeps streaming from slowing the engine)")
+    p.add_option(
+        "--served-model-name",
+        default=None,
+        help="model name of the API (default: the model directory's name)",
+    )
+    p.add_option(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /v1/* (prefer the env variable)",
+    )
+    p.add_option(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="prompts admitted but not yet generating before new ones get 429",
+    )
+    p.add_option(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may run after SIGTERM",
+    )
+    p.add_option(
+        "--max-body-bytes",
+        type=_bytes,
+        default=2_000_000,
+        help="largest request body in bytes (also 2MB, 1MiB); larger ones get 413",
+    )
+    p.add_option(
+        "--log-prompts",
+        action="store_true",
+        default=False,
+        help="include prompts in the request log (off: they may be private)",
+    )
+    p.add_option(
+        "--no-engine-process",
+        action="store_true",
+        default=False,
+        help="step the engine in a thread of the server's process instead of a "
+        "process of its own (which keeps streaming from slowing the engine)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("MOESERVE_LOG_LEVEL"),
-                        help="default: INFO for serve, WARNING otherwise")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MOESERVE_LOG_LEVEL"),
+        help="default: INFO for serve, WARNING otherwise",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvDefaults)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     assert isinstance(serve, _EnvDefaults)
@@ -198,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_option("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     gen.add_option("--sample-seed", type=int, default=None, help="seed of this request")
     gen.add_option("--ignore-eos", action="store_true", default=False, help="do not stop at EOS")
-    gen.add_argument("--json", action="store_true",
-                     help="print one JSON object with ids, text and top-5 logprobs per position")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with ids, text and top-5 logprobs per position",
+    )
     gen.set_defaults(func=_generate, default_log_level="WARNING")
     add_bench_parser(sub)
     return parser
