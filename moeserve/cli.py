@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from moeserve.bench.cli import add_bench_parser
@@ -20,23 +21,52 @@ from moeserve.bench.cli import add_bench_parser
 ENV_PREFIX = "MOESERVE_"
 
 
+def _shown(value: object) -> str:
+    """An option's value as --help prints it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 class _EnvDefaults(argparse.ArgumentParser):
     """An ArgumentParser whose option defaults come from MOESERVE_* environment variables."""
 
-    def add_option(self, flag: str, *, type: Callable[[str], Any] = str, **kw: Any) -> None:
+    def add_option(
+        self,
+        flag: str,
+        *,
+        type: Callable[[str], Any] = str,
+        default_text: str | None = None,
+        secret: bool = False,
+        **kw: Any,
+    ) -> None:
+        """Add `flag`; MOESERVE_<FLAG>, when set, replaces its default. --help ends the text
+        with the default in force and its source: `default_text` says what a built-in default
+        means (e.g. None), and a `secret` value from the environment is not printed."""
         env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+        is_flag = kw.get("action") == "store_true"
+        builtin = default_text if default_text is not None else _shown(kw.get("default"))
         raw = os.environ.get(env)
-        if raw is not None:
-            if kw.get("action") == "store_true":
+        if raw is None:
+            note = f"default: {builtin}; env {env}"
+        else:
+            if is_flag:
                 kw["default"] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
                 try:
                     kw["default"] = type(raw)
                 except (TypeError, ValueError) as e:
                     self.error(f"environment variable {env}={raw!r}: {e}")
-        help_text = kw.pop("help", "")
-        kw["help"] = f"{help_text} [env {env}]"
-        if kw.get("action") == "store_true":
+            if secret:
+                note = f"default: from {env} (not shown); without it {builtin}"
+            else:
+                value = _shown(kw["default"]) if is_flag else raw
+                note = f"default: {value}, from {env}; without it {builtin}"
+        # argparse %-formats help texts, and a value from the environment may hold a '%'.
+        kw["help"] = f"{kw.pop('help', '')} ({note.replace('%', '%%')})"
+        if is_flag:
             self.add_argument(flag, **kw)
         else:
             self.add_argument(flag, type=type, **kw)
@@ -55,8 +85,8 @@ def _bytes(text: str) -> int:
 def add_engine_args(p: _EnvDefaults) -> None:
     p.add_option(
         "--model",
-        help="model directory (config.json, *.safetensors, tokenizer.json); "
-        "default: the demo model that ships with moeserve",
+        default_text="the demo model that ships with moeserve",
+        help="model directory (config.json, *.safetensors, tokenizer.json)",
     )
     p.add_option(
         "--dtype",
@@ -64,15 +94,13 @@ def add_engine_args(p: _EnvDefaults) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weight and activation dtype (auto: the checkpoint's)",
     )
-    p.add_option(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)"
-    )
+    p.add_option("--device", default_text="cuda when available", help="cpu, cuda or cuda:N")
     p.add_option("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_option(
         "--kv-cache-memory",
         type=_bytes,
-        default=None,
-        help="KV cache budget in bytes (e.g. 4GiB); default: from the device",
+        default_text="from the device",
+        help="KV cache budget in bytes (e.g. 4GiB)",
     )
     p.add_option(
         "--gpu-memory-utilization",
@@ -85,8 +113,8 @@ def add_engine_args(p: _EnvDefaults) -> None:
     p.add_option(
         "--max-model-len",
         type=int,
-        default=None,
-        help="context length (default: the model's max_position_embeddings)",
+        default_text="the model's max_position_embeddings",
+        help="context length",
     )
     p.add_option(
         "--admission-wait-steps",
@@ -102,17 +130,23 @@ def add_engine_args(p: _EnvDefaults) -> None:
         default=False,
         help="run each prompt in one step instead of budget-sized chunks",
     )
-    p.add_option("--seed", type=int, default=None, help="seed for unseeded sampling")
+    p.add_option(
+        "--seed",
+        type=int,
+        default_text="a fresh seed each start",
+        help="seed of the engine's sampling generator, which every request without a seed of "
+        "its own draws from (so its tokens also depend on what else runs with it)",
+    )
     p.add_option(
         "--expert-cache-slots",
         type=int,
-        default=None,
+        default_text="every expert on the device",
         help="experts per sparse layer kept on the device (the rest in host memory)",
     )
     p.add_option(
         "--expert-cache-gb",
         type=float,
-        default=None,
+        default_text="every expert on the device",
         help="device memory for the expert cache, all layers together, in GiB",
     )
     p.add_option(
@@ -198,11 +232,40 @@ def _prompt_ids(text: str) -> list[int]:
     return ids
 
 
+def _chat_prompt_ids(model: str, text: str) -> list[int]:
+    """`text` as one user message, rendered with the model's chat template and tokenised
+    without adding special tokens again (the template writes BOS), as /v1/chat/completions
+    does. Only the tokenizer loads: a model without a template fails before its weights do."""
+    from moeserve.tokenizer import Tokenizer
+
+    if not (Path(model) / "tokenizer.json").is_file():
+        raise ValueError(f"--chat needs a chat template: {model} has no tokenizer.json")
+    tokenizer = Tokenizer.from_dir(model)
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"--chat needs a chat template and {model} has none; without --chat, "
+            "--prompt is completed as raw text"
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True
+    )
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    if not ids:
+        raise ValueError("the chat template rendered an empty prompt")
+    return ids
+
+
 def _generate(args: argparse.Namespace) -> int:
     from moeserve import LLM, SamplingParams
     from moeserve.assets import model_or_demo
 
-    llm = LLM(model_or_demo(args.model), progress=not args.json, **engine_kwargs(args))
+    model = model_or_demo(args.model)
+    prompt: str | list[int] = args.prompt if args.prompt is not None else args.prompt_ids
+    if args.chat:
+        if args.prompt is None:
+            raise ValueError("--chat sends --prompt as a chat message; it takes no --prompt-ids")
+        prompt = _chat_prompt_ids(model, args.prompt)
+    llm = LLM(model, progress=not args.json, **engine_kwargs(args))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -211,7 +274,6 @@ def _generate(args: argparse.Namespace) -> int:
         logprobs=5 if args.json else None,
         ignore_eos=args.ignore_eos,
     )
-    prompt = args.prompt if args.prompt is not None else args.prompt_ids
     [out] = llm.generate([prompt], params)
     result = out.outputs[0]
     if not args.json:
@@ -241,12 +303,13 @@ def add_serve_args(p: _EnvDefaults) -> None:
     p.add_option("--port", type=int, default=8000, help="TCP port")
     p.add_option(
         "--served-model-name",
-        default=None,
-        help="model name of the API (default: the model directory's name)",
+        default_text="the model directory's name",
+        help="model name of the API",
     )
     p.add_option(
         "--api-key",
-        default=None,
+        default_text="no key needed",
+        secret=True,
         help="require `Authorization: Bearer KEY` on /v1/* (prefer the env variable)",
     )
     p.add_option(
@@ -265,6 +328,7 @@ def add_serve_args(p: _EnvDefaults) -> None:
         "--max-body-bytes",
         type=_bytes,
         default=2_000_000,
+        default_text="2000000 (2MB)",
         help="largest request body in bytes (also 2MB, 1MiB); larger ones get 413",
     )
     p.add_option(
@@ -287,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default=os.environ.get("MOESERVE_LOG_LEVEL"),
-        help="default: INFO for serve, WARNING otherwise",
+        help="default: INFO for serve, WARNING otherwise; env MOESERVE_LOG_LEVEL",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvDefaults)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
@@ -295,21 +359,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=_serve, default_log_level="INFO")
-    gen = sub.add_parser("generate", help="complete one prompt and print the result")
+    gen = sub.add_parser(
+        "generate",
+        help="complete one prompt and print the result",
+        description="Complete one prompt and print the result. --prompt is raw text "
+        "completion; --chat sends it as a chat message, as chat models (the demo model too) "
+        "expect.",
+    )
     assert isinstance(gen, _EnvDefaults)
     add_engine_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
+    src.add_argument(
+        "--prompt",
+        help="prompt text, completed as raw text (the tokenizer adds BOS; no chat template): "
+        "for a chat or instruction model add --chat",
+    )
     src.add_argument("--prompt-ids", type=_prompt_ids, help="prompt token ids, e.g. 1,2,3")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send --prompt as one user chat message rendered with the model's chat "
+        "template, as /v1/chat/completions does; the demo model answers its tasks "
+        "(47+85, reverse kqzd, ...) only this way (default: off)",
+    )
     gen.add_option("--max-tokens", type=int, default=32, help="tokens to generate at most")
     gen.add_option("--temperature", type=float, default=0.0, help="0 for greedy")
     gen.add_option("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    gen.add_option("--sample-seed", type=int, default=None, help="seed of this request")
+    gen.add_option(
+        "--sample-seed",
+        type=int,
+        default_text="unseeded: drawn from --seed's generator",
+        help="seed of this request alone (SamplingParams.seed, the API's `seed`): the same "
+        "seed, prompt and options sample the same tokens; --seed then plays no part",
+    )
     gen.add_option("--ignore-eos", action="store_true", default=False, help="do not stop at EOS")
     gen.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object with ids, text and top-5 logprobs per position",
+        help="print one JSON object with ids, text and top-5 logprobs per position (default: off)",
     )
     gen.set_defaults(func=_generate, default_log_level="WARNING")
     add_bench_parser(sub)
