@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from moeserve.bench.cli import add_bench_parser
@@ -20,23 +21,52 @@ from moeserve.bench.cli import add_bench_parser
 ENV_PREFIX = "MOESERVE_"
 
 
+def _shown(value: object) -> str:
+    """An option's value as --help prints it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 class _EnvDefaults(argparse.ArgumentParser):
     """An ArgumentParser whose option defaults come from MOESERVE_* environment variables."""
 
-    def add_option(self, flag: str, *, type: Callable[[str], Any] = str, **kw: Any) -> None:
+    def add_option(
+        self,
+        flag: str,
+        *,
+        type: Callable[[str], Any] = str,
+        default_text: str | None = None,
+        secret: bool = False,
+        **kw: Any,
+    ) -> None:
+        """Add `flag`; MOESERVE_<FLAG>, when set, replaces its default. --help ends the text
+        with the default in force and its source: `default_text` says what a built-in default
+        means (e.g. None), and a `secret` value from the environment is not printed."""
         env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+        is_flag = kw.get("action") == "store_true"
+        builtin = default_text if default_text is not None else _shown(kw.get("default"))
         raw = os.environ.get(env)
-        if raw is not None:
-            if kw.get("action") == "store_true":
+        if raw is None:
+            note = f"default: {builtin}; env {env}"
+        else:
+            if is_flag:
                 kw["default"] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
                 try:
                     kw["default"] = type(raw)
                 except (TypeError, ValueError) as e:
                     self.error(f"environment variable {env}={raw!r}: {e}")
-        help_text = kw.pop("help", "")
-        kw["help"] = f"{help_text} [env {env}]"
-        if kw.get("action") == "store_true":
+            if secret:
+                note = f"default: from {env} (not shown); without it {builtin}"
+            else:
+                value = _shown(kw["default"]) if is_flag else raw
+                note = f"default: {value}, from {env}; without it {builtin}"
+        # argparse %-formats help texts, and a value from the environment may hold a '%'.
+        kw["help"] = f"{kw.pop('help', '')} ({note.replace('%', '%%')})"
+        if is_flag:
             self.add_argument(flag, **kw)
         else:
             self.add_argument(flag, type=type, **kw)
@@ -53,65 +83,143 @@ def _bytes(text: str) -> int:
 
 
 def add_engine_args(p: _EnvDefaults) -> None:
-    p.add_option("--model", help="model directory (config.json, *.safetensors, tokenizer.json); "
-                 "default: the demo model that ships with moeserve")
-    p.add_option("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                 help="weight and activation dtype (auto: the checkpoint's)")
-    p.add_option("--device", default=None,
-                 help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_option(
+        "--model",
+        default_text="the demo model that ships with moeserve",
+        help="model directory (config.json, *.safetensors, tokenizer.json)",
+    )
+    p.add_option(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype (auto: the checkpoint's)",
+    )
+    p.add_option("--device", default_text="cuda when available", help="cpu, cuda or cuda:N")
     p.add_option("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_option("--kv-cache-memory", type=_bytes, default=None,
-                 help="KV cache budget in bytes (e.g. 4GiB); default: from the device")
-    p.add_option("--gpu-memory-utilization", type=float, default=0.9,
-                 help="fraction of GPU memory for weights, activations and KV cache")
+    p.add_option(
+        "--kv-cache-memory",
+        type=_bytes,
+        default_text="from the device",
+        help="KV cache budget in bytes (e.g. 4GiB)",
+    )
+    p.add_option(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory for weights, activations and KV cache",
+    )
     p.add_option("--max-num-seqs", type=int, default=64, help="sequences per step at most")
     p.add_option("--max-num-batched-tokens", type=int, default=2048, help="tokens per step at most")
-    p.add_option("--max-model-len", type=int, default=None,
-                 help="context length (default: the model's max_position_embeddings)")
-    p.add_option("--admission-wait-steps", type=int, default=8,
-                 help="while decodes run, new requests wait up to this many steps to start "
-                      "together (max-num-seqs/8 of them start at once): fewer steps mix a "
-                      "prompt into the decodes, which cannot replay a CUDA graph; 0: at once")
-    p.add_option("--no-chunked-prefill", action="store_true", default=False,
-                 help="run each prompt in one step instead of budget-sized chunks")
-    p.add_option("--seed", type=int, default=None, help="seed for unseeded sampling")
-    p.add_option("--expert-cache-slots", type=int, default=None,
-                 help="experts per sparse layer kept on the device (the rest in host memory)")
-    p.add_option("--expert-cache-gb", type=float, default=None,
-                 help="device memory for the expert cache, all layers together, in GiB")
-    p.add_option("--offload-mode", default="auto", choices=["fetch", "cpu", "auto"],
-                 help="a missed expert is copied to the device, computed on the CPU, or "
-                      "whichever a cost model measured at startup says is faster")
-    p.add_option("--expert-cache-policy", default="lru", choices=["lru", "lfu"],
-                 help="eviction policy of the expert cache (lfu decays with time)")
-    p.add_option("--prefetch", action="store_true", default=False,
-                 help="predict the next layer's experts from this layer's input and copy them "
-                      "ahead (pays off when the router's guesses are mostly right)")
-    p.add_option("--load-format", default="safetensors", choices=["safetensors", "dummy"],
-                 help="dummy: random weights of config.json's shapes (benchmarks)")
-    p.add_option("--kernels", default="auto", choices=["auto", "triton", "torch"],
-                 help="auto: Triton fused-MoE and paged-attention kernels on CUDA; torch: the "
-                      "readable path everywhere")
-    p.add_option("--enforce-eager", action="store_true", default=False,
-                 help="no CUDA graphs for decode steps (they need --kernels triton/auto on CUDA; "
-                      "with offloaded experts, one graph per stage between their layers)")
-    p.add_option("--async-scheduling", default="auto", choices=["auto", "on", "off"],
-                 help="queue each step before the last one's tokens reach the host, so "
-                      "scheduling, detokenizing and stop checks overlap the device "
-                      "(auto: on for CUDA)")
+    p.add_option(
+        "--max-model-len",
+        type=int,
+        default_text="the model's max_position_embeddings",
+        help="context length",
+    )
+    p.add_option(
+        "--admission-wait-steps",
+        type=int,
+        default=8,
+        help="while decodes run, new requests wait up to this many steps to start "
+        "together (max-num-seqs/8 of them start at once): fewer steps mix a "
+        "prompt into the decodes, which cannot replay a CUDA graph; 0: at once",
+    )
+    p.add_option(
+        "--no-chunked-prefill",
+        action="store_true",
+        default=False,
+        help="run each prompt in one step instead of budget-sized chunks",
+    )
+    p.add_option(
+        "--seed",
+        type=int,
+        default_text="a fresh seed each start",
+        help="seed of the engine's sampling generator, which every request without a seed of "
+        "its own draws from (so its tokens also depend on what else runs with it)",
+    )
+    p.add_option(
+        "--expert-cache-slots",
+        type=int,
+        default_text="every expert on the device",
+        help="experts per sparse layer kept on the device (the rest in host memory)",
+    )
+    p.add_option(
+        "--expert-cache-gb",
+        type=float,
+        default_text="every expert on the device",
+        help="device memory for the expert cache, all layers together, in GiB",
+    )
+    p.add_option(
+        "--offload-mode",
+        default="auto",
+        choices=["fetch", "cpu", "auto"],
+        help="a missed expert is copied to the device, computed on the CPU, or "
+        "whichever a cost model measured at startup says is faster",
+    )
+    p.add_option(
+        "--expert-cache-policy",
+        default="lru",
+        choices=["lru", "lfu"],
+        help="eviction policy of the expert cache (lfu decays with time)",
+    )
+    p.add_option(
+        "--prefetch",
+        action="store_true",
+        default=False,
+        help="predict the next layer's experts from this layer's input and copy them "
+        "ahead (pays off when the router's guesses are mostly right)",
+    )
+    p.add_option(
+        "--load-format",
+        default="safetensors",
+        choices=["safetensors", "dummy"],
+        help="dummy: random weights of config.json's shapes (benchmarks)",
+    )
+    p.add_option(
+        "--kernels",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="auto: Triton fused-MoE and paged-attention kernels on CUDA; torch: the "
+        "readable path everywhere",
+    )
+    p.add_option(
+        "--enforce-eager",
+        action="store_true",
+        default=False,
+        help="no CUDA graphs for decode steps (they need --kernels triton/auto on CUDA; "
+        "with offloaded experts, one graph per stage between their layers)",
+    )
+    p.add_option(
+        "--async-scheduling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="queue each step before the last one's tokens reach the host, so "
+        "scheduling, detokenizing and stop checks overlap the device "
+        "(auto: on for CUDA)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
-        dtype=args.dtype, device=args.device, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_chunked_prefill=not args.no_chunked_prefill,
         admission_wait_steps=args.admission_wait_steps,
-        seed=args.seed, expert_cache_slots=args.expert_cache_slots,
-        expert_cache_gb=args.expert_cache_gb, offload_mode=args.offload_mode,
-        expert_cache_policy=args.expert_cache_policy, prefetch=args.prefetch,
-        load_format=args.load_format, kernels=args.kernels, enforce_eager=args.enforce_eager,
+        seed=args.seed,
+        expert_cache_slots=args.expert_cache_slots,
+        expert_cache_gb=args.expert_cache_gb,
+        offload_mode=args.offload_mode,
+        expert_cache_policy=args.expert_cache_policy,
+        prefetch=args.prefetch,
+        load_format=args.load_format,
+        kernels=args.kernels,
+        enforce_eager=args.enforce_eager,
         async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
     )
 
@@ -124,16 +232,48 @@ def _prompt_ids(text: str) -> list[int]:
     return ids
 
 
+def _chat_prompt_ids(model: str, text: str) -> list[int]:
+    """`text` as one user message, rendered with the model's chat template and tokenised
+    without adding special tokens again (the template writes BOS), as /v1/chat/completions
+    does. Only the tokenizer loads: a model without a template fails before its weights do."""
+    from moeserve.tokenizer import Tokenizer
+
+    if not (Path(model) / "tokenizer.json").is_file():
+        raise ValueError(f"--chat needs a chat template: {model} has no tokenizer.json")
+    tokenizer = Tokenizer.from_dir(model)
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"--chat needs a chat template and {model} has none; without --chat, "
+            "--prompt is completed as raw text"
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True
+    )
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    if not ids:
+        raise ValueError("the chat template rendered an empty prompt")
+    return ids
+
+
 def _generate(args: argparse.Namespace) -> int:
     from moeserve import LLM, SamplingParams
     from moeserve.assets import model_or_demo
 
-    llm = LLM(model_or_demo(args.model), progress=not args.json, **engine_kwargs(args))
+    model = model_or_demo(args.model)
+    prompt: str | list[int] = args.prompt if args.prompt is not None else args.prompt_ids
+    if args.chat:
+        if args.prompt is None:
+            raise ValueError("--chat sends --prompt as a chat message; it takes no --prompt-ids")
+        prompt = _chat_prompt_ids(model, args.prompt)
+    llm = LLM(model, progress=not args.json, **engine_kwargs(args))
     params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        seed=args.sample_seed, logprobs=5 if args.json else None, ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.sample_seed,
+        logprobs=5 if args.json else None,
+        ignore_eos=args.ignore_eos,
     )
-    prompt = args.prompt if args.prompt is not None else args.prompt_ids
     [out] = llm.generate([prompt], params)
     result = out.outputs[0]
     if not args.json:
@@ -157,49 +297,107 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_args(p: _EnvDefaults) -> None:
-    p.add_option("--host", default="127.0.0.1",
-                 help="address to listen on (0.0.0.0 for every interface)")
+    p.add_option(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"
+    )
     p.add_option("--port", type=int, default=8000, help="TCP port")
-    p.add_option("--served-model-name", default=None,
-                 help="model name of the API (default: the model directory's name)")
-    p.add_option("--api-key", default=None,
-                 help="require `Authorization: Bearer KEY` on /v1/* (prefer the env variable)")
-    p.add_option("--max-queued-requests", type=int, default=256,
-                 help="prompts admitted but not yet generating before new ones get 429")
-    p.add_option("--shutdown-timeout", type=float, default=30.0,
-                 help="seconds in-flight requests may run after SIGTERM")
-    p.add_option("--max-body-bytes", type=_bytes, default=2_000_000,
-                 help="largest request body in bytes (also 2MB, 1MiB); larger ones get 413")
-    p.add_option("--log-prompts", action="store_true", default=False,
-                 help="include prompts in the request log (off: they may be private)")
-    p.add_option("--no-engine-process", action="store_true", default=False,
-                 help="step the engine in a thread of the server's process instead of a "
-                      "process of its own (which keeps streaming from slowing the engine)")
+    p.add_option(
+        "--served-model-name",
+        default_text="the model directory's name",
+        help="model name of the API",
+    )
+    p.add_option(
+        "--api-key",
+        default_text="no key needed",
+        secret=True,
+        help="require `Authorization: Bearer KEY` on /v1/* (prefer the env variable)",
+    )
+    p.add_option(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="prompts admitted but not yet generating before new ones get 429",
+    )
+    p.add_option(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may run after SIGTERM",
+    )
+    p.add_option(
+        "--max-body-bytes",
+        type=_bytes,
+        default=2_000_000,
+        default_text="2000000 (2MB)",
+        help="largest request body in bytes (also 2MB, 1MiB); larger ones get 413",
+    )
+    p.add_option(
+        "--log-prompts",
+        action="store_true",
+        default=False,
+        help="include prompts in the request log (off: they may be private)",
+    )
+    p.add_option(
+        "--no-engine-process",
+        action="store_true",
+        default=False,
+        help="step the engine in a thread of the server's process instead of a "
+        "process of its own (which keeps streaming from slowing the engine)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("MOESERVE_LOG_LEVEL"),
-                        help="default: INFO for serve, WARNING otherwise")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("MOESERVE_LOG_LEVEL"),
+        help="default: INFO for serve, WARNING otherwise; env MOESERVE_LOG_LEVEL",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvDefaults)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     assert isinstance(serve, _EnvDefaults)
     add_engine_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=_serve, default_log_level="INFO")
-    gen = sub.add_parser("generate", help="complete one prompt and print the result")
+    gen = sub.add_parser(
+        "generate",
+        help="complete one prompt and print the result",
+        description="Complete one prompt and print the result. --prompt is raw text "
+        "completion; --chat sends it as a chat message, as chat models (the demo model too) "
+        "expect.",
+    )
     assert isinstance(gen, _EnvDefaults)
     add_engine_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
+    src.add_argument(
+        "--prompt",
+        help="prompt text, completed as raw text (the tokenizer adds BOS; no chat template): "
+        "for a chat or instruction model add --chat",
+    )
     src.add_argument("--prompt-ids", type=_prompt_ids, help="prompt token ids, e.g. 1,2,3")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send --prompt as one user chat message rendered with the model's chat "
+        "template, as /v1/chat/completions does; the demo model answers its tasks "
+        "(47+85, reverse kqzd, ...) only this way (default: off)",
+    )
     gen.add_option("--max-tokens", type=int, default=32, help="tokens to generate at most")
     gen.add_option("--temperature", type=float, default=0.0, help="0 for greedy")
     gen.add_option("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    gen.add_option("--sample-seed", type=int, default=None, help="seed of this request")
+    gen.add_option(
+        "--sample-seed",
+        type=int,
+        default_text="unseeded: drawn from --seed's generator",
+        help="seed of this request alone (SamplingParams.seed, the API's `seed`): the same "
+        "seed, prompt and options sample the same tokens; --seed then plays no part",
+    )
     gen.add_option("--ignore-eos", action="store_true", default=False, help="do not stop at EOS")
-    gen.add_argument("--json", action="store_true",
-                     help="print one JSON object with ids, text and top-5 logprobs per position")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object with ids, text and top-5 logprobs per position (default: off)",
+    )
     gen.set_defaults(func=_generate, default_log_level="WARNING")
     add_bench_parser(sub)
     return parser

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from moeserve.config import ModelConfig
 
@@ -359,5 +358,11 @@ def _prefill_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]
     if n == ctx:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0]
-    mask = causal_lower_right(n, ctx)
+    if q.is_cuda:  # the bias lets SDPA pick a fused kernel, where there is one to pick
+        # Imported here: torch.nn.attention.bias imports torch._dynamo, which imports Triton.
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(n, ctx)
+    else:  # the mask CausalBias materialises off CUDA
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]
