@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 
 _ST_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
 
+# quant_method values (lower case) whose weights the loader can run; a loader for quantized
+# weights (FP8, MXFP4, ...) adds its method here, and every other one is refused at startup.
+SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()
+
+# Files some checkpoints ship instead of, or beside, config.json's quantization_config: old
+# AutoGPTQ's quantize_config.json, AutoAWQ's quant_config.json, NVIDIA ModelOpt's
+# hf_quant_config.json.
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json", "hf_quant_config.json")
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be loaded; the message names file and tensor."""
@@ -80,6 +89,40 @@ def _find_shards(path: Path) -> tuple[Path, ...]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def _supported_quant() -> str:
+    methods = ", ".join(SUPPORTED_QUANT_METHODS) or "none"
+    return f"supported: {methods}; moeserve loads float32, bfloat16 and float16 safetensors"
+
+
+def _refuse_quantized(path: Path, raw: dict[str, Any]) -> None:
+    """Refuse quantization we cannot run: read as plain floats its weights are garbage."""
+    found: list[tuple[Path, str, Any]] = []
+    # compressed-tensors checkpoints of some releases say compression_config instead.
+    for key in ("quantization_config", "compression_config"):
+        if raw.get(key) is not None:
+            quant = raw[key]
+            method = quant.get("quant_method") if isinstance(quant, dict) else None
+            found.append((path / "config.json", f"{key}.quant_method", method))
+    for name in QUANT_CONFIG_FILES:
+        file = path / name
+        if file.exists():
+            data = _read_json(file)
+            modelopt = data.get("quantization")
+            if isinstance(modelopt, dict) and "quant_algo" in modelopt:
+                found.append((file, "quantization.quant_algo", modelopt["quant_algo"]))
+            else:
+                found.append((file, "quant_method", data.get("quant_method")))
+    for file, field, method in found:
+        if isinstance(method, str) and method.lower() in SUPPORTED_QUANT_METHODS:
+            continue
+        what = (
+            f"{field} {method!r} is"
+            if method is not None
+            else f"quantized weights (no {field}) are"
+        )
+        raise CheckpointError(f"{file}: {what} not supported ({_supported_quant()})")
+
+
 def inspect_checkpoint(model_dir: str | Path, *, need_weights: bool = True) -> Checkpoint:
     """Read and validate config.json (+ generation_config.json) and locate the shards."""
     path = Path(model_dir)
@@ -89,6 +132,7 @@ def inspect_checkpoint(model_dir: str | Path, *, need_weights: bool = True) -> C
     if not config_path.exists():
         raise CheckpointError(f"{path}: config.json is missing")
     raw = _read_json(config_path)
+    _refuse_quantized(path, raw)
     try:
         cfg = parse_config(raw)
     except ConfigError as e:
