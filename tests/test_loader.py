@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moeserve.cli import main
+from moeserve.model import loader
 from moeserve.model.families import parse_config
 from moeserve.model.loader import CheckpointError, inspect_checkpoint, load_model
 from tests.checkpoints import make_checkpoint
@@ -145,6 +147,76 @@ def test_pickle_only_checkpoint_refused(tmp_path: Path, mixtral: Path) -> None:
     (path / "config.json").write_text((mixtral / "config.json").read_text())
     (path / "pytorch_model.bin").write_bytes(b"not read")
     assert "safetensors" in _load_error(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "method"),
+    [("quantization_config", m) for m in ("gptq", "awq", "bitsandbytes", "fp8", "mxfp4")]
+    + [("quantization_config", "compressed-tensors"), ("compression_config", "sparseml")],
+)
+def test_quantized_checkpoint_refused(mixtral: Path, tmp_path: Path, key: str, method: str) -> None:
+    # The weights here are plain float32: what matters is that config.json says otherwise.
+    path = _copy(mixtral, tmp_path / "c")
+    _edit_config(path, **{key: {"quant_method": method, "bits": 4, "group_size": 128}})
+    msg = _load_error(path)
+    assert f"config.json: {key}.quant_method '{method}' is not supported" in msg
+    assert "(supported: none; moeserve loads float32, bfloat16 and float16 safetensors)" in msg
+    with pytest.raises(CheckpointError, match=method):  # from config.json, no weight read
+        inspect_checkpoint(path, need_weights=False)
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "expected"),
+    [
+        (
+            "quantize_config.json",
+            {"bits": 4, "group_size": 128, "desc_act": False},
+            "quantized weights (no quant_method) are not supported",
+        ),
+        (
+            "quantize_config.json",
+            {"bits": 4, "quant_method": "gptq"},
+            "quant_method 'gptq' is not supported",
+        ),
+        (
+            "quant_config.json",
+            {"w_bit": 4, "q_group_size": 128, "version": "GEMM"},
+            "quantized weights (no quant_method) are not supported",
+        ),
+        (
+            "hf_quant_config.json",
+            {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}},
+            "quantization.quant_algo 'FP8' is not supported",
+        ),
+    ],
+)
+def test_quantization_config_file_refused(
+    mixtral: Path, tmp_path: Path, file: str, content: dict, expected: str
+) -> None:
+    path = _copy(mixtral, tmp_path / "c")
+    (path / file).write_text(json.dumps(content))
+    msg = _load_error(path)
+    assert f"{file}: {expected}" in msg and "supported: none" in msg
+
+
+def test_supported_quant_methods_are_one_list(
+    mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _copy(mixtral, tmp_path / "c")
+    _edit_config(path, quantization_config={"quant_method": "FP8"})
+    monkeypatch.setattr(loader, "SUPPORTED_QUANT_METHODS", ("fp8",))
+    inspect_checkpoint(path)
+    _edit_config(path, quantization_config={"quant_method": "gptq"})
+    assert "(supported: fp8;" in _load_error(path)
+
+
+def test_quantized_checkpoint_exits_2(
+    mixtral: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _copy(mixtral, tmp_path / "c")
+    _edit_config(path, quantization_config={"quant_method": "awq"})
+    assert main(["generate", "--model", str(path), "--prompt-ids", "1,2", "--device", "cpu"]) == 2
+    assert "quantization_config.quant_method 'awq' is not supported" in capsys.readouterr().err
 
 
 def test_auto_map_ignored_with_warning(

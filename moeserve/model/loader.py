@@ -1,8 +1,9 @@
 """Safetensors checkpoints -> a MoEForCausalLM, tensor by tensor, validated.
 
-Never unpickles and never runs code from the checkpoint. Every tensor is read from the
-memory-mapped file and copied straight into its preallocated parameter, so peak host memory
-stays near the size of the weights plus one tensor.
+Never unpickles and never runs code from the checkpoint. Every header is checked (and every
+tensor's name, shape and dtype against the model) before any tensor data is read; then every
+tensor is read from the memory-mapped file and copied straight into its preallocated
+parameter, so peak host memory stays near the size of the weights plus one tensor.
 """
 
 from __future__ import annotations
@@ -19,11 +20,21 @@ from tqdm import tqdm
 
 from moeserve.config import ConfigError, ModelConfig
 from moeserve.model.decoder import DTYPES, MoEForCausalLM
-from moeserve.model.families import IGNORED_SUFFIXES, parse_config, weight_plan
+from moeserve.model.families import IGNORED_SUFFIXES, Index, parse_config, weight_plan
+from moeserve.model.safetensors_check import HeaderError, TensorEntry, read_header
 
 log = logging.getLogger(__name__)
 
-_ST_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+_ST_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+
+# quant_method values (lower case) whose weights the loader can run; a loader for quantized
+# weights (FP8, MXFP4, ...) adds its method here, and every other one is refused at startup.
+SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()
+
+# Files some checkpoints ship instead of, or beside, config.json's quantization_config: old
+# AutoGPTQ's quantize_config.json, AutoAWQ's quant_config.json, NVIDIA ModelOpt's
+# hf_quant_config.json.
+QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json", "hf_quant_config.json")
 
 
 class CheckpointError(ValueError):
@@ -80,6 +91,40 @@ def _find_shards(path: Path) -> tuple[Path, ...]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def _supported_quant() -> str:
+    methods = ", ".join(SUPPORTED_QUANT_METHODS) or "none"
+    return f"supported: {methods}; moeserve loads float32, bfloat16 and float16 safetensors"
+
+
+def _refuse_quantized(path: Path, raw: dict[str, Any]) -> None:
+    """Refuse quantization we cannot run: read as plain floats its weights are garbage."""
+    found: list[tuple[Path, str, Any]] = []
+    # compressed-tensors checkpoints of some releases say compression_config instead.
+    for key in ("quantization_config", "compression_config"):
+        if raw.get(key) is not None:
+            quant = raw[key]
+            method = quant.get("quant_method") if isinstance(quant, dict) else None
+            found.append((path / "config.json", f"{key}.quant_method", method))
+    for name in QUANT_CONFIG_FILES:
+        file = path / name
+        if file.exists():
+            data = _read_json(file)
+            modelopt = data.get("quantization")
+            if isinstance(modelopt, dict) and "quant_algo" in modelopt:
+                found.append((file, "quantization.quant_algo", modelopt["quant_algo"]))
+            else:
+                found.append((file, "quant_method", data.get("quant_method")))
+    for file, field, method in found:
+        if isinstance(method, str) and method.lower() in SUPPORTED_QUANT_METHODS:
+            continue
+        what = (
+            f"{field} {method!r} is"
+            if method is not None
+            else f"quantized weights (no {field}) are"
+        )
+        raise CheckpointError(f"{file}: {what} not supported ({_supported_quant()})")
+
+
 def inspect_checkpoint(model_dir: str | Path, *, need_weights: bool = True) -> Checkpoint:
     """Read and validate config.json (+ generation_config.json) and locate the shards."""
     path = Path(model_dir)
@@ -89,6 +134,7 @@ def inspect_checkpoint(model_dir: str | Path, *, need_weights: bool = True) -> C
     if not config_path.exists():
         raise CheckpointError(f"{path}: config.json is missing")
     raw = _read_json(config_path)
+    _refuse_quantized(path, raw)
     try:
         cfg = parse_config(raw)
     except ConfigError as e:
@@ -113,17 +159,27 @@ def _open(shard: Path) -> Any:
         raise CheckpointError(f"{shard}: corrupt or truncated safetensors file ({e})") from e
 
 
-def _index_tensors(ckpt: Checkpoint, plan: dict[str, tuple[str, Any]]) -> dict[str, Path]:
+def _read_headers(shards: tuple[Path, ...]) -> dict[Path, dict[str, TensorEntry]]:
+    try:
+        return {shard: read_header(shard) for shard in shards}
+    except HeaderError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _index_tensors(
+    ckpt: Checkpoint,
+    plan: dict[str, tuple[str, Index]],
+    headers: dict[Path, dict[str, TensorEntry]],
+) -> dict[str, Path]:
     """Tensor name -> shard, refusing duplicates, unknown tensors and missing ones."""
     where: dict[str, Path] = {}
     for shard in ckpt.shards:
-        with _open(shard) as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if name in where:
-                    raise CheckpointError(
-                        f"tensor {name} appears in two shards: {where[name].name} and {shard.name}"
-                    )
-                where[name] = shard
+        for name in headers[shard]:
+            if name in where:
+                raise CheckpointError(
+                    f"tensor '{name}' appears in two shards: {where[name].name} and {shard.name}"
+                )
+            where[name] = shard
     for name, shard in list(where.items()):
         if name in plan:
             continue
@@ -133,17 +189,44 @@ def _index_tensors(ckpt: Checkpoint, plan: dict[str, tuple[str, Any]]) -> dict[s
             del where[name]
             continue
         raise CheckpointError(
-            f"{shard}: unexpected tensor {name} for model_type {ckpt.config.model_type} "
+            f"{shard}: unexpected tensor '{name}' for model_type {ckpt.config.model_type} "
             "(does config.json match these weights?)"
         )
     missing = [n for n in plan if n not in where]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(
-            f"{ckpt.path}: tensor {missing[0]}{more} missing from the checkpoint "
+            f"{ckpt.path}: tensor '{missing[0]}'{more} missing from the checkpoint "
             f"(shards: {', '.join(s.name for s in ckpt.shards)})"
         )
     return where
+
+
+def _target(params: dict[str, torch.Tensor], plan_entry: tuple[str, Index]) -> torch.Tensor:
+    name, index = plan_entry
+    return params[name][index] if index else params[name]
+
+
+def _check_against_model(
+    where: dict[str, Path],
+    headers: dict[Path, dict[str, TensorEntry]],
+    plan: dict[str, tuple[str, Index]],
+    params: dict[str, torch.Tensor],
+) -> None:
+    """Every tensor's shape and dtype against its parameter, before any data is read."""
+    for name, shard in where.items():
+        entry = headers[shard][name]
+        expected = list(_target(params, plan[name]).shape)
+        if list(entry.shape) != expected:
+            raise CheckpointError(
+                f"{shard}: tensor '{name}' has shape {list(entry.shape)}, expected {expected} "
+                "from config.json"
+            )
+        if entry.dtype not in _ST_FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{shard}: tensor '{name}' has dtype {entry.dtype}; only float weights "
+                f"({', '.join(_ST_FLOAT_DTYPES)}) are supported"
+            )
 
 
 def resolve_dtype(cfg: ModelConfig, dtype: str | None) -> torch.dtype:
@@ -174,13 +257,17 @@ def load_model(
     cfg = ckpt.config
     torch_dtype = resolve_dtype(cfg, dtype)
     home = torch.device(expert_device) if expert_device is not None else None
-    model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home)
     if dummy:
+        model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home)
         _fill_dummy(model)
         return ckpt, model.eval()
+    # Headers and names first: a bad shard fails before the model's memory is allocated.
     plan = weight_plan(cfg)
-    where = _index_tensors(ckpt, plan)
+    headers = _read_headers(ckpt.shards)
+    where = _index_tensors(ckpt, plan, headers)
+    model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home)
     params = dict(model.named_parameters())
+    _check_against_model(where, headers, plan, params)
     total = sum(s.stat().st_size for s in ckpt.shards)
     bar = tqdm(
         total=total,
@@ -192,29 +279,18 @@ def load_model(
     )
     filled = 0
     for shard in ckpt.shards:
+        # In file order, so the memory-mapped reads run sequentially through the shard.
+        entries = sorted(headers[shard].values(), key=lambda t: t.begin)
         with _open(shard) as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if name not in plan or where.get(name) != shard:
+            for entry in entries:
+                name = entry.name
+                if where.get(name) != shard:
                     continue
-                target_name, index = plan[name]
-                target = params[target_name][index] if index else params[target_name]
-                meta = f.get_slice(name)
-                shape, st_dtype = list(meta.get_shape()), meta.get_dtype()
-                if shape != list(target.shape):
-                    raise CheckpointError(
-                        f"{shard}: tensor {name} has shape {shape}, expected "
-                        f"{list(target.shape)} from config.json"
-                    )
-                if st_dtype not in _ST_FLOAT_DTYPES:
-                    raise CheckpointError(
-                        f"{shard}: tensor {name} has dtype {st_dtype}; only float weights "
-                        "(F32, F16, BF16) are supported"
-                    )
                 try:
                     tensor = f.get_tensor(name)
                 except (SafetensorError, RuntimeError) as e:
-                    raise CheckpointError(f"{shard}: cannot read tensor {name} ({e})") from e
-                target.copy_(tensor)
+                    raise CheckpointError(f"{shard}: cannot read tensor '{name}' ({e})") from e
+                _target(params, plan[name]).copy_(tensor)
                 filled += 1
                 bar.update(tensor.numel() * tensor.element_size())
                 del tensor
