@@ -338,6 +338,19 @@ def add_serve_args(p: _EnvDefaults) -> None:
         help="include prompts in the request log (off: they may be private)",
     )
     p.add_option(
+        "--watchdog-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without a finished engine step, while requests are open, after which "
+        "/health and /ready turn 503 and new requests are refused (0: off)",
+    )
+    p.add_option(
+        "--allowed-hosts",
+        default_text="any host",
+        help="comma-separated Host header values to answer (api.example.com, *.internal); "
+        "others get 400; the probes and /metrics answer any host",
+    )
+    p.add_option(
         "--no-engine-process",
         action="store_true",
         default=False,

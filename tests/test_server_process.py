@@ -156,6 +156,16 @@ def test_flags_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     args = build_parser().parse_args(["serve", "--model", str(tmp_path), *flags])
     assert server_config(args).max_queued_requests == 3
     assert server_config(args).served_model_name == "m"
+    assert server_config(args).watchdog_timeout == 30.0
+    assert server_config(args).allowed_hosts is None
+    flags = ["--watchdog-timeout", "5", "--allowed-hosts", "API.example.com, *.internal,[::1]"]
+    cfg = server_config(build_parser().parse_args(["serve", "--model", str(tmp_path), *flags]))
+    assert cfg.watchdog_timeout == 5.0
+    assert cfg.allowed_hosts == ("api.example.com", "*.internal", "[::1]")
+    for bad in (["--allowed-hosts", "a.com:8000"], ["--allowed-hosts", "a*.com"],
+                ["--watchdog-timeout", "-1"]):  # fmt: skip
+        with pytest.raises(ValueError, match=bad[0]):
+            server_config(build_parser().parse_args(["serve", "--model", str(tmp_path), *bad]))
     monkeypatch.setenv("MOESERVE_PORT", "not-a-port")
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["serve"])

@@ -111,6 +111,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         ("--max-queued-requests must be >= 1", args.max_queued_requests >= 1),
         ("--shutdown-timeout must be >= 0", args.shutdown_timeout >= 0),
         ("--max-body-bytes must be >= 1", args.max_body_bytes >= 1),
+        ("--watchdog-timeout must be >= 0 (0: off)", args.watchdog_timeout >= 0),
     ]
     for message, ok in checks:
         if not ok:
@@ -120,7 +121,22 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         served_model_name=name, api_key=args.api_key or None,
         max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
         max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts, freeze_gc=True,
+        watchdog_timeout=args.watchdog_timeout, allowed_hosts=allowed_hosts(args.allowed_hosts),
     )  # fmt: skip
+
+
+def allowed_hosts(value: str | None) -> tuple[str, ...] | None:
+    """--allowed-hosts: comma-separated host names (`*.example.com` for subdomains); None or
+    empty: any host."""
+    if not value:
+        return None
+    hosts = tuple(h.strip().lower() for h in value.split(",") if h.strip())
+    for h in hosts:
+        if ":" in h and not (h.startswith("[") and h.endswith("]")):  # [::1] is a host
+            raise ValueError(f"--allowed-hosts: {h!r}: give host names without a port")
+        if "*" in h and h != "*" and not (h.startswith("*.") and "*" not in h[2:]):
+            raise ValueError(f"--allowed-hosts: {h!r}: a wildcard must be `*` or `*.domain`")
+    return hosts or None
 
 
 def run(
