@@ -93,6 +93,9 @@ def test_a_typo_gets_a_suggestion(srv: RunningServer) -> None:
 
 # Values that ask for nothing: accepted, with the same output as without them.
 ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    # lm-evaluation-harness's generate_until bodies (local-completions, local-chat-completions)
+    (COMP, {"model": MODEL_NAME, "stop": ["\n\n"], "seed": 1234}),
+    (CHAT, {"model": MODEL_NAME, "stop": ["\n\n"], "seed": 1234}),
     (
         COMP,
         {
