@@ -89,6 +89,8 @@ class RequestResult:
     ended: float | None = None  # when the client was done with it, success or not
     success: bool = False
     error: str | None = None
+    status: int | None = None  # the reply's HTTP status, when one came
+    error_latency: float | None = None  # send to the end of a non-200 reply (e.g. a 429)
     ttft: float | None = None
     latency: float | None = None
     itl: list[float] = field(default_factory=list)
@@ -295,7 +297,9 @@ async def _send(
     except (httpx.HTTPError, ValueError) as e:  # ValueError: also a chunk that is not JSON
         res.error = f"{type(e).__name__}: {e}"
         return
+    res.status = status
     if status != 200:
+        res.error_latency = time.perf_counter() - start
         res.error = _error_text(status, raw)
         return
     if res.error is not None:  # an error chunk
