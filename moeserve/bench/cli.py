@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from moeserve.bench.workloads import RequestSpec
+from moeserve.bench.workloads import DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, RequestSpec
 
 T = TypeVar("T")
 DEFAULT_NUM_REQUESTS = 100  # when neither --num-requests nor --duration is given
@@ -48,11 +49,14 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workload", choices=["random", "jsonl", "demo"], default="random",
                    help="random prompts, a JSONL file (--prompts-file), or the demo model's "
                         "tasks (default %(default)s)")  # fmt: skip
-    g.add_argument("--input-len", default="128",
+    # None when not given: only the defaults are fitted to the server's context.
+    g.add_argument("--input-len", default=None,
                    help="random prompt length in tokens: N, uniform:LO:HI, normal:MEAN:STD, "
-                        "lognormal:MEDIAN:SIGMA or exponential:MEAN (default %(default)s)")
-    g.add_argument("--output-len", default="64",
-                   help="max_tokens, same forms as --input-len (default %(default)s)")
+                        f"lognormal:MEDIAN:SIGMA or exponential:MEAN (default {DEFAULT_INPUT_LEN}, "
+                        "less if the server's context is shorter)")  # fmt: skip
+    g.add_argument("--output-len", default=None,
+                   help=f"max_tokens, same forms as --input-len (default {DEFAULT_OUTPUT_LEN}, "
+                        "less if the server's context is shorter)")  # fmt: skip
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer.json or model dir: exact random prompt lengths (else words)")
     g.add_argument("--prompts-file", default=None,
@@ -87,20 +91,30 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _workload(args: argparse.Namespace) -> tuple[Iterator[RequestSpec], str]:
+def _workload(
+    args: argparse.Namespace, max_model_len: int | None
+) -> tuple[Iterator[RequestSpec], str]:
+    """The workload of the flags; the random one fitted to a context of `max_model_len`
+    tokens (None: not known). ValueError for flags that do not fit or make no workload."""
     from moeserve.bench import workloads
 
     if args.workload == "jsonl":
         if not args.prompts_file:
             raise ValueError("--workload jsonl needs --prompts-file PATH")
-        return workloads.jsonl_workload(args.prompts_file, args.output_len, seed=args.seed), (
-            f"jsonl:{args.prompts_file}")
+        output_len = args.output_len or str(DEFAULT_OUTPUT_LEN)
+        name = f"jsonl:{args.prompts_file}"
+        return workloads.jsonl_workload(args.prompts_file, output_len, seed=args.seed), name
     if args.workload == "demo":
         tasks = [t.strip() for t in args.demo_tasks.split(",")] if args.demo_tasks else None
         return workloads.demo_workload(args.demo_max_tokens, seed=args.seed, tasks=tasks), "demo"
-    gen = workloads.random_workload(args.input_len, args.output_len, seed=args.seed,
-                                    tokenizer=args.tokenizer)  # fmt: skip
-    return gen, f"random(in={args.input_len}, out={args.output_len})"
+    fit = workloads.fit_random_lengths(args.input_len, args.output_len, max_model_len,
+                                       exact=args.tokenizer is not None)  # fmt: skip
+    if fit.note:
+        print(f"moeserve bench: {fit.note}", file=sys.stderr)
+    gen = workloads.random_workload(fit.input_len, fit.output_len, seed=args.seed,
+                                    tokenizer=args.tokenizer,
+                                    max_prompt_chars=fit.max_prompt_chars)  # fmt: skip
+    return gen, f"random(in={fit.input_len}, out={fit.output_len})"
 
 
 def _run(main: Coroutine[Any, Any, T]) -> T:
@@ -115,7 +129,7 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
 
 def run_serve_bench(args: argparse.Namespace) -> int:
     """Run the load test, print the table, write JSON and plots; 1 if no request succeeded."""
-    from moeserve.bench.loadtest import LoadTestConfig, run_load
+    from moeserve.bench.loadtest import LoadTestConfig, run_load, served_model
     from moeserve.bench.report import build_report, format_report, parse_goodput
 
     slos = parse_goodput(args.goodput)
@@ -130,8 +144,10 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         progress=not args.no_progress, scrape_metrics=not args.no_metrics,
         metrics_url=args.metrics_url, http_client=args.http_client,
     )  # fmt: skip
-    workload, name = _workload(args)
-    run = _run(run_load(cfg, workload, name))
+    # Before anything is sent: the model's context decides the random workload's lengths.
+    served = _run(served_model(cfg))
+    workload, name = _workload(args, served.max_model_len)
+    run = _run(run_load(dataclasses.replace(cfg, model=served.id), workload, name))
     rep = build_report(run, slos, detailed=args.save_detailed)
     print(format_report(rep))
     if args.result_json:

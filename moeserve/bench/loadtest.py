@@ -89,6 +89,8 @@ class RequestResult:
     ended: float | None = None  # when the client was done with it, success or not
     success: bool = False
     error: str | None = None
+    status: int | None = None  # the reply's HTTP status, when one came
+    error_latency: float | None = None  # send to the end of a non-200 reply (e.g. a 429)
     ttft: float | None = None
     latency: float | None = None
     itl: list[float] = field(default_factory=list)
@@ -126,16 +128,64 @@ def api_base(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
-async def _resolve_model(client: httpx.AsyncClient, model: str | None) -> str:
-    if model:
-        return model
+@dataclass(frozen=True)
+class ServedModel:
+    """A model of /v1/models: its id and, where the server says, its context length."""
+
+    id: str
+    max_model_len: int | None = None  # moeserve's and vLLM's model cards have it
+
+
+def _served_model(models: Any, model: str | None) -> ServedModel:
+    """`model` (or the first model) of a /v1/models body; KeyError, IndexError or TypeError
+    when there is none."""
+    cards = models["data"]
+    card = cards[0] if model is None else next((c for c in cards if c.get("id") == model), {})
+    ctx = card.get("max_model_len")
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
+        ctx = None  # not reported (another server, or moeserve while it loads)
+    return ServedModel(model or card["id"], ctx)
+
+
+async def _resolve_model(client: httpx.AsyncClient, model: str | None) -> ServedModel:
+    """The model to ask for and its context; ValueError when `model` is None and the server
+    does not list one. With `model` given, a server that does not list it (or has no
+    /v1/models) only leaves the context unknown."""
     try:
         resp = await client.get("/models")
         resp.raise_for_status()
-        return resp.json()["data"][0]["id"]
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
+        return _served_model(resp.json(), model)
+    except (httpx.HTTPError, KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+        if model:
+            return ServedModel(model)
         raise ValueError(f"could not list models at {client.base_url}/models ({e}); "
                          "pass --model") from None  # fmt: skip
+
+
+def _auth(cfg: LoadTestConfig) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+
+
+def _client(cfg: LoadTestConfig) -> httpx.AsyncClient:
+    """httpx to the server's /v1 root, with the API key and the run's timeouts."""
+    # No connection cap in the client: a pool limit would queue requests here and count the
+    # wait as server latency. --max-concurrency is the cap, enforced in _drive.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(cfg.request_timeout, connect=_connect_timeout(cfg))
+    return httpx.AsyncClient(
+        base_url=api_base(cfg.base_url), headers=_auth(cfg), limits=limits, timeout=timeout
+    )
+
+
+def _connect_timeout(cfg: LoadTestConfig) -> float:
+    return min(30.0, cfg.request_timeout)
+
+
+async def served_model(cfg: LoadTestConfig) -> ServedModel:
+    """What /v1/models says of the model the run will use, before anything is sent: the
+    workload can then be fitted to its context. ValueError as for run_load."""
+    async with _client(cfg) as client:
+        return await _resolve_model(client, cfg.model)
 
 
 def _body(cfg: LoadTestConfig, spec: RequestSpec, model: str) -> dict[str, Any]:
@@ -247,7 +297,9 @@ async def _send(
     except (httpx.HTTPError, ValueError) as e:  # ValueError: also a chunk that is not JSON
         res.error = f"{type(e).__name__}: {e}"
         return
+    res.status = status
     if status != 200:
+        res.error_latency = time.perf_counter() - start
         res.error = _error_text(status, raw)
         return
     if res.error is not None:  # an error chunk
@@ -275,17 +327,9 @@ def _gaps(cfg: LoadTestConfig) -> Iterator[float]:
 
 async def run_load(cfg: LoadTestConfig, workload: Iterator[RequestSpec], name: str) -> RunData:
     """Run the load test; ValueError when the server cannot be reached at all."""
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
-    # No connection cap in the client: a pool limit would queue requests here and count the
-    # wait as server latency. --max-concurrency is the cap, enforced below.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    connect_timeout = min(30.0, cfg.request_timeout)
-    timeout = httpx.Timeout(cfg.request_timeout, connect=connect_timeout)
     base = api_base(cfg.base_url)
-    async with httpx.AsyncClient(
-        base_url=base, headers=headers, limits=limits, timeout=timeout
-    ) as client:
-        model = await _resolve_model(client, cfg.model)
+    async with _client(cfg) as client:
+        model = cfg.model or (await _resolve_model(client, None)).id
         murl = cfg.metrics_url or metrics_url_for(cfg.base_url)
         before = await scrape(client, murl) if cfg.scrape_metrics else None
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -293,7 +337,7 @@ async def run_load(cfg: LoadTestConfig, workload: Iterator[RequestSpec], name: s
         if cfg.http_client == "auto" and base.startswith("http://"):
             # httpx stays for the calls above; the streams, one SSE event per token, cost
             # several times less CPU on the built-in client (benchmarks/sse_client_bench.py).
-            streams = StreamClient(base, headers, connect_timeout)
+            streams = StreamClient(base, _auth(cfg), _connect_timeout(cfg))
         try:
             results, t0, t_end = await _drive(streams, cfg, workload, model)
         finally:

@@ -3,7 +3,8 @@
 Definitions follow `vllm bench serve`: TTFT is send to first content; TPOT is (latency -
 TTFT) / (output tokens - 1) per request; ITL is each gap between streamed chunks; E2E is send
 to [DONE]. Throughputs divide by the run's duration (first send to last reply). Goodput
-counts requests that met every SLO given.
+counts requests that met every SLO given. Rejected requests are the failed ones the server
+refused with 429 (its queue was full); their latency is send to the end of the refusal.
 """
 
 from __future__ import annotations
@@ -114,16 +115,21 @@ def build_report(
             lat[k].extend(v)
     cfg = dataclasses.asdict(run.config)
     cfg.pop("api_key")  # never write the secret into a result file
+    rejected = [
+        r.error_latency for r in run.results if r.status == 429 and r.error_latency is not None
+    ]
     report: dict[str, Any] = {
         "date": run.started_at, "model": run.model, "workload": run.workload, "config": cfg,
         "num_requests": len(run.results), "completed": len(ok),
-        "failed": len(run.results) - len(ok), "duration_s": run.duration,
+        "failed": len(run.results) - len(ok), "rejected": len(rejected),
+        "duration_s": run.duration,
         "total_input_tokens": in_tok, "total_output_tokens": out_tok,
         "request_throughput": len(ok) / duration, "output_throughput": out_tok / duration,
         "total_token_throughput": (in_tok + out_tok) / duration,
     }  # fmt: skip
     for k in _LATENCIES:
         report[f"{k}_ms"] = summarize(lat[k])
+    report["rejected_latency_ms"] = summarize(rejected)
     report["goodput"] = None
     if goodput_slos_ms:
         good = sum(_is_good(r, goodput_slos_ms) for r in run.results)
@@ -163,6 +169,7 @@ def format_report(rep: dict[str, Any]) -> str:
 
     row("Successful requests:", rep["completed"])
     row("Failed requests:", rep["failed"])
+    row("  of which rejected (HTTP 429):", rep["rejected"])
     row("Benchmark duration (s):", rep["duration_s"])
     row("Total input tokens:", rep["total_input_tokens"])
     row("Total generated tokens:", rep["total_output_tokens"])
@@ -173,12 +180,17 @@ def format_report(rep: dict[str, Any]) -> str:
     row("Total token throughput (tok/s):", rep["total_token_throughput"])
     titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
               "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}  # fmt: skip
-    for key, title in titles.items():
+    sections = [(f"{key}_ms", title, key.upper()) for key, title in titles.items()]
+    if rep["rejected"]:  # how long the server takes to say no, under this load
+        sections.append(
+            ("rejected_latency_ms", "Rejected (HTTP 429): send to refusal", "429 latency")
+        )
+    for key, title, short in sections:
         lines.append(f" {title} ".center(w, "-"))
-        stats = rep[f"{key}_ms"]
+        stats = rep[key]
         for stat, label in (("mean", "Mean"), ("median", "Median"), ("p90", "P90"),
                             ("p99", "P99")):  # fmt: skip
-            row(f"{label} {key.upper()} (ms):", stats[stat])
+            row(f"{label} {short} (ms):", stats[stat])
     if rep["demo_accuracy"]:
         lines.append(" Demo tasks ".center(w, "-"))
         row("Correct answers:", rep["demo_accuracy"]["correct"])
