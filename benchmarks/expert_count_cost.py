@@ -36,11 +36,11 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     path = synthetic_checkpoint(args.synthetic, dtype)
     llm = LLM(path, dtype=args.dtype, progress=False, max_num_seqs=args.batch, max_model_len=256)
-    moes = [m for _, m in llm.engine.model.moe_layers()]
+    moes = [m for _, m in llm.engine.executor.model.moe_layers()]
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 1000, (args.batch, 32), generator=g).tolist()
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    cuda = llm.engine.model.device.type == "cuda"
+    cuda = llm.engine.executor.model.device.type == "cuda"
     llm.generate(prompts, params)  # warm-up
     rates: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.rounds):

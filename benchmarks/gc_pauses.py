@@ -53,7 +53,7 @@ def serve(log: str, freeze: bool, argv: list[str]) -> int:
     import logging
 
     import moeserve.server.state as state
-    from moeserve.cli import build_parser, engine_kwargs
+    from moeserve.cli import build_parser, engine_config
     from moeserve.server.serve import run
 
     if not freeze:  # the server's freeze; the engine process's is undone by _engine_setup
@@ -62,12 +62,12 @@ def serve(log: str, freeze: bool, argv: list[str]) -> int:
     args = build_parser().parse_args(["serve", *argv])
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     setup = functools.partial(_engine_setup, log, freeze)
-    return run(args, engine_kwargs(args), engine_setup=setup)
+    return run(args, engine_config(args), engine_setup=setup)
 
 
 def _engine_setup(log: str, freeze: bool) -> None:
     """In the engine process, before the model loads."""
-    import moeserve.engine.engine_worker as worker
+    import moeserve.engine.worker as worker
 
     if not freeze:
         worker.freeze_startup_heap = lambda where: 0

@@ -86,12 +86,12 @@ def fake_gpu(step_ms: float) -> None:
 def serve_fake_gpu(step_ms: float, argv: list[str]) -> int:
     """`moeserve serve argv` with fake_gpu(step_ms) applied where the engine steps (its own
     process, or this one with --no-engine-process)."""
-    from moeserve.cli import build_parser, engine_kwargs
+    from moeserve.cli import build_parser, engine_config
     from moeserve.server.serve import run
 
     args = build_parser().parse_args(["serve", *argv])
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args, engine_kwargs(args), engine_setup=functools.partial(fake_gpu, step_ms))
+    return run(args, engine_config(args), engine_setup=functools.partial(fake_gpu, step_ms))
 
 
 def children(pid: int) -> list[int]:
@@ -209,12 +209,12 @@ def _timed_offline(llm: LLM, prompts: list[str], params: SamplingParams, max_seq
         dt = time.perf_counter() - t0
     rate = report("offline", sum(len(o.outputs[0].token_ids) for o in outs), dt, steps0, cpu0)
     if closed:
-        ids = [llm.engine.encode_prompt(p) for p in prompts]
+        ids = [llm.encode_prompt(p) for p in prompts]
         for run in ("warm-up", "timed"):
             for k in kinds.values():
                 k[:] = [0.0, 0.0]
             t0, steps0, cpu0 = time.perf_counter(), llm.engine.num_steps, time.process_time()
-            tokens = closed_loop(llm.engine, ids, params, max_seqs, run)
+            tokens = closed_loop(llm, ids, params, max_seqs, run)
             if run == "timed":
                 report("offline closed loop", tokens, time.perf_counter() - t0, steps0, cpu0)
     return rate
@@ -228,22 +228,25 @@ def free_device() -> None:
 
 
 def closed_loop(
-    engine: Any, ids: list[list[int]], params: SamplingParams, streams: int, tag: str
+    llm: LLM, ids: list[list[int]], params: SamplingParams, streams: int, tag: str
 ) -> int:
-    """`streams` requests in flight; a finished one's replacement joins before the next step.
-    Returns the output tokens."""
+    """`streams` requests in flight on the LLM's engine loop (core and output processor, as a
+    server runs them); a finished one's replacement joins before the next step. Returns the
+    output tokens."""
+    from moeserve.engine.messages import EngineRequest
+
     todo = iter(enumerate(ids))
 
     def add() -> None:
         nxt = next(todo, None)
         if nxt is not None:
-            engine.add_request(f"closed-{tag}-{nxt[0]}", nxt[1], params, prompt_ids=nxt[1])
+            llm.loop.admit(EngineRequest(f"closed-{tag}-{nxt[0]}", nxt[1], params))
 
     for _ in range(streams):
         add()
     tokens, ttft, queued = 0, [], []
-    while engine.has_unfinished():
-        for delta in engine.step().outputs:
+    while llm.engine.has_unfinished():
+        for delta in llm.loop.step()[0]:
             tokens += sum(len(o.token_ids) for o in delta.outputs)
             if delta.finished:
                 add()

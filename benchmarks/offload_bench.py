@@ -259,12 +259,12 @@ def main() -> None:
             gpu_memory_utilization=util,
         )
         load_s = time.perf_counter() - t0
-        store = llm.engine.expert_store
+        store = llm.engine.executor.expert_store
         slots = store.slots if store else "all"
         cost = store.cost if store else None
         print(
             f"[{mode}] loaded in {load_s:.0f}s, cache slots per layer: {slots}, "
-            f"KV blocks {llm.engine.num_blocks}, cost model: {cost}",
+            f"KV blocks {llm.engine.executor.num_blocks}, cost model: {cost}",
             flush=True,
         )
         for batch in args.batch:

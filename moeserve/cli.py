@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moeserve.assets import model_or_demo
 from moeserve.bench.cli import add_bench_parser
+from moeserve.config import OPTION_NAMES, EngineConfig
 
 ENV_PREFIX = "MOESERVE_"
 
@@ -199,29 +201,13 @@ def add_engine_args(p: _EnvDefaults) -> None:
     )
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enable_chunked_prefill=not args.no_chunked_prefill,
-        admission_wait_steps=args.admission_wait_steps,
-        seed=args.seed,
-        expert_cache_slots=args.expert_cache_slots,
-        expert_cache_gb=args.expert_cache_gb,
-        offload_mode=args.offload_mode,
-        expert_cache_policy=args.expert_cache_policy,
-        prefetch=args.prefetch,
-        load_format=args.load_format,
-        kernels=args.kernels,
-        enforce_eager=args.enforce_eager,
-        async_scheduling={"on": True, "off": False}.get(args.async_scheduling),
-    )
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of the engine flags (and MOESERVE_* variables): each flag sets the
+    engine option of the same name (config.OPTION_NAMES); ConfigError names a bad one."""
+    options = {name: getattr(args, name) for name in OPTION_NAMES if hasattr(args, name)}
+    options["enable_chunked_prefill"] = not args.no_chunked_prefill
+    options["async_scheduling"] = {"on": True, "off": False}.get(args.async_scheduling)
+    return EngineConfig.from_options(model_or_demo(args.model), **options)
 
 
 def _prompt_ids(text: str) -> list[int]:
@@ -257,7 +243,6 @@ def _chat_prompt_ids(model: str, text: str) -> list[int]:
 
 def _generate(args: argparse.Namespace) -> int:
     from moeserve import LLM, SamplingParams
-    from moeserve.assets import model_or_demo
 
     model = model_or_demo(args.model)
     prompt: str | list[int] = args.prompt if args.prompt is not None else args.prompt_ids
@@ -265,7 +250,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.prompt is None:
             raise ValueError("--chat sends --prompt as a chat message; it takes no --prompt-ids")
         prompt = _chat_prompt_ids(model, args.prompt)
-    llm = LLM(model, progress=not args.json, **engine_kwargs(args))
+    llm = LLM(config=engine_config(args), progress=not args.json)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -293,7 +278,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from moeserve.server.serve import run
 
-    return run(args, engine_kwargs(args))
+    return run(args, engine_config(args))
 
 
 def add_serve_args(p: _EnvDefaults) -> None:

@@ -1,13 +1,17 @@
 """Frozen configuration records.
 
 ModelConfig is what the model code needs to know about a checkpoint, normalised across the
-supported families (see model/families.py, which parses config.json into it). The engine-side
-records (cache, scheduler) carry the operator's choices.
+supported families (see model/families.py, which parses config.json into it). EngineConfig
+carries the operator's choices in sections (model, cache, scheduler, offload, kernels,
+parallel); it is built once, from CLI flags and MOESERVE_* variables (cli.py) or LLM(...)
+keywords, with `EngineConfig.from_options`, validated there, and handed whole to the engine
+(also across the process boundary: it pickles).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -92,9 +96,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.admission_wait_steps < 0:
-            raise ConfigError(
-                f"admission_wait_steps must be >= 0, got {self.admission_wait_steps}"
-            )
+            raise ConfigError(f"admission_wait_steps must be >= 0, got {self.admission_wait_steps}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -103,6 +105,12 @@ class SchedulerConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Otherwise a full batch of decodes would not fit in one step's budget.
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                f"max_num_seqs ({self.max_num_seqs})"
+            )
 
 
 OFFLOAD_MODES = ("fetch", "cpu", "auto")
@@ -132,10 +140,152 @@ class OffloadConfig:
         if self.cache_bytes is not None and self.cache_bytes <= 0:
             raise ConfigError(f"expert_cache_gb must be > 0, got {self.cache_bytes} bytes")
         if self.cache_slots is not None and self.cache_bytes is not None:
-            raise ConfigError("give expert_cache_slots or expert_cache_gb, not both")
+            raise ConfigError("expert_cache_slots and expert_cache_gb: give one, not both")
         if self.mode not in OFFLOAD_MODES:
             raise ConfigError(f"offload_mode must be one of {', '.join(OFFLOAD_MODES)}")
         if self.policy not in CACHE_POLICIES:
             raise ConfigError(f"expert_cache_policy must be one of {', '.join(CACHE_POLICIES)}")
         if not 0.0 < self.lfu_decay <= 1.0:
             raise ConfigError(f"lfu_decay must be in (0, 1], got {self.lfu_decay}")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("safetensors", "dummy")
+KERNELS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Which checkpoint, in which dtype, read how."""
+
+    path: str
+    dtype: str = "auto"  # the checkpoint's own, or float32 / bfloat16 / float16
+    load_format: str = "safetensors"  # dummy: random weights of config.json's shapes
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How the model runs: Triton kernels or the readable torch path, CUDA graphs, and whether
+    a step is queued before the last one's tokens reach the host (None: on for CUDA)."""
+
+    kernels: str = "auto"
+    enforce_eager: bool = False
+    async_scheduling: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Where the engine runs; one device today (several GPUs are a later section's fields)."""
+
+    device: str | None = None  # cpu, cuda, cuda:N; None: CUDA when available
+
+
+# Every engine option: its name (an LLM(...) keyword, and the CLI flag with dashes), the
+# section and field it sets, and how the value converts. One table for both front ends.
+_GIB = 1 << 30
+_OPTIONS: dict[str, tuple[str, str]] = {
+    "dtype": ("model", "dtype"),
+    "load_format": ("model", "load_format"),
+    "device": ("parallel", "device"),
+    "block_size": ("cache", "block_size"),
+    "kv_cache_memory": ("cache", "kv_cache_memory"),
+    "gpu_memory_utilization": ("cache", "gpu_memory_utilization"),
+    "max_num_seqs": ("scheduler", "max_num_seqs"),
+    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+    "max_model_len": ("scheduler", "max_model_len"),
+    "enable_chunked_prefill": ("scheduler", "enable_chunked_prefill"),
+    "admission_wait_steps": ("scheduler", "admission_wait_steps"),
+    "expert_cache_slots": ("offload", "cache_slots"),
+    "expert_cache_gb": ("offload", "cache_bytes"),
+    "offload_mode": ("offload", "mode"),
+    "expert_cache_policy": ("offload", "policy"),
+    "prefetch": ("offload", "prefetch"),
+    "kernels": ("kernels", "kernels"),
+    "enforce_eager": ("kernels", "enforce_eager"),
+    "async_scheduling": ("kernels", "async_scheduling"),
+    "seed": ("engine", "seed"),
+}
+_FLAGS = {name: "--" + name.replace("_", "-") for name in _OPTIONS}
+_FLAGS["enable_chunked_prefill"] = "--no-chunked-prefill"
+OPTION_NAMES = tuple(_OPTIONS)
+
+
+def flag_of(option: str) -> str:
+    """The CLI flag that sets an engine option."""
+    return _FLAGS[option]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from, in sections; see `from_options`."""
+
+    model: LoadConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int | None = None  # of the sampler's generator, for requests without their own
+
+    @classmethod
+    def from_options(cls, model: str | Path, **options: Any) -> EngineConfig:
+        """The config of `model` with `options` (names as in OPTION_NAMES; None keeps the
+        default). TypeError for an unknown name; ConfigError, naming the option and its CLI
+        flag, for a bad value."""
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown engine options: {', '.join(unknown)}")
+        sections: dict[str, dict[str, Any]] = {}
+        for name, value in options.items():
+            if value is None:
+                continue
+            section, fld = _OPTIONS[name]
+            if name == "expert_cache_gb":
+                value = int(value * _GIB)
+            sections.setdefault(section, {})[fld] = value
+        top = sections.pop("engine", {})
+        built: dict[str, Any] = {}
+        try:
+            built["model"] = LoadConfig(path=str(model), **sections.pop("model", {}))
+            for name, values in sections.items():
+                built[name] = _SECTIONS[name](**values)
+        except ConfigError as e:
+            raise _with_flag(e) from None
+        return cls(**built, **top)
+
+    def options(self) -> dict[str, Any]:
+        """The options that rebuild this config with from_options (e.g. in a benchmark)."""
+        out: dict[str, Any] = {}
+        for name, (section, fld) in _OPTIONS.items():
+            value = getattr(self if section == "engine" else getattr(self, section), fld)
+            if name == "expert_cache_gb" and value is not None:
+                value = value / _GIB
+            out[name] = value
+        return out
+
+
+_SECTIONS: dict[str, type] = {
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "offload": OffloadConfig,
+    "kernels": KernelConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def _with_flag(e: ConfigError) -> ConfigError:
+    """The error with the CLI flag of the option its message starts with."""
+    name = str(e).split(" ", 1)[0]
+    return ConfigError(f"{e} ({_FLAGS[name]})") if name in _FLAGS else e

@@ -158,6 +158,31 @@ class Tokenizer:
         return None if token is None else self._tok.token_to_id(token)
 
 
+def encode_prompt(
+    tokenizer: Tokenizer | None, vocab_size: int, prompt: str | list[int]
+) -> list[int]:
+    """Token ids of a prompt: text encoded, or ids checked against the model's vocabulary.
+    ValueError says what is wrong."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer.json: send token ids")
+        return tokenizer.encode(prompt)
+    ids = list(prompt)
+    if not ids:
+        raise ValueError("prompt is empty")
+    bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers, got {bad[0]!r}")
+    out = [t for t in ids if not 0 <= t < vocab_size]
+    if out:
+        raise ValueError(
+            f"prompt token id {out[0]} is outside the vocabulary (0..{vocab_size - 1})"
+        )
+    return ids
+
+
 def _bytes_per_token(spec: dict[str, Any]) -> float | None:
     """The most input bytes one token can cover, from tokenizer.json, or None when nothing
     bounds it. A token covers at most its own text's UTF-8 bytes (byte-level and byte-fallback

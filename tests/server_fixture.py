@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from moeserve.engine.engine import Engine
+from moeserve.config import EngineConfig
+from moeserve.engine.client import EngineClient
+from moeserve.engine.core import EngineCore
 from moeserve.server.serve import DrainingServer, build_server, start_in_thread, stop_in_thread
 from moeserve.server.state import ServerConfig, ServerState
 from tests.checkpoints import make_checkpoint
@@ -36,9 +38,10 @@ class RunningServer:
     clients: list[httpx.Client] = field(default_factory=list)
 
     @property
-    def engine(self) -> Engine:
-        assert self.state.engine is not None
-        return self.state.engine
+    def engine(self) -> EngineCore:
+        """The engine core (servers started with process=False: it runs in this process)."""
+        assert self.state.client is not None and self.state.client.core is not None
+        return self.state.client.core
 
     def client(self, **kw: Any) -> httpx.Client:
         c = httpx.Client(base_url=self.url, timeout=30, **kw)
@@ -52,8 +55,14 @@ class RunningServer:
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         """Until no request runs anywhere: engine, admission, KV pool."""
-        wait_for(lambda: not self.engine.has_unfinished() and self.state.inflight == 0
-                 and self.engine.scheduler.stats().kv_blocks_used == 0, timeout)  # fmt: skip
+        wait_for(
+            lambda: (
+                not self.engine.has_unfinished()
+                and self.state.inflight == 0
+                and self.engine.scheduler.stats().kv_blocks_used == 0
+            ),
+            timeout,
+        )
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str = "condition") -> None:
@@ -67,20 +76,21 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str = "condition") 
 def start_server(
     ckpt: Path,
     *,
-    engine_factory: Callable[[], Engine] | None = None,
+    engine_factory: Callable[[], EngineClient] | None = None,
     wait_ready: bool = True,
     max_model_len: int = 128,
     engine_kwargs: dict[str, Any] | None = None,
+    process: bool = False,
     **config: Any,
 ) -> RunningServer:
-    """Start a server in this process; engine options are the tests' small defaults."""
+    """Start a server in this process, its engine in a thread (or, with process=True, in an
+    engine process); engine options are the tests' small defaults."""
     config.setdefault("served_model_name", MODEL_NAME)
 
-    def load() -> Engine:
-        from moeserve import LLM
-
+    def load() -> EngineClient:
         kwargs = {"block_size": 4, "max_model_len": max_model_len, **(engine_kwargs or {})}
-        return LLM(ckpt, progress=False, **kwargs).engine
+        kwargs.setdefault("device", "cpu")
+        return EngineClient.start(EngineConfig.from_options(ckpt, **kwargs), process=process)
 
     state = ServerState(ServerConfig(**config), engine_factory or load)
     server = build_server(state, "127.0.0.1", 0)
@@ -108,7 +118,7 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
         if not line:
             continue
         assert line.startswith("data: "), line
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         events.append(data if data == "[DONE]" else json.loads(data))
     return events
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from moeserve import LLM, SamplingParams
+from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import RequestOutput
 from tests.checkpoints import make_checkpoint
 
@@ -71,7 +72,7 @@ def test_async_outputs_equal_sync(ckpt: Path, options: dict) -> None:
 
         probe = LLM(ckpt, progress=False, block_size=4)
         e = probe.engine
-        kw["kv_cache_memory"] = 17 * kv_bytes_per_block(e.model_config, 4, e.model.dtype)
+        kw["kv_cache_memory"] = 17 * kv_bytes_per_block(e.model_config, 4, e.executor.model.dtype)
     sync = LLM(ckpt, async_scheduling=False, **kw)
     prompts, params = _workload(sync)
     want = sync.generate(prompts, params)
@@ -88,7 +89,8 @@ def test_async_outputs_equal_sync(ckpt: Path, options: dict) -> None:
 def test_outputs_come_one_step_later_and_no_step_is_wasted(ckpt: Path) -> None:
     llm = LLM(ckpt, progress=False, async_scheduling=True)
     eng = llm.engine
-    eng.add_request("a", [5, 6, 7], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    eng.add_request(EngineRequest("a", [5, 6, 7], params))
     assert eng.step().outputs == []  # the prefill is queued; its token is not read yet
     tokens, steps = [], 0
     while eng.has_unfinished():
@@ -123,21 +125,21 @@ def test_penalties_read_the_tokens_before_sampling(ckpt: Path) -> None:
 
 
 def test_cli_flags_reach_the_engine(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from moeserve.cli import build_parser, engine_kwargs
-    from moeserve.config import ConfigError
+    from moeserve.cli import build_parser, engine_config
+    from moeserve.config import ConfigError, EngineConfig
 
-    def kwargs(*argv: str) -> dict:
-        return engine_kwargs(build_parser().parse_args(["serve", "--model", str(ckpt), *argv]))
+    def config(*argv: str) -> EngineConfig:
+        return engine_config(build_parser().parse_args(["serve", "--model", str(ckpt), *argv]))
 
-    assert kwargs()["async_scheduling"] is None  # auto: on for CUDA
-    assert kwargs("--async-scheduling", "on")["async_scheduling"] is True
-    assert kwargs("--async-scheduling", "off")["async_scheduling"] is False
-    assert kwargs()["admission_wait_steps"] == 8
+    assert config().kernels.async_scheduling is None  # auto: on for CUDA
+    assert config("--async-scheduling", "on").kernels.async_scheduling is True
+    assert config("--async-scheduling", "off").kernels.async_scheduling is False
+    assert config().scheduler.admission_wait_steps == 8
     monkeypatch.setenv("MOESERVE_ADMISSION_WAIT_STEPS", "0")
-    kw = kwargs()
-    assert kw["admission_wait_steps"] == 0
-    llm = LLM(ckpt, progress=False, **{k: kw[k] for k in ("async_scheduling",
-                                                           "admission_wait_steps")})
+    assert config().scheduler.admission_wait_steps == 0
+    llm = LLM(config=config(), progress=False)
     assert llm.engine.scheduler.admission_wait_steps == 0 and not llm.engine.async_scheduling
-    with pytest.raises(ConfigError, match="admission_wait_steps"):
+    with pytest.raises(ConfigError, match="admission_wait_steps.*--admission-wait-steps"):
         LLM(ckpt, progress=False, admission_wait_steps=-1)
+    with pytest.raises(ConfigError, match="--admission-wait-steps"):
+        config("--admission-wait-steps", "-1")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from moeserve import LLM, SamplingParams
 from moeserve.config import ConfigError
+from moeserve.engine.messages import EngineRequest
 from moeserve.engine.runner import KVCacheTooSmall
 from moeserve.engine.scheduler import RequestTooLarge
 from moeserve.model import layers
@@ -54,10 +55,13 @@ def test_batch_invariance_chunked_prefill_and_preemption(ckpt: Path) -> None:
 
     # 40 blocks of 4 tokens: far less than 16 sequences need at once.
     tight = LLM(
-        ckpt, progress=False, block_size=4, max_model_len=64,
+        ckpt,
+        progress=False,
+        block_size=4,
+        max_model_len=64,
         kv_cache_memory=40 * _block_bytes(roomy),
     )
-    assert tight.engine.num_blocks == 40
+    assert tight.engine.executor.num_blocks == 40
     outs = tight.generate(prompts, params)
     assert _tokens(outs) == alone
     assert tight.engine.scheduler.stats().num_preemptions_total > 0
@@ -83,8 +87,14 @@ def test_eager_steps_run_attention_without_cudnn(
     monkeypatch.setattr(layers, "F", fake_f)
     before = torch.backends.cuda.cudnn_sdp_enabled()
     prompts, params = _requests(4)
-    llm = LLM(ckpt, progress=False, block_size=4, max_num_batched_tokens=8, max_num_seqs=4,
-              enforce_eager=True)
+    llm = LLM(
+        ckpt,
+        progress=False,
+        block_size=4,
+        max_num_batched_tokens=8,
+        max_num_seqs=4,
+        enforce_eager=True,
+    )
     llm.generate(prompts, params)
     assert len(seen) > 8 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
@@ -94,7 +104,7 @@ def _block_bytes(llm: LLM) -> int:
     from moeserve.engine.runner import kv_bytes_per_block
 
     e = llm.engine
-    return kv_bytes_per_block(e.model_config, e.runner.block_size, e.model.dtype)
+    return kv_bytes_per_block(e.model_config, e.executor.block_size, e.executor.model.dtype)
 
 
 def test_seeded_sampling_reproducible_across_batches(ckpt: Path) -> None:
@@ -155,8 +165,15 @@ def test_admission_errors(ckpt: Path) -> None:
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_soak_with_aborts_frees_everything(ckpt: Path, async_scheduling: bool) -> None:
     """With async scheduling an abort may hit a request whose step is already queued."""
-    llm = LLM(ckpt, progress=False, block_size=4, max_model_len=64, kv_cache_memory=60 * 4096,
-              max_num_seqs=8, async_scheduling=async_scheduling)
+    llm = LLM(
+        ckpt,
+        progress=False,
+        block_size=4,
+        max_model_len=64,
+        kv_cache_memory=60 * 4096,
+        max_num_seqs=8,
+        async_scheduling=async_scheduling,
+    )
     eng = llm.engine
     rng = random.Random(7)
     live: list[str] = []
@@ -164,7 +181,7 @@ def test_soak_with_aborts_frees_everything(ckpt: Path, async_scheduling: bool) -
     for i in range(300):
         prompt = [rng.randrange(4, 300) for _ in range(rng.randrange(1, 20))]
         params = SamplingParams(max_tokens=rng.randrange(1, 12), temperature=1.0, ignore_eos=True)
-        eng.add_request(f"r{i}", prompt, params)
+        eng.add_request(EngineRequest(f"r{i}", prompt, params))
         live.append(f"r{i}")
         for _ in range(rng.randrange(0, 3)):
             for out in eng.step().outputs:

@@ -118,7 +118,7 @@ def test_counts_equal_replay_of_routing_trace(ckpt: Path, policy: str, prefetch:
         ckpt, progress=False, expert_cache_slots=3, offload_mode="fetch",
         expert_cache_policy=policy, prefetch=prefetch,
     )
-    store = llm.engine.expert_store
+    store = llm.engine.executor.expert_store
     for layer in store.layers:
         layer.trace = []
     prompts = [[(7 * i + j) % 120 + 3 for j in range(2 + i % 9)] for i in range(24)]
@@ -160,7 +160,7 @@ def test_dummy_weights_need_no_safetensors(ckpt: Path, tmp_path: Path) -> None:
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     [out] = llm.generate([[3, 4, 5]], greedy)
     assert len(out.outputs[0].token_ids) == 4
-    w = llm.engine.model.layers[0].mlp.w_gate_up
+    w = llm.engine.executor.model.layers[0].mlp.w_gate_up
     assert w.device.type == "cpu" and 0.01 < w.float().std().item() < 0.03
 
 
@@ -270,9 +270,9 @@ def test_startup_fetches_are_not_traffic(ckpt: Path, reference) -> None:
     then start from zero, the cache keeps its residents, and outputs do not change."""
     llm = LLM(ckpt, progress=False, expert_cache_slots=2, offload_mode="fetch")
     eng = llm.engine
-    eng.runner.warm_up(32)
+    eng.executor.runner.warm_up(32)
     assert sum(s.misses for s in eng.expert_cache_stats()) > 0
-    eng.expert_store.reset_stats()
+    eng.executor.expert_store.reset_stats()
     for s in eng.expert_cache_stats():
         assert (s.hits, s.misses, s.evictions, s.bytes_copied, s.copy_wait_seconds) == (0,) * 5
         assert s.slots == 2 and s.resident == 2

@@ -305,7 +305,7 @@ def test_tool_messages_reach_the_template(srv: RunningServer) -> None:
 def test_a_huge_prompt_is_refused_before_tokenising(
     srv: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tok = srv.state.engine.tokenizer
+    tok = srv.state.client.tokenizer
     assert tok is not None
     calls: list[int] = []
     real = tok.encode

@@ -18,8 +18,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 def make(**kw: object) -> Scheduler:
-    args: dict = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32,
-                      max_model_len=256)
+    args: dict = dict(
+        num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256
+    )
     args.update(kw)
     return Scheduler(**args)
 
@@ -27,8 +28,13 @@ def make(**kw: object) -> Scheduler:
 def mkseq(prompt_len: int, max_tokens: int, request_id: str | None = None) -> Sequence:
     sid = next(_ids)
     # arrival_time from the id keeps arrival order deterministic (monotonic() can tie).
-    return Sequence(sid, request_id or f"r{sid}", list(range(100, 100 + prompt_len)),
-                    max_tokens, arrival_time=float(sid))
+    return Sequence(
+        sid,
+        request_id or f"r{sid}",
+        list(range(100, 100 + prompt_len)),
+        max_tokens,
+        arrival_time=float(sid),
+    )
 
 
 def fake_token(seq_id: int, num_tokens: int) -> int:
@@ -77,8 +83,11 @@ class Driver:
                 self.admission_order.append(seq.seq_id)
         assert all(s.status is SeqStatus.WAITING for s in out.preempted)
         check_blocks(sched)
-        sampled = {x.seq.seq_id: fake_token(x.seq.seq_id, x.seq.num_tokens)
-                   for x in out.scheduled if x.sample}
+        sampled = {
+            x.seq.seq_id: fake_token(x.seq.seq_id, x.seq.num_tokens)
+            for x in out.scheduled
+            if x.sample
+        }
         sched.update(out, sampled)
         for x in out.scheduled:
             if x.seq.status is SeqStatus.RUNNING and x.seq.num_output_tokens >= x.seq.max_tokens:
@@ -113,11 +122,15 @@ def check_blocks(sched: Scheduler) -> None:
 
 @pytest.mark.parametrize(
     ("kw", "field"),
-    [({"num_blocks": 0}, "num_blocks"), ({"block_size": 0}, "block_size"),
-     ({"max_num_seqs": -1}, "max_num_seqs"), ({"max_model_len": 0}, "max_model_len"),
-     ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
-     ({"max_num_batched_tokens": 4}, "max_num_seqs"),
-     ({"enable_chunked_prefill": False, "max_num_batched_tokens": 100}, "max_model_len")],
+    [
+        ({"num_blocks": 0}, "num_blocks"),
+        ({"block_size": 0}, "block_size"),
+        ({"max_num_seqs": -1}, "max_num_seqs"),
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+        ({"max_num_batched_tokens": 4}, "max_num_seqs"),
+        ({"enable_chunked_prefill": False, "max_num_batched_tokens": 100}, "max_model_len"),
+    ],
 )
 def test_config_validation(kw: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -126,7 +139,9 @@ def test_config_validation(kw: dict, field: str) -> None:
 
 def test_add_rejects_what_can_never_run() -> None:
     sched = make(num_blocks=4, block_size=4, max_model_len=20)
-    with pytest.raises(RequestTooLarge, match=r"21 tokens exceeds max_model_len \(20\)"):
+    with pytest.raises(
+        RequestTooLarge, match=r"maximum context length is 20 tokens, but the request needs 21"
+    ):
         sched.add(mkseq(15, 6))
     with pytest.raises(RequestTooLarge, match=r"needs 5 KV blocks.*only 4"):
         sched.add(mkseq(10, 7))
@@ -163,15 +178,15 @@ def test_chunked_prefill_splits_while_decodes_continue() -> None:
 
 
 def test_running_prefill_chunk_shrinks_to_free_blocks() -> None:
-    sched = make(num_blocks=6, block_size=4, max_num_seqs=2, max_num_batched_tokens=15,
-                 max_model_len=64)
+    sched = make(
+        num_blocks=6, block_size=4, max_num_seqs=2, max_num_batched_tokens=15, max_model_len=64
+    )
     a, b = mkseq(7, 2), mkseq(20, 1)
     drv = driver(sched, a, b)
     out = drv.step()
     assert [(x.seq, x.num_tokens) for x in out.scheduled] == [(a, 7), (b, 8)]
     out = drv.step()  # b wants 12 more tokens but only 2 free blocks (8 slots) remain
-    assert [(x.seq, x.num_tokens, x.sample) for x in out.scheduled] == [(a, 1, True),
-                                                                       (b, 8, False)]
+    assert [(x.seq, x.num_tokens, x.sample) for x in out.scheduled] == [(a, 1, True), (b, 8, False)]
     assert not out.preempted and sched.block_pool.num_free == 2  # a finished and freed
     drv.run()
     assert b.output_ids == expected_output(b)
@@ -247,8 +262,9 @@ def test_preempted_seqs_requeue_in_arrival_order() -> None:
 
 
 def test_prefill_without_room_waits_holding_its_blocks() -> None:
-    sched = make(num_blocks=4, block_size=2, max_num_seqs=2, max_num_batched_tokens=3,
-                 max_model_len=16)
+    sched = make(
+        num_blocks=4, block_size=2, max_num_seqs=2, max_num_batched_tokens=3, max_model_len=16
+    )
     a, b = mkseq(1, 5), mkseq(6, 1)
     drv = driver(sched, a, b)
     drv.step()
@@ -302,8 +318,14 @@ def test_seq_cap() -> None:
 @pytest.mark.parametrize("chunked", [True, False])
 def test_soak_random_requests_and_aborts(chunked: bool) -> None:
     rng = random.Random(20240 + chunked)
-    sched = make(num_blocks=48, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
-                 max_model_len=64, enable_chunked_prefill=chunked)
+    sched = make(
+        num_blocks=48,
+        block_size=4,
+        max_num_seqs=16,
+        max_num_batched_tokens=64,
+        max_model_len=64,
+        enable_chunked_prefill=chunked,
+    )
     drv = Driver(sched)
     added: list[Sequence] = []
     live: list[str] = []

@@ -197,16 +197,22 @@ def test_async_client_concurrent(srv: RunningServer) -> None:
     async def main() -> list[str]:
         async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x",
                                       max_retries=0) as aclient:  # fmt: skip
+
             async def one(i: int) -> str:
                 r = await aclient.completions.create(
-                    model=MODEL_NAME, prompt=f"Hello {i}", max_tokens=5, temperature=0)
+                    model=MODEL_NAME, prompt=f"Hello {i}", max_tokens=5, temperature=0
+                )
                 return r.choices[0].text
 
             async def streamed(i: int) -> str:
                 text = ""
                 stream = await aclient.chat.completions.create(
-                    model=MODEL_NAME, messages=[{"role": "user", "content": f"Hi {i}"}],
-                    max_tokens=5, temperature=0, stream=True)
+                    model=MODEL_NAME,
+                    messages=[{"role": "user", "content": f"Hi {i}"}],
+                    max_tokens=5,
+                    temperature=0,
+                    stream=True,
+                )
                 async for chunk in stream:
                     text += chunk.choices[0].delta.content or "" if chunk.choices else ""
                 return text

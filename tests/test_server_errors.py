@@ -61,14 +61,20 @@ BAD_REQUESTS: list[tuple[str, Any, str | None]] = [
     (CHAT, {"messages": []}, "messages"),
     (CHAT, {"max_tokens": 2}, "messages"),
     (CHAT, {"messages": [{"role": "user"}], "top_logprobs": 2}, "top_logprobs"),
-    (CHAT, {"messages": [{"role": "user", "content": "a"}], "logprobs": True,
-            "top_logprobs": 21}, "top_logprobs"),  # fmt: skip
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
+    ),  # fmt: skip
     (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages"),
     (CHAT, {"messages": [{"content": "no role"}]}, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
     # the template refuses two user turns in a row (raise_exception)
-    (CHAT, {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-     "messages"),  # fmt: skip
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        "messages",
+    ),  # fmt: skip
 ]
 
 
@@ -205,8 +211,10 @@ def test_huge_top_k_next_to_a_small_one_keeps_the_engine_alive(srv: RunningServe
     results: list[int] = []
     bodies = [{"prompt": "Hi", "max_tokens": 40, "top_k": k, "ignore_eos": True}
               for k in (5, 10**20, 3, 10**30)]  # fmt: skip
-    threads = [threading.Thread(target=lambda b=b: results.append(
-        http.post(COMP, json=b).status_code)) for b in bodies]
+    threads = [
+        threading.Thread(target=lambda b=b: results.append(http.post(COMP, json=b).status_code))
+        for b in bodies
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from moeserve.engine.engine import Engine
+from moeserve.config import EngineConfig
+from moeserve.engine.client import EngineClient
 from tests.server_fixture import (
     RunningServer,
     assert_envelope,
@@ -38,11 +39,10 @@ def _metric_sum(text: str, name: str) -> float:
 def test_loading_is_503_until_ready(ckpt: Path) -> None:
     release = threading.Event()
 
-    def slow_load() -> Engine:
-        from moeserve import LLM
-
+    def slow_load() -> EngineClient:
         assert release.wait(30)
-        return LLM(ckpt, progress=False, block_size=4, max_model_len=128).engine
+        config = EngineConfig.from_options(ckpt, block_size=4, max_model_len=128, device="cpu")
+        return EngineClient.start(config, process=False)
 
     running = start_server(ckpt, engine_factory=slow_load, wait_ready=False)
     try:
@@ -72,6 +72,7 @@ def test_fifty_cut_streams_free_everything(long_srv: RunningServer) -> None:
     async def main() -> None:
         limits = httpx.Limits(max_connections=60)
         async with httpx.AsyncClient(base_url=long_srv.url, timeout=30, limits=limits) as http:
+
             async def cut(i: int, route: str) -> None:
                 body = {**LONG, "stream": True, "prompt": f"story {i}"}
                 if route.endswith("chat/completions"):
@@ -116,7 +117,7 @@ def test_non_streaming_disconnect_aborts(long_srv: RunningServer) -> None:
 def test_dead_engine_fails_open_requests_and_health(ckpt: Path) -> None:
     running = start_server(ckpt, max_model_len=1024)
     try:
-        runner = running.engine.runner
+        runner = running.engine.executor.runner
         real, calls = runner.execute, {"n": 0, "die_at": 10**9}
 
         def flaky(work, feed=None):  # noqa: ANN001, ANN202
@@ -129,7 +130,8 @@ def test_dead_engine_fails_open_requests_and_health(ckpt: Path) -> None:
         http = running.client()
         results: dict[str, httpx.Response] = {}
         plain = threading.Thread(
-            target=lambda: results.setdefault("plain", http.post("/v1/completions", json=LONG)))
+            target=lambda: results.setdefault("plain", http.post("/v1/completions", json=LONG))
+        )
         plain.start()
         with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as resp:
             lines = resp.iter_lines()
@@ -187,8 +189,11 @@ def test_drain_in_process_stops_long_requests(ckpt: Path) -> None:
     running = start_server(ckpt, max_model_len=1024, shutdown_timeout=0.5)
     http = running.client()
     results: dict[str, httpx.Response] = {}
-    t = threading.Thread(target=lambda: results.setdefault(
-        "plain", http.post("/v1/completions", json={**LONG, "max_tokens": 1000})))
+    t = threading.Thread(
+        target=lambda: results.setdefault(
+            "plain", http.post("/v1/completions", json={**LONG, "max_tokens": 1000})
+        )
+    )
     t.start()
     wait_for(running.engine.has_unfinished, 10, "a running request")
     start = time.monotonic()
@@ -208,18 +213,21 @@ def test_huge_prompt_tokenises_off_the_event_loop(
     # Tokenizer.encode holds the GIL for the whole call (tokenizers' encode_batch releases
     # it), so a thread alone cannot keep the loop responsive; this test gives the tokenizer
     # the GIL-releasing call to check the server's side: the work happens off the loop.
-    tok = long_srv.engine.tokenizer
+    tok = long_srv.state.client.tokenizer
     backend = tok._tok
 
     def encode(text: str, add_special_tokens: bool = True) -> list[int]:
         return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     monkeypatch.setattr(tok, "encode", encode)
+    # As for a tokenizer with no byte bound (word-level), so the prompt is tokenised in full.
+    monkeypatch.setattr(tok, "min_tokens", lambda text: 0)
     http = long_srv.client()
     huge = {"prompt": "The quick brown fox jumps over the lazy dog. " * 40_000, "max_tokens": 1}
     result: dict[str, httpx.Response] = {}
-    big = threading.Thread(target=lambda: result.setdefault(
-        "r", http.post("/v1/completions", json=huge, timeout=60)))
+    big = threading.Thread(
+        target=lambda: result.setdefault("r", http.post("/v1/completions", json=huge, timeout=60))
+    )
     big.start()
     wait_for(lambda: long_srv.state.inflight == 1, 10, "the big request in flight")
     assert http.get("/health").status_code == 200

@@ -4,6 +4,7 @@ Also: admission stops in the signal handler itself, and a full queue refuses bef
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -15,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from moeserve.engine.engine_process import EngineProcess
 from moeserve.server.errors import APIError
 from tests.server_fixture import (
     RunningServer,
@@ -25,7 +25,6 @@ from tests.server_fixture import (
     wait_for,
 )
 
-KW = {"device": "cpu", "block_size": 4, "max_model_len": 1024}
 LONG = {"prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True}
 OK = {"prompt": "Hello", "max_tokens": 2}
 
@@ -35,32 +34,38 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory)
 
 
+def _engine_pid(running: RunningServer) -> int | None:
+    client = running.state.client
+    return getattr(client._transport, "pid", None) if client is not None else None
+
+
 @pytest.fixture
 def srv(ckpt: Path) -> Iterator[RunningServer]:
     running = start_server(
         ckpt,
-        engine_factory=lambda: EngineProcess.start(ckpt, KW),
+        process=True,
         max_model_len=1024,
         watchdog_timeout=1.5,
     )
     try:
         yield running
     finally:
-        engine = running.state.engine
-        if isinstance(engine, EngineProcess) and engine._proc.is_alive():
-            os.kill(engine._proc.pid, signal.SIGCONT)
+        pid = _engine_pid(running)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         running.stop()
 
 
 def test_a_stopped_engine_turns_the_probes_503(srv: RunningServer) -> None:
-    engine = srv.state.engine
-    assert isinstance(engine, EngineProcess)
+    pid = _engine_pid(srv)
+    assert pid is not None
     http = srv.client()
     http.get("/metrics")  # a first scrape, whose figures serve while the engine is stuck
     with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as s:
         lines = s.iter_lines()
         next(lines)
-        os.kill(engine._proc.pid, signal.SIGSTOP)
+        os.kill(pid, signal.SIGSTOP)
         try:
             wait_for(lambda: http.get("/health").status_code == 503, 15, "an unhealthy probe")
             err = assert_envelope(http.get("/health"), 503)
@@ -75,7 +80,7 @@ def test_a_stopped_engine_turns_the_probes_503(srv: RunningServer) -> None:
                 assert http.get("/metrics").status_code == 200
                 assert time.monotonic() - t0 < 8  # bounded, not a performance claim
         finally:
-            os.kill(engine._proc.pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGCONT)
         # Once it steps again, the server recovers by itself.
         wait_for(lambda: http.get("/health").status_code == 200, 15, "a healthy probe")
     assert http.get("/ready").status_code == 200

@@ -39,14 +39,17 @@ def _decode_inputs(
 
 def _prefill(llm: LLM, prompts: list[list[int]], block_size: int) -> None:
     """K/V of every prompt but its last token, sequence b in block b."""
-    model, kv = llm.engine.model, llm.engine.runner.kv_caches
+    model, kv = llm.engine.executor.model, llm.engine.executor.runner.kv_caches
     for b, p in enumerate(prompts):
         n = len(p) - 1
         meta = AttentionMetadata(
-            query_lens=[n], context_lens=[n], num_decodes=0,
-            block_tables_BM=torch.tensor([[b]]), context_lens_B=torch.tensor([n]),
+            query_lens=[n],
+            context_lens=[n],
+            num_decodes=0,
+            block_tables_BM=torch.tensor([[b]]),
+            context_lens_B=torch.tensor([n]),
             slot_mapping_T=torch.tensor([b * block_size + i for i in range(n)]),
-        )  # fmt: skip
+        )
         model(torch.tensor(p[:n]), torch.arange(n), meta, kv)
 
 
@@ -55,10 +58,10 @@ def test_staged_forward_equals_plain_forward(tmp_path: Path, family: str) -> Non
     ckpt = make_checkpoint(tmp_path / family, family, seed=3)
     llm = LLM(ckpt, progress=False, expert_cache_slots=2, offload_mode="fetch", block_size=16)
     eng = llm.engine
-    model, kv = eng.model, eng.runner.kv_caches
+    model, kv = eng.executor.model, eng.executor.runner.kv_caches
     prompts = [[5, 9, 40, 7, 11], [3, 8, 2], [60, 61, 62, 63, 64, 65, 66]]
     _prefill(llm, prompts, 16)
-    scratch = eng.num_blocks - 1  # unused by this test's sequences
+    scratch = eng.executor.num_blocks - 1  # unused by this test's sequences
     ids, pos, meta = _decode_inputs(prompts, 0, 16, scratch)
     counts0 = model.tokens_per_expert().clone()
     want = model.compute_logits(model(ids, pos, meta, kv))
@@ -84,15 +87,24 @@ def test_staged_forward_equals_plain_forward(tmp_path: Path, family: str) -> Non
 def test_gpu_offloaded_graphs_match_eager(tmp_path: Path, mode: str) -> None:
     """Offloaded decode replays per-stage graphs (float32: tokens and logprobs match eager)."""
     ckpt = make_checkpoint(tmp_path / "m", "mixtral", num_local_experts=8)
-    kw = dict(progress=False, device="cuda", kv_cache_memory=2**28, expert_cache_slots=3,
-              offload_mode=mode, max_num_seqs=8)  # fmt: skip
+    kw = dict(
+        progress=False,
+        device="cuda",
+        kv_cache_memory=2**28,
+        expert_cache_slots=3,
+        offload_mode=mode,
+        max_num_seqs=8,
+    )
     prompts = [[5 + i, 9, 40 + 3 * i, 7, 11][: 2 + i % 4] for i in range(6)]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
     eager = LLM(ckpt, enforce_eager=True, **kw)
-    assert eager.engine.runner.graphs is None
+    assert eager.engine.executor.runner.graphs is None
     ref = eager.generate(prompts, params)
     graphs = LLM(ckpt, **kw)
-    assert graphs.engine.runner.graphs is not None and graphs.engine.runner.graphs.staged
+    assert (
+        graphs.engine.executor.runner.graphs is not None
+        and graphs.engine.executor.runner.graphs.staged
+    )
     outs = graphs.generate(prompts, params)
     for a, b in zip(outs, ref):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

@@ -9,60 +9,54 @@ from typing import Any
 
 from tqdm import tqdm
 
-from moeserve.config import CacheConfig, OffloadConfig, SchedulerConfig
-from moeserve.engine.engine import Engine
+from moeserve.config import EngineConfig
+from moeserve.engine.core import EngineCore
+from moeserve.engine.loop import EngineLoop
+from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.sampling_params import SamplingParams
+from moeserve.tokenizer import Tokenizer, encode_prompt
 
 Prompt = str | list[int]
 
 
 class LLM:
-    """Runs batches of prompts to completion through the continuous-batching engine.
+    """Runs batches of prompts to completion through the continuous-batching engine, in the
+    calling thread: the same engine loop (core and output processor) a server runs.
 
-    Keyword arguments mirror the CLI: dtype, device, block_size, kv_cache_memory,
-    gpu_memory_utilization, max_num_seqs, max_num_batched_tokens, max_model_len,
-    enable_chunked_prefill, admission_wait_steps, expert_cache_slots, expert_cache_gb, offload_mode,
-    expert_cache_policy, prefetch, load_format, kernels, enforce_eager, async_scheduling, seed.
+    Keyword arguments are the engine options, named as the CLI flags (config.OPTION_NAMES):
+    dtype, device, block_size, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
+    max_num_batched_tokens, max_model_len, enable_chunked_prefill, admission_wait_steps,
+    expert_cache_slots, expert_cache_gb, offload_mode, expert_cache_policy, prefetch,
+    load_format, kernels, enforce_eager, async_scheduling, seed; or a whole `config`.
     """
 
-    def __init__(self, model: str | Path, **kwargs: Any) -> None:
-        cache_keys = {"block_size", "kv_cache_memory", "gpu_memory_utilization"}
-        sched_keys = {
-            "max_num_seqs",
-            "max_num_batched_tokens",
-            "max_model_len",
-            "enable_chunked_prefill",
-            "admission_wait_steps",
-        }
-        offload_keys = {
-            "expert_cache_slots": "cache_slots", "expert_cache_gb": "cache_bytes",
-            "offload_mode": "mode", "expert_cache_policy": "policy", "prefetch": "prefetch",
-        }
-        other = {"dtype", "device", "seed", "progress", "load_format", "kernels", "enforce_eager",
-                 "async_scheduling"}  # fmt: skip
-        unknown = set(kwargs) - cache_keys - sched_keys - set(offload_keys) - other
-        if unknown:
-            raise TypeError(f"LLM() got unknown options: {', '.join(sorted(unknown))}")
-        self.engine = Engine(
-            model,
-            dtype=kwargs.get("dtype"),
-            device=kwargs.get("device"),
-            cache=CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys}),
-            scheduler=SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys}),
-            offload=OffloadConfig(**{
-                offload_keys[k]: (int(v * 2**30) if k == "expert_cache_gb" else v)
-                for k, v in kwargs.items() if k in offload_keys and v is not None
-            }),
-            load_format=kwargs.get("load_format", "safetensors"),
-            seed=kwargs.get("seed"),
-            progress=kwargs.get("progress", True),
-            kernels=kwargs.get("kernels") or "auto",
-            enforce_eager=bool(kwargs.get("enforce_eager", False)),
-            async_scheduling=kwargs.get("async_scheduling"),
-        )
-        self.tokenizer = self.engine.tokenizer
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        config: EngineConfig | None = None,
+        progress: bool = True,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            if model is None:
+                raise TypeError("LLM() needs a model directory or a config")
+            try:
+                config = EngineConfig.from_options(model, **options)
+            except TypeError as e:
+                raise TypeError(f"LLM() got {e}") from None
+        elif options or model is not None:
+            raise TypeError("LLM(): give a config or a model with options, not both")
+        self.config = config
+        path = Path(config.model.path)
+        self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
+        self.engine = EngineCore(config, progress=progress)
+        self.loop = EngineLoop(self.engine, self.tokenizer)
         self._ids = itertools.count()
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        return encode_prompt(self.tokenizer, self.engine.vocab_size, prompt)
 
     def generate(
         self,
@@ -84,21 +78,19 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
-        encoded = [self.engine.encode_prompt(p) for p in prompts]
+        encoded = [self.encode_prompt(p) for p in prompts]
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         results: dict[str, RequestOutput] = {}
         try:
             for rid, prompt, toks, p in zip(ids, prompts, encoded, params):
-                self.engine.add_request(rid, prompt, p, prompt_ids=toks)
-                results[rid] = RequestOutput(
-                    rid,
-                    toks,
-                    [CompletionOutput(index=i) for i in range(p.n)],
-                    prompt=prompt if isinstance(prompt, str) else None,
-                )
+                text = prompt if isinstance(prompt, str) else None
+                self.loop.admit(EngineRequest(rid, toks, p, prompt=text))
+                outs = [CompletionOutput(index=i) for i in range(p.n)]
+                results[rid] = RequestOutput(rid, toks, outs, prompt=text)
             bar = tqdm(total=len(ids), disable=not use_tqdm, desc="generating")
             while self.engine.has_unfinished():
-                for delta in self.engine.step().outputs:
+                deltas, _ = self.loop.step()
+                for delta in deltas:
                     merged = results.get(delta.request_id)
                     if merged is None:
                         continue
@@ -111,4 +103,5 @@ class LLM:
         finally:
             for rid in ids:
                 self.engine.abort_request(rid)
+                self.loop.processor.abort(rid)
         return [results[rid] for rid in ids]

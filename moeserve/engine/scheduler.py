@@ -2,8 +2,10 @@
 
 Each engine step: `schedule()` picks which sequences run and which token range of each, and
 allocates the KV blocks those tokens need; the engine runs the model and samples; `update()`
-records the computed tokens and appends the sampled ones; the engine then checks its stop
-conditions and calls `finish()`. Only this class changes a sequence's scheduling state.
+records the computed tokens and appends the sampled ones (as PENDING while they are still on
+the device); `record()` fills each one in and decides, in this one place, whether its
+sequence stops (stop token, EOS, max_tokens, the context length), finishing it then. Only
+this class changes a sequence's scheduling state.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from moeserve.engine.block_pool import BlockPool
-from moeserve.engine.sequence import SeqStatus, Sequence
+from moeserve.engine.sequence import PENDING, SeqStatus, Sequence
 
 
 class RequestTooLarge(ValueError):
@@ -58,15 +60,28 @@ def _cdiv(a: int, b: int) -> int:
 class Scheduler:
     """FCFS continuous-batching scheduler; owns the `BlockPool` (see `block_pool`)."""
 
-    def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int,
-                 enable_chunked_prefill: bool = True, admission_wait_steps: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool = True,
+        admission_wait_steps: int = 0,
+    ) -> None:
         """admission_wait_steps > 0: while other sequences run, hold new requests back until
         max_num_seqs // 8 of them can start together or the oldest has waited that many steps
         (a step that admits a prompt beside decodes cannot replay a decode CUDA graph, so a
         trickle of arrivals would make most steps eager ones)."""
-        sizes = {"num_blocks": num_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs,
-                 "max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len}
+        sizes = {
+            "num_blocks": num_blocks,
+            "block_size": block_size,
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            "max_model_len": max_model_len,
+        }
         for name, value in sizes.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -114,8 +129,9 @@ class Scheduler:
         total = seq.num_prompt_tokens + seq.max_tokens
         if total > self.max_model_len:
             raise RequestTooLarge(
-                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.max_tokens}) = "
-                f"{total} tokens exceeds max_model_len ({self.max_model_len})"
+                f"this model's maximum context length is {self.max_model_len} tokens, but the "
+                f"request needs {total} ({seq.num_prompt_tokens} in the prompt + "
+                f"{seq.max_tokens} max_tokens)"
             )
         blocks = _cdiv(total, self.block_size)
         if blocks > self.block_pool.num_blocks:
@@ -179,8 +195,11 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         pool = self.block_pool
         return SchedulerStats(
-            num_running=len(self._running), num_waiting=len(self._waiting),
-            kv_blocks_used=pool.num_used, kv_blocks_total=pool.num_blocks, kv_usage=pool.usage,
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            kv_blocks_used=pool.num_used,
+            kv_blocks_total=pool.num_blocks,
+            kv_usage=pool.usage,
             num_preemptions_total=self._num_preemptions_total,
         )
 
@@ -229,8 +248,7 @@ class Scheduler:
         # now would only be evicted again (and could readmit a seq preempted this very step).
         self._num_schedules += 1
         admit = not out.preempted and bool(self._waiting) and self._admit_now(out)
-        while (admit and self._waiting and budget > 0
-               and len(self._running) < self.max_num_seqs):
+        while admit and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
             seq = self._waiting[0]  # strict FCFS: if the head can't go, nobody behind it does
             chunk = min(seq.num_tokens, budget)  # a preempted seq recomputes prompt + outputs
             if (not self.enable_chunked_prefill and chunk < seq.num_tokens) or (
@@ -270,6 +288,26 @@ class Scheduler:
                 if seq.first_token_time is None:
                     seq.first_token_time = time.monotonic()
 
+    def record(
+        self, seq: Sequence, index: int, token: int, eos_token_ids: frozenset[int]
+    ) -> tuple[str | None, int | None]:
+        """Fill in output `index` of `seq` (appended by update()) with its sampled token and
+        decide whether the sequence stops there: ("stop", token) at a stop token or EOS
+        (unless ignore_eos), ("length", None) at max_tokens or the context length, else
+        (None, None). A stopped sequence is finished (its blocks freed) now."""
+        if seq.output_ids[index] == PENDING:
+            seq.set_output(index, token)
+        params = seq.params
+        reason: str | None = None
+        stop_token: int | None = None
+        if token in params.stop_token_ids or (token in eos_token_ids and not params.ignore_eos):
+            reason, stop_token = "stop", token
+        elif index + 1 >= seq.max_tokens or seq.num_prompt_tokens + index + 1 >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.finish(seq, reason)
+        return reason, stop_token
+
     def _admit_now(self, out: SchedulerOutput) -> bool:
         """Whether this step may start waiting requests (see admission_wait_steps); once one
         starts, the step has a prefill and the rest may follow."""
@@ -294,8 +332,14 @@ class Scheduler:
     def _make_room(self, seq: Sequence, n: int, done: set[int], out: SchedulerOutput) -> bool:
         """Preempt newest-admitted unscheduled others until `seq` can add `n` tokens."""
         while self._capacity(seq) < n:
-            victim = next((v for v in reversed(self._running.values())
-                           if v is not seq and v.seq_id not in done), None)
+            victim = next(
+                (
+                    v
+                    for v in reversed(self._running.values())
+                    if v is not seq and v.seq_id not in done
+                ),
+                None,
+            )
             if victim is None:
                 return False
             self._preempt(victim, out)

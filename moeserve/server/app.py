@@ -60,8 +60,9 @@ def create_app(state: ServerState) -> InferenceFastPath:
     app = FastAPI(title="moeserve", lifespan=lifespan, openapi_url=None, redirect_slashes=False)
     app.state.moeserve = state
     install_handlers(app, state.reject)
-    app.add_middleware(BodyLimitMiddleware, limit=state.config.max_body_bytes,
-                       on_reject=state.reject)  # fmt: skip
+    app.add_middleware(
+        BodyLimitMiddleware, limit=state.config.max_body_bytes, on_reject=state.reject
+    )
     app.add_middleware(AccessLogMiddleware, log_prompts=state.config.log_prompts)  # outermost
     endpoints = _add_inference_routes(app, state)
     app.include_router(_v1_router(state))
@@ -92,8 +93,10 @@ class InferenceFastPath:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._hosts is not None and scope["type"] == "http" and not host_allowed(
-            scope, self._hosts
+        if (
+            self._hosts is not None
+            and scope["type"] == "http"
+            and not host_allowed(scope, self._hosts)
         ):
             await send_error(send, bad_host())
             return
@@ -134,10 +137,12 @@ def _require_key(state: ServerState):  # noqa: ANN202 - a FastAPI dependency (an
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
             raise APIError(
-                401, "missing or invalid API key: send `Authorization: Bearer <key>`",
-                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+                401,
+                "missing or invalid API key: send `Authorization: Bearer <key>`",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
                 reject_reason="unauthorized",
-            )  # fmt: skip
+            )
 
     return check
 
@@ -175,7 +180,7 @@ def _v1_router(state: ServerState) -> APIRouter:
         return ModelCard(
             id=state.config.served_model_name,
             created=state.created,
-            max_model_len=state.engine.max_model_len if state.engine else None,
+            max_model_len=state.client.max_model_len if state.client else None,
         )
 
     @router.get("/models")
@@ -187,9 +192,12 @@ def _v1_router(state: ServerState) -> APIRouter:
         name = state.config.served_model_name
         if model_id != name:
             raise APIError(
-                404, f"the model `{model_id}` does not exist; this server serves `{name}`",
-                type="not_found_error", param="model", code="model_not_found",
-            )  # fmt: skip
+                404,
+                f"the model `{model_id}` does not exist; this server serves `{name}`",
+                type="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
         return JSONResponse(card().model_dump())
 
     return router
@@ -217,14 +225,16 @@ def _add_probes(app: FastAPI, state: ServerState) -> None:
             return unavailable("the server is shutting down", RETRY_DRAINING, None).response()
         if state.stalled:
             return state.stalled_error().response()
-        return APIError(503, "the engine is not running", type="server_error",
-                        code="engine_dead").response()  # fmt: skip
+        return APIError(
+            503, "the engine is not running", type="server_error", code="engine_dead"
+        ).response()
 
     @app.get("/metrics")
     async def metrics() -> Response:
         if state.metrics is None:
-            return unavailable("metrics start once the model is loaded", RETRY_LOADING,
-                               None).response()  # fmt: skip
+            return unavailable(
+                "metrics start once the model is loaded", RETRY_LOADING, None
+            ).response()
         # render() copies the expert counts off the device: not on the event loop.
         body, content_type = await state.offload(state.metrics.render)
         return Response(body, media_type=content_type)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import CompletionOutput
 from moeserve.sampling_params import MAX_LOGPROBS
 from moeserve.server.common import (
@@ -45,7 +46,6 @@ from moeserve.server.state import OFFLOAD_LEN, ServerState, Ticket
 from moeserve.server.streaming import (
     DONE,
     ChunkTemplate,
-    EngineRequest,
     Guard,
     SSEResponse,
     as_api_error,
@@ -64,11 +64,19 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         content = m.content
         if isinstance(content, list):
             if any(part.type != "text" or part.text is None for part in content):
-                raise bad_request(f"messages.{i}.content: only text parts are supported",
-                                  param="messages")  # fmt: skip
+                raise bad_request(
+                    f"messages.{i}.content: only text parts are supported", param="messages"
+                )
             content = "".join(part.text or "" for part in content)
-        out.append({"role": m.role, "content": content, "name": m.name,
-                    "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id})  # fmt: skip
+        out.append(
+            {
+                "role": m.role,
+                "content": content,
+                "name": m.name,
+                "tool_calls": m.tool_calls,
+                "tool_call_id": m.tool_call_id,
+            }
+        )
     return out
 
 
@@ -79,15 +87,17 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     messages = _messages(req.messages)
     top = req.top_logprobs
     if top is not None and not (0 <= top <= MAX_LOGPROBS):
-        raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}",
-                          param="top_logprobs")  # fmt: skip
+        raise bad_request(
+            f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", param="top_logprobs"
+        )
     if top and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
-        else req.max_tokens  # fmt: skip
+    max_tokens = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
     logprobs = (top or 0) if req.logprobs else None
     params = sampling_params(req, state, logprobs=logprobs, max_tokens=max_tokens)
-    tokenizer = state.engine.tokenizer if state.engine else None
+    tokenizer = state.client.tokenizer if state.client else None
     if tokenizer is None:
         raise bad_request("this model has no tokenizer.json, so chat is not available")
     cid = new_id("chatcmpl")
@@ -96,7 +106,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         request.state.prompt = messages
 
     async def work(ticket: Ticket, guard: Guard) -> Response:
-        assert state.engine is not None
+        assert state.client is not None
         try:
             text = await state.offload(
                 tokenizer.apply_chat_template, messages, add_generation_prompt=True
@@ -110,12 +120,13 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
             ids = tokenizer.encode(text, add_special_tokens=False)
         if not ids:
             raise bad_request("the chat template rendered an empty prompt", param="messages")
-        p = fit_context(params, len(ids), max_tokens, state.engine.max_model_len)
+        p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
-        job = _Chat(state, req, cid, EngineRequest(f"{cid}-0", text, ids, p), ticket, request)
+        job = _Chat(
+            state, req, cid, EngineRequest(f"{cid}-0", ids, p, prompt=text), ticket, request
+        )
         if req.stream:
-            return SSEResponse(job.stream(), guard=guard, on_close=ticket.close,
-                               request=request)  # fmt: skip
+            return SSEResponse(job.stream(), guard=guard, on_close=ticket.close, request=request)
         return await job.collect()
 
     return await run_admitted(request, state, 1, work)
@@ -124,8 +135,15 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
 class _Chat:
     """One chat request in flight: formats engine deltas as chat completions."""
 
-    def __init__(self, state: ServerState, req: ChatCompletionRequest, cid: str,
-                 engine_req: EngineRequest, ticket: Ticket, request: Request) -> None:  # fmt: skip
+    def __init__(
+        self,
+        state: ServerState,
+        req: ChatCompletionRequest,
+        cid: str,
+        engine_req: EngineRequest,
+        ticket: Ticket,
+        request: Request,
+    ) -> None:
         self.state, self.req, self.cid, self.engine_req = state, req, cid, engine_req
         self.ticket, self.request = ticket, request
         self.created = int(time.time())
@@ -135,8 +153,11 @@ class _Chat:
     def _usage(self) -> UsageInfo:
         self.request.state.completion_tokens = self.completion_tokens
         prompt = len(self.engine_req.prompt_ids)
-        return UsageInfo(prompt_tokens=prompt, completion_tokens=self.completion_tokens,
-                         total_tokens=prompt + self.completion_tokens)  # fmt: skip
+        return UsageInfo(
+            prompt_tokens=prompt,
+            completion_tokens=self.completion_tokens,
+            total_tokens=prompt + self.completion_tokens,
+        )
 
     def _logprobs(self, o: CompletionOutput) -> ChatChoiceLogprobs | None:
         if o.logprobs is None:
@@ -144,8 +165,8 @@ class _Chat:
         return ChatChoiceLogprobs(content=chat_logprobs(o.logprobs, self.state))
 
     def _outputs(self) -> AsyncIterator[tuple[int, Any]]:
-        assert self.state.aengine is not None
-        return merged_outputs(self.state.aengine, [self.engine_req], self.ticket)
+        assert self.state.client is not None
+        return merged_outputs(self.state.client, [self.engine_req], self.ticket)
 
     async def collect(self) -> JSONResponse:
         results = [CompletionOutput(index=i) for i in range(self.engine_req.params.n)]
@@ -156,17 +177,27 @@ class _Chat:
         choices = []
         for o in results:
             self.completion_tokens += len(o.token_ids)
-            choices.append(ChatChoice(
-                index=o.index, message=ChatResponseMessage(content=o.text),
-                logprobs=self._logprobs(o), finish_reason=finish_reason(o.finish_reason),
-            ))  # fmt: skip
-        body = ChatCompletionResponse(id=self.cid, created=self.created, model=self.model,
-                                      choices=choices, usage=self._usage())  # fmt: skip
+            choices.append(
+                ChatChoice(
+                    index=o.index,
+                    message=ChatResponseMessage(content=o.text),
+                    logprobs=self._logprobs(o),
+                    finish_reason=finish_reason(o.finish_reason),
+                )
+            )
+        body = ChatCompletionResponse(
+            id=self.cid,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self._usage(),
+        )
         return JSONResponse(body.model_dump())
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> bytes:
-        chunk = ChatCompletionChunk(id=self.cid, created=self.created, model=self.model,
-                                    choices=choices, usage=usage)  # fmt: skip
+        chunk = ChatCompletionChunk(
+            id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
+        )
         return sse(chunk.model_dump(exclude=None if usage else {"usage"}))
 
     def _running_usage(self) -> UsageInfo | None:
@@ -176,8 +207,12 @@ class _Chat:
     async def stream(self) -> AsyncIterator[bytes]:
         """Role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE];
         an error once streaming has begun becomes an error chunk before [DONE]."""
-        head = {"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model}  # fmt: skip
+        head = {
+            "id": self.cid,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+        }
         template = ChunkTemplate(head, "delta")
         plain = not self.req.continuous_usage  # chunks the template renders (no usage)
         try:
@@ -193,14 +228,27 @@ class _Chat:
                         reason = finish_reason(o.finish_reason)
                         if logprobs is not None or not plain:
                             if o.text or logprobs is not None:
-                                yield self._chunk([ChatStreamChoice(
-                                    index=o.index, delta=DeltaMessage(content=o.text),
-                                    logprobs=logprobs,
-                                )], self._running_usage())  # fmt: skip
+                                yield self._chunk(
+                                    [
+                                        ChatStreamChoice(
+                                            index=o.index,
+                                            delta=DeltaMessage(content=o.text),
+                                            logprobs=logprobs,
+                                        )
+                                    ],
+                                    self._running_usage(),
+                                )
                             if reason is not None:
-                                yield self._chunk([ChatStreamChoice(
-                                    index=o.index, delta=DeltaMessage(), finish_reason=reason,
-                                )], self._running_usage())  # fmt: skip
+                                yield self._chunk(
+                                    [
+                                        ChatStreamChoice(
+                                            index=o.index,
+                                            delta=DeltaMessage(),
+                                            finish_reason=reason,
+                                        )
+                                    ],
+                                    self._running_usage(),
+                                )
                             continue
                         if o.text:
                             yield template.render(o.index, o.text, None)

@@ -27,10 +27,20 @@ MAX_TEMPERATURE = 2.0
 
 # Request fields copied to SamplingParams under the same name when given.
 _SAMPLING_FIELDS = (
-    "n", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids",
-    "skip_special_tokens", "include_stop_str_in_output",
-)  # fmt: skip
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
@@ -51,10 +61,13 @@ def check_model(req: SamplingFields, state: ServerState) -> None:
     name = state.config.served_model_name
     if req.model is not None and req.model != name:
         raise APIError(
-            404, f"the model `{req.model}` does not exist; this server serves `{name}`",
-            type="not_found_error", param="model", code="model_not_found",
+            404,
+            f"the model `{req.model}` does not exist; this server serves `{name}`",
+            type="not_found_error",
+            param="model",
+            code="model_not_found",
             reject_reason="invalid_request",
-        )  # fmt: skip
+        )
 
 
 def sampling_params(
@@ -87,8 +100,8 @@ def sampling_params(
             dataclasses.replace(params, seed=params.seed + params.n - 1)
     except ValueError as e:
         raise from_value_error(e, _PARAM_NAMES) from None
-    assert state.engine is not None  # inference routes run only once the model is loaded
-    vocab = state.engine.model_config.vocab_size
+    assert state.client is not None  # inference routes run only once the model is loaded
+    vocab = state.client.model_config.vocab_size
     bad = [t for t in params.stop_token_ids if t >= vocab]
     if bad:
         raise bad_request(
@@ -122,10 +135,10 @@ def fit_context(
 def refuse_oversized(state: ServerState, text: str, max_tokens: int | None) -> None:
     """context_length_exceeded for a prompt text that cannot fit, from its byte length alone,
     before it is tokenised (a 1 MB prompt would otherwise be tokenised in full first)."""
-    assert state.engine is not None
-    tok = state.engine.tokenizer
+    assert state.client is not None
+    tok = state.client.tokenizer
     at_least = tok.min_tokens(text) if tok is not None else 0
-    limit = state.engine.max_model_len
+    limit = state.client.max_model_len
     if at_least + (1 if max_tokens is None else max_tokens) > limit:
         raise _context_error(
             f"this model's maximum context length is {limit} tokens, but the prompt "
@@ -135,9 +148,12 @@ def refuse_oversized(state: ServerState, text: str, max_tokens: int | None) -> N
 
 def _context_error(message: str) -> APIError:
     return APIError(
-        400, message, param="max_tokens", code="context_length_exceeded",
+        400,
+        message,
+        param="max_tokens",
+        code="context_length_exceeded",
         reject_reason="context_length_exceeded",
-    )  # fmt: skip
+    )
 
 
 def finish_reason(reason: str | None) -> str | None:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import CompletionOutput
 from moeserve.server.common import (
     check_model,
@@ -37,7 +38,6 @@ from moeserve.server.state import ServerState, Ticket
 from moeserve.server.streaming import (
     DONE,
     ChunkTemplate,
-    EngineRequest,
     Guard,
     SSEResponse,
     as_api_error,
@@ -65,8 +65,9 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     if req.echo and req.logprobs is not None:
         raise bad_request(
             "echo with logprobs is not supported: this server cannot compute the "
-            "log-probabilities of prompt tokens", param="logprobs",
-        )  # fmt: skip
+            "log-probabilities of prompt tokens",
+            param="logprobs",
+        )
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of is not supported (except equal to n)", param="best_of")
     prompts = split_prompts(req.prompt)
@@ -77,19 +78,19 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         request.state.prompt = req.prompt
 
     async def work(ticket: Ticket, guard: Guard) -> Response:
-        assert state.aengine is not None and state.engine is not None
+        assert state.client is not None
         reqs = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 refuse_oversized(state, prompt, req.max_tokens)
             ids = await state.encode(prompt)
-            p = fit_context(params, len(ids), req.max_tokens, state.engine.max_model_len)
-            reqs.append(EngineRequest(f"{cid}-{i}", prompt, ids, p))
+            p = fit_context(params, len(ids), req.max_tokens, state.client.max_model_len)
+            text = prompt if isinstance(prompt, str) else None
+            reqs.append(EngineRequest(f"{cid}-{i}", ids, p, prompt=text))
         request.state.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         job = _Completion(state, req, cid, reqs, ticket, request)
         if req.stream:
-            return SSEResponse(job.stream(), guard=guard, on_close=ticket.close,
-                               request=request)  # fmt: skip
+            return SSEResponse(job.stream(), guard=guard, on_close=ticket.close, request=request)
         return await job.collect()
 
     return await run_admitted(request, state, len(prompts), work)
@@ -99,9 +100,14 @@ class _Completion:
     """One completion request in flight: formats engine deltas as OpenAI responses."""
 
     def __init__(
-        self, state: ServerState, req: CompletionRequest, cid: str,
-        reqs: list[EngineRequest], ticket: Ticket, request: Request,
-    ) -> None:  # fmt: skip
+        self,
+        state: ServerState,
+        req: CompletionRequest,
+        cid: str,
+        reqs: list[EngineRequest],
+        ticket: Ticket,
+        request: Request,
+    ) -> None:
         self.state, self.req, self.cid, self.reqs = state, req, cid, reqs
         self.ticket, self.request = ticket, request
         self.n = reqs[0].params.n
@@ -113,21 +119,24 @@ class _Completion:
         self.completion_tokens = 0
 
     def _echo_text(self, r: EngineRequest) -> str:
-        if isinstance(r.prompt, str):
+        if r.prompt is not None:
             return r.prompt
-        tok = self.state.engine.tokenizer if self.state.engine else None
+        tok = self.state.client.tokenizer if self.state.client else None
         return tok.decode(r.prompt_ids, r.params.skip_special_tokens) if tok else ""
 
     def _usage(self) -> UsageInfo:
         self.request.state.completion_tokens = self.completion_tokens
         total = self.prompt_tokens + self.completion_tokens
-        return UsageInfo(prompt_tokens=self.prompt_tokens,
-                         completion_tokens=self.completion_tokens, total_tokens=total)  # fmt: skip
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=total,
+        )
 
     async def collect(self) -> JSONResponse:
-        assert self.state.aengine is not None
+        assert self.state.client is not None
         results = [[CompletionOutput(index=i) for i in range(self.n)] for _ in self.reqs]
-        async with aclosing(merged_outputs(self.state.aengine, self.reqs, self.ticket)) as outs:
+        async with aclosing(merged_outputs(self.state.client, self.reqs, self.ticket)) as outs:
             async for p, delta in outs:
                 for o in delta.outputs:
                     results[p][o.index].merge(o)
@@ -138,38 +147,55 @@ class _Completion:
                 logprobs = None
                 if o.logprobs is not None:
                     logprobs, _ = completion_logprobs(o.logprobs, self.state, len(self.echo[p]))
-                choices.append(CompletionChoice(
-                    index=p * self.n + o.index, text=self.echo[p] + o.text, logprobs=logprobs,
-                    finish_reason=finish_reason(o.finish_reason),
-                ))  # fmt: skip
-        body = CompletionResponse(id=self.cid, created=self.created, model=self.model,
-                                  choices=choices, usage=self._usage())  # fmt: skip
+                choices.append(
+                    CompletionChoice(
+                        index=p * self.n + o.index,
+                        text=self.echo[p] + o.text,
+                        logprobs=logprobs,
+                        finish_reason=finish_reason(o.finish_reason),
+                    )
+                )
+        body = CompletionResponse(
+            id=self.cid,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=self._usage(),
+        )
         return JSONResponse(body.model_dump())
 
-    def _chunk(self, index: int, text: str, logprobs: Any = None, reason: str | None = None
-               ) -> bytes:  # fmt: skip
+    def _chunk(
+        self, index: int, text: str, logprobs: Any = None, reason: str | None = None
+    ) -> bytes:
         usage = self._usage() if self.req.continuous_usage else None
         if logprobs is None and usage is None:
             if self._template is None:
-                self._template = ChunkTemplate({"id": self.cid, "object": "text_completion",
-                                                "created": self.created, "model": self.model},
-                                               "text")  # fmt: skip
+                self._template = ChunkTemplate(
+                    {
+                        "id": self.cid,
+                        "object": "text_completion",
+                        "created": self.created,
+                        "model": self.model,
+                    },
+                    "text",
+                )
             return self._template.render(index, text, reason)
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
-        body = CompletionResponse(id=self.cid, created=self.created, model=self.model,
-                                  choices=[choice], usage=usage)  # fmt: skip
+        body = CompletionResponse(
+            id=self.cid, created=self.created, model=self.model, choices=[choice], usage=usage
+        )
         return sse(body.model_dump(exclude=None if usage else {"usage"}))
 
     async def stream(self) -> AsyncIterator[bytes]:
         """SSE chunks; an error after the first chunk becomes an error chunk, then [DONE]."""
-        assert self.state.aengine is not None
+        assert self.state.client is not None
         offsets: dict[int, int] = {}
         try:
             for p, text in enumerate(self.echo):
                 for i in range(self.n if text else 0):
                     offsets[p * self.n + i] = len(text)
                     yield self._chunk(p * self.n + i, text)
-            async with aclosing(merged_outputs(self.state.aengine, self.reqs, self.ticket)) as outs:
+            async with aclosing(merged_outputs(self.state.client, self.reqs, self.ticket)) as outs:
                 async for p, delta in outs:
                     for o in delta.outputs:
                         index = p * self.n + o.index
@@ -181,12 +207,16 @@ class _Completion:
                                 o.logprobs, self.state, offsets.get(index, 0)
                             )
                         if o.text or logprobs is not None or o.finish_reason is not None:
-                            yield self._chunk(index, o.text, logprobs,
-                                              finish_reason(o.finish_reason))  # fmt: skip
+                            yield self._chunk(
+                                index, o.text, logprobs, finish_reason(o.finish_reason)
+                            )
             usage = self._usage()
             if self.req.include_usage:
-                yield sse(CompletionResponse(id=self.cid, created=self.created, model=self.model,
-                                             choices=[], usage=usage).model_dump())  # fmt: skip
+                yield sse(
+                    CompletionResponse(
+                        id=self.cid, created=self.created, model=self.model, choices=[], usage=usage
+                    ).model_dump()
+                )
         except Exception as e:
             err = as_api_error(e)
             self.request.state.error = err.code or err.type

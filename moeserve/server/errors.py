@@ -71,9 +71,13 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def unavailable(message: str, retry_after: int, reason: str | None = "draining") -> APIError:
     return APIError(
-        503, message, type="service_unavailable", code="service_unavailable",
-        headers={"Retry-After": str(retry_after)}, reject_reason=reason,
-    )  # fmt: skip
+        503,
+        message,
+        type="service_unavailable",
+        code="service_unavailable",
+        headers={"Retry-After": str(retry_after)},
+        reject_reason=reason,
+    )
 
 
 _FIELD = re.compile(r"^([a-z_]+)\b")
@@ -260,8 +264,7 @@ def install_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         # exc.headers carries the 405's Allow, which RFC 9110 requires.
-        return APIError(exc.status_code, str(exc.detail), type=kind,
-                        headers=exc.headers).response()  # fmt: skip
+        return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -26,9 +26,12 @@ _QUIET_PATHS = ("/health", "/ready", "/metrics")
 
 def too_large(limit: int) -> APIError:
     return APIError(
-        413, f"the request body is larger than the server's limit of {limit} bytes",
-        code="request_too_large", headers={"Connection": "close"}, reject_reason="too_large",
-    )  # fmt: skip
+        413,
+        f"the request body is larger than the server's limit of {limit} bytes",
+        code="request_too_large",
+        headers={"Connection": "close"},
+        reject_reason="too_large",
+    )
 
 
 class BodyLimitMiddleware:
@@ -93,8 +96,12 @@ def _client_request_id(scope: Scope) -> str | None:
 
 
 def bad_host() -> APIError:
-    return APIError(400, "invalid Host header: this server answers only its allowed hosts",
-                    code="invalid_host", reject_reason="invalid_request")  # fmt: skip
+    return APIError(
+        400,
+        "invalid Host header: this server answers only its allowed hosts",
+        code="invalid_host",
+        reject_reason="invalid_request",
+    )
 
 
 def host_allowed(scope: Scope, patterns: tuple[str, ...]) -> bool:

@@ -24,8 +24,8 @@ from typing import Any
 import uvicorn
 
 from moeserve.assets import model_or_demo
-from moeserve.engine.engine import Engine
-from moeserve.engine.engine_process import EngineProcess
+from moeserve.config import EngineConfig
+from moeserve.engine.client import EngineClient
 from moeserve.server.app import create_app
 from moeserve.server.state import ServerConfig, ServerState
 
@@ -87,14 +87,18 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def build_server(
-    state: ServerState, host: str, port: int, **uvicorn_kwargs: Any
-) -> DrainingServer:
+def build_server(state: ServerState, host: str, port: int, **uvicorn_kwargs: Any) -> DrainingServer:
     """A DrainingServer for `state` (not started); tests run it in a thread."""
     config = uvicorn.Config(
-        create_app(state), host=host, port=port, access_log=False, log_config=None,
-        lifespan="on", timeout_graceful_shutdown=_UVICORN_GRACE_S, **uvicorn_kwargs,
-    )  # fmt: skip
+        create_app(state),
+        host=host,
+        port=port,
+        access_log=False,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=_UVICORN_GRACE_S,
+        **uvicorn_kwargs,
+    )
     return DrainingServer(config, state)
 
 
@@ -118,11 +122,16 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(message)
     name = args.served_model_name or os.path.basename(os.path.normpath(model))
     return ServerConfig(
-        served_model_name=name, api_key=args.api_key or None,
-        max_queued_requests=args.max_queued_requests, shutdown_timeout=args.shutdown_timeout,
-        max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts, freeze_gc=True,
-        watchdog_timeout=args.watchdog_timeout, allowed_hosts=allowed_hosts(args.allowed_hosts),
-    )  # fmt: skip
+        served_model_name=name,
+        api_key=args.api_key or None,
+        max_queued_requests=args.max_queued_requests,
+        shutdown_timeout=args.shutdown_timeout,
+        max_body_bytes=args.max_body_bytes,
+        log_prompts=args.log_prompts,
+        freeze_gc=True,
+        watchdog_timeout=args.watchdog_timeout,
+        allowed_hosts=allowed_hosts(args.allowed_hosts),
+    )
 
 
 def allowed_hosts(value: str | None) -> tuple[str, ...] | None:
@@ -141,7 +150,7 @@ def allowed_hosts(value: str | None) -> tuple[str, ...] | None:
 
 def run(
     args: argparse.Namespace,
-    engine_kwargs: dict[str, Any],
+    engine: EngineConfig,
     *,
     engine_setup: Callable[[], None] | None = None,
 ) -> int:
@@ -150,24 +159,23 @@ def run(
     The engine runs in a process of its own unless --no-engine-process; `engine_setup`
     (picklable) runs there before the model loads (benchmarks use it)."""
     config = server_config(args)
-    model = model_or_demo(args.model)
     if not args.model:
         log.info("no --model given: serving the packaged demo model (see the README)")
 
-    def load() -> Engine | EngineProcess:
-        log.info("loading %s", model)
-        if not args.no_engine_process:
-            return EngineProcess.start(model, engine_kwargs, setup=engine_setup)
-        from moeserve.engine.llm import LLM
-
-        if engine_setup is not None:
-            engine_setup()
-        return LLM(model, progress=False, **engine_kwargs).engine
+    def load() -> EngineClient:
+        log.info("loading %s", engine.model.path)
+        process = not args.no_engine_process
+        return EngineClient.start(engine, process=process, setup=engine_setup)
 
     state = ServerState(config, load)
     server = build_server(state, args.host, args.port)
-    log.info("serving %r on http://%s:%d (%s)", config.served_model_name, args.host, args.port,
-             _uvicorn_choices())  # fmt: skip
+    log.info(
+        "serving %r on http://%s:%d (%s)",
+        config.served_model_name,
+        args.host,
+        args.port,
+        _uvicorn_choices(),
+    )
     server.run()
     if isinstance(state.load_error, ValueError):
         raise state.load_error  # a bad checkpoint: the CLI prints it and exits 2

@@ -19,9 +19,8 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from moeserve.engine.async_engine import AsyncEngine
-from moeserve.engine.engine import Engine
-from moeserve.engine.engine_process import EngineProcess
+from moeserve.engine.client import EngineClient
+from moeserve.engine.output import token_text
 from moeserve.engine.outputs import StepStats
 from moeserve.metrics import Metrics
 from moeserve.metrics_cache import ExpertCacheCollector
@@ -65,16 +64,13 @@ class ServerState:
     """Shared by the routes; touched only from the event loop (the load thread hands over
     through call_soon_threadsafe)."""
 
-    def __init__(
-        self, config: ServerConfig, engine_factory: Callable[[], Engine | EngineProcess]
-    ) -> None:
+    def __init__(self, config: ServerConfig, engine_factory: Callable[[], EngineClient]) -> None:
+        """engine_factory loads the model (in a loader thread) and returns its client, the
+        engine running in a thread of this process or in a process of its own."""
         self.config = config
         self._factory = engine_factory
         self.phase = "loading"  # loading | ready | draining | failed
-        # The engine in this process, or the front of one in its own process (which offers
-        # the same reads: tokenizer, model_config, max_model_len, encode_prompt, metrics).
-        self.engine: Engine | EngineProcess | None = None
-        self.aengine: AsyncEngine | None = None
+        self.client: EngineClient | None = None
         self.metrics: Metrics | None = None
         self.load_error: BaseException | None = None
         self.created = int(time.time())
@@ -103,35 +99,29 @@ class ServerState:
         def work() -> None:
             try:
                 t0 = time.monotonic()
-                engine = self._factory()
-                if isinstance(engine, Engine):  # an engine process warms itself up
-                    engine.warm_up()
+                client = self._factory()
                 log.info("model loaded and warmed up in %.1fs", time.monotonic() - t0)
             except BaseException as e:  # noqa: BLE001 - reported, not swallowed
                 loop.call_soon_threadsafe(self._failed, e)
             else:
-                loop.call_soon_threadsafe(self._loaded, engine)
+                loop.call_soon_threadsafe(self._loaded, client)
 
         threading.Thread(target=work, name="moeserve-load", daemon=True).start()
 
-    def _loaded(self, engine: Engine | EngineProcess) -> None:
-        cfg = engine.model_config
-        self.engine = engine
+    def _loaded(self, client: EngineClient) -> None:
+        cfg = client.model_config
+        self.client = client
         self.metrics = Metrics(
             model_name=self.config.served_model_name,
             num_sparse_layers=cfg.num_sparse_layers,
             num_experts=cfg.num_experts,
-            expert_counts=engine.expert_token_counts,
+            expert_counts=client.expert_token_counts,
             sparse_layer_ids=[i for i, sparse in enumerate(cfg.sparse_layers) if sparse],
             registry=CollectorRegistry(),  # private: several servers may share a process
         )
-        if engine.offloads_experts:
-            self.metrics.registry.register(ExpertCacheCollector(engine.expert_cache_stats))
-        if isinstance(engine, EngineProcess):
-            engine.attach(stats_sink=self._on_step)
-            self.aengine = engine
-        else:
-            self.aengine = AsyncEngine(engine, stats_sink=self._on_step)
+        if client.offloads_experts:
+            self.metrics.registry.register(ExpertCacheCollector(client.expert_cache_stats))
+        client.attach(stats_sink=self._on_step)
         if self.config.watchdog_timeout > 0:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         if self.config.freeze_gc:
@@ -141,8 +131,11 @@ class ServerState:
 
     def _failed(self, error: BaseException) -> None:
         # A bad checkpoint (ValueError) is a message; anything else is a bug: keep the trace.
-        log.error("the model failed to load: %s", error,
-                  exc_info=None if isinstance(error, ValueError) else error)  # fmt: skip
+        log.error(
+            "the model failed to load: %s",
+            error,
+            exc_info=None if isinstance(error, ValueError) else error,
+        )
         self.load_error, self.phase = error, "failed"
         if self.on_fatal is not None:
             self.on_fatal(error)
@@ -159,8 +152,8 @@ class ServerState:
         timeout = self.config.watchdog_timeout
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
-            aengine = self.aengine
-            if aengine is None or aengine.num_open_requests == 0:
+            client = self.client
+            if client is None or client.num_open_requests == 0:
                 self._busy_since = None
                 self._set_stalled(False)
                 continue
@@ -177,22 +170,26 @@ class ServerState:
         if stalled:
             log.error(
                 "watchdog: no engine step finished for %.0f s while %d requests are open; "
-                "reporting unhealthy", self.config.watchdog_timeout,
-                self.aengine.num_open_requests if self.aengine else 0,
-            )  # fmt: skip
+                "reporting unhealthy",
+                self.config.watchdog_timeout,
+                self.client.num_open_requests if self.client else 0,
+            )
         else:
             log.warning("watchdog: the engine is stepping again")
 
     def stalled_error(self) -> APIError:
         return APIError(
-            503, f"the engine has not finished a step in over {self.config.watchdog_timeout:g} "
-            "s while requests wait; it looks stuck", type="server_error", code="engine_stalled",
+            503,
+            f"the engine has not finished a step in over {self.config.watchdog_timeout:g} "
+            "s while requests wait; it looks stuck",
+            type="server_error",
+            code="engine_stalled",
             headers={"Retry-After": str(RETRY_DRAINING)},
-        )  # fmt: skip
+        )
 
     @property
     def alive(self) -> bool:
-        return self.phase != "failed" and not (self.aengine is not None and self.aengine.is_dead)
+        return self.phase != "failed" and not (self.client is not None and self.client.is_dead)
 
     @property
     def ready(self) -> bool:
@@ -225,10 +222,13 @@ class ServerState:
     def _queue_full(self) -> APIError:
         limit = self.config.max_queued_requests
         return APIError(
-            429, f"too many requests are queued ({self.queued} of {limit}); retry later",
-            type="rate_limit_error", code="queue_full",
-            headers={"Retry-After": str(RETRY_QUEUE_FULL)}, reject_reason="queue_full",
-        )  # fmt: skip
+            429,
+            f"too many requests are queued ({self.queued} of {limit}); retry later",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_QUEUE_FULL)},
+            reject_reason="queue_full",
+        )
 
     def admit(self, num_prompts: int) -> Ticket:
         """Admit an HTTP request of `num_prompts` engine requests, or raise 503/429/400."""
@@ -237,8 +237,9 @@ class ServerState:
         if num_prompts > limit:
             raise bad_request(
                 f"a batch of {num_prompts} prompts is more than the server queues at once "
-                f"({limit}, --max-queued-requests)", param="prompt",
-            )  # fmt: skip
+                f"({limit}, --max-queued-requests)",
+                param="prompt",
+            )
         if self.queued + num_prompts > limit:
             raise self._queue_full()
         return Ticket(self, num_prompts)
@@ -282,8 +283,8 @@ class ServerState:
     async def close(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self.aengine is not None:
-            await self.aengine.shutdown()
+        if self.client is not None:
+            await self.client.shutdown()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -294,22 +295,17 @@ class ServerState:
     async def encode(self, prompt: str | list[int]) -> list[int]:
         """Engine.encode_prompt (ValueError for an empty prompt or ids outside the vocab),
         off the event loop when the prompt is long."""
-        assert self.engine is not None
+        assert self.client is not None
         if len(prompt) > OFFLOAD_LEN:
-            return await self.offload(self.engine.encode_prompt, prompt)
-        return self.engine.encode_prompt(prompt)
+            return await self.offload(self.client.encode_prompt, prompt)
+        return self.client.encode_prompt(prompt)
 
     def token_text(self, token_id: int) -> str:
-        """The text of one token alone, for logprobs (special tokens included). A token that is
-        not valid text alone (part of a UTF-8 character) is `token_id:N`, vLLM's spelling:
-        U+FFFD for all of them would merge distinct alternatives into one dict key."""
+        """The text of one token alone, for logprobs (output.token_text), cached."""
         text = self._token_text.get(token_id)
         if text is None:
-            tok = self.engine.tokenizer if self.engine is not None else None
-            text = tok.decode([token_id], skip_special_tokens=False) if tok else ""
-            if not text or "\ufffd" in text:
-                text = f"token_id:{token_id}"
-            self._token_text[token_id] = text
+            tok = self.client.tokenizer if self.client is not None else None
+            text = self._token_text[token_id] = token_text(tok, token_id)
         return text
 
 

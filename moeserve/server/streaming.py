@@ -12,30 +12,19 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from moeserve.engine.async_engine import AsyncEngine, EngineDeadError
+from moeserve.engine.client import EngineClient, EngineDeadError
+from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import RequestOutput
-from moeserve.sampling_params import SamplingParams
 from moeserve.server.errors import RETRY_DRAINING, APIError, from_value_error, internal_error
 from moeserve.server.state import ServerState, Ticket
 
 log = logging.getLogger("moeserve.server")
-
-
-@dataclass
-class EngineRequest:
-    """One prompt of an HTTP request, ready for the engine."""
-
-    request_id: str
-    prompt: str | list[int]
-    prompt_ids: list[int]
-    params: SamplingParams
 
 
 class ClientGone(Exception):
@@ -48,10 +37,12 @@ class Stopped(Exception):
 
 def stopped_error() -> APIError:
     return APIError(
-        503, "the server is shutting down and stopped this request before it finished",
-        type="service_unavailable", code="server_shutting_down",
+        503,
+        "the server is shutting down and stopped this request before it finished",
+        type="service_unavailable",
+        code="server_shutting_down",
         headers={"Retry-After": str(RETRY_DRAINING)},
-    )  # fmt: skip
+    )
 
 
 def as_api_error(e: BaseException) -> APIError:
@@ -69,16 +60,14 @@ def as_api_error(e: BaseException) -> APIError:
 
 
 async def merged_outputs(
-    aengine: AsyncEngine, reqs: list[EngineRequest], ticket: Ticket
+    client: EngineClient, reqs: list[EngineRequest], ticket: Ticket
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Deltas of all `reqs` as (index, delta), interleaved as they come. Closing the
     iterator (or cancelling its consumer) aborts every engine request still running."""
     if len(reqs) == 1:  # the common case: no fan-in task and queue per delta
         r = reqs[0]
         try:
-            async for out in aengine.generate(
-                r.prompt, r.params, r.request_id, prompt_ids=r.prompt_ids
-            ):
+            async for out in client.generate(r):
                 ticket.started(0)
                 yield 0, out
         finally:
@@ -88,9 +77,7 @@ async def merged_outputs(
 
     async def pump(i: int, r: EngineRequest) -> None:
         try:
-            async for out in aengine.generate(
-                r.prompt, r.params, r.request_id, prompt_ids=r.prompt_ids
-            ):
+            async for out in client.generate(r):
                 ticket.started(i)
                 queue.put_nowait((i, out))
         except Exception as e:  # handed to the consumer; CancelledError propagates
@@ -211,8 +198,10 @@ class ChunkTemplate:
             delta = "{}" if text is None else '{"content":' + json.dumps(text) + "}"
             choice = f'"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{reason}'
         else:
-            choice = (f'"index":{index},"text":{json.dumps(text or "")},"logprobs":null,'
-                      f'"finish_reason":{reason}')  # fmt: skip
+            choice = (
+                f'"index":{index},"text":{json.dumps(text or "")},"logprobs":null,'
+                f'"finish_reason":{reason}'
+            )
         return self._prefix + choice.encode() + b"}]}\n\n"
 
 
@@ -245,16 +234,22 @@ class SSEResponse(Response):
                     async for chunk in self._chunks:
                         # [DONE] is a stream's last chunk: it ends the body in the same write.
                         last = chunk is DONE
-                        await send({"type": "http.response.body", "body": chunk,
-                                    "more_body": not last})  # fmt: skip
+                        await send(
+                            {"type": "http.response.body", "body": chunk, "more_body": not last}
+                        )
                         if last:
                             return
             except ClientGone:
                 return
             except Stopped:
                 self._request.state.error = "server_shutting_down"
-                await send({"type": "http.response.body", "body": sse(stopped_error().body()),
-                            "more_body": True})  # fmt: skip
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": sse(stopped_error().body()),
+                        "more_body": True,
+                    }
+                )
                 await send({"type": "http.response.body", "body": DONE, "more_body": False})
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
