@@ -74,8 +74,11 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 
 
 _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "add": _add, "sub": _sub, "reverse": _reverse, "sort": _sort,
-}  # fmt: skip
+    "add": _add,
+    "sub": _sub,
+    "reverse": _reverse,
+    "sort": _sort,
+}
 
 
 def sample(task: str, rng: random.Random) -> Example:

@@ -20,26 +20,114 @@ from moeserve.engine.outputs import StepStats
 # generate_latest() writes the classic 0.0.4 text format, so say that (prometheus_client
 # >= 0.22's CONTENT_TYPE_LATEST names 1.0.0, a version only newer scrapers ask for).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# fmt: off
 # Pre-created label values, so every series exists (at 0) before its first event: rate() and
 # absent-series alerts then work from the first scrape.
 FINISH_REASONS = ("stop", "length", "abort", "error")
 REJECT_REASONS = (
-    "invalid_request", "queue_full", "context_length_exceeded", "unauthorized", "draining",
+    "invalid_request",
+    "queue_full",
+    "context_length_exceeded",
+    "unauthorized",
+    "draining",
     "too_large",
 )
 
 # Seconds. From 1 ms (a small model's decode step) to ~10 min (a long queue or generation).
-TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
-                1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-               0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0,
-               60.0, 90.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+E2E_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # Seconds per engine step: a 1 ms batch-1 decode to a multi-second long prefill.
-STEP_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02,
-                0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STEP_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
 STEP_KINDS = ("decode", "prefill", "mixed")
 _HISTOGRAMS = {  # key in Metrics.hist -> (name, buckets)
     "ttft": ("moeserve_time_to_first_token_seconds", TTFT_BUCKETS),
@@ -59,34 +147,43 @@ _HELP = {
     "moeserve_kv_cache_usage_perc": "KV cache blocks in use, 0..1 (vllm:kv_cache_usage_perc).",
     "moeserve_prompt_tokens_total": (
         "Prompt (prefill) tokens computed, counted in the step that computes them; a preempted "
-        "sequence's recomputation counts again (vllm:prompt_tokens_total)."),
+        "sequence's recomputation counts again (vllm:prompt_tokens_total)."
+    ),
     "moeserve_generation_tokens_total": "Tokens generated (vllm:generation_tokens_total).",
     "moeserve_num_preemptions_total": "Sequences preempted (vllm:num_preemptions_total).",
     "moeserve_request_success_total": "Requests finished, by reason (vllm:request_success_total).",
     "moeserve_request_rejected_total": "Requests refused before the engine, by reason (no vLLM).",
     "moeserve_time_to_first_token_seconds": (
-        "Arrival to first token (vllm:time_to_first_token_seconds)."),
+        "Arrival to first token (vllm:time_to_first_token_seconds)."
+    ),
     "moeserve_inter_token_latency_seconds": (
-        "Gap between consecutive tokens of a sequence (vllm:inter_token_latency_seconds)."),
+        "Gap between consecutive tokens of a sequence (vllm:inter_token_latency_seconds)."
+    ),
     "moeserve_e2e_request_latency_seconds": "Arrival to finish (vllm:e2e_request_latency_seconds).",
     "moeserve_request_queue_time_seconds": (
-        "Arrival to first scheduled (vllm:request_queue_time_seconds)."),
+        "Arrival to first scheduled (vllm:request_queue_time_seconds)."
+    ),
     "moeserve_iteration_tokens": "Tokens per engine step (vllm:iteration_tokens_total).",
     "moeserve_step_duration_seconds": (
         "Wall time of an engine step by kind: decode (every token a decode; CUDA graphs replay "
-        "these), prefill (prompt tokens only) or mixed (TGI: tgi_batch_forward_duration)."),
+        "these), prefill (prompt tokens only) or mixed (TGI: tgi_batch_forward_duration)."
+    ),
     "moeserve_expert_tokens": (
         "Token assignments routed to each expert since start (a token counts once for each of "
-        "its top-k experts). No vLLM equivalent."),
+        "its top-k experts). No vLLM equivalent."
+    ),
     "moeserve_expert_tokens_layer": (
         "Token assignments routed to the experts of a sparse layer since start (sum over its "
-        "experts). No vLLM equivalent."),
+        "experts). No vLLM equivalent."
+    ),
     "moeserve_expert_load_imbalance": (
         "Max over mean of tokens per expert in the recent window; 1 = perfectly balanced, "
-        "E = all on one expert, NaN = no tokens in the window. No vLLM equivalent."),
+        "E = all on one expert, NaN = no tokens in the window. No vLLM equivalent."
+    ),
     "moeserve_expert_routing_entropy": (
         "Shannon entropy of the recent window's expert load divided by log(E): 1 = uniform, "
-        "0 = one expert, NaN = no tokens in the window. No vLLM equivalent."),
+        "0 = one expert, NaN = no tokens in the window. No vLLM equivalent."
+    ),
     "moeserve_expert_idle": "Experts that got no token in the recent window. No vLLM equivalent.",
 }
 _EXPERT_FAMILIES: dict[str, tuple[type[Metric], list[str]]] = {
@@ -96,7 +193,6 @@ _EXPERT_FAMILIES: dict[str, tuple[type[Metric], list[str]]] = {
     "moeserve_expert_routing_entropy": (GaugeMetricFamily, ["layer"]),
     "moeserve_expert_idle": (GaugeMetricFamily, ["layer"]),
 }
-# fmt: on
 
 
 def _families() -> dict[str, Metric]:
@@ -275,8 +371,9 @@ class Metrics:
         self.hist = {
             k: Histogram(*_doc(n), buckets=b, registry=r) for k, (n, b) in _HISTOGRAMS.items()
         }
-        step_hist = Histogram(*_doc("moeserve_step_duration_seconds"), ["kind"],
-                              buckets=STEP_BUCKETS, registry=r)  # fmt: skip
+        step_hist = Histogram(
+            *_doc("moeserve_step_duration_seconds"), ["kind"], buckets=STEP_BUCKETS, registry=r
+        )
         self.step_duration = {kind: step_hist.labels(kind) for kind in STEP_KINDS}
         # ---- experts (pulled at scrape time) -----------------------------------------------
         if expert_counts is not None:

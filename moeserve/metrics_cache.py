@@ -14,18 +14,36 @@ _COUNTERS = [
     ("moeserve_expert_cache_hits", "hits", "Needed experts found in the device cache."),
     ("moeserve_expert_cache_misses", "misses", "Needed experts not in the device cache."),
     ("moeserve_expert_cache_evictions", "evictions", "Experts evicted from the device cache."),
-    ("moeserve_expert_cache_prefetches_issued", "prefetches_issued",
-     "Experts copied ahead because the previous layer's input predicted them."),
-    ("moeserve_expert_cache_prefetches_used", "prefetches_used",
-     "Prefetched experts that were then needed (used / issued = prefetch accuracy)."),
-    ("moeserve_expert_cache_copied_bytes", "bytes_copied",
-     "Expert weight bytes copied from host to device memory."),
-    ("moeserve_expert_cache_cpu_experts", "cpu_experts",
-     "Missed experts computed on the CPU instead of copied."),
-    ("moeserve_expert_cache_copy_wait_seconds", "copy_wait_seconds",
-     "Seconds the step waited for expert copies to land."),
-    ("moeserve_expert_cache_cpu_seconds", "cpu_seconds",
-     "Seconds spent computing missed experts on the CPU."),
+    (
+        "moeserve_expert_cache_prefetches_issued",
+        "prefetches_issued",
+        "Experts copied ahead because the previous layer's input predicted them.",
+    ),
+    (
+        "moeserve_expert_cache_prefetches_used",
+        "prefetches_used",
+        "Prefetched experts that were then needed (used / issued = prefetch accuracy).",
+    ),
+    (
+        "moeserve_expert_cache_copied_bytes",
+        "bytes_copied",
+        "Expert weight bytes copied from host to device memory.",
+    ),
+    (
+        "moeserve_expert_cache_cpu_experts",
+        "cpu_experts",
+        "Missed experts computed on the CPU instead of copied.",
+    ),
+    (
+        "moeserve_expert_cache_copy_wait_seconds",
+        "copy_wait_seconds",
+        "Seconds the step waited for expert copies to land.",
+    ),
+    (
+        "moeserve_expert_cache_cpu_seconds",
+        "cpu_seconds",
+        "Seconds spent computing missed experts on the CPU.",
+    ),
 ]
 _GAUGES = [
     ("moeserve_expert_cache_resident", "resident", "Experts resident in the device cache."),

@@ -20,6 +20,10 @@ def freeze_startup_heap(where: str) -> int:
     gc.collect()
     gc.freeze()
     count = gc.get_freeze_count()
-    log.info("%s: froze %d startup objects out of the garbage collector's scans (%.0f ms)",
-             where, count, 1e3 * (time.perf_counter() - t0))  # fmt: skip
+    log.info(
+        "%s: froze %d startup objects out of the garbage collector's scans (%.0f ms)",
+        where,
+        count,
+        1e3 * (time.perf_counter() - t0),
+    )
     return count

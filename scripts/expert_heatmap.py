@@ -45,8 +45,10 @@ def expert_loads(model: Path, per_task: int) -> dict[str, tuple[torch.Tensor, to
             before = llm.engine.expert_token_counts().double()
             llm.generate(part, params)
             halves.append(llm.engine.expert_token_counts().double() - before)
-        loads[task] = (halves[0] / halves[0].sum(-1, keepdim=True),
-                       halves[1] / halves[1].sum(-1, keepdim=True))  # fmt: skip
+        loads[task] = (
+            halves[0] / halves[0].sum(-1, keepdim=True),
+            halves[1] / halves[1].sum(-1, keepdim=True),
+        )
     return loads
 
 
@@ -63,12 +65,18 @@ def draw(loads: dict[str, torch.Tensor], out: Path) -> None:
 
     tasks = list(loads)
     layers, experts = next(iter(loads.values())).shape
-    fig, axes = plt.subplots(1, len(tasks), figsize=(2.6 * len(tasks) + 1, 0.55 * layers + 1.6),
-                             sharey=True, constrained_layout=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        1,
+        len(tasks),
+        figsize=(2.6 * len(tasks) + 1, 0.55 * layers + 1.6),
+        sharey=True,
+        constrained_layout=True,
+    )
     vmax = max(v.max().item() for v in loads.values())
     for ax, task in zip(axes, tasks):
-        im = ax.imshow(loads[task].numpy() * 100, cmap="viridis", vmin=0, vmax=vmax * 100,
-                       aspect="auto")  # fmt: skip
+        im = ax.imshow(
+            loads[task].numpy() * 100, cmap="viridis", vmin=0, vmax=vmax * 100, aspect="auto"
+        )
         ax.set_title(task)
         ax.set_xticks(range(experts))
         ax.set_xlabel("expert")
@@ -76,8 +84,15 @@ def draw(loads: dict[str, torch.Tensor], out: Path) -> None:
         for i in range(layers):
             for j in range(experts):
                 v = loads[task][i, j].item() * 100
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
-                        color="white" if v < vmax * 60 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if v < vmax * 60 else "black",
+                )
     axes[0].set_ylabel("layer")
     fig.colorbar(im, ax=axes, label="% of the layer's token assignments", shrink=0.9)
     fig.suptitle("demo-moe: expert load per task (held-out prompts, greedy answers)")
@@ -86,8 +101,11 @@ def draw(loads: dict[str, torch.Tensor], out: Path) -> None:
 
 
 def _report(label: str, tv_L: torch.Tensor) -> None:
-    print(f"  {label:<18} " + " ".join(f"{x:.3f}" for x in tv_L.tolist())
-          + f"   max {tv_L.max().item():.3f}")  # fmt: skip
+    print(
+        f"  {label:<18} "
+        + " ".join(f"{x:.3f}" for x in tv_L.tolist())
+        + f"   max {tv_L.max().item():.3f}"
+    )
 
 
 def main() -> int:

@@ -63,8 +63,18 @@ CHAT_TEMPLATE = (
     "{% else %}{{ raise_exception('Only user and assistant roles are supported') }}"
     "{% endif %}{% endfor %}"
 )
-ARCH = dict(hidden=128, layers=4, heads=8, kv_heads=4, inter=192, experts=8, top_k=2,
-            max_pos=256, rope_theta=10000.0, eps=1e-5)  # fmt: skip
+ARCH = dict(
+    hidden=128,
+    layers=4,
+    heads=8,
+    kv_heads=4,
+    inter=192,
+    experts=8,
+    top_k=2,
+    max_pos=256,
+    rope_theta=10000.0,
+    eps=1e-5,
+)
 ARCH_FLAGS = ("hidden", "layers", "heads", "kv_heads", "inter")
 # Arithmetic takes longest to learn (subtraction most): more examples than reverse and sort.
 TASK_WEIGHTS = [{"add": 2, "sub": 3}.get(t, 1) for t in demo_tasks.TASKS]
@@ -222,8 +232,9 @@ def make_batch(
     tok: Tokenizer, examples: list[demo_tasks.Example]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, L] right-padded, targets [B, L] with -100 everywhere but the answer + EOS)."""
-    prompts = tok.encode_batch([chat_prompt(e.question) for e in examples],
-                               add_special_tokens=False)  # fmt: skip
+    prompts = tok.encode_batch(
+        [chat_prompt(e.question) for e in examples], add_special_tokens=False
+    )
     answers = tok.encode_batch([e.answer for e in examples], add_special_tokens=False)
     seqs = [p.ids + a.ids + [EOS] for p, a in zip(prompts, answers)]
     L = max(map(len, seqs))
@@ -254,8 +265,10 @@ def train_examples(
 def greedy(model: DemoMixtral, tok: Tokenizer, questions: list[str], max_new: int = 8) -> list[str]:
     """Greedy answers without a KV cache (prompts are ~30 tokens: recomputing is cheap)."""
     model.eval()
-    seqs = [e.ids for e in tok.encode_batch([chat_prompt(q) for q in questions],
-                                            add_special_tokens=False)]  # fmt: skip
+    seqs = [
+        e.ids
+        for e in tok.encode_batch([chat_prompt(q) for q in questions], add_special_tokens=False)
+    ]
     done = [False] * len(seqs)
     outs: list[list[int]] = [[] for _ in seqs]
     for _ in range(max_new):
@@ -297,9 +310,11 @@ def train(args: argparse.Namespace, tok: Tokenizer) -> DemoMixtral:
     model = DemoMixtral(ARCH, tok.get_vocab_size())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))  # fmt: skip
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
     warmup, t0 = 100, time.monotonic()
     for step in range(1, args.steps + 1):
         progress = step / args.steps
@@ -319,8 +334,10 @@ def train(args: argparse.Namespace, tok: Tokenizer) -> DemoMixtral:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.log_every == 0 or step == args.steps:
-            msg = (f"step {step:5d} ce {ce.item():.4f} aux {aux.item():.3f} lr {lr:.2e} "
-                   f"noise {noise:.2f} {time.monotonic() - t0:6.0f}s")  # fmt: skip
+            msg = (
+                f"step {step:5d} ce {ce.item():.4f} aux {aux.item():.3f} lr {lr:.2e} "
+                f"noise {noise:.2f} {time.monotonic() - t0:6.0f}s"
+            )
             if step % args.eval_every == 0:
                 acc = evaluate(model, tok, 50, args.tasks)
                 msg += " acc " + " ".join(f"{k} {v:.3f}" for k, v in acc.items())
@@ -348,25 +365,41 @@ def export(model: DemoMixtral, tok: Tokenizer, out: Path) -> None:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     a = ARCH
     cfg = MixtralConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=a["hidden"], intermediate_size=a["inter"],
-        num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
-        num_key_value_heads=a["kv_heads"], num_local_experts=a["experts"],
-        num_experts_per_tok=a["top_k"], max_position_embeddings=a["max_pos"],
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=a["hidden"],
+        intermediate_size=a["inter"],
+        num_hidden_layers=a["layers"],
+        num_attention_heads=a["heads"],
+        num_key_value_heads=a["kv_heads"],
+        num_local_experts=a["experts"],
+        num_experts_per_tok=a["top_k"],
+        max_position_embeddings=a["max_pos"],
         rms_norm_eps=a["eps"],
         rope_parameters={"rope_type": "default", "rope_theta": a["rope_theta"]},
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False,
-        sliding_window=None, architectures=["MixtralForCausalLM"], dtype="float32",
-    )  # fmt: skip
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        architectures=["MixtralForCausalLM"],
+        dtype="float32",
+    )
     cfg.save_pretrained(out)
     gen = {"bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tok.save(str(out / "tokenizer.json"), pretty=False)
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # use tokenizer.json as written
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-        "model_max_length": a["max_pos"], "chat_template": CHAT_TEMPLATE,
-    }  # fmt: skip
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": a["max_pos"],
+        "chat_template": CHAT_TEMPLATE,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
 
@@ -407,8 +440,10 @@ def verify_export(model: DemoMixtral, tok: Tokenizer, out: Path, n: int = 40) ->
         for j, (t, entry) in enumerate(zip(r.outputs[0].token_ids, r.outputs[0].logprobs)):
             got = dict(entry.top)[t]
             assert abs(lp[len(p) - 1 + j, t].item() - got) < 1e-4, (lp[len(p) - 1 + j, t], got)
-    print(f"export verified: transformers logits max |diff| {diff:.2e}; moeserve greedy and "
-          f"logprobs equal on {len(exs)} prompts")  # fmt: skip
+    print(
+        f"export verified: transformers logits max |diff| {diff:.2e}; moeserve greedy and "
+        f"logprobs equal on {len(exs)} prompts"
+    )
 
 
 def main() -> int:
@@ -420,8 +455,12 @@ def main() -> int:
     p.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--noise-until", type=float, default=0.3,
-                   help="fraction of training with router noise (annealed linearly to 0)")
+    p.add_argument(
+        "--noise-until",
+        type=float,
+        default=0.3,
+        help="fraction of training with router noise (annealed linearly to 0)",
+    )
     p.add_argument("--tasks", nargs="*", default=None, help="train on these only (experiments)")
     for flag in ARCH_FLAGS:
         p.add_argument("--" + flag.replace("_", "-"), type=int, default=ARCH[flag])

@@ -25,21 +25,28 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _summary(outs: list[RequestOutput]) -> list[list[tuple]]:
     return [
         [
-            (o.token_ids, o.text, o.finish_reason, o.stop_reason,
-             [(lp.token_id, round(lp.logprob, 5), [t for t, _ in lp.top]) for lp in o.logprobs]
-             if o.logprobs else None)
+            (
+                o.token_ids,
+                o.text,
+                o.finish_reason,
+                o.stop_reason,
+                [(lp.token_id, round(lp.logprob, 5), [t for t, _ in lp.top]) for lp in o.logprobs]
+                if o.logprobs
+                else None,
+            )
             for o in r.outputs
         ]
         for r in outs
-    ]  # fmt: skip
+    ]
 
 
 def _workload(llm: LLM) -> tuple[list[list[int]], list[SamplingParams]]:
     rng = random.Random(3)
     prompts = [[rng.randrange(4, 300) for _ in range(rng.randrange(2, 30))] for _ in range(14)]
     # A stop token and a stop string that greedy decoding of prompt 0 reaches mid-way.
-    [probe] = llm.generate([prompts[0]], SamplingParams(max_tokens=16, temperature=0.0,
-                                                        ignore_eos=True))  # fmt: skip
+    [probe] = llm.generate(
+        [prompts[0]], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    )
     tok, text = probe.outputs[0].token_ids[5], probe.outputs[0].text
     params = [
         SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=[tok]),
@@ -102,21 +109,28 @@ def test_outputs_come_one_step_later_and_no_step_is_wasted(ckpt: Path) -> None:
     assert eng.num_steps == 4
 
     # A stop the host sees only after the next step was queued costs that one step, no token.
-    [full] = llm.generate([[9, 8, 7]], SamplingParams(max_tokens=10, temperature=0.0,
-                                                      ignore_eos=True))  # fmt: skip
+    [full] = llm.generate(
+        [[9, 8, 7]], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    )
     stop = full.outputs[0].token_ids[2]
     first = full.outputs[0].token_ids.index(stop)
     before = eng.num_steps
-    [cut] = llm.generate([[9, 8, 7]], SamplingParams(max_tokens=10, temperature=0.0,
-                                                     stop_token_ids=[stop]))  # fmt: skip
+    [cut] = llm.generate(
+        [[9, 8, 7]], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[stop])
+    )
     assert cut.outputs[0].token_ids == full.outputs[0].token_ids[: first + 1]
     assert eng.num_steps - before == first + 2
     assert eng.scheduler.stats().kv_blocks_used == 0
 
 
 def test_penalties_read_the_tokens_before_sampling(ckpt: Path) -> None:
-    params = SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.8,
-                            frequency_penalty=0.5, ignore_eos=True)  # fmt: skip
+    params = SamplingParams(
+        max_tokens=12,
+        temperature=0.0,
+        repetition_penalty=1.8,
+        frequency_penalty=0.5,
+        ignore_eos=True,
+    )
     other = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = [[5, 5, 6], [7, 8, 9, 10]]
     want = LLM(ckpt, progress=False, async_scheduling=False).generate(prompts, [params, other])

@@ -47,8 +47,9 @@ SIMILAR_TASKS = {("add", "sub")}
 @pytest.fixture(scope="module")
 def srv() -> Iterator[RunningServer]:
     # Small KV blocks: a ~30-token chat spans 8 blocks, so paging is exercised on every request.
-    yield from serving(DEMO, served_model_name=DEMO_MODEL_NAME,
-                       engine_kwargs={"max_num_seqs": 64, "device": "cpu"})  # fmt: skip
+    yield from serving(
+        DEMO, served_model_name=DEMO_MODEL_NAME, engine_kwargs={"max_num_seqs": 64, "device": "cpu"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,12 @@ def client(srv: RunningServer) -> openai.OpenAI:
 
 def _ask(client: openai.OpenAI, question: str, stream: bool) -> tuple[str, str | None]:
     """(answer text, finish_reason) of one greedy chat completion."""
-    kw = dict(model=DEMO_MODEL_NAME, messages=[{"role": "user", "content": question}],
-              temperature=0, max_tokens=16)  # fmt: skip
+    kw = dict(
+        model=DEMO_MODEL_NAME,
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=16,
+    )
     if not stream:
         r = client.chat.completions.create(**kw)
         return r.choices[0].message.content or "", r.choices[0].finish_reason
@@ -93,8 +98,13 @@ def _expert_counts(srv: RunningServer) -> torch.Tensor:
 
 def test_files_are_a_small_standard_mixtral() -> None:
     names = {p.name for p in DEMO.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    } <= names
     assert sum(p.stat().st_size for p in DEMO.iterdir()) <= 20 * 2**20
     cfg = json.loads((DEMO / "config.json").read_text())
     assert cfg["model_type"] == "mixtral" and cfg["hidden_act"] == "silu"
@@ -109,11 +119,16 @@ def test_files_are_a_small_standard_mixtral() -> None:
 def test_http_accuracy_under_concurrency(srv: RunningServer, client: openai.OpenAI) -> None:
     held = demo_tasks.held_out()
     # Round-robin over tasks, so every batch mixes tasks (and so experts and lengths).
-    examples = [ex for group in zip(*(held[t][:PER_TASK] for t in demo_tasks.TASKS))
-                for ex in group]  # fmt: skip
+    examples = [
+        ex for group in zip(*(held[t][:PER_TASK] for t in demo_tasks.TASKS)) for ex in group
+    ]
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        replies = list(pool.map(lambda iex: _ask(client, iex[1].question, stream=iex[0] % 2 == 0),
-                                enumerate(examples)))  # fmt: skip
+        replies = list(
+            pool.map(
+                lambda iex: _ask(client, iex[1].question, stream=iex[0] % 2 == 0),
+                enumerate(examples),
+            )
+        )
     wrong: dict[str, list[str]] = {t: [] for t in demo_tasks.TASKS}
     for ex, (text, finish) in zip(examples, replies):
         assert finish == "stop", (ex, text, finish)  # the model ends its answer with </s>
@@ -149,8 +164,11 @@ def test_tasks_load_experts_differently(srv: RunningServer, client: openai.OpenA
     same = {t: tv(*halves) for t, halves in loads.items()}
     assert max(same.values()) < MAX_SAME_TASK_TV, same
     whole = {t: (a + b) / 2 for t, (a, b) in loads.items()}
-    between = {(a, b): tv(whole[a], whole[b]) for a, b in itertools.combinations(whole, 2)
-               if (a, b) not in SIMILAR_TASKS}  # fmt: skip
+    between = {
+        (a, b): tv(whole[a], whole[b])
+        for a, b in itertools.combinations(whole, 2)
+        if (a, b) not in SIMILAR_TASKS
+    }
     assert min(between.values()) >= MIN_TASK_TV, between
 
 
@@ -163,17 +181,23 @@ def test_transformers_greedy_equals_moeserve() -> None:
     llm = LLM(DEMO, device="cpu", progress=False, max_model_len=128)
     examples = [ex for t in demo_tasks.TASKS for ex in demo_tasks.held_out()[t][PER_TASK:][:3]]
     msgs = [[{"role": "user", "content": ex.question}] for ex in examples]
-    prompts = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(m), add_special_tokens=False)
-               for m in msgs]  # fmt: skip
+    prompts = [
+        llm.tokenizer.encode(llm.tokenizer.apply_chat_template(m), add_special_tokens=False)
+        for m in msgs
+    ]
     params = SamplingParams(max_tokens=12, temperature=0.0)
     ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     for m, p, want in zip(msgs, prompts, ours):
         ids = hf_tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
         assert hf_tok(ids, add_special_tokens=False)["input_ids"] == p  # same prompt tokens
         with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long))  # fmt: skip
-        theirs = out[0, len(p):].tolist()
+            out = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=12,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            )
+        theirs = out[0, len(p) :].tolist()
         assert theirs == want, (m, theirs, want)
         assert theirs[-1] == hf.config.eos_token_id  # both stop at </s>
 

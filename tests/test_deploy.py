@@ -45,8 +45,9 @@ def _tool(name: str) -> str:
 
 
 def kustomize(directory: Path) -> list[dict[str, Any]]:
-    out = subprocess.run([_tool("kubectl"), "kustomize", str(directory)], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [_tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -78,8 +79,13 @@ def test_overlay_validates_against_kubernetes_schemas(overlay: tuple[str, list])
     kv = pytest.importorskip("kubernetes_validate")
     name, docs = overlay
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget",
-            "HorizontalPodAutoscaler"} <= kinds, kinds  # fmt: skip
+    assert {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    } <= kinds, kinds
     for doc in docs:
         kv.validate(doc, K8S_VERSION, strict=True)  # raises on any schema violation
 
@@ -165,18 +171,22 @@ def test_service_pdb_and_hpa_select_the_pods(overlay: tuple[str, list]) -> None:
         assert selector.items() <= labels.items(), doc["kind"]
     ref = one(docs, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (ref["kind"], ref["name"]) == ("Deployment", deployment["metadata"]["name"])
-    assert container(docs)["envFrom"][0]["configMapRef"]["name"] == (
-        one(docs, "ConfigMap")["metadata"]["name"])  # the hashed name, rewritten
+    assert (
+        container(docs)["envFrom"][0]["configMapRef"]["name"]
+        == (one(docs, "ConfigMap")["metadata"]["name"])
+    )  # the hashed name, rewritten
 
 
 def test_servicemonitor_component(tmp_path: Path) -> None:
     rel = os.path.relpath(DEPLOY, tmp_path)  # kustomize takes only relative paths here
     (tmp_path / "kustomization.yaml").write_text(
-        f"resources: [{rel}/overlays/cpu]\ncomponents: [{rel}/components/servicemonitor]\n")
+        f"resources: [{rel}/overlays/cpu]\ncomponents: [{rel}/components/servicemonitor]\n"
+    )
     docs = kustomize(tmp_path)
     monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= (
-        service["metadata"]["labels"].items())
+        service["metadata"]["labels"].items()
+    )
     port_names = {p["name"] for p in service["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
@@ -188,13 +198,17 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text()
     lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
-    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln.strip() else "")
-            for ln in joined.splitlines() if ln.strip()]  # fmt: skip
+    return [
+        (ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln.strip() else "")
+        for ln in joined.splitlines()
+        if ln.strip()
+    ]
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    out = subprocess.run([_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [_tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -215,7 +229,7 @@ def test_dockerfile_contract() -> None:
     assert "/health" in health and "CMD [" in health
     ignore = (ROOT / ".dockerignore").read_text().split()
     # An allow-list: everything out except what the build copies.
-    assert ignore[ignore.index("*") + 1:][:3] == ["!pyproject.toml", "!README.md", "!moeserve/"]
+    assert ignore[ignore.index("*") + 1 :][:3] == ["!pyproject.toml", "!README.md", "!moeserve/"]
 
 
 # ---------------------------------------------------------------- against the running app
@@ -233,8 +247,10 @@ def scrape(app_server: RunningServer) -> dict[str, list[dict[str, str]]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     http = app_server.client()
-    for body in ({"prompt": "Hello there", "max_tokens": 4},
-                 {"prompt": "Once upon", "max_tokens": 3, "stream": True}):  # fmt: skip
+    for body in (
+        {"prompt": "Hello there", "max_tokens": 4},
+        {"prompt": "Once upon", "max_tokens": 3, "stream": True},
+    ):
         assert http.post("/v1/completions", json={"model": "tiny-moe", **body}).status_code == 200
     assert http.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
     samples: dict[str, list[dict[str, str]]] = {}
@@ -292,8 +308,9 @@ def _check_expr(expr: str, scrape: dict[str, list[dict[str, str]]]) -> None:
 
 
 def adapter_rules() -> list[dict[str, Any]]:
-    return yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text())[
-        "rules"]["custom"]  # fmt: skip
+    return yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text())["rules"][
+        "custom"
+    ]
 
 
 def test_hpa_metric_is_served_by_the_adapter_rule(
@@ -335,13 +352,24 @@ def test_dashboard_structure() -> None:
     for _, expr in dashboard_exprs():
         assert set(re.findall(r"\$(\w+)", expr)) - {"__rate_interval"} <= defined
     titles = " | ".join(p["title"].lower() for p in panels)
-    for view in ("requests / s", "time to first token", "inter-token", "end-to-end", "kv cache",
-                 "queue", "expert load imbalance", "expert load, layer",
-                 "expert cache hit rate", "bytes moved"):  # fmt: skip
+    for view in (
+        "requests / s",
+        "time to first token",
+        "inter-token",
+        "end-to-end",
+        "kv cache",
+        "queue",
+        "expert load imbalance",
+        "expert load, layer",
+        "expert cache hit rate",
+        "bytes moved",
+    ):
         assert view in titles, view
     [heatmap] = [p for p in panels if p["type"] == "heatmap"]
-    assert heatmap["repeat"] == "layer" and "moeserve_expert_tokens_total" in (
-        heatmap["targets"][0]["expr"])
+    assert (
+        heatmap["repeat"] == "layer"
+        and "moeserve_expert_tokens_total" in (heatmap["targets"][0]["expr"])
+    )
 
 
 def test_promql_parses_with_promtool(tmp_path: Path) -> None:
@@ -350,9 +378,12 @@ def test_promql_parses_with_promtool(tmp_path: Path) -> None:
     exprs = [e for _, e in dashboard_exprs()]
     for rule in adapter_rules():
         exprs.append(rule["seriesQuery"])
-        exprs.append(rule["metricsQuery"].replace("<<.Series>>", "moeserve_num_requests_waiting")
-                     .replace("<<.LabelMatchers>>", 'namespace="default",pod=~"moeserve-.*"')
-                     .replace("<<.GroupBy>>", "pod"))  # fmt: skip
+        exprs.append(
+            rule["metricsQuery"]
+            .replace("<<.Series>>", "moeserve_num_requests_waiting")
+            .replace("<<.LabelMatchers>>", 'namespace="default",pod=~"moeserve-.*"')
+            .replace("<<.GroupBy>>", "pod")
+        )
     rules = []
     for i, expr in enumerate(exprs):
         for var, value in GRAFANA_VARS.items():
@@ -360,8 +391,8 @@ def test_promql_parses_with_promtool(tmp_path: Path) -> None:
         rules.append({"record": f"check:expr_{i}", "expr": expr})
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "moeserve", "rules": rules}]}))
-    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"SUCCESS: {len(rules)} rules found" in out.stdout
-

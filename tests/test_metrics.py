@@ -53,10 +53,17 @@ def make(counts: FakeCounts | None = None, clock: FakeClock | None = None, **kw)
 
 def step(**kw) -> StepStats:
     args = dict(
-        timestamp=0.0, step_seconds=0.01, num_running=0, num_waiting=0, num_seqs=0,
-        num_prefill_tokens=0, num_decode_tokens=0, num_generated_tokens=0, kv_usage=0.0,
+        timestamp=0.0,
+        step_seconds=0.01,
+        num_running=0,
+        num_waiting=0,
+        num_seqs=0,
+        num_prefill_tokens=0,
+        num_decode_tokens=0,
+        num_generated_tokens=0,
+        kv_usage=0.0,
         num_preempted=0,
-    )  # fmt: skip
+    )
     return StepStats(**{**args, **kw})
 
 
@@ -90,16 +97,42 @@ def layer_values(samples: dict, name: str) -> dict[str, float]:
 # ---- serving -------------------------------------------------------------------------------
 def test_serving_counters_gauges_histograms() -> None:
     m = make()
-    m.observe_step(step(num_running=1, num_waiting=3, num_prefill_tokens=100,
-                        num_generated_tokens=1, kv_usage=0.25))  # fmt: skip
-    m.observe_step(step(num_running=2, num_waiting=1, num_prefill_tokens=20, num_decode_tokens=1,
-                        num_generated_tokens=2, kv_usage=0.5, num_preempted=1,
-                        itl=[0.004, 0.02]))  # fmt: skip
-    m.observe_step(step(num_running=0, num_waiting=0, num_decode_tokens=2, num_generated_tokens=2,
-                        kv_usage=0.0, itl=[0.006, 0.5],
-                        finished=[("stop", finished(0.2, 0.05, 1.5)),
-                                  ("length", finished(0.3, 0.1, 2.0)),
-                                  ("error", finished(None, None, 0.7))]))  # fmt: skip
+    m.observe_step(
+        step(
+            num_running=1,
+            num_waiting=3,
+            num_prefill_tokens=100,
+            num_generated_tokens=1,
+            kv_usage=0.25,
+        )
+    )
+    m.observe_step(
+        step(
+            num_running=2,
+            num_waiting=1,
+            num_prefill_tokens=20,
+            num_decode_tokens=1,
+            num_generated_tokens=2,
+            kv_usage=0.5,
+            num_preempted=1,
+            itl=[0.004, 0.02],
+        )
+    )
+    m.observe_step(
+        step(
+            num_running=0,
+            num_waiting=0,
+            num_decode_tokens=2,
+            num_generated_tokens=2,
+            kv_usage=0.0,
+            itl=[0.006, 0.5],
+            finished=[
+                ("stop", finished(0.2, 0.05, 1.5)),
+                ("length", finished(0.3, 0.1, 2.0)),
+                ("error", finished(None, None, 0.7)),
+            ],
+        )
+    )
     s = scrape(m)
     val = lambda name, **labels: s[name][tuple(sorted(labels.items()))]  # noqa: E731
     assert val("moeserve_model_info", model_name="tiny-moe") == 1
@@ -175,8 +208,10 @@ def test_expert_counters_and_balance_uniform_vs_one_expert() -> None:
     counts.counts[0] = torch.tensor([25, 25, 25, 25])  # layer 1: perfectly balanced
     counts.counts[1] = torch.tensor([0, 0, 100, 0])  # layer 3: every token on expert 2
     s = scrape(make(counts))
-    per_expert = {(dict(k)["layer"], dict(k)["expert"]): v
-                  for k, v in s["moeserve_expert_tokens_total"].items()}  # fmt: skip
+    per_expert = {
+        (dict(k)["layer"], dict(k)["expert"]): v
+        for k, v in s["moeserve_expert_tokens_total"].items()
+    }
     assert per_expert[("1", "0")] == 25 and per_expert[("3", "2")] == 100
     assert per_expert[("3", "0")] == 0 and len(per_expert) == len(LAYER_IDS) * E
     assert layer_values(s, "moeserve_expert_tokens_layer_total") == {"1": 100, "3": 100}
@@ -260,8 +295,12 @@ def test_per_expert_cardinality(mode: str, max_series: int, per_expert: bool) ->
     assert m.per_expert is per_expert
     s = scrape(m)
     assert ("moeserve_expert_tokens_total" in s) is per_expert
-    for name in ("moeserve_expert_tokens_layer_total", "moeserve_expert_load_imbalance",
-                 "moeserve_expert_routing_entropy", "moeserve_expert_idle"):  # fmt: skip
+    for name in (
+        "moeserve_expert_tokens_layer_total",
+        "moeserve_expert_load_imbalance",
+        "moeserve_expert_routing_entropy",
+        "moeserve_expert_idle",
+    ):
         assert set(layer_values(s, name)) == {"1", "3"}  # per-layer series stay in every mode
 
 
@@ -299,8 +338,15 @@ def test_exposition_passes_promtool() -> None:
     counts = FakeCounts()
     counts.counts[0] = torch.tensor([7, 1, 0, 2])  # layer 3 stays idle: NaN gauges included
     m = make(counts)
-    m.observe_step(step(num_running=1, num_prefill_tokens=9, num_generated_tokens=1, itl=[0.01],
-                        finished=[("stop", finished(0.1, 0.01, 0.4))]))  # fmt: skip
+    m.observe_step(
+        step(
+            num_running=1,
+            num_prefill_tokens=9,
+            num_generated_tokens=1,
+            itl=[0.01],
+            finished=[("stop", finished(0.1, 0.01, 0.4))],
+        )
+    )
     m.request_rejected("queue_full")
     body, _ = m.render()
     assert b"_created" not in body  # creation-time gauges are dropped: noise for dashboards

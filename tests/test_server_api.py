@@ -51,8 +51,12 @@ def test_models_health_ready_metrics(srv: RunningServer, client: openai.OpenAI) 
     client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2)
     metrics = http.get("/metrics")
     assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
-    for name in ("moeserve_generation_tokens_total", "moeserve_expert_tokens_total",
-                 "moeserve_request_success_total", "moeserve_kv_cache_usage_perc"):  # fmt: skip
+    for name in (
+        "moeserve_generation_tokens_total",
+        "moeserve_expert_tokens_total",
+        "moeserve_request_success_total",
+        "moeserve_kv_cache_usage_perc",
+    ):
         assert name in metrics.text
 
 
@@ -61,8 +65,13 @@ def test_completion_matches_offline_greedy(client: openai.OpenAI, offline: LLM) 
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     want = offline.generate([PROMPT, ids], params)
     for prompt, ref in zip([PROMPT, ids], want):
-        r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12,
-                                      temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+        r = client.completions.create(
+            model=MODEL_NAME,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert r.id.startswith("cmpl-") and r.object == "text_completion"
         assert r.model == MODEL_NAME
         assert r.choices[0].text == ref.outputs[0].text
@@ -74,8 +83,15 @@ def test_completion_matches_offline_greedy(client: openai.OpenAI, offline: LLM) 
 
 def test_batch_times_n_indices_and_seed(client: openai.OpenAI) -> None:
     prompts = ["Hello", "Once upon a time", "Numbers: 1 2"]
-    kw = dict(model=MODEL_NAME, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=7,
-              extra_body={"ignore_eos": True})  # fmt: skip
+    kw = dict(
+        model=MODEL_NAME,
+        prompt=prompts,
+        n=2,
+        max_tokens=6,
+        temperature=1.0,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert [c.index for c in a.choices] == list(range(6))
@@ -89,31 +105,48 @@ def test_batch_times_n_indices_and_seed(client: openai.OpenAI) -> None:
 
 
 def test_stop_string_and_max_tokens_default(client: openai.OpenAI) -> None:
-    base = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=16,
-                                     temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    base = client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     text = base.choices[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 2]
-    cut = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=16,
-                                    temperature=0, stop=[stop],
-                                    extra_body={"ignore_eos": True})  # fmt: skip
+    cut = client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     assert cut.choices[0].text == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     # no max_tokens: the rest of the context (max_model_len 128)
-    rest = client.completions.create(model=MODEL_NAME, prompt=[5, 6, 7], temperature=0,
-                                     extra_body={"ignore_eos": True})  # fmt: skip
+    rest = client.completions.create(
+        model=MODEL_NAME, prompt=[5, 6, 7], temperature=0, extra_body={"ignore_eos": True}
+    )
     assert rest.usage.completion_tokens == 128 - 3
     assert rest.choices[0].finish_reason == "length"
 
 
 def test_logprobs_and_echo(client: openai.OpenAI, offline: LLM) -> None:
-    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=5, temperature=0,
-              extra_body={"ignore_eos": True})  # fmt: skip
+    kw = dict(
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     r = client.completions.create(**kw, logprobs=3)
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
-    ref = offline.generate(PROMPT, SamplingParams(max_tokens=5, temperature=0, logprobs=3,
-                                                  ignore_eos=True))[0].outputs[0]  # fmt: skip
+    ref = offline.generate(
+        PROMPT, SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True)
+    )[0].outputs[0]
     assert lp.token_logprobs == pytest.approx([e.logprob for e in ref.logprobs], abs=1e-4)
     for top, tok, chosen in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs):
         assert 3 <= len(top) <= 4 and top[tok] == pytest.approx(chosen)
@@ -122,11 +155,18 @@ def test_logprobs_and_echo(client: openai.OpenAI, offline: LLM) -> None:
 
 
 def test_streaming_completion_with_usage(srv: RunningServer, client: openai.OpenAI) -> None:
-    kw = dict(model=MODEL_NAME, prompt=["Hello", "Once upon"], n=2, max_tokens=8,
-              temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    kw = dict(
+        model=MODEL_NAME,
+        prompt=["Hello", "Once upon"],
+        n=2,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.completions.create(**kw)
-    chunks = list(client.completions.create(**kw, stream=True,
-                                            stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
     texts = ["", "", "", ""]
     reasons: dict[int, str] = {}
     for ch in chunks[:-1]:
@@ -151,9 +191,15 @@ def test_streaming_completion_with_usage(srv: RunningServer, client: openai.Open
 
 def test_chat_completion_logprobs(client: openai.OpenAI, offline: LLM) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    r = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6,
-                                       temperature=0, logprobs=True, top_logprobs=2,
-                                       extra_body={"ignore_eos": True})  # fmt: skip
+    r = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     choice = r.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
@@ -169,19 +215,26 @@ def test_chat_completion_logprobs(client: openai.OpenAI, offline: LLM) -> None:
     for entry in content:
         assert len(entry.top_logprobs) == 2
         # a token that is part of a UTF-8 character has no text alone: token_id:N, no bytes
-        assert entry.bytes == (None if entry.token.startswith("token_id:")
-                               else list(entry.token.encode()))  # fmt: skip
+        assert entry.bytes == (
+            None if entry.token.startswith("token_id:") else list(entry.token.encode())
+        )
         assert entry.logprob <= 0
     # max_completion_tokens wins over max_tokens
-    r2 = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=6,
-                                        max_completion_tokens=3, temperature=0)  # fmt: skip
+    r2 = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=6, max_completion_tokens=3, temperature=0
+    )
     assert r2.usage.completion_tokens <= 3
 
 
 def test_chat_streaming_role_content_finish(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
-    kw = dict(model=MODEL_NAME, messages=messages, max_tokens=8, temperature=0,
-              extra_body={"ignore_eos": True})  # fmt: skip
+    kw = dict(
+        model=MODEL_NAME,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.chat.completions.create(**kw)
     usage_on = {"include_usage": True}
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options=usage_on))
@@ -195,8 +248,9 @@ def test_chat_streaming_role_content_finish(client: openai.OpenAI) -> None:
 
 def test_async_client_concurrent(srv: RunningServer) -> None:
     async def main() -> list[str]:
-        async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="x",
-                                      max_retries=0) as aclient:  # fmt: skip
+        async with openai.AsyncOpenAI(
+            base_url=srv.url + "/v1", api_key="x", max_retries=0
+        ) as aclient:
 
             async def one(i: int) -> str:
                 r = await aclient.completions.create(
@@ -217,8 +271,9 @@ def test_async_client_concurrent(srv: RunningServer) -> None:
                     text += chunk.choices[0].delta.content or "" if chunk.choices else ""
                 return text
 
-            return await asyncio.gather(*(one(i) for i in range(6)),
-                                        *(streamed(i) for i in range(6)))  # fmt: skip
+            return await asyncio.gather(
+                *(one(i) for i in range(6)), *(streamed(i) for i in range(6))
+            )
 
     results = asyncio.run(main())
     assert len(results) == 12
@@ -230,8 +285,14 @@ def test_output_neutral_fields_accepted_and_one_log_line_without_prompt(
 ) -> None:
     secret = "my secret prompt text"
     with caplog.at_level(logging.INFO, logger="moeserve.server"):
-        body = {"prompt": secret, "max_tokens": 2, "user": "u1", "metadata": {"k": "v"},
-                "store": False, "service_tier": "auto"}  # fmt: skip
+        body = {
+            "prompt": secret,
+            "max_tokens": 2,
+            "user": "u1",
+            "metadata": {"k": "v"},
+            "store": False,
+            "service_tier": "auto",
+        }
         r = srv.client().post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
         rid = r.json()["id"]
@@ -257,11 +318,13 @@ def test_chunk_template_renders_what_pydantic_would(text: str | None, reason: st
 
     head = {"id": "cmpl-1", "created": 1700000000, "model": 'm"odel'}
     comp = ChunkTemplate({"id": head["id"], "object": "text_completion", **head}, "text")
-    want = CompletionResponse(**head, choices=[
-        CompletionChoice(index=3, text=text or "", finish_reason=reason)])  # fmt: skip
+    want = CompletionResponse(
+        **head, choices=[CompletionChoice(index=3, text=text or "", finish_reason=reason)]
+    )
     assert comp.render(3, text or "", reason) == sse(want.model_dump(exclude={"usage"}))
     chat = ChunkTemplate({"id": head["id"], "object": "chat.completion.chunk", **head}, "delta")
     delta = DeltaMessage() if text is None else DeltaMessage(content=text)
-    want_chat = ChatCompletionChunk(**head, choices=[
-        ChatStreamChoice(index=1, delta=delta, finish_reason=reason)])  # fmt: skip
+    want_chat = ChatCompletionChunk(
+        **head, choices=[ChatStreamChoice(index=1, delta=delta, finish_reason=reason)]
+    )
     assert chat.render(1, text, reason) == sse(want_chat.model_dump(exclude={"usage"}))

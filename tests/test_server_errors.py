@@ -65,7 +65,7 @@ BAD_REQUESTS: list[tuple[str, Any, str | None]] = [
         CHAT,
         {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21},
         "top_logprobs",
-    ),  # fmt: skip
+    ),
     (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages"),
     (CHAT, {"messages": [{"content": "no role"}]}, "messages"),
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
@@ -74,7 +74,7 @@ BAD_REQUESTS: list[tuple[str, Any, str | None]] = [
         CHAT,
         {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
         "messages",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -89,8 +89,9 @@ def srv(ckpt: Path) -> Iterator[RunningServer]:
 
 
 @pytest.mark.parametrize("route,body,param", BAD_REQUESTS)
-def test_bad_request_is_400_envelope(srv: RunningServer, route: str, body: Any,
-                                     param: str | None) -> None:  # fmt: skip
+def test_bad_request_is_400_envelope(
+    srv: RunningServer, route: str, body: Any, param: str | None
+) -> None:
     http = srv.client()
     err = assert_envelope(http.post(route, json=body), 400, param)
     assert err["type"] == "invalid_request_error"
@@ -102,8 +103,9 @@ def test_bad_request_is_400_envelope(srv: RunningServer, route: str, body: Any,
 def test_malformed_bodies(srv: RunningServer, content: bytes) -> None:
     http = srv.client()
     for route in (COMP, CHAT):
-        assert_envelope(http.post(route, content=content,
-                                  headers={"content-type": "application/json"}), 400)  # fmt: skip
+        assert_envelope(
+            http.post(route, content=content, headers={"content-type": "application/json"}), 400
+        )
     assert http.post(COMP, json=OK_COMPLETION).status_code == 200
 
 
@@ -115,8 +117,9 @@ def test_context_length_exceeded_names_both_numbers(srv: RunningServer) -> None:
     err = assert_envelope(http.post(COMP, json={"prompt": [5] * 128}), 400)
     assert err["code"] == "context_length_exceeded" and "128" in err["message"]
     long_chat = {"messages": [{"role": "user", "content": "word " * 200}]}
-    assert assert_envelope(http.post(CHAT, json=long_chat), 400)["code"] == \
-        "context_length_exceeded"  # fmt: skip
+    assert (
+        assert_envelope(http.post(CHAT, json=long_chat), 400)["code"] == "context_length_exceeded"
+    )
     assert http.post(COMP, json={"prompt": [5] * 100, "max_tokens": 28}).status_code == 200
 
 
@@ -137,8 +140,12 @@ def guarded_srv(ckpt: Path) -> Iterator[RunningServer]:
 
 def test_api_key(guarded_srv: RunningServer) -> None:
     http = guarded_srv.client()
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                    {"Authorization": "Basic s3cret"}):  # fmt: skip
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "s3cret"},
+        {"Authorization": "Basic s3cret"},
+    ):
         for route, body in ((COMP, OK_COMPLETION), (CHAT, OK_CHAT)):
             err = assert_envelope(http.post(route, json=body, headers=headers), 401)
             assert err["code"] == "invalid_api_key"
@@ -172,8 +179,9 @@ def test_body_limit_declared_and_streamed(guarded_srv: RunningServer) -> None:
 
 def test_queue_full_is_429_with_retry_after(ckpt: Path) -> None:
     # One sequence runs at a time, so a second request waits in the queue.
-    running = start_server(ckpt, max_queued_requests=1, max_model_len=1024,
-                           engine_kwargs={"max_num_seqs": 1})  # fmt: skip
+    running = start_server(
+        ckpt, max_queued_requests=1, max_model_len=1024, engine_kwargs={"max_num_seqs": 1}
+    )
     try:
         http = running.client()
         long = {"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True}
@@ -209,8 +217,10 @@ def test_queue_full_is_429_with_retry_after(ckpt: Path) -> None:
 def test_huge_top_k_next_to_a_small_one_keeps_the_engine_alive(srv: RunningServer) -> None:
     http = srv.client()
     results: list[int] = []
-    bodies = [{"prompt": "Hi", "max_tokens": 40, "top_k": k, "ignore_eos": True}
-              for k in (5, 10**20, 3, 10**30)]  # fmt: skip
+    bodies = [
+        {"prompt": "Hi", "max_tokens": 40, "top_k": k, "ignore_eos": True}
+        for k in (5, 10**20, 3, 10**30)
+    ]
     threads = [
         threading.Thread(target=lambda b=b: results.append(http.post(COMP, json=b).status_code))
         for b in bodies

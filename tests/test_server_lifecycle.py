@@ -48,9 +48,11 @@ def test_loading_is_503_until_ready(ckpt: Path) -> None:
     try:
         http = running.client()
         assert http.get("/health").status_code == 200  # alive while loading
-        for resp in (http.get("/ready"),
-                     http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}),
-                     http.post("/v1/chat/completions", json={"messages": []})):  # fmt: skip
+        for resp in (
+            http.get("/ready"),
+            http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}),
+            http.post("/v1/chat/completions", json={"messages": []}),
+        ):
             assert_envelope(resp, 503)
             assert int(resp.headers["Retry-After"]) > 0
         assert http.get("/metrics").status_code == 503
@@ -76,8 +78,12 @@ def test_fifty_cut_streams_free_everything(long_srv: RunningServer) -> None:
             async def cut(i: int, route: str) -> None:
                 body = {**LONG, "stream": True, "prompt": f"story {i}"}
                 if route.endswith("chat/completions"):
-                    body = {"messages": [{"role": "user", "content": f"Hi {i}"}],
-                            "max_tokens": 900, "ignore_eos": True, "stream": True}  # fmt: skip
+                    body = {
+                        "messages": [{"role": "user", "content": f"Hi {i}"}],
+                        "max_tokens": 900,
+                        "ignore_eos": True,
+                        "stream": True,
+                    }
                 async with http.stream("POST", route, json=body) as resp:
                     assert resp.status_code == 200
                     lines = resp.aiter_lines()
@@ -155,29 +161,41 @@ def test_expert_counters_sum_to_tokens_through_the_model(ckpt: Path) -> None:
         http = running.client()
         assert _metric_sum(http.get("/metrics").text, "moeserve_expert_tokens_total") == 0
         tokens = 0
-        bodies = [("/v1/completions", {"prompt": "Hello there", "max_tokens": 7}),
-                  ("/v1/completions", {"prompt": [1, 5, 9, 33], "max_tokens": 1}),
-                  ("/v1/completions", {"prompt": "Count: 1 2 3", "max_tokens": 20,
-                                       "ignore_eos": True}),
-                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
-                                            "max_tokens": 9})]  # fmt: skip
+        bodies = [
+            ("/v1/completions", {"prompt": "Hello there", "max_tokens": 7}),
+            ("/v1/completions", {"prompt": [1, 5, 9, 33], "max_tokens": 1}),
+            ("/v1/completions", {"prompt": "Count: 1 2 3", "max_tokens": 20, "ignore_eos": True}),
+            (
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 9},
+            ),
+        ]
         for route, body in bodies:
             r = http.post(route, json={**body, "temperature": 0})
             assert r.status_code == 200, r.text
             usage = r.json()["usage"]
             # every prompt token and every generated token but the last went through the model
             tokens += usage["prompt_tokens"] + usage["completion_tokens"] - 1
-        with http.stream("POST", "/v1/completions",
-                         json={"prompt": "Stream me", "max_tokens": 5, "temperature": 0,
-                               "stream": True, "stream_options": {"include_usage": True}}
-                         ) as resp:  # fmt: skip
+        with http.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "prompt": "Stream me",
+                "max_tokens": 5,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ) as resp:
             usage = sse_events(resp.iter_lines())[-2]["usage"]
         tokens += usage["prompt_tokens"] + usage["completion_tokens"] - 1
         running.wait_idle()
         cfg = running.engine.model_config
         text = http.get("/metrics").text
-        assert _metric_sum(text, "moeserve_expert_tokens_total") == \
-            tokens * cfg.top_k * cfg.num_sparse_layers  # fmt: skip
+        assert (
+            _metric_sum(text, "moeserve_expert_tokens_total")
+            == tokens * cfg.top_k * cfg.num_sparse_layers
+        )
         assert running.engine.scheduler.stats().num_preemptions_total == 0
         per_layer = re.findall(r"^moeserve_expert_tokens_layer_total{[^}]*} (\S+)$", text, re.M)
         assert [float(v) for v in per_layer] == [tokens * cfg.top_k] * cfg.num_sparse_layers
@@ -237,8 +255,9 @@ def test_huge_prompt_tokenises_off_the_event_loop(
     assert assert_envelope(result["r"], 400)["code"] == "context_length_exceeded"
 
 
-def test_unexpected_error_is_500_envelope(long_srv: RunningServer,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_unexpected_error_is_500_envelope(
+    long_srv: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(token_id: int) -> str:
         raise RuntimeError("formatting bug")
 

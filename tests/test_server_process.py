@@ -49,8 +49,20 @@ def server_proc(ckpt: Path, tmp_path: Path):
     port = _free_port()
     log = (tmp_path / "server.log").open("wb")  # a file, not a pipe: a full one would block
     env = {**os.environ, "MOESERVE_SHUTDOWN_TIMEOUT": "3", "MOESERVE_PORT": str(port)}
-    cmd = [sys.executable, "-m", "moeserve", "serve", "--model", str(ckpt), "--device", "cpu",
-           "--max-model-len", str(POSITIONS), "--block-size", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeserve",
+        "serve",
+        "--model",
+        str(ckpt),
+        "--device",
+        "cpu",
+        "--max-model-len",
+        str(POSITIONS),
+        "--block-size",
+        "4",
+    ]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
 
@@ -87,15 +99,20 @@ def test_sigterm_drains_then_exits_zero(server_proc: Any) -> None:
             first_chunk.wait(30)
             results[name] = [first, *lines]
 
-    chat_long = {"messages": [{"role": "user", "content": "Tell me a story"}],
-                 "max_tokens": LONG["max_tokens"], "ignore_eos": True}  # fmt: skip
+    chat_long = {
+        "messages": [{"role": "user", "content": "Tell me a story"}],
+        "max_tokens": LONG["max_tokens"],
+        "ignore_eos": True,
+    }
     threads = [
         threading.Thread(target=plain, args=("long_plain", LONG)),
         threading.Thread(target=stream, args=("long_stream", "/v1/completions", LONG)),
         threading.Thread(target=stream, args=("long_chat", "/v1/chat/completions", chat_long)),
     ]
-    short = [threading.Thread(target=stream, args=(f"short{i}", "/v1/completions", SHORT))
-             for i in range(2)]  # fmt: skip
+    short = [
+        threading.Thread(target=stream, args=(f"short{i}", "/v1/completions", SHORT))
+        for i in range(2)
+    ]
     threads[0].start()
     wait_for(lambda: _running(http) == 1, 10, "the long plain request running")
     for t in threads[1:] + short:
@@ -147,8 +164,9 @@ def test_flags_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("MOESERVE_MAX_QUEUED_REQUESTS", "7")
     monkeypatch.setenv("MOESERVE_API_KEY", "k")
     monkeypatch.setenv("MOESERVE_LOG_PROMPTS", "1")
-    args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--port", "9001",
-                                      "--max-body-bytes", "1MiB"])  # fmt: skip
+    args = build_parser().parse_args(
+        ["serve", "--model", str(tmp_path), "--port", "9001", "--max-body-bytes", "1MiB"]
+    )
     assert (args.host, args.port, args.max_queued_requests) == ("127.0.0.1", 9001, 7)
     cfg = server_config(args)
     assert cfg.served_model_name == tmp_path.name and cfg.api_key == "k" and cfg.log_prompts
@@ -163,8 +181,11 @@ def test_flags_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     cfg = server_config(build_parser().parse_args(["serve", "--model", str(tmp_path), *flags]))
     assert cfg.watchdog_timeout == 5.0
     assert cfg.allowed_hosts == ("api.example.com", "*.internal", "[::1]")
-    for bad in (["--allowed-hosts", "a.com:8000"], ["--allowed-hosts", "a*.com"],
-                ["--watchdog-timeout", "-1"]):  # fmt: skip
+    for bad in (
+        ["--allowed-hosts", "a.com:8000"],
+        ["--allowed-hosts", "a*.com"],
+        ["--watchdog-timeout", "-1"],
+    ):
         with pytest.raises(ValueError, match=bad[0]):
             server_config(build_parser().parse_args(["serve", "--model", str(tmp_path), *bad]))
     monkeypatch.setenv("MOESERVE_PORT", "not-a-port")
@@ -180,8 +201,9 @@ def test_bad_values_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "--max-queued-requests" in capsys.readouterr().err
 
 
-def test_model_that_fails_to_load_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                          ) -> None:  # fmt: skip
+def test_model_that_fails_to_load_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The server listens first and loads in the background; the failure still ends the process.
     assert main(["serve", "--model", str(tmp_path), "--port", "0"]) == 2
     assert "config.json" in capsys.readouterr().err

@@ -43,8 +43,9 @@ def test_disconnect_inside_protect_is_client_gone() -> None:
         guard = Guard(request, state)
         messages.put_nowait({"type": "http.request"})  # not a disconnect: keeps watching
         with pytest.raises(ClientGone), guard.protect():
-            asyncio.get_running_loop().call_later(0.01, messages.put_nowait,
-                                                  {"type": "http.disconnect"})  # fmt: skip
+            asyncio.get_running_loop().call_later(
+                0.01, messages.put_nowait, {"type": "http.disconnect"}
+            )
             await asyncio.sleep(5)
         assert request.state.disconnected is True
         assert cancelling() == 0  # the guard's own cancel was taken back
@@ -131,8 +132,9 @@ def run_sse(chunks: list[bytes], stop_after: int | None = None) -> tuple[list[di
         async def send(message: dict) -> None:
             sent.append(message)
 
-        resp = SSEResponse(gen(), guard=guard, on_close=lambda: events.append("closed"),
-                           request=request)  # fmt: skip
+        resp = SSEResponse(
+            gen(), guard=guard, on_close=lambda: events.append("closed"), request=request
+        )
         await resp({"type": "http"}, request.receive, send)
         events.append(f"hooks={len(state._stop_hooks)}")
         return sent, events
