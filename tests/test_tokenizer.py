@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from moeserve.detokenizer import IncrementalDetokenizer
+from moeserve.tokenizer import Tokenizer
 from tests.tokenizer_fixture import CHAT_TEMPLATE, TOOL_CHAT_TEMPLATE, write_test_tokenizer
 
 TEXTS = [

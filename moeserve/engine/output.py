@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from moeserve.detokenizer import IncrementalDetokenizer
 from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import RequestMetrics, RequestOutput, StepStats
-from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
+from moeserve.tokenizer import Tokenizer
 
 
 class Finisher(Protocol):
