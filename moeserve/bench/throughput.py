@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import platform
 import random
@@ -250,6 +251,8 @@ def run_throughput(args: argparse.Namespace) -> int:
         raise ValueError("--floor prices the run at a GPU's measured rates: it needs CUDA")
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if (args.peer or args.peer_sequential) and importlib.util.find_spec("transformers") is None:
+        raise ValueError("--peer and --peer-sequential need transformers: pip install transformers")
     if args.synthetic:
         if args.model:
             raise ValueError("give --model or --synthetic, not both")
