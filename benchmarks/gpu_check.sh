@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: install what is missing, run the gpu-marked tests, benchmark.
 #   bash benchmarks/gpu_check.sh                 # every stage
-#   bash benchmarks/gpu_check.sh tests speed     # some: tests kernels speed http offline counting
-#                                                #       offload profile mixtral
+#   bash benchmarks/gpu_check.sh tests speed     # some of them:
+#     tests       the gpu-marked tests
+#     kernels     benchmarks/kernel_bench.py --sweep: fused-MoE GEMMs and paged attention vs copy bw
+#     speed       benchmarks/gpu_speed.py: decode b1/b64 vs the HBM floor, 4k prefill vs matmul
+#     profile     benchmarks/gpu_speed.py --profile: torch.profiler traces of decode steps
+#     http        benchmarks/http_vs_offline.py: HTTP at 64 streams vs the offline engine
+#     throughput  moeserve bench throughput: offline tok/s vs transformers and the floor
+#     offload     benchmarks/offload_bench.py: Mixtral cut to 4 layers, half its experts on host
+#     mixtral     benchmarks/offload_bench.py: the full Mixtral-8x7B shape on an 80 GB card
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
+all="tests kernels speed profile http throughput offload mixtral"
+case "${1:-}" in
+  -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -15,7 +26,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
-stages=${*:-tests kernels speed http offline counting offload profile mixtral}
+stages=${*:-$all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 status=0
@@ -34,29 +45,26 @@ for stage in $stages; do
       python3 benchmarks/kernel_bench.py --sweep --json "$OUT/kernel_bench.json" 2>&1 \
         | tee "$OUT/kernel_bench.log" ;;
     speed)
-      python3 benchmarks/gpu_speed.py --modes graphs,graphs-sync,eager,torch --json "$OUT/gpu_speed.json" 2>&1 | tee "$OUT/gpu_speed.log" ;;
+      python3 benchmarks/gpu_speed.py --modes graphs,graphs-sync,eager,torch \
+        --json "$OUT/gpu_speed.json" 2>&1 | tee "$OUT/gpu_speed.log" ;;
+    profile)
+      python3 benchmarks/gpu_speed.py --modes graphs --no-hf --prefill-len 0 \
+        --profile "$OUT/traces" 2>&1 | tee "$OUT/profile.log" ;;
     http)
       python3 benchmarks/http_vs_offline.py --json "$OUT/http_vs_offline.json" 2>&1 \
         | grep -v "it/s\]" | tee "$OUT/http.log" ;;
-    offline)
-      python3 benchmarks/offline_throughput.py --synthetic mixtral-4l --dtype bfloat16 \
-        --num-prompts 16 --input-len 128 --output-len 128 --json "$OUT/offline_h100.json" ;;
-    counting)
-      python3 benchmarks/expert_count_cost.py --synthetic mixtral-4l --dtype bfloat16 \
-        --batch 64 --output-len 32 --rounds 5 --json "$OUT/count_cost.json" ;;
+    throughput)
+      python3 -m moeserve.cli bench throughput --synthetic mixtral-4l --dtype bfloat16 \
+        --max-num-seqs 16 --num-prompts 16 --input-len 128 --output-len 128 --peer --floor \
+        --result-json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log" ;;
     offload)
       python3 benchmarks/offload_bench.py --synthetic mixtral-4l --slots 4 --batch 1 64 --peer \
         --modes fetch,auto --json "$OUT/offload_4l.json" 2>&1 | tee "$OUT/offload_4l.log" ;;
-    profile)
-      python3 benchmarks/offload_profile.py --layers 4 --slots 4 --batch 1 \
-        --trace "$OUT/trace_4l_b1.json" 2>&1 | tee "$OUT/profile.log"
-      python3 benchmarks/offload_profile.py --layers 4 --slots 4 --batch 64 \
-        --trace "$OUT/trace_4l_b64.json" 2>&1 | tee -a "$OUT/profile.log" ;;
     mixtral)
       # The full shape on an 80 GB H100; a larger GPU behaves as one (benchmarks/RESULTS.md).
       python3 benchmarks/offload_bench.py --dummy mixtral-8x7b --batch 1 64 --modes fetch,auto \
         --emulate-card-mib 81559 --json "$OUT/offload_8x7b.json" 2>&1 | tee "$OUT/offload_8x7b.log" ;;
-    *) echo "unknown stage $stage"; status=2 ;;
+    *) echo "unknown stage $stage (one of: $all)"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done

@@ -5,8 +5,8 @@ experts a random routing of T tokens touches; bandwidth = those experts' weight 
 compared with the device copy bandwidth (read + write, measured here). The paged decode
 kernel is timed on B sequences of a given context (bytes = K/V read). --sweep tries launch
 configs around the shipped table for the decode sizes (K splits included). Eager launches of
-the whole fused_moe are host-bound at decode sizes; its in-graph cost per step is what
-benchmarks/offload_profile.py --slots 0 reports.
+the whole fused_moe are host-bound at decode sizes; its in-graph cost per step is in the
+decode traces of benchmarks/gpu_speed.py --profile.
 
     python benchmarks/kernel_bench.py --sweep --json out.json
 """
@@ -67,8 +67,11 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
     base1 = fm._config(t, E, K_TOP, 2 * F, D, torch.bfloat16)
     base2 = fm._config(t, E, K_TOP, D, F, torch.bfloat16)
     for name, w, n, k, base in (("gate_up", w1, 2 * F, D, base1), ("down", w2, D, F, base2)):
-        a = x if name == "gate_up" else torch.randn(t * K_TOP, F, dtype=torch.bfloat16,
-                                                    device="cuda")  # fmt: skip
+        a = (
+            x
+            if name == "gate_up"
+            else torch.randn(t * K_TOP, F, dtype=torch.bfloat16, device="cuda")
+        )
         ids, blocks, used = fm.moe_align(experts, E, base["BLOCK_M"])
         per_a = K_TOP if name == "gate_up" else 1
         for cfg in [base] + [dict(base, **c2) for c2 in (cfgs or [])]:
@@ -76,18 +79,28 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
                 continue
             split = cfg["SPLIT_K"]
             # Split: float32 partials; their reader (silu_mul, the sum over k) is not timed here.
-            c = (torch.empty(split, t * K_TOP, n, dtype=torch.float32, device="cuda") if split > 1
-                 else torch.empty(t * K_TOP, n, dtype=torch.bfloat16, device="cuda"))  # fmt: skip
+            c = (
+                torch.empty(split, t * K_TOP, n, dtype=torch.float32, device="cuda")
+                if split > 1
+                else torch.empty(t * K_TOP, n, dtype=torch.bfloat16, device="cuda")
+            )
             rw = weights.flatten() if name == "down" and split == 1 else None
             args = (a, w, c, rw, ids, blocks, used, None, per_a, cfg)
             try:
                 s = bench(lambda args=args: fm._moe_gemm(*args))
             except OutOfResources:  # a sweep point over shared memory
                 continue
-            rows.append({
-                "gemm": name, "tokens": t, "experts": touched, "config": cfg, "us": s * 1e6,
-                "bytes_per_s": touched * n * k * 2 / s, "shipped": cfg is base,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "gemm": name,
+                    "tokens": t,
+                    "experts": touched,
+                    "config": cfg,
+                    "us": s * 1e6,
+                    "bytes_per_s": touched * n * k * 2 / s,
+                    "shipped": cfg is base,
+                }
+            )
     return rows
 
 
@@ -117,8 +130,10 @@ def main() -> int:
     sweep = None
     if args.sweep:
         grid = itertools.product((32, 64, 128), (128, 256), (4,), (1, 2, 4, 8))
-        sweep = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=st, GROUP_M=1, SPLIT_K=sk)
-                 for n, k, st, sk in grid]  # fmt: skip
+        sweep = [
+            dict(BLOCK_N=n, BLOCK_K=k, num_stages=st, GROUP_M=1, SPLIT_K=sk)
+            for n, k, st, sk in grid
+        ]
     result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": []}
     for t in (int(x) for x in args.tokens.split(",")):
         rows = moe_gemms(t, sweep if t in (1, 8) else None)
@@ -127,9 +142,11 @@ def main() -> int:
             mine = [r for r in rows if r["gemm"] == gemm]
             ship = next(r for r in mine if r["shipped"])
             best = max(mine, key=lambda r: r["bytes_per_s"])
-            print(f"T={t:4d} {gemm:7s} experts {ship['experts']}: shipped {ship['us']:7.1f} us "
-                  f"{ship['bytes_per_s'] / bw:.2f} of copy bw; best {best['us']:7.1f} us "
-                  f"{best['bytes_per_s'] / bw:.2f} {best['config']}")  # fmt: skip
+            print(
+                f"T={t:4d} {gemm:7s} experts {ship['experts']}: shipped {ship['us']:7.1f} us "
+                f"{ship['bytes_per_s'] / bw:.2f} of copy bw; best {best['us']:7.1f} us "
+                f"{best['bytes_per_s'] / bw:.2f} {best['config']}"
+            )
     for b, ctx in ((1, 512), (1, 4096), (64, 256), (64, 2048)):
         r = attention(b, ctx)
         result["attention"].append(r)

@@ -15,64 +15,23 @@ with both bandwidths measured in this process. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from offline_throughput import SYNTHETIC, synthetic_checkpoint  # noqa: E402
 
 from moeserve import LLM, SamplingParams  # noqa: E402
-
-MIXTRAL_8X7B = dict(
-    model_type="mixtral",
-    architectures=["MixtralForCausalLM"],
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    max_position_embeddings=32768,
-    rope_theta=1e6,
-    rms_norm_eps=1e-5,
-    torch_dtype="bfloat16",
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-    sliding_window=None,
+from moeserve.bench.floors import (  # noqa: E402
+    copy_bandwidth,
+    host_to_device_bandwidth,
+    model_work,
 )
-
-
-def bandwidths() -> tuple[float, float]:
-    """(HBM read+write bytes/s of a device copy, pinned host->device bytes/s)."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    h = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-
-    def rate(fn, nbytes: int) -> float:
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        return 5 * nbytes / (time.perf_counter() - t0)
-
-    hbm = rate(lambda: b.copy_(a), 2 * n)
-    h2d = rate(lambda: a.copy_(h, non_blocking=True), n)
-    return hbm, h2d
-
+from moeserve.bench.synthetic import SHAPES, synthetic_model  # noqa: E402
+from moeserve.bench.throughput import Run, drive, free_device  # noqa: E402
 
 STAT_KEYS = (
     "hits",
@@ -101,10 +60,8 @@ def _phase(eng, a, b, tokens: int, hbm: float, h2d: float) -> dict:
     (t0, steps0, s0), (t1, steps1, s1) = a, b
     d = {k: s1[k] - s0[k] for k in STAT_KEYS}
     dt, steps = t1 - t0, steps1 - steps0
-    cfg, model = eng.model_config, eng.model
-    expert_bytes = 3 * cfg.moe_intermediate_size * cfg.hidden_size * 2
-    routed = sum(m.w_gate_up.numel() + m.w_down.numel() for _, m in model.moe_layers()) * 2
-    dense = sum(p.numel() for p in model.parameters()) * 2 - routed - model.embed_tokens.numel() * 2
+    work = model_work(eng.model_config, element_size=2)
+    dense, expert_bytes = work.dense * 2, work.expert * 2
     # HBM bandwidth as the design notes state it: a device copy's read+write bytes per second.
     floor = (steps * dense + d["hits"] * expert_bytes) / hbm + d["misses"] * expert_bytes / h2d
     if not eng.expert_cache_stats():
@@ -136,26 +93,21 @@ def run(llm: LLM, batch: int, in_len: int, out_len: int, hbm: float, h2d: float)
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(10, eng.vocab_size - 10, (batch, in_len), generator=g).tolist()
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    drive(llm, prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    decode_start: list = []  # (snapshot, steps run by then), once
+
+    def on_step(so_far: Run) -> None:
+        if not decode_start and all(so_far.outputs):
+            decode_start.append((_snapshot(eng), len(so_far.steps)))
+
     start = _snapshot(eng)
-    for i, p in enumerate(prompts):
-        eng.add_request(f"bench-{batch}-{i}", p, params)
-    started: set[str] = set()
-    decode_start = None
-    tokens = decode_tokens = 0
-    while eng.has_unfinished():
-        for out in eng.step().outputs:
-            n = sum(len(o.token_ids) for o in out.outputs)
-            tokens += n
-            if decode_start is not None:
-                decode_tokens += n
-            started.add(out.request_id)
-        if decode_start is None and len(started) == batch:
-            decode_start = _snapshot(eng)
+    timed = drive(llm, prompts, params, tag=f"bench-{batch}", on_step=on_step)
     end = _snapshot(eng)
-    r = dict(batch=batch, **_phase(eng, start, end, tokens, hbm, h2d))
-    r["ttft_s"] = decode_start[0] - start[0]
-    r["decode"] = _phase(eng, decode_start, end, decode_tokens, hbm, h2d)
+    (decode0, first_decode_step) = decode_start[0]
+    decode_tokens = sum(s.tokens for s in timed.steps[first_decode_step:])
+    r = dict(batch=batch, **_phase(eng, start, end, timed.output_tokens, hbm, h2d))
+    r["ttft_s"] = decode0[0] - start[0]
+    r["decode"] = _phase(eng, decode0, end, decode_tokens, hbm, h2d)
     return r
 
 
@@ -188,8 +140,7 @@ def accelerate_peer(path: Path, offload_layers: list[int], out_len: int) -> dict
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_device()
     return dict(batch=1, tokens=out_len, seconds=dt, tokens_per_s=out_len / dt)
 
 
@@ -210,7 +161,7 @@ def emulate_card(card_bytes: int, utilization: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--synthetic", choices=sorted(SYNTHETIC))
+    src.add_argument("--synthetic", choices=["mixtral-4l", "small", "tiny"])
     src.add_argument("--dummy", choices=["mixtral-8x7b"])
     ap.add_argument("--slots", type=int, default=None, help="expert cache slots per layer")
     ap.add_argument("--modes", default="auto,fetch,cpu")
@@ -233,13 +184,13 @@ def main() -> None:
     card_bytes = args.emulate_card_mib << 20 if args.emulate_card_mib else None
     if card_bytes:
         util = emulate_card(card_bytes, util)
-    hbm, h2d = bandwidths()
-    torch.cuda.empty_cache()
-    if args.synthetic:
-        path, fmt = synthetic_checkpoint(args.synthetic, torch.bfloat16), "safetensors"
+    hbm, h2d = copy_bandwidth(), host_to_device_bandwidth()
+    free_device()
+    if args.synthetic:  # weights on disk, for the peer
+        path = synthetic_model(args.synthetic, weights=True, dtype="bfloat16")
+        fmt = "safetensors"
     else:
-        path, fmt = Path(tempfile.mkdtemp(prefix="moeserve-dummy-")), "dummy"
-        (path / "config.json").write_text(json.dumps(MIXTRAL_8X7B))
+        path, fmt = synthetic_model(args.dummy), "dummy"
     max_len = args.input_len + args.output_len + 16
     results: list[dict] = []
     for mode in args.modes.split(","):
@@ -282,10 +233,9 @@ def main() -> None:
             results.append(r)
             print(json.dumps(r), flush=True)
         del llm, store
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_device()
     if args.peer and args.synthetic:
-        n_layers = SYNTHETIC[args.synthetic]["num_hidden_layers"]
+        n_layers = SHAPES[args.synthetic]["num_hidden_layers"]
         peer = accelerate_peer(path, list(range(n_layers // 2, n_layers)), min(args.output_len, 8))
         peer.update(
             engine="transformers+accelerate",

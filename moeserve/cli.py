@@ -1,8 +1,8 @@
-"""`moeserve serve | generate | bench serve`: the command line.
+"""`moeserve serve | generate | bench serve | bench throughput`: the command line.
 
 Every serve/generate option can also come from the environment as MOESERVE_<OPTION> (dashes
 as underscores, e.g. MOESERVE_MAX_NUM_SEQS=32); a flag on the command line wins. The load
-tester's flags live in moeserve/bench/cli.py.
+tester's flags live in moeserve/bench/cli.py; `bench throughput` takes the engine's flags too.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print one JSON object with ids, text and top-5 logprobs per position (default: off)",
     )
     gen.set_defaults(func=_generate, default_log_level="WARNING")
-    add_bench_parser(sub)
+    add_bench_parser(sub, engine_args=add_engine_args)
     return parser
 
 

@@ -1,6 +1,11 @@
-"""`moeserve bench serve`: a load tester for any OpenAI-compatible endpoint.
+"""`moeserve bench`: the measurements users run.
 
-workloads.py makes the requests, loadtest.py sends them (arrivals, streaming, timing),
-server_metrics.py diffs moeserve's /metrics around the run, report.py summarises, plots.py
-draws, cli.py wires the flags. benchmarks/loadtest.py is the same tool as a script.
+`bench serve`, a load tester for any OpenAI-compatible endpoint: workloads.py makes the
+requests, loadtest.py sends them (arrivals, streaming, timing), server_metrics.py diffs
+moeserve's /metrics around the run, report.py summarises, plots.py draws.
+benchmarks/loadtest.py is the same tool as a script.
+
+`bench throughput`, the offline engine's tokens/s (throughput.py), against transformers and
+the physical floors (floors.py), on a checkpoint or a synthetic Mixtral shape (synthetic.py);
+the benchmark scripts in benchmarks/ build on the same three modules. cli.py wires the flags.
 """

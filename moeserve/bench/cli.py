@@ -1,7 +1,9 @@
-"""Flags of `moeserve bench serve` (and of benchmarks/loadtest.py, the same tool as a script).
+"""Flags of `moeserve bench serve` (and of benchmarks/loadtest.py, the same tool as a script),
+and the `moeserve bench` subcommands.
 
-These flags do not read MOESERVE_* variables: in a server's container MOESERVE_MODEL names the
-checkpoint directory, which is not the model name the API serves.
+The load tester's flags do not read MOESERVE_* variables: in a server's container
+MOESERVE_MODEL names the checkpoint directory, which is not the model name the API serves.
+`bench throughput` runs an engine and takes the engine's flags, which do.
 """
 
 from __future__ import annotations
@@ -13,14 +15,22 @@ import json
 import math
 import os
 import sys
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from moeserve.bench.synthetic import SHAPES
 from moeserve.bench.workloads import DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, RequestSpec
 
 T = TypeVar("T")
 DEFAULT_NUM_REQUESTS = 100  # when neither --num-requests nor --duration is given
+THROUGHPUT_DOC = """Offline output tokens/s of the engine: random prompts, all queued at once.
+
+examples:
+  moeserve bench throughput --num-prompts 16 --peer
+  moeserve bench throughput --synthetic mixtral-4l --dtype bfloat16 --max-num-seqs 16 \\
+      --num-prompts 16 --input-len 128 --output-len 128 --peer --floor --result-json out.json
+"""
 
 
 def _rate(text: str) -> float:
@@ -33,61 +43,122 @@ def _rate(text: str) -> float:
 def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     """Every flag of the load tester."""
     g = p.add_argument_group("target")
-    g.add_argument("--base-url", default="http://127.0.0.1:8000",
-                   help="the server, with or without /v1 (default %(default)s)")
+    g.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8000",
+        help="the server, with or without /v1 (default %(default)s)",
+    )
     g.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
-    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                   help="bearer token (default: $OPENAI_API_KEY)")
-    g.add_argument("--metrics-url", default=None,
-                   help="Prometheus endpoint to diff (default: BASE/metrics)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="bearer token (default: $OPENAI_API_KEY)",
+    )
+    g.add_argument(
+        "--metrics-url", default=None, help="Prometheus endpoint to diff (default: BASE/metrics)"
+    )
     g.add_argument("--no-metrics", action="store_true", help="do not scrape /metrics")
-    g.add_argument("--http-client", choices=["auto", "httpx"], default="auto",
-                   help="auto: stream over a built-in HTTP/1.1 client for http:// (a fraction "
-                        "of httpx's CPU per streamed token), httpx for https://; httpx: always "
-                        "httpx (default %(default)s)")  # fmt: skip
+    g.add_argument(
+        "--http-client",
+        choices=["auto", "httpx"],
+        default="auto",
+        help="auto: stream over a built-in HTTP/1.1 client for http:// (a fraction "
+        "of httpx's CPU per streamed token), httpx for https://; httpx: always "
+        "httpx (default %(default)s)",
+    )
     g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=["random", "jsonl", "demo"], default="random",
-                   help="random prompts, a JSONL file (--prompts-file), or the demo model's "
-                        "tasks (default %(default)s)")  # fmt: skip
+    g.add_argument(
+        "--workload",
+        choices=["random", "jsonl", "demo"],
+        default="random",
+        help="random prompts, a JSONL file (--prompts-file), or the demo model's "
+        "tasks (default %(default)s)",
+    )
     # None when not given: only the defaults are fitted to the server's context.
-    g.add_argument("--input-len", default=None,
-                   help="random prompt length in tokens: N, uniform:LO:HI, normal:MEAN:STD, "
-                        f"lognormal:MEDIAN:SIGMA or exponential:MEAN (default {DEFAULT_INPUT_LEN}, "
-                        "less if the server's context is shorter)")  # fmt: skip
-    g.add_argument("--output-len", default=None,
-                   help=f"max_tokens, same forms as --input-len (default {DEFAULT_OUTPUT_LEN}, "
-                        "less if the server's context is shorter)")  # fmt: skip
-    g.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json or model dir: exact random prompt lengths (else words)")
-    g.add_argument("--prompts-file", default=None,
-                   help="JSONL, one object a line: prompt or messages, optional max_tokens")
-    g.add_argument("--demo-tasks", default=None,
-                   help="comma-separated demo tasks (default: all of them)")
+    g.add_argument(
+        "--input-len",
+        default=None,
+        help="random prompt length in tokens: N, uniform:LO:HI, normal:MEAN:STD, "
+        f"lognormal:MEDIAN:SIGMA or exponential:MEAN (default {DEFAULT_INPUT_LEN}, "
+        "less if the server's context is shorter)",
+    )
+    g.add_argument(
+        "--output-len",
+        default=None,
+        help=f"max_tokens, same forms as --input-len (default {DEFAULT_OUTPUT_LEN}, "
+        "less if the server's context is shorter)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json or model dir: exact random prompt lengths (else words)",
+    )
+    g.add_argument(
+        "--prompts-file",
+        default=None,
+        help="JSONL, one object a line: prompt or messages, optional max_tokens",
+    )
+    g.add_argument(
+        "--demo-tasks", default=None, help="comma-separated demo tasks (default: all of them)"
+    )
     g.add_argument("--demo-max-tokens", type=int, default=16, help="max_tokens of demo requests")
     g.add_argument("--temperature", type=float, default=0.0, help="default %(default)s")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="generate exactly max_tokens (vLLM's extension field)")
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate exactly max_tokens (vLLM's extension field)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of prompts and arrivals")
     g = p.add_argument_group("load")
-    g.add_argument("--num-requests", type=int, default=None,
-                   help=f"requests to send (default {DEFAULT_NUM_REQUESTS} without --duration)")
-    g.add_argument("--duration", type=float, default=None,
-                   help="seconds during which requests start; the run then finishes them")
-    g.add_argument("--request-rate", type=_rate, default=math.inf,
-                   help="requests/s, gamma arrivals (Poisson at burstiness 1); inf: all at once")
-    g.add_argument("--burstiness", type=float, default=1.0,
-                   help="gamma shape of the arrivals: <1 burstier, >1 more regular")
+    g.add_argument(
+        "--num-requests",
+        type=int,
+        default=None,
+        help=f"requests to send (default {DEFAULT_NUM_REQUESTS} without --duration)",
+    )
+    g.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds during which requests start; the run then finishes them",
+    )
+    g.add_argument(
+        "--request-rate",
+        type=_rate,
+        default=math.inf,
+        help="requests/s, gamma arrivals (Poisson at burstiness 1); inf: all at once",
+    )
+    g.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="gamma shape of the arrivals: <1 burstier, >1 more regular",
+    )
     g.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    g.add_argument("--request-timeout", type=float, default=300.0,
-                   help="seconds one request may take before it counts as failed")
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=300.0,
+        help="seconds one request may take before it counts as failed",
+    )
     g = p.add_argument_group("output")
-    g.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=None,
-                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:10000")
+    g.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="KEY:MS",
+        default=None,
+        help="SLOs for goodput, e.g. ttft:500 tpot:50 e2e:10000",
+    )
     g.add_argument("--result-json", type=Path, default=None, help="write the result here")
-    g.add_argument("--save-detailed", action="store_true",
-                   help="include every request's timings in the JSON")
-    g.add_argument("--plot-dir", type=Path, default=None,
-                   help="write latency.png, throughput.png, expert_load.png here")
+    g.add_argument(
+        "--save-detailed", action="store_true", help="include every request's timings in the JSON"
+    )
+    g.add_argument(
+        "--plot-dir",
+        type=Path,
+        default=None,
+        help="write latency.png, throughput.png, expert_load.png here",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -107,13 +178,18 @@ def _workload(
     if args.workload == "demo":
         tasks = [t.strip() for t in args.demo_tasks.split(",")] if args.demo_tasks else None
         return workloads.demo_workload(args.demo_max_tokens, seed=args.seed, tasks=tasks), "demo"
-    fit = workloads.fit_random_lengths(args.input_len, args.output_len, max_model_len,
-                                       exact=args.tokenizer is not None)  # fmt: skip
+    fit = workloads.fit_random_lengths(
+        args.input_len, args.output_len, max_model_len, exact=args.tokenizer is not None
+    )
     if fit.note:
         print(f"moeserve bench: {fit.note}", file=sys.stderr)
-    gen = workloads.random_workload(fit.input_len, fit.output_len, seed=args.seed,
-                                    tokenizer=args.tokenizer,
-                                    max_prompt_chars=fit.max_prompt_chars)  # fmt: skip
+    gen = workloads.random_workload(
+        fit.input_len,
+        fit.output_len,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        max_prompt_chars=fit.max_prompt_chars,
+    )
     return gen, f"random(in={fit.input_len}, out={fit.output_len})"
 
 
@@ -137,13 +213,23 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if num is None and args.duration is None:
         num = DEFAULT_NUM_REQUESTS
     cfg = LoadTestConfig(
-        base_url=args.base_url, model=args.model, api_key=args.api_key, num_requests=num,
-        duration=args.duration, request_rate=args.request_rate, burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency, request_timeout=args.request_timeout,
-        temperature=args.temperature, ignore_eos=args.ignore_eos, seed=args.seed,
-        progress=not args.no_progress, scrape_metrics=not args.no_metrics,
-        metrics_url=args.metrics_url, http_client=args.http_client,
-    )  # fmt: skip
+        base_url=args.base_url,
+        model=args.model,
+        api_key=args.api_key,
+        num_requests=num,
+        duration=args.duration,
+        request_rate=args.request_rate,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        request_timeout=args.request_timeout,
+        temperature=args.temperature,
+        ignore_eos=args.ignore_eos,
+        seed=args.seed,
+        progress=not args.no_progress,
+        scrape_metrics=not args.no_metrics,
+        metrics_url=args.metrics_url,
+        http_client=args.http_client,
+    )
     # Before anything is sent: the model's context decides the random workload's lengths.
     served = _run(served_model(cfg))
     workload, name = _workload(args, served.max_model_len)
@@ -165,15 +251,76 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    """`moeserve bench serve ...` under the main CLI's subcommands."""
-    bench = sub.add_parser("bench", help="benchmark a running server")
+def add_throughput_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `moeserve bench throughput` beside the engine's own (--model, --dtype,
+    --device, --max-num-seqs, ...)."""
+    g = p.add_argument_group("workload")
+    g.add_argument(
+        "--synthetic",
+        choices=sorted(SHAPES),
+        default=None,
+        help="a Mixtral shape with random weights instead of --model (dummy weights, or "
+        "saved by transformers with --peer)",
+    )
+    g.add_argument("--num-prompts", type=int, default=64, help="default %(default)s")
+    g.add_argument(
+        "--input-len",
+        default="64",
+        help="prompt tokens: N, uniform:LO:HI, normal:MEAN:STD, lognormal:MEDIAN:SIGMA or "
+        "exponential:MEAN (default %(default)s)",
+    )
+    g.add_argument(
+        "--output-len", default="64", help="tokens to generate, same forms (default %(default)s)"
+    )
+    g.add_argument("--workload-seed", type=int, default=0, help="default %(default)s")
+    g = p.add_argument_group("references")
+    g.add_argument(
+        "--peer",
+        action="store_true",
+        help="also time transformers generate() in static batches of --max-num-seqs",
+    )
+    g.add_argument(
+        "--peer-sequential", action="store_true", help="also time transformers one prompt a time"
+    )
+    g.add_argument(
+        "--floor",
+        action="store_true",
+        help="(CUDA) measure the copy, host-link and matmul rates and report the fraction of "
+        "the floor the run reached",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--result-json", type=Path, default=None, help="write the result here")
+
+
+def _run_throughput(args: argparse.Namespace) -> int:
+    from moeserve.bench.throughput import run_throughput  # torch: only when it runs
+
+    return run_throughput(args)
+
+
+def add_bench_parser(
+    sub: argparse._SubParsersAction, engine_args: Callable[[Any], None] | None = None
+) -> None:
+    """`moeserve bench serve|throughput ...` under the main CLI's subcommands; `engine_args`
+    adds the engine's flags (the main CLI's own, with their MOESERVE_* defaults) to the
+    throughput command, which runs an engine."""
+    bench = sub.add_parser("bench", help="measure a running server or the offline engine")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     serve = bench_sub.add_parser(
         "serve", help="load-test an OpenAI-compatible endpoint (like `vllm bench serve`)"
     )
     add_serve_bench_args(serve)
     serve.set_defaults(func=run_serve_bench, default_log_level="WARNING")
+    throughput = bench_sub.add_parser(
+        "throughput",
+        help="offline output tokens/s of the engine (like `vllm bench throughput`)",
+        description=THROUGHPUT_DOC,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if engine_args is not None:
+        engine_args(throughput)
+    add_throughput_args(throughput)
+    throughput.set_defaults(func=_run_throughput, default_log_level="WARNING")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

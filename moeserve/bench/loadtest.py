@@ -54,24 +54,36 @@ class LoadTestConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (f"--num-requests must be in 1..{MAX_REQUESTS}",
-             self.num_requests is None or 1 <= self.num_requests <= MAX_REQUESTS),
-            (f"--duration must be in (0, {MAX_DURATION_S:g}] seconds",
-             self.duration is None or 0 < self.duration <= MAX_DURATION_S),
+            (
+                f"--num-requests must be in 1..{MAX_REQUESTS}",
+                self.num_requests is None or 1 <= self.num_requests <= MAX_REQUESTS,
+            ),
+            (
+                f"--duration must be in (0, {MAX_DURATION_S:g}] seconds",
+                self.duration is None or 0 < self.duration <= MAX_DURATION_S,
+            ),
             ("--request-rate must be > 0", self.request_rate > 0),
             ("--burstiness must be > 0", self.burstiness > 0),
-            ("--max-concurrency must be >= 1",
-             self.max_concurrency is None or self.max_concurrency >= 1),
+            (
+                "--max-concurrency must be >= 1",
+                self.max_concurrency is None or self.max_concurrency >= 1,
+            ),
             ("--request-timeout must be > 0", self.request_timeout > 0),
             ("--http-client must be auto or httpx", self.http_client in ("auto", "httpx")),
-            ("give --num-requests or --duration: the run must end by itself",
-             self.num_requests is not None or self.duration is not None),
+            (
+                "give --num-requests or --duration: the run must end by itself",
+                self.num_requests is not None or self.duration is not None,
+            ),
             # Without a count, an infinite rate and no concurrency cap would start requests
             # as fast as the loop spins until the duration ends.
-            ("--duration without --num-requests needs a finite --request-rate or "
-             "--max-concurrency", self.num_requests is not None or
-             math.isfinite(self.request_rate) or self.max_concurrency is not None),
-        ]  # fmt: skip
+            (
+                "--duration without --num-requests needs a finite --request-rate or "
+                "--max-concurrency",
+                self.num_requests is not None
+                or math.isfinite(self.request_rate)
+                or self.max_concurrency is not None,
+            ),
+        ]
         for message, ok in checks:
             if not ok:
                 raise ValueError(message)
@@ -158,8 +170,9 @@ async def _resolve_model(client: httpx.AsyncClient, model: str | None) -> Served
     except (httpx.HTTPError, KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
         if model:
             return ServedModel(model)
-        raise ValueError(f"could not list models at {client.base_url}/models ({e}); "
-                         "pass --model") from None  # fmt: skip
+        raise ValueError(
+            f"could not list models at {client.base_url}/models ({e}); pass --model"
+        ) from None
 
 
 def _auth(cfg: LoadTestConfig) -> dict[str, str]:
@@ -190,9 +203,12 @@ async def served_model(cfg: LoadTestConfig) -> ServedModel:
 
 def _body(cfg: LoadTestConfig, spec: RequestSpec, model: str) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": model, "max_tokens": spec.max_tokens, "temperature": cfg.temperature,
-        "stream": True, "stream_options": {"include_usage": True},  # exact token counts
-    }  # fmt: skip
+        "model": model,
+        "max_tokens": spec.max_tokens,
+        "temperature": cfg.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},  # exact token counts
+    }
     if cfg.ignore_eos:
         body["ignore_eos"] = True  # a vLLM extension; moeserve accepts it too
     body.update(spec.extra)
@@ -236,8 +252,7 @@ class _Events:
             res.prompt_tokens = chunk["usage"].get("prompt_tokens")
             res.output_tokens = chunk["usage"].get("completion_tokens") or 0
         for choice in chunk.get("choices") or []:
-            delta = ((choice.get("delta") or {}).get("content") if self.chat
-                     else choice.get("text"))  # fmt: skip
+            delta = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
             if delta:
                 if res.ttft is None:
                     res.ttft = now - self.start
@@ -281,9 +296,13 @@ class _HttpxStreams:
 
 
 async def _send(
-    streams: _Streams, cfg: LoadTestConfig, spec: RequestSpec, model: str,
-    res: RequestResult, t0: float,
-) -> None:  # fmt: skip
+    streams: _Streams,
+    cfg: LoadTestConfig,
+    spec: RequestSpec,
+    model: str,
+    res: RequestResult,
+    t0: float,
+) -> None:
     """Stream one request into `res`; every failure is recorded there, never raised."""
     path = "/chat/completions" if spec.endpoint == "chat" else "/completions"
     start = time.perf_counter()
@@ -291,8 +310,9 @@ async def _send(
     events = _Events(spec, res, start, t0)
     try:
         # As httpx's json= encodes it (ValueError for a NaN, e.g. from a JSONL line).
-        body = json.dumps(_body(cfg, spec, model), ensure_ascii=False, separators=(",", ":"),
-                          allow_nan=False).encode()  # fmt: skip
+        body = json.dumps(
+            _body(cfg, spec, model), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
         status, raw = await streams.post_sse(path, body, events)
     except (httpx.HTTPError, ValueError) as e:  # ValueError: also a chunk that is not JSON
         res.error = f"{type(e).__name__}: {e}"
@@ -336,7 +356,7 @@ async def run_load(cfg: LoadTestConfig, workload: Iterator[RequestSpec], name: s
         streams: _Streams = _HttpxStreams(client)
         if cfg.http_client == "auto" and base.startswith("http://"):
             # httpx stays for the calls above; the streams, one SSE event per token, cost
-            # several times less CPU on the built-in client (benchmarks/sse_client_bench.py).
+            # several times less CPU on the built-in client (benchmarks/RESULTS.md).
             streams = StreamClient(base, _auth(cfg), _connect_timeout(cfg))
         try:
             results, t0, t_end = await _drive(streams, cfg, workload, model)
@@ -353,8 +373,14 @@ async def _drive(
     from tqdm import tqdm
 
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    bar = tqdm(total=cfg.num_requests, unit="req", disable=not cfg.progress, file=sys.stderr,
-               desc="requests", dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=cfg.num_requests,
+        unit="req",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        desc="requests",
+        dynamic_ncols=True,
+    )
     results: list[RequestResult] = []
     failed = [0]  # a cell the callbacks can update
     tasks: set[asyncio.Task[None]] = set()

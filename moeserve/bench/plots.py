@@ -25,6 +25,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _latency_plot(plt: Any, rep: dict[str, Any], results: list[RequestResult], path: Path) -> None:
     ok = [r for r in results if r.success]
     series = {
@@ -43,22 +49,23 @@ def _latency_plot(plt: Any, rep: dict[str, Any], results: list[RequestResult], p
         ax.hist(values, bins=min(50, max(5, len(values) // 4)), color="#4c72b0")
         stats = rep[f"{key}_ms"]
         for stat, style in (("median", "-"), ("p90", "--"), ("p99", ":")):
-            ax.axvline(stats[stat], color="#c44e52", linestyle=style,
-                       label=f"{stat} {stats[stat]:.1f} ms")  # fmt: skip
+            ax.axvline(
+                stats[stat], color="#c44e52", linestyle=style, label=f"{stat} {stats[stat]:.1f} ms"
+            )
         ax.legend(fontsize=8)
     fig.suptitle(f"{rep['model']} - {rep['workload']}: {rep['completed']} requests")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _throughput_plot(plt: Any, rep: dict[str, Any], path: Path) -> None:
     tl = rep["timeline"]
     n = len(tl["in_flight"])
     edges = [min(i * tl["bin_s"], rep["duration_s"]) for i in range(n + 1)]
-    panels = (("output_tokens_per_s", "output tokens/s", "#4c72b0"),
-              ("completed_per_s", "completed requests/s", "#dd8452"),
-              ("in_flight", "requests in flight (mean)", "#55a868"))  # fmt: skip
+    panels = (
+        ("output_tokens_per_s", "output tokens/s", "#4c72b0"),
+        ("completed_per_s", "completed requests/s", "#dd8452"),
+        ("in_flight", "requests in flight (mean)", "#55a868"),
+    )
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 7), sharex=True)
     for ax, (key, label, color) in zip(axes, panels):
         # stairs(): one flat step per bin, the last (maybe partial) one included.
@@ -66,26 +73,25 @@ def _throughput_plot(plt: Any, rep: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(label)
     axes[-1].set_xlabel(f"seconds since start ({tl['bin_s']:g} s bins)")
     fig.suptitle(f"Throughput over time: {rep['model']} - {rep['workload']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _expert_plot(plt: Any, load: dict[str, Any], path: Path) -> None:
     rows = load["tokens"]
     share = [[x / sum(row) if sum(row) else 0.0 for x in row] for row in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * load["num_experts"] + 3),
-                                    max(3, 0.35 * len(rows) + 2)))  # fmt: skip
+    fig, ax = plt.subplots(
+        figsize=(max(6, 0.35 * load["num_experts"] + 3), max(3, 0.35 * len(rows) + 2))
+    )
     im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(len(load["layers"])), [str(x) for x in load["layers"]])
     fig.colorbar(im, ax=ax, label="share of the layer's tokens in this run")
-    ax.set_title(f"Expert load (imbalance max/mean: mean {load['imbalance_mean'] or 0:.2f}, "
-                 f"worst {load['imbalance_max'] or 0:.2f})")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax.set_title(
+        f"Expert load (imbalance max/mean: mean {load['imbalance_mean'] or 0:.2f}, "
+        f"worst {load['imbalance_max'] or 0:.2f})"
+    )
+    _save(plt, fig, path)
 
 
 def write_plots(rep: dict[str, Any], results: list[RequestResult], out_dir: Path) -> list[Path]:

@@ -52,9 +52,12 @@ def summarize(values_s: list[float]) -> dict[str, float | int | None]:
     if not xs:
         return {"count": 0, "mean": None, "median": None, "p90": None, "p99": None}
     return {
-        "count": len(xs), "mean": sum(xs) / len(xs), "median": _quantile(xs, 0.5),
-        "p90": _quantile(xs, 0.9), "p99": _quantile(xs, 0.99),
-    }  # fmt: skip
+        "count": len(xs),
+        "mean": sum(xs) / len(xs),
+        "median": _quantile(xs, 0.5),
+        "p90": _quantile(xs, 0.9),
+        "p99": _quantile(xs, 0.99),
+    }
 
 
 def _latencies(r: RequestResult) -> dict[str, list[float]]:
@@ -119,14 +122,21 @@ def build_report(
         r.error_latency for r in run.results if r.status == 429 and r.error_latency is not None
     ]
     report: dict[str, Any] = {
-        "date": run.started_at, "model": run.model, "workload": run.workload, "config": cfg,
-        "num_requests": len(run.results), "completed": len(ok),
-        "failed": len(run.results) - len(ok), "rejected": len(rejected),
+        "date": run.started_at,
+        "model": run.model,
+        "workload": run.workload,
+        "config": cfg,
+        "num_requests": len(run.results),
+        "completed": len(ok),
+        "failed": len(run.results) - len(ok),
+        "rejected": len(rejected),
         "duration_s": run.duration,
-        "total_input_tokens": in_tok, "total_output_tokens": out_tok,
-        "request_throughput": len(ok) / duration, "output_throughput": out_tok / duration,
+        "total_input_tokens": in_tok,
+        "total_output_tokens": out_tok,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": out_tok / duration,
         "total_token_throughput": (in_tok + out_tok) / duration,
-    }  # fmt: skip
+    }
     for k in _LATENCIES:
         report[f"{k}_ms"] = summarize(lat[k])
     report["rejected_latency_ms"] = summarize(rejected)
@@ -134,22 +144,25 @@ def build_report(
     if goodput_slos_ms:
         good = sum(_is_good(r, goodput_slos_ms) for r in run.results)
         report["goodput"] = {
-            "slos_ms": goodput_slos_ms, "good_requests": good,
+            "slos_ms": goodput_slos_ms,
+            "good_requests": good,
             "request_goodput": good / duration,
-        }  # fmt: skip
+        }
     errors = Counter((r.error or "")[:160] for r in run.results if not r.success)
     report["errors"] = dict(errors.most_common(10))
     checked = [r for r in ok if r.correct is not None]
-    report["demo_accuracy"] = None if not checked else {
-        "checked": len(checked), "correct": sum(bool(r.correct) for r in checked),
-        "accuracy": sum(bool(r.correct) for r in checked) / len(checked),
-    }  # fmt: skip
+    report["demo_accuracy"] = None
+    if checked:
+        correct = sum(bool(r.correct) for r in checked)
+        report["demo_accuracy"] = {
+            "checked": len(checked),
+            "correct": correct,
+            "accuracy": correct / len(checked),
+        }
     report["server"] = server_summary(run.before, run.after)
     report["timeline"] = timeline(run.results, run.duration)
     if detailed:
-        report["requests"] = [
-            {**dataclasses.asdict(r), "tpot": r.tpot} for r in run.results
-        ]  # fmt: skip
+        report["requests"] = [{**dataclasses.asdict(r), "tpot": r.tpot} for r in run.results]
     return report
 
 
@@ -178,8 +191,12 @@ def format_report(rep: dict[str, Any]) -> str:
         row("Request goodput (req/s):", rep["goodput"]["request_goodput"])
     row("Output token throughput (tok/s):", rep["output_throughput"])
     row("Total token throughput (tok/s):", rep["total_token_throughput"])
-    titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
-              "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}  # fmt: skip
+    titles = {
+        "ttft": "Time to First Token",
+        "tpot": "Time per Output Token (excl. 1st token)",
+        "itl": "Inter-token Latency",
+        "e2el": "End-to-end Latency",
+    }
     sections = [(f"{key}_ms", title, key.upper()) for key, title in titles.items()]
     if rep["rejected"]:  # how long the server takes to say no, under this load
         sections.append(
@@ -188,8 +205,7 @@ def format_report(rep: dict[str, Any]) -> str:
     for key, title, short in sections:
         lines.append(f" {title} ".center(w, "-"))
         stats = rep[key]
-        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p90", "P90"),
-                            ("p99", "P99")):  # fmt: skip
+        for stat, label in (("mean", "Mean"), ("median", "Median"), ("p90", "P90"), ("p99", "P99")):
             row(f"{label} {short} (ms):", stats[stat])
     if rep["demo_accuracy"]:
         lines.append(" Demo tasks ".center(w, "-"))

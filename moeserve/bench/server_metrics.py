@@ -83,8 +83,9 @@ def expert_load(before: Snapshot, after: Snapshot) -> dict[str, Any] | None:
         return None
     layers = sorted({layer for layer, _ in counts})
     num_experts = max(e for _, e in counts) + 1
-    tokens_LE = [[max(0.0, counts.get((layer, e), 0.0)) for e in range(num_experts)]
-                 for layer in layers]  # fmt: skip
+    tokens_LE = [
+        [max(0.0, counts.get((layer, e), 0.0)) for e in range(num_experts)] for layer in layers
+    ]
     imbalance, entropy, idle = [], [], []
     for row in tokens_LE:
         total = sum(row)
@@ -123,8 +124,11 @@ def expert_cache(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     """The run's expert cache hit rate (overall and per layer), bytes copied to the device,
     prefetch accuracy; or a note that the server has no expert cache (all resident)."""
     if EXPERT_CACHE_HITS not in after or EXPERT_CACHE_MISSES not in after:
-        return {"hit_rate": None, "note": "no expert cache metrics: every expert is resident "
-                "(offloading off) or the server predates them"}  # fmt: skip
+        return {
+            "hit_rate": None,
+            "note": "no expert cache metrics: every expert is resident "
+            "(offloading off) or the server predates them",
+        }
     hits = _by_layer(before, after, EXPERT_CACHE_HITS)
     misses = _by_layer(before, after, EXPERT_CACHE_MISSES)
 
@@ -133,10 +137,11 @@ def expert_cache(before: Snapshot, after: Snapshot) -> dict[str, Any]:
 
     layers = sorted(hits, key=lambda x: int(x) if x.isdigit() else -1)
     out: dict[str, Any] = {
-        "hits": int(sum(hits.values())), "misses": int(sum(misses.values())),
+        "hits": int(sum(hits.values())),
+        "misses": int(sum(misses.values())),
         "hit_rate": rate(sum(hits.values()), sum(misses.values())),
         "hit_rate_per_layer": {k: rate(hits[k], misses.get(k, 0.0)) for k in layers},
-    }  # fmt: skip
+    }
     for key, name in _CACHE_COUNTERS.items():
         d = _delta(before, after, name)
         out[key] = None if d is None else (d if key.endswith("seconds") else int(d))

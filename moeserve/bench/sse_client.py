@@ -156,8 +156,9 @@ class _Connection(asyncio.BufferedProtocol):
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip().lower()
         connection = headers.get(b"connection", b"")
-        self.keep_alive = (b"close" not in connection if version == b"HTTP/1.1"
-                           else b"keep-alive" in connection)  # fmt: skip
+        self.keep_alive = (
+            b"close" not in connection if version == b"HTTP/1.1" else b"keep-alive" in connection
+        )
         encoding = headers.get(b"content-encoding", b"identity")
         if encoding != b"identity":  # never asked for (no Accept-Encoding is sent)
             raise httpx.DecodingError(f"unsupported Content-Encoding {encoding.decode()!r}")
@@ -266,8 +267,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._fail(httpx.RemoteProtocolError(f"{_INCOMPLETE} (incomplete chunked read)"))
         else:
             got = self.length - self.length_left
-            self._fail(httpx.RemoteProtocolError(
-                f"{_INCOMPLETE} (received {got} bytes, expected {self.length})"))  # fmt: skip
+            self._fail(
+                httpx.RemoteProtocolError(
+                    f"{_INCOMPLETE} (received {got} bytes, expected {self.length})"
+                )
+            )
 
     def stale(self) -> bool:
         """Whether an idle connection has bytes or EOF waiting: the server closed it (or
@@ -300,8 +304,10 @@ class StreamClient:
         self.prefix = url.path.rstrip("/")
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         host = url.netloc.rpartition("@")[2]  # no userinfo
-        self._headers = (f"Host: {host}\r\nAccept: */*\r\nUser-Agent: moeserve-bench\r\n"
-                         f"Content-Type: application/json\r\n{extra}").encode("latin-1")
+        self._headers = (
+            f"Host: {host}\r\nAccept: */*\r\nUser-Agent: moeserve-bench\r\n"
+            f"Content-Type: application/json\r\n{extra}"
+        ).encode("latin-1")
         self.connect_timeout = connect_timeout
         self._idle: list[_Connection] = []  # LIFO: the most recently used first
         self._all: set[_Connection] = set()
@@ -339,8 +345,9 @@ class StreamClient:
             candidate.abort()  # the server may close an idle connection at any time
         if conn is None:
             conn = await self._connect()
-        head = (f"POST {self.prefix}{path} HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
-                ).encode() + self._headers  # fmt: skip
+        head = (
+            f"POST {self.prefix}{path} HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+        ).encode() + self._headers
         try:
             result = await conn.send(head + b"\r\n" + body, on_data)
         except BaseException:  # a failure, or cancelled (--request-timeout): state unknown

@@ -20,19 +20,16 @@ from typing import Any
 # Common English words: most BPE vocabularies hold each (with its leading space) as one token,
 # so without a tokenizer a prompt of N words is close to N tokens. The report uses the
 # server's own prompt_tokens count either way.
-_WORDS = (
-    "the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at",
-    "from", "his", "it", "an", "were", "are", "which", "this", "be", "or", "has", "had", "first",
-    "one", "their", "its", "new", "after", "who", "they", "two", "her", "she", "been", "other",
-    "when", "time", "there", "all", "during", "into", "school", "year", "city", "more", "most",
-    "only", "over", "also", "some", "world", "would", "where", "later", "up", "such", "used",
-    "many", "can", "state", "about", "national", "out", "known", "university", "united", "then",
-    "made", "south", "game", "these", "group", "under", "north", "season", "film", "team", "may",
-    "series", "early", "both", "three", "well", "music", "river", "house", "water", "light",
-    "small", "great", "long", "place", "public", "history", "church", "people", "life", "war",
-    "work", "name", "part", "day", "line", "land", "area", "number", "home", "family", "power",
-    "story",
-)
+_WORD_TEXT = """
+    the of and to in is was for on that with as by at from his it an were are which this be or has
+    had first one their its new after who they two her she been other when time there all during
+    into school year city more most only over also some world would where later up such used many
+    can state about national out known university united then made south game these group under
+    north season film team may series early both three well music river house water light small
+    great long place public history church people life war work name part day line land area
+    number home family power story
+"""
+_WORDS = tuple(_WORD_TEXT.split())
 
 
 @dataclass(frozen=True)
@@ -177,10 +174,12 @@ def _words_hint(n: int, room: int, exact: bool) -> str | None:
     """A warning when prompts of `n` random words might not fit in `room` tokens."""
     if exact or n * FIT_TOKENS_PER_WORD <= room:
         return None
-    return (f"without --tokenizer a prompt of {n} random words may take up to "
-            f"~{round(n * FIT_TOKENS_PER_WORD)} tokens (one per character on a "
-            f"character-level vocabulary), more than the {room} the context leaves it; "
-            "pass --tokenizer for exact prompt lengths")  # fmt: skip
+    return (
+        f"without --tokenizer a prompt of {n} random words may take up to "
+        f"~{round(n * FIT_TOKENS_PER_WORD)} tokens (one per character on a "
+        f"character-level vocabulary), more than the {room} the context leaves it; "
+        "pass --tokenizer for exact prompt lengths"
+    )
 
 
 def fit_random_lengths(
@@ -221,9 +220,12 @@ def fit_random_lengths(
             )
         notes = [_words_hint(in_max, room - n_out, exact)]
         if n_out < DEFAULT_OUTPUT_LEN:
-            notes.insert(0, f"the default --output-len {DEFAULT_OUTPUT_LEN} does not fit {where} "
-                            f"beside {_asked('--input-len', input_len, in_max)}: using "
-                            f"--output-len {n_out}")  # fmt: skip
+            notes.insert(
+                0,
+                f"the default --output-len {DEFAULT_OUTPUT_LEN} does not fit {where} "
+                f"beside {_asked('--input-len', input_len, in_max)}: using "
+                f"--output-len {n_out}",
+            )
         note = "; ".join(n for n in notes if n) or None
         return RandomLengths(in_spec, str(n_out), note=note)
     per_word = 1.0 if exact else FIT_TOKENS_PER_WORD
@@ -237,8 +239,10 @@ def fit_random_lengths(
                 f"({SPECIAL_TOKENS_ROOM} tokens are kept for special tokens); "
                 "lower --output-len"
             )
-        what = (f"the default --input-len {DEFAULT_INPUT_LEN} does not fit {where} beside "
-                f"{_asked('--output-len', output_len, out_max)}")  # fmt: skip
+        what = (
+            f"the default --input-len {DEFAULT_INPUT_LEN} does not fit {where} beside "
+            f"{_asked('--output-len', output_len, out_max)}"
+        )
         using, changed = f"--input-len {n_in}", n_in < DEFAULT_INPUT_LEN
     else:  # both are the defaults: scaled down together
         if room < 2:
@@ -247,8 +251,10 @@ def fit_random_lengths(
         n_in = max(1, math.floor(DEFAULT_INPUT_LEN * scale))
         n_out = max(1, math.floor(DEFAULT_OUTPUT_LEN * scale))
         out_spec = str(n_out)
-        what = (f"the default --input-len {DEFAULT_INPUT_LEN} --output-len "
-                f"{DEFAULT_OUTPUT_LEN} do not fit {where}")  # fmt: skip
+        what = (
+            f"the default --input-len {DEFAULT_INPUT_LEN} --output-len "
+            f"{DEFAULT_OUTPUT_LEN} do not fit {where}"
+        )
         using = f"--input-len {n_in} --output-len {n_out}"
         changed = scale < 1.0
     max_chars = None if exact else room - n_out
@@ -256,11 +262,13 @@ def fit_random_lengths(
     if changed and exact:
         note = f"{what}: using {using}"
     elif changed:
-        note = (f"{what}, as without --tokenizer a prompt of {DEFAULT_INPUT_LEN} random words "
-                f"may take up to ~{round(DEFAULT_INPUT_LEN * per_word)} tokens (one per "
-                f"character on a character-level vocabulary): using {using}, each prompt cut "
-                f"to at most {max_chars} characters, so at most {max_chars} tokens whatever "
-                "the tokenizer (--tokenizer gives exact lengths)")  # fmt: skip
+        note = (
+            f"{what}, as without --tokenizer a prompt of {DEFAULT_INPUT_LEN} random words "
+            f"may take up to ~{round(DEFAULT_INPUT_LEN * per_word)} tokens (one per "
+            f"character on a character-level vocabulary): using {using}, each prompt cut "
+            f"to at most {max_chars} characters, so at most {max_chars} tokens whatever "
+            "the tokenizer (--tokenizer gives exact lengths)"
+        )
     return RandomLengths(str(n_in), out_spec, max_chars, note)
 
 
@@ -297,9 +305,12 @@ def jsonl_workload(path: str, output_len: str, *, seed: int = 0) -> Iterator[Req
             prompt, messages = body.pop("prompt", None), body.pop("messages", None)
             max_tokens = body.pop("max_tokens", None) or draw_out()
             yield RequestSpec(
-                "chat" if messages is not None else "completions", max_tokens,
-                prompt=prompt, messages=messages, extra=body,
-            )  # fmt: skip
+                "chat" if messages is not None else "completions",
+                max_tokens,
+                prompt=prompt,
+                messages=messages,
+                extra=body,
+            )
 
 
 def demo_workload(
@@ -321,6 +332,8 @@ def demo_workload(
         ex = demo_tasks.sample(names[i % len(names)], rng)
         i += 1
         yield RequestSpec(
-            "chat", max_tokens, messages=[{"role": "user", "content": ex.question}],
+            "chat",
+            max_tokens,
+            messages=[{"role": "user", "content": ex.question}],
             answer=ex.answer,
-        )  # fmt: skip
+        )

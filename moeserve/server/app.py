@@ -77,7 +77,7 @@ class InferenceFastPath:
     FastAPI app, which holds the two routes as well. FastAPI's own layers on the way (its
     error, telemetry and body-limit middleware, the exception middleware, the exit stack, the
     router and the route's wrappers) took about a tenth of a request's event-loop CPU in a
-    py-spy profile of benchmarks/server_overhead.py, and every SSE chunk passed three of
+    py-spy profile (benchmarks/RESULTS.md), and every SSE chunk passed three of
     their send wrappers."""
 
     def __init__(self, app: FastAPI, state: ServerState, endpoints: dict[str, Endpoint]) -> None:
@@ -150,7 +150,7 @@ def _require_key(state: ServerState):  # noqa: ANN202 - a FastAPI dependency (an
 def _add_inference_routes(app: FastAPI, state: ServerState) -> dict[str, Endpoint]:
     """POST /v1/completions and /v1/chat/completions as plain Starlette routes, the key
     checked first in each: FastAPI's per-request dependency solving and endpoint wrapping
-    took about a sixth of a request's event-loop CPU (benchmarks/server_overhead.py), and a
+    took about a sixth of a request's event-loop CPU (benchmarks/RESULTS.md), and a
     burst of new requests waits for that on the loop. The handlers parse their bodies.
     Returns the endpoints by path, for InferenceFastPath."""
     check = _require_key(state)

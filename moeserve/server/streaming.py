@@ -108,7 +108,7 @@ class Guard:
     interrupts the task serving it (a cancel, turned into ClientGone or Stopped) while that
     task is inside `protect()`. One watcher task per request: the asyncio.wait over three tasks
     per phase that this replaces created six tasks per streamed request, a cost every arrival
-    paid on the event loop (benchmarks/server_overhead.py)."""
+    paid on the event loop (benchmarks/RESULTS.md)."""
 
     def __init__(self, request: Request, state: ServerState) -> None:
         self._request = request

@@ -1,0 +1,63 @@
+"""The benchmark scripts cannot rot unseen: each answers --help (most need a GPU to run),
+gpu_check.sh names only scripts that exist, and http_vs_offline's py-spy summary reads a
+raw profile."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+SCRIPTS = sorted(BENCH.glob("*.py"))
+
+
+def test_every_benchmark_script_answers_help() -> None:
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    runs = {}
+    for script in SCRIPTS:
+        if script.name == "kernel_bench.py" and importlib.util.find_spec("triton") is None:
+            continue  # the Triton kernels it times are imported at its top
+        cmd = [sys.executable, str(script), "--help"]
+        runs[script.name] = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE)
+    for name, proc in runs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, name
+        assert out.decode().startswith("usage:"), name
+    assert {"gpu_speed.py", "http_vs_offline.py", "offload_bench.py", "loadtest.py"} <= set(runs)
+
+
+def test_gpu_check_names_its_stages_and_only_scripts_that_exist() -> None:
+    script = BENCH / "gpu_check.sh"
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0
+    text = script.read_text()
+    stages = re.findall(r"^    (\w+)\)", text, flags=re.M)
+    [default] = re.findall(r'^all="([^"]+)"', text, flags=re.M)
+    assert set(default.split()) == set(stages)
+    for stage in stages:  # each documented in the usage lines
+        assert re.search(rf"^    {stage}\s", usage.stdout, flags=re.M), stage
+    for name in set(re.findall(r"benchmarks/(\w+\.py)", text)):
+        assert (BENCH / name).is_file(), name
+
+
+def test_pyspy_summary_splits_each_thread_by_what_it_waits_for(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.http_vs_offline import pyspy_summary
+
+    step = "step (moeserve/engine/core.py:217)"
+    profile = tmp_path / "engine-process.txt"
+    profile.write_text(
+        f"process 1:python;thread (0x1);main (x.py:1);{step};cudaStreamSynchronize 30\n"
+        f"process 1:python;thread (0x1);main (x.py:1);{step} 60\n"
+        f"process 1:python;thread (0x1);main (x.py:1);{step};take_gil 10\n"
+        "process 1:python;thread (0x2);run (loop.py:9);recv (libc.so) 50\n"
+    )
+    text = pyspy_summary(profile)
+    assert "thread (0x1): 100 samples (running 60%, device wait 30%, GIL wait 10%)" in text
+    assert "thread (0x2): 50 samples (blocked 100%)" in text
+    assert "60.0%      running  step (core.py:217)" in text
