@@ -25,8 +25,9 @@ PROMPTS = [[5 + i, 9, 40 + 3 * i, 7, 11, 13, 17, 19, 23][: 2 + i % 8] for i in r
 
 
 def _params(i: int, logprobs: int | None = 2) -> SamplingParams:
-    return SamplingParams(max_tokens=3 + 2 * (i % 4), temperature=0.0, ignore_eos=True,
-                          logprobs=logprobs)  # fmt: skip
+    return SamplingParams(
+        max_tokens=3 + 2 * (i % 4), temperature=0.0, ignore_eos=True, logprobs=logprobs
+    )
 
 
 def _run(llm: LLM) -> list[tuple[list[int], list[float]]]:
@@ -38,8 +39,12 @@ def _run(llm: LLM) -> list[tuple[list[int], list[float]]]:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("fast") / "mixtral", "mixtral",
-                           num_local_experts=8, num_hidden_layers=2)  # fmt: skip
+    return make_checkpoint(
+        tmp_path_factory.mktemp("fast") / "mixtral",
+        "mixtral",
+        num_local_experts=8,
+        num_hidden_layers=2,
+    )
 
 
 def _assert_same(got: list, want: list, tol: float) -> None:
@@ -67,17 +72,17 @@ def test_interpreted_kernels_match_readable_path(ckpt: Path) -> None:
         ("olmoe", {"clip_qkv": 0.5}),  # full q/k norms, clipped qkv
     ],
 )
-def test_interpreted_kernels_every_family(
-    tmp_path: Path, family: str, overrides: dict
-) -> None:
+def test_interpreted_kernels_every_family(tmp_path: Path, family: str, overrides: dict) -> None:
     path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2, **overrides)
     kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
     prompts, params = PROMPTS[:4], [_params(i) for i in range(4)]
 
     def run(kernels: str) -> list[tuple[list[int], list[float]]]:
         outs = LLM(path, kernels=kernels, **kw).generate(prompts, params)
-        return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
-                for o in outs]  # fmt: skip
+        return [
+            (o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
+            for o in outs
+        ]
 
     _assert_same(run("triton"), run("torch"), 1e-4)
 
@@ -90,7 +95,7 @@ def test_interpreted_captured_step_path(
     (added by the routing program), of qkv (by the rotary kernel, which reads cos/sin from the
     table by position) and of the output projection (by the residual-add norm)."""
     import moeserve.kernels.linear as linear
-    import moeserve.model.decoder as decoder
+    import moeserve.model.backend as backend
 
     path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2)
     kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
@@ -107,11 +112,13 @@ def test_interpreted_captured_step_path(
     def run(kernels: str) -> list[tuple[list[int], list[float]]]:
         llms.append(LLM(path, kernels=kernels, **kw))
         outs = llms[-1].generate(prompts, params)
-        return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
-                for o in outs]  # fmt: skip
+        return [
+            (o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
+            for o in outs
+        ]
 
     want = run("torch")
-    monkeypatch.setattr(decoder, "_FUSED_ELEMENTWISE_MIN_TOKENS", 1)
+    monkeypatch.setattr(backend, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
     monkeypatch.setattr(linear, "linear_partials", counted)
     _assert_same(run("triton"), want, 1e-4)
     assert max(t for t, _ in calls) <= linear.MAX_ROWS
@@ -159,8 +166,13 @@ def test_capture_sizes_cover_every_batch() -> None:
 @pytest.mark.gpu
 def test_gpu_graphs_match_readable_path(ckpt: Path) -> None:
     """float32 on the device: CUDA-graph decode (padded batches) = the readable eager path."""
-    kw = dict(progress=False, device="cuda", max_num_batched_tokens=16, max_num_seqs=8,
-              kv_cache_memory=2**28)  # fmt: skip
+    kw = dict(
+        progress=False,
+        device="cuda",
+        max_num_batched_tokens=16,
+        max_num_seqs=8,
+        kv_cache_memory=2**28,
+    )
     ref = LLM(ckpt, kernels="torch", **kw)
     fast = LLM(ckpt, **kw)
     assert fast.engine.kernels == "triton" and fast.engine.runner.graphs is not None
@@ -175,8 +187,9 @@ def test_gpu_graphs_match_readable_path(ckpt: Path) -> None:
 @pytest.mark.gpu
 def test_gpu_bf16_graphs_match_eager_kernels(ckpt: Path) -> None:
     """bf16: graphs replay exactly the kernels the eager fast path runs."""
-    kw = dict(progress=False, device="cuda", dtype="bfloat16", max_num_seqs=16,
-              kv_cache_memory=2**28)  # fmt: skip
+    kw = dict(
+        progress=False, device="cuda", dtype="bfloat16", max_num_seqs=16, kv_cache_memory=2**28
+    )
     eager = LLM(ckpt, enforce_eager=True, **kw)
     graphs = LLM(ckpt, **kw)
     assert eager.engine.runner.graphs is None and graphs.engine.runner.graphs is not None
@@ -193,8 +206,14 @@ def test_gpu_async_scheduling_feeds_graphs_the_tokens_sync_reads(
     """A decode graph queued before the last step's tokens reach the host reads them on the
     device: exactly the tokens and logprobs of the synchronous engine, stops and seeded
     sampling included, with every block freed."""
-    kw = dict(progress=False, device="cuda", dtype="bfloat16", max_num_seqs=8,
-              max_num_batched_tokens=16, kv_cache_memory=2**28)  # fmt: skip
+    kw = dict(
+        progress=False,
+        device="cuda",
+        dtype="bfloat16",
+        max_num_seqs=8,
+        max_num_batched_tokens=16,
+        kv_cache_memory=2**28,
+    )
     if offloaded:
         kw |= dict(expert_cache_slots=3, offload_mode="fetch")
     sync = LLM(ckpt, async_scheduling=False, **kw)
@@ -206,8 +225,14 @@ def test_gpu_async_scheduling_feeds_graphs_the_tokens_sync_reads(
 
     def run(llm: LLM) -> list:
         outs = llm.generate(PROMPTS, params)
-        return [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []],
-                 o.outputs[0].finish_reason) for o in outs]  # fmt: skip
+        return [
+            (
+                o.outputs[0].token_ids,
+                [lp.logprob for lp in o.outputs[0].logprobs or []],
+                o.outputs[0].finish_reason,
+            )
+            for o in outs
+        ]
 
     lag = LLM(ckpt, async_scheduling=True, **kw)
     assert lag.engine.runner.graphs is not None
@@ -216,8 +241,14 @@ def test_gpu_async_scheduling_feeds_graphs_the_tokens_sync_reads(
 
 
 def test_warm_up_runs_every_power_of_two_and_leaves_no_trace(ckpt: Path) -> None:
-    llm = LLM(ckpt, progress=False, device="cpu", kernels="torch", max_num_batched_tokens=40,
-              max_num_seqs=8)  # fmt: skip
+    llm = LLM(
+        ckpt,
+        progress=False,
+        device="cpu",
+        kernels="torch",
+        max_num_batched_tokens=40,
+        max_num_seqs=8,
+    )
     eng = llm.engine
     before = _run(llm)
     eng.reset_expert_counts()
@@ -236,8 +267,15 @@ def test_warm_up_runs_every_power_of_two_and_leaves_no_trace(ckpt: Path) -> None
 def test_warm_up_steps_past_max_model_len_split_into_sequences(ckpt: Path) -> None:
     """A step budget above max_model_len warms up as several sequences, none of them past the
     model's positions (the cos/sin table has no row beyond them: an index error before)."""
-    llm = LLM(ckpt, progress=False, device="cpu", kernels="torch", max_model_len=24,
-              max_num_batched_tokens=64, max_num_seqs=8)  # fmt: skip
+    llm = LLM(
+        ckpt,
+        progress=False,
+        device="cpu",
+        kernels="torch",
+        max_model_len=24,
+        max_num_batched_tokens=64,
+        max_num_seqs=8,
+    )
     runner = llm.engine.runner
     work = runner._scratch_prefills(64, 1)
     assert [w.num_tokens for w in work] == [24, 24, 16]
@@ -255,8 +293,13 @@ def test_gpu_second_device(ckpt: Path, offloaded: bool) -> None:
     and steps from a thread whose current device is cuda:0 (the server's engine thread)."""
     import threading
 
-    kw = dict(progress=False, dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=16,
-              kv_cache_memory=2**28)  # fmt: skip
+    kw = dict(
+        progress=False,
+        dtype="bfloat16",
+        max_num_seqs=8,
+        max_num_batched_tokens=16,
+        kv_cache_memory=2**28,
+    )
     if offloaded:
         kw |= dict(expert_cache_slots=3, offload_mode="fetch")
     want = _run(LLM(ckpt, device="cuda:0", **kw))

@@ -1,4 +1,4 @@
-"""The staged forward (cut at every offloaded layer's experts, for piecewise CUDA graphs)
+"""The staged forward (cut at every layer handed an expert provider, for piecewise CUDA graphs)
 computes exactly the plain forward, padding rows included; on the GPU, graphs replay it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
-from moeserve.model.layers import AttentionMetadata
+from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.staged import StagedForward
 from tests.checkpoints import make_checkpoint
 
@@ -43,10 +43,13 @@ def _prefill(llm: LLM, prompts: list[list[int]], block_size: int) -> None:
     for b, p in enumerate(prompts):
         n = len(p) - 1
         meta = AttentionMetadata(
-            query_lens=[n], context_lens=[n], num_decodes=0,
-            block_tables_BM=torch.tensor([[b]]), context_lens_B=torch.tensor([n]),
+            query_lens=[n],
+            context_lens=[n],
+            num_decodes=0,
+            block_tables_BM=torch.tensor([[b]]),
+            context_lens_B=torch.tensor([n]),
             slot_mapping_T=torch.tensor([b * block_size + i for i in range(n)]),
-        )  # fmt: skip
+        )
         model(torch.tensor(p[:n]), torch.arange(n), meta, kv)
 
 
@@ -60,16 +63,17 @@ def test_staged_forward_equals_plain_forward(tmp_path: Path, family: str) -> Non
     _prefill(llm, prompts, 16)
     scratch = eng.num_blocks - 1  # unused by this test's sequences
     ids, pos, meta = _decode_inputs(prompts, 0, 16, scratch)
-    counts0 = model.tokens_per_expert().clone()
-    want = model.compute_logits(model(ids, pos, meta, kv))
+    experts = eng.runner.experts
+    assert sorted(experts) == [i for i, _ in model.moe_layers()]  # the expert store's
+    counts0 = model.tokens_per_expert()
+    want = model.compute_logits(model(ids, pos, meta, kv, experts))
     plain_counts = model.tokens_per_expert() - counts0
 
     for pad in (0, 2):  # padding rows: routed nowhere, not counted, real rows unchanged
         ids, pos, meta = _decode_inputs(prompts, pad, 16, scratch)
-        staged = StagedForward(model, ids, pos, meta, kv)
-        n_sparse = sum(1 for _, m in model.moe_layers())
-        assert staged.num_stages == n_sparse + 1
-        before = model.tokens_per_expert().clone()
+        staged = StagedForward(model, ids, pos, meta, kv, experts)
+        assert staged.num_stages == len(experts) + 1
+        before = model.tokens_per_expert()
         got = staged.run()
         if pad:  # GEMMs over more rows may round differently (MKL picks kernels by shape)
             torch.testing.assert_close(got[: len(prompts)], want, rtol=1e-5, atol=1e-6)
@@ -84,8 +88,14 @@ def test_staged_forward_equals_plain_forward(tmp_path: Path, family: str) -> Non
 def test_gpu_offloaded_graphs_match_eager(tmp_path: Path, mode: str) -> None:
     """Offloaded decode replays per-stage graphs (float32: tokens and logprobs match eager)."""
     ckpt = make_checkpoint(tmp_path / "m", "mixtral", num_local_experts=8)
-    kw = dict(progress=False, device="cuda", kv_cache_memory=2**28, expert_cache_slots=3,
-              offload_mode=mode, max_num_seqs=8)  # fmt: skip
+    kw = dict(
+        progress=False,
+        device="cuda",
+        kv_cache_memory=2**28,
+        expert_cache_slots=3,
+        offload_mode=mode,
+        max_num_seqs=8,
+    )
     prompts = [[5 + i, 9, 40 + 3 * i, 7, 11][: 2 + i % 4] for i in range(6)]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=1)
     eager = LLM(ckpt, enforce_eager=True, **kw)

@@ -30,6 +30,7 @@ from moeserve.engine.runner import Runner
 from moeserve.engine.sampler import PendingSample, Sampler, SamplerOutput
 from moeserve.engine.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
 from moeserve.engine.sequence import PENDING, Sequence
+from moeserve.model.backend import ModelBackend
 from moeserve.model.loader import inspect_checkpoint, load_model, resolve_dtype
 from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -73,11 +74,6 @@ class _Launched:
     rows: dict[int, int]  # seq_id -> row: where the next step finds the seq's input token
     sample: PendingSample
     t0: float
-
-
-# The fused MoE GEMMs beat one cuBLAS GEMM per expert at every size measured on an H100 (up
-# to 4k-token prefills: benchmarks/RESULTS.md), and CUDA graphs need them.
-FUSED_MOE_MAX_TOKENS = 1 << 62
 
 
 def encode_prompt(
@@ -163,26 +159,25 @@ class Engine:
             ckpt.config, model_dtype, torch.device(device), offload, cache.gpu_memory_utilization,
             reserve_bytes=reserve,
         )  # fmt: skip
+        self.kernels = resolve_kernels(kernels, torch.device(device))
         self.checkpoint, self.model = load_model(
             model_dir, dtype=dtype, device=device, progress=progress, load_format=load_format,
             expert_device="cpu" if slots is not None else None,
+            backend=ModelBackend(triton=self.kernels == "triton"),
         )
         # Experts in host memory run through a per-layer device cache.
         self.expert_store = ExpertStore(self.model, offload, slots) if slots is not None else None
+        experts = self.expert_store.providers() if self.expert_store is not None else None
         cfg = self.model.cfg
         self.model_config = cfg
         path = Path(model_dir)
         self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
-        self.kernels = resolve_kernels(kernels, self.model.device)
-        self.model.use_kernels(
-            self.kernels == "triton", fused_moe_max_tokens=FUSED_MOE_MAX_TOKENS
-        )
-        num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len)
+        num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len, experts)
         graphs = self.kernels == "triton" and self.model.device.type == "cuda" and not enforce_eager
         self.runner = Runner(
             self.model, num_blocks, cache.block_size,
             decode_graphs_up_to=sched.max_num_seqs if graphs else 0,
-            max_model_len=self.max_model_len, max_num_seqs=sched.max_num_seqs,
+            max_model_len=self.max_model_len, max_num_seqs=sched.max_num_seqs, experts=experts,
         )  # fmt: skip
         if async_scheduling is None:
             async_scheduling = self.model.device.type == "cuda"
