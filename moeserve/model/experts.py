@@ -98,7 +98,8 @@ def fused_experts(
     last kernel), through the Triton kernels. triton_route (router.triton_routable): routing,
     alignment and counting in one program (a decode-sized batch), else the torch routing, its
     count and the alignment's torch ops. counter_E: incremented by the tokens per expert."""
-    from moeserve.kernels.fused_moe import fused_moe, moe_block_m
+    from moeserve.kernels.fused_moe import fused_moe
+    from moeserve.kernels.moe_gemm import moe_block_m
 
     t = x_TD.shape[0]
     if triton_route:
