@@ -1,6 +1,6 @@
 """What counting tokens per expert costs: decode throughput with the device-side counters on
-and off, alternating runs in one process (the counters are one in-place add per sparse layer,
-never read during a step).
+and off, alternating runs of two engines in one process (the counters are one in-place add per
+sparse layer, never read during a step; whether a model counts is chosen when it is built).
 
     python benchmarks/expert_count_cost.py --synthetic small --rounds 5
 """
@@ -8,11 +8,13 @@ never read during a step).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -21,7 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from offline_throughput import SYNTHETIC, synthetic_checkpoint  # noqa: E402
 
+import moeserve.engine.engine as engine_module  # noqa: E402
 from moeserve import LLM, SamplingParams  # noqa: E402
+from moeserve.model.backend import ModelBackend  # noqa: E402
+
+
+def build(path: Path, args: argparse.Namespace, count: bool) -> LLM:
+    """An engine whose model counts tokens per expert, or not: ModelBackend.count_tokens, which
+    the engine has no option for (only this measurement turns it off)."""
+    backend = functools.partial(ModelBackend, count_tokens=count)
+    with mock.patch.object(engine_module, "ModelBackend", backend):
+        return LLM(path, dtype=args.dtype, progress=False, max_num_seqs=args.batch,
+                   max_model_len=256, kv_cache_memory=2**30)
 
 
 def main() -> None:
@@ -35,18 +48,19 @@ def main() -> None:
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     path = synthetic_checkpoint(args.synthetic, dtype)
-    llm = LLM(path, dtype=args.dtype, progress=False, max_num_seqs=args.batch, max_model_len=256)
+    llms = {on: build(path, args, on) for on in (True, False)}
+    llm = llms[True]
     moes = [m for _, m in llm.engine.model.moe_layers()]
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 1000, (args.batch, 32), generator=g).tolist()
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     cuda = llm.engine.model.device.type == "cuda"
-    llm.generate(prompts, params)  # warm-up
+    for each in llms.values():
+        each.generate(prompts, params)  # warm-up
     rates: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.rounds):
         for on in (True, False):
-            for m in moes:
-                m.count_tokens = on
+            llm = llms[on]
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -69,7 +83,7 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     op_s = (time.perf_counter() - t0) / reps
-    steps = llm.engine.num_steps / (2 * args.rounds + 1)  # steps per generate() call
+    steps = llms[False].engine.num_steps / (args.rounds + 1)  # steps per generate() call
     step_s = args.batch * args.output_len / off / steps
     op_share = 100 * op_s * len(moes) / step_s
     device = torch.cuda.get_device_name() if cuda else "cpu"
