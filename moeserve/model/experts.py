@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from moeserve.model.backend import split_k_rows
 from moeserve.model.dispatch import Dispatch, expert_counts
 from moeserve.model.router import RouterSpec, route
 
@@ -73,11 +74,10 @@ def fused_router_logits(
 ) -> torch.Tensor:
     """The fused path's router logits [T, E]; at a few rows routed by the Triton program,
     float32 split-K partials [S, T, E] that the program adds up (one launch, not cuBLAS's two)."""
-    if triton_route:
+    if triton_route and split_k_rows(x_TD):
         from moeserve.kernels import linear
 
-        if linear.applicable(x_TD):
-            return linear.linear_partials(x_TD, router_ED)
+        return linear.linear_partials(x_TD, router_ED)
     return F.linear(x_TD, router_ED)
 
 
