@@ -26,6 +26,7 @@ from triton.runtime.errors import OutOfResources
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeserve.kernels import fused_moe as fm  # noqa: E402
+from moeserve.kernels import moe_gemm as mg  # noqa: E402
 from moeserve.kernels.paged_attention import paged_decode_attention  # noqa: E402
 
 E, K_TOP, D, F = 8, 2, 4096, 14336
@@ -64,8 +65,8 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
     weights = torch.rand(t, K_TOP, device="cuda")
     touched = experts.unique().numel()
     rows = []
-    base1 = fm._config(t, E, K_TOP, 2 * F, D, torch.bfloat16)
-    base2 = fm._config(t, E, K_TOP, D, F, torch.bfloat16)
+    base1 = mg.gemm_config(t, E, K_TOP, 2 * F, D, torch.bfloat16)
+    base2 = mg.gemm_config(t, E, K_TOP, D, F, torch.bfloat16)
     for name, w, n, k, base in (("gate_up", w1, 2 * F, D, base1), ("down", w2, D, F, base2)):
         a = (
             x
@@ -87,7 +88,7 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
             rw = weights.flatten() if name == "down" and split == 1 else None
             args = (a, w, c, rw, ids, blocks, used, None, per_a, cfg)
             try:
-                s = bench(lambda args=args: fm._moe_gemm(*args))
+                s = bench(lambda args=args: mg.moe_gemm(*args))
             except OutOfResources:  # a sweep point over shared memory
                 continue
             rows.append(

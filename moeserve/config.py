@@ -45,6 +45,14 @@ class ModelConfig:
     top_k: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    # Router rules beyond softmax top-k (model/router.py): "softmax" or "sigmoid" scores,
+    # group-limited top-k (both None: plain top-k), a factor on the weights, and whether an
+    # e_score_correction_bias steers the selection.
+    scoring_func: str = "softmax"
+    n_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+    router_correction_bias: bool = False
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     sparse_layers: tuple[bool, ...] = ()  # True where the layer is MoE, False for a dense MLP
     dense_intermediate_size: int = 0  # the MLP of dense layers

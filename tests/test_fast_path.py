@@ -97,7 +97,7 @@ def test_interpreted_captured_step_path(
     (added by the routing program), of qkv (by the rotary kernel, which reads cos/sin from the
     table by position) and of the output projection (by the residual-add norm)."""
     import moeserve.kernels.linear as linear
-    import moeserve.model.decoder as decoder
+    import moeserve.model.backend as backend
 
     path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2)
     kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
@@ -120,7 +120,7 @@ def test_interpreted_captured_step_path(
         ]
 
     want = run("torch")
-    monkeypatch.setattr(decoder, "_FUSED_ELEMENTWISE_MIN_TOKENS", 1)
+    monkeypatch.setattr(backend, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
     monkeypatch.setattr(linear, "linear_partials", counted)
     _assert_same(run("triton"), want, 1e-4)
     assert max(t for t, _ in calls) <= linear.MAX_ROWS

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from moeserve.config import ModelConfig  # noqa: E402
-from moeserve.kernels import fused_moe as fm  # noqa: E402
-from moeserve.kernels.fused_moe import _config, fused_moe, moe_align, silu_mul  # noqa: E402
+from moeserve.kernels import moe_gemm  # noqa: E402
+from moeserve.kernels.fused_moe import fused_moe, moe_align, silu_mul  # noqa: E402
+from moeserve.kernels.moe_gemm import gemm_config  # noqa: E402
 from moeserve.model.moe import MoE  # noqa: E402
 
 
@@ -99,9 +100,14 @@ def test_moe_align_invariants(T: int, E: int, K: int, block_m: int, sentinel_row
 @pytest.mark.parametrize(
     ("T", "E", "D", "F_", "split_k"),
     # 40, 72: tails in every dimension; split 3 of 3 or 5 K blocks leaves a short last split
-    [(1, 4, 32, 32, 1), (3, 8, 48, 80, 1), (17, 6, 40, 72, 1), (1, 4, 40, 72, 3),
-     (5, 8, 48, 80, 3)],
-)  # fmt: skip
+    [
+        (1, 4, 32, 32, 1),
+        (3, 8, 48, 80, 1),
+        (17, 6, 40, 72, 1),
+        (1, 4, 40, 72, 3),
+        (5, 8, 48, 80, 3),
+    ],
+)
 def test_fused_matches_readable(T: int, E: int, D: int, F_: int, split_k: int) -> None:
     K = 2
     moe = _moe(E, D, F_, K, torch.float32, "cpu", seed=T)
@@ -141,8 +147,9 @@ def test_sentinel_rows_give_zero(split_k: int) -> None:
     experts_TK[5, 1] = E + 3  # a row with one real expert: only that one counts
 
     out_TD = torch.full((T, D), float("nan"))
-    got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, out_TD=out_TD,
-                    split_k=split_k)  # fmt: skip
+    got = fused_moe(
+        x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, out_TD=out_TD, split_k=split_k
+    )
     assert got.data_ptr() == out_TD.data_ptr()
     assert (got[[1, 4]] == 0).all()
 
@@ -166,26 +173,30 @@ def test_silu_mul_matches_torch() -> None:
 
 
 def test_config_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fm, "interpreting", lambda: False)
-    decode = _config(8, 8, 2, 2 * 14336, 4096, torch.bfloat16)
-    prefill = _config(4096, 8, 2, 2 * 14336, 4096, torch.bfloat16)
+    monkeypatch.setattr(moe_gemm, "interpreting", lambda: False)
+    decode = gemm_config(8, 8, 2, 2 * 14336, 4096, torch.bfloat16)
+    prefill = gemm_config(4096, 8, 2, 2 * 14336, 4096, torch.bfloat16)
     assert decode["BLOCK_M"] == 16 and prefill["BLOCK_M"] == 128
     assert prefill["BLOCK_N"] == 256 and prefill["num_warps"] == 8
     # Same rows per expert, same block: 64 experts top-8 at 64 tokens ~ Mixtral at 32 tokens.
-    assert _config(64, 64, 8, 1024, 2048, torch.bfloat16)["BLOCK_M"] == 16
-    small = _config(4096, 8, 2, 40, 20, torch.bfloat16)  # clamped to the problem, >= 16
+    assert gemm_config(64, 64, 8, 1024, 2048, torch.bfloat16)["BLOCK_M"] == 16
+    small = gemm_config(4096, 8, 2, 40, 20, torch.bfloat16)  # clamped to the problem, >= 16
     assert small["BLOCK_N"] == 64 and small["BLOCK_K"] == 32
-    assert _config(1, 8, 2, 16, 16, torch.bfloat16)["BLOCK_K"] == 16
+    assert gemm_config(1, 8, 2, 16, 16, torch.bfloat16)["BLOCK_K"] == 16
     # Decode on an H100-sized part: both GEMMs split K to fill the SMs; prefill never does.
     import moeserve.kernels as kernels
 
     monkeypatch.setattr(kernels, "num_sms", lambda: 132)
-    up1, down1 = _config(1, 8, 2, 2 * 14336, 4096, torch.bfloat16), _config(
-        1, 8, 2, 4096, 14336, torch.bfloat16)  # fmt: skip
+    up1, down1 = (
+        gemm_config(1, 8, 2, 2 * 14336, 4096, torch.bfloat16),
+        gemm_config(1, 8, 2, 4096, 14336, torch.bfloat16),
+    )
     assert up1["SPLIT_K"] > 1 and down1["SPLIT_K"] > up1["SPLIT_K"]
-    assert prefill["SPLIT_K"] == 1 and _config(4096, 8, 2, 4096, 14336, torch.bfloat16)[
-        "SPLIT_K"] == 1  # fmt: skip
-    fp32 = _config(4096, 8, 2, 4096, 4096, torch.float32)
+    assert (
+        prefill["SPLIT_K"] == 1
+        and gemm_config(4096, 8, 2, 4096, 14336, torch.bfloat16)["SPLIT_K"] == 1
+    )
+    fp32 = gemm_config(4096, 8, 2, 4096, 4096, torch.float32)
     assert fp32["BLOCK_K"] <= 32 and fp32["num_stages"] <= 3
 
 
@@ -286,7 +297,8 @@ def test_residual_add_matches_the_separate_add(split_k: int) -> None:
     weights_TK, experts_TK = _routing(T, E, K, seed=14)
     experts_TK[2] = E  # a padding row: the residual passes through unchanged
     plain = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, split_k=split_k)
-    got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, split_k=split_k,
-                    residual_TD=res_TD)  # fmt: skip
+    got = fused_moe(
+        x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, split_k=split_k, residual_TD=res_TD
+    )
     torch.testing.assert_close(got, res_TD + plain, rtol=0, atol=0)
     assert torch.equal(got[2], res_TD[2])

@@ -1,15 +1,24 @@
-"""One-program routing + alignment against route() and moe_align() (interpreter on CPU)."""
+"""One-program routing + alignment against the router's torch backend and moe_align()
+(interpreter on CPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moeserve.model.moe import route
+from moeserve.model.router import RouterSpec
+from moeserve.model.router import route as route_with
 
 pytest.importorskip("triton")
 from moeserve.kernels import moe_routing  # noqa: E402
 from moeserve.kernels.fused_moe import moe_align  # noqa: E402
+
+
+def route(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend of the router, softmax top-k."""
+    spec = RouterSpec(num_experts=logits.shape[-1], top_k=k, renormalize=renorm)
+    weights, experts, _ = route_with(logits, spec)
+    return weights, experts
 
 
 def _devices() -> list:
@@ -53,9 +62,12 @@ def test_applicable_bounds_the_tile() -> None:
 
 @pytest.mark.parametrize(
     ("device", "dtype"),  # bf16 dots: GPU only (see tests/test_kernel_linear.py)
-    [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
-     pytest.param("cuda", torch.float32, marks=pytest.mark.gpu)],
-)  # fmt: skip
+    [
+        ("cpu", torch.float32),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+        pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+    ],
+)
 def test_router_partials_route_as_the_rounded_logits(device: str, dtype: torch.dtype) -> None:
     """Split-K router partials, added and rounded inside the program, route exactly as the
     logits F.linear returns in the model dtype (the same sum of the same partials)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeserve.model.layers import apply_rotary, rms_norm
+from moeserve.model.layers import rms_norm
+from moeserve.model.rotary import apply_rotary
 
 pytest.importorskip("triton")
 from moeserve.kernels.norm_rope import apply_rotary_  # noqa: E402
@@ -13,8 +14,10 @@ from moeserve.kernels.norm_rope import rms_norm as fused_rms_norm  # noqa: E402
 
 
 def _device_cases() -> list:
-    return [pytest.param("cpu", torch.float32), pytest.param("cuda", torch.bfloat16,
-                                                            marks=pytest.mark.gpu)]  # fmt: skip
+    return [
+        pytest.param("cpu", torch.float32),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+    ]
 
 
 @pytest.mark.parametrize(("device", "dtype"), _device_cases())
@@ -67,9 +70,12 @@ def test_add_rms_norm_matches_the_two_ops(device: str, dtype: torch.dtype) -> No
 
 @pytest.mark.parametrize(
     ("device", "dtype"),
-    [("cpu", torch.float32), ("cpu", torch.float16),
-     pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)],
-)  # fmt: skip
+    [
+        ("cpu", torch.float32),
+        ("cpu", torch.float16),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+    ],
+)
 def test_add_rms_norm_adds_linear_partials(device: str, dtype: torch.dtype) -> None:
     """A projection's float32 split-K partials as the delta: summed and rounded to the model
     dtype first, the result is that of add_rms_norm on the projection's rounded output."""
@@ -83,9 +89,11 @@ def test_add_rms_norm_adds_linear_partials(device: str, dtype: torch.dtype) -> N
     want_total, want_normed = add_rms_norm(x, parts.sum(0).to(dtype), w, 1e-6)
     assert torch.equal(total, want_total)
     torch.testing.assert_close(normed, want_normed, rtol=1e-6, atol=1e-6)
+    from moeserve.model.backend import fused_add_rms_norm
+
     strided = torch.randn(4, 3, 80, generator=g).to(device)[:, :, ::2]  # the fallback path
-    got = add_rms_norm(x, strided, w, 1e-6)
-    want = add_rms_norm(x, strided.sum(0).to(dtype), w, 1e-6)
+    got = fused_add_rms_norm(x, strided, w, 1e-6)
+    want = fused_add_rms_norm(x, strided.sum(0).to(dtype), w, 1e-6)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -137,9 +145,12 @@ def test_rotary_reads_table_rows_by_position(device: str, dtype: torch.dtype) ->
 
 @pytest.mark.parametrize(
     ("device", "dtype"),
-    [("cpu", torch.float32), ("cpu", torch.float16),
-     pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)],
-)  # fmt: skip
+    [
+        ("cpu", torch.float32),
+        ("cpu", torch.float16),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+    ],
+)
 @pytest.mark.parametrize("table", [False, True])
 def test_rotary_from_qkv_partials(device: str, dtype: torch.dtype, table: bool) -> None:
     """The qkv projection's split-K partials in, rotated queries out and keys/values in the

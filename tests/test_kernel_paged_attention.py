@@ -1,4 +1,4 @@
-"""The Triton paged decode-attention kernel against the readable path (layers.paged_attention).
+"""The Triton paged decode-attention kernel against the readable path (model/attention.py).
 
 On CPU the kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET), in float32
 with tiny shapes: indexing, masking, windows, GQA and the split-K merge must match to ~1e-5.
@@ -17,9 +17,23 @@ pytest.importorskip("triton")
 
 from moeserve.kernels import paged_attention as pa_module  # noqa: E402
 from moeserve.kernels.paged_attention import PARTITION_SIZE, paged_decode_attention  # noqa: E402
-from moeserve.model.layers import AttentionMetadata, paged_attention  # noqa: E402
+from moeserve.model.attention import PagedAttention  # noqa: E402
+from moeserve.model.metadata import AttentionMetadata  # noqa: E402
 
 P = PARTITION_SIZE
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+    decode_kernel: bool = False,
+) -> torch.Tensor:
+    """The paged backend's attention (readable decodes, or the Triton decode kernel)."""
+    return PagedAttention(decode_kernel=decode_kernel).attend(q, (k, v), meta, scale, window)
 
 
 def _make_case(
@@ -288,8 +302,15 @@ def test_cuda_graph_replay_after_inputs_change():
 
 
 def _mixed_step(
-    dec_ctxs: list[int], prefills: list[tuple[int, int]], heads: int, groups: int, x: int,
-    block: int, dtype: torch.dtype, device: str, gen: torch.Generator,
+    dec_ctxs: list[int],
+    prefills: list[tuple[int, int]],
+    heads: int,
+    groups: int,
+    x: int,
+    block: int,
+    dtype: torch.dtype,
+    device: str,
+    gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, list[list[int]]]:
     """q and a paged cache in shuffled blocks for decodes beside prefill chunks (n new tokens
     at the end of a ctx-token context each), with the readable path's metadata."""
@@ -308,11 +329,13 @@ def _mixed_step(
     v = torch.randn(n_blocks, block, groups, x, **kw)
     q = torch.randn(sum(query_lens), heads, x, **kw)
     meta = AttentionMetadata(
-        query_lens=query_lens, context_lens=ctxs, num_decodes=len(dec_ctxs),
+        query_lens=query_lens,
+        context_lens=ctxs,
+        num_decodes=len(dec_ctxs),
         block_tables_BM=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
         context_lens_B=torch.tensor(ctxs, device=device),
         slot_mapping_T=torch.zeros(len(q), dtype=torch.int64, device=device),
-    )  # fmt: skip
+    )
     return q, k, v, meta, tables
 
 
@@ -355,8 +378,14 @@ def test_cuda_varlen_prefill_matches_one_sdpa_per_chunk(decodes):
         runner, meta.query_lens[decodes:], meta.context_lens[decodes:], tables[decodes:]
     )  # type: ignore[arg-type]
     packed = paged_attention(q, k, v, meta, scale, None, decode_kernel=True)
-    exact = paged_attention(q.double(), k.double(), v.double(),
-                            dataclasses.replace(meta, prefill_pack=None), scale, None)  # fmt: skip
+    exact = paged_attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        dataclasses.replace(meta, prefill_pack=None),
+        scale,
+        None,
+    )
     err_loop, err_packed = _rel_err(loop, exact), _rel_err(packed, exact)
     assert err_packed < 1e-2 and err_packed <= 2.0 * err_loop, (err_packed, err_loop)
     # A window wider than every context changes nothing; a narrower one takes the loop.

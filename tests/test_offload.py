@@ -115,8 +115,12 @@ def _replay(trace, slots: int, num_experts: int, policy_name: str) -> dict[str, 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_counts_equal_replay_of_routing_trace(ckpt: Path, policy: str, prefetch: bool) -> None:
     llm = LLM(
-        ckpt, progress=False, expert_cache_slots=3, offload_mode="fetch",
-        expert_cache_policy=policy, prefetch=prefetch,
+        ckpt,
+        progress=False,
+        expert_cache_slots=3,
+        offload_mode="fetch",
+        expert_cache_policy=policy,
+        prefetch=prefetch,
     )
     store = llm.engine.executor.expert_store
     for layer in store.layers:
@@ -166,8 +170,12 @@ def test_dummy_weights_need_no_safetensors(ckpt: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"cache_slots": 0}, "expert_cache_slots"), ({"mode": "disk"}, "offload_mode"),
-     ({"policy": "fifo"}, "expert_cache_policy"), ({"cache_bytes": -1}, "expert_cache_gb")],
+    [
+        ({"cache_slots": 0}, "expert_cache_slots"),
+        ({"mode": "disk"}, "offload_mode"),
+        ({"policy": "fifo"}, "expert_cache_policy"),
+        ({"cache_bytes": -1}, "expert_cache_gb"),
+    ],
 )
 def test_bad_offload_options(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -195,9 +203,7 @@ def test_gpu_greedy_tokens_identical(ckpt: Path, mode: str) -> None:
 def test_server_exports_expert_cache_metrics(tmp_path_factory: pytest.TempPathFactory) -> None:
     from tests.server_fixture import build_checkpoint, start_server
 
-    srv = start_server(
-        build_checkpoint(tmp_path_factory), engine_kwargs={"expert_cache_slots": 2}
-    )
+    srv = start_server(build_checkpoint(tmp_path_factory), engine_kwargs={"expert_cache_slots": 2})
     try:
         client = srv.client()
         r = client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 8})
@@ -208,13 +214,24 @@ def test_server_exports_expert_cache_metrics(tmp_path_factory: pytest.TempPathFa
             assert f'moeserve_expert_cache_misses_total{{layer="{s.layer}"}} {s.misses}.0' in body
             assert f'moeserve_expert_cache_slots{{layer="{s.layer}"}} 2.0' in body
         assert sum(s.hits + s.misses for s in stats) > 0
-        for name in ("hits", "evictions", "prefetches_issued", "prefetches_used",
-                     "copied_bytes", "cpu_experts", "copy_wait_seconds", "cpu_seconds"):
+        for name in (
+            "hits",
+            "evictions",
+            "prefetches_issued",
+            "prefetches_used",
+            "copied_bytes",
+            "cpu_experts",
+            "copy_wait_seconds",
+            "cpu_seconds",
+        ):
             assert f"moeserve_expert_cache_{name}_total" in body
         promtool = shutil.which("promtool")
         if promtool is not None:  # CI installs it (.ci/run); test_metrics.py covers the rest
             report = subprocess.run(
-                [promtool, "check", "metrics"], input=body, capture_output=True, text=True,
+                [promtool, "check", "metrics"],
+                input=body,
+                capture_output=True,
+                text=True,
                 timeout=60,
             )
             assert report.returncode == 0 and report.stdout.strip() == "", report
@@ -224,9 +241,18 @@ def test_server_exports_expert_cache_metrics(tmp_path_factory: pytest.TempPathFa
 
 # The Mixtral-8x7B shape and what an H100 80GB HBM3 reports (total bytes, ~600 MiB context).
 MIXTRAL_8X7B = dict(
-    model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
-    num_experts_per_tok=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
+    model_type="mixtral",
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    rms_norm_eps=1e-5,
 )
 H100_80GB = (81559 << 20) - (600 << 20), 81559 << 20
 
@@ -240,9 +266,14 @@ def _plan(raw: dict, memory: tuple[int, int], util: float = 0.9, max_len: int = 
     sched = SchedulerConfig(max_model_len=max_len)
     reserve = offload_reserve_bytes(cfg, torch.bfloat16, sched, max_len)
     slots = plan_expert_slots(
-        cfg, torch.bfloat16, torch.device("cuda"), OffloadConfig(), util,
-        reserve_bytes=reserve, memory_info=memory,
-    )  # fmt: skip
+        cfg,
+        torch.bfloat16,
+        torch.device("cuda"),
+        OffloadConfig(),
+        util,
+        reserve_bytes=reserve,
+        memory_info=memory,
+    )
     return cfg, reserve, slots
 
 

@@ -1,4 +1,4 @@
-"""The staged forward (cut at every offloaded layer's experts, for piecewise CUDA graphs)
+"""The staged forward (cut at every layer handed an expert provider, for piecewise CUDA graphs)
 computes exactly the plain forward, padding rows included; on the GPU, graphs replay it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
-from moeserve.model.layers import AttentionMetadata
+from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.staged import StagedForward
 from tests.checkpoints import make_checkpoint
 
@@ -63,16 +63,17 @@ def test_staged_forward_equals_plain_forward(tmp_path: Path, family: str) -> Non
     _prefill(llm, prompts, 16)
     scratch = eng.executor.num_blocks - 1  # unused by this test's sequences
     ids, pos, meta = _decode_inputs(prompts, 0, 16, scratch)
-    counts0 = model.tokens_per_expert().clone()
-    want = model.compute_logits(model(ids, pos, meta, kv))
+    experts = eng.executor.runner.experts
+    assert sorted(experts) == [i for i, _ in model.moe_layers()]  # the expert store's
+    counts0 = model.tokens_per_expert()
+    want = model.compute_logits(model(ids, pos, meta, kv, experts))
     plain_counts = model.tokens_per_expert() - counts0
 
     for pad in (0, 2):  # padding rows: routed nowhere, not counted, real rows unchanged
         ids, pos, meta = _decode_inputs(prompts, pad, 16, scratch)
-        staged = StagedForward(model, ids, pos, meta, kv)
-        n_sparse = sum(1 for _, m in model.moe_layers())
-        assert staged.num_stages == n_sparse + 1
-        before = model.tokens_per_expert().clone()
+        staged = StagedForward(model, ids, pos, meta, kv, experts)
+        assert staged.num_stages == len(experts) + 1
+        before = model.tokens_per_expert()
         got = staged.run()
         if pad:  # GEMMs over more rows may round differently (MKL picks kernels by shape)
             torch.testing.assert_close(got[: len(prompts)], want, rtol=1e-5, atol=1e-6)

@@ -244,7 +244,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     from moeserve import LLM
     from moeserve.bench.floors import copy_bandwidth, host_to_device_bandwidth, matmul_rate
     from moeserve.bench.synthetic import synthetic_model
-    from moeserve.cli import engine_config
+    from moeserve.cli_options import engine_config
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.floor and not device.startswith("cuda"):

@@ -7,10 +7,11 @@ expert. Python, the launch of every kernel and the dispatcher's overhead vanish:
 step costs what the GPU spends reading the weights. Needs the Triton kernels (no host reads
 inside the forward).
 
-With experts offloaded, each size gets one graph per stage of a StagedForward (the forward cut
-at every offloaded layer's experts): a step replays stage 0, runs that layer's experts eagerly
-(the routing read, cache fetches), replays stage 1, and so on. Attention, norms, routers and
-dispatch then cost no launch overhead, so the host's time goes to the expert cache alone.
+With expert providers (offloaded experts), each size gets one graph per stage of a
+StagedForward (the forward cut at every layer with a provider): a step replays stage 0, runs
+that layer's provider eagerly (the routing read, cache fetches), replays stage 1, and so on.
+Attention, norms, routers and dispatch then cost no launch overhead, so the host's time goes to
+the expert cache alone.
 
 Shapes: P padded batch (a captured size), M max blocks per sequence, V vocab.
 """
@@ -19,17 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from moeserve.engine.batch import Work
+from moeserve.model.attention import KVCache
 from moeserve.model.decoder import MoEForCausalLM
-from moeserve.model.layers import AttentionMetadata
+from moeserve.model.experts import ExpertProvider
+from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.staged import StagedForward
-
-if TYPE_CHECKING:
-    from moeserve.engine.runner import Work
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,19 @@ class DecodeGraphs:
     def __init__(
         self,
         model: MoEForCausalLM,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[KVCache],
         block_size: int,
         max_blocks_per_seq: int,
         scratch_block: int,
         sizes: Sequence[int],
         fed_R: torch.Tensor | None = None,
+        experts: Mapping[int, ExpertProvider] | None = None,
     ) -> None:
-        """fed_R: the runner's device copy of the last step's sampled tokens (see run)."""
+        """fed_R: the runner's device copy of the last step's sampled tokens (see run).
+        experts: layer index -> the provider of its routed experts (offloading): the graphs
+        are then captured in stages between those layers."""
         self.model = model
+        self.experts = dict(experts or {})
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.scratch_block = scratch_block
@@ -80,8 +84,8 @@ class DecodeGraphs:
         self._vec = torch.zeros(_FIELDS, p, dtype=torch.int64, device=dev)
         self._tables = torch.zeros(p, m, dtype=torch.int64, device=dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Offloaded experts: per size, a graph per stage and the staged forward they replay.
-        self.staged = any(moe.offload is not None for _, moe in model.moe_layers())
+        # Expert providers: per size, a graph per stage and the staged forward they replay.
+        self.staged = bool(self.experts)
         self._stages: dict[int, tuple[list[torch.cuda.CUDAGraph], StagedForward]] = {}
         for turn in (1, 0):
             self._use_host(turn)
@@ -148,13 +152,15 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info(
             "captured %d decode CUDA graphs (batch %d..%d%s) in %.1f s",
-            len(self.sizes), self.sizes[0], self.max_size,
+            len(self.sizes),
+            self.sizes[0],
+            self.max_size,
             ", one per stage between offloaded experts" if self.staged else "",
             time.monotonic() - t0,
-        )  # fmt: skip
+        )
 
     def _capture_stages(self, size: int, pool: tuple[int, int], side: torch.cuda.Stream) -> None:
-        staged = StagedForward(self.model, *self._inputs(size), self.kv_caches)
+        staged = StagedForward(self.model, *self._inputs(size), self.kv_caches, self.experts)
         # Warm-up without the expert steps: every row is padding (routed nowhere), so there
         # is nothing to fetch and nothing reaches the cache's counters.
         side.wait_stream(torch.cuda.current_stream())

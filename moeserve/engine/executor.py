@@ -19,14 +19,10 @@ from moeserve.engine.expert_store import ExpertCacheStats, ExpertStore
 from moeserve.engine.kv_budget import offload_reserve_bytes, plan_expert_slots, plan_num_blocks
 from moeserve.engine.placement import resolve_device, resolve_kernels
 from moeserve.engine.runner import Runner, Work
+from moeserve.model.backend import ModelBackend
 from moeserve.model.loader import inspect_checkpoint, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
-
-# The fused MoE GEMMs beat one cuBLAS GEMM per expert at every size measured on an H100 (up
-# to 4k-token prefills), and CUDA graphs need them.
-FUSED_MOE_MAX_TOKENS = 1 << 62
-
 
 class Executor:
     """The model, ready to run steps. Shapes: R sampled rows, V vocab."""
@@ -70,6 +66,7 @@ class Executor:
             cache.gpu_memory_utilization,
             reserve_bytes=reserve,
         )
+        self.kernels = resolve_kernels(config.kernels.kernels, torch.device(device))
         self.checkpoint, self.model = load_model(
             load.path,
             dtype=dtype,
@@ -77,13 +74,13 @@ class Executor:
             progress=progress,
             load_format=load.load_format,
             expert_device="cpu" if slots is not None else None,
+            backend=ModelBackend(triton=self.kernels == "triton"),
         )
-        # Experts in host memory run through a per-layer device cache.
+        # Experts in host memory run through a per-layer device cache, handed to every forward.
         self.expert_store = ExpertStore(self.model, offload, slots) if slots is not None else None
+        experts = self.expert_store.providers() if self.expert_store is not None else None
         self.model_config = self.model.cfg
-        self.kernels = resolve_kernels(config.kernels.kernels, self.model.device)
-        self.model.use_kernels(self.kernels == "triton", fused_moe_max_tokens=FUSED_MOE_MAX_TOKENS)
-        self.num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len)
+        self.num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len, experts)
         self.block_size = cache.block_size
         on_cuda = self.model.device.type == "cuda"
         self.graphs = self.kernels == "triton" and on_cuda and not config.kernels.enforce_eager
@@ -94,6 +91,7 @@ class Executor:
             decode_graphs_up_to=sched.max_num_seqs if self.graphs else 0,
             max_model_len=self.max_model_len,
             max_num_seqs=sched.max_num_seqs,
+            experts=experts,
         )
         asynchronous = config.kernels.async_scheduling
         self.async_scheduling = on_cuda if asynchronous is None else asynchronous

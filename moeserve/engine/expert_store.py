@@ -1,13 +1,14 @@
 """Where each routed expert lives: a bounded per-layer device cache over host memory.
 
-Per step and layer, after routing, the batch's distinct experts are known (one host read of
-the per-expert counts, which the dispatch needs anyway). Each missed expert is copied once
-for the whole batch on a copy stream into a cache slot chosen by the eviction policy, or
-computed on the CPU from its host weights when that is cheaper (mode "cpu", or "auto" with a
-cost model measured at startup). Layer L also applies layer L+1's router to its own input
-and starts copying the experts it predicts, so they arrive while layer L computes; a wrong
-guess costs bandwidth, never correctness. On a CPU-only machine both tiers are host memory
-and the same logic runs, so CI tests it.
+Each sparse layer's cache is an ExpertProvider (model/experts.py) that the engine hands to
+the model's forward. Per step and layer, after routing, the batch's distinct experts are known
+(one host read of the per-expert counts, which the dispatch needs anyway). Each missed expert
+is copied once for the whole batch on a copy stream into a cache slot chosen by the eviction
+policy, or computed on the CPU from its host weights when that is cheaper (mode "cpu", or
+"auto" with a cost model measured at startup). Layer L also routes its own input with layer
+L+1's router (the same route() as the layer's) and starts copying the experts it predicts, so
+they arrive while layer L computes; a wrong guess costs bandwidth, never correctness. On a
+CPU-only machine both tiers are host memory and the same logic runs, so CI tests it.
 
 Semantics (what tests replay): for each forward of a layer, `needed` = experts with tokens,
 ascending. Resident ones are hits (touched in order); the others are misses. Fetched misses
@@ -23,12 +24,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from moeserve.config import OffloadConfig
 from moeserve.engine.cache_policy import CachePolicy, make_policy
 from moeserve.model.decoder import MoEForCausalLM
-from moeserve.model.moe import MoE, expert_mlp
+from moeserve.model.dispatch import Dispatch, expert_counts
+from moeserve.model.experts import ExpertProvider, expert_mlp
+from moeserve.model.moe import MoE
 
 
 @dataclass
@@ -64,7 +66,7 @@ class CostModel:
 
 
 class LayerCache:
-    """One sparse layer's slots; implements the MoE layer's ExpertRunner protocol."""
+    """One sparse layer's slots; the ExpertProvider of that layer's routed experts."""
 
     def __init__(self, layer: int, moe: MoE, slots: int, store: ExpertStore) -> None:
         self.layer, self.moe, self.store = layer, moe, store
@@ -165,15 +167,14 @@ class LayerCache:
                 self.stats.prefetches_issued += 1
 
     # ------------------------------------------------------------------- compute
-    def run(
-        self, x_TD: torch.Tensor, x_RD: torch.Tensor, counts_E: torch.Tensor, y_RD: torch.Tensor
-    ) -> None:
+    def run(self, d: Dispatch) -> None:
+        x_RD, counts_E, y_RD = d.x_RD, d.counts_E, d.y_RD
         num_e = counts_E.shape[0]
         predict = self.next is not None and self.store.config.prefetch
         if predict:
-            nxt = self.next.moe
-            guess_TK = torch.topk(F.linear(x_TD, nxt.router), nxt.top_k, dim=-1).indices
-            both = torch.cat([counts_E, torch.bincount(guess_TK.flatten(), minlength=num_e)])
+            assert self.next is not None
+            _, guess_TK = self.next.moe.select_experts(d.x_TD)
+            both = torch.cat([counts_E, expert_counts(guess_TK.flatten(), num_e)])
             host = both.tolist()  # the one device->host read of this layer
         else:
             host = counts_E.tolist()
@@ -279,9 +280,12 @@ class ExpertStore:
         for a, b in zip(self.layers, self.layers[1:]):
             a.next = b
         self.cost = measure_cost(self.layers[0]) if config.mode == "auto" else None
-        for layer, (_, moe) in zip(self.layers, moes):
+        for layer in self.layers:
             layer.fill(list(range(self.slots)))
-            moe.offload = layer
+
+    def providers(self) -> dict[int, ExpertProvider]:
+        """Layer index -> the provider of its routed experts, for the model's forward."""
+        return {layer.layer: layer for layer in self.layers}
 
     def stats(self) -> list[ExpertCacheStats]:
         for layer in self.layers:

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from moeserve.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
 from moeserve.engine.runner import Runner, check_kv_capacity, kv_bytes_per_block
 from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.experts import ExpertProvider
 
 CPU_DEFAULT_KV_BYTES = 2 << 30  # cap for the CPU KV budget when none is given
 
 
 def plan_num_blocks(
-    model: MoEForCausalLM, cache: CacheConfig, sched: SchedulerConfig, max_model_len: int
+    model: MoEForCausalLM,
+    cache: CacheConfig,
+    sched: SchedulerConfig,
+    max_model_len: int,
+    experts: Mapping[int, ExpertProvider] | None = None,
 ) -> int:
     """Blocks for the KV pool; raises KVCacheTooSmall when one max-length sequence won't fit.
 
     --kv-cache-memory wins; on CUDA, gpu_memory_utilization of the device minus weights and
     measured peak activations; on CPU, max_num_seqs full-length sequences capped at 2 GiB.
+    experts: the expert providers the engine's forwards take (the probe's forward takes them).
     """
     per_block = kv_bytes_per_block(model.cfg, cache.block_size, model.dtype)
     per_seq = -(-max_model_len // cache.block_size)
     if cache.kv_cache_memory is not None:
         blocks = cache.kv_cache_memory // per_block
     elif model.device.type == "cuda":
-        blocks = _cuda_blocks(model, cache, sched, max_model_len, per_block)
+        blocks = _cuda_blocks(model, cache, sched, max_model_len, per_block, experts)
     else:
         blocks = max(per_seq, min(per_seq * sched.max_num_seqs, CPU_DEFAULT_KV_BYTES // per_block))
     check_kv_capacity(blocks, cache.block_size, max_model_len, per_block)
@@ -37,19 +45,19 @@ def _cuda_blocks(
     sched: SchedulerConfig,
     max_model_len: int,
     per_block: int,
+    experts: Mapping[int, ExpertProvider] | None,
 ) -> int:
     """Blocks that fit in gpu_memory_utilization of the device after weights and the peak
     activations of a maximal step (measured with one forward of max_num_batched_tokens)."""
     n = min(sched.max_num_batched_tokens, max_model_len)
     bs = cache.block_size
-    probe = Runner(model, -(-n // bs), bs)
+    probe = Runner(model, -(-n // bs), bs, experts=experts)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    probe.scratch_prefill(n)
+    probe.scratch_prefill(n)  # not traffic: its tokens are not counted
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del probe
-    model.reset_expert_counts()  # the probe's tokens are not traffic
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     # Memory held by other processes counts against the budget too.

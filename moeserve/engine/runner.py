@@ -7,42 +7,25 @@ N blocks, S slots per block, G kv heads, X head dim.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from moeserve.config import ModelConfig
+from moeserve.engine.batch import Work
 from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from moeserve.engine.scheduler import ScheduledSeq
 from moeserve.engine.sequence import Sequence as SeqRecord
 from moeserve.model.decoder import MoEForCausalLM
-from moeserve.model.layers import (
-    AttentionMetadata,
-    PrefillPack,
-    attention_backends,
-    varlen_prefill_supported,
-)
+from moeserve.model.experts import ExpertProvider
+from moeserve.model.layers import attention_backends
+from moeserve.model.metadata import AttentionMetadata, PrefillPack
 
 
 class KVCacheTooSmall(ValueError):
     """The KV budget cannot hold even one maximum-length sequence."""
-
-
-class _Seq(Protocol):
-    token_ids: list[int]
-    block_ids: list[int]
-
-
-class Work(Protocol):
-    """One sequence's share of a step (the scheduler's ScheduledSeq satisfies this)."""
-
-    seq: _Seq
-    start: int
-    num_tokens: int
-    sample: bool
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -90,9 +73,9 @@ class StepInputs:
 class Runner:
     """Turns a list of per-sequence work items into one model forward and sampled-row logits.
 
-    With `decode_graphs_up_to` > 0 (CUDA, Triton kernels, experts resident), decode-only steps
-    of up to that many sequences replay captured CUDA graphs; the KV cache then holds one
-    extra scratch block for the graphs' padding rows.
+    With `decode_graphs_up_to` > 0 (CUDA, Triton kernels), decode-only steps of up to that
+    many sequences replay captured CUDA graphs (one per stage between layers with an expert
+    provider); the KV cache then holds one extra scratch block for the graphs' padding rows.
     """
 
     def __init__(
@@ -104,9 +87,13 @@ class Runner:
         decode_graphs_up_to: int = 0,
         max_model_len: int | None = None,
         max_num_seqs: int = 1,
+        experts: Mapping[int, ExpertProvider] | None = None,
     ) -> None:
-        """max_num_seqs bounds the rows a step samples: `keep_sampled` holds that many."""
+        """max_num_seqs bounds the rows a step samples: `keep_sampled` holds that many.
+        experts: layer index -> the provider of its routed experts (the expert store's, when
+        offloading), handed to every forward; other layers run their resident experts."""
         self.model = model
+        self.experts = dict(experts or {})
         self.device = model.device
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -121,15 +108,19 @@ class Runner:
             max(max_num_seqs, decode_graphs_up_to), dtype=torch.int64, device=model.device
         )
         # Prefills as one flash-attention call rather than a Python loop of SDPAs.
-        self.varlen_prefill = varlen_prefill_supported(model.device, model.dtype,
-                                                       model.cfg.head_dim)  # fmt: skip
+        self.pack_prefills = model.attention.packs_prefills
         self.graphs: DecodeGraphs | None = None
         if decode_graphs_up_to:
             self.graphs = DecodeGraphs(
-                model, self.kv_caches, block_size, -(-self.max_model_len // block_size),
-                scratch_block=num_blocks, sizes=capture_sizes(decode_graphs_up_to),
+                model,
+                self.kv_caches,
+                block_size,
+                -(-self.max_model_len // block_size),
+                scratch_block=num_blocks,
+                sizes=capture_sizes(decode_graphs_up_to),
                 fed_R=self.fed_R,
-            )  # fmt: skip
+                experts=self.experts,
+            )
             self.graphs.capture()
 
     def _scratch_prefills(self, n: int, first_block: int) -> list[ScheduledSeq]:
@@ -146,15 +137,18 @@ class Runner:
 
     def scratch_prefill(self, n: int) -> None:
         """One step of n scratch prefill tokens on blocks 0.. (free at startup: nothing of
-        it outlives the call but the K/V garbage in blocks the pool still counts as free)."""
-        self.execute(self._scratch_prefills(n, 0))
+        it outlives the call but the K/V garbage in blocks the pool still counts as free;
+        its routed tokens are not counted as traffic)."""
+        with self.model.expert_counts_excluded():
+            self.execute(self._scratch_prefills(n, 0))
 
     def scratch_mixed(self, n: int) -> None:
         """One eager step of a decode beside prefills of n scratch tokens (blocks 0..):
         the decode kernels as a mixed step calls them, outside the CUDA graphs."""
         dec = SeqRecord(seq_id=-2, request_id="scratch-decode", prompt_ids=[0, 0], max_tokens=1)
         dec.block_ids = [0]
-        self.execute([ScheduledSeq(dec, 1, 1, True), *self._scratch_prefills(n, 1)])
+        with self.model.expert_counts_excluded():
+            self.execute([ScheduledSeq(dec, 1, 1, True), *self._scratch_prefills(n, 1)])
 
     def warm_up(self, max_tokens: int) -> float:
         """Per power-of-two token count up to max_tokens, one prefill and one mixed step
@@ -162,6 +156,7 @@ class Runner:
         while a request waits. Returns seconds."""
         t0 = time.monotonic()
         n = 1
+
         # Blocks the split prefills may need: one partial block per sequence at most.
         def blocks(tokens: int) -> int:
             return -(-tokens // self.block_size) + -(-tokens // self.max_model_len)
@@ -171,7 +166,6 @@ class Runner:
             if n + 1 <= max_tokens and 1 + blocks(n) <= self.num_blocks:
                 self.scratch_mixed(n)
             n *= 2
-        self.model.reset_expert_counts()  # not traffic
         return time.monotonic() - t0
 
     def keep_sampled(self, tokens_R: torch.Tensor) -> None:
@@ -219,9 +213,8 @@ class Runner:
             context_lens_B=self._on_device(context_lens),
             slot_mapping_T=self._on_device(slots),
         )
-        if self.varlen_prefill and nd < len(query_lens):
-            meta.prefill_pack = self._pack_prefills(query_lens[nd:], context_lens[nd:],
-                                                    tables[nd:])  # fmt: skip
+        if self.pack_prefills and nd < len(query_lens):
+            meta.prefill_pack = self._pack_prefills(query_lens[nd:], context_lens[nd:], tables[nd:])
         ids_T = self._on_device(ids)
         if fed_at:
             ids_T[self._on_device(fed_at)] = self.fed_R[self._on_device(fed_rows)]
@@ -236,19 +229,23 @@ class Runner:
     def _pack_prefills(
         self, query_lens: list[int], context_lens: list[int], tables: list[list[int]]
     ) -> PrefillPack:
-        """The prefills' contexts as cache slots end to end, for layers.PrefillPack."""
+        """The prefills' contexts as cache slots end to end, for metadata.PrefillPack."""
         bs = self.block_size
         offsets = np.arange(bs)
-        slots = np.concatenate([
-            (np.asarray(t[: -(-ctx // bs)], dtype=np.int64)[:, None] * bs + offsets).ravel()[:ctx]
-            for t, ctx in zip(tables, context_lens)
-        ])  # fmt: skip
+
+        def context_slots(table: list[int], ctx: int) -> np.ndarray:
+            blocks = np.asarray(table[: -(-ctx // bs)], dtype=np.int64)
+            return (blocks[:, None] * bs + offsets).ravel()[:ctx]
+
+        slots = np.concatenate([context_slots(t, c) for t, c in zip(tables, context_lens)])
         cu_q = np.cumsum([0, *query_lens], dtype=np.int32)
         cu_k = np.cumsum([0, *context_lens], dtype=np.int32)
+        slots_C, cu_q_P1, cu_k_P1 = (
+            torch.from_numpy(a).to(self.device, non_blocking=True) for a in (slots, cu_q, cu_k)
+        )
         return PrefillPack(
-            *(torch.from_numpy(a).to(self.device, non_blocking=True) for a in (slots, cu_q, cu_k)),
-            max_q=max(query_lens), max_k=max(context_lens),
-        )  # fmt: skip
+            slots_C, cu_q_P1, cu_k_P1, max_q=max(query_lens), max_k=max(context_lens)
+        )
 
     def _on_device(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         # non_blocking: a pageable host->device copy is staged at once and does not wait for
@@ -271,7 +268,9 @@ class Runner:
             return (logits_BV[sampled] if len(sampled) < len(work) else logits_BV), sampled
         inp = self.prepare(work, feed)
         with attention_backends():
-            hidden_TD = self.model(inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches)
+            hidden_TD = self.model(
+                inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches, self.experts
+            )
         logits = self.model.compute_logits(hidden_TD[inp.logits_rows])
         sampled = [i for i in inp.order if work[i].sample]
         return logits, sampled

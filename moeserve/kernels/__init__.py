@@ -60,8 +60,9 @@ def log_later_compiles() -> None:
     log = logging.getLogger("moeserve.kernels")
 
     def hook(**kwargs: object) -> None:
-        log.info("Triton compiles a kernel after the warm-up (the step waits): %s",
-                 kwargs.get("repr"))  # fmt: skip
+        log.info(
+            "Triton compiles a kernel after the warm-up (the step waits): %s", kwargs.get("repr")
+        )
 
     knobs = getattr(triton, "knobs", None)
     if knobs is not None and hasattr(knobs.runtime, "jit_cache_hook"):

@@ -44,10 +44,22 @@ def config(t: int, n: int, k: int) -> dict[str, int]:
 
 @triton.jit(do_not_specialize=["T"])
 def _linear_partials_kernel(
-    x_ptr, w_ptr, out_ptr, T, N, K, stride_xt, stride_wn, stride_os, stride_ot,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    N,
+    K,
+    stride_xt,
+    stride_wn,
+    stride_os,
+    stride_ot,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     s = tl.program_id(2)
@@ -83,10 +95,21 @@ def linear_partials(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     out = torch.empty(cfg["SPLIT"], t, n, dtype=torch.float32, device=x_TK.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(t, cfg["BLOCK_M"]), cfg["SPLIT"])
     _linear_partials_kernel[grid](
-        x_TK, w_NK, out, t, n, k, x_TK.stride(0), w_NK.stride(0), out.stride(0), out.stride(1),
-        DOT_PRECISION="ieee" if x_TK.dtype == torch.float32 else "tf32", num_warps=4,
-        num_stages=1 if interpreting() else 4, **cfg,
-    )  # fmt: skip
+        x_TK,
+        w_NK,
+        out,
+        t,
+        n,
+        k,
+        x_TK.stride(0),
+        w_NK.stride(0),
+        out.stride(0),
+        out.stride(1),
+        DOT_PRECISION="ieee" if x_TK.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=1 if interpreting() else 4,
+        **cfg,
+    )
     return out
 
 

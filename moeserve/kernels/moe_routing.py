@@ -5,7 +5,7 @@ moe_align (count, pad, cumsum, sort, rank, scatter, searchsorted) are ~27 small 
 MoE layer; inside a CUDA graph each still costs a few microseconds of launch gap, as much as
 reading the attention weights at batch 1. One program does it all for batches whose
 [tokens, experts] router tile fits in registers; larger batches keep the torch ops.
-Twins: moeserve.model.moe.route and moeserve.kernels.fused_moe.moe_align.
+Twins: the torch backend of moeserve.model.router.route and moeserve.kernels.fused_moe.moe_align.
 """
 
 from __future__ import annotations
@@ -31,13 +31,33 @@ def applicable(num_tokens: int, num_experts: int, top_k: int) -> bool:
 # variant per divisibility-by-16 pattern, in the middle of serving).
 @triton.jit(do_not_specialize=["T", "P", "Q"])
 def _route_align_kernel(
-    logits_ptr, stride_l, stride_ls, valid_ptr, weights_ptr, experts_ptr, sorted_ptr,
-    block_expert_ptr, num_post_pad_ptr, counts_ptr, T, P, Q,
-    E: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, T_PAD: tl.constexpr,
-    E_PAD: tl.constexpr, K_PAD: tl.constexpr, P_PAD: tl.constexpr, Q_PAD: tl.constexpr,
-    RENORM: tl.constexpr, HAS_VALID: tl.constexpr, COUNT: tl.constexpr,
-    SPLIT: tl.constexpr, ROUND: tl.constexpr,
-):  # fmt: skip
+    logits_ptr,
+    stride_l,
+    stride_ls,
+    valid_ptr,
+    weights_ptr,
+    experts_ptr,
+    sorted_ptr,
+    block_expert_ptr,
+    num_post_pad_ptr,
+    counts_ptr,
+    T,
+    P,
+    Q,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    T_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+    P_PAD: tl.constexpr,
+    Q_PAD: tl.constexpr,
+    RENORM: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    COUNT: tl.constexpr,
+    SPLIT: tl.constexpr,
+    ROUND: tl.constexpr,
+):
     rows = tl.arange(0, T_PAD)
     cols = tl.arange(0, E_PAD)
     kk = tl.arange(0, K_PAD)
@@ -144,14 +164,32 @@ def route_and_align(
     num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
     pad = triton.next_power_of_2
     _route_align_kernel[(1,)](
-        router_logits_TE, router_logits_TE.stride(0), stride_s,
+        router_logits_TE,
+        router_logits_TE.stride(0),
+        stride_s,
         valid_T if valid_T is not None else num_post_pad,  # unused pointer when absent
-        weights, experts, sorted_ids, block_expert, num_post_pad,
+        weights,
+        experts,
+        sorted_ids,
+        block_expert,
+        num_post_pad,
         counts_E if counts_E is not None else weights,  # unused pointer when absent
-        t, p, q,
-        E=e, K=top_k, BLOCK_M=block_m, T_PAD=pad(t), E_PAD=pad(e), K_PAD=pad(top_k),
-        P_PAD=pad(p), Q_PAD=pad(q), RENORM=renormalize, HAS_VALID=valid_T is not None,
-        COUNT=counts_E is not None, SPLIT=split,
-        ROUND=_ROUND[logits_dtype] if split else 0, num_warps=4,
-    )  # fmt: skip
+        t,
+        p,
+        q,
+        E=e,
+        K=top_k,
+        BLOCK_M=block_m,
+        T_PAD=pad(t),
+        E_PAD=pad(e),
+        K_PAD=pad(top_k),
+        P_PAD=pad(p),
+        Q_PAD=pad(q),
+        RENORM=renormalize,
+        HAS_VALID=valid_T is not None,
+        COUNT=counts_E is not None,
+        SPLIT=split,
+        ROUND=_ROUND[logits_dtype] if split else 0,
+        num_warps=4,
+    )
     return weights, experts, (sorted_ids, block_expert, num_post_pad)

@@ -3,7 +3,7 @@
 In a CUDA-graph decode step every elementwise torch op is its own kernel of a few microseconds
 (RMSNorm is six, rotary ten for q and k): at batch 1 those gaps cost as much as reading the
 attention weights. These kernels do each in one pass. Twins: moeserve.model.layers.rms_norm
-and apply_rotary.
+and moeserve.model.rotary.apply_rotary.
 """
 
 from __future__ import annotations
@@ -27,25 +27,42 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BLOCK_D:
 
 
 def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * normalise(x) over the last dim of a 2-D [T, D] tensor (rows may be strided)."""
+    """weight * normalise(x) over the last dim of a 2-D [T, D] tensor of T > 0 rows with unit
+    column stride (the rows may be strided)."""
     t, d = x_TD.shape
+    assert t and x_TD.stride(1) == 1
     out = torch.empty((t, d), dtype=x_TD.dtype, device=x_TD.device)
-    if t and x_TD.stride(1) == 1:
-        _rms_norm_kernel[(t,)](
-            x_TD, weight_D, out, d, x_TD.stride(0), out.stride(0), eps,
-            BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8,
-        )  # fmt: skip
-        return out
-    from moeserve.model.layers import rms_norm as readable
-
-    return readable(x_TD, weight_D, eps)
+    _rms_norm_kernel[(t,)](
+        x_TD,
+        weight_D,
+        out,
+        d,
+        x_TD.stride(0),
+        out.stride(0),
+        eps,
+        BLOCK_D=triton.next_power_of_2(d),
+        num_warps=4 if d <= 4096 else 8,
+    )
+    return out
 
 
 @triton.jit
 def _add_rms_norm_kernel(
-    x_ptr, d_ptr, sum_ptr, out_ptr, w_ptr, D, stride_x, stride_d, stride_s, stride_o, eps,
-    stride_dp, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    d_ptr,
+    sum_ptr,
+    out_ptr,
+    w_ptr,
+    D,
+    stride_x,
+    stride_d,
+    stride_s,
+    stride_o,
+    eps,
+    stride_dp,
+    BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -73,30 +90,33 @@ def add_rms_norm(
     """(x + delta, rms_norm(x + delta)) in one pass; the readable twin is the two ops.
 
     delta_TD may be float32 partials [split, T, D] of a linear layer (kernels.linear): they are
-    added and rounded to x's dtype first, as the layer's output would have been."""
+    added and rounded to x's dtype first, as the layer's output would have been. T > 0 rows,
+    each with unit column stride (the caller takes the readable ops otherwise)."""
     t, d = x_TD.shape
     split, stride_p = 0, 0
     if delta_TD.dim() == 3:
         split, stride_p = delta_TD.shape[0], delta_TD.stride(0)
-        if not (t and x_TD.stride(1) == 1 and delta_TD.stride(2) == 1):
-            from moeserve.kernels.linear import reduce_partials
-
-            delta_TD = reduce_partials(delta_TD, x_TD.dtype)
-            split = 0
-        else:
-            delta_TD = delta_TD[0]
-    if not (t and x_TD.stride(1) == 1 and delta_TD.stride(1) == 1):
-        from moeserve.model.layers import rms_norm as readable
-
-        s = x_TD + delta_TD
-        return s, readable(s, weight_D, eps)
+        delta_TD = delta_TD[0]
+    assert t and x_TD.stride(1) == 1 and delta_TD.stride(1) == 1
     s = torch.empty((t, d), dtype=x_TD.dtype, device=x_TD.device)
     out = torch.empty_like(s)
     _add_rms_norm_kernel[(t,)](
-        x_TD, delta_TD, s, out, weight_D, d, x_TD.stride(0), delta_TD.stride(0), s.stride(0),
-        out.stride(0), eps, stride_p, BLOCK_D=triton.next_power_of_2(d), SPLIT=split,
+        x_TD,
+        delta_TD,
+        s,
+        out,
+        weight_D,
+        d,
+        x_TD.stride(0),
+        delta_TD.stride(0),
+        s.stride(0),
+        out.stride(0),
+        eps,
+        stride_p,
+        BLOCK_D=triton.next_power_of_2(d),
+        SPLIT=split,
         num_warps=4 if d <= 4096 else 8,
-    )  # fmt: skip
+    )
     return s, out
 
 
@@ -114,12 +134,34 @@ def _load_half(ptr, offs, ok, stride_p, like_ptr, SPLIT: tl.constexpr):
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, v_ptr, q_out_ptr, cos_ptr, sin_ptr, pos_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_p,
-    stride_ot, stride_oh, stride_ct, H, k_cache_ptr, v_cache_ptr, slot_ptr, stride_slot,
-    HALF: tl.constexpr, BLOCK: tl.constexpr, WRITE_KV: tl.constexpr, TABLE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_p,
+    stride_ot,
+    stride_oh,
+    stride_ct,
+    H,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_slot,
+    HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WRITE_KV: tl.constexpr,
+    TABLE: tl.constexpr,
     SPLIT: tl.constexpr,
-):  # fmt: skip
+):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     if h < H:
@@ -167,10 +209,17 @@ def _rotary_kernel(
 
 
 def _rotary(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, q_out: torch.Tensor,
-    cos: torch.Tensor, sin: torch.Tensor, positions_T: torch.Tensor | None,
-    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, stride_p: int, split: int,
-) -> None:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    q_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions_T: torch.Tensor | None,
+    kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    stride_p: int,
+    split: int,
+) -> None:
     """One launch over t tokens x (H query + G key heads); q, k, v are [T, heads, X] views."""
     t, h, x = q.shape
     g = k.shape[1]
@@ -188,12 +237,32 @@ def _rotary(
         v, cache = k, (k, k, k, 0)  # unused pointers
     assert v is not None
     _rotary_kernel[(t, h + g)](
-        q, k, v, q_out, cos, sin, positions_T if positions_T is not None else q_out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), stride_p,
-        q_out.stride(0), q_out.stride(1), cos.stride(0), h, *cache,
-        HALF=half, BLOCK=triton.next_power_of_2(half), WRITE_KV=kv_cache is not None,
-        TABLE=positions_T is not None, SPLIT=split, num_warps=1,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        q_out,
+        cos,
+        sin,
+        positions_T if positions_T is not None else q_out,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        stride_p,
+        q_out.stride(0),
+        q_out.stride(1),
+        cos.stride(0),
+        h,
+        *cache,
+        HALF=half,
+        BLOCK=triton.next_power_of_2(half),
+        WRITE_KV=kv_cache is not None,
+        TABLE=positions_T is not None,
+        SPLIT=split,
+        num_warps=1,
+    )
 
 
 def apply_rotary_(

@@ -18,7 +18,7 @@ Each program carries all query heads of its kv head (GQA) as the rows of one [QH
 tile, so K and V are read once per kv head, and walks its partitions TILE positions at a time:
 every position looks up its own block id, which handles any block size S (also S < 16, below
 tl.dot's minimum) and never touches block-table entries past the sequence's context.
-The twin readable path is moeserve.model.layers.paged_attention.
+The twin readable path is moeserve.model.attention.PagedAttention without decode_kernel.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ import triton
 import triton.language as tl
 
 # Positions per partition. Fixed rather than sized from the table width, so that parallelism
-# follows the actual context. On an H100 (bf16, H=32, G=8, X=128, S=16, 4k contexts, graph
-# replays) 256 ran batch 1 in 15 us against 71 us unsplit (8 programs on 132 SMs).
+# follows the actual context.
 PARTITION_SIZE = 256
-# Most programs per launch (about 16 per SM on an H100) before partitions get interleaved:
-# 2048 edged out 4096 and 8192 there at batch 7 to 256.
+# Most programs per launch (about 16 per SM on an H100) before partitions get interleaved.
 MAX_PROGRAMS = 2048
 # Positions per inner step (one K and one V tile), for head dims up to 128; half that above, to
-# bound registers. A multiple of 16 (tl.dot) that divides PARTITION_SIZE. 128 beat 32 and 64.
+# bound registers. A multiple of 16 (tl.dot) that divides PARTITION_SIZE.
 TILE_N = 128
 NUM_WARPS = 4
 # Partial results the merge reads per step.
@@ -51,9 +49,16 @@ _LOG2E = 1.4426950408889634
 # Arguments that change from step to step are not specialised on (Triton would compile a
 # variant per divisibility-by-16 pattern, in the middle of serving).
 @triton.jit(
-    do_not_specialize=["num_progs", "stride_btb", "stride_ab", "stride_ah", "stride_aj",
-                       "stride_mb", "stride_mh"]
-)  # fmt: skip
+    do_not_specialize=[
+        "num_progs",
+        "stride_btb",
+        "stride_ab",
+        "stride_ah",
+        "stride_aj",
+        "stride_mb",
+        "stride_mh",
+    ]
+)
 def _decode_partition_kernel(
     q_ptr,
     k_ptr,
@@ -184,9 +189,8 @@ def _decode_partition_kernel(
 
 
 @triton.jit(
-    do_not_specialize=["num_progs", "stride_ab", "stride_ah", "stride_aj", "stride_mb",
-                       "stride_mh"]
-)  # fmt: skip
+    do_not_specialize=["num_progs", "stride_ab", "stride_ah", "stride_aj", "stride_mb", "stride_mh"]
+)
 def _decode_merge_kernel(
     out_ptr,
     ctx_ptr,

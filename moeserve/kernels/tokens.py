@@ -1,7 +1,7 @@
 """Token-level kernels of a decode step: greedy argmax and the async-scheduling token feed.
 
-argmax: torch reduces one 32k-wide row in a single block, 10 us on an H200, as long as a
-decode step's attention kernels at batch 1. Here the row is cut into BLOCK-wide chunks, one
+argmax: torch reduces one 32k-wide row in a single block, as long as a decode step's
+attention kernels at batch 1. Here the row is cut into BLOCK-wide chunks, one
 program each, and a second launch picks the best chunk: the first index of the maximum, as
 torch. feed_ids: the input ids of a step whose tokens the last step sampled on the device, in
 one launch (torch's where/gather/clamp/compare were four).
@@ -28,8 +28,9 @@ def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, C, stride_x, BLOCK: tl.cons
 
 
 @triton.jit
-def _pick_kernel(val_ptr, idx_ptr, out_ptr, host_ptr, C, BLOCK_C: tl.constexpr,
-                 TO_HOST: tl.constexpr):  # fmt: skip
+def _pick_kernel(
+    val_ptr, idx_ptr, out_ptr, host_ptr, C, BLOCK_C: tl.constexpr, TO_HOST: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     v = tl.load(val_ptr + row * C + offs, mask=offs < C, other=float("-inf"))
@@ -65,9 +66,15 @@ def argmax_rows(
     idx = torch.empty(B, c, dtype=torch.int32, device=x_BV.device)
     _chunk_argmax_kernel[(B, c)](x_BV, vals, idx, V, c, x_BV.stride(0), BLOCK=block, num_warps=4)
     _pick_kernel[(B,)](
-        vals, idx, out, host_out if host_out is not None else out, c,
-        BLOCK_C=triton.next_power_of_2(c), TO_HOST=host_out is not None, num_warps=4,
-    )  # fmt: skip
+        vals,
+        idx,
+        out,
+        host_out if host_out is not None else out,
+        c,
+        BLOCK_C=triton.next_power_of_2(c),
+        TO_HOST=host_out is not None,
+        num_warps=4,
+    )
     return out
 
 

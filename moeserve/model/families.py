@@ -303,6 +303,8 @@ def weight_plan(cfg: ModelConfig) -> dict[str, tuple[str, Index]]:
             continue
         moe = f"{src}.block_sparse_moe" if mixtral else f"{src}.mlp"
         plan[f"{moe}.gate.weight"] = (f"{dst}.mlp.router", ())
+        if cfg.router_correction_bias:
+            plan[f"{moe}.gate.e_score_correction_bias"] = (f"{dst}.mlp.router_bias", ())
         f = cfg.moe_intermediate_size
         for e in range(cfg.num_experts):
             gate, up, down = _mlp_names(f"{moe}.experts.{e}", expert_names)

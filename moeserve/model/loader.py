@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from moeserve.config import ConfigError, ModelConfig
+from moeserve.model.backend import ModelBackend
 from moeserve.model.decoder import DTYPES, MoEForCausalLM
 from moeserve.model.families import IGNORED_SUFFIXES, Index, parse_config, weight_plan
 from moeserve.model.safetensors_check import HeaderError, TensorEntry, read_header
@@ -244,11 +245,13 @@ def load_model(
     expert_device: str | torch.device | None = None,
     load_format: str = "safetensors",
     progress: bool = True,
+    backend: ModelBackend | None = None,
 ) -> tuple[Checkpoint, MoEForCausalLM]:
     """Load and validate a checkpoint; raises CheckpointError naming the file and tensor.
 
     Routed experts go to `expert_device` (host memory when offloading). load_format "dummy"
     reads config.json only and fills random weights of the right shapes (for benchmarks).
+    backend: how the model computes (MoEForCausalLM); the readable torch path by default.
     """
     if load_format not in ("safetensors", "dummy"):
         raise ConfigError(f"load_format must be safetensors or dummy, got {load_format!r}")
@@ -258,14 +261,14 @@ def load_model(
     torch_dtype = resolve_dtype(cfg, dtype)
     home = torch.device(expert_device) if expert_device is not None else None
     if dummy:
-        model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home)
+        model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home, backend)
         _fill_dummy(model)
         return ckpt, model.eval()
     # Headers and names first: a bad shard fails before the model's memory is allocated.
     plan = weight_plan(cfg)
     headers = _read_headers(ckpt.shards)
     where = _index_tensors(ckpt, plan, headers)
-    model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home)
+    model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home, backend)
     params = dict(model.named_parameters())
     _check_against_model(where, headers, plan, params)
     total = sum(s.stat().st_size for s in ckpt.shards)

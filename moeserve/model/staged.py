@@ -1,31 +1,39 @@
-"""The decoder's forward cut at every offloaded MoE layer's experts, for piecewise CUDA graphs.
+"""The decoder's forward cut at every layer handed an expert provider, for piecewise CUDA graphs.
 
 With experts offloaded, a step must read each layer's routing on the host (to fetch missed
 experts), so one graph cannot cover the forward. The stages between those reads can: stage 0
-embeds and runs up to the first offloaded layer's dispatch; `run_experts(j)` runs that layer's
-experts eagerly (host read, cache fetches, CPU experts); stage j+1 combines them and runs on to
-the next offloaded layer's dispatch; the last stage ends with the logits. No stage reads the
-device from the host, so each can be captured; what a stage hands the next (residual stream,
-normed input, dispatch) lives in tensors the stage allocated, which graph replays rewrite in
-place.
+embeds and runs up to the first cut layer's dispatch; `run_experts(j)` runs that layer's
+provider eagerly (host read, cache fetches, CPU experts); stage j+1 combines its output and
+runs on to the next cut layer's dispatch; the last stage ends with the logits. No stage reads
+the device from the host, so each can be captured; what a stage hands the next (residual
+stream, dispatch) lives in tensors the stage allocated, which graph replays rewrite in place.
 
 Shapes: T tokens, D hidden, V vocab.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 
+from moeserve.model.attention import KVCache
 from moeserve.model.decoder import MoEForCausalLM
-from moeserve.model.layers import AttentionMetadata, CosSin
-from moeserve.model.moe import Dispatch, MoE
+from moeserve.model.dispatch import Dispatch
+from moeserve.model.experts import ExpertProvider
+from moeserve.model.metadata import AttentionMetadata
+from moeserve.model.moe import MoE
+from moeserve.model.rotary import CosSin
 
 
 class StagedForward:
     """One forward over fixed input tensors, run as `num_stages` stages with eager expert
     steps between them: for j in range(num_stages): stage(j); then run_experts(j) unless j is
-    the last. `logits_TV` holds the float32 logits of every row after the last stage."""
+    the last. `logits_TV` holds the float32 logits of every row after the last stage.
+
+    experts: layer index -> the provider of that layer's routed experts; the forward is cut at
+    each of those layers (the others run their resident experts inside the stages)."""
 
     def __init__(
         self,
@@ -33,20 +41,19 @@ class StagedForward:
         input_ids_T: torch.Tensor,
         positions_T: torch.Tensor,
         meta: AttentionMetadata,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[KVCache],
+        experts: Mapping[int, ExpertProvider],
     ) -> None:
         self.model, self.meta, self.kv_caches = model, meta, kv_caches
         self.input_ids_T, self.positions_T = input_ids_T, positions_T
-        self.cuts = [
-            i for i, layer in enumerate(model.layers)
-            if isinstance(layer.mlp, MoE) and layer.mlp.offload is not None
-        ]  # fmt: skip
+        self.cuts = [i for i, _ in model.moe_layers() if i in experts]
+        self.providers = [experts[i] for i in self.cuts]
         self.num_stages = len(self.cuts) + 1
         self._cos_sin: CosSin | None = None
         self._x_TD: torch.Tensor | None = None  # residual stream at the latest cut
-        # Per cut: the MLP input and its dispatch, which the eager expert step of a replay
-        # reads and writes (held, so their memory stays theirs).
-        self._cut_inputs: list[tuple[torch.Tensor, Dispatch] | None] = [None] * len(self.cuts)
+        # Per cut: its dispatch, which the eager expert step of a replay reads and writes
+        # (held, so its memory stays its own).
+        self._dispatched: list[Dispatch | None] = [None] * len(self.cuts)
         self.logits_TV: torch.Tensor | None = None
 
     def _moe(self, j: int) -> MoE:
@@ -62,9 +69,9 @@ class StagedForward:
             self._cos_sin = m.rotary.cos_sin(self.positions_T, m.dtype)
             start = 0
         else:
-            carried = self._cut_inputs[j - 1]
+            carried = self._dispatched[j - 1]
             assert self._x_TD is not None and carried is not None
-            x_TD = self._x_TD + self._moe(j - 1).finish(*carried)
+            x_TD = self._x_TD + self._moe(j - 1).finish(carried)
             start = self.cuts[j - 1] + 1
         assert self._cos_sin is not None
         last = j == len(self.cuts)
@@ -75,14 +82,14 @@ class StagedForward:
             self.logits_TV = m.compute_logits(x_TD)
             return
         self._x_TD, h_TD = m.layers[stop].attention_block(x_TD, self._cos_sin, kv[stop], meta)
-        self._cut_inputs[j] = (h_TD, self._moe(j).route_and_dispatch(h_TD, meta.valid_T))
+        self._dispatched[j] = self._moe(j).route_and_dispatch(h_TD, meta.valid_T)
 
     @torch.inference_mode()
     def run_experts(self, j: int) -> None:
-        """Cut j's routed experts, eagerly (reads its routing on the host)."""
-        carried = self._cut_inputs[j]
+        """Cut j's routed experts, eagerly (its provider may read the routing on the host)."""
+        carried = self._dispatched[j]
         assert carried is not None, "stage j runs before its experts"
-        self._moe(j).run_experts(*carried)
+        self.providers[j].run(carried)
 
     def run(self) -> torch.Tensor:
         """Every stage eagerly, in order; returns the logits."""

@@ -1,0 +1,231 @@
+"""Attention: the backend that attends over the paged KV cache (one per model and device, behind
+AttentionBackend) and the layer around it (projections, q/k norms, rotary, cache writes).
+
+Shapes: T tokens in the flat batch, D hidden, H heads, G kv heads, X head dim, Q H*X, S split-K
+partials, N blocks, also S slots per block in a cache's [N, S, G, X].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.model.backend import ModelBackend
+from moeserve.model.layers import (
+    rms_norm,
+    sdpa_decode,
+    sdpa_prefill,
+    varlen_prefill,
+    varlen_prefill_supported,
+    write_kv,
+)
+from moeserve.model.metadata import AttentionMetadata
+from moeserve.model.params import empty_param
+from moeserve.model.rotary import CosSin, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # a layer's (K, V), each [N, S, G, X]
+
+
+class AttentionBackend(Protocol):
+    """Causal attention of a flat batch's new tokens over everything cached for their
+    sequences (the new tokens' K/V already stored)."""
+
+    # Whether the runner lays a step's prefills out for one call (AttentionMetadata.prefill_pack).
+    packs_prefills: bool
+
+    def attend(
+        self,
+        q_THX: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """[T, H, X] attention outputs."""
+        ...
+
+
+@dataclass(frozen=True)
+class PagedAttention:
+    """Paged MHA/GQA. Decodes are one batched call: the Triton paged kernel when
+    `decode_kernel` (no host reads: CUDA-graph safe), else the readable gather + SDPA with a
+    padding mask. Prefill chunks are one varlen FlashAttention call when the metadata packs
+    them (no sliding window inside the contexts), else one SDPA each over its own context."""
+
+    decode_kernel: bool = False
+    packs_prefills: bool = False
+
+    @classmethod
+    def for_model(
+        cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, backend: ModelBackend
+    ) -> PagedAttention:
+        return cls(
+            decode_kernel=backend.triton,
+            packs_prefills=varlen_prefill_supported(device, dtype, cfg.head_dim),
+        )
+
+    def attend(
+        self,
+        q_THX: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        k_cache_NSGX, v_cache_NSGX = kv_cache
+        nd = meta.num_decodes
+        pack = meta.prefill_pack
+        if pack is not None and window is not None and window < pack.max_k:
+            pack = None  # a window inside the contexts: one SDPA per chunk
+        if pack is not None and nd == 0:
+            return varlen_prefill(q_THX, k_cache_NSGX, v_cache_NSGX, pack, scale)
+        out_THX = torch.empty_like(q_THX)
+        if nd and self.decode_kernel:
+            from moeserve.kernels.paged_attention import paged_decode_attention
+
+            paged_decode_attention(
+                q_THX[:nd],
+                k_cache_NSGX,
+                v_cache_NSGX,
+                meta.block_tables_BM[:nd],
+                meta.context_lens_B[:nd],
+                scale,
+                window,
+                out_BHX=out_THX[:nd],
+            )
+        elif nd:
+            q = q_THX[:nd]
+            out_THX[:nd] = sdpa_decode(q, k_cache_NSGX, v_cache_NSGX, meta, scale, window)
+        if pack is not None:
+            out_THX[nd:] = varlen_prefill(q_THX[nd:], k_cache_NSGX, v_cache_NSGX, pack, scale)
+            return out_THX
+        start = nd
+        for b in range(nd, len(meta.query_lens)):
+            n, ctx = meta.query_lens[b], meta.context_lens[b]
+            o_HQX = sdpa_prefill(
+                q_THX[start : start + n],
+                k_cache_NSGX,
+                v_cache_NSGX,
+                meta.block_tables_BM[b],
+                ctx,
+                scale,
+                window,
+            )
+            out_THX[start : start + n] = o_HQX.transpose(0, 1)
+            start += n
+        return out_THX
+
+
+class Attention(nn.Module):
+    """qkv projection (+ bias), q/k norms and clipping as the family says, rotary, the K/V
+    store, attention through the model's backend, output projection."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        backend: ModelBackend,
+        impl: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend
+        self.impl = impl
+        q, kv, d = cfg.q_size, cfg.kv_size, cfg.hidden_size
+        self.qkv_weight = empty_param(q + 2 * kv, d, dtype=dtype, device=device)
+        self.qkv_bias = (
+            empty_param(q + 2 * kv, dtype=dtype, device=device) if cfg.qkv_bias else None
+        )
+        self.o_weight = empty_param(d, q, dtype=dtype, device=device)
+        if cfg.qk_norm == "head":
+            self.q_norm = empty_param(cfg.head_dim, dtype=dtype, device=device)
+            self.k_norm = empty_param(cfg.head_dim, dtype=dtype, device=device)
+        elif cfg.qk_norm == "full":
+            self.q_norm = empty_param(q, dtype=dtype, device=device)
+            self.k_norm = empty_param(kv, dtype=dtype, device=device)
+        self.window = cfg.layer_windows[layer]
+        self.scale = cfg.head_dim**-0.5
+        # The qkv projection may go straight from split-K partials into the rotary kernel.
+        self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        cos_sin: CosSin,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        partials_out: bool = False,
+    ) -> torch.Tensor:
+        """The attention output [T, D]; with partials_out, float32 split-K partials of it
+        [S, T, D] (kernels.linear) for a consumer that adds them (the residual-add norm)."""
+        cfg = self.cfg
+        t = x_TD.shape[0]
+        k_cache, v_cache = kv_cache
+        if partials_out and self._plain_qkv and meta.num_decodes == t:
+            # A few decode rows: qkv partials go straight into the rotary kernel, which adds
+            # them and stores q, and k and v in the cache (no qkv tensor, no reduction).
+            from moeserve.kernels.linear import linear_partials
+            from moeserve.kernels.norm_rope import rotary_from_partials
+
+            cos, sin, pos = cos_sin.for_kernel()
+            q_THX = rotary_from_partials(
+                linear_partials(x_TD, self.qkv_weight),
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cos,
+                sin,
+                (k_cache, v_cache, meta.slot_mapping_T),
+                x_TD.dtype,
+                pos,
+            )
+            return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
+        qkv = F.linear(x_TD, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        if cfg.qk_norm == "full":
+            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (a.clamp(-cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
+        q_THX = q.reshape(t, cfg.num_heads, cfg.head_dim)
+        k_TGX = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v_TGX = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q_THX = rms_norm(q_THX, self.q_norm, cfg.rms_norm_eps)
+            k_TGX = rms_norm(k_TGX, self.k_norm, cfg.rms_norm_eps)
+        if self.backend.fused_elementwise(q_THX):
+            from moeserve.kernels.norm_rope import apply_rotary_
+
+            # One launch rotates q and k and stores k and v in the cache (write_kv's job); it
+            # reads cos/sin rows from the table by position (no gather).
+            cos, sin, pos = cos_sin.for_kernel()
+            apply_rotary_(
+                q_THX, k_TGX, cos, sin, (v_TGX, k_cache, v_cache, meta.slot_mapping_T), pos
+            )
+        else:
+            cos, sin = cos_sin.pair()
+            q_THX, k_TGX = apply_rotary(q_THX, cos, sin), apply_rotary(k_TGX, cos, sin)
+            write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
+        return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
+
+    def _attend_and_project(
+        self,
+        q_THX: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        partials_out: bool,
+    ) -> torch.Tensor:
+        t = q_THX.shape[0]
+        o_THX = self.impl.attend(q_THX, kv_cache, meta, self.scale, self.window)
+        o_TQ = o_THX.reshape(t, self.cfg.q_size)
+        if partials_out:
+            from moeserve.kernels.linear import linear_partials
+
+            return linear_partials(o_TQ, self.o_weight)
+        return F.linear(o_TQ, self.o_weight)

@@ -1,0 +1,131 @@
+"""The routed experts: where their weights are and how they run.
+
+Two ways, both given the router's choice:
+- an ExpertProvider fills the dispatched rows (grouped by expert) with their experts' outputs.
+  ResidentExperts runs the experts on the compute device, one at a time on exactly its rows;
+  the engine's expert store (engine/expert_store.py) implements the same protocol over its
+  device cache slots, host memory and CPU compute, and hands its providers to the forward.
+  Either reads the per-expert counts on the host once per layer.
+- the fused path (fused_experts): Triton routing, alignment and two grouped GEMMs over the
+  resident weights, the weighted sum over k inside; no host read, so CUDA graphs capture it.
+  Its dispatch (block-aligned assignments) and combine live in its kernels, so it takes the
+  router's logits rather than dispatched rows. The model picks it when it is built
+  (ModelBackend.fused_moe_tokens), for layers the forward hands no provider.
+
+Shapes: T tokens, D hidden, E experts, K top-k, F expert intermediate, R = T*K routed rows,
+N a slice of rows, S split-K partials.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from moeserve.model.backend import split_k_rows
+from moeserve.model.dispatch import Dispatch, expert_counts
+from moeserve.model.router import RouterSpec, route
+
+
+class ExpertProvider(Protocol):
+    """Runs one layer's routed experts on its dispatched rows."""
+
+    def run(self, d: Dispatch) -> None:
+        """Fill d.y_RD: rows are grouped by expert in ascending order, d.counts_E rows each.
+
+        May read the device from the host: a CUDA-graph decode step ends its captured stage
+        before every layer handed a provider and runs the provider eagerly (model/staged.py).
+        """
+        ...
+
+
+def silu_mul(gate_up_NF2: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up_NF2.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def expert_mlp(
+    x_ND: torch.Tensor, w_gate_up_FD: torch.Tensor, w_down_DF: torch.Tensor
+) -> torch.Tensor:
+    """One SwiGLU expert (gate and up stored as one [2F, D] matrix) on N rows."""
+    return F.linear(silu_mul(F.linear(x_ND, w_gate_up_FD)), w_down_DF)
+
+
+class ResidentExperts:
+    """Experts whose weights live on the compute device: each runs once, on exactly the rows
+    routed to it."""
+
+    def __init__(self, w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor) -> None:
+        self.w_gate_up_EFD = w_gate_up_EFD
+        self.w_down_EDF = w_down_EDF
+
+    def run(self, d: Dispatch) -> None:
+        start = 0  # one host read of the per-expert counts tells the slices
+        for e, n in enumerate(d.counts_E.tolist()):
+            if n:
+                rows = slice(start, start + n)
+                d.y_RD[rows] = expert_mlp(d.x_RD[rows], self.w_gate_up_EFD[e], self.w_down_EDF[e])
+                start += n
+
+
+def fused_router_logits(
+    x_TD: torch.Tensor, router_ED: torch.Tensor, triton_route: bool
+) -> torch.Tensor:
+    """The fused path's router logits [T, E]; at a few rows routed by the Triton program,
+    float32 split-K partials [S, T, E] that the program adds up (one launch, not cuBLAS's two)."""
+    if triton_route and split_k_rows(x_TD):
+        from moeserve.kernels import linear
+
+        return linear.linear_partials(x_TD, router_ED)
+    return F.linear(x_TD, router_ED)
+
+
+def fused_experts(
+    x_TD: torch.Tensor,
+    logits_TE: torch.Tensor,
+    spec: RouterSpec,
+    w_gate_up_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    *,
+    triton_route: bool,
+    bias_E: torch.Tensor | None,
+    valid_T: torch.Tensor | None,
+    counter_E: torch.Tensor | None,
+    residual_TD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The routed experts' combined output [T, D] (plus residual_TD when given, fused into the
+    last kernel), through the Triton kernels. triton_route (router.triton_routable): routing,
+    alignment and counting in one program (a decode-sized batch), else the torch routing, its
+    count and the alignment's torch ops. counter_E: incremented by the tokens per expert."""
+    from moeserve.kernels.fused_moe import fused_moe
+    from moeserve.kernels.moe_gemm import moe_block_m
+
+    t = x_TD.shape[0]
+    if triton_route:
+        f, d = w_down_EDF.shape[2], w_down_EDF.shape[1]
+        block_m = moe_block_m(t, spec.num_experts, spec.top_k, f, d, x_TD.dtype)
+        weights_TK, experts_TK, align = route(
+            logits_TE,
+            spec,
+            valid_T=valid_T,
+            backend="triton",
+            block_m=block_m,
+            counts_E=counter_E,
+            logits_dtype=x_TD.dtype,
+        )
+        return fused_moe(
+            x_TD,
+            w_gate_up_EFD,
+            w_down_EDF,
+            weights_TK,
+            experts_TK,
+            align=align,
+            residual_TD=residual_TD,
+        )
+    weights_TK, experts_TK, _ = route(logits_TE, spec, bias_E=bias_E, valid_T=valid_T)
+    if counter_E is not None:
+        counter_E += expert_counts(experts_TK.flatten(), spec.num_experts)
+    return fused_moe(
+        x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD=residual_TD
+    )
