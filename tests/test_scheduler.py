@@ -387,3 +387,49 @@ def test_admission_wait_never_delays_a_step_that_prefills_anyway() -> None:
 def test_admission_wait_validation() -> None:
     with pytest.raises(ValueError, match="admission_wait_steps"):
         make(admission_wait_steps=-1)
+
+
+@pytest.mark.parametrize(
+    "params,tokens,want",
+    [
+        # (SamplingParams kwargs, sampled tokens, (index, reason, stop token) of the stop)
+        ({}, [5, 6, 7, 8], (3, "length", None)),  # max_tokens 4
+        ({"stop_token_ids": [6]}, [5, 6, 7], (1, "stop", 6)),
+        ({}, [5, 2, 7], (1, "stop", 2)),  # EOS
+        ({"ignore_eos": True}, [5, 2, 7, 8], (3, "length", None)),
+        ({"stop_token_ids": [8]}, [5, 6, 7, 8], (3, "stop", 8)),  # a stop token beats length
+    ],
+)
+def test_record_decides_stops_in_one_place(params: dict, tokens: list[int], want: tuple) -> None:
+    from moeserve.engine.sequence import PENDING
+    from moeserve.sampling_params import SamplingParams
+
+    sched = make()
+    seq = mkseq(3, 4)
+    seq.params = SamplingParams(max_tokens=4, **params)
+    sched.add(seq)
+    got = None
+    for i, tok in enumerate(tokens):
+        out = sched.schedule()
+        sched.update(out, {seq.seq_id: PENDING})
+        reason, stop = sched.record(seq, i, tok, frozenset({2}))
+        if reason is not None:
+            got = (i, reason, stop)
+            break
+    assert got == want
+    assert seq.is_finished and seq.finish_reason == want[1]
+    assert sched.stats().kv_blocks_used == 0 and not sched.has_unfinished()
+
+
+def test_record_stops_at_the_context_length() -> None:
+    from moeserve.engine.sequence import PENDING
+    from moeserve.sampling_params import SamplingParams
+
+    sched = make(max_model_len=8)
+    seq = mkseq(6, 2)
+    seq.params = SamplingParams(max_tokens=2)
+    sched.add(seq)
+    sched.update(sched.schedule(), {seq.seq_id: PENDING})
+    assert sched.record(seq, 0, 5, frozenset()) == (None, None)
+    sched.update(sched.schedule(), {seq.seq_id: PENDING})
+    assert sched.record(seq, 1, 5, frozenset()) == ("length", None)
