@@ -4,12 +4,13 @@ The Mixtral-8x7B shape cut to --layers layers (dummy bf16 weights) gets the demo
 character tokenizer (so random prompts have exact lengths). First the offline engine runs the
 workload (every request queued at once, --concurrency in flight); then `moeserve serve` starts
 in a subprocess and the load tester (`moeserve bench serve`) sends the same prompts with
---concurrency streams, twice (the second run is timed); then the offline engine runs again,
-warm, all at once and as an in-process closed loop (each finished request replaced before the
-next step, the best a client can do), and that warm run is the figure.
-Prints each side's output tokens/s, steps by kind, engine-side TTFT and queue time, each
-process's CPU, and the ratio; writes JSON. --py-spy DIR also profiles the timed runs and
-prints where each thread's samples went. --tiny: a toy shape in float32 (a CPU smoke test).
+--concurrency streams from --client-processes processes, twice (the second run is timed);
+then the offline engine runs again, warm, all at once and as an in-process closed loop (each
+finished request replaced before the next step, the best a client can do), and that warm run
+is the figure. Prints each side's output tokens/s, steps by kind, engine-side TTFT and queue
+time, each process's CPU (and on a line of its own each load tester process's), and the
+ratio; writes JSON. --py-spy DIR also profiles the timed runs and prints where each thread's
+samples went. --tiny: a toy shape in float32 (a CPU smoke test).
 
     python benchmarks/http_vs_offline.py --json out.json
 """
@@ -302,6 +303,7 @@ def serve_and_load(
         load += ["--output-len", str(args.output_len), "--ignore-eos", "--no-progress"]
         load += ["--max-concurrency", str(args.concurrency), "--result-json", str(out)]
         load += ["--num-requests", str(args.num_requests)]
+        load += ["--client-processes", str(args.client_processes)]
         # Warm-up: the whole workload once, as the offline engine's figure is its second run
         # (a first run's prefill and mixed steps ran 1.4-2.5x slower, benchmarks/RESULTS.md).
         subprocess.run(load, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -345,10 +347,20 @@ def serve_and_load(
             f"queued {lat['queue']:.1f} ms"
         )
         report = json.loads(out.read_text())
+        print(client_line(report))
         return report | {"cpu_util": util, "steps": steps, "step_kinds": kinds}
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def client_line(report: dict[str, Any]) -> str:
+    """The load tester's processes and each one's CPU over the run, from its report: a
+    process near a full core may be what limits the HTTP figure."""
+    client = report["client"]
+    cores = ", ".join(f"{p['cpu_cores']:.2f}" for p in client["per_process"])
+    warn = " (busy: the client may limit the figure)" if client["warning"] else ""
+    return f"HTTP client: {client['processes']} process(es), CPU of a core each: {cores}{warn}"
 
 
 def main() -> int:
@@ -359,6 +371,16 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--port", type=int, default=8177)
+    ap.add_argument(
+        "--client-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="load tester processes (`moeserve bench serve --client-processes`); default 4 "
+        "where CUDA is available (so that the client is not what limits a GPU server), "
+        "else 1 (on a CPU machine more processes take cores from the server); at most "
+        "--concurrency",
+    )
     ap.add_argument("--tiny", action="store_true", help="toy shape in float32 (CPU smoke test)")
     ap.add_argument(
         "--servers",
@@ -383,6 +405,10 @@ def main() -> int:
         "beside an engine process)",
     )
     args = ap.parse_args()
+    if args.client_processes is None:
+        import torch
+
+        args.client_processes = min(4 if torch.cuda.is_available() else 1, args.concurrency)
     for mode in args.servers.split(","):
         if mode not in WHERE:
             raise SystemExit(f"--servers: {mode!r} is not one of {', '.join(WHERE)}")
@@ -419,6 +445,7 @@ def main() -> int:
             f"{r['output_throughput']:.0f} output tok/s = {r['output_throughput'] / off:.2f} "
             f"of offline (TTFT p90 {(r['ttft_ms']['p90'] or 0):.0f} ms)"
         )
+        print(f"  {client_line(r)}")
     if args.py_spy:
         for profile in sorted(args.py_spy.glob("*.txt")):
             print(pyspy_summary(profile))

@@ -20,13 +20,8 @@ from typing import Any
 
 import pytest
 
-from moeserve.bench.loadtest import (
-    MAX_REQUESTS,
-    LoadTestConfig,
-    RequestResult,
-    _gaps,
-    run_load,
-)
+from moeserve.bench.loadtest import LoadTestConfig, RequestResult, arrival_gaps, run_load
+from moeserve.bench.records import MAX_REQUESTS
 from moeserve.bench.report import parse_goodput, summarize
 from moeserve.bench.workloads import RequestSpec, length_sampler
 from moeserve.cli import main
@@ -453,7 +448,7 @@ def test_requests_are_never_sent_before_their_arrival_time(loop: str) -> None:
     results, _, _ = _scripted(_writes(HEAD_200 + _chunked(*ABC)), ("auto", loop), n=n,
                               rate=rate)  # fmt: skip
     cfg = LoadTestConfig("http://127.0.0.1:1", num_requests=n, request_rate=rate)
-    arrivals = [0.0, *itertools.accumulate(itertools.islice(_gaps(cfg), n - 1))]
+    arrivals = [0.0, *itertools.accumulate(itertools.islice(arrival_gaps(cfg), n - 1))]
     assert all(r.success for r in results)
     early = [at - r.sent for r, at in zip(results, arrivals) if r.sent < at]
     assert not early, early

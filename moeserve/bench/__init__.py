@@ -1,8 +1,9 @@
 """`moeserve bench`: the measurements users run.
 
 `bench serve`, a load tester for any OpenAI-compatible endpoint: workloads.py makes the
-requests, loadtest.py sends them (arrivals, streaming, timing), server_metrics.py diffs
-moeserve's /metrics around the run, report.py summarises, plots.py draws.
+requests, loadtest.py sends them (arrivals, streaming, timing) into the records of
+records.py, processes.py shares a run among several client processes, server_metrics.py
+diffs moeserve's /metrics around the run, report.py summarises, plots.py draws.
 benchmarks/loadtest.py is the same tool as a script.
 
 `bench throughput`, the offline engine's tokens/s (throughput.py), against transformers and

@@ -9,20 +9,20 @@ MOESERVE_MODEL names the checkpoint directory, which is not the model name the A
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from moeserve.bench.synthetic import SHAPES
 from moeserve.bench.workloads import DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, RequestSpec
 
-T = TypeVar("T")
+Workload = Callable[[], Iterator[RequestSpec]]  # makes the request stream
 DEFAULT_NUM_REQUESTS = 100  # when neither --num-requests nor --duration is given
 THROUGHPUT_DOC = """Offline output tokens/s of the engine: random prompts, all queued at once.
 
@@ -136,6 +136,15 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     g.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="client processes that share the run, each with its own event loop, for token "
+        "rates one client core cannot keep up with: --max-concurrency is split among them, "
+        "and the requests and --request-rate with it (default %(default)s)",
+    )
+    g.add_argument(
         "--request-timeout",
         type=float,
         default=300.0,
@@ -162,11 +171,10 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _workload(
-    args: argparse.Namespace, max_model_len: int | None
-) -> tuple[Iterator[RequestSpec], str]:
-    """The workload of the flags; the random one fitted to a context of `max_model_len`
-    tokens (None: not known). ValueError for flags that do not fit or make no workload."""
+def _workload(args: argparse.Namespace, max_model_len: int | None) -> tuple[Workload, str]:
+    """The workload of the flags, as a picklable function that makes its request stream
+    (each client process makes its own); the random one fitted to a context of
+    `max_model_len` tokens (None: not known). ValueError for flags that do not fit."""
     from moeserve.bench import workloads
 
     if args.workload == "jsonl":
@@ -174,38 +182,32 @@ def _workload(
             raise ValueError("--workload jsonl needs --prompts-file PATH")
         output_len = args.output_len or str(DEFAULT_OUTPUT_LEN)
         name = f"jsonl:{args.prompts_file}"
-        return workloads.jsonl_workload(args.prompts_file, output_len, seed=args.seed), name
+        make = partial(workloads.jsonl_workload, args.prompts_file, output_len, seed=args.seed)
+        return make, name
     if args.workload == "demo":
         tasks = [t.strip() for t in args.demo_tasks.split(",")] if args.demo_tasks else None
-        return workloads.demo_workload(args.demo_max_tokens, seed=args.seed, tasks=tasks), "demo"
+        make = partial(workloads.demo_workload, args.demo_max_tokens, seed=args.seed, tasks=tasks)
+        return make, "demo"
     fit = workloads.fit_random_lengths(
         args.input_len, args.output_len, max_model_len, exact=args.tokenizer is not None
     )
     if fit.note:
         print(f"moeserve bench: {fit.note}", file=sys.stderr)
-    gen = workloads.random_workload(
+    make = partial(
+        workloads.random_workload,
         fit.input_len,
         fit.output_len,
         seed=args.seed,
         tokenizer=args.tokenizer,
         max_prompt_chars=fit.max_prompt_chars,
     )
-    return gen, f"random(in={fit.input_len}, out={fit.output_len})"
-
-
-def _run(main: Coroutine[Any, Any, T]) -> T:
-    """On uvloop where it is installed (the test extra and the GPU image have it): its loop
-    takes some 10-15% less of the client's CPU per streamed event than asyncio's own."""
-    try:
-        from uvloop import run  # 0.18 and later
-    except ImportError:
-        return asyncio.run(main)
-    return run(main)
+    return make, f"random(in={fit.input_len}, out={fit.output_len})"
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
-    """Run the load test, print the table, write JSON and plots; 1 if no request succeeded."""
-    from moeserve.bench.loadtest import LoadTestConfig, run_load, served_model
+    """Run the load test, print the table, write JSON and plots; 1 if no request succeeded
+    or a client process failed, 130 after Ctrl-C with several client processes."""
+    from moeserve.bench.loadtest import LoadTestConfig, run_async, run_load, served_model
     from moeserve.bench.report import build_report, format_report, parse_goodput
 
     slos = parse_goodput(args.goodput)
@@ -229,13 +231,24 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         scrape_metrics=not args.no_metrics,
         metrics_url=args.metrics_url,
         http_client=args.http_client,
+        client_processes=args.client_processes,
     )
     # Before anything is sent: the model's context decides the random workload's lengths.
-    served = _run(served_model(cfg))
+    served = run_async(served_model(cfg))
     workload, name = _workload(args, served.max_model_len)
-    run = _run(run_load(dataclasses.replace(cfg, model=served.id), workload, name))
+    cfg = dataclasses.replace(cfg, model=served.id)
+    failure, status = None, 0
+    if cfg.client_processes == 1:
+        run = run_async(run_load(cfg, workload(), name))
+    else:
+        from moeserve.bench.processes import run_processes
+
+        outcome = run_processes(cfg, workload, name)
+        run, failure, status = outcome.run, outcome.failure, outcome.exit_status
     rep = build_report(run, slos, detailed=args.save_detailed)
     print(format_report(rep))
+    if rep["client"]["warning"]:
+        print(f"moeserve bench: warning: {rep['client']['warning']}", file=sys.stderr)
     if args.result_json:
         args.result_json.parent.mkdir(parents=True, exist_ok=True)
         args.result_json.write_text(json.dumps(rep, indent=2) + "\n")
@@ -245,6 +258,9 @@ def run_serve_bench(args: argparse.Namespace) -> int:
 
         for path in write_plots(rep, run.results, args.plot_dir):
             print(f"plot: {path}")
+    if failure is not None:
+        print(f"moeserve bench: {failure}", file=sys.stderr)
+        return status
     if rep["completed"] == 0:
         print("moeserve bench: no request succeeded", file=sys.stderr)
         return 1

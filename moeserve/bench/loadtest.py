@@ -4,7 +4,8 @@ Arrivals: at --request-rate R a gamma process with shape `burstiness` and mean g
 Poisson; below 1 burstier, above 1 more regular), as `vllm bench serve` does; at R = inf all
 at once. --max-concurrency caps the requests in flight (a closed loop when R = inf). The run
 stops by itself: after --num-requests, or once --duration has passed (no new requests then),
-and every request is bounded by --request-timeout.
+and every request is bounded by --request-timeout. The records it fills are in records.py;
+with --client-processes N, processes.py runs N of these drives, one per process.
 """
 
 from __future__ import annotations
@@ -15,123 +16,20 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from itertools import accumulate, islice
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from moeserve.bench.server_metrics import Snapshot, metrics_url_for, scrape
+from moeserve.bench.records import ClientProcess, LoadTestConfig, RequestResult, RunData
+from moeserve.bench.server_metrics import metrics_url_for, scrape
 from moeserve.bench.sse_client import OnData, SSELines, StreamClient
 from moeserve.bench.workloads import RequestSpec
 
-# Upper bounds on the run's size: a typo must not start a load test that never ends.
-MAX_REQUESTS = 1_000_000
-MAX_DURATION_S = 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class LoadTestConfig:
-    """How to reach the server and how to pace the run (see the module docstring)."""
-
-    base_url: str
-    model: str | None = None
-    api_key: str | None = None
-    num_requests: int | None = None
-    duration: float | None = None
-    request_rate: float = math.inf
-    burstiness: float = 1.0
-    max_concurrency: int | None = None
-    request_timeout: float = 300.0
-    temperature: float = 0.0
-    ignore_eos: bool = False
-    seed: int = 0
-    progress: bool = True
-    scrape_metrics: bool = True
-    metrics_url: str | None = None
-    http_client: str = "auto"  # "auto": the built-in client for http://, httpx for https://
-
-    def __post_init__(self) -> None:
-        checks = [
-            (
-                f"--num-requests must be in 1..{MAX_REQUESTS}",
-                self.num_requests is None or 1 <= self.num_requests <= MAX_REQUESTS,
-            ),
-            (
-                f"--duration must be in (0, {MAX_DURATION_S:g}] seconds",
-                self.duration is None or 0 < self.duration <= MAX_DURATION_S,
-            ),
-            ("--request-rate must be > 0", self.request_rate > 0),
-            ("--burstiness must be > 0", self.burstiness > 0),
-            (
-                "--max-concurrency must be >= 1",
-                self.max_concurrency is None or self.max_concurrency >= 1,
-            ),
-            ("--request-timeout must be > 0", self.request_timeout > 0),
-            ("--http-client must be auto or httpx", self.http_client in ("auto", "httpx")),
-            (
-                "give --num-requests or --duration: the run must end by itself",
-                self.num_requests is not None or self.duration is not None,
-            ),
-            # Without a count, an infinite rate and no concurrency cap would start requests
-            # as fast as the loop spins until the duration ends.
-            (
-                "--duration without --num-requests needs a finite --request-rate or "
-                "--max-concurrency",
-                self.num_requests is not None
-                or math.isfinite(self.request_rate)
-                or self.max_concurrency is not None,
-            ),
-        ]
-        for message, ok in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-@dataclass
-class RequestResult:
-    """One request as the client saw it; times in seconds, `sent` from the run's start."""
-
-    index: int
-    endpoint: str
-    max_tokens: int
-    input_len: int | None = None
-    sent: float = 0.0
-    ended: float | None = None  # when the client was done with it, success or not
-    success: bool = False
-    error: str | None = None
-    status: int | None = None  # the reply's HTTP status, when one came
-    error_latency: float | None = None  # send to the end of a non-200 reply (e.g. a 429)
-    ttft: float | None = None
-    latency: float | None = None
-    itl: list[float] = field(default_factory=list)
-    chunk_times: list[float] = field(default_factory=list)  # from the run's start
-    prompt_tokens: int | None = None
-    output_tokens: int = 0
-    finish_reason: str | None = None
-    correct: bool | None = None  # the demo tasks' answer check
-
-    @property
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first (vLLM's TPOT)."""
-        if self.ttft is None or self.latency is None or self.output_tokens < 2:
-            return None
-        return (self.latency - self.ttft) / (self.output_tokens - 1)
-
-
-@dataclass
-class RunData:
-    """Everything a report needs: the config, each request, and the server's /metrics."""
-
-    config: LoadTestConfig
-    model: str
-    workload: str
-    started_at: str
-    duration: float
-    results: list[RequestResult]
-    before: Snapshot | None = None
-    after: Snapshot | None = None
+T = TypeVar("T")
 
 
 def api_base(url: str) -> str:
@@ -179,10 +77,10 @@ def _auth(cfg: LoadTestConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
-def _client(cfg: LoadTestConfig) -> httpx.AsyncClient:
+def api_client(cfg: LoadTestConfig) -> httpx.AsyncClient:
     """httpx to the server's /v1 root, with the API key and the run's timeouts."""
     # No connection cap in the client: a pool limit would queue requests here and count the
-    # wait as server latency. --max-concurrency is the cap, enforced in _drive.
+    # wait as server latency. --max-concurrency is the cap, enforced in drive().
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(cfg.request_timeout, connect=_connect_timeout(cfg))
     return httpx.AsyncClient(
@@ -197,7 +95,7 @@ def _connect_timeout(cfg: LoadTestConfig) -> float:
 async def served_model(cfg: LoadTestConfig) -> ServedModel:
     """What /v1/models says of the model the run will use, before anything is sent: the
     workload can then be fitted to its context. ValueError as for run_load."""
-    async with _client(cfg) as client:
+    async with api_client(cfg) as client:
         return await _resolve_model(client, cfg.model)
 
 
@@ -265,7 +163,7 @@ class _Events:
         return False
 
 
-class _Streams(Protocol):
+class Streams(Protocol):
     """What sends the streaming POSTs: the built-in client (sse_client.py) or httpx."""
 
     async def post_sse(self, path: str, body: bytes, on_data: OnData) -> tuple[int, bytes]: ...
@@ -296,7 +194,7 @@ class _HttpxStreams:
 
 
 async def _send(
-    streams: _Streams,
+    streams: Streams,
     cfg: LoadTestConfig,
     spec: RequestSpec,
     model: str,
@@ -335,7 +233,7 @@ async def _send(
         res.correct = "".join(events.text).strip() == spec.answer
 
 
-def _gaps(cfg: LoadTestConfig) -> Iterator[float]:
+def arrival_gaps(cfg: LoadTestConfig) -> Iterator[float]:
     rng = random.Random(cfg.seed + 1)  # its own stream: pacing must not shift the prompts
     while True:
         if math.isinf(cfg.request_rate):
@@ -345,67 +243,120 @@ def _gaps(cfg: LoadTestConfig) -> Iterator[float]:
             yield rng.gammavariate(k, 1.0 / (cfg.request_rate * k))
 
 
-async def run_load(cfg: LoadTestConfig, workload: Iterator[RequestSpec], name: str) -> RunData:
-    """Run the load test; ValueError when the server cannot be reached at all."""
+def arrival_times(cfg: LoadTestConfig) -> Iterator[float]:
+    """The run's arrival schedule: request i's time from the start, 0 for the first."""
+    return accumulate(arrival_gaps(cfg), initial=0.0)
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """On uvloop where it is installed (the test extra and the GPU image have it): its loop
+    takes some 10-15% less of the client's CPU per streamed event than asyncio's own."""
+    try:
+        from uvloop import run  # 0.18 and later
+    except ImportError:
+        return asyncio.run(main)
+    return run(main)
+
+
+def open_streams(cfg: LoadTestConfig, client: httpx.AsyncClient) -> Streams:
+    """What the run streams over: the built-in client for http:// unless told otherwise (one
+    SSE event per token costs several times less CPU there, benchmarks/RESULTS.md), else
+    `client`, httpx, which stays for the other calls either way."""
     base = api_base(cfg.base_url)
-    async with _client(cfg) as client:
-        model = cfg.model or (await _resolve_model(client, None)).id
-        murl = cfg.metrics_url or metrics_url_for(cfg.base_url)
-        before = await scrape(client, murl) if cfg.scrape_metrics else None
-        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        streams: _Streams = _HttpxStreams(client)
-        if cfg.http_client == "auto" and base.startswith("http://"):
-            # httpx stays for the calls above; the streams, one SSE event per token, cost
-            # several times less CPU on the built-in client (benchmarks/RESULTS.md).
-            streams = StreamClient(base, _auth(cfg), _connect_timeout(cfg))
-        try:
-            results, t0, t_end = await _drive(streams, cfg, workload, model)
-        finally:
-            await streams.aclose()
-        after = await scrape(client, murl) if cfg.scrape_metrics else None
-    return RunData(cfg, model, name, started_at, t_end - t0, results, before, after)
+    if cfg.http_client == "auto" and base.startswith("http://"):
+        return StreamClient(base, _auth(cfg), _connect_timeout(cfg))
+    return _HttpxStreams(client)
 
 
-async def _drive(
-    streams: _Streams, cfg: LoadTestConfig, workload: Iterator[RequestSpec], model: str
-) -> tuple[list[RequestResult], float, float]:
-    """Send the workload on its arrival schedule; (results, start time, end time)."""
+def progress_bar(total: int | None, enabled: bool) -> Any:
+    """A tqdm bar of requests on stderr."""
     from tqdm import tqdm
 
-    sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-    bar = tqdm(
-        total=cfg.num_requests,
+    return tqdm(
+        total=total,
         unit="req",
-        disable=not cfg.progress,
+        disable=not enabled,
         file=sys.stderr,
         desc="requests",
         dynamic_ncols=True,
     )
-    results: list[RequestResult] = []
-    failed = [0]  # a cell the callbacks can update
+
+
+async def run_load(cfg: LoadTestConfig, workload: Iterator[RequestSpec], name: str) -> RunData:
+    """Run the load test in this process; ValueError when the server cannot be reached."""
+    async with api_client(cfg) as client:
+        model = cfg.model or (await _resolve_model(client, None)).id
+        murl = cfg.metrics_url or metrics_url_for(cfg.base_url)
+        before = await scrape(client, murl) if cfg.scrape_metrics else None
+        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        streams = open_streams(cfg, client)
+        bar = progress_bar(cfg.num_requests, cfg.progress)
+        failed = 0
+
+        def on_end(res: RequestResult) -> None:
+            nonlocal failed
+            failed += res.error is not None
+            bar.update(1)
+            bar.set_postfix(failed=failed, refresh=False)
+
+        results: list[RequestResult] = []
+        # The loop's own thread, not the process: a caller (a test's in-process server) may
+        # share the process, and the client is this thread's work.
+        cpu0 = time.thread_time()
+        try:
+            requests = enumerate(islice(workload, cfg.num_requests))
+            t0, t_end = await drive(streams, cfg, requests, model, results, on_end=on_end)
+        finally:
+            cpu = time.thread_time() - cpu0
+            bar.close()
+            await streams.aclose()
+        after = await scrape(client, murl) if cfg.scrape_metrics else None
+    clients = [ClientProcess(0, len(results), cpu)]
+    return RunData(cfg, model, name, started_at, t_end - t0, results, before, after, clients)
+
+
+async def drive(
+    streams: Streams,
+    cfg: LoadTestConfig,
+    requests: Iterable[tuple[int, RequestSpec]],
+    model: str,
+    results: list[RequestResult],
+    *,
+    on_end: Callable[[RequestResult], None] | None = None,
+    t0: float | None = None,
+    arrivals: Iterator[float] | None = None,
+) -> tuple[float, float]:
+    """Send `requests` (run-wide index, spec), each at its arrival time: `arrivals` are
+    seconds from `t0` in the requests' order (default the run's schedule), and `t0` is a
+    time.perf_counter reading (default now; a later one is waited for). (t0, end).
+    Each request goes into `results` as it starts, so that a caller that cancels the drive
+    keeps what was sent; `on_end` sees each one when it is done."""
+    sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(spec: RequestSpec, res: RequestResult) -> None:
         try:
-            await asyncio.wait_for(_send(streams, cfg, spec, model, res, t0), cfg.request_timeout)
+            await asyncio.wait_for(
+                _send(streams, cfg, spec, model, res, begin), cfg.request_timeout
+            )
         except asyncio.TimeoutError:
             res.error = f"timed out after {cfg.request_timeout:g}s (--request-timeout)"
+        except asyncio.CancelledError:  # Ctrl-C, or a client process told to stop
+            res.error = "cancelled: the run was stopped"
+            raise
         finally:
-            res.ended = time.perf_counter() - t0
+            res.ended = time.perf_counter() - begin
             if sem is not None:
                 sem.release()
-            failed[0] += res.error is not None
-            bar.update(1)
-            bar.set_postfix(failed=failed[0], refresh=False)
+            if on_end is not None:
+                on_end(res)
 
-    t0 = time.perf_counter()
-    deadline = t0 + cfg.duration if cfg.duration is not None else math.inf
-    next_at = t0
-    gaps = _gaps(cfg)
+    begin = time.perf_counter() if t0 is None else t0
+    deadline = begin + cfg.duration if cfg.duration is not None else math.inf
+    arrivals = arrival_times(cfg) if arrivals is None else arrivals
     try:
-        for i, spec in enumerate(workload):
-            if cfg.num_requests is not None and i >= cfg.num_requests:
-                break
+        for i, spec in requests:
+            next_at = begin + next(arrivals)
             # Absolute arrival times, so time spent waiting below does not stretch the schedule;
             # never sleep past the deadline only to stop there. (A sleep of 0 still lets the
             # tasks started so far run.) uvloop's timers may fire up to a millisecond early:
@@ -424,11 +375,11 @@ async def _drive(
             task = asyncio.create_task(one(spec, res))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            next_at += next(gaps)
         if tasks:
             await asyncio.gather(*tasks)
     finally:
         for task in tasks:  # Ctrl-C: stop what is still running, without leaking tasks
             task.cancel()
-        bar.close()
-    return results, t0, time.perf_counter()
+        if tasks:  # each records its end before the results are read
+            await asyncio.wait(tasks)
+    return begin, time.perf_counter()

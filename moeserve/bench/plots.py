@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moeserve.bench.loadtest import RequestResult
+from moeserve.bench.records import RequestResult
 
 
 def _pyplot() -> Any:

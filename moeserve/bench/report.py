@@ -5,6 +5,9 @@ TTFT) / (output tokens - 1) per request; ITL is each gap between streamed chunks
 to [DONE]. Throughputs divide by the run's duration (first send to last reply). Goodput
 counts requests that met every SLO given. Rejected requests are the failed ones the server
 refused with 429 (its queue was full); their latency is send to the end of the refusal.
+The client section gives each client process's CPU (user + sys) over the run's duration, in
+cores, so that a reader can tell whether the client could keep up; in a run of one process
+it is the event loop's thread (the process may hold other work, e.g. a test's server).
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import math
 from collections import Counter
 from typing import Any
 
-from moeserve.bench.loadtest import RequestResult, RunData
+from moeserve.bench.records import RequestResult, RunData
 from moeserve.bench.server_metrics import server_summary
 
 GOODPUT_KEYS = {"ttft": "ttft", "tpot": "tpot", "e2e": "e2el", "e2el": "e2el"}
 _LATENCIES = ("ttft", "tpot", "itl", "e2el")
 _BINS_S = (0.1, 0.2, 0.5, 1, 2, 5, 10, 15, 30, 60, 120, 300, 600)  # timeline bin widths
+# A client process busier than this may be what limits the run: a single event loop near a
+# full core delays the events it reads, and the latencies it reports grow with it.
+BUSY_CLIENT_CORES = 0.8
 
 
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
@@ -104,6 +110,25 @@ def timeline(results: list[RequestResult], duration: float) -> dict[str, Any]:
     }
 
 
+def client_summary(run: RunData, duration: float) -> dict[str, Any]:
+    """The client processes, each one's requests and CPU, and a warning when one was busy."""
+    per = [dict(dataclasses.asdict(c), cpu_cores=c.cpu_s / duration) for c in run.clients]
+    busy = [p for p in per if p["cpu_cores"] > BUSY_CLIENT_CORES]
+    warning = None
+    if busy:
+        worst = max(busy, key=lambda p: p["cpu_cores"])
+        warning = (
+            f"client process {worst['index']} used {worst['cpu_cores']:.2f} of a core over the "
+            "run: the client may be what limits it; try more --client-processes"
+        )
+    return {
+        "processes": run.config.client_processes,
+        "per_process": per,
+        "max_cpu_cores": max((p["cpu_cores"] for p in per), default=None),
+        "warning": warning,
+    }
+
+
 def build_report(
     run: RunData, goodput_slos_ms: dict[str, float] | None = None, detailed: bool = False
 ) -> dict[str, Any]:
@@ -159,6 +184,7 @@ def build_report(
             "correct": correct,
             "accuracy": correct / len(checked),
         }
+    report["client"] = client_summary(run, duration)
     report["server"] = server_summary(run.before, run.after)
     report["timeline"] = timeline(run.results, run.duration)
     if detailed:
@@ -211,6 +237,10 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(" Demo tasks ".center(w, "-"))
         row("Correct answers:", rep["demo_accuracy"]["correct"])
         row("Accuracy:", rep["demo_accuracy"]["accuracy"], 3)
+    client = rep["client"]
+    lines.append(" Client ".center(w, "-"))
+    row("Client processes:", client["processes"])
+    row("Client CPU, busiest process (cores):", client["max_cpu_cores"], 3)
     server = rep["server"]
     lines.append(" Server (moeserve /metrics) ".center(w, "-"))
     if not server.get("moeserve"):
