@@ -61,9 +61,16 @@ def test_loads_in_checkpoint_dtype_or_override(mixtral: Path) -> None:
 
 def test_hub_and_transformers5_rope_styles_agree() -> None:
     base = dict(
-        model_type="mixtral", vocab_size=10, hidden_size=8, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-        num_local_experts=2, num_experts_per_tok=1, intermediate_size=4,
+        model_type="mixtral",
+        vocab_size=10,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        intermediate_size=4,
     )
     hub = parse_config({**base, "rope_theta": 5e5, "rope_scaling": None})
     tf5 = parse_config({**base, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})
@@ -131,8 +138,13 @@ def test_unknown_model_type(mixtral: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("num_experts_per_tok", 9), ("hidden_size", 0), ("num_key_value_heads", 3),
-     ("rms_norm_eps", -1.0), ("vocab_size", "many")],
+    [
+        ("num_experts_per_tok", 9),
+        ("hidden_size", 0),
+        ("num_key_value_heads", 3),
+        ("rms_norm_eps", -1.0),
+        ("vocab_size", "many"),
+    ],
 )
 def test_config_out_of_range(mixtral: Path, tmp_path: Path, field: str, value) -> None:
     path = _copy(mixtral, tmp_path / "c")
@@ -268,12 +280,20 @@ def test_peak_host_memory_stays_near_weight_size(tmp_path: Path) -> None:
     import sys
 
     path = make_checkpoint(
-        tmp_path / "big", "mixtral", hidden_size=256, intermediate_size=1024,
-        num_hidden_layers=4, num_local_experts=8, vocab_size=4096,
+        tmp_path / "big",
+        "mixtral",
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_local_experts=8,
+        vocab_size=4096,
     )
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_PROBE, str(path)],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     ).stdout.split()
     base_kb, peak_kb, weights_kb = map(int, out)
     assert weights_kb > 90_000  # ~100 MB of float32 weights

@@ -42,16 +42,28 @@ def _model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     yield from serving(
-        _model_dir(tmp_path_factory), max_model_len=None,  # the model's own context
+        _model_dir(tmp_path_factory),
+        max_model_len=None,  # the model's own context
         engine_kwargs={"expert_cache_slots": 2, "offload_mode": "fetch"},
-    )  # fmt: skip
+    )
 
 
 def bench(server: RunningServer, tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
     """Run `moeserve bench serve` in this process; (exit status, JSON result)."""
     out = tmp_path / "result.json"
-    rc = main(["bench", "serve", "--base-url", server.url, "--result-json", str(out),
-               "--no-progress", "--save-detailed", *args])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            server.url,
+            "--result-json",
+            str(out),
+            "--no-progress",
+            "--save-detailed",
+            *args,
+        ]
+    )
     return rc, json.loads(out.read_text()) if out.exists() else {}
 
 
@@ -60,16 +72,37 @@ def test_random_workload_report(
 ) -> None:
     n = 12
     rc, rep = bench(
-        server, tmp_path, "--num-requests", str(n), "--request-rate", "30", "--burstiness",
-        "0.5", "--input-len", "uniform:4:12", "--output-len", "uniform:3:8", "--ignore-eos",
-        "--goodput", "ttft:600000", "tpot:600000", "e2e:600000", "--plot-dir",
+        server,
+        tmp_path,
+        "--num-requests",
+        str(n),
+        "--request-rate",
+        "30",
+        "--burstiness",
+        "0.5",
+        "--input-len",
+        "uniform:4:12",
+        "--output-len",
+        "uniform:3:8",
+        "--ignore-eos",
+        "--goodput",
+        "ttft:600000",
+        "tpot:600000",
+        "e2e:600000",
+        "--plot-dir",
         str(tmp_path / "plots"),
-    )  # fmt: skip
+    )
     assert rc == 0
     table = capsys.readouterr().out
-    for line in ("Successful requests:", "Median TTFT (ms):", "P99 ITL (ms):",
-                 "Request goodput (req/s):", "Expert imbalance", "Expert cache hit rate:"):
-        assert line in table, line  # fmt: skip
+    for line in (
+        "Successful requests:",
+        "Median TTFT (ms):",
+        "P99 ITL (ms):",
+        "Request goodput (req/s):",
+        "Expert imbalance",
+        "Expert cache hit rate:",
+    ):
+        assert line in table, line
     assert (rep["completed"], rep["failed"], rep["num_requests"]) == (n, 0, n)
     reqs = rep["requests"]
     # --ignore-eos: every request generates exactly its drawn max_tokens.
@@ -97,7 +130,8 @@ def test_random_workload_report(
         top_k = server.engine.model_config.top_k
         fed = rep["total_input_tokens"] + rep["total_output_tokens"] - n
         assert [sum(row) for row in srv["expert_load"]["tokens"]] == [top_k * fed] * len(
-            srv["expert_load"]["layers"])  # fmt: skip
+            srv["expert_load"]["layers"]
+        )
     load = srv["expert_load"]
     assert all(x >= 1.0 for x in load["imbalance_per_layer"])
     cache = srv["expert_cache"]
@@ -121,10 +155,21 @@ def test_jsonl_workload_chat_and_completions(server: RunningServer, tmp_path: Pa
     ]
     prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     rc, rep = bench(
-        server, tmp_path, "--workload", "jsonl", "--prompts-file", str(prompts),
-        "--num-requests", "5", "--max-concurrency", "2", "--output-len", "4", "--ignore-eos",
+        server,
+        tmp_path,
+        "--workload",
+        "jsonl",
+        "--prompts-file",
+        str(prompts),
+        "--num-requests",
+        "5",
+        "--max-concurrency",
+        "2",
+        "--output-len",
+        "4",
+        "--ignore-eos",
         "--no-metrics",
-    )  # fmt: skip
+    )
     assert rc == 0 and rep["completed"] == 5
     reqs = rep["requests"]
     # The file replays from its start; chat lines go to /v1/chat/completions.
@@ -142,8 +187,18 @@ def test_jsonl_workload_chat_and_completions(server: RunningServer, tmp_path: Pa
 
 def test_demo_workload(server: RunningServer, tmp_path: Path) -> None:
     pytest.importorskip("moeserve.demo_tasks")
-    rc, rep = bench(server, tmp_path, "--workload", "demo", "--num-requests", "6",
-                    "--demo-tasks", "add,reverse", "--demo-max-tokens", "8")  # fmt: skip
+    rc, rep = bench(
+        server,
+        tmp_path,
+        "--workload",
+        "demo",
+        "--num-requests",
+        "6",
+        "--demo-tasks",
+        "add,reverse",
+        "--demo-max-tokens",
+        "8",
+    )
     assert rc == 0 and rep["completed"] == 6 and rep["workload"] == "demo"
     acc = rep["demo_accuracy"]
     assert acc["checked"] == 6 and 0 <= acc["correct"] <= 6
@@ -155,9 +210,25 @@ def test_duration_bounds_the_run(
 ) -> None:
     t0 = time.monotonic()
     out = tmp_path / "r.json"
-    rc = main(["bench", "serve", "--base-url", server.url, "--duration", "1.5",
-               "--request-rate", "6", "--output-len", "2", "--input-len", "4",
-               "--result-json", str(out), "--save-detailed"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            server.url,
+            "--duration",
+            "1.5",
+            "--request-rate",
+            "6",
+            "--output-len",
+            "2",
+            "--input-len",
+            "4",
+            "--result-json",
+            str(out),
+            "--save-detailed",
+        ]
+    )
     elapsed = time.monotonic() - t0
     rep = json.loads(out.read_text())
     assert rc == 0 and rep["failed"] == 0
@@ -208,7 +279,10 @@ def test_length_specs_and_slos() -> None:
         with pytest.raises(ValueError):
             length_sampler(bad, rng)
     assert parse_goodput(["ttft:500", "tpot:50", "e2e:10000"]) == {
-        "ttft": 500.0, "tpot": 50.0, "e2el": 10000.0}  # fmt: skip
+        "ttft": 500.0,
+        "tpot": 50.0,
+        "e2el": 10000.0,
+    }
     for bad in (["ttft"], ["itl:5"], ["ttft:0"], ["ttft:abc"]):
         with pytest.raises(ValueError):
             parse_goodput(bad)
@@ -238,21 +312,30 @@ def test_random_prompts_from_a_tokenizer_with_special_tokens() -> None:
 # ---- The streaming client: the built-in HTTP/1.1 one (--http-client auto) and httpx ----
 
 CLIENTS = [("auto", "asyncio"), ("auto", "uvloop"), ("httpx", "asyncio")]
-HEAD_200 = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-            b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+HEAD_200 = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+    b"transfer-encoding: chunked\r\n\r\n"
+)
 DONE = b"data: [DONE]\n\n"
 Script = Callable[[asyncio.StreamWriter], Awaitable[bool]]  # True: keep the connection
 
 
-def _event(text: str | None = None, finish: str | None = None, chat: bool = False,
-           **top: Any) -> bytes:  # fmt: skip
+def _event(
+    text: str | None = None, finish: str | None = None, chat: bool = False, **top: Any
+) -> bytes:
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
     if chat:
         choice["delta"] = {} if text is None else {"content": text}
     else:
         choice["text"] = text or ""
-    body = {"id": "x", "object": "text_completion", "created": 1, "model": "m",
-            "choices": [choice] if text is not None or finish else [], **top}  # fmt: skip
+    body = {
+        "id": "x",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [choice] if text is not None or finish else [],
+        **top,
+    }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -266,10 +349,17 @@ ABC = [_event("a"), _event("b"), _event("c", "length"), USAGE, DONE]
 
 
 def _scripted(
-    script: Script, client: tuple[str, str], *, n: int = 1, timeout: float = 5.0,
-    endpoint: str = "completions", answer: str | None = None, api_key: str | None = None,
-    port: int | None = None, rate: float = math.inf,
-) -> tuple[list[RequestResult], list[bytes], int]:  # fmt: skip
+    script: Script,
+    client: tuple[str, str],
+    *,
+    n: int = 1,
+    timeout: float = 5.0,
+    endpoint: str = "completions",
+    answer: str | None = None,
+    api_key: str | None = None,
+    port: int | None = None,
+    rate: float = math.inf,
+) -> tuple[list[RequestResult], list[bytes], int]:
     """Run the load tester against a server on 127.0.0.1 that answers every request with
     `script`, one request at a time (or at `rate` per second); (results, request heads,
     connections accepted)."""
@@ -298,12 +388,25 @@ def _scripted(
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         url = f"http://127.0.0.1:{port or server.sockets[0].getsockname()[1]}"
         messages = [{"role": "user", "content": "hi"}]
-        spec = RequestSpec(endpoint, 3, prompt=None if endpoint == "chat" else "hi",
-                           messages=messages if endpoint == "chat" else None, answer=answer)
-        cfg = LoadTestConfig(url, model="m", api_key=api_key, num_requests=n, request_rate=rate,
-                             max_concurrency=None if math.isfinite(rate) else 1,
-                             request_timeout=timeout,
-                             progress=False, scrape_metrics=False, http_client=client[0])
+        spec = RequestSpec(
+            endpoint,
+            3,
+            prompt=None if endpoint == "chat" else "hi",
+            messages=messages if endpoint == "chat" else None,
+            answer=answer,
+        )
+        cfg = LoadTestConfig(
+            url,
+            model="m",
+            api_key=api_key,
+            num_requests=n,
+            request_rate=rate,
+            max_concurrency=None if math.isfinite(rate) else 1,
+            request_timeout=timeout,
+            progress=False,
+            scrape_metrics=False,
+            http_client=client[0],
+        )
         try:  # bounded: a hang here is a failure, not a stuck suite
             run = await asyncio.wait_for(run_load(cfg, itertools.repeat(spec), "t"), 20)
         finally:
@@ -338,22 +441,48 @@ def _writes(*parts: bytes, keep: bool = True, pause: float = 0.0) -> Script:
 
 
 @pytest.mark.parametrize("client", CLIENTS, ids="-".join)
-@pytest.mark.parametrize(("reply", "keep", "error"), [
-    (b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 37\r\n\r\n"
-     b'{"error":{"message":"no such model"}}', True, "HTTP 404: no such model"),
-    (b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n"
-     + _chunked(b"busy"), True, "HTTP 503: busy"),
-    (HEAD_200 + _chunked(_event("a"), b'data: {"error": {"message": "stopped"}}\n\n', DONE),
-     True, "stream error: stopped"),
-    (HEAD_200 + _chunked(_event("a"), _event("b", "length")), True,
-     "the stream ended without [DONE]"),
-    (HEAD_200 + _chunked(_event("a"), _event("b"), end=False)[:-20], False,
-     "RemoteProtocolError: peer closed connection without sending complete message body "
-     "(incomplete chunked read)"),
-    (b"", False, "RemoteProtocolError: Server disconnected without sending a response."),
-    (HEAD_200 + _chunked(b"data: {oops\n\n", DONE), True, "JSONDecodeError: Expecting property "
-     "name enclosed in double quotes: line 1 column 2 (char 1)"),
-], ids=["404", "503-chunked", "error-chunk", "no-done", "truncated", "no-response", "not-json"])
+@pytest.mark.parametrize(
+    ("reply", "keep", "error"),
+    [
+        (
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+            b"content-length: 37\r\n\r\n"
+            b'{"error":{"message":"no such model"}}',
+            True,
+            "HTTP 404: no such model",
+        ),
+        (
+            b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n"
+            + _chunked(b"busy"),
+            True,
+            "HTTP 503: busy",
+        ),
+        (
+            HEAD_200 + _chunked(_event("a"), b'data: {"error": {"message": "stopped"}}\n\n', DONE),
+            True,
+            "stream error: stopped",
+        ),
+        (
+            HEAD_200 + _chunked(_event("a"), _event("b", "length")),
+            True,
+            "the stream ended without [DONE]",
+        ),
+        (
+            HEAD_200 + _chunked(_event("a"), _event("b"), end=False)[:-20],
+            False,
+            "RemoteProtocolError: peer closed connection without sending complete message body "
+            "(incomplete chunked read)",
+        ),
+        (b"", False, "RemoteProtocolError: Server disconnected without sending a response."),
+        (
+            HEAD_200 + _chunked(b"data: {oops\n\n", DONE),
+            True,
+            "JSONDecodeError: Expecting property "
+            "name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+    ],
+    ids=["404", "503-chunked", "error-chunk", "no-done", "truncated", "no-response", "not-json"],
+)
 def test_stream_failures_are_recorded_not_raised(
     client: tuple[str, str], reply: bytes, keep: bool, error: str
 ) -> None:
@@ -368,8 +497,7 @@ def test_stream_timeout_and_refused_connection(client: tuple[str, str]) -> None:
     # One token, then nothing until well past --request-timeout: the token counts, the one
     # that comes after the timeout reaches nothing.
     t0 = time.monotonic()
-    script = _writes(HEAD_200 + _chunked(_event("a"), end=False), _chunked(_event("b")),
-                     pause=1.0)  # fmt: skip
+    script = _writes(HEAD_200 + _chunked(_event("a"), end=False), _chunked(_event("b")), pause=1.0)
     [res], _, _ = _scripted(script, client, timeout=0.5)
     assert res.error == "timed out after 0.5s (--request-timeout)"
     assert len(res.chunk_times) == 1 and res.ttft is not None and not res.success
@@ -393,14 +521,20 @@ def test_stream_framings(client: tuple[str, str], framing: str) -> None:
     elif framing in ("crlf", "cr"):
         pieces = _split(body.replace(b"\n", b"\r\n" if framing == "crlf" else b"\r"), 40)
         assert any(p.endswith(b"\r") for p in pieces)  # a CR, and what follows in a later read
-        script = _writes(HEAD_200, *(_chunked(p, end=False) for p in pieces), b"0\r\n\r\n",
-                         pause=0.002)  # fmt: skip
+        script = _writes(
+            HEAD_200, *(_chunked(p, end=False) for p in pieces), b"0\r\n\r\n", pause=0.002
+        )
     elif framing == "length":
-        script = _writes(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"content-length: %d\r\n\r\n%b" % (len(body), body))  # fmt: skip
+        script = _writes(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(body), body)
+        )
     else:
-        script = _writes(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
-                         body.rstrip(b"\n"), keep=False)  # fmt: skip
+        script = _writes(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+            body.rstrip(b"\n"),
+            keep=False,
+        )
     results, _, _ = _scripted(script, client, n=2, answer="abc")
     for res in results:
         assert res.error is None and res.success and res.correct
@@ -413,10 +547,10 @@ def test_stream_events_are_timed_when_they_arrive(client: tuple[str, str]) -> No
     """A chat stream: one token, a pause, then two tokens in one read; each event gets the
     time it is parsed at, so the pause shows as the first ITL, not spread or lost."""
     first = HEAD_200 + _chunked(_event(None, chat=True), _event("a", chat=True), end=False)
-    rest = _chunked(_event("b", chat=True), _event("c", chat=True),
-                    _event(None, "stop", chat=True), DONE)  # fmt: skip
-    [res], _, _ = _scripted(_writes(first, rest, pause=0.3), client, endpoint="chat",
-                            answer="abc")  # fmt: skip
+    rest = _chunked(
+        _event("b", chat=True), _event("c", chat=True), _event(None, "stop", chat=True), DONE
+    )
+    [res], _, _ = _scripted(_writes(first, rest, pause=0.3), client, endpoint="chat", answer="abc")
     assert res.success and res.correct and res.finish_reason == "stop"
     assert res.output_tokens == 3  # no usage chunk: one per content chunk
     assert res.ttft is not None and res.latency is not None
@@ -445,8 +579,7 @@ def test_requests_are_never_sent_before_their_arrival_time(loop: str) -> None:
     """uvloop's timers fire up to a millisecond early (libuv's cached clock, in ms): the
     schedule is kept in real time all the same."""
     n, rate = 40, 400.0
-    results, _, _ = _scripted(_writes(HEAD_200 + _chunked(*ABC)), ("auto", loop), n=n,
-                              rate=rate)  # fmt: skip
+    results, _, _ = _scripted(_writes(HEAD_200 + _chunked(*ABC)), ("auto", loop), n=n, rate=rate)
     cfg = LoadTestConfig("http://127.0.0.1:1", num_requests=n, request_rate=rate)
     arrivals = [0.0, *itertools.accumulate(itertools.islice(arrival_gaps(cfg), n - 1))]
     assert all(r.success for r in results)
@@ -469,9 +602,15 @@ def test_https_and_http_client_httpx_stream_over_httpx(monkeypatch: pytest.Monke
     monkeypatch.setattr(loadtest, "StreamClient", refuse)
     port = _unused_port()
     for scheme, client in (("https", "auto"), ("http", "httpx")):
-        cfg = LoadTestConfig(f"{scheme}://127.0.0.1:{port}", model="m", num_requests=1,
-                             request_timeout=5, progress=False, scrape_metrics=False,
-                             http_client=client)  # fmt: skip
+        cfg = LoadTestConfig(
+            f"{scheme}://127.0.0.1:{port}",
+            model="m",
+            num_requests=1,
+            request_timeout=5,
+            progress=False,
+            scrape_metrics=False,
+            http_client=client,
+        )
         spec = RequestSpec("completions", 3, prompt="hi")
         [res] = asyncio.run(run_load(cfg, itertools.repeat(spec), "t")).results
         assert res.error == "ConnectError: All connection attempts failed"
@@ -494,21 +633,42 @@ def test_builtin_client_against_moeserve(
 
     monkeypatch.setattr(StreamClient, "_connect", counting_connect)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "The river runs", "max_tokens": 5}) + "\n"
-                       + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    prompts.write_text(
+        json.dumps({"prompt": "The river runs", "max_tokens": 5})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "Hi"}]})
+        + "\n"
+    )
     seen = {}
     for client in ("auto", "httpx"):
-        rc, rep = bench(server, tmp_path, "--workload", "jsonl", "--prompts-file", str(prompts),
-                        "--num-requests", "10", "--max-concurrency", "2", "--output-len", "4",
-                        "--ignore-eos", "--no-metrics", "--http-client", client)  # fmt: skip
+        rc, rep = bench(
+            server,
+            tmp_path,
+            "--workload",
+            "jsonl",
+            "--prompts-file",
+            str(prompts),
+            "--num-requests",
+            "10",
+            "--max-concurrency",
+            "2",
+            "--output-len",
+            "4",
+            "--ignore-eos",
+            "--no-metrics",
+            "--http-client",
+            client,
+        )
         assert rc == 0 and rep["completed"] == 10
         for r in rep["requests"]:
             assert 1 <= len(r["chunk_times"]) <= r["output_tokens"]
             assert len(r["itl"]) == len(r["chunk_times"]) - 1
             assert r["chunk_times"][0] == pytest.approx(r["sent"] + r["ttft"])
             assert r["ttft"] <= r["latency"] <= r["ended"] - r["sent"]
-        seen[client] = [(r["endpoint"], r["prompt_tokens"], r["output_tokens"],
-                         r["finish_reason"]) for r in rep["requests"]]  # fmt: skip
+        seen[client] = [
+            (r["endpoint"], r["prompt_tokens"], r["output_tokens"], r["finish_reason"])
+            for r in rep["requests"]
+        ]
         if client == "auto":
             assert connects[0] <= 4
     assert seen["auto"] == seen["httpx"]

@@ -72,13 +72,17 @@ def test_lengths_given_that_cannot_fit_are_refused_before_sending(
 
     monkeypatch.setattr(loadtest, "run_load", no_run)
     cases = [
-        (["--input-len", "200", "--output-len", "100"],
-         "--input-len 200 + --output-len 100 = 300 tokens"),
-        (["--input-len", "uniform:10:250", "--output-len", "64"],
-         "--input-len uniform:10:250 (up to 250) + --output-len 64 = 314 tokens"),
+        (
+            ["--input-len", "200", "--output-len", "100"],
+            "--input-len 200 + --output-len 100 = 300 tokens",
+        ),
+        (
+            ["--input-len", "uniform:10:250", "--output-len", "64"],
+            "--input-len uniform:10:250 (up to 250) + --output-len 64 = 314 tokens",
+        ),
         (["--input-len", "300"], "--input-len 300 leaves no room for the output"),
         (["--output-len", "260"], "--output-len 260 leaves no room for a prompt"),
-    ]  # fmt: skip
+    ]
     for flags, message in cases:
         rc, rep = bench(demo_server, tmp_path, "--num-requests", "4", *flags)
         err = capsys.readouterr().err
@@ -116,8 +120,12 @@ def test_fitted_prompts_fit_whatever_the_tokenizer(ctx: int, given: str) -> None
         return
     assert fit.max_prompt_chars is not None
     assert fit.max_prompt_chars + SPECIAL_TOKENS_ROOM + length_ceiling(fit.output_len) <= ctx
-    for spec in _take(random_workload(fit.input_len, fit.output_len, seed=ctx,
-                                      max_prompt_chars=fit.max_prompt_chars), 50):  # fmt: skip
+    for spec in _take(
+        random_workload(
+            fit.input_len, fit.output_len, seed=ctx, max_prompt_chars=fit.max_prompt_chars
+        ),
+        50,
+    ):
         assert spec.prompt
         assert len(spec.prompt) + SPECIAL_TOKENS_ROOM + spec.max_tokens <= ctx, spec
 
@@ -139,8 +147,9 @@ def test_fit_messages_and_tiny_contexts() -> None:
     for ctx in (1, 2, 3):
         with pytest.raises(ValueError, match=f"context of {ctx} tokens"):
             fit_random_lengths(None, None, ctx, exact=False)
-    with pytest.raises(ValueError, match="--input-len 4 \\+ --output-len lognormal:9:1 "
-                                         "\\(about 9\\) = 13 tokens"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match="--input-len 4 \\+ --output-len lognormal:9:1 \\(about 9\\) = 13 tokens"
+    ):
         fit_random_lengths("4", "lognormal:9:1", 12, exact=True)
     with pytest.raises(ValueError, match="kind must be one of"):
         fit_random_lengths("gamma:1:2", None, None, exact=True)
@@ -164,12 +173,15 @@ def test_an_uncut_workload_is_the_same_as_before() -> None:
 
 def test_model_cards() -> None:
     """moeserve's and vLLM's cards have max_model_len; others may not, or list it null."""
-    cards = {"object": "list", "data": [
-        {"id": "a", "object": "model", "max_model_len": 4096, "root": "a"},  # vLLM
-        {"id": "b", "object": "model", "owned_by": "someone"},
-        {"id": "c", "object": "model", "max_model_len": None},  # moeserve while loading
-        {"id": "d", "max_model_len": True},
-    ]}  # fmt: skip
+    cards = {
+        "object": "list",
+        "data": [
+            {"id": "a", "object": "model", "max_model_len": 4096, "root": "a"},  # vLLM
+            {"id": "b", "object": "model", "owned_by": "someone"},
+            {"id": "c", "object": "model", "max_model_len": None},  # moeserve while loading
+            {"id": "d", "max_model_len": True},
+        ],
+    }
     assert _served_model(cards, None) == ServedModel("a", 4096)
     assert _served_model(cards, "a") == ServedModel("a", 4096)
     for model in ("b", "c", "d", "not-listed"):
@@ -183,6 +195,12 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
 
 
 def test_length_ceiling() -> None:
-    specs = ("7", "uniform:3:9.4", "uniform:9:3", "normal:20:5", "lognormal:30:1",
-             "exponential:0.2")  # fmt: skip
+    specs = (
+        "7",
+        "uniform:3:9.4",
+        "uniform:9:3",
+        "normal:20:5",
+        "lognormal:30:1",
+        "exponential:0.2",
+    )
     assert [length_ceiling(s) for s in specs] == [7, 9, 9, 20, 30, 1]

@@ -13,9 +13,11 @@ from moeserve.bench.report import build_report, format_report
 from tests.server_fixture import RunningServer, serving
 from tests.test_loadtest import CLIENTS, _model_dir, _scripted, _writes, bench
 
-REFUSAL = (b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
-           b"retry-after: 1\r\ncontent-length: 42\r\n\r\n"
-           b'{"error":{"message":"too many requests"}}\n')  # fmt: skip
+REFUSAL = (
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+    b"retry-after: 1\r\ncontent-length: 42\r\n\r\n"
+    b'{"error":{"message":"too many requests"}}\n'
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +30,17 @@ def test_a_flood_reports_its_429s_and_their_latency(
     small_queue_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     n = 16  # all at once, one queue slot: the server admits one and refuses most others
-    rc, rep = bench(small_queue_server, tmp_path, "--num-requests", str(n), "--input-len", "8",
-                    "--output-len", "4", "--ignore-eos")  # fmt: skip
+    rc, rep = bench(
+        small_queue_server,
+        tmp_path,
+        "--num-requests",
+        str(n),
+        "--input-len",
+        "8",
+        "--output-len",
+        "4",
+        "--ignore-eos",
+    )
     table = capsys.readouterr().out
     assert rc == 0 and rep["completed"] >= 1
     rejected = rep["rejected"]
@@ -82,15 +93,23 @@ def _run(results: list[RequestResult]) -> RunData:
 
 
 def test_rejected_in_the_report() -> None:
-    results = [_result(0, 200, None), _result(1, 429, 0.030), _result(2, 503, 0.5),
-               _result(3, 429, 0.010), _result(4, 429, 0.020)]  # fmt: skip
+    results = [
+        _result(0, 200, None),
+        _result(1, 429, 0.030),
+        _result(2, 503, 0.5),
+        _result(3, 429, 0.010),
+        _result(4, 429, 0.020),
+    ]
     rep = build_report(_run(results))
     # 429s are failures, and a 503 is a failure but no rejection.
     assert (rep["completed"], rep["failed"], rep["rejected"]) == (1, 4, 3)
     stats = rep["rejected_latency_ms"]
     assert stats["count"] == 3
     assert (stats["mean"], stats["median"], stats["p99"]) == (
-        pytest.approx(20.0), pytest.approx(20.0), pytest.approx(29.8))  # fmt: skip
+        pytest.approx(20.0),
+        pytest.approx(20.0),
+        pytest.approx(29.8),
+    )
     rows = _rows(format_report(rep))
     assert rows["of which rejected (HTTP 429):"] == "3"
     assert (rows["Median 429 latency (ms):"], rows["P99 429 latency (ms):"]) == ("20.00", "29.80")

@@ -24,6 +24,7 @@ from moeserve.model.loader import inspect_checkpoint, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+
 class Executor:
     """The model, ready to run steps. Shapes: R sampled rows, V vocab."""
 
