@@ -15,8 +15,11 @@ import itertools
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from moeserve.config import EngineConfig
 from moeserve.engine.executor import Executor
+from moeserve.engine.expert_store import ExpertCacheStats
 from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import (
     CompletionOutput,
@@ -322,10 +325,10 @@ class EngineCore:
         return stats
 
     # ----------------------------------------------------------------- experts
-    def expert_token_counts(self):  # noqa: ANN201 - torch.Tensor, kept out of this import list
+    def expert_token_counts(self) -> torch.Tensor:
         """[sparse layers, E] tokens routed to each expert since start (one host copy)."""
         return self.executor.expert_token_counts()
 
-    def expert_cache_stats(self) -> list:
+    def expert_cache_stats(self) -> list[ExpertCacheStats]:
         """Per sparse layer cache counters; empty when every expert is resident."""
         return self.executor.expert_cache_stats()
