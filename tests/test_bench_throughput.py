@@ -85,3 +85,19 @@ def test_floor_work_of_a_mixtral_layer() -> None:
     assert work.step_bytes(1, context_tokens=10) == work.step_bytes(1) + 2 * 10 * 2 * 32
     active = attention + 8 * 64 + 2 * work.expert
     assert work.step_flops(5, sampled=1) == 2 * (5 * active + 1000 * 64)
+
+
+def test_synthetic_tokenizer_gives_every_id_text() -> None:
+    """A random model samples from all its rows: each must decode to text, or streams would
+    hold back their chunks (and HTTP benchmarks report TTFT and ITL many times too high)."""
+    from moeserve.bench.synthetic import synthetic_model
+    from moeserve.tokenizer import Tokenizer
+
+    path = synthetic_model("tiny", tokenizer=True)
+    tok = Tokenizer.from_dir(path)
+    assert tok.vocab_size == 1024
+    padded = range(45, 1024)  # past the demo's own 45 ids
+    assert all(tok.decode([i], skip_special_tokens=True) for i in padded)
+    from moeserve.assets import demo_model_path
+
+    assert tok.encode("47+85") == Tokenizer.from_dir(demo_model_path()).encode("47+85")
