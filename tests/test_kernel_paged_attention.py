@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from moeserve.kernels import paged_attention as pa_module  # noqa: E402
 from moeserve.kernels.paged_attention import PARTITION_SIZE, paged_decode_attention  # noqa: E402
-from moeserve.model.attention import PagedAttention  # noqa: E402
+from moeserve.model.attention import LayerMask, PagedAttention  # noqa: E402
 from moeserve.model.metadata import AttentionMetadata  # noqa: E402
 
 P = PARTITION_SIZE
@@ -33,7 +33,9 @@ def paged_attention(
     decode_kernel: bool = False,
 ) -> torch.Tensor:
     """The paged backend's attention (readable decodes, or the Triton decode kernel)."""
-    return PagedAttention(decode_kernel=decode_kernel).attend(q, (k, v), meta, scale, window)
+    return PagedAttention(decode_kernel=decode_kernel).attend(
+        q, (k, v), meta, LayerMask(scale, window)
+    )
 
 
 def _make_case(

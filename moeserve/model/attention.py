@@ -31,6 +31,16 @@ from moeserve.model.rotary import CosSin, apply_rotary
 KVCache = tuple[torch.Tensor, torch.Tensor]  # a layer's (K, V), each [N, S, G, X]
 
 
+@dataclass(frozen=True, eq=False)
+class LayerMask:
+    """What one layer's attention sees beyond plain causal attention, and its softmax scale.
+    Families add their rules here (a chunked local window, per-head sink logits, ...), and
+    every backend honours them or refuses the model when it is built."""
+
+    scale: float
+    window: int | None = None  # sliding window: a query sees the last `window` positions
+
+
 class AttentionBackend(Protocol):
     """Causal attention of a flat batch's new tokens over everything cached for their
     sequences (the new tokens' K/V already stored)."""
@@ -43,8 +53,7 @@ class AttentionBackend(Protocol):
         q_THX: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-        scale: float,
-        window: int | None,
+        mask: LayerMask,
     ) -> torch.Tensor:
         """[T, H, X] attention outputs."""
         ...
@@ -74,10 +83,10 @@ class PagedAttention:
         q_THX: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-        scale: float,
-        window: int | None,
+        mask: LayerMask,
     ) -> torch.Tensor:
         k_cache_NSGX, v_cache_NSGX = kv_cache
+        scale, window = mask.scale, mask.window
         nd = meta.num_decodes
         pack = meta.prefill_pack
         if pack is not None and window is not None and window < pack.max_k:
@@ -150,8 +159,7 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = empty_param(q, dtype=dtype, device=device)
             self.k_norm = empty_param(kv, dtype=dtype, device=device)
-        self.window = cfg.layer_windows[layer]
-        self.scale = cfg.head_dim**-0.5
+        self.mask = LayerMask(scale=cfg.head_dim**-0.5, window=cfg.layer_windows[layer])
         # The qkv projection may go straight from split-K partials into the rotary kernel.
         self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None
 
@@ -222,7 +230,7 @@ class Attention(nn.Module):
         partials_out: bool,
     ) -> torch.Tensor:
         t = q_THX.shape[0]
-        o_THX = self.impl.attend(q_THX, kv_cache, meta, self.scale, self.window)
+        o_THX = self.impl.attend(q_THX, kv_cache, meta, self.mask)
         o_TQ = o_THX.reshape(t, self.cfg.q_size)
         if partials_out:
             from moeserve.kernels.linear import linear_partials

@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from moeserve.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 # An index into a parameter: an expert index and/or a row slice.
 Index = tuple[int | slice, ...]
+# (parameter name, index) or (parameter name, index, TRANSFORMS key).
+PlanEntry = tuple[str, Index] | tuple[str, Index, str]
 
 
 def _get(raw: dict[str, Any], key: str, default: Any = ..., *, kind: type = int) -> Any:
@@ -269,37 +273,64 @@ def _mlp_names(prefix: str, names: tuple[str, str, str]) -> tuple[str, str, str]
     return tuple(f"{prefix}.{n}.weight" for n in names)  # type: ignore[return-value]
 
 
-def weight_plan(cfg: ModelConfig) -> dict[str, tuple[str, Index]]:
-    """Checkpoint tensor name -> (moeserve parameter name, index of the slice it fills)."""
-    q, kv = cfg.q_size, cfg.kv_size
-    plan: dict[str, tuple[str, Index]] = {
+Plan = dict[str, PlanEntry]
+
+
+def plan_gate_up_down(
+    plan: Plan, prefix: str, names: tuple[str, str, str], dst: str, size: int, expert: Index = ()
+) -> None:
+    """A SwiGLU MLP stored as separate gate, up and down tensors -> dst.w_gate_up / dst.w_down
+    (of one expert when `expert` is given)."""
+    gate, up, down = _mlp_names(prefix, names)
+    plan[gate] = (f"{dst}.w_gate_up", (*expert, slice(0, size)))
+    plan[up] = (f"{dst}.w_gate_up", (*expert, slice(size, 2 * size)))
+    plan[down] = (f"{dst}.w_down", expert)
+
+
+def plan_embeddings(cfg: ModelConfig) -> Plan:
+    plan: Plan = {
         "model.embed_tokens.weight": ("embed_tokens", ()),
         "model.norm.weight": ("norm", ()),
     }
     if not cfg.tie_word_embeddings:
         plan["lm_head.weight"] = ("lm_head", ())
+    return plan
+
+
+def plan_attention(plan: Plan, cfg: ModelConfig, src: str, dst: str) -> None:
+    """Separate q/k/v projections (+ biases, q/k norms) into the fused qkv parameter."""
+    q, kv = cfg.q_size, cfg.kv_size
+    attn = f"{src}.self_attn"
+    qkv_rows = (slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv))
+    for name, rows in zip("qkv", qkv_rows):
+        plan[f"{attn}.{name}_proj.weight"] = (f"{dst}.attn.qkv_weight", (rows,))
+        if cfg.qkv_bias:
+            plan[f"{attn}.{name}_proj.bias"] = (f"{dst}.attn.qkv_bias", (rows,))
+    plan[f"{attn}.o_proj.weight"] = (f"{dst}.attn.o_weight", ())
+    if cfg.qk_norm != "none":
+        plan[f"{attn}.q_norm.weight"] = (f"{dst}.attn.q_norm", ())
+        plan[f"{attn}.k_norm.weight"] = (f"{dst}.attn.k_norm", ())
+
+
+def plan_layer_norms(plan: Plan, src: str, dst: str) -> None:
+    plan[f"{src}.input_layernorm.weight"] = (f"{dst}.input_norm", ())
+    plan[f"{src}.post_attention_layernorm.weight"] = (f"{dst}.post_norm", ())
+
+
+def _standard_plan(cfg: ModelConfig) -> Plan:
+    """Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: one tensor per expert projection."""
+    plan = plan_embeddings(cfg)
     mixtral = cfg.model_type == "mixtral"
     expert_names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    mlp_names = ("gate_proj", "up_proj", "down_proj")
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}", f"layers.{i}"
-        plan[f"{src}.input_layernorm.weight"] = (f"{dst}.input_norm", ())
-        plan[f"{src}.post_attention_layernorm.weight"] = (f"{dst}.post_norm", ())
-        attn = f"{src}.self_attn"
-        qkv_rows = (slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv))
-        for name, rows in zip("qkv", qkv_rows):
-            plan[f"{attn}.{name}_proj.weight"] = (f"{dst}.attn.qkv_weight", (rows,))
-            if cfg.qkv_bias:
-                plan[f"{attn}.{name}_proj.bias"] = (f"{dst}.attn.qkv_bias", (rows,))
-        plan[f"{attn}.o_proj.weight"] = (f"{dst}.attn.o_weight", ())
-        if cfg.qk_norm != "none":
-            plan[f"{attn}.q_norm.weight"] = (f"{dst}.attn.q_norm", ())
-            plan[f"{attn}.k_norm.weight"] = (f"{dst}.attn.k_norm", ())
+        plan_layer_norms(plan, src, dst)
+        plan_attention(plan, cfg, src, dst)
         if not cfg.sparse_layers[i]:
-            f = cfg.dense_intermediate_size
-            gate, up, down = _mlp_names(f"{src}.mlp", ("gate_proj", "up_proj", "down_proj"))
-            plan[gate] = (f"{dst}.mlp.w_gate_up", (slice(0, f),))
-            plan[up] = (f"{dst}.mlp.w_gate_up", (slice(f, 2 * f),))
-            plan[down] = (f"{dst}.mlp.w_down", ())
+            plan_gate_up_down(
+                plan, f"{src}.mlp", mlp_names, f"{dst}.mlp", cfg.dense_intermediate_size
+            )
             continue
         moe = f"{src}.block_sparse_moe" if mixtral else f"{src}.mlp"
         plan[f"{moe}.gate.weight"] = (f"{dst}.mlp.router", ())
@@ -307,20 +338,32 @@ def weight_plan(cfg: ModelConfig) -> dict[str, tuple[str, Index]]:
             plan[f"{moe}.gate.e_score_correction_bias"] = (f"{dst}.mlp.router_bias", ())
         f = cfg.moe_intermediate_size
         for e in range(cfg.num_experts):
-            gate, up, down = _mlp_names(f"{moe}.experts.{e}", expert_names)
-            plan[gate] = (f"{dst}.mlp.w_gate_up", (e, slice(0, f)))
-            plan[up] = (f"{dst}.mlp.w_gate_up", (e, slice(f, 2 * f)))
-            plan[down] = (f"{dst}.mlp.w_down", (e,))
+            plan_gate_up_down(plan, f"{moe}.experts.{e}", expert_names, f"{dst}.mlp", f, (e,))
         s = cfg.shared_expert_intermediate_size
         if s:
-            gate, up, down = _mlp_names(
-                f"{moe}.shared_expert", ("gate_proj", "up_proj", "down_proj")
-            )
-            plan[gate] = (f"{dst}.mlp.shared.w_gate_up", (slice(0, s),))
-            plan[up] = (f"{dst}.mlp.shared.w_gate_up", (slice(s, 2 * s),))
-            plan[down] = (f"{dst}.mlp.shared.w_down", ())
+            plan_gate_up_down(plan, f"{moe}.shared_expert", mlp_names, f"{dst}.mlp.shared", s)
             plan[f"{moe}.shared_expert_gate.weight"] = (f"{dst}.mlp.shared_gate", ())
     return plan
+
+
+# model_type -> its weight plan; a family missing here takes the standard one.
+PLANS: dict[str, Callable[[ModelConfig], Plan]] = {}
+
+
+def weight_plan(cfg: ModelConfig) -> Plan:
+    """Checkpoint tensor name -> (moeserve parameter name, index of the slice it fills[,
+    the name of a TRANSFORMS entry applied to the tensor first])."""
+    return PLANS.get(cfg.model_type, _standard_plan)(cfg)
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(-1, -2)
+
+
+# Layout changes a checkpoint tensor may need before it is copied into its slice (fused hub
+# tensors stored [in, out] where our parameters are [out, in], interleaved gate/up, ...).
+# They must work on meta tensors: the loader checks shapes through them before reading data.
+TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"transpose": _transpose}
 
 
 # Tensors some checkpoints carry that hold nothing we need (recomputed buffers).

@@ -21,7 +21,13 @@ from tqdm import tqdm
 from moeserve.config import ConfigError, ModelConfig
 from moeserve.model.backend import ModelBackend
 from moeserve.model.decoder import DTYPES, MoEForCausalLM
-from moeserve.model.families import IGNORED_SUFFIXES, Index, parse_config, weight_plan
+from moeserve.model.families import (
+    IGNORED_SUFFIXES,
+    TRANSFORMS,
+    PlanEntry,
+    parse_config,
+    weight_plan,
+)
 from moeserve.model.safetensors_check import HeaderError, TensorEntry, read_header
 
 log = logging.getLogger(__name__)
@@ -169,7 +175,7 @@ def _read_headers(shards: tuple[Path, ...]) -> dict[Path, dict[str, TensorEntry]
 
 def _index_tensors(
     ckpt: Checkpoint,
-    plan: dict[str, tuple[str, Index]],
+    plan: dict[str, PlanEntry],
     headers: dict[Path, dict[str, TensorEntry]],
 ) -> dict[str, Path]:
     """Tensor name -> shard, refusing duplicates, unknown tensors and missing ones."""
@@ -203,22 +209,27 @@ def _index_tensors(
     return where
 
 
-def _target(params: dict[str, torch.Tensor], plan_entry: tuple[str, Index]) -> torch.Tensor:
-    name, index = plan_entry
+def _target(params: dict[str, torch.Tensor], plan_entry: PlanEntry) -> torch.Tensor:
+    name, index = plan_entry[0], plan_entry[1]
     return params[name][index] if index else params[name]
+
+
+def _transformed(tensor: torch.Tensor, plan_entry: PlanEntry) -> torch.Tensor:
+    return TRANSFORMS[plan_entry[2]](tensor) if len(plan_entry) == 3 else tensor
 
 
 def _check_against_model(
     where: dict[str, Path],
     headers: dict[Path, dict[str, TensorEntry]],
-    plan: dict[str, tuple[str, Index]],
+    plan: dict[str, PlanEntry],
     params: dict[str, torch.Tensor],
 ) -> None:
     """Every tensor's shape and dtype against its parameter, before any data is read."""
     for name, shard in where.items():
         entry = headers[shard][name]
         expected = list(_target(params, plan[name]).shape)
-        if list(entry.shape) != expected:
+        shape = list(_transformed(torch.empty(entry.shape, device="meta"), plan[name]).shape)
+        if shape != expected:
             raise CheckpointError(
                 f"{shard}: tensor '{name}' has shape {list(entry.shape)}, expected {expected} "
                 "from config.json"
@@ -293,7 +304,7 @@ def load_model(
                     tensor = f.get_tensor(name)
                 except (SafetensorError, RuntimeError) as e:
                     raise CheckpointError(f"{shard}: cannot read tensor '{name}' ({e})") from e
-                _target(params, plan[name]).copy_(tensor)
+                _target(params, plan[name]).copy_(_transformed(tensor, plan[name]))
                 filled += 1
                 bar.update(tensor.numel() * tensor.element_size())
                 del tensor
