@@ -47,7 +47,6 @@ _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "modalities": lambda v: v is None or v == ["text"],
     "prediction": _absent,
     "web_search_options": _absent,
-    "reasoning_effort": _absent,
     "guided_json": _absent,
     "guided_regex": _absent,
     "guided_choice": _absent,
@@ -219,6 +218,16 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    # Set (a string, or null when there was none) only for a model with a reasoning format:
+    # other models' messages keep OpenAI's shape.
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_reasoning(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if "reasoning_content" not in self.model_fields_set:
+            out.pop("reasoning_content", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -240,6 +249,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # vLLM's and DeepSeek's name
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:
