@@ -240,8 +240,8 @@ class _Chat:
         logprobs = self._logprobs(o)
         reason = finish_reason(o.finish_reason)
         text, reasoning = o.text, o.reasoning_text
+        chunks: list[bytes] = []
         if logprobs is None and not self.req.continuous_usage:
-            chunks = []
             if reasoning:
                 chunks.append(template.render(o.index, reasoning, None, "reasoning_content"))
             if text:
@@ -249,7 +249,6 @@ class _Chat:
             if reason is not None:
                 chunks.append(template.render(o.index, None, reason))
             return chunks
-        chunks: list[bytes] = []
         if text or reasoning or logprobs is not None:
             content = text or (None if reasoning else "")
             delta = DeltaMessage(content=content, reasoning_content=reasoning or None)
