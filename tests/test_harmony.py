@@ -250,6 +250,14 @@ def test_chat_returns_reasoning_content_and_content(
         assert getattr(choice.message, "reasoning_content", None) == THINKING
     assert r.usage is not None and r.usage.completion_tokens == 2 * len(script.tokens)
     assert script.prompts[-1] == _prompt(tok)  # the chat_template.jinja prompt
+    # The returned message, reasoning_content and all, can be sent back in the next turn.
+    turn = [*USER, r.choices[0].message, {"role": "user", "content": "Sure?"}]
+    again = client.chat.completions.create(model=MODEL_NAME, messages=turn)  # type: ignore[arg-type]
+    assert again.choices[0].message.content == ANSWER
+    assert tok.decode(script.prompts[-1], skip_special_tokens=False).endswith(
+        f"<|channel|>final<|message|>{ANSWER}<|end|><|start|>user<|message|>Sure?<|end|>"
+        "<|start|>assistant"
+    )
     # Logprobs cover every generated token, markers included; a stop string cuts content.
     body = _chat(srv, logprobs=True, stop=["think", "is 4"]).json()
     choice = body["choices"][0]

@@ -76,6 +76,7 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 "name": m.name,
                 "tool_calls": m.tool_calls,
                 "tool_call_id": m.tool_call_id,
+                "reasoning_content": m.reasoning_content,
             }
         )
     return out

@@ -142,6 +142,9 @@ class ChatMessage(_Request):
     # them as transformers does.
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # The reasoning a reasoning model returned, when a client sends its message back; handed
+    # to the chat template under this name (Qwen3's reads it; gpt-oss's drops past reasoning).
+    reasoning_content: str | None = None
     # What the openai SDK puts in an assistant message it returned, when a client sends
     # that message back: accepted when empty.
     refusal: str | None = None
