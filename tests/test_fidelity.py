@@ -94,6 +94,10 @@ CASES = {
         ),
     ),
     "olmoe": dict(family="olmoe", tie_word_embeddings=True, clip_qkv=0.5),
+    "llama4_text": dict(family="llama4_text"),
+    "llama4_text-top2-no-qk-norm": dict(
+        family="llama4_text", num_experts_per_tok=2, use_qk_norm=False, moe_layers=[0, 1, 3]
+    ),
 }
 
 

@@ -86,9 +86,11 @@ class MoE(nn.Module):
             persistent=False,
         )
         self.shared: DenseMLP | None = None
+        self.shared_gate: torch.Tensor | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared = DenseMLP(d, cfg.shared_expert_intermediate_size, dtype, device)
-            self.shared_gate = empty_param(1, d, dtype=dtype, device=device)
+            if cfg.shared_expert_gated:
+                self.shared_gate = empty_param(1, d, dtype=dtype, device=device)
 
     def forward(
         self,
@@ -155,6 +157,7 @@ class MoE(nn.Module):
             self.num_experts,
             padded=valid_T is not None,
             counter_E=self.tokens_per_expert_E if self.count_tokens else None,
+            scale_input=self.spec.scales_input,
         )
 
     def finish(self, d: Dispatch) -> torch.Tensor:
@@ -165,6 +168,8 @@ class MoE(nn.Module):
         """The routed experts' output plus the shared expert's, when the family has one."""
         if self.shared is None:
             return routed_TD
+        if self.shared_gate is None:
+            return routed_TD + self.shared(x_TD)
         gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
         return routed_TD + gate_T1 * self.shared(x_TD)
 
@@ -178,7 +183,13 @@ class MoE(nn.Module):
         """The readable twin of the fused kernels for a given routing (not counted): dispatch,
         each expert once on exactly its rows, weighted combine. [T, D]."""
         d = sort_by_expert(
-            x_TD, weights_TK, experts_TK, self.num_experts, padded=False, counter_E=None
+            x_TD,
+            weights_TK,
+            experts_TK,
+            self.num_experts,
+            padded=False,
+            counter_E=None,
+            scale_input=self.spec.scales_input,
         )
         (provider or self.resident).run(d)
         return combine(d)
