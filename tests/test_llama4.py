@@ -49,6 +49,8 @@ def test_config_parses_every_llama4_rule() -> None:
     assert all(cfg.sparse_layers) and cfg.dense_intermediate_size == 0
     assert cfg.nope_layers == (False, False, False, True)  # every 4th layer (interval 4)
     assert cfg.layer_chunks == (4, 4, 4, None) and cfg.attn_temperature is None
+    # Scout's hub config.json spells the tuning flag as a number.
+    assert parse_config({**raw, "attn_temperature_tuning": 4}).attn_temperature == (3.0, 0.5)
 
 
 @pytest.mark.parametrize(

@@ -47,10 +47,11 @@ MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def _flag(raw: dict[str, Any], key: str, default: bool) -> bool:
+    # Hub configs may say `"attn_temperature_tuning": 4`: transformers only tests truthiness.
     value = raw.get(key, default)
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, int)):
         raise ConfigError(f"config.json: '{key}' must be true or false, got {value!r}")
-    return value
+    return bool(value)
 
 
 def _int_list(raw: dict[str, Any], key: str) -> list[int] | None:
