@@ -47,6 +47,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
         head_dim=16,
         partial_rotary_factor=0.5,
     ),
+    # Every Llama 4 feature on at tiny sizes: attention chunks shorter than the prompt, NoPE
+    # layers (global, temperature-tuned with a floor_scale that matters at these positions)
+    # between chunked RoPE layers with L2 q/k norms, MoE on every second layer, llama3 rope.
+    "llama4_text": dict(
+        num_hidden_layers=4,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        intermediate_size_mlp=40,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=4,
+        no_rope_layers=[1, 0, 1, 0],
+        floor_scale=3,
+        attn_scale=0.5,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=10000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+    ),
 }
 
 
@@ -59,6 +81,7 @@ def hf_classes(family: str) -> tuple[Any, Any]:
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
         "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM),
+        "llama4_text": (tf.Llama4TextConfig, tf.Llama4ForCausalLM),
     }[family]
 
 
@@ -98,6 +121,8 @@ def make_checkpoint(
                 p.add_(torch.randn_like(p) * 0.1)
             elif "gate.weight" in name or "embed" in name:
                 p.mul_(20.0)  # sharper routing and logits than the 0.02-std init
+            elif family.startswith("llama4") and ("router.weight" in name or "q_proj" in name):
+                p.mul_(20.0)  # Llama 4: sharper routing, and NoPE attention too
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # inits to 0: make it steer
                 b.add_(torch.randn_like(b) * 0.3)

@@ -98,6 +98,10 @@ CASES = {
     "glm4_moe-no-qk-norm-full-rotary": dict(
         family="glm4_moe", use_qk_norm=False, partial_rotary_factor=1.0, n_group=1, topk_group=1
     ),
+    "llama4_text": dict(family="llama4_text"),
+    "llama4_text-top2-no-qk-norm": dict(
+        family="llama4_text", num_experts_per_tok=2, use_qk_norm=False, moe_layers=[0, 1, 3]
+    ),
 }
 
 
