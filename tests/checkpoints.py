@@ -31,6 +31,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
     "qwen3_moe": dict(num_experts=6, moe_intermediate_size=24, norm_topk_prob=True, head_dim=16),
     "olmoe": dict(num_experts=6, norm_topk_prob=False),
+    # Every feature on: sinks and biases (perturbed below), a window shorter than the test
+    # prompts, alternating sliding/full layers, yarn rope (the family's default).
+    "gpt_oss": dict(
+        num_local_experts=6,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        swiglu_limit=0.1,  # the tiny model's gate/up values reach ~0.5: clamp some
+    ),
 }
 
 
@@ -42,6 +51,7 @@ def hf_classes(family: str) -> tuple[Any, Any]:
         "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM),
     }[family]
 
 
@@ -79,8 +89,10 @@ def make_checkpoint(
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-            elif "gate.weight" in name or "embed" in name:
+            elif "gate.weight" in name or "embed" in name or "router.weight" in name:
                 p.mul_(20.0)  # sharper routing and logits than the 0.02-std init
+            elif name.endswith("_bias"):  # per-expert biases [E, N] (gpt-oss)
+                p.add_(torch.randn_like(p) * 0.1)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kwargs)
     if hub_style:

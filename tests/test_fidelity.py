@@ -94,6 +94,7 @@ CASES = {
         ),
     ),
     "olmoe": dict(family="olmoe", tie_word_embeddings=True, clip_qkv=0.5),
+    "gpt_oss": dict(family="gpt_oss"),
 }
 
 

@@ -39,6 +39,9 @@ class LayerMask:
 
     scale: float
     window: int | None = None  # sliding window: a query sees the last `window` positions
+    # gpt-oss: a learned logit per query head [H] in every softmax's denominator (a key that
+    # every query sees and whose value is zero).
+    sinks_H: torch.Tensor | None = None
 
 
 class AttentionBackend(Protocol):
@@ -61,10 +64,10 @@ class AttentionBackend(Protocol):
 
 @dataclass(frozen=True)
 class PagedAttention:
-    """Paged MHA/GQA. Decodes are one batched call: the Triton paged kernel when
-    `decode_kernel` (no host reads: CUDA-graph safe), else the readable gather + SDPA with a
-    padding mask. Prefill chunks are one varlen FlashAttention call when the metadata packs
-    them (no sliding window inside the contexts), else one SDPA each over its own context."""
+    """Paged MHA/GQA, with the layer's sliding window and sinks. Decodes are one batched call:
+    the Triton paged kernel when `decode_kernel` (no host reads: CUDA-graph safe), else the
+    readable gather + SDPA with a padding mask. Prefill chunks are one varlen FlashAttention
+    call when the metadata packs them, else one SDPA each over its own context."""
 
     decode_kernel: bool = False
     packs_prefills: bool = False
@@ -86,13 +89,11 @@ class PagedAttention:
         mask: LayerMask,
     ) -> torch.Tensor:
         k_cache_NSGX, v_cache_NSGX = kv_cache
-        scale, window = mask.scale, mask.window
+        scale, window, sinks = mask.scale, mask.window, mask.sinks_H
         nd = meta.num_decodes
         pack = meta.prefill_pack
-        if pack is not None and window is not None and window < pack.max_k:
-            pack = None  # a window inside the contexts: one SDPA per chunk
         if pack is not None and nd == 0:
-            return varlen_prefill(q_THX, k_cache_NSGX, v_cache_NSGX, pack, scale)
+            return varlen_prefill(q_THX, k_cache_NSGX, v_cache_NSGX, pack, scale, window, sinks)
         out_THX = torch.empty_like(q_THX)
         if nd and self.decode_kernel:
             from moeserve.kernels.paged_attention import paged_decode_attention
@@ -106,12 +107,15 @@ class PagedAttention:
                 scale,
                 window,
                 out_BHX=out_THX[:nd],
+                sinks_H=sinks,
             )
         elif nd:
             q = q_THX[:nd]
-            out_THX[:nd] = sdpa_decode(q, k_cache_NSGX, v_cache_NSGX, meta, scale, window)
+            out_THX[:nd] = sdpa_decode(q, k_cache_NSGX, v_cache_NSGX, meta, scale, window, sinks)
         if pack is not None:
-            out_THX[nd:] = varlen_prefill(q_THX[nd:], k_cache_NSGX, v_cache_NSGX, pack, scale)
+            out_THX[nd:] = varlen_prefill(
+                q_THX[nd:], k_cache_NSGX, v_cache_NSGX, pack, scale, window, sinks
+            )
             return out_THX
         start = nd
         for b in range(nd, len(meta.query_lens)):
@@ -124,6 +128,7 @@ class PagedAttention:
                 ctx,
                 scale,
                 window,
+                sinks,
             )
             out_THX[start : start + n] = o_HQX.transpose(0, 1)
             start += n
@@ -153,15 +158,22 @@ class Attention(nn.Module):
             empty_param(q + 2 * kv, dtype=dtype, device=device) if cfg.qkv_bias else None
         )
         self.o_weight = empty_param(d, q, dtype=dtype, device=device)
+        self.o_bias = empty_param(d, dtype=dtype, device=device) if cfg.o_bias else None
+        self.sinks = (
+            empty_param(cfg.num_heads, dtype=dtype, device=device) if cfg.attention_sinks else None
+        )
         if cfg.qk_norm == "head":
             self.q_norm = empty_param(cfg.head_dim, dtype=dtype, device=device)
             self.k_norm = empty_param(cfg.head_dim, dtype=dtype, device=device)
         elif cfg.qk_norm == "full":
             self.q_norm = empty_param(q, dtype=dtype, device=device)
             self.k_norm = empty_param(kv, dtype=dtype, device=device)
-        self.mask = LayerMask(scale=cfg.head_dim**-0.5, window=cfg.layer_windows[layer])
-        # The qkv projection may go straight from split-K partials into the rotary kernel.
-        self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None
+        self.mask = LayerMask(
+            scale=cfg.head_dim**-0.5, window=cfg.layer_windows[layer], sinks_H=self.sinks
+        )
+        # The qkv projection may go straight from split-K partials (bias in the first) into
+        # the rotary kernel.
+        self._plain_qkv = cfg.qk_norm == "none" and cfg.clip_qkv is None
 
     def forward(
         self,
@@ -184,7 +196,7 @@ class Attention(nn.Module):
 
             cos, sin, pos = cos_sin.for_kernel()
             q_THX = rotary_from_partials(
-                linear_partials(x_TD, self.qkv_weight),
+                linear_partials(x_TD, self.qkv_weight, self.qkv_bias),
                 cfg.num_heads,
                 cfg.num_kv_heads,
                 cos,
@@ -235,5 +247,5 @@ class Attention(nn.Module):
         if partials_out:
             from moeserve.kernels.linear import linear_partials
 
-            return linear_partials(o_TQ, self.o_weight)
-        return F.linear(o_TQ, self.o_weight)
+            return linear_partials(o_TQ, self.o_weight, self.o_bias)
+        return F.linear(o_TQ, self.o_weight, self.o_bias)
