@@ -110,13 +110,13 @@ def _silu_mul_kernel(
         gate = _rnd(gate, out_ptr)
         up = _rnd(up, out_ptr)
     if HAS_BIAS:  # x @ W + b: added to the rounded product, rounded again
-        expert = tl.load(experts_ptr + row)
-        live = expert < num_experts  # sentinel rows: garbage nobody reads
+        # Sentinel rows (expert >= E) are garbage nobody reads: any real expert's bias will do.
+        expert = tl.minimum(tl.load(experts_ptr + row), num_experts - 1)
         if HAS_SLOT:
-            expert = tl.load(slot_ptr + expert, mask=live, other=0)
+            expert = tl.load(slot_ptr + expert)
         b_row = bias_ptr + expert.to(tl.int64) * stride_bias + offs
-        gate = _rnd(gate + tl.load(b_row, mask=ok & live, other=0.0).to(tl.float32), out_ptr)
-        up = _rnd(up + tl.load(b_row + F, mask=ok & live, other=0.0).to(tl.float32), out_ptr)
+        gate = _rnd(gate + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
+        up = _rnd(up + tl.load(b_row + F, mask=ok, other=0.0).to(tl.float32), out_ptr)
     if CLAMPED:
         # (up + 1) * gate * sigmoid(alpha * gate), gate clamped above and up on both sides;
         # rounded after each op as the reference's torch ops round.
@@ -230,12 +230,11 @@ def _sum_split_kernel(
         w = tl.load(weights_ptr + t * TOP_K + k).to(tl.float32)
         y = _rnd(acc, out_ptr)
         if HAS_BIAS:  # the expert's bias on its rounded output, rounded again
-            live = expert < num_experts
-            idx = expert
+            idx = tl.minimum(expert, num_experts - 1)  # a sentinel's term is dropped below
             if HAS_SLOT:
-                idx = tl.load(slot_ptr + expert, mask=live, other=0)
+                idx = tl.load(slot_ptr + idx)
             b_row = bias_ptr + idx.to(tl.int64) * stride_bias + offs
-            y = _rnd(y + tl.load(b_row, mask=ok & live, other=0.0).to(tl.float32), out_ptr)
+            y = _rnd(y + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
         y = (y * w).to(out_ptr.dtype.element_ty)
         total += tl.where(expert < num_experts, y.to(tl.float32), 0.0)  # sentinel: no term
     out = total.to(out_ptr.dtype.element_ty)

@@ -85,8 +85,8 @@ def _linear_partials_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:  # in the first partial only, so the sum holds it once
-        bias = tl.load(bias_ptr + offs_n, mask=col_ok & (s == 0), other=0.0).to(tl.float32)
-        acc += bias[None, :]
+        bias = tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :] * (s == 0).to(tl.float32)
     out = out_ptr + s * stride_os + offs_m[:, None] * stride_ot + offs_n[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
