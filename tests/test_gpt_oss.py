@@ -130,14 +130,45 @@ def test_identical_greedy_output(ckpt: Path, alone, options: dict) -> None:
         from moeserve.engine.runner import kv_bytes_per_block
 
         probe = LLM(ckpt, progress=False, block_size=4)
-        cfg, dtype = probe.engine.model_config, probe.engine.executor.model.dtype
-        options["kv_cache_memory"] = num_blocks * kv_bytes_per_block(cfg, 4, dtype)
+        ex = probe.engine.executor
+        per_block = kv_bytes_per_block(ex.model_config, 4, ex.model.dtype, ex.kv_groups)
+        options["kv_cache_memory"] = num_blocks * per_block
     llm = LLM(ckpt, progress=False, block_size=4, **options)
     _same(_outputs(llm.generate(prompts, params)), alone)
     stats = llm.engine.scheduler.stats()
     if num_blocks is not None:
         assert stats.num_preemptions_total > 0
     assert stats.kv_blocks_used == 0
+
+
+def test_engine_matches_transformers(ckpt: Path) -> None:
+    """The engine (sliding layers in their own KV group, their blocks released as the window
+    moves on) generates what transformers does, two prompts at once, prefill chunked by 5."""
+    from tests.checkpoints import load_reference
+
+    llm = LLM(ckpt, progress=False, block_size=4, max_num_batched_tokens=5, max_num_seqs=2)
+    ex = llm.engine.executor
+    assert ex.kv_groups.window == 4 and ex.kv_groups.num_tensors == 2
+    k0, k1 = ex.runner.kv_caches[0][0], ex.runner.kv_caches[1][0]
+    assert k0.data_ptr() == k1.data_ptr()  # the first sliding and first full layer share
+    prompts = [list(range(20, 33)), [5, 9, 77, 3, 61, 40, 8, 15, 90, 2, 33]]
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=1)
+    got = _outputs(llm.generate(prompts, sp))
+    ref = load_reference(ckpt)
+    for prompt, (tokens, logprobs) in zip(prompts, got):
+        with torch.no_grad():
+            gen = ref.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=16,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        assert gen.sequences[0, len(prompt) :].tolist() == tokens
+        ref_lp = torch.log_softmax(torch.stack([x[0].float() for x in gen.logits]), -1)
+        want = ref_lp[torch.arange(16), torch.tensor(tokens)]
+        assert (torch.tensor(logprobs) - want).abs().max() <= 1e-4
 
 
 def test_triton_kernels_match(ckpt: Path) -> None:

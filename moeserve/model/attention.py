@@ -188,6 +188,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         t = x_TD.shape[0]
         k_cache, v_cache = kv_cache
+        meta = meta.for_window(self.mask.window)
         if partials_out and self._plain_qkv and meta.num_decodes == t:
             # A few decode rows: qkv partials go straight into the rotary kernel, which adds
             # them and stores q, and k and v in the cache (no qkv tensor, no reduction).
