@@ -189,3 +189,15 @@ def test_triton_kernels_match(ckpt: Path) -> None:
     )
     assert llm.engine.executor.model.backend.triton
     _same(_outputs(llm.generate(prompt, sp)), want)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_graphs_match_eager(ckpt: Path) -> None:
+    """Captured decode steps (sliding layers' own block tables as static graph inputs, the
+    decode kernel's sinks and window) against eager steps on the same device."""
+    prompts, params = _requests()
+    kw = dict(progress=False, block_size=4, device="cuda", kernels="triton", max_num_seqs=8)
+    graphs = LLM(ckpt, **kw)
+    assert graphs.engine.executor.graphs and graphs.engine.executor.kv_groups.window == 4
+    eager = LLM(ckpt, enforce_eager=True, **kw)
+    _same(_outputs(graphs.generate(prompts, params)), _outputs(eager.generate(prompts, params)))

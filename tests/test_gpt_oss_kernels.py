@@ -172,3 +172,59 @@ def test_linear_partials_with_bias() -> None:
     x, w, bias = torch.randn(3, 64, generator=g), torch.randn(40, 64, generator=g), torch.randn(40)
     parts = linear_partials(x, w, bias)
     torch.testing.assert_close(parts.sum(0), torch.nn.functional.linear(x, w, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 5])
+def test_gpu_varlen_prefill_window_and_sinks(window: int | None) -> None:
+    """FlashAttention's varlen call with the window and the log-sum-exp sinks against the
+    explicit softmax, over two chunks of different contexts in a scrambled paged cache."""
+    from moeserve.model.layers import varlen_prefill
+    from moeserve.model.metadata import PrefillPack
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, grp, x, bs, n_blocks = 8, 2, 64, 16, 12
+    kw = dict(device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(n_blocks, bs, grp, x, **kw) for _ in range(2))
+    sinks = torch.randn(h, device="cuda", generator=g).to(torch.bfloat16)
+    perm = torch.randperm(n_blocks, device="cuda", generator=g)
+    chunks = [(7, 40, perm[:3]), (20, 20, perm[3:5])]  # (queries, context, blocks)
+    q = torch.randn(sum(c[0] for c in chunks), h, x, **kw)
+    slots = torch.cat(
+        [(b[:, None] * bs + torch.arange(bs, device="cuda")).flatten()[:c] for _, c, b in chunks]
+    )
+    cu = lambda xs: torch.tensor([0, *xs], device="cuda").cumsum(0).to(torch.int32)  # noqa: E731
+    pack = PrefillPack(slots, cu([c[0] for c in chunks]), cu([c[1] for c in chunks]), 20, 40)
+    got = varlen_prefill(q, k, v, pack, x**-0.5, window, sinks)
+    start = 0
+    for n, ctx, blocks in chunks:
+        keys = k[blocks].flatten(0, 1)[:ctx].transpose(0, 1).repeat_interleave(h // grp, 0)
+        vals = v[blocks].flatten(0, 1)[:ctx].transpose(0, 1).repeat_interleave(h // grp, 0)
+        q_pos, k_pos = torch.arange(ctx - n, ctx, device="cuda"), torch.arange(ctx, device="cuda")
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+        qs = q[start : start + n].transpose(0, 1)[None]
+        want = explicit_attention(qs, keys[None], vals[None], mask[None], x**-0.5, sinks)[0]
+        torch.testing.assert_close(
+            got[start : start + n], want.transpose(0, 1), atol=2e-2, rtol=2e-2
+        )
+        start += n
+
+
+@pytest.mark.gpu
+def test_gpu_decode_kernel_sinks_bf16() -> None:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    case = _make_case(3, 64, 8, 64, 16, [2 * P + 9, 130, 5], torch.bfloat16, "cuda", gen=gen)
+    sinks = torch.randn(64, device="cuda", generator=gen).to(torch.bfloat16)
+    for window in (None, 128):
+        out = paged_decode_attention(
+            case["q"], case["k"], case["v"], case["table"], case["ctx"], 0.125, window, None, sinks
+        )
+        want = PagedAttention().attend(
+            case["q"],
+            (case["k_clean"], case["v_clean"]),
+            case["meta"],
+            LayerMask(0.125, window, sinks),
+        )
+        torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
