@@ -77,6 +77,7 @@ def with_sinks(
     the natural log-sum-exp of each query's scaled scores)."""
     if sinks_H is None:
         return o_QHX
+    lse_HQ = lse_HQ[:, : o_QHX.shape[0]]  # some flash builds pad the lse's query axis
     keep_QH = torch.sigmoid(lse_HQ.float() - sinks_H.float()[:, None]).transpose(0, 1)
     return (o_QHX.float() * keep_QH[:, :, None]).to(o_QHX.dtype)
 
