@@ -137,3 +137,59 @@ def test_long_sequences_cost_full_blocks_only() -> None:
     assert sched.block_pool.num_used == 0
     with pytest.raises(RequestTooLarge):
         sched.add(Sequence(next(_ids), "longer", list(range(200)), 10))
+
+
+def _fake_varlen(q_QHX, k_cache, v_cache, pack, scale, window=None, sinks_H=None):
+    """FlashAttention's varlen call as the runner relies on it (causal aligned to each
+    context's end, window_size_left = window - 1), on the CPU."""
+    import torch
+
+    from moeserve.model.layers import explicit_attention
+
+    g, x = k_cache.shape[2:]
+    k_CGX, v_CGX = (c.view(-1, g, x)[pack.slots_C] for c in (k_cache, v_cache))
+    h = q_QHX.shape[1]
+    sinks = sinks_H if sinks_H is not None else torch.full((h,), float("-inf"))
+    out = []
+    cu_q, cu_k = pack.cu_q_P1.tolist(), pack.cu_k_P1.tolist()
+    for i in range(len(cu_q) - 1):
+        q = q_QHX[cu_q[i] : cu_q[i + 1]]
+        k, v = (a[cu_k[i] : cu_k[i + 1]].repeat_interleave(h // g, 1) for a in (k_CGX, v_CGX))
+        n, c = q.shape[0], k.shape[0]
+        q_pos, k_pos = torch.arange(c - n, c), torch.arange(c)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - window
+        qs, ks, vs = (a.transpose(0, 1)[None] for a in (q, k, v))
+        out.append(explicit_attention(qs, ks, vs, mask[None], scale, sinks)[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+def test_packed_prefill_gathers_the_window_only(tmp_path, monkeypatch) -> None:
+    """The sliding group's varlen pack starts each context where its chunk's window does
+    (the released blocks before it never gathered) and attends as the unpacked path does."""
+    import torch
+
+    import moeserve.model.attention as attention
+    from moeserve.engine.runner import Runner
+    from moeserve.engine.scheduler import ScheduledSeq
+    from moeserve.model.loader import load_model
+    from tests.checkpoints import make_checkpoint
+
+    _, model = load_model(make_checkpoint(tmp_path / "g", "gpt_oss"), progress=False)
+    groups = KVGroups.for_model(model.cfg)
+    runner = Runner(model, num_blocks=16, block_size=BS, kv_groups=groups)
+    seq = Sequence(next(_ids), "r", list(range(30, 43)), 4)
+    seq.block_ids, seq.window_block_ids = [9, 3, 12, 6], [4, 14, 1, 10]
+    runner.execute([ScheduledSeq(seq, 0, 8, False)])
+    seq.window_block_ids[0] = 0  # released: the next chunk's window starts at position 5
+    monkeypatch.setattr(attention, "varlen_prefill", _fake_varlen)
+    chunk = [ScheduledSeq(seq, 8, 5, True)]
+    want, _ = runner.execute(chunk)
+    runner.pack_prefills = True
+    pack = runner.prepare(chunk).meta.window.prefill_pack
+    w = seq.window_block_ids
+    assert pack.slots_C.tolist() == [w[p // BS] * BS + p % BS for p in range(5, 13)]
+    assert pack.cu_k_P1.tolist() == [0, 8] and pack.max_k == 8
+    got, _ = runner.execute(chunk)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -278,30 +278,42 @@ class Runner:
         nd = meta.num_decodes
         if meta.prefill_pack is not None:
             out.prefill_pack = self._pack_prefills(
-                meta.query_lens[nd:], meta.context_lens[nd:], tables[nd:]
+                meta.query_lens[nd:], meta.context_lens[nd:], tables[nd:], self.kv_groups.window
             )
         return out
 
     def _pack_prefills(
-        self, query_lens: list[int], context_lens: list[int], tables: list[list[int]]
+        self,
+        query_lens: list[int],
+        context_lens: list[int],
+        tables: list[list[int]],
+        window: int | None = None,
     ) -> PrefillPack:
-        """The prefills' contexts as cache slots end to end, for metadata.PrefillPack."""
+        """The prefills' contexts as cache slots end to end, for metadata.PrefillPack. With a
+        sliding window, each context from the first position its chunk's queries see (the
+        causal mask aligns queries to the context's end, so nothing else changes): the
+        blocks the window released before it are never gathered."""
         bs = self.block_size
         offsets = np.arange(bs)
 
-        def context_slots(table: list[int], ctx: int) -> np.ndarray:
-            blocks = np.asarray(table[: -(-ctx // bs)], dtype=np.int64)
-            return (blocks[:, None] * bs + offsets).ravel()[:ctx]
+        def first(n: int, ctx: int) -> int:
+            return 0 if window is None else max(0, ctx - n - window + 1)
 
-        slots = np.concatenate([context_slots(t, c) for t, c in zip(tables, context_lens)])
+        def context_slots(table: list[int], n: int, ctx: int) -> np.ndarray:
+            lo = first(n, ctx)
+            blocks = np.asarray(table[lo // bs : -(-ctx // bs)], dtype=np.int64)
+            return (blocks[:, None] * bs + offsets).ravel()[lo % bs : lo % bs + ctx - lo]
+
+        keys = [c - first(n, c) for n, c in zip(query_lens, context_lens)]
+        slots = np.concatenate(
+            [context_slots(t, n, c) for t, n, c in zip(tables, query_lens, context_lens)]
+        )
         cu_q = np.cumsum([0, *query_lens], dtype=np.int32)
-        cu_k = np.cumsum([0, *context_lens], dtype=np.int32)
+        cu_k = np.cumsum([0, *keys], dtype=np.int32)
         slots_C, cu_q_P1, cu_k_P1 = (
             torch.from_numpy(a).to(self.device, non_blocking=True) for a in (slots, cu_q, cu_k)
         )
-        return PrefillPack(
-            slots_C, cu_q_P1, cu_k_P1, max_q=max(query_lens), max_k=max(context_lens)
-        )
+        return PrefillPack(slots_C, cu_q_P1, cu_k_P1, max_q=max(query_lens), max_k=max(keys))
 
     def _on_device(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         # non_blocking: a pageable host->device copy is staged at once and does not wait for
