@@ -84,6 +84,16 @@ class ModelConfig:
     # (floor_scale, attn_scale): NoPE layers scale q by log1p(floor((p + 1) / floor_scale))
     # * attn_scale + 1 at position p. None: no temperature tuning.
     attn_temperature: tuple[float, float] | None = None
+    # gpt-oss: a learned per-head sink logit in each attention softmax, a bias on the output
+    # projection and on the router's logits, biased experts, and the experts' activation:
+    # "silu" (silu(gate) * up) or "clamped_swiglu" (model/activation.py, with alpha and limit).
+    attention_sinks: bool = False
+    o_bias: bool = False
+    router_logit_bias: bool = False
+    expert_bias: bool = False
+    expert_activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     @property
     def num_sparse_layers(self) -> int:

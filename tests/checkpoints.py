@@ -69,6 +69,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
             original_max_position_embeddings=16,
         ),
     ),
+    # Every feature on: sinks and biases (perturbed below), a window shorter than the test
+    # prompts, alternating sliding/full layers, yarn rope (the family's default).
+    "gpt_oss": dict(
+        num_local_experts=6,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        swiglu_limit=0.1,  # the tiny model's gate/up values reach ~0.5: clamp some
+    ),
 }
 
 
@@ -82,6 +91,7 @@ def hf_classes(family: str) -> tuple[Any, Any]:
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
         "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM),
         "llama4_text": (tf.Llama4TextConfig, tf.Llama4ForCausalLM),
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM),
     }[family]
 
 
@@ -119,10 +129,12 @@ def make_checkpoint(
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-            elif "gate.weight" in name or "embed" in name:
+            elif "gate.weight" in name or "embed" in name or "router.weight" in name:
                 p.mul_(20.0)  # sharper routing and logits than the 0.02-std init
             elif family.startswith("llama4") and ("router.weight" in name or "q_proj" in name):
                 p.mul_(20.0)  # Llama 4: sharper routing, and NoPE attention too
+            elif name.endswith("_bias"):  # per-expert biases [E, N] (gpt-oss)
+                p.add_(torch.randn_like(p) * 0.1)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # inits to 0: make it steer
                 b.add_(torch.randn_like(b) * 0.3)

@@ -105,9 +105,9 @@ def test_interpreted_captured_step_path(
     calls: list[tuple[int, int]] = []
     real = linear.linear_partials
 
-    def counted(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def counted(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         calls.append((x.shape[0], w.shape[0]))
-        return real(x, w)
+        return real(x, w, bias)
 
     llms: list[LLM] = []
 
@@ -125,9 +125,10 @@ def test_interpreted_captured_step_path(
     _assert_same(run("triton"), want, 1e-4)
     assert max(t for t, _ in calls) <= linear.MAX_ROWS
     cfg = llms[0].engine.model_config
-    # Router and output projection; qkv at decode steps when it has no bias (Qwen2's has).
+    # Router and output projection; qkv at decode steps (a bias rides in its first partial)
+    # unless q/k norms or clipping sit between it and the rotary.
     want_n = {cfg.num_experts, cfg.hidden_size}
-    if not cfg.qkv_bias:
+    if cfg.qk_norm == "none" and cfg.clip_qkv is None:
         want_n.add(cfg.q_size + 2 * cfg.kv_size)
     assert {n for _, n in calls} == want_n
 

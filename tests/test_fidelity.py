@@ -102,6 +102,7 @@ CASES = {
     "llama4_text-top2-no-qk-norm": dict(
         family="llama4_text", num_experts_per_tok=2, use_qk_norm=False, moe_layers=[0, 1, 3]
     ),
+    "gpt_oss": dict(family="gpt_oss"),
 }
 
 

@@ -181,7 +181,7 @@ def test_decode_kernel_honours_attention_chunks() -> None:
             case["q"],
             (case["k_clean"], case["v_clean"]),
             case["meta"],
-            LayerMask(scale, window, chunk),
+            LayerMask(scale, window, chunk=chunk),
         )
         direct = _direct_decode(case, scale, window, chunk)
         torch.testing.assert_close(out, direct, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ class ScheduledTokens(Protocol):
 
     token_ids: list[int]
     block_ids: list[int]
+    window_block_ids: list[int]  # the sliding layers' table (read with a sliding KV group)
 
 
 class Work(Protocol):

@@ -108,6 +108,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             enable_chunked_prefill=sched.enable_chunked_prefill,
             admission_wait_steps=sched.admission_wait_steps,
+            kv_groups=ex.kv_groups,
         )
         self.sampler = Sampler(self.vocab_size, seed=config.seed)
         self._requests: dict[str, _Request] = {}

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 # Powers of two, then steps of 32: padding wastes at most half of a small batch's rows (rows
 # cost little at decode: the weights dominate) and few graphs cover large batches.
 _SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-_FIELDS = 6  # input id, position, slot, context length, valid, feed row (-1: id from host)
+# input id, position, slot, context length, valid, feed row (-1: id from host), the sliding
+# KV group's slot (windowed)
+_FIELDS = 7
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -57,15 +59,18 @@ class DecodeGraphs:
         sizes: Sequence[int],
         fed_R: torch.Tensor | None = None,
         experts: Mapping[int, ExpertProvider] | None = None,
+        windowed: bool = False,
     ) -> None:
         """fed_R: the runner's device copy of the last step's sampled tokens (see run).
         experts: layer index -> the provider of its routed experts (offloading): the graphs
-        are then captured in stages between those layers."""
+        are then captured in stages between those layers. windowed: the sliding layers read
+        their own block tables (engine/kv_groups.py)."""
         self.model = model
         self.experts = dict(experts or {})
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.scratch_block = scratch_block
+        self.windowed = windowed
         self.sizes = sorted(sizes)
         self.max_size = self.sizes[-1]
         p, m, dev = self.max_size, max_blocks_per_seq, model.device
@@ -76,6 +81,7 @@ class DecodeGraphs:
             (
                 torch.zeros(_FIELDS, p, dtype=torch.int64, pin_memory=True),
                 torch.zeros(p, m, dtype=torch.int64, pin_memory=True),
+                torch.zeros(p, m, dtype=torch.int64, pin_memory=True),
             )
             for _ in range(2)
         ]
@@ -83,6 +89,7 @@ class DecodeGraphs:
         self._use_host(0)
         self._vec = torch.zeros(_FIELDS, p, dtype=torch.int64, device=dev)
         self._tables = torch.zeros(p, m, dtype=torch.int64, device=dev)
+        self._w_tables = torch.zeros(p, m, dtype=torch.int64, device=dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Expert providers: per size, a graph per stage and the staged forward they replay.
         self.staged = bool(self.experts)
@@ -92,11 +99,13 @@ class DecodeGraphs:
             self._pad_rows(0)
         self._vec.copy_(self._host_vec)
         self._tables.copy_(self._host_tables)
+        self._w_tables.copy_(self._host_w_tables)
 
     def _use_host(self, turn: int) -> None:
-        self._host_vec, self._host_tables = self._host[turn]
+        self._host_vec, self._host_tables, self._host_w_tables = self._host[turn]
         self._vec_np = self._host_vec.numpy()
         self._tables_np = self._host_tables.numpy()
+        self._w_tables_np = self._host_w_tables.numpy()
 
     def _pad_rows(self, start: int) -> None:
         """Rows from `start` on: token 0 at position 0, written to and reading the scratch
@@ -108,10 +117,12 @@ class DecodeGraphs:
         v[3, start:] = 1
         v[4, start:] = 0
         v[5, start:] = -1
+        v[6, start:] = self.scratch_block * self.block_size
         self._tables_np[start:, 0] = self.scratch_block
+        self._w_tables_np[start:, 0] = self.scratch_block
 
     def _inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        ids, pos, slots, ctx, valid, _ = (self._vec[i, :size] for i in range(_FIELDS))
+        ids, pos, slots, ctx, valid, _, w_slots = (self._vec[i, :size] for i in range(_FIELDS))
         meta = AttentionMetadata(
             query_lens=[1] * size,
             context_lens=[1] * size,  # host copy unused: the decode kernel reads ctx
@@ -121,6 +132,16 @@ class DecodeGraphs:
             slot_mapping_T=slots,
             valid_T=valid,
         )
+        if self.windowed:
+            meta.window = AttentionMetadata(
+                query_lens=meta.query_lens,
+                context_lens=meta.context_lens,
+                num_decodes=size,
+                block_tables_BM=self._w_tables[:size],
+                context_lens_B=ctx,
+                slot_mapping_T=w_slots,
+                valid_T=valid,
+            )
         return ids, pos, meta
 
     def _forward(self, size: int) -> torch.Tensor:
@@ -190,6 +211,7 @@ class DecodeGraphs:
         self._turn ^= 1
         self._use_host(self._turn)
         v, tables, bs = self._vec_np, self._tables_np, self.block_size
+        w_tables = self._w_tables_np
         width = 1
         fed = False
         for i, w in enumerate(work):
@@ -205,11 +227,19 @@ class DecodeGraphs:
             v[4, i] = 1
             n = p // bs + 1  # blocks the kernel reads
             tables[i, :n] = blocks[:n]
+            if self.windowed:
+                w_blocks = w.seq.window_block_ids
+                v[6, i] = w_blocks[p // bs] * bs + p % bs
+                w_tables[i, :n] = w_blocks[:n]
             width = max(width, n)
         self._pad_rows(b)
         self._vec.copy_(self._host_vec, non_blocking=True)
         # Only the columns in use: entries past a row's context are never read.
         self._tables[:size, :width].copy_(self._host_tables[:size, :width], non_blocking=True)
+        if self.windowed:
+            self._w_tables[:size, :width].copy_(
+                self._host_w_tables[:size, :width], non_blocking=True
+            )
         if fed and self.staged:  # the plain graphs resolve fed tokens themselves
             ids, rows = self._vec[0, :b], self._vec[5, :b]
             torch.where(rows >= 0, self.fed_R[rows.clamp(min=0)], ids, out=ids)

@@ -17,6 +17,7 @@ import torch
 from moeserve.config import ConfigError, EngineConfig, flag_of
 from moeserve.engine.expert_store import ExpertCacheStats, ExpertStore
 from moeserve.engine.kv_budget import offload_reserve_bytes, plan_expert_slots, plan_num_blocks
+from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.placement import resolve_device, resolve_kernels
 from moeserve.engine.runner import Runner, Work
 from moeserve.model.backend import ModelBackend
@@ -81,7 +82,11 @@ class Executor:
         self.expert_store = ExpertStore(self.model, offload, slots) if slots is not None else None
         experts = self.expert_store.providers() if self.expert_store is not None else None
         self.model_config = self.model.cfg
-        self.num_blocks = plan_num_blocks(self.model, cache, sched, self.max_model_len, experts)
+        # Sliding-window layers beside full ones keep only their window's blocks.
+        self.kv_groups = KVGroups.for_model(self.model.cfg)
+        self.num_blocks = plan_num_blocks(
+            self.model, cache, sched, self.max_model_len, experts, self.kv_groups
+        )
         self.block_size = cache.block_size
         on_cuda = self.model.device.type == "cuda"
         self.graphs = self.kernels == "triton" and on_cuda and not config.kernels.enforce_eager
@@ -93,6 +98,7 @@ class Executor:
             max_model_len=self.max_model_len,
             max_num_seqs=sched.max_num_seqs,
             experts=experts,
+            kv_groups=self.kv_groups,
         )
         asynchronous = config.kernels.async_scheduling
         self.async_scheduling = on_cuda if asynchronous is None else asynchronous

@@ -74,6 +74,11 @@ class LayerCache:
         dev = store.device
         self.dev_gate_up = torch.empty(slots, two_f, d, dtype=moe.w_gate_up.dtype, device=dev)
         self.dev_down = torch.empty(slots, d, two_f // 2, dtype=moe.w_down.dtype, device=dev)
+        # Biased experts (gpt-oss): each bias travels with its expert's weights.
+        self.dev_b_gate_up = self.dev_b_down = None
+        if moe.b_gate_up is not None and moe.b_down is not None:
+            self.dev_b_gate_up = torch.empty(slots, two_f, dtype=moe.b_gate_up.dtype, device=dev)
+            self.dev_b_down = torch.empty(slots, d, dtype=moe.b_down.dtype, device=dev)
         self.slot_of = [-1] * e
         self.expert_in = [-1] * slots
         self.policy: CachePolicy = make_policy(store.config.policy, e, store.config.lfu_decay)
@@ -85,9 +90,24 @@ class LayerCache:
         self.next: LayerCache | None = None
         self.stats = ExpertCacheStats(layer=layer, slots=slots)
         self.trace: list[tuple[str, tuple[int, ...]]] | None = [] if store.record_trace else None
-        self.expert_bytes = (moe.w_gate_up[0].numel() + moe.w_down[0].numel()) * (
+        self.expert_bytes = sum(t[0].numel() for t in self._host_tensors()) * (
             moe.w_gate_up.element_size()
         )
+
+    def _host_tensors(self) -> list[torch.Tensor]:
+        """The layer's per-expert tensors [E, ...] in host memory: weights, then biases."""
+        moe = self.moe
+        biases = [moe.b_gate_up, moe.b_down] if self.dev_b_gate_up is not None else []
+        return [moe.w_gate_up, moe.w_down, *biases]
+
+    def _slot_tensors(self) -> list[torch.Tensor]:
+        """The device slots [S, ...] matching _host_tensors."""
+        biases = [self.dev_b_gate_up, self.dev_b_down] if self.dev_b_gate_up is not None else []
+        return [self.dev_gate_up, self.dev_down, *biases]
+
+    def _mlp(self, x_ND: torch.Tensor, tensors: list[torch.Tensor], index: int) -> torch.Tensor:
+        """One expert on N rows, from the tensors' row `index` (a slot, or a host expert)."""
+        return expert_mlp(x_ND, *(t[index] for t in tensors), act=self.moe.activation)
 
     # ----------------------------------------------------------------- residency
     def _acquire(self, expert: int, pending: set[int]) -> bool:
@@ -113,15 +133,16 @@ class LayerCache:
 
     def _copy_in(self, expert: int, slot: int) -> None:
         stream = self.store.copy_stream
+        pairs = list(zip(self._slot_tensors(), self._host_tensors()))
         if stream is None:
-            self.dev_gate_up[slot].copy_(self.moe.w_gate_up[expert])
-            self.dev_down[slot].copy_(self.moe.w_down[expert])
+            for dev, host in pairs:
+                dev[slot].copy_(host[expert])
             return
         # The slot's previous expert may still be in use by work already queued.
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.dev_gate_up[slot].copy_(self.moe.w_gate_up[expert], non_blocking=True)
-            self.dev_down[slot].copy_(self.moe.w_down[expert], non_blocking=True)
+            for dev, host in pairs:
+                dev[slot].copy_(host[expert], non_blocking=True)
             event = torch.cuda.Event(enable_timing=True)
             event.record(stream)
         self.ready[expert] = event
@@ -212,7 +233,7 @@ class LayerCache:
             self._wait(e)
             rows = slice(starts[e], starts[e] + counts[e])
             slot = self.slot_of[e]
-            y_RD[rows] = expert_mlp(x_RD[rows], self.dev_gate_up[slot], self.dev_down[slot])
+            y_RD[rows] = self._mlp(x_RD[rows], self._slot_tensors(), slot)
             pending.discard(e)
 
         # The CPU experts' inputs leave the device before any expert work is queued, so
@@ -224,7 +245,7 @@ class LayerCache:
         # The host computes its experts while the copies land and the GPU runs the hits.
         t0 = time.perf_counter()
         for e in on_cpu:
-            y = expert_mlp(x_host[e], self.moe.w_gate_up[e], self.moe.w_down[e])
+            y = self._mlp(x_host[e], self._host_tensors(), e)
             y_RD[starts[e] : starts[e] + counts[e]].copy_(y)
         if on_cpu:
             st.cpu_seconds += time.perf_counter() - t0
@@ -321,16 +342,16 @@ def measure_cost(layer: LayerCache) -> CostModel:
         return sorted(times)[len(times) // 2]
 
     def copy() -> None:
-        layer.dev_gate_up[0].copy_(moe.w_gate_up[0], non_blocking=True)
-        layer.dev_down[0].copy_(moe.w_down[0], non_blocking=True)
+        for dev, host in zip(layer._slot_tensors(), layer._host_tensors()):
+            dev[0].copy_(host[0], non_blocking=True)
 
     d = moe.w_gate_up.shape[2]
     host = moe.w_gate_up.device
     x1 = torch.randn(1, d, dtype=moe.w_gate_up.dtype, device=host)
     x64 = torch.randn(64, d, dtype=moe.w_gate_up.dtype, device=host)
     t_copy = timed(copy)
-    t1 = timed(lambda: expert_mlp(x1, moe.w_gate_up[0], moe.w_down[0]))
-    t64 = timed(lambda: expert_mlp(x64, moe.w_gate_up[0], moe.w_down[0]))
+    t1 = timed(lambda: layer._mlp(x1, layer._host_tensors(), 0))
+    t64 = timed(lambda: layer._mlp(x64, layer._host_tensors(), 0))
     # 64 tokens: the CPU's cost per token shows clearly above the weight-streaming time.
     per_token = max(t64 - t1, 0.0) / 63
     return CostModel(

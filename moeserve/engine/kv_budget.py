@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 
 from moeserve.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
+from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.runner import Runner, check_kv_capacity, kv_bytes_per_block
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.experts import ExpertProvider
@@ -20,22 +21,25 @@ def plan_num_blocks(
     sched: SchedulerConfig,
     max_model_len: int,
     experts: Mapping[int, ExpertProvider] | None = None,
+    groups: KVGroups | None = None,
 ) -> int:
     """Blocks for the KV pool; raises KVCacheTooSmall when one max-length sequence won't fit.
+    groups: the KV groups (kv_groups.py), which size a block and a sequence's need.
 
     --kv-cache-memory wins; on CUDA, gpu_memory_utilization of the device minus weights and
     measured peak activations; on CPU, max_num_seqs full-length sequences capped at 2 GiB.
     experts: the expert providers the engine's forwards take (the probe's forward takes them).
     """
-    per_block = kv_bytes_per_block(model.cfg, cache.block_size, model.dtype)
-    per_seq = -(-max_model_len // cache.block_size)
+    groups = groups or KVGroups.single(model.cfg.num_layers)
+    per_block = kv_bytes_per_block(model.cfg, cache.block_size, model.dtype, groups)
+    per_seq = groups.blocks_to_run(max_model_len, cache.block_size)
     if cache.kv_cache_memory is not None:
         blocks = cache.kv_cache_memory // per_block
     elif model.device.type == "cuda":
         blocks = _cuda_blocks(model, cache, sched, max_model_len, per_block, experts)
     else:
         blocks = max(per_seq, min(per_seq * sched.max_num_seqs, CPU_DEFAULT_KV_BYTES // per_block))
-    check_kv_capacity(blocks, cache.block_size, max_model_len, per_block)
+    check_kv_capacity(blocks, cache.block_size, max_model_len, per_block, groups)
     return blocks
 
 

@@ -16,6 +16,7 @@ import torch
 from moeserve.config import ModelConfig
 from moeserve.engine.batch import Work
 from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.scheduler import ScheduledSeq
 from moeserve.engine.sequence import Sequence as SeqRecord
 from moeserve.model.decoder import MoEForCausalLM
@@ -28,17 +29,27 @@ class KVCacheTooSmall(ValueError):
     """The KV budget cannot hold even one maximum-length sequence."""
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+def kv_bytes_per_block(
+    cfg: ModelConfig, block_size: int, dtype: torch.dtype, groups: KVGroups | None = None
+) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    layers = groups.num_tensors if groups is not None else cfg.num_layers
+    return 2 * layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
 
 def allocate_kv_cache(
-    cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    cfg: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    groups: KVGroups | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, a (K, V) pair of [N, S, G, X] tensors, allocated once at startup."""
+    """Per layer, a (K, V) pair of [N, S, G, X] tensors, allocated once at startup (shared by
+    one layer of each KV group: kv_groups.py)."""
+    groups = groups or KVGroups.single(cfg.num_layers)
     kv = torch.zeros(
-        cfg.num_layers,
+        groups.num_tensors,
         2,
         num_blocks,
         block_size,
@@ -47,11 +58,17 @@ def allocate_kv_cache(
         dtype=dtype,
         device=device,
     )
-    return [(kv[i, 0], kv[i, 1]) for i in range(cfg.num_layers)]
+    return [(kv[t, 0], kv[t, 1]) for t in groups.tensor_of_layer]
 
 
-def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, per_block: int) -> None:
-    need = -(-max_model_len // block_size)
+def check_kv_capacity(
+    num_blocks: int,
+    block_size: int,
+    max_model_len: int,
+    per_block: int,
+    groups: KVGroups | None = None,
+) -> None:
+    need = (groups or KVGroups.single(1)).blocks_to_run(max_model_len, block_size)
     if num_blocks < need:
         raise KVCacheTooSmall(
             f"the KV cache holds {num_blocks} blocks of {block_size} tokens "
@@ -88,18 +105,22 @@ class Runner:
         max_model_len: int | None = None,
         max_num_seqs: int = 1,
         experts: Mapping[int, ExpertProvider] | None = None,
+        kv_groups: KVGroups | None = None,
     ) -> None:
         """max_num_seqs bounds the rows a step samples: `keep_sampled` holds that many.
         experts: layer index -> the provider of its routed experts (the expert store's, when
-        offloading), handed to every forward; other layers run their resident experts."""
+        offloading), handed to every forward; other layers run their resident experts.
+        kv_groups: with a sliding group, its layers read `window_block_ids` (kv_groups.py)."""
         self.model = model
         self.experts = dict(experts or {})
         self.device = model.device
         self.block_size = block_size
         self.num_blocks = num_blocks
         extra = 1 if decode_graphs_up_to else 0
+        self.kv_groups = kv_groups or KVGroups.single(model.cfg.num_layers)
+        self.windowed = self.kv_groups.window is not None
         self.kv_caches = allocate_kv_cache(
-            model.cfg, num_blocks + extra, block_size, model.dtype, model.device
+            model.cfg, num_blocks + extra, block_size, model.dtype, model.device, self.kv_groups
         )
         # The last step's sampled tokens, on the device: a step launched before they reach
         # the host (async scheduling) reads its decodes' input tokens from here.
@@ -120,6 +141,7 @@ class Runner:
                 sizes=capture_sizes(decode_graphs_up_to),
                 fed_R=self.fed_R,
                 experts=self.experts,
+                windowed=self.windowed,
             )
             self.graphs.capture()
 
@@ -131,6 +153,7 @@ class Runner:
             m = min(self.max_model_len, n - start)
             seq = SeqRecord(seq_id=-3 - i, request_id="scratch", prompt_ids=[0] * m, max_tokens=1)
             seq.block_ids = list(range(block, block + -(-m // bs)))
+            seq.window_block_ids = seq.block_ids  # scratch: both groups' garbage, one block
             block += len(seq.block_ids)
             work.append(ScheduledSeq(seq, 0, m, True))
         return work
@@ -146,7 +169,7 @@ class Runner:
         """One eager step of a decode beside prefills of n scratch tokens (blocks 0..):
         the decode kernels as a mixed step calls them, outside the CUDA graphs."""
         dec = SeqRecord(seq_id=-2, request_id="scratch-decode", prompt_ids=[0, 0], max_tokens=1)
-        dec.block_ids = [0]
+        dec.block_ids = dec.window_block_ids = [0]
         with self.model.expert_counts_excluded():
             self.execute([ScheduledSeq(dec, 1, 1, True), *self._scratch_prefills(n, 1)])
 
@@ -185,12 +208,18 @@ class Runner:
         query_lens: list[int] = []
         context_lens: list[int] = []
         tables: list[list[int]] = []
+        w_slots: list[int] = []  # the sliding group's (windowed)
+        w_tables: list[list[int]] = []
         rows: list[int] = []
         bs = self.block_size
         for i in order:
             w = work[i]
             end = w.start + w.num_tokens
             blocks = w.seq.block_ids
+            if self.windowed:
+                w_blocks = w.seq.window_block_ids
+                w_slots.extend(w_blocks[p // bs] * bs + p % bs for p in range(w.start, end))
+                w_tables.append(w_blocks)
             if feed is not None and feed[i] >= 0:  # a decode of a token still on the device
                 fed_at.append(len(ids))
                 fed_rows.append(feed[i])
@@ -215,6 +244,8 @@ class Runner:
         )
         if self.pack_prefills and nd < len(query_lens):
             meta.prefill_pack = self._pack_prefills(query_lens[nd:], context_lens[nd:], tables[nd:])
+        if self.windowed:
+            meta.window = self._window_meta(meta, w_tables, w_slots, width)
         ids_T = self._on_device(ids)
         if fed_at:
             ids_T[self._on_device(fed_at)] = self.fed_R[self._on_device(fed_rows)]
@@ -226,26 +257,63 @@ class Runner:
             order=order,
         )
 
+    def _window_meta(
+        self,
+        meta: AttentionMetadata,
+        tables: list[list[int]],
+        slots: list[int],
+        width: int,
+    ) -> AttentionMetadata:
+        """The sliding layers' metadata: meta with their own block tables and slots."""
+        table = [t + [0] * (width - len(t)) for t in tables]
+        out = AttentionMetadata(
+            query_lens=meta.query_lens,
+            context_lens=meta.context_lens,
+            num_decodes=meta.num_decodes,
+            block_tables_BM=self._on_device(table),
+            context_lens_B=meta.context_lens_B,
+            slot_mapping_T=self._on_device(slots),
+            valid_T=meta.valid_T,
+        )
+        nd = meta.num_decodes
+        if meta.prefill_pack is not None:
+            out.prefill_pack = self._pack_prefills(
+                meta.query_lens[nd:], meta.context_lens[nd:], tables[nd:], self.kv_groups.window
+            )
+        return out
+
     def _pack_prefills(
-        self, query_lens: list[int], context_lens: list[int], tables: list[list[int]]
+        self,
+        query_lens: list[int],
+        context_lens: list[int],
+        tables: list[list[int]],
+        window: int | None = None,
     ) -> PrefillPack:
-        """The prefills' contexts as cache slots end to end, for metadata.PrefillPack."""
+        """The prefills' contexts as cache slots end to end, for metadata.PrefillPack. With a
+        sliding window, each context from the first position its chunk's queries see (the
+        causal mask aligns queries to the context's end, so nothing else changes): the
+        blocks the window released before it are never gathered."""
         bs = self.block_size
         offsets = np.arange(bs)
 
-        def context_slots(table: list[int], ctx: int) -> np.ndarray:
-            blocks = np.asarray(table[: -(-ctx // bs)], dtype=np.int64)
-            return (blocks[:, None] * bs + offsets).ravel()[:ctx]
+        def first(n: int, ctx: int) -> int:
+            return 0 if window is None else max(0, ctx - n - window + 1)
 
-        slots = np.concatenate([context_slots(t, c) for t, c in zip(tables, context_lens)])
+        def context_slots(table: list[int], n: int, ctx: int) -> np.ndarray:
+            lo = first(n, ctx)
+            blocks = np.asarray(table[lo // bs : -(-ctx // bs)], dtype=np.int64)
+            return (blocks[:, None] * bs + offsets).ravel()[lo % bs : lo % bs + ctx - lo]
+
+        keys = [c - first(n, c) for n, c in zip(query_lens, context_lens)]
+        slots = np.concatenate(
+            [context_slots(t, n, c) for t, n, c in zip(tables, query_lens, context_lens)]
+        )
         cu_q = np.cumsum([0, *query_lens], dtype=np.int32)
-        cu_k = np.cumsum([0, *context_lens], dtype=np.int32)
+        cu_k = np.cumsum([0, *keys], dtype=np.int32)
         slots_C, cu_q_P1, cu_k_P1 = (
             torch.from_numpy(a).to(self.device, non_blocking=True) for a in (slots, cu_q, cu_k)
         )
-        return PrefillPack(
-            slots_C, cu_q_P1, cu_k_P1, max_q=max(query_lens), max_k=max(context_lens)
-        )
+        return PrefillPack(slots_C, cu_q_P1, cu_k_P1, max_q=max(query_lens), max_k=max(keys))
 
     def _on_device(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         # non_blocking: a pageable host->device copy is staged at once and does not wait for

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from moeserve.engine.block_pool import BlockPool
+from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.sequence import PENDING, SeqStatus, Sequence
 
 
@@ -70,11 +71,14 @@ class Scheduler:
         max_model_len: int,
         enable_chunked_prefill: bool = True,
         admission_wait_steps: int = 0,
+        kv_groups: KVGroups | None = None,
     ) -> None:
         """admission_wait_steps > 0: while other sequences run, hold new requests back until
         max_num_seqs // 8 of them can start together or the oldest has waited that many steps
         (a step that admits a prompt beside decodes cannot replay a decode CUDA graph, so a
-        trickle of arrivals would make most steps eager ones)."""
+        trickle of arrivals would make most steps eager ones). kv_groups: with a sliding
+        group, each sequence also holds `window_block_ids`, whose blocks are freed as the
+        window moves past them (engine/kv_groups.py)."""
         sizes = {
             "num_blocks": num_blocks,
             "block_size": block_size,
@@ -104,6 +108,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
         self.block_pool = BlockPool(num_blocks)
+        self.kv_groups = kv_groups or KVGroups.single(1)
+        self._groups = self.kv_groups.num_groups
         self._waiting: deque[Sequence] = deque()
         # Insertion order = admission order; a dict gives O(1) removal and newest-first scans.
         self._running: dict[int, Sequence] = {}
@@ -133,7 +139,7 @@ class Scheduler:
                 f"request needs {total} ({seq.num_prompt_tokens} in the prompt + "
                 f"{seq.max_tokens} max_tokens)"
             )
-        blocks = _cdiv(total, self.block_size)
+        blocks = self.kv_groups.blocks_to_run(total, self.block_size)
         if blocks > self.block_pool.num_blocks:
             raise RequestTooLarge(
                 f"prompt + max_tokens = {total} tokens needs {blocks} KV blocks of "
@@ -252,7 +258,7 @@ class Scheduler:
             seq = self._waiting[0]  # strict FCFS: if the head can't go, nobody behind it does
             chunk = min(seq.num_tokens, budget)  # a preempted seq recomputes prompt + outputs
             if (not self.enable_chunked_prefill and chunk < seq.num_tokens) or (
-                _cdiv(chunk, self.block_size) > self.block_pool.num_free
+                self._groups * _cdiv(chunk, self.block_size) > self.block_pool.num_free
             ):
                 break
             self._waiting.popleft()
@@ -281,6 +287,8 @@ class Scheduler:
                 continue
             assert seq.num_computed_tokens == s.start, f"seq {seq.seq_id} updated twice"
             seq.num_computed_tokens += s.num_tokens
+            if self._groups > 1:
+                self._slide_window(seq)
             if s.sample:
                 tok = sampled.get(seq.seq_id)
                 assert tok is not None, f"no sampled token for seq {seq.seq_id}"
@@ -325,9 +333,10 @@ class Scheduler:
         return seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _capacity(self, seq: Sequence) -> int:
-        """Tokens `seq` could add now using its own blocks' slack plus every free block."""
-        slots = (len(seq.block_ids) + self.block_pool.num_free) * self.block_size
-        return slots - seq.num_computed_tokens
+        """Tokens `seq` could add now using its own blocks' slack plus every free block (each
+        new block of positions takes one block in every KV group)."""
+        blocks = len(seq.block_ids) + self.block_pool.num_free // self._groups
+        return blocks * self.block_size - seq.num_computed_tokens
 
     def _make_room(self, seq: Sequence, n: int, done: set[int], out: SchedulerOutput) -> bool:
         """Preempt newest-admitted unscheduled others until `seq` can add `n` tokens."""
@@ -350,6 +359,8 @@ class Scheduler:
         extra = _cdiv(start + n, self.block_size) - len(seq.block_ids)
         if extra > 0:
             seq.block_ids.extend(self.block_pool.allocate(extra))
+            if self._groups > 1:
+                seq.window_block_ids.extend(self.block_pool.allocate(extra))
         done.add(seq.seq_id)
         out.scheduled.append(ScheduledSeq(seq, start, n, start + n == seq.num_tokens))
 
@@ -357,6 +368,21 @@ class Scheduler:
         # A new list, not clear(): a runner still holding the old list keeps a consistent view.
         self.block_pool.free(seq.block_ids)
         seq.block_ids = []
+        if self._groups > 1:
+            self.block_pool.free(seq.window_block_ids[seq.window_released :])
+            seq.window_block_ids = []
+            seq.window_released = 0
+
+    def _slide_window(self, seq: Sequence) -> None:
+        """Free the sliding group's blocks that no later step of `seq` reads. A step still
+        queued on the device may read them, but whatever is written there next is queued
+        after it on the same stream."""
+        live = self.kv_groups.first_live_block(seq.num_computed_tokens, self.block_size)
+        if live > seq.window_released:
+            ids = seq.window_block_ids
+            self.block_pool.free(ids[seq.window_released : live])
+            ids[seq.window_released : live] = [0] * (live - seq.window_released)
+            seq.window_released = live
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Recompute preemption: drop its KV, keep its outputs, requeue it at the front."""

@@ -45,6 +45,11 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # The sliding-window layers' own block table when the KV cache keeps them apart
+    # (engine/kv_groups.py): as block_ids, but its first `window_released` entries went back to
+    # the pool as the window moved past them (they hold 0, a block id nobody reads there).
+    window_block_ids: list[int] = field(default_factory=list)
+    window_released: int = 0
     finish_reason: str | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None

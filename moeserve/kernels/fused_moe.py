@@ -4,8 +4,9 @@ The readable twin is moeserve.model.moe.MoE.experts. Pipeline, with R = T*K assi
 
     moe_align:      the R (token, k) assignments grouped by expert, each group padded to BLOCK_M
     GEMM 1:         x[token] @ w_gate_up[e].T          -> gate_up_RF2 [R, 2F] (model dtype)
-    silu_mul:       silu(gate) * up                     -> h_RF [R, F]
-    GEMM 2:         weight * (h @ w_down[e].T)          -> y_RD [R, D] (model dtype)
+    silu_mul:       act(gate_up + b_gate_up[e])         -> h_RF [R, F]; act: silu(gate) * up,
+                    or gpt-oss's clamped SwiGLU (model/activation.py)
+    GEMM 2:         weight * (h @ w_down[e].T + b_down[e]) -> y_RD [R, D] (model dtype)
     sum over k:                                         -> out_TD [T, D]
 
 At decode the weights of a few experts are all a step reads, and one program per output tile
@@ -70,15 +71,31 @@ def moe_align(
 
 
 @triton.jit
+def _rnd(x, like_ptr):
+    """x rounded to the tensor's dtype, back in float32 (where a torch op would round)."""
+    return x.to(like_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def _silu_mul_kernel(
     gate_up_ptr,
     out_ptr,
+    bias_ptr,  # [slots, 2F] (HAS_BIAS)
+    experts_ptr,  # [R] the expert of each row (HAS_BIAS)
+    slot_ptr,  # [E] expert -> weight index (HAS_SLOT)
     F,
+    num_experts,
     stride_in,
     stride_out,
     stride_split,
+    stride_bias,
+    alpha,
+    limit,
     SPLIT: tl.constexpr,
     BLOCK_F: tl.constexpr,
+    CLAMPED: tl.constexpr,  # gpt-oss's clamped SwiGLU instead of silu(gate) * up
+    HAS_BIAS: tl.constexpr,
+    HAS_SLOT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -90,19 +107,51 @@ def _silu_mul_kernel(
         gate += tl.load(base, mask=ok, other=0.0).to(tl.float32)
         up += tl.load(base + F, mask=ok, other=0.0).to(tl.float32)
     if SPLIT > 1:
-        gate = gate.to(out_ptr.dtype.element_ty).to(tl.float32)
-        up = up.to(out_ptr.dtype.element_ty).to(tl.float32)
-    # torch's F.silu(gate) * up rounds twice, after the silu and after the product: so do we,
-    # and with torch's formula for silu.
-    silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (silu * up).to(out_ptr.dtype.element_ty), mask=ok)
+        gate = _rnd(gate, out_ptr)
+        up = _rnd(up, out_ptr)
+    if HAS_BIAS:  # x @ W + b: added to the rounded product, rounded again
+        # Sentinel rows (expert >= E) are garbage nobody reads: any real expert's bias will do.
+        expert = tl.minimum(tl.load(experts_ptr + row), num_experts - 1)
+        if HAS_SLOT:
+            expert = tl.load(slot_ptr + expert)
+        b_row = bias_ptr + expert.to(tl.int64) * stride_bias + offs
+        gate = _rnd(gate + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
+        up = _rnd(up + tl.load(b_row + F, mask=ok, other=0.0).to(tl.float32), out_ptr)
+    if CLAMPED:
+        # (up + 1) * gate * sigmoid(alpha * gate), gate clamped above and up on both sides;
+        # rounded after each op as the reference's torch ops round.
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = _rnd(1.0 / (1.0 + tl.exp(-_rnd(gate * alpha, out_ptr))), out_ptr)
+        glu = _rnd(gate * sig, out_ptr)
+        h = (_rnd(up + 1.0, out_ptr) * glu).to(out_ptr.dtype.element_ty)
+    else:
+        # torch's F.silu(gate) * up rounds twice, after the silu and after the product: so do
+        # we, and with torch's formula for silu.
+        silu = _rnd(gate / (1.0 + tl.exp(-gate)), out_ptr)
+        h = (silu * up).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + offs, h, mask=ok)
+
+
+# (kind, alpha, limit) of model.activation.ExpertActivation: kernels import no model code.
+Activation = tuple[str, float, float]
+SILU: Activation = ("silu", 1.702, 7.0)
 
 
 def silu_mul(
-    gate_up_RF2: torch.Tensor, out_RF: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    gate_up_RF2: torch.Tensor,
+    out_RF: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    activation: Activation = SILU,
+    bias_EF2: torch.Tensor | None = None,
+    experts_R: torch.Tensor | None = None,
+    expert_slot_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """silu(gate) * up of a [R, 2F] tensor whose halves are gate then up (rows may be strided);
-    of [S, R, 2F] float32 partial sums, their sum rounded to `dtype` first."""
+    """silu(gate) * up (or the activation given) of a [R, 2F] tensor whose halves are gate
+    then up (rows may be strided); of [S, R, 2F] float32 partial sums, their sum rounded to
+    `dtype` first. bias_EF2: the gate_up bias of the expert of each row (experts_R, mapped
+    through expert_slot_E when given), added first; rows of the sentinel expert get none."""
     parts = gate_up_RF2 if gate_up_RF2.dim() == 3 else gate_up_RF2[None]
     S, R, F2 = parts.shape
     F = F2 // 2
@@ -110,6 +159,12 @@ def silu_mul(
     if out_RF is None:
         out_RF = torch.empty(R, F, dtype=dtype, device=gate_up_RF2.device)
     assert parts.stride(2) == 1 and out_RF.stride(1) == 1, "rows must be contiguous"
+    kind, alpha, limit = activation
+    assert kind in ("silu", "clamped_swiglu"), kind
+    assert bias_EF2 is None or (experts_R is not None and bias_EF2.stride(1) == 1)
+    num_experts = 0
+    if bias_EF2 is not None:
+        num_experts = expert_slot_E.numel() if expert_slot_E is not None else bias_EF2.shape[0]
     # A few rows (decode): narrower blocks, so more than a handful of programs share the work.
     block_f = 16 if interpreting() else min(1024 if R > 16 else 256, pow2_at_least_16(F))
     if R:
@@ -117,12 +172,22 @@ def silu_mul(
         _silu_mul_kernel[grid](
             parts,
             out_RF,
+            bias_EF2 if bias_EF2 is not None else out_RF,  # unused pointers without a bias
+            experts_R if experts_R is not None else out_RF,
+            expert_slot_E if expert_slot_E is not None else out_RF,
             F,
+            num_experts,
             parts.stride(1),
             out_RF.stride(0),
             parts.stride(0),
+            bias_EF2.stride(0) if bias_EF2 is not None else 0,
+            float(alpha),
+            float(limit),
             SPLIT=S,
             BLOCK_F=block_f,
+            CLAMPED=kind == "clamped_swiglu",
+            HAS_BIAS=bias_EF2 is not None,
+            HAS_SLOT=expert_slot_E is not None,
         )
     return out_RF
 
@@ -134,15 +199,20 @@ def _sum_split_kernel(
     weights_ptr,  # [T, TOP_K] float32
     out_ptr,  # [T, D]
     res_ptr,  # [T, D] residual stream (RESIDUAL)
+    bias_ptr,  # [slots, D] (HAS_BIAS)
+    slot_ptr,  # [E] expert -> weight index (HAS_SLOT)
     D,
     num_experts,
     stride_split,
     stride_out,
     stride_res,
+    stride_bias,
     SPLIT: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SLOT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -158,7 +228,14 @@ def _sum_split_kernel(
         # As the unsplit GEMM 2 and the sum after it: expert output rounded, weighed, rounded,
         # then the k terms added in float32 and rounded once.
         w = tl.load(weights_ptr + t * TOP_K + k).to(tl.float32)
-        y = (acc.to(out_ptr.dtype.element_ty).to(tl.float32) * w).to(out_ptr.dtype.element_ty)
+        y = _rnd(acc, out_ptr)
+        if HAS_BIAS:  # the expert's bias on its rounded output, rounded again
+            idx = tl.minimum(expert, num_experts - 1)  # a sentinel's term is dropped below
+            if HAS_SLOT:
+                idx = tl.load(slot_ptr + idx)
+            b_row = bias_ptr + idx.to(tl.int64) * stride_bias + offs
+            y = _rnd(y + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
+        y = (y * w).to(out_ptr.dtype.element_ty)
         total += tl.where(expert < num_experts, y.to(tl.float32), 0.0)  # sentinel: no term
     out = total.to(out_ptr.dtype.element_ty)
     if RESIDUAL:  # residual + out, each rounded to the model dtype as the two torch ops
@@ -185,8 +262,14 @@ def fused_moe(
     align: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     split_k: int | None = None,
     residual_TD: torch.Tensor | None = None,
+    b_gate_up_EF: torch.Tensor | None = None,
+    b_down_ED: torch.Tensor | None = None,
+    activation: Activation = SILU,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
+
+    With b_gate_up_EF [E, 2F] / b_down_ED [E, D] each projection adds its expert's bias, and
+    `activation` (kind, alpha, limit) may replace silu(gate) * up (model/activation.py).
 
     w_gate_up is [E, 2F, D] (rows 0..F-1 gate, F..2F-1 up, as MoE.w_gate_up), w_down [E, D, F];
     weights_TK float32, experts_TK int64. expert_slot_E (optional int32/int64 [num_experts]):
@@ -235,7 +318,14 @@ def fused_moe(
         K,
         cfg_up,
     )
-    h_RF = silu_mul(gate_up_RF2, dtype=dtype)
+    h_RF = silu_mul(
+        gate_up_RF2,
+        dtype=dtype,
+        activation=activation,
+        bias_EF2=b_gate_up_EF,
+        experts_R=experts_TK.reshape(R) if b_gate_up_EF is not None else None,
+        expert_slot_E=expert_slot_E,
+    )
     if split_down > 1 or T <= SUM_KERNEL_MAX_TOKENS:
         part_SRD = alloc(split_down, R, D, dtype=torch.float32, device=device)
         moe_gemm(
@@ -253,21 +343,27 @@ def fused_moe(
         block_d = 16 if interpreting() else min(1024 if T > 16 else 256, pow2_at_least_16(D))
         res = residual_TD if residual_TD is not None else out_TD  # unused pointer when absent
         assert res.stride(1) == 1
+        assert b_down_ED is None or b_down_ED.stride(1) == 1
         _sum_split_kernel[(T, triton.cdiv(D, block_d))](
             part_SRD,
             experts_TK.contiguous(),
             weights_TK.to(torch.float32).contiguous(),
             out_TD,
             res,
+            b_down_ED if b_down_ED is not None else out_TD,  # unused pointers without a bias
+            expert_slot_E if expert_slot_E is not None else out_TD,
             D,
             num_experts,
             part_SRD.stride(0),
             out_TD.stride(0),
             res.stride(0),
+            b_down_ED.stride(0) if b_down_ED is not None else 0,
             SPLIT=split_down,
             TOP_K=K,
             BLOCK_D=block_d,
             RESIDUAL=residual_TD is not None,
+            HAS_BIAS=b_down_ED is not None,
+            HAS_SLOT=expert_slot_E is not None,
         )
         return out_TD
     # Zeroed because GEMM 2 skips sentinel assignments and the sum below reads every row.
@@ -283,6 +379,7 @@ def fused_moe(
         expert_slot_E,
         1,
         cfg_down,
+        bias_EN=b_down_ED,
     )
     torch.sum(y_RD.view(T, K, D), dim=1, out=out_TD)
     return out_TD if residual_TD is None else residual_TD + out_TD

@@ -47,6 +47,7 @@ def _linear_partials_kernel(
     x_ptr,
     w_ptr,
     out_ptr,
+    bias_ptr,
     T,
     N,
     K,
@@ -59,6 +60,7 @@ def _linear_partials_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -82,12 +84,17 @@ def _linear_partials_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if HAS_BIAS:  # in the first partial only, so the sum holds it once
+        bias = tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)
+        acc += bias[None, :] * (s == 0).to(tl.float32)
     out = out_ptr + s * stride_os + offs_m[:, None] * stride_ot + offs_n[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def linear_partials(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """float32 [split, T, N] whose sum over dim 0 is x @ w.T (no bias)."""
+def linear_partials(
+    x_TK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 [split, T, N] whose sum over dim 0 is x @ w.T (+ bias_N, held by the first)."""
     t, k = x_TK.shape
     n = w_NK.shape[0]
     assert w_NK.shape[1] == k and x_TK.stride(1) == 1 and w_NK.stride(1) == 1
@@ -98,6 +105,7 @@ def linear_partials(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         x_TK,
         w_NK,
         out,
+        bias_N if bias_N is not None else out,  # unused pointer without a bias
         t,
         n,
         k,
@@ -106,6 +114,7 @@ def linear_partials(x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         out.stride(0),
         out.stride(1),
         DOT_PRECISION="ieee" if x_TK.dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias_N is not None,
         num_warps=4,
         num_stages=1 if interpreting() else 4,
         **cfg,

@@ -98,6 +98,7 @@ def _moe_gemm_kernel(
     b_ptr,  # [slots, N, K]: one nn.Linear weight per expert
     c_ptr,  # [R, N], row = assignment id; [SPLIT_K, R, N] float32 partial sums when split
     routed_weight_ptr,  # [R] float32
+    bias_ptr,  # [slots, N] (HAS_BIAS)
     sorted_ids_ptr,
     block_expert_ptr,
     num_post_pad_ptr,
@@ -114,9 +115,11 @@ def _moe_gemm_kernel(
     stride_cm,
     stride_cn,
     stride_cs,
+    stride_bias,
     ROWS_PER_A: tl.constexpr,  # top_k for GEMM 1 (token = id // top_k), 1 for GEMM 2
     MUL_ROUTED_WEIGHT: tl.constexpr,
     HAS_EXPERT_SLOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # add the expert's bias to its rounded output (x @ W + b)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 models: torch's matmul uses no TF32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -174,6 +177,9 @@ def _moe_gemm_kernel(
         c_ptrs += offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
         return
+    if HAS_BIAS:  # rounded first, as the product would be before the reference's add
+        bias = tl.load(bias_ptr + expert * stride_bias + offs_n, mask=col_ok, other=0.0)
+        acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32) + bias.to(tl.float32)[None, :]
     if MUL_ROUTED_WEIGHT:
         # The readable path rounds the expert output to the model dtype, then multiplies the
         # float32 weight; do the same so both round alike.
@@ -194,20 +200,23 @@ def moe_gemm(
     expert_slot_E: torch.Tensor | None,
     rows_per_a: int,
     cfg: dict[str, int],
+    bias_EN: torch.Tensor | None = None,
 ) -> None:
     """c_RN: [R, N], or [split, R, N] float32 partials when cfg["SPLIT_K"] > 1 (then no
-    routed weight: the reader applies it)."""
+    routed weight and no bias: the reader applies them). bias_EN: each expert's output bias
+    (indexed like the weights)."""
     _, N, K = b_ENK.shape
     P = sorted_ids_P.numel()
     split = cfg["SPLIT_K"]
     assert split == 1 or (c_RN.dim() == 3 and c_RN.dtype == torch.float32)
-    assert split == 1 or routed_weight_R is None
+    assert split == 1 or (routed_weight_R is None and bias_EN is None)
     grid = (triton.cdiv(P, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     _moe_gemm_kernel[grid](
         a,
         b_ENK,
         c_RN,
         routed_weight_R if routed_weight_R is not None else c_RN,  # unused pointer
+        bias_EN if bias_EN is not None else c_RN,  # unused pointer
         sorted_ids_P,
         block_expert_Q,
         num_post_pad_1,
@@ -224,9 +233,11 @@ def moe_gemm(
         c_RN.stride(-2),
         c_RN.stride(-1),
         c_RN.stride(0) if split > 1 else 0,
+        bias_EN.stride(0) if bias_EN is not None else 0,
         ROWS_PER_A=rows_per_a,
         MUL_ROUTED_WEIGHT=routed_weight_R is not None,
         HAS_EXPERT_SLOT=expert_slot_E is not None,
+        HAS_BIAS=bias_EN is not None,
         # "tf32" is Triton's default, and only affects float32 inputs.
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         BLOCK_M=cfg["BLOCK_M"],

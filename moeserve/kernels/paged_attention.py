@@ -18,6 +18,10 @@ Each program carries all query heads of its kv head (GQA) as the rows of one [QH
 tile, so K and V are read once per kv head, and walks its partitions TILE positions at a time:
 every position looks up its own block id, which handles any block size S (also S < 16, below
 tl.dot's minimum) and never touches block-table entries past the sequence's context.
+Sinks (gpt-oss): a per-head logit that joins every softmax's denominator and adds nothing to
+the output; it is folded in once at the end (exp2(sink - m) added to the sum), after the last
+partition or in the merge.
+
 The twin readable path is moeserve.model.attention.PagedAttention without decode_kernel.
 """
 
@@ -44,6 +48,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # code may read no other globals (the interpreter does not enforce this; the compiler does).
 _NEG_BIG = tl.constexpr(-1.0e30)
 _LOG2E = 1.4426950408889634
+_LOG2E_C = tl.constexpr(_LOG2E)
 
 
 # Arguments that change from step to step are not specialised on (Triton would compile a
@@ -69,6 +74,7 @@ def _decode_partition_kernel(
     part_acc_ptr,
     part_max_ptr,
     part_sum_ptr,
+    sinks_ptr,  # [H] (HAS_SINKS)
     scale_log2e,
     window,
     chunk,
@@ -100,6 +106,7 @@ def _decode_partition_kernel(
     USE_WINDOW: tl.constexpr,
     USE_CHUNK: tl.constexpr,
     SINGLE: tl.constexpr,  # J == 1: write the normalised output, no merge
+    HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -182,6 +189,9 @@ def _decode_partition_kernel(
             m_i = m_new
 
     if SINGLE:
+        if HAS_SINKS:  # the sink's term in the denominator (running max m_i, log2 units)
+            sink = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E_C
+            l_i = l_i + tl.exp2(sink - m_i)
         o = acc / l_i[:, None]
         o_off = b * stride_ob + heads[:, None] * stride_oh + cols[None, :]
         tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -201,6 +211,7 @@ def _decode_merge_kernel(
     part_acc_ptr,
     part_max_ptr,
     part_sum_ptr,
+    sinks_ptr,  # [H] (HAS_SINKS)
     num_progs,
     stride_ob,
     stride_oh,
@@ -213,6 +224,7 @@ def _decode_merge_kernel(
     X_PAD: tl.constexpr,
     PARTITION: tl.constexpr,
     CHUNK: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -246,6 +258,8 @@ def _decode_merge_kernel(
         acc = acc * alpha + tl.sum(a_c * w[:, None], 0)
         m = m_new
 
+    if HAS_SINKS:  # the sink's term in the denominator (merged max m, log2 units)
+        l_sum = l_sum + tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * _LOG2E_C - m)
     o = acc / l_sum
     o_ptr = out_ptr + b * stride_ob + h * stride_oh + cols
     tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=col_ok)
@@ -264,7 +278,9 @@ def paged_decode_attention(
     scale: float,
     window: int | None = None,
     out_BHX: torch.Tensor | None = None,
+    *,
     chunk: int | None = None,
+    sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new query token per sequence (already written into the cache) attends over its
     sequence's first context_lens_B[b] cached positions (position p lives at block
@@ -275,6 +291,7 @@ def paged_decode_attention(
     (context_len - 1) // chunk * chunk (Llama 4). Returns [B, H, X] in q's dtype (written
     into out_BHX when given).
     GQA: H is a multiple of G; query head h uses kv head h // (H // G).
+    sinks_H: a logit per query head in each softmax's denominator (gpt-oss), or None.
     Only shapes size the launch (no host reads), so the call can be captured in a CUDA graph.
     """
     b, h, x = q_BHX.shape
@@ -295,6 +312,8 @@ def paged_decode_attention(
         raise ValueError(f"window must be >= 1, got {window}")
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if sinks_H is not None and (sinks_H.shape != (h,) or sinks_H.stride(0) != 1):
+        raise ValueError(f"sinks_H must be a contiguous [{h}], got {tuple(sinks_H.shape)}")
 
     q_BHX = _last_dim_contiguous(q_BHX)
     k_cache_NSGX = _last_dim_contiguous(k_cache_NSGX)
@@ -335,6 +354,7 @@ def paged_decode_attention(
         part_acc,
         part_max,
         part_sum,
+        sinks_H if sinks_H is not None else dst,  # an unused pointer without sinks
         float(scale) * _LOG2E,
         win,
         0 if chunk is None else int(chunk),
@@ -358,6 +378,7 @@ def paged_decode_attention(
         USE_WINDOW=window is not None,
         USE_CHUNK=chunk is not None,
         SINGLE=single,
+        HAS_SINKS=sinks_H is not None,
         num_warps=NUM_WARPS,
     )
     if not single:
@@ -367,6 +388,7 @@ def paged_decode_attention(
             part_acc,
             part_max,
             part_sum,
+            sinks_H if sinks_H is not None else dst,
             num_progs,
             dst.stride(0),
             dst.stride(1),
@@ -376,6 +398,7 @@ def paged_decode_attention(
             X_PAD=x_pad,
             PARTITION=PARTITION_SIZE,
             CHUNK=_MERGE_CHUNK,
+            HAS_SINKS=sinks_H is not None,
             num_warps=2,
         )
     if dst is not out_BHX:

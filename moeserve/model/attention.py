@@ -7,7 +7,7 @@ partials, N blocks, also S slots per block in a cache's [N, S, G, X].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -41,7 +41,10 @@ class LayerMask:
     scale: float
     window: int | None = None  # sliding window: a query sees the last `window` positions
     # Chunked local attention (Llama 4): a query at p sees keys from p // chunk * chunk on.
-    chunk: int | None = None
+    chunk: int | None = field(default=None, kw_only=True)
+    # gpt-oss: a learned logit per query head [H] in every softmax's denominator (a key that
+    # every query sees and whose value is zero).
+    sinks_H: torch.Tensor | None = field(default=None, kw_only=True)
 
 
 class AttentionBackend(Protocol):
@@ -64,10 +67,10 @@ class AttentionBackend(Protocol):
 
 @dataclass(frozen=True)
 class PagedAttention:
-    """Paged MHA/GQA. Decodes are one batched call: the Triton paged kernel when
-    `decode_kernel` (no host reads: CUDA-graph safe), else the readable gather + SDPA with a
-    padding mask. Prefill chunks are one varlen FlashAttention call when the metadata packs
-    them (no sliding window inside the contexts), else one SDPA each over its own context."""
+    """Paged MHA/GQA, with the layer's sliding window and sinks. Decodes are one batched call:
+    the Triton paged kernel when `decode_kernel` (no host reads: CUDA-graph safe), else the
+    readable gather + SDPA with a padding mask. Prefill chunks are one varlen FlashAttention
+    call when the metadata packs them, else one SDPA each over its own context."""
 
     decode_kernel: bool = False
     packs_prefills: bool = False
@@ -89,15 +92,13 @@ class PagedAttention:
         mask: LayerMask,
     ) -> torch.Tensor:
         k_cache_NSGX, v_cache_NSGX = kv_cache
-        scale, window, chunk = mask.scale, mask.window, mask.chunk
+        scale, window, chunk, sinks = mask.scale, mask.window, mask.chunk, mask.sinks_H
         nd = meta.num_decodes
         pack = meta.prefill_pack
-        if pack is not None and window is not None and window < pack.max_k:
-            pack = None  # a window inside the contexts: one SDPA per chunk
         if pack is not None and chunk is not None and chunk < pack.max_k:
-            pack = None  # an attention chunk's start inside the contexts: likewise
+            pack = None  # an attention chunk's start inside the contexts: one SDPA per chunk
         if pack is not None and nd == 0:
-            return varlen_prefill(q_THX, k_cache_NSGX, v_cache_NSGX, pack, scale)
+            return varlen_prefill(q_THX, k_cache_NSGX, v_cache_NSGX, pack, scale, window, sinks)
         out_THX = torch.empty_like(q_THX)
         if nd and self.decode_kernel:
             from moeserve.kernels.paged_attention import paged_decode_attention
@@ -112,12 +113,17 @@ class PagedAttention:
                 window,
                 out_BHX=out_THX[:nd],
                 chunk=chunk,
+                sinks_H=sinks,
             )
         elif nd:
             q = q_THX[:nd]
-            out_THX[:nd] = sdpa_decode(q, k_cache_NSGX, v_cache_NSGX, meta, scale, window, chunk)
+            out_THX[:nd] = sdpa_decode(
+                q, k_cache_NSGX, v_cache_NSGX, meta, scale, window, chunk, sinks
+            )
         if pack is not None:
-            out_THX[nd:] = varlen_prefill(q_THX[nd:], k_cache_NSGX, v_cache_NSGX, pack, scale)
+            out_THX[nd:] = varlen_prefill(
+                q_THX[nd:], k_cache_NSGX, v_cache_NSGX, pack, scale, window, sinks
+            )
             return out_THX
         start = nd
         for b in range(nd, len(meta.query_lens)):
@@ -131,6 +137,7 @@ class PagedAttention:
                 scale,
                 window,
                 chunk,
+                sinks,
             )
             out_THX[start : start + n] = o_HQX.transpose(0, 1)
             start += n
@@ -160,6 +167,10 @@ class Attention(nn.Module):
             empty_param(q + 2 * kv, dtype=dtype, device=device) if cfg.qkv_bias else None
         )
         self.o_weight = empty_param(d, q, dtype=dtype, device=device)
+        self.o_bias = empty_param(d, dtype=dtype, device=device) if cfg.o_bias else None
+        self.sinks = (
+            empty_param(cfg.num_heads, dtype=dtype, device=device) if cfg.attention_sinks else None
+        )
         if cfg.qk_norm == "head":
             self.q_norm = empty_param(cfg.head_dim, dtype=dtype, device=device)
             self.k_norm = empty_param(cfg.head_dim, dtype=dtype, device=device)
@@ -173,12 +184,14 @@ class Attention(nn.Module):
         self.temperature = None if self.rope else cfg.attn_temperature
         chunk = cfg.layer_chunks[layer] if cfg.layer_chunks else None
         self.mask = LayerMask(
-            scale=cfg.head_dim**-0.5, window=cfg.layer_windows[layer], chunk=chunk
+            scale=cfg.head_dim**-0.5,
+            window=cfg.layer_windows[layer],
+            chunk=chunk,
+            sinks_H=self.sinks,
         )
-        # The qkv projection may go straight from split-K partials into the rotary kernel.
-        self._plain_qkv = (
-            not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None and self.rope
-        )
+        # The qkv projection may go straight from split-K partials (bias in the first) into
+        # the rotary kernel.
+        self._plain_qkv = cfg.qk_norm == "none" and cfg.clip_qkv is None and self.rope
 
     def forward(
         self,
@@ -193,6 +206,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         t = x_TD.shape[0]
         k_cache, v_cache = kv_cache
+        meta = meta.for_window(self.mask.window)
         if partials_out and self._plain_qkv and meta.num_decodes == t:
             # A few decode rows: qkv partials go straight into the rotary kernel, which adds
             # them and stores q, and k and v in the cache (no qkv tensor, no reduction).
@@ -201,7 +215,7 @@ class Attention(nn.Module):
 
             cos, sin, pos = cos_sin.for_kernel()
             q_THX = rotary_from_partials(
-                linear_partials(x_TD, self.qkv_weight),
+                linear_partials(x_TD, self.qkv_weight, self.qkv_bias),
                 cfg.num_heads,
                 cfg.num_kv_heads,
                 cos,
@@ -281,5 +295,5 @@ class Attention(nn.Module):
         if partials_out:
             from moeserve.kernels.linear import linear_partials
 
-            return linear_partials(o_TQ, self.o_weight)
-        return F.linear(o_TQ, self.o_weight)
+            return linear_partials(o_TQ, self.o_weight, self.o_bias)
+        return F.linear(o_TQ, self.o_weight, self.o_bias)

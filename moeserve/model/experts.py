@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from moeserve.model.activation import SILU, ExpertActivation
 from moeserve.model.backend import split_k_rows
 from moeserve.model.dispatch import Dispatch, expert_counts
 from moeserve.model.router import RouterSpec, route
@@ -46,50 +47,83 @@ def silu_mul(gate_up_NF2: torch.Tensor) -> torch.Tensor:
 
 
 def expert_mlp(
-    x_ND: torch.Tensor, w_gate_up_FD: torch.Tensor, w_down_DF: torch.Tensor
+    x_ND: torch.Tensor,
+    w_gate_up_FD: torch.Tensor,
+    w_down_DF: torch.Tensor,
+    b_gate_up_F: torch.Tensor | None = None,
+    b_down_D: torch.Tensor | None = None,
+    act: ExpertActivation = SILU,
 ) -> torch.Tensor:
-    """One SwiGLU expert (gate and up stored as one [2F, D] matrix) on N rows."""
-    return F.linear(silu_mul(F.linear(x_ND, w_gate_up_FD)), w_down_DF)
+    """One gated expert (gate and up stored as one [2F, D] matrix) on N rows; biases, when the
+    family has them, added after each projection as the reference does (x @ W + b)."""
+    gate_up = F.linear(x_ND, w_gate_up_FD)
+    if b_gate_up_F is not None:
+        gate_up = gate_up + b_gate_up_F
+    y = F.linear(act(gate_up), w_down_DF)
+    return y if b_down_D is None else y + b_down_D
 
 
 class ResidentExperts:
     """Experts whose weights live on the compute device: each runs once, on exactly the rows
     routed to it."""
 
-    def __init__(self, w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor) -> None:
+    def __init__(
+        self,
+        w_gate_up_EFD: torch.Tensor,
+        w_down_EDF: torch.Tensor,
+        b_gate_up_EF: torch.Tensor | None = None,
+        b_down_ED: torch.Tensor | None = None,
+        act: ExpertActivation = SILU,
+    ) -> None:
         self.w_gate_up_EFD = w_gate_up_EFD
         self.w_down_EDF = w_down_EDF
+        self.b_gate_up_EF = b_gate_up_EF
+        self.b_down_ED = b_down_ED
+        self.act = act
 
     def run(self, d: Dispatch) -> None:
         start = 0  # one host read of the per-expert counts tells the slices
+        b_up, b_down = self.b_gate_up_EF, self.b_down_ED
         for e, n in enumerate(d.counts_E.tolist()):
             if n:
                 rows = slice(start, start + n)
-                d.y_RD[rows] = expert_mlp(d.x_RD[rows], self.w_gate_up_EFD[e], self.w_down_EDF[e])
+                d.y_RD[rows] = expert_mlp(
+                    d.x_RD[rows],
+                    self.w_gate_up_EFD[e],
+                    self.w_down_EDF[e],
+                    None if b_up is None else b_up[e],
+                    None if b_down is None else b_down[e],
+                    self.act,
+                )
                 start += n
 
 
-def router_logits(x_TD: torch.Tensor, router_ED: torch.Tensor) -> torch.Tensor:
-    """The router's logits [T, E] in the router weight's dtype: a float32 router (DeepSeek,
-    GLM) runs its GEMM on float32 activations, as the reference does."""
+def router_logits(
+    x_TD: torch.Tensor, router_ED: torch.Tensor, bias_E: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The router's logits [T, E] (+ its logit bias, gpt-oss) in the router weight's dtype: a
+    float32 router (DeepSeek, GLM) runs its GEMM on float32 activations, as the reference does."""
     if router_ED.dtype != x_TD.dtype:
         x_TD = x_TD.to(router_ED.dtype)
-    return F.linear(x_TD, router_ED)
+    return F.linear(x_TD, router_ED, bias_E)
 
 
 def fused_router_logits(
-    x_TD: torch.Tensor, router_ED: torch.Tensor, triton_route: bool
+    x_TD: torch.Tensor,
+    router_ED: torch.Tensor,
+    triton_route: bool,
+    bias_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The fused path's router logits [T, E]; at a few rows routed by the Triton program,
-    float32 split-K partials [S, T, E] that the program adds up (one launch, not cuBLAS's two).
-    A router in another dtype than x (float32) takes router_logits."""
+    """The fused path's router logits [T, E] (+ the router's logit bias); at a few rows routed
+    by the Triton program, float32 split-K partials [S, T, E] that the program adds up (one
+    launch, not cuBLAS's two). A router in another dtype than x (float32) takes router_logits."""
     if router_ED.dtype != x_TD.dtype:
-        return router_logits(x_TD, router_ED)
+        return router_logits(x_TD, router_ED, bias_E)
     if triton_route and split_k_rows(x_TD):
         from moeserve.kernels import linear
 
-        return linear.linear_partials(x_TD, router_ED)
-    return F.linear(x_TD, router_ED)
+        return linear.linear_partials(x_TD, router_ED, bias_E)
+    return F.linear(x_TD, router_ED, bias_E)
 
 
 def fused_experts(
@@ -104,11 +138,15 @@ def fused_experts(
     valid_T: torch.Tensor | None,
     counter_E: torch.Tensor | None,
     residual_TD: torch.Tensor | None = None,
+    b_gate_up_EF: torch.Tensor | None = None,
+    b_down_ED: torch.Tensor | None = None,
+    act: ExpertActivation = SILU,
 ) -> torch.Tensor:
     """The routed experts' combined output [T, D] (plus residual_TD when given, fused into the
-    last kernel), through the Triton kernels. triton_route (router.triton_routable): routing,
-    alignment and counting in one program (a decode-sized batch), else the torch routing, its
-    count and the alignment's torch ops. counter_E: incremented by the tokens per expert."""
+    last kernel), through the Triton kernels; the experts' biases and activation as given.
+    triton_route (router.triton_routable): routing, alignment and counting in one program (a
+    decode-sized batch), else the torch routing, its count and the alignment's torch ops.
+    counter_E: incremented by the tokens per expert."""
     from moeserve.kernels.fused_moe import fused_moe
     from moeserve.kernels.moe_gemm import moe_block_m
 
@@ -134,6 +172,9 @@ def fused_experts(
             experts_TK,
             align=align,
             residual_TD=residual_TD,
+            b_gate_up_EF=b_gate_up_EF,
+            b_down_ED=b_down_ED,
+            activation=(act.kind, act.alpha, act.limit),
         )
     weights_TK, experts_TK, _ = route(logits_TE, spec, bias_E=bias_E, valid_T=valid_T)
     if counter_E is not None:
@@ -143,7 +184,15 @@ def fused_experts(
             x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD
         )
     return fused_moe(
-        x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD=residual_TD
+        x_TD,
+        w_gate_up_EFD,
+        w_down_EDF,
+        weights_TK,
+        experts_TK,
+        residual_TD=residual_TD,
+        b_gate_up_EF=b_gate_up_EF,
+        b_down_ED=b_down_ED,
+        activation=(act.kind, act.alpha, act.limit),
     )
 
 

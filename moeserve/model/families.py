@@ -400,7 +400,9 @@ def _transpose(t: torch.Tensor) -> torch.Tensor:
 # Layout changes a checkpoint tensor may need before it is copied into its slice (fused hub
 # tensors stored [in, out] where our parameters are [out, in], interleaved gate/up, ...).
 # They must work on meta tensors: the loader checks shapes through them before reading data.
-TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"transpose": _transpose}
+TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "transpose": _transpose,
+}
 
 
 # Tensors some checkpoints carry that hold nothing we need (recomputed buffers).

@@ -89,19 +89,36 @@ def _gather(cache_NSGX: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return out.reshape(*blocks.shape[:-1], -1, *cache_NSGX.shape[2:])
 
 
+def with_sinks(
+    o_QHX: torch.Tensor, lse_HQ: torch.Tensor, sinks_H: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention outputs rescaled as if each softmax's denominator also held exp(sink): the
+    weights shrink by exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink), exactly (lse:
+    the natural log-sum-exp of each query's scaled scores)."""
+    if sinks_H is None:
+        return o_QHX
+    lse_HQ = lse_HQ[:, : o_QHX.shape[0]]  # some flash builds pad the lse's query axis
+    keep_QH = torch.sigmoid(lse_HQ.float() - sinks_H.float()[:, None]).transpose(0, 1)
+    return (o_QHX.float() * keep_QH[:, :, None]).to(o_QHX.dtype)
+
+
 def varlen_prefill(
     q_QHX: torch.Tensor,
     k_cache_NSGX: torch.Tensor,
     v_cache_NSGX: torch.Tensor,
     pack: PrefillPack,
     scale: float,
+    window: int | None = None,
+    sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every prefill chunk (the last n of its ctx positions) over its cached context, in one
-    flash-attention call: causal, aligned to each context's end; GQA as is. [Q, H, X]."""
+    flash-attention call: causal, aligned to each context's end, within the sliding window
+    (a query sees itself and window - 1 keys before it); GQA as is; sinks from the returned
+    log-sum-exp (with_sinks). [Q, H, X]."""
     g, x = k_cache_NSGX.shape[2:]
     k_CGX = k_cache_NSGX.view(-1, g, x).index_select(0, pack.slots_C)
     v_CGX = v_cache_NSGX.view(-1, g, x).index_select(0, pack.slots_C)
-    return torch.ops.aten._flash_attention_forward(
+    out = torch.ops.aten._flash_attention_forward(
         q_QHX,
         k_CGX,
         v_CGX,
@@ -113,7 +130,28 @@ def varlen_prefill(
         True,
         False,
         scale=scale,
-    )[0]
+        window_size_left=None if window is None else window - 1,
+        window_size_right=None if window is None else 0,
+    )
+    return with_sinks(out[0], out[1], sinks_H)
+
+
+def explicit_attention(
+    q_BHQX: torch.Tensor,
+    k_BHCX: torch.Tensor,
+    v_BHCX: torch.Tensor,
+    mask_BQC: torch.Tensor,
+    scale: float,
+    sinks_H: torch.Tensor,
+) -> torch.Tensor:
+    """Masked attention with a sink logit per head as the reference's eager path: the sink
+    joins each row's scores, the softmax runs, its column is dropped (float32). [B, H, Q, X]."""
+    scores = torch.matmul(q_BHQX.float(), k_BHCX.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask_BQC[:, None], float("-inf"))
+    b, h, q, _ = scores.shape
+    sink = sinks_H.float()[None, :, None, None].expand(b, h, q, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs, v_BHCX.float()).to(q_BHQX.dtype)
 
 
 def sdpa_decode(
@@ -124,9 +162,11 @@ def sdpa_decode(
     scale: float,
     window: int | None,
     chunk: int | None = None,
+    sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new token per sequence (the first B of the batch) over its cached context, as one
-    SDPA call over the gathered blocks with a padding (and window / chunk) mask: [B, H, X]."""
+    SDPA call over the gathered blocks with a padding (and window / chunk) mask: [B, H, X].
+    With sinks, the reference's explicit softmax instead."""
     nd = q_BHX.shape[0]
     max_ctx = max(meta.context_lens[:nd])
     s = k_cache_NSGX.shape[1]
@@ -138,6 +178,11 @@ def sdpa_decode(
     lo_B = first_visible_key(ctx_B - 1, window, chunk)
     if lo_B is not None:
         mask_BC &= key_pos[None, :] >= lo_B[:, None]
+    if sinks_H is not None:
+        heads, groups = q_BHX.shape[1], k_BCGX.shape[2]
+        k, v = (a.transpose(1, 2).repeat_interleave(heads // groups, 1) for a in (k_BCGX, v_BCGX))
+        o = explicit_attention(q_BHX.unsqueeze(2), k, v, mask_BC[:, None, :], scale, sinks_H)
+        return o.squeeze(2)
     o = F.scaled_dot_product_attention(
         q_BHX.unsqueeze(2),  # B H 1 X
         k_BCGX.transpose(1, 2),
@@ -158,9 +203,11 @@ def sdpa_prefill(
     scale: float,
     window: int | None,
     chunk: int | None = None,
+    sinks_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One chunk of n queries (the last n of ctx positions) over its cached context: [H, n, X].
-    chunk: attention chunks (Llama 4) of that many positions, counted from position 0.
+    chunk: attention chunks (Llama 4) of that many positions, counted from position 0. With
+    sinks, the reference's explicit softmax (explicit_attention).
 
     Without a sliding window or attention chunks inside the context the causal mask is
     implicit (lower-right aligned), which lets SDPA pick its flash / memory-efficient
@@ -176,12 +223,16 @@ def sdpa_prefill(
         k_CGX = k_CGX.repeat_interleave(heads // groups, dim=1)
         v_CGX = v_CGX.repeat_interleave(heads // groups, dim=1)
     q, k, v = (a.transpose(0, 1).unsqueeze(0) for a in (q_QHX, k_CGX, v_CGX))
-    if (window is not None and window < ctx) or (chunk is not None and chunk < ctx):
+    limited = (window is not None and window < ctx) or (chunk is not None and chunk < ctx)
+    if limited or sinks_H is not None:
         q_pos = torch.arange(ctx - n, ctx, device=q_QHX.device)
         key_pos = torch.arange(ctx, device=q_QHX.device)
+        mask = key_pos[None, :] <= q_pos[:, None]
         lo = first_visible_key(q_pos, window, chunk)
-        assert lo is not None
-        mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] >= lo[:, None])
+        if lo is not None:
+            mask &= key_pos[None, :] >= lo[:, None]
+        if sinks_H is not None:
+            return explicit_attention(q, k, v, mask[None], scale, sinks_H)[0]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]
     if n == ctx:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0]

@@ -43,6 +43,13 @@ class AttentionMetadata:
     valid_T: torch.Tensor | None = None
     # Set where the attention backend packs prefills: they then take one call, not one each.
     prefill_pack: PrefillPack | None = None
+    # The sliding-window layers' own block tables, slots and pack when the engine's KV cache
+    # keeps those layers apart (engine/kv_groups.py); None: every layer reads this metadata.
+    window: AttentionMetadata | None = None
+
+    def for_window(self, window: int | None) -> AttentionMetadata:
+        """The metadata a layer with this sliding window (None: full attention) reads."""
+        return self.window if window is not None and self.window is not None else self
 
     @property
     def num_decode_tokens(self) -> int:

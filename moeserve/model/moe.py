@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
+from moeserve.model.activation import ExpertActivation
 from moeserve.model.backend import ModelBackend
 from moeserve.model.dispatch import Dispatch, combine, sort_by_expert
 from moeserve.model.experts import (
@@ -77,7 +78,20 @@ class MoE(nn.Module):
         )
         self.w_gate_up = empty_param(e, 2 * f, d, dtype=dtype, device=home, pin=pin)
         self.w_down = empty_param(e, d, f, dtype=dtype, device=home, pin=pin)
-        self.resident = ResidentExperts(self.w_gate_up, self.w_down)
+        # gpt-oss: a bias on the router's logits, and biased experts (which travel with their
+        # expert's weights) with the family's activation.
+        self.router_logit_bias = (
+            empty_param(e, dtype=dtype, device=device) if cfg.router_logit_bias else None
+        )
+        self.b_gate_up: torch.Tensor | None = None
+        self.b_down: torch.Tensor | None = None
+        if cfg.expert_bias:
+            self.b_gate_up = empty_param(e, 2 * f, dtype=dtype, device=home, pin=pin)
+            self.b_down = empty_param(e, d, dtype=dtype, device=home, pin=pin)
+        self.activation = ExpertActivation.from_config(cfg)
+        self.resident = ResidentExperts(
+            self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, self.activation
+        )
         # Batches of at most this many tokens take the fused Triton path when no provider is
         # handed to the forward (0: never).
         self.fused_max_tokens = backend.fused_moe_tokens
@@ -110,7 +124,7 @@ class MoE(nn.Module):
         t = x_TD.shape[0]
         if experts is None and t <= self.fused_max_tokens:
             triton_route = triton_routable(self.spec, t)
-            logits_TE = fused_router_logits(x_TD, self.router, triton_route)
+            logits_TE = fused_router_logits(x_TD, self.router, triton_route, self.router_logit_bias)
             if self.shared is None:
                 return self._fused(x_TD, logits_TE, triton_route, valid_T, residual_TD)
             out_TD = self.add_shared(x_TD, self._fused(x_TD, logits_TE, triton_route, valid_T))
@@ -139,13 +153,16 @@ class MoE(nn.Module):
             valid_T=valid_T,
             counter_E=self.tokens_per_expert_E if self.count_tokens else None,
             residual_TD=residual_TD,
+            b_gate_up_EF=self.b_gate_up,
+            b_down_ED=self.b_down,
+            act=self.activation,
         )
 
     def select_experts(
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights_TK, experts_TK): the router's choice for x_TD (torch backend)."""
-        logits_TE = router_logits(x_TD, self.router)
+        logits_TE = router_logits(x_TD, self.router, self.router_logit_bias)
         weights_TK, experts_TK, _ = route(
             logits_TE, self.spec, bias_E=self.router_bias, valid_T=valid_T
         )
