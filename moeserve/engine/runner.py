@@ -30,24 +30,19 @@ class KVCacheTooSmall(ValueError):
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return cfg.kv_elements_per_token * block_size * elem
 
 
 def allocate_kv_cache(
     cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, a (K, V) pair of [N, S, G, X] tensors, allocated once at startup."""
+) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer, the tensors of its cache layout (ModelConfig.kv_cache_shape), each
+    [N, S, G, X]: (K, V) for paged attention, (latent + rope key,) for MLA; allocated once."""
+    tensors, heads, width = cfg.kv_cache_shape
     kv = torch.zeros(
-        cfg.num_layers,
-        2,
-        num_blocks,
-        block_size,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        dtype=dtype,
-        device=device,
+        cfg.num_layers, tensors, num_blocks, block_size, heads, width, dtype=dtype, device=device
     )
-    return [(kv[i, 0], kv[i, 1]) for i in range(cfg.num_layers)]
+    return [tuple(kv[i, j] for j in range(tensors)) for i in range(cfg.num_layers)]
 
 
 def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int, per_block: int) -> None:
