@@ -10,9 +10,10 @@
 #     throughput  moeserve bench throughput: offline tok/s vs transformers and the floor
 #     offload     benchmarks/offload_bench.py: Mixtral cut to 4 layers, half its experts on host
 #     mixtral     benchmarks/offload_bench.py: the full Mixtral-8x7B shape on an 80 GB card
+#     families    benchmarks/gpu_speed.py on DeepSeek-V2-Lite, gpt-oss-20b and Qwen3-30B-A3B
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
-all="tests kernels speed profile http throughput offload mixtral"
+all="tests kernels speed profile http throughput offload mixtral families"
 case "${1:-}" in
   -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
@@ -64,6 +65,11 @@ for stage in $stages; do
       # The full shape on an 80 GB H100; a larger GPU behaves as one (benchmarks/RESULTS.md).
       python3 benchmarks/offload_bench.py --dummy mixtral-8x7b --batch 1 64 --modes fetch,auto \
         --emulate-card-mib 81559 --json "$OUT/offload_8x7b.json" 2>&1 | tee "$OUT/offload_8x7b.log" ;;
+    families)
+      for shape in deepseek-v2-lite gpt-oss-20b qwen3-30b-a3b; do
+        python3 benchmarks/gpu_speed.py --shape "$shape" --modes graphs --prefill-len 0 \
+          --json "$OUT/speed_$shape.json" 2>&1 | grep -v Warn | tee "$OUT/speed_$shape.log"
+      done ;;
     *) echo "unknown stage $stage (one of: $all)"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1

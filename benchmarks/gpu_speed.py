@@ -1,7 +1,8 @@
 """GPU speed of the decode and prefill paths, against the physical floors and transformers.
 
-One run on a CUDA machine measures, on a Mixtral-8x7B shape cut to --layers layers (bf16,
-random weights: moeserve's --load-format dummy, transformers' random init):
+One run on a CUDA machine measures, on --shape (a real checkpoint's config, moeserve/bench/
+synthetic.py; Mixtral-8x7B by default, cut to --layers layers: 4 for Mixtral, all for the
+others) in bf16 with random weights (moeserve's --load-format dummy, transformers' random init):
 - the floors: device copy bandwidth (read + write) and the bf16 matmul rate;
 - transformers generate() decode rate at batch 1 and --batch;
 - moeserve's decode rate at batch 1 and --batch (steady decode steps, wall clock between
@@ -14,6 +15,7 @@ Prints a table (tokens/s, fraction of floor, ratio to transformers) and writes J
 torch.profiler (Chrome traces, and a table of the costliest device kernels).
 
     python benchmarks/gpu_speed.py --json out.json
+    python benchmarks/gpu_speed.py --shape qwen3-30b-a3b --modes graphs --json out.json
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeserve import LLM, SamplingParams  # noqa: E402
 from moeserve.bench.floors import copy_bandwidth, matmul_rate, model_work  # noqa: E402
-from moeserve.bench.synthetic import synthetic_model  # noqa: E402
+from moeserve.bench.synthetic import SHAPES, synthetic_model  # noqa: E402
 from moeserve.bench.throughput import drive, free_device, hf_generate  # noqa: E402
 
 MODES: dict[str, dict[str, Any]] = {
@@ -44,7 +46,7 @@ MODES: dict[str, dict[str, Any]] = {
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 32000, (n, length), generator=g).tolist()
+    return torch.randint(0, 32000, (n, length), generator=g).tolist()  # every shape's vocab
 
 
 def hf_decode(path: Path, batch: int, new: int) -> float:
@@ -122,7 +124,8 @@ def profile_decode(llm: LLM, batch: int, in_len: int, out: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--shape", default="mixtral-8x7b", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=None, help="default: 4 for Mixtral, else all")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -135,7 +138,8 @@ def main() -> int:
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         raise SystemExit(f"--modes: {', '.join(sorted(unknown))} not among {', '.join(MODES)}")
-    path = synthetic_model("mixtral-8x7b", num_hidden_layers=args.layers)
+    layers = args.layers or (4 if args.shape == "mixtral-8x7b" else None)
+    path = synthetic_model(args.shape, **({"num_hidden_layers": layers} if layers else {}))
     bw, mm = copy_bandwidth(), matmul_rate()
     free_device()
     device = torch.cuda.get_device_name()

@@ -1,4 +1,5 @@
-"""Bandwidth of the Triton kernels on Mixtral-8x7B layer shapes, and a small config sweep.
+"""Bandwidth of the Triton kernels on a model's layer shapes (Mixtral-8x7B's by default,
+--shape for another preset of moeserve/bench/synthetic.py), and a small config sweep.
 
 Each grouped GEMM of the fused MoE is timed alone (CUDA events, many repetitions) on the
 experts a random routing of T tokens touches; bandwidth = those experts' weight bytes / time,
@@ -9,6 +10,7 @@ the whole fused_moe are host-bound at decode sizes; its in-graph cost per step i
 decode traces of benchmarks/gpu_speed.py --profile.
 
     python benchmarks/kernel_bench.py --sweep --json out.json
+    python benchmarks/kernel_bench.py --shape qwen3-30b-a3b --tokens 1,8,64 --sweep
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from moeserve.bench.synthetic import SHAPES  # noqa: E402
 from moeserve.kernels import fused_moe as fm  # noqa: E402
 from moeserve.kernels import moe_gemm as mg  # noqa: E402
 from moeserve.kernels.paged_attention import paged_decode_attention  # noqa: E402
+from moeserve.model.families import parse_config  # noqa: E402
 
 E, K_TOP, D, F = 8, 2, 4096, 14336
 
@@ -121,11 +125,16 @@ def attention(b: int, ctx: int) -> dict[str, Any]:
 
 
 def main() -> int:
+    global E, K_TOP, D, F
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="mixtral-8x7b", choices=sorted(SHAPES))
     ap.add_argument("--tokens", default="1,8,64,256")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    cfg = parse_config(SHAPES[args.shape])
+    E, K_TOP, D, F = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.moe_intermediate_size
+    print(f"{args.shape}: {E} experts, top-{K_TOP}, hidden {D}, expert intermediate {F}")
     bw = copy_bw()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s")
     sweep = None

@@ -60,6 +60,20 @@ class ModelConfig:
     dtype: str = "float32"  # the checkpoint's dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # DeepSeek-style MoE (families.deepseek_moe_fields). How a group of experts is scored for
+    # group-limited top-k: "sum_top2" (DeepSeek-V3, GLM-4.5) or "max" (DeepSeek-V2).
+    router_group_score: str = "sum_top2"
+    # The router weight is kept and its GEMM run in float32 (DeepSeek, GLM-4.5), whatever the
+    # model dtype.
+    router_float32: bool = False
+    # False: the shared experts are a plain MLP added to the routed output (DeepSeek, GLM);
+    # True: Qwen2-MoE's sigmoid-gated shared expert.
+    shared_expert_gate: bool = True
+    # Rotary over the first rotary_dim of each head only (GLM's partial_rotary_factor); 0: all.
+    rotary_dim: int = 0
+    # Multi-token-prediction layers the checkpoint stores after the decoder's (DeepSeek-V3,
+    # GLM-4.5: model.layers.{num_layers + j}): not run, their tensors ignored by the loader.
+    num_mtp_layers: int = 0
     # Multi-head latent attention (DeepSeek-V2/V3, model/mla.py), on when kv_lora_rank > 0;
     # head_dim is then the rotary part (qk_rope_head_dim), as transformers sets it.
     kv_lora_rank: int = 0
@@ -99,6 +113,11 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def rotary_width(self) -> int:
+        """The rotated part of each head (the first rotary_width entries)."""
+        return self.rotary_dim or self.head_dim
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,22 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
     "qwen3_moe": dict(num_experts=6, moe_intermediate_size=24, norm_topk_prob=True, head_dim=16),
     "olmoe": dict(num_experts=6, norm_topk_prob=False),
+    # Every DeepSeek-style routing rule on: sigmoid + correction bias, 4 groups keeping 2,
+    # scaling, 2 ungated shared experts, a dense first layer; q/k norms, biases, partial rotary.
+    "glm4_moe": dict(
+        n_routed_experts=8,
+        moe_intermediate_size=24,
+        n_shared_experts=2,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        use_qk_norm=True,
+        attention_bias=True,
+        head_dim=16,
+        partial_rotary_factor=0.5,
+    ),
 }
 
 
@@ -42,6 +58,7 @@ def hf_classes(family: str) -> tuple[Any, Any]:
         "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
+        "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM),
     }[family]
 
 
@@ -81,6 +98,9 @@ def make_checkpoint(
                 p.add_(torch.randn_like(p) * 0.1)
             elif "gate.weight" in name or "embed" in name:
                 p.mul_(20.0)  # sharper routing and logits than the 0.02-std init
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # inits to 0: make it steer
+                b.add_(torch.randn_like(b) * 0.3)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kwargs)
     if hub_style:

@@ -74,6 +74,7 @@ def test_floor_work_of_a_mixtral_layer() -> None:
         top_k=2,
         moe_intermediate_size=32,
         sparse_layers=(True,),
+        layer_windows=(None,),
     )
     work = model_work(cfg, element_size=2)
     attention = 2 * 64 * 64 + 2 * 64 * 32  # q and o, k and v

@@ -94,6 +94,10 @@ CASES = {
         ),
     ),
     "olmoe": dict(family="olmoe", tie_word_embeddings=True, clip_qkv=0.5),
+    "glm4_moe": dict(family="glm4_moe"),
+    "glm4_moe-no-qk-norm-full-rotary": dict(
+        family="glm4_moe", use_qk_norm=False, partial_rotary_factor=1.0, n_group=1, topk_group=1
+    ),
 }
 
 

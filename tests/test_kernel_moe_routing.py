@@ -28,7 +28,15 @@ def _devices() -> list:
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize(
     ("t", "e", "k", "renorm", "block_m"),
-    [(1, 8, 2, True, 16), (5, 6, 3, False, 16), (13, 8, 1, True, 32), (64, 8, 2, True, 16)],
+    [
+        (1, 8, 2, True, 16),
+        (5, 6, 3, False, 16),
+        (13, 8, 1, True, 32),
+        (64, 8, 2, True, 16),
+        (1, 128, 8, True, 16),  # Qwen3-30B-A3B's router at decode
+        (64, 128, 8, True, 16),
+        (7, 60, 4, False, 32),
+    ],
 )
 def test_route_and_align_matches_torch(
     device: str, t: int, e: int, k: int, renorm: bool, block_m: int

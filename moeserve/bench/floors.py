@@ -1,7 +1,7 @@
 """The physical floors of the design notes, measured in the run that is compared with them.
 
 Rates: a device copy (HBM read + write), a pinned host-to-device copy, a bf16 matmul. Work: the
-bytes of weights a step reads and the FLOPs it runs, from the model's config alone. A step
+bytes of weights a step reads and the FLOPs it runs, from the model built on the meta device. A step
 takes at least max(bytes / HBM rate, FLOPs / matmul rate); an offloaded expert that missed
 the cache also crosses the host link once.
 """
@@ -82,25 +82,37 @@ class ModelWork:
 
 
 def model_work(cfg: ModelConfig, element_size: int) -> ModelWork:
-    """The ModelWork of a config; norms and biases are left out."""
-    d = cfg.hidden_size
-    attention = 2 * d * cfg.q_size + 2 * d * cfg.kv_size
-    sparse = sum(cfg.sparse_layers)
-    dense_layers = cfg.num_layers - sparse
-    lm_head = cfg.vocab_size * d
-    dense = (
-        cfg.num_layers * attention
-        + sparse * (cfg.num_experts * d + 3 * d * cfg.shared_expert_intermediate_size)
-        + dense_layers * 3 * d * cfg.dense_intermediate_size
-        + lm_head
+    """The ModelWork of a config, counted on the model itself built on the meta device (no
+    memory), so every family's layers are priced as they are built. Vectors (norms, biases,
+    sinks) are left out, and so is the embedding table unless it is also the lm_head."""
+    from moeserve.engine.runner import kv_bytes_per_block
+    from moeserve.model.decoder import MoEForCausalLM
+
+    model = MoEForCausalLM(cfg, torch.float32, torch.device("meta"))
+    expert = 0
+    routed: set[int] = set()
+    for _, moe in model.moe_layers():
+        e = moe.num_experts
+        per_layer = 0
+        for name, p in moe.named_parameters(recurse=False):
+            if p.ndim >= 2 and p.shape[0] == e and not name.startswith("router"):
+                routed.add(id(p))
+                per_layer += p[0].numel()
+        expert = max(expert, per_layer)
+    lm_head = model.lm_head_weight.numel()
+    dense = lm_head + sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.ndim >= 2 and id(p) not in routed and name not in ("embed_tokens", "lm_head")
     )
+    kv_elements = kv_bytes_per_block(cfg, 1, torch.float32) // 4
     return ModelWork(
         dense=dense,
         lm_head=lm_head,
-        expert=3 * d * cfg.moe_intermediate_size,
-        sparse_layers=sparse,
+        expert=expert,
+        sparse_layers=cfg.num_sparse_layers,
         num_experts=cfg.num_experts,
         top_k=cfg.top_k,
-        kv_per_token=2 * cfg.num_layers * cfg.kv_size,
+        kv_per_token=kv_elements,
         element_size=element_size,
     )

@@ -167,6 +167,12 @@ def _sum_split_kernel(
     tl.store(out_ptr + t * stride_out + offs, out, mask=ok)
 
 
+# Up to this many tokens GEMM 2 writes float32 rows (one partial when K is not split) and one
+# kernel weighs, sums over k and adds the residual: at decode sizes the unsplit path's zero
+# fill, sum and residual add are three launches of a few microseconds each, per layer.
+SUM_KERNEL_MAX_TOKENS = 64
+
+
 def fused_moe(
     x_TD: torch.Tensor,
     w_gate_up_EF2D: torch.Tensor,
@@ -230,7 +236,7 @@ def fused_moe(
         cfg_up,
     )
     h_RF = silu_mul(gate_up_RF2, dtype=dtype)
-    if split_down > 1:
+    if split_down > 1 or T <= SUM_KERNEL_MAX_TOKENS:
         part_SRD = alloc(split_down, R, D, dtype=torch.float32, device=device)
         moe_gemm(
             h_RF,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.model.backend import ModelBackend
+from moeserve.model.backend import ModelBackend, fused_rms_norm
 from moeserve.model.layers import (
     rms_norm,
     sdpa_decode,
@@ -161,8 +161,16 @@ class Attention(nn.Module):
             self.q_norm = empty_param(q, dtype=dtype, device=device)
             self.k_norm = empty_param(kv, dtype=dtype, device=device)
         self.mask = LayerMask(scale=cfg.head_dim**-0.5, window=cfg.layer_windows[layer])
+        # The Triton rotary kernels rotate whole heads: partial rotary (GLM) takes the
+        # readable rotary (graph-safe too).
+        self._fused_rotary = cfg.rotary_width == cfg.head_dim
         # The qkv projection may go straight from split-K partials into the rotary kernel.
-        self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None
+        self._plain_qkv = (
+            not cfg.qkv_bias
+            and cfg.qk_norm == "none"
+            and cfg.clip_qkv is None
+            and self._fused_rotary
+        )
 
     def forward(
         self,
@@ -205,10 +213,11 @@ class Attention(nn.Module):
         q_THX = q.reshape(t, cfg.num_heads, cfg.head_dim)
         k_TGX = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v_TGX = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        fused = self.backend.fused_elementwise(q_THX)
         if cfg.qk_norm == "head":
-            q_THX = rms_norm(q_THX, self.q_norm, cfg.rms_norm_eps)
-            k_TGX = rms_norm(k_TGX, self.k_norm, cfg.rms_norm_eps)
-        if self.backend.fused_elementwise(q_THX):
+            q_THX = self._head_norm(q_THX, self.q_norm, fused)
+            k_TGX = self._head_norm(k_TGX, self.k_norm, fused)
+        if self._fused_rotary and fused:
             from moeserve.kernels.norm_rope import apply_rotary_
 
             # One launch rotates q and k and stores k and v in the cache (write_kv's job); it
@@ -222,6 +231,14 @@ class Attention(nn.Module):
             q_THX, k_TGX = apply_rotary(q_THX, cos, sin), apply_rotary(k_TGX, cos, sin)
             write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
         return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
+
+    def _head_norm(self, x_THX: torch.Tensor, weight_X: torch.Tensor, fused: bool) -> torch.Tensor:
+        """RMSNorm over each head: one kernel over [T*H, X] rows on the fused path (the
+        readable twin is seven elementwise launches, per layer, for q and for k)."""
+        if not fused:
+            return rms_norm(x_THX, weight_X, self.cfg.rms_norm_eps)
+        rows = x_THX.reshape(-1, x_THX.shape[-1])
+        return fused_rms_norm(rows, weight_X, self.cfg.rms_norm_eps).view(x_THX.shape)
 
     def _attend_and_project(
         self,

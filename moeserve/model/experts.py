@@ -69,11 +69,22 @@ class ResidentExperts:
                 start += n
 
 
+def router_logits(x_TD: torch.Tensor, router_ED: torch.Tensor) -> torch.Tensor:
+    """The router's logits [T, E] in the router weight's dtype: a float32 router (DeepSeek,
+    GLM) runs its GEMM on float32 activations, as the reference does."""
+    if router_ED.dtype != x_TD.dtype:
+        x_TD = x_TD.to(router_ED.dtype)
+    return F.linear(x_TD, router_ED)
+
+
 def fused_router_logits(
     x_TD: torch.Tensor, router_ED: torch.Tensor, triton_route: bool
 ) -> torch.Tensor:
     """The fused path's router logits [T, E]; at a few rows routed by the Triton program,
-    float32 split-K partials [S, T, E] that the program adds up (one launch, not cuBLAS's two)."""
+    float32 split-K partials [S, T, E] that the program adds up (one launch, not cuBLAS's two).
+    A router in another dtype than x (float32) takes router_logits."""
+    if router_ED.dtype != x_TD.dtype:
+        return router_logits(x_TD, router_ED)
     if triton_route and split_k_rows(x_TD):
         from moeserve.kernels import linear
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from moeserve.config import ConfigError, ModelConfig
 from moeserve.model.backend import ModelBackend
 from moeserve.model.decoder import DTYPES, MoEForCausalLM
+from moeserve.model.deepseek_moe import mtp_layer_prefixes
 from moeserve.model.families import (
     IGNORED_SUFFIXES,
     TRANSFORMS,
@@ -180,6 +181,7 @@ def _index_tensors(
 ) -> dict[str, Path]:
     """Tensor name -> shard, refusing duplicates, unknown tensors and missing ones."""
     where: dict[str, Path] = {}
+    mtp_prefixes = mtp_layer_prefixes(ckpt.config)
     for shard in ckpt.shards:
         for name in headers[shard]:
             if name in where:
@@ -190,8 +192,10 @@ def _index_tensors(
     for name, shard in list(where.items()):
         if name in plan:
             continue
-        if name.endswith(IGNORED_SUFFIXES) or (
-            name == "lm_head.weight" and ckpt.config.tie_word_embeddings
+        if (
+            name.endswith(IGNORED_SUFFIXES)
+            or name.startswith(mtp_prefixes)
+            or (name == "lm_head.weight" and ckpt.config.tie_word_embeddings)
         ):
             del where[name]
             continue

@@ -26,6 +26,7 @@ from moeserve.model.experts import (
     ResidentExperts,
     fused_experts,
     fused_router_logits,
+    router_logits,
     silu_mul,
 )
 from moeserve.model.params import empty_param
@@ -45,7 +46,8 @@ class DenseMLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts (stacked per layer) plus the optional shared expert with a sigmoid gate."""
+    """Routed experts (stacked per layer) plus the optional shared expert: with a sigmoid gate
+    (Qwen2-MoE) or without (DeepSeek, GLM: n_shared_experts of them as one MLP)."""
 
     def __init__(
         self,
@@ -64,7 +66,9 @@ class MoE(nn.Module):
         pin = home.type == "cpu" and device.type == "cuda"
         self.spec = RouterSpec.from_config(cfg)
         self.num_experts = e
-        self.router = empty_param(e, d, dtype=dtype, device=device)
+        # A float32 router (DeepSeek, GLM) keeps its weight and its GEMM in float32.
+        router_dtype = torch.float32 if cfg.router_float32 else dtype
+        self.router = empty_param(e, d, dtype=router_dtype, device=device)
         # The correction bias stays float32, as the reference keeps it.
         self.router_bias = (
             empty_param(e, dtype=torch.float32, device=device)
@@ -86,9 +90,11 @@ class MoE(nn.Module):
             persistent=False,
         )
         self.shared: DenseMLP | None = None
+        self.shared_gate: torch.Tensor | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared = DenseMLP(d, cfg.shared_expert_intermediate_size, dtype, device)
-            self.shared_gate = empty_param(1, d, dtype=dtype, device=device)
+            if cfg.shared_expert_gate:
+                self.shared_gate = empty_param(1, d, dtype=dtype, device=device)
 
     def forward(
         self,
@@ -139,7 +145,7 @@ class MoE(nn.Module):
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights_TK, experts_TK): the router's choice for x_TD (torch backend)."""
-        logits_TE = F.linear(x_TD, self.router)
+        logits_TE = router_logits(x_TD, self.router)
         weights_TK, experts_TK, _ = route(
             logits_TE, self.spec, bias_E=self.router_bias, valid_T=valid_T
         )
@@ -165,6 +171,8 @@ class MoE(nn.Module):
         """The routed experts' output plus the shared expert's, when the family has one."""
         if self.shared is None:
             return routed_TD
+        if self.shared_gate is None:
+            return routed_TD + self.shared(x_TD)
         gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
         return routed_TD + gate_T1 * self.shared(x_TD)
 

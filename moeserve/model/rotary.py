@@ -22,7 +22,7 @@ class Rotary:
     def __init__(
         self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype | None = None
     ) -> None:
-        dim = cfg.head_dim
+        dim = cfg.rotary_width  # partial rotary (GLM): only the first `dim` of each head
         p = cfg.rope_params
         base = cfg.rope_theta
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -90,6 +90,11 @@ class CosSin:
 
 
 def apply_rotary(x_THX: torch.Tensor, cos_TX: torch.Tensor, sin_TX: torch.Tensor) -> torch.Tensor:
+    """x rotated (rotate-half layout); with cos/sin narrower than the head (partial rotary),
+    only its first cos_TX.shape[-1] entries, the rest passed through."""
+    rot = cos_TX.shape[-1]
+    if rot < x_THX.shape[-1]:
+        return torch.cat((apply_rotary(x_THX[..., :rot], cos_TX, sin_TX), x_THX[..., rot:]), -1)
     half = x_THX.shape[-1] // 2
     rotated = torch.cat((-x_THX[..., half:], x_THX[..., :half]), dim=-1)
     return x_THX * cos_TX[:, None, :] + rotated * sin_TX[:, None, :]

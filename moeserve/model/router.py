@@ -5,7 +5,9 @@ Shapes: T tokens, E experts, K top-k, G expert groups, E/G experts per group.
     scores_TE  = softmax(logits_TE) over all experts, or sigmoid(logits_TE); float32
     choice_TE  = scores_TE + bias_E                 the correction bias steers selection only
     groups     = the topk_group best of n_group groups, a group scored by the sum of its two
-                 best choices (DeepSeek-V3's group-limited top-k); every expert without groups
+                 best choices (group_score "sum_top2": DeepSeek-V3's noaux_tc, GLM-4.5) or by
+                 its best one ("max": DeepSeek-V2's group_limited_greedy); every expert
+                 without groups
     chosen_TK  = top-k of choice_TE within those groups
     weights_TK = scores_TE at chosen_TK             unbiased; / their sum if renormalize;
                                                     * routed_scaling_factor
@@ -29,6 +31,7 @@ import torch
 from moeserve.config import ModelConfig
 
 SCORINGS = ("softmax", "sigmoid")
+GROUP_SCORES = ("sum_top2", "max")
 # A sigmoid router's weights are renormalised over a sum that may be tiny: the reference
 # implementations (DeepSeek-V3, GLM-4.5) add this to it.
 _SIGMOID_RENORM_EPS = 1e-20
@@ -49,11 +52,16 @@ class RouterSpec:
     topk_group: int | None = None
     routed_scaling_factor: float = 1.0
     correction_bias: bool = False  # an e_score_correction_bias [E] steers selection
+    group_score: str = "sum_top2"  # how a group is scored (see the module docstring)
 
     def __post_init__(self) -> None:
         e, k = self.num_experts, self.top_k
         if self.scoring not in SCORINGS:
             raise ValueError(f"router scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(
+                f"router group_score must be one of {GROUP_SCORES}, got {self.group_score!r}"
+            )
         if not 0 < k <= e:
             raise ValueError(f"router top_k {k} must be in 1..{e} (the number of experts)")
         if (self.n_group is None) != (self.topk_group is None):
@@ -80,6 +88,7 @@ class RouterSpec:
             topk_group=cfg.topk_group,
             routed_scaling_factor=cfg.routed_scaling_factor,
             correction_bias=cfg.router_correction_bias,
+            group_score=cfg.router_group_score,
         )
 
     @property
@@ -155,7 +164,7 @@ def _select(
     else:
         choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
         if spec.n_group is not None and spec.topk_group is not None:
-            choice_TE = _in_best_groups(choice_TE, spec.n_group, spec.topk_group)
+            choice_TE = _in_best_groups(choice_TE, spec.n_group, spec.topk_group, spec.group_score)
         experts_TK = torch.topk(choice_TE, spec.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, experts_TK)
     if spec.renormalize:
@@ -168,11 +177,17 @@ def _select(
     return weights_TK, experts_TK
 
 
-def _in_best_groups(choice_TE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+def _in_best_groups(
+    choice_TE: torch.Tensor, n_group: int, topk_group: int, group_score: str = "sum_top2"
+) -> torch.Tensor:
     """choice_TE with every expert outside each token's topk_group best groups at -inf."""
     t, e = choice_TE.shape
     per_group = e // n_group
-    group_TG = choice_TE.view(t, n_group, per_group).topk(2, dim=-1).values.sum(dim=-1)
+    grouped_TGP = choice_TE.view(t, n_group, per_group)
+    if group_score == "max":
+        group_TG = grouped_TGP.max(dim=-1).values
+    else:
+        group_TG = grouped_TGP.topk(2, dim=-1).values.sum(dim=-1)
     best_TG = torch.topk(group_TG, topk_group, dim=-1).indices
     keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_TG, True)
     keep_TE = keep_TG[:, :, None].expand(t, n_group, per_group).reshape(t, e)
