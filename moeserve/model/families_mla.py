@@ -1,11 +1,13 @@
-"""Multi-head latent attention's part of a family (DeepSeek-V2/V3, Kimi-K2): its config.json
-fields and its weight names. Data only; model/mla.py computes with them."""
+"""The DeepSeek-V2/V3 (and Kimi-K2) families as data: multi-head latent attention's
+config.json fields and weight names, joined with the DeepSeek-style MoE's (deepseek_moe.py).
+model/mla.py computes with them; families.py registers the parsers and plans."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from moeserve.config import ConfigError, ModelConfig
+from moeserve.model.deepseek_moe import deepseek_moe_fields, plan_deepseek_moe
 
 Plan = dict[str, tuple]
 
@@ -54,3 +56,19 @@ def plan_mla_attention(plan: Plan, cfg: ModelConfig, src: str, dst: str) -> None
             plan[f"{attn}.{hub}.bias"] = (f"{out}.{ours}_bias", ())
     plan[f"{attn}.kv_a_layernorm.weight"] = (f"{out}.kv_a_norm", ())
     plan[f"{attn}.kv_b_proj.weight"] = (f"{out}.kv_b_weight", ())
+
+
+def deepseek_config(fields: dict[str, Any], raw: dict[str, Any]) -> ModelConfig:
+    """deepseek_v2 / deepseek_v3: the common and MLA fields with the DeepSeek-style MoE's."""
+    return ModelConfig(
+        **fields, **deepseek_moe_fields(raw), layer_windows=(None,) * fields["num_layers"]
+    )
+
+
+def plan_deepseek_layers(plan: Plan, cfg: ModelConfig) -> Plan:
+    """Every decoder layer's MLA and MLP tensors (embeddings and layer norms are the caller's)."""
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}", f"layers.{i}"
+        plan_mla_attention(plan, cfg, src, dst)
+        plan_deepseek_moe(plan, cfg, src, dst)
+    return plan
