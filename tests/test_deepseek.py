@@ -5,12 +5,14 @@ model with transformers; tests/test_mla.py the attention layer."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from moeserve import LLM, SamplingParams
 from moeserve.config import CacheConfig, ConfigError, SchedulerConfig
@@ -19,6 +21,7 @@ from moeserve.engine.runner import kv_bytes_per_block
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.families import parse_config
 from tests.checkpoints import make_checkpoint
+from tests.test_fidelity import DECODE_STEPS, TOL, ours, reference
 
 YARN = dict(
     type="yarn",
@@ -133,6 +136,27 @@ def test_bad_mla_fields_are_named(field: str, value: Any) -> None:
         raw[field] = value
     with pytest.raises(ConfigError, match=field):
         parse_config(raw)
+
+
+def test_v3_hub_checkpoint_with_mtp_layer(tmp_path: Path) -> None:
+    """A hub-style DeepSeek-V3 checkpoint carrying its multi-token-prediction layer after the
+    decoder's (model.layers.{n}.*, not run): loaded and matching transformers."""
+    path = make_checkpoint(tmp_path / "v3", "deepseek_v3", hub_style=True)
+    raw = json.loads((path / "config.json").read_text())
+    n = raw["num_hidden_layers"]
+    assert parse_config(raw).num_mtp_layers == 1
+    tensors = load_file(path / "model.safetensors")
+    last = f"model.layers.{n - 1}."
+    mtp = {
+        k.replace(last, f"model.layers.{n}."): v.clone() for k, v in tensors.items() if last in k
+    }
+    mtp[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(32, 64)
+    save_file({**tensors, **mtp}, path / "model.safetensors", metadata={"format": "pt"})
+    prompt = torch.randint(2, 120, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    our_prompt, _, our_tokens = ours(path, prompt, chunk=4)
+    ref_prompt, _, ref_tokens = reference(path, prompt)
+    assert (our_prompt - ref_prompt).abs().max().item() <= TOL
+    assert our_tokens.tolist() == ref_tokens[:DECODE_STEPS].tolist()
 
 
 PROMPTS = [[5 + i, 9, 40 + 3 * i, 7, 11, 13, 17, 19, 23, 29][: 2 + (3 * i) % 9] for i in range(8)]
