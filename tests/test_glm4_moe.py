@@ -87,6 +87,36 @@ def test_bias_steers_selection_only() -> None:
     torch.testing.assert_close(weights_TK, want)
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.scoring}-{s.n_group}-{s.group_score}")
+@pytest.mark.parametrize("split", [0, 3], ids=["logits", "partials"])
+def test_interpreted_triton_routing_matches_torch(spec: RouterSpec, split: int) -> None:
+    """The routing program (decode sizes) with every rule: route() and moe_align()'s results,
+    padding rows routed nowhere and not counted."""
+    pytest.importorskip("triton")
+    from moeserve.kernels.fused_moe import moe_align
+    from moeserve.model.dispatch import expert_counts
+
+    g = torch.Generator().manual_seed(spec.top_k + split)
+    t, e = 11, spec.num_experts
+    logits = torch.randn(max(split, 1), t, e, generator=g) * 2
+    bias_E = torch.randn(e, generator=g) * 0.3 if spec.correction_bias else None
+    valid = (torch.rand(t, generator=g) > 0.3).long()
+    counts = torch.zeros(e, dtype=torch.int64)
+    arg = logits if split else logits[0]
+    w, x, align = route(
+        arg, spec, bias_E=bias_E, valid_T=valid, backend="triton", block_m=4, counts_E=counts
+    )
+    want_w, want_x, _ = route(logits.sum(0), spec, bias_E=bias_E, valid_T=valid)
+    order, want_order = x.argsort(-1), want_x.argsort(-1)
+    assert torch.equal(x.gather(1, order), want_x.gather(1, want_order))
+    torch.testing.assert_close(w.gather(1, order), want_w.gather(1, want_order))
+    assert torch.equal(counts, expert_counts(want_x.flatten(), e))
+    assert align is not None
+    sorted_ids, block_expert, used = moe_align(x, e, 4)
+    assert torch.equal(align[1], block_expert) and torch.equal(align[2], used)
+    assert torch.equal(align[0][: int(used)], sorted_ids[: int(used)])
+
+
 def _hf_router(kind: str, **cfg: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
     import transformers as tf
     from transformers.models.deepseek_v2 import modeling_deepseek_v2 as v2
@@ -348,13 +378,15 @@ def test_greedy_identical_batched_chunked_offloaded(ckpt: Path, alone, options: 
         assert len(stats) == 2 and all(s.misses > 0 for s in stats)  # layers 1, 2 offloaded
 
 
-def test_interpreted_fused_path_with_torch_routing(
+def test_interpreted_fused_path_both_routings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Triton kernels (interpreted on the CPU): the fused MoE GEMMs after the torch routing
-    (sigmoid, bias, groups, scaling are not the routing program's), readable partial rotary,
-    and what a captured decode step runs (forced at every step)."""
+    """Triton kernels (interpreted on the CPU): the routing program with GLM's rules (sigmoid,
+    bias, groups, scaling) and the fused GEMMs; then what a captured decode step runs (forced
+    at every step: fused norms, the rotary kernel over a partial head) with the torch routing
+    before the fused GEMMs (the program's tile limit forced to nothing)."""
     pytest.importorskip("triton")
+    import moeserve.kernels.moe_routing as moe_routing
     import moeserve.model.backend as backend
 
     path = make_checkpoint(tmp_path / "glm", "glm4_moe", num_hidden_layers=2)
@@ -363,7 +395,44 @@ def test_interpreted_fused_path_with_torch_routing(
     want = _outputs(LLM(path, kernels="torch", **kw).generate(prompts, params))
     _same(_outputs(LLM(path, kernels="triton", **kw).generate(prompts, params)), want)
     monkeypatch.setattr(backend, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
+    monkeypatch.setattr(moe_routing, "MAX_TILE", 0)
     _same(_outputs(LLM(path, kernels="triton", **kw).generate(prompts, params)), want)
+
+
+@pytest.mark.parametrize("from_partials", [False, True], ids=["in-place", "partials"])
+def test_interpreted_partial_rotary_kernels(from_partials: bool) -> None:
+    """The Triton rotary kernels with cos/sin narrower than the head (GLM's partial rotary):
+    the readable rotary and K/V write, exactly, the unrotated tail passed through."""
+    pytest.importorskip("triton")
+    from moeserve.kernels.norm_rope import apply_rotary_, rotary_from_partials
+    from moeserve.model.layers import write_kv
+    from moeserve.model.rotary import apply_rotary
+
+    g = torch.Generator().manual_seed(11)
+    t, h, gk, x, rot, split = 5, 4, 2, 24, 8, 3
+    parts = torch.randn(split, t, (h + 2 * gk) * x, generator=g)
+    qkv = parts.sum(0)
+    q = qkv[:, : h * x].reshape(t, h, x)
+    k = qkv[:, h * x : (h + gk) * x].reshape(t, gk, x)
+    v = qkv[:, (h + gk) * x :].reshape(t, gk, x)
+    ang = torch.randn(t, rot // 2, generator=g).repeat(1, 2)
+    cos, sin = ang.cos(), ang.sin()
+    slots = torch.tensor([3, 17, 0, 22, 9])
+    want_k_cache = torch.zeros(6, 4, gk, x)
+    want_v_cache = torch.zeros_like(want_k_cache)
+    want_q, want_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    assert torch.equal(want_q[..., rot:], q[..., rot:])  # the tail is not rotated
+    write_kv(want_k_cache, want_v_cache, want_k, v, slots)
+    k_cache, v_cache = torch.zeros_like(want_k_cache), torch.zeros_like(want_v_cache)
+    if from_partials:
+        got_q = rotary_from_partials(parts, h, gk, cos, sin, (k_cache, v_cache, slots), q.dtype)
+    else:
+        got_q, got_k = q.clone(), k.clone()
+        apply_rotary_(got_q, got_k, cos, sin, (v, k_cache, v_cache, slots))
+        torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+    torch.testing.assert_close(got_q, want_q, rtol=0, atol=0)
+    torch.testing.assert_close(k_cache, want_k_cache, rtol=0, atol=0)
+    assert torch.equal(v_cache, want_v_cache)
 
 
 @pytest.mark.gpu

@@ -109,8 +109,8 @@ def _moe_config(num_experts: int = 16, **router: object) -> ModelConfig:
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_moe_layer_with_deepseek_routing_matches_transformers(kernels: str) -> None:
     """The whole layer (router -> dispatch -> experts -> combine) with DeepSeek-V3's routing
-    against transformers' gate and experts: the readable path and the fused kernels (their
-    torch routing: the Triton program does not cover sigmoid scores)."""
+    against transformers' gate and experts: the readable path and the fused kernels (routed
+    by the Triton program, which covers sigmoid scores, the bias, groups and scaling)."""
     if kernels == "triton":
         pytest.importorskip("triton")
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
@@ -130,7 +130,7 @@ def test_moe_layer_with_deepseek_routing_matches_transformers(kernels: str) -> N
         router_correction_bias=True,
     )
     moe = MoE(cfg, torch.float32, torch.device("cpu"), backend=ModelBackend(kernels == "triton"))
-    assert moe.spec.scoring == "sigmoid" and not moe.spec.triton_rules
+    assert moe.spec.scoring == "sigmoid" and moe.spec.triton_rules
     assert moe.router_bias is not None and moe.router_bias.dtype == torch.float32
     with torch.no_grad():
         moe.router.copy_(gate.weight)
@@ -166,16 +166,17 @@ def test_triton_backend_matches_torch_backend(t: int, e: int, k: int, renorm: bo
     assert torch.equal(counts, expert_counts(want_x.flatten(), e))  # padding not counted
 
 
-def test_triton_rules_cover_softmax_only() -> None:
+def test_triton_rules_cover_every_rule() -> None:
     base = RouterSpec(num_experts=8, top_k=2)
     assert base.triton_rules
     for change in (
         dict(scoring="sigmoid"),
         dict(n_group=4, topk_group=2),
+        dict(n_group=4, topk_group=2, group_score="max"),
         dict(routed_scaling_factor=2.0),
         dict(correction_bias=True),
     ):
-        assert not dataclasses.replace(base, **change).triton_rules
+        assert dataclasses.replace(base, **change).triton_rules
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,9 @@ class EngineRequest:
     params: SamplingParams
     prompt: str | None = None
     arrival_time: float | None = None
+    # Split the output's text into reasoning and content by the model's reasoning format
+    # (moeserve/reasoning.py); no effect for a model without one.
+    split_reasoning: bool = False
 
 
 @dataclass(frozen=True)

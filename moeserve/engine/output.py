@@ -13,6 +13,7 @@ from typing import Protocol
 from moeserve.detokenizer import IncrementalDetokenizer
 from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import RequestMetrics, RequestOutput, StepStats
+from moeserve.reasoning import SplitDetokenizer, reasoning_format
 from moeserve.tokenizer import Tokenizer
 
 
@@ -24,7 +25,7 @@ class Finisher(Protocol):
 
 @dataclass
 class _Texts:
-    detoks: list[IncrementalDetokenizer]
+    detoks: list[IncrementalDetokenizer] | list[SplitDetokenizer]
     stopped: list[bool]
 
 
@@ -35,21 +36,35 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._core = core
         self._requests: dict[str, _Texts] = {}
+        self.reasoning = reasoning_format(tokenizer)
 
     def add(self, req: EngineRequest) -> None:
         if self.tokenizer is None:
             return  # token ids only: nothing to decode, no stop strings
         p = req.params
-        detoks = [
-            IncrementalDetokenizer(
-                self.tokenizer,
-                req.prompt_ids,
-                skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop,
-                include_stop_str_in_output=p.include_stop_str_in_output,
-            )
-            for _ in range(p.n)
-        ]
+        detoks: list[IncrementalDetokenizer] | list[SplitDetokenizer]
+        if req.split_reasoning and self.reasoning is not None:
+            detoks = [
+                SplitDetokenizer(
+                    self.reasoning,
+                    self.tokenizer,
+                    req.prompt_ids,
+                    stop=p.stop,
+                    include_stop_str_in_output=p.include_stop_str_in_output,
+                )
+                for _ in range(p.n)
+            ]
+        else:
+            detoks = [
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    req.prompt_ids,
+                    skip_special_tokens=p.skip_special_tokens,
+                    stop=p.stop,
+                    include_stop_str_in_output=p.include_stop_str_in_output,
+                )
+                for _ in range(p.n)
+            ]
         self._requests[req.request_id] = _Texts(detoks, [False] * p.n)
 
     def abort(self, request_id: str) -> None:
@@ -75,6 +90,8 @@ class OutputProcessor:
                     if o.finish_reason is not None:
                         o.text += detok.flush()
                         texts.stopped[o.index] = True
+                    if isinstance(detok, SplitDetokenizer):
+                        o.reasoning_text = detok.take_reasoning()
             if ro.finished:
                 self._requests.pop(ro.request_id, None)
                 if stats is not None and ro.metrics is not None:

@@ -24,9 +24,13 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    # With the reasoning split on (EngineRequest.split_reasoning), `text` is the content and
+    # this the reasoning (moeserve/reasoning.py).
+    reasoning_text: str = ""
 
     def merge(self, delta: CompletionOutput) -> None:
         self.text += delta.text
+        self.reasoning_text += delta.reasoning_text
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.logprobs

@@ -58,6 +58,14 @@ def _route_align_kernel(
     COUNT: tl.constexpr,
     SPLIT: tl.constexpr,
     ROUND: tl.constexpr,
+    bias_ptr=None,
+    scale=1.0,
+    SIGMOID: tl.constexpr = False,
+    BIAS: tl.constexpr = False,
+    N_GROUP: tl.constexpr = 0,
+    TOPK_GROUP: tl.constexpr = 0,
+    GROUP_MAX: tl.constexpr = False,
+    G_PAD: tl.constexpr = 1,
 ):
     rows = tl.arange(0, T_PAD)
     cols = tl.arange(0, E_PAD)
@@ -77,29 +85,42 @@ def _route_align_kernel(
         elif ROUND == 2:
             x = x.to(tl.float16).to(tl.float32)
         x = tl.where(tile_ok, x, -float("inf"))
-    # Softmax over every expert in float32, as route() does.
+    # Scores in float32, as route() does: softmax over every expert, or sigmoid.
     x = tl.where(row_ok[:, None], x, 0.0)  # padding rows: finite, ignored below
-    p = tl.exp(x - tl.max(x, 1)[:, None])
-    p = tl.where(col_ok[None, :], p, 0.0)
-    p = p / tl.sum(p, 1)[:, None]
+    if SIGMOID:
+        p = tl.where(col_ok[None, :], tl.sigmoid(x), 0.0)
+    else:
+        p = tl.exp(x - tl.max(x, 1)[:, None])
+        p = tl.where(col_ok[None, :], p, 0.0)
+        p = p / tl.sum(p, 1)[:, None]
+    # The selection's scores: + the correction bias, limited to the best groups.
+    c = p
+    if BIAS:
+        c = c + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    c = tl.where(col_ok[None, :], c, -float("inf"))
+    if N_GROUP > 0:
+        c = _in_best_groups(c, cols, E // N_GROUP, N_GROUP, TOPK_GROUP, GROUP_MAX, G_PAD)
 
-    # Top-k by repeated argmax (first index on ties); taken entries drop to -1 and remember
-    # their rank k (k_te).
+    # Top-k by repeated argmax (first index on ties) of the selection scores; the weight is
+    # the unbiased score; taken entries drop to -inf and remember their rank k (k_te, else -1).
     w_tk = tl.zeros([T_PAD, K_PAD], dtype=tl.float32)
     e_tk = tl.full([T_PAD, K_PAD], E, dtype=tl.int32)
-    k_te = tl.zeros([T_PAD, E_PAD], dtype=tl.int32)
+    k_te = tl.full([T_PAD, E_PAD], -1, dtype=tl.int32)
     total = tl.zeros([T_PAD], dtype=tl.float32)
     for k in tl.static_range(K):
-        best = tl.max(p, 1)
-        idx = tl.argmax(p, 1).to(tl.int32)
+        idx = tl.argmax(c, 1).to(tl.int32)
+        taken = cols[None, :] == idx[:, None]
+        best = tl.sum(tl.where(taken, p, 0.0), 1)
         w_tk = tl.where(kk[None, :] == k, best[:, None], w_tk)
         e_tk = tl.where(kk[None, :] == k, idx[:, None], e_tk)
-        pick = cols[None, :] == idx[:, None]
-        p = tl.where(pick, -1.0, p)
-        k_te = tl.where(pick, k, k_te)
+        c = tl.where(taken, -float("inf"), c)
+        k_te = tl.where(taken, k, k_te)
         total += best
     if RENORM:
+        if SIGMOID:
+            total += 1e-20  # as route(): a sigmoid router's sum may be tiny
         w_tk = w_tk / total[:, None]
+    w_tk = w_tk * scale
     entry_ok = row_ok[:, None] & (kk[None, :] < K)
     valid = row_ok
     if HAS_VALID:
@@ -114,7 +135,7 @@ def _route_align_kernel(
     # order, each group padded to BLOCK_M; the rest of the P slots hold the sentinel T*K. A
     # token picks an expert at most once, so its rank in the group is the number of earlier
     # tokens that picked it.
-    taken = ((p == -1.0) & valid[:, None] & col_ok[None, :]).to(tl.int32)
+    taken = ((k_te >= 0) & valid[:, None] & col_ok[None, :]).to(tl.int32)
     count = tl.sum(taken, 0)
     padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
@@ -138,6 +159,36 @@ def _route_align_kernel(
     tl.store(num_post_pad_ptr, used)
 
 
+@triton.jit
+def _in_best_groups(
+    c,
+    cols,
+    PER: tl.constexpr,
+    N_GROUP: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_MAX: tl.constexpr,
+    G_PAD: tl.constexpr,
+):
+    """c [T, E] with every expert outside each row's TOPK_GROUP best groups (of PER experts,
+    scored by their best, or the sum of their two best) at -inf."""
+    gg = tl.arange(0, G_PAD)
+    group = cols // PER
+    gscore = tl.full([c.shape[0], G_PAD], -float("inf"), dtype=tl.float32)
+    for g in tl.static_range(N_GROUP):
+        cg = tl.where((group == g)[None, :], c, -float("inf"))
+        val = tl.max(cg, 1)
+        if not GROUP_MAX:
+            first = tl.argmax(cg, 1)
+            val += tl.max(tl.where(cols[None, :] == first[:, None], -float("inf"), cg), 1)
+        gscore = tl.where(gg[None, :] == g, val[:, None], gscore)
+    keep = tl.zeros(c.shape, dtype=tl.int32)
+    for _ in tl.static_range(TOPK_GROUP):
+        gi = tl.argmax(gscore, 1)
+        gscore = tl.where(gg[None, :] == gi[:, None], -float("inf"), gscore)
+        keep = tl.where(group[None, :] == gi[:, None], 1, keep)
+    return tl.where(keep != 0, c, -float("inf"))
+
+
 def route_and_align(
     router_logits_TE: torch.Tensor,
     top_k: int,
@@ -146,8 +197,17 @@ def route_and_align(
     valid_T: torch.Tensor | None = None,
     counts_E: torch.Tensor | None = None,
     logits_dtype: torch.dtype = torch.float32,
+    *,
+    sigmoid: bool = False,
+    bias_E: torch.Tensor | None = None,
+    groups: tuple[int, int, bool] | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(weights_TK float32, experts_TK int64, (sorted_ids_P, block_expert_Q, num_post_pad_1)).
+
+    The rules of route(): softmax or `sigmoid` scores, the float32 correction bias_E [E] for
+    selection only, `groups` (n_group, topk_group, scored by their max rather than the sum of
+    their two best), renormalised weights times `scale`.
 
     Same contract as route() followed by moe_align(); rows with valid_T == 0 get the sentinel
     expert E. counts_E (int64 [E]), when given, is incremented by the tokens each expert got.
@@ -199,6 +259,14 @@ def route_and_align(
         COUNT=counts_E is not None,
         SPLIT=split,
         ROUND=_ROUND[logits_dtype] if split else 0,
+        bias_ptr=bias_E if bias_E is not None else weights,  # unused pointer when absent
+        scale=float(scale),
+        SIGMOID=sigmoid,
+        BIAS=bias_E is not None,
+        N_GROUP=groups[0] if groups else 0,
+        TOPK_GROUP=groups[1] if groups else 0,
+        GROUP_MAX=groups[2] if groups else False,
+        G_PAD=pad(groups[0]) if groups else 1,
         # The [tokens, experts] tiles live in registers: more warps as they grow, so that a
         # 64 x 128 tile (Qwen3-30B-A3B at batch 64) does not spill.
         num_warps=max(4, min(16, pad(t) * pad(e) // 512)),

@@ -161,6 +161,8 @@ def _rotary_kernel(
     WRITE_KV: tl.constexpr,
     TABLE: tl.constexpr,
     SPLIT: tl.constexpr,
+    TAIL: tl.constexpr = 0,
+    BLOCK_TAIL: tl.constexpr = 1,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -198,7 +200,7 @@ def _rotary_kernel(
         tl.store(base + HALF + offs, y2.to(dt), mask=ok)
     if WRITE_KV and h >= H:  # the rotated key and its value into their cache slot
         g = h - H
-        dst = tl.load(slot_ptr + t) * stride_slot + g * (2 * HALF)
+        dst = tl.load(slot_ptr + t) * stride_slot + g * (2 * HALF + TAIL)
         tl.store(k_cache_ptr + dst + offs, y1.to(dt), mask=ok)
         tl.store(k_cache_ptr + dst + HALF + offs, y2.to(dt), mask=ok)
         vbase = v_ptr + t * stride_vt + g * stride_vh
@@ -206,6 +208,19 @@ def _rotary_kernel(
         v2 = _load_half(vbase + HALF, offs, ok, stride_p, q_out_ptr, SPLIT)
         tl.store(v_cache_ptr + dst + offs, v1, mask=ok)
         tl.store(v_cache_ptr + dst + HALF + offs, v2, mask=ok)
+    if TAIL > 0:  # partial rotary: the head's last TAIL entries pass through unrotated
+        offs_t = 2 * HALF + tl.arange(0, BLOCK_TAIL)
+        ok_t = offs_t < 2 * HALF + TAIL
+        x3 = _load_half(base, offs_t, ok_t, stride_p, q_out_ptr, SPLIT)
+        if h < H and SPLIT > 0:  # in place (SPLIT 0) the query's tail is already there
+            tl.store(q_out_ptr + t * stride_ot + h * stride_oh + offs_t, x3, mask=ok_t)
+        if WRITE_KV and h >= H:
+            g = h - H
+            dst = tl.load(slot_ptr + t) * stride_slot + g * (2 * HALF + TAIL)
+            tl.store(k_cache_ptr + dst + offs_t, x3, mask=ok_t)
+            vbase = v_ptr + t * stride_vt + g * stride_vh
+            v3 = _load_half(vbase, offs_t, ok_t, stride_p, q_out_ptr, SPLIT)
+            tl.store(v_cache_ptr + dst + offs_t, v3, mask=ok_t)
 
 
 def _rotary(
@@ -220,14 +235,17 @@ def _rotary(
     stride_p: int,
     split: int,
 ) -> None:
-    """One launch over t tokens x (H query + G key heads); q, k, v are [T, heads, X] views."""
+    """One launch over t tokens x (H query + G key heads); q, k, v are [T, heads, X] views.
+    cos/sin narrower than X (partial rotary): the first cos.shape[1] of each head rotate, the
+    rest pass through."""
     t, h, x = q.shape
     g = k.shape[1]
     if not t:
         return
-    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and x % 2 == 0
-    assert cos.stride() == sin.stride() and q_out.stride(2) == 1
-    half = x // 2
+    rot = cos.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and rot % 2 == 0
+    assert cos.stride() == sin.stride() and q_out.stride(2) == 1 and rot <= x
+    half, tail = rot // 2, x - rot
     if kv_cache is not None:
         assert v is not None and v.stride(2) == 1
         k_cache, v_cache, slots_T = kv_cache
@@ -261,6 +279,8 @@ def _rotary(
         WRITE_KV=kv_cache is not None,
         TABLE=positions_T is not None,
         SPLIT=split,
+        TAIL=tail,
+        BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         num_warps=1,
     )
 

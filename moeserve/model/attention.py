@@ -161,16 +161,8 @@ class Attention(nn.Module):
             self.q_norm = empty_param(q, dtype=dtype, device=device)
             self.k_norm = empty_param(kv, dtype=dtype, device=device)
         self.mask = LayerMask(scale=cfg.head_dim**-0.5, window=cfg.layer_windows[layer])
-        # The Triton rotary kernels rotate whole heads: partial rotary (GLM) takes the
-        # readable rotary (graph-safe too).
-        self._fused_rotary = cfg.rotary_width == cfg.head_dim
         # The qkv projection may go straight from split-K partials into the rotary kernel.
-        self._plain_qkv = (
-            not cfg.qkv_bias
-            and cfg.qk_norm == "none"
-            and cfg.clip_qkv is None
-            and self._fused_rotary
-        )
+        self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None
 
     def forward(
         self,
@@ -217,7 +209,7 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q_THX = self._head_norm(q_THX, self.q_norm, fused)
             k_TGX = self._head_norm(k_TGX, self.k_norm, fused)
-        if self._fused_rotary and fused:
+        if fused:
             from moeserve.kernels.norm_rope import apply_rotary_
 
             # One launch rotates q and k and stores k and v in the cache (write_kv's job); it

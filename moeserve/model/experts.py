@@ -119,6 +119,7 @@ def fused_experts(
         weights_TK, experts_TK, align = route(
             logits_TE,
             spec,
+            bias_E=bias_E,
             valid_T=valid_T,
             backend="triton",
             block_m=block_m,

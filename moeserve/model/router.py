@@ -15,8 +15,8 @@ Shapes: T tokens, E experts, K top-k, G expert groups, E/G experts per group.
 Rows whose valid_T is 0 (the padding of a CUDA-graph batch) get the sentinel expert E: they
 route nowhere, are not counted and add nothing.
 
-Two backends of route(): "torch" implements every rule; "triton" (kernels.moe_routing) covers
-softmax routing without bias, groups or scaling at decode sizes, and in the same program aligns
+Two backends of route(): "torch" implements every rule; "triton" (kernels.moe_routing) too, at
+decode sizes (the [tokens, experts] tile in one program), and in the same program aligns
 the assignments for the fused GEMMs and counts them per expert (the fused path's routing and
 dispatch step in one launch). tests/test_router.py checks them against each other and the torch
 backend against transformers' DeepSeek-V3 router.
@@ -94,13 +94,8 @@ class RouterSpec:
     @property
     def triton_rules(self) -> bool:
         """Whether the Triton backend implements these rules (it may still not fit a batch:
-        see triton_routable)."""
-        return (
-            self.scoring == "softmax"
-            and self.n_group is None
-            and not self.correction_bias
-            and self.routed_scaling_factor == 1.0
-        )
+        see triton_routable): every rule of this spec, DeepSeek's and GLM's included."""
+        return self.scoring in SCORINGS and self.group_score in GROUP_SCORES
 
 
 def triton_routable(spec: RouterSpec, num_tokens: int) -> bool:
@@ -133,9 +128,12 @@ def route(
     `logits_dtype`: they are added and rounded to it first.
     """
     if backend == "triton":
-        assert bias_E is None and spec.triton_rules
+        assert spec.triton_rules and (bias_E is not None) == spec.correction_bias
         from moeserve.kernels import moe_routing
 
+        groups = None
+        if spec.n_group is not None and spec.topk_group is not None:
+            groups = (spec.n_group, spec.topk_group, spec.group_score == "max")
         return moe_routing.route_and_align(
             logits_TE,
             spec.top_k,
@@ -144,6 +142,10 @@ def route(
             valid_T,
             counts_E,
             logits_dtype=logits_dtype,
+            sigmoid=spec.scoring == "sigmoid",
+            bias_E=bias_E,
+            groups=groups,
+            scale=spec.routed_scaling_factor,
         )
     assert backend == "torch", backend
     weights_TK, experts_TK = _select(logits_TE, spec, bias_E)

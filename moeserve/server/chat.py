@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import CompletionOutput
+from moeserve.reasoning import reasoning_format
 from moeserve.sampling_params import MAX_LOGPROBS
 from moeserve.server.common import (
     chat_logprobs,
@@ -75,6 +76,7 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 "name": m.name,
                 "tool_calls": m.tool_calls,
                 "tool_call_id": m.tool_call_id,
+                "reasoning_content": m.reasoning_content,
             }
         )
     return out
@@ -100,6 +102,10 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     tokenizer = state.client.tokenizer if state.client else None
     if tokenizer is None:
         raise bad_request("this model has no tokenizer.json, so chat is not available")
+    template_vars = _reasoning_effort(req, tokenizer.chat_template)
+    # The split into reasoning_content and content (moeserve/reasoning.py decides the format);
+    # skip_special_tokens=false asks for the raw output, markers and all, as content.
+    split = params.skip_special_tokens and reasoning_format(tokenizer) is not None
     cid = new_id("chatcmpl")
     request.state.request_id = cid
     if state.config.log_prompts:
@@ -109,7 +115,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         assert state.client is not None
         try:
             text = await state.offload(
-                tokenizer.apply_chat_template, messages, add_generation_prompt=True
+                tokenizer.apply_chat_template, messages, add_generation_prompt=True, **template_vars
             )
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
@@ -122,14 +128,35 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
             raise bad_request("the chat template rendered an empty prompt", param="messages")
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
-        job = _Chat(
-            state, req, cid, EngineRequest(f"{cid}-0", ids, p, prompt=text), ticket, request
-        )
+        engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=text, split_reasoning=split)
+        job = _Chat(state, req, cid, engine_req, ticket, request)
         if req.stream:
             return SSEResponse(job.stream(), guard=guard, on_close=ticket.close, request=request)
         return await job.collect()
 
     return await run_admitted(request, state, 1, work)
+
+
+_EFFORTS = ("low", "medium", "high")
+
+
+def _reasoning_effort(req: ChatCompletionRequest, template: str | None) -> dict[str, str]:
+    """reasoning_effort as the chat template's variable (gpt-oss's template reads it); a 400
+    for a value the template does not take or a template that does not read it."""
+    effort = req.reasoning_effort
+    if effort is None:
+        return {}
+    if effort not in _EFFORTS:
+        raise bad_request(
+            f"reasoning_effort must be one of {', '.join(_EFFORTS)}, got {effort!r}",
+            param="reasoning_effort",
+        )
+    if template is None or "reasoning_effort" not in template:
+        raise bad_request(
+            "reasoning_effort is not supported for this model: its chat template does not read it",
+            param="reasoning_effort",
+        )
+    return {"reasoning_effort": effort}
 
 
 class _Chat:
@@ -149,6 +176,7 @@ class _Chat:
         self.created = int(time.time())
         self.model = state.config.served_model_name
         self.completion_tokens = 0
+        self.split = engine_req.split_reasoning
 
     def _usage(self) -> UsageInfo:
         self.request.state.completion_tokens = self.completion_tokens
@@ -177,10 +205,13 @@ class _Chat:
         choices = []
         for o in results:
             self.completion_tokens += len(o.token_ids)
+            message = ChatResponseMessage(content=o.text)
+            if self.split:
+                message.reasoning_content = o.reasoning_text or None
             choices.append(
                 ChatChoice(
                     index=o.index,
-                    message=ChatResponseMessage(content=o.text),
+                    message=message,
                     logprobs=self._logprobs(o),
                     finish_reason=finish_reason(o.finish_reason),
                 )
@@ -204,6 +235,31 @@ class _Chat:
         """The usage so far on every chunk, with stream_options.continuous_usage_stats."""
         return self._usage() if self.req.continuous_usage else None
 
+    def _delta_chunks(self, o: CompletionOutput, template: ChunkTemplate) -> list[bytes]:
+        """The chunks of one engine delta: its text (reasoning_content before content), then
+        its finish. Plain deltas (no logprobs, no running usage) render from the template."""
+        logprobs = self._logprobs(o)
+        reason = finish_reason(o.finish_reason)
+        text, reasoning = o.text, o.reasoning_text
+        chunks: list[bytes] = []
+        if logprobs is None and not self.req.continuous_usage:
+            if reasoning:
+                chunks.append(template.render(o.index, reasoning, None, "reasoning_content"))
+            if text:
+                chunks.append(template.render(o.index, text, None))
+            if reason is not None:
+                chunks.append(template.render(o.index, None, reason))
+            return chunks
+        if text or reasoning or logprobs is not None:
+            content = text or (None if reasoning else "")
+            delta = DeltaMessage(content=content, reasoning_content=reasoning or None)
+            choice = ChatStreamChoice(index=o.index, delta=delta, logprobs=logprobs)
+            chunks.append(self._chunk([choice], self._running_usage()))
+        if reason is not None:
+            choice = ChatStreamChoice(index=o.index, delta=DeltaMessage(), finish_reason=reason)
+            chunks.append(self._chunk([choice], self._running_usage()))
+        return chunks
+
     async def stream(self) -> AsyncIterator[bytes]:
         """Role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE];
         an error once streaming has begun becomes an error chunk before [DONE]."""
@@ -214,7 +270,6 @@ class _Chat:
             "model": self.model,
         }
         template = ChunkTemplate(head, "delta")
-        plain = not self.req.continuous_usage  # chunks the template renders (no usage)
         try:
             for i in range(self.engine_req.params.n):
                 role = DeltaMessage(role="assistant", content="")
@@ -224,36 +279,8 @@ class _Chat:
                     for o in delta.outputs:
                         self.completion_tokens += len(o.token_ids)
                         self.request.state.completion_tokens = self.completion_tokens
-                        logprobs = self._logprobs(o)
-                        reason = finish_reason(o.finish_reason)
-                        if logprobs is not None or not plain:
-                            if o.text or logprobs is not None:
-                                yield self._chunk(
-                                    [
-                                        ChatStreamChoice(
-                                            index=o.index,
-                                            delta=DeltaMessage(content=o.text),
-                                            logprobs=logprobs,
-                                        )
-                                    ],
-                                    self._running_usage(),
-                                )
-                            if reason is not None:
-                                yield self._chunk(
-                                    [
-                                        ChatStreamChoice(
-                                            index=o.index,
-                                            delta=DeltaMessage(),
-                                            finish_reason=reason,
-                                        )
-                                    ],
-                                    self._running_usage(),
-                                )
-                            continue
-                        if o.text:
-                            yield template.render(o.index, o.text, None)
-                        if reason is not None:
-                            yield template.render(o.index, None, reason)
+                        for chunk in self._delta_chunks(o, template):
+                            yield chunk
             usage = self._usage()
             if self.req.include_usage:
                 yield self._chunk([], usage)

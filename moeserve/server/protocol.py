@@ -47,7 +47,6 @@ _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "modalities": lambda v: v is None or v == ["text"],
     "prediction": _absent,
     "web_search_options": _absent,
-    "reasoning_effort": _absent,
     "guided_json": _absent,
     "guided_regex": _absent,
     "guided_choice": _absent,
@@ -143,6 +142,9 @@ class ChatMessage(_Request):
     # them as transformers does.
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # The reasoning a reasoning model returned, when a client sends its message back; handed
+    # to the chat template under this name (Qwen3's reads it; gpt-oss's drops past reasoning).
+    reasoning_content: str | None = None
     # What the openai SDK puts in an assistant message it returned, when a client sends
     # that message back: accepted when empty.
     refusal: str | None = None
@@ -219,6 +221,16 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    # Set (a string, or null when there was none) only for a model with a reasoning format:
+    # other models' messages keep OpenAI's shape.
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_reasoning(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if "reasoning_content" not in self.model_fields_set:
+            out.pop("reasoning_content", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -240,6 +252,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # vLLM's and DeepSeek's name
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -192,10 +192,13 @@ class ChunkTemplate:
         self._prefix = b"data: " + body[: -len("[]}")].encode() + b"[{"
         self._chat = choice_key == "delta"
 
-    def render(self, index: int, text: str | None, finish_reason: str | None) -> bytes:
+    def render(
+        self, index: int, text: str | None, finish_reason: str | None, key: str = "content"
+    ) -> bytes:
+        """`key`: the chat delta's text field (content, or reasoning_content)."""
         reason = "null" if finish_reason is None else json.dumps(finish_reason)
         if self._chat:
-            delta = "{}" if text is None else '{"content":' + json.dumps(text) + "}"
+            delta = "{}" if text is None else "{" + json.dumps(key) + ":" + json.dumps(text) + "}"
             choice = f'"index":{index},"delta":{delta},"logprobs":null,"finish_reason":{reason}'
         else:
             choice = (
