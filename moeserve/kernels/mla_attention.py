@@ -26,7 +26,9 @@ from moeserve.kernels.paged_attention import MAX_PROGRAMS, PARTITION_SIZE, _deco
 
 # Query heads per program: the rows of one tl.dot tile (its minimum is 16).
 HEADS_PER_PROGRAM = 16
-NUM_WARPS = 4
+# DeepSeek's 512-wide latent: a [16, 512] float32 accumulator and a [32, 512] row tile per
+# step; 8 warps keep them in registers (4 suffice for small latents).
+NUM_WARPS, NUM_WARPS_WIDE = 4, 8
 _MERGE_CHUNK = 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "no key yet" max: exp2 of differences stays finite
@@ -221,7 +223,7 @@ def mla_decode_attention(
         PARTITION=PARTITION_SIZE,
         TILE=64 if c_pad <= 128 else 32,
         SINGLE=single,
-        num_warps=NUM_WARPS,
+        num_warps=NUM_WARPS_WIDE if c_pad >= 256 else NUM_WARPS,
     )
     if not single:
         _decode_merge_kernel[(b, h)](
