@@ -35,7 +35,8 @@ class ModelConfig:
     rope_params: dict[str, Any] = field(default_factory=dict)
     qkv_bias: bool = False
     # "none", "head" (RMSNorm over each head's head_dim, Qwen3) or "full" (over the whole
-    # q / k projection, OLMoE).
+    # q / k projection, OLMoE) or "l2" (weightless, over each head, on rotary layers only:
+    # Llama 4).
     qk_norm: str = "none"
     clip_qkv: float | None = None
     # Sliding-window size per layer (None: full attention).
@@ -82,6 +83,15 @@ class ModelConfig:
     v_head_dim: int = 0
     attention_bias: bool = False  # biases of q_a / kv_a / o projections
     rope_interleave: bool = False  # the rotary dims come in (even, odd) pairs
+    # Llama 4. The router's weights scale each expert's input, not its output.
+    router_scales_input: bool = False
+    # Layers that skip rotary (NoPE); empty: every layer rotates.
+    nope_layers: tuple[bool, ...] = ()
+    # Chunked local attention per layer: a query at p sees keys from p // chunk * chunk.
+    layer_chunks: tuple[int | None, ...] = ()
+    # (floor_scale, attn_scale): NoPE layers scale q by log1p(floor((p + 1) / floor_scale))
+    # * attn_scale + 1 at position p. None: no temperature tuning.
+    attn_temperature: tuple[float, float] | None = None
 
     @property
     def num_sparse_layers(self) -> int:

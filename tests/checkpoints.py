@@ -103,6 +103,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
             mscale_all_dim=0.8,
         ),
     ),
+    # Every Llama 4 feature on at tiny sizes: attention chunks shorter than the prompt, NoPE
+    # layers (global, temperature-tuned with a floor_scale that matters at these positions)
+    # between chunked RoPE layers with L2 q/k norms, MoE on every second layer, llama3 rope.
+    "llama4_text": dict(
+        num_hidden_layers=4,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        intermediate_size_mlp=40,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=4,
+        no_rope_layers=[1, 0, 1, 0],
+        floor_scale=3,
+        attn_scale=0.5,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=10000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=16,
+        ),
+    ),
 }
 
 
@@ -122,6 +144,7 @@ def hf_classes(family: str) -> tuple[Any, Any]:
         "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM),
         "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
         "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
+        "llama4_text": (tf.Llama4TextConfig, tf.Llama4ForCausalLM),
     }[family]
 
 
@@ -163,6 +186,8 @@ def make_checkpoint(
                 p.mul_(20.0)  # sharper routing and logits than the 0.02-std init
             elif "self_attn" in name and family in SHARP_ATTENTION:
                 p.mul_(SHARP_ATTENTION[family])
+            elif family.startswith("llama4") and ("router.weight" in name or "q_proj" in name):
+                p.mul_(20.0)  # Llama 4: sharper routing, and NoPE attention too
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # inits to 0: make it steer
                 b.add_(torch.randn_like(b) * 0.3)

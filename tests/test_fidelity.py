@@ -106,6 +106,10 @@ CASES = {
     "deepseek_v3-plain-q-no-interleave-hub-config": dict(
         family="deepseek_v3", q_lora_rank=None, rope_interleave=False, hub_style=True
     ),
+    "llama4_text": dict(family="llama4_text"),
+    "llama4_text-top2-no-qk-norm": dict(
+        family="llama4_text", num_experts_per_tok=2, use_qk_norm=False, moe_layers=[0, 1, 3]
+    ),
 }
 
 

@@ -383,13 +383,17 @@ def test_interpreted_fused_path_both_routings(
 ) -> None:
     """Triton kernels (interpreted on the CPU): the routing program with GLM's rules (sigmoid,
     bias, groups, scaling) and the fused GEMMs; then what a captured decode step runs (forced
-    at every step: fused norms, the rotary kernel over a partial head) with the torch routing
+    at every step: fused norms, the rotary kernels over a partial head) with the torch routing
     before the fused GEMMs (the program's tile limit forced to nothing)."""
     pytest.importorskip("triton")
     import moeserve.kernels.moe_routing as moe_routing
     import moeserve.model.backend as backend
 
-    path = make_checkpoint(tmp_path / "glm", "glm4_moe", num_hidden_layers=2)
+    # No qkv bias or q/k norm: a forced decode step takes qkv's split-K partials straight
+    # into the rotary kernel (rotary_from_partials), prefills the in-place one.
+    path = make_checkpoint(
+        tmp_path / "glm", "glm4_moe", num_hidden_layers=2, attention_bias=False, use_qk_norm=False
+    )
     prompts, params = PROMPTS[:3], SamplingParams(max_tokens=4, temperature=0.0, logprobs=2)
     kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
     want = _outputs(LLM(path, kernels="torch", **kw).generate(prompts, params))

@@ -71,6 +71,7 @@ def _decode_partition_kernel(
     part_sum_ptr,
     scale_log2e,
     window,
+    chunk,
     num_progs,  # J: programs per (sequence, kv head)
     stride_qb,
     stride_qh,
@@ -97,6 +98,7 @@ def _decode_partition_kernel(
     PARTITION: tl.constexpr,
     TILE: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    USE_CHUNK: tl.constexpr,
     SINGLE: tl.constexpr,  # J == 1: write the normalised output, no merge
 ):
     b = tl.program_id(0)
@@ -107,6 +109,8 @@ def _decode_partition_kernel(
     lo = 0  # first position the query may see
     if USE_WINDOW:
         lo = tl.maximum(ctx - window, 0)
+    if USE_CHUNK:  # the query (position ctx - 1) sees its attention chunk from its start
+        lo = tl.maximum(lo, ((ctx - 1) // chunk) * chunk)
     first_part = lo // PARTITION
     last_part = tl.cdiv(ctx, PARTITION)
     # This program's first partition at or after first_part (partitions j mod J are its own).
@@ -260,13 +264,16 @@ def paged_decode_attention(
     scale: float,
     window: int | None = None,
     out_BHX: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """One new query token per sequence (already written into the cache) attends over its
     sequence's first context_lens_B[b] cached positions (position p lives at block
     block_tables_BM[b, p // S], slot p % S).
 
     window: only keys with position > context_len - 1 - window (same rule as
-    layers.paged_attention). Returns [B, H, X] in q's dtype (written into out_BHX when given).
+    layers.sdpa_decode). chunk: only keys from the query's attention chunk on, position
+    (context_len - 1) // chunk * chunk (Llama 4). Returns [B, H, X] in q's dtype (written
+    into out_BHX when given).
     GQA: H is a multiple of G; query head h uses kv head h // (H // G).
     Only shapes size the launch (no host reads), so the call can be captured in a CUDA graph.
     """
@@ -286,6 +293,8 @@ def paged_decode_attention(
         raise ValueError(f"context_lens_B has {context_lens_B.shape[0]} entries for {b} sequences")
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
 
     q_BHX = _last_dim_contiguous(q_BHX)
     k_cache_NSGX = _last_dim_contiguous(k_cache_NSGX)
@@ -328,6 +337,7 @@ def paged_decode_attention(
         part_sum,
         float(scale) * _LOG2E,
         win,
+        0 if chunk is None else int(chunk),
         num_progs,
         q_BHX.stride(0),
         q_BHX.stride(1),
@@ -346,6 +356,7 @@ def paged_decode_attention(
         PARTITION=PARTITION_SIZE,
         TILE=TILE_N if x_pad <= 128 else TILE_N // 2,
         USE_WINDOW=window is not None,
+        USE_CHUNK=chunk is not None,
         SINGLE=single,
         num_warps=NUM_WARPS,
     )

@@ -17,6 +17,7 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.model.backend import ModelBackend, fused_rms_norm
 from moeserve.model.layers import (
+    l2_norm,
     rms_norm,
     sdpa_decode,
     sdpa_prefill,
@@ -40,6 +41,8 @@ class LayerMask:
 
     scale: float
     window: int | None = None  # sliding window: a query sees the last `window` positions
+    # Chunked local attention (Llama 4): a query at p sees keys from p // chunk * chunk on.
+    chunk: int | None = None
 
 
 class AttentionBackend(Protocol):
@@ -87,11 +90,13 @@ class PagedAttention:
         mask: LayerMask,
     ) -> torch.Tensor:
         k_cache_NSGX, v_cache_NSGX = kv_cache
-        scale, window = mask.scale, mask.window
+        scale, window, chunk = mask.scale, mask.window, mask.chunk
         nd = meta.num_decodes
         pack = meta.prefill_pack
         if pack is not None and window is not None and window < pack.max_k:
             pack = None  # a window inside the contexts: one SDPA per chunk
+        if pack is not None and chunk is not None and chunk < pack.max_k:
+            pack = None  # an attention chunk's start inside the contexts: likewise
         if pack is not None and nd == 0:
             return varlen_prefill(q_THX, k_cache_NSGX, v_cache_NSGX, pack, scale)
         out_THX = torch.empty_like(q_THX)
@@ -107,10 +112,11 @@ class PagedAttention:
                 scale,
                 window,
                 out_BHX=out_THX[:nd],
+                chunk=chunk,
             )
         elif nd:
             q = q_THX[:nd]
-            out_THX[:nd] = sdpa_decode(q, k_cache_NSGX, v_cache_NSGX, meta, scale, window)
+            out_THX[:nd] = sdpa_decode(q, k_cache_NSGX, v_cache_NSGX, meta, scale, window, chunk)
         if pack is not None:
             out_THX[nd:] = varlen_prefill(q_THX[nd:], k_cache_NSGX, v_cache_NSGX, pack, scale)
             return out_THX
@@ -125,6 +131,7 @@ class PagedAttention:
                 ctx,
                 scale,
                 window,
+                chunk,
             )
             out_THX[start : start + n] = o_HQX.transpose(0, 1)
             start += n
@@ -160,9 +167,19 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "full":
             self.q_norm = empty_param(q, dtype=dtype, device=device)
             self.k_norm = empty_param(kv, dtype=dtype, device=device)
-        self.mask = LayerMask(scale=cfg.head_dim**-0.5, window=cfg.layer_windows[layer])
+        # Llama 4: NoPE layers skip rotary (and may scale q by position); L2 q/k norms on
+        # rotary layers only.
+        self.rope = not (cfg.nope_layers and cfg.nope_layers[layer])
+        self.l2_norm = cfg.qk_norm == "l2" and self.rope
+        self.temperature = None if self.rope else cfg.attn_temperature
+        chunk = cfg.layer_chunks[layer] if cfg.layer_chunks else None
+        self.mask = LayerMask(
+            scale=cfg.head_dim**-0.5, window=cfg.layer_windows[layer], chunk=chunk
+        )
         # The qkv projection may go straight from split-K partials into the rotary kernel.
-        self._plain_qkv = not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None
+        self._plain_qkv = (
+            not cfg.qkv_bias and cfg.qk_norm == "none" and cfg.clip_qkv is None and self.rope
+        )
 
     def forward(
         self,
@@ -209,7 +226,15 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q_THX = self._head_norm(q_THX, self.q_norm, fused)
             k_TGX = self._head_norm(k_TGX, self.k_norm, fused)
+        if not self.rope:
+            if self.temperature is not None:
+                q_THX = self._temper(q_THX, cos_sin.positions_T)
+            write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
+            return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
         if fused:
+            if self.l2_norm:  # before the rotation, which keeps every pair's norm
+                q_THX = l2_norm(q_THX, cfg.rms_norm_eps)
+                k_TGX = l2_norm(k_TGX, cfg.rms_norm_eps)
             from moeserve.kernels.norm_rope import apply_rotary_
 
             # One launch rotates q and k and stores k and v in the cache (write_kv's job); it
@@ -221,6 +246,9 @@ class Attention(nn.Module):
         else:
             cos, sin = cos_sin.pair()
             q_THX, k_TGX = apply_rotary(q_THX, cos, sin), apply_rotary(k_TGX, cos, sin)
+            if self.l2_norm:  # after the rotation, as the reference does
+                q_THX = l2_norm(q_THX, cfg.rms_norm_eps)
+                k_TGX = l2_norm(k_TGX, cfg.rms_norm_eps)
             write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
         return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
 
@@ -231,6 +259,15 @@ class Attention(nn.Module):
             return rms_norm(x_THX, weight_X, self.cfg.rms_norm_eps)
         rows = x_THX.reshape(-1, x_THX.shape[-1])
         return fused_rms_norm(rows, weight_X, self.cfg.rms_norm_eps).view(x_THX.shape)
+
+    def _temper(self, q_THX: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        """Attention temperature tuning: q scaled by log1p(floor((p + 1) / floor_scale)) *
+        attn_scale + 1 at position p (float32, as the reference)."""
+        assert self.temperature is not None
+        floor_scale, attn_scale = self.temperature
+        p_T = positions_T.float()
+        scale_T = torch.log1p(torch.floor((p_T + 1.0) / floor_scale)) * attn_scale + 1.0
+        return (q_THX * scale_T[:, None, None]).to(q_THX.dtype)
 
     def _attend_and_project(
         self,

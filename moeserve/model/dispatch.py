@@ -43,10 +43,13 @@ def sort_by_expert(
     *,
     padded: bool,
     counter_E: torch.Tensor | None,
+    scale_input: bool = False,
 ) -> Dispatch:
     """Rows grouped by expert, ascending, and the count of each; counter_E (int64 [E]), when
     given, is incremented by the counts. Rows of the sentinel expert E (padding) sort last and
-    are not counted; with `padded` the outputs start at zero, so they add nothing."""
+    are not counted; with `padded` the outputs start at zero, so they add nothing.
+    scale_input (RouterSpec.scales_input): each row's input is its token's input times its
+    weight, rounded to the input's dtype as Llama 4 does, and combine weighs by 1."""
     flat_R = experts_TK.flatten()
     order_R = torch.argsort(flat_R, stable=True)
     counts_E = expert_counts(flat_R, num_experts)
@@ -54,9 +57,13 @@ def sort_by_expert(
         counter_E += counts_E
     token_R = order_R // experts_TK.shape[1]
     x_RD = x_TD[token_R]
+    weights_R = weights_TK.flatten()[order_R]
+    if scale_input:
+        x_RD = x_RD * weights_R.to(x_RD.dtype)[:, None]
+        weights_R = torch.ones_like(weights_R)
     # Rows no expert writes (padding) must add nothing, not garbage.
     y_RD = torch.zeros_like(x_RD) if padded else torch.empty_like(x_RD)
-    return Dispatch(x_TD, weights_TK.flatten()[order_R], token_R, counts_E, x_RD, y_RD)
+    return Dispatch(x_TD, weights_R, token_R, counts_E, x_RD, y_RD)
 
 
 def combine(d: Dispatch) -> torch.Tensor:

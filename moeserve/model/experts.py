@@ -138,6 +138,35 @@ def fused_experts(
     weights_TK, experts_TK, _ = route(logits_TE, spec, bias_E=bias_E, valid_T=valid_T)
     if counter_E is not None:
         counter_E += expert_counts(experts_TK.flatten(), spec.num_experts)
+    if spec.scales_input:
+        return _fused_scaled_input(
+            x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD
+        )
     return fused_moe(
         x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD=residual_TD
     )
+
+
+def _fused_scaled_input(
+    x_TD: torch.Tensor,
+    w_gate_up_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    residual_TD: torch.Tensor | None,
+) -> torch.Tensor:
+    """The fused GEMMs when the weights scale each expert's input (Llama 4): every (token,
+    choice) is a row of its own, its input scaled in x's dtype, with weight 1; the K outputs of
+    a token are summed after (at top-1, Llama 4's routing, that is the kernel's own output)."""
+    from moeserve.kernels.fused_moe import fused_moe
+
+    t, k = experts_TK.shape
+    x_RD = (x_TD[:, None, :] * weights_TK.to(x_TD.dtype)[:, :, None]).reshape(t * k, -1)
+    ones_R1 = torch.ones(t * k, 1, dtype=torch.float32, device=x_TD.device)
+    experts_R1 = experts_TK.reshape(t * k, 1)
+    if k == 1:
+        return fused_moe(
+            x_RD, w_gate_up_EFD, w_down_EDF, ones_R1, experts_R1, residual_TD=residual_TD
+        )
+    out_TD = fused_moe(x_RD, w_gate_up_EFD, w_down_EDF, ones_R1, experts_R1).view(t, k, -1).sum(1)
+    return out_TD if residual_TD is None else residual_TD + out_TD

@@ -423,3 +423,7 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"transpose": _t
 
 # Tensors some checkpoints carry that hold nothing we need (recomputed buffers).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# model_type -> name prefixes of checkpoint tensors we do not run (a multimodal checkpoint's
+# vision tower): skipped by the loader with one log line.
+IGNORED_PREFIXES: dict[str, tuple[str, ...]] = {}

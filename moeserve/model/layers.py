@@ -50,6 +50,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight (Llama 4's q/k norm): float32 statistics, input dtype out."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def first_visible_key(
+    pos: torch.Tensor, window: int | None, chunk: int | None
+) -> torch.Tensor | None:
+    """The first key position a query at `pos` may see (None: 0): the sliding window's
+    start and/or its attention chunk's start."""
+    lo = None
+    if window is not None:
+        lo = pos - (window - 1)
+    if chunk is not None:
+        start = torch.div(pos, chunk, rounding_mode="floor") * chunk
+        lo = start if lo is None else torch.maximum(lo, start)
+    return lo
+
+
 def write_kv(
     k_cache_NSGX: torch.Tensor,
     v_cache_NSGX: torch.Tensor,
@@ -103,9 +123,10 @@ def sdpa_decode(
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """One new token per sequence (the first B of the batch) over its cached context, as one
-    SDPA call over the gathered blocks with a padding (and window) mask: [B, H, X]."""
+    SDPA call over the gathered blocks with a padding (and window / chunk) mask: [B, H, X]."""
     nd = q_BHX.shape[0]
     max_ctx = max(meta.context_lens[:nd])
     s = k_cache_NSGX.shape[1]
@@ -114,8 +135,9 @@ def sdpa_decode(
     ctx_B = meta.context_lens_B[:nd]
     key_pos = torch.arange(k_BCGX.shape[1], device=q_BHX.device)
     mask_BC = key_pos[None, :] < ctx_B[:, None]
-    if window is not None:
-        mask_BC &= key_pos[None, :] > (ctx_B[:, None] - 1 - window)
+    lo_B = first_visible_key(ctx_B - 1, window, chunk)
+    if lo_B is not None:
+        mask_BC &= key_pos[None, :] >= lo_B[:, None]
     o = F.scaled_dot_product_attention(
         q_BHX.unsqueeze(2),  # B H 1 X
         k_BCGX.transpose(1, 2),
@@ -135,11 +157,14 @@ def sdpa_prefill(
     ctx: int,
     scale: float,
     window: int | None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """One chunk of n queries (the last n of ctx positions) over its cached context: [H, n, X].
+    chunk: attention chunks (Llama 4) of that many positions, counted from position 0.
 
-    Without a sliding window the causal mask is implicit (lower-right aligned), which lets
-    SDPA pick its flash / memory-efficient kernels instead of materialising scores.
+    Without a sliding window or attention chunks inside the context the causal mask is
+    implicit (lower-right aligned), which lets SDPA pick its flash / memory-efficient
+    kernels instead of materialising scores.
     """
     n = q_QHX.shape[0]
     s = k_cache_NSGX.shape[1]
@@ -151,10 +176,12 @@ def sdpa_prefill(
         k_CGX = k_CGX.repeat_interleave(heads // groups, dim=1)
         v_CGX = v_CGX.repeat_interleave(heads // groups, dim=1)
     q, k, v = (a.transpose(0, 1).unsqueeze(0) for a in (q_QHX, k_CGX, v_CGX))
-    if window is not None and window < ctx:
+    if (window is not None and window < ctx) or (chunk is not None and chunk < ctx):
         q_pos = torch.arange(ctx - n, ctx, device=q_QHX.device)
         key_pos = torch.arange(ctx, device=q_QHX.device)
-        mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > (q_pos[:, None] - window))
+        lo = first_visible_key(q_pos, window, chunk)
+        assert lo is not None
+        mask = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] >= lo[:, None])
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0]
     if n == ctx:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[0]

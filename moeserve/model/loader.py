@@ -23,6 +23,7 @@ from moeserve.model.backend import ModelBackend
 from moeserve.model.decoder import DTYPES, MoEForCausalLM
 from moeserve.model.deepseek_moe import mtp_layer_prefixes
 from moeserve.model.families import (
+    IGNORED_PREFIXES,
     IGNORED_SUFFIXES,
     TRANSFORMS,
     PlanEntry,
@@ -189,6 +190,12 @@ def _index_tensors(
                     f"tensor '{name}' appears in two shards: {where[name].name} and {shard.name}"
                 )
             where[name] = shard
+    skip = IGNORED_PREFIXES.get(ckpt.config.model_type, ())
+    skipped = [n for n in where if n not in plan and skip and n.startswith(skip)]
+    if skipped:
+        log.info("ignoring %d tensors we do not run (%s...)", len(skipped), ", ".join(skip))
+        for name in skipped:
+            del where[name]
     for name, shard in list(where.items()):
         if name in plan:
             continue

@@ -161,6 +161,7 @@ class MoE(nn.Module):
             self.num_experts,
             padded=valid_T is not None,
             counter_E=self.tokens_per_expert_E if self.count_tokens else None,
+            scale_input=self.spec.scales_input,
         )
 
     def finish(self, d: Dispatch) -> torch.Tensor:
@@ -186,7 +187,13 @@ class MoE(nn.Module):
         """The readable twin of the fused kernels for a given routing (not counted): dispatch,
         each expert once on exactly its rows, weighted combine. [T, D]."""
         d = sort_by_expert(
-            x_TD, weights_TK, experts_TK, self.num_experts, padded=False, counter_E=None
+            x_TD,
+            weights_TK,
+            experts_TK,
+            self.num_experts,
+            padded=False,
+            counter_E=None,
+            scale_input=self.spec.scales_input,
         )
         (provider or self.resident).run(d)
         return combine(d)

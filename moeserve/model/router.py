@@ -11,6 +11,8 @@ Shapes: T tokens, E experts, K top-k, G expert groups, E/G experts per group.
     chosen_TK  = top-k of choice_TE within those groups
     weights_TK = scores_TE at chosen_TK             unbiased; / their sum if renormalize;
                                                     * routed_scaling_factor
+    scales_input                                    the weights scale each expert's input,
+                                                    not its output (Llama 4; dispatch.py)
 
 Rows whose valid_T is 0 (the padding of a CUDA-graph batch) get the sentinel expert E: they
 route nowhere, are not counted and add nothing.
@@ -53,6 +55,7 @@ class RouterSpec:
     routed_scaling_factor: float = 1.0
     correction_bias: bool = False  # an e_score_correction_bias [E] steers selection
     group_score: str = "sum_top2"  # how a group is scored (see the module docstring)
+    scales_input: bool = False  # the weights multiply each expert's input, not its output
 
     def __post_init__(self) -> None:
         e, k = self.num_experts, self.top_k
@@ -89,13 +92,17 @@ class RouterSpec:
             routed_scaling_factor=cfg.routed_scaling_factor,
             correction_bias=cfg.router_correction_bias,
             group_score=cfg.router_group_score,
+            scales_input=cfg.router_scales_input,
         )
 
     @property
     def triton_rules(self) -> bool:
         """Whether the Triton backend implements these rules (it may still not fit a batch:
-        see triton_routable): every rule of this spec, DeepSeek's and GLM's included."""
-        return self.scoring in SCORINGS and self.group_score in GROUP_SCORES
+        see triton_routable): every rule of this spec, DeepSeek's and GLM's included;
+        not Llama 4's weights on the experts' input (experts._fused_scaled_input)."""
+        return (
+            self.scoring in SCORINGS and self.group_score in GROUP_SCORES and not self.scales_input
+        )
 
 
 def triton_routable(spec: RouterSpec, num_tokens: int) -> bool:
@@ -161,7 +168,11 @@ def _select(
         scores_TE = torch.softmax(logits_TE.float(), dim=-1)
     else:
         scores_TE = torch.sigmoid(logits_TE.float())
-    if bias_E is None and spec.n_group is None:
+    if bias_E is None and spec.n_group is None and spec.scoring == "sigmoid":
+        # Top-k of the logits, as Llama 4 picks: sigmoid is monotone, but saturates to ties.
+        top_TK, experts_TK = torch.topk(logits_TE.float(), spec.top_k, dim=-1)
+        weights_TK = torch.sigmoid(top_TK)
+    elif bias_E is None and spec.n_group is None:
         weights_TK, experts_TK = torch.topk(scores_TE, spec.top_k, dim=-1)
     else:
         choice_TE = scores_TE if bias_E is None else scores_TE + bias_E
