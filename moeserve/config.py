@@ -75,6 +75,14 @@ class ModelConfig:
     # Multi-token-prediction layers the checkpoint stores after the decoder's (DeepSeek-V3,
     # GLM-4.5: model.layers.{num_layers + j}): not run, their tensors ignored by the loader.
     num_mtp_layers: int = 0
+    # Multi-head latent attention (DeepSeek-V2/V3, model/mla.py), on when kv_lora_rank > 0;
+    # head_dim is then the rotary part (qk_rope_head_dim), as transformers sets it.
+    kv_lora_rank: int = 0
+    q_lora_rank: int | None = None  # None: a plain q projection
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    attention_bias: bool = False  # biases of q_a / kv_a / o projections
+    rope_interleave: bool = False  # the rotary dims come in (even, odd) pairs
     # Llama 4. The router's weights scale each expert's input, not its output.
     router_scales_input: bool = False
     # Layers that skip rotary (NoPE); empty: every layer rotates.
@@ -98,6 +106,25 @@ class ModelConfig:
     @property
     def num_sparse_layers(self) -> int:
         return sum(self.sparse_layers)
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def kv_cache_shape(self) -> tuple[int, int, int]:
+        """What one layer's paged cache holds per token, as (tensors, heads, width): K and V
+        of every kv head, or (MLA) one row of the normalised latent then the rotated rope key.
+        The one place the cache layout is decided (allocation, block bytes, budgets)."""
+        if self.mla:
+            return (1, 1, self.kv_lora_rank + self.head_dim)
+        return (2, self.num_kv_heads, self.head_dim)
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """Cache elements a token takes over all layers."""
+        tensors, heads, width = self.kv_cache_shape
+        return self.num_layers * tensors * heads * width
 
     @property
     def q_size(self) -> int:

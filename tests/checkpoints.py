@@ -47,6 +47,62 @@ FAMILIES: dict[str, dict[str, Any]] = {
         head_dim=16,
         partial_rotary_factor=0.5,
     ),
+    # MLA with a plain q projection, group-limited softmax routing, 2 shared experts, a dense
+    # first layer, yarn with DeepSeek-V2's mscale pair.
+    "deepseek_v2": dict(
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=8,
+        moe_intermediate_size=24,
+        n_shared_experts=2,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.5,
+        first_k_dense_replace=1,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=64,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=0.707,
+            mscale_all_dim=0.707,
+        ),
+    ),
+    # MLA with a low-rank q, sigmoid routing with correction bias over 4 groups keeping 2,
+    # one shared expert, a dense first layer, yarn whose mscale pair scales the softmax.
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        q_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        n_routed_experts=8,
+        moe_intermediate_size=24,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=64,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=0.8,
+        ),
+    ),
     # Every Llama 4 feature on at tiny sizes: attention chunks shorter than the prompt, NoPE
     # layers (global, temperature-tuned with a floor_scale that matters at these positions)
     # between chunked RoPE layers with L2 q/k norms, MoE on every second layer, llama3 rope.
@@ -81,6 +137,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+# Families whose attention weights are scaled up from the 0.02-std init: with it, the scores
+# are so small that attention is nearly uniform and rotary or scale mistakes hide below 1e-4.
+SHARP_ATTENTION = {"deepseek_v2": 10.0, "deepseek_v3": 10.0}
+
+
 def hf_classes(family: str) -> tuple[Any, Any]:
     import transformers as tf
 
@@ -90,6 +151,8 @@ def hf_classes(family: str) -> tuple[Any, Any]:
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
         "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM),
+        "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
+        "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
         "llama4_text": (tf.Llama4TextConfig, tf.Llama4ForCausalLM),
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM),
     }[family]
@@ -131,6 +194,8 @@ def make_checkpoint(
                 p.add_(torch.randn_like(p) * 0.1)
             elif "gate.weight" in name or "embed" in name or "router.weight" in name:
                 p.mul_(20.0)  # sharper routing and logits than the 0.02-std init
+            elif "self_attn" in name and family in SHARP_ATTENTION:
+                p.mul_(SHARP_ATTENTION[family])
             elif family.startswith("llama4") and ("router.weight" in name or "q_proj" in name):
                 p.mul_(20.0)  # Llama 4: sharper routing, and NoPE attention too
             elif name.endswith("_bias"):  # per-expert biases [E, N] (gpt-oss)

@@ -98,6 +98,14 @@ CASES = {
     "glm4_moe-no-qk-norm-full-rotary": dict(
         family="glm4_moe", use_qk_norm=False, partial_rotary_factor=1.0, n_group=1, topk_group=1
     ),
+    "deepseek_v2": dict(family="deepseek_v2"),
+    "deepseek_v2-lora-q-greedy-hub-config": dict(
+        family="deepseek_v2", q_lora_rank=12, topk_method="greedy", hub_style=True
+    ),
+    "deepseek_v3": dict(family="deepseek_v3"),
+    "deepseek_v3-plain-q-no-interleave-hub-config": dict(
+        family="deepseek_v3", q_lora_rank=None, rope_interleave=False, hub_style=True
+    ),
     "llama4_text": dict(family="llama4_text"),
     "llama4_text-top2-no-qk-norm": dict(
         family="llama4_text", num_experts_per_tok=2, use_qk_norm=False, moe_layers=[0, 1, 3]

@@ -19,7 +19,7 @@ from moeserve.engine.expert_store import ExpertCacheStats, ExpertStore
 from moeserve.engine.kv_budget import offload_reserve_bytes, plan_expert_slots, plan_num_blocks
 from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.placement import resolve_device, resolve_kernels
-from moeserve.engine.runner import Runner, Work
+from moeserve.engine.runner import Runner, Work, kv_bytes_per_block
 from moeserve.model.backend import ModelBackend
 from moeserve.model.loader import inspect_checkpoint, load_model, resolve_dtype
 
@@ -111,13 +111,17 @@ class Executor:
         if self.expert_store is not None:
             # The KV probe's and the warm-up's expert fetches are not traffic.
             self.expert_store.reset_stats()
+        kv_token = kv_bytes_per_block(self.model_config, 1, self.model.dtype)
         log.info(
-            "model ready: %s on %s, %d KV blocks of %d tokens, max_model_len %d, %s kernels, "
-            "decode CUDA graphs %s, async scheduling %s",
+            "model ready: %s on %s, %d KV blocks of %d tokens (%d tokens at %d bytes a token%s), "
+            "max_model_len %d, %s kernels, decode CUDA graphs %s, async scheduling %s",
             self.model_config.model_type,
             device,
             self.num_blocks,
             cache.block_size,
+            self.num_blocks * cache.block_size,
+            kv_token,
+            ", latent cache" if self.model_config.mla else "",
             self.max_model_len,
             self.kernels,
             "on" if self.graphs else "off",

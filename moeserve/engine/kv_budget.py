@@ -77,12 +77,20 @@ def offload_reserve_bytes(
     KV pool accepts), a maximal step's activations (an upper bound: every routed row's expert
     intermediate at once) and 512 MiB for workspaces and fragmentation."""
     elem = torch.empty((), dtype=dtype).element_size()
-    kv = 2 * cfg.num_layers * cfg.kv_size * elem * max_model_len
+    kv = cfg.kv_elements_per_token * elem * max_model_len
     t = min(sched.max_num_batched_tokens, max_model_len)
-    per_token = 6 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size
+    per_token = 6 * cfg.hidden_size + _attention_activations(cfg)
     per_token += cfg.top_k * (cfg.hidden_size + 3 * cfg.moe_intermediate_size)
     logits = sched.max_num_seqs * cfg.vocab_size * 8  # float32 logits and their softmax
     return kv + t * per_token * elem + logits + (512 << 20)
+
+
+def _attention_activations(cfg: ModelConfig) -> int:
+    """Elements per token of a step's attention intermediates (q, k, v)."""
+    if cfg.mla:  # q and the latents expanded into per-head keys and values (prefill)
+        qk = cfg.qk_nope_head_dim + cfg.head_dim
+        return cfg.num_heads * (2 * qk + cfg.v_head_dim) + cfg.kv_lora_rank + cfg.head_dim
+    return cfg.q_size + 2 * cfg.kv_size
 
 
 def plan_expert_slots(

@@ -34,7 +34,8 @@ def kv_bytes_per_block(
 ) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     layers = groups.num_tensors if groups is not None else cfg.num_layers
-    return 2 * layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    tensors, heads, width = cfg.kv_cache_shape
+    return layers * tensors * heads * width * block_size * elem
 
 
 def allocate_kv_cache(
@@ -44,21 +45,23 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device,
     groups: KVGroups | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, a (K, V) pair of [N, S, G, X] tensors, allocated once at startup (shared by
-    one layer of each KV group: kv_groups.py)."""
+) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer, the tensors of its cache layout (ModelConfig.kv_cache_shape), each
+    [N, S, G, X]: (K, V) for paged attention, (latent + rope key,) for MLA; allocated once at
+    startup (shared by one layer of each KV group: kv_groups.py)."""
     groups = groups or KVGroups.single(cfg.num_layers)
+    tensors, heads, width = cfg.kv_cache_shape
     kv = torch.zeros(
         groups.num_tensors,
-        2,
+        tensors,
         num_blocks,
         block_size,
-        cfg.num_kv_heads,
-        cfg.head_dim,
+        heads,
+        width,
         dtype=dtype,
         device=device,
     )
-    return [(kv[t, 0], kv[t, 1]) for t in groups.tensor_of_layer]
+    return [tuple(kv[t, j] for j in range(tensors)) for t in groups.tensor_of_layer]
 
 
 def check_kv_capacity(

@@ -29,7 +29,8 @@ from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.params import empty_param
 from moeserve.model.rotary import CosSin, apply_rotary
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # a layer's (K, V), each [N, S, G, X]
+# A layer's cache tensors, each [N, S, G, X]: (K, V), or (latent,) for MLA (model/mla.py).
+KVCache = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,6 +24,7 @@ from moeserve.model.backend import (
 from moeserve.model.experts import ExpertProvider
 from moeserve.model.layers import rms_norm
 from moeserve.model.metadata import AttentionMetadata
+from moeserve.model.mla import LatentAttention, MLAttention
 from moeserve.model.moe import DenseMLP, MoE
 from moeserve.model.params import empty_param
 from moeserve.model.rotary import CosSin, Rotary
@@ -42,14 +43,18 @@ class DecoderLayer(nn.Module):
         device: torch.device,
         expert_device: torch.device | None,
         backend: ModelBackend,
-        attention: AttentionBackend,
+        attention: AttentionBackend | LatentAttention,
     ) -> None:
         super().__init__()
         self.eps = cfg.rms_norm_eps
         self.backend = backend
         self.input_norm = empty_param(cfg.hidden_size, dtype=dtype, device=device)
         self.post_norm = empty_param(cfg.hidden_size, dtype=dtype, device=device)
-        self.attn = Attention(cfg, layer, dtype, device, backend, attention)
+        self.attn: Attention | MLAttention
+        if isinstance(attention, LatentAttention):
+            self.attn = MLAttention(cfg, layer, dtype, device, backend, attention)
+        else:
+            self.attn = Attention(cfg, layer, dtype, device, backend, attention)
         self.mlp: MoE | DenseMLP
         if cfg.sparse_layers[layer]:
             self.mlp = MoE(cfg, dtype, device, expert_device, backend)
@@ -111,7 +116,11 @@ class MoEForCausalLM(nn.Module):
         self.dtype = dtype
         self.device = device
         self.backend = backend
-        self.attention = PagedAttention.for_model(cfg, dtype, device, backend)
+        # The one choice of attention: latent (MLA) for DeepSeek-style configs, else paged.
+        attention_cls = LatentAttention if cfg.mla else PagedAttention
+        self.attention: AttentionBackend | LatentAttention = attention_cls.for_model(
+            cfg, dtype, device, backend
+        )
         self.embed_tokens = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, dtype, device, expert_device, backend, self.attention)

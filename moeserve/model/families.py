@@ -15,6 +15,7 @@ import torch
 
 from moeserve.config import ConfigError, ModelConfig
 from moeserve.model.deepseek_moe import deepseek_moe_fields, plan_deepseek_moe
+from moeserve.model.families_mla import deepseek_config, mla_fields, plan_deepseek_layers
 
 log = logging.getLogger(__name__)
 
@@ -268,12 +269,20 @@ def _glm4_moe(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _deepseek(raw: dict[str, Any]) -> ModelConfig:
+    mla = mla_fields(raw, always_interleaved=raw["model_type"] == "deepseek_v2")
+    # head_dim is MLA's rotary part (transformers' rule), whatever hidden / heads gives.
+    return deepseek_config({**_common({**raw, "head_dim": mla["head_dim"]}, 1e4), **mla}, raw)
+
+
 PARSERS: dict[str, Callable[[dict[str, Any]], ModelConfig]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "olmoe": _olmoe,
     "glm4_moe": _glm4_moe,
+    "deepseek_v2": _deepseek,
+    "deepseek_v3": _deepseek,
 }
 
 
@@ -384,7 +393,16 @@ def _glm4_moe_plan(cfg: ModelConfig) -> Plan:
 
 
 # model_type -> its weight plan; a family missing here takes the standard one.
+def _deepseek_plan(cfg: ModelConfig) -> Plan:
+    """DeepSeek-V2/V3: MLA attention, DeepSeek-style MoE layers (families_mla.py)."""
+    plan = plan_embeddings(cfg)
+    for i in range(cfg.num_layers):
+        plan_layer_norms(plan, f"model.layers.{i}", f"layers.{i}")
+    return plan_deepseek_layers(plan, cfg)
+
+
 PLANS: dict[str, Callable[[ModelConfig], Plan]] = {"glm4_moe": _glm4_moe_plan}
+PLANS |= {"deepseek_v2": _deepseek_plan, "deepseek_v3": _deepseek_plan}
 
 
 def weight_plan(cfg: ModelConfig) -> Plan:

@@ -1,0 +1,74 @@
+"""The DeepSeek-V2/V3 (and Kimi-K2) families as data: multi-head latent attention's
+config.json fields and weight names, joined with the DeepSeek-style MoE's (deepseek_moe.py).
+model/mla.py computes with them; families.py registers the parsers and plans."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeserve.config import ConfigError, ModelConfig
+from moeserve.model.deepseek_moe import deepseek_moe_fields, plan_deepseek_moe
+
+Plan = dict[str, tuple]
+
+
+def _dim(raw: dict[str, Any], key: str, default: Any = ...) -> int:
+    value = raw.get(key, default)
+    if value is ...:
+        raise ConfigError(f"config.json: required field '{key}' is missing")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"config.json: '{key}' must be an integer >= 1, got {value!r}")
+    return value
+
+
+def mla_fields(raw: dict[str, Any], *, always_interleaved: bool) -> dict[str, Any]:
+    """ModelConfig fields of MLA; head_dim becomes the rotary part, as in transformers.
+    always_interleaved: DeepSeek-V2 always pairs its rotary dims (even, odd); V3 configs say
+    so with rope_interleave (default true)."""
+    q_lora = raw.get("q_lora_rank")
+    rope = _dim(raw, "qk_rope_head_dim")
+    if rope % 2:
+        raise ConfigError(f"config.json: 'qk_rope_head_dim' must be even, got {rope}")
+    return dict(
+        kv_lora_rank=_dim(raw, "kv_lora_rank"),
+        q_lora_rank=None if q_lora is None else _dim(raw, "q_lora_rank"),
+        qk_nope_head_dim=_dim(raw, "qk_nope_head_dim"),
+        v_head_dim=_dim(raw, "v_head_dim"),
+        head_dim=rope,
+        attention_bias=bool(raw.get("attention_bias", False)),
+        rope_interleave=always_interleaved or bool(raw.get("rope_interleave", True)),
+    )
+
+
+def plan_mla_attention(plan: Plan, cfg: ModelConfig, src: str, dst: str) -> None:
+    """One layer's MLA projections and norms -> model/mla.py MLAttention's parameters."""
+    attn, out = f"{src}.self_attn", f"{dst}.attn"
+    names = {"kv_a_proj_with_mqa": "kv_a", "o_proj": "o"}
+    if cfg.q_lora_rank is None:
+        plan[f"{attn}.q_proj.weight"] = (f"{out}.q_weight", ())
+    else:
+        names["q_a_proj"] = "q_a"
+        plan[f"{attn}.q_b_proj.weight"] = (f"{out}.q_b_weight", ())
+        plan[f"{attn}.q_a_layernorm.weight"] = (f"{out}.q_a_norm", ())
+    for hub, ours in names.items():
+        plan[f"{attn}.{hub}.weight"] = (f"{out}.{ours}_weight", ())
+        if cfg.attention_bias:
+            plan[f"{attn}.{hub}.bias"] = (f"{out}.{ours}_bias", ())
+    plan[f"{attn}.kv_a_layernorm.weight"] = (f"{out}.kv_a_norm", ())
+    plan[f"{attn}.kv_b_proj.weight"] = (f"{out}.kv_b_weight", ())
+
+
+def deepseek_config(fields: dict[str, Any], raw: dict[str, Any]) -> ModelConfig:
+    """deepseek_v2 / deepseek_v3: the common and MLA fields with the DeepSeek-style MoE's."""
+    return ModelConfig(
+        **fields, **deepseek_moe_fields(raw), layer_windows=(None,) * fields["num_layers"]
+    )
+
+
+def plan_deepseek_layers(plan: Plan, cfg: ModelConfig) -> Plan:
+    """Every decoder layer's MLA and MLP tensors (embeddings and layer norms are the caller's)."""
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}", f"layers.{i}"
+        plan_mla_attention(plan, cfg, src, dst)
+        plan_deepseek_moe(plan, cfg, src, dst)
+    return plan

@@ -1,0 +1,224 @@
+"""Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2) over a paged latent cache.
+
+The cache holds, per token, one row of the normalised KV latent and the rotated rope key
+(ModelConfig.kv_cache_shape: C + R values a layer, shared by every head), not per-head K and V.
+Prefill chunks expand their context's latents into per-head keys and values through kv_b_proj
+and run causal SDPA, as transformers does. Decodes attend in latent space ("absorbed"): the
+query's nope part goes through kv_b_proj's key half into the latent space, the scores are
+q_latent . latent + q_rope . k_rope, the output is a weighted sum of latents, and kv_b_proj's
+value half then maps it to each head's value. The decode attention is the Triton kernel
+(kernels/mla_attention.py, CUDA-graph safe) or its readable twin, SDPA over the gathered rows.
+
+Shapes: T tokens in the flat batch, B decodes, D hidden, H heads, C kv_lora_rank, R rotary dims,
+P nope dims, W value dims, Y = C + R (a cache row), L a chunk's context positions, Q its queries,
+N blocks, S slots per block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.model.attention import KVCache
+from moeserve.model.backend import ModelBackend
+from moeserve.model.layers import rms_norm, sdpa_decode
+from moeserve.model.metadata import AttentionMetadata
+from moeserve.model.params import empty_param
+from moeserve.model.rotary import CosSin, apply_rotary
+
+
+def _yarn_mscale(scale: float, m: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+def mla_softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(qk head dim), times YaRN's mscale(factor, mscale_all_dim) squared when the rope
+    is scaled and the config sets mscale_all_dim (transformers' yarn_apply_mscale)."""
+    scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
+    p = cfg.rope_params
+    m_all = p.get("mscale_all_dim") or 0
+    if p.get("rope_type", "default") != "default" and m_all:
+        scale *= _yarn_mscale(p["factor"], m_all) ** 2
+    return scale
+
+
+@dataclass(frozen=True)
+class LatentAttention:
+    """The decode half of MLA over the paged latent cache: the Triton kernel when
+    `decode_kernel` (no host reads: CUDA-graph safe), else SDPA over the gathered rows with a
+    padding mask. Prefills are never packed: each chunk expands its own context."""
+
+    decode_kernel: bool = False
+    packs_prefills: bool = False
+
+    @classmethod
+    def for_model(
+        cls, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, backend: ModelBackend
+    ) -> LatentAttention:
+        return cls(decode_kernel=backend.triton)
+
+    def decode(
+        self,
+        q_BHY: torch.Tensor,
+        cache_NS1Y: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        latent_dim: int,
+    ) -> torch.Tensor:
+        """Each decode's latent-space query (absorbed nope part, then rope part) over its
+        sequence's cached rows: the softmax-weighted sum of latents [B, H, C]."""
+        nd = q_BHY.shape[0]
+        if self.decode_kernel:
+            from moeserve.kernels.mla_attention import mla_decode_attention
+
+            return mla_decode_attention(
+                q_BHY,
+                cache_NS1Y,
+                meta.block_tables_BM[:nd],
+                meta.context_lens_B[:nd],
+                scale,
+                latent_dim,
+            )
+        return sdpa_decode(q_BHY, cache_NS1Y, cache_NS1Y[..., :latent_dim], meta, scale, None)
+
+
+def _causal_sdpa(
+    q_QHX: torch.Tensor, k_LHX: torch.Tensor, v_LHW: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The last Q of L positions attend causally over all L: [Q, H, W]."""
+    n, ctx = q_QHX.shape[0], k_LHX.shape[0]
+    q, k, v = (a.transpose(0, 1).unsqueeze(0) for a in (q_QHX, k_LHX, v_LHW))
+    if n == ctx:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    elif q.is_cuda:  # the bias lets SDPA pick a fused kernel
+        from torch.nn.attention.bias import causal_lower_right
+
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_lower_right(n, ctx), scale=scale
+        )
+    else:
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(ctx - n)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return o[0].transpose(0, 1)
+
+
+class MLAttention(nn.Module):
+    """q projection (low-rank with its norm, or plain), the compressed KV projection and its
+    norm, rotary on the decoupled rope parts, the latent cache write, attention (expanded for
+    prefill chunks, absorbed for decodes), output projection."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        backend: ModelBackend,
+        impl: LatentAttention,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.impl = impl
+        h, d, c, r = cfg.num_heads, cfg.hidden_size, cfg.kv_lora_rank, cfg.head_dim
+        p, w = cfg.qk_nope_head_dim, cfg.v_head_dim
+        kw = dict(dtype=dtype, device=device)
+        bias = cfg.attention_bias
+        self.q_weight = self.q_a_weight = self.q_a_bias = self.q_a_norm = None
+        if cfg.q_lora_rank is None:
+            self.q_weight = empty_param(h * (p + r), d, **kw)
+        else:
+            self.q_a_weight = empty_param(cfg.q_lora_rank, d, **kw)
+            self.q_a_bias = empty_param(cfg.q_lora_rank, **kw) if bias else None
+            self.q_a_norm = empty_param(cfg.q_lora_rank, **kw)
+            self.q_b_weight = empty_param(h * (p + r), cfg.q_lora_rank, **kw)
+        self.kv_a_weight = empty_param(c + r, d, **kw)
+        self.kv_a_bias = empty_param(c + r, **kw) if bias else None
+        self.kv_a_norm = empty_param(c, **kw)
+        self.kv_b_weight = empty_param(h * (p + w), c, **kw)
+        self.o_weight = empty_param(d, h * w, **kw)
+        self.o_bias = empty_param(d, **kw) if bias else None
+        self.scale = mla_softmax_scale(cfg)
+
+    def _rotate(self, x_THR: torch.Tensor, cos_sin: CosSin) -> torch.Tensor:
+        if self.cfg.rope_interleave:
+            # Pairs (x0, x1), (x2, x3)... rotate together: as rotate-half on the evens then the
+            # odds. q and k are laid out alike, so their dot products are the reference's.
+            x_THR = torch.cat((x_THR[..., 0::2], x_THR[..., 1::2]), dim=-1)
+        cos, sin = cos_sin.pair()
+        return apply_rotary(x_THR, cos, sin)
+
+    def _absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's key half [H, P, C] and value half [H, W, C] (views)."""
+        cfg = self.cfg
+        p, w = cfg.qk_nope_head_dim, cfg.v_head_dim
+        kv_b_HXC = self.kv_b_weight.view(cfg.num_heads, p + w, cfg.kv_lora_rank)
+        return kv_b_HXC[:, :p], kv_b_HXC[:, p:]
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        cos_sin: CosSin,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        partials_out: bool = False,
+    ) -> torch.Tensor:
+        """The attention output [T, D]; with partials_out (and no output bias), float32
+        split-K partials of it [S, T, D] (kernels.linear) for the residual-add norm."""
+        cfg = self.cfg
+        t, h, c, p = x_TD.shape[0], cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim
+        eps = cfg.rms_norm_eps
+        if self.q_weight is not None:
+            q_TX = F.linear(x_TD, self.q_weight)
+        else:
+            q_a = rms_norm(F.linear(x_TD, self.q_a_weight, self.q_a_bias), self.q_a_norm, eps)
+            q_TX = F.linear(q_a, self.q_b_weight)
+        q_THX = q_TX.view(t, h, -1)
+        q_nope_THP, q_rope_THR = q_THX[..., :p], self._rotate(q_THX[..., p:], cos_sin)
+        kv_TY = F.linear(x_TD, self.kv_a_weight, self.kv_a_bias)
+        latent_TC = rms_norm(kv_TY[:, :c], self.kv_a_norm, eps)
+        k_rope_TR = self._rotate(kv_TY[:, None, c:], cos_sin)[:, 0]
+        (cache_NS1Y,) = kv_cache
+        rows_TY = torch.cat((latent_TC, k_rope_TR), dim=-1)
+        cache_NS1Y.view(-1, rows_TY.shape[1]).index_copy_(0, meta.slot_mapping_T, rows_TY)
+
+        out_THW = q_THX.new_empty(t, h, cfg.v_head_dim)
+        nd = meta.num_decodes
+        if nd:
+            w_k_HPC, w_v_HWC = self._absorbed_weights()
+            q_lat_BHC = torch.bmm(q_nope_THP[:nd].transpose(0, 1), w_k_HPC).transpose(0, 1)
+            q_BHY = torch.cat((q_lat_BHC, q_rope_THR[:nd]), dim=-1)
+            o_lat_BHC = self.impl.decode(q_BHY, cache_NS1Y, meta, self.scale, c)
+            out_THW[:nd] = torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2)).transpose(
+                0, 1
+            )
+        start = nd
+        for b in range(nd, len(meta.query_lens)):
+            n = meta.query_lens[b]
+            q_QHX = torch.cat((q_nope_THP[start : start + n], q_rope_THR[start : start + n]), -1)
+            out_THW[start : start + n] = self._prefill(q_QHX, cache_NS1Y, meta, b)
+            start += n
+        o_TX = out_THW.reshape(t, -1)
+        if partials_out and self.o_bias is None:
+            from moeserve.kernels.linear import linear_partials
+
+            return linear_partials(o_TX, self.o_weight)
+        return F.linear(o_TX, self.o_weight, self.o_bias)
+
+    def _prefill(
+        self, q_QHX: torch.Tensor, cache_NS1Y: torch.Tensor, meta: AttentionMetadata, b: int
+    ) -> torch.Tensor:
+        """One chunk over its context, the latents expanded into per-head K and V: [Q, H, W]."""
+        cfg = self.cfg
+        ctx, s = meta.context_lens[b], cache_NS1Y.shape[1]
+        blocks = meta.block_tables_BM[b, : -(-ctx // s)]
+        rows_LY = cache_NS1Y[blocks].reshape(-1, cache_NS1Y.shape[-1])[:ctx]
+        c, p, h = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.num_heads
+        kv_LHX = F.linear(rows_LY[:, :c], self.kv_b_weight).view(ctx, h, -1)
+        k_rope_LHR = rows_LY[:, None, c:].expand(ctx, h, cfg.head_dim)
+        k_LHX = torch.cat((kv_LHX[..., :p], k_rope_LHR), dim=-1)
+        return _causal_sdpa(q_QHX, k_LHX, kv_LHX[..., p:], self.scale)
