@@ -197,6 +197,7 @@ def test_gpu_decode_graphs_match_eager(ckpt: Path) -> None:
     decode kernel's sinks and window) against eager steps on the same device."""
     prompts, params = _requests()
     kw = dict(progress=False, block_size=4, device="cuda", kernels="triton", max_num_seqs=8)
+    kw |= dict(kv_cache_memory=64 << 20)  # two engines at once: neither takes the whole GPU
     graphs = LLM(ckpt, **kw)
     assert graphs.engine.executor.graphs and graphs.engine.executor.kv_groups.window == 4
     eager = LLM(ckpt, enforce_eager=True, **kw)
