@@ -14,8 +14,6 @@ from typing import Any
 import torch
 
 from moeserve.config import ConfigError, ModelConfig
-from moeserve.model.deepseek_moe import deepseek_moe_fields, plan_deepseek_moe
-from moeserve.model.families_mla import deepseek_config, mla_fields, plan_deepseek_layers
 
 log = logging.getLogger(__name__)
 
@@ -245,44 +243,11 @@ def _olmoe(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
-def _glm4_moe(raw: dict[str, Any]) -> ModelConfig:
-    c = _common(raw, 1e4)
-    rope = c["rope_params"]
-    # Hub configs give partial_rotary_factor at the top level, transformers 5 inside
-    # rope_parameters; transformers defaults it to 0.5 for GLM-4.5.
-    factor = rope.pop("partial_rotary_factor", None)
-    factor = raw.get("partial_rotary_factor", 0.5 if factor is None else factor)
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
-        raise ConfigError(f"config.json: 'partial_rotary_factor' must be in (0, 1], got {factor!r}")
-    rotary = int(c["head_dim"] * factor)
-    if rotary < 2 or rotary % 2:
-        raise ConfigError(
-            f"config.json: head_dim * partial_rotary_factor ({rotary}) must be even and >= 2"
-        )
-    return ModelConfig(
-        **c,
-        **deepseek_moe_fields(raw),
-        qkv_bias=bool(raw.get("attention_bias", False)),
-        qk_norm="head" if raw.get("use_qk_norm", False) else "none",
-        rotary_dim=0 if rotary == c["head_dim"] else rotary,
-        layer_windows=(None,) * c["num_layers"],
-    )
-
-
-def _deepseek(raw: dict[str, Any]) -> ModelConfig:
-    mla = mla_fields(raw, always_interleaved=raw["model_type"] == "deepseek_v2")
-    # head_dim is MLA's rotary part (transformers' rule), whatever hidden / heads gives.
-    return deepseek_config({**_common({**raw, "head_dim": mla["head_dim"]}, 1e4), **mla}, raw)
-
-
 PARSERS: dict[str, Callable[[dict[str, Any]], ModelConfig]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "olmoe": _olmoe,
-    "glm4_moe": _glm4_moe,
-    "deepseek_v2": _deepseek,
-    "deepseek_v3": _deepseek,
 }
 
 
@@ -381,28 +346,8 @@ def _standard_plan(cfg: ModelConfig) -> Plan:
     return plan
 
 
-def _glm4_moe_plan(cfg: ModelConfig) -> Plan:
-    """GLM-4.5: standard attention (+ biases, q/k norms), DeepSeek-style MoE layers."""
-    plan = plan_embeddings(cfg)
-    for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}", f"layers.{i}"
-        plan_layer_norms(plan, src, dst)
-        plan_attention(plan, cfg, src, dst)
-        plan_deepseek_moe(plan, cfg, src, dst)
-    return plan
-
-
 # model_type -> its weight plan; a family missing here takes the standard one.
-def _deepseek_plan(cfg: ModelConfig) -> Plan:
-    """DeepSeek-V2/V3: MLA attention, DeepSeek-style MoE layers (families_mla.py)."""
-    plan = plan_embeddings(cfg)
-    for i in range(cfg.num_layers):
-        plan_layer_norms(plan, f"model.layers.{i}", f"layers.{i}")
-    return plan_deepseek_layers(plan, cfg)
-
-
-PLANS: dict[str, Callable[[ModelConfig], Plan]] = {"glm4_moe": _glm4_moe_plan}
-PLANS |= {"deepseek_v2": _deepseek_plan, "deepseek_v3": _deepseek_plan}
+PLANS: dict[str, Callable[[ModelConfig], Plan]] = {}
 
 
 def weight_plan(cfg: ModelConfig) -> Plan:
