@@ -22,7 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels.paged_attention import MAX_PROGRAMS, PARTITION_SIZE, _decode_merge_kernel
+from moeserve.kernels.paged_attention import (
+    MAX_PROGRAMS,
+    PARTITION_SIZE,
+    _decode_merge_kernel,
+    split_partials,
+)
 
 # Query heads per program: the rows of one tl.dot tile (its minimum is 16).
 HEADS_PER_PROGRAM = 16
@@ -183,16 +188,9 @@ def mla_decode_attention(
     num_progs = max(1, min(num_parts, MAX_PROGRAMS // (b * head_blocks)))
     single = num_progs == 1  # shape-only: the merge would be an identity
     c_pad = max(16, triton.next_power_of_2(c))
-    if single:
-        part_acc = part_max = part_sum = out_BHC  # pointers the SINGLE kernel never reads
-        acc_strides = ml_strides = (0, 0, 0)
-    else:
-        dev = q_BHY.device
-        part_acc = torch.empty((b, h, num_progs, c), dtype=torch.float32, device=dev)
-        part_max = torch.empty((b, h, num_progs), dtype=torch.float32, device=dev)
-        part_sum = torch.empty_like(part_max)
-        acc_strides = part_acc.stride()[:3]
-        ml_strides = part_max.stride()
+    part_acc, part_max, part_sum, acc_strides, ml_strides = split_partials(
+        b, h, num_progs, c, out_BHC
+    )
     _mla_partition_kernel[(b, head_blocks, num_progs)](
         q_BHY,
         cache_NS1Y,

@@ -269,6 +269,20 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def split_partials(
+    b: int, h: int, num_progs: int, width: int, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
+    """The split-K partials of a decode over num_progs context partitions (float32
+    accumulators [B, H, P, width], running max and sum [B, H, P]) and their strides; with one
+    partition, `out` stands for them (the SINGLE kernel never reads them). Allocated per call:
+    from the graph's private pool when captured."""
+    if num_progs == 1:
+        return out, out, out, (0, 0, 0), (0, 0, 0)
+    part_acc = torch.empty((b, h, num_progs, width), dtype=torch.float32, device=out.device)
+    part_max = torch.empty((b, h, num_progs), dtype=torch.float32, device=out.device)
+    return part_acc, part_max, torch.empty_like(part_max), part_acc.stride()[:3], part_max.stride()
+
+
 def paged_decode_attention(
     q_BHX: torch.Tensor,
     k_cache_NSGX: torch.Tensor,
@@ -331,17 +345,7 @@ def paged_decode_attention(
     num_progs = max(1, min(num_parts, MAX_PROGRAMS // (b * g)))
     single = num_progs == 1  # shape-only: the merge would be an identity
     x_pad = max(16, triton.next_power_of_2(x))
-    if single:
-        part_acc = part_max = part_sum = dst  # pointers the SINGLE kernel never reads
-        acc_strides = ml_strides = (0, 0, 0)
-    else:
-        # float32 partials; allocated per call (from the graph's private pool when captured).
-        dev = q_BHX.device
-        part_acc = torch.empty((b, h, num_progs, x), dtype=torch.float32, device=dev)
-        part_max = torch.empty((b, h, num_progs), dtype=torch.float32, device=dev)
-        part_sum = torch.empty_like(part_max)
-        acc_strides = part_acc.stride()[:3]
-        ml_strides = part_max.stride()
+    part_acc, part_max, part_sum, acc_strides, ml_strides = split_partials(b, h, num_progs, x, dst)
     win = 0 if window is None else int(window)
 
     _decode_partition_kernel[(b, g, num_progs)](
