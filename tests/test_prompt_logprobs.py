@@ -1,0 +1,118 @@
+"""Prompt log-probs (SamplingParams.prompt_logprobs; /v1/completions echo + logprobs) against
+transformers in float32, over chunked prefill, beside other requests, through the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeserve import LLM, SamplingParams
+from moeserve.engine.outputs import TokenLogprob
+from tests.checkpoints import load_reference, make_checkpoint
+
+TOL = 1e-4
+PROMPTS = [
+    "the quick brown fox jumps over the lazy dog and then the fox runs",
+    "hello world",
+    "a b c d e f g h i j k l m n o p",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("plp") / "mixtral", "mixtral", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt: Path) -> torch.nn.Module:
+    return load_reference(ckpt)
+
+
+def _block_bytes(llm: LLM) -> int:
+    from moeserve.engine.runner import kv_bytes_per_block
+
+    e = llm.engine
+    return kv_bytes_per_block(e.model_config, e.executor.block_size, e.executor.model.dtype)
+
+
+def ref_logprobs(ref: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V]: row p is the distribution of token p + 1."""
+    with torch.no_grad():
+        return torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def check(entries: list[TokenLogprob | None] | None, ids: list[int], ref_lp: torch.Tensor, n: int):
+    assert entries is not None and len(entries) == len(ids)
+    assert entries[0] is None
+    for p, e in enumerate(entries[1:], start=1):
+        assert e is not None and e.token_id == ids[p]
+        row = ref_lp[p - 1]
+        assert abs(e.logprob - float(row[ids[p]])) <= TOL
+        vals, top = row.topk(n)
+        assert [t for t, _ in e.top] == top.tolist()
+        for (_, lp), v in zip(e.top, vals.tolist(), strict=True):
+            assert abs(lp - v) <= TOL
+
+
+def test_prompt_logprobs_over_chunked_prefill_beside_other_requests(
+    ckpt: Path, reference: torch.nn.Module
+) -> None:
+    # 8 tokens a step: the long prompts span several chunks, and share steps with the others.
+    llm = LLM(
+        ckpt,
+        progress=False,
+        device="cpu",
+        max_model_len=64,
+        block_size=4,
+        max_num_batched_tokens=8,
+        max_num_seqs=8,
+    )
+    plain = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
+    alone = llm.generate(PROMPTS, plain)
+    with_plp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=3)
+    outs = llm.generate(PROMPTS, [with_plp, plain, with_plp])
+    for out in (outs[0], outs[2]):
+        ids = out.prompt_token_ids
+        assert len(ids) > 8
+        check(out.prompt_logprobs, ids, ref_logprobs(reference, ids), 3)
+    assert outs[1].prompt_logprobs is None
+    assert outs[1].outputs[0].token_ids == alone[1].outputs[0].token_ids
+    assert outs[1].outputs[0].logprobs == alone[1].outputs[0].logprobs
+    for a, b in zip(alone, outs, strict=True):  # generation does not change either
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_one_token_prompt_and_n_samples(ckpt: Path) -> None:
+    llm = LLM(ckpt, progress=False, device="cpu", max_model_len=64, block_size=4)
+    params = SamplingParams(max_tokens=2, n=2, temperature=1.0, seed=3, prompt_logprobs=0)
+    [one] = llm.generate([[5]], params)
+    assert one.prompt_logprobs == [None]
+    [two] = llm.generate([[5, 6, 7]], params)
+    assert two.prompt_logprobs is not None and len(two.prompt_logprobs) == 3
+    assert all(e is not None and e.top == [] for e in two.prompt_logprobs[1:])
+
+
+def test_preempted_request_emits_its_prompt_entries_once(
+    ckpt: Path, reference: torch.nn.Module
+) -> None:
+    roomy = LLM(ckpt, progress=False, device="cpu", max_model_len=64, block_size=4)
+    prompts = [[4 + (7 * i + 3 * j) % 250 for j in range(10 + i)] for i in range(8)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    # 20 blocks of 4 tokens: far less than 8 sequences of 30 tokens need at once.
+    tight = LLM(
+        ckpt,
+        progress=False,
+        device="cpu",
+        max_model_len=64,
+        block_size=4,
+        kv_cache_memory=20 * _block_bytes(roomy),
+    )
+    outs = tight.generate(prompts, params)
+    assert tight.engine.scheduler.stats().num_preemptions_total > 0
+    for out in outs:
+        ids = out.prompt_token_ids
+        check(out.prompt_logprobs, ids, ref_logprobs(reference, ids), 1)
+    alone = roomy.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in alone]
