@@ -3,14 +3,17 @@ transformers in float32, over chunked prefill, beside other requests, through th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
 from moeserve.engine.outputs import TokenLogprob
 from tests.checkpoints import load_reference, make_checkpoint
+from tests.server_fixture import MODEL_NAME, RunningServer, serving
 
 TOL = 1e-4
 PROMPTS = [
@@ -56,8 +59,9 @@ def check(entries: list[TokenLogprob | None] | None, ids: list[int], ref_lp: tor
             assert abs(lp - v) <= TOL
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 def test_prompt_logprobs_over_chunked_prefill_beside_other_requests(
-    ckpt: Path, reference: torch.nn.Module
+    ckpt: Path, reference: torch.nn.Module, async_scheduling: bool
 ) -> None:
     # 8 tokens a step: the long prompts span several chunks, and share steps with the others.
     llm = LLM(
@@ -68,6 +72,7 @@ def test_prompt_logprobs_over_chunked_prefill_beside_other_requests(
         block_size=4,
         max_num_batched_tokens=8,
         max_num_seqs=8,
+        async_scheduling=async_scheduling,
     )
     plain = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=2)
     alone = llm.generate(PROMPTS, plain)
@@ -116,3 +121,104 @@ def test_preempted_request_emits_its_prompt_entries_once(
         check(out.prompt_logprobs, ids, ref_logprobs(reference, ids), 1)
     alone = roomy.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in alone]
+
+
+@pytest.fixture(scope="module")
+def srv(ckpt: Path) -> Iterator[RunningServer]:
+    # Small steps: a prompt's log-probs arrive over several chunks.
+    yield from serving(
+        ckpt, max_model_len=64, engine_kwargs={"max_num_batched_tokens": 8, "max_num_seqs": 8}
+    )
+
+
+def check_echoed(lp: dict, ids: list[int], ref_lp: torch.Tensor, srv: RunningServer) -> None:
+    """A choice's logprobs with the prompt echoed (OpenAI's legacy completion format)."""
+    n = len(ids)
+    assert lp["tokens"][:n] == [srv.state.token_text(t) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = [float(ref_lp[p - 1, ids[p]]) for p in range(1, n)]
+    assert lp["token_logprobs"][1:n] == pytest.approx(want, abs=TOL)
+    for p in range(1, n):
+        top = lp["top_logprobs"][p]
+        best = int(ref_lp[p - 1].argmax())
+        assert top[srv.state.token_text(best)] == pytest.approx(float(ref_lp[p - 1, best]), abs=TOL)
+        assert top[lp["tokens"][p]] == pytest.approx(lp["token_logprobs"][p])
+    assert lp["text_offset"][:n] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n)]
+
+
+def test_lm_eval_harness_loglikelihood_request(
+    srv: RunningServer, reference: torch.nn.Module
+) -> None:
+    """The body lm-evaluation-harness's local-completions model sends for log-likelihoods."""
+    tok = srv.state.client.tokenizer
+    ids = [tok.encode(p) for p in PROMPTS]
+    body = {
+        "model": MODEL_NAME,
+        "prompt": ids,
+        "temperature": 0,
+        "max_tokens": 0,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
+    resp = srv.client().post("/v1/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    for c, p in zip(out["choices"], ids, strict=True):
+        assert c["finish_reason"] == "length"
+        assert c["text"] == tok.decode(p, True)
+        assert len(c["logprobs"]["tokens"]) == len(p)  # the prompt's only
+        check_echoed(c["logprobs"], p, ref_logprobs(reference, p), srv)
+    assert out["usage"]["completion_tokens"] == 0
+    assert out["usage"]["prompt_tokens"] == sum(len(p) for p in ids)
+
+
+def test_openai_client_echo_with_generation(srv: RunningServer, reference: torch.nn.Module) -> None:
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[0], echo=True, logprobs=1, max_tokens=0
+    )
+    ids = srv.state.client.tokenizer.encode(PROMPTS[0])
+    [choice] = r.choices
+    assert choice.text == PROMPTS[0] and choice.finish_reason == "length"
+    check_echoed(choice.logprobs.model_dump(), ids, ref_logprobs(reference, ids), srv)
+    bare = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], echo=True, max_tokens=0)
+    assert bare.choices[0].text == PROMPTS[0] and bare.choices[0].logprobs is None
+    assert bare.usage.completion_tokens == 0
+    # With generation: the generated tokens' entries follow the prompt's.
+    r = client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPTS[1],
+        echo=True,
+        logprobs=2,
+        max_tokens=3,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    ids = srv.state.client.tokenizer.encode(PROMPTS[1])
+    lp = r.choices[0].logprobs.model_dump()
+    assert len(lp["tokens"]) == len(ids) + 3 and r.usage.completion_tokens == 3
+    assert r.usage.prompt_tokens == len(ids)
+    check_echoed(lp, ids, ref_logprobs(reference, ids), srv)
+    plain = client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPTS[1],
+        logprobs=2,
+        max_tokens=3,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].text == PROMPTS[1] + plain.choices[0].text
+    gen = plain.choices[0].logprobs
+    assert lp["tokens"][len(ids) :] == gen.tokens
+    assert lp["token_logprobs"][len(ids) :] == pytest.approx(gen.token_logprobs, abs=TOL)
+    assert lp["top_logprobs"][len(ids) :] == gen.top_logprobs
+    echoed = len(PROMPTS[1])
+    assert lp["text_offset"][len(ids) :] == [echoed + o for o in gen.text_offset]
+
+
+def test_streaming_echo_with_logprobs_is_refused(srv: RunningServer) -> None:
+    body = {"prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 2, "stream": True}
+    resp = srv.client().post("/v1/completions", json=body)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "stream"
