@@ -61,8 +61,12 @@ def check(entries: list[TokenLogprob | None] | None, ids: list[int], ref_lp: tor
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_prompt_logprobs_over_chunked_prefill_beside_other_requests(
-    ckpt: Path, reference: torch.nn.Module, async_scheduling: bool
+    ckpt: Path, reference: torch.nn.Module, async_scheduling: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from moeserve.engine import prompt_logprobs
+
+    # One row per slice: a chunk's rows span several slices, as a long prompt's do.
+    monkeypatch.setattr(prompt_logprobs, "SLICE_ELEMENTS", 1)
     # 8 tokens a step: the long prompts span several chunks, and share steps with the others.
     llm = LLM(
         ckpt,
