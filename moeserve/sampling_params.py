@@ -25,7 +25,9 @@ class SamplingParams:
     Construction raises ``ValueError`` naming the offending field and its allowed range.
     ``stop`` may be given as a single string. ``temperature < 1e-5`` means greedy.
     ``logprobs=None`` returns no logprobs; ``logprobs=k`` (0..20) returns the chosen
-    token's logprob plus the top-k alternatives.
+    token's logprob plus the top-k alternatives. ``prompt_logprobs=k`` (0..20) returns
+    each prompt token's logprob (given the tokens before it) and the top-k alternatives,
+    in `RequestOutput.prompt_logprobs` (None for the first token).
     """
 
     n: int = 1
@@ -44,6 +46,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -83,6 +86,8 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {tok!r}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
 
     def _validate_stop(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:

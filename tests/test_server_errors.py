@@ -54,7 +54,7 @@ BAD_REQUESTS: list[tuple[str, Any, str | None]] = [
     (COMP, {"prompt": "Hi", "stop": "y" * 300}, "stop"),
     (COMP, {"prompt": "Hi", "stop": [""]}, "stop"),
     (COMP, {"prompt": "Hi", "stop_token_ids": [10**6]}, "stop_token_ids"),
-    (COMP, {"prompt": "Hi", "echo": True, "logprobs": 1}, "logprobs"),
+    (COMP, {"prompt": "Hi", "echo": True, "logprobs": 1, "stream": True}, "stream"),
     (COMP, {"prompt": "Hi", "logit_bias": {"5": 1.0}}, "logit_bias"),
     (COMP, {"prompt": "Hi", "best_of": 3}, "best_of"),
     (COMP, {"prompt": "Hi", "stream_options": {"include_usage": 1}}, "stream_options"),

@@ -28,8 +28,9 @@ from moeserve.engine.outputs import (
     StepStats,
     TokenLogprob,
 )
+from moeserve.engine.prompt_logprobs import PromptRows
 from moeserve.engine.sampler import PendingSample, Sampler
-from moeserve.engine.scheduler import Scheduler, SchedulerOutput
+from moeserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from moeserve.engine.sequence import PENDING, Sequence
 from moeserve.sampling_params import SamplingParams
 
@@ -44,6 +45,9 @@ class _Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     last_token_time: list[float]
+    # With params.prompt_logprobs: the next prompt token whose entry is due (0: the first's
+    # None). Kept across preemption, so a recomputed prompt emits nothing twice.
+    prompt_next: int = 0
 
     @property
     def finished(self) -> bool:
@@ -68,6 +72,10 @@ class _Launched:
     rows: dict[int, int]  # seq_id -> row: where the next step finds the seq's input token
     sample: PendingSample
     t0: float
+    prompt: PromptRows | None = None
+    # Per request with prompt entries this step: (request id, whether the first token's
+    # None leads them, its span in `prompt` or -1)
+    prompt_of: list[tuple[str, bool, int]] | None = None
 
 
 def _stats(now: float, step_seconds: float, out: SchedulerOutput | None) -> StepStats:
@@ -260,7 +268,8 @@ class EngineCore:
                 req.metrics.first_scheduled_time = t0
         self.num_steps += 1
         ex = self.executor
-        logits, rows = ex.execute(out.scheduled, feed)
+        prompt, prompt_of = self._prompt_rows(out.scheduled)
+        logits, rows = ex.execute(out.scheduled, feed, prompt)
         seqs = [out.scheduled[i].seq for i in rows]
         if self.async_scheduling:  # the greedy kernel writes straight into the feed buffer
             sample = self.sampler.launch(logits, seqs, ex.fed_R[: len(seqs)])
@@ -270,7 +279,30 @@ class EngineCore:
         self.scheduler.update(out, dict.fromkeys((s.seq_id for s in seqs), PENDING))
         slots = [s.num_output_tokens - 1 for s in seqs]
         rows_of = {s.seq_id: r for r, s in enumerate(seqs)}
-        return _Launched(out, seqs, slots, rows_of, sample, t0)
+        return _Launched(out, seqs, slots, rows_of, sample, t0, prompt, prompt_of)
+
+    def _prompt_rows(
+        self, scheduled: list[ScheduledSeq]
+    ) -> tuple[PromptRows | None, list[tuple[str, bool, int]] | None]:
+        """The prompt positions this step computes log-probs for: the scheduled chunk of a
+        request's first sequence, less the positions an earlier (preempted) run emitted."""
+        rows, owners = PromptRows(), []
+        for i, w in enumerate(scheduled):
+            req = self._requests[w.seq.request_id]
+            n = req.params.prompt_logprobs
+            if n is None or w.seq is not req.seqs[0]:
+                continue
+            first = max(w.start, req.prompt_next - 1)
+            end = min(w.start + w.num_tokens, w.seq.num_prompt_tokens - 1)
+            lead = req.prompt_next == 0
+            span = -1
+            if first < end:
+                span = len(rows.spans)
+                rows.add(i, first, end, w.seq.prompt_ids, n)
+            if lead or span >= 0:
+                owners.append((w.seq.request_id, lead, span))
+                req.prompt_next = max(req.prompt_next, 1, end + 1)
+        return (rows, owners) if owners else (None, None)
 
     def _resolve(self, step: _Launched) -> CoreStep:
         """Read a launched step's tokens and record them (the scheduler decides stops)."""
@@ -279,6 +311,15 @@ class EngineCore:
         stats = _stats(now, now - max(step.t0, self._last_resolved), step.out)
         self._last_resolved = now
         deltas: dict[str, RequestOutput] = {}
+        for rid, lead, span in step.prompt_of or []:
+            req = self._requests.get(rid)
+            if req is None:  # aborted meanwhile
+                continue
+            entries: list[TokenLogprob | None] = [None] if lead else []
+            if span >= 0:
+                assert step.prompt is not None and req.params.prompt_logprobs is not None
+                entries.extend(step.prompt.entries(span, req.params.prompt_logprobs))
+            deltas[rid] = RequestOutput(rid, [], [], prompt_logprobs=entries)
         for row, (seq, slot) in enumerate(zip(step.seqs, step.slots)):
             if seq.is_finished:  # aborted, or it stopped at the step before (async)
                 continue

@@ -19,6 +19,7 @@ from moeserve.engine.expert_store import ExpertCacheStats, ExpertStore
 from moeserve.engine.kv_budget import offload_reserve_bytes, plan_expert_slots, plan_num_blocks
 from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.placement import resolve_device, resolve_kernels
+from moeserve.engine.prompt_logprobs import PromptRows
 from moeserve.engine.runner import Runner, Work, kv_bytes_per_block
 from moeserve.model.backend import ModelBackend
 from moeserve.model.loader import inspect_checkpoint, load_model, resolve_dtype
@@ -138,10 +139,14 @@ class Executor:
         return self.runner.fed_R
 
     def execute(
-        self, work: Sequence[Work], feed: Sequence[int] | None = None
+        self,
+        work: Sequence[Work],
+        feed: Sequence[int] | None = None,
+        prompt: PromptRows | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
-        """Logits [R, V] of the step's sampled rows and, per row, its index into `work`."""
-        return self.runner.execute(work, feed)
+        """Logits [R, V] of the step's sampled rows and, per row, its index into `work`
+        (and, with `prompt`, the prompt log-probs it names: prompt_logprobs.py)."""
+        return self.runner.execute(work, feed, prompt)
 
     def keep_sampled(self, tokens_R: torch.Tensor) -> None:
         self.runner.keep_sampled(tokens_R)

@@ -96,6 +96,10 @@ class LLM:
                         continue
                     for out in delta.outputs:
                         merged.outputs[out.index].merge(out)
+                    if delta.prompt_logprobs is not None:
+                        merged.prompt_logprobs = (merged.prompt_logprobs or []) + (
+                            delta.prompt_logprobs
+                        )
                     if delta.finished:
                         merged.finished, merged.metrics = True, delta.metrics
                         bar.update(1)

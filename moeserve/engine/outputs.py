@@ -74,9 +74,14 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     prompt: str | None = None
+    # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
+    # (nothing precedes it); a delta holds the entries of the prompt chunks it computed.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def absorb(self, later: RequestOutput) -> None:
         """Append a later delta of the same request (coalescing deltas a stream fell behind on)."""
+        if later.prompt_logprobs is not None:
+            self.prompt_logprobs = (self.prompt_logprobs or []) + later.prompt_logprobs
         mine = {o.index: o for o in self.outputs}
         for o in later.outputs:
             if o.index in mine:

@@ -17,6 +17,8 @@ from moeserve.config import ModelConfig
 from moeserve.engine.batch import Work
 from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from moeserve.engine.kv_groups import KVGroups
+from moeserve.engine.prompt_logprobs import PromptRows, compute
+from moeserve.engine.sampler import _to_host
 from moeserve.engine.scheduler import ScheduledSeq
 from moeserve.engine.sequence import Sequence as SeqRecord
 from moeserve.model.decoder import MoEForCausalLM
@@ -324,15 +326,20 @@ class Runner:
         return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
     def execute(
-        self, work: Sequence[Work], feed: Sequence[int] | None = None
+        self,
+        work: Sequence[Work],
+        feed: Sequence[int] | None = None,
+        prompt: PromptRows | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Run one step; returns logits [R, V] (float32, or the model dtype from a decode
         graph: the sampler casts what it needs) and, per row, the index into `work`.
 
         feed: per work item, the row of `fed_R` (the last step's sampled tokens, see
         `keep_sampled`) that holds its input token, or -1 where the host knows it.
+        prompt: prompt positions whose log-probs this step also computes (never a graph
+        replay); `prompt.result` then holds them, copied to the host without waiting.
         """
-        if self.graphs is not None and self.graphs.covers(work):
+        if self.graphs is not None and self.graphs.covers(work) and not (prompt and prompt.spans):
             logits_BV = self.graphs.run(work, feed)
             sampled = [i for i, w in enumerate(work) if w.sample]
             # A view of the graph's buffer: the engine samples from it before the next replay.
@@ -342,6 +349,28 @@ class Runner:
             hidden_TD = self.model(
                 inp.input_ids_T, inp.positions_T, inp.meta, self.kv_caches, self.experts
             )
+        if prompt is not None and prompt.spans:
+            self._prompt_logprobs(work, inp.order, hidden_TD, prompt)
         logits = self.model.compute_logits(hidden_TD[inp.logits_rows])
         sampled = [i for i in inp.order if work[i].sample]
         return logits, sampled
+
+    def _prompt_logprobs(
+        self, work: Sequence[Work], order: list[int], hidden_TD: torch.Tensor, prompt: PromptRows
+    ) -> None:
+        offset, at = {}, 0  # each work item's first row in the flat batch
+        for i in order:
+            offset[i], at = at, at + work[i].num_tokens
+        rows = [
+            offset[i] + p - work[i].start
+            for i, first, end in prompt.spans
+            for p in range(first, end)
+        ]
+        lp = compute(
+            self.model.compute_logits,
+            hidden_TD[self._on_device(rows)],
+            self._on_device(prompt.targets),
+            prompt.n_top,
+            self.model.cfg.vocab_size,
+        )
+        prompt.result = _to_host(lp)

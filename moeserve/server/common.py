@@ -184,6 +184,38 @@ def completion_logprobs(
     return out, offset
 
 
+def prompt_logprobs(
+    prompt_ids: list[int],
+    entries: list[TokenLogprob | None],
+    state: ServerState,
+    generated: CompletionLogprobs,
+) -> CompletionLogprobs:
+    """The legacy format with the prompt's tokens first (echo): its first token's log-prob and
+    alternatives are null, as OpenAI's and vLLM's; `generated` follows."""
+    if len(entries) != len(prompt_ids):  # the engine sends one entry per prompt token
+        raise RuntimeError(f"got {len(entries)} prompt log-probs for {len(prompt_ids)} tokens")
+    out = CompletionLogprobs()
+    offset = 0
+    for token, e in zip(prompt_ids, entries, strict=True):
+        text = state.token_text(token)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if e is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        top = {state.token_text(t): _finite(lp) for t, lp in e.top}
+        top.setdefault(text, _finite(e.logprob))
+        out.token_logprobs.append(_finite(e.logprob))
+        out.top_logprobs.append(top)
+    out.tokens += generated.tokens
+    out.token_logprobs += generated.token_logprobs
+    out.top_logprobs += generated.top_logprobs
+    out.text_offset += generated.text_offset
+    return out
+
+
 def chat_logprobs(entries: list[TokenLogprob], state: ServerState) -> list[ChatTokenLogprob]:
     """The chat format: one entry per token with its bytes and the top alternatives."""
     result = []

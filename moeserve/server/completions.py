@@ -6,6 +6,7 @@ choice `p * n + i` is sample i of prompt p, as in OpenAI's API.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from moeserve.engine.messages import EngineRequest
-from moeserve.engine.outputs import CompletionOutput
+from moeserve.engine.outputs import CompletionOutput, TokenLogprob
 from moeserve.server.common import (
     check_model,
     completion_logprobs,
@@ -24,6 +25,7 @@ from moeserve.server.common import (
     fit_context,
     new_id,
     parse_body,
+    prompt_logprobs,
     refuse_oversized,
     sampling_params,
 )
@@ -62,16 +64,19 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     state.check_admissible()
     req = await parse_body(request, state, CompletionRequest)
     check_model(req, state)
-    if req.echo and req.logprobs is not None:
-        raise bad_request(
-            "echo with logprobs is not supported: this server cannot compute the "
-            "log-probabilities of prompt tokens",
-            param="logprobs",
-        )
+    # echo + logprobs: the prompt tokens' log-probs lead each choice's (lm-evaluation-harness's
+    # log-likelihood requests); with max_tokens 0 one token runs and is dropped, as in vLLM.
+    prompt_lp = bool(req.echo) and req.logprobs is not None
+    if prompt_lp and req.stream:
+        raise bad_request("echo with logprobs is not supported when streaming", param="stream")
+    echo_only = bool(req.echo) and req.max_tokens == 0
+    max_tokens = 1 if echo_only else req.max_tokens
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of is not supported (except equal to n)", param="best_of")
     prompts = split_prompts(req.prompt)
-    params = sampling_params(req, state, logprobs=req.logprobs, max_tokens=req.max_tokens)
+    params = sampling_params(req, state, logprobs=req.logprobs, max_tokens=max_tokens)
+    if prompt_lp:
+        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
     cid = new_id("cmpl")
     request.state.request_id = cid
     if state.config.log_prompts:
@@ -82,13 +87,13 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         reqs = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                refuse_oversized(state, prompt, req.max_tokens)
+                refuse_oversized(state, prompt, max_tokens)
             ids = await state.encode(prompt)
-            p = fit_context(params, len(ids), req.max_tokens, state.client.max_model_len)
+            p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
             text = prompt if isinstance(prompt, str) else None
             reqs.append(EngineRequest(f"{cid}-{i}", ids, p, prompt=text))
         request.state.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
-        job = _Completion(state, req, cid, reqs, ticket, request)
+        job = _Completion(state, req, cid, reqs, ticket, request, echo_only)
         if req.stream:
             return SSEResponse(job.stream(), guard=guard, on_close=ticket.close, request=request)
         return await job.collect()
@@ -107,8 +112,11 @@ class _Completion:
         reqs: list[EngineRequest],
         ticket: Ticket,
         request: Request,
+        echo_only: bool = False,
     ) -> None:
+        """echo_only: max_tokens 0 with echo; the one token generated is not returned."""
         self.state, self.req, self.cid, self.reqs = state, req, cid, reqs
+        self.echo_only = echo_only
         self.ticket, self.request = ticket, request
         self.n = reqs[0].params.n
         self.created = int(time.time())
@@ -136,17 +144,27 @@ class _Completion:
     async def collect(self) -> JSONResponse:
         assert self.state.client is not None
         results = [[CompletionOutput(index=i) for i in range(self.n)] for _ in self.reqs]
+        prompt_lps: list[list[TokenLogprob | None]] = [[] for _ in self.reqs]
         async with aclosing(merged_outputs(self.state.client, self.reqs, self.ticket)) as outs:
             async for p, delta in outs:
+                prompt_lps[p].extend(delta.prompt_logprobs or [])
                 for o in delta.outputs:
                     results[p][o.index].merge(o)
         choices = []
         for p, outputs in enumerate(results):
             for o in outputs:
+                if self.echo_only:  # the token generated to run the prompt is dropped
+                    dropped = None if o.logprobs is None else []
+                    o = CompletionOutput(o.index, logprobs=dropped, finish_reason="length")
                 self.completion_tokens += len(o.token_ids)
                 logprobs = None
                 if o.logprobs is not None:
                     logprobs, _ = completion_logprobs(o.logprobs, self.state, len(self.echo[p]))
+                if self.reqs[p].params.prompt_logprobs is not None:
+                    assert logprobs is not None  # echo + logprobs
+                    logprobs = prompt_logprobs(
+                        self.reqs[p].prompt_ids, prompt_lps[p], self.state, logprobs
+                    )
                 choices.append(
                     CompletionChoice(
                         index=p * self.n + o.index,
