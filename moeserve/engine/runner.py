@@ -18,7 +18,7 @@ from moeserve.engine.batch import Work
 from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.prompt_logprobs import PromptRows, compute
-from moeserve.engine.sampler import _to_host
+from moeserve.engine.sampler import to_host
 from moeserve.engine.scheduler import ScheduledSeq
 from moeserve.engine.sequence import Sequence as SeqRecord
 from moeserve.model.decoder import MoEForCausalLM
@@ -373,4 +373,4 @@ class Runner:
             prompt.n_top,
             self.model.cfg.vocab_size,
         )
-        prompt.result = _to_host(lp)
+        prompt.result = to_host(lp)

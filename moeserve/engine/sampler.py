@@ -60,8 +60,8 @@ class PendingSample:
         self._wants = wants or []  # (row, top-N count) per logprobs row
         self._n_top = n_top
         self._event: torch.cuda.Event | None = None
-        self._tokens = host_tokens_B if host_tokens_B is not None else _to_host(tokens_B)
-        self._lp = _to_host(logprobs_LC) if logprobs_LC is not None else None
+        self._tokens = host_tokens_B if host_tokens_B is not None else to_host(tokens_B)
+        self._lp = to_host(logprobs_LC) if logprobs_LC is not None else None
         if tokens_B.device.type == "cuda":
             self._event = torch.cuda.Event()
             self._event.record()
@@ -101,7 +101,7 @@ def _greedy(logits_BV: torch.Tensor, out_B: torch.Tensor | None) -> PendingSampl
     return PendingSample(logits_BV.argmax(dim=-1), B)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
+def to_host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cuda":
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
