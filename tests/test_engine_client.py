@@ -146,11 +146,11 @@ def test_a_crashing_step_fails_every_open_request(
     calls = {"n": 0}
     real = runner.execute
 
-    def flaky(work: Any, feed: Any = None) -> Any:
+    def flaky(work: Any, feed: Any = None, prompt: Any = None) -> Any:
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("device lost")
-        return real(work, feed)
+        return real(work, feed, prompt)
 
     monkeypatch.setattr(runner, "execute", flaky)
     params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)

@@ -204,7 +204,9 @@ class _Script:
         self.prompts: list[list[int]] = []
         vocab = srv.engine.vocab_size
 
-        def execute(work: Any, feed: Any = None) -> tuple[torch.Tensor, list[int]]:
+        def execute(
+            work: Any, feed: Any = None, prompt: Any = None
+        ) -> tuple[torch.Tensor, list[int]]:
             rows = [i for i, w in enumerate(work) if w.sample]
             logits = torch.full((len(rows), vocab), -30.0)
             for r, i in enumerate(rows):

@@ -126,11 +126,11 @@ def test_dead_engine_fails_open_requests_and_health(ckpt: Path) -> None:
         runner = running.engine.executor.runner
         real, calls = runner.execute, {"n": 0, "die_at": 10**9}
 
-        def flaky(work, feed=None):  # noqa: ANN001, ANN202
+        def flaky(work, feed=None, prompt=None):  # noqa: ANN001, ANN202
             calls["n"] += 1
             if calls["n"] >= calls["die_at"]:
                 raise RuntimeError("device lost")
-            return real(work, feed)
+            return real(work, feed, prompt)
 
         runner.execute = flaky
         http = running.client()
