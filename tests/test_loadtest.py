@@ -20,29 +20,21 @@ from typing import Any
 
 import pytest
 
+from moeserve.assets import demo_model_path
 from moeserve.bench.loadtest import LoadTestConfig, RequestResult, arrival_gaps, run_load
 from moeserve.bench.records import MAX_REQUESTS
 from moeserve.bench.report import parse_goodput, summarize
 from moeserve.bench.workloads import RequestSpec, length_sampler
 from moeserve.cli import main
-from tests.server_fixture import RunningServer, build_checkpoint, serving
+from tests.server_fixture import RunningServer, serving
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        from moeserve.assets import demo_model_path
-
-        return demo_model_path()
-    except (ImportError, ValueError):  # the demo model is not installed: a tiny one
-        return build_checkpoint(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server() -> Iterator[RunningServer]:
     yield from serving(
-        _model_dir(tmp_path_factory),
+        demo_model_path(),  # ships inside the package
         max_model_len=None,  # the model's own context
         engine_kwargs={"expert_cache_slots": 2, "offload_mode": "fetch"},
     )
