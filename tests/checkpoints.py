@@ -19,6 +19,16 @@ SMALL = dict(
     vocab_size=128,
 )
 
+# DeepSeek's yarn as its hub configs give it; each family adds its own mscale pair.
+_YARN: dict[str, Any] = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=4.0,
+    original_max_position_embeddings=64,
+    beta_fast=32,
+    beta_slow=1,
+)
+
 FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": dict(num_local_experts=6),
     "qwen2_moe": dict(
@@ -64,16 +74,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         topk_group=2,
         routed_scaling_factor=1.5,
         first_k_dense_replace=1,
-        rope_parameters=dict(
-            rope_type="yarn",
-            rope_theta=10000.0,
-            factor=4.0,
-            original_max_position_embeddings=64,
-            beta_fast=32,
-            beta_slow=1,
-            mscale=0.707,
-            mscale_all_dim=0.707,
-        ),
+        rope_parameters=_YARN | dict(mscale=0.707, mscale_all_dim=0.707),
     ),
     # MLA with a low-rank q, sigmoid routing with correction bias over 4 groups keeping 2,
     # one shared expert, a dense first layer, yarn whose mscale pair scales the softmax.
@@ -92,16 +93,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         routed_scaling_factor=2.5,
         norm_topk_prob=True,
         first_k_dense_replace=1,
-        rope_parameters=dict(
-            rope_type="yarn",
-            rope_theta=10000.0,
-            factor=4.0,
-            original_max_position_embeddings=64,
-            beta_fast=32,
-            beta_slow=1,
-            mscale=1.0,
-            mscale_all_dim=0.8,
-        ),
+        rope_parameters=_YARN | dict(mscale=1.0, mscale_all_dim=0.8),
     ),
     # Every Llama 4 feature on at tiny sizes: attention chunks shorter than the prompt, NoPE
     # layers (global, temperature-tuned with a floor_scale that matters at these positions)
