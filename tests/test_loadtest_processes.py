@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from moeserve.assets import demo_model_path
 from moeserve.bench import processes
 from moeserve.bench.loadtest import arrival_times
 from moeserve.bench.processes import ProcessRun, run_processes, split
@@ -32,15 +33,15 @@ from moeserve.bench.workloads import RequestSpec, random_workload
 from moeserve.cli import main
 from tests.loadtest_workloads import CRASH_EXIT_CODE, fails_in_client_1
 from tests.server_fixture import MODEL_NAME, RunningServer, serving
-from tests.test_loadtest import DONE, HEAD_200, _chunked, _event, _model_dir, bench
+from tests.test_loadtest import DONE, HEAD_200, _chunked, _event, bench
 
 URL = "http://127.0.0.1:1"  # nobody listens: for what must be refused before any request
 TOKENS = 8000  # per reply of the fast server: 4 requests make a report of some 600 kB
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    yield from serving(_model_dir(tmp_path_factory), max_model_len=None)
+def server() -> Iterator[RunningServer]:
+    yield from serving(demo_model_path(), max_model_len=None)
 
 
 def _numbered() -> Iterator[RequestSpec]:

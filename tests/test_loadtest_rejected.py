@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from moeserve.assets import demo_model_path
 from moeserve.bench.loadtest import LoadTestConfig, RequestResult, RunData
 from moeserve.bench.report import build_report, format_report
 from tests.server_fixture import RunningServer, serving
-from tests.test_loadtest import CLIENTS, _model_dir, _scripted, _writes, bench
+from tests.test_loadtest import CLIENTS, _scripted, _writes, bench
 
 REFUSAL = (
     b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
@@ -21,9 +22,9 @@ REFUSAL = (
 
 
 @pytest.fixture(scope="module")
-def small_queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def small_queue_server() -> Iterator[RunningServer]:
     """A server that queues one request at most: the rest of a burst is refused with 429."""
-    yield from serving(_model_dir(tmp_path_factory), max_model_len=None, max_queued_requests=1)
+    yield from serving(demo_model_path(), max_model_len=None, max_queued_requests=1)
 
 
 def test_a_flood_reports_its_429s_and_their_latency(
