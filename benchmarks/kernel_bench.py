@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moeserve.bench.synthetic import SHAPES  # noqa: E402
 from moeserve.kernels import fused_moe as fm  # noqa: E402
 from moeserve.kernels import moe_gemm as mg  # noqa: E402
+from moeserve.kernels import moe_gemv as mv  # noqa: E402
 from moeserve.kernels.paged_attention import paged_decode_attention  # noqa: E402
 from moeserve.model.families import parse_config  # noqa: E402
 
@@ -109,6 +110,69 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
     return rows
 
 
+def _layer(t: int) -> tuple[torch.Tensor, ...]:
+    """Random bf16 experts, one token batch and its routing (distinct experts per token)."""
+    torch.manual_seed(t)
+    x = torch.randn(t, D, dtype=torch.bfloat16, device="cuda")
+    w1 = torch.randn(E, 2 * F, D, dtype=torch.bfloat16, device="cuda") * 0.02
+    w2 = torch.randn(E, D, F, dtype=torch.bfloat16, device="cuda") * 0.02
+    experts = torch.stack([torch.randperm(E, device="cuda")[:K_TOP] for _ in range(t)])
+    weights = torch.rand(t, K_TOP, device="cuda")
+    return x, w1, w2, experts, weights
+
+
+def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
+    """The per-assignment kernels (kernels.moe_gemv) alone, shipped config and a sweep."""
+    x, w1, w2, experts, _ = _layer(t)
+    touched = experts.unique().numel()
+    experts_R = experts.flatten()
+    h = torch.randn(t * K_TOP, F, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(t * K_TOP, D, dtype=torch.float32, device="cuda")
+    grid = itertools.product((4, 8, 16, 32), (64, 128, 256, 512), (2, 4, 8)) if sweep else ()
+    rows = []
+    for name, n, k in (("gate_up+act", 2 * F, D), ("down", D, F)):
+        base = mv.gemv_config(n // 2 if name != "down" else n, k)
+        for cfg in [base] + [dict(BLOCK_N=a, BLOCK_K=b, num_warps=c) for a, b, c in grid]:
+            if name == "down":
+                fn = lambda cfg=cfg: mv.gemv_down(h, w2, out, experts_R, E, cfg=cfg)  # noqa: E731
+            else:
+                fn = lambda cfg=cfg: mv.gemv_gate_up_act(  # noqa: E731
+                    x, w1, experts_R, K_TOP, E, activation=fm.SILU, cfg=cfg
+                )
+            try:
+                s = bench(fn)
+            except OutOfResources:
+                continue
+            rows.append(
+                {
+                    "gemm": name,
+                    "tokens": t,
+                    "experts": touched,
+                    "config": cfg,
+                    "us": s * 1e6,
+                    "bytes_per_s": touched * n * k * 2 / s,
+                    "shipped": cfg is base,
+                }
+            )
+    return rows
+
+
+def whole_moe(t: int, gemv: bool) -> tuple[float, int]:
+    """Seconds of one fused_moe layer replayed from a CUDA graph (no launch overhead), and the
+    experts it touched."""
+    x, w1, w2, experts, weights = _layer(t)
+    out = torch.empty_like(x)
+    fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv)  # compile
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv)
+    return bench(graph.replay), experts.unique().numel()
+
+
 def attention(b: int, ctx: int) -> dict[str, Any]:
     h, g, x, s = 32, 8, 128, 16
     blocks_per = -(-ctx // s)
@@ -131,6 +195,12 @@ def main() -> int:
     ap.add_argument("--tokens", default="1,8,64,256")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--gemv",
+        action="store_true",
+        help="only the per-assignment kernels (moe_gemv) at --tokens, and the whole layer "
+        "in a CUDA graph with them and with the grouped GEMMs",
+    )
     args = ap.parse_args()
     cfg = parse_config(SHAPES[args.shape])
     E, K_TOP, D, F = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.moe_intermediate_size
@@ -145,6 +215,8 @@ def main() -> int:
             for n, k, st, sk in grid
         ]
     result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": []}
+    if args.gemv:
+        return gemv_report(args, bw, result)
     for t in (int(x) for x in args.tokens.split(",")):
         rows = moe_gemms(t, sweep if t in (1, 8) else None)
         result["moe"] += rows
@@ -161,6 +233,33 @@ def main() -> int:
         r = attention(b, ctx)
         result["attention"].append(r)
         print(f"attention b{b} ctx {ctx}: {r['us']:.1f} us, {r['bytes_per_s'] / bw:.2f} of copy bw")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def gemv_report(args: argparse.Namespace, bw: float, result: dict[str, Any]) -> int:
+    result["layer"] = []
+    for t in (int(x) for x in args.tokens.split(",")):
+        rows = moe_gemvs(t, args.sweep)
+        result["moe"] += rows
+        for gemm in ("gate_up+act", "down"):
+            mine = [r for r in rows if r["gemm"] == gemm]
+            ship = next(r for r in mine if r["shipped"])
+            best = max(mine, key=lambda r: r["bytes_per_s"])
+            print(
+                f"T={t:4d} gemv {gemm:11s} experts {ship['experts']}: shipped {ship['us']:6.1f} "
+                f"us {ship['bytes_per_s'] / bw:.2f} of copy bw; best {best['us']:6.1f} us "
+                f"{best['bytes_per_s'] / bw:.2f} {best['config']}"
+            )
+        (gemv, experts), (grouped, _) = whole_moe(t, True), whole_moe(t, False)
+        floor = experts * 3 * D * F * 2 / bw  # the touched experts' weights, read once
+        result["layer"].append({"tokens": t, "gemv_s": gemv, "grouped_s": grouped})
+        print(
+            f"T={t:4d} whole layer in a graph: gemv {gemv * 1e6:6.1f} us "
+            f"({floor / gemv:.2f} of floor), grouped {grouped * 1e6:6.1f} us "
+            f"({floor / grouped:.2f})"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

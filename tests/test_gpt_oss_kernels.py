@@ -141,14 +141,17 @@ def _routing(T: int, E: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return torch.topk(probs_TE, K, dim=-1)
 
 
-@pytest.mark.parametrize(("T", "split_k"), [(1, 1), (6, 1), (1, 3), (5, 2)])
-def test_fused_biased_clamped_experts(T: int, split_k: int) -> None:
+@pytest.mark.parametrize(
+    ("T", "split_k", "gemv"),
+    [(1, 1, False), (6, 1, False), (1, 3, False), (5, 2, False), (1, None, True), (3, None, True)],
+)
+def test_fused_biased_clamped_experts(T: int, split_k: int | None, gemv: bool) -> None:
     E, D, F_, K = 5, 40, 48, 2
     moe = _gpt_oss_moe(E, D, F_, K, seed=T)
     x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(T + 1))
     weights_TK, experts_TK = _routing(T, E, K, seed=T + 2)
     want = moe.experts(x_TD, weights_TK, experts_TK)
-    kw = dict(b_gate_up_EF=moe.b_gate_up, b_down_ED=moe.b_down, split_k=split_k)
+    kw = dict(b_gate_up_EF=moe.b_gate_up, b_down_ED=moe.b_down, split_k=split_k, gemv=gemv)
     act = ("clamped_swiglu", moe.activation.alpha, moe.activation.limit)
     got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, activation=act, **kw)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -174,6 +177,7 @@ def test_fused_biased_clamped_experts(T: int, split_k: int) -> None:
         b_down_ED=b[1],
         activation=act,
         split_k=split_k,
+        gemv=gemv,
     )
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -161,6 +161,39 @@ def test_sentinel_rows_give_zero(split_k: int) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 4])
+def test_gemv_path_matches_readable(T: int) -> None:
+    """The per-assignment kernels (kernels.moe_gemv): slots, sentinels and the residual add."""
+    E, K, D, F_ = 5, 3, 40, 56  # tails in every block dimension
+    moe = _moe(E, D, F_, K, torch.float32, "cpu", seed=20 + T)
+    g = torch.Generator().manual_seed(21)
+    x_TD, res_TD = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+    weights_TK, experts_TK = _routing(T, E, K, seed=22)
+    experts_TK[0, 1] = E  # one assignment routes nowhere
+    dropped = experts_TK >= E
+    want = moe.experts(
+        x_TD, weights_TK.masked_fill(dropped, 0.0), experts_TK.masked_fill(dropped, 0)
+    )
+    slot_E = torch.tensor([2, 6, 0, 4, 1])
+    gate_up = torch.full((7, 2 * F_, D), float("nan"))
+    down = torch.full((7, D, F_), float("nan"))
+    gate_up[slot_E] = moe.w_gate_up
+    down[slot_E] = moe.w_down
+    got = fused_moe(
+        x_TD,
+        gate_up,
+        down,
+        weights_TK,
+        experts_TK,
+        expert_slot_E=slot_E,
+        gemv=True,
+        residual_TD=res_TD,
+    )
+    torch.testing.assert_close(got, res_TD + want, rtol=1e-5, atol=1e-5)
+    grouped = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, gemv=False)
+    torch.testing.assert_close(got - res_TD, grouped, rtol=1e-5, atol=1e-5)
+
+
 def test_silu_mul_matches_torch() -> None:
     g = torch.Generator().manual_seed(11)
     wide = torch.randn(5, 2 * 40 + 6, generator=g) * 4
@@ -240,6 +273,22 @@ def test_gpu_bf16_accuracy(T: int) -> None:
         # here and there. 1.5x plus a quarter half-ulp leaves room for that without letting a
         # real bug through: a wrong row, expert or weight gives errors of order 1.
         assert fused <= 1.5 * readable + 2**-11, (fused, readable)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("T", "F_"), [(1, 1408), (1, 2880), (4, 768)])
+def test_gpu_gemv_bf16_accuracy(T: int, F_: int) -> None:
+    """The per-assignment kernels at decode sizes, on the intermediate widths of DeepSeek-V2,
+    gpt-oss and Qwen3 experts: errors as small as the readable path's (see above)."""
+    E, K, D = 16, 4, 2048
+    for seed in range(2):
+        moe = _moe(E, D, F_, K, torch.bfloat16, "cuda", seed=seed)
+        x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        weights_TK, experts_TK = _routing(T, E, K, seed=seed + 100, device="cuda")
+        ref = _f64_reference(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK)
+        readable = _rel_err(moe.experts(x_TD, weights_TK, experts_TK), ref)
+        got = fused_moe(x_TD, moe.w_gate_up, moe.w_down, weights_TK, experts_TK, gemv=True)
+        assert _rel_err(got, ref) <= 1.5 * readable + 2**-11, (_rel_err(got, ref), readable)
 
 
 @pytest.mark.gpu

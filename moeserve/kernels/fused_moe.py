@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting
+from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
+from moeserve.kernels.moe_gemv import GEMV_MAX_TOKENS, gemv_down, gemv_gate_up_act
 
 
 def moe_align(
@@ -71,12 +73,6 @@ def moe_align(
 
 
 @triton.jit
-def _rnd(x, like_ptr):
-    """x rounded to the tensor's dtype, back in float32 (where a torch op would round)."""
-    return x.to(like_ptr.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
 def _silu_mul_kernel(
     gate_up_ptr,
     out_ptr,
@@ -107,29 +103,17 @@ def _silu_mul_kernel(
         gate += tl.load(base, mask=ok, other=0.0).to(tl.float32)
         up += tl.load(base + F, mask=ok, other=0.0).to(tl.float32)
     if SPLIT > 1:
-        gate = _rnd(gate, out_ptr)
-        up = _rnd(up, out_ptr)
+        gate = rnd(gate, out_ptr)
+        up = rnd(up, out_ptr)
     if HAS_BIAS:  # x @ W + b: added to the rounded product, rounded again
         # Sentinel rows (expert >= E) are garbage nobody reads: any real expert's bias will do.
         expert = tl.minimum(tl.load(experts_ptr + row), num_experts - 1)
         if HAS_SLOT:
             expert = tl.load(slot_ptr + expert)
         b_row = bias_ptr + expert.to(tl.int64) * stride_bias + offs
-        gate = _rnd(gate + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
-        up = _rnd(up + tl.load(b_row + F, mask=ok, other=0.0).to(tl.float32), out_ptr)
-    if CLAMPED:
-        # (up + 1) * gate * sigmoid(alpha * gate), gate clamped above and up on both sides;
-        # rounded after each op as the reference's torch ops round.
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        sig = _rnd(1.0 / (1.0 + tl.exp(-_rnd(gate * alpha, out_ptr))), out_ptr)
-        glu = _rnd(gate * sig, out_ptr)
-        h = (_rnd(up + 1.0, out_ptr) * glu).to(out_ptr.dtype.element_ty)
-    else:
-        # torch's F.silu(gate) * up rounds twice, after the silu and after the product: so do
-        # we, and with torch's formula for silu.
-        silu = _rnd(gate / (1.0 + tl.exp(-gate)), out_ptr)
-        h = (silu * up).to(out_ptr.dtype.element_ty)
+        gate = rnd(gate + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
+        up = rnd(up + tl.load(b_row + F, mask=ok, other=0.0).to(tl.float32), out_ptr)
+    h = activate(gate, up, out_ptr, alpha, limit, CLAMPED)
     tl.store(out_ptr + row * stride_out + offs, h, mask=ok)
 
 
@@ -228,13 +212,13 @@ def _sum_split_kernel(
         # As the unsplit GEMM 2 and the sum after it: expert output rounded, weighed, rounded,
         # then the k terms added in float32 and rounded once.
         w = tl.load(weights_ptr + t * TOP_K + k).to(tl.float32)
-        y = _rnd(acc, out_ptr)
+        y = rnd(acc, out_ptr)
         if HAS_BIAS:  # the expert's bias on its rounded output, rounded again
             idx = tl.minimum(expert, num_experts - 1)  # a sentinel's term is dropped below
             if HAS_SLOT:
                 idx = tl.load(slot_ptr + idx)
             b_row = bias_ptr + idx.to(tl.int64) * stride_bias + offs
-            y = _rnd(y + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
+            y = rnd(y + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
         y = (y * w).to(out_ptr.dtype.element_ty)
         total += tl.where(expert < num_experts, y.to(tl.float32), 0.0)  # sentinel: no term
     out = total.to(out_ptr.dtype.element_ty)
@@ -248,6 +232,46 @@ def _sum_split_kernel(
 # kernel weighs, sums over k and adds the residual: at decode sizes the unsplit path's zero
 # fill, sum and residual add are three launches of a few microseconds each, per layer.
 SUM_KERNEL_MAX_TOKENS = 64
+
+
+def _sum_over_k(
+    part_SRD: torch.Tensor,
+    experts_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    out_TD: torch.Tensor,
+    residual_TD: torch.Tensor | None,
+    b_down_ED: torch.Tensor | None,
+    expert_slot_E: torch.Tensor | None,
+    num_experts: int,
+) -> torch.Tensor:
+    """out[t] (+ residual[t]) = sum_k weights[t,k] * round(sum_s part[s, t*K+k] + bias)."""
+    T, D = out_TD.shape
+    block_d = 16 if interpreting() else min(1024 if T > 16 else 256, pow2_at_least_16(D))
+    res = residual_TD if residual_TD is not None else out_TD  # unused pointer when absent
+    assert res.stride(1) == 1
+    assert b_down_ED is None or b_down_ED.stride(1) == 1
+    _sum_split_kernel[(T, triton.cdiv(D, block_d))](
+        part_SRD,
+        experts_TK.contiguous(),
+        weights_TK.to(torch.float32).contiguous(),
+        out_TD,
+        res,
+        b_down_ED if b_down_ED is not None else out_TD,  # unused pointers without a bias
+        expert_slot_E if expert_slot_E is not None else out_TD,
+        D,
+        num_experts,
+        part_SRD.stride(0),
+        out_TD.stride(0),
+        res.stride(0),
+        b_down_ED.stride(0) if b_down_ED is not None else 0,
+        SPLIT=part_SRD.shape[0],
+        TOP_K=experts_TK.shape[1],
+        BLOCK_D=block_d,
+        RESIDUAL=residual_TD is not None,
+        HAS_BIAS=b_down_ED is not None,
+        HAS_SLOT=expert_slot_E is not None,
+    )
+    return out_TD
 
 
 def fused_moe(
@@ -265,6 +289,7 @@ def fused_moe(
     b_gate_up_EF: torch.Tensor | None = None,
     b_down_ED: torch.Tensor | None = None,
     activation: Activation = SILU,
+    gemv: bool | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
 
@@ -279,6 +304,8 @@ def fused_moe(
     caller computed it already (moe_routing.route_and_align). split_k: K splits of both
     GEMMs instead of the config's (tests). residual_TD: returns residual + out instead (the
     decoder layer's residual add, done in the sum over k when K is split: one launch fewer).
+    gemv: the per-assignment kernels of kernels.moe_gemv instead of the grouped GEMMs
+    (default: for at most GEMV_MAX_TOKENS tokens, unless split_k is given).
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
@@ -288,6 +315,36 @@ def fused_moe(
     dtype, device = x_TD.dtype, x_TD.device
     if out_TD is None:
         out_TD = torch.empty(T, D, dtype=dtype, device=device)
+
+    alloc = torch.zeros if interpreting() else torch.empty
+    if gemv is None:
+        gemv = split_k is None and T <= GEMV_MAX_TOKENS
+    if gemv:
+        experts_R = experts_TK.reshape(R)
+        h_RF = gemv_gate_up_act(
+            x_TD,
+            w_gate_up_EF2D,
+            experts_R,
+            K,
+            num_experts,
+            expert_slot_E=expert_slot_E,
+            bias_EF2=b_gate_up_EF,
+            activation=activation,
+        )
+        part_SRD = alloc(1, R, D, dtype=torch.float32, device=device)
+        gemv_down(
+            h_RF, w_down_EDF, part_SRD[0], experts_R, num_experts, expert_slot_E=expert_slot_E
+        )
+        return _sum_over_k(
+            part_SRD,
+            experts_TK,
+            weights_TK,
+            out_TD,
+            residual_TD,
+            b_down_ED,
+            expert_slot_E,
+            num_experts,
+        )
 
     cfg_up = gemm_config(T, num_experts, K, 2 * F, D, dtype)
     cfg_down = gemm_config(T, num_experts, K, D, F, dtype)
@@ -300,7 +357,6 @@ def fused_moe(
 
     # Rows of sentinel assignments are never written by GEMM 1 nor read by GEMM 2; under the
     # interpreter silu_mul's numpy would warn about the garbage in them, so zero them there.
-    alloc = torch.zeros if interpreting() else torch.empty
     split_up, split_down = cfg_up["SPLIT_K"], cfg_down["SPLIT_K"]
     if split_up > 1:
         gate_up_RF2 = alloc(split_up, R, 2 * F, dtype=torch.float32, device=device)
@@ -340,32 +396,16 @@ def fused_moe(
             1,
             cfg_down,
         )
-        block_d = 16 if interpreting() else min(1024 if T > 16 else 256, pow2_at_least_16(D))
-        res = residual_TD if residual_TD is not None else out_TD  # unused pointer when absent
-        assert res.stride(1) == 1
-        assert b_down_ED is None or b_down_ED.stride(1) == 1
-        _sum_split_kernel[(T, triton.cdiv(D, block_d))](
+        return _sum_over_k(
             part_SRD,
-            experts_TK.contiguous(),
-            weights_TK.to(torch.float32).contiguous(),
+            experts_TK,
+            weights_TK,
             out_TD,
-            res,
-            b_down_ED if b_down_ED is not None else out_TD,  # unused pointers without a bias
-            expert_slot_E if expert_slot_E is not None else out_TD,
-            D,
+            residual_TD,
+            b_down_ED,
+            expert_slot_E,
             num_experts,
-            part_SRD.stride(0),
-            out_TD.stride(0),
-            res.stride(0),
-            b_down_ED.stride(0) if b_down_ED is not None else 0,
-            SPLIT=split_down,
-            TOP_K=K,
-            BLOCK_D=block_d,
-            RESIDUAL=residual_TD is not None,
-            HAS_BIAS=b_down_ED is not None,
-            HAS_SLOT=expert_slot_E is not None,
         )
-        return out_TD
     # Zeroed because GEMM 2 skips sentinel assignments and the sum below reads every row.
     y_RD = torch.zeros(R, D, dtype=dtype, device=device)
     moe_gemm(
