@@ -39,17 +39,6 @@ def gemv_config(N: int, K: int) -> dict[str, int]:
 
 
 @triton.jit
-def _expert_of(experts_ptr, slot_ptr, r, num_experts, HAS_SLOT: tl.constexpr):
-    """The weight index of assignment r, or -1 for a sentinel."""
-    expert = tl.load(experts_ptr + r)
-    if expert >= num_experts:
-        return -1
-    if HAS_SLOT:
-        expert = tl.load(slot_ptr + expert)
-    return expert.to(tl.int64)
-
-
-@triton.jit
 def _gate_up_act_kernel(
     x_ptr,  # [T, K]
     w_ptr,  # [slots, 2F, K]: gate rows then up rows
@@ -75,9 +64,11 @@ def _gate_up_act_kernel(
     BLOCK_K: tl.constexpr,
 ):
     r = tl.program_id(1).to(tl.int64)
-    expert = _expert_of(experts_ptr, slot_ptr, r, num_experts, HAS_SLOT)
-    if expert < 0:
+    expert = tl.load(experts_ptr + r).to(tl.int64)
+    if expert >= num_experts:  # a sentinel: the sum over k drops its row
         return
+    if HAS_SLOT:
+        expert = tl.load(slot_ptr + expert).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)
@@ -121,9 +112,11 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
 ):
     r = tl.program_id(1).to(tl.int64)
-    expert = _expert_of(experts_ptr, slot_ptr, r, num_experts, HAS_SLOT)
-    if expert < 0:
+    expert = tl.load(experts_ptr + r).to(tl.int64)
+    if expert >= num_experts:  # a sentinel: the sum over k drops its row
         return
+    if HAS_SLOT:
+        expert = tl.load(slot_ptr + expert).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
