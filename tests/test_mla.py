@@ -13,8 +13,8 @@ import torch
 
 from moeserve.config import ModelConfig
 from moeserve.engine.runner import allocate_kv_cache, kv_bytes_per_block
-from moeserve.model.families import _common
-from moeserve.model.families_mla import mla_fields
+from moeserve.model.families import TRANSFORMS, _common
+from moeserve.model.families_mla import mla_fields, plan_mla_attention
 from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.mla import LatentAttention, MLAttention, mla_softmax_scale
 from moeserve.model.rotary import Rotary
@@ -81,25 +81,18 @@ def _ours(cfg: ModelConfig, ref: Any, decode_kernel: bool) -> MLAttention:
     layer = MLAttention(
         cfg, 0, torch.float32, torch.device("cpu"), None, LatentAttention(decode_kernel)
     )
-    names = {
-        "q_proj.weight": "q_weight",
-        "q_a_proj.weight": "q_a_weight",
-        "q_a_proj.bias": "q_a_bias",
-        "q_a_layernorm.weight": "q_a_norm",
-        "q_b_proj.weight": "q_b_weight",
-        "kv_a_proj_with_mqa.weight": "kv_a_weight",
-        "kv_a_proj_with_mqa.bias": "kv_a_bias",
-        "kv_a_layernorm.weight": "kv_a_norm",
-        "kv_b_proj.weight": "kv_b_weight",
-        "o_proj.weight": "o_weight",
-        "o_proj.bias": "o_bias",
-    }
+    # The loader's plan for this layer (with its row transforms: interleaved rope folded).
+    plan: dict[str, tuple] = {}
+    plan_mla_attention(plan, cfg, "l", "d")
     ours = dict(layer.named_parameters())
     theirs = dict(ref.named_parameters())
-    assert {names[n] for n in theirs} == set(ours)
+    assert {plan[f"l.self_attn.{n}"][0].removeprefix("d.attn.") for n in theirs} == set(ours)
     with torch.no_grad():
         for n, p in theirs.items():
-            ours[names[n]].copy_(p)
+            dst, _, *transform = plan[f"l.self_attn.{n}"]
+            for t in transform:
+                p = TRANSFORMS[t](p)
+            ours[dst.removeprefix("d.attn.")].copy_(p)
     return layer
 
 

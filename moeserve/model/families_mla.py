@@ -4,10 +4,14 @@ model/mla.py computes with them; families.py registers the parsers and plans."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
+
+import torch
 
 from moeserve.config import ConfigError, ModelConfig
 from moeserve.model.deepseek_moe import deepseek_moe_fields, plan_deepseek_moe
+from moeserve.model.families import TRANSFORMS
 
 Plan = dict[str, tuple]
 
@@ -40,20 +44,45 @@ def mla_fields(raw: dict[str, Any], *, always_interleaved: bool) -> dict[str, An
     )
 
 
+def _rope_pairs_to_halves(w: torch.Tensor, group: int, rope: int) -> torch.Tensor:
+    """Rows [n * group, ...] whose last `rope` rows of each group hold interleaved rotary pairs
+    (2i, 2i+1): those moved to rotate-half order (i, rope/2 + i), the other rows kept."""
+    g = w.reshape(w.shape[0] // group, group, *w.shape[1:])
+    pairs = g[:, group - rope :].reshape(g.shape[0], rope // 2, 2, *w.shape[1:])
+    halves = pairs.transpose(1, 2).reshape(g.shape[0], rope, *w.shape[1:])
+    return torch.cat((g[:, : group - rope], halves), dim=1).reshape(w.shape)
+
+
+def _rope_transform(group: int, rope: int) -> str:
+    name = f"mla_rope_pairs_to_halves_{group}_{rope}"
+    TRANSFORMS.setdefault(name, partial(_rope_pairs_to_halves, group=group, rope=rope))
+    return name
+
+
 def plan_mla_attention(plan: Plan, cfg: ModelConfig, src: str, dst: str) -> None:
-    """One layer's MLA projections and norms -> model/mla.py MLAttention's parameters."""
+    """One layer's MLA projections and norms -> model/mla.py MLAttention's parameters.
+
+    Interleaved rotary pairs (DeepSeek-V2, V3 by default) are moved to rotate-half order in
+    the rows of the q projection (each head's rope part) and of kv_a (its rope part) at load:
+    q and the cached k_rope then rotate as halves, their dot products unchanged, and no step
+    reorders them."""
     attn, out = f"{src}.self_attn", f"{dst}.attn"
     names = {"kv_a_proj_with_mqa": "kv_a", "o_proj": "o"}
+    r = cfg.head_dim
+    fold = cfg.rope_interleave
+    q_rows = (_rope_transform(cfg.qk_nope_head_dim + r, r),) if fold else ()
+    kv_rows = (_rope_transform(cfg.kv_lora_rank + r, r),) if fold else ()
     if cfg.q_lora_rank is None:
-        plan[f"{attn}.q_proj.weight"] = (f"{out}.q_weight", ())
+        plan[f"{attn}.q_proj.weight"] = (f"{out}.q_weight", (), *q_rows)
     else:
         names["q_a_proj"] = "q_a"
-        plan[f"{attn}.q_b_proj.weight"] = (f"{out}.q_b_weight", ())
+        plan[f"{attn}.q_b_proj.weight"] = (f"{out}.q_b_weight", (), *q_rows)
         plan[f"{attn}.q_a_layernorm.weight"] = (f"{out}.q_a_norm", ())
     for hub, ours in names.items():
-        plan[f"{attn}.{hub}.weight"] = (f"{out}.{ours}_weight", ())
+        rows = kv_rows if ours == "kv_a" else ()
+        plan[f"{attn}.{hub}.weight"] = (f"{out}.{ours}_weight", (), *rows)
         if cfg.attention_bias:
-            plan[f"{attn}.{hub}.bias"] = (f"{out}.{ours}_bias", ())
+            plan[f"{attn}.{hub}.bias"] = (f"{out}.{ours}_bias", (), *rows)
     plan[f"{attn}.kv_a_layernorm.weight"] = (f"{out}.kv_a_norm", ())
     plan[f"{attn}.kv_b_proj.weight"] = (f"{out}.kv_b_weight", ())
 

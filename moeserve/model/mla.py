@@ -145,10 +145,7 @@ class MLAttention(nn.Module):
         self.scale = mla_softmax_scale(cfg)
 
     def _rotate(self, x_THR: torch.Tensor, cos_sin: CosSin) -> torch.Tensor:
-        if self.cfg.rope_interleave:
-            # Pairs (x0, x1), (x2, x3)... rotate together: as rotate-half on the evens then the
-            # odds. q and k are laid out alike, so their dot products are the reference's.
-            x_THR = torch.cat((x_THR[..., 0::2], x_THR[..., 1::2]), dim=-1)
+        # Interleaved pairs were moved to rotate-half order at load (families_mla.py).
         cos, sin = cos_sin.pair()
         return apply_rotary(x_THR, cos, sin)
 
