@@ -13,6 +13,8 @@ import torch
 
 from moeserve.config import ModelConfig
 from moeserve.engine.runner import allocate_kv_cache, kv_bytes_per_block
+from moeserve.model import backend as backend_module
+from moeserve.model.backend import ModelBackend
 from moeserve.model.families import TRANSFORMS, _common
 from moeserve.model.families_mla import mla_fields, plan_mla_attention
 from moeserve.model.metadata import AttentionMetadata
@@ -77,9 +79,10 @@ def _reference(case: dict[str, Any]) -> tuple[Any, Any, ModelConfig]:
     return attn, rotary, ours
 
 
-def _ours(cfg: ModelConfig, ref: Any, decode_kernel: bool) -> MLAttention:
+def _ours(cfg: ModelConfig, ref: Any, decode_kernel: bool, fused: bool = False) -> MLAttention:
+    backend = ModelBackend(triton=True) if fused else None
     layer = MLAttention(
-        cfg, 0, torch.float32, torch.device("cpu"), None, LatentAttention(decode_kernel)
+        cfg, 0, torch.float32, torch.device("cpu"), backend, LatentAttention(decode_kernel)
     )
     # The loader's plan for this layer (with its row transforms: interleaved rope folded).
     plan: dict[str, tuple] = {}
@@ -122,13 +125,21 @@ def _meta(steps: list[tuple[int, int, list[int]]]) -> AttentionMetadata:
     )
 
 
-@pytest.mark.parametrize("decode_kernel", [False, True], ids=["torch", "triton-interpreted"])
+@pytest.mark.parametrize(
+    ("decode_kernel", "fused"),
+    [(False, False), (True, False), (True, True)],
+    ids=["torch", "triton-interpreted", "triton-fused-norm-rope"],
+)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_mla_layer_matches_transformers(case: str, decode_kernel: bool) -> None:
+def test_mla_layer_matches_transformers(
+    case: str, decode_kernel: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if decode_kernel:
         pytest.importorskip("triton")
+    if fused:  # every batch takes the norm and rotary kernels (on CUDA: graph-captured ones)
+        monkeypatch.setattr(backend_module, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
     ref, ref_rotary, cfg = _reference(CASES[case])
-    layer = _ours(cfg, ref, decode_kernel)
+    layer = _ours(cfg, ref, decode_kernel, fused)
     rotary = Rotary(cfg, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(3)
     a_len, b_len, decodes = 13, 9, 6

@@ -25,7 +25,7 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.model.attention import KVCache
-from moeserve.model.backend import ModelBackend
+from moeserve.model.backend import ModelBackend, fused_rms_norm
 from moeserve.model.layers import rms_norm, sdpa_decode
 from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.params import empty_param
@@ -124,6 +124,7 @@ class MLAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.impl = impl
+        self.backend = backend
         h, d, c, r = cfg.num_heads, cfg.hidden_size, cfg.kv_lora_rank, cfg.head_dim
         p, w = cfg.qk_nope_head_dim, cfg.v_head_dim
         kw = dict(dtype=dtype, device=device)
@@ -169,18 +170,33 @@ class MLAttention(nn.Module):
         cfg = self.cfg
         t, h, c, p = x_TD.shape[0], cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim
         eps = cfg.rms_norm_eps
+        # The Triton norm and rotary kernels (one launch each) where the backend takes them for
+        # this batch: at decode the readable ops are some twenty launches a layer.
+        fused = self.backend is not None and self.backend.fused_elementwise(x_TD)
+        norm = fused_rms_norm if fused else rms_norm
         if self.q_weight is not None:
             q_TX = F.linear(x_TD, self.q_weight)
         else:
-            q_a = rms_norm(F.linear(x_TD, self.q_a_weight, self.q_a_bias), self.q_a_norm, eps)
+            q_a = norm(F.linear(x_TD, self.q_a_weight, self.q_a_bias), self.q_a_norm, eps)
             q_TX = F.linear(q_a, self.q_b_weight)
         q_THX = q_TX.view(t, h, -1)
-        q_nope_THP, q_rope_THR = q_THX[..., :p], self._rotate(q_THX[..., p:], cos_sin)
         kv_TY = F.linear(x_TD, self.kv_a_weight, self.kv_a_bias)
-        latent_TC = rms_norm(kv_TY[:, :c], self.kv_a_norm, eps)
-        k_rope_TR = self._rotate(kv_TY[:, None, c:], cos_sin)[:, 0]
+        if fused:
+            from moeserve.kernels.norm_rope import apply_rotary_
+
+            # q's and k's rope parts rotated in place, in one launch; the normalised latent
+            # then overwrites its raw part, and kv_TY is the cache row.
+            cos, sin, pos = cos_sin.for_kernel()
+            apply_rotary_(q_THX[..., p:], kv_TY[:, None, c:], cos, sin, positions_T=pos)
+            kv_TY[:, :c] = norm(kv_TY[:, :c], self.kv_a_norm, eps)
+            q_rope_THR, rows_TY = q_THX[..., p:], kv_TY
+        else:
+            q_rope_THR = self._rotate(q_THX[..., p:], cos_sin)
+            latent_TC = rms_norm(kv_TY[:, :c], self.kv_a_norm, eps)
+            k_rope_TR = self._rotate(kv_TY[:, None, c:], cos_sin)[:, 0]
+            rows_TY = torch.cat((latent_TC, k_rope_TR), dim=-1)
+        q_nope_THP = q_THX[..., :p]
         (cache_NS1Y,) = kv_cache
-        rows_TY = torch.cat((latent_TC, k_rope_TR), dim=-1)
         cache_NS1Y.view(-1, rows_TY.shape[1]).index_copy_(0, meta.slot_mapping_T, rows_TY)
 
         out_THW = q_THX.new_empty(t, h, cfg.v_head_dim)
