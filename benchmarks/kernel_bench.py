@@ -39,13 +39,16 @@ E, K_TOP, D, F = 8, 2, 4096, 14336
 
 def bench(fn: Any, reps: int = 50) -> float:
     """Median seconds of fn() over reps, with an L2-flushing copy between calls."""
-    # Large enough that zeroing it outlasts the host's launch of fn (Triton's launcher takes
-    # tens of us): the timed span then holds the kernel alone, not the launch latency.
-    flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    # Large enough that reading it outlasts the host's launch of fn (Triton's launcher takes
+    # tens of us): the timed span then holds the kernel alone, not the launch latency. Read,
+    # not written: a zero fill left the L2 full of dirty lines whose write-back the timed
+    # kernel paid (about 12 us, most of a decode GEMM's time; figures before 2026-12-03
+    # evening include it).
+    flush = torch.ones(64 * 2**20, dtype=torch.int64, device="cuda")
     fn()
     times = []
     for _ in range(reps):
-        flush.zero_()
+        flush.sum()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
