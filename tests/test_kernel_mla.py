@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from moeserve.kernels import mla_attention as mla_module  # noqa: E402
 from moeserve.kernels.mla_attention import mla_decode_attention  # noqa: E402
-from moeserve.kernels.paged_attention import PARTITION_SIZE as P  # noqa: E402
+from moeserve.kernels.mla_attention import PARTITION_SIZE as P  # noqa: E402
 from moeserve.model.metadata import AttentionMetadata  # noqa: E402
 from moeserve.model.mla import LatentAttention  # noqa: E402
 
@@ -101,10 +101,11 @@ def test_matches_readable_path(heads, latent, rope, block, ctxs):
     torch.testing.assert_close(_kernel(case, scale), _readable(case, scale), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cap", ["MAX_PROGRAMS", "MAX_PARTS"])
 @pytest.mark.parametrize("max_programs", [1, 3])
-def test_programs_take_interleaved_partitions(monkeypatch, max_programs):
+def test_programs_take_interleaved_partitions(monkeypatch, max_programs, cap):
     """Fewer programs than partitions: program j walks j, j + J, ...; J == 1 skips the merge."""
-    monkeypatch.setattr(mla_module, "MAX_PROGRAMS", max_programs)
+    monkeypatch.setattr(mla_module, cap, max_programs)
     case = _make_case(4, 16, 8, 16, [4 * P + 11], extra_cols=P // 16, seed=max_programs)
     torch.testing.assert_close(_kernel(case, 0.3), _readable(case, 0.3), atol=1e-5, rtol=1e-5)
 

@@ -27,7 +27,7 @@ import triton.language as tl
 from moeserve.kernels import interpreting
 from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
-from moeserve.kernels.moe_gemv import GEMV_MAX_TOKENS, gemv_down, gemv_gate_up_act
+from moeserve.kernels.moe_gemv import gemv_down, gemv_gate_up_act, takes_gemv
 
 
 def moe_align(
@@ -305,7 +305,7 @@ def fused_moe(
     GEMMs instead of the config's (tests). residual_TD: returns residual + out instead (the
     decoder layer's residual add, done in the sum over k when K is split: one launch fewer).
     gemv: the per-assignment kernels of kernels.moe_gemv instead of the grouped GEMMs
-    (default: for at most GEMV_MAX_TOKENS tokens, unless split_k is given).
+    (default: moe_gemv.takes_gemv, unless split_k is given).
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
@@ -318,7 +318,7 @@ def fused_moe(
 
     alloc = torch.zeros if interpreting() else torch.empty
     if gemv is None:
-        gemv = split_k is None and T <= GEMV_MAX_TOKENS
+        gemv = split_k is None and takes_gemv(T, F)
     if gemv:
         experts_R = experts_TK.reshape(R)
         h_RF = gemv_gate_up_act(

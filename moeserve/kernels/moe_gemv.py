@@ -25,10 +25,18 @@ import triton.language as tl
 from moeserve.kernels import interpreting
 from moeserve.kernels.moe_epilogue import activate, rnd
 
-# Up to this many tokens the fused MoE takes these kernels (kernels.fused_moe): beyond it the
-# experts repeat across tokens, and the grouped GEMM reads each expert's weights once for all
-# its rows where these would read them once per row (benchmarks/kernel_bench.py --gemv).
+# Up to this many tokens, and for experts up to this intermediate width, the fused MoE takes
+# these kernels (kernels.fused_moe). Beyond that many tokens the experts repeat across tokens,
+# and the grouped GEMM reads each expert's weights once for all its rows where these read them
+# once per row; for wide experts the grouped GEMM's K splits already fill the device. Batch-1
+# decode on an H200 (benchmarks/RESULTS.md): Qwen3-30B-A3B (F 768) and DeepSeek-V2-Lite (F
+# 1408) 4% faster with these, gpt-oss-20b (F 2880) 6% slower.
 GEMV_MAX_TOKENS = 1
+GEMV_MAX_INTERMEDIATE = 2048
+
+
+def takes_gemv(num_tokens: int, intermediate: int) -> bool:
+    return num_tokens <= GEMV_MAX_TOKENS and intermediate <= GEMV_MAX_INTERMEDIATE
 
 
 def gemv_config(N: int, K: int) -> dict[str, int]:
