@@ -363,6 +363,10 @@ class Scheduler:
         if any(s.num_tokens != 1 for s in out.scheduled):
             return True  # a prefill runs anyway: the step is eager already
         head = self._waiting[0]
+        if self.share_prompts and any(
+            s.status is SeqStatus.RUNNING for s in self._by_request[head.request_id]
+        ):
+            return True  # a sibling joining its running request: the request started already
         if self._num_schedules - self._queued_at.get(head.seq_id, 0) > self.admission_wait_steps:
             return True
         free = self.max_num_seqs - len(self._running)
