@@ -9,21 +9,35 @@ prefix's, and that every block's reference count is exactly the number of tables
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from moeserve import LLM, SamplingParams
+from moeserve.config import EngineConfig
 from moeserve.engine.block_pool import BlockPool, NoFreeBlocks
 from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.messages import EngineRequest
+from moeserve.engine.outputs import StepStats
 from moeserve.engine.prefix_cache import block_hash, extend_hashes
 from moeserve.engine.runner import kv_bytes_per_block
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput
 from moeserve.engine.sequence import PENDING, SeqStatus, Sequence
+from moeserve.metrics import Metrics
 from tests.checkpoints import FAMILIES, make_checkpoint
+from tests.server_fixture import (
+    GREEDY,
+    MODEL_NAME,
+    RunningServer,
+    build_checkpoint,
+    serving,
+    sse_events,
+)
 
 BS = 4
 _ids = itertools.count()
@@ -346,3 +360,89 @@ def test_n_choices_compute_the_prompt_once(qwen: Path, caching: bool) -> None:
         [want] = fresh.generate([prompt], single)
         assert outs[i] == want.outputs[0].token_ids, i
     _pool_settled(llm)
+
+
+# ---- HTTP: usage.prompt_tokens_details.cached_tokens and the counters ----------------------
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    yield from serving(build_checkpoint(tmp_path_factory))
+
+
+def _counter(text: str, name: str) -> float:
+    m = re.search(rf"^{name} (\S+)$", text, flags=re.M)
+    assert m is not None, name
+    return float(m.group(1))
+
+
+def test_cached_tokens_in_usage_and_metrics(srv: RunningServer) -> None:
+    http = srv.client()
+    metrics = http.get("/metrics").text
+    queries = _counter(metrics, "moeserve_prefix_cache_queries_total")
+    hits = _counter(metrics, "moeserve_prefix_cache_hits_total")
+    prompt = [(5 * i) % 90 + 3 for i in range(41)]
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 3, **GREEDY}
+    first = http.post("/v1/completions", json=body).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    second = http.post("/v1/completions", json=body).json()
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 40}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    # Streamed: the final usage chunk carries it too.
+    stream = {"stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/completions", json={**body, **stream}) as r:
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 40
+    }
+    # Chat: the same conversation twice; the second finds all but its last partial block.
+    chat = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Tell me a long story about caches. " * 4}],
+        "max_tokens": 3,
+        **GREEDY,
+    }
+    http.post("/v1/chat/completions", json=chat)
+    again = http.post("/v1/chat/completions", json=chat).json()["usage"]
+    assert again["prompt_tokens_details"]["cached_tokens"] == (again["prompt_tokens"] - 1) // 4 * 4
+    with http.stream("POST", "/v1/chat/completions", json={**chat, **stream}) as r:
+        events = sse_events(r.iter_lines())
+    assert events[-2]["usage"]["prompt_tokens_details"] == again["prompt_tokens_details"]
+    srv.wait_idle()
+    metrics = http.get("/metrics").text
+    chat_len = again["prompt_tokens"]
+    cached = again["prompt_tokens_details"]["cached_tokens"]
+    assert (
+        _counter(metrics, "moeserve_prefix_cache_queries_total") - queries == 3 * 41 + 3 * chat_len
+    )
+    assert _counter(metrics, "moeserve_prefix_cache_hits_total") - hits == 2 * 40 + 2 * cached
+
+
+def test_flag_env_and_llm_option(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from moeserve.cli import build_parser
+    from moeserve.cli_options import engine_config
+
+    for var in [v for v in os.environ if v.startswith("MOESERVE_")]:
+        monkeypatch.delenv(var)
+
+    def cfg(*argv: str) -> bool:
+        args = build_parser().parse_args(["serve", "--model", str(tmp_path), *argv])
+        return engine_config(args).cache.enable_prefix_caching
+
+    assert cfg() is True and cfg("--no-enable-prefix-caching") is False
+    monkeypatch.setenv("MOESERVE_ENABLE_PREFIX_CACHING", "0")
+    assert cfg() is False and cfg("--enable-prefix-caching") is True
+    assert EngineConfig.from_options(tmp_path).cache.enable_prefix_caching is True
+    off = EngineConfig.from_options(tmp_path, enable_prefix_caching=False)
+    assert off.cache.enable_prefix_caching is False
+
+
+def test_metrics_counters_add_up() -> None:
+    m = Metrics(
+        model_name="m", num_sparse_layers=1, num_experts=2, expert_counts=None, sparse_layer_ids=[0]
+    )
+    for queries, hits in ((40, 0), (41, 36)):
+        m.observe_step(
+            StepStats(0.0, 0.01, 1, 0, 1, queries - hits, 0, 1, 0.1, 0, [], [], queries, hits)
+        )
+    body = m.render()[0].decode()
+    assert _counter(body, "moeserve_prefix_cache_queries_total") == 81
+    assert _counter(body, "moeserve_prefix_cache_hits_total") == 36
