@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from moeserve.engine.block_pool import BlockPool
 from moeserve.engine.kv_groups import KVGroups
@@ -80,9 +79,67 @@ NO_HIT = Hit()
 class PrefixCache:
     """Finds, takes and registers a sequence's cached blocks in one `BlockPool`."""
 
-    def __init__(self, pool: BlockPool, block_size: int, groups: KVGroups, enabled: bool) -> None:
-        self.pool, self.block_size, self.groups, self.enabled = pool, block_size, groups, enabled
+    def __init__(
+        self, pool: BlockPool, block_size: int, groups: KVGroups, enabled: bool, share: bool
+    ) -> None:
+        """enabled: prefix caching; share: siblings (the n sequences of one request) take the
+        prompt blocks one of them computed, caching or not."""
+        self.pool, self.block_size, self.groups = pool, block_size, groups
+        self.enabled, self.share = enabled, share
         self.windowed = groups.window is not None
+
+    # ---- the scheduler's questions ------------------------------------------------------------
+    def hit(self, seq: Sequence, siblings: list[Sequence]) -> Hit:
+        """The cached blocks, or a running sibling's prompt blocks, `seq` can start from."""
+        if not takes_hits(seq):
+            return NO_HIT
+        donors = []
+        if self.share:
+            donors = [s for s in siblings if s is not seq and s.status is SeqStatus.RUNNING]
+        if not donors and not self.enabled:
+            return NO_HIT
+        return self.find(seq, donors)
+
+    def start(self, seq: Sequence, hit: Hit) -> tuple[int, int]:
+        """Take `hit` for `seq`; returns the (queries, hits) its first start adds to the
+        counters (prompt tokens looked up and found)."""
+        self.take(seq, hit)
+        if seq.num_cached_tokens is not None:  # a preempted seq's restart: counted already
+            return 0, 0
+        seq.num_cached_tokens = hit.num_blocks * self.block_size
+        if not self.enabled or not takes_hits(seq):
+            return 0, 0
+        return seq.num_tokens, seq.num_cached_tokens
+
+    def defer(self, seq: Sequence, siblings: list[Sequence]) -> bool:
+        """Whether a fresh `seq` should wait for a running sibling still computing the prompt
+        blocks it would share (admitting it now would compute them twice)."""
+        if not self.share or seq.num_preemptions or not takes_hits(seq):
+            return False
+        shared = (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
+        return shared > 0 and any(
+            s is not seq and s.status is SeqStatus.RUNNING and s.num_computed_tokens < shared
+            for s in siblings
+        )
+
+    def joins_running(self, siblings: list[Sequence]) -> bool:
+        """Whether these siblings' request already runs (a waiting one need not wait to start
+        together with other requests)."""
+        return self.share and any(s.status is SeqStatus.RUNNING for s in siblings)
+
+    def window_hold(self, seq: Sequence, siblings: list[Sequence], live: int) -> int:
+        """The first sliding-group block `seq` may release (`live` by its window) while a fresh
+        sibling waits to share its prompt: the sibling starts at the prompt's last full block
+        and reads the window before it, which nobody else keeps without prefix caching."""
+        if not self.share or not any(
+            s is not seq and s.status is SeqStatus.WAITING and not s.num_preemptions
+            for s in siblings
+        ):
+            return live
+        shared = (seq.num_prompt_tokens - 1) // self.block_size * self.block_size
+        return min(live, self.groups.first_live_block(shared, self.block_size))
+
+    # ---- blocks -----------------------------------------------------------------------------
 
     def find(self, seq: Sequence, donors: list[Sequence]) -> Hit:
         """The longest prefix of `seq` whose blocks are cached, or held by a donor (a running
@@ -152,33 +209,3 @@ class PrefixCache:
             if self.windowed and j >= seq.window_released:
                 self.pool.register(seq.window_block_ids[j], (SLIDING, key))
         seq.num_registered_blocks = max(n, seq.num_registered_blocks)
-
-
-def defer_sibling(seq: Sequence, siblings: list[Sequence], block_size: int) -> bool:
-    """Whether a fresh `seq` should wait for a running sibling still computing the prompt
-    blocks it would share (admitting it now would compute them twice)."""
-    if seq.num_preemptions or not takes_hits(seq):
-        return False
-    shared = (seq.num_prompt_tokens - 1) // block_size * block_size
-    return shared > 0 and any(
-        s is not seq and s.status is SeqStatus.RUNNING and s.num_computed_tokens < shared
-        for s in siblings
-    )
-
-
-def sibling_window_hold(seq: Sequence, siblings: list[Sequence], sched: _HasGroups) -> int:
-    """The first sliding-group block `seq` may release while a fresh sibling waits to share
-    its prompt: the sibling starts at the prompt's last full block and still reads the window
-    before it (without prefix caching nobody else keeps those blocks)."""
-    bs = sched.block_size
-    if not any(
-        s is not seq and s.status is SeqStatus.WAITING and not s.num_preemptions for s in siblings
-    ):
-        return seq.num_computed_tokens // bs + 1
-    shared = (seq.num_prompt_tokens - 1) // bs * bs
-    return sched.kv_groups.first_live_block(shared, bs)
-
-
-class _HasGroups(Protocol):
-    block_size: int
-    kv_groups: KVGroups

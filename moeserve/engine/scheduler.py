@@ -16,14 +16,7 @@ from dataclasses import dataclass, field
 
 from moeserve.engine.block_pool import BlockPool
 from moeserve.engine.kv_groups import KVGroups
-from moeserve.engine.prefix_cache import (
-    NO_HIT,
-    Hit,
-    PrefixCache,
-    defer_sibling,
-    sibling_window_hold,
-    takes_hits,
-)
+from moeserve.engine.prefix_cache import PrefixCache
 from moeserve.engine.sequence import PENDING, SeqStatus, Sequence
 
 
@@ -127,9 +120,8 @@ class Scheduler:
         self.kv_groups = kv_groups or KVGroups.single(1)
         self._groups = self.kv_groups.num_groups
         self.prefix = PrefixCache(
-            self.block_pool, block_size, self.kv_groups, enable_prefix_caching
+            self.block_pool, block_size, self.kv_groups, enable_prefix_caching, share_prompts
         )
-        self.share_prompts = share_prompts
         self._waiting: deque[Sequence] = deque()
         # Insertion order = admission order; a dict gives O(1) removal and newest-first scans.
         self._running: dict[int, Sequence] = {}
@@ -279,12 +271,10 @@ class Scheduler:
             if len(self._running) >= self.max_num_seqs:
                 break
             seq = self._waiting[i]
-            if self.share_prompts and defer_sibling(
-                seq, self._by_request[seq.request_id], self.block_size
-            ):
-                i += 1
+            if self.prefix.defer(seq, self._by_request[seq.request_id]):
+                i += 1  # a sibling still computing the prompt this one will share
                 continue
-            hit = self._hit(seq)
+            hit = self.prefix.hit(seq, self._by_request[seq.request_id])
             start = hit.num_blocks * self.block_size
             todo = seq.num_tokens - start  # a preempted seq recomputes prompt + outputs
             chunk = min(todo, budget)
@@ -299,12 +289,9 @@ class Scheduler:
             self._running[seq.seq_id] = seq
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
-            self.prefix.take(seq, hit)
-            if seq.num_cached_tokens is None:  # first admission: the request's figure
-                seq.num_cached_tokens = start
-                if self.prefix.enabled and takes_hits(seq):
-                    out.prefix_queries += seq.num_tokens
-                    out.prefix_hits += start
+            queries, hits = self.prefix.start(seq, hit)
+            out.prefix_queries += queries
+            out.prefix_hits += hits
             self._emit(seq, chunk, done, out)
             out.num_prefill_tokens += chunk
             budget -= chunk
@@ -363,9 +350,7 @@ class Scheduler:
         if any(s.num_tokens != 1 for s in out.scheduled):
             return True  # a prefill runs anyway: the step is eager already
         head = self._waiting[0]
-        if self.share_prompts and any(
-            s.status is SeqStatus.RUNNING for s in self._by_request[head.request_id]
-        ):
+        if self.prefix.joins_running(self._by_request[head.request_id]):
             return True  # a sibling joining its running request: the request started already
         if self._num_schedules - self._queued_at.get(head.seq_id, 0) > self.admission_wait_steps:
             return True
@@ -407,21 +392,6 @@ class Scheduler:
         done.add(seq.seq_id)
         out.scheduled.append(ScheduledSeq(seq, start, n, start + n == seq.num_tokens))
 
-    def _hit(self, seq: Sequence) -> Hit:
-        """The cached blocks (or a running sibling's prompt blocks) `seq` can start from."""
-        if not takes_hits(seq):
-            return NO_HIT
-        donors = []
-        if self.share_prompts:
-            donors = [
-                s
-                for s in self._by_request[seq.request_id]
-                if s is not seq and s.status is SeqStatus.RUNNING
-            ]
-        if not donors and not self.prefix.enabled:
-            return NO_HIT
-        return self.prefix.find(seq, donors)
-
     def _release(self, seq: Sequence) -> None:
         self.prefix.register(seq)  # tokens known since its last update
         # Tail blocks first: they are evicted first (a chain's head serves more prompts).
@@ -439,8 +409,7 @@ class Scheduler:
         queued on the device may read them, but whatever is written there next is queued
         after it on the same stream."""
         live = self.kv_groups.first_live_block(seq.num_computed_tokens, self.block_size)
-        if self.share_prompts:  # keep what a waiting sibling will take (prefix_cache.py)
-            live = min(live, sibling_window_hold(seq, self._by_request[seq.request_id], self))
+        live = min(live, self.prefix.window_hold(seq, self._by_request[seq.request_id], live))
         if live > seq.window_released:
             ids = seq.window_block_ids
             self.block_pool.free(ids[seq.window_released : live])
