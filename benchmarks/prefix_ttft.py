@@ -74,7 +74,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.model is None:
-        over = {"max_position_embeddings": max(8192, args.system_len + args.user_len + 16)}
+        need = args.system_len + args.user_len + 16
+        over = {"max_position_embeddings": max(SHAPES[args.shape]["max_position_embeddings"], need)}
         if args.layers:
             over["num_hidden_layers"] = args.layers
         path, extra = synthetic_model(args.shape, **over), {"load_format": "dummy"}

@@ -231,9 +231,21 @@ def test_metrics_counters_add_up() -> None:
         model_name="m", num_sparse_layers=1, num_experts=2, expert_counts=None, sparse_layer_ids=[0]
     )
     for queries, hits in ((40, 0), (41, 36)):
-        m.observe_step(
-            StepStats(0.0, 0.01, 1, 0, 1, queries - hits, 0, 1, 0.1, 0, [], [], queries, hits)
+        stats = StepStats(
+            timestamp=0.0,
+            step_seconds=0.01,
+            num_running=1,
+            num_waiting=0,
+            num_seqs=1,
+            num_prefill_tokens=queries - hits,
+            num_decode_tokens=0,
+            num_generated_tokens=1,
+            kv_usage=0.1,
+            num_preempted=0,
+            num_prefix_queries=queries,
+            num_prefix_hits=hits,
         )
+        m.observe_step(stats)
     body = m.render()[0].decode()
     assert _counter(body, "moeserve_prefix_cache_queries_total") == 81
     assert _counter(body, "moeserve_prefix_cache_hits_total") == 36
