@@ -249,3 +249,54 @@ def test_metrics_counters_add_up() -> None:
     body = m.render()[0].decode()
     assert _counter(body, "moeserve_prefix_cache_queries_total") == 81
     assert _counter(body, "moeserve_prefix_cache_hits_total") == 36
+
+
+def _soak(llm: LLM, seed: int) -> dict[str, list[list[int]]]:
+    """Requests from shared stems (some n>1) arriving while others run, a few aborted; the
+    finished ones' tokens by request id."""
+    eng, rng = llm.engine, random.Random(seed)
+    stems = [[rng.randrange(3, 60) for _ in range(40)] for _ in range(3)]
+    done: dict[str, list[list[int]]] = {}
+    toks: dict[str, dict[int, list[int]]] = {}
+    hits = [0]
+
+    def step() -> None:
+        out = eng.step()
+        hits[0] += out.stats.num_prefix_hits if out.stats else 0
+        for ro in out.outputs:
+            per = toks.setdefault(ro.request_id, {})
+            for o in ro.outputs:
+                per.setdefault(o.index, []).extend(o.token_ids)
+            if ro.finished:
+                done[ro.request_id] = [per[i] for i in sorted(per)]
+
+    for i in range(24):
+        prompt = rng.choice(stems)[: rng.randrange(2, 40)] + [rng.randrange(3, 60)]
+        n = rng.choice((1, 1, 2, 3))
+        eng.add_request(EngineRequest(f"r{i}", prompt, SamplingParams(n=n, **GREEDY_KW)))
+        for _ in range(rng.randrange(0, 3)):
+            step()
+        if i % 7 == 3:
+            eng.abort_request(f"r{i - 1}")
+    while eng.has_work():
+        step()
+    _pool_settled(llm)
+    assert (hits[0] > 0) == llm.config.cache.enable_prefix_caching
+    assert eng.scheduler.stats().num_preemptions_total > 0
+    return done
+
+
+GREEDY_KW = dict(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def test_soak_async_shared_prefixes_n_and_aborts(qwen: Path) -> None:
+    """Async scheduling, a pool that preempts, n>1 and aborts: every request that finished in
+    both runs has the same tokens with caching on as off, and the pool ends settled."""
+    kw = dict(async_scheduling=True, max_num_seqs=8, max_num_batched_tokens=24, max_model_len=48)
+    off = _engine(qwen, False, **kw)
+    kw["kv_cache_memory"] = 16 * _block_bytes(off)
+    on, off = _soak(_engine(qwen, True, **kw), 1), _soak(_engine(qwen, False, **kw), 1)
+    both = set(on) & set(off)
+    assert len(both) >= 15
+    for rid in sorted(both):
+        assert on[rid] == off[rid], rid
