@@ -300,3 +300,22 @@ def test_soak_async_shared_prefixes_n_and_aborts(qwen: Path) -> None:
     assert len(both) >= 15
     for rid in sorted(both):
         assert on[rid] == off[rid], rid
+
+
+def test_prompt_logprobs_requests_compute_the_whole_prompt(qwen: Path) -> None:
+    """echo + logprobs (lm-evaluation-harness): a cached prompt is computed again, so every
+    prompt position has its log-probs; it fills the cache for plain requests."""
+    llm = _engine(qwen, True)
+    prompt = [(3 * i) % 50 + 3 for i in range(18)]
+    lp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    [a] = llm.generate([prompt], lp)
+    [b] = llm.generate([prompt], lp)
+    assert a.num_cached_tokens == b.num_cached_tokens == 0
+    assert a.prompt_logprobs is not None and b.prompt_logprobs is not None
+    assert len(b.prompt_logprobs) == len(prompt) and b.prompt_logprobs[0] is None
+    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+        assert x is not None and y is not None and x.token_id == y.token_id
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+    [c] = llm.generate([prompt + [9]], _greedy(2))
+    assert c.num_cached_tokens == 16
+    _pool_settled(llm)
