@@ -11,11 +11,12 @@
 #     offload     benchmarks/offload_bench.py: Mixtral cut to 4 layers, half its experts on host
 #     mixtral     benchmarks/offload_bench.py: the full Mixtral-8x7B shape on an 80 GB card
 #     families    benchmarks/gpu_speed.py on DeepSeek-V2-Lite, gpt-oss-20b and Qwen3-30B-A3B
+#     prefix      benchmarks/prefix_ttft.py: TTFT behind a 4k system prompt, uncached vs cached
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
-all="tests kernels speed profile http throughput offload mixtral families"
+all="tests kernels speed profile http throughput offload mixtral families prefix"
 case "${1:-}" in
-  -h | --help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -65,6 +66,11 @@ for stage in $stages; do
       for shape in deepseek-v2-lite gpt-oss-20b qwen3-30b-a3b; do
         python3 benchmarks/gpu_speed.py --shape "$shape" --modes graphs --prefill-len 0 \
           --json "$OUT/speed_$shape.json" 2>&1 | grep -v Warn | tee "$OUT/speed_$shape.log"
+      done ;;
+    prefix)
+      for shape in mixtral-4l gpt-oss-20b; do
+        python3 benchmarks/prefix_ttft.py --shape "$shape" --layers 4 --compare-off \
+          --json "$OUT/prefix_ttft_$shape.json" 2>&1 | grep -v Warn | tee "$OUT/prefix_$shape.log"
       done ;;
     *) echo "unknown stage $stage (one of: $all)"; status=2 ;;
   esac

@@ -43,7 +43,7 @@ class EnvDefaults(argparse.ArgumentParser):
         with the default in force and its source: `default_text` says what a built-in default
         means (e.g. None), and a `secret` value from the environment is not printed."""
         env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
-        is_flag = kw.get("action") == "store_true"
+        is_flag = kw.get("action") in ("store_true", argparse.BooleanOptionalAction)
         builtin = default_text if default_text is not None else _shown(kw.get("default"))
         raw = os.environ.get(env)
         if raw is None:
@@ -126,6 +126,13 @@ def add_engine_args(p: EnvDefaults) -> None:
         action="store_true",
         default=False,
         help="run each prompt in one step instead of budget-sized chunks",
+    )
+    p.add_option(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep full KV blocks cached by content so a prompt sharing a prefix with an "
+        "earlier one computes only the rest (--no-enable-prefix-caching: off)",
     )
     p.add_option(
         "--seed",

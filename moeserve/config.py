@@ -147,6 +147,8 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: decided from the device
     gpu_memory_utilization: float = 0.9
+    # Full KV blocks stay cached by content; a prompt reuses its longest cached prefix.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size > 1024:
@@ -290,6 +292,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "enforce_eager": ("kernels", "enforce_eager"),
     "async_scheduling": ("kernels", "async_scheduling"),
     "seed": ("engine", "seed"),
+    "enable_prefix_caching": ("cache", "enable_prefix_caching"),
 }
 _FLAGS = {name: "--" + name.replace("_", "-") for name in _OPTIONS}
 _FLAGS["enable_chunked_prefill"] = "--no-chunked-prefill"

@@ -147,6 +147,13 @@ _HELP = {
         "sequence's recomputation counts again (vllm:prompt_tokens_total)."
     ),
     "moeserve_generation_tokens_total": "Tokens generated (vllm:generation_tokens_total).",
+    "moeserve_prefix_cache_queries_total": (
+        "Prompt tokens looked up in the prefix cache, once per sequence at its first start "
+        "(vllm:prefix_cache_queries); hit rate = hits / queries."
+    ),
+    "moeserve_prefix_cache_hits_total": (
+        "Prompt tokens found in the prefix cache, not computed (vllm:prefix_cache_hits)."
+    ),
     "moeserve_num_preemptions_total": "Sequences preempted (vllm:num_preemptions_total).",
     "moeserve_request_success_total": "Requests finished, by reason (vllm:request_success_total).",
     "moeserve_request_rejected_total": "Requests refused before the engine, by reason (no vLLM).",
@@ -234,6 +241,8 @@ class Metrics:
         self.prompt_tokens = Counter(*_doc("moeserve_prompt_tokens_total"), registry=r)
         self.generation_tokens = Counter(*_doc("moeserve_generation_tokens_total"), registry=r)
         self.preemptions = Counter(*_doc("moeserve_num_preemptions_total"), registry=r)
+        self.prefix_queries = Counter(*_doc("moeserve_prefix_cache_queries_total"), registry=r)
+        self.prefix_hits = Counter(*_doc("moeserve_prefix_cache_hits_total"), registry=r)
         self.success = Counter(
             *_doc("moeserve_request_success_total"), ["finished_reason"], registry=r
         )
@@ -263,6 +272,8 @@ class Metrics:
         self.prompt_tokens.inc(stats.num_prefill_tokens)
         self.generation_tokens.inc(stats.num_generated_tokens)
         self.preemptions.inc(stats.num_preempted)
+        self.prefix_queries.inc(stats.num_prefix_queries)
+        self.prefix_hits.inc(stats.num_prefix_hits)
         hist = self.hist
         tokens = stats.num_prefill_tokens + stats.num_decode_tokens
         if tokens:  # else a record of no step (aborts reported while idle)

@@ -5,6 +5,7 @@ raw profile."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -61,3 +62,23 @@ def test_pyspy_summary_splits_each_thread_by_what_it_waits_for(tmp_path: Path) -
     assert "thread (0x1): 100 samples (running 60%, device wait 30%, GIL wait 10%)" in text
     assert "thread (0x2): 50 samples (blocked 100%)" in text
     assert "60.0%      running  step (core.py:217)" in text
+
+
+def test_prefix_ttft_runs_on_the_demo_model(tmp_path: Path) -> None:
+    """benchmarks/prefix_ttft.py end to end on the CPU: the second request of each round
+    finds the shared system prompt's full blocks cached; with caching off, nothing."""
+    from moeserve.assets import demo_model_path
+
+    out = tmp_path / "ttft.json"
+    cmd = [sys.executable, str(BENCH / "prefix_ttft.py"), "--model", str(demo_model_path())]
+    cmd += ["--device", "cpu", "--system-len", "40", "--user-len", "5", "--rounds", "2"]
+    cmd += ["--block-size", "8", "--compare-off", "--json", str(out)]
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    runs = json.loads(out.read_text())["runs"]
+    for r in runs["on"]["rounds"]:
+        assert (r["first_cached_tokens"], r["second_cached_tokens"]) == (0, 40)
+        assert r["first_ttft_s"] > 0 and r["second_ttft_s"] > 0
+    assert all(r["second_cached_tokens"] == 0 for r in runs["off"]["rounds"])
+    assert "second TTFT ms" in res.stdout

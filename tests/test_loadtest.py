@@ -36,7 +36,13 @@ def server() -> Iterator[RunningServer]:
     yield from serving(
         demo_model_path(),  # ships inside the package
         max_model_len=None,  # the model's own context
-        engine_kwargs={"expert_cache_slots": 2, "offload_mode": "fetch"},
+        # Caching off: the report checks the server's computed prompt tokens against the
+        # client's input tokens, which cached prefixes would make differ.
+        engine_kwargs={
+            "expert_cache_slots": 2,
+            "offload_mode": "fetch",
+            "enable_prefix_caching": False,
+        },
     )
 
 

@@ -331,6 +331,8 @@ EXPECTED_TYPES = {
     "moeserve_expert_load_imbalance": "gauge",
     "moeserve_expert_routing_entropy": "gauge",
     "moeserve_expert_idle": "gauge",
+    "moeserve_prefix_cache_queries": "counter",
+    "moeserve_prefix_cache_hits": "counter",
 }
 
 

@@ -90,6 +90,8 @@ def _stats(now: float, step_seconds: float, out: SchedulerOutput | None) -> Step
         num_generated_tokens=0,
         kv_usage=0.0,
         num_preempted=len(out.preempted) if out else 0,
+        num_prefix_queries=out.prefix_queries if out else 0,
+        num_prefix_hits=out.prefix_hits if out else 0,
     )
 
 
@@ -117,6 +119,8 @@ class EngineCore:
             enable_chunked_prefill=sched.enable_chunked_prefill,
             admission_wait_steps=sched.admission_wait_steps,
             kv_groups=ex.kv_groups,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+            share_prompts=True,
         )
         self.sampler = Sampler(self.vocab_size, seed=config.seed)
         self._requests: dict[str, _Request] = {}
@@ -266,6 +270,7 @@ class EngineCore:
             req = self._requests[w.seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = t0
+                req.metrics.num_cached_tokens = w.seq.num_cached_tokens or 0
         self.num_steps += 1
         ex = self.executor
         prompt, prompt_of = self._prompt_rows(out.scheduled)
@@ -346,6 +351,7 @@ class EngineCore:
             ro.outputs.append(delta)
         for ro in deltas.values():
             req = self._requests[ro.request_id]
+            ro.num_cached_tokens = req.metrics.num_cached_tokens
             if req.finished:
                 req.metrics.finish_time = now
                 ro.finished, ro.metrics = True, req.metrics

@@ -28,7 +28,8 @@ class LLM:
     dtype, device, block_size, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_chunked_prefill, admission_wait_steps,
     expert_cache_slots, expert_cache_gb, offload_mode, expert_cache_policy, prefetch,
-    load_format, kernels, enforce_eager, async_scheduling, seed; or a whole `config`.
+    load_format, kernels, enforce_eager, async_scheduling, seed, enable_prefix_caching; or
+    a whole `config`.
     """
 
     def __init__(
@@ -100,6 +101,8 @@ class LLM:
                         merged.prompt_logprobs = (merged.prompt_logprobs or []) + (
                             delta.prompt_logprobs
                         )
+                    if delta.num_cached_tokens is not None:
+                        merged.num_cached_tokens = delta.num_cached_tokens
                     if delta.finished:
                         merged.finished, merged.metrics = True, delta.metrics
                         bar.update(1)

@@ -48,6 +48,7 @@ class RequestMetrics:
     finish_time: float | None = None
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
 
     @property
     def ttft(self) -> float | None:
@@ -77,6 +78,8 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: one entry per prompt token, None for the first
     # (nothing precedes it); a delta holds the entries of the prompt chunks it computed.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Prompt tokens the prefix cache held when the request started (OpenAI's cached_tokens).
+    num_cached_tokens: int | None = None
 
     def absorb(self, later: RequestOutput) -> None:
         """Append a later delta of the same request (coalescing deltas a stream fell behind on)."""
@@ -90,6 +93,8 @@ class RequestOutput:
                 self.outputs.append(o)
         self.finished = later.finished
         self.metrics = later.metrics or self.metrics
+        if later.num_cached_tokens is not None:
+            self.num_cached_tokens = later.num_cached_tokens
 
 
 @dataclass
@@ -108,3 +113,5 @@ class StepStats:
     num_preempted: int
     finished: list[tuple[str, RequestMetrics]] = field(default_factory=list)  # (reason, metrics)
     itl: list[float] = field(default_factory=list)  # inter-token gaps of decode tokens this step
+    num_prefix_queries: int = 0  # prompt tokens looked up in the prefix cache this step
+    num_prefix_hits: int = 0  # ... and found there

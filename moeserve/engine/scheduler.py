@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from moeserve.engine.block_pool import BlockPool
 from moeserve.engine.kv_groups import KVGroups
+from moeserve.engine.prefix_cache import PrefixCache
 from moeserve.engine.sequence import PENDING, SeqStatus, Sequence
 
 
@@ -40,6 +41,9 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    # Prefix cache, over first admissions: prompt tokens looked up and found cached.
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
 
 @dataclass
@@ -72,13 +76,18 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         admission_wait_steps: int = 0,
         kv_groups: KVGroups | None = None,
+        enable_prefix_caching: bool = False,
+        share_prompts: bool = False,
     ) -> None:
         """admission_wait_steps > 0: while other sequences run, hold new requests back until
         max_num_seqs // 8 of them can start together or the oldest has waited that many steps
         (a step that admits a prompt beside decodes cannot replay a decode CUDA graph, so a
         trickle of arrivals would make most steps eager ones). kv_groups: with a sliding
         group, each sequence also holds `window_block_ids`, whose blocks are freed as the
-        window moves past them (engine/kv_groups.py)."""
+        window moves past them (engine/kv_groups.py). enable_prefix_caching: full blocks stay
+        cached by content and new sequences start from their longest cached prefix;
+        share_prompts: the n sequences of a request compute their prompt once
+        (engine/prefix_cache.py)."""
         sizes = {
             "num_blocks": num_blocks,
             "block_size": block_size,
@@ -110,6 +119,9 @@ class Scheduler:
         self.block_pool = BlockPool(num_blocks)
         self.kv_groups = kv_groups or KVGroups.single(1)
         self._groups = self.kv_groups.num_groups
+        self.prefix = PrefixCache(
+            self.block_pool, block_size, self.kv_groups, enable_prefix_caching, share_prompts
+        )
         self._waiting: deque[Sequence] = deque()
         # Insertion order = admission order; a dict gives O(1) removal and newest-first scans.
         self._running: dict[int, Sequence] = {}
@@ -254,19 +266,32 @@ class Scheduler:
         # now would only be evicted again (and could readmit a seq preempted this very step).
         self._num_schedules += 1
         admit = not out.preempted and bool(self._waiting) and self._admit_now(out)
-        while admit and self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
-            seq = self._waiting[0]  # strict FCFS: if the head can't go, nobody behind it does
-            chunk = min(seq.num_tokens, budget)  # a preempted seq recomputes prompt + outputs
-            if (not self.enable_chunked_prefill and chunk < seq.num_tokens) or (
-                self._groups * _cdiv(chunk, self.block_size) > self.block_pool.num_free
+        i = 0  # strict FCFS: if a seq can't go, nobody behind it does (deferred ones aside)
+        while admit and i < len(self._waiting) and budget > 0:
+            if len(self._running) >= self.max_num_seqs:
+                break
+            seq = self._waiting[i]
+            if self.prefix.defer(seq, self._by_request[seq.request_id]):
+                i += 1  # a sibling still computing the prompt this one will share
+                continue
+            hit = self.prefix.hit(seq, self._by_request[seq.request_id])
+            start = hit.num_blocks * self.block_size
+            todo = seq.num_tokens - start  # a preempted seq recomputes prompt + outputs
+            chunk = min(todo, budget)
+            new = self._groups * (_cdiv(start + chunk, self.block_size) - hit.num_blocks)
+            if (not self.enable_chunked_prefill and chunk < todo) or (
+                new + hit.cost > self.block_pool.num_free
             ):
                 break
-            self._waiting.popleft()
+            del self._waiting[i]
             self._queued_at.pop(seq.seq_id, None)
             seq.status = SeqStatus.RUNNING
             self._running[seq.seq_id] = seq
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
+            queries, hits = self.prefix.start(seq, hit)
+            out.prefix_queries += queries
+            out.prefix_hits += hits
             self._emit(seq, chunk, done, out)
             out.num_prefill_tokens += chunk
             budget -= chunk
@@ -287,6 +312,7 @@ class Scheduler:
                 continue
             assert seq.num_computed_tokens == s.start, f"seq {seq.seq_id} updated twice"
             seq.num_computed_tokens += s.num_tokens
+            self.prefix.register(seq)  # before the window releases any of its blocks
             if self._groups > 1:
                 self._slide_window(seq)
             if s.sample:
@@ -324,6 +350,8 @@ class Scheduler:
         if any(s.num_tokens != 1 for s in out.scheduled):
             return True  # a prefill runs anyway: the step is eager already
         head = self._waiting[0]
+        if self.prefix.joins_running(self._by_request[head.request_id]):
+            return True  # a sibling joining its running request: the request started already
         if self._num_schedules - self._queued_at.get(head.seq_id, 0) > self.admission_wait_steps:
             return True
         free = self.max_num_seqs - len(self._running)
@@ -365,11 +393,14 @@ class Scheduler:
         out.scheduled.append(ScheduledSeq(seq, start, n, start + n == seq.num_tokens))
 
     def _release(self, seq: Sequence) -> None:
+        self.prefix.register(seq)  # tokens known since its last update
+        # Tail blocks first: they are evicted first (a chain's head serves more prompts).
         # A new list, not clear(): a runner still holding the old list keeps a consistent view.
-        self.block_pool.free(seq.block_ids)
+        self.block_pool.free(reversed(seq.block_ids))
         seq.block_ids = []
+        seq.num_registered_blocks = 0
         if self._groups > 1:
-            self.block_pool.free(seq.window_block_ids[seq.window_released :])
+            self.block_pool.free(reversed(seq.window_block_ids[seq.window_released :]))
             seq.window_block_ids = []
             seq.window_released = 0
 
@@ -378,6 +409,7 @@ class Scheduler:
         queued on the device may read them, but whatever is written there next is queued
         after it on the same stream."""
         live = self.kv_groups.first_live_block(seq.num_computed_tokens, self.block_size)
+        live = min(live, self.prefix.window_hold(seq, self._by_request[seq.request_id], live))
         if live > seq.window_released:
             ids = seq.window_block_ids
             self.block_pool.free(ids[seq.window_released : live])

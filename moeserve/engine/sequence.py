@@ -54,6 +54,12 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Prefix caching (engine/prefix_cache.py): the chained hash of each full block of known
+    # tokens (a pure function of the tokens, kept across preemption), how many of the blocks
+    # held now were offered to the cache, and the tokens the first admission found cached.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int | None = None
     # prompt + outputs kept as one list so `token_ids` is O(1) per access and
     # `append_token` O(1) per step, instead of a concatenation every time.
     _all_ids: list[int] = field(init=False, repr=False)

@@ -41,6 +41,7 @@ from moeserve.server.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
+    PromptTokensDetails,
     UsageInfo,
 )
 from moeserve.server.state import OFFLOAD_LEN, ServerState, Ticket
@@ -177,6 +178,7 @@ class _Chat:
         self.model = state.config.served_model_name
         self.completion_tokens = 0
         self.split = engine_req.split_reasoning
+        self.cached_tokens = 0  # the prefix cache's hit, as the engine reports it
 
     def _usage(self) -> UsageInfo:
         self.request.state.completion_tokens = self.completion_tokens
@@ -185,6 +187,7 @@ class _Chat:
             prompt_tokens=prompt,
             completion_tokens=self.completion_tokens,
             total_tokens=prompt + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
         )
 
     def _logprobs(self, o: CompletionOutput) -> ChatChoiceLogprobs | None:
@@ -192,9 +195,14 @@ class _Chat:
             return None
         return ChatChoiceLogprobs(content=chat_logprobs(o.logprobs, self.state))
 
-    def _outputs(self) -> AsyncIterator[tuple[int, Any]]:
+    async def _outputs(self) -> AsyncIterator[tuple[int, Any]]:
         assert self.state.client is not None
-        return merged_outputs(self.state.client, [self.engine_req], self.ticket)
+        outs = merged_outputs(self.state.client, [self.engine_req], self.ticket)
+        async with aclosing(outs):
+            async for p, delta in outs:
+                if delta.num_cached_tokens is not None:
+                    self.cached_tokens = delta.num_cached_tokens
+                yield p, delta
 
     async def collect(self) -> JSONResponse:
         results = [CompletionOutput(index=i) for i in range(self.engine_req.params.n)]

@@ -34,6 +34,7 @@ from moeserve.server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    PromptTokensDetails,
     UsageInfo,
 )
 from moeserve.server.state import ServerState, Ticket
@@ -125,6 +126,7 @@ class _Completion:
         self.echo = [self._echo_text(r) if req.echo else "" for r in reqs]
         self.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         self.completion_tokens = 0
+        self.cached = [0] * len(reqs)  # per prompt, its prefix-cache hit
 
     def _echo_text(self, r: EngineRequest) -> str:
         if r.prompt is not None:
@@ -139,6 +141,7 @@ class _Completion:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             total_tokens=total,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached)),
         )
 
     async def collect(self) -> JSONResponse:
@@ -147,6 +150,8 @@ class _Completion:
         prompt_lps: list[list[TokenLogprob | None]] = [[] for _ in self.reqs]
         async with aclosing(merged_outputs(self.state.client, self.reqs, self.ticket)) as outs:
             async for p, delta in outs:
+                if delta.num_cached_tokens is not None:
+                    self.cached[p] = delta.num_cached_tokens
                 prompt_lps[p].extend(delta.prompt_logprobs or [])
                 for o in delta.outputs:
                     results[p][o.index].merge(o)
@@ -215,6 +220,8 @@ class _Completion:
                     yield self._chunk(p * self.n + i, text)
             async with aclosing(merged_outputs(self.state.client, self.reqs, self.ticket)) as outs:
                 async for p, delta in outs:
+                    if delta.num_cached_tokens is not None:
+                        self.cached[p] = delta.num_cached_tokens
                     for o in delta.outputs:
                         index = p * self.n + o.index
                         self.completion_tokens += len(o.token_ids)
