@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moeserve import LLM, SamplingParams  # noqa: E402
 from moeserve.bench.synthetic import SHAPES, synthetic_model  # noqa: E402
+from moeserve.bench.throughput import free_device  # noqa: E402
 
 
 def rounds(llm: LLM, n: int, system_len: int, user_len: int, seed: int) -> list[dict]:
@@ -121,6 +122,7 @@ def main() -> int:
             f" {cached}/{total}"
         )
         del llm
+        free_device()  # the next engine sizes its caches from the free memory
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
