@@ -166,3 +166,13 @@ def test_openai_client_parse(srv: RunningServer) -> None:
     message = completion.choices[0].message
     assert isinstance(message.parsed, Palette)
     assert 1 <= len(message.parsed.colors) <= 3
+
+
+def test_engine_in_its_own_process(ckpt: Path) -> None:
+    """The constraint crosses the pipe to an engine process, which builds its own grammars."""
+    for running in serving(ckpt, max_model_len=512, process=True):
+        body = {"prompt": "Answer:", "max_tokens": 100, "n": 2, "seed": 2}
+        r = running.client().post(COMP, json={**body, "guided_json": SCHEMA})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            jsonschema.validate(json.loads(choice["text"]), SCHEMA)

@@ -7,7 +7,7 @@ the engine. Inside the engine `Grammars` holds the llguidance tokenizer (built f
 model's tokenizer.json, in a thread, while the engine starts), a bounded LRU of compiled
 grammars keyed by (kind, spec), and hands each sequence its own matcher (a copy of the
 compiled one). Per step `Grammars.mask` fills the bitmask of the grammar rows (llguidance's
-thread pool, one call) for the sampler to apply on the device; `SeqGrammar.accept` advances a
+thread pool, one call) for the sampler to apply on the device; `SeqGrammar.ends_after` advances a
 matcher by the token the step sampled.
 
 A preempted sequence keeps its output tokens (recompute preemption re-feeds them to the
