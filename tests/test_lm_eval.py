@@ -1,0 +1,245 @@
+"""lm-evaluation-harness end to end: its `local-completions` model against a moeserve server.
+
+The harness runs as its own CLI (`python -m lm_eval`, the README's command) on local tasks:
+a task YAML per output type over a JSONL file written here (`dataset_path: json`, nothing
+from the hub), against the packaged demo model served on 127.0.0.1. The harness scores a
+multiple-choice answer by the log-likelihood of each choice after the question, which it
+reads from /v1/completions with `echo` and `logprobs` (the prompt's log-probs). The test
+recomputes every log-likelihood, both accuracies and every greedy answer with transformers
+from the same checkpoint, so the figures the harness reports must be the model's own.
+
+Some distractors are the right answer minus its last character: a prefix always has the
+higher summed log-likelihood (each token adds a log-prob <= 0), so `acc` is wrong on those
+questions while `acc_norm` (divided by the length) need not be: the two figures differ, and
+neither can be right by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moeserve import demo_tasks
+from moeserve.assets import demo_model_path
+from tests.checkpoints import load_reference
+from tests.server_fixture import RunningServer, serving
+
+# Some 25 s: the harness's own imports (datasets, pandas, ...) take most of it.
+pytestmark = pytest.mark.slow
+
+MODEL = "demo"
+PER_TASK = 5  # questions of each demo task
+TOL = 1e-4  # per token, float32 on both sides
+MAX_GEN_TOKS = 8
+
+MC_TASK = """\
+task: moeserve_demo_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "[INST] {{{{question}}}} [/INST]"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+GEN_TASK = """\
+task: moeserve_demo_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "[INST] {{{{question}}}} [/INST]"
+doc_to_target: answer
+target_delimiter: ""
+generation_kwargs:
+  until: ["</s>"]
+  max_gen_toks: {max_gen}
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+
+
+def _distractors(answer: str, i: int) -> list[str]:
+    """Three wrong answers of the right kind; every other question gets the right answer
+    without its last character (see the module docstring)."""
+    if answer.isdigit() and not (len(answer) > 1 and answer[0] == "0"):
+        n = int(answer)
+        wrong = [str(n + 1), str(n + 10), str(n + 2)]
+    else:  # letters (reverse) or a digit string (sort): near-misses of the same length
+        swapped = answer[1] + answer[0] + answer[2:]
+        wrong = [swapped, answer[::-1], answer[:-1] + ("z" if answer[-1] != "z" else "y")]
+    if i % 2 == 0 and len(answer) > 1:
+        wrong[0] = answer[:-1]
+    # Distinct and never the answer itself (a palindrome reverses to itself).
+    out: list[str] = []
+    for w in wrong + [answer + "0", answer + "1", answer + "2"]:
+        if w != answer and w not in out:
+            out.append(w)
+    return out[:3]
+
+
+def _docs() -> list[dict[str, Any]]:
+    docs = []
+    for task, examples in demo_tasks.held_out().items():
+        for i, ex in enumerate(examples[:PER_TASK]):
+            choices = [ex.answer, *_distractors(ex.answer, i)]
+            # Rotate so the right answer is not always first (argmax ties pick the first).
+            k = (len(docs) * 3) % len(choices)
+            choices = choices[k:] + choices[:k]
+            docs.append(
+                {
+                    "task": task,
+                    "question": ex.question,
+                    "answer": ex.answer,
+                    "choices": choices,
+                    "label": choices.index(ex.answer),
+                }
+            )
+    return docs
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    yield from serving(demo_model_path(), max_model_len=256, served_model_name=MODEL)
+
+
+def lm_eval_command(base_url: str, tokenizer: Path, tasks: str, out: Path) -> list[str]:
+    """The README's command line (with the test's paths)."""
+    args = f"model={MODEL},base_url={base_url}/v1/completions,tokenizer={tokenizer}"
+    return [
+        *(sys.executable, "-m", "lm_eval", "--model", "local-completions"),
+        *("--model_args", args + ",add_bos_token=True,max_length=256"),
+        *("--tasks", tasks, "--output_path", str(out), "--log_samples"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def harness(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One lm_eval run of both tasks: its results and per-question samples."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    docs = _docs()
+    data = root / "demo.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(MC_TASK.format(data=data))
+    (tasks / "gen.yaml").write_text(GEN_TASK.format(data=data, max_gen=MAX_GEN_TOKS))
+    out = root / "out"
+    cmd = lm_eval_command(server.url, demo_model_path(), "moeserve_demo_mc,moeserve_demo_gen", out)
+    cmd += ["--include_path", str(tasks)]
+    # Offline: no hub lookups; the datasets cache under the test's directory.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(root / "hf"),
+        "HF_DATASETS_CACHE": str(root / "hf" / "datasets"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [results_file] = out.rglob("results_*.json")
+    samples = {}
+    for name in ("moeserve_demo_mc", "moeserve_demo_gen"):
+        [f] = out.rglob(f"samples_{name}_*.jsonl")
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        samples[name] = sorted(rows, key=lambda r: r["doc_id"])
+    return {"docs": docs, "results": json.loads(results_file.read_text()), "samples": samples}
+
+
+@pytest.fixture(scope="module")
+def reference() -> Any:
+    return load_reference(demo_model_path())
+
+
+def _encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """As the harness splits a request (add_bos_token=True): the whole text encoded once,
+    the continuation is what follows the context's own encoding."""
+    whole = tok(context + continuation, add_special_tokens=True).input_ids
+    ctx = tok(context, add_special_tokens=True).input_ids
+    assert whole[: len(ctx)] == ctx
+    return ctx, whole[len(ctx) :]
+
+
+def _loglikelihood(model: Any, ctx: list[int], cont: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx + cont])).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+def _greedy(model: Any, ids: list[int], eos: int) -> list[int]:
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(MAX_GEN_TOKS):
+            nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == eos:
+                break
+            out.append(nxt)
+    return out
+
+
+def _argmax(xs: list[float]) -> int:
+    return max(range(len(xs)), key=lambda i: (xs[i], -i))  # numpy's: the first of ties
+
+
+def test_multiple_choice_accuracy_is_the_models(harness: dict[str, Any], reference: Any) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model_path())
+    docs, samples = harness["docs"], harness["samples"]["moeserve_demo_mc"]
+    assert len(samples) == len(docs)
+    acc, acc_norm = [], []
+    for doc, sample in zip(docs, samples, strict=True):
+        assert sample["doc"]["question"] == doc["question"]
+        context = f"[INST] {doc['question']} [/INST]"
+        got = [float(r[0][0]) for r in sample["resps"]]
+        want = []
+        for choice in doc["choices"]:
+            ctx, cont = _encode_pair(tok, context, choice)
+            want.append(_loglikelihood(reference, ctx, cont))
+        assert got == pytest.approx(want, abs=TOL * 8), doc
+        acc.append(_argmax(want) == doc["label"])
+        acc_norm.append(_argmax([w / len(c) for w, c in zip(want, doc["choices"])]) == doc["label"])
+        assert sample["acc"] == float(acc[-1]) and sample["acc_norm"] == float(acc_norm[-1])
+    res = harness["results"]["results"]["moeserve_demo_mc"]
+    assert res["acc,none"] == pytest.approx(sum(acc) / len(acc))
+    assert res["acc_norm,none"] == pytest.approx(sum(acc_norm) / len(acc_norm))
+    # The prefix distractors (see the module docstring) make the two figures differ.
+    assert res["acc,none"] < res["acc_norm,none"]
+
+
+def test_generate_until_answers_are_the_models(harness: dict[str, Any], reference: Any) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model_path())
+    docs, samples = harness["docs"], harness["samples"]["moeserve_demo_gen"]
+    exact = []
+    for doc, sample in zip(docs, samples, strict=True):
+        ids = tok(f"[INST] {doc['question']} [/INST]", add_special_tokens=True).input_ids
+        text = tok.decode(_greedy(reference, ids, tok.eos_token_id), skip_special_tokens=True)
+        assert sample["resps"] == [[text]], doc
+        exact.append(text == doc["answer"])
+        assert sample["exact_match"] == float(exact[-1])
+    res = harness["results"]["results"]["moeserve_demo_gen"]
+    assert res["exact_match,none"] == pytest.approx(sum(exact) / len(exact))
+    assert res["exact_match,none"] > 0.5  # the demo model knows its tasks
