@@ -15,10 +15,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from moeserve.bench.conversations import Conversation
+from typing import Any, Protocol
 
 # Common English words: most BPE vocabularies hold each (with its leading space) as one token,
 # so without a tokenizer a prompt of N words is close to N tokens. The report uses the
@@ -33,6 +30,16 @@ _WORD_TEXT = """
     number home family power story
 """
 _WORDS = tuple(_WORD_TEXT.split())
+
+
+class Conversation(Protocol):
+    """What the load test needs of a conversation (conversations.Conversation)."""
+
+    async def ready(self, turn: int) -> list[dict[str, Any]]: ...
+
+    def answer(self, turn: int, text: str) -> None: ...
+
+    def settle(self, turn: int) -> None: ...
 
 
 @dataclass(frozen=True)
