@@ -77,6 +77,23 @@ metric_list:
   - metric: exact_match
 """
 
+ROLLING_TASK = """\
+task: moeserve_demo_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "[INST] {{{{question}}}} [/INST]{{{{answer}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+TASKS = ("moeserve_demo_mc", "moeserve_demo_gen", "moeserve_demo_rolling")
+
 
 def _distractors(answer: str, i: int) -> list[str]:
     """Three wrong answers of the right kind; every other question gets the right answer
@@ -143,8 +160,9 @@ def harness(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> 
     tasks.mkdir()
     (tasks / "mc.yaml").write_text(MC_TASK.format(data=data))
     (tasks / "gen.yaml").write_text(GEN_TASK.format(data=data, max_gen=MAX_GEN_TOKS))
+    (tasks / "rolling.yaml").write_text(ROLLING_TASK.format(data=data))
     out = root / "out"
-    cmd = lm_eval_command(server.url, demo_model_path(), "moeserve_demo_mc,moeserve_demo_gen", out)
+    cmd = lm_eval_command(server.url, demo_model_path(), ",".join(TASKS), out)
     cmd += ["--include_path", str(tasks)]
     # Offline: no hub lookups; the datasets cache under the test's directory.
     env = {
@@ -159,7 +177,7 @@ def harness(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> 
     assert proc.returncode == 0, proc.stderr[-4000:]
     [results_file] = out.rglob("results_*.json")
     samples = {}
-    for name in ("moeserve_demo_mc", "moeserve_demo_gen"):
+    for name in TASKS:
         [f] = out.rglob(f"samples_{name}_*.jsonl")
         rows = [json.loads(line) for line in f.read_text().splitlines()]
         samples[name] = sorted(rows, key=lambda r: r["doc_id"])
@@ -180,11 +198,19 @@ def _encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx) :]
 
 
-def _loglikelihood(model: Any, ctx: list[int], cont: list[int]) -> float:
+def _scored(model: Any, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """The continuation's summed log-prob after the context, and whether greedy decoding
+    would have produced it (the harness's is_greedy)."""
     with torch.no_grad():
         logits = model(torch.tensor([ctx + cont])).logits[0].float()
-    lp = torch.log_softmax(logits, dim=-1)
-    return sum(float(lp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+    lp = torch.log_softmax(logits, dim=-1)[len(ctx) - 1 : -1]
+    rows = range(len(cont))
+    greedy = all(int(lp[j].argmax()) == t for j, t in zip(rows, cont))
+    return sum(float(lp[j, t]) for j, t in zip(rows, cont)), greedy
+
+
+def _loglikelihood(model: Any, ctx: list[int], cont: list[int]) -> float:
+    return _scored(model, ctx, cont)[0]
 
 
 def _greedy(model: Any, ids: list[int], eos: int) -> list[int]:
@@ -213,11 +239,13 @@ def test_multiple_choice_accuracy_is_the_models(harness: dict[str, Any], referen
         assert sample["doc"]["question"] == doc["question"]
         context = f"[INST] {doc['question']} [/INST]"
         got = [float(r[0][0]) for r in sample["resps"]]
-        want = []
+        want, greedy = [], []
         for choice in doc["choices"]:
-            ctx, cont = _encode_pair(tok, context, choice)
-            want.append(_loglikelihood(reference, ctx, cont))
+            ll, is_greedy = _scored(reference, *_encode_pair(tok, context, choice))
+            want.append(ll)
+            greedy.append(str(is_greedy))
         assert got == pytest.approx(want, abs=TOL * 8), doc
+        assert [r[0][1] for r in sample["resps"]] == greedy, doc
         acc.append(_argmax(want) == doc["label"])
         acc_norm.append(_argmax([w / len(c) for w, c in zip(want, doc["choices"])]) == doc["label"])
         assert sample["acc"] == float(acc[-1]) and sample["acc_norm"] == float(acc_norm[-1])
@@ -243,3 +271,26 @@ def test_generate_until_answers_are_the_models(harness: dict[str, Any], referenc
     res = harness["results"]["results"]["moeserve_demo_gen"]
     assert res["exact_match,none"] == pytest.approx(sum(exact) / len(exact))
     assert res["exact_match,none"] > 0.5  # the demo model knows its tasks
+
+
+def test_rolling_loglikelihood_is_the_models(harness: dict[str, Any], reference: Any) -> None:
+    """Perplexity tasks score a whole text after the BOS token (one window: the texts are
+    shorter than max_length); the harness's tokens start with the BOS it adds itself."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model_path())
+    docs, samples = harness["docs"], harness["samples"]["moeserve_demo_rolling"]
+    lls, nbytes = [], []
+    for doc, sample in zip(docs, samples, strict=True):
+        text = f"[INST] {doc['question']} [/INST]{doc['answer']}"
+        ids = tok(text, add_special_tokens=True).input_ids
+        want = _loglikelihood(reference, [tok.bos_token_id], ids)
+        got = float(sample["resps"][0][0])
+        assert got == pytest.approx(want, abs=TOL * len(ids)), doc
+        lls.append(want)
+        nbytes.append(len(text.encode()))
+    res = harness["results"]["results"]["moeserve_demo_rolling"]
+    bits = -sum(lls) / sum(nbytes) / math.log(2)
+    assert res["bits_per_byte,none"] == pytest.approx(bits, rel=1e-6)
