@@ -151,9 +151,8 @@ class _Events:
         if usage := chunk.get("usage"):
             res.prompt_tokens = usage.get("prompt_tokens")
             res.output_tokens = usage.get("completion_tokens") or 0
-            details = usage.get("prompt_tokens_details") or {}
-            if isinstance(details.get("cached_tokens"), int):
-                res.cached_tokens = details["cached_tokens"]
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            res.cached_tokens = cached if isinstance(cached, int) else res.cached_tokens
         for choice in chunk.get("choices") or []:
             delta = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
             if delta:
@@ -206,9 +205,8 @@ async def _send(
     res: RequestResult,
     t0: float,
 ) -> None:
-    """Stream one request into `res`; every failure is recorded there, never raised. A turn
-    of a conversation waits for the previous turn's answer first (not timed: it is sent
-    then), and its answer goes into the conversation for the next turn."""
+    """Stream one request into `res`; every failure is recorded there, never raised. A
+    conversation's turn is timed from when the previous turn's answer is in."""
     path = "/chat/completions" if spec.endpoint == "chat" else "/completions"
     conv = spec.conversation
     if conv is not None:
@@ -363,8 +361,8 @@ async def drive(
             raise
         finally:
             res.ended = time.perf_counter() - begin
-            if spec.conversation is not None:  # the next turn goes on (or fails) now
-                spec.conversation.settle(spec.turn)
+            if spec.conversation is not None:
+                spec.conversation.settle(spec.turn)  # the next turn goes on (or fails)
             if sem is not None:
                 sem.release()
             if on_end is not None:
