@@ -36,7 +36,7 @@ from tests.server_fixture import RunningServer, serving
 pytestmark = pytest.mark.slow
 
 MODEL = "demo"
-PER_TASK = 5  # questions of each demo task
+PER_TASK = 4  # questions of each demo task
 TOL = 1e-4  # per token, float32 on both sides
 MAX_GEN_TOKS = 8
 
@@ -139,31 +139,37 @@ def server() -> Iterator[RunningServer]:
     yield from serving(demo_model_path(), max_model_len=256, served_model_name=MODEL)
 
 
-def lm_eval_command(base_url: str, tokenizer: Path, tasks: str, out: Path) -> list[str]:
-    """The README's command line (with the test's paths)."""
-    args = f"model={MODEL},base_url={base_url}/v1/completions,tokenizer={tokenizer}"
+def lm_eval_command(base_url: str, tasks: str, out: Path, tokenizer: Path | None) -> list[str]:
+    """The README's command line (with the test's paths): 8 prompts a request. Without
+    `tokenizer` the harness finds the server's /tokenize and uses it (it then adds no BOS
+    token), and sends one prompt a request."""
+    args = f"model={MODEL},base_url={base_url}/v1/completions,max_length=256"
+    batch = "1"
+    if tokenizer is not None:
+        args += f",tokenizer={tokenizer},tokenizer_backend=huggingface,add_bos_token=True"
+        batch = "8"
     return [
         *(sys.executable, "-m", "lm_eval", "--model", "local-completions"),
-        *("--model_args", args + ",add_bos_token=True,max_length=256"),
-        *("--tasks", tasks, "--output_path", str(out), "--log_samples"),
+        *("--model_args", args, "--batch_size", batch, "--tasks", tasks),
+        *("--output_path", str(out), "--log_samples"),
     ]
 
 
-@pytest.fixture(scope="module")
-def harness(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One lm_eval run of both tasks: its results and per-question samples."""
-    root = tmp_path_factory.mktemp("lm_eval")
+def run_lm_eval(
+    server: RunningServer, root: Path, tasks: tuple[str, ...], tokenizer: Path | None
+) -> dict[str, Any]:
+    """One lm_eval run of `tasks` over the demo questions: its results and samples."""
     docs = _docs()
     data = root / "demo.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    (tasks / "mc.yaml").write_text(MC_TASK.format(data=data))
-    (tasks / "gen.yaml").write_text(GEN_TASK.format(data=data, max_gen=MAX_GEN_TOKS))
-    (tasks / "rolling.yaml").write_text(ROLLING_TASK.format(data=data))
+    task_dir = root / "tasks"
+    task_dir.mkdir()
+    (task_dir / "mc.yaml").write_text(MC_TASK.format(data=data))
+    (task_dir / "gen.yaml").write_text(GEN_TASK.format(data=data, max_gen=MAX_GEN_TOKS))
+    (task_dir / "rolling.yaml").write_text(ROLLING_TASK.format(data=data))
     out = root / "out"
-    cmd = lm_eval_command(server.url, demo_model_path(), ",".join(TASKS), out)
-    cmd += ["--include_path", str(tasks)]
+    cmd = lm_eval_command(server.url, ",".join(tasks), out, tokenizer)
+    cmd += ["--include_path", str(task_dir)]
     # Offline: no hub lookups; the datasets cache under the test's directory.
     env = {
         **os.environ,
@@ -177,7 +183,7 @@ def harness(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> 
     assert proc.returncode == 0, proc.stderr[-4000:]
     [results_file] = out.rglob("results_*.json")
     samples = {}
-    for name in TASKS:
+    for name in tasks:
         [f] = out.rglob(f"samples_{name}_*.jsonl")
         rows = [json.loads(line) for line in f.read_text().splitlines()]
         samples[name] = sorted(rows, key=lambda r: r["doc_id"])
@@ -185,15 +191,23 @@ def harness(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.fixture(scope="module")
+def harness(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The README's run: the model's tokenizer files on the harness's side."""
+    return run_lm_eval(server, tmp_path_factory.mktemp("lm_eval"), TASKS, demo_model_path())
+
+
+@pytest.fixture(scope="module")
 def reference() -> Any:
     return load_reference(demo_model_path())
 
 
-def _encode_pair(tok: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """As the harness splits a request (add_bos_token=True): the whole text encoded once,
-    the continuation is what follows the context's own encoding."""
-    whole = tok(context + continuation, add_special_tokens=True).input_ids
-    ctx = tok(context, add_special_tokens=True).input_ids
+def _encode_pair(
+    tok: Any, context: str, continuation: str, bos: bool = True
+) -> tuple[list[int], list[int]]:
+    """As the harness splits a request: the whole text encoded once, the continuation is
+    what follows the context's own encoding (with a BOS token first when `bos`)."""
+    whole = tok(context + continuation, add_special_tokens=bos).input_ids
+    ctx = tok(context, add_special_tokens=bos).input_ids
     assert whole[: len(ctx)] == ctx
     return ctx, whole[len(ctx) :]
 
@@ -229,10 +243,28 @@ def _argmax(xs: list[float]) -> int:
 
 
 def test_multiple_choice_accuracy_is_the_models(harness: dict[str, Any], reference: Any) -> None:
+    check_multiple_choice(harness, reference, bos=True)
+    # The prefix distractors (see the module docstring) make the two figures differ.
+    res = harness["results"]["results"]["moeserve_demo_mc"]
+    assert res["acc,none"] < res["acc_norm,none"]
+
+
+def test_without_tokenizer_files_the_servers_tokenizer_is_used(
+    server: RunningServer, reference: Any, tmp_path: Path
+) -> None:
+    """No `tokenizer=`: the harness detects /tokenizer_info and /tokenize and tokenizes
+    through the server (its remote backend, which never adds a BOS token)."""
+    run = run_lm_eval(server, tmp_path, ("moeserve_demo_mc",), None)
+    check_multiple_choice(run, reference, bos=False)
+
+
+def check_multiple_choice(run: dict[str, Any], reference: Any, bos: bool) -> None:
+    """Every log-likelihood and is_greedy of the run, and both accuracies, as transformers
+    computes them from the same token ids."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_model_path())
-    docs, samples = harness["docs"], harness["samples"]["moeserve_demo_mc"]
+    docs, samples = run["docs"], run["samples"]["moeserve_demo_mc"]
     assert len(samples) == len(docs)
     acc, acc_norm = [], []
     for doc, sample in zip(docs, samples, strict=True):
@@ -241,7 +273,7 @@ def test_multiple_choice_accuracy_is_the_models(harness: dict[str, Any], referen
         got = [float(r[0][0]) for r in sample["resps"]]
         want, greedy = [], []
         for choice in doc["choices"]:
-            ll, is_greedy = _scored(reference, *_encode_pair(tok, context, choice))
+            ll, is_greedy = _scored(reference, *_encode_pair(tok, context, choice, bos))
             want.append(ll)
             greedy.append(str(is_greedy))
         assert got == pytest.approx(want, abs=TOL * 8), doc
@@ -249,11 +281,9 @@ def test_multiple_choice_accuracy_is_the_models(harness: dict[str, Any], referen
         acc.append(_argmax(want) == doc["label"])
         acc_norm.append(_argmax([w / len(c) for w, c in zip(want, doc["choices"])]) == doc["label"])
         assert sample["acc"] == float(acc[-1]) and sample["acc_norm"] == float(acc_norm[-1])
-    res = harness["results"]["results"]["moeserve_demo_mc"]
+    res = run["results"]["results"]["moeserve_demo_mc"]
     assert res["acc,none"] == pytest.approx(sum(acc) / len(acc))
     assert res["acc_norm,none"] == pytest.approx(sum(acc_norm) / len(acc_norm))
-    # The prefix distractors (see the module docstring) make the two figures differ.
-    assert res["acc,none"] < res["acc_norm,none"]
 
 
 def test_generate_until_answers_are_the_models(harness: dict[str, Any], reference: Any) -> None:
