@@ -10,10 +10,11 @@ multi-turn: N conversations in parallel, each of T turns; every request carries 
 
 Both are chat requests. The prefix opens the first user message, not a system message: every
 chat template takes that, while some (Mixtral's, the demo model's) refuse a system role.
-Requests are dealt round-robin: request i belongs to conversation i % N (turn i // N of the
-conversations in that slot), so with --max-concurrency C <= N each turn's predecessor is
-usually done by the time it is due. Lengths are words (about a token each on BPE
-vocabularies, a token a character on the demo model's) or, with a tokenizer, exact tokens.
+Requests are dealt round-robin: request i is turn (i // N) % T of the conversation in slot
+i % N, so with --max-concurrency C <= N each turn's predecessor is usually done by the time
+it is due. --request-timeout counts from a turn's arrival, its wait included. Lengths are
+words (about a token each on BPE vocabularies, a token a character on the demo model's) or,
+with a tokenizer, exact tokens.
 """
 
 from __future__ import annotations
