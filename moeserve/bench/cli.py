@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from moeserve.bench.conversations import add_conversation_args, conversation_factory
 from moeserve.bench.synthetic import SHAPES
 from moeserve.bench.workloads import DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, RequestSpec
 
@@ -69,10 +70,11 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument(
         "--workload",
-        choices=["random", "jsonl", "demo"],
+        choices=["random", "jsonl", "demo", "shared-prefix", "multi-turn"],
         default="random",
-        help="random prompts, a JSONL file (--prompts-file), or the demo model's "
-        "tasks (default %(default)s)",
+        help="random prompts, a JSONL file (--prompts-file), the demo model's tasks, "
+        "--num-prefixes long prompts each shared by many requests, or --num-conversations "
+        "conversations of --num-turns turns (default %(default)s)",
     )
     # None when not given: only the defaults are fitted to the server's context.
     g.add_argument(
@@ -102,6 +104,7 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
         "--demo-tasks", default=None, help="comma-separated demo tasks (default: all of them)"
     )
     g.add_argument("--demo-max-tokens", type=int, default=16, help="max_tokens of demo requests")
+    add_conversation_args(g)
     g.add_argument("--temperature", type=float, default=0.0, help="default %(default)s")
     g.add_argument(
         "--ignore-eos",
@@ -183,6 +186,11 @@ def _workload(args: argparse.Namespace, max_model_len: int | None) -> tuple[Work
         output_len = args.output_len or str(DEFAULT_OUTPUT_LEN)
         name = f"jsonl:{args.prompts_file}"
         make = partial(workloads.jsonl_workload, args.prompts_file, output_len, seed=args.seed)
+        return make, name
+    if args.workload in ("shared-prefix", "multi-turn"):
+        make, name, note = conversation_factory(args, max_model_len)
+        if note:
+            print(f"moeserve bench: {note}", file=sys.stderr)
         return make, name
     if args.workload == "demo":
         tasks = [t.strip() for t in args.demo_tasks.split(",")] if args.demo_tasks else None

@@ -11,6 +11,7 @@ with --client-processes N, processes.py runs N of these drives, one per process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -24,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
+from moeserve.bench.conversations import TurnFailed
 from moeserve.bench.records import ClientProcess, LoadTestConfig, RequestResult, RunData
 from moeserve.bench.server_metrics import metrics_url_for, scrape
 from moeserve.bench.sse_client import OnData, SSELines, StreamClient
@@ -146,9 +148,11 @@ class _Events:
         if "error" in chunk:  # e.g. the server's drain stopped the request
             res.error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
             return True
-        if chunk.get("usage"):
-            res.prompt_tokens = chunk["usage"].get("prompt_tokens")
-            res.output_tokens = chunk["usage"].get("completion_tokens") or 0
+        if usage := chunk.get("usage"):
+            res.prompt_tokens = usage.get("prompt_tokens")
+            res.output_tokens = usage.get("completion_tokens") or 0
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            res.cached_tokens = cached if isinstance(cached, int) else res.cached_tokens
         for choice in chunk.get("choices") or []:
             delta = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
             if delta:
@@ -201,8 +205,17 @@ async def _send(
     res: RequestResult,
     t0: float,
 ) -> None:
-    """Stream one request into `res`; every failure is recorded there, never raised."""
+    """Stream one request into `res`; every failure is recorded there, never raised. A
+    conversation's turn is timed from when the previous turn's answer is in."""
     path = "/chat/completions" if spec.endpoint == "chat" else "/completions"
+    conv = spec.conversation
+    if conv is not None:
+        res.sent = time.perf_counter() - t0
+        try:
+            spec = dataclasses.replace(spec, messages=await conv.ready(spec.turn))
+        except TurnFailed as e:
+            res.error = str(e)
+            return
     start = time.perf_counter()
     res.sent = start - t0
     events = _Events(spec, res, start, t0)
@@ -227,6 +240,8 @@ async def _send(
         return
     res.latency = time.perf_counter() - start
     res.success = True
+    if conv is not None:
+        conv.answer(spec.turn, "".join(events.text))
     if not res.output_tokens:  # no usage chunk (a server without include_usage)
         res.output_tokens = len(res.chunk_times)
     if spec.answer is not None:
@@ -346,6 +361,8 @@ async def drive(
             raise
         finally:
             res.ended = time.perf_counter() - begin
+            if spec.conversation is not None:
+                spec.conversation.settle(spec.turn)  # the next turn goes on (or fails)
             if sem is not None:
                 sem.release()
             if on_end is not None:

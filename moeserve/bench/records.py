@@ -116,6 +116,7 @@ class RequestResult:
     output_tokens: int = 0
     finish_reason: str | None = None
     correct: bool | None = None  # the demo tasks' answer check
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, if sent
 
     @property
     def tpot(self) -> float | None:

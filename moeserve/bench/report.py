@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from moeserve.bench.records import RequestResult, RunData
-from moeserve.bench.server_metrics import server_summary
+from moeserve.bench.server_metrics import prefix_cache, server_summary
 
 GOODPUT_KEYS = {"ttft": "ttft", "tpot": "tpot", "e2e": "e2el", "e2el": "e2el"}
 _LATENCIES = ("ttft", "tpot", "itl", "e2el")
@@ -129,6 +129,16 @@ def client_summary(run: RunData, duration: float) -> dict[str, Any]:
     }
 
 
+def prefix_cache_summary(run: RunData) -> dict[str, Any]:
+    """The server's prefix cache hit rate over the run (its /metrics counters), and the mean
+    `usage.prompt_tokens_details.cached_tokens` of the requests whose usage had it."""
+    out = prefix_cache(run.before, run.after)
+    cached = [r.cached_tokens for r in run.results if r.success and r.cached_tokens is not None]
+    out["requests_with_cached_tokens"] = len(cached)
+    out["mean_cached_tokens"] = sum(cached) / len(cached) if cached else None
+    return out
+
+
 def build_report(
     run: RunData, goodput_slos_ms: dict[str, float] | None = None, detailed: bool = False
 ) -> dict[str, Any]:
@@ -184,6 +194,7 @@ def build_report(
             "correct": correct,
             "accuracy": correct / len(checked),
         }
+    report["prefix_cache"] = prefix_cache_summary(run)
     report["client"] = client_summary(run, duration)
     report["server"] = server_summary(run.before, run.after)
     report["timeline"] = timeline(run.results, run.duration)
@@ -237,6 +248,9 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(" Demo tasks ".center(w, "-"))
         row("Correct answers:", rep["demo_accuracy"]["correct"])
         row("Accuracy:", rep["demo_accuracy"]["accuracy"], 3)
+    lines.append(" Prefix cache ".center(w, "-"))
+    row("Prefix cache hit rate (tokens):", rep["prefix_cache"]["hit_rate"], 3)
+    row("Mean cached prompt tokens:", rep["prefix_cache"]["mean_cached_tokens"])
     client = rep["client"]
     lines.append(" Client ".center(w, "-"))
     row("Client processes:", client["processes"])

@@ -33,6 +33,10 @@ _CACHE_COUNTERS = {  # report key -> sample name, summed over layers
     "cpu_experts": CACHE + "cpu_experts_total",
     "copy_wait_seconds": CACHE + "copy_wait_seconds_total",
 }
+# Prefix cache counters, in prompt tokens (looked up, found cached); absent from a server
+# without a prefix cache, and then the hit rate is "n/a".
+PREFIX_CACHE_QUERIES = "moeserve_prefix_cache_queries_total"
+PREFIX_CACHE_HITS = "moeserve_prefix_cache_hits_total"
 _SERVER_COUNTERS = {  # report key -> sample name
     "prompt_tokens": "moeserve_prompt_tokens_total",
     "generation_tokens": "moeserve_generation_tokens_total",
@@ -52,13 +56,18 @@ async def scrape(client: httpx.AsyncClient, url: str) -> Snapshot | None:
         resp = await client.get(url)
         if resp.status_code != 200:
             return None
-        snap: Snapshot = defaultdict(list)
-        for family in text_string_to_metric_families(resp.text):
-            for s in family.samples:
-                snap[s.name].append((dict(s.labels), float(s.value)))
-        return dict(snap)
+        return parse_metrics(resp.text)
     except (httpx.HTTPError, ValueError):
         return None
+
+
+def parse_metrics(text: str) -> Snapshot:
+    """Prometheus text -> Snapshot; ValueError when it does not parse."""
+    snap: Snapshot = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            snap[s.name].append((dict(s.labels), float(s.value)))
+    return dict(snap)
 
 
 def _total(snap: Snapshot, name: str) -> float | None:
@@ -163,3 +172,22 @@ def server_summary(before: Snapshot | None, after: Snapshot | None) -> dict[str,
     out["expert_load"] = expert_load(before, after)
     out["expert_cache"] = expert_cache(before, after)
     return out
+
+
+def prefix_cache(before: Snapshot | None, after: Snapshot | None) -> dict[str, Any]:
+    """The run's prefix cache hit rate: prompt tokens found cached / looked up, from the
+    server's counters before and after; None (with a note) without them."""
+    if before is None or after is None or PREFIX_CACHE_QUERIES not in after:
+        return {
+            "queries": None,
+            "hits": None,
+            "hit_rate": None,
+            "note": "no prefix cache metrics on the server",
+        }
+    queries = _delta(before, after, PREFIX_CACHE_QUERIES) or 0.0
+    hits = _delta(before, after, PREFIX_CACHE_HITS) or 0.0
+    return {
+        "queries": int(queries),
+        "hits": int(hits),
+        "hit_rate": hits / queries if queries > 0 else None,
+    }

@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # Common English words: most BPE vocabularies hold each (with its leading space) as one token,
 # so without a tokenizer a prompt of N words is close to N tokens. The report uses the
@@ -32,6 +32,16 @@ _WORD_TEXT = """
 _WORDS = tuple(_WORD_TEXT.split())
 
 
+class Conversation(Protocol):
+    """What the load test needs of a conversation (conversations.Conversation)."""
+
+    async def ready(self, turn: int) -> list[dict[str, Any]]: ...
+
+    def answer(self, turn: int, text: str) -> None: ...
+
+    def settle(self, turn: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class RequestSpec:
     """One request: a completion prompt or chat messages, and its max_tokens."""
@@ -43,6 +53,10 @@ class RequestSpec:
     input_len: int | None = None  # the intended prompt length in tokens, when known
     answer: str | None = None  # the expected reply (demo tasks), to report accuracy
     extra: dict[str, Any] = field(default_factory=dict)  # more body fields from a JSONL line
+    # A turn of a conversation (conversations.py): its messages are built when it is sent,
+    # from the earlier turns' answers.
+    conversation: Conversation | None = None
+    turn: int = 0
 
 
 _KINDS = {"uniform": 2, "normal": 2, "lognormal": 2, "exponential": 1}  # kind: its arity

@@ -38,6 +38,7 @@ from moeserve.server.middleware import (
 )
 from moeserve.server.protocol import ModelCard, ModelList
 from moeserve.server.state import ServerState
+from moeserve.server.tokenize import tokenizer_router
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -66,6 +67,7 @@ def create_app(state: ServerState) -> InferenceFastPath:
     app.add_middleware(AccessLogMiddleware, log_prompts=state.config.log_prompts)  # outermost
     endpoints = _add_inference_routes(app, state)
     app.include_router(_v1_router(state))
+    app.include_router(tokenizer_router(state, Depends(_require_key(state))))
     _add_probes(app, state)
     return InferenceFastPath(app, state, endpoints)
 
