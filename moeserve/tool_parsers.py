@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -43,12 +45,8 @@ class ToolCall:
     arguments: str
     id: str = ""
 
-    def with_id(self) -> ToolCall:
-        return ToolCall(self.name, self.arguments, new_call_id())
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+    def with_id(self, call_id: str) -> ToolCall:
+        return ToolCall(self.name, self.arguments, call_id)
 
 
 def arguments_text(value: Any) -> str | None:
@@ -97,13 +95,17 @@ class ToolParser:
     (more text may complete it; never when ``final``) or None (not a call: it is text).
     Once a region reads as None for some text, it must for every longer text too."""
 
-    name: ClassVar[str]
-    markers: ClassVar[tuple[str, ...]]
+    name: ClassVar[str] = ""
+    markers: ClassVar[tuple[str, ...]] = ()
     # The markers are special tokens: the text must be detokenized with them kept.
     needs_special_tokens: ClassVar[bool] = False
 
     def read(self, text: str, final: bool) -> Region:
-        raise NotImplementedError
+        return None  # the base class has no markers: never asked
+
+    def new_id(self) -> str:
+        """A fresh id for a call, of the shape the model's chat template accepts back."""
+        return f"call_{uuid.uuid4().hex[:24]}"
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The whole output: its content (None when it had calls and no other text) and calls."""
@@ -141,6 +143,10 @@ class MistralParser(ToolParser):
     _NAMED = re.compile(r"([A-Za-z0-9_.\-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\]")
     # What may still grow into `name[CALL_ID]id[ARGS]`.
     _NAMED_PREFIX = re.compile(r"[A-Za-z0-9_.\-]*(?:\[[A-Z_]*\]?[A-Za-z0-9]*)*")
+
+    def new_id(self) -> str:
+        # Mistral's templates refuse any id but 9 letters and digits.
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
     def read(self, text: str, final: bool) -> Region:
         start = len(self.markers[0])
@@ -238,8 +244,11 @@ PARSERS: dict[str, type[ToolParser]] = {
 }
 
 
-def get_parser(name: str) -> ToolParser:
-    """The parser registered under ``name``; ValueError listing the names otherwise."""
+def get_parser(name: str | None) -> ToolParser:
+    """The parser registered under ``name`` (None: the base class, which reads no calls and
+    gives OpenAI-style ids); ValueError listing the names otherwise."""
+    if name is None:
+        return ToolParser()
     if name not in PARSERS:
         raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(sorted(PARSERS))}")
     return PARSERS[name]()
@@ -251,7 +260,7 @@ def detect_parser(model_type: str | None, tokenizer: Tokenizer | None) -> str | 
     if model_type == "gpt_oss":
         return "harmony"
     template = "\n".join(tokenizer.chat_templates.values()) if tokenizer is not None else ""
-    if "<|channel|>" in template and "to=functions." in template:
+    if "<|channel|>" in template and "<|message|>" in template:
         return "harmony"
     if "<｜tool▁calls▁begin｜>" in template:
         return "deepseek_v3"
@@ -310,7 +319,7 @@ class ToolCallStream:
                 break
             found, end = region  # type: ignore[misc]
             self._emit(out, before)
-            calls.extend(c.with_id() for c in found)
+            calls.extend(c.with_id(self.parser.new_id()) for c in found)
             self._after_call = True
             pos = at + end
         self._text = text[pos:]

@@ -125,7 +125,10 @@ def test_parsers_read_calls_and_the_text_around_them(
     assert [(c.name, json.loads(c.arguments)) for c in parsed] == [
         (n, json.loads(a)) for n, a in calls
     ]
-    assert all(c.id.startswith("call_") and len(c.id) == 29 for c in parsed)
+    if name == "mistral":  # its templates take 9 letters and digits back, nothing else
+        assert all(len(c.id) == 9 and c.id.isalnum() for c in parsed)
+    else:
+        assert all(c.id.startswith("call_") and len(c.id) == 29 for c in parsed)
     assert len({c.id for c in parsed}) == len(parsed)
 
 
@@ -159,9 +162,9 @@ def test_the_parser_is_chosen_from_the_checkpoint(tmp_path: Path) -> None:
     assert set(PARSERS) == {"hermes", "mistral", "deepseek_v3", "harmony"}
     assert detect_parser("gpt_oss", None) == "harmony"
     write_harmony_tokenizer(tmp_path / "h")
-    (tmp_path / "h" / "chat_template.jinja").write_text(
-        "{{ '<|start|>assistant to=functions.' }}<|channel|>"
-    )
+    (tmp_path / "h" / "chat_template.jinja").write_text("{{ '<|start|>assistant' }}")
+    assert detect_parser("mixtral", Tokenizer.from_dir(tmp_path / "h")) is None
+    (tmp_path / "h" / "chat_template.jinja").write_text("<|channel|>final<|message|>")
     assert detect_parser("mixtral", Tokenizer.from_dir(tmp_path / "h")) == "harmony"
     for marker, want in [
         ("<tool_call>", "hermes"),
