@@ -5,8 +5,10 @@ Imports no torch so the server and the scheduler can build and check these cheap
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 # Below this temperature a request is treated as greedy (argmax); dividing logits by a
 # near-zero temperature would only overflow to inf/nan.
@@ -16,6 +18,53 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+
+StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "lark"]
+STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint the engine holds every generated sequence to (its token mask).
+
+    ``kind`` says how to read ``spec``: "json_object" (any JSON object; spec ""),
+    "json_schema" (the JSON text of a schema), "regex", "choice" (the JSON text of a
+    non-empty list of strings) or "lark" (a Lark grammar, llguidance's dialect). Construction
+    checks the kind and the spec's shape (ValueError naming the field); whether a schema, regex
+    or grammar compiles is checked when a request carries it (moeserve.engine.structured).
+    """
+
+    kind: StructuredKind
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(
+                f"structured.kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}"
+            )
+        if not isinstance(self.spec, str):
+            raise ValueError(f"structured.spec must be a string, got {type(self.spec).__name__}")
+        if self.kind == "json_object" and self.spec:
+            raise ValueError("structured.spec must be empty for kind json_object")
+        if self.kind in ("regex", "lark") and not self.spec:
+            raise ValueError(f"structured.spec must hold the {self.kind} for kind {self.kind}")
+        if self.kind in ("json_schema", "choice"):
+            try:
+                value = json.loads(self.spec)
+            except ValueError as e:
+                raise ValueError(
+                    f"structured.spec is not valid JSON for kind {self.kind}: {e}"
+                ) from None
+            if self.kind == "json_schema" and not isinstance(value, (dict, bool)):
+                raise ValueError(
+                    "structured.spec must be a JSON schema (an object) for json_schema"
+                )
+            if self.kind == "choice" and not (
+                isinstance(value, list) and value and all(isinstance(c, str) for c in value)
+            ):
+                raise ValueError(
+                    "structured.spec must be a non-empty JSON list of strings for choice"
+                )
 
 
 @dataclass
@@ -27,7 +76,8 @@ class SamplingParams:
     ``logprobs=None`` returns no logprobs; ``logprobs=k`` (0..20) returns the chosen
     token's logprob plus the top-k alternatives. ``prompt_logprobs=k`` (0..20) returns
     each prompt token's logprob (given the tokens before it) and the top-k alternatives,
-    in `RequestOutput.prompt_logprobs` (None for the first token).
+    in `RequestOutput.prompt_logprobs` (None for the first token). ``structured`` holds
+    every output to a JSON schema, regex, choice or grammar (`StructuredOutput`).
     """
 
     n: int = 1
@@ -47,6 +97,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -88,6 +139,10 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise ValueError(
+                f"structured must be a StructuredOutput, got {type(self.structured).__name__}"
+            )
 
     def _validate_stop(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:

@@ -114,6 +114,11 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The ``tokenizers`` object (read-only use: structured outputs build on it)."""
+        return self._tok
+
+    @property
     def chat_template(self) -> str | None:
         """The default chat template, or None when the model has none."""
         return self._templates.get("default")

@@ -29,10 +29,12 @@ from moeserve.engine.outputs import (
     TokenLogprob,
 )
 from moeserve.engine.prompt_logprobs import PromptRows
-from moeserve.engine.sampler import PendingSample, Sampler
+from moeserve.engine.sampler import GrammarMask, PendingSample, Sampler
 from moeserve.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from moeserve.engine.sequence import PENDING, Sequence
+from moeserve.engine.structured import Grammars, SeqGrammar
 from moeserve.sampling_params import SamplingParams
+from moeserve.tokenizer import Tokenizer
 
 
 class InvalidRequest(ValueError):
@@ -48,6 +50,8 @@ class _Request:
     # With params.prompt_logprobs: the next prompt token whose entry is due (0: the first's
     # None). Kept across preemption, so a recomputed prompt emits nothing twice.
     prompt_next: int = 0
+    # With params.structured: each sequence's matcher, by seq_id.
+    grammars: dict[int, SeqGrammar] | None = None
 
     @property
     def finished(self) -> bool:
@@ -123,9 +127,10 @@ class EngineCore:
         self._aborted: list[RequestMetrics] = []
         self._launched: _Launched | None = None
         self._last_resolved = 0.0
-        # Requests whose sampling reads their earlier tokens (penalties): a step with one of
-        # them running waits for the last step's tokens before it is scheduled.
+        # Requests whose sampling reads their earlier tokens (penalties, a grammar's mask): a
+        # step with one of them running waits for the last step's tokens before it is scheduled.
         self._penalised: set[str] = set()
+        self.grammars: Grammars | None = None  # set_tokenizer
         self._seq_ids = itertools.count()
         self.num_steps = 0  # steps that ran the model
 
@@ -133,6 +138,11 @@ class EngineCore:
         """EOS ids when config.json and generation_config.json name none (the tokenizer's)."""
         if not self.eos_token_ids:
             self.eos_token_ids = frozenset(token_ids)
+
+    def set_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """The model's tokenizer, which structured outputs compile their grammars against (call
+        after set_eos: EOS is what a grammar allows where it may end)."""
+        self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
 
     @property
     def offloads_experts(self) -> bool:
@@ -154,6 +164,14 @@ class EngineCore:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"stop_token_ids: {bad[0]} is outside the vocabulary")
+        grammars = None
+        if params.structured is not None:
+            if self.grammars is None:
+                raise InvalidRequest("structured outputs need the model's tokenizer.json")
+            try:
+                grammars = [self.grammars.matcher(params.structured) for _ in range(params.n)]
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
         now = req.arrival_time if req.arrival_time is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -171,10 +189,12 @@ class EngineCore:
             )
         for seq in seqs:  # the scheduler refuses what could never fit (RequestTooLarge)
             self.scheduler.add(seq)
-        if params.has_penalties:
+        if params.has_penalties or grammars is not None:
             self._penalised.add(rid)
         metrics = RequestMetrics(arrival_time=now, num_prompt_tokens=len(ids))
         self._requests[rid] = _Request(params, seqs, metrics, [0.0] * params.n)
+        if grammars is not None:
+            self._requests[rid].grammars = {s.seq_id: g for s, g in zip(seqs, grammars)}
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks now; False if it is unknown or finished."""
@@ -271,15 +291,32 @@ class EngineCore:
         prompt, prompt_of = self._prompt_rows(out.scheduled)
         logits, rows = ex.execute(out.scheduled, feed, prompt)
         seqs = [out.scheduled[i].seq for i in rows]
+        grammar = self._grammar_mask(seqs, logits.is_cuda) if self._penalised else None
         if self.async_scheduling:  # the greedy kernel writes straight into the feed buffer
-            sample = self.sampler.launch(logits, seqs, ex.fed_R[: len(seqs)])
+            sample = self.sampler.launch(logits, seqs, ex.fed_R[: len(seqs)], grammar)
             ex.keep_sampled(sample.tokens_B)
         else:
-            sample = self.sampler.launch(logits, seqs)
+            sample = self.sampler.launch(logits, seqs, grammar=grammar)
         self.scheduler.update(out, dict.fromkeys((s.seq_id for s in seqs), PENDING))
         slots = [s.num_output_tokens - 1 for s in seqs]
         rows_of = {s.seq_id: r for r, s in enumerate(seqs)}
         return _Launched(out, seqs, slots, rows_of, sample, t0, prompt, prompt_of)
+
+    def _grammar_mask(self, seqs: list[Sequence], pin: bool) -> GrammarMask | None:
+        """The token mask of the rows with a grammar (None when no row has one). Computed while
+        the device runs the model; each matcher has consumed every earlier token (grammar
+        requests are never scheduled ahead of their last step's tokens)."""
+        rows = []
+        for r, seq in enumerate(seqs):
+            grammars = self._requests[seq.request_id].grammars
+            if grammars is not None:
+                g = grammars[seq.seq_id]
+                assert g.consumed == seq.num_output_tokens, f"seq {seq.seq_id}'s grammar lags"
+                rows.append((r, g))
+        if not rows:
+            return None
+        assert self.grammars is not None
+        return self.grammars.mask(rows, pin)
 
     def _prompt_rows(
         self, scheduled: list[ScheduledSeq]
@@ -326,6 +363,10 @@ class EngineCore:
             token = sampled.token_ids[row]
             reason, stop_reason = self.scheduler.record(seq, slot, token, self.eos_token_ids)
             req = self._requests[seq.request_id]
+            grammar = req.grammars[seq.seq_id] if req.grammars is not None else None
+            if grammar is not None and reason is None and grammar.ends_after(token):
+                self.scheduler.finish(seq, "stop")  # complete: no need to wait a step for EOS
+                reason = "stop"
             index = req.seqs.index(seq)
             delta = CompletionOutput(
                 index=index, token_ids=[token], finish_reason=reason, stop_reason=stop_reason

@@ -38,6 +38,8 @@ class EngineLoop:
         self.processor = OutputProcessor(tokenizer, core)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             core.set_eos({tokenizer.eos_token_id})
+        if tokenizer is not None:
+            core.set_tokenizer(tokenizer)
         self._cond = threading.Condition()  # guards the inbox and the outbox
         self._adds: list[EngineRequest] = []
         self._aborts: set[str] = set()

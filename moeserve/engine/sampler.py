@@ -29,6 +29,32 @@ class SampleRow(Protocol):
 
 
 @dataclass
+class GrammarMask:
+    """The allowed tokens of a step's grammar rows: bit t of row g (word t // 32, bit t % 32)
+    says whether token t may follow in row `rows[g]`. Tokens past the bitmask's width are not
+    allowed (the model's vocabulary may be wider than the tokenizer's)."""
+
+    rows: list[int]
+    bits_GW: torch.Tensor  # int32, on the host
+
+
+def apply_grammar(logits_BV: torch.Tensor, grammar: GrammarMask) -> torch.Tensor:
+    """A copy of `logits_BV` with the grammar rows' disallowed tokens at -inf (one masked_fill
+    over those rows, on the logits' device)."""
+    device, (B, V) = logits_BV.device, logits_BV.shape
+    bits_GW = grammar.bits_GW.to(device, non_blocking=True)
+    G, W = bits_GW.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    allowed_GV = ((bits_GW[:, :, None] >> shifts) & 1).view(G, W * 32)[:, :V].bool()
+    if allowed_GV.shape[1] < V:
+        allowed_GV = torch.nn.functional.pad(allowed_GV, (0, V - allowed_GV.shape[1]))
+    if G == B and grammar.rows == list(range(B)):
+        return logits_BV.masked_fill(~allowed_GV, float("-inf"))
+    idx = _index(grammar.rows, device)
+    return logits_BV.index_copy(0, idx, logits_BV[idx].masked_fill(~allowed_GV, float("-inf")))
+
+
+@dataclass
 class SamplerOutput:
     """One entry per row, in row order."""
 
@@ -119,8 +145,9 @@ class Sampler:
     sequence is recomputed after preemption. Columns ``>= vocab_size`` are dropped (the
     engine passes the model's whole vocabulary, so none are).
 
-    Logprobs are ``log_softmax`` of the RAW logits (before penalties, temperature and
-    filtering) in float32 over the first ``vocab_size`` columns, as vLLM and OpenAI report.
+    A grammar mask (structured outputs) sets its rows' disallowed tokens to -inf first.
+    Logprobs are ``log_softmax`` of the RAW logits (before the grammar, penalties, temperature
+    and filtering) in float32 over the first ``vocab_size`` columns, as vLLM and OpenAI report.
     """
 
     def __init__(self, vocab_size: int, seed: int | None = None) -> None:
@@ -130,19 +157,26 @@ class Sampler:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def sample(self, logits_BV: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
+    def sample(
+        self,
+        logits_BV: torch.Tensor,
+        rows: Sequence[SampleRow],
+        grammar: GrammarMask | None = None,
+    ) -> SamplerOutput:
         """Sample one token per row; ``logits_BV`` (any float dtype/device) is not modified."""
-        return self.launch(logits_BV, rows).result()
+        return self.launch(logits_BV, rows, grammar=grammar).result()
 
     def launch(
         self,
         logits_BV: torch.Tensor,
         rows: Sequence[SampleRow],
         out_B: torch.Tensor | None = None,
+        grammar: GrammarMask | None = None,
     ) -> PendingSample:
         """Queue the sampling of one token per row on the logits' device; nothing waits for
         the device until the result's `result()`. out_B: where the greedy path may write the
-        tokens (the result's tokens_B is then out_B)."""
+        tokens (the result's tokens_B is then out_B). grammar: the rows whose tokens a
+        grammar restricts, applied before everything else but the raw logprobs."""
         if logits_BV.dim() != 2 or logits_BV.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits_BV.shape)}"
@@ -152,6 +186,8 @@ class Sampler:
         params = [row.params for row in rows]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not lp_rows and all(p.greedy and not p.has_penalties for p in params):
+            if grammar is not None:
+                logits_BV = apply_grammar(logits_BV, grammar)
             return _greedy(logits_BV, out_B)
 
         device = logits_BV.device
@@ -159,6 +195,8 @@ class Sampler:
         raw_lp = None
         if lp_rows:
             raw_lp = torch.log_softmax(logits_BV[_index(lp_rows, device)], dim=-1)
+        if grammar is not None:
+            logits_BV = apply_grammar(logits_BV, grammar)
 
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
