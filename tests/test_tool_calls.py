@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -20,7 +21,14 @@ from moeserve.server.tools import template_messages, tool_request
 from moeserve.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.harmony_fixture import write_harmony_tokenizer
-from tests.server_fixture import MODEL_NAME, RunningServer, assert_envelope, serving, sse_events
+from tests.server_fixture import (
+    MODEL_NAME,
+    RunningServer,
+    assert_envelope,
+    build_checkpoint,
+    serving,
+    sse_events,
+)
 from tests.test_harmony import TOOL_CALL, _Script
 from tests.tokenizer_fixture import write_test_tokenizer
 from tests.tool_templates import QWEN3, TEMPLATES
@@ -391,3 +399,119 @@ def test_harmony_tool_calls_come_back_as_tool_calls(harmony_srv: RunningServer) 
     assert parts[0]["function"]["name"] == "get_weather"
     assert json.loads("".join(p["function"]["arguments"] for p in parts)) == {"city": "Paris"}
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# ------------------------------------------------------------------ forced calls (grammar)
+STRICT_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7},
+                },
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "ping"}},  # no parameters at all
+]
+SCHEMAS = {
+    "get_weather": STRICT_TOOLS[0]["function"]["parameters"],
+    "get_time": STRICT_TOOLS[1]["function"]["parameters"],
+    "ping": {"type": "object", "additionalProperties": False},
+}
+
+
+@pytest.fixture(scope="module")
+def model_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A random-weight model that really runs (no script), its chat template without tools
+    and so without a tool-call format: forced choices need none."""
+    yield from serving(build_checkpoint(tmp_path_factory), max_model_len=512)
+
+
+def _check_forced(choice: dict[str, Any], named: str | None, parallel: bool) -> None:
+    message = choice["message"]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert message["content"] is None
+    calls = message["tool_calls"]
+    assert calls and (parallel or len(calls) == 1)
+    for c in calls:
+        assert c["type"] == "function" and c["id"].startswith("call_")
+        assert c["function"]["name"] == (named or c["function"]["name"])
+        jsonschema.validate(json.loads(c["function"]["arguments"]), SCHEMAS[c["function"]["name"]])
+    if named:
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("named", [None, "get_weather", "ping"])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_and_named_choices_always_give_valid_calls(
+    model_srv: RunningServer, named: str | None, parallel: bool
+) -> None:
+    choice: Any = {"type": "function", "function": {"name": named}} if named else "required"
+    for seed in range(3):
+        body = {
+            "tools": STRICT_TOOLS,
+            "tool_choice": choice,
+            "parallel_tool_calls": parallel,
+            "temperature": 1.0,
+            "seed": seed,
+            "n": 2,
+            "max_tokens": 300,
+        }
+        r = _chat(model_srv, **body)
+        assert r.status_code == 200, r.text
+        for c in r.json()["choices"]:
+            _check_forced(c, named, parallel)
+
+
+def test_forced_calls_stream_as_deltas(model_srv: RunningServer) -> None:
+    body = {"messages": USER, "tools": STRICT_TOOLS, "tool_choice": "required", "stream": True}
+    body |= {"temperature": 1.0, "seed": 7, "max_tokens": 300}
+    with model_srv.client().stream("POST", "/v1/chat/completions", json=body) as r:
+        events = sse_events(r.iter_lines())
+    deltas = [c["choices"][0]["delta"] for c in events[:-1]]
+    assert "".join(d.get("content") or "" for d in deltas) == ""
+    calls: dict[int, dict[str, Any]] = {}
+    for part in (p for d in deltas for p in d.get("tool_calls", [])):
+        entry = calls.setdefault(part["index"], {"id": part.get("id"), "function": {}})
+        fn = entry["function"]
+        fn["name"] = fn.get("name", "") + part["function"].get("name", "")
+        fn["arguments"] = fn.get("arguments", "") + part["function"].get("arguments", "")
+    finish = events[-2]["choices"][0]["finish_reason"]
+    _check_forced(
+        {
+            "message": {
+                "content": None,
+                "tool_calls": [{"type": "function", **calls[i]} for i in sorted(calls)],
+            },
+            "finish_reason": finish,
+        },
+        None,
+        True,
+    )
+
+
+def test_forced_choices_refuse_schemas_that_do_not_compile(model_srv: RunningServer) -> None:
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+    r = _chat(model_srv, tools=[bad], tool_choice="required")
+    assert_envelope(r, 400, "tools")
+    # auto on a model without a tool-call format: a 400 saying what to do instead.
+    assert_envelope(_chat(model_srv, tools=STRICT_TOOLS), 400, "tool_choice")

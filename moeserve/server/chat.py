@@ -122,6 +122,8 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     split = params.skip_special_tokens and reasoning_format(tokenizer) is not None
     if tools.parses and tools.parser.needs_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)  # the call markers
+    if tools.forced:
+        params = dataclasses.replace(params, structured=tools.structured())
     cid = new_id("chatcmpl")
     request.state.request_id = cid
     if state.config.log_prompts:

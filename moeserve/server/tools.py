@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeserve.engine.structured import GrammarError, check
+from moeserve.sampling_params import StructuredOutput
 from moeserve.server.errors import bad_request
 from moeserve.server.protocol import ChatCompletionRequest, FunctionCall, ToolCallItem
 from moeserve.tokenizer import Tokenizer
@@ -32,6 +34,7 @@ from moeserve.tool_parsers import (
 
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _CHOICES = ("none", "auto", "required")
+_NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class ToolRequest:
                 "type": "object",
                 "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
                 "required": ["name", "parameters"],
+                "additionalProperties": False,
             }
             for name, schema in params.items()
         ]
@@ -76,6 +80,16 @@ class ToolRequest:
         if not self.parallel:
             array["maxItems"] = 1
         return array
+
+    def structured(self) -> StructuredOutput:
+        """The grammar a forced choice puts on the output; 400 naming tools when a tool's
+        parameters do not compile."""
+        so = StructuredOutput(kind="json_schema", spec=json.dumps(self.schema()))
+        try:
+            check(so)
+        except GrammarError as e:
+            raise bad_request(f"tools: a tool's parameters schema: {e}", param="tools") from None
+        return so
 
     def forced_calls(self, text: str) -> list[ToolCall] | None:
         """The calls of a forced output (None when it is not valid JSON of the schema's
@@ -99,7 +113,8 @@ class ToolRequest:
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
     schema = tool["function"].get("parameters")
-    return schema if schema is not None else {"type": "object", "properties": {}}
+    # A function without parameters takes none: `{}`, not any object.
+    return schema if schema is not None else _NO_PARAMETERS
 
 
 def tool_request(
