@@ -209,18 +209,22 @@ def test_chat_returns_the_models_tool_calls(
     choice = _chat(srv, tools=TOOLS, tool_choice="none").json()["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": CALLS_OUT}
     assert choice["finish_reason"] == "stop"
+    # parallel_tool_calls false: the first call only.
+    choice = _chat(srv, tools=TOOLS, parallel_tool_calls=False).json()["choices"][0]
+    assert _calls(choice["message"]["tool_calls"]) == WANT_CALLS[:1]
     # A call cut off by max_tokens stays text; finish_reason length.
     choice = _chat(srv, tools=TOOLS, max_tokens=12).json()["choices"][0]
     assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "length"
     assert CALLS_OUT.startswith(choice["message"]["content"])
 
 
-@pytest.mark.parametrize("logprobs", [False, True])
+@pytest.mark.parametrize("logprobs,parallel", [(False, True), (True, True), (False, False)])
 def test_streamed_tool_calls_are_openai_deltas(
-    srv: RunningServer, script: _Script, tok: Tokenizer, logprobs: bool
+    srv: RunningServer, script: _Script, tok: Tokenizer, logprobs: bool, parallel: bool
 ) -> None:
     _say(script, tok, CALLS_OUT)
     body = {"messages": USER, "tools": TOOLS, "stream": True, "logprobs": logprobs}
+    body["parallel_tool_calls"] = parallel
     with srv.client().stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         events = sse_events(r.iter_lines())
@@ -238,8 +242,9 @@ def test_streamed_tool_calls_are_openai_deltas(
             else:
                 assert "id" not in part and "name" not in part["function"]
             calls[part["index"]]["arguments"] += part["function"].get("arguments", "")
-    assert sorted(calls) == [0, 1]
-    assert _calls([{"function": calls[i]} for i in (0, 1)]) == WANT_CALLS
+    want = WANT_CALLS if parallel else WANT_CALLS[:1]
+    assert sorted(calls) == list(range(len(want)))
+    assert _calls([{"function": calls[i]} for i in sorted(calls)]) == want
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
     if logprobs:
         n = sum(

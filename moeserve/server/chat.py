@@ -279,7 +279,8 @@ class _Chat:
     def _parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """A whole output's content and tool calls."""
         if self.tools.parses:
-            return self.tools.parser.parse(text)
+            content, calls = self.tools.parser.parse(text)
+            return content, calls if self.tools.parallel else calls[:1]
         if self.tools.forced:
             calls = self.tools.forced_calls(text)
             if calls:
@@ -294,6 +295,8 @@ class _Chat:
             if done:
                 more, rest = self._streams[i].finish()
                 text, calls = text + more, calls + rest
+            if not self.tools.parallel:  # the first call only, as vLLM does
+                calls = calls[: max(0, 1 - self._num_calls[i])]
             return text, calls
         if self.tools.forced:
             self._forced[i] += o.text
