@@ -266,7 +266,7 @@ def detect_parser(model_type: str | None, tokenizer: Tokenizer | None) -> str | 
         return "deepseek_v3"
     if "[TOOL_CALLS]" in template:
         return "mistral"
-    if "<tool_call>" in template:
+    if "<tool_call>" in template and "<arg_key>" not in template:  # GLM-4.5's is not JSON
         return "hermes"
     return None
 

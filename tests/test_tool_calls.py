@@ -520,3 +520,20 @@ def test_forced_choices_refuse_schemas_that_do_not_compile(model_srv: RunningSer
     assert_envelope(r, 400, "tools")
     # auto on a model without a tool-call format: a 400 saying what to do instead.
     assert_envelope(_chat(model_srv, tools=STRICT_TOOLS), 400, "tool_choice")
+
+
+def test_the_tool_call_parser_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moeserve.cli import build_parser
+    from moeserve.server.serve import server_config
+
+    def parsed(*flags: str) -> str | None:
+        args = build_parser().parse_args(["serve", "--model", str(tmp_path), *flags])
+        return server_config(args).tool_call_parser
+
+    assert parsed() is None  # from the checkpoint
+    assert parsed("--tool-call-parser", "mistral") == "mistral"
+    monkeypatch.setenv("MOESERVE_TOOL_CALL_PARSER", "hermes")
+    assert parsed() == "hermes"
+    with pytest.raises(SystemExit) as exc:
+        parsed("--tool-call-parser", "pythonic")
+    assert exc.value.code == 2
