@@ -537,3 +537,58 @@ def test_the_tool_call_parser_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     with pytest.raises(SystemExit) as exc:
         parsed("--tool-call-parser", "pythonic")
     assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------ Mistral (special tokens)
+@pytest.fixture(scope="module")
+def mistral_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """[TOOL_CALLS] and [ARGS] as special tokens, as Mistral's tokenizers have them: the
+    parser must see them although special tokens are skipped by default."""
+    from tests.harmony_fixture import _write
+
+    path = tmp_path_factory.mktemp("srv") / "mistral-tools"
+    make_checkpoint(path, "mixtral", tokenizer=True, vocab_size=400, max_position_embeddings=2048)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TEMPLATES["mistral"]}
+    _write(path, ["[TOOL_CALLS]", "[ARGS]"], True, config)
+    yield from serving(path, max_model_len=2048)
+
+
+def test_mistral_calls_are_read_through_their_special_tokens(mistral_srv: RunningServer) -> None:
+    script = _Script(mistral_srv)
+    tok = mistral_srv.state.client.tokenizer  # type: ignore[union-attr]
+    assert tok is not None and tok.eos_token_id is not None
+    out = (
+        'Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+        '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}'
+    )
+    script.tokens = [*tok.encode(out, add_special_tokens=False), tok.eos_token_id]
+    assert len(tok.encode("[TOOL_CALLS]", add_special_tokens=False)) == 1
+    body = _chat(mistral_srv, tools=TOOLS).json()
+    message = body["choices"][0]["message"]
+    assert message["content"] == "Sure."
+    assert _calls(message["tool_calls"]) == WANT_CALLS
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in message["tool_calls"])
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    prompt = tok.decode(script.prompts[-1], skip_special_tokens=False)
+    assert prompt.startswith('<s>[AVAILABLE_TOOLS] [{"type": "function"')
+    # The calls' ids go back into the history as Mistral's template demands.
+    history = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": message["tool_calls"]},
+        *(
+            {"role": "tool", "tool_call_id": c["id"], "content": "ok"}
+            for c in message["tool_calls"]
+        ),
+    ]
+    script.tokens = [*tok.encode("Done.", add_special_tokens=False), tok.eos_token_id]
+    r = mistral_srv.client().post(
+        "/v1/chat/completions", json={"messages": history, "tools": TOOLS}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "Done."}
+    # tool_choice none: special tokens skipped as usual, nothing parsed.
+    script.tokens = [*tok.encode(out, add_special_tokens=False), tok.eos_token_id]
+    message = _chat(mistral_srv, tools=TOOLS, tool_choice="none").json()["choices"][0]["message"]
+    assert "tool_calls" not in message and "[TOOL_CALLS]" not in message["content"]
