@@ -95,10 +95,12 @@ QWEN3 = """{%- if tools %}
 {%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
 {%- for message in messages[::-1] %}
     {%- set index = (messages|length - 1) - loop.index0 %}
-    {%- set wrapped = message.content.startswith('<tool_response>') %}
-    {%- if ns.multi_step_tool and message.role == "user" and not wrapped %}
-        {%- set ns.multi_step_tool = false %}
-        {%- set ns.last_query_index = index %}
+    {%- if ns.multi_step_tool and message.role == "user" %}
+        {%- set opens = message.content.startswith('<tool_response>') %}
+        {%- if not (opens and message.content.endswith('</tool_response>')) %}
+            {%- set ns.multi_step_tool = false %}
+            {%- set ns.last_query_index = index %}
+        {%- endif %}
     {%- endif %}
 {%- endfor %}
 {%- for message in messages %}
