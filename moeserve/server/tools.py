@@ -191,7 +191,7 @@ def _choice(value: Any, tools: list[dict[str, Any]] | None) -> tuple[str, str | 
         return value, None
     fn = value.get("function") if isinstance(value, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
-    if value.get("type") != "function" or not isinstance(name, str):  # type: ignore[union-attr]
+    if not isinstance(name, str) or value.get("type") != "function":
         raise bad_request(
             'tool_choice must be none, auto, required or {"type": "function", "function": '
             '{"name": ...}}',
