@@ -32,7 +32,8 @@ from moeserve.tool_parsers import (
     get_parser,
 )
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+# OpenAI's rule for function names, plus dots (namespaced tool names, as MCP clients send).
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _CHOICES = ("none", "auto", "required")
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -159,7 +160,7 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
         name = fn.get("name")
         if not isinstance(name, str) or _NAME.fullmatch(name) is None:
             raise bad_request(
-                f"{where}.function.name must be 1-64 letters, digits, _ or -, got {name!r}",
+                f"{where}.function.name must be 1-64 letters, digits, _, . or -, got {name!r}",
                 param="tools",
             )
         if name in seen:
