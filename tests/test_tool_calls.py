@@ -438,11 +438,13 @@ STRICT_TOOLS: list[dict[str, Any]] = [
         },
     },
     {"type": "function", "function": {"name": "ping"}},  # no parameters at all
+    {"type": "function", "function": {"name": "noop", "parameters": {}}},  # none either
 ]
 SCHEMAS = {
     "get_weather": STRICT_TOOLS[0]["function"]["parameters"],
     "get_time": STRICT_TOOLS[1]["function"]["parameters"],
     "ping": {"type": "object", "additionalProperties": False},
+    "noop": {"type": "object", "additionalProperties": False},
 }
 
 
@@ -467,7 +469,7 @@ def _check_forced(choice: dict[str, Any], named: str | None, parallel: bool) -> 
         assert len(calls) == 1
 
 
-@pytest.mark.parametrize("named", [None, "get_weather", "ping"])
+@pytest.mark.parametrize("named", [None, "get_weather", "noop"])
 @pytest.mark.parametrize("parallel", [True, False])
 def test_required_and_named_choices_always_give_valid_calls(
     model_srv: RunningServer, named: str | None, parallel: bool

@@ -114,8 +114,8 @@ class ToolRequest:
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
     schema = tool["function"].get("parameters")
-    # A function without parameters takes none: `{}`, not any object.
-    return schema if schema is not None else _NO_PARAMETERS
+    # A function without parameters (absent, or `{}` as clients often send) takes none: `{}`.
+    return schema if schema else _NO_PARAMETERS
 
 
 def tool_request(
