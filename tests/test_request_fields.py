@@ -42,13 +42,13 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     (CHAT, {"continue_final_message": True}, "continue_final_message"),
     (CHAT, {"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools"),
     (CHAT, {"tool_choice": "required"}, "tool_choice"),
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "json_object", "schema": {}}}, "response_format"),
     (
         CHAT,
         {
             "response_format": {
                 "type": "json_schema",
-                "json_schema": {"name": "x", "schema": {"type": "object"}},
+                "json_schema": {"name": "x", "schema": {"type": "objekt"}},
             }
         },
         "response_format",
@@ -56,9 +56,9 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     (CHAT, {"functions": [{"name": "f"}]}, "functions"),
     (CHAT, {"reasoning_effort": "high"}, "reasoning_effort"),
     (CHAT, {"modalities": ["text", "audio"]}, "modalities"),
-    (COMP, {"guided_json": {"type": "object"}}, "guided_json"),
-    (COMP, {"guided_choice": ["a", "b"]}, "guided_choice"),
-    (COMP, {"guided_regex": "a+"}, "guided_regex"),
+    (COMP, {"guided_json": "{not json"}, "guided_json"),
+    (COMP, {"guided_choice": []}, "guided_choice"),
+    (COMP, {"guided_regex": "a+("}, "guided_regex"),
     (COMP, {"prompt_logprobs": 1}, "prompt_logprobs"),
     (COMP, {"suffix": "tail"}, "suffix"),
     (COMP, {"logit_bias": {"5": 1.0}}, "logit_bias"),

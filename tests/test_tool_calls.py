@@ -323,6 +323,10 @@ def test_the_openai_client_sends_tools_and_tool_histories(
         ({"tools": TOOLS, "tool_choice": {"type": "function"}}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": ["required"]}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": 1}, "tool_choice"),
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+        ),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),

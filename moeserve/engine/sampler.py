@@ -44,14 +44,29 @@ def apply_grammar(logits_BV: torch.Tensor, grammar: GrammarMask) -> torch.Tensor
     device, (B, V) = logits_BV.device, logits_BV.shape
     bits_GW = grammar.bits_GW.to(device, non_blocking=True)
     G, W = bits_GW.shape
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    allowed_GV = ((bits_GW[:, :, None] >> shifts) & 1).view(G, W * 32)[:, :V].bool()
-    if allowed_GV.shape[1] < V:
-        allowed_GV = torch.nn.functional.pad(allowed_GV, (0, V - allowed_GV.shape[1]))
+    # Byte j of the little-endian words holds tokens 8j..8j+7: one lookup per byte expands
+    # the bitmask to a bool per token, in token order, without int32 temporaries per bit.
+    bytes_GN = bits_GW.view(torch.uint8).view(-1).int()
+    refused_GV = _refused_bits(device).index_select(0, bytes_GN).view(G, W * 32)[:, :V]
+    if refused_GV.shape[1] < V:  # past the tokenizer's words: never allowed
+        refused_GV = torch.nn.functional.pad(refused_GV, (0, V - W * 32), value=True)
     if G == B and grammar.rows == list(range(B)):
-        return logits_BV.masked_fill(~allowed_GV, float("-inf"))
+        return logits_BV.masked_fill(refused_GV, float("-inf"))
     idx = _index(grammar.rows, device)
-    return logits_BV.index_copy(0, idx, logits_BV[idx].masked_fill(~allowed_GV, float("-inf")))
+    return logits_BV.index_copy(0, idx, logits_BV[idx].masked_fill(refused_GV, float("-inf")))
+
+
+_REFUSED: dict[torch.device, torch.Tensor] = {}
+
+
+def _refused_bits(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit k of byte value b is 0."""
+    table = _REFUSED.get(device)
+    if table is None:
+        bits_8 = torch.arange(8)
+        table = ((torch.arange(256)[:, None] >> bits_8) & 1) == 0
+        table = _REFUSED[device] = table.to(device)
+    return table
 
 
 @dataclass

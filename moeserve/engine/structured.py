@@ -7,7 +7,7 @@ the engine. Inside the engine `Grammars` holds the llguidance tokenizer (built f
 model's tokenizer.json, in a thread, while the engine starts), a bounded LRU of compiled
 grammars keyed by (kind, spec), and hands each sequence its own matcher (a copy of the
 compiled one). Per step `Grammars.mask` fills the bitmask of the grammar rows (llguidance's
-thread pool, one call) for the sampler to apply on the device; `SeqGrammar.accept` advances a
+thread pool, one call) for the sampler to apply on the device; `SeqGrammar.ends_after` advances a
 matcher by the token the step sampled.
 
 A preempted sequence keeps its output tokens (recompute preemption re-feeds them to the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -42,6 +43,9 @@ CACHE_SIZE = 64
 # lets a model pad endlessly with newlines (a known failure of "any whitespace" grammars); a
 # schema's own "x-guidance" options still win over these.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# Threads that fill a step's masks (one row each): half the cores, so that they do not starve
+# the engine's own thread and torch's; one on a 2-core machine.
+MASK_THREADS = max(1, min(16, (os.cpu_count() or 1) // 2))
 # llguidance's own limits on a grammar's size (lexer states, parser items) stay the defaults:
 # a schema past them is refused with llguidance's message.
 
@@ -210,7 +214,7 @@ class Grammars:
         if not rows:
             return None
         if self._executor is None:
-            self._executor = llg.LLExecutor(num_threads=1)
+            self._executor = llg.LLExecutor(num_threads=MASK_THREADS)
         G, W = len(rows), self.words
         bits_GW = torch.empty((G, W), dtype=torch.int32, pin_memory=pin)
         matchers = [(g.matcher, j) for j, (_, g) in enumerate(rows)]

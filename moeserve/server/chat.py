@@ -123,6 +123,12 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if tools.parses and tools.parser.needs_special_tokens:
         params = dataclasses.replace(params, skip_special_tokens=False)  # the call markers
     if tools.forced:
+        if params.structured is not None:
+            raise bad_request(
+                "tool_choice required or a named function forces its own grammar: it cannot "
+                "be combined with response_format or a guided_* field",
+                param="tool_choice",
+            )
         params = dataclasses.replace(params, structured=tools.structured())
     cid = new_id("chatcmpl")
     request.state.request_id = cid

@@ -20,6 +20,7 @@ from moeserve.server.protocol import (
     unsupported_option,
 )
 from moeserve.server.state import OFFLOAD_LEN, ServerState
+from moeserve.server.structured import structured_output
 
 M = TypeVar("M", bound=BaseModel)
 # OpenAI's API caps temperature at 2; the offline API (SamplingParams) does not.
@@ -92,6 +93,9 @@ def sampling_params(
     }
     if req.stop is not None:
         kwargs["stop"] = req.stop
+    structured = structured_output(req)  # 400 for a schema/regex/grammar that does not compile
+    if structured is not None:
+        kwargs["structured"] = structured
     try:
         params = SamplingParams(
             **kwargs, logprobs=logprobs, max_tokens=1 if max_tokens is None else max_tokens
