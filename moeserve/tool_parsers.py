@@ -221,7 +221,8 @@ class HarmonyParser(ToolParser):
     _MAX_HEADER = 512
 
     def read(self, text: str, final: bool) -> Region:
-        body = text.find("<|message|>")
+        # Only a header within the first _MAX_HEADER characters counts (whole or streamed).
+        body = text.find("<|message|>", 0, self._MAX_HEADER)
         if body < 0:
             return INCOMPLETE if not final and len(text) < self._MAX_HEADER else None
         recipient = self._RECIPIENT.search(text, 0, body)
