@@ -14,6 +14,7 @@ from typing import Any
 
 from moeserve.assets import model_or_demo
 from moeserve.config import OPTION_NAMES, EngineConfig
+from moeserve.tool_parsers import PARSERS
 
 ENV_PREFIX = "MOESERVE_"
 
@@ -265,6 +266,12 @@ def add_serve_args(p: EnvDefaults) -> None:
         default_text="any host",
         help="comma-separated Host header values to answer (api.example.com, *.internal); "
         "others get 400; the probes and /metrics answer any host",
+    )
+    p.add_option(
+        "--tool-call-parser",
+        choices=sorted(PARSERS),
+        default_text="from the checkpoint's model_type and chat template",
+        help="how the model writes tool calls, for tool_choice auto",
     )
     p.add_option(
         "--no-engine-process",

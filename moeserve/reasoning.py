@@ -163,14 +163,16 @@ class SplitDetokenizer:
         *,
         stop: list[str],
         include_stop_str_in_output: bool,
+        skip_special_tokens: bool = True,
     ) -> None:
         self._splitter = ChannelSplitter(fmt, tokenizer, prompt_ids)
         # Harmony bodies hold no special tokens; a tool call's raw header keeps its markers.
+        # skip_special_tokens=False keeps them in the content (a tool parser reads them).
         keep = fmt.kind == "harmony"
         self._content = IncrementalDetokenizer(
             tokenizer,
             [],
-            skip_special_tokens=not keep,
+            skip_special_tokens=skip_special_tokens and not keep,
             stop=stop,
             include_stop_str_in_output=include_stop_str_in_output,
         )

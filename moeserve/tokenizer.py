@@ -123,6 +123,11 @@ class Tokenizer:
         """The default chat template, or None when the model has none."""
         return self._templates.get("default")
 
+    @property
+    def chat_templates(self) -> dict[str, str]:
+        """Every chat template by name ("default", "tool_use", ...)."""
+        return dict(self._templates)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],

@@ -319,7 +319,9 @@ def test_reasoning_effort_reaches_the_template_or_is_refused(
     assert_envelope(_chat(srv, reasoning_effort="extreme"), 400, "reasoning_effort")
 
 
-def test_tool_calls_come_back_as_text(srv: RunningServer, script: _Script, tok: Tokenizer) -> None:
+def test_tool_calls_without_tools_come_back_as_text(
+    srv: RunningServer, script: _Script, tok: Tokenizer
+) -> None:
     script.tokens = _ids(tok, TOOL_CALL)
     body = _chat(srv).json()
     message = body["choices"][0]["message"]
@@ -328,10 +330,8 @@ def test_tool_calls_come_back_as_text(srv: RunningServer, script: _Script, tok: 
         'to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}'
     )
     assert "tool_calls" not in message and body["choices"][0]["finish_reason"] == "stop"
-    # Tools themselves are still refused by name.
-    assert_envelope(
-        _chat(srv, tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"
-    )
+    # With tools they become tool_calls (tests/test_tool_calls.py); other tool types: 400.
+    assert_envelope(_chat(srv, tools=[{"type": "web_search"}]), 400, "tools")
 
 
 def test_messages_without_the_split_keep_openais_shape() -> None:

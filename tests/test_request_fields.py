@@ -40,14 +40,7 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     (COMP, {"max_token": 5}, "max_token"),  # a typo
     (COMP, {"frobnicate": True}, "frobnicate"),
     (CHAT, {"continue_final_message": True}, "continue_final_message"),
-    (
-        CHAT,
-        {
-            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-            "tool_choice": "required",
-        },
-        "tools",
-    ),
+    (CHAT, {"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools"),
     (CHAT, {"tool_choice": "required"}, "tool_choice"),
     (CHAT, {"response_format": {"type": "json_object", "schema": {}}}, "response_format"),
     (
@@ -157,9 +150,9 @@ def test_a_returned_assistant_message_can_be_sent_back(srv: RunningServer) -> No
     assert second.choices[0].finish_reason in ("stop", "length")
 
 
-def test_the_openai_sdk_sees_tools_refused(srv: RunningServer) -> None:
+def test_the_openai_sdk_sees_bad_tools_refused(srv: RunningServer) -> None:
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
-    tool = {"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}
+    tool = {"type": "function", "function": {"name": "no spaces", "parameters": {}}}
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(
             model=MODEL_NAME,

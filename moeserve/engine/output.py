@@ -51,6 +51,7 @@ class OutputProcessor:
                     req.prompt_ids,
                     stop=p.stop,
                     include_stop_str_in_output=p.include_stop_str_in_output,
+                    skip_special_tokens=p.skip_special_tokens,
                 )
                 for _ in range(p.n)
             ]

@@ -7,6 +7,7 @@ template already wrote BOS, as transformers' apply_chat_template(tokenize=True) 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -55,6 +56,15 @@ from moeserve.server.streaming import (
     run_admitted,
     sse,
 )
+from moeserve.server.tools import (
+    ToolRequest,
+    call_deltas,
+    template_messages,
+    tool_call_items,
+    tool_request,
+)
+from moeserve.tokenizer import Tokenizer
+from moeserve.tool_parsers import ToolCall, ToolCallStream
 
 
 def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -104,9 +114,23 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if tokenizer is None:
         raise bad_request("this model has no tokenizer.json, so chat is not available")
     template_vars = _reasoning_effort(req, tokenizer.chat_template)
+    assert state.client is not None
+    model_type = state.client.model_config.model_type
+    tools = tool_request(req, tokenizer, model_type, state.config.tool_call_parser)
+    converted = template_messages(messages)
     # The split into reasoning_content and content (moeserve/reasoning.py decides the format);
     # skip_special_tokens=false asks for the raw output, markers and all, as content.
     split = params.skip_special_tokens and reasoning_format(tokenizer) is not None
+    if tools.parses and tools.parser.needs_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)  # the call markers
+    if tools.forced:
+        if params.structured is not None:
+            raise bad_request(
+                "tool_choice required or a named function forces its own grammar: it cannot "
+                "be combined with response_format or a guided_* field",
+                param="tool_choice",
+            )
+        params = dataclasses.replace(params, structured=tools.structured())
     cid = new_id("chatcmpl")
     request.state.request_id = cid
     if state.config.log_prompts:
@@ -116,7 +140,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         assert state.client is not None
         try:
             text = await state.offload(
-                tokenizer.apply_chat_template, messages, add_generation_prompt=True, **template_vars
+                _render, tokenizer, messages, converted, tools.tools, template_vars
             )
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
@@ -130,12 +154,34 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
         engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=text, split_reasoning=split)
-        job = _Chat(state, req, cid, engine_req, ticket, request)
+        job = _Chat(state, req, cid, engine_req, ticket, request, tools)
         if req.stream:
             return SSEResponse(job.stream(), guard=guard, on_close=ticket.close, request=request)
         return await job.collect()
 
     return await run_admitted(request, state, 1, work)
+
+
+def _render(
+    tokenizer: Tokenizer,
+    messages: list[dict[str, Any]],
+    converted: list[dict[str, Any]] | None,
+    tools: list[dict[str, Any]] | None,
+    variables: dict[str, str],
+) -> str:
+    """The prompt, tool calls' arguments given to the template as objects (transformers'
+    convention, which most templates serialise with tojson); a template that fails on them
+    (DeepSeek-V3's concatenates the arguments as text) gets them as the client sent them."""
+    if converted is not None:
+        try:
+            return tokenizer.apply_chat_template(
+                converted, add_generation_prompt=True, tools=tools, **variables
+            )
+        except ValueError:
+            pass
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tools=tools, **variables
+    )
 
 
 _EFFORTS = ("low", "medium", "high")
@@ -171,9 +217,16 @@ class _Chat:
         engine_req: EngineRequest,
         ticket: Ticket,
         request: Request,
+        tools: ToolRequest,
     ) -> None:
         self.state, self.req, self.cid, self.engine_req = state, req, cid, engine_req
-        self.ticket, self.request = ticket, request
+        self.ticket, self.request, self.tools = ticket, request, tools
+        n = engine_req.params.n
+        # Streaming, per choice: the parser's stream (auto), or the forced JSON so far.
+        parses = tools.parses
+        self._streams = [ToolCallStream(tools.parser) for _ in range(n)] if parses else []
+        self._forced = [""] * n
+        self._num_calls = [0] * n
         self.created = int(time.time())
         self.model = state.config.served_model_name
         self.completion_tokens = 0
@@ -213,15 +266,19 @@ class _Chat:
         choices = []
         for o in results:
             self.completion_tokens += len(o.token_ids)
-            message = ChatResponseMessage(content=o.text)
+            content, calls = self._parse(o.text)
+            message = ChatResponseMessage(content=content)
             if self.split:
                 message.reasoning_content = o.reasoning_text or None
+            if calls:
+                message.tool_calls = tool_call_items(calls)
+            self._num_calls[o.index] = len(calls)
             choices.append(
                 ChatChoice(
                     index=o.index,
                     message=message,
                     logprobs=self._logprobs(o),
-                    finish_reason=finish_reason(o.finish_reason),
+                    finish_reason=self._finish_reason(o),
                 )
             )
         body = ChatCompletionResponse(
@@ -232,6 +289,40 @@ class _Chat:
             usage=self._usage(),
         )
         return JSONResponse(body.model_dump())
+
+    def _parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """A whole output's content and tool calls."""
+        if self.tools.parses:
+            content, calls = self.tools.parser.parse(text)
+            return content, calls if self.tools.parallel else calls[:1]
+        if self.tools.forced:
+            calls = self.tools.forced_calls(text)
+            if calls:
+                return None, calls
+        return text, []
+
+    def _stream_calls(self, o: CompletionOutput) -> tuple[str, list[ToolCall]]:
+        """A delta's content and the calls it completed (streaming)."""
+        i, done = o.index, o.finish_reason is not None
+        if self._streams:
+            text, calls = self._streams[i].feed(o.text)
+            if done:
+                more, rest = self._streams[i].finish()
+                text, calls = text + more, calls + rest
+            if not self.tools.parallel:  # the first call only, as vLLM does
+                calls = calls[: max(0, 1 - self._num_calls[i])]
+            return text, calls
+        if self.tools.forced:
+            self._forced[i] += o.text
+            if not done:
+                return "", []
+            found = self.tools.forced_calls(self._forced[i])
+            return ("", found) if found else (self._forced[i], [])
+        return o.text, []
+
+    def _finish_reason(self, o: CompletionOutput) -> str | None:
+        reason = finish_reason(o.finish_reason)
+        return "tool_calls" if reason == "stop" and self._num_calls[o.index] else reason
 
     def _chunk(self, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> bytes:
         chunk = ChatCompletionChunk(
@@ -247,22 +338,30 @@ class _Chat:
         """The chunks of one engine delta: its text (reasoning_content before content), then
         its finish. Plain deltas (no logprobs, no running usage) render from the template."""
         logprobs = self._logprobs(o)
-        reason = finish_reason(o.finish_reason)
-        text, reasoning = o.text, o.reasoning_text
+        text, calls = self._stream_calls(o) if self.tools.active else (o.text, [])
+        reasoning = o.reasoning_text
         chunks: list[bytes] = []
-        if logprobs is None and not self.req.continuous_usage:
+        plain = logprobs is None and not self.req.continuous_usage
+        if plain:
             if reasoning:
                 chunks.append(template.render(o.index, reasoning, None, "reasoning_content"))
             if text:
                 chunks.append(template.render(o.index, text, None))
-            if reason is not None:
-                chunks.append(template.render(o.index, None, reason))
-            return chunks
-        if text or reasoning or logprobs is not None:
+        elif text or reasoning or logprobs is not None:
             content = text or (None if reasoning else "")
             delta = DeltaMessage(content=content, reasoning_content=reasoning or None)
             choice = ChatStreamChoice(index=o.index, delta=delta, logprobs=logprobs)
             chunks.append(self._chunk([choice], self._running_usage()))
+        for call in call_deltas(calls, self._num_calls[o.index]):
+            delta = DeltaMessage(tool_calls=[call])
+            choice = ChatStreamChoice(index=o.index, delta=delta)
+            chunks.append(self._chunk([choice], self._running_usage()))
+        self._num_calls[o.index] += len(calls)
+        reason = self._finish_reason(o)
+        if plain:
+            if reason is not None:
+                chunks.append(template.render(o.index, None, reason))
+            return chunks
         if reason is not None:
             choice = ChatStreamChoice(index=o.index, delta=DeltaMessage(), finish_reason=reason)
             chunks.append(self._chunk([choice], self._running_usage()))

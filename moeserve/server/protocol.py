@@ -5,7 +5,7 @@ silent coercion. An unknown field is a 400 naming it, as OpenAI's API answers, s
 (`max_token`) or an option this server lacks never vanishes silently. Accepted besides
 OpenAI's sampling fields: the vLLM-style extras that are honoured (`top_k`, `min_p`, ...) and
 OpenAI fields that do not change the output (`user`, `metadata`, `store`, ...). Options that
-OpenAI or vLLM define but this server does not implement yet (`tools`, `response_format`,
+OpenAI or vLLM define but this server does not implement yet (`response_format`,
 `guided_json`, ...) parse, then `unsupported_option` refuses them with a 400 naming the
 field, unless their value is the no-op default. Range checks live in SamplingParams (one
 place for the engine and the server); these models only check types and shapes.
@@ -36,8 +36,6 @@ def _absent(value: Any) -> bool:
 # Fields OpenAI or vLLM define that this server does not implement: accepted only with a
 # value that asks for nothing (field -> that test). Anything else is a 400 naming the field.
 _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
-    "tools": _absent,
-    "tool_choice": lambda v: v is None or v == "none",
     "functions": _absent,
     "function_call": lambda v: v is None or v == "none",
     "logit_bias": _absent,
@@ -83,7 +81,7 @@ class SamplingFields(_Request):
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
-    parallel_tool_calls: bool | None = None  # meaningful only with tools, which are refused
+    parallel_tool_calls: bool | None = None  # chat with tools: may the model call several
     # Defined by OpenAI or vLLM, not implemented: see _NOT_IMPLEMENTED.
     logit_bias: Any = None
     guided_json: Any = None
@@ -152,7 +150,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None  # wins over max_tokens, as in OpenAI
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: Any = None
+    tools: Any = None  # checked in moeserve/server/tools.py (400s naming the problem)
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
@@ -217,18 +215,32 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it
+
+
+class ToolCallItem(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
     # Set (a string, or null when there was none) only for a model with a reasoning format:
     # other models' messages keep OpenAI's shape.
     reasoning_content: str | None = None
+    # Set only when the model called tools.
+    tool_calls: list[ToolCallItem] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset_reasoning(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        if "reasoning_content" not in self.model_fields_set:
-            out.pop("reasoning_content", None)
+        for key in ("reasoning_content", "tool_calls"):
+            if key not in self.model_fields_set:
+                out.pop(key, None)
         return out
 
 
@@ -252,6 +264,9 @@ class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
     reasoning_content: str | None = None  # vLLM's and DeepSeek's name
+    # OpenAI's tool-call deltas: {index, id, type, function: {name, arguments}} first, then
+    # {index, function: {arguments}} appending to that call's arguments.
+    tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -131,6 +131,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         freeze_gc=True,
         watchdog_timeout=args.watchdog_timeout,
         allowed_hosts=allowed_hosts(args.allowed_hosts),
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -58,6 +58,9 @@ class ServerConfig:
     watchdog_timeout: float = 30.0
     # Host header values the server answers (None: any); `*.example.com` matches subdomains.
     allowed_hosts: tuple[str, ...] | None = None
+    # The tool-call format to parse (moeserve/tool_parsers.py PARSERS); None: from the
+    # checkpoint (model_type and chat template).
+    tool_call_parser: str | None = None
 
 
 class ServerState:
