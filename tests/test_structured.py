@@ -348,3 +348,7 @@ def test_demo_model_word_level_vocabulary() -> None:
     for out in llm.generate([[1, 19, 20]] * len(params), params):
         assert out.outputs[0].finish_reason == "stop"
         assert re.fullmatch(pattern, out.outputs[0].text), out.outputs[0].text
+    # Its vocabulary has no brace: a JSON object cannot even start. Refused, not an empty stop.
+    bad = SamplingParams(max_tokens=8, structured=StructuredOutput("json_object", ""))
+    with pytest.raises(ValueError, match="vocabulary cannot write any text this JSON object"):
+        llm.generate([[1, 19, 20]], bad)

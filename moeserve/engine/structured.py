@@ -196,12 +196,28 @@ class Grammars:
             compiled = llg.LLMatcher(self.tokenizer, grammar_text(so), log_level=0)
             if compiled.is_error():
                 raise GrammarError(f"invalid {_NAMES[so.kind]}: {compiled.get_error().strip()}")
+            self._check_writable(compiled, so)
             self._compiled[key] = compiled
             if len(self._compiled) > CACHE_SIZE:
                 self._compiled.popitem(last=False)
         else:
             self._compiled.move_to_end(key)
         return SeqGrammar(compiled.deep_copy())
+
+    def _check_writable(self, compiled: llg.LLMatcher, so: StructuredOutput) -> None:
+        """A grammar whose first token could only be a special one (or none) cannot be
+        written in this vocabulary (a tiny model's, say): refuse it rather than answer an
+        empty "stop"."""
+        if compiled.is_accepting():
+            return
+        tok = self.tokenizer
+        bits = compiled.compute_bitmask()
+        for i in range(min(tok.vocab_size, len(bits) * 8)):
+            if bits[i // 8] >> (i % 8) & 1 and not tok.is_special_token(i):
+                return
+        raise GrammarError(
+            f"the model's vocabulary cannot write any text this {_NAMES[so.kind]} allows"
+        )
 
     @property
     def num_compiled(self) -> int:

@@ -5,8 +5,8 @@ silent coercion. An unknown field is a 400 naming it, as OpenAI's API answers, s
 (`max_token`) or an option this server lacks never vanishes silently. Accepted besides
 OpenAI's sampling fields: the vLLM-style extras that are honoured (`top_k`, `min_p`, ...) and
 OpenAI fields that do not change the output (`user`, `metadata`, `store`, ...). Options that
-OpenAI or vLLM define but this server does not implement yet (`response_format`,
-`guided_json`, ...) parse, then `unsupported_option` refuses them with a 400 naming the
+OpenAI or vLLM define but this server does not implement yet (`logit_bias`, `suffix`,
+`functions`, ...) parse, then `unsupported_option` refuses them with a 400 naming the
 field, unless their value is the no-op default. Range checks live in SamplingParams (one
 place for the engine and the server); these models only check types and shapes.
 """
