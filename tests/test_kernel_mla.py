@@ -13,8 +13,8 @@ import torch
 pytest.importorskip("triton")
 
 from moeserve.kernels import mla_attention as mla_module  # noqa: E402
-from moeserve.kernels.mla_attention import mla_decode_attention  # noqa: E402
 from moeserve.kernels.mla_attention import PARTITION_SIZE as P  # noqa: E402
+from moeserve.kernels.mla_attention import mla_decode_attention  # noqa: E402
 from moeserve.model.metadata import AttentionMetadata  # noqa: E402
 from moeserve.model.mla import LatentAttention  # noqa: E402
 
