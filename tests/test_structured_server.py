@@ -176,3 +176,19 @@ def test_engine_in_its_own_process(ckpt: Path) -> None:
         assert r.status_code == 200, r.text
         for choice in r.json()["choices"]:
             jsonschema.validate(json.loads(choice["text"]), SCHEMA)
+
+
+def test_a_grammar_the_vocabulary_cannot_start_is_a_400() -> None:
+    """The demo model's 45 characters hold no brace: a JSON object cannot begin. The engine
+    refuses it (a 400, no engine field named), and the server keeps serving."""
+    from moeserve.assets import demo_model_path
+
+    for running in serving(demo_model_path(), max_model_len=128):
+        client = running.client()
+        body = {"messages": [{"role": "user", "content": "47+85"}], "max_tokens": 8}
+        r = client.post(CHAT, json={**body, "response_format": {"type": "json_object"}})
+        error = assert_envelope(r, 400)
+        assert error["type"] == "invalid_request_error" and error["param"] is None
+        assert "vocabulary cannot write" in error["message"]
+        r = client.post(CHAT, json={**body, "guided_regex": "[0-9]+"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"].isdigit()

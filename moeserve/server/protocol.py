@@ -312,3 +312,9 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# Every top-level request field: an engine error whose message starts with one names it.
+REQUEST_FIELDS = frozenset(CompletionRequest.model_fields) | frozenset(
+    ChatCompletionRequest.model_fields
+)

@@ -22,6 +22,7 @@ from moeserve.engine.client import EngineClient, EngineDeadError
 from moeserve.engine.messages import EngineRequest
 from moeserve.engine.outputs import RequestOutput
 from moeserve.server.errors import RETRY_DRAINING, APIError, from_value_error, internal_error
+from moeserve.server.protocol import REQUEST_FIELDS
 from moeserve.server.state import ServerState, Ticket
 
 log = logging.getLogger("moeserve.server")
@@ -53,8 +54,8 @@ def as_api_error(e: BaseException) -> APIError:
         return stopped_error()
     if isinstance(e, EngineDeadError):
         return APIError(500, str(e), type="server_error", code="engine_dead")
-    if isinstance(e, ValueError):
-        return from_value_error(e)
+    if isinstance(e, ValueError):  # param: a request field the message starts with, if any
+        return from_value_error(e, REQUEST_FIELDS)
     log.error("generation failed", exc_info=e)
     return internal_error()
 
