@@ -70,6 +70,12 @@ def main() -> int:
     ap.add_argument("--user-len", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="also the largest decode graph, hence the longest remainder a hit replays in one",
+    )
     ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
     ap.add_argument("--compare-off", action="store_true", help="also run with caching off")
     ap.add_argument("--json", type=Path, default=None)
@@ -99,7 +105,7 @@ def main() -> int:
             kv_cache_memory=args.kv_cache_memory,
             max_model_len=total + 1,
             max_num_batched_tokens=max(2048, total + 1),
-            max_num_seqs=4,
+            max_num_seqs=args.max_num_seqs,
             enable_prefix_caching=caching,
             progress=False,
             **extra,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from moeserve.config import ModelConfig
-from moeserve.engine.batch import Work
+from moeserve.engine.batch import Work, as_decode_rows
 from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
 from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.prompt_logprobs import PromptRows, compute
@@ -339,11 +339,22 @@ class Runner:
         prompt: prompt positions whose log-probs this step also computes (never a graph
         replay); `prompt.result` then holds them, copied to the host without waiting.
         """
-        if self.graphs is not None and self.graphs.covers(work) and not (prompt and prompt.spans):
-            logits_BV = self.graphs.run(work, feed)
-            sampled = [i for i, w in enumerate(work) if w.sample]
-            # A view of the graph's buffer: the engine samples from it before the next replay.
-            return (logits_BV[sampled] if len(sampled) < len(work) else logits_BV), sampled
+        if self.graphs is not None and not (prompt and prompt.spans):
+            if self.graphs.covers(work):
+                logits_BV = self.graphs.run(work, feed)
+                sampled = [i for i, w in enumerate(work) if w.sample]
+                # A view of the graph's buffer: the engine samples from it before the next
+                # replay.
+                return (logits_BV[sampled] if len(sampled) < len(work) else logits_BV), sampled
+            expanded = as_decode_rows(work, self.graphs.max_size)
+            if expanded is not None:
+                rows, owner = expanded
+                row_feed = None
+                if feed is not None:  # only one-token items can have a token on the device
+                    row_feed = [feed[i] if work[i].num_tokens == 1 else -1 for i in owner]
+                logits_BV = self.graphs.run(rows, row_feed)
+                at = [k for k, r in enumerate(rows) if r.sample]
+                return logits_BV[at], [owner[k] for k in at]
         inp = self.prepare(work, feed)
         with attention_backends():
             hidden_TD = self.model(
