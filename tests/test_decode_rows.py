@@ -87,3 +87,21 @@ def test_as_decode_rows_limits_and_owners() -> None:
     assert [r.sample for r in rows] == [True, False, False, True, False, False]
     assert as_decode_rows(work, max_rows=5) is None  # more rows than the largest graph
     assert as_decode_rows([W(0, DECODE_ROWS_MAX_TOKENS + 1, True)], max_rows=1 << 20) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "deepseek_v2", "llama4_text"])
+def test_gpu_graph_rows_match_eager_prefills(tmp_path: Path, family: str) -> None:
+    """On CUDA the rows replay the captured decode graphs (Triton kernels): a hit's
+    remainder and short prompts give the tokens of the eager engine's prefill steps."""
+    ckpt = make_checkpoint(tmp_path / family, family)
+    rng = random.Random(11)
+    base = [rng.randrange(3, 60) for _ in range(40)]
+    prompts = [base + [7, 8], base + [9, 4, 11, 12, 13], [5, 6, 7], base[:21] + [5, 6]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    kw = dict(block_size=16, max_model_len=128, dtype="float32", device="cuda", progress=False)
+    graphs, eager = LLM(ckpt, **kw), LLM(ckpt, enforce_eager=True, **kw)
+    assert graphs.engine.executor.runner.graphs is not None
+    for p in prompts:
+        [got], [want] = graphs.generate([p], params), eager.generate([p], params)
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids, (family, p)
