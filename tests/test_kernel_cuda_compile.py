@@ -1,0 +1,189 @@
+"""Every Triton kernel compiles for an H100/H200 (sm_90), on a machine without a GPU.
+
+The CPU suite runs the kernels under Triton's interpreter, which executes their Python and
+misses what only the compiler checks (a helper returning an int32 on one path and an int64 on
+another compiled under the interpreter and failed on the H200). Here the kernel wrappers are
+called on small bf16 inputs under the interpreter with every launch recorded (kernel, argument
+types, constexprs, warps), and a subprocess without the interpreter compiles each distinct
+launch to a cubin for sm_90 (triton.compile: its own ptxas, no driver needed).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+_TYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+_OPTIONS = ("num_warps", "num_stages")
+
+
+def _describe(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A launch as JSON: the kernel's module and name, its signature types and constexprs."""
+    params = list(fn.arg_names)
+    values = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k in params}
+    annotations = {p.name: str(p.annotation) for p in inspect.signature(fn.fn).parameters.values()}
+    signature, constexprs = {}, {}
+    for name in params:
+        value = values[name]
+        if "constexpr" in annotations.get(name, ""):
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise AssertionError(f"{fn.fn.__name__}: argument {name} = {value!r}")
+    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
+    return dict(
+        module=fn.fn.__module__,
+        name=fn.fn.__name__,
+        signature=signature,
+        constexprs=constexprs,
+        options=options,
+    )
+
+
+def _drive() -> None:
+    """Each wrapper on small bf16 inputs, in the variants the model takes."""
+    from moeserve.kernels import fused_moe as fm
+    from moeserve.kernels import linear, mla_attention, moe_routing, norm_rope, tokens
+    from moeserve.kernels import paged_attention as pa
+
+    g = torch.Generator().manual_seed(0)
+    bf = torch.bfloat16
+
+    def rand(*shape: int, dtype: torch.dtype = bf) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    T, E, K, D, F = 3, 4, 2, 32, 48
+    x, w1, w2 = rand(T, D), rand(E, 2 * F, D), rand(E, D, F)
+    weights, experts = torch.rand(T, K, generator=g), torch.randint(0, E, (T, K), generator=g)
+    b1, b2, slots = rand(E, 2 * F), rand(E, D), torch.arange(E, dtype=torch.int32)
+    clamped = ("clamped_swiglu", 1.702, 7.0)
+    for gemv in (True, False):
+        for split in (None, 2):
+            fm.fused_moe(
+                x, w1, w2, weights, experts, gemv=gemv, split_k=split if not gemv else None
+            )
+        fm.fused_moe(
+            x, w1, w2, weights, experts, gemv=gemv, expert_slot_E=slots, b_gate_up_EF=b1,
+            b_down_ED=b2, activation=clamped, residual_TD=rand(T, D),
+        )  # fmt: skip
+    moe_routing.route_and_align(rand(T, E, dtype=torch.float32), K, True, 16)
+    moe_routing.route_and_align(
+        rand(T, E, dtype=torch.float32), K, True, 16, sigmoid=True,
+        bias_E=torch.zeros(E), groups=(2, 1, True), scale=2.5,
+        counts_E=torch.zeros(E, dtype=torch.int64),
+    )  # fmt: skip
+    linear.linear_partials(rand(T, D), rand(40, D), rand(40))
+    norm_rope.rms_norm(rand(T, D), rand(D), 1e-6)
+    norm_rope.add_rms_norm(
+        rand(T, D), linear.linear_partials(rand(T, D), rand(D, D)), rand(D), 1e-6
+    )
+    H, G, X, S, N = 4, 2, 16, 4, 144
+    cos, sin = rand(T, X), rand(T, X)
+    norm_rope.apply_rotary_(rand(T, H, X), rand(T, G, X), cos, sin)
+    kc, vc = rand(N, S, G, X), rand(N, S, G, X)
+    slots_T = torch.arange(T)
+    norm_rope.apply_rotary_(
+        rand(T, H, X), rand(T, G, X), cos[:, :8], sin[:, :8], (rand(T, G, X), kc, vc, slots_T)
+    )
+    qkv = torch.randn(2, T, (H + 2 * G) * X, generator=g)
+    norm_rope.rotary_from_partials(qkv, H, G, cos, sin, (kc, vc, slots_T), bf)
+    # 270 positions: more than one partition, so the merge kernel runs too.
+    tables, lens = torch.randperm(N).view(2, 72), torch.tensor([5, 270])
+    for kw in ({}, {"window": 4}, {"chunk": 8}, {"sinks_H": rand(H, dtype=torch.float32)}):
+        pa.paged_decode_attention(rand(2, H, X), kc, vc, tables, lens, 0.25, **kw)
+    latent = rand(N, S, 1, 24 + 8)
+    mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
+    tokens.argmax_rows(rand(2, 50, dtype=torch.float32))
+    tokens.feed_ids(torch.arange(4), torch.tensor([-1, 0, -1, 1]), torch.tensor([7, 9]))
+
+
+def _kernel_modules() -> list[Any]:
+    import importlib
+    import pkgutil
+
+    import moeserve.kernels as package
+
+    return [
+        importlib.import_module(f"moeserve.kernels.{m.name}")
+        for m in pkgutil.iter_modules(package.__path__)
+    ]
+
+
+_COMPILE = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+failed = []
+for launch in json.load(sys.stdin):
+    fn = getattr(importlib.import_module(launch["module"]), launch["name"])
+    src = ASTSource(fn=fn, signature=launch["signature"], constexprs=launch["constexprs"])
+    try:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch["options"])
+    except Exception as e:
+        failed.append(f"{launch['name']} {launch['constexprs']}: {type(e).__name__}: {e}"[:2000])
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90(monkeypatch: pytest.MonkeyPatch) -> None:
+    launches: dict[str, dict[str, Any]] = {}
+    run = InterpretedFunction.run
+
+    def record(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+        launch = _describe(self, args, kwargs)
+        launches[json.dumps(launch, sort_keys=True, default=str)] = launch
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    _drive()
+    # Every kernel of the package launched at least once (a new one needs a call above).
+    kernels = {
+        f"{obj.fn.__module__}.{name}"
+        for module in _kernel_modules()
+        for name, obj in vars(module).items()
+        if isinstance(obj, InterpretedFunction) and name.endswith("_kernel")
+    }
+    launched = {f"{launch['module']}.{launch['name']}" for launch in launches.values()}
+    assert kernels <= launched, sorted(kernels - launched)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE],
+        input=json.dumps(list(launches.values()), default=str),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
