@@ -130,6 +130,9 @@ def test_streamed_response(srv: RunningServer, script: _Script, tok: Tokenizer) 
     assert final.output_text == "It is sunny." and final.status == "completed"
     assert final.usage is not None and final.usage.output_tokens == len(script.tokens)
     assert events[0].response.status == "in_progress" and events[0].response.id == final.id
+    # The SDK's own accumulator (responses.stream) builds the same response from the events.
+    with _client(srv).responses.stream(model="tiny-moe", input="Weather?") as stream:
+        assert stream.get_final_response().output_text == "It is sunny."
     # Cut short: response.incomplete.
     with httpx.stream(
         "POST",
@@ -201,6 +204,10 @@ def test_reasoning_comes_back_as_a_reasoning_item(harmony_srv: RunningServer) ->
     deltas = [e.delta for e in events if e.type == "response.reasoning_text.delta"]
     assert "".join(deltas) == "Need the weather."
     assert [o.type for o in events[-1].response.output] == ["reasoning", "function_call"]
+    with client.responses.stream(model="tiny-moe", input="Weather?", tools=TOOLS) as stream:  # type: ignore[arg-type]
+        final = stream.get_final_response()
+    assert [o.type for o in final.output] == ["reasoning", "function_call"]
+    assert final.output[0].content[0].text == "Need the weather."  # type: ignore[union-attr,index]
 
 
 # ------------------------------------------------------------------ a model that runs
