@@ -289,6 +289,10 @@ BAD: list[tuple[dict[str, Any], str]] = [
         {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}},
         "text.format",
     ),
+    ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format"),
+    ({"text": {"fromat": {"type": "text"}}}, "text"),
+    ({"reasoning": {"effort": "high"}}, "reasoning"),  # this template does not read it
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input"),
     ({"metadata": {"k": 1}}, "metadata"),
     ({"previous_response_id": "resp_123"}, "previous_response_id"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),

@@ -46,8 +46,9 @@ async def create_response(request: Request, state: ServerState) -> Response:
         return await run_chat(request, state, chat_request(req), _ResponsesJob, "resp")
     except APIError as e:
         if e.param in _PARAMS:
-            e.message = e.message.replace(e.param, _PARAMS[e.param], 1)
-            e.param = _PARAMS[e.param]
+            new = _PARAMS[e.param]
+            e.message = e.message.replace("response_format.json_schema", new)
+            e.message, e.param = e.message.replace(e.param, new), new
         raise
 
 

@@ -226,8 +226,9 @@ def _tool_choice(value: str | dict[str, Any]) -> str | dict[str, Any]:
 
 def _text_format(text: dict[str, Any]) -> dict[str, Any] | None:
     """text.format as chat's response_format (None: plain text)."""
-    if set(text) - {"format", "verbosity"}:
-        raise bad_request(f"text: unknown field {sorted(set(text) - {'format'})[0]}", "text")
+    unknown = sorted(set(text) - {"format", "verbosity"})  # verbosity: accepted, not used
+    if unknown:
+        raise bad_request(f"text: unknown field {unknown[0]}", "text")
     fmt = text.get("format")
     if fmt is None:
         return None
