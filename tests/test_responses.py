@@ -172,7 +172,7 @@ def test_function_calls_and_their_outputs(
     # The calls and their outputs sent back as input items render as tool turns.
     _say(script, tok, "Sunny, and noon.")
     history: list[Any] = [{"role": "user", "content": "Weather in Paris and time in UTC?"}]
-    history += [o.model_dump(exclude_none=True) for o in r.output]
+    history += [o.model_dump() for o in r.output]  # unset fields as nulls
     history += [
         {"type": "function_call_output", "call_id": o.call_id, "output": "18 C"}
         for o in r.output
@@ -293,6 +293,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"text": {"fromat": {"type": "text"}}}, "text"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),  # this template does not read it
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input"),
+    ({"input": [{"role": "user", "content": "x", "name": "bob"}]}, "input"),
     ({"metadata": {"k": 1}}, "metadata"),
     ({"previous_response_id": "resp_123"}, "previous_response_id"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),

@@ -139,6 +139,15 @@ def _string(item: dict[str, Any], key: str, where: str) -> str:
 
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+# Each item type's fields, including those the SDK puts on output items a client sends back
+# (id, status, phase); another field is a 400 rather than silently dropped, unless null (a
+# client may send an SDK item dumped with its unset fields).
+_ITEM_FIELDS = {
+    "message": {"type", "role", "content", "id", "status", "phase"},
+    "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
+    "function_call_output": {"type", "call_id", "output", "id", "status"},
+    "reasoning": {"type", "id", "summary", "content", "encrypted_content", "status"},
+}
 
 
 def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -154,6 +163,10 @@ def input_messages(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, item in enumerate(value):
         where = f"input.{i}"
         kind = item.get("type", "message")
+        allowed = _ITEM_FIELDS.get(kind, set(item))
+        unknown = sorted(k for k, v in item.items() if k not in allowed and v is not None)
+        if unknown:
+            raise bad_request(f"{where}: unknown field {unknown[0]} in a {kind} item", "input")
         if kind == "message":
             role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
             if role is None:
