@@ -19,7 +19,13 @@ import pytest
 
 from moeserve.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
-from tests.server_fixture import RunningServer, assert_envelope, build_checkpoint, serving
+from tests.server_fixture import (
+    RunningServer,
+    assert_envelope,
+    build_checkpoint,
+    serving,
+    start_server,
+)
 from tests.test_harmony import TOOL_CALL, _Script
 from tests.test_server_lifecycle import _metric_sum
 from tests.test_tool_calls import CALLS_OUT, QWEN3, SCHEMAS, harmony_srv  # noqa: F401
@@ -343,3 +349,30 @@ def test_leaving_mid_stream_aborts(srv: RunningServer, script: _Script, tok: Tok
     srv.wait_idle(timeout=10)
     after = _metric_sum(http.get("/metrics").text, "moeserve_generation_tokens_total")
     assert 0 < after - before < 1900  # stopped early, not run to max_output_tokens
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event(ckpt: Path) -> None:
+    running = start_server(ckpt, max_model_len=1024)
+    try:
+        runner = running.engine.executor.runner
+        real, calls = runner.execute, {"n": 0, "die_at": 10**9}
+
+        def flaky(work, feed=None, prompt=None):  # noqa: ANN001, ANN202
+            calls["n"] += 1
+            if calls["n"] >= calls["die_at"]:
+                raise RuntimeError("device lost")
+            return real(work, feed, prompt)
+
+        runner.execute = flaky
+        body = {"input": "x", "max_output_tokens": 900, "stream": True}
+        with running.client().stream("POST", "/v1/responses", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "event: response.created"
+            calls["die_at"] = calls["n"] + 3
+            rest = [line for line in lines if line]
+        assert rest[-2] == "event: error"
+        error = json.loads(rest[-1][6:])
+        assert error["type"] == "error" and error["code"] == "engine_dead"
+        assert "device lost" in error["message"]
+    finally:
+        running.stop()
