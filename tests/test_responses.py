@@ -17,6 +17,8 @@ import jsonschema
 import openai
 import pytest
 
+from moeserve.assets import DEMO_MODEL_NAME, demo_model_path
+from moeserve.demo_tasks import TASKS, held_out
 from moeserve.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.server_fixture import (
@@ -30,6 +32,7 @@ from tests.test_harmony import TOOL_CALL, _Script
 from tests.test_server_lifecycle import _metric_sum
 from tests.test_tool_calls import CALLS_OUT, QWEN3, SCHEMAS, harmony_srv  # noqa: F401
 
+DEMO = demo_model_path()
 TOOLS = [
     {
         "type": "function",
@@ -374,5 +377,24 @@ def test_an_engine_failure_mid_stream_is_an_error_event(ckpt: Path) -> None:
         error = json.loads(rest[-1][6:])
         assert error["type"] == "error" and error["code"] == "engine_dead"
         assert "device lost" in error["message"]
+    finally:
+        running.stop()
+
+
+def test_the_demo_model_answers_the_same_through_both_apis() -> None:
+    """The shared path: greedy answers through /v1/responses equal /v1/chat/completions',
+    and the demo model's answers are right."""
+    running = start_server(DEMO, served_model_name=DEMO_MODEL_NAME, engine_kwargs={})
+    try:
+        client = _client(running)
+        for ex in [held_out(per_task=2)[task][0] for task in TASKS]:
+            kw: dict[str, Any] = {"model": DEMO_MODEL_NAME, "temperature": 0}
+            chat = client.chat.completions.create(
+                messages=[{"role": "user", "content": ex.question}], max_tokens=16, **kw
+            )
+            r = client.responses.create(input=ex.question, max_output_tokens=16, **kw)
+            assert r.output_text == chat.choices[0].message.content == ex.answer
+            assert r.usage is not None and chat.usage is not None
+            assert r.usage.input_tokens == chat.usage.prompt_tokens
     finally:
         running.stop()
