@@ -37,6 +37,7 @@ from moeserve.server.middleware import (
     send_error,
 )
 from moeserve.server.protocol import ModelCard, ModelList
+from moeserve.server.responses import create_response
 from moeserve.server.state import ServerState
 from moeserve.server.tokenize import tokenizer_router
 
@@ -165,9 +166,14 @@ def _add_inference_routes(app: FastAPI, state: ServerState) -> dict[str, Endpoin
         await check(request)
         return await create_chat_completion(request, state)
 
+    async def responses(request: Request) -> Response:
+        await check(request)
+        return await create_response(request, state)
+
     endpoints: dict[str, Endpoint] = {
         "/v1/completions": completions,
         "/v1/chat/completions": chat_completions,
+        "/v1/responses": responses,
     }
     for path, endpoint in endpoints.items():
         app.router.add_route(path, endpoint, methods=["POST"])

@@ -96,6 +96,19 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 async def create_chat_completion(request: Request, state: ServerState) -> Response:
     state.check_admissible()
     req = await parse_body(request, state, ChatCompletionRequest)
+    return await run_chat(request, state, req)
+
+
+async def run_chat(
+    request: Request,
+    state: ServerState,
+    req: ChatCompletionRequest,
+    job_class: type[_Chat] | None = None,
+    id_prefix: str = "chatcmpl",
+) -> Response:
+    """The chat path for a parsed request: template, sampling, tools, admission. Other API
+    shapes (/v1/responses, /v1/messages) translate into `req` and format the output with
+    their own `job_class` (a subclass of ChatJob)."""
     check_model(req, state)
     messages = _messages(req.messages)
     top = req.top_logprobs
@@ -131,7 +144,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
                 param="tool_choice",
             )
         params = dataclasses.replace(params, structured=tools.structured())
-    cid = new_id("chatcmpl")
+    cid = new_id(id_prefix)
     request.state.request_id = cid
     if state.config.log_prompts:
         request.state.prompt = messages
@@ -154,7 +167,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
         engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=text, split_reasoning=split)
-        job = _Chat(state, req, cid, engine_req, ticket, request, tools)
+        job = (job_class or _Chat)(state, req, cid, engine_req, ticket, request, tools)
         if req.stream:
             return SSEResponse(job.stream(), guard=guard, on_close=ticket.close, request=request)
         return await job.collect()
@@ -396,3 +409,6 @@ class _Chat:
             self.request.state.error = err.code or err.type
             yield sse(err.body())
         yield DONE
+
+
+ChatJob = _Chat  # the seam other API shapes subclass (see run_chat)
