@@ -274,6 +274,12 @@ def add_serve_args(p: EnvDefaults) -> None:
         help="how the model writes tool calls, for tool_choice auto",
     )
     p.add_option(
+        "--no-ui",
+        action="store_true",
+        default=False,
+        help="no web page (chat playground and expert map at / and /ui, its JSON at /ui/stats)",
+    )
+    p.add_option(
         "--no-engine-process",
         action="store_true",
         default=False,
