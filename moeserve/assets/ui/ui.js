@@ -196,7 +196,7 @@ function drawHeatmap(stats) {
   const label = 40; // px of layer labels on the left
   const top = nE <= 64 ? 16 : 4; // expert numbers on top when they fit
   const cw = Math.max(1, Math.floor((canvas.width - label) / Math.max(1, nE)));
-  const ch = Math.max(4, Math.min(28, Math.floor(480 / Math.max(1, nL))));
+  const ch = Math.max(4, Math.min(36, Math.floor(480 / Math.max(1, nL))));
   canvas.height = top + ch * nL;
   const ctx = canvas.getContext("2d");
   ctx.fillStyle = "#0c1014";
@@ -212,6 +212,7 @@ function drawHeatmap(stats) {
   for (let l = 0; l < nL; l++) {
     const row = rows[l];
     const max = Math.max(1, ...row);
+    ctx.fillStyle = "#8b96a1";
     if (ch >= 9) ctx.fillText("L" + stats.layers[l], label - 4, top + l * ch + ch / 2);
     for (let e = 0; e < nE; e++) {
       const v = row[e] / max;
