@@ -227,7 +227,7 @@ def add_serve_args(p: EnvDefaults) -> None:
         "--api-key",
         default_text="no key needed",
         secret=True,
-        help="require `Authorization: Bearer KEY` on /v1/* (prefer the env variable)",
+        help="require `Authorization: Bearer KEY` on /v1/* and /ui/stats (prefer the env variable)",
     )
     p.add_option(
         "--max-queued-requests",

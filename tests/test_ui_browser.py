@@ -3,12 +3,15 @@
 
 Nothing is downloaded at test time: Selenium is pointed at the system browser and driver.
 Skipped, with the reason, where they are not installed (.ci/run installs them with apt).
-The stop test saves the page's screenshot as docs/ui.png (the README shows it).
+The stop test takes the page's screenshot mid-reply; with MOESERVE_UPDATE_SCREENSHOT=1 it
+saves it as docs/ui.png (the README's), else in the test's temporary folder, so that a test
+run leaves the tree clean.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -31,7 +34,7 @@ CHROMIUM = next(
 CHROMEDRIVER = shutil.which("chromedriver") or (
     "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
 )
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "ui.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "ui.png"
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
@@ -180,7 +183,9 @@ def test_chat_streams_the_answer(browser: Any, srv: RunningServer) -> None:
     assert browser.find_element(By.ID, "ctx").text == "256"
 
 
-def test_stop_aborts_the_request(browser: Any, srv: RunningServer, slow: SlowSteps) -> None:
+def test_stop_aborts_the_request(
+    browser: Any, srv: RunningServer, slow: SlowSteps, tmp_path: Path
+) -> None:
     """A long reply (ignore EOS, 200 tokens at >= 20 ms a step) stopped after its first
     tokens: the request leaves the engine, and the running gauge goes back to 0."""
     slow.delay = 0.02
@@ -190,7 +195,11 @@ def test_stop_aborts_the_request(browser: Any, srv: RunningServer, slow: SlowSte
         text = msg.find_element(By.CLASS_NAME, "text")
         wait_until(lambda: len(text.text) >= 8, what="some streamed text")
         wait_until(lambda: browser.find_element(By.ID, "running").text == "1", 5, "running 1")
-        browser.save_screenshot(str(SCREENSHOT))  # mid-reply: the map and figures are live
+        # Mid-reply: the map and the figures are live.
+        update = os.environ.get("MOESERVE_UPDATE_SCREENSHOT") == "1"
+        shot = DOCS_SCREENSHOT if update else tmp_path / "ui.png"
+        assert browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         rows = browser.find_elements(By.CSS_SELECTOR, "#cache tbody tr")
         assert [r.text.split()[0] for r in rows] == ["0", "1", "2", "3"]
         assert all(" / 4 " in r.text for r in rows), [r.text for r in rows]
