@@ -23,10 +23,11 @@ import httpx
 import pytest
 
 from moeserve.assets import DEMO_MODEL_NAME, demo_model_path
-from tests.server_fixture import RunningServer, serving, wait_for
+from tests.server_fixture import RunningServer, serving, start_server, wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 CHROMIUM = next(
     (p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()), None
@@ -76,8 +77,9 @@ def slow(srv: RunningServer) -> SlowSteps:
     return SlowSteps(srv)
 
 
-@pytest.fixture(scope="module")
-def browser(srv: RunningServer) -> Iterator[Any]:
+def _chromium() -> Any:
+    """Headless system Chromium through the system chromedriver (Selenium downloads nothing
+    when both paths are given)."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
@@ -85,6 +87,12 @@ def browser(srv: RunningServer) -> Iterator[Any]:
     options.add_argument("--window-size=1280,860")
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
     driver.set_script_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(srv: RunningServer) -> Iterator[Any]:
+    driver = _chromium()
     try:
         driver.get(srv.url + "/")
         wait_until(lambda: driver.find_element(By.ID, "model").text == DEMO_MODEL_NAME)
@@ -186,9 +194,9 @@ def test_chat_streams_the_answer(browser: Any, srv: RunningServer) -> None:
 def test_stop_aborts_the_request(
     browser: Any, srv: RunningServer, slow: SlowSteps, tmp_path: Path
 ) -> None:
-    """A long reply (ignore EOS, 200 tokens at >= 20 ms a step) stopped after its first
+    """A long reply (ignore EOS, 200 tokens at >= 50 ms a step) stopped after its first
     tokens: the request leaves the engine, and the running gauge goes back to 0."""
-    slow.delay = 0.02
+    slow.delay = 0.05
     aborted = _gauge(srv, 'moeserve_request_success_total{finished_reason="abort"}')
     try:
         msg = _send(browser, "reverse kqzd", max_tokens=200, ignore_eos=True)
@@ -214,3 +222,34 @@ def test_stop_aborts_the_request(
         wait_until(lambda: browser.find_element(By.ID, "running").text == "0", 5, "page: 0")
     finally:
         slow.delay = 0.0
+
+
+def test_api_key_field() -> None:
+    """With --api-key the page loads, asks for the key, and works once it is typed in."""
+    key = "open-sesame"
+    keyed = start_server(
+        demo_model_path(), served_model_name=DEMO_MODEL_NAME, max_model_len=64, api_key=key
+    )
+    driver = _chromium()
+    try:
+        driver.get(keyed.url + "/ui")
+        status = driver.find_element(By.ID, "status")
+        wait_until(lambda: "API key" in status.text, what="the key prompt")
+        assert driver.find_element(By.ID, "model").text == "…"
+        # Refused, the page waits for a key rather than asking every second (each refusal
+        # counts in /metrics): one refusal for the model card, one for the map.
+        time.sleep(2.5)
+        refused = _gauge(keyed, 'moeserve_request_rejected_total{reason="unauthorized"}')
+        assert refused == 2
+        box = driver.find_element(By.ID, "apikey")
+        box.send_keys(key)
+        box.send_keys(Keys.TAB)  # the change event: the page reloads the model card
+        wait_until(lambda: driver.find_element(By.ID, "model").text == DEMO_MODEL_NAME)
+        assert status.text == ""
+        msg = _send(driver, "47+85")
+        wait_until(lambda: msg.get_attribute("data-done"), what="the reply's end")
+        assert msg.find_element(By.CLASS_NAME, "text").text == "132"
+        wait_until(lambda: driver.find_element(By.ID, "heatmap").get_attribute("data-polls"))
+    finally:
+        driver.quit()
+        keyed.stop()

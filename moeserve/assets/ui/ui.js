@@ -261,9 +261,13 @@ function showCache(rows) {
   }
 }
 
+let polling = true; // false while the server refuses the key
+
 async function poll() {
+  polling = true;
+  const sent = headers();
   try {
-    const resp = await fetch("ui/stats", { headers: headers(), cache: "no-store" });
+    const resp = await fetch("ui/stats", { headers: sent, cache: "no-store" });
     if (resp.ok) {
       const s = await resp.json();
       const v = s.serving;
@@ -282,12 +286,14 @@ async function poll() {
       showCache(s.expert_cache);
       $("heatmap").dataset.polls = String(Number($("heatmap").dataset.polls || 0) + 1);
     } else if (resp.status === 401) {
+      // Wait for a key instead of asking every second: each refusal counts in /metrics.
       setStatus("enter the server's API key");
+      polling = headers().Authorization !== sent.Authorization; // the key changed meanwhile
     }
   } catch (_) {
     // the server is restarting or gone; the next poll tries again
   } finally {
-    setTimeout(poll, 1000);
+    if (polling) setTimeout(poll, 1000);
   }
 }
 
@@ -297,6 +303,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("apikey").addEventListener("change", () => {
     sessionStorage.setItem("moeserve-api-key", $("apikey").value.trim());
     loadModel();
+    if (!polling) poll();
   });
   $("composer").addEventListener("submit", send);
   $("prompt").addEventListener("keydown", (e) => {
