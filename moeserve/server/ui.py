@@ -59,6 +59,7 @@ class Snapshot:
     generation_tokens: float
     hits_L: list[int]
     misses_L: list[int]
+    cache: list[ExpertCacheStats] | None = None  # None: no offloading
 
 
 class LiveStats:
@@ -94,9 +95,7 @@ class LiveStats:
         counters when offloading), so call it off the event loop."""
         client, metrics = state.client, state.metrics
         assert client is not None and metrics is not None
-        cache: list[ExpertCacheStats] = (
-            client.expert_cache_stats() if client.offloads_experts else []
-        )
+        cache = client.expert_cache_stats() if client.offloads_experts else None
         return Snapshot(
             time=self._clock(),
             experts_LE=client.expert_token_counts().to(torch.int64),
@@ -104,8 +103,9 @@ class LiveStats:
             # instead would also scrape the engine for the per-expert series.
             prompt_tokens=metrics.prompt_tokens._value.get(),
             generation_tokens=metrics.generation_tokens._value.get(),
-            hits_L=[s.hits for s in cache],
-            misses_L=[s.misses for s in cache],
+            hits_L=[s.hits for s in cache or ()],
+            misses_L=[s.misses for s in cache or ()],
+            cache=cache,
         )
 
     def report(self, state: ServerState) -> dict[str, Any]:
@@ -116,7 +116,6 @@ class LiveStats:
         assert client is not None and metrics is not None
         cfg = client.model_config
         per_s = (lambda n: n / seconds) if seconds > 0 else (lambda n: 0.0)
-        cache = client.expert_cache_stats() if client.offloads_experts else None
         return {
             "model": state.config.served_model_name,
             "max_model_len": client.max_model_len,
@@ -131,7 +130,7 @@ class LiveStats:
                 "prompt_tokens_per_s": per_s(snap.prompt_tokens - base.prompt_tokens),
                 "generation_tokens_per_s": per_s(snap.generation_tokens - base.generation_tokens),
             },
-            "expert_cache": None if cache is None else _cache_rows(cache, snap, base),
+            "expert_cache": None if snap.cache is None else _cache_rows(snap.cache, snap, base),
         }
 
 
