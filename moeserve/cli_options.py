@@ -227,7 +227,7 @@ def add_serve_args(p: EnvDefaults) -> None:
         "--api-key",
         default_text="no key needed",
         secret=True,
-        help="require `Authorization: Bearer KEY` on /v1/* (prefer the env variable)",
+        help="require `Authorization: Bearer KEY` on /v1/* and /ui/stats (prefer the env variable)",
     )
     p.add_option(
         "--max-queued-requests",
@@ -272,6 +272,12 @@ def add_serve_args(p: EnvDefaults) -> None:
         choices=sorted(PARSERS),
         default_text="from the checkpoint's model_type and chat template",
         help="how the model writes tool calls, for tool_choice auto",
+    )
+    p.add_option(
+        "--no-ui",
+        action="store_true",
+        default=False,
+        help="no web page (chat playground and expert map at / and /ui, its JSON at /ui/stats)",
     )
     p.add_option(
         "--no-engine-process",

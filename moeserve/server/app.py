@@ -40,6 +40,7 @@ from moeserve.server.protocol import ModelCard, ModelList
 from moeserve.server.responses import create_response
 from moeserve.server.state import ServerState
 from moeserve.server.tokenize import tokenizer_router
+from moeserve.server.ui import ui_router
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -70,6 +71,8 @@ def create_app(state: ServerState) -> InferenceFastPath:
     app.include_router(_v1_router(state))
     app.include_router(tokenizer_router(state, Depends(_require_key(state))))
     _add_probes(app, state)
+    if state.config.ui:  # the web page (server/ui.py); --no-ui leaves it out
+        app.include_router(ui_router(state, Depends(_require_key(state))))
     return InferenceFastPath(app, state, endpoints)
 
 

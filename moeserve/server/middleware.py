@@ -22,6 +22,8 @@ log = logging.getLogger("moeserve.server")
 
 # Probes and scrapes arrive every few seconds; at INFO they would drown the request log.
 _QUIET_PATHS = ("/health", "/ready", "/metrics")
+# Logged at DEBUG too, but not exempt from --allowed-hosts: the web page polls it every second.
+_DEBUG_PATHS = (*_QUIET_PATHS, "/ui/stats")
 
 
 def too_large(limit: int) -> APIError:
@@ -164,7 +166,7 @@ class AccessLogMiddleware:
 
     def _log(self, scope: Scope, info: dict[str, Any], status: int, seconds: float) -> None:
         path = scope.get("path", "")
-        level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+        level = logging.DEBUG if path in _DEBUG_PATHS else logging.INFO
         if not log.isEnabledFor(level):
             return
         if info.get("disconnected"):

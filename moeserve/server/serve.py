@@ -132,6 +132,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         watchdog_timeout=args.watchdog_timeout,
         allowed_hosts=allowed_hosts(args.allowed_hosts),
         tool_call_parser=args.tool_call_parser,
+        ui=not args.no_ui,
     )
 
 

@@ -61,6 +61,8 @@ class ServerConfig:
     # The tool-call format to parse (moeserve/tool_parsers.py PARSERS); None: from the
     # checkpoint (model_type and chat template).
     tool_call_parser: str | None = None
+    # The web page at / and /ui and its JSON at /ui/stats (server/ui.py); off: --no-ui.
+    ui: bool = True
 
 
 class ServerState:
