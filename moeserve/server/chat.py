@@ -93,9 +93,18 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-async def create_chat_completion(request: Request, state: ServerState) -> Response:
+async def create_chat_completion(
+    request: Request,
+    state: ServerState,
+    req: ChatCompletionRequest | None = None,
+    job: type[_Chat] | None = None,
+    id_prefix: str = "chatcmpl",
+) -> Response:
+    """`req`, `job`, `id_prefix`: for routes that translate their own API into a chat request
+    and format its results in their own shapes (a _Chat subclass), e.g. /v1/messages."""
     state.check_admissible()
-    req = await parse_body(request, state, ChatCompletionRequest)
+    if req is None:
+        req = await parse_body(request, state, ChatCompletionRequest)
     check_model(req, state)
     messages = _messages(req.messages)
     top = req.top_logprobs
@@ -131,7 +140,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
                 param="tool_choice",
             )
         params = dataclasses.replace(params, structured=tools.structured())
-    cid = new_id("chatcmpl")
+    cid = new_id(id_prefix)
     request.state.request_id = cid
     if state.config.log_prompts:
         request.state.prompt = messages
@@ -154,10 +163,10 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
         engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=text, split_reasoning=split)
-        job = _Chat(state, req, cid, engine_req, ticket, request, tools)
+        chat = (job or _Chat)(state, req, cid, engine_req, ticket, request, tools)
         if req.stream:
-            return SSEResponse(job.stream(), guard=guard, on_close=ticket.close, request=request)
-        return await job.collect()
+            return SSEResponse(chat.stream(), guard=guard, on_close=ticket.close, request=request)
+        return await chat.collect()
 
     return await run_admitted(request, state, 1, work)
 
@@ -207,7 +216,8 @@ def _reasoning_effort(req: ChatCompletionRequest, template: str | None) -> dict[
 
 
 class _Chat:
-    """One chat request in flight: formats engine deltas as chat completions."""
+    """One chat request in flight: formats engine deltas as chat completions (subclasses, as
+    ChatJob, format them in another API's shapes)."""
 
     def __init__(
         self,
@@ -396,3 +406,6 @@ class _Chat:
             self.request.state.error = err.code or err.type
             yield sse(err.body())
         yield DONE
+
+
+ChatJob = _Chat  # the base for other APIs' formatting of a chat request (create_chat_completion)
