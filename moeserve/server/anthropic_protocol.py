@@ -13,7 +13,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moeserve.server.errors import bad_request
 from moeserve.server.protocol import ChatCompletionRequest, ChatMessage
@@ -44,7 +44,7 @@ class ToolUseBlock(_Request):
 class ToolResultBlock(_Request):
     type: Literal["tool_result"]
     tool_use_id: str
-    content: str | list[TextBlock] | None = None
+    content: list[TextBlock] | str | None = None
     is_error: bool | None = None
     cache_control: dict[str, Any] | None = None
 
@@ -62,9 +62,26 @@ Block = Annotated[
 ]
 
 
+_BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking")
+
+
 class Message(_Request):
     role: Literal["user", "assistant"]
-    content: str | list[Block]
+    content: list[Block] | str  # list first: its errors (the specific ones) come first
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_blocks(cls, value: Any) -> Any:
+        """Name an unsupported block type (image, document, ...) rather than pydantic's
+        union noise."""
+        for j, b in enumerate(value if isinstance(value, list) else ()):
+            kind = b.get("type") if isinstance(b, dict) else None
+            if kind not in _BLOCK_TYPES:
+                raise ValueError(
+                    f"block {j} has type {kind!r}; this server takes blocks of type "
+                    + ", ".join(_BLOCK_TYPES)
+                )
+        return value
 
 
 class Tool(_Request):
@@ -99,7 +116,7 @@ class MessagesRequest(_Request):
     model: str
     max_tokens: int
     messages: list[Message]
-    system: str | list[TextBlock] | None = None
+    system: list[TextBlock] | str | None = None
     stop_sequences: list[str] | None = None
     stream: bool | None = None
     temperature: float | None = None
@@ -118,7 +135,7 @@ class CountTokensRequest(_Request):
 
     model: str
     messages: list[Message]
-    system: str | list[TextBlock] | None = None
+    system: list[TextBlock] | str | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
 
