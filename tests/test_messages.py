@@ -19,8 +19,9 @@ import pytest
 
 from moeserve.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
+from tests.harmony_fixture import write_harmony_tokenizer
 from tests.server_fixture import MODEL_NAME, RunningServer, build_checkpoint, serving
-from tests.test_harmony import _Script
+from tests.test_harmony import ANSWER, HARMONY_OUT, THINKING, _Script
 from tests.tool_templates import QWEN3
 
 KEY = "s3cret"
@@ -392,3 +393,74 @@ def test_disconnect_mid_stream_aborts(model_srv: RunningServer) -> None:
     model_srv.wait_idle(timeout=10)
     after = _metric_sum(http.get("/metrics").text, "moeserve_generation_tokens_total")
     assert 0 < after - before < 900  # stopped early, not run to max_tokens
+
+
+def test_output_config_format_constrains_the_text(model_srv: RunningServer) -> None:
+    client = anthropic.Anthropic(base_url=model_srv.url, api_key="unused", max_retries=0)
+    msg = client.messages.create(
+        model=MODEL_NAME,
+        max_tokens=300,
+        messages=[{"role": "user", "content": "Weather?"}],
+        output_config={"format": {"type": "json_schema", "schema": WEATHER_SCHEMA}},
+        extra_body={"temperature": 1.0},
+    )
+    assert msg.stop_reason == "end_turn" and [b.type for b in msg.content] == ["text"]
+    jsonschema.validate(json.loads(msg.content[0].text), WEATHER_SCHEMA)
+    r = model_srv.client().post("/v1/messages", json={**BASE, "output_config": {"effort": "high"}})
+    _envelope(r, 400, "invalid_request_error", "output_config.effort")
+
+
+# ------------------------------------------------------------------ a reasoning model
+@pytest.fixture(scope="module")
+def harmony_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """gpt-oss's harmony format (a reasoning channel), the model's output scripted."""
+    path = tmp_path_factory.mktemp("srv") / "harmony"
+    make_checkpoint(path, "mixtral", tokenizer=True, vocab_size=400)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+    write_harmony_tokenizer(path)
+    tok = Tokenizer.from_dir(path)
+    ends = [tok.encode(t, add_special_tokens=False)[0] for t in ("<|return|>", "<|call|>")]
+    gen = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": ends}))
+    yield from serving(path, max_model_len=256)
+
+
+def test_reasoning_comes_back_as_thinking_blocks(harmony_srv: RunningServer) -> None:
+    script = _Script(harmony_srv)
+    tok = harmony_srv.state.client.tokenizer  # type: ignore[union-attr]
+    script.tokens = tok.encode(HARMONY_OUT, add_special_tokens=False)
+    client = anthropic.Anthropic(base_url=harmony_srv.url, api_key="unused", max_retries=0)
+    msg = client.messages.create(model=MODEL_NAME, max_tokens=100, messages=USER)
+    assert [b.type for b in msg.content] == ["thinking", "text"]
+    assert msg.content[0].thinking == THINKING and msg.content[1].text == ANSWER
+    with client.messages.stream(model=MODEL_NAME, max_tokens=100, messages=USER) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == ANSWER
+    assert [(b.type, getattr(b, "thinking", None)) for b in final.content] == [
+        ("thinking", THINKING),
+        ("text", None),
+    ]
+    events = _raw_events(
+        harmony_srv, {"model": MODEL_NAME, "max_tokens": 100, "messages": USER, "stream": True}
+    )
+    kinds = [(k, e.get("index"), e.get("delta", {}).get("type")) for k, e in events]
+    assert kinds[1] == ("content_block_start", 0, None)
+    assert ("content_block_delta", 0, "thinking_delta") in kinds
+    assert ("content_block_delta", 1, "text_delta") in kinds
+    assert kinds.index(("content_block_stop", 0, None)) < kinds.index(
+        ("content_block_start", 1, None)
+    )
+    # The returned blocks, thinking and all, are accepted back in the next turn.
+    turn = [
+        *USER,
+        {"role": "assistant", "content": msg.content},
+        {"role": "user", "content": "Sure?"},
+    ]
+    again = client.messages.create(model=MODEL_NAME, max_tokens=100, messages=turn)
+    assert again.content[-1].text == ANSWER
+    assert tok.decode(script.prompts[-1], skip_special_tokens=False).endswith(
+        f"<|channel|>final<|message|>{ANSWER}<|end|><|start|>user<|message|>Sure?<|end|>"
+        "<|start|>assistant"
+    )
