@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -31,7 +31,7 @@ from moeserve.server.common import (
     refuse_oversized,
     sampling_params,
 )
-from moeserve.server.errors import bad_request
+from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -165,7 +165,13 @@ async def create_chat_completion(
         engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=text, split_reasoning=split)
         chat = (job or _Chat)(state, req, cid, engine_req, ticket, request, tools)
         if req.stream:
-            return SSEResponse(chat.stream(), guard=guard, on_close=ticket.close, request=request)
+            return SSEResponse(
+                chat.stream(),
+                guard=guard,
+                on_close=ticket.close,
+                request=request,
+                stopped=chat.stopped_tail,
+            )
         return await chat.collect()
 
     return await run_admitted(request, state, 1, work)
@@ -218,6 +224,9 @@ def _reasoning_effort(req: ChatCompletionRequest, template: str | None) -> dict[
 class _Chat:
     """One chat request in flight: formats engine deltas as chat completions (subclasses, as
     ChatJob, format them in another API's shapes)."""
+
+    # A subclass's stream end when the drain stops it (SSEResponse's `stopped`).
+    stopped_tail: Callable[[APIError], bytes] | None = None
 
     def __init__(
         self,
