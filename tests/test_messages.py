@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,14 @@ import pytest
 from moeserve.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.harmony_fixture import write_harmony_tokenizer
-from tests.server_fixture import MODEL_NAME, RunningServer, build_checkpoint, serving
+from tests.server_fixture import (
+    MODEL_NAME,
+    RunningServer,
+    build_checkpoint,
+    serving,
+    start_server,
+    wait_for,
+)
 from tests.test_harmony import ANSWER, HARMONY_OUT, THINKING, _Script
 from tests.tool_templates import QWEN3
 
@@ -124,9 +132,11 @@ def test_create_returns_an_anthropic_message(
     assert stopped.content[0].text == "It is "
 
 
-def _raw_events(srv: RunningServer, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _raw_events(
+    srv: RunningServer, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> list[tuple[str, dict[str, Any]]]:
     """(event, data) pairs of a streamed /v1/messages response."""
-    headers = {"x-api-key": KEY}
+    headers = {"x-api-key": KEY} if headers is None else headers
     with srv.client().stream("POST", "/v1/messages", json=body, headers=headers) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -151,6 +161,8 @@ def test_stream_gives_the_event_sequence(
     assert text == "It is sunny in Paris today."
     assert [b.text for b in final.content if b.type == "text"] == [text]
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == len(script.tokens)
+    u = final.usage  # message_delta's: the final split, the prefix cache's hit included
+    assert u.input_tokens + (u.cache_read_input_tokens or 0) == len(script.prompts[-1])
     events = _raw_events(
         srv, {"model": MODEL_NAME, "max_tokens": 50, "messages": USER, "stream": True}
     )
@@ -164,6 +176,10 @@ def test_stream_gives_the_event_sequence(
     delta = events[-2][1]
     assert delta["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
     assert delta["usage"]["output_tokens"] == len(script.tokens)
+    start_usage, usage = events[0][1]["message"]["usage"], delta["usage"]
+    assert start_usage["input_tokens"] == len(script.prompts[-1])  # before the cache is known
+    assert usage["cache_read_input_tokens"] > 0  # the same prompt as the stream above
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == len(script.prompts[-1])
 
 
 def test_tool_use_and_tool_result_round_trip(
@@ -464,3 +480,32 @@ def test_reasoning_comes_back_as_thinking_blocks(harmony_srv: RunningServer) -> 
         f"<|channel|>final<|message|>{ANSWER}<|end|><|start|>user<|message|>Sure?<|end|>"
         "<|start|>assistant"
     )
+
+
+def test_the_drain_ends_a_stream_with_an_error_event(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    running = start_server(
+        build_checkpoint(tmp_path_factory), max_model_len=1024, shutdown_timeout=0.5
+    )
+    body = {**BASE, "max_tokens": 900, "stream": True}
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    def read() -> None:
+        events.extend(_raw_events(running, body, headers={}))
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        wait_for(running.engine.has_unfinished, 10, "a running request")
+        running.server.loop.call_soon_threadsafe(running.server.begin_shutdown)
+        t.join(30)
+        running.thread.join(30)
+    finally:
+        if running.thread.is_alive():
+            running.stop()
+    assert events[0][0] == "message_start"
+    if events[-1][0] != "message_stop":  # it may have finished within the timeout
+        kind, payload = events[-1]
+        assert kind == "error" and payload["error"]["type"] == "overloaded_error", payload
+        assert "shutting down" in payload["error"]["message"]

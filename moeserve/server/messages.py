@@ -212,13 +212,12 @@ class _Message(ChatJob):
         """message_start, per block content_block_start / _delta... / _stop, message_delta,
         message_stop; an error once streaming has begun becomes an `error` event."""
         blocks = _Blocks()
-        started = False
+        # At once, as Anthropic's API sends it; the prefix cache's hit is known only after
+        # the first step, so message_delta's usage carries the final input split.
+        yield self._message_start()
         try:
             async with aclosing(self._outputs()) as outs:
                 async for _, delta in outs:
-                    if not started:  # after the first delta: the prefix-cache hit is known
-                        started = True
-                        yield self._message_start()
                     for o in delta.outputs:
                         self.completion_tokens += len(o.token_ids)
                         self.request.state.completion_tokens = self.completion_tokens
@@ -229,9 +228,19 @@ class _Message(ChatJob):
             self.request.state.error = err.code or err.type
             yield _event("error", anthropic_body(err))
 
+    def stopped_tail(self, err: APIError) -> bytes:  # type: ignore[override]
+        """The drain stopped the stream: an `error` event ends it."""
+        return _event("error", anthropic_body(err))
+
     def _message_start(self) -> bytes:
         message = self._head([])
-        message["usage"] = {**self._usage_dict(), "output_tokens": 0}
+        prompt = len(self.engine_req.prompt_ids)
+        message["usage"] = {
+            "input_tokens": prompt,
+            "output_tokens": 0,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
         return _event("message_start", {"type": "message_start", "message": message})
 
     def _delta_events(self, o: CompletionOutput, blocks: _Blocks) -> list[bytes]:
