@@ -18,6 +18,8 @@ import httpx
 import jsonschema
 import pytest
 
+from moeserve.server.errors import APIError, bad_request
+from moeserve.server.messages import anthropic_body
 from moeserve.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.harmony_fixture import write_harmony_tokenizer
@@ -281,6 +283,41 @@ def test_forced_tool_choice_gives_valid_tool_use(
             schema = WEATHER_SCHEMA if b.name == "get_weather" else TOOLS[1]["input_schema"]
             jsonschema.validate(b.input, schema)
             assert b.name == choice.get("name", b.name)
+
+
+def test_forced_tool_use_streams_as_input_json(model_srv: RunningServer) -> None:
+    client = anthropic.Anthropic(base_url=model_srv.url, api_key="unused", max_retries=0)
+    with client.messages.stream(
+        model=MODEL_NAME,
+        max_tokens=300,
+        messages=[{"role": "user", "content": "Hi"}],
+        tools=TOOLS,
+        tool_choice={"type": "tool", "name": "get_time"},
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [b.type for b in final.content] == ["tool_use"] and final.content[0].name == "get_time"
+    jsonschema.validate(final.content[0].input, TOOLS[1]["input_schema"])
+
+
+def test_error_types_follow_the_status() -> None:
+    want = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        500: "api_error",
+        503: "overloaded_error",
+    }
+    for status, kind in want.items():
+        body = anthropic_body(APIError(status, "why"))
+        assert body == {"type": "error", "error": {"type": kind, "message": "why"}}
+    # The chat path's name for a field becomes this API's.
+    e = bad_request("stop: too many stop strings", param="stop")
+    assert anthropic_body(e)["error"]["message"] == "stop_sequences: too many stop strings"
+    e = bad_request("not in the vocabulary", param="top_k")
+    assert anthropic_body(e)["error"]["message"] == "top_k: not in the vocabulary"
 
 
 def _post(srv: RunningServer, body: Any, **headers: str) -> httpx.Response:

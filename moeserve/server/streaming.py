@@ -229,8 +229,8 @@ class SSEResponse(Response):
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._chunks, self._guard, self._on_close, self._request = chunks, guard, on_close, request
-        # The stream's end when the drain stops it, in another API's shape (default: an
-        # error chunk; [DONE] follows either way unless `stopped` is given).
+        # The stream's last bytes when the drain stops it, for another API's shapes (by
+        # default an error chunk, then [DONE]).
         self._stopped = stopped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
