@@ -29,6 +29,7 @@ from moeserve.server.errors import (
     unavailable,
     unexpected_error_response,
 )
+from moeserve.server.messages import count_tokens_endpoint, messages_endpoint
 from moeserve.server.middleware import (
     AccessLogMiddleware,
     BodyLimitMiddleware,
@@ -173,10 +174,18 @@ def _add_inference_routes(app: FastAPI, state: ServerState) -> dict[str, Endpoin
         await check(request)
         return await create_response(request, state)
 
+    async def messages(request: Request) -> Response:  # its own key check and envelope
+        return await messages_endpoint(request, state)
+
+    async def count_tokens(request: Request) -> Response:
+        return await count_tokens_endpoint(request, state)
+
     endpoints: dict[str, Endpoint] = {
         "/v1/completions": completions,
         "/v1/chat/completions": chat_completions,
         "/v1/responses": responses,
+        "/v1/messages": messages,
+        "/v1/messages/count_tokens": count_tokens,
     }
     for path, endpoint in endpoints.items():
         app.router.add_route(path, endpoint, methods=["POST"])

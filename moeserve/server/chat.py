@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -31,7 +31,7 @@ from moeserve.server.common import (
     refuse_oversized,
     sampling_params,
 )
-from moeserve.server.errors import bad_request
+from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -108,7 +108,8 @@ async def run_chat(
 ) -> Response:
     """The chat path for a parsed request: template, sampling, tools, admission. Other API
     shapes (/v1/responses, /v1/messages) translate into `req` and format the output with
-    their own `job_class` (a subclass of ChatJob)."""
+    their own `job_class` (a subclass of ChatJob, which also says how a drained stream
+    ends: `stopped_tail`)."""
     check_model(req, state)
     messages = _messages(req.messages)
     top = req.top_logprobs
@@ -167,10 +168,16 @@ async def run_chat(
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
         engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=text, split_reasoning=split)
-        job = (job_class or _Chat)(state, req, cid, engine_req, ticket, request, tools)
+        chat = (job_class or _Chat)(state, req, cid, engine_req, ticket, request, tools)
         if req.stream:
-            return SSEResponse(job.stream(), guard=guard, on_close=ticket.close, request=request)
-        return await job.collect()
+            return SSEResponse(
+                chat.stream(),
+                guard=guard,
+                on_close=ticket.close,
+                request=request,
+                stopped=chat.stopped_tail,
+            )
+        return await chat.collect()
 
     return await run_admitted(request, state, 1, work)
 
@@ -220,7 +227,11 @@ def _reasoning_effort(req: ChatCompletionRequest, template: str | None) -> dict[
 
 
 class _Chat:
-    """One chat request in flight: formats engine deltas as chat completions."""
+    """One chat request in flight: formats engine deltas as chat completions (subclasses, as
+    ChatJob, format them in another API's shapes)."""
+
+    # A subclass's stream end when the drain stops it (SSEResponse's `stopped`).
+    stopped_tail: Callable[[APIError], bytes] | None = None
 
     def __init__(
         self,

@@ -224,11 +224,15 @@ class SSEResponse(Response):
         guard: Guard,
         on_close: Callable[[], None],
         request: Request,
+        stopped: Callable[[APIError], bytes] | None = None,
     ) -> None:
         # Not Response.__init__: it would set a body, and with it Content-Length: 0.
         self.status_code, self.background = 200, None
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._chunks, self._guard, self._on_close, self._request = chunks, guard, on_close, request
+        # The stream's last bytes when the drain stops it, for another API's shapes (by
+        # default an error chunk, then [DONE]).
+        self._stopped = stopped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -247,6 +251,10 @@ class SSEResponse(Response):
                 return
             except Stopped:
                 self._request.state.error = "server_shutting_down"
+                if self._stopped is not None:
+                    tail = self._stopped(stopped_error())
+                    await send({"type": "http.response.body", "body": tail, "more_body": False})
+                    return
                 await send(
                     {
                         "type": "http.response.body",
