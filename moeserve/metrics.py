@@ -157,6 +157,8 @@ _HELP = {
     "moeserve_num_preemptions_total": "Sequences preempted (vllm:num_preemptions_total).",
     "moeserve_request_success_total": "Requests finished, by reason (vllm:request_success_total).",
     "moeserve_request_rejected_total": "Requests refused before the engine, by reason (no vLLM).",
+    "moeserve_http_requests_total": "Inference requests answered, by route and HTTP status "
+    "(499: the client left first).",
     "moeserve_time_to_first_token_seconds": (
         "Arrival to first token (vllm:time_to_first_token_seconds)."
     ),
@@ -247,6 +249,9 @@ class Metrics:
             *_doc("moeserve_request_success_total"), ["finished_reason"], registry=r
         )
         self.rejected = Counter(*_doc("moeserve_request_rejected_total"), ["reason"], registry=r)
+        self.http_requests = Counter(
+            *_doc("moeserve_http_requests_total"), ["route", "status"], registry=r
+        )
         for counter, reasons in ((self.success, FINISH_REASONS), (self.rejected, REJECT_REASONS)):
             for reason in reasons:
                 counter.labels(reason)

@@ -17,6 +17,7 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.messages import anthropic_body
@@ -546,3 +547,31 @@ def test_the_drain_ends_a_stream_with_an_error_event(
         kind, payload = events[-1]
         assert kind == "error" and payload["error"]["type"] == "overloaded_error", payload
         assert "shutting down" in payload["error"]["message"]
+
+
+def test_requests_are_counted_by_route(srv: RunningServer) -> None:
+    """moeserve_http_requests_total{route, status}: the three chat-shaped routes apart."""
+
+    def counts() -> dict[tuple[str, str], float]:
+        body = srv.client().get("/metrics").text  # /metrics needs no key
+        return {
+            (s.labels["route"], s.labels["status"]): s.value
+            for f in text_string_to_metric_families(body)
+            if f.name == "moeserve_http_requests"
+            for s in f.samples
+        }
+
+    before = counts()
+    c = srv.client(headers={"x-api-key": KEY, "Authorization": f"Bearer {KEY}"})
+    ok = {"max_tokens": 2, "model": MODEL_NAME}
+    r = c.post("/v1/messages", json={**ok, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200, r.text
+    assert c.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2}).status_code == 200
+    assert c.post("/v1/messages", json={"messages": []}).status_code == 400
+    after = counts()
+    for key, n in (
+        (("/v1/messages", "200"), 1),
+        (("/v1/responses", "200"), 1),
+        (("/v1/messages", "400"), 1),
+    ):
+        assert after.get(key, 0) - before.get(key, 0) == n, (key, before, after)

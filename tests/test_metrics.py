@@ -333,6 +333,7 @@ EXPECTED_TYPES = {
     "moeserve_expert_idle": "gauge",
     "moeserve_prefix_cache_queries": "counter",
     "moeserve_prefix_cache_hits": "counter",
+    "moeserve_http_requests": "counter",
 }
 
 

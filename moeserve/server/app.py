@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -95,6 +96,7 @@ class InferenceFastPath:
             path: AccessLogMiddleware(
                 BodyLimitMiddleware(_as_asgi(endpoint, state), cfg.max_body_bytes, state.reject),
                 log_prompts=cfg.log_prompts,
+                on_done=partial(state.count_response, path),
             )
             for path, endpoint in endpoints.items()
         }

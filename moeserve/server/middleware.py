@@ -134,8 +134,14 @@ class AccessLogMiddleware:
     log_prompts). A client that left before its response is logged with status 499.
     """
 
-    def __init__(self, app: ASGIApp, log_prompts: bool = False) -> None:
-        self.app, self.log_prompts = app, log_prompts
+    def __init__(
+        self,
+        app: ASGIApp,
+        log_prompts: bool = False,
+        on_done: Callable[[int], None] | None = None,
+    ) -> None:
+        """on_done: called with each response's final status (499 for a client that left)."""
+        self.app, self.log_prompts, self.on_done = app, log_prompts, on_done
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -163,6 +169,8 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             self._log(scope, info, status, time.monotonic() - start)
+            if self.on_done is not None:
+                self.on_done(499 if info.get("disconnected") else status)
 
     def _log(self, scope: Scope, info: dict[str, Any], status: int, seconds: float) -> None:
         path = scope.get("path", "")

@@ -204,6 +204,11 @@ class ServerState:
         if self.metrics is not None:
             self.metrics.request_rejected(reason)
 
+    def count_response(self, route: str, status: int) -> None:
+        """One answered inference request of `route` (/v1/chat/completions, /v1/messages...)."""
+        if self.metrics is not None:
+            self.metrics.http_requests.labels(route, str(status)).inc()
+
     # --------------------------------------------------------------------- admission
     def check_serving(self) -> None:
         """503 (+ Retry-After while loading or draining) unless requests are admitted now."""
