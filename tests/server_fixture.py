@@ -136,3 +136,22 @@ def assert_envelope(resp: httpx.Response, status: int, param: str | None = None)
 
 
 GREEDY: dict[str, Any] = {"temperature": 0.0}
+
+
+class EngineFault:
+    """Makes a running server's engine die: `arm(n)` and the n-th step from now raises
+    RuntimeError("device lost") inside the runner, as a lost device would."""
+
+    def __init__(self, running: RunningServer) -> None:
+        runner = running.engine.executor.runner
+        self._real, self._steps, self._die_at = runner.execute, 0, None
+        runner.execute = self._execute
+
+    def arm(self, steps: int) -> None:
+        self._die_at = self._steps + steps
+
+    def _execute(self, work: Any, feed: Any = None, prompt: Any = None) -> Any:
+        self._steps += 1
+        if self._die_at is not None and self._steps >= self._die_at:
+            raise RuntimeError("device lost")
+        return self._real(work, feed, prompt)

@@ -24,6 +24,7 @@ from moeserve.server.messages import anthropic_body
 from moeserve.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.harmony_fixture import write_harmony_tokenizer
+from tests.scripted_chat import qwen3_like_checkpoint, say
 from tests.server_fixture import (
     MODEL_NAME,
     RunningServer,
@@ -33,7 +34,6 @@ from tests.server_fixture import (
     wait_for,
 )
 from tests.test_harmony import ANSWER, HARMONY_OUT, THINKING, _Script
-from tests.tool_templates import QWEN3
 
 KEY = "s3cret"
 CALLS_OUT = (
@@ -63,10 +63,7 @@ USER = [{"role": "user", "content": "Weather in Paris, and the time in UTC?"}]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("srv") / "qwen3-like"
-    make_checkpoint(path, "mixtral", tokenizer=True, max_position_embeddings=2048)
-    (path / "chat_template.jinja").write_text(QWEN3)
-    return path
+    return qwen3_like_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +86,6 @@ def client(srv: RunningServer) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=srv.url, api_key=KEY, max_retries=0, timeout=30)
 
 
-def _say(script: _Script, tok: Tokenizer, text: str) -> None:
-    assert tok.eos_token_id is not None
-    script.tokens = [*tok.encode(text, add_special_tokens=False), tok.eos_token_id]
-
-
 def _prompt(script: _Script, tok: Tokenizer) -> str:
     return tok.decode(script.prompts[-1], skip_special_tokens=False)
 
@@ -101,7 +93,7 @@ def _prompt(script: _Script, tok: Tokenizer) -> str:
 def test_create_returns_an_anthropic_message(
     client: anthropic.Anthropic, script: _Script, tok: Tokenizer
 ) -> None:
-    _say(script, tok, "It is sunny.")
+    say(script, tok, "It is sunny.")
     msg = client.messages.create(
         model=MODEL_NAME,
         max_tokens=50,
@@ -157,7 +149,7 @@ def _raw_events(
 def test_stream_gives_the_event_sequence(
     srv: RunningServer, client: anthropic.Anthropic, script: _Script, tok: Tokenizer
 ) -> None:
-    _say(script, tok, "It is sunny in Paris today.")
+    say(script, tok, "It is sunny in Paris today.")
     with client.messages.stream(model=MODEL_NAME, max_tokens=50, messages=USER) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -188,7 +180,7 @@ def test_stream_gives_the_event_sequence(
 def test_tool_use_and_tool_result_round_trip(
     srv: RunningServer, client: anthropic.Anthropic, script: _Script, tok: Tokenizer
 ) -> None:
-    _say(script, tok, CALLS_OUT)
+    say(script, tok, CALLS_OUT)
     msg = client.messages.create(model=MODEL_NAME, max_tokens=200, messages=USER, tools=TOOLS)
     assert msg.stop_reason == "tool_use"
     assert [b.type for b in msg.content] == ["text", "tool_use", "tool_use"]
@@ -219,7 +211,7 @@ def test_tool_use_and_tool_result_round_trip(
     )
     assert [b.name for b in one.content if b.type == "tool_use"] == ["get_weather"]
     # The results go back as tool_result blocks (the SDK's own blocks as the assistant turn).
-    _say(script, tok, "18 C at noon.")
+    say(script, tok, "18 C at noon.")
     history = [
         *USER,
         {"role": "assistant", "content": msg.content},
@@ -249,7 +241,7 @@ def test_tool_use_and_tool_result_round_trip(
     count = client.messages.count_tokens(model=MODEL_NAME, messages=history, tools=TOOLS)
     assert count.input_tokens == len(script.prompts[-1])
     # tool_choice none: the call markup is text.
-    _say(script, tok, CALLS_OUT)
+    say(script, tok, CALLS_OUT)
     plain = client.messages.create(
         model=MODEL_NAME, max_tokens=200, messages=USER, tools=TOOLS, tool_choice={"type": "none"}
     )
@@ -263,7 +255,12 @@ def model_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServe
     yield from serving(build_checkpoint(tmp_path_factory), max_model_len=1024)
 
 
-@pytest.mark.parametrize("choice", [{"type": "any"}, {"type": "tool", "name": "get_weather"}])
+# One call for `any`: with parallel calls allowed, a random-weight model sampling at
+# temperature 1 (this API has no seed) may keep appending calls until max_tokens.
+@pytest.mark.parametrize(
+    "choice",
+    [{"type": "any", "disable_parallel_tool_use": True}, {"type": "tool", "name": "get_weather"}],
+)
 def test_forced_tool_choice_gives_valid_tool_use(
     model_srv: RunningServer, choice: dict[str, Any]
 ) -> None:
@@ -398,7 +395,7 @@ def test_errors_through_the_sdk(srv: RunningServer, client: anthropic.Anthropic)
 
 
 def test_auth_by_x_api_key_or_bearer(srv: RunningServer, script: _Script, tok: Tokenizer) -> None:
-    _say(script, tok, "ok")
+    say(script, tok, "ok")
     http = srv.client()
     assert http.post("/v1/messages", json=BASE, headers={"x-api-key": KEY}).status_code == 200
     bearer = {"authorization": f"Bearer {KEY}"}

@@ -20,8 +20,9 @@ import pytest
 from moeserve.assets import DEMO_MODEL_NAME, demo_model_path
 from moeserve.demo_tasks import TASKS, held_out
 from moeserve.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
+from tests.scripted_chat import qwen3_like_checkpoint, say
 from tests.server_fixture import (
+    EngineFault,
     RunningServer,
     assert_envelope,
     build_checkpoint,
@@ -30,7 +31,7 @@ from tests.server_fixture import (
 )
 from tests.test_harmony import TOOL_CALL, _Script
 from tests.test_server_lifecycle import _metric_sum
-from tests.test_tool_calls import CALLS_OUT, QWEN3, SCHEMAS, harmony_srv  # noqa: F401
+from tests.test_tool_calls import CALLS_OUT, SCHEMAS, harmony_srv  # noqa: F401
 
 DEMO = demo_model_path()
 TOOLS = [
@@ -66,10 +67,7 @@ def _client(srv: RunningServer, key: str = "unused") -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("srv") / "qwen3-like"
-    make_checkpoint(path, "mixtral", tokenizer=True, max_position_embeddings=2048)
-    (path / "chat_template.jinja").write_text(QWEN3)
-    return path
+    return qwen3_like_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +85,8 @@ def tok(ckpt: Path) -> Tokenizer:
     return Tokenizer.from_dir(ckpt)
 
 
-def _say(script: _Script, tok: Tokenizer, text: str) -> None:
-    assert tok.eos_token_id is not None
-    script.tokens = [*tok.encode(text, add_special_tokens=False), tok.eos_token_id]
-
-
 def test_plain_response(srv: RunningServer, script: _Script, tok: Tokenizer) -> None:
-    _say(script, tok, "It is sunny.")
+    say(script, tok, "It is sunny.")
     r = _client(srv).responses.create(
         model="tiny-moe", input="Weather?", instructions="Be brief.", metadata={"k": "v"}
     )
@@ -117,7 +110,7 @@ def test_plain_response(srv: RunningServer, script: _Script, tok: Tokenizer) -> 
 
 
 def test_streamed_response(srv: RunningServer, script: _Script, tok: Tokenizer) -> None:
-    _say(script, tok, "It is sunny.")
+    say(script, tok, "It is sunny.")
     events = list(_client(srv).responses.create(input="Weather?", stream=True))
     kinds = [e.type for e in events]
     assert kinds[:4] == [
@@ -158,7 +151,7 @@ def test_streamed_response(srv: RunningServer, script: _Script, tok: Tokenizer) 
 def test_function_calls_and_their_outputs(
     srv: RunningServer, script: _Script, tok: Tokenizer
 ) -> None:
-    _say(script, tok, CALLS_OUT)
+    say(script, tok, CALLS_OUT)
     client = _client(srv)
     r = client.responses.create(input="Weather in Paris and time in UTC?", tools=TOOLS)
     kinds = [o.type for o in r.output]
@@ -179,7 +172,7 @@ def test_function_calls_and_their_outputs(
     assert "".join(e.delta for e in args) == "".join(e.arguments for e in done)
     assert [o.type for o in events[-1].response.output] == kinds
     # The calls and their outputs sent back as input items render as tool turns.
-    _say(script, tok, "Sunny, and noon.")
+    say(script, tok, "Sunny, and noon.")
     history: list[Any] = [{"role": "user", "content": "Weather in Paris and time in UTC?"}]
     history += [o.model_dump() for o in r.output]  # unset fields as nulls
     history += [
@@ -357,21 +350,12 @@ def test_leaving_mid_stream_aborts(srv: RunningServer, script: _Script, tok: Tok
 def test_an_engine_failure_mid_stream_is_an_error_event(ckpt: Path) -> None:
     running = start_server(ckpt, max_model_len=1024)
     try:
-        runner = running.engine.executor.runner
-        real, calls = runner.execute, {"n": 0, "die_at": 10**9}
-
-        def flaky(work, feed=None, prompt=None):  # noqa: ANN001, ANN202
-            calls["n"] += 1
-            if calls["n"] >= calls["die_at"]:
-                raise RuntimeError("device lost")
-            return real(work, feed, prompt)
-
-        runner.execute = flaky
+        fault = EngineFault(running)
         body = {"input": "x", "max_output_tokens": 900, "stream": True}
         with running.client().stream("POST", "/v1/responses", json=body) as r:
             lines = r.iter_lines()
             assert next(lines) == "event: response.created"
-            calls["die_at"] = calls["n"] + 3
+            fault.arm(3)
             rest = [line for line in lines if line]
         assert rest[-2] == "event: error"
         error = json.loads(rest[-1][6:])

@@ -15,6 +15,7 @@ import pytest
 from moeserve.config import EngineConfig
 from moeserve.engine.client import EngineClient
 from tests.server_fixture import (
+    EngineFault,
     RunningServer,
     assert_envelope,
     build_checkpoint,
@@ -123,16 +124,7 @@ def test_non_streaming_disconnect_aborts(long_srv: RunningServer) -> None:
 def test_dead_engine_fails_open_requests_and_health(ckpt: Path) -> None:
     running = start_server(ckpt, max_model_len=1024)
     try:
-        runner = running.engine.executor.runner
-        real, calls = runner.execute, {"n": 0, "die_at": 10**9}
-
-        def flaky(work, feed=None, prompt=None):  # noqa: ANN001, ANN202
-            calls["n"] += 1
-            if calls["n"] >= calls["die_at"]:
-                raise RuntimeError("device lost")
-            return real(work, feed, prompt)
-
-        runner.execute = flaky
+        fault = EngineFault(running)
         http = running.client()
         results: dict[str, httpx.Response] = {}
         plain = threading.Thread(
@@ -142,7 +134,7 @@ def test_dead_engine_fails_open_requests_and_health(ckpt: Path) -> None:
         with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as resp:
             lines = resp.iter_lines()
             next(lines)
-            calls["die_at"] = calls["n"] + 3
+            fault.arm(3)
             events = sse_events(lines)
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_dead"
         plain.join(30)

@@ -21,6 +21,7 @@ from moeserve.server.tools import template_messages, tool_request
 from moeserve.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.harmony_fixture import write_harmony_tokenizer
+from tests.scripted_chat import qwen3_like_checkpoint, say
 from tests.server_fixture import (
     MODEL_NAME,
     RunningServer,
@@ -31,7 +32,7 @@ from tests.server_fixture import (
 )
 from tests.test_harmony import TOOL_CALL, _Script
 from tests.tokenizer_fixture import write_test_tokenizer
-from tests.tool_templates import QWEN3, TEMPLATES
+from tests.tool_templates import TEMPLATES
 
 TOOLS: list[dict[str, Any]] = [
     {
@@ -144,10 +145,7 @@ def test_tools_and_tool_histories_render_as_transformers_renders_them(
 # ------------------------------------------------------------------ through the server
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("srv") / "qwen3-like"
-    make_checkpoint(path, "mixtral", tokenizer=True, max_position_embeddings=2048)
-    (path / "chat_template.jinja").write_text(QWEN3)
-    return path
+    return qwen3_like_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +163,6 @@ def tok(ckpt: Path) -> Tokenizer:
     return Tokenizer.from_dir(ckpt)
 
 
-def _say(script: _Script, tok: Tokenizer, text: str) -> None:
-    """The model writes `text`, then its end of sequence."""
-    assert tok.eos_token_id is not None
-    script.tokens = [*tok.encode(text, add_special_tokens=False), tok.eos_token_id]
-
-
 def _chat(srv: RunningServer, **body: Any) -> Any:
     return srv.client().post("/v1/chat/completions", json={"messages": USER, **body})
 
@@ -182,7 +174,7 @@ def _calls(items: list[dict[str, Any]]) -> list[tuple[str, Any]]:
 def test_chat_returns_the_models_tool_calls(
     srv: RunningServer, script: _Script, tok: Tokenizer
 ) -> None:
-    _say(script, tok, CALLS_OUT)
+    say(script, tok, CALLS_OUT)
     body = _chat(srv, tools=TOOLS, n=2).json()
     for choice in body["choices"]:
         message = choice["message"]
@@ -197,15 +189,15 @@ def test_chat_returns_the_models_tool_calls(
     prompt = tok.decode(script.prompts[-1], skip_special_tokens=False)
     assert '"name": "get_time"' in prompt and prompt.endswith("<|im_start|>assistant\n")
     # Only calls: content null. Text only: content, no tool_calls, finish_reason stop.
-    _say(script, tok, CALLS_OUT.removeprefix("Let me check.\n"))
+    say(script, tok, CALLS_OUT.removeprefix("Let me check.\n"))
     message = _chat(srv, tools=TOOLS).json()["choices"][0]["message"]
     assert message["content"] is None and _calls(message["tool_calls"]) == WANT_CALLS
-    _say(script, tok, "It is sunny.")
+    say(script, tok, "It is sunny.")
     choice = _chat(srv, tools=TOOLS).json()["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": "It is sunny."}
     assert choice["finish_reason"] == "stop"
     # tool_choice none: the markup is the model's text, not calls.
-    _say(script, tok, CALLS_OUT)
+    say(script, tok, CALLS_OUT)
     choice = _chat(srv, tools=TOOLS, tool_choice="none").json()["choices"][0]
     assert choice["message"] == {"role": "assistant", "content": CALLS_OUT}
     assert choice["finish_reason"] == "stop"
@@ -222,7 +214,7 @@ def test_chat_returns_the_models_tool_calls(
 def test_streamed_tool_calls_are_openai_deltas(
     srv: RunningServer, script: _Script, tok: Tokenizer, logprobs: bool, parallel: bool
 ) -> None:
-    _say(script, tok, CALLS_OUT)
+    say(script, tok, CALLS_OUT)
     body = {"messages": USER, "tools": TOOLS, "stream": True, "logprobs": logprobs}
     body["parallel_tool_calls"] = parallel
     with srv.client().stream("POST", "/v1/chat/completions", json=body) as r:
@@ -257,7 +249,7 @@ def test_the_openai_client_sends_tools_and_tool_histories(
     srv: RunningServer, script: _Script, tok: Tokenizer, ckpt: Path
 ) -> None:
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    _say(script, tok, CALLS_OUT)
+    say(script, tok, CALLS_OUT)
     r = client.chat.completions.create(
         model=MODEL_NAME,
         messages=USER,  # type: ignore[arg-type]
@@ -274,7 +266,7 @@ def test_the_openai_client_sends_tools_and_tool_histories(
         {"role": "tool", "tool_call_id": c.id, "content": text}
         for c, text in zip(choice.message.tool_calls, ["18 C", "12:00"], strict=True)
     ]
-    _say(script, tok, "Sunny, 18 C; it is noon.")
+    say(script, tok, "Sunny, 18 C; it is noon.")
     again = client.chat.completions.create(
         model=MODEL_NAME,
         messages=[*USER, choice.message, *results],  # type: ignore[list-item]
@@ -291,7 +283,7 @@ def test_the_openai_client_sends_tools_and_tool_histories(
     )
     assert tok.decode(script.prompts[-1], skip_special_tokens=False) == want
     # Streaming through the client: the deltas accumulate into the same calls.
-    _say(script, tok, CALLS_OUT)
+    say(script, tok, CALLS_OUT)
     stream = client.chat.completions.create(
         model=MODEL_NAME,
         messages=USER,  # type: ignore[arg-type]

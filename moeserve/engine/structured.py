@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import llguidance as llg
+import numpy as np
 import torch
 
 from moeserve.engine.sampler import GrammarMask
@@ -211,10 +212,10 @@ class Grammars:
         if compiled.is_accepting():
             return
         tok = self.tokenizer
-        bits = compiled.compute_bitmask()
-        for i in range(min(tok.vocab_size, len(bits) * 8)):
-            if bits[i // 8] >> (i % 8) & 1 and not tok.is_special_token(i):
-                return
+        bits = np.unpackbits(np.frombuffer(compiled.compute_bitmask(), np.uint8), bitorder="little")
+        allowed = np.flatnonzero(bits[: tok.vocab_size])
+        if any(not tok.is_special_token(int(i)) for i in allowed):  # stops at the first
+            return
         raise GrammarError(
             f"the model's vocabulary cannot write any text this {_NAMES[so.kind]} allows"
         )
