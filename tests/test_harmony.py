@@ -301,7 +301,9 @@ def test_streamed_chat_sends_reasoning_content_deltas(
     assert "".join(d.get("reasoning_content", "") for d in deltas) == THINKING
     assert "".join(d.get("content", "") for d in deltas) == ANSWER
     first_content = next(i for i, d in enumerate(deltas) if d.get("content"))
-    assert all("reasoning_content" not in d for d in deltas[first_content:])
+    # Tokens that arrive together may end the reasoning and start the answer in one chunk;
+    # after that chunk, no reasoning.
+    assert all("reasoning_content" not in d for d in deltas[first_content + 1 :])
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == len(script.tokens)
