@@ -100,6 +100,7 @@ def test_gpu_graph_rows_match_eager_prefills(tmp_path: Path, family: str) -> Non
     prompts = [base + [7, 8], base + [9, 4, 11, 12, 13], [5, 6, 7], base[:21] + [5, 6]]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     kw = dict(block_size=16, max_model_len=128, dtype="float32", device="cuda", progress=False)
+    kw["kv_cache_memory"] = 64 << 20  # two engines share the card
     graphs, eager = LLM(ckpt, **kw), LLM(ckpt, enforce_eager=True, **kw)
     assert graphs.engine.executor.runner.graphs is not None
     for p in prompts:
