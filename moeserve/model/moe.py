@@ -86,6 +86,7 @@ class MoE(nn.Module):
         pin = home.type == "cpu" and device.type == "cuda"
         self.spec = RouterSpec.from_config(cfg)
         self.num_experts = e
+        self.dtype = dtype  # of the computation (quantized experts are stored otherwise)
         # A float32 router (DeepSeek, GLM) keeps its weight and its GEMM in float32.
         router_dtype = torch.float32 if cfg.router_float32 else dtype
         self.router = empty_param(e, d, dtype=router_dtype, device=device)
