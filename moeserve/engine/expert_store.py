@@ -76,12 +76,7 @@ class LayerCache:
         # A slot per tensor an expert has: weights, their scales when quantized (the copies
         # move the quantized bytes), biases (gpt-oss).
         self.scales = ExpertScales.of(moe)
-        host = [moe.w_gate_up, moe.w_down]
-        if self.scales is not None:
-            host += [moe.w_gate_up_scale, moe.w_down_scale]
-        if moe.b_gate_up is not None and moe.b_down is not None:
-            host += [moe.b_gate_up, moe.b_down]
-        self._host = host
+        self._host = host = moe.expert_tensors()
         self._slots = [torch.empty(slots, *t.shape[1:], dtype=t.dtype, device=dev) for t in host]
         self.slot_of = [-1] * e
         self.expert_in = [-1] * slots

@@ -139,6 +139,11 @@ class MoE(nn.Module):
             if cfg.shared_expert_gate:
                 self.shared_gate = empty_param(1, d, dtype=dtype, device=device)
 
+    def expert_tensors(self) -> list[torch.Tensor]:
+        """The routed experts' stacked tensors [E, ...]: weights, scales, biases."""
+        ts = [self.w_gate_up, self.w_down, self.w_gate_up_scale, self.w_down_scale]
+        return [t for t in (*ts, self.b_gate_up, self.b_down) if t is not None]
+
     def forward(
         self,
         x_TD: torch.Tensor,
