@@ -375,9 +375,11 @@ def fused_moe(
     if fp8_dot is None:
         fp8_dot = takes_fp8_dot(quant, cfg_up["BLOCK_M"])
     assert not fp8_dot or quant == "fp8", "the FP8 tensor-core path needs fp8 weights"
-    if fp8_dot and not interpreting():
-        for cfg, k_dim in ((cfg_up, D), (cfg_down, F)):  # one scale group per K tile
-            cfg["BLOCK_K"] = min(FP8_GROUP, pow2_at_least_16(k_dim))
+    if fp8_dot:
+        # K tiles within one scale group, and at least 32 wide (fp8 dots need it)
+        for cfg, k_dim in ((cfg_up, D), (cfg_down, F)):
+            most = 32 if interpreting() else FP8_GROUP
+            cfg["BLOCK_K"] = max(32, min(most, pow2_at_least_16(k_dim)))
             cfg["num_stages"] = min(cfg["num_stages"], 3)
     if align is None:
         align = moe_align(experts_TK, num_experts, cfg_up["BLOCK_M"])

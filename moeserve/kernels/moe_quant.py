@@ -45,25 +45,30 @@ def load_weights(
     ONE_GROUP: tl.constexpr,  # the tile lies in one scale group (BLOCK_K divides GROUP)
 ):
     """The weights at [n, k]: as stored when plain, else dequantized to float32."""
+    # One return at the end: Triton compiles the code after a return in a constexpr branch
+    # too, and then finds two return types.
     if QUANT == 0:
-        return tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
-    if ONE_GROUP:  # one scale per row: a [.., BLOCK_N] load instead of one per element
-        scale = tl.load(s_ptr + n * stride_sn + (k0 // GROUP) * stride_sk, mask=n_ok, other=0)
-    else:
-        scale = tl.load(s_ptr + n * stride_sn + (k // GROUP) * stride_sk, mask=mask, other=0)
-    if QUANT == 1:
         w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
-        return w.to(tl.float32) * scale
-    # mxfp4: even k is the low nibble of byte k // 2, odd k the high one
-    byte = tl.load(w_ptr + n * stride_wn + (k // 2) * stride_wk, mask=mask, other=0)
-    code = (byte.to(tl.int32) >> ((k % 2) * 4)) & 0xF
-    e = (code >> 1) & 3
-    m = (code & 1).to(tl.float32)
-    # E2M1: subnormal 0.5 * m at e = 0, else (1 + m/2) * 2**(e-1) = (2 + m) * 2**e / 4
-    mag = tl.where(e == 0, 0.5 * m, (2.0 + m) * (1 << e).to(tl.float32) * 0.25)
-    value = tl.where(code >= 8, -mag, mag)
-    # E8M0 s is 2 ** (s - 127): s as a float32's exponent bits (exact; s = 0 flushes to 0)
-    return value * (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    else:
+        if ONE_GROUP:  # one scale per row: a [.., BLOCK_N] load instead of one per element
+            scale = tl.load(s_ptr + n * stride_sn + (k0 // GROUP) * stride_sk, mask=n_ok, other=0)
+        else:
+            scale = tl.load(s_ptr + n * stride_sn + (k // GROUP) * stride_sk, mask=mask, other=0)
+        if QUANT == 1:
+            w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
+            w = w.to(tl.float32) * scale
+        else:
+            # mxfp4: even k is the low nibble of byte k // 2, odd k the high one
+            byte = tl.load(w_ptr + n * stride_wn + (k // 2) * stride_wk, mask=mask, other=0)
+            code = (byte.to(tl.int32) >> ((k % 2) * 4)) & 0xF
+            e = (code >> 1) & 3
+            m = (code & 1).to(tl.float32)
+            # E2M1: subnormal 0.5 * m at e = 0, else (1 + m/2) * 2**(e-1) = (2 + m) * 2**e / 4
+            mag = tl.where(e == 0, 0.5 * m, (2.0 + m) * (1 << e).to(tl.float32) * 0.25)
+            value = tl.where(code >= 8, -mag, mag)
+            # E8M0 s is 2 ** (s - 127): s as a float32's exponent bits (exact; s = 0 gives 0)
+            w = value * (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    return w
 
 
 @triton.jit
