@@ -367,8 +367,8 @@ def fused_moe(
             num_experts,
         )
 
-    cfg_up = gemm_config(T, num_experts, K, 2 * F, D, dtype)
-    cfg_down = gemm_config(T, num_experts, K, D, F, dtype)
+    cfg_up = gemm_config(T, num_experts, K, 2 * F, D, dtype, quant)
+    cfg_down = gemm_config(T, num_experts, K, D, F, dtype, quant)
     cfg_down["BLOCK_M"] = cfg_up["BLOCK_M"]  # one alignment serves both GEMMs
     if split_k is not None:
         cfg_up["SPLIT_K"] = cfg_down["SPLIT_K"] = split_k
