@@ -198,8 +198,10 @@ def _moe_gemm_kernel(
         a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
         b_mask = k_ok[:, None] & col_ok[None, :]
         if FP8_DOT:
-            b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=b_mask)
-            g = (k * BLOCK_K) // 128  # the tile's scale group, for activations and weights
+            # other=0: a NaN byte past K would poison the dot even against a's zeros
+            b_ptrs = b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            g = (k * BLOCK_K) // GROUP  # the tile's scale group, for activations and weights
             a_s = tl.load(a_scale_ptr + (ids // ROWS_PER_A) * stride_as + g, mask=row_ok, other=0.0)
             b_s = tl.load(s_base + offs_n * stride_bsn + g * stride_bsk, mask=col_ok, other=0.0)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
