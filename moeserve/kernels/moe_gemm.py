@@ -62,10 +62,10 @@ def gemm_config(
             # experts = 64 programs); 64 wide with a deeper pipeline streams the weights faster
             # (benchmarks/kernel_bench.py).
             block_n, stages = 64, 5
-        if quant == "mxfp4" and block_m == 16:
-            # The E2M1 decode and per-group exponents are float32 work per weight: a
-            # [128, 128] float32 tile spills registers (50x slower, H200).
-            block_k = 64
+        if quant == "mxfp4":
+            # K tiles of one exponent group: one scale load per row instead of a gather per
+            # weight (a [128, 128] tile of per-element scales ran 50x slower on an H200).
+            block_k = 32
         elif quant and block_m > 16:
             # Quantized tiles need a second accumulator-sized product per K tile (scaled
             # before it is added): 256 columns spill registers. vLLM's block-FP8 MoE shape.
