@@ -91,6 +91,14 @@ def dequantize_fp8_blocks(
     return q.float() * full
 
 
+def not_converted(module: str, patterns: list[str]) -> bool:
+    """Whether a modules_to_not_convert entry names `module`: as a dotted substring on module
+    boundaries ("self_attn" and "model.layers.0.mlp" match, "mlp.gate" not "mlp.gate_proj"),
+    `*` matching anything: the hub's entries read the same as transformers reads them."""
+    regexes = [re.escape(p).replace(r"\*", ".*") for p in patterns]
+    return any(re.search(rf"(^|\.){r}(\.|$)", module) for r in regexes)
+
+
 def make_fp8_checkpoint(
     path: Path,
     family: str,
@@ -100,14 +108,14 @@ def make_fp8_checkpoint(
 ) -> Path:
     """A `family` checkpoint as the hub ships FP8 block-scaled models (weights float32 elsewhere).
 
-    Module names containing one of `modules_to_not_convert` keep their float32 weights.
+    Modules that `modules_to_not_convert` names (see not_converted) keep float32 weights.
     """
     make_checkpoint(path, family, **{**FP8_SIZES.get(family, {}), **overrides})
     skip = modules_to_not_convert or []
 
     def rewrite(tensors: dict[str, torch.Tensor]) -> None:
         for name in [n for n in tensors if _FP8_LINEAR.search(n)]:
-            if any(s in name.removesuffix(".weight") for s in skip):
+            if not_converted(name.removesuffix(".weight"), skip):
                 continue
             tensors[name], tensors[name + "_scale_inv"] = quantize_fp8_blocks(tensors[name])
 

@@ -27,6 +27,7 @@ from tests.quant_checkpoints import (
     fake_quant_fp8_rows,
     make_fp8_checkpoint,
     make_mxfp4_checkpoint,
+    not_converted,
     quantize_fp8_blocks,
     quantize_mxfp4,
     write_dequantized,
@@ -134,6 +135,21 @@ def test_fp8_modules_to_not_convert_stay_float(tmp_path: Path) -> None:
     assert cfg["modules_to_not_convert"] == ["self_attn"]
 
 
+def test_not_converted_patterns() -> None:
+    names = ["self_attn", "model.layers.0.mlp", "mlp.gate", "model.layers.*.self_attn"]
+    for module, want in [
+        ("model.layers.3.self_attn.q_proj", True),
+        ("model.layers.0.mlp.gate_proj", True),
+        ("model.layers.10.mlp.gate_proj", False),  # "layers.0" is not "layers.10"
+        ("model.layers.1.mlp.gate", True),
+        ("model.layers.1.mlp.experts.0.gate_proj", False),
+        ("model.layers.2.mlp.shared_experts.up_proj", False),
+    ]:
+        assert not_converted(module, names) == want, module
+    assert not_converted("model.layers.7.self_attn.o_proj", ["model.layers.*.self_attn"])
+    assert not not_converted("model.layers.1.mlp.gate_proj", ["mlp.gate"])
+
+
 def test_mxfp4_layout_matches_transformers_dequantizer(tmp_path: Path) -> None:
     plain = _tensors(
         make_checkpoint(tmp_path / "plain", "gpt_oss", hidden_size=64, intermediate_size=64)
@@ -236,6 +252,12 @@ FP8_CASES: dict[str, dict[str, Any]] = {
         family="qwen3_moe", modules_to_not_convert=["self_attn"]
     ),
     "deepseek_v3-sharded": dict(family="deepseek_v3", max_shard_size="300KB"),
+    # Hub-style full names (Qwen3-FP8 lists lm_head and routers): the dense first layer's
+    # MLP stays float32 between FP8 attention and FP8 experts.
+    "deepseek_v3-dense-mlp-not-converted": dict(
+        family="deepseek_v3",
+        modules_to_not_convert=["lm_head", "model.layers.0.mlp", "model.layers.1.mlp.gate"],
+    ),
 }
 
 
