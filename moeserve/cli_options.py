@@ -181,6 +181,14 @@ def add_engine_args(p: EnvDefaults) -> None:
         help="dummy: random weights of config.json's shapes (benchmarks)",
     )
     p.add_option(
+        "--quantization",
+        default=None,
+        choices=["fp8"],
+        help="fp8: quantize a float checkpoint's routed experts at load (float8 e4m3, one "
+        "scale per row and 128 columns): half the memory and PCIe bytes. FP8 and MXFP4 "
+        "checkpoints need no flag",
+    )
+    p.add_option(
         "--kernels",
         default="auto",
         choices=["auto", "triton", "torch"],

@@ -102,6 +102,9 @@ class ModelConfig:
     expert_activation: str = "silu"
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    # How the routed experts are stored (model/quant.py): "" in the model dtype, "fp8" or
+    # "mxfp4"; from the checkpoint's quantization_config or --quantization.
+    expert_quant: str = ""
 
     @property
     def num_sparse_layers(self) -> int:
@@ -237,6 +240,7 @@ class LoadConfig:
     path: str
     dtype: str = "auto"  # the checkpoint's own, or float32 / bfloat16 / float16
     load_format: str = "safetensors"  # dummy: random weights of config.json's shapes
+    quantization: str | None = None  # "fp8": quantize a float checkpoint's experts at load
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -245,6 +249,8 @@ class LoadConfig:
             raise ConfigError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
             )
+        if self.quantization not in (None, "fp8"):
+            raise ConfigError(f"quantization must be fp8 or None, got {self.quantization!r}")
 
 
 @dataclass(frozen=True)
@@ -274,6 +280,7 @@ _GIB = 1 << 30
 _OPTIONS: dict[str, tuple[str, str]] = {
     "dtype": ("model", "dtype"),
     "load_format": ("model", "load_format"),
+    "quantization": ("model", "quantization"),
     "device": ("parallel", "device"),
     "block_size": ("cache", "block_size"),
     "kv_cache_memory": ("cache", "kv_cache_memory"),

@@ -163,7 +163,7 @@ def test_pickle_only_checkpoint_refused(tmp_path: Path, mixtral: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "method"),
-    [("quantization_config", m) for m in ("gptq", "awq", "bitsandbytes", "fp8", "mxfp4")]
+    [("quantization_config", m) for m in ("gptq", "awq", "bitsandbytes", "fbgemm_fp8")]
     + [("quantization_config", "compressed-tensors"), ("compression_config", "sparseml")],
 )
 def test_quantized_checkpoint_refused(mixtral: Path, tmp_path: Path, key: str, method: str) -> None:
@@ -172,7 +172,7 @@ def test_quantized_checkpoint_refused(mixtral: Path, tmp_path: Path, key: str, m
     _edit_config(path, **{key: {"quant_method": method, "bits": 4, "group_size": 128}})
     msg = _load_error(path)
     assert f"config.json: {key}.quant_method '{method}' is not supported" in msg
-    assert "(supported: none; moeserve loads float32, bfloat16 and float16 safetensors)" in msg
+    assert "(supported: fp8, mxfp4 checkpoints, or float32 / bfloat16 / float16 ones" in msg
     with pytest.raises(CheckpointError, match=method):  # from config.json, no weight read
         inspect_checkpoint(path, need_weights=False)
 
@@ -208,18 +208,33 @@ def test_quantization_config_file_refused(
     path = _copy(mixtral, tmp_path / "c")
     (path / file).write_text(json.dumps(content))
     msg = _load_error(path)
-    assert f"{file}: {expected}" in msg and "supported: none" in msg
+    assert f"{file}: {expected}" in msg and "supported: fp8, mxfp4 checkpoints" in msg
 
 
 def test_supported_quant_methods_are_one_list(
     mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _copy(mixtral, tmp_path / "c")
-    _edit_config(path, quantization_config={"quant_method": "FP8"})
-    monkeypatch.setattr(loader, "SUPPORTED_QUANT_METHODS", ("fp8",))
-    inspect_checkpoint(path)
-    _edit_config(path, quantization_config={"quant_method": "gptq"})
-    assert "(supported: fp8;" in _load_error(path)
+    fp8 = {"quant_method": "FP8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    _edit_config(path, quantization_config=fp8)
+    assert inspect_checkpoint(path).config.expert_quant == "fp8"
+    monkeypatch.setattr(loader, "SUPPORTED_QUANT_METHODS", ("mxfp4",))
+    assert "(supported: mxfp4 checkpoints" in _load_error(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("weight_block_size", [64, 64]), ("weight_block_size", None), ("fmt", "e5m2")],
+)
+def test_fp8_layout_we_do_not_run_is_refused(
+    mixtral: Path, tmp_path: Path, field: str, value: object
+) -> None:
+    path = _copy(mixtral, tmp_path / "c")
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], field: value}
+    _edit_config(path, quantization_config=fp8)
+    assert f"config.json: quantization_config.{field} {value!r} is not supported" in (
+        _load_error(path)
+    )
 
 
 def test_quantized_checkpoint_exits_2(

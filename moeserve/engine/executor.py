@@ -45,7 +45,9 @@ class Executor:
     def _build(self, config: EngineConfig, device: str, progress: bool) -> None:
         load, sched, cache, offload = config.model, config.scheduler, config.cache, config.offload
         dtype = None if load.dtype == "auto" else load.dtype
-        ckpt = inspect_checkpoint(load.path, need_weights=load.load_format != "dummy")
+        ckpt = inspect_checkpoint(
+            load.path, need_weights=load.load_format != "dummy", quantization=load.quantization
+        )
         model_dtype = resolve_dtype(ckpt.config, dtype)
         max_positions = ckpt.config.max_position_embeddings
         self.max_model_len = sched.max_model_len or max_positions
@@ -76,6 +78,7 @@ class Executor:
             device=device,
             progress=progress,
             load_format=load.load_format,
+            quantization=load.quantization,
             expert_device="cpu" if slots is not None else None,
             backend=ModelBackend(triton=self.kernels == "triton"),
         )

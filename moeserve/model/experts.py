@@ -18,7 +18,7 @@ N a slice of rows, S split-K partials.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from moeserve.model.activation import SILU, ExpertActivation
 from moeserve.model.backend import split_k_rows
 from moeserve.model.dispatch import Dispatch, expert_counts
+from moeserve.model.quant import ExpertScales, dequantize
 from moeserve.model.router import RouterSpec, route
 
 
@@ -74,12 +75,25 @@ class ResidentExperts:
         b_gate_up_EF: torch.Tensor | None = None,
         b_down_ED: torch.Tensor | None = None,
         act: ExpertActivation = SILU,
+        scales: ExpertScales | None = None,
     ) -> None:
         self.w_gate_up_EFD = w_gate_up_EFD
         self.w_down_EDF = w_down_EDF
         self.b_gate_up_EF = b_gate_up_EF
         self.b_down_ED = b_down_ED
         self.act = act
+        self.scales = scales
+
+    def weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2F, D], down [D, F]) in `dtype`: quantized ones dequantized
+        for this use only (the readable path; the kernels dequantize in registers)."""
+        if self.scales is None:
+            return self.w_gate_up_EFD[e], self.w_down_EDF[e]
+        s = self.scales
+        return (
+            dequantize(self.w_gate_up_EFD[e], s.gate_up[e], s.kind, dtype),
+            dequantize(self.w_down_EDF[e], s.down[e], s.kind, dtype),
+        )
 
     def run(self, d: Dispatch) -> None:
         start = 0  # one host read of the per-expert counts tells the slices
@@ -87,10 +101,11 @@ class ResidentExperts:
         for e, n in enumerate(d.counts_E.tolist()):
             if n:
                 rows = slice(start, start + n)
+                w_gate_up, w_down = self.weights(e, d.x_RD.dtype)
                 d.y_RD[rows] = expert_mlp(
                     d.x_RD[rows],
-                    self.w_gate_up_EFD[e],
-                    self.w_down_EDF[e],
+                    w_gate_up,
+                    w_down,
                     None if b_up is None else b_up[e],
                     None if b_down is None else b_down[e],
                     self.act,
@@ -141,9 +156,11 @@ def fused_experts(
     b_gate_up_EF: torch.Tensor | None = None,
     b_down_ED: torch.Tensor | None = None,
     act: ExpertActivation = SILU,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
     """The routed experts' combined output [T, D] (plus residual_TD when given, fused into the
-    last kernel), through the Triton kernels; the experts' biases and activation as given.
+    last kernel), through the Triton kernels; the experts' biases and activation as given;
+    quantized weights with their scales (dequantized in the kernels).
     triton_route (router.triton_routable): routing, alignment and counting in one program (a
     decode-sized batch), else the torch routing, its count and the alignment's torch ops.
     counter_E: incremented by the tokens per expert."""
@@ -151,8 +168,9 @@ def fused_experts(
     from moeserve.kernels.moe_gemm import moe_block_m
 
     t = x_TD.shape[0]
+    quant = scales.kernel_args() if scales is not None else {}
     if triton_route:
-        f, d = w_down_EDF.shape[2], w_down_EDF.shape[1]
+        f, d = w_gate_up_EFD.shape[1] // 2, w_down_EDF.shape[1]
         block_m = moe_block_m(t, spec.num_experts, spec.top_k, f, d, x_TD.dtype)
         weights_TK, experts_TK, align = route(
             logits_TE,
@@ -175,13 +193,14 @@ def fused_experts(
             b_gate_up_EF=b_gate_up_EF,
             b_down_ED=b_down_ED,
             activation=(act.kind, act.alpha, act.limit),
+            **quant,
         )
     weights_TK, experts_TK, _ = route(logits_TE, spec, bias_E=bias_E, valid_T=valid_T)
     if counter_E is not None:
         counter_E += expert_counts(experts_TK.flatten(), spec.num_experts)
     if spec.scales_input:
         return _fused_scaled_input(
-            x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD
+            x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD, quant
         )
     return fused_moe(
         x_TD,
@@ -193,6 +212,7 @@ def fused_experts(
         b_gate_up_EF=b_gate_up_EF,
         b_down_ED=b_down_ED,
         activation=(act.kind, act.alpha, act.limit),
+        **quant,
     )
 
 
@@ -203,6 +223,7 @@ def _fused_scaled_input(
     weights_TK: torch.Tensor,
     experts_TK: torch.Tensor,
     residual_TD: torch.Tensor | None,
+    quant: dict[str, Any],
 ) -> torch.Tensor:
     """The fused GEMMs when the weights scale each expert's input (Llama 4): every (token,
     choice) is a row of its own, its input scaled in x's dtype, with weight 1; the K outputs of
@@ -215,7 +236,8 @@ def _fused_scaled_input(
     experts_R1 = experts_TK.reshape(t * k, 1)
     if k == 1:
         return fused_moe(
-            x_RD, w_gate_up_EFD, w_down_EDF, ones_R1, experts_R1, residual_TD=residual_TD
+            x_RD, w_gate_up_EFD, w_down_EDF, ones_R1, experts_R1, residual_TD=residual_TD, **quant
         )
-    out_TD = fused_moe(x_RD, w_gate_up_EFD, w_down_EDF, ones_R1, experts_R1).view(t, k, -1).sum(1)
+    out_TD = fused_moe(x_RD, w_gate_up_EFD, w_down_EDF, ones_R1, experts_R1, **quant)
+    out_TD = out_TD.view(t, k, -1).sum(1)
     return out_TD if residual_TD is None else residual_TD + out_TD

@@ -7,7 +7,8 @@ layers (`layer_types`), a router with a logit bias (top-k of the logits, softmax
 k: the same weights as softmax, top-k, renormalise), experts with biases and the clamped
 SwiGLU (model/activation.py), stored as four fused tensors per layer with gate and up
 interleaved on the last dimension and [in, out] layouts (TRANSFORMS below). MXFP4 checkpoints
-are refused by the loader until quantized experts land.
+(as OpenAI ships them) hold the expert weights as E2M1 blocks and E8M0 scales per output row,
+[out, in] already: only their rows are de-interleaved and the blocks flattened (model/quant.py).
 """
 
 from __future__ import annotations
@@ -82,11 +83,21 @@ def _gpt_oss_plan(cfg: ModelConfig) -> Plan:
         mlp = f"{src}.mlp"
         plan[f"{mlp}.router.weight"] = (f"{dst}.mlp.router", ())
         plan[f"{mlp}.router.bias"] = (f"{dst}.mlp.router_logit_bias", ())
-        experts = f"{mlp}.experts"
-        plan[f"{experts}.gate_up_proj"] = (f"{dst}.mlp.w_gate_up", (), "deinterleave_transpose")
-        plan[f"{experts}.gate_up_proj_bias"] = (f"{dst}.mlp.b_gate_up", (), "deinterleave")
-        plan[f"{experts}.down_proj"] = (f"{dst}.mlp.w_down", (), "transpose")
-        plan[f"{experts}.down_proj_bias"] = (f"{dst}.mlp.b_down", ())
+        experts, w = f"{mlp}.experts", f"{dst}.mlp"
+        if cfg.expert_quant == "mxfp4":
+            plan[f"{experts}.gate_up_proj_blocks"] = (f"{w}.w_gate_up", (), "mxfp4_rows")
+            plan[f"{experts}.gate_up_proj_scales"] = (
+                f"{w}.w_gate_up_scale",
+                (),
+                "deinterleave_rows",
+            )
+            plan[f"{experts}.down_proj_blocks"] = (f"{w}.w_down", (), "mxfp4_flat")
+            plan[f"{experts}.down_proj_scales"] = (f"{w}.w_down_scale", ())
+        else:
+            plan[f"{experts}.gate_up_proj"] = (f"{w}.w_gate_up", (), "deinterleave_transpose")
+            plan[f"{experts}.down_proj"] = (f"{w}.w_down", (), "transpose")
+        plan[f"{experts}.gate_up_proj_bias"] = (f"{w}.b_gate_up", (), "deinterleave")
+        plan[f"{experts}.down_proj_bias"] = (f"{w}.b_down", ())
     return plan
 
 
@@ -99,7 +110,24 @@ def _deinterleave_transpose(t: torch.Tensor) -> torch.Tensor:
     return _transpose(_deinterleave(t))
 
 
+def _deinterleave_rows(t: torch.Tensor) -> torch.Tensor:
+    """[E, 2F, ...] with gate and up rows alternating -> gate rows, then up rows."""
+    return torch.cat([t[:, ::2], t[:, 1::2]], dim=1)
+
+
+def _mxfp4_flat(t: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks [E, N, K/32, 16] -> [E, N, K/2] bytes (two E2M1 values a byte)."""
+    return t.flatten(-2)
+
+
+def _mxfp4_rows(t: torch.Tensor) -> torch.Tensor:
+    return _deinterleave_rows(_mxfp4_flat(t))
+
+
 PARSERS["gpt_oss"] = _gpt_oss
 PLANS["gpt_oss"] = _gpt_oss_plan
 TRANSFORMS["deinterleave"] = _deinterleave
 TRANSFORMS["deinterleave_transpose"] = _deinterleave_transpose
+TRANSFORMS["deinterleave_rows"] = _deinterleave_rows
+TRANSFORMS["mxfp4_flat"] = _mxfp4_flat
+TRANSFORMS["mxfp4_rows"] = _mxfp4_rows

@@ -30,15 +30,26 @@ from moeserve.model.families import (
     parse_config,
     weight_plan,
 )
+from moeserve.model.quant import (
+    CHECKPOINT_METHODS,
+    checkpoint_method,
+    fill_random,
+    resolve_expert_quant,
+)
+from moeserve.model.quant_load import (
+    QuantLoadError,
+    check_tensor,
+    copy_into,
+    pop_scales,
+    scale_param,
+)
 from moeserve.model.safetensors_check import HeaderError, TensorEntry, read_header
 
 log = logging.getLogger(__name__)
 
-_ST_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
-
-# quant_method values (lower case) whose weights the loader can run; a loader for quantized
-# weights (FP8, MXFP4, ...) adds its method here, and every other one is refused at startup.
-SUPPORTED_QUANT_METHODS: tuple[str, ...] = ()
+# quant_method values (lower case) whose weights the loader can run (model/quant.py); every
+# other one is refused at startup.
+SUPPORTED_QUANT_METHODS: tuple[str, ...] = CHECKPOINT_METHODS
 
 # Files some checkpoints ship instead of, or beside, config.json's quantization_config: old
 # AutoGPTQ's quantize_config.json, AutoAWQ's quant_config.json, NVIDIA ModelOpt's
@@ -101,8 +112,11 @@ def _find_shards(path: Path) -> tuple[Path, ...]:
 
 
 def _supported_quant() -> str:
-    methods = ", ".join(SUPPORTED_QUANT_METHODS) or "none"
-    return f"supported: {methods}; moeserve loads float32, bfloat16 and float16 safetensors"
+    methods = ", ".join(SUPPORTED_QUANT_METHODS)
+    return (
+        f"supported: {methods} checkpoints, or float32 / bfloat16 / float16 ones "
+        "(--quantization fp8 quantizes those at load)"
+    )
 
 
 def _refuse_quantized(path: Path, raw: dict[str, Any]) -> None:
@@ -124,7 +138,10 @@ def _refuse_quantized(path: Path, raw: dict[str, Any]) -> None:
             else:
                 found.append((file, "quant_method", data.get("quant_method")))
     for file, field, method in found:
-        if isinstance(method, str) and method.lower() in SUPPORTED_QUANT_METHODS:
+        # Only config.json's quantization_config can name a supported method: ModelOpt's
+        # "FP8" (hf_quant_config.json) is per-tensor FP8, another format.
+        supported = field == "quantization_config.quant_method" and isinstance(method, str)
+        if supported and method.lower() in SUPPORTED_QUANT_METHODS:
             continue
         what = (
             f"{field} {method!r} is"
@@ -134,8 +151,11 @@ def _refuse_quantized(path: Path, raw: dict[str, Any]) -> None:
         raise CheckpointError(f"{file}: {what} not supported ({_supported_quant()})")
 
 
-def inspect_checkpoint(model_dir: str | Path, *, need_weights: bool = True) -> Checkpoint:
-    """Read and validate config.json (+ generation_config.json) and locate the shards."""
+def inspect_checkpoint(
+    model_dir: str | Path, *, need_weights: bool = True, quantization: str | None = None
+) -> Checkpoint:
+    """Read and validate config.json (+ generation_config.json) and locate the shards.
+    quantization: "fp8" quantizes a float checkpoint's experts at load (model/quant.py)."""
     path = Path(model_dir)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -146,8 +166,10 @@ def inspect_checkpoint(model_dir: str | Path, *, need_weights: bool = True) -> C
     _refuse_quantized(path, raw)
     try:
         cfg = parse_config(raw)
+        quant = resolve_expert_quant(checkpoint_method(raw), quantization)
     except ConfigError as e:
         raise CheckpointError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from e
+    cfg = replace(cfg, expert_quant=quant)
     gen: dict[str, Any] = {}
     gen_path = path / "generation_config.json"
     if gen_path.exists():
@@ -179,8 +201,9 @@ def _index_tensors(
     ckpt: Checkpoint,
     plan: dict[str, PlanEntry],
     headers: dict[Path, dict[str, TensorEntry]],
-) -> dict[str, Path]:
-    """Tensor name -> shard, refusing duplicates, unknown tensors and missing ones."""
+) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(tensor name -> shard, FP8 weight name -> its block scale's shard), refusing
+    duplicates, unknown tensors, missing ones and scales of no planned weight."""
     where: dict[str, Path] = {}
     mtp_prefixes = mtp_layer_prefixes(ckpt.config)
     for shard in ckpt.shards:
@@ -190,6 +213,7 @@ def _index_tensors(
                     f"tensor '{name}' appears in two shards: {where[name].name} and {shard.name}"
                 )
             where[name] = shard
+    scales = pop_scales(where)
     skip = IGNORED_PREFIXES.get(ckpt.config.model_type, ())
     skipped = [n for n in where if n not in plan and skip and n.startswith(skip)]
     if skipped:
@@ -217,7 +241,10 @@ def _index_tensors(
             f"{ckpt.path}: tensor '{missing[0]}'{more} missing from the checkpoint "
             f"(shards: {', '.join(s.name for s in ckpt.shards)})"
         )
-    return where
+    for name, shard in scales.items():
+        if name not in where:
+            raise CheckpointError(f"{shard}: block scale '{name}_scale_inv' of no loaded weight")
+    return where, scales
 
 
 def _target(params: dict[str, torch.Tensor], plan_entry: PlanEntry) -> torch.Tensor:
@@ -231,6 +258,7 @@ def _transformed(tensor: torch.Tensor, plan_entry: PlanEntry) -> torch.Tensor:
 
 def _check_against_model(
     where: dict[str, Path],
+    scales: dict[str, Path],
     headers: dict[Path, dict[str, TensorEntry]],
     plan: dict[str, PlanEntry],
     params: dict[str, torch.Tensor],
@@ -238,18 +266,26 @@ def _check_against_model(
     """Every tensor's shape and dtype against its parameter, before any data is read."""
     for name, shard in where.items():
         entry = headers[shard][name]
-        expected = list(_target(params, plan[name]).shape)
+        target = _target(params, plan[name])
+        expected = list(target.shape)
         shape = list(_transformed(torch.empty(entry.shape, device="meta"), plan[name]).shape)
         if shape != expected:
             raise CheckpointError(
                 f"{shard}: tensor '{name}' has shape {list(entry.shape)}, expected {expected} "
                 "from config.json"
             )
-        if entry.dtype not in _ST_FLOAT_DTYPES:
-            raise CheckpointError(
-                f"{shard}: tensor '{name}' has dtype {entry.dtype}; only float weights "
-                f"({', '.join(_ST_FLOAT_DTYPES)}) are supported"
+        scale = headers[scales[name]][name + "_scale_inv"] if name in scales else None
+        try:
+            check_tensor(
+                name,
+                entry,
+                target,
+                lambda t, e=plan[name]: _transformed(t, e),
+                len(plan[name]) == 3,
+                scale,
             )
+        except QuantLoadError as e:
+            raise CheckpointError(f"{shard}: {e}") from e
 
 
 def resolve_dtype(cfg: ModelConfig, dtype: str | None) -> torch.dtype:
@@ -268,17 +304,19 @@ def load_model(
     load_format: str = "safetensors",
     progress: bool = True,
     backend: ModelBackend | None = None,
+    quantization: str | None = None,
 ) -> tuple[Checkpoint, MoEForCausalLM]:
     """Load and validate a checkpoint; raises CheckpointError naming the file and tensor.
 
     Routed experts go to `expert_device` (host memory when offloading). load_format "dummy"
     reads config.json only and fills random weights of the right shapes (for benchmarks).
     backend: how the model computes (MoEForCausalLM); the readable torch path by default.
+    quantization: "fp8" quantizes a float checkpoint's routed experts at load.
     """
     if load_format not in ("safetensors", "dummy"):
         raise ConfigError(f"load_format must be safetensors or dummy, got {load_format!r}")
     dummy = load_format == "dummy"
-    ckpt = inspect_checkpoint(model_dir, need_weights=not dummy)
+    ckpt = inspect_checkpoint(model_dir, need_weights=not dummy, quantization=quantization)
     cfg = ckpt.config
     torch_dtype = resolve_dtype(cfg, dtype)
     home = torch.device(expert_device) if expert_device is not None else None
@@ -289,10 +327,10 @@ def load_model(
     # Headers and names first: a bad shard fails before the model's memory is allocated.
     plan = weight_plan(cfg)
     headers = _read_headers(ckpt.shards)
-    where = _index_tensors(ckpt, plan, headers)
+    where, scales = _index_tensors(ckpt, plan, headers)
     model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home, backend)
     params = dict(model.named_parameters())
-    _check_against_model(where, headers, plan, params)
+    _check_against_model(where, scales, headers, plan, params)
     total = sum(s.stat().st_size for s in ckpt.shards)
     bar = tqdm(
         total=total,
@@ -303,6 +341,12 @@ def load_model(
         disable=not progress,
     )
     filled = 0
+    # FP8 block scales are small (1/16384 of their weights): read first, used with the weight.
+    scale_invs: dict[str, torch.Tensor] = {}
+    for shard in set(scales.values()):
+        with _open(shard) as f:
+            for name in (n for n, s in scales.items() if s == shard):
+                scale_invs[name] = f.get_tensor(name + "_scale_inv")
     for shard in ckpt.shards:
         # In file order, so the memory-mapped reads run sequentially through the shard.
         entries = sorted(headers[shard].values(), key=lambda t: t.begin)
@@ -315,7 +359,15 @@ def load_model(
                     tensor = f.get_tensor(name)
                 except (SafetensorError, RuntimeError) as e:
                     raise CheckpointError(f"{shard}: cannot read tensor '{name}' ({e})") from e
-                _target(params, plan[name]).copy_(_transformed(tensor, plan[name]))
+                entry = plan[name]
+                copy_into(
+                    params,
+                    entry[0],
+                    entry[1],
+                    tensor,
+                    lambda t, e=entry: _transformed(t, e),
+                    scale_invs.get(name),
+                )
                 filled += 1
                 bar.update(tensor.numel() * tensor.element_size())
                 del tensor
@@ -328,9 +380,14 @@ def _fill_dummy(model: MoEForCausalLM) -> None:
     """Random weights at the reference init scale (std 0.02); norms 1, biases 0."""
     bound = 0.02 * 3**0.5  # uniform with std 0.02: faster than normal_ on GBs of host memory
     gpu = torch.cuda.is_available()
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
+        for name, p in params.items():
+            if name.endswith("_scale"):
+                continue  # filled with its weight
+            if p.dtype in (torch.float8_e4m3fn, torch.uint8):
+                fill_random(p, params[scale_param(name)], model.cfg.expert_quant, bound)
+            elif p.ndim == 1:
                 p.fill_(0.0 if name.endswith("bias") else 1.0)
             elif p.device.type == "cpu" and gpu and p.ndim == 3:
                 # Offloaded experts: tens of GB of host memory fill far faster from the GPU.

@@ -31,7 +31,26 @@ from moeserve.model.experts import (
     silu_mul,
 )
 from moeserve.model.params import empty_param
+from moeserve.model.quant import ExpertFormat, ExpertScales, expert_format
 from moeserve.model.router import RouterSpec, route, triton_routable
+
+
+def _expert_param(
+    fmt: ExpertFormat,
+    e: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    home: torch.device,
+    pin: bool,
+) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """A stacked expert weight [E, N, K] as stored, and its scales when quantized."""
+    shape, wdt = fmt.weight(n, k, dtype)
+    w = empty_param(e, *shape, dtype=wdt, device=home, pin=pin)
+    sc = fmt.scale(n, k)
+    if sc is None:
+        return w, None
+    return w, empty_param(e, *sc[0], dtype=sc[1], device=home, pin=pin)
 
 
 class DenseMLP(nn.Module):
@@ -76,8 +95,12 @@ class MoE(nn.Module):
             if self.spec.correction_bias
             else None
         )
-        self.w_gate_up = empty_param(e, 2 * f, d, dtype=dtype, device=home, pin=pin)
-        self.w_down = empty_param(e, d, f, dtype=dtype, device=home, pin=pin)
+        # Quantized experts (model/quant.py) keep their stored values and per-row scales.
+        self.format = expert_format(cfg)
+        self.w_gate_up, self.w_gate_up_scale = _expert_param(
+            self.format, e, 2 * f, d, dtype, home, pin
+        )
+        self.w_down, self.w_down_scale = _expert_param(self.format, e, d, f, dtype, home, pin)
         # gpt-oss: a bias on the router's logits, and biased experts (which travel with their
         # expert's weights) with the family's activation.
         self.router_logit_bias = (
@@ -90,7 +113,12 @@ class MoE(nn.Module):
             self.b_down = empty_param(e, d, dtype=dtype, device=home, pin=pin)
         self.activation = ExpertActivation.from_config(cfg)
         self.resident = ResidentExperts(
-            self.w_gate_up, self.w_down, self.b_gate_up, self.b_down, self.activation
+            self.w_gate_up,
+            self.w_down,
+            self.b_gate_up,
+            self.b_down,
+            self.activation,
+            ExpertScales.of(self),
         )
         # Batches of at most this many tokens take the fused Triton path when no provider is
         # handed to the forward (0: never).
@@ -156,6 +184,7 @@ class MoE(nn.Module):
             b_gate_up_EF=self.b_gate_up,
             b_down_ED=self.b_down,
             act=self.activation,
+            scales=ExpertScales.of(self),
         )
 
     def select_experts(

@@ -1,0 +1,215 @@
+"""Quantized weights: which formats a checkpoint may ship, how experts are stored, and the
+loader's conversions.
+
+Routed experts stay quantized in device memory, in host memory and over PCIe; kernels
+dequantize in registers, the readable path (ResidentExperts) one expert at a time. A stacked
+expert weight that is [E, N, K] in real values (N output rows, K reduced) is stored as (w, s)
+with a scale per output row and per group of K elements:
+
+    fp8    w float8_e4m3fn [E, N, K]  s float32 [E, N, ceil(K/128)]  real = w * s
+    mxfp4  w uint8 [E, N, K/2]        s uint8 [E, N, K/32] (E8M0)    real = e2m1(nibble) * 2^(s-127)
+
+Row-wise groups keep every row self-contained: the loader may stack gate and up, reorder rows
+(gpt-oss's interleaving) or copy one expert into a cache slot without touching a scale. Hub
+FP8 checkpoints (DeepSeek-V3, Qwen3-FP8) ship one float32 scale per 128x128 block; their
+scales are repeated down the block's 128 rows at load (1/32 of the FP8 bytes). Their dense
+FP8 linears (attention, dense and shared MLPs: a small part of an MoE's bytes) are
+dequantized at load to the model dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeserve.config import ConfigError, ModelConfig
+
+# quant_method values a checkpoint's config.json may give, and --quantization's choices.
+CHECKPOINT_METHODS = ("fp8", "mxfp4")
+ONLINE_METHODS = ("fp8",)
+FP8_BLOCK = 128
+MXFP4_GROUP = 32
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How routed experts are stored: "" (the model dtype), "fp8" or "mxfp4"."""
+
+    kind: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.kind)
+
+    @property
+    def group(self) -> int:
+        return {"fp8": FP8_BLOCK, "mxfp4": MXFP4_GROUP}.get(self.kind, 0)
+
+    def weight(self, n: int, k: int, dtype: torch.dtype) -> tuple[tuple[int, int], torch.dtype]:
+        """Shape per expert and dtype of a [N, K] weight's stored values."""
+        if self.kind == "fp8":
+            return (n, k), torch.float8_e4m3fn
+        if self.kind == "mxfp4":
+            return (n, k // 2), torch.uint8
+        return (n, k), dtype
+
+    def scale(self, n: int, k: int) -> tuple[tuple[int, int], torch.dtype] | None:
+        """Shape per expert and dtype of its scales; None for plain weights."""
+        if not self.quantized:
+            return None
+        return (n, math.ceil(k / self.group)), torch.float32 if self.kind == "fp8" else torch.uint8
+
+    def expert_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """Bytes of one routed expert's weights and scales (biases not counted)."""
+        f, d = cfg.moe_intermediate_size, cfg.hidden_size
+        total = 0
+        for n, k in ((2 * f, d), (d, f)):
+            shape, wdt = self.weight(n, k, dtype)
+            total += math.prod(shape) * _itemsize(wdt)
+            sc = self.scale(n, k)
+            if sc is not None:
+                total += math.prod(sc[0]) * _itemsize(sc[1])
+        return total
+
+
+@dataclass(frozen=True)
+class ExpertScales:
+    """A layer's (or an expert cache's) scales beside its stored expert weights."""
+
+    kind: str
+    gate_up: torch.Tensor  # [E, 2F, groups of D]
+    down: torch.Tensor  # [E, D, groups of F]
+
+    @staticmethod
+    def of(holder: Any) -> ExpertScales | None:
+        """From anything with format, w_gate_up_scale and w_down_scale (an MoE layer, an
+        expert cache); None when its experts are plain."""
+        if not holder.format.quantized:
+            return None
+        return ExpertScales(holder.format.kind, holder.w_gate_up_scale, holder.w_down_scale)
+
+    def kernel_args(self) -> dict[str, Any]:
+        """fused_moe's keyword arguments for these weights."""
+        return dict(w_gate_up_scale=self.gate_up, w_down_scale=self.down, quant=self.kind)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def expert_format(cfg: ModelConfig) -> ExpertFormat:
+    return ExpertFormat(cfg.expert_quant)
+
+
+# ---- checkpoint configs
+
+
+def checkpoint_method(raw: dict[str, Any]) -> str | None:
+    """The supported quant_method a config.json declares (validated), or None for float
+    weights. Unsupported methods are refused by the loader before this is asked."""
+    q = raw.get("quantization_config")
+    if not isinstance(q, dict):
+        return None
+    method = str(q.get("quant_method", "")).lower()
+    if method == "fp8":
+        fmt = q.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise ConfigError(f"quantization_config.fmt {fmt!r} is not supported (only e4m3)")
+        block = q.get("weight_block_size")
+        if block is None or list(block) != [FP8_BLOCK, FP8_BLOCK]:
+            raise ConfigError(
+                f"quantization_config.weight_block_size {block!r} is not supported: FP8 "
+                f"checkpoints must be block-scaled with [{FP8_BLOCK}, {FP8_BLOCK}] blocks"
+            )
+        scheme = q.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ConfigError(
+                f"quantization_config.activation_scheme {scheme!r} is not supported (dynamic)"
+            )
+    return method if method in CHECKPOINT_METHODS else None
+
+
+def resolve_expert_quant(checkpoint: str | None, online: str | None) -> str:
+    """The experts' format from the checkpoint's method and --quantization."""
+    if online is not None and online not in ONLINE_METHODS:
+        raise ConfigError(
+            f"quantization must be one of {', '.join(ONLINE_METHODS)}, got {online!r}"
+        )
+    if checkpoint and online and checkpoint != online:
+        raise ConfigError(
+            f"--quantization {online} on a checkpoint already quantized with {checkpoint}"
+        )
+    return checkpoint or online or ""
+
+
+# ---- conversions
+
+
+def fp8_block_rows(scale_inv: torch.Tensor, rows: int) -> torch.Tensor:
+    """A hub checkpoint's [ceil(N/128), ceil(K/128)] block scales -> one row per weight row
+    [rows, ceil(K/128)] (works on meta tensors, for the loader's shape checks)."""
+    return scale_inv.repeat_interleave(FP8_BLOCK, dim=-2)[..., :rows, :]
+
+
+def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    """A [N, K] float8 weight with its 128x128 block scales -> float32."""
+    n, k = w.shape
+    s = scale_inv.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+    return w.to(torch.float32) * s
+
+
+def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N, K] floats -> (float8 [..., N, K], float32 scales [..., N, ceil(K/128)]) with one
+    scale per row and 128 columns (amax / 448; an all-zero group gets scale 1)."""
+    *lead, k = w.shape
+    groups = math.ceil(k / FP8_BLOCK)
+    padded = torch.nn.functional.pad(w.to(torch.float32), (0, groups * FP8_BLOCK - k))
+    g = padded.view(*lead, groups, FP8_BLOCK)
+    amax = g.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(*lead, groups * FP8_BLOCK)[..., :k].contiguous(), scale
+
+
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    pos = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    return torch.cat([pos, -pos])
+
+
+def dequantize(w: torch.Tensor, s: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """Stored (w, s) of the layout above -> real values [..., N, K] in `dtype`."""
+    if kind == "fp8":
+        k = w.shape[-1]
+        full = s.to(torch.float32).repeat_interleave(FP8_BLOCK, dim=-1)[..., :k]
+        return (w.to(torch.float32) * full).to(dtype)
+    if kind == "mxfp4":
+        table = _e2m1_table(w.device)
+        lo, hi = table[(w & 0x0F).long()], table[(w >> 4).long()]
+        vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # element 2i = low nibble of byte i
+        exp = s.to(torch.int32) - 127
+        full = exp.repeat_interleave(MXFP4_GROUP, dim=-1)
+        return torch.ldexp(vals, full.to(torch.float32)).to(dtype)
+    raise ValueError(f"not a quantized format: {kind!r}")
+
+
+def fill_random(w: torch.Tensor, s: torch.Tensor, kind: str, bound: float) -> None:
+    """Fill stored weights (in place, on their device) with values about uniform in
+    [-bound, bound]: dummy loads for benchmarks. Generated on a GPU when there is one (tens
+    of GB of offloaded experts fill far faster), one expert at a time."""
+    gen = torch.device("cuda") if torch.cuda.is_available() else w.device
+    for e in range(w.shape[0]):
+        if kind == "fp8":
+            tmp = torch.empty(w.shape[1:], dtype=torch.float16, device=gen)
+            w[e].copy_(tmp.uniform_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+        else:
+            w[e].copy_(torch.randint(0, 256, w.shape[1:], dtype=torch.uint8, device=gen))
+    if kind == "fp8":
+        s.fill_(bound / FP8_MAX)
+        return
+    # E2M1's largest value is 6: the exponent that brings 6 near the bound.
+    s.fill_(127 + math.floor(math.log2(bound / 6.0)))
