@@ -243,4 +243,4 @@ def fake_quant_fp8_rows(w: torch.Tensor, group: int = FP8_BLOCK) -> torch.Tensor
     scale = g.abs().amax(-1, keepdim=True) / E4M3_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = (g / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return (q.float() * scale).flatten(-2)[..., :k]
+    return (q.float() * scale).flatten(-2)[..., :k].contiguous()
