@@ -35,6 +35,12 @@ FP8_SIZES: dict[str, dict[str, Any]] = {
 }
 MXFP4_SIZES: dict[str, Any] = dict(hidden_size=64, intermediate_size=64)
 
+# Routed experts' weights are scaled up by this: at the 0.02-std init the experts add ~2% to
+# the residual stream, and their rounding would hide below the tests' 1e-3. gpt-oss clamps
+# gate/up at swiglu_limit, so only its down projection grows there.
+EXPERT_GAIN = 2.0
+_GAINED = re.compile(r"\.experts\.(\d+\.\w+\.weight|down_proj)$")
+
 # Linear projections of attention, dense MLPs, shared and routed experts (DeepSeek's MLA
 # kv_a_proj_with_mqa included); routers (`gate.weight`), embeddings, lm_head, norms stay.
 _FP8_LINEAR = re.compile(r"(_proj|_proj_with_mqa|\.w[123])\.weight$")
@@ -57,6 +63,19 @@ def _rewrite_shards(path: Path, rewrite: Callable[[dict[str, torch.Tensor]], Non
                 weight_map[name] = shard.name
     if index is not None:
         index_path.write_text(json.dumps(index, indent=2))
+
+
+def make_float_checkpoint(path: Path, family: str, **overrides: Any) -> Path:
+    """make_checkpoint with the experts scaled by EXPERT_GAIN: what the writers quantize."""
+    make_checkpoint(path, family, **overrides)
+
+    def gain(tensors: dict[str, torch.Tensor]) -> None:
+        for name in [n for n in tensors if _GAINED.search(n)]:
+            g = EXPERT_GAIN**3 if family == "gpt_oss" else EXPERT_GAIN
+            tensors[name] = tensors[name] * g
+
+    _rewrite_shards(path, gain)
+    return path
 
 
 def _edit_config(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
@@ -110,7 +129,7 @@ def make_fp8_checkpoint(
 
     Modules that `modules_to_not_convert` names (see not_converted) keep float32 weights.
     """
-    make_checkpoint(path, family, **{**FP8_SIZES.get(family, {}), **overrides})
+    make_float_checkpoint(path, family, **{**FP8_SIZES.get(family, {}), **overrides})
     skip = modules_to_not_convert or []
 
     def rewrite(tensors: dict[str, torch.Tensor]) -> None:
@@ -177,7 +196,7 @@ MXFP4_NOT_CONVERTED = [
 
 def make_mxfp4_checkpoint(path: Path, **overrides: Any) -> Path:
     """A gpt_oss checkpoint as openai/gpt-oss-20b ships it: MXFP4 experts, the rest as saved."""
-    make_checkpoint(path, "gpt_oss", **{**MXFP4_SIZES, **overrides})
+    make_float_checkpoint(path, "gpt_oss", **{**MXFP4_SIZES, **overrides})
 
     def rewrite(tensors: dict[str, torch.Tensor]) -> None:
         for name in [n for n in tensors if _MX_EXPERTS.search(n)]:

@@ -16,7 +16,6 @@ from moeserve.engine.llm import LLM
 from moeserve.model import loader
 from moeserve.model.loader import CheckpointError, load_model
 from moeserve.sampling_params import SamplingParams
-from tests.checkpoints import make_checkpoint
 from tests.quant_checkpoints import (
     E4M3_MAX,
     FP8_BLOCK,
@@ -25,6 +24,7 @@ from tests.quant_checkpoints import (
     dequantize_mxfp4,
     dequantized_tensors,
     fake_quant_fp8_rows,
+    make_float_checkpoint,
     make_fp8_checkpoint,
     make_mxfp4_checkpoint,
     not_converted,
@@ -69,7 +69,7 @@ def _dtypes(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "mixtral"])
 def test_fp8_checkpoint_has_the_hub_layout(tmp_path: Path, family: str) -> None:
-    plain = _tensors(make_checkpoint(tmp_path / "plain", family, **FP8_SIZES[family]))
+    plain = _tensors(make_float_checkpoint(tmp_path / "plain", family, **FP8_SIZES[family]))
     path = make_fp8_checkpoint(tmp_path / "fp8", family)
     quant, dtypes = _tensors(path), _dtypes(path)
     quantized = [n for n in quant if n + "_scale_inv" in quant]
@@ -152,7 +152,7 @@ def test_not_converted_patterns() -> None:
 
 def test_mxfp4_layout_matches_transformers_dequantizer(tmp_path: Path) -> None:
     plain = _tensors(
-        make_checkpoint(tmp_path / "plain", "gpt_oss", hidden_size=64, intermediate_size=64)
+        make_float_checkpoint(tmp_path / "plain", "gpt_oss", hidden_size=64, intermediate_size=64)
     )
     path = make_mxfp4_checkpoint(tmp_path / "mx")
     quant, dtypes = _tensors(path), _dtypes(path)
@@ -235,7 +235,7 @@ def _assert_matches(path: Path, ref_path: Path, **options: Any) -> None:
 def test_comparison_sees_fp8_rounding(tmp_path: Path) -> None:
     # The harness itself: a float checkpoint matches transformers on it, and FP8 rounding of
     # its weights moves the log-probs well past LP_TOL (so the tests below can fail).
-    path = make_checkpoint(tmp_path / "f", "qwen3_moe", **FP8_SIZES["qwen3_moe"])
+    path = make_float_checkpoint(tmp_path / "f", "qwen3_moe", **FP8_SIZES["qwen3_moe"])
     _assert_matches(path, path)
     deq = write_dequantized(make_fp8_checkpoint(tmp_path / "q", "qwen3_moe"), tmp_path / "d")
     with pytest.raises(AssertionError):
@@ -294,7 +294,7 @@ def _online_fp8_reference(path: Path, out: Path) -> Path:
 @_needs["fp8"]
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_online_fp8_matches_row_quantized_experts(tmp_path: Path, family: str) -> None:
-    path = make_checkpoint(tmp_path / family, family, **FP8_SIZES[family])
+    path = make_float_checkpoint(tmp_path / family, family, **FP8_SIZES[family])
     ref = _online_fp8_reference(path, tmp_path / "ref")
     changed = [n for n, t in _tensors(ref).items() if not torch.equal(t, _tensors(path)[n])]
     assert changed and all(".experts." in n for n in changed)
