@@ -132,6 +132,12 @@ def main() -> int:
     ap.add_argument("--prefill-len", type=int, default=4096)
     ap.add_argument("--modes", default="graphs,eager,torch", help=", ".join(MODES))
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument(
+        "--quantization",
+        default=None,
+        choices=["fp8"],
+        help="quantize the experts at load (the floor counts their stored bytes)",
+    )
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -160,7 +166,7 @@ def main() -> int:
     result["transformers"] = hf
     rows = []
     for mode in modes:
-        llm = make_llm(path, args.batch, **MODES[mode])
+        llm = make_llm(path, args.batch, quantization=args.quantization, **MODES[mode])
         work = model_work(llm.engine.model_config, element_size=2)
         for b in (1, args.batch):
             r = ms_decode(llm, b, args.input_len, args.output_len)

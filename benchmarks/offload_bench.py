@@ -61,7 +61,7 @@ def _phase(eng, a, b, tokens: int, hbm: float, h2d: float) -> dict:
     d = {k: s1[k] - s0[k] for k in STAT_KEYS}
     dt, steps = t1 - t0, steps1 - steps0
     work = model_work(eng.model_config, element_size=2)
-    dense, expert_bytes = work.dense * 2, work.expert * 2
+    dense, expert_bytes = work.dense * 2, work.expert_bytes
     # HBM bandwidth as the design notes state it: a device copy's read+write bytes per second.
     floor = (steps * dense + d["hits"] * expert_bytes) / hbm + d["misses"] * expert_bytes / h2d
     if not eng.expert_cache_stats():
@@ -162,9 +162,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", choices=["mixtral-4l", "small", "tiny"])
-    src.add_argument("--dummy", choices=["mixtral-8x7b"])
+    src.add_argument("--dummy", choices=["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v2-lite"])
     ap.add_argument("--slots", type=int, default=None, help="expert cache slots per layer")
     ap.add_argument("--modes", default="auto,fetch,cpu")
+    ap.add_argument(
+        "--quantization",
+        default="none",
+        help="comma-separated expert formats to run in turn: none (bf16), fp8 (quantized at load)",
+    )
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--input-len", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=32)
@@ -193,7 +198,8 @@ def main() -> None:
         path, fmt = synthetic_model(args.dummy), "dummy"
     max_len = args.input_len + args.output_len + 16
     results: list[dict] = []
-    for mode in args.modes.split(","):
+    runs = [(q, m) for q in args.quantization.split(",") for m in args.modes.split(",")]
+    for quant, mode in runs:
         t0 = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()
         llm = LLM(
@@ -208,13 +214,14 @@ def main() -> None:
             prefetch=args.prefetch,
             progress=False,
             gpu_memory_utilization=util,
+            quantization=None if quant == "none" else quant,
         )
         load_s = time.perf_counter() - t0
         store = llm.engine.executor.expert_store
         slots = store.slots if store else "all"
         cost = store.cost if store else None
         print(
-            f"[{mode}] loaded in {load_s:.0f}s, cache slots per layer: {slots}, "
+            f"[{quant} {mode}] loaded in {load_s:.0f}s, cache slots per layer: {slots}, "
             f"KV blocks {llm.engine.executor.num_blocks}, cost model: {cost}",
             flush=True,
         )
@@ -224,6 +231,7 @@ def main() -> None:
             r.update(
                 engine="moeserve",
                 mode=mode,
+                quantization=quant,
                 slots=slots,
                 load_seconds=load_s,
                 prefetch=args.prefetch,
@@ -249,7 +257,7 @@ def main() -> None:
         f"{torch.cuda.get_device_name()}{card}"
     )
     print(
-        f"{'engine':<24}{'mode':<7}{'batch':>6}{'tok/s':>9}{'floor':>7}{'decode':>9}"
+        f"{'engine':<24}{'mode':<12}{'batch':>6}{'tok/s':>9}{'floor':>7}{'decode':>9}"
         f"{'floor':>7}{'hit':>6}{'MB/tok':>8}{'wait s':>8}{'cpu s':>7}{'other s':>8}"
         f"{'GiB':>6}"
     )
@@ -261,7 +269,8 @@ def main() -> None:
             ratio = f"  {r['tokens_per_s'] / base['tokens_per_s']:.1f}x peer"
         d = r.get("decode", {})
         print(
-            f"{r['engine'][:23]:<24}{str(r['mode'])[:6]:<7}{r['batch']:>6}"
+            f"{r['engine'][:23]:<24}{(r.get('quantization', '') + ' ' + r['mode'])[:11]:<12}"
+            f"{r['batch']:>6}"
             f"{r['tokens_per_s']:>9.2f}{r.get('fraction_of_floor', nan):>7.2f}"
             f"{d.get('tokens_per_s', nan):>9.2f}{d.get('fraction_of_floor', nan):>7.2f}"
             f"{d.get('hit_rate', nan):>6.2f}{d.get('bytes_moved_per_token', 0) / 1e6:>8.1f}"

@@ -139,6 +139,9 @@ _HISTOGRAMS = {  # key in Metrics.hist -> (name, buckets)
 # HELP text of every series; each names its vLLM twin so dashboards translate.
 _HELP = {
     "moeserve_model_info": "Served model; always 1 (vLLM puts model_name on every series).",
+    "moeserve_model_weight_bytes": "Bytes of the weights as stored: part experts (the routed "
+    "experts, format fp8 / mxfp4 when quantized, else the dtype) or dense, on the device or "
+    "in host memory (vLLM logs its model weights' memory at startup).",
     "moeserve_num_requests_running": "Sequences running; n>1 counts n (vllm:num_requests_running).",
     "moeserve_num_requests_waiting": "Sequences waiting (vllm:num_requests_waiting).",
     "moeserve_kv_cache_usage_perc": "KV cache blocks in use, 0..1 (vllm:kv_cache_usage_perc).",
@@ -222,6 +225,7 @@ class Metrics:
         expert_metrics: str = "auto",
         window_seconds: float = 60.0,
         registry: CollectorRegistry | None = None,
+        weight_bytes: dict[tuple[str, str, str], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if expert_metrics not in ("auto", "on", "off"):
@@ -237,6 +241,11 @@ class Metrics:
         r = self.registry
         # ---- serving (pushed per step) -----------------------------------------------------
         Gauge(*_doc("moeserve_model_info"), ["model_name"], registry=r).labels(model_name).set(1)
+        sizes = Gauge(
+            *_doc("moeserve_model_weight_bytes"), ["part", "format", "location"], registry=r
+        )
+        for (part, fmt, location), n in (weight_bytes or {}).items():
+            sizes.labels(part, fmt, location).set(n)
         self.num_running = Gauge(*_doc("moeserve_num_requests_running"), registry=r)
         self.num_waiting = Gauge(*_doc("moeserve_num_requests_waiting"), registry=r)
         self.kv_usage = Gauge(*_doc("moeserve_kv_cache_usage_perc"), registry=r)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,6 +62,7 @@ class ModelWork:
     top_k: int
     kv_per_token: int  # K and V of one token, all layers
     element_size: int  # bytes per weight
+    expert_bytes: float  # one routed expert as stored (quantized, with its scales, or not)
 
     def experts_touched(self, tokens: int) -> float:
         """Distinct experts per sparse layer that `tokens` tokens reach under uniform routing."""
@@ -71,8 +72,8 @@ class ModelWork:
     def step_bytes(self, tokens: int, context_tokens: int = 0) -> float:
         """Bytes a step of `tokens` tokens reads at least: the dense weights, the experts
         uniform routing touches, and the K/V of `context_tokens` cached tokens."""
-        params = self.dense + self.sparse_layers * self.experts_touched(tokens) * self.expert
-        return (params + self.kv_per_token * context_tokens) * self.element_size
+        experts = self.sparse_layers * self.experts_touched(tokens) * self.expert_bytes
+        return (self.dense + self.kv_per_token * context_tokens) * self.element_size + experts
 
     def step_flops(self, tokens: int, sampled: int) -> float:
         """Linear-layer FLOPs of a step (attention's own are left out: a floor may
@@ -84,11 +85,13 @@ class ModelWork:
 def model_work(cfg: ModelConfig, element_size: int) -> ModelWork:
     """The ModelWork of a config, counted on the model itself built on the meta device (no
     memory), so every family's layers are priced as they are built. Vectors (norms, biases,
-    sinks) are left out, and so is the embedding table unless it is also the lm_head."""
+    sinks) are left out, and so is the embedding table unless it is also the lm_head.
+    Quantized experts (cfg.expert_quant) count their stored bytes and scales."""
     from moeserve.engine.runner import kv_bytes_per_block
     from moeserve.model.decoder import MoEForCausalLM
+    from moeserve.model.quant import ExpertFormat
 
-    model = MoEForCausalLM(cfg, torch.float32, torch.device("meta"))
+    model = MoEForCausalLM(replace(cfg, expert_quant=""), torch.float32, torch.device("meta"))
     expert = 0
     routed: set[int] = set()
     for _, moe in model.moe_layers():
@@ -115,4 +118,9 @@ def model_work(cfg: ModelConfig, element_size: int) -> ModelWork:
         top_k=cfg.top_k,
         kv_per_token=kv_elements,
         element_size=element_size,
+        expert_bytes=(
+            ExpertFormat(cfg.expert_quant).expert_bytes(cfg, torch.float32)
+            if cfg.expert_quant
+            else expert * element_size
+        ),
     )

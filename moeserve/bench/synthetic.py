@@ -35,7 +35,7 @@ MIXTRAL_8X7B: dict[str, Any] = {
 }
 
 # The hub configs of the families' reference checkpoints, as shipped (quantization_config
-# left out: these shapes run in bf16).
+# left out: these shapes run in bf16, or quantized at load with --quantization fp8).
 QWEN3_30B_A3B: dict[str, Any] = {
     "model_type": "qwen3_moe",
     "architectures": ["Qwen3MoeForCausalLM"],
@@ -149,6 +149,22 @@ GPT_OSS_20B: dict[str, Any] = {
     "vocab_size": 201088,
 }
 
+# openai/gpt-oss-120b as shipped: MXFP4 experts (about 65 GB in all), everything else bf16.
+GPT_OSS_120B: dict[str, Any] = GPT_OSS_20B | {
+    "layer_types": ["sliding_attention", "full_attention"] * 18,
+    "num_hidden_layers": 36,
+    "num_local_experts": 128,
+    "quantization_config": {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    },
+}
+
 GLM_4_5_AIR: dict[str, Any] = {
     "model_type": "glm4_moe",
     "architectures": ["Glm4MoeForCausalLM"],
@@ -187,6 +203,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "deepseek-v2-lite": DEEPSEEK_V2_LITE,
     "gpt-oss-20b": GPT_OSS_20B,
+    "gpt-oss-120b": GPT_OSS_120B,
     # 106B parameters (212 GB in bf16): offload its experts or cut its layers.
     "glm-4.5-air": GLM_4_5_AIR,
     # The GPU reference shape: 12.1 GB in bf16, fits any 80 GB card with room for KV.

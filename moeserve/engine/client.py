@@ -44,6 +44,7 @@ class EngineClient:
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         self.offloads_experts = info.offloads_experts
+        self.weight_bytes = info.weight_bytes
         self.tokenizer = tokenizer
         self.stats_sink: Callable[[StepStats], None] | None = None
         self.error: BaseException | None = None

@@ -115,6 +115,8 @@ class Executor:
         if self.expert_store is not None:
             # The KV probe's and the warm-up's expert fetches are not traffic.
             self.expert_store.reset_stats()
+        self.weight_bytes = self.model.weight_bytes()
+        log.info("weights: %s", describe_weights(self.weight_bytes))
         kv_token = kv_bytes_per_block(self.model_config, 1, self.model.dtype)
         log.info(
             "model ready: %s on %s, %d KV blocks of %d tokens (%d tokens at %d bytes a token%s), "
@@ -165,3 +167,12 @@ class Executor:
     def reset_expert_counts(self) -> None:
         """Zero the per-expert counters (after a warm-up, whose tokens are not traffic)."""
         self.model.reset_expert_counts()
+
+
+def describe_weights(weight_bytes: dict[tuple[str, str, str], int]) -> str:
+    """The startup log's line of weight sizes, e.g. "dense (bfloat16) 1.40 GiB on the device,
+    experts (fp8) 15.20 GiB on the device"."""
+    return ", ".join(
+        f"{part} ({fmt}) {n / 2**30:.2f} GiB on the {where}"
+        for (part, fmt, where), n in sorted(weight_bytes.items())
+    )

@@ -31,6 +31,7 @@ from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.dispatch import Dispatch, expert_counts
 from moeserve.model.experts import ExpertProvider, expert_mlp
 from moeserve.model.moe import MoE
+from moeserve.model.quant import ExpertScales, dequantize
 
 
 @dataclass
@@ -70,15 +71,13 @@ class LayerCache:
 
     def __init__(self, layer: int, moe: MoE, slots: int, store: ExpertStore) -> None:
         self.layer, self.moe, self.store = layer, moe, store
-        e, two_f, d = moe.w_gate_up.shape
+        e = moe.num_experts
         dev = store.device
-        self.dev_gate_up = torch.empty(slots, two_f, d, dtype=moe.w_gate_up.dtype, device=dev)
-        self.dev_down = torch.empty(slots, d, two_f // 2, dtype=moe.w_down.dtype, device=dev)
-        # Biased experts (gpt-oss): each bias travels with its expert's weights.
-        self.dev_b_gate_up = self.dev_b_down = None
-        if moe.b_gate_up is not None and moe.b_down is not None:
-            self.dev_b_gate_up = torch.empty(slots, two_f, dtype=moe.b_gate_up.dtype, device=dev)
-            self.dev_b_down = torch.empty(slots, d, dtype=moe.b_down.dtype, device=dev)
+        # A slot per tensor an expert has: weights, their scales when quantized (the copies
+        # move the quantized bytes), biases (gpt-oss).
+        self.scales = ExpertScales.of(moe)
+        self._host = host = moe.expert_tensors()
+        self._slots = [torch.empty(slots, *t.shape[1:], dtype=t.dtype, device=dev) for t in host]
         self.slot_of = [-1] * e
         self.expert_in = [-1] * slots
         self.policy: CachePolicy = make_policy(store.config.policy, e, store.config.lfu_decay)
@@ -90,24 +89,28 @@ class LayerCache:
         self.next: LayerCache | None = None
         self.stats = ExpertCacheStats(layer=layer, slots=slots)
         self.trace: list[tuple[str, tuple[int, ...]]] | None = [] if store.record_trace else None
-        self.expert_bytes = sum(t[0].numel() for t in self._host_tensors()) * (
-            moe.w_gate_up.element_size()
-        )
+        self.expert_bytes = sum(t[0].numel() * t.element_size() for t in host)
 
     def _host_tensors(self) -> list[torch.Tensor]:
-        """The layer's per-expert tensors [E, ...] in host memory: weights, then biases."""
-        moe = self.moe
-        biases = [moe.b_gate_up, moe.b_down] if self.dev_b_gate_up is not None else []
-        return [moe.w_gate_up, moe.w_down, *biases]
+        """The layer's per-expert tensors [E, ...] in host memory: weights, scales, biases."""
+        return self._host
 
     def _slot_tensors(self) -> list[torch.Tensor]:
         """The device slots [S, ...] matching _host_tensors."""
-        biases = [self.dev_b_gate_up, self.dev_b_down] if self.dev_b_gate_up is not None else []
-        return [self.dev_gate_up, self.dev_down, *biases]
+        return self._slots
 
     def _mlp(self, x_ND: torch.Tensor, tensors: list[torch.Tensor], index: int) -> torch.Tensor:
-        """One expert on N rows, from the tensors' row `index` (a slot, or a host expert)."""
-        return expert_mlp(x_ND, *(t[index] for t in tensors), act=self.moe.activation)
+        """One expert on N rows, from the tensors' row `index` (a slot, or a host expert);
+        quantized weights dequantized for this use."""
+        w = [t[index] for t in tensors]
+        if self.scales is not None:
+            kind = self.scales.kind
+            w = [
+                dequantize(w[0], w[2], kind, x_ND.dtype),
+                dequantize(w[1], w[3], kind, x_ND.dtype),
+                *w[4:],
+            ]
+        return expert_mlp(x_ND, *w, act=self.moe.activation)
 
     # ----------------------------------------------------------------- residency
     def _acquire(self, expert: int, pending: set[int]) -> bool:
@@ -345,10 +348,9 @@ def measure_cost(layer: LayerCache) -> CostModel:
         for dev, host in zip(layer._slot_tensors(), layer._host_tensors()):
             dev[0].copy_(host[0], non_blocking=True)
 
-    d = moe.w_gate_up.shape[2]
-    host = moe.w_gate_up.device
-    x1 = torch.randn(1, d, dtype=moe.w_gate_up.dtype, device=host)
-    x64 = torch.randn(64, d, dtype=moe.w_gate_up.dtype, device=host)
+    d, host = moe.w_down.shape[1], moe.w_gate_up.device
+    x1 = torch.randn(1, d, dtype=moe.dtype, device=host)
+    x64 = torch.randn(64, d, dtype=moe.dtype, device=host)
     t_copy = timed(copy)
     t1 = timed(lambda: layer._mlp(x1, layer._host_tensors(), 0))
     t64 = timed(lambda: layer._mlp(x64, layer._host_tensors(), 0))

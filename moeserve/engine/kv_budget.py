@@ -11,6 +11,7 @@ from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.runner import Runner, check_kv_capacity, kv_bytes_per_block
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.experts import ExpertProvider
+from moeserve.model.quant import expert_format
 
 CPU_DEFAULT_KV_BYTES = 2 << 30  # cap for the CPU KV budget when none is given
 
@@ -109,8 +110,7 @@ def plan_expert_slots(
     fit in gpu_memory_utilization of the device; the cache then takes what remains.
     memory_info: (free, total) bytes, by default torch.cuda.mem_get_info().
     """
-    elem = torch.empty((), dtype=dtype).element_size()
-    per_expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size * elem
+    per_expert = expert_format(cfg).expert_bytes(cfg, dtype)  # quantized bytes when quantized
     per_slot = per_expert * cfg.num_sparse_layers  # one slot in every sparse layer
     if offload.cache_slots is not None:
         slots = offload.cache_slots
@@ -123,9 +123,9 @@ def plan_expert_slots(
             )
     elif device.type == "cuda":
         meta = MoEForCausalLM(cfg, dtype, torch.device("meta"))
-        total = sum(p.numel() for p in meta.parameters())
+        total = sum(p.numel() * p.element_size() for p in meta.parameters())
         experts = per_slot * cfg.num_experts
-        dense = total * elem - experts
+        dense = total - experts
         free, capacity = memory_info or torch.cuda.mem_get_info()
         budget = int(capacity * gpu_memory_utilization) - (capacity - free)
         usable = budget - reserve_bytes

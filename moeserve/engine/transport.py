@@ -64,7 +64,13 @@ class Transport(Protocol):
 
 
 def _info(core: EngineCore) -> EngineInfo:
-    return EngineInfo(core.model_config, core.max_model_len, core.vocab_size, core.offloads_experts)
+    return EngineInfo(
+        core.model_config,
+        core.max_model_len,
+        core.vocab_size,
+        core.offloads_experts,
+        core.executor.weight_bytes,
+    )
 
 
 class ThreadTransport:

@@ -138,6 +138,20 @@ class MoEForCausalLM(nn.Module):
     def moe_layers(self) -> list[tuple[int, MoE]]:
         return [(i, l.mlp) for i, l in enumerate(self.layers) if isinstance(l.mlp, MoE)]
 
+    def weight_bytes(self) -> dict[tuple[str, str, str], int]:
+        """Bytes of the weights as stored, by (part, format, location): part "experts" (the
+        routed experts) or "dense"; format fp8 / mxfp4 for quantized experts, else the dtype;
+        location "device" or "host"."""
+        experts = {id(t) for _, moe in self.moe_layers() for t in moe.expert_tensors()}
+        out: dict[tuple[str, str, str], int] = {}
+        for p in self.parameters():
+            part = "experts" if id(p) in experts else "dense"
+            fmt = self.cfg.expert_quant if part == "experts" and self.cfg.expert_quant else ""
+            where = "host" if p.device.type == "cpu" and self.device.type != "cpu" else "device"
+            key = (part, fmt or str(self.dtype).removeprefix("torch."), where)
+            out[key] = out.get(key, 0) + p.numel() * p.element_size()
+        return out
+
     @torch.inference_mode()
     def forward(
         self,

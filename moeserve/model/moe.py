@@ -86,6 +86,7 @@ class MoE(nn.Module):
         pin = home.type == "cpu" and device.type == "cuda"
         self.spec = RouterSpec.from_config(cfg)
         self.num_experts = e
+        self.dtype = dtype  # of the computation (quantized experts are stored otherwise)
         # A float32 router (DeepSeek, GLM) keeps its weight and its GEMM in float32.
         router_dtype = torch.float32 if cfg.router_float32 else dtype
         self.router = empty_param(e, d, dtype=router_dtype, device=device)
@@ -137,6 +138,11 @@ class MoE(nn.Module):
             self.shared = DenseMLP(d, cfg.shared_expert_intermediate_size, dtype, device)
             if cfg.shared_expert_gate:
                 self.shared_gate = empty_param(1, d, dtype=dtype, device=device)
+
+    def expert_tensors(self) -> list[torch.Tensor]:
+        """The routed experts' stacked tensors [E, ...]: weights, scales, biases."""
+        ts = [self.w_gate_up, self.w_down, self.w_gate_up_scale, self.w_down_scale]
+        return [t for t in (*ts, self.b_gate_up, self.b_down) if t is not None]
 
     def forward(
         self,

@@ -123,6 +123,7 @@ class ServerState:
             expert_counts=client.expert_token_counts,
             sparse_layer_ids=[i for i, sparse in enumerate(cfg.sparse_layers) if sparse],
             registry=CollectorRegistry(),  # private: several servers may share a process
+            weight_bytes=client.weight_bytes,
         )
         if client.offloads_experts:
             self.metrics.registry.register(ExpertCacheCollector(client.expert_cache_stats))
