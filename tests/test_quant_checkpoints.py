@@ -262,22 +262,12 @@ def test_mxfp4_checkpoint_matches_dequantized_transformers(tmp_path: Path) -> No
     _assert_matches(path, write_dequantized(path, tmp_path / "ref"))
 
 
-# engine/expert_store.py (merged 50e2682) sizes its slots and runs its experts as plain
-# weights: FP8 slots reach F.linear undequantized, MXFP4's packed [.., K/2] rows do not fit
-# [.., K] slots, and no scale travels. Strict: these must pass once the store carries scales.
-_OFFLOAD_QUANT = pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="expert store: quantized experts not offloadable yet (issue 22)",
-)
-
 OFFLOAD = {
     "fetch": dict(expert_cache_slots=2, offload_mode="fetch"),
     "cpu": dict(expert_cache_slots=1, offload_mode="cpu"),
 }
 
 
-@_OFFLOAD_QUANT
 @pytest.mark.parametrize("mode", sorted(OFFLOAD))
 @pytest.mark.parametrize("kind", ["fp8", "mxfp4"])
 def test_offloaded_quantized_experts_match(tmp_path: Path, kind: str, mode: str) -> None:
@@ -310,7 +300,7 @@ def _online_fp8_reference(path: Path, out: Path) -> Path:
     [
         ("qwen3_moe", {}),
         ("mixtral", {}),
-        pytest.param("qwen3_moe", OFFLOAD["fetch"], marks=_OFFLOAD_QUANT),
+        ("qwen3_moe", OFFLOAD["fetch"]),
     ],
     ids=["qwen3_moe", "mixtral", "qwen3_moe-offload-fetch"],
 )
