@@ -268,6 +268,25 @@ OFFLOAD = {
 }
 
 
+def test_fp8_deepseek_v3_hub_checkpoint_with_mtp_layer(tmp_path: Path) -> None:
+    # DeepSeek-V3's hub FP8 checkpoint carries its multi-token-prediction layer
+    # (model.layers.{n}.*, not run), FP8 with block scales like every other layer.
+    path = make_fp8_checkpoint(tmp_path / "v3", "deepseek_v3", hub_style=True)
+    n = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    last, mtp = f"model.layers.{n - 1}.", f"model.layers.{n}."
+
+    def add_mtp(t: dict[str, torch.Tensor]) -> None:
+        t.update({k.replace(last, mtp): v.clone() for k, v in list(t.items()) if last in k})
+        w, s = quantize_fp8_blocks(torch.randn(160, 320) * 0.02)
+        t[mtp + "eh_proj.weight"], t[mtp + "eh_proj.weight_scale_inv"] = w, s
+
+    tensors = load_file(path / "model.safetensors")
+    add_mtp(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert any(k.startswith(mtp) and k.endswith("_scale_inv") for k in tensors)
+    _assert_matches(path, write_dequantized(path, tmp_path / "ref"))
+
+
 @pytest.mark.parametrize("mode", sorted(OFFLOAD))
 @pytest.mark.parametrize("kind", ["fp8", "mxfp4"])
 def test_offloaded_quantized_experts_match(tmp_path: Path, kind: str, mode: str) -> None:
