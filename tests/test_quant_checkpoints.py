@@ -241,6 +241,8 @@ FP8_CASES: dict[str, dict[str, Any]] = {
         family="qwen3_moe", modules_to_not_convert=["self_attn"]
     ),
     "deepseek_v3-sharded": dict(family="deepseek_v3", max_shard_size="300KB"),
+    # As the hub ships them: bfloat16 beside the FP8 weights and their float32 scales.
+    "qwen3_moe-bf16-hub-config": dict(family="qwen3_moe", dtype=torch.bfloat16, hub_style=True),
     # Hub-style full names (Qwen3-FP8 lists lm_head and routers): the dense first layer's
     # MLP stays float32 between FP8 attention and FP8 experts.
     "deepseek_v3-dense-mlp-not-converted": dict(
@@ -257,8 +259,11 @@ def test_fp8_checkpoint_matches_dequantized_transformers(tmp_path: Path, case: s
     _assert_matches(path, write_dequantized(path, tmp_path / "ref"))
 
 
-def test_mxfp4_checkpoint_matches_dequantized_transformers(tmp_path: Path) -> None:
-    path = make_mxfp4_checkpoint(tmp_path / "gpt_oss")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_checkpoint_matches_dequantized_transformers(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    path = make_mxfp4_checkpoint(tmp_path / "gpt_oss", dtype=dtype)
     _assert_matches(path, write_dequantized(path, tmp_path / "ref"))
 
 
