@@ -13,7 +13,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moeserve.engine.llm import LLM
-from moeserve.model.loader import CheckpointError, load_model
 from moeserve.sampling_params import SamplingParams
 from tests.quant_checkpoints import (
     E4M3_MAX,
@@ -303,6 +302,21 @@ def test_offloaded_quantized_experts_match(tmp_path: Path, kind: str, mode: str)
     _assert_matches(path, write_dequantized(path, tmp_path / "ref"), **OFFLOAD[mode])
 
 
+@pytest.mark.xfail(
+    raises=TypeError,
+    strict=True,
+    reason="fused_moe takes no expert scales until the quantized Triton kernels merge",
+)
+@pytest.mark.parametrize("kind", ["fp8", "mxfp4"])
+def test_interpreted_kernels_on_quantized_experts(tmp_path: Path, kind: str) -> None:
+    pytest.importorskip("triton")
+    if kind == "fp8":
+        path = make_fp8_checkpoint(tmp_path / kind, "qwen3_moe")
+    else:
+        path = make_mxfp4_checkpoint(tmp_path / kind)
+    _assert_matches(path, write_dequantized(path, tmp_path / "ref"), kernels="triton")
+
+
 def _online_fp8_reference(path: Path, out: Path) -> Path:
     """A copy of float checkpoint `path` whose routed experts' weights are quantize-
     dequantized in 1x128 groups (scale = amax/448 per row per 128 inputs)."""
@@ -348,84 +362,3 @@ def test_row_fake_quant_groups_of_128() -> None:
             scale = g.abs().max() / E4M3_MAX
             want = (g / scale).to(torch.float8_e4m3fn).float() * scale
             assert torch.allclose(got[row, lo:hi], want, rtol=1e-6, atol=0)
-
-
-# ---- refusals ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fp8_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_fp8_checkpoint(tmp_path_factory.mktemp("q") / "fp8", "qwen3_moe")
-
-
-def _with_quant_config(src: Path, dst: Path, **quant: Any) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    raw = json.loads((dst / "config.json").read_text())
-    raw["quantization_config"] = quant
-    (dst / "config.json").write_text(json.dumps(raw))
-    return dst
-
-
-def _load_error(path: Path) -> str:
-    with pytest.raises(CheckpointError) as e:
-        load_model(path, progress=False)
-    return str(e.value)
-
-
-@pytest.mark.parametrize("method", ["gptq", "awq", "bitsandbytes"])
-def test_unsupported_quant_methods_refused(fp8_ckpt: Path, tmp_path: Path, method: str) -> None:
-    path = _with_quant_config(fp8_ckpt, tmp_path / method, quant_method=method, bits=4)
-    msg = _load_error(path)
-    assert method in msg and "not supported" in msg
-    assert "fp8" in msg and "mxfp4" in msg  # the supported methods are listed
-
-
-@pytest.mark.parametrize(
-    "field,value",
-    [("weight_block_size", [64, 64]), ("weight_block_size", [1, 128]), ("fmt", "e5m2")],
-)
-def test_fp8_config_outside_what_runs_is_refused(
-    fp8_ckpt: Path, tmp_path: Path, field: str, value: Any
-) -> None:
-    quant = dict(
-        quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[128, 128]
-    )
-    path = _with_quant_config(fp8_ckpt, tmp_path / "bad", **{**quant, field: value})
-    msg = _load_error(path)
-    assert field in msg and str(value if field == "fmt" else value[0]) in msg
-
-
-def test_fp8_checkpoint_loads_with_its_config(fp8_ckpt: Path) -> None:
-    # The control for the refusals above: the untouched checkpoint loads.
-    cfg, model = load_model(fp8_ckpt, dtype="float32", progress=False)
-    assert model is not None and cfg is not None
-
-
-def test_fp8_weight_without_its_scale_is_refused(fp8_ckpt: Path, tmp_path: Path) -> None:
-    name = "model.layers.1.mlp.experts.3.down_proj.weight"
-    path = _with_tensors(fp8_ckpt, tmp_path / "c", lambda t: t.pop(name + "_scale_inv"))
-    msg = _load_error(path)
-    assert name in msg and "_scale_inv" in msg
-
-
-def test_fp8_scale_of_the_wrong_shape_is_refused(fp8_ckpt: Path, tmp_path: Path) -> None:
-    # 136-wide rows: two 128-blocks, the second partial; a writer that floors gives one.
-    name = "model.layers.0.mlp.experts.0.down_proj.weight_scale_inv"
-
-    def edit(t: dict[str, torch.Tensor]) -> None:
-        t[name] = t[name][:, :1].contiguous()
-
-    msg = _load_error(_with_tensors(fp8_ckpt, tmp_path / "c", edit))
-    assert name in msg and "[2, 1]" in msg and "[2, 2]" in msg
-
-
-def _with_tensors(src: Path, dst: Path, edit: Any) -> Path:
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    tensors = load_file(dst / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
