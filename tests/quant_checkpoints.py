@@ -37,7 +37,8 @@ MXFP4_SIZES: dict[str, Any] = dict(hidden_size=64, intermediate_size=64)
 
 # Routed experts' weights are scaled up by this: at the 0.02-std init the experts add ~2% to
 # the residual stream, and their rounding would hide below the tests' 1e-3. gpt-oss clamps
-# gate/up at swiglu_limit, so only its down projection grows there.
+# gate/up at swiglu_limit, so only its down projection grows there, by the gain cubed (what
+# the three projections' gains give the others, ~8x their output).
 EXPERT_GAIN = 2.0
 _GAINED = re.compile(r"\.experts\.(\d+\.\w+\.weight|down_proj)$")
 
