@@ -34,6 +34,7 @@ _TYPES = {
     torch.int32: "i32",
     torch.uint8: "u8",
     torch.bool: "i1",
+    torch.float8_e4m3fn: "fp8e4nv",
 }
 _OPTIONS = ("num_warps", "num_stages")
 
@@ -94,6 +95,7 @@ def _drive() -> None:
             x, w1, w2, weights, experts, gemv=gemv, expert_slot_E=slots, b_gate_up_EF=b1,
             b_down_ED=b2, activation=clamped, residual_TD=rand(T, D),
         )  # fmt: skip
+    _drive_quantized(rand)
     moe_routing.route_and_align(rand(T, E, dtype=torch.float32), K, True, 16)
     moe_routing.route_and_align(
         rand(T, E, dtype=torch.float32), K, True, 16, sigmoid=True,
@@ -123,6 +125,42 @@ def _drive() -> None:
     mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
     tokens.argmax_rows(rand(2, 50, dtype=torch.float32))
     tokens.feed_ids(torch.arange(4), torch.tensor([-1, 0, -1, 1]), torch.tensor([7, 9]))
+
+
+def _drive_quantized(rand: Any) -> None:
+    """fused_moe on fp8 and mxfp4 expert weights: GEMVs, grouped GEMMs (split or not, slots,
+    biases) and, for fp8, the FP8 tensor-core GEMMs (BLOCK_K 128, as on the GPU)."""
+    from moeserve.kernels import fused_moe as fm
+    from moeserve.kernels import moe_gemm
+    from moeserve.kernels.quant import quantize_fp8_rows, quantize_mxfp4
+
+    T, E, K, D, F = 3, 4, 2, 160, 96
+    x, weights = rand(T, D), torch.rand(T, K)
+    experts = torch.randint(0, E, (T, K))
+    slots, b1, b2 = torch.arange(E, dtype=torch.int32), rand(E, 2 * F), rand(E, D)
+    for quant, fn in (("fp8", quantize_fp8_rows), ("mxfp4", quantize_mxfp4)):
+        (w1, s1), (w2, s2) = fn(rand(E, 2 * F, D)), fn(rand(E, D, F))
+        q = dict(w_gate_up_scale=s1, w_down_scale=s2, quant=quant)
+        for gemv in (True, False):
+            fm.fused_moe(x, w1, w2, weights, experts, gemv=gemv, **q)
+            fm.fused_moe(
+                x, w1, w2, weights, experts, gemv=gemv, expert_slot_E=slots, b_gate_up_EF=b1,
+                b_down_ED=b2, residual_TD=rand(T, D), **q,
+            )  # fmt: skip
+        fm.fused_moe(x, w1, w2, weights, experts, split_k=2, **q)
+        # GPU tile sizes: K tiles wider than a scale group (one scale per element)
+        cfg = moe_gemm.gemm_config(T, E, K, D, F, torch.bfloat16) | dict(BLOCK_K=64)
+        align = fm.moe_align(experts, E, cfg["BLOCK_M"])
+        out = torch.zeros(T * K, D, dtype=torch.bfloat16)
+        moe_gemm.moe_gemm(rand(T * K, F), w2, out, None, *align, None, 1, cfg, b_scale=s2,
+                          quant=quant)  # fmt: skip
+        if quant == "fp8":
+            fm.fused_moe(x, w1, w2, weights, experts, gemv=False, fp8_dot=True, **q)
+            cfg |= dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+            align = fm.moe_align(experts, E, 64)
+            a, a_scale = fm.quantize_fp8_act(rand(T * K, F))
+            moe_gemm.moe_gemm(a, w2, out, None, *align, None, 1, cfg, b_scale=s2, quant=quant,
+                              a_scale=a_scale)  # fmt: skip
 
 
 def _kernel_modules() -> list[Any]:

@@ -28,6 +28,8 @@ from moeserve.kernels import interpreting
 from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
 from moeserve.kernels.moe_gemv import gemv_down, gemv_gate_up_act, takes_gemv
+from moeserve.kernels.moe_quant import quantize_fp8_act, takes_fp8_dot
+from moeserve.kernels.quant import FP8_GROUP
 
 
 def moe_align(
@@ -290,6 +292,10 @@ def fused_moe(
     b_down_ED: torch.Tensor | None = None,
     activation: Activation = SILU,
     gemv: bool | None = None,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
+    quant: str = "",
+    fp8_dot: bool | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
 
@@ -306,10 +312,16 @@ def fused_moe(
     decoder layer's residual add, done in the sum over k when K is split: one launch fewer).
     gemv: the per-assignment kernels of kernels.moe_gemv instead of the grouped GEMMs
     (default: moe_gemv.takes_gemv, unless split_k is given).
+    quant ("fp8", "mxfp4"; kernels.quant): the weights are stored quantized, with their
+    scales w_gate_up_scale / w_down_scale (indexed like the weights); the kernels dequantize
+    them in registers. fp8_dot: fp8 weights times per-token-group fp8 activations on the FP8
+    tensor cores in the grouped GEMMs (default: moe_quant.takes_fp8_dot, i.e. prefill sizes).
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
-    F = w_down_EDF.shape[2]
+    F = w_gate_up_EF2D.shape[1] // 2  # not w_down's last dim: mxfp4 packs two per byte
+    scales_up = dict(b_scale=w_gate_up_scale, quant=quant)
+    scales_down = dict(b_scale=w_down_scale, quant=quant)
     R = T * K
     num_experts = expert_slot_E.numel() if expert_slot_E is not None else w_gate_up_EF2D.shape[0]
     dtype, device = x_TD.dtype, x_TD.device
@@ -330,10 +342,19 @@ def fused_moe(
             expert_slot_E=expert_slot_E,
             bias_EF2=b_gate_up_EF,
             activation=activation,
+            w_scale=w_gate_up_scale,
+            quant=quant,
         )
         part_SRD = alloc(1, R, D, dtype=torch.float32, device=device)
         gemv_down(
-            h_RF, w_down_EDF, part_SRD[0], experts_R, num_experts, expert_slot_E=expert_slot_E
+            h_RF,
+            w_down_EDF,
+            part_SRD[0],
+            experts_R,
+            num_experts,
+            expert_slot_E=expert_slot_E,
+            w_scale=w_down_scale,
+            quant=quant,
         )
         return _sum_over_k(
             part_SRD,
@@ -351,6 +372,15 @@ def fused_moe(
     cfg_down["BLOCK_M"] = cfg_up["BLOCK_M"]  # one alignment serves both GEMMs
     if split_k is not None:
         cfg_up["SPLIT_K"] = cfg_down["SPLIT_K"] = split_k
+    if fp8_dot is None:
+        fp8_dot = takes_fp8_dot(quant, cfg_up["BLOCK_M"])
+    assert not fp8_dot or quant == "fp8", "the FP8 tensor-core path needs fp8 weights"
+    if fp8_dot:
+        # K tiles within one scale group, and at least 32 wide (fp8 dots need it)
+        for cfg, k_dim in ((cfg_up, D), (cfg_down, F)):
+            most = 32 if interpreting() else FP8_GROUP
+            cfg["BLOCK_K"] = max(32, min(most, pow2_at_least_16(k_dim)))
+            cfg["num_stages"] = min(cfg["num_stages"], 3)
     if align is None:
         align = moe_align(experts_TK, num_experts, cfg_up["BLOCK_M"])
     sorted_ids_P, block_expert_Q, num_post_pad_1 = align
@@ -362,8 +392,9 @@ def fused_moe(
         gate_up_RF2 = alloc(split_up, R, 2 * F, dtype=torch.float32, device=device)
     else:
         gate_up_RF2 = alloc(R, 2 * F, dtype=dtype, device=device)
+    a_TD, a_scale = quantize_fp8_act(x_TD) if fp8_dot else (x_TD, None)
     moe_gemm(
-        x_TD,
+        a_TD,
         w_gate_up_EF2D,
         gate_up_RF2,
         None,
@@ -373,6 +404,8 @@ def fused_moe(
         expert_slot_E,
         K,
         cfg_up,
+        a_scale=a_scale,
+        **scales_up,
     )
     h_RF = silu_mul(
         gate_up_RF2,
@@ -382,10 +415,11 @@ def fused_moe(
         experts_R=experts_TK.reshape(R) if b_gate_up_EF is not None else None,
         expert_slot_E=expert_slot_E,
     )
+    a_RF, a_scale = quantize_fp8_act(h_RF) if fp8_dot else (h_RF, None)
     if split_down > 1 or T <= SUM_KERNEL_MAX_TOKENS:
         part_SRD = alloc(split_down, R, D, dtype=torch.float32, device=device)
         moe_gemm(
-            h_RF,
+            a_RF,
             w_down_EDF,
             part_SRD,
             None,
@@ -395,6 +429,8 @@ def fused_moe(
             expert_slot_E,
             1,
             cfg_down,
+            a_scale=a_scale,
+            **scales_down,
         )
         return _sum_over_k(
             part_SRD,
@@ -409,7 +445,7 @@ def fused_moe(
     # Zeroed because GEMM 2 skips sentinel assignments and the sum below reads every row.
     y_RD = torch.zeros(R, D, dtype=dtype, device=device)
     moe_gemm(
-        h_RF,
+        a_RF,
         w_down_EDF,
         y_RD,
         weights_TK.reshape(R).to(torch.float32),
@@ -420,6 +456,8 @@ def fused_moe(
         1,
         cfg_down,
         bias_EN=b_down_ED,
+        a_scale=a_scale,
+        **scales_down,
     )
     torch.sum(y_RD.view(T, K, D), dim=1, out=out_TD)
     return out_TD if residual_TD is None else residual_TD + out_TD

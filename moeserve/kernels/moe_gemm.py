@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits
+from moeserve.kernels.moe_quant import load_weights, quant_code
+from moeserve.kernels.quant import FP8_GROUP, real_k
 
 # Launch configs tuned by vLLM for Mixtral (E=8, top-2, D=4096) in bf16 on an H100 SXM, keyed by
 # the token count M: vllm/model_executor/layers/fused_moe/configs/
@@ -103,6 +105,8 @@ def _moe_gemm_kernel(
     block_expert_ptr,
     num_post_pad_ptr,
     expert_slot_ptr,
+    b_scale_ptr,  # [slots, N, ceil(K/GROUP)] (QUANT)
+    a_scale_ptr,  # [rows, ceil(K/128)] float32 (FP8_DOT: a is float8_e4m3fn)
     N,
     K,
     P,
@@ -116,6 +120,10 @@ def _moe_gemm_kernel(
     stride_cn,
     stride_cs,
     stride_bias,
+    stride_bse,
+    stride_bsn,
+    stride_bsk,
+    stride_as,
     ROWS_PER_A: tl.constexpr,  # top_k for GEMM 1 (token = id // top_k), 1 for GEMM 2
     MUL_ROUTED_WEIGHT: tl.constexpr,
     HAS_EXPERT_SLOT: tl.constexpr,
@@ -126,6 +134,9 @@ def _moe_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    QUANT: tl.constexpr,  # moe_quant.QUANT_CODES: 0 plain weights, 1 fp8, 2 mxfp4
+    GROUP: tl.constexpr,  # K elements per weight scale
+    FP8_DOT: tl.constexpr,  # fp8 x fp8 tensor-core dots (QUANT 1, BLOCK_K divides 128)
 ):
     # Programs that run back to back take GROUP_M row blocks for one column tile, so a B tile
     # (weights: the big operand) is read from L2 rather than HBM by the blocks of one expert.
@@ -160,17 +171,29 @@ def _moe_gemm_kernel(
     per_split = tl.cdiv(k_blocks, SPLIT_K)
     k_first = tl.program_id(1) * per_split
     k_last = tl.minimum(k_first + per_split, k_blocks)
-    offs_k = k_first * BLOCK_K + offs_k
-    a_ptrs = a_ptr + (ids // ROWS_PER_A)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    a_rows = a_ptr + (ids // ROWS_PER_A)[:, None] * stride_am
+    b_base = b_ptr + expert * stride_be
+    s_base = b_scale_ptr + expert * stride_bse
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_first, k_last):
-        k_ok = offs_k < K - (k - k_first) * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        kk = k * BLOCK_K + offs_k
+        k_ok = kk < K
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
+        b_mask = k_ok[:, None] & col_ok[None, :]
+        if FP8_DOT:
+            b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=b_mask)
+            g = (k * BLOCK_K) // 128  # the tile's scale group, for activations and weights
+            a_s = tl.load(a_scale_ptr + (ids // ROWS_PER_A) * stride_as + g, mask=row_ok, other=0.0)
+            b_s = tl.load(s_base + offs_n * stride_bsn + g * stride_bsk, mask=col_ok, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:
+            b = load_weights(
+                b_base, s_base, offs_n[None, :], kk[:, None], col_ok[None, :], b_mask,
+                k * BLOCK_K, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                QUANT, GROUP, BLOCK_K <= GROUP,
+            )  # fmt: skip
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
 
     if SPLIT_K > 1:  # the reader adds the partials, rounds and weighs
         c_ptrs = c_ptr + tl.program_id(1) * stride_cs + ids[:, None] * stride_cm
@@ -201,11 +224,23 @@ def moe_gemm(
     rows_per_a: int,
     cfg: dict[str, int],
     bias_EN: torch.Tensor | None = None,
+    *,
+    b_scale: torch.Tensor | None = None,
+    quant: str = "",
+    a_scale: torch.Tensor | None = None,
 ) -> None:
     """c_RN: [R, N], or [split, R, N] float32 partials when cfg["SPLIT_K"] > 1 (then no
     routed weight and no bias: the reader applies them). bias_EN: each expert's output bias
-    (indexed like the weights)."""
-    _, N, K = b_ENK.shape
+    (indexed like the weights). quant, b_scale: the weights' storage format (kernels.quant).
+    a_scale: the fp8 activations' scales (moe_quant.quantize_fp8_act) when `a` is float8:
+    the GEMM then runs on the FP8 tensor cores (fp8 weights only)."""
+    N, K = b_ENK.shape[1], real_k(b_ENK, quant)
+    code, group = quant_code(quant)
+    fp8_dot = a_scale is not None
+    assert not fp8_dot or (quant == "fp8" and FP8_GROUP % cfg["BLOCK_K"] == 0), cfg
+    assert (b_scale is None) == (quant == ""), "quantized weights need their scales"
+    if b_scale is not None:
+        assert b_scale.shape[:2] == b_ENK.shape[:2] and b_scale.shape[2] == -(-K // group)
     P = sorted_ids_P.numel()
     split = cfg["SPLIT_K"]
     assert split == 1 or (c_RN.dim() == 3 and c_RN.dtype == torch.float32)
@@ -221,6 +256,8 @@ def moe_gemm(
         block_expert_Q,
         num_post_pad_1,
         expert_slot_E if expert_slot_E is not None else block_expert_Q,  # unused pointer
+        b_scale if b_scale is not None else c_RN,  # unused pointers
+        a_scale if a_scale is not None else c_RN,
         N,
         K,
         P,
@@ -234,6 +271,8 @@ def moe_gemm(
         c_RN.stride(-1),
         c_RN.stride(0) if split > 1 else 0,
         bias_EN.stride(0) if bias_EN is not None else 0,
+        *(b_scale.stride() if b_scale is not None else (0, 0, 0)),
+        a_scale.stride(0) if a_scale is not None else 0,
         ROWS_PER_A=rows_per_a,
         MUL_ROUTED_WEIGHT=routed_weight_R is not None,
         HAS_EXPERT_SLOT=expert_slot_E is not None,
@@ -247,4 +286,7 @@ def moe_gemm(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         SPLIT_K=split,
+        QUANT=code,
+        GROUP=group,
+        FP8_DOT=fp8_dot,
     )

@@ -99,8 +99,12 @@ def copy_into(
         if scale_inv is not None:  # hub FP8: the values as shipped, block scales per row
             target.copy_(tensor)
             scales.copy_(fp8_block_rows(scale_inv, tensor.shape[-2]))
-        else:  # online: the (re-laid-out) float weight quantized per row
-            q, s = quantize_fp8_rows(transform(tensor))
+        else:  # online: the (re-laid-out) float weight quantized per row, on a GPU if any
+            # (a CPU quantizes some 60 MB/s a core: minutes for a Mixtral-8x7B)
+            src = transform(tensor)
+            if torch.cuda.is_available():
+                src = src.to(target.device if target.is_cuda else torch.device("cuda"))
+            q, s = quantize_fp8_rows(src)
             target.copy_(q)
             scales.copy_(s)
         return

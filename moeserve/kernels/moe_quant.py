@@ -1,0 +1,144 @@
+"""Quantized expert weights inside the fused MoE's Triton kernels (formats: kernels.quant).
+
+load_weights reads a tile of a stored weight and dequantizes it in registers (weight-only
+quantization: the GEMM then runs in the activation dtype). For prefill with fp8 weights the
+grouped GEMM instead runs on the FP8 tensor cores: quantize_fp8_act quantizes the activations
+per row and group of 128 (dynamic scales, as vLLM's per-token-group fp8 path), and moe_gemm
+multiplies each 128-wide K tile's float32 product by both scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import interpreting
+from moeserve.kernels.quant import FP8_GROUP, group_size
+
+# constexpr codes of the formats in the kernels
+QUANT_CODES = {"": 0, "fp8": 1, "mxfp4": 2}
+
+
+def quant_code(quant: str) -> tuple[int, int]:
+    """(QUANT, GROUP) constexprs for a format; GROUP is 1 for plain weights (unused)."""
+    if quant not in QUANT_CODES:
+        raise ValueError(f"unknown weight quantization {quant!r}; known: {tuple(QUANT_CODES)}")
+    return QUANT_CODES[quant], group_size(quant) if quant else 1
+
+
+@triton.jit
+def load_weights(
+    w_ptr,  # one expert's stored weight [N, K] (mxfp4: [N, K/2] bytes)
+    s_ptr,  # its scales [N, ceil(K/GROUP)]
+    n,  # output-row indices, broadcastable against k
+    k,  # real K indices (not bytes)
+    n_ok,  # n < N, shaped as n
+    mask,  # the tile's mask, shaped as n + k
+    k0,  # the tile's first K index
+    stride_wn,
+    stride_wk,
+    stride_sn,
+    stride_sk,
+    QUANT: tl.constexpr,  # 0 plain, 1 fp8, 2 mxfp4
+    GROUP: tl.constexpr,
+    ONE_GROUP: tl.constexpr,  # the tile lies in one scale group (BLOCK_K divides GROUP)
+):
+    """The weights at [n, k]: as stored when plain, else dequantized to float32."""
+    # One return at the end: Triton compiles the code after a return in a constexpr branch
+    # too, and then finds two return types.
+    if QUANT == 0:
+        w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
+    else:
+        if ONE_GROUP:  # one scale per row: a [.., BLOCK_N] load instead of one per element
+            scale = tl.load(s_ptr + n * stride_sn + (k0 // GROUP) * stride_sk, mask=n_ok, other=0)
+        else:
+            scale = tl.load(s_ptr + n * stride_sn + (k // GROUP) * stride_sk, mask=mask, other=0)
+        if QUANT == 1:
+            w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
+            w = w.to(tl.float32) * scale
+        else:
+            # mxfp4: even k is the low nibble of byte k // 2, odd k the high one
+            byte = tl.load(w_ptr + n * stride_wn + (k // 2) * stride_wk, mask=mask, other=0)
+            code = (byte.to(tl.int32) >> ((k % 2) * 4)) & 0xF
+            e = (code >> 1) & 3
+            m = (code & 1).to(tl.float32)
+            # E2M1: subnormal 0.5 * m at e = 0, else (1 + m/2) * 2**(e-1) = (2 + m) * 2**e / 4
+            mag = tl.where(e == 0, 0.5 * m, (2.0 + m) * (1 << e).to(tl.float32) * 0.25)
+            value = tl.where(code >= 8, -mag, mag)
+            # E8M0 s is 2 ** (s - 127): s as a float32's exponent bits (exact; s = 0 gives 0)
+            w = value * (scale.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    return w
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """x (|x| <= 448) rounded to nearest-even on the float8_e4m3fn grid, in float32: Triton
+    3.9's interpreter converts float32 to float8 without carrying a rounded-up mantissa into
+    the exponent (7.98 becomes 4), so under it the cast gets values it need not round."""
+    a = tl.abs(x)
+    e = tl.maximum(tl.floor(tl.log2(tl.maximum(a, 1e-30))), -6.0)  # e4m3's subnormals: -6
+    step = tl.exp2(e - 3.0)  # 3 mantissa bits
+    # 1.5 * 2**23 has ulp 1: adding it rounds a / step (< 16) to an integer, ties to even
+    r = ((a / step + 12582912.0) - 12582912.0) * step
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _quant_fp8_act_kernel(
+    x_ptr,  # [M, K] activations
+    q_ptr,  # [M, K] float8_e4m3fn
+    s_ptr,  # [M, ceil(K/128)] float32
+    K,
+    stride_x,
+    stride_q,
+    stride_s,
+    GROUP: tl.constexpr,
+    PRE_ROUND: tl.constexpr,  # under the interpreter (see _round_to_e4m3)
+):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    offs = g * GROUP + tl.arange(0, GROUP)
+    ok = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    # 448: float8_e4m3fn's largest; an all-zero group gets scale 1 (no division by zero)
+    scale = tl.where(amax > 0, amax / 448.0, 1.0)
+    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)  # amax / scale may round past 448
+    if PRE_ROUND:
+        q = _round_to_e4m3(q)
+    tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=ok)
+    tl.store(s_ptr + row * stride_s + g, scale)
+
+
+def quantize_fp8_act(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn [M, K], float32 [M, ceil(K/128)]): per row and group of 128 elements,
+    scale = amax / 448 (1 for an all-zero group)."""
+    M, K = x_MK.shape
+    assert x_MK.stride(1) == 1
+    G = triton.cdiv(K, FP8_GROUP)
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x_MK.device)
+    s = torch.empty(M, G, dtype=torch.float32, device=x_MK.device)
+    if M:
+        _quant_fp8_act_kernel[(M, G)](
+            x_MK,
+            q,
+            s,
+            K,
+            x_MK.stride(0),
+            q.stride(0),
+            s.stride(0),
+            GROUP=FP8_GROUP,
+            PRE_ROUND=interpreting(),
+        )
+    return q, s
+
+
+# The grouped GEMM takes the FP8 tensor cores from this row block up (vLLM's fp8 MoE does
+# for prefill-sized batches; at decode the GEMMs stream weights and the activations' extra
+# quantization pass would only add a launch).
+FP8_DOT_MIN_BLOCK_M = 64
+
+
+def takes_fp8_dot(quant: str, block_m: int) -> bool:
+    return quant == "fp8" and block_m >= FP8_DOT_MIN_BLOCK_M and not interpreting()

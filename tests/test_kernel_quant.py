@@ -1,0 +1,274 @@
+"""Quantized expert weights (fp8 rows, mxfp4) in the fused MoE kernels and their torch reference.
+
+CPU tests run the kernels under Triton's interpreter with float32 activations against a float32
+torch MoE on the dequantized weights: the kernels dequantize to the same float32 values, so
+only the summation order differs (tolerance 1e-5, as tests/test_kernel_fused_moe.py). The FP8
+tensor-core path quantizes the activations too; it is checked against the same reference with
+the activations fake-quantized in torch. gpu-marked tests bound the bf16 error on an H200.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from moeserve.kernels import fused_moe as fused_module  # noqa: E402
+from moeserve.kernels import moe_gemv  # noqa: E402
+from moeserve.kernels.fused_moe import fused_moe  # noqa: E402
+from moeserve.kernels.quant import (  # noqa: E402
+    E2M1_VALUES,
+    dequantize,
+    quantize_fp8_rows,
+    quantize_mxfp4,
+)
+
+CLAMPED = ("clamped_swiglu", 1.702, 7.0)
+SILU = ("silu", 1.702, 7.0)
+# (D, F) per format: fp8's K need not be a multiple of its 128-wide groups (partial last one)
+SHAPES = {"fp8": (160, 96), "mxfp4": (64, 96)}
+
+
+def quantize(w: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_fp8_rows(w) if quant == "fp8" else quantize_mxfp4(w)
+
+
+def fake_quant_fp8(a: torch.Tensor) -> torch.Tensor:
+    """Activations as the FP8 tensor-core path sees them: per row and group of 128."""
+    return dequantize(*quantize_fp8_rows(a), "fp8", torch.float32)
+
+
+def reference(
+    x_TD: torch.Tensor,
+    wgu: torch.Tensor,
+    wd: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    b_gu: torch.Tensor | None = None,
+    b_d: torch.Tensor | None = None,
+    activation: tuple[str, float, float] = SILU,
+    fp8_act: bool = False,
+) -> torch.Tensor:
+    """The MoE in float32 torch on real-valued weights [E, 2F, D], [E, D, F]."""
+    fq = fake_quant_fp8 if fp8_act else (lambda a: a)
+    x, Fi = x_TD.float(), wd.shape[2]
+    gu = torch.einsum("td,tkfd->tkf", fq(x), wgu.float()[experts_TK])
+    if b_gu is not None:
+        gu = gu + b_gu.float()[experts_TK]
+    gate, up = gu[..., :Fi], gu[..., Fi:]
+    kind, alpha, limit = activation
+    if kind == "silu":
+        h = F.silu(gate) * up
+    else:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        h = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    y = torch.einsum("tkf,tkdf->tkd", fq(h), wd.float()[experts_TK])
+    if b_d is not None:
+        y = y + b_d.float()[experts_TK]
+    return (y * weights_TK[..., None]).sum(dim=1)
+
+
+def make_case(quant: str, T: int, E: int, K: int, seed: int, device: str = "cpu") -> dict:
+    """Random quantized experts, their real values, activations and routing."""
+    D, Fi = SHAPES[quant]
+    g = torch.Generator().manual_seed(seed)
+    wgu_q, sgu = quantize(torch.randn(E, 2 * Fi, D, generator=g) / D**0.5, quant)
+    wd_q, sd = quantize(torch.randn(E, D, Fi, generator=g) / Fi**0.5, quant)
+    probs = torch.softmax(torch.randn(T, E, generator=g), dim=-1)
+    weights, experts = torch.topk(probs, K, dim=-1)
+    case = dict(
+        x=torch.randn(T, D, generator=g),
+        wgu_q=wgu_q,
+        sgu=sgu,
+        wd_q=wd_q,
+        sd=sd,
+        weights=weights,
+        experts=experts,
+        b_gu=torch.randn(E, 2 * Fi, generator=g) * 0.1,
+        b_d=torch.randn(E, D, generator=g) * 0.1,
+    )
+    case = {k: v.to(device) for k, v in case.items()}
+    case["wgu"] = dequantize(case["wgu_q"], case["sgu"], quant, torch.float32)
+    case["wd"] = dequantize(case["wd_q"], case["sd"], quant, torch.float32)
+    return case
+
+
+def in_slots(w: torch.Tensor, slot_E: torch.Tensor, slots: int) -> torch.Tensor:
+    """An expert cache of `slots` entries holding w's experts at slot_E, junk elsewhere."""
+    junk = 255 if w.dtype == torch.uint8 else float("nan")  # an E8M0 255 is NaN too
+    cache = torch.full((slots, *w.shape[1:]), junk, dtype=torch.float32).to(w.dtype)
+    cache[slot_E] = w
+    return cache
+
+
+# --- the reference functions ------------------------------------------------------------------
+
+
+def test_fp8_rows_roundtrip_error() -> None:
+    w = torch.randn(3, 40, 300) * torch.logspace(-3, 2, 300)  # K = 300: a partial last group
+    w[0, 0, :128] = 0  # an all-zero group: scale 1, no division by zero
+    q, s = quantize_fp8_rows(w)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == w.shape
+    assert s.dtype == torch.float32 and s.shape == (3, 40, 3)
+    assert s[0, 0, 0] == 1 and (q[0, 0, :128].float() == 0).all()
+    back = dequantize(q, s, "fp8", torch.float32)
+    # e4m3: 3 mantissa bits, so normal values round within 2**-4 relative; below its smallest
+    # normal (2**-6 of the scale) the spacing is 2**-9 of the scale.
+    scale = s.repeat_interleave(128, dim=-1)[..., :300]
+    assert ((back - w).abs() <= 2**-4 * w.abs() + 2**-10 * scale).all()
+    amax = w.view(-1, 300)[:, 256:].abs().amax(dim=-1)
+    torch.testing.assert_close(s.view(-1, 3)[:, 2], amax / 448)  # the partial group's own amax
+
+
+def test_mxfp4_roundtrip_is_exact_on_representable_values() -> None:
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (2, 8, 64), generator=g)
+    codes[codes == 8] = 0  # -0 comes back as +0
+    codes[..., ::32] = 7 + 8 * torch.randint(0, 2, (2, 8, 2), generator=g)  # a +-6 per group
+    s = torch.randint(100, 150, (2, 8, 2), generator=g).to(torch.uint8)
+    real = torch.tensor(E2M1_VALUES)[codes] * torch.exp2(s.float() - 127).repeat_interleave(32, -1)
+    w, s2 = quantize_mxfp4(real)
+    assert w.shape == (2, 8, 32) and w.dtype == torch.uint8 and torch.equal(s2, s)
+    assert torch.equal(w & 0xF, codes[..., 0::2].to(torch.uint8))  # even k: low nibble
+    assert torch.equal(w >> 4, codes[..., 1::2].to(torch.uint8))
+    assert torch.equal(dequantize(w, s2, "mxfp4", torch.float32), real)
+
+
+def test_mxfp4_rounds_to_nearest() -> None:
+    x = torch.randn(4, 16, 96, generator=torch.Generator().manual_seed(1)) * 3
+    x[0, 0, :32] = 0  # an all-zero group
+    w, s = quantize_mxfp4(x)
+    back = dequantize(w, s, "mxfp4", torch.float32)
+    assert (back[0, 0, :32] == 0).all()
+    groups = x.view(4, 16, 3, 32)
+    amax = groups.abs().amax(-1)
+    exp = torch.floor(torch.log2(amax.clamp(min=1e-30))) - 2  # the OCP MX shared exponent
+    assert torch.equal(s[amax > 0].float() - 127, exp[amax > 0])
+    scale = torch.exp2(s.float() - 127)[..., None]
+    grid = torch.tensor(E2M1_VALUES).unique() * scale[..., None]  # [.., G, 1, 15]
+    nearest = (groups[..., None] - grid).abs().amin(-1)
+    err = (back.view_as(groups) - groups).abs()
+    assert (err <= nearest + 1e-6 * scale).all()
+
+
+def test_mxfp4_matches_transformers() -> None:
+    mx = pytest.importorskip("transformers.integrations.mxfp4")
+    if not hasattr(mx, "convert_moe_packed_tensors"):
+        pytest.skip("this transformers has no convert_moe_packed_tensors")
+    x = torch.randn(3, 40, 128, generator=torch.Generator().manual_seed(2))
+    w, s = quantize_mxfp4(x)
+    # transformers' layout: blocks [E, N, K/32, 16] bytes, scales [E, N, K/32]; it returns the
+    # weight transposed, [E, K, N]
+    theirs = mx.convert_moe_packed_tensors(w.view(3, 40, 4, 16), s, dtype=torch.float32)
+    assert torch.equal(theirs.transpose(1, 2), dequantize(w, s, "mxfp4", torch.float32))
+
+
+# --- fused_moe with quantized weights (interpreter) ----------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+@pytest.mark.parametrize(("T", "slots"), [(1, False), (1, True), (7, False), (9, True)])
+def test_fused_quantized_matches_reference(quant: str, T: int, slots: bool) -> None:
+    """T = 1 takes the GEMV kernels, T = 7, 9 the grouped GEMMs; slots: an expert cache."""
+    E, K = 5, 2
+    c = make_case(quant, T, E, K, seed=T + 10 * slots)
+    wgu_q, sgu, wd_q, sd, slot_E = c["wgu_q"], c["sgu"], c["wd_q"], c["sd"], None
+    if slots:
+        slot_E = torch.tensor([3, 0, 6, 2, 5])
+        wgu_q, sgu = in_slots(wgu_q, slot_E, 7), in_slots(sgu, slot_E, 7)
+        wd_q, sd = in_slots(wd_q, slot_E, 7), in_slots(sd, slot_E, 7)
+    got = fused_moe(
+        c["x"], wgu_q, wd_q, c["weights"], c["experts"], expert_slot_E=slot_E,
+        w_gate_up_scale=sgu, w_down_scale=sd, quant=quant,
+    )  # fmt: skip
+    want = reference(c["x"], c["wgu"], c["wd"], c["weights"], c["experts"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("gemv", [True, False])
+def test_fused_quantized_bias_clamped_residual(quant: str, gemv: bool) -> None:
+    E, K, T = 4, 2, 5
+    c = make_case(quant, T, E, K, seed=3)
+    res = torch.randn_like(c["x"])
+    got = fused_moe(
+        c["x"], c["wgu_q"], c["wd_q"], c["weights"], c["experts"], gemv=gemv,
+        b_gate_up_EF=c["b_gu"], b_down_ED=c["b_d"], activation=CLAMPED, residual_TD=res,
+        w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant=quant,
+    )  # fmt: skip
+    want = reference(
+        c["x"], c["wgu"], c["wd"], c["weights"], c["experts"], c["b_gu"], c["b_d"], CLAMPED
+    )
+    torch.testing.assert_close(got, res + want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+def test_fused_quantized_split_k(quant: str) -> None:
+    c = make_case(quant, 6, 4, 2, seed=4)
+    got = fused_moe(
+        c["x"], c["wgu_q"], c["wd_q"], c["weights"], c["experts"], split_k=3,
+        w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant=quant,
+    )  # fmt: skip
+    want = reference(c["x"], c["wgu"], c["wd"], c["weights"], c["experts"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+def test_k_tiles_wider_than_a_scale_group(quant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """K tiles of 256 (GPU sizes): tiles straddle scale groups, loading a scale per element."""
+    gemm_config, gemv_config = fused_module.gemm_config, moe_gemv.gemv_config
+
+    def wide_gemm(*args: object) -> dict[str, int]:
+        return gemm_config(*args) | dict(BLOCK_K=256)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fused_module, "gemm_config", wide_gemm)
+    monkeypatch.setattr(moe_gemv, "gemv_config", lambda *a: gemv_config(*a) | dict(BLOCK_K=256))
+    c = make_case(quant, 3, 4, 2, seed=5)
+    want = reference(c["x"], c["wgu"], c["wd"], c["weights"], c["experts"])
+    for gemv in (True, False):
+        got = fused_moe(
+            c["x"], c["wgu_q"], c["wd_q"], c["weights"], c["experts"], gemv=gemv,
+            w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant=quant,
+        )  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("T", "residual"), [(8, False), (70, True)])
+def test_fp8_tensor_core_path(T: int, residual: bool) -> None:
+    """fp8 x fp8 dots with per-token-group activation scales (the interpreter runs float8
+    dots too). Against the reference with the activations fake-quantized alike: equal up to
+    float32 summation order, which may flip an activation's fp8 rounding here and there (one
+    fp8 step, 2**-4 relative, of one element of a sum), hence 1e-3 rather than 1e-5. T = 70
+    takes the unsplit GEMM 2 that weighs rows in its epilogue."""
+    c = make_case("fp8", T, 4, 2, seed=6)
+    res = torch.randn_like(c["x"]) if residual else None
+    got = fused_moe(
+        c["x"], c["wgu_q"], c["wd_q"], c["weights"], c["experts"], gemv=False, fp8_dot=True,
+        w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant="fp8", residual_TD=res,
+    )  # fmt: skip
+    want = reference(c["x"], c["wgu"], c["wd"], c["weights"], c["experts"], fp8_act=True)
+    torch.testing.assert_close(got - (res if residual else 0), want, rtol=1e-3, atol=1e-3)
+    exact = reference(c["x"], c["wgu"], c["wd"], c["weights"], c["experts"])
+    assert (got - (res if residual else 0) - exact).norm() / exact.norm() < 0.1
+
+
+def test_fp8_activation_quantizer_matches_torch() -> None:
+    from moeserve.kernels.moe_quant import quantize_fp8_act
+
+    x = torch.randn(5, 300) * torch.logspace(-2, 2, 300)
+    x[1, 128:256] = 0
+    q, s = quantize_fp8_act(x)
+    q_ref, s_ref = quantize_fp8_rows(x)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert torch.equal(q.float(), q_ref.float())
+
+
+def test_bad_format_is_rejected() -> None:
+    c = make_case("fp8", 2, 4, 2, seed=7)
+    with pytest.raises(ValueError, match="int4"):
+        fused_moe(
+            c["x"], c["wgu_q"], c["wd_q"], c["weights"], c["experts"],
+            w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant="int4",
+        )  # fmt: skip
