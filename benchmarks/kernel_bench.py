@@ -11,6 +11,10 @@ decode traces of benchmarks/gpu_speed.py --profile.
 
     python benchmarks/kernel_bench.py --sweep --json out.json
     python benchmarks/kernel_bench.py --shape qwen3-30b-a3b --tokens 1,8,64 --sweep
+
+--quant fp8|mxfp4: the experts stored quantized (kernels/quant.py), bytes = packed weights +
+scales; fp8 GEMMs at prefill sizes take the FP8 tensor cores (activations quantized outside
+the timed span), as fused_moe does.
 """
 
 from __future__ import annotations
@@ -31,10 +35,28 @@ from moeserve.bench.synthetic import SHAPES  # noqa: E402
 from moeserve.kernels import fused_moe as fm  # noqa: E402
 from moeserve.kernels import moe_gemm as mg  # noqa: E402
 from moeserve.kernels import moe_gemv as mv  # noqa: E402
+from moeserve.kernels import moe_quant as mq  # noqa: E402
+from moeserve.kernels import quant as qt  # noqa: E402
 from moeserve.kernels.paged_attention import paged_decode_attention  # noqa: E402
 from moeserve.model.families import parse_config  # noqa: E402
 
 E, K_TOP, D, F = 8, 2, 4096, 14336
+QUANT = ""  # --quant
+# bytes per weight, scales included (kernels/quant.py: fp8 float32 per 128, mxfp4 E8M0 per 32)
+BYTES_PER_WEIGHT = {"": 2, "fp8": 1 + 4 / 128, "mxfp4": 0.5 + 1 / 32}
+
+
+def _experts_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random [E, n, k] expert weights in bf16, or stored as --quant with their scales."""
+    w = torch.randn(E, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+    if not QUANT:
+        return w, None
+    quantize = qt.quantize_fp8_rows if QUANT == "fp8" else qt.quantize_mxfp4
+    return quantize(w)
+
+
+def _bytes_per_expert(w: torch.Tensor, s: torch.Tensor | None) -> int:
+    return qt.quantized_bytes(w, s) // w.shape[0]
 
 
 def bench(fn: Any, reps: int = 50) -> float:
@@ -67,24 +89,28 @@ def copy_bw() -> float:
 def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]:
     torch.manual_seed(t)
     x = torch.randn(t, D, dtype=torch.bfloat16, device="cuda")
-    w1 = torch.randn(E, 2 * F, D, dtype=torch.bfloat16, device="cuda") * 0.02
-    w2 = torch.randn(E, D, F, dtype=torch.bfloat16, device="cuda") * 0.02
+    (w1, s1), (w2, s2) = _experts_weight(2 * F, D), _experts_weight(D, F)
     experts = torch.stack([torch.randperm(E, device="cuda")[:K_TOP] for _ in range(t)])
     weights = torch.rand(t, K_TOP, device="cuda")
     touched = experts.unique().numel()
     rows = []
     base1 = mg.gemm_config(t, E, K_TOP, 2 * F, D, torch.bfloat16)
     base2 = mg.gemm_config(t, E, K_TOP, D, F, torch.bfloat16)
-    for name, w, n, k, base in (("gate_up", w1, 2 * F, D, base1), ("down", w2, D, F, base2)):
+    fp8_dot = mq.takes_fp8_dot(QUANT, base1["BLOCK_M"])
+    if fp8_dot:
+        base1, base2 = mq.fp8_dot_config(base1, D), mq.fp8_dot_config(base2, F)
+    for name, w, sc, n, base in (("gate_up", w1, s1, 2 * F, base1), ("down", w2, s2, D, base2)):
         a = (
             x
             if name == "gate_up"
             else torch.randn(t * K_TOP, F, dtype=torch.bfloat16, device="cuda")
         )
+        a, a_scale = mq.quantize_fp8_act(a) if fp8_dot else (a, None)
+        quant = dict(b_scale=sc, quant=QUANT, a_scale=a_scale)
         ids, blocks, used = fm.moe_align(experts, E, base["BLOCK_M"])
         per_a = K_TOP if name == "gate_up" else 1
         for cfg in [base] + [dict(base, **c2) for c2 in (cfgs or [])]:
-            if cfg["BLOCK_M"] != base["BLOCK_M"]:
+            if cfg["BLOCK_M"] != base["BLOCK_M"] or (fp8_dot and cfg["BLOCK_K"] > 128):
                 continue
             split = cfg["SPLIT_K"]
             # Split: float32 partials; their reader (silu_mul, the sum over k) is not timed here.
@@ -96,7 +122,7 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
             rw = weights.flatten() if name == "down" and split == 1 else None
             args = (a, w, c, rw, ids, blocks, used, None, per_a, cfg)
             try:
-                s = bench(lambda args=args: mg.moe_gemm(*args))
+                s = bench(lambda args=args, quant=quant: mg.moe_gemm(*args, **quant))
             except OutOfResources:  # a sweep point over shared memory
                 continue
             rows.append(
@@ -106,27 +132,28 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
                     "experts": touched,
                     "config": cfg,
                     "us": s * 1e6,
-                    "bytes_per_s": touched * n * k * 2 / s,
+                    "bytes_per_s": touched * _bytes_per_expert(w, sc) / s,
                     "shipped": cfg is base,
+                    "quant": QUANT + ("+fp8-dot" if fp8_dot else ""),
                 }
             )
     return rows
 
 
-def _layer(t: int) -> tuple[torch.Tensor, ...]:
-    """Random bf16 experts, one token batch and its routing (distinct experts per token)."""
+def _layer(t: int) -> tuple[Any, ...]:
+    """Random experts (bf16 or --quant, with their scales), one token batch and its routing
+    (distinct experts per token)."""
     torch.manual_seed(t)
     x = torch.randn(t, D, dtype=torch.bfloat16, device="cuda")
-    w1 = torch.randn(E, 2 * F, D, dtype=torch.bfloat16, device="cuda") * 0.02
-    w2 = torch.randn(E, D, F, dtype=torch.bfloat16, device="cuda") * 0.02
+    (w1, s1), (w2, s2) = _experts_weight(2 * F, D), _experts_weight(D, F)
     experts = torch.stack([torch.randperm(E, device="cuda")[:K_TOP] for _ in range(t)])
     weights = torch.rand(t, K_TOP, device="cuda")
-    return x, w1, w2, experts, weights
+    return x, w1, w2, experts, weights, s1, s2
 
 
 def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
     """The per-assignment kernels (kernels.moe_gemv) alone, shipped config and a sweep."""
-    x, w1, w2, experts, _ = _layer(t)
+    x, w1, w2, experts, _, s1, s2 = _layer(t)
     touched = experts.unique().numel()
     experts_R = experts.flatten()
     h = torch.randn(t * K_TOP, F, dtype=torch.bfloat16, device="cuda")
@@ -134,14 +161,17 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
     grid = itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8)) if sweep else ()
     rows = []
     for name, n, k in (("gate_up+act", 2 * F, D), ("down", D, F)):
-        base = mv.gemv_config(n // 2 if name != "down" else n, k)
+        base = mv.gemv_config(n // 2 if name != "down" else n, k, QUANT)
         for cfg in [base] + [dict(BLOCK_N=a, BLOCK_K=b, num_warps=c) for a, b, c in grid]:
             if name == "down":
-                fn = lambda cfg=cfg: mv.gemv_down(h, w2, out, experts_R, E, cfg=cfg)  # noqa: E731
+                fn = lambda cfg=cfg: mv.gemv_down(  # noqa: E731
+                    h, w2, out, experts_R, E, cfg=cfg, w_scale=s2, quant=QUANT
+                )
             else:
                 fn = lambda cfg=cfg: mv.gemv_gate_up_act(  # noqa: E731
-                    x, w1, experts_R, K_TOP, E, activation=fm.SILU, cfg=cfg
-                )
+                    x, w1, experts_R, K_TOP, E, activation=fm.SILU, cfg=cfg, w_scale=s1,
+                    quant=QUANT,
+                )  # fmt: skip
             try:
                 s = bench(fn)
             except OutOfResources:
@@ -153,8 +183,11 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
                     "experts": touched,
                     "config": cfg,
                     "us": s * 1e6,
-                    "bytes_per_s": touched * n * k * 2 / s,
+                    "bytes_per_s": touched
+                    * _bytes_per_expert(*((w2, s2) if name == "down" else (w1, s1)))
+                    / s,
                     "shipped": cfg is base,
+                    "quant": QUANT,
                 }
             )
     return rows
@@ -163,16 +196,17 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
 def whole_moe(t: int, gemv: bool) -> tuple[float, int]:
     """Seconds of one fused_moe layer replayed from a CUDA graph (no launch overhead), and the
     experts it touched."""
-    x, w1, w2, experts, weights = _layer(t)
+    x, w1, w2, experts, weights, s1, s2 = _layer(t)
     out = torch.empty_like(x)
-    fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv)  # compile
+    q = dict(w_gate_up_scale=s1, w_down_scale=s2, quant=QUANT)
+    fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv, **q)  # compile
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv)
+        fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv, **q)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv)
+        fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv, **q)
     return bench(graph.replay), experts.unique().numel()
 
 
@@ -192,7 +226,7 @@ def attention(b: int, ctx: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    global E, K_TOP, D, F
+    global E, K_TOP, D, F, QUANT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="mixtral-8x7b", choices=sorted(SHAPES))
     ap.add_argument("--tokens", default="1,8,64,256")
@@ -204,10 +238,20 @@ def main() -> int:
         help="only the per-assignment kernels (moe_gemv) at --tokens, and the whole layer "
         "in a CUDA graph with them and with the grouped GEMMs",
     )
+    ap.add_argument(
+        "--quant",
+        default="",
+        choices=("", "fp8", "mxfp4"),
+        help="experts stored quantized (bytes = packed weights + scales)",
+    )
     args = ap.parse_args()
+    QUANT = args.quant
     cfg = parse_config(SHAPES[args.shape])
     E, K_TOP, D, F = cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.moe_intermediate_size
-    print(f"{args.shape}: {E} experts, top-{K_TOP}, hidden {D}, expert intermediate {F}")
+    print(
+        f"{args.shape}: {E} experts, top-{K_TOP}, hidden {D}, expert intermediate {F}"
+        + (f", weights {QUANT}" if QUANT else "")
+    )
     bw = copy_bw()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s")
     sweep = None
@@ -256,7 +300,8 @@ def gemv_report(args: argparse.Namespace, bw: float, result: dict[str, Any]) -> 
                 f"{best['bytes_per_s'] / bw:.2f} {best['config']}"
             )
         (gemv, experts), (grouped, _) = whole_moe(t, True), whole_moe(t, False)
-        floor = experts * 3 * D * F * 2 / bw  # the touched experts' weights, read once
+        # the touched experts' weights (and scales), read once
+        floor = experts * 3 * D * F * BYTES_PER_WEIGHT[QUANT] / bw
         result["layer"].append({"tokens": t, "gemv_s": gemv, "grouped_s": grouped})
         print(
             f"T={t:4d} whole layer in a graph: gemv {gemv * 1e6:6.1f} us "

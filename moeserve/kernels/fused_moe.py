@@ -28,8 +28,7 @@ from moeserve.kernels import interpreting
 from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
 from moeserve.kernels.moe_gemv import gemv_down, gemv_gate_up_act, takes_gemv
-from moeserve.kernels.moe_quant import quantize_fp8_act, takes_fp8_dot
-from moeserve.kernels.quant import FP8_GROUP
+from moeserve.kernels.moe_quant import fp8_dot_config, quantize_fp8_act, takes_fp8_dot
 
 
 def moe_align(
@@ -367,8 +366,8 @@ def fused_moe(
             num_experts,
         )
 
-    cfg_up = gemm_config(T, num_experts, K, 2 * F, D, dtype)
-    cfg_down = gemm_config(T, num_experts, K, D, F, dtype)
+    cfg_up = gemm_config(T, num_experts, K, 2 * F, D, dtype, quant)
+    cfg_down = gemm_config(T, num_experts, K, D, F, dtype, quant)
     cfg_down["BLOCK_M"] = cfg_up["BLOCK_M"]  # one alignment serves both GEMMs
     if split_k is not None:
         cfg_up["SPLIT_K"] = cfg_down["SPLIT_K"] = split_k
@@ -376,11 +375,7 @@ def fused_moe(
         fp8_dot = takes_fp8_dot(quant, cfg_up["BLOCK_M"])
     assert not fp8_dot or quant == "fp8", "the FP8 tensor-core path needs fp8 weights"
     if fp8_dot:
-        # K tiles within one scale group, and at least 32 wide (fp8 dots need it)
-        for cfg, k_dim in ((cfg_up, D), (cfg_down, F)):
-            most = 32 if interpreting() else FP8_GROUP
-            cfg["BLOCK_K"] = max(32, min(most, pow2_at_least_16(k_dim)))
-            cfg["num_stages"] = min(cfg["num_stages"], 3)
+        cfg_up, cfg_down = fp8_dot_config(cfg_up, D), fp8_dot_config(cfg_down, F)
     if align is None:
         align = moe_align(experts_TK, num_experts, cfg_up["BLOCK_M"])
     sorted_ids_P, block_expert_Q, num_post_pad_1 = align

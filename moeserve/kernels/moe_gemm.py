@@ -39,9 +39,16 @@ def pow2_at_least_16(n: int) -> int:
 
 
 def gemm_config(
-    num_tokens: int, num_experts: int, top_k: int, N: int, K: int, dtype: torch.dtype
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    N: int,
+    K: int,
+    dtype: torch.dtype,
+    quant: str = "",
 ) -> dict[str, int]:
-    """Block sizes for one grouped GEMM of M = num_tokens * top_k rows, [N, K] weights."""
+    """Block sizes for one grouped GEMM of M = num_tokens * top_k rows, [N, K] weights
+    (stored as `quant`; BLOCK_M does not depend on it: the alignment is computed before)."""
     if interpreting():  # the interpreter runs every program in Python: tiny tiles keep CI fast
         block_m, block_n, block_k, group_m, warps, stages = 16, 16, 16, 1, 4, 1
     else:
@@ -55,6 +62,15 @@ def gemm_config(
             # experts = 64 programs); 64 wide with a deeper pipeline streams the weights faster
             # (benchmarks/kernel_bench.py).
             block_n, stages = 64, 5
+        if quant == "mxfp4" and block_m == 16:
+            # The E2M1 decode and per-group exponents are float32 work per weight: a
+            # [128, 128] float32 tile spills registers (50x slower, H200).
+            block_k = 64
+        elif quant and block_m > 16:
+            # Quantized tiles need a second accumulator-sized product per K tile (scaled
+            # before it is added): 256 columns spill registers. vLLM's block-FP8 MoE shape.
+            block_n, block_k, stages = 128, 128, 3
+            warps = 8 if block_m >= 128 else 4
         if dtype == torch.float32:
             # Twice the bytes per element: keep the shared-memory ring of A and B tiles under
             # the H100's 227 KiB.
@@ -182,11 +198,22 @@ def _moe_gemm_kernel(
         a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
         b_mask = k_ok[:, None] & col_ok[None, :]
         if FP8_DOT:
-            b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=b_mask)
-            g = (k * BLOCK_K) // 128  # the tile's scale group, for activations and weights
+            # other=0: a NaN byte past K would poison the dot even against a's zeros
+            b_ptrs = b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+            g = (k * BLOCK_K) // GROUP  # the tile's scale group, for activations and weights
             a_s = tl.load(a_scale_ptr + (ids // ROWS_PER_A) * stride_as + g, mask=row_ok, other=0.0)
             b_s = tl.load(s_base + offs_n * stride_bsn + g * stride_bsk, mask=col_ok, other=0.0)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        elif QUANT == 1 and BLOCK_K <= GROUP:
+            # One scale per column of the tile: the float8 values go to the tensor cores in
+            # the activations' dtype (exact) and the scale multiplies the tile's product,
+            # BLOCK_N multiplies instead of BLOCK_K * BLOCK_N.
+            b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=b_mask)
+            g = (k * BLOCK_K) // GROUP
+            b_s = tl.load(s_base + offs_n * stride_bsn + g * stride_bsk, mask=col_ok, other=0.0)
+            part = tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION)
+            acc += part * b_s[None, :]
         else:
             b = load_weights(
                 b_base, s_base, offs_n[None, :], kk[:, None], col_ok[None, :], b_mask,

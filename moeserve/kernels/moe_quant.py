@@ -142,3 +142,11 @@ FP8_DOT_MIN_BLOCK_M = 64
 
 def takes_fp8_dot(quant: str, block_m: int) -> bool:
     return quant == "fp8" and block_m >= FP8_DOT_MIN_BLOCK_M and not interpreting()
+
+
+def fp8_dot_config(cfg: dict[str, int], k_dim: int) -> dict[str, int]:
+    """A grouped GEMM config for the FP8 tensor cores: K tiles within one scale group and at
+    least 32 wide (fp8 dots need it), and a pipeline that fits the wider tiles' ring."""
+    most = 32 if interpreting() else FP8_GROUP
+    block_k = max(32, min(most, triton.next_power_of_2(k_dim)))
+    return cfg | dict(BLOCK_K=block_k, num_stages=min(cfg["num_stages"], 3))
