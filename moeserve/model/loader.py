@@ -220,6 +220,7 @@ def _index_tensors(
         log.info("ignoring %d tensors we do not run (%s...)", len(skipped), ", ".join(skip))
         for name in skipped:
             del where[name]
+    dropped = set(skipped)  # tensors we do not run: their FP8 scales go with them
     for name, shard in list(where.items()):
         if name in plan:
             continue
@@ -229,6 +230,7 @@ def _index_tensors(
             or (name == "lm_head.weight" and ckpt.config.tie_word_embeddings)
         ):
             del where[name]
+            dropped.add(name)
             continue
         raise CheckpointError(
             f"{shard}: unexpected tensor '{name}' for model_type {ckpt.config.model_type} "
@@ -241,8 +243,10 @@ def _index_tensors(
             f"{ckpt.path}: tensor '{missing[0]}'{more} missing from the checkpoint "
             f"(shards: {', '.join(s.name for s in ckpt.shards)})"
         )
-    for name, shard in scales.items():
-        if name not in where:
+    for name, shard in list(scales.items()):
+        if name in dropped:
+            del scales[name]
+        elif name not in where:
             raise CheckpointError(f"{shard}: block scale '{name}_scale_inv' of no loaded weight")
     return where, scales
 
