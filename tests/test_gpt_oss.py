@@ -17,7 +17,7 @@ import torch
 from moeserve import LLM, SamplingParams
 from moeserve.model.activation import ExpertActivation
 from moeserve.model.families import TRANSFORMS, parse_config, weight_plan
-from moeserve.model.loader import CheckpointError, inspect_checkpoint
+from moeserve.model.loader import inspect_checkpoint
 from tests.checkpoints import make_checkpoint
 
 
@@ -52,13 +52,20 @@ def test_config_and_plan(ckpt: Path) -> None:
     assert hub.rope_theta == 150000.0 and hub.rope_params == cfg.rope_params
 
 
-def test_mxfp4_checkpoints_are_refused(ckpt: Path, tmp_path: Path) -> None:
+def test_mxfp4_config_plans_blocks_and_scales(ckpt: Path, tmp_path: Path) -> None:
+    """An MXFP4 config.json: experts stored as E2M1 blocks and E8M0 scales (loading them
+    against transformers: tests/test_quant_checkpoints.py)."""
     (tmp_path / "m").mkdir()
     raw = json.loads((ckpt / "config.json").read_text())
     raw["quantization_config"] = {"quant_method": "mxfp4"}
     (tmp_path / "m" / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(CheckpointError, match="quant_method 'mxfp4' is not supported"):
-        inspect_checkpoint(tmp_path / "m")
+    cfg = inspect_checkpoint(tmp_path / "m", need_weights=False).config
+    assert cfg.expert_quant == "mxfp4"
+    plan = weight_plan(cfg)
+    experts = "model.layers.0.mlp.experts"
+    assert plan[f"{experts}.gate_up_proj_blocks"][1:] == ((), "mxfp4_rows")
+    assert plan[f"{experts}.down_proj_scales"][0] == "layers.0.mlp.w_down_scale"
+    assert f"{experts}.gate_up_proj" not in plan
 
 
 def test_layout_transforms_and_activation_match_transformers() -> None:

@@ -199,11 +199,13 @@ def _prompt() -> list[int]:
     return torch.randint(2, 120, (13,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def _assert_matches(path: Path, ref_path: Path, steps: int = STEPS, **options: Any) -> None:
+def _assert_matches(
+    path: Path, ref_path: Path, steps: int = STEPS, device: str = "cpu", **options: Any
+) -> None:
     """moeserve on `path` (float32, CPU) greedy-decodes what transformers on `ref_path` does,
     with each step's top-5 log-probs within LP_TOL of transformers' for the same tokens."""
     prompt = _prompt()
-    llm = LLM(path, dtype="float32", device="cpu", progress=False, block_size=4, **options)
+    llm = LLM(path, dtype="float32", device=device, progress=False, block_size=4, **options)
     sp = SamplingParams(temperature=0, max_tokens=steps, logprobs=TOP, ignore_eos=True)
     out = llm.generate(prompt, sp)[0].outputs[0]
     ref_prompt, ref_decode, ref_tokens = reference(ref_path, prompt)
@@ -314,6 +316,17 @@ def test_interpreted_kernels_on_quantized_experts(tmp_path: Path, kind: str) -> 
         path = make_mxfp4_checkpoint(tmp_path / kind, num_hidden_layers=2, layer_types=layers)
     ref = write_dequantized(path, tmp_path / "ref")
     _assert_matches(path, ref, steps=4, kernels="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["fp8-deepseek_v3", "fp8-qwen3_moe", "mxfp4"])
+def test_gpu_quantized_checkpoints_in_cuda_graphs(tmp_path: Path, case: str) -> None:
+    """The Triton kernels on the quantized experts, decode steps replayed from CUDA graphs."""
+    if case == "mxfp4":
+        path = make_mxfp4_checkpoint(tmp_path / case)
+    else:
+        path = make_fp8_checkpoint(tmp_path / case, case.split("-")[1])
+    _assert_matches(path, write_dequantized(path, tmp_path / "ref"), device="cuda")
 
 
 def _online_fp8_reference(path: Path, out: Path) -> Path:
