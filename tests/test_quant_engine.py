@@ -12,8 +12,9 @@ import torch
 from moeserve import LLM, SamplingParams
 from moeserve.config import ConfigError
 from moeserve.engine.executor import describe_weights
+from moeserve.kernels.quant import dequantize, quantize_fp8_rows
 from moeserve.model.loader import CheckpointError, load_model
-from moeserve.model.quant import ExpertFormat, dequantize, quantize_fp8_rows
+from moeserve.model.quant import ExpertFormat
 from tests.checkpoints import make_checkpoint
 from tests.test_metrics import make, scrape
 

@@ -27,11 +27,12 @@ import torch
 
 from moeserve.config import OffloadConfig
 from moeserve.engine.cache_policy import CachePolicy, make_policy
+from moeserve.kernels.quant import dequantize
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.dispatch import Dispatch, expert_counts
 from moeserve.model.experts import ExpertProvider, expert_mlp
 from moeserve.model.moe import MoE
-from moeserve.model.quant import ExpertScales, dequantize
+from moeserve.model.quant import ExpertScales
 
 
 @dataclass

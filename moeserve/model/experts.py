@@ -23,10 +23,11 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from moeserve.kernels.quant import dequantize
 from moeserve.model.activation import SILU, ExpertActivation
 from moeserve.model.backend import split_k_rows
 from moeserve.model.dispatch import Dispatch, expert_counts
-from moeserve.model.quant import ExpertScales, dequantize
+from moeserve.model.quant import ExpertScales
 from moeserve.model.router import RouterSpec, route
 
 

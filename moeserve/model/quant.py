@@ -26,14 +26,12 @@ from typing import Any
 import torch
 
 from moeserve.config import ConfigError, ModelConfig
+from moeserve.kernels.quant import FP8_MAX, group_size
 
 # quant_method values a checkpoint's config.json may give, and --quantization's choices.
 CHECKPOINT_METHODS = ("fp8", "mxfp4")
 ONLINE_METHODS = ("fp8",)
-FP8_BLOCK = 128
-MXFP4_GROUP = 32
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+FP8_BLOCK = 128  # hub FP8 checkpoints' block edge
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class ExpertFormat:
 
     @property
     def group(self) -> int:
-        return {"fp8": FP8_BLOCK, "mxfp4": MXFP4_GROUP}.get(self.kind, 0)
+        return group_size(self.kind) if self.kind else 0
 
     def weight(self, n: int, k: int, dtype: torch.dtype) -> tuple[tuple[int, int], torch.dtype]:
         """Shape per expert and dtype of a [N, K] weight's stored values."""
@@ -161,40 +159,6 @@ def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Ten
     n, k = w.shape
     s = scale_inv.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
     return w.to(torch.float32) * s
-
-
-def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., N, K] floats -> (float8 [..., N, K], float32 scales [..., N, ceil(K/128)]) with one
-    scale per row and 128 columns (amax / 448; an all-zero group gets scale 1)."""
-    *lead, k = w.shape
-    groups = math.ceil(k / FP8_BLOCK)
-    padded = torch.nn.functional.pad(w.to(torch.float32), (0, groups * FP8_BLOCK - k))
-    g = padded.view(*lead, groups, FP8_BLOCK)
-    amax = g.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (g / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(*lead, groups * FP8_BLOCK)[..., :k].contiguous(), scale
-
-
-def _e2m1_table(device: torch.device) -> torch.Tensor:
-    pos = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-    return torch.cat([pos, -pos])
-
-
-def dequantize(w: torch.Tensor, s: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """Stored (w, s) of the layout above -> real values [..., N, K] in `dtype`."""
-    if kind == "fp8":
-        k = w.shape[-1]
-        full = s.to(torch.float32).repeat_interleave(FP8_BLOCK, dim=-1)[..., :k]
-        return (w.to(torch.float32) * full).to(dtype)
-    if kind == "mxfp4":
-        table = _e2m1_table(w.device)
-        lo, hi = table[(w & 0x0F).long()], table[(w >> 4).long()]
-        vals = torch.stack([lo, hi], dim=-1).flatten(-2)  # element 2i = low nibble of byte i
-        exp = s.to(torch.int32) - 127
-        full = exp.repeat_interleave(MXFP4_GROUP, dim=-1)
-        return torch.ldexp(vals, full.to(torch.float32)).to(dtype)
-    raise ValueError(f"not a quantized format: {kind!r}")
 
 
 def fill_random(w: torch.Tensor, s: torch.Tensor, kind: str, bound: float) -> None:

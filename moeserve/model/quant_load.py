@@ -15,12 +15,8 @@ from pathlib import Path
 
 import torch
 
-from moeserve.model.quant import (
-    FP8_BLOCK,
-    dequantize_fp8_blocks,
-    fp8_block_rows,
-    quantize_fp8_rows,
-)
+from moeserve.kernels.quant import quantize_fp8_rows
+from moeserve.model.quant import FP8_BLOCK, dequantize_fp8_blocks, fp8_block_rows
 from moeserve.model.safetensors_check import TensorEntry
 
 SCALE_SUFFIX = "_scale_inv"  # DeepSeek-V3 / Qwen3-FP8: "<linear>.weight_scale_inv"
