@@ -299,7 +299,7 @@ def test_gpu_quantized_bf16_accuracy(quant: str, T: int) -> None:
       at any T): 1%. The bf16 path rounds where the plain bf16 kernels do (0.44-0.49% measured,
       tests/test_kernel_fused_moe.py), and the weights dequantized to bf16 add ~0.3%
       (measured in float32 on the CPU at these shapes).
-    - the FP8 tensor-core path (fp8 weights, T >= 512): the activations' fp8 quantization
+    - the FP8 tensor-core path (fp8 weights, T >= 64: row blocks of 32 and more): the activations' fp8 quantization
       alone costs 4.3% (3 mantissa bits; the float32 reference with the activations
       fake-quantized the same way, measured on the CPU at these shapes): bound 6%, and within
       3% of that fake-quantized reference (bf16 roundings, and the fp8 roundings they flip:
@@ -315,7 +315,7 @@ def test_gpu_quantized_bf16_accuracy(quant: str, T: int) -> None:
     q = dict(w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant=quant)
     ref = reference(x, c["wgu"], c["wd"], c["weights"], c["experts"])
     fp8_dot = takes_fp8_dot(quant, moe_block_m(T, E, K, Fi, D, torch.bfloat16))
-    assert fp8_dot == (quant == "fp8" and T >= 512)
+    assert fp8_dot == (quant == "fp8" and T >= 64)
     got = fused_moe(*args, **q)
     assert got.dtype == torch.bfloat16 and got.isfinite().all()
     if fp8_dot:

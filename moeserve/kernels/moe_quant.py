@@ -134,10 +134,12 @@ def quantize_fp8_act(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-# The grouped GEMM takes the FP8 tensor cores from this row block up (vLLM's fp8 MoE does
-# for prefill-sized batches; at decode the GEMMs stream weights and the activations' extra
-# quantization pass would only add a launch).
-FP8_DOT_MIN_BLOCK_M = 64
+# The grouped GEMM takes the FP8 tensor cores from this row block up. A Mixtral layer on an
+# H200 (benchmarks/RESULTS.md, issue 22), against the bf16 kernels: at 64 tokens (32-row
+# blocks) 1.42x with fp8 dots, 0.99x weight-only; at 512 1.05x vs 0.65x; at 16 tokens
+# (16-row blocks) weight-only is 1.21x, and the activations' quantization pass would be one
+# launch more per GEMM for little compute.
+FP8_DOT_MIN_BLOCK_M = 32
 
 
 def takes_fp8_dot(quant: str, block_m: int) -> bool:
