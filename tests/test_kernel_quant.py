@@ -295,14 +295,14 @@ def test_gpu_quantized_bf16_accuracy(quant: str, T: int) -> None:
     """bf16 activations, quantized weights, against the float32 MoE on the dequantized weights
     (so the weights' own quantization error is not counted). F = 1440: fp8's last scale group
     is partial. Bounds (relative Frobenius error):
-    - weight-only dequantization (GEMVs at T <= 1, grouped GEMMs up to T = 64, and fp8_dot=False
+    - weight-only dequantization (GEMVs at T <= 1, grouped GEMMs below T = 64, and fp8_dot=False
       at any T): 1%. The bf16 path rounds where the plain bf16 kernels do (0.44-0.49% measured,
       tests/test_kernel_fused_moe.py), and the weights dequantized to bf16 add ~0.3%
       (measured in float32 on the CPU at these shapes).
-    - the FP8 tensor-core path (fp8 weights, T >= 64: row blocks of 32 and more): the activations' fp8 quantization
-      alone costs 4.3% (3 mantissa bits; the float32 reference with the activations
-      fake-quantized the same way, measured on the CPU at these shapes): bound 6%, and within
-      3% of that fake-quantized reference (bf16 roundings, and the fp8 roundings they flip:
+    - the FP8 tensor-core path (fp8 weights, T >= 64: row blocks of 32 and more): the activations'
+      fp8 quantization alone costs 4.3% (3 mantissa bits; the float32 reference with the
+      activations fake-quantized the same way, measured on the CPU at these shapes): bound 6%, and
+      within 3% of that fake-quantized reference (bf16 roundings, and the fp8 roundings they flip:
       1.65% when the CPU emulates the kernel's bf16 roundings at these shapes).
     """
     from moeserve.kernels.moe_gemm import moe_block_m

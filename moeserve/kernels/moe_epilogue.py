@@ -1,4 +1,5 @@
-"""Element-wise pieces the fused MoE kernels share: rounding where torch would, the activation.
+"""Element-wise pieces the fused MoE kernels share: rounding where torch would, the
+activation, and the sum over k that weighs, rounds and adds the experts' (split-K) outputs.
 
 Kernels here round after each op exactly where the readable torch path (model/moe.py,
 model/activation.py) rounds, so the Triton and torch paths agree to the last bit of the
@@ -7,8 +8,11 @@ model dtype wherever their sums agree.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from moeserve.kernels import interpreting
 
 
 @triton.jit
@@ -33,3 +37,102 @@ def activate(gate, up, out_ptr, alpha, limit, CLAMPED: tl.constexpr):
     # we, and with torch's formula for silu.
     silu = rnd(gate / (1.0 + tl.exp(-gate)), out_ptr)
     return (silu * up).to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _sum_split_kernel(
+    part_ptr,  # [SPLIT, T*TOP_K, D] float32
+    experts_ptr,  # [T, TOP_K]
+    weights_ptr,  # [T, TOP_K] float32
+    out_ptr,  # [T, D]
+    res_ptr,  # [T, D] residual stream (RESIDUAL)
+    bias_ptr,  # [slots, D] (HAS_BIAS)
+    slot_ptr,  # [E] expert -> weight index (HAS_SLOT)
+    D,
+    num_experts,
+    stride_split,
+    stride_out,
+    stride_res,
+    stride_bias,
+    SPLIT: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SLOT: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = offs < D
+    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k in range(TOP_K):
+        expert = tl.load(experts_ptr + t * TOP_K + k)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for s in range(SPLIT):
+            acc += tl.load(
+                part_ptr + s * stride_split + (t * TOP_K + k) * D + offs, mask=ok, other=0.0
+            )
+        # As the unsplit GEMM 2 and the sum after it: expert output rounded, weighed, rounded,
+        # then the k terms added in float32 and rounded once.
+        w = tl.load(weights_ptr + t * TOP_K + k).to(tl.float32)
+        y = rnd(acc, out_ptr)
+        if HAS_BIAS:  # the expert's bias on its rounded output, rounded again
+            idx = tl.minimum(expert, num_experts - 1)  # a sentinel's term is dropped below
+            if HAS_SLOT:
+                idx = tl.load(slot_ptr + idx)
+            b_row = bias_ptr + idx.to(tl.int64) * stride_bias + offs
+            y = rnd(y + tl.load(b_row, mask=ok, other=0.0).to(tl.float32), out_ptr)
+        y = (y * w).to(out_ptr.dtype.element_ty)
+        total += tl.where(expert < num_experts, y.to(tl.float32), 0.0)  # sentinel: no term
+    out = total.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:  # residual + out, each rounded to the model dtype as the two torch ops
+        res = tl.load(res_ptr + t * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + res).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * stride_out + offs, out, mask=ok)
+
+
+# Up to this many tokens GEMM 2 writes float32 rows (one partial when K is not split) and one
+# kernel weighs, sums over k and adds the residual: at decode sizes the unsplit path's zero
+# fill, sum and residual add are three launches of a few microseconds each, per layer.
+SUM_KERNEL_MAX_TOKENS = 64
+
+
+def sum_over_k(
+    part_SRD: torch.Tensor,
+    experts_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    out_TD: torch.Tensor,
+    residual_TD: torch.Tensor | None,
+    b_down_ED: torch.Tensor | None,
+    expert_slot_E: torch.Tensor | None,
+    num_experts: int,
+) -> torch.Tensor:
+    """out[t] (+ residual[t]) = sum_k weights[t,k] * round(sum_s part[s, t*K+k] + bias)."""
+    T, D = out_TD.shape
+    widest = 1024 if T > 16 else 256
+    block_d = 16 if interpreting() else min(widest, max(16, triton.next_power_of_2(D)))
+    res = residual_TD if residual_TD is not None else out_TD  # unused pointer when absent
+    assert res.stride(1) == 1
+    assert b_down_ED is None or b_down_ED.stride(1) == 1
+    _sum_split_kernel[(T, triton.cdiv(D, block_d))](
+        part_SRD,
+        experts_TK.contiguous(),
+        weights_TK.to(torch.float32).contiguous(),
+        out_TD,
+        res,
+        b_down_ED if b_down_ED is not None else out_TD,  # unused pointers without a bias
+        expert_slot_E if expert_slot_E is not None else out_TD,
+        D,
+        num_experts,
+        part_SRD.stride(0),
+        out_TD.stride(0),
+        res.stride(0),
+        b_down_ED.stride(0) if b_down_ED is not None else 0,
+        SPLIT=part_SRD.shape[0],
+        TOP_K=experts_TK.shape[1],
+        BLOCK_D=block_d,
+        RESIDUAL=residual_TD is not None,
+        HAS_BIAS=b_down_ED is not None,
+        HAS_SLOT=expert_slot_E is not None,
+    )
+    return out_TD

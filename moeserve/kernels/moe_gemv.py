@@ -10,7 +10,7 @@ gate and up rows where it has them (no silu_mul launch, no [R, 2F] intermediate)
 
 Rounding follows the grouped path: GEMM 1's products are rounded to the model dtype, its bias
 added and rounded, then the activation as kernels.fused_moe's silu_mul; GEMM 2 writes float32
-rows that the sum over k rounds, weighs and adds (fused_moe's _sum_split_kernel). Sentinel
+rows that the sum over k rounds, weighs and adds (moe_epilogue's _sum_split_kernel). Sentinel
 assignments (expert >= num_experts) are skipped; the sum drops their rows.
 
 Shapes: R = T*K assignments, E experts (or cache slots), F intermediate, D hidden.
