@@ -12,11 +12,13 @@
 #     mixtral     benchmarks/offload_bench.py: the full Mixtral-8x7B shape on an 80 GB card
 #     families    benchmarks/gpu_speed.py on DeepSeek-V2-Lite, gpt-oss-20b and Qwen3-30B-A3B
 #     prefix      benchmarks/prefix_ttft.py: TTFT behind a 4k system prompt, uncached vs cached
+#     quant       quantized experts: kernel_bench --quant, Mixtral-4l decode bf16 vs fp8,
+#                 gpt-oss-120b in MXFP4, Qwen3-30B-A3B offloaded on a 16 GB card bf16 vs fp8
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
-all="tests kernels speed profile http throughput offload mixtral families prefix"
+all="tests kernels speed profile http throughput offload mixtral families prefix quant"
 case "${1:-}" in
-  -h | --help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -72,6 +74,22 @@ for stage in $stages; do
         python3 benchmarks/prefix_ttft.py --shape "$shape" --layers 4 --compare-off \
           --json "$OUT/prefix_ttft_$shape.json" 2>&1 | grep -v Warn | tee "$OUT/prefix_$shape.log"
       done ;;
+    quant)
+      for q in fp8 mxfp4; do
+        python3 benchmarks/kernel_bench.py --quant "$q" --json "$OUT/kernel_$q.json" 2>&1 \
+          | tee "$OUT/kernel_$q.log"
+      done
+      for q in "" fp8; do
+        python3 benchmarks/gpu_speed.py --shape mixtral-8x7b --modes graphs --no-hf \
+          ${q:+--quantization $q} --json "$OUT/speed_mixtral4l_${q:-bf16}.json" 2>&1 \
+          | grep -v Warn | tee "$OUT/speed_mixtral4l_${q:-bf16}.log"
+      done
+      python3 benchmarks/gpu_speed.py --shape gpt-oss-120b --modes graphs --no-hf \
+        --prefill-len 0 --json "$OUT/speed_gpt_oss_120b.json" 2>&1 | grep -v Warn \
+        | tee "$OUT/speed_gpt_oss_120b.log"
+      python3 benchmarks/offload_bench.py --dummy qwen3-30b-a3b --emulate-card-mib 16384 \
+        --quantization none,fp8 --modes fetch --batch 1 --output-len 16 \
+        --json "$OUT/offload_qwen3_16g.json" 2>&1 | tee "$OUT/offload_qwen3_16g.log" ;;
     *) echo "unknown stage $stage (one of: $all)"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
