@@ -280,14 +280,7 @@ def _check_against_model(
             )
         scale = headers[scales[name]][name + "_scale_inv"] if name in scales else None
         try:
-            check_tensor(
-                name,
-                entry,
-                target,
-                lambda t, e=plan[name]: _transformed(t, e),
-                len(plan[name]) == 3,
-                scale,
-            )
+            check_tensor(name, entry, target, len(plan[name]) == 3, scale)
         except QuantLoadError as e:
             raise CheckpointError(f"{shard}: {e}") from e
 

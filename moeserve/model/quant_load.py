@@ -44,7 +44,6 @@ def check_tensor(
     name: str,
     entry: TensorEntry,
     target: torch.Tensor,
-    transformed: Callable[[torch.Tensor], torch.Tensor],
     has_transform: bool,
     scale: TensorEntry | None,
 ) -> None:
