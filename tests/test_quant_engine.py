@@ -81,6 +81,11 @@ def test_online_fp8_generates_as_its_dequantized_weights(qwen3: Path) -> None:
                 w.copy_(dequantize(*quantize_fp8_rows(w), "fp8", torch.float32))
     want = _tokens(plain)
     assert _tokens(fp8) == want
+    # What the server's /metrics gets from the engine (EngineInfo, sent once it is ready).
+    sizes = fp8.engine.info().weight_bytes
+    assert (
+        sizes == fp8.engine.executor.model.weight_bytes() and ("experts", "fp8", "device") in sizes
+    )
 
 
 @pytest.mark.parametrize("mode", ["fetch", "cpu", "auto"])

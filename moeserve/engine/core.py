@@ -20,7 +20,7 @@ import torch
 from moeserve.config import EngineConfig
 from moeserve.engine.executor import Executor
 from moeserve.engine.expert_store import ExpertCacheStats
-from moeserve.engine.messages import EngineRequest
+from moeserve.engine.messages import EngineInfo, EngineRequest
 from moeserve.engine.outputs import (
     CompletionOutput,
     RequestMetrics,
@@ -151,6 +151,16 @@ class EngineCore:
     @property
     def offloads_experts(self) -> bool:
         return self.executor.offloads_experts
+
+    def info(self) -> EngineInfo:
+        """What a client needs to know of this engine (sent once it is ready)."""
+        return EngineInfo(
+            self.model_config,
+            self.max_model_len,
+            self.vocab_size,
+            self.offloads_experts,
+            self.executor.weight_bytes,
+        )
 
     # ----------------------------------------------------------------- requests
     def add_request(self, req: EngineRequest) -> None:

@@ -58,7 +58,7 @@ class EngineInfo:
     max_model_len: int
     vocab_size: int
     offloads_experts: bool
-    # Bytes of the weights as stored, by (part, location): MoEForCausalLM.weight_bytes.
+    # Bytes of the weights as stored, by (part, format, location): MoEForCausalLM.weight_bytes.
     weight_bytes: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 

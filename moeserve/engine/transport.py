@@ -63,16 +63,6 @@ class Transport(Protocol):
         """Stop the engine after its current step."""
 
 
-def _info(core: EngineCore) -> EngineInfo:
-    return EngineInfo(
-        core.model_config,
-        core.max_model_len,
-        core.vocab_size,
-        core.offloads_experts,
-        core.executor.weight_bytes,
-    )
-
-
 class ThreadTransport:
     """The engine loop in a daemon thread of this process: it steps back to back while any
     request is pending, so a step never waits for the event loop to get around to it."""
@@ -92,7 +82,7 @@ class ThreadTransport:
             setup()
         core = EngineCore(config, progress=False)
         core.warm_up()
-        return cls(EngineLoop(core, tokenizer)), _info(core)
+        return cls(EngineLoop(core, tokenizer)), core.info()
 
     def attach(self, loop: asyncio.AbstractEventLoop, deliver: Deliver) -> None:
         self._aloop, self._deliver = loop, deliver

@@ -21,7 +21,6 @@ from moeserve.engine.messages import (
     Abort,
     Call,
     Dead,
-    EngineInfo,
     EngineRequest,
     Failed,
     Ready,
@@ -72,14 +71,7 @@ def engine_main(
     except BaseException as e:  # noqa: BLE001 - reported to the server, which exits with it
         conn.send(Failed(_portable(e)))
         return
-    info = EngineInfo(
-        core.model_config,
-        core.max_model_len,
-        core.vocab_size,
-        core.offloads_experts,
-        core.executor.weight_bytes,
-    )
-    conn.send(Ready(info))
+    conn.send(Ready(core.info()))
     _Pipe(loop, conn).run()
 
 
