@@ -194,6 +194,28 @@ def test_gemv_path_matches_readable(T: int) -> None:
     torch.testing.assert_close(got - res_TD, grouped, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", [2, 3])
+def test_gemv_down_split_k_partials_add_up(split: int) -> None:
+    """The down GEMV's K splits (whole K tiles each; with 3 splits of 4 tiles the last is
+    empty and must write zeros) sum to the unsplit product."""
+    from moeserve.kernels import moe_gemv
+
+    R, E, D, F_ = 4, 3, 24, 56
+    g = torch.Generator().manual_seed(31)
+    h_RF, w_EDF = torch.randn(R, F_, generator=g), torch.randn(E, D, F_, generator=g)
+    experts_R = torch.tensor([2, 0, 3, 1])  # 3: a sentinel, skipped
+    cfg = moe_gemv.gemv_config(D, F_) | dict(BLOCK_K=16)
+    whole = torch.zeros(1, R, D)
+    moe_gemv.gemv_down(h_RF, w_EDF, whole, experts_R, E, cfg=cfg)
+    parts = torch.full((split, R, D), float("nan"))
+    parts[:, 2] = 0.0  # the sentinel's row is never written
+    moe_gemv.gemv_down(h_RF, w_EDF, parts, experts_R, E, cfg=cfg | dict(SPLIT_K=split))
+    want = torch.einsum("rf,rdf->rd", h_RF, w_EDF[experts_R.clamp(max=E - 1)])
+    want[2] = 0.0
+    torch.testing.assert_close(whole[0], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts.sum(0), want, rtol=1e-5, atol=1e-5)
+
+
 def test_silu_mul_matches_torch() -> None:
     g = torch.Generator().manual_seed(11)
     wide = torch.randn(5, 2 * 40 + 6, generator=g) * 4

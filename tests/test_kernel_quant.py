@@ -224,14 +224,24 @@ def test_fused_quantized_split_k(quant: str) -> None:
 
 @pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
 def test_k_tiles_wider_than_a_scale_group(quant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """K tiles of 256 (GPU sizes): tiles straddle scale groups, loading a scale per element."""
+    """K tiles of 256 (GPU sizes): the GEMVs' tiles hold several scale groups (2 of fp8, 8 of
+    mxfp4), and the down GEMV splits K in two; fp8 grouped-GEMM tiles straddle groups,
+    loading a scale per element (mxfp4's grouped GEMM always takes one group a tile:
+    moe_gemm asserts it)."""
     gemm_config, gemv_config = fused_module.gemm_config, moe_gemv.gemv_config
 
     def wide_gemm(*args: object) -> dict[str, int]:
         return gemm_config(*args) | dict(BLOCK_K=256)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(fused_module, "gemm_config", wide_gemm)
-    monkeypatch.setattr(moe_gemv, "gemv_config", lambda *a: gemv_config(*a) | dict(BLOCK_K=256))
+    if quant == "fp8":
+        monkeypatch.setattr(fused_module, "gemm_config", wide_gemm)
+
+    def wide_gemv(*args: object, **kw: object) -> dict[str, int]:
+        # the down projection's K in two splits as well (moe_gemv's split-K partials)
+        return gemv_config(*args, **kw) | dict(BLOCK_K=256, SPLIT_K=2 if kw.get("rows") else 1)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(moe_gemv, "gemv_config", wide_gemv)
+    monkeypatch.setattr(fused_module, "gemv_config", wide_gemv)
     c = make_case(quant, 3, 4, 2, seed=5)
     want = reference(c["x"], c["wgu"], c["wd"], c["weights"], c["experts"])
     for gemv in (True, False):

@@ -27,8 +27,9 @@ import triton.language as tl
 from moeserve.kernels import interpreting
 from moeserve.kernels.moe_epilogue import SUM_KERNEL_MAX_TOKENS, activate, rnd, sum_over_k
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
-from moeserve.kernels.moe_gemv import gemv_down, gemv_gate_up_act, takes_gemv
+from moeserve.kernels.moe_gemv import gemv_config, gemv_down, gemv_gate_up_act, takes_gemv
 from moeserve.kernels.moe_quant import fp8_dot_config, quantize_fp8_act, takes_fp8_dot
+from moeserve.kernels.quant import real_k
 
 
 def moe_align(
@@ -231,7 +232,7 @@ def fused_moe(
 
     alloc = torch.zeros if interpreting() else torch.empty
     if gemv is None:
-        gemv = split_k is None and takes_gemv(T, F)
+        gemv = split_k is None and takes_gemv(T, F, quant)
     if gemv:
         experts_R = experts_TK.reshape(R)
         h_RF = gemv_gate_up_act(
@@ -246,14 +247,16 @@ def fused_moe(
             w_scale=w_gate_up_scale,
             quant=quant,
         )
-        part_SRD = alloc(1, R, D, dtype=torch.float32, device=device)
+        cfg = gemv_config(D, real_k(w_down_EDF, quant), quant, rows=R)
+        part_SRD = alloc(cfg["SPLIT_K"], R, D, dtype=torch.float32, device=device)
         gemv_down(
             h_RF,
             w_down_EDF,
-            part_SRD[0],
+            part_SRD,
             experts_R,
             num_experts,
             expert_slot_E=expert_slot_E,
+            cfg=cfg,
             w_scale=w_down_scale,
             quant=quant,
         )

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits
-from moeserve.kernels.moe_quant import load_weights, quant_code
+from moeserve.kernels.moe_quant import e2m1_as_fp16, e8m0_factor, load_weights, quant_code
 from moeserve.kernels.quant import FP8_GROUP, real_k
 
 # Launch configs tuned by vLLM for Mixtral (E=8, top-2, D=4096) in bf16 on an H100 SXM, keyed by
@@ -62,11 +62,7 @@ def gemm_config(
             # experts = 64 programs); 64 wide with a deeper pipeline streams the weights faster
             # (benchmarks/kernel_bench.py).
             block_n, stages = 64, 5
-        if quant == "mxfp4":
-            # K tiles of one exponent group: one scale load per row instead of a gather per
-            # weight (a [128, 128] tile of per-element scales ran 50x slower on an H200).
-            block_k = 32
-        elif quant and block_m > 16:
+        if quant == "fp8" and block_m > 16:
             # Quantized tiles need a second accumulator-sized product per K tile (scaled
             # before it is added): 256 columns spill registers. vLLM's block-FP8 MoE shape.
             block_n, block_k, stages = 128, 128, 3
@@ -75,6 +71,10 @@ def gemm_config(
             # Twice the bytes per element: keep the shared-memory ring of A and B tiles under
             # the H100's 227 KiB.
             block_k, stages = min(block_k, 32), min(stages, 3)
+    if quant == "mxfp4":
+        # K tiles of one exponent group (the kernel's mxfp4 path needs it): the scale
+        # multiplies each tile's product, not each weight.
+        block_k = 32
     block_n, block_k = min(block_n, pow2_at_least_16(N)), min(block_k, pow2_at_least_16(K))
     split = 1
     if not interpreting() and block_m == 16:
@@ -194,33 +194,54 @@ def _moe_gemm_kernel(
     for k in range(k_first, k_last):
         kk = k * BLOCK_K + offs_k
         k_ok = kk < K
-        a_mask = row_ok[:, None] & k_ok[None, :]
-        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
-        b_mask = k_ok[:, None] & col_ok[None, :]
-        if FP8_DOT:
-            # other=0: a NaN byte past K would poison the dot even against a's zeros
-            b_ptrs = b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk
-            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
-            g = (k * BLOCK_K) // GROUP  # the tile's scale group, for activations and weights
-            a_s = tl.load(a_scale_ptr + (ids // ROWS_PER_A) * stride_as + g, mask=row_ok, other=0.0)
-            b_s = tl.load(s_base + offs_n * stride_bsn + g * stride_bsk, mask=col_ok, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        elif QUANT == 1 and BLOCK_K <= GROUP:
-            # One scale per column of the tile: the float8 values go to the tensor cores in
-            # the activations' dtype (exact) and the scale multiplies the tile's product,
-            # BLOCK_N multiplies instead of BLOCK_K * BLOCK_N.
-            b = tl.load(b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk, mask=b_mask)
-            g = (k * BLOCK_K) // GROUP
-            b_s = tl.load(s_base + offs_n * stride_bsn + g * stride_bsk, mask=col_ok, other=0.0)
-            part = tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION)
-            acc += part * b_s[None, :]
+        if QUANT == 2:
+            # mxfp4, a K tile of one exponent group (BLOCK_K == GROUP): its 16 bytes a column
+            # give the even k (low nibbles) and the odd k (high nibbles), each a dot with
+            # those columns of the activations, so no register shuffle interleaves them; the
+            # group's scale then multiplies the tile's product once.
+            bk = k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            bk_ok = bk * 2 < K
+            b_ptrs = b_base + offs_n[None, :] * stride_bn + bk[:, None] * stride_bk
+            byte = tl.load(b_ptrs, mask=bk_ok[:, None] & col_ok[None, :], other=0).to(tl.int32)
+            a_mask = row_ok[:, None] & bk_ok[None, :]
+            a_even = tl.load(a_rows + (2 * bk)[None, :] * stride_ak, mask=a_mask, other=0.0)
+            a_odd = tl.load(a_rows + (2 * bk + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
+            lo = e2m1_as_fp16(byte, 0).to(a_even.dtype)
+            hi = e2m1_as_fp16(byte, 4).to(a_even.dtype)
+            part = tl.dot(a_even, lo, input_precision=DOT_PRECISION)
+            part = tl.dot(a_odd, hi, part, input_precision=DOT_PRECISION)
+            e = tl.load(s_base + offs_n * stride_bsn + k * stride_bsk, mask=col_ok, other=0)
+            acc += part * e8m0_factor(e)[None, :]
         else:
-            b = load_weights(
-                b_base, s_base, offs_n[None, :], kk[:, None], col_ok[None, :], b_mask,
-                k * BLOCK_K, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                QUANT, GROUP, BLOCK_K <= GROUP,
-            )  # fmt: skip
-            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
+            b_mask = k_ok[:, None] & col_ok[None, :]
+            b_ptrs = b_base + offs_n[None, :] * stride_bn + kk[:, None] * stride_bk
+            if FP8_DOT:
+                # other=0: a NaN byte past K would poison the dot even against a's zeros
+                b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+                g = (k * BLOCK_K) // GROUP  # the tile's scale group, activations and weights
+                a_s = tl.load(
+                    a_scale_ptr + (ids // ROWS_PER_A) * stride_as + g, mask=row_ok, other=0.0
+                )
+                b_s = tl.load(s_base + offs_n * stride_bsn + g * stride_bsk, mask=col_ok, other=0.0)
+                acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            elif QUANT == 1 and BLOCK_K <= GROUP:
+                # One scale per column of the tile: the float8 values go to the tensor cores
+                # in the activations' dtype (exact) and the scale multiplies the tile's
+                # product, BLOCK_N multiplies instead of BLOCK_K * BLOCK_N.
+                b = tl.load(b_ptrs, mask=b_mask)
+                g = (k * BLOCK_K) // GROUP
+                b_s = tl.load(s_base + offs_n * stride_bsn + g * stride_bsk, mask=col_ok, other=0.0)
+                part = tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION)
+                acc += part * b_s[None, :]
+            else:
+                b = load_weights(
+                    b_base, s_base, offs_n[None, :], kk[:, None], col_ok[None, :], b_mask,
+                    k * BLOCK_K, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                    QUANT, GROUP, BLOCK_K <= GROUP,
+                )  # fmt: skip
+                acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
 
     if SPLIT_K > 1:  # the reader adds the partials, rounds and weighs
         c_ptrs = c_ptr + tl.program_id(1) * stride_cs + ids[:, None] * stride_cm
@@ -266,6 +287,7 @@ def moe_gemm(
     fp8_dot = a_scale is not None
     assert not fp8_dot or (quant == "fp8" and FP8_GROUP % cfg["BLOCK_K"] == 0), cfg
     assert (b_scale is None) == (quant == ""), "quantized weights need their scales"
+    assert quant != "mxfp4" or cfg["BLOCK_K"] == group, "mxfp4 K tiles are one exponent group"
     if b_scale is not None:
         assert b_scale.shape[:2] == b_ENK.shape[:2] and b_scale.shape[2] == -(-K // group)
     P = sorted_ids_P.numel()

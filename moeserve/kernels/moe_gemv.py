@@ -13,6 +13,11 @@ added and rounded, then the activation as kernels.fused_moe's silu_mul; GEMM 2 w
 rows that the sum over k rounds, weighs and adds (moe_epilogue's _sum_split_kernel). Sentinel
 assignments (expert >= num_experts) are skipped; the sum drops their rows.
 
+Quantized weights (kernels.quant) are read a tile of whole scale groups at a time: each
+group's dot with the activations is summed in float32 and multiplied by the group's scale
+once, so a weight costs its conversion and one multiply-add (mxfp4: two nibbles a byte
+against the even and odd activations).
+
 Shapes: R = T*K assignments, E experts (or cache slots), F intermediate, D hidden.
 """
 
@@ -22,32 +27,103 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting
+from moeserve.kernels import interpreting, k_splits
 from moeserve.kernels.moe_epilogue import activate, rnd
-from moeserve.kernels.moe_quant import load_weights, quant_code
-from moeserve.kernels.quant import real_k
+from moeserve.kernels.moe_quant import e2m1_as_fp16, e8m0_factor, quant_code
+from moeserve.kernels.quant import group_size, real_k
 
 # Up to this many tokens, and for experts up to this intermediate width, the fused MoE takes
 # these kernels (kernels.fused_moe). Beyond that many tokens the experts repeat across tokens,
 # and the grouped GEMM reads each expert's weights once for all its rows where these read them
 # once per row; for wide experts the grouped GEMM's K splits already fill the device. Batch-1
 # decode on an H200 (benchmarks/RESULTS.md): Qwen3-30B-A3B (F 768) and DeepSeek-V2-Lite (F
-# 1408) 4% faster with these, gpt-oss-20b (F 2880) 6% slower.
+# 1408) 4% faster with these, gpt-oss-20b (F 2880) 6% slower. Quantized experts take them at
+# any width: the grouped GEMM dequantizes every weight before its dot, these scale each
+# group's dot once.
 GEMV_MAX_TOKENS = 1
 GEMV_MAX_INTERMEDIATE = 2048
 
 
-def takes_gemv(num_tokens: int, intermediate: int) -> bool:
-    return num_tokens <= GEMV_MAX_TOKENS and intermediate <= GEMV_MAX_INTERMEDIATE
+def takes_gemv(num_tokens: int, intermediate: int, quant: str = "") -> bool:
+    return num_tokens <= GEMV_MAX_TOKENS and (bool(quant) or intermediate <= GEMV_MAX_INTERMEDIATE)
 
 
-def gemv_config(N: int, K: int, quant: str = "") -> dict[str, int]:
-    """BLOCK_N output rows per program, BLOCK_K columns per load, warps (kernel_bench --gemv).
-    fp8 weights: K blocks of at most one scale group (one scale load per row and block)."""
+def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int]:
+    """BLOCK_N output rows per program, BLOCK_K columns per K tile, warps, and for the down
+    projection of `rows` assignments SPLIT_K, the K splits that fill the SMs (gate/up does
+    not split: its activation needs whole sums) (kernel_bench --gemv --sweep).
+    Quantized weights: K tiles of whole scale groups (fp8 128, mxfp4 32 elements)."""
     if interpreting():  # every program runs in Python: few, small ones
-        return dict(BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    most = 128 if quant == "fp8" else 256
-    return dict(BLOCK_N=16, BLOCK_K=min(most, triton.next_power_of_2(K)), num_warps=4)
+        return dict(BLOCK_N=16, BLOCK_K=group_size(quant) if quant else 16, num_warps=4, SPLIT_K=1)
+    block_k = min(256, triton.next_power_of_2(K))
+    if quant:
+        block_k = max(block_k, group_size(quant))
+    cfg = dict(BLOCK_N=16, BLOCK_K=block_k, num_warps=4, SPLIT_K=1)
+    if rows:
+        programs = rows * triton.cdiv(N, cfg["BLOCK_N"])
+        cfg["SPLIT_K"] = k_splits(programs, triton.cdiv(K, block_k), _MIN_K_TILES, 8)
+    return cfg
+
+
+# The fewest K tiles a split of the down GEMV streams.
+_MIN_K_TILES = 4
+
+
+@triton.jit
+def _x_tile(x_row, k0, K, QUANT: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr):
+    """The activations of the K tile [k0, k0 + G*GROUP) as [1, G, GROUP] float32, loaded once
+    for every weight row of the program; mxfp4: split into (even k, odd k) halves [1, G,
+    GROUP/2] in registers (a stride-2 load would be a scalar load per element)."""
+    kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
+    x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+    if QUANT == 2:
+        x_even, x_odd = tl.split(tl.reshape(x, (1, G, GROUP // 2, 2)))
+    else:
+        x_even, x_odd = x, x
+    return x_even, x_odd
+
+
+@triton.jit
+def _quant_tile(
+    w_e,  # one expert's stored weight [N, K] (mxfp4: [N, K/2] bytes)
+    s_e,  # its scales [N, ceil(K/GROUP)]
+    rows,  # [BLOCK_N] output rows
+    n_ok,
+    x_even,  # _x_tile's activations (fp8: both the whole tile)
+    x_odd,
+    k0,  # the tile's first K index (a multiple of GROUP)
+    K,
+    stride_wn,
+    stride_sn,
+    stride_sk,
+    QUANT: tl.constexpr,  # 1 fp8, 2 mxfp4
+    GROUP: tl.constexpr,
+    G: tl.constexpr,  # scale groups in the tile
+):
+    """Sum over the K tile [k0, k0 + G*GROUP) of w[n, k] * x[k], per row and scale group:
+    [BLOCK_N, G] float32, each group's dot scaled once (not each weight)."""
+    g = k0 // GROUP + tl.arange(0, G)
+    n3 = rows[:, None, None]
+    s_ptrs = s_e + rows[:, None] * stride_sn + g[None, :] * stride_sk
+    s_ok = n_ok[:, None] & (g[None, :] * GROUP < K)
+    if QUANT == 1:
+        kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
+        w = tl.load(w_e + n3 * stride_wn + kk, mask=n_ok[:, None, None] & (kk < K), other=0.0)
+        part = tl.sum(w.to(tl.float32) * x_even, axis=2)
+        out = part * tl.load(s_ptrs, mask=s_ok, other=0.0)
+    else:
+        # mxfp4: a group's 32 elements are 16 bytes, even k in the low nibbles; the low and
+        # high nibbles meet the even and odd activations (no interleaving of weights).
+        HALF: tl.constexpr = GROUP // 2
+        bk = k0 // 2 + tl.arange(0, G)[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        bk = bk[None, :, :]
+        m = n_ok[:, None, None] & (bk * 2 < K)
+        byte = tl.load(w_e + n3 * stride_wn + bk, mask=m, other=0).to(tl.int32)
+        lo = e2m1_as_fp16(byte, 0).to(tl.float32)
+        hi = e2m1_as_fp16(byte, 4).to(tl.float32)
+        part = tl.sum(lo * x_even + hi * x_odd, axis=2)
+        out = part * e8m0_factor(tl.load(s_ptrs, mask=s_ok, other=0))
+    return out
 
 
 @triton.jit
@@ -93,26 +169,37 @@ def _gate_up_act_kernel(
     x_row = x_ptr + (r // ROWS_PER_X) * stride_x
     w_e = w_ptr + expert * stride_we
     s_e = s_ptr + expert * stride_se
-    n = offs_n[:, None]
-    acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < K
-        x = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        m = n_ok[:, None] & k_ok[None, :]
-        gate = load_weights(
-            w_e, s_e, n, kk[None, :], n_ok[:, None], m, k0,
-            stride_wn, 1, stride_sn, stride_sk, QUANT, GROUP, BLOCK_K <= GROUP,
-        )  # fmt: skip
-        up = load_weights(
-            w_e, s_e, n + F, kk[None, :], n_ok[:, None], m, k0,
-            stride_wn, 1, stride_sn, stride_sk, QUANT, GROUP, BLOCK_K <= GROUP,
-        )  # fmt: skip
-        acc_g += gate.to(tl.float32) * x
-        acc_u += up.to(tl.float32) * x
-    gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
-    up = rnd(tl.sum(acc_u, axis=1), h_ptr)
+    if QUANT == 0:
+        n = offs_n[:, None]
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < K
+            x = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            m = n_ok[:, None] & k_ok[None, :]
+            w_gate = tl.load(w_e + n * stride_wn + kk[None, :], mask=m, other=0.0)
+            w_up = tl.load(w_e + (n + F) * stride_wn + kk[None, :], mask=m, other=0.0)
+            acc_g += w_gate.to(tl.float32) * x
+            acc_u += w_up.to(tl.float32) * x
+        gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
+        up = rnd(tl.sum(acc_u, axis=1), h_ptr)
+    else:
+        G: tl.constexpr = BLOCK_K // GROUP
+        acc_g = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            xa, xb = _x_tile(x_row, k0, K, QUANT, GROUP, G)
+            acc_g += _quant_tile(
+                w_e, s_e, offs_n, n_ok, xa, xb, k0, K,
+                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G,
+            )  # fmt: skip
+            acc_u += _quant_tile(
+                w_e, s_e, offs_n + F, n_ok, xa, xb, k0, K,
+                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G,
+            )  # fmt: skip
+        gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
+        up = rnd(tl.sum(acc_u, axis=1), h_ptr)
     if HAS_BIAS:
         b_row = bias_ptr + expert * stride_bias + offs_n
         gate = rnd(gate + tl.load(b_row, mask=n_ok, other=0.0).to(tl.float32), h_ptr)
@@ -125,7 +212,7 @@ def _gate_up_act_kernel(
 def _down_kernel(
     h_ptr,  # [R, K] (K = F)
     w_ptr,  # [slots, N, K] (N = D)
-    out_ptr,  # [R, N] float32
+    out_ptr,  # [SPLIT, R, N] float32: each K split's partial sums
     experts_ptr,
     slot_ptr,
     s_ptr,  # [slots, N, ceil(K/GROUP)] weight scales (QUANT)
@@ -136,6 +223,7 @@ def _down_kernel(
     stride_we,
     stride_wn,
     stride_out,
+    stride_split,
     stride_se,
     stride_sn,
     stride_sk,
@@ -157,18 +245,30 @@ def _down_kernel(
     h_row = h_ptr + r * stride_h
     w_e = w_ptr + expert * stride_we
     s_e = s_ptr + expert * stride_se
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < K
-        h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        m = n_ok[:, None] & k_ok[None, :]
-        w = load_weights(
-            w_e, s_e, offs_n[:, None], kk[None, :], n_ok[:, None], m, k0,
-            stride_wn, 1, stride_sn, stride_sk, QUANT, GROUP, BLOCK_K <= GROUP,
-        )  # fmt: skip
-        acc += w.to(tl.float32) * h
-    tl.store(out_ptr + r * stride_out + offs_n, tl.sum(acc, axis=1), mask=n_ok)
+    # This program's K range: whole tiles, the splits as even as the tiles allow.
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(2)) * BLOCK_K
+    k_first = tl.program_id(2) * per_split
+    k_end = tl.minimum(k_first + per_split, K)
+    if QUANT == 0:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_first, k_end, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < k_end
+            h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            m = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_e + offs_n[:, None] * stride_wn + kk[None, :], mask=m, other=0.0)
+            acc += w.to(tl.float32) * h
+    else:
+        G: tl.constexpr = BLOCK_K // GROUP
+        acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        for k0 in range(k_first, k_end, BLOCK_K):
+            ha, hb = _x_tile(h_row, k0, K, QUANT, GROUP, G)
+            acc += _quant_tile(
+                w_e, s_e, offs_n, n_ok, ha, hb, k0, K,
+                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G,
+            )  # fmt: skip
+    out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
+    tl.store(out_row + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
 
 def gemv_gate_up_act(
@@ -233,7 +333,7 @@ def gemv_gate_up_act(
 def gemv_down(
     h_RF: torch.Tensor,
     w_down_EDF: torch.Tensor,
-    out_RD: torch.Tensor,
+    out_SRD: torch.Tensor,
     experts_R: torch.Tensor,
     num_experts: int,
     *,
@@ -242,28 +342,30 @@ def gemv_down(
     w_scale: torch.Tensor | None = None,
     quant: str = "",
 ) -> None:
-    """out_RD[r] = h[r] @ w_down[e_r].T in float32 (unrounded: the sum over k rounds)."""
+    """out_SRD[s, r] = h[r, K split s] @ w_down[e_r, :, K split s].T in float32, for the
+    S = out_SRD.shape[0] splits of K (unrounded partials: the sum over k adds and rounds)."""
     R, D, F = experts_R.numel(), w_down_EDF.shape[1], real_k(w_down_EDF, quant)
     code, group = quant_code(quant)
     assert (w_scale is None) == (quant == ""), "quantized weights need their scales"
-    assert out_RD.dtype == torch.float32 and out_RD.stride(1) == 1
+    assert out_SRD.dtype == torch.float32 and out_SRD.stride(2) == 1
     assert h_RF.stride(1) == 1 and w_down_EDF.stride(2) == 1
     cfg = cfg or gemv_config(D, F, quant)
     if R:
-        _down_kernel[(triton.cdiv(D, cfg["BLOCK_N"]), R)](
+        _down_kernel[(triton.cdiv(D, cfg["BLOCK_N"]), R, out_SRD.shape[0])](
             h_RF,
             w_down_EDF,
-            out_RD,
+            out_SRD,
             experts_R,
             expert_slot_E if expert_slot_E is not None else experts_R,
-            w_scale if w_scale is not None else out_RD,
+            w_scale if w_scale is not None else out_SRD,
             D,
             F,
             num_experts,
             h_RF.stride(0),
             w_down_EDF.stride(0),
             w_down_EDF.stride(1),
-            out_RD.stride(0),
+            out_SRD.stride(1),
+            out_SRD.stride(0),
             *(w_scale.stride() if w_scale is not None else (0, 0, 0)),
             HAS_SLOT=expert_slot_E is not None,
             BLOCK_N=cfg["BLOCK_N"],
