@@ -94,8 +94,8 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
     weights = torch.rand(t, K_TOP, device="cuda")
     touched = experts.unique().numel()
     rows = []
-    base1 = mg.gemm_config(t, E, K_TOP, 2 * F, D, torch.bfloat16)
-    base2 = mg.gemm_config(t, E, K_TOP, D, F, torch.bfloat16)
+    base1 = mg.gemm_config(t, E, K_TOP, 2 * F, D, torch.bfloat16, QUANT)
+    base2 = mg.gemm_config(t, E, K_TOP, D, F, torch.bfloat16, QUANT)
     fp8_dot = mq.takes_fp8_dot(QUANT, base1["BLOCK_M"])
     if fp8_dot:
         base1, base2 = mq.fp8_dot_config(base1, D), mq.fp8_dot_config(base2, F)
@@ -110,7 +110,11 @@ def moe_gemms(t: int, cfgs: list[dict[str, int]] | None) -> list[dict[str, Any]]
         ids, blocks, used = fm.moe_align(experts, E, base["BLOCK_M"])
         per_a = K_TOP if name == "gate_up" else 1
         for cfg in [base] + [dict(base, **c2) for c2 in (cfgs or [])]:
-            if cfg["BLOCK_M"] != base["BLOCK_M"] or (fp8_dot and cfg["BLOCK_K"] > 128):
+            if (
+                cfg["BLOCK_M"] != base["BLOCK_M"]
+                or (fp8_dot and cfg["BLOCK_K"] > 128)
+                or (QUANT == "mxfp4" and cfg["BLOCK_K"] != base["BLOCK_K"])  # one group a tile
+            ):
                 continue
             split = cfg["SPLIT_K"]
             # Split: float32 partials; their reader (silu_mul, the sum over k) is not timed here.
@@ -157,14 +161,25 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
     touched = experts.unique().numel()
     experts_R = experts.flatten()
     h = torch.randn(t * K_TOP, F, dtype=torch.bfloat16, device="cuda")
-    out = torch.empty(t * K_TOP, D, dtype=torch.float32, device="cuda")
-    grid = itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8)) if sweep else ()
     rows = []
     for name, n, k in (("gate_up+act", 2 * F, D), ("down", D, F)):
-        base = mv.gemv_config(n // 2 if name != "down" else n, k, QUANT)
-        for cfg in [base] + [dict(BLOCK_N=a, BLOCK_K=b, num_warps=c) for a, b, c in grid]:
-            if name == "down":
-                fn = lambda cfg=cfg: mv.gemv_down(  # noqa: E731
+        down = name == "down"
+        base = (
+            mv.gemv_config(n, k, QUANT, rows=t * K_TOP)
+            if down
+            else mv.gemv_config(n // 2, k, QUANT)
+        )
+        tiles = ((4, 8, 16), (1, 4)) if down else ((4, 8, 16, 32), (1,))
+        grid = itertools.product(tiles[0], (128, 256, 512), (4, 8), tiles[1]) if sweep else ()
+        cfgs = [base] + [
+            dict(BLOCK_N=a, BLOCK_K=b, num_warps=c, SPLIT_K=d)
+            for a, b, c, d in grid
+            if b >= (qt.group_size(QUANT) if QUANT else 1)
+        ]
+        for cfg in cfgs:
+            if down:
+                out = torch.empty(cfg["SPLIT_K"], t * K_TOP, D, dtype=torch.float32, device="cuda")
+                fn = lambda cfg=cfg, out=out: mv.gemv_down(  # noqa: E731
                     h, w2, out, experts_R, E, cfg=cfg, w_scale=s2, quant=QUANT
                 )
             else:
