@@ -169,7 +169,7 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             if down
             else mv.gemv_config(n // 2, k, QUANT)
         )
-        tiles = ((4, 8, 16), (1, 4)) if down else ((4, 8, 16, 32), (1,))
+        tiles = ((4, 8, 16, 32), (1, 2, 4, 8)) if down else ((4, 8, 16, 32), (1,))
         grid = itertools.product(tiles[0], (128, 256, 512), (4, 8), tiles[1]) if sweep else ()
         cfgs = [base] + [
             dict(BLOCK_N=a, BLOCK_K=b, num_warps=c, SPLIT_K=d)

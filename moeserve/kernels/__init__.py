@@ -42,10 +42,13 @@ def num_sms() -> int:
 PROGRAMS_PER_SM = 4
 
 
-def k_splits(programs: int, k_blocks: int, min_k_blocks: int, most: int) -> int:
-    """Splits of K for a GEMM with `programs` output tiles: enough programs to fill the SMs,
-    each split at least `min_k_blocks` K blocks long (so it streams), at most `most`."""
-    want = -(-PROGRAMS_PER_SM * num_sms() // programs)
+def k_splits(
+    programs: int, k_blocks: int, min_k_blocks: int, most: int, per_sm: int = PROGRAMS_PER_SM
+) -> int:
+    """Splits of K for a GEMM with `programs` output tiles: enough programs to fill the SMs
+    (`per_sm` each), each split at least `min_k_blocks` K blocks long (so it streams), at most
+    `most`."""
+    want = -(-per_sm * num_sms() // programs)
     return max(1, min(want, k_blocks // min_k_blocks, most))
 
 

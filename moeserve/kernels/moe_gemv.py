@@ -32,41 +32,57 @@ from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_quant import e2m1_as_fp16, e8m0_factor, quant_code
 from moeserve.kernels.quant import group_size, real_k
 
-# Up to this many tokens, and for experts up to this intermediate width, the fused MoE takes
-# these kernels (kernels.fused_moe). Beyond that many tokens the experts repeat across tokens,
-# and the grouped GEMM reads each expert's weights once for all its rows where these read them
-# once per row; for wide experts the grouped GEMM's K splits already fill the device. Batch-1
-# decode on an H200 (benchmarks/RESULTS.md): Qwen3-30B-A3B (F 768) and DeepSeek-V2-Lite (F
-# 1408) 4% faster with these, gpt-oss-20b (F 2880) 6% slower. Quantized experts take them at
-# any width: the grouped GEMM dequantizes every weight before its dot, these scale each
-# group's dot once.
+# Up to this many tokens the fused MoE takes these kernels (kernels.fused_moe), for experts
+# of every width and format. Beyond that the experts repeat across tokens, and the grouped
+# GEMM reads each expert's weights once for all its rows where these read them once per row.
+# Batch-1 MoE layer in a CUDA graph on an H200 (benchmarks/RESULTS.md), these vs the grouped
+# GEMMs: Mixtral 180 vs 242 us, gpt-oss-20b 64 vs 130, Qwen3-30B-A3B 31 vs 102; fp8 and
+# mxfp4 weights gain more (the grouped GEMM dequantizes every weight before its dot, these
+# scale each group's dot once).
 GEMV_MAX_TOKENS = 1
-GEMV_MAX_INTERMEDIATE = 2048
 
 
-def takes_gemv(num_tokens: int, intermediate: int, quant: str = "") -> bool:
-    return num_tokens <= GEMV_MAX_TOKENS and (bool(quant) or intermediate <= GEMV_MAX_INTERMEDIATE)
+def takes_gemv(num_tokens: int) -> bool:
+    return num_tokens <= GEMV_MAX_TOKENS
 
 
 def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int]:
     """BLOCK_N output rows per program, BLOCK_K columns per K tile, warps, and for the down
     projection of `rows` assignments SPLIT_K, the K splits that fill the SMs (gate/up does
-    not split: its activation needs whole sums) (kernel_bench --gemv --sweep).
-    Quantized weights: K tiles of whole scale groups (fp8 128, mxfp4 32 elements)."""
+    not split: its activation needs whole sums). Quantized weights: K tiles of whole scale
+    groups (fp8 128, mxfp4 32 elements).
+
+    From kernel_bench --gemv --sweep on an H200 (benchmarks/RESULTS.md), Mixtral's and
+    gpt-oss's and Qwen3's experts at one token: the down projection splits K until each SM
+    has about 8 programs (more or fewer cost up to 5%). mxfp4 decodes nibbles in the ALUs,
+    so its programs take few rows (4) and long K tiles; fp8 and bf16 read 32 rows a tile
+    over 8 warps in gate/up; bf16's down 16 rows of 128 columns over 8 warps."""
     if interpreting():  # every program runs in Python: few, small ones
         return dict(BLOCK_N=16, BLOCK_K=group_size(quant) if quant else 16, num_warps=4, SPLIT_K=1)
-    block_k = min(256, triton.next_power_of_2(K))
-    if quant:
-        block_k = max(block_k, group_size(quant))
-    cfg = dict(BLOCK_N=16, BLOCK_K=block_k, num_warps=4, SPLIT_K=1)
-    if rows:
-        programs = rows * triton.cdiv(N, cfg["BLOCK_N"])
-        cfg["SPLIT_K"] = k_splits(programs, triton.cdiv(K, block_k), _MIN_K_TILES, 8)
+    down = rows > 0
+    block_n, block_k, warps = _GEMV_TILES[quant, down]
+    block_k = max(min(block_k, triton.next_power_of_2(K)), group_size(quant) if quant else 16)
+    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=1)
+    if down:
+        programs = rows * triton.cdiv(N, block_n)
+        cfg["SPLIT_K"] = k_splits(
+            programs, triton.cdiv(K, block_k), _MIN_K_TILES, 8, per_sm=_DOWN_PROGRAMS_PER_SM
+        )
     return cfg
 
 
-# The fewest K tiles a split of the down GEMV streams.
+# (quant, down projection) -> (BLOCK_N, BLOCK_K, num_warps), gemv_config's measurements.
+_GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int]] = {
+    ("", False): (32, 128, 8),
+    ("", True): (16, 128, 8),
+    ("fp8", False): (32, 256, 8),
+    ("fp8", True): (32, 512, 4),
+    ("mxfp4", False): (4, 512, 4),
+    ("mxfp4", True): (4, 512, 4),
+}
+# The fewest K tiles a split of the down GEMV streams, and the programs it aims for per SM.
 _MIN_K_TILES = 4
+_DOWN_PROGRAMS_PER_SM = 8
 
 
 @triton.jit
