@@ -232,7 +232,7 @@ def fused_moe(
 
     alloc = torch.zeros if interpreting() else torch.empty
     if gemv is None:
-        gemv = split_k is None and takes_gemv(T)
+        gemv = split_k is None and takes_gemv(T, F, quant)
     if gemv:
         experts_R = experts_TK.reshape(R)
         h_RF = gemv_gate_up_act(

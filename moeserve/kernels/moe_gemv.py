@@ -32,18 +32,20 @@ from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_quant import e2m1_as_fp16, e8m0_factor, quant_code
 from moeserve.kernels.quant import group_size, real_k
 
-# Up to this many tokens the fused MoE takes these kernels (kernels.fused_moe), for experts
-# of every width and format. Beyond that the experts repeat across tokens, and the grouped
-# GEMM reads each expert's weights once for all its rows where these read them once per row.
-# Batch-1 MoE layer in a CUDA graph on an H200 (benchmarks/RESULTS.md), these vs the grouped
-# GEMMs: Mixtral 180 vs 242 us, gpt-oss-20b 64 vs 130, Qwen3-30B-A3B 31 vs 102; fp8 and
-# mxfp4 weights gain more (the grouped GEMM dequantizes every weight before its dot, these
-# scale each group's dot once).
+# Up to this many tokens, and for bf16 experts up to this intermediate width, the fused MoE
+# takes these kernels (kernels.fused_moe). Beyond that many tokens the experts repeat across
+# tokens, and the grouped GEMM reads each expert's weights once for all its rows where these
+# read them once per row; for wide bf16 experts the grouped GEMM's K splits stream as fast.
+# Batch-1 decode on an H200, same run, GEMVs vs grouped GEMMs (benchmarks/RESULTS.md):
+# Qwen3-30B-A3B (F 768) 1.12x, Mixtral (F 14336) 0.97x, gpt-oss-20b (F 2880) 0.94x.
+# Quantized experts take them at any width: the grouped GEMM dequantizes every weight before
+# its dot, these scale each group's dot once (fp8 Mixtral layer 117 vs 224 us).
 GEMV_MAX_TOKENS = 1
+GEMV_MAX_INTERMEDIATE = 2048
 
 
-def takes_gemv(num_tokens: int) -> bool:
-    return num_tokens <= GEMV_MAX_TOKENS
+def takes_gemv(num_tokens: int, intermediate: int, quant: str = "") -> bool:
+    return num_tokens <= GEMV_MAX_TOKENS and (bool(quant) or intermediate <= GEMV_MAX_INTERMEDIATE)
 
 
 def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int]:
