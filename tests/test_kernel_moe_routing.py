@@ -61,6 +61,24 @@ def test_route_and_align_matches_torch(
     assert torch.equal(counts - 5, torch.bincount(real, minlength=e))
 
 
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize(("t", "e", "k"), [(1, 128, 8), (1, 8, 2), (3, 60, 4), (16, 32, 4)])
+def test_routing_without_alignment(device: str, t: int, e: int, k: int) -> None:
+    """block_m 0 (the GEMVs' routing, one warp for a decode token): the same weights,
+    experts and counts as with the alignment, and no alignment."""
+    g = torch.Generator().manual_seed(t + e)
+    logits = (torch.randn(t, e, generator=g) * 3).to(device)
+    valid = torch.ones(t, dtype=torch.long, device=device)
+    valid[-1] = t == 1
+    c0, c1 = (torch.zeros(e, dtype=torch.int64, device=device) for _ in range(2))
+    w, x, align = moe_routing.route_and_align(logits, k, True, 0, valid, c0)
+    want_w, want_x, _ = moe_routing.route_and_align(logits, k, True, 16, valid, c1)
+    assert align is None
+    assert torch.equal(x, want_x) and torch.equal(c0, c1)
+    assert torch.equal(w, want_w)
+    assert int(c0.sum()) == k * int(valid.sum())
+
+
 def test_applicable_bounds_the_tile() -> None:
     assert moe_routing.applicable(1, 8, 2) and moe_routing.applicable(1024, 8, 2)
     assert not moe_routing.applicable(2048, 8, 2)

@@ -66,6 +66,7 @@ def _route_align_kernel(
     TOPK_GROUP: tl.constexpr = 0,
     GROUP_MAX: tl.constexpr = False,
     G_PAD: tl.constexpr = 1,
+    ALIGN: tl.constexpr = True,
 ):
     rows = tl.arange(0, T_PAD)
     cols = tl.arange(0, E_PAD)
@@ -137,6 +138,11 @@ def _route_align_kernel(
     # tokens that picked it.
     taken = ((k_te >= 0) & valid[:, None] & col_ok[None, :]).to(tl.int32)
     count = tl.sum(taken, 0)
+    if COUNT:
+        before = tl.load(counts_ptr + cols, mask=col_ok, other=0)
+        tl.store(counts_ptr + cols, before + count.to(tl.int64), mask=col_ok)
+    if not ALIGN:
+        return
     padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end = tl.cumsum(padded, 0)
     rank = tl.cumsum(taken, 0) - taken
@@ -153,9 +159,6 @@ def _route_align_kernel(
         owner = tl.sum(((end[None, :] <= first[:, None]) & col_ok[None, :]).to(tl.int32), 1)
         owner = tl.where(first < used, owner, -1)
         tl.store(block_expert_ptr + qq, owner, mask=qq < Q)
-    if COUNT:
-        before = tl.load(counts_ptr + cols, mask=col_ok, other=0)
-        tl.store(counts_ptr + cols, before + count.to(tl.int64), mask=col_ok)
     tl.store(num_post_pad_ptr, used)
 
 
@@ -202,8 +205,9 @@ def route_and_align(
     bias_E: torch.Tensor | None = None,
     groups: tuple[int, int, bool] | None = None,
     scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(weights_TK float32, experts_TK int64, (sorted_ids_P, block_expert_Q, num_post_pad_1)).
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+    """(weights_TK float32, experts_TK int64, (sorted_ids_P, block_expert_Q, num_post_pad_1)),
+    the alignment None when block_m is 0 (the GEMVs of kernels.moe_gemv need none).
 
     The rules of route(): softmax or `sigmoid` scores, the float32 correction bias_E [E] for
     selection only, `groups` (n_group, topk_group, scored by their max rather than the sum of
@@ -222,15 +226,18 @@ def route_and_align(
     t, e = router_logits_TE.shape
     dev = router_logits_TE.device
     assert router_logits_TE.stride(1) == 1 and applicable(t, e, top_k)
-    r = t * top_k
-    p = triton.cdiv(r + e * (block_m - 1), block_m) * block_m
-    q = p // block_m
+    align = block_m > 0
     weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
     experts = torch.empty(t, top_k, dtype=torch.int64, device=dev)
+    p = q = 1
+    if align:
+        p = triton.cdiv(t * top_k + e * (block_m - 1), block_m) * block_m
+        q = p // block_m
     sorted_ids = torch.empty(p, dtype=torch.int32, device=dev)
     block_expert = torch.empty(q, dtype=torch.int32, device=dev)
     num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
     pad = triton.next_power_of_2
+    tile = pad(t) * pad(e)
     _route_align_kernel[(1,)](
         router_logits_TE,
         router_logits_TE.stride(0),
@@ -247,7 +254,7 @@ def route_and_align(
         q,
         E=e,
         K=top_k,
-        BLOCK_M=block_m,
+        BLOCK_M=max(block_m, 1),
         T_PAD=pad(t),
         E_PAD=pad(e),
         K_PAD=pad(top_k),
@@ -267,8 +274,11 @@ def route_and_align(
         TOPK_GROUP=groups[1] if groups else 0,
         GROUP_MAX=groups[2] if groups else False,
         G_PAD=pad(groups[0]) if groups else 1,
+        ALIGN=align,
         # The [tokens, experts] tiles live in registers: more warps as they grow, so that a
-        # 64 x 128 tile (Qwen3-30B-A3B at batch 64) does not spill.
-        num_warps=max(4, min(16, pad(t) * pad(e) // 512)),
+        # 64 x 128 tile (Qwen3-30B-A3B at batch 64) does not spill. A decode token's routing
+        # alone takes one warp: each of the top-k argmaxes is then a warp shuffle, not a
+        # round trip through shared memory.
+        num_warps=max(4, min(16, tile // 512)) if align or tile > 256 else 1,
     )
-    return weights, experts, (sorted_ids, block_expert, num_post_pad)
+    return weights, experts, (sorted_ids, block_expert, num_post_pad) if align else None

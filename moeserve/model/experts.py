@@ -167,12 +167,15 @@ def fused_experts(
     counter_E: incremented by the tokens per expert."""
     from moeserve.kernels.fused_moe import fused_moe
     from moeserve.kernels.moe_gemm import moe_block_m
+    from moeserve.kernels.moe_gemv import takes_gemv
 
     t = x_TD.shape[0]
     quant = scales.kernel_args() if scales is not None else {}
     if triton_route:
         f, d = w_gate_up_EFD.shape[1] // 2, w_down_EDF.shape[1]
-        block_m = moe_block_m(t, spec.num_experts, spec.top_k, f, d, x_TD.dtype)
+        gemv = takes_gemv(t, f, quant.get("quant", ""))
+        # The GEMVs run one program per assignment: no alignment to compute (block_m 0).
+        block_m = 0 if gemv else moe_block_m(t, spec.num_experts, spec.top_k, f, d, x_TD.dtype)
         weights_TK, experts_TK, align = route(
             logits_TE,
             spec,
@@ -190,6 +193,7 @@ def fused_experts(
             weights_TK,
             experts_TK,
             align=align,
+            gemv=gemv,
             residual_TD=residual_TD,
             b_gate_up_EF=b_gate_up_EF,
             b_down_ED=b_down_ED,

@@ -129,10 +129,10 @@ def route(
 
     backend "torch": every rule; align is None; nothing is counted (the dispatch counts).
     backend "triton" (triton_routable must hold): also the fused GEMMs' alignment for
-    `block_m` (kernels.fused_moe.moe_align's result) and, when counts_E (int64 [E]) is given,
-    the tokens each expert got added to it. logits_TE may then be float32 split-K partials
-    [split, T, E] (kernels.linear) of logits whose dtype F.linear would return is
-    `logits_dtype`: they are added and rounded to it first.
+    `block_m` (kernels.fused_moe.moe_align's result; None for block_m 0) and, when
+    counts_E (int64 [E]) is given, the tokens each expert got added to it. logits_TE may
+    then be float32 split-K partials [split, T, E] (kernels.linear) of logits whose dtype
+    F.linear would return is `logits_dtype`: they are added and rounded to it first.
     """
     if backend == "triton":
         assert spec.triton_rules and (bias_E is not None) == spec.correction_bias
