@@ -312,6 +312,7 @@ def test_deepseek_v3_size_turns_per_expert_series_off() -> None:
 # ---- exposition ----------------------------------------------------------------------------
 EXPECTED_TYPES = {
     "moeserve_model_info": "gauge",
+    "moeserve_model_weight_bytes": "gauge",
     "moeserve_num_requests_running": "gauge",
     "moeserve_num_requests_waiting": "gauge",
     "moeserve_kv_cache_usage_perc": "gauge",
