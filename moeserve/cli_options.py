@@ -184,7 +184,8 @@ def add_engine_args(p: EnvDefaults) -> None:
         "--quantization",
         default=None,
         choices=["fp8"],
-        help="fp8: quantize a float checkpoint's routed experts at load (float8 e4m3, one "
+        help="fp8: quantize a float checkpoint's routed experts and dense linears at load "
+        "(float8 e4m3, one "
         "scale per row and 128 columns): half the memory and PCIe bytes. FP8 and MXFP4 "
         "checkpoints need no flag",
     )

@@ -105,6 +105,8 @@ class ModelConfig:
     # How the routed experts are stored (model/quant.py): "" in the model dtype, "fp8" or
     # "mxfp4"; from the checkpoint's quantization_config or --quantization.
     expert_quant: str = ""
+    # How the dense linears are stored: "" in the model dtype or "fp8" (model/quant.py).
+    dense_quant: str = ""
 
     @property
     def num_sparse_layers(self) -> int:
@@ -240,7 +242,8 @@ class LoadConfig:
     path: str
     dtype: str = "auto"  # the checkpoint's own, or float32 / bfloat16 / float16
     load_format: str = "safetensors"  # dummy: random weights of config.json's shapes
-    quantization: str | None = None  # "fp8": quantize a float checkpoint's experts at load
+    # "fp8": quantize a float checkpoint's experts and dense linears at load
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

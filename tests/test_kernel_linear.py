@@ -59,3 +59,32 @@ def test_config_splits_to_fill_the_device(monkeypatch: pytest.MonkeyPatch) -> No
     assert wide["SPLIT"] == 1
     assert linear.applicable(torch.empty(16, 4)) and not linear.applicable(torch.empty(17, 4))
     assert not linear.applicable(torch.empty(0, 4))
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.float32),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+        pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+    ],
+)
+@pytest.mark.parametrize(("t", "n", "k"), [(1, 40, 300), (5, 96, 256), (40, 33, 136)])
+def test_fp8_weight_partials_match_the_dequantized_linear(
+    device: str, dtype: torch.dtype, t: int, n: int, k: int
+) -> None:
+    """FP8 weights with a scale per row and 128 columns (a partial last group too): the
+    partials add up to F.linear on the dequantized weight, rounded as the readable path
+    rounds it (to the activations' dtype), bias held once; up to FP8_MAX_ROWS rows."""
+    from moeserve.kernels.quant import dequantize, quantize_fp8_rows
+
+    g = torch.Generator().manual_seed(t + n + k)
+    x = torch.randn(t, k, generator=g).to(device, dtype)
+    w, s = (a.to(device) for a in quantize_fp8_rows(torch.randn(n, k, generator=g) * 0.05))
+    bias = torch.randn(n, generator=g).to(device, dtype)
+    assert linear.applicable(x, scaled=True) and (t <= linear.MAX_ROWS) == linear.applicable(x)
+    got = linear.reduce_partials(linear.linear_partials(x, w, bias, w_scale=s), torch.float32)
+    w_real = dequantize(w, s, "fp8", dtype)
+    want = (x.double() @ w_real.double().T + bias.double()).float()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, want, **tol)

@@ -344,9 +344,16 @@ def test_gpu_quantized_checkpoints_in_cuda_graphs(tmp_path: Path, case: str) -> 
     _assert_matches(path, write_dequantized(path, tmp_path / "ref"), device="cuda")
 
 
+def _online_fp8(name: str) -> bool:
+    """Whether --quantization fp8 stores this checkpoint tensor in FP8: the routed experts
+    and the dense projections (the routers are `*.gate.weight`)."""
+    return (".experts." in name and name.endswith(".weight")) or name.endswith("_proj.weight")
+
+
 def _online_fp8_reference(path: Path, out: Path) -> Path:
-    """A copy of float checkpoint `path` whose routed experts' weights are quantize-
-    dequantized in 1x128 groups (scale = amax/448 per row per 128 inputs)."""
+    """A copy of float checkpoint `path` whose routed experts' and dense linears' weights
+    (not the routers') are quantize-dequantized in 1x128 groups (scale = amax/448 per row
+    per 128 inputs)."""
     out.mkdir()
     for f in path.iterdir():
         if f.suffix != ".safetensors":
@@ -354,7 +361,7 @@ def _online_fp8_reference(path: Path, out: Path) -> Path:
     for shard in sorted(path.glob("*.safetensors")):
         tensors = load_file(shard)
         for name, t in tensors.items():
-            if ".experts." in name and name.endswith(".weight") and t.ndim == 2:
+            if _online_fp8(name) and t.ndim == 2:
                 tensors[name] = fake_quant_fp8_rows(t)
         save_file(tensors, out / shard.name, metadata={"format": "pt"})
     return out
@@ -375,7 +382,8 @@ def test_online_fp8_matches_row_quantized_experts(
     path = make_float_checkpoint(tmp_path / family, family, **FP8_SIZES[family])
     ref = _online_fp8_reference(path, tmp_path / "ref")
     changed = [n for n, t in _tensors(ref).items() if not torch.equal(t, _tensors(path)[n])]
-    assert changed and all(".experts." in n for n in changed)
+    assert any(".experts." in n for n in changed) and any("self_attn" in n for n in changed)
+    assert all(_online_fp8(n) for n in changed)
     _assert_matches(path, ref, quantization="fp8", **options)
 
 

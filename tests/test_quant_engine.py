@@ -64,21 +64,38 @@ def test_online_fp8_stores_experts_quantized(qwen3: Path) -> None:
     want = layers * e * (2 * f * d + 2 * f * 2 * 4 + d * f + d * 2 * 4)
     assert experts == want
     assert plain_b[("experts", "float32", "device")] == layers * e * 3 * f * d * 4
-    assert fp8_b[("dense", "float32", "device")] == plain_b[("dense", "float32", "device")]
+    # The dense projections are FP8 too (a byte a weight and a float32 scale per 128
+    # columns); routers, norms, embeddings and the LM head stay float32.
+    attn = fp8.layers[0].attn
+    assert attn.qkv_weight.dtype == torch.float8_e4m3fn and attn.o_weight_scale is not None
+    assert fp8.moe_layers()[0][1].router.dtype == torch.float32
+    dense_fp8 = [p for p in fp8.parameters() if p.dtype == torch.float8_e4m3fn and p.dim() == 2]
+    weights = sum(p.numel() for p in dense_fp8)
+    scales = sum(4 * p.shape[0] * -(-p.shape[1] // 128) for p in dense_fp8)
+    assert fp8_b[("dense", "fp8", "device")] == weights + scales
+    dense_f32 = fp8_b[("dense", "float32", "device")]
+    assert dense_f32 + 4 * weights == plain_b[("dense", "float32", "device")]
     assert ExpertFormat("fp8").expert_bytes(fp8.cfg, torch.float32) * e * layers == experts
     line = describe_weights(fp8_b)
     assert f"experts (fp8) {experts / 2**30:.2f} GiB on the device" in line
 
 
 def test_online_fp8_generates_as_its_dequantized_weights(qwen3: Path) -> None:
-    """--quantization fp8 equals the float model whose expert weights are replaced by their
-    quantize-dequantize round trip (the readable path dequantizes per use)."""
+    """--quantization fp8 equals the float model whose expert and dense linear weights are
+    replaced by their quantize-dequantize round trip (the readable path dequantizes per
+    use)."""
     fp8 = LLM(qwen3, dtype="float32", device="cpu", progress=False, quantization="fp8")
     plain = LLM(qwen3, dtype="float32", device="cpu", progress=False)
+    model = fp8.engine.executor.model
+    dense = [n for n, p in model.named_parameters() if p.dtype == torch.float8_e4m3fn]
+    plain_params = dict(plain.engine.executor.model.named_parameters())
     with torch.no_grad():
         for _, moe in plain.engine.executor.model.moe_layers():
             for w in (moe.w_gate_up, moe.w_down):
                 w.copy_(dequantize(*quantize_fp8_rows(w), "fp8", torch.float32))
+        for name in (n for n in dense if plain_params[n].dim() == 2):
+            w = plain_params[name]
+            w.copy_(dequantize(*quantize_fp8_rows(w), "fp8", torch.float32))
     want = _tokens(plain)
     assert _tokens(fp8) == want
     # What the server's /metrics gets from the engine (EngineInfo, sent once it is ready).

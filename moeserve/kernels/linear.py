@@ -7,6 +7,12 @@ partial [split, T, N]; the consumer (the routing program, the residual-add norm)
 partials in a fixed order and rounds to the model dtype, where F.linear would have rounded
 its output. One launch fewer per use, and the reduction costs nothing extra.
 Twin: F.linear (what `reduce_partials` of these partials equals, up to float32 summation order).
+
+FP8 weights (kernels.quant: float8_e4m3fn [N, K] with a float32 scale per row and 128
+columns) are dequantized tile by tile in registers, rounded to the activations' dtype as the
+readable path's `dequantize` rounds them, then multiplied on the tensor cores: half the
+weight bytes of bf16, for up to FP8_MAX_ROWS rows (beyond that a GEMM on the dequantized
+weight is cheaper than re-reading it per 64-row tile).
 """
 
 from __future__ import annotations
@@ -16,26 +22,31 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits
+from moeserve.kernels.quant import FP8_GROUP
 
 # Rows up to which the split path is used: beyond this the partials' traffic and the
 # register tile grow while cuBLAS's one GEMM is already efficient.
 MAX_ROWS = 16
+FP8_MAX_ROWS = 64
 _MAX_SPLIT = 32
 
 
-def applicable(x_TD: torch.Tensor) -> bool:
-    return 0 < x_TD.shape[0] <= MAX_ROWS and x_TD.stride(-1) == 1
+def applicable(x_TD: torch.Tensor, scaled: bool = False) -> bool:
+    """Whether linear_partials takes x (`scaled`: for an FP8 weight)."""
+    rows = FP8_MAX_ROWS if scaled else MAX_ROWS
+    return 0 < x_TD.shape[0] <= rows and x_TD.stride(-1) == 1
 
 
-def config(t: int, n: int, k: int) -> dict[str, int]:
+def config(t: int, n: int, k: int, scaled: bool = False) -> dict[str, int]:
     """Tiles and splits: enough programs to fill the SMs; a split streams at least
-    `min_k` K blocks when the weight is large (short splits only pay off for a tiny N)."""
+    `min_k` K blocks when the weight is large (short splits only pay off for a tiny N).
+    `scaled` (FP8 weights): K tiles inside one 128-column scale group."""
     if interpreting():
         block_n, block_k = 16, 16
     else:
         block_n = 16 if n <= 16 else 32 if n <= 64 else 64
-        block_k = 256 if n <= 16 else 128
-    block_m = 16  # tl.dot's smallest M; rows past T are masked
+        block_k = 256 if n <= 16 and not scaled else 128
+    block_m = 16 if t <= 16 else 64  # tl.dot's smallest M is 16; rows past T are masked
     programs = triton.cdiv(t, block_m) * triton.cdiv(n, block_n)
     min_k = 8 if n * k >= 1 << 20 else 1
     split = k_splits(programs, triton.cdiv(k, block_k), min_k, _MAX_SPLIT)
@@ -48,6 +59,7 @@ def _linear_partials_kernel(
     w_ptr,
     out_ptr,
     bias_ptr,
+    scale_ptr,  # [N, ceil(K/GROUP)] float32 (HAS_SCALE)
     T,
     N,
     K,
@@ -55,12 +67,15 @@ def _linear_partials_kernel(
     stride_wn,
     stride_os,
     stride_ot,
+    stride_sn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -81,6 +96,10 @@ def _linear_partials_kernel(
         k_ok = offs_k < K - (kb - k_first) * BLOCK_K
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_SCALE:  # the tile's scale group: BLOCK_K divides GROUP
+            g = (kb * BLOCK_K) // GROUP
+            sc = tl.load(scale_ptr + offs_n * stride_sn + g, mask=col_ok, other=0.0)
+            b = (b.to(tl.float32) * sc[None, :]).to(a.dtype)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -92,13 +111,19 @@ def _linear_partials_kernel(
 
 
 def linear_partials(
-    x_TK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None
+    x_TK: torch.Tensor,
+    w_NK: torch.Tensor,
+    bias_N: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """float32 [split, T, N] whose sum over dim 0 is x @ w.T (+ bias_N, held by the first)."""
+    """float32 [split, T, N] whose sum over dim 0 is x @ w.T (+ bias_N, held by the first).
+    w_scale: w is FP8 with these scales [N, ceil(K/128)] (kernels.quant)."""
     t, k = x_TK.shape
     n = w_NK.shape[0]
     assert w_NK.shape[1] == k and x_TK.stride(1) == 1 and w_NK.stride(1) == 1
-    cfg = config(t, n, k)
+    scaled = w_scale is not None
+    assert not scaled or (w_NK.dtype == torch.float8_e4m3fn and w_scale.stride(1) == 1)
+    cfg = config(t, n, k, scaled)
     out = torch.empty(cfg["SPLIT"], t, n, dtype=torch.float32, device=x_TK.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(t, cfg["BLOCK_M"]), cfg["SPLIT"])
     _linear_partials_kernel[grid](
@@ -106,6 +131,7 @@ def linear_partials(
         w_NK,
         out,
         bias_N if bias_N is not None else out,  # unused pointer without a bias
+        w_scale if scaled else out,
         t,
         n,
         k,
@@ -113,8 +139,11 @@ def linear_partials(
         w_NK.stride(0),
         out.stride(0),
         out.stride(1),
+        w_scale.stride(0) if scaled else 0,
         DOT_PRECISION="ieee" if x_TK.dtype == torch.float32 else "tf32",
         HAS_BIAS=bias_N is not None,
+        HAS_SCALE=scaled,
+        GROUP=FP8_GROUP,
         num_warps=4,
         num_stages=1 if interpreting() else 4,
         **cfg,

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
@@ -27,6 +26,7 @@ from moeserve.model.layers import (
 )
 from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.params import empty_param
+from moeserve.model.quant import dense_weight
 from moeserve.model.rotary import CosSin, apply_rotary
 
 # A layer's cache tensors, each [N, S, G, X]: (K, V), or (latent,) for MLA (model/mla.py).
@@ -163,11 +163,13 @@ class Attention(nn.Module):
         self.backend = backend
         self.impl = impl
         q, kv, d = cfg.q_size, cfg.kv_size, cfg.hidden_size
-        self.qkv_weight = empty_param(q + 2 * kv, d, dtype=dtype, device=device)
+        self.qkv_weight, self.qkv_weight_scale = dense_weight(
+            q + 2 * kv, d, dtype, device, cfg.dense_quant
+        )
         self.qkv_bias = (
             empty_param(q + 2 * kv, dtype=dtype, device=device) if cfg.qkv_bias else None
         )
-        self.o_weight = empty_param(d, q, dtype=dtype, device=device)
+        self.o_weight, self.o_weight_scale = dense_weight(d, q, dtype, device, cfg.dense_quant)
         self.o_bias = empty_param(d, dtype=dtype, device=device) if cfg.o_bias else None
         self.sinks = (
             empty_param(cfg.num_heads, dtype=dtype, device=device) if cfg.attention_sinks else None
@@ -216,7 +218,7 @@ class Attention(nn.Module):
 
             cos, sin, pos = cos_sin.for_kernel()
             q_THX = rotary_from_partials(
-                linear_partials(x_TD, self.qkv_weight, self.qkv_bias),
+                linear_partials(x_TD, self.qkv_weight, self.qkv_bias, self.qkv_weight_scale),
                 cfg.num_heads,
                 cfg.num_kv_heads,
                 cos,
@@ -226,7 +228,7 @@ class Attention(nn.Module):
                 pos,
             )
             return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
-        qkv = F.linear(x_TD, self.qkv_weight, self.qkv_bias)
+        qkv = self.backend.linear(x_TD, self.qkv_weight, self.qkv_bias, self.qkv_weight_scale)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm == "full":
             q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
@@ -296,5 +298,5 @@ class Attention(nn.Module):
         if partials_out:
             from moeserve.kernels.linear import linear_partials
 
-            return linear_partials(o_TQ, self.o_weight, self.o_bias)
-        return F.linear(o_TQ, self.o_weight, self.o_bias)
+            return linear_partials(o_TQ, self.o_weight, self.o_bias, self.o_weight_scale)
+        return self.backend.linear(o_TQ, self.o_weight, self.o_bias, self.o_weight_scale)

@@ -15,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from moeserve.kernels.quant import dequantize
 from moeserve.model.layers import rms_norm
 
 # Below this many tokens an eager step launches torch's elementwise ops faster than Triton's
@@ -51,6 +53,26 @@ class ModelBackend:
             x_TD.shape[0] >= FUSED_ELEMENTWISE_MIN_TOKENS
             or (x_TD.is_cuda and torch.cuda.is_current_stream_capturing())
         )
+
+    def linear(
+        self,
+        x_TK: torch.Tensor,
+        w_NK: torch.Tensor,
+        bias_N: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A dense linear layer, x @ w.T + bias; `scale`: w is FP8 with these per-row scales
+        (model/quant.py): on the Triton path a few rows read the FP8 bytes and dequantize in
+        registers (kernels.linear), else the weight is dequantized for this use."""
+        if scale is None:
+            return F.linear(x_TK, w_NK, bias_N)
+        if self.triton:
+            from moeserve.kernels import linear
+
+            if linear.applicable(x_TK, scaled=True):
+                parts = linear.linear_partials(x_TK, w_NK, bias_N, scale)
+                return linear.reduce_partials(parts, x_TK.dtype)
+        return F.linear(x_TK, dequantize(w_NK, scale, "fp8", x_TK.dtype), bias_N)
 
 
 def split_k_rows(x_TD: torch.Tensor) -> bool:

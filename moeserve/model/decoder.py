@@ -59,7 +59,14 @@ class DecoderLayer(nn.Module):
         if cfg.sparse_layers[layer]:
             self.mlp = MoE(cfg, dtype, device, expert_device, backend)
         else:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.dense_intermediate_size, dtype, device)
+            self.mlp = DenseMLP(
+                cfg.hidden_size,
+                cfg.dense_intermediate_size,
+                dtype,
+                device,
+                cfg.dense_quant,
+                backend,
+            )
 
     def attention_block(
         self,
@@ -140,13 +147,18 @@ class MoEForCausalLM(nn.Module):
 
     def weight_bytes(self) -> dict[tuple[str, str, str], int]:
         """Bytes of the weights as stored, by (part, format, location): part "experts" (the
-        routed experts) or "dense"; format fp8 / mxfp4 for quantized experts, else the dtype;
-        location "device" or "host"."""
+        routed experts) or "dense"; format fp8 / mxfp4 for quantized weights (their scales
+        included), else the dtype; location "device" or "host"."""
         experts = {id(t) for _, moe in self.moe_layers() for t in moe.expert_tensors()}
+        params = dict(self.named_parameters())
+        fp8 = {n for n, p in params.items() if p.dtype == torch.float8_e4m3fn}
         out: dict[tuple[str, str, str], int] = {}
-        for p in self.parameters():
+        for name, p in params.items():
             part = "experts" if id(p) in experts else "dense"
-            fmt = self.cfg.expert_quant if part == "experts" and self.cfg.expert_quant else ""
+            if part == "experts":
+                fmt = self.cfg.expert_quant
+            else:
+                fmt = "fp8" if name in fp8 or name.removesuffix("_scale") in fp8 else ""
             where = "host" if p.device.type == "cpu" and self.device.type != "cpu" else "device"
             key = (part, fmt or str(self.dtype).removeprefix("torch."), where)
             out[key] = out.get(key, 0) + p.numel() * p.element_size()

@@ -30,10 +30,12 @@ from moeserve.model.families import (
     parse_config,
     weight_plan,
 )
+from moeserve.model.params import empty_param
 from moeserve.model.quant import (
     CHECKPOINT_METHODS,
     checkpoint_method,
     fill_random,
+    resolve_dense_quant,
     resolve_expert_quant,
 )
 from moeserve.model.quant_load import (
@@ -155,7 +157,8 @@ def inspect_checkpoint(
     model_dir: str | Path, *, need_weights: bool = True, quantization: str | None = None
 ) -> Checkpoint:
     """Read and validate config.json (+ generation_config.json) and locate the shards.
-    quantization: "fp8" quantizes a float checkpoint's experts at load (model/quant.py)."""
+    quantization: "fp8" quantizes a float checkpoint's experts and dense linears at load
+    (model/quant.py)."""
     path = Path(model_dir)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
@@ -166,10 +169,11 @@ def inspect_checkpoint(
     _refuse_quantized(path, raw)
     try:
         cfg = parse_config(raw)
-        quant = resolve_expert_quant(checkpoint_method(raw), quantization)
+        method = checkpoint_method(raw)
+        quant = resolve_expert_quant(method, quantization)
     except ConfigError as e:
         raise CheckpointError(f"{config_path}: {str(e).removeprefix('config.json: ')}") from e
-    cfg = replace(cfg, expert_quant=quant)
+    cfg = replace(cfg, expert_quant=quant, dense_quant=resolve_dense_quant(method, quantization))
     gen: dict[str, Any] = {}
     gen_path = path / "generation_config.json"
     if gen_path.exists():
@@ -285,6 +289,33 @@ def _check_against_model(
             raise CheckpointError(f"{shard}: {e}") from e
 
 
+def keep_float_linears(
+    model: MoEForCausalLM,
+    plan: dict[str, PlanEntry],
+    where: dict[str, Path],
+    headers: dict[Path, dict[str, TensorEntry]],
+) -> None:
+    """An FP8 checkpoint's dense linears stay FP8 where it ships them so; a linear it ships
+    in float (`modules_to_not_convert`), or that the plan re-lays out, or whose fused
+    parameter (qkv) mixes the two, becomes a float parameter again (its FP8 parts are then
+    dequantized at load)."""
+    params = dict(model.named_parameters())
+    as_shipped: dict[str, bool] = {}
+    for name, shard in where.items():
+        target = plan[name][0]
+        p = params[target]
+        if p.dtype != torch.float8_e4m3fn or p.dim() != 2:  # not a dense FP8 linear
+            continue
+        fp8 = headers[shard][name].dtype == "F8_E4M3" and len(plan[name]) == 2
+        as_shipped[target] = as_shipped.get(target, True) and fp8
+    for target in (t for t, keep in as_shipped.items() if not keep):
+        module_name, attr = target.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        old = getattr(module, attr)
+        setattr(module, attr, empty_param(*old.shape, dtype=model.dtype, device=old.device))
+        setattr(module, attr + "_scale", None)
+
+
 def resolve_dtype(cfg: ModelConfig, dtype: str | None) -> torch.dtype:
     name = cfg.dtype if dtype in (None, "auto") else dtype
     if name not in DTYPES:
@@ -308,7 +339,7 @@ def load_model(
     Routed experts go to `expert_device` (host memory when offloading). load_format "dummy"
     reads config.json only and fills random weights of the right shapes (for benchmarks).
     backend: how the model computes (MoEForCausalLM); the readable torch path by default.
-    quantization: "fp8" quantizes a float checkpoint's routed experts at load.
+    quantization: "fp8" quantizes a float checkpoint's routed experts and dense linears at load.
     """
     if load_format not in ("safetensors", "dummy"):
         raise ConfigError(f"load_format must be safetensors or dummy, got {load_format!r}")
@@ -326,6 +357,8 @@ def load_model(
     headers = _read_headers(ckpt.shards)
     where, scales = _index_tensors(ckpt, plan, headers)
     model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home, backend)
+    if checkpoint_method(ckpt.raw_config) == "fp8":
+        keep_float_linears(model, plan, where, headers)
     params = dict(model.named_parameters())
     _check_against_model(where, scales, headers, plan, params)
     total = sum(s.stat().st_size for s in ckpt.shards)
@@ -383,7 +416,8 @@ def _fill_dummy(model: MoEForCausalLM) -> None:
             if name.endswith("_scale"):
                 continue  # filled with its weight
             if p.dtype in (torch.float8_e4m3fn, torch.uint8):
-                fill_random(p, params[scale_param(name)], model.cfg.expert_quant, bound)
+                kind = "fp8" if p.dtype == torch.float8_e4m3fn else "mxfp4"
+                fill_random(p, params[scale_param(name)], kind, bound)
             elif p.ndim == 1:
                 p.fill_(0.0 if name.endswith("bias") else 1.0)
             elif p.device.type == "cpu" and gpu and p.ndim == 3:

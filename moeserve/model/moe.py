@@ -31,7 +31,7 @@ from moeserve.model.experts import (
     silu_mul,
 )
 from moeserve.model.params import empty_param
-from moeserve.model.quant import ExpertFormat, ExpertScales, expert_format
+from moeserve.model.quant import ExpertFormat, ExpertScales, dense_weight, expert_format
 from moeserve.model.router import RouterSpec, route, triton_routable
 
 
@@ -54,15 +54,27 @@ def _expert_param(
 
 
 class DenseMLP(nn.Module):
-    """SwiGLU MLP with the gate and up projections stored as one [2F, D] matrix."""
+    """SwiGLU MLP with the gate and up projections stored as one [2F, D] matrix (FP8 with
+    their scales when `quant` is "fp8", model/quant.py)."""
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        quant: str = "",
+        backend: ModelBackend | None = None,
+    ) -> None:
         super().__init__()
-        self.w_gate_up = empty_param(2 * inter, hidden, dtype=dtype, device=device)
-        self.w_down = empty_param(hidden, inter, dtype=dtype, device=device)
+        self.backend = backend or ModelBackend()
+        self.w_gate_up, self.w_gate_up_scale = dense_weight(2 * inter, hidden, dtype, device, quant)
+        self.w_down, self.w_down_scale = dense_weight(hidden, inter, dtype, device, quant)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_mul(F.linear(x_TD, self.w_gate_up)), self.w_down)
+        linear = self.backend.linear
+        h = silu_mul(linear(x_TD, self.w_gate_up, scale=self.w_gate_up_scale))
+        return linear(h, self.w_down, scale=self.w_down_scale)
 
 
 class MoE(nn.Module):
@@ -135,7 +147,9 @@ class MoE(nn.Module):
         self.shared: DenseMLP | None = None
         self.shared_gate: torch.Tensor | None = None
         if cfg.shared_expert_intermediate_size:
-            self.shared = DenseMLP(d, cfg.shared_expert_intermediate_size, dtype, device)
+            self.shared = DenseMLP(
+                d, cfg.shared_expert_intermediate_size, dtype, device, cfg.dense_quant, backend
+            )
             if cfg.shared_expert_gate:
                 self.shared_gate = empty_param(1, d, dtype=dtype, device=device)
 

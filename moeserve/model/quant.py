@@ -12,9 +12,14 @@ with a scale per output row and per group of K elements:
 Row-wise groups keep every row self-contained: the loader may stack gate and up, reorder rows
 (gpt-oss's interleaving) or copy one expert into a cache slot without touching a scale. Hub
 FP8 checkpoints (DeepSeek-V3, Qwen3-FP8) ship one float32 scale per 128x128 block; their
-scales are repeated down the block's 128 rows at load (1/32 of the FP8 bytes). Their dense
-FP8 linears (attention, dense and shared MLPs: a small part of an MoE's bytes) are
-dequantized at load to the model dtype.
+scales are repeated down the block's 128 rows at load (1/32 of the FP8 bytes).
+
+Dense linears (attention's qkv and output projections, dense and shared-expert MLPs) of an
+FP8 model (`ModelConfig.dense_quant`) are stored the same way, [N, K] float8 with [N,
+ceil(K/128)] scales (dense_weight), and computed by ModelBackend.linear. What stays in the
+model dtype: routers, norms, embeddings, the LM head, multi-head latent attention's
+projections (its decode absorbs them), and any linear a hub FP8 checkpoint ships in float
+(`modules_to_not_convert`): the loader keeps those float (loader.keep_float_linears).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from moeserve.config import ConfigError, ModelConfig
 from moeserve.kernels.quant import FP8_MAX, group_size
+from moeserve.model.params import empty_param
 
 # quant_method values a checkpoint's config.json may give, and --quantization's choices.
 CHECKPOINT_METHODS = ("fp8", "mxfp4")
@@ -94,6 +101,24 @@ class ExpertScales:
     def kernel_args(self) -> dict[str, Any]:
         """fused_moe's keyword arguments for these weights."""
         return dict(w_gate_up_scale=self.gate_up, w_down_scale=self.down, quant=self.kind)
+
+
+def dense_weight(
+    n: int, k: int, dtype: torch.dtype, device: torch.device, quant: str
+) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """A dense linear's [N, K] weight and its scales: FP8 (quant "fp8") float8 values with a
+    float32 scale per row and 128 columns; otherwise the model dtype and no scales."""
+    if quant != "fp8":
+        return empty_param(n, k, dtype=dtype, device=device), None
+    w = empty_param(n, k, dtype=torch.float8_e4m3fn, device=device)
+    return w, empty_param(n, math.ceil(k / FP8_BLOCK), dtype=torch.float32, device=device)
+
+
+def resolve_dense_quant(checkpoint: str | None, online: str | None) -> str:
+    """The dense linears' format: FP8 for an FP8 checkpoint (as shipped) and under
+    --quantization fp8 (quantized at load, as the experts); MXFP4 checkpoints (gpt-oss)
+    ship their dense weights in bf16."""
+    return "fp8" if "fp8" in (checkpoint, online) else ""
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -166,12 +191,12 @@ def fill_random(w: torch.Tensor, s: torch.Tensor, kind: str, bound: float) -> No
     [-bound, bound]: dummy loads for benchmarks. Generated on a GPU when there is one (tens
     of GB of offloaded experts fill far faster), one expert at a time."""
     gen = torch.device("cuda") if torch.cuda.is_available() else w.device
-    for e in range(w.shape[0]):
+    for one in w if w.dim() == 3 else [w]:  # a dense [N, K] weight in one go
         if kind == "fp8":
-            tmp = torch.empty(w.shape[1:], dtype=torch.float16, device=gen)
-            w[e].copy_(tmp.uniform_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+            tmp = torch.empty(one.shape, dtype=torch.float16, device=gen)
+            one.copy_(tmp.uniform_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
         else:
-            w[e].copy_(torch.randint(0, 256, w.shape[1:], dtype=torch.uint8, device=gen))
+            one.copy_(torch.randint(0, 256, one.shape, dtype=torch.uint8, device=gen))
     if kind == "fp8":
         s.fill_(bound / FP8_MAX)
         return
