@@ -83,7 +83,11 @@ class Executor:
             backend=ModelBackend(triton=self.kernels == "triton"),
         )
         # Experts in host memory run through a per-layer device cache, handed to every forward.
-        self.expert_store = ExpertStore(self.model, offload, slots) if slots is not None else None
+        self.expert_store = (
+            ExpertStore(self.model, offload, slots, fused=self.kernels == "triton")
+            if slots is not None
+            else None
+        )
         experts = self.expert_store.providers() if self.expert_store is not None else None
         self.model_config = self.model.cfg
         # Sliding-window layers beside full ones keep only their window's blocks.

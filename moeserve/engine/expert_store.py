@@ -9,6 +9,9 @@ policy, or computed on the CPU from its host weights when that is cheaper (mode 
 L+1's router (the same route() as the layer's) and starts copying the experts it predicts, so
 they arrive while layer L computes; a wrong guess costs bandwidth, never correctness. On a
 CPU-only machine both tiers are host memory and the same logic runs, so CI tests it.
+With the Triton kernels, the device experts run through the fused kernels over the slots
+(model/experts.SlotExperts): the hits in one launch sequence queued before the CPU experts
+run, the fetched misses in another once the compute stream waits for their copies.
 
 Semantics (what tests replay): for each forward of a layer, `needed` = experts with tokens,
 ascending. Resident ones are hits (touched in order); the others are misses. Fetched misses
@@ -30,7 +33,7 @@ from moeserve.engine.cache_policy import CachePolicy, make_policy
 from moeserve.kernels.quant import dequantize
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.dispatch import Dispatch, expert_counts
-from moeserve.model.experts import ExpertProvider, expert_mlp
+from moeserve.model.experts import ExpertProvider, SlotExperts, expert_mlp
 from moeserve.model.moe import MoE
 from moeserve.model.quant import ExpertScales
 
@@ -79,6 +82,10 @@ class LayerCache:
         self.scales = ExpertScales.of(moe)
         self._host = host = moe.expert_tensors()
         self._slots = [torch.empty(slots, *t.shape[1:], dtype=t.dtype, device=dev) for t in host]
+        # With the Triton kernels the device experts of a call run as one fused launch over
+        # the slots; otherwise one at a time (_mlp).
+        kind = self.scales.kind if self.scales is not None else ""
+        self.fused = SlotExperts(self._slots, kind, moe.activation) if store.fused else None
         self.slot_of = [-1] * e
         self.expert_in = [-1] * slots
         self.policy: CachePolicy = make_policy(store.config.policy, e, store.config.lfu_decay)
@@ -150,6 +157,11 @@ class LayerCache:
             event = torch.cuda.Event(enable_timing=True)
             event.record(stream)
         self.ready[expert] = event
+
+    def _landing(self, expert: int) -> bool:
+        """The expert's copy (a prefetch) is still on its way."""
+        event = self.ready.get(expert)
+        return event is not None and not event.query()
 
     def _wait(self, expert: int) -> None:
         """Make the compute stream wait for the expert's copy; the host runs on, so it queues
@@ -233,19 +245,28 @@ class LayerCache:
             assert self.next is not None
             self.next.prefetch([e for e in range(num_e) if host[num_e + e]])
 
-        def run_on_device(e: int) -> None:
-            self._wait(e)
-            rows = slice(starts[e], starts[e] + counts[e])
-            slot = self.slot_of[e]
-            y_RD[rows] = self._mlp(x_RD[rows], self._slot_tensors(), slot)
-            pending.discard(e)
+        def run_on_device(experts: list[int]) -> None:
+            """Queue the experts' rows on their slots after their copies; then their slots
+            may be given to others (a copy into one waits for the work queued before it)."""
+            for e in experts:
+                self._wait(e)
+            if self.fused is not None:
+                if experts:
+                    self.fused.run(d, counts, {e: self.slot_of[e] for e in experts})
+            else:
+                for e in experts:
+                    rows = slice(starts[e], starts[e] + counts[e])
+                    y_RD[rows] = self._mlp(x_RD[rows], self._slot_tensors(), self.slot_of[e])
+            pending.difference_update(experts)
 
         # The CPU experts' inputs leave the device before any expert work is queued, so
         # this read waits only for the routing, not for the hits' compute.
         host_dev = self.moe.w_gate_up.device
         x_host = {e: x_RD[starts[e] : starts[e] + counts[e]].to(host_dev) for e in on_cpu}
-        for e in hits:
-            run_on_device(e)
+        # Prefetched hits still landing run with the fetched experts, so the GPU need not
+        # wait for them before the others.
+        landing = [e for e in hits if self._landing(e)]
+        run_on_device([e for e in hits if e not in landing])
         # The host computes its experts while the copies land and the GPU runs the hits.
         t0 = time.perf_counter()
         for e in on_cpu:
@@ -253,10 +274,10 @@ class LayerCache:
             y_RD[starts[e] : starts[e] + counts[e]].copy_(y)
         if on_cpu:
             st.cpu_seconds += time.perf_counter() - t0
-        for e in fetch:
-            if e not in started:
-                assert self._acquire(e, pending), "a slot frees once earlier experts have run"
-            run_on_device(e)
+        run_on_device(landing + started)
+        for e in fetch[len(started) :]:  # one at a time: each frees a slot for the next
+            assert self._acquire(e, pending), "a slot frees once earlier experts have run"
+            run_on_device([e])
         self.policy.end_step()
         if self._waits:
             self.settle_waits()
@@ -291,9 +312,13 @@ class ExpertStore:
         config: OffloadConfig,
         slots: int,
         *,
+        fused: bool = False,
         record_trace: bool = False,
     ) -> None:
+        """fused: run device experts through the fused Triton kernels (the engine's kernels
+        are Triton's), else with torch one at a time."""
         self.config = config
+        self.fused = fused
         self.device = model.device
         self.record_trace = record_trace
         self.copy_stream = torch.cuda.Stream() if self.device.type == "cuda" else None

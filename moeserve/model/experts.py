@@ -5,7 +5,9 @@ Two ways, both given the router's choice:
   ResidentExperts runs the experts on the compute device, one at a time on exactly its rows;
   the engine's expert store (engine/expert_store.py) implements the same protocol over its
   device cache slots, host memory and CPU compute, and hands its providers to the forward.
-  Either reads the per-expert counts on the host once per layer.
+  Either reads the per-expert counts on the host once per layer. On the Triton path the
+  store runs the experts in its device slots through the fused kernels (SlotExperts), the
+  dispatched rows as the kernels' tokens at top-1.
 - the fused path (fused_experts): Triton routing, alignment and two grouped GEMMs over the
   resident weights, the weighted sum over k inside; no host read, so CUDA graphs capture it.
   Its dispatch (block-aligned assignments) and combine live in its kernels, so it takes the
@@ -233,16 +235,103 @@ def _fused_scaled_input(
     """The fused GEMMs when the weights scale each expert's input (Llama 4): every (token,
     choice) is a row of its own, its input scaled in x's dtype, with weight 1; the K outputs of
     a token are summed after (at top-1, Llama 4's routing, that is the kernel's own output)."""
-    from moeserve.kernels.fused_moe import fused_moe
-
     t, k = experts_TK.shape
     x_RD = (x_TD[:, None, :] * weights_TK.to(x_TD.dtype)[:, :, None]).reshape(t * k, -1)
-    ones_R1 = torch.ones(t * k, 1, dtype=torch.float32, device=x_TD.device)
-    experts_R1 = experts_TK.reshape(t * k, 1)
+    experts_R = experts_TK.reshape(t * k)
     if k == 1:
-        return fused_moe(
-            x_RD, w_gate_up_EFD, w_down_EDF, ones_R1, experts_R1, residual_TD=residual_TD, **quant
+        return fused_rows(
+            x_RD, experts_R, w_gate_up_EFD, w_down_EDF, quant, residual_RD=residual_TD
         )
-    out_TD = fused_moe(x_RD, w_gate_up_EFD, w_down_EDF, ones_R1, experts_R1, **quant)
+    out_TD = fused_rows(x_RD, experts_R, w_gate_up_EFD, w_down_EDF, quant)
     out_TD = out_TD.view(t, k, -1).sum(1)
     return out_TD if residual_TD is None else residual_TD + out_TD
+
+
+def fused_rows(
+    x_RD: torch.Tensor,
+    experts_R: torch.Tensor,
+    w_gate_up_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    quant: dict[str, Any],
+    *,
+    expert_slot_E: torch.Tensor | None = None,
+    out_RD: torch.Tensor | None = None,
+    residual_RD: torch.Tensor | None = None,
+    b_gate_up_EF: torch.Tensor | None = None,
+    b_down_ED: torch.Tensor | None = None,
+    act: ExpertActivation = SILU,
+) -> torch.Tensor:
+    """Each row through its own expert (experts_R int64; the sentinel id >= E gives a zero
+    row), weight 1, by the fused kernels: the rows are the kernels' tokens at top-1.
+    expert_slot_E: expert e's tensors are at index expert_slot_E[e] (an expert cache); quant:
+    ExpertScales.kernel_args() or {}. Written into out_RD when given."""
+    from moeserve.kernels.fused_moe import fused_moe
+
+    ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=torch.float32, device=x_RD.device)
+    return fused_moe(
+        x_RD,
+        w_gate_up_EFD,
+        w_down_EDF,
+        ones_R1,
+        experts_R[:, None],
+        expert_slot_E=expert_slot_E,
+        out_TD=out_RD,
+        residual_TD=residual_RD,
+        b_gate_up_EF=b_gate_up_EF,
+        b_down_ED=b_down_ED,
+        activation=(act.kind, act.alpha, act.limit),
+        **quant,
+    )
+
+
+class SlotExperts:
+    """Experts in the rows ("slots") of device tensors, run by the fused Triton kernels: the
+    engine's expert cache (engine/expert_store.py). Which expert sits in which slot changes
+    between calls, so each call is given the map as it stands when its work is queued."""
+
+    def __init__(self, slots: list[torch.Tensor], quant: str, act: ExpertActivation) -> None:
+        """slots: [S, ...] tensors in MoE.expert_tensors' order: the two weights, their scales
+        when quant ("fp8", "mxfp4"), the biases when the family has them."""
+        self.w_gate_up_SFD, self.w_down_SDF, *rest = slots
+        self.quant = ExpertScales(quant, rest[0], rest[1]).kernel_args() if quant else {}
+        biases = rest[2:] if quant else rest
+        self.b_gate_up_SF, self.b_down_SD = biases if biases else (None, None)
+        self.act = act
+
+    def run(self, d: Dispatch, counts: list[int], slot_of: dict[int, int]) -> None:
+        """Fill d.y_RD's rows of the experts in slot_of (expert -> its slot; each has rows);
+        every other row keeps what it holds. counts: d.counts_E read on the host.
+        One launch sequence over the rows from the first such expert's to the last one's."""
+        num_e, dev = len(counts), d.x_RD.device
+        first, last = min(slot_of), max(slot_of)
+        lo = sum(counts[:first])
+        hi = lo + sum(counts[first : last + 1])
+        table = [-1] * (num_e + 1)  # [E] -1: not this call's; [E + 1]: the sentinel's
+        for e, slot in slot_of.items():
+            table[e] = slot
+        # Pinned, so the copy does not wait for the stream; torch's host allocator keeps the
+        # buffer until the copy has run.
+        host_E1 = torch.tensor(table, dtype=torch.int32, pin_memory=dev.type == "cuda")
+        table_E1 = host_E1.to(dev, non_blocking=True)
+        # Rows are grouped by expert, ascending: a row's expert is the first whose end is past it.
+        ends_E = d.counts_E.cumsum(0)
+        experts_N = torch.searchsorted(ends_E, torch.arange(lo, hi, device=dev), right=True)
+        y_ND = d.y_RD[lo:hi]
+        whole = all(e in slot_of for e in range(first, last + 1) if counts[e])
+        if not whole:  # rows of other experts in the span go to the sentinel, then keep theirs
+            mine_N = table_E1[experts_N] >= 0
+            experts_N = torch.where(mine_N, experts_N, num_e)
+        out_ND = fused_rows(
+            d.x_RD[lo:hi],
+            experts_N,
+            self.w_gate_up_SFD,
+            self.w_down_SDF,
+            self.quant,
+            expert_slot_E=table_E1[:num_e].clamp(min=0),  # never -1: sentinels' bias reads
+            out_RD=y_ND if whole else None,
+            b_gate_up_EF=self.b_gate_up_SF,
+            b_down_ED=self.b_down_SD,
+            act=self.act,
+        )
+        if not whole:
+            y_ND.copy_(torch.where(mine_N[:, None], out_ND, y_ND))
