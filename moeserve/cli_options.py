@@ -175,6 +175,13 @@ def add_engine_args(p: EnvDefaults) -> None:
         "ahead (pays off when the router's guesses are mostly right)",
     )
     p.add_option(
+        "--expert-cache-kernels",
+        default="eager",
+        choices=["eager", "fused"],
+        help="how cached experts run with the Triton kernels: eager (one at a time) or fused "
+        "(the fused MoE kernels over the cache slots; slower at batch 1 so far)",
+    )
+    p.add_option(
         "--load-format",
         default="safetensors",
         choices=["safetensors", "dummy"],

@@ -214,6 +214,11 @@ class OffloadConfig:
     # wrong guesses cost more bandwidth than right ones save (benchmarks/RESULTS.md).
     prefetch: bool = False
     lfu_decay: float = 0.9  # per-step decay of LFU scores
+    # How the cache's device experts run on the Triton path: "eager" one expert at a time
+    # (torch), or "fused" all of a call's experts through the fused MoE kernels over the
+    # slots. Eager by default: the one H200 measurement of fused (Qwen3-30B-A3B on a 16 GB
+    # card, batch 1) decoded at half eager's rate (benchmarks/RESULTS.md, 2026-12-04).
+    kernels: str = "eager"
 
     def __post_init__(self) -> None:
         if self.cache_slots is not None and self.cache_slots < 1:
@@ -228,6 +233,8 @@ class OffloadConfig:
             raise ConfigError(f"expert_cache_policy must be one of {', '.join(CACHE_POLICIES)}")
         if not 0.0 < self.lfu_decay <= 1.0:
             raise ConfigError(f"lfu_decay must be in (0, 1], got {self.lfu_decay}")
+        if self.kernels not in ("eager", "fused"):
+            raise ConfigError(f"expert_cache_kernels must be eager or fused, got {self.kernels!r}")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -298,6 +305,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "offload_mode": ("offload", "mode"),
     "expert_cache_policy": ("offload", "policy"),
     "prefetch": ("offload", "prefetch"),
+    "expert_cache_kernels": ("offload", "kernels"),
     "kernels": ("kernels", "kernels"),
     "enforce_eager": ("kernels", "enforce_eager"),
     "async_scheduling": ("kernels", "async_scheduling"),

@@ -84,7 +84,12 @@ class Executor:
         )
         # Experts in host memory run through a per-layer device cache, handed to every forward.
         self.expert_store = (
-            ExpertStore(self.model, offload, slots, fused=self.kernels == "triton")
+            ExpertStore(
+                self.model,
+                offload,
+                slots,
+                fused=self.kernels == "triton" and offload.kernels == "fused",
+            )
             if slots is not None
             else None
         )
