@@ -105,9 +105,9 @@ def test_interpreted_captured_step_path(
     calls: list[tuple[int, int]] = []
     real = linear.linear_partials
 
-    def counted(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def counted(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
         calls.append((x.shape[0], w.shape[0]))
-        return real(x, w, bias)
+        return real(x, w, *rest)
 
     llms: list[LLM] = []
 

@@ -148,8 +148,10 @@ def _drive_quantized(rand: Any) -> None:
                 b_down_ED=b2, residual_TD=rand(T, D), **q,
             )  # fmt: skip
         fm.fused_moe(x, w1, w2, weights, experts, split_k=2, **q)
-        # GPU tile sizes: K tiles wider than a scale group (one scale per element)
-        cfg = moe_gemm.gemm_config(T, E, K, D, F, torch.bfloat16) | dict(BLOCK_K=64)
+        # GPU tile sizes: fp8 K tiles wider than a scale group (one scale per element);
+        # mxfp4's are one group (two dots on the nibble halves)
+        cfg = moe_gemm.gemm_config(T, E, K, D, F, torch.bfloat16)
+        cfg |= dict(BLOCK_K=64 if quant == "fp8" else 32)
         align = fm.moe_align(experts, E, cfg["BLOCK_M"])
         out = torch.zeros(T * K, D, dtype=torch.bfloat16)
         moe_gemm.moe_gemm(rand(T * K, F), w2, out, None, *align, None, 1, cfg, b_scale=s2,
