@@ -88,7 +88,8 @@ for stage in $stages; do
         --prefill-len 0 --json "$OUT/speed_gpt_oss_120b.json" 2>&1 | grep -v Warn \
         | tee "$OUT/speed_gpt_oss_120b.log"
       python3 benchmarks/offload_bench.py --dummy qwen3-30b-a3b --emulate-card-mib 16384 \
-        --quantization none,fp8 --modes fetch --batch 1 --output-len 16 \
+        --quantization none,fp8 --modes fetch --expert-cache-kernels eager,fused --batch 1 \
+        --output-len 32 \
         --json "$OUT/offload_qwen3_16g.json" 2>&1 | tee "$OUT/offload_qwen3_16g.log" ;;
     *) echo "unknown stage $stage (one of: $all)"; status=2 ;;
   esac

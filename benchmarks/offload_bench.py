@@ -93,7 +93,9 @@ def run(llm: LLM, batch: int, in_len: int, out_len: int, hbm: float, h2d: float)
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(10, eng.vocab_size - 10, (batch, in_len), generator=g).tolist()
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    drive(llm, prompts[:1], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    # Warm-up at the measured batch: the cache's calls see row counts a 1-row run does not
+    # (Triton specialises some kernels on them), and their compiles must not be timed.
+    drive(llm, prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     decode_start: list = []  # (snapshot, steps run by then), once
 
     def on_step(so_far: Run) -> None:
@@ -175,6 +177,11 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--peer", action="store_true", help="also run transformers+accelerate")
     ap.add_argument("--prefetch", action="store_true", help="turn on next-layer prefetch")
+    ap.add_argument(
+        "--expert-cache-kernels",
+        default="eager",
+        help="comma-separated: eager and/or fused (the engine option), run in turn",
+    )
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument(
         "--emulate-card-mib",
@@ -198,8 +205,13 @@ def main() -> None:
         path, fmt = synthetic_model(args.dummy), "dummy"
     max_len = args.input_len + args.output_len + 16
     results: list[dict] = []
-    runs = [(q, m) for q in args.quantization.split(",") for m in args.modes.split(",")]
-    for quant, mode in runs:
+    runs = [
+        (q, m, k)
+        for q in args.quantization.split(",")
+        for m in args.modes.split(",")
+        for k in args.expert_cache_kernels.split(",")
+    ]
+    for quant, mode, kernels in runs:
         t0 = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()
         llm = LLM(
@@ -215,13 +227,14 @@ def main() -> None:
             progress=False,
             gpu_memory_utilization=util,
             quantization=None if quant == "none" else quant,
+            expert_cache_kernels=kernels,
         )
         load_s = time.perf_counter() - t0
         store = llm.engine.executor.expert_store
         slots = store.slots if store else "all"
         cost = store.cost if store else None
         print(
-            f"[{quant} {mode}] loaded in {load_s:.0f}s, cache slots per layer: {slots}, "
+            f"[{quant} {mode} {kernels}] loaded in {load_s:.0f}s, cache slots per layer: {slots}, "
             f"KV blocks {llm.engine.executor.num_blocks}, cost model: {cost}",
             flush=True,
         )
@@ -230,7 +243,7 @@ def main() -> None:
             free, total = torch.cuda.mem_get_info()
             r.update(
                 engine="moeserve",
-                mode=mode,
+                mode=mode if kernels == "eager" else f"{mode}+{kernels}",
                 quantization=quant,
                 slots=slots,
                 load_seconds=load_s,
