@@ -260,11 +260,13 @@ def fused_rows(
     b_gate_up_EF: torch.Tensor | None = None,
     b_down_ED: torch.Tensor | None = None,
     act: ExpertActivation = SILU,
+    gemv: bool | None = None,
 ) -> torch.Tensor:
     """Each row through its own expert (experts_R int64; the sentinel id >= E gives a zero
     row), weight 1, by the fused kernels: the rows are the kernels' tokens at top-1.
     expert_slot_E: expert e's tensors are at index expert_slot_E[e] (an expert cache); quant:
-    ExpertScales.kernel_args() or {}. Written into out_RD when given."""
+    ExpertScales.kernel_args() or {}. Written into out_RD when given. gemv: the
+    per-assignment kernels (fused_moe's default: by the row count)."""
     from moeserve.kernels.fused_moe import fused_moe
 
     ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=torch.float32, device=x_RD.device)
@@ -280,6 +282,7 @@ def fused_rows(
         b_gate_up_EF=b_gate_up_EF,
         b_down_ED=b_down_ED,
         activation=(act.kind, act.alpha, act.limit),
+        gemv=gemv,
         **quant,
     )
 
@@ -332,6 +335,9 @@ class SlotExperts:
             b_gate_up_EF=self.b_gate_up_SF,
             b_down_ED=self.b_down_SD,
             act=self.act,
+            # One row per expert (a decode token's experts): the GEMVs, no alignment and
+            # no grouped GEMM launches for blocks of one row.
+            gemv=True if max(counts[e] for e in slot_of) == 1 else None,
         )
         if not whole:
             y_ND.copy_(torch.where(mine_N[:, None], out_ND, y_ND))
