@@ -9,9 +9,10 @@ policy, or computed on the CPU from its host weights when that is cheaper (mode 
 L+1's router (the same route() as the layer's) and starts copying the experts it predicts, so
 they arrive while layer L computes; a wrong guess costs bandwidth, never correctness. On a
 CPU-only machine both tiers are host memory and the same logic runs, so CI tests it.
-With the Triton kernels, the device experts run through the fused kernels over the slots
-(model/experts.SlotExperts): the hits in one launch sequence queued before the CPU experts
-run, the fetched misses in another once the compute stream waits for their copies.
+With `--expert-cache-kernels fused` (and the Triton kernels) the device experts run through
+the fused kernels over the slots (model/experts.SlotExperts): the hits in one launch sequence
+queued before the CPU experts run, the fetched misses in another once the compute stream
+waits for their copies; otherwise one torch expert at a time, in the same order.
 
 Semantics (what tests replay): for each forward of a layer, `needed` = experts with tokens,
 ascending. Resident ones are hits (touched in order); the others are misses. Fetched misses
@@ -82,7 +83,7 @@ class LayerCache:
         self.scales = ExpertScales.of(moe)
         self._host = host = moe.expert_tensors()
         self._slots = [torch.empty(slots, *t.shape[1:], dtype=t.dtype, device=dev) for t in host]
-        # With the Triton kernels the device experts of a call run as one fused launch over
+        # Fused (store.fused): the device experts of a call run as one fused launch over
         # the slots; otherwise one at a time (_mlp).
         kind = self.scales.kind if self.scales is not None else ""
         self.fused = SlotExperts(self._slots, kind, moe.activation) if store.fused else None
