@@ -72,6 +72,11 @@ class Executor:
             reserve_bytes=reserve,
         )
         self.kernels = resolve_kernels(config.kernels.kernels, torch.device(device))
+        if offload.kernels == "fused" and self.kernels != "triton":  # before any weight is read
+            raise ConfigError(
+                f"{flag_of('expert_cache_kernels')} fused runs the Triton kernels; this engine "
+                f"uses the {self.kernels} kernels ({flag_of('kernels')} triton, or auto on CUDA)"
+            )
         self.checkpoint, self.model = load_model(
             load.path,
             dtype=dtype,
@@ -88,7 +93,7 @@ class Executor:
                 self.model,
                 offload,
                 slots,
-                fused=self.kernels == "triton" and offload.kernels == "fused",
+                fused=offload.kernels == "fused",
             )
             if slots is not None
             else None

@@ -230,12 +230,14 @@ def route_and_align(
     weights = torch.empty(t, top_k, dtype=torch.float32, device=dev)
     experts = torch.empty(t, top_k, dtype=torch.int64, device=dev)
     p = q = 1
+    # Without alignment its outputs are never written: the pointers go unused.
+    sorted_ids = block_expert = num_post_pad = experts
     if align:
         p = triton.cdiv(t * top_k + e * (block_m - 1), block_m) * block_m
         q = p // block_m
-    sorted_ids = torch.empty(p, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(q, dtype=torch.int32, device=dev)
-    num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
+        sorted_ids = torch.empty(p, dtype=torch.int32, device=dev)
+        block_expert = torch.empty(q, dtype=torch.int32, device=dev)
+        num_post_pad = torch.empty(1, dtype=torch.int32, device=dev)
     pad = triton.next_power_of_2
     tile = pad(t) * pad(e)
     _route_align_kernel[(1,)](
