@@ -169,11 +169,15 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             if down
             else mv.gemv_config(n // 2, k, QUANT)
         )
-        tiles = ((4, 8, 16, 32), (1, 2, 4, 8)) if down else ((4, 8, 16, 32), (1,))
-        grid = itertools.product(tiles[0], (128, 256, 512), (4, 8), tiles[1]) if sweep else ()
+        if QUANT == "fp8":  # around the shipped tiles, with the pipelining depth
+            splits, widths = ((3, 4, 6, 8), (512, 1024)) if down else ((1,), (256, 512))
+            grid = itertools.product((16, 32, 64), widths, (4, 8), splits, (2, 3, 4))
+        else:
+            splits = (1, 2, 4, 8) if down else (1,)
+            grid = itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8), splits, (3,))
         cfgs = [base] + [
-            dict(BLOCK_N=a, BLOCK_K=b, num_warps=c, SPLIT_K=d)
-            for a, b, c, d in grid
+            dict(BLOCK_N=a, BLOCK_K=b, num_warps=c, SPLIT_K=d, num_stages=st)
+            for a, b, c, d, st in (grid if sweep else ())
             if b >= (qt.group_size(QUANT) if QUANT else 1)
         ]
         for cfg in cfgs:

@@ -103,6 +103,11 @@ def _drive() -> None:
         counts_E=torch.zeros(E, dtype=torch.int64),
     )  # fmt: skip
     linear.linear_partials(rand(T, D), rand(40, D), rand(40))
+    from moeserve.kernels.quant import quantize_fp8_rows
+
+    w8, s8 = quantize_fp8_rows(rand(40, 160))
+    for rows in (1, T):  # one row: the FP8 GEMV; more: the dequantizing dot
+        linear.linear_partials(rand(rows, 160), w8, rand(40), w_scale=s8)
     norm_rope.rms_norm(rand(T, D), rand(D), 1e-6)
     norm_rope.add_rms_norm(
         rand(T, D), linear.linear_partials(rand(T, D), rand(D, D)), rand(D), 1e-6
@@ -218,6 +223,7 @@ def test_every_kernel_compiles_for_sm90(monkeypatch: pytest.MonkeyPatch) -> None
     assert kernels <= launched, sorted(kernels - launched)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
+    env["MOESERVE_PDL"] = "force"  # compile the kernels' grid-dependency waits too
     done = subprocess.run(
         [sys.executable, "-c", _COMPILE],
         input=json.dumps(list(launches.values()), default=str),

@@ -24,11 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting
+from moeserve.kernels import interpreting, pdl
 from moeserve.kernels.moe_epilogue import SUM_KERNEL_MAX_TOKENS, activate, rnd, sum_over_k
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
 from moeserve.kernels.moe_gemv import gemv_config, gemv_down, gemv_gate_up_act, takes_gemv
 from moeserve.kernels.moe_quant import fp8_dot_config, quantize_fp8_act, takes_fp8_dot
+from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import real_k
 
 
@@ -95,6 +96,7 @@ def _silu_mul_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SLOT: tl.constexpr,
 ):
+    wait_prior()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     ok = offs < F
@@ -174,6 +176,7 @@ def silu_mul(
             CLAMPED=kind == "clamped_swiglu",
             HAS_BIAS=bias_EF2 is not None,
             HAS_SLOT=expert_slot_E is not None,
+            launch_pdl=pdl.ON,
         )
     return out_RF
 

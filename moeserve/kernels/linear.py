@@ -12,7 +12,10 @@ FP8 weights (kernels.quant: float8_e4m3fn [N, K] with a float32 scale per row an
 columns) are dequantized tile by tile in registers, rounded to the activations' dtype as the
 readable path's `dequantize` rounds them, then multiplied on the tensor cores: half the
 weight bytes of bf16, for up to FP8_MAX_ROWS rows (beyond that a GEMM on the dequantized
-weight is cheaper than re-reading it per 64-row tile).
+weight is cheaper than re-reading it per 64-row tile). One row (batch-1 decode) instead takes
+the MoE GEMVs' group dot (kernels.moe_gemv): no 16-row dot for one real row, each group's dot
+scaled once rather than each weight converted and rounded, so the weight streams near the
+copy rate (the dot path spent about twice the bytes' time dequantizing).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting, k_splits
+from moeserve.kernels import interpreting, k_splits, pdl
+from moeserve.kernels.moe_gemv import gemv_config, quant_tile, x_tile
+from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP
 
 # Rows up to which the split path is used: beyond this the partials' traffic and the
@@ -77,6 +82,7 @@ def _linear_partials_kernel(
     HAS_SCALE: tl.constexpr,
     GROUP: tl.constexpr,
 ):
+    wait_prior()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     s = tl.program_id(2)
@@ -110,6 +116,89 @@ def _linear_partials_kernel(
     tl.store(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _fp8_gemv_partials_kernel(
+    x_ptr,  # [1, K]
+    w_ptr,  # [N, K] float8_e4m3fn
+    out_ptr,  # [SPLIT, 1, N] float32
+    bias_ptr,
+    scale_ptr,  # [N, ceil(K/GROUP)] float32
+    N,
+    K,
+    stride_wn,
+    stride_os,
+    stride_sn,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    wait_prior()
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    s = tl.program_id(1)
+    # This program's K range: whole tiles (of whole scale groups), as in moe_gemv's down.
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+    k_first = s * per_split
+    k_end = tl.minimum(k_first + per_split, K)
+    G: tl.constexpr = BLOCK_K // GROUP
+    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+    for k0 in range(k_first, k_end, BLOCK_K):
+        xa, xb = x_tile(x_ptr, k0, K, 1, GROUP, G)
+        acc += quant_tile(
+            w_ptr, scale_ptr, offs_n, n_ok, xa, xb, k0, K, stride_wn, stride_sn, 1, 1, GROUP, G
+        )
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:  # in the first partial only, so the sum holds it once
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        out += bias * (s == 0).to(tl.float32)
+    tl.store(out_ptr + s * stride_os + offs_n, out, mask=n_ok)
+
+
+# The one-row FP8 GEMV's tile (BLOCK_N rows, BLOCK_K columns, warps) and the fewest K tiles a
+# split streams: a dense projection (Mixtral's qkv: 6144 x 4096) has few rows of tiles, so K
+# is cut finer than the MoE down projection's (moe_gemv) to give each SM several programs.
+_GEMV_TILE = (32, 512, 4)
+_GEMV_MIN_K_TILES = 2
+
+
+def fp8_gemv_config(n: int, k: int) -> dict[str, int]:
+    if interpreting():
+        return gemv_config(n, k, "fp8", rows=1)
+    block_n, block_k, warps = _GEMV_TILE
+    block_k = max(min(block_k, triton.next_power_of_2(k)), FP8_GROUP)
+    programs = triton.cdiv(n, block_n)
+    split = k_splits(programs, triton.cdiv(k, block_k), _GEMV_MIN_K_TILES, _MAX_SPLIT, per_sm=8)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split)
+
+
+def _fp8_gemv_partials(
+    x_1K: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None, w_scale: torch.Tensor
+) -> torch.Tensor:
+    n, k = w_NK.shape
+    cfg = fp8_gemv_config(n, k)
+    out = torch.empty(cfg["SPLIT_K"], 1, n, dtype=torch.float32, device=x_1K.device)
+    _fp8_gemv_partials_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
+        x_1K,
+        w_NK,
+        out,
+        bias_N if bias_N is not None else out,  # unused pointer without a bias
+        w_scale,
+        n,
+        k,
+        w_NK.stride(0),
+        out.stride(0),
+        w_scale.stride(0),
+        HAS_BIAS=bias_N is not None,
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        GROUP=FP8_GROUP,
+        num_warps=cfg["num_warps"],
+        launch_pdl=pdl.ON,
+    )
+    return out
+
+
 def linear_partials(
     x_TK: torch.Tensor,
     w_NK: torch.Tensor,
@@ -123,6 +212,8 @@ def linear_partials(
     assert w_NK.shape[1] == k and x_TK.stride(1) == 1 and w_NK.stride(1) == 1
     scaled = w_scale is not None
     assert not scaled or (w_NK.dtype == torch.float8_e4m3fn and w_scale.stride(1) == 1)
+    if scaled and t == 1:
+        return _fp8_gemv_partials(x_TK, w_NK, bias_N, w_scale)
     cfg = config(t, n, k, scaled)
     out = torch.empty(cfg["SPLIT"], t, n, dtype=torch.float32, device=x_TK.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(t, cfg["BLOCK_M"]), cfg["SPLIT"])
@@ -147,6 +238,7 @@ def linear_partials(
         num_warps=4,
         num_stages=1 if interpreting() else 4,
         **cfg,
+        launch_pdl=pdl.ON,
     )
     return out
 

@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels import pdl
 from moeserve.kernels.paged_attention import MAX_PROGRAMS, _decode_merge_kernel, split_partials
+from moeserve.kernels.pdl import wait_prior
 
 # Query heads per program: the rows of one tl.dot tile (its minimum is 16).
 HEADS_PER_PROGRAM = 16
@@ -89,6 +91,7 @@ def _mla_partition_kernel(
     TILE: tl.constexpr,
     SINGLE: tl.constexpr,
 ):
+    wait_prior()
     b = tl.program_id(0)
     hb = tl.program_id(1)
     j = tl.program_id(2)
@@ -225,6 +228,7 @@ def mla_decode_attention(
         TILE=64 if c_pad <= 128 else 32,
         SINGLE=single,
         num_warps=NUM_WARPS_WIDE if c_pad >= 256 else NUM_WARPS,
+        launch_pdl=pdl.ON,
     )
     if not single:
         _decode_merge_kernel[(b, h)](
@@ -245,5 +249,6 @@ def mla_decode_attention(
             CHUNK=_MERGE_CHUNK,
             HAS_SINKS=False,
             num_warps=2,
+            launch_pdl=pdl.ON,
         )
     return out_BHC

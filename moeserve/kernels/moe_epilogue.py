@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting
+from moeserve.kernels import interpreting, pdl
+from moeserve.kernels.pdl import wait_prior
 
 
 @triton.jit
@@ -61,6 +62,7 @@ def _sum_split_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_SLOT: tl.constexpr,
 ):
+    wait_prior()
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -134,5 +136,6 @@ def sum_over_k(
         RESIDUAL=residual_TD is not None,
         HAS_BIAS=b_down_ED is not None,
         HAS_SLOT=expert_slot_E is not None,
+        launch_pdl=pdl.ON,
     )
     return out_TD

@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting, k_splits
+from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_quant import e2m1_as_fp16, e8m0_factor, load_weights, quant_code
+from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP, real_k
 
 # Launch configs tuned by vLLM for Mixtral (E=8, top-2, D=4096) in bf16 on an H100 SXM, keyed by
@@ -154,6 +155,7 @@ def _moe_gemm_kernel(
     GROUP: tl.constexpr,  # K elements per weight scale
     FP8_DOT: tl.constexpr,  # fp8 x fp8 tensor-core dots (QUANT 1, BLOCK_K divides 128)
 ):
+    wait_prior()
     # Programs that run back to back take GROUP_M row blocks for one column tile, so a B tile
     # (weights: the big operand) is read from L2 rather than HBM by the blocks of one expert.
     pid = tl.program_id(0)
@@ -338,4 +340,5 @@ def moe_gemm(
         QUANT=code,
         GROUP=group,
         FP8_DOT=fp8_dot,
+        launch_pdl=pdl.ON,
     )

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting
+from moeserve.kernels import interpreting, pdl
+from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP, group_size
 
 # constexpr codes of the formats in the kernels
@@ -110,6 +111,7 @@ def _quant_fp8_act_kernel(
     GROUP: tl.constexpr,
     PRE_ROUND: tl.constexpr,  # under the interpreter (see _round_to_e4m3)
 ):
+    wait_prior()
     row = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     offs = g * GROUP + tl.arange(0, GROUP)
@@ -144,6 +146,7 @@ def quantize_fp8_act(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             s.stride(0),
             GROUP=FP8_GROUP,
             PRE_ROUND=interpreting(),
+            launch_pdl=pdl.ON,
         )
     return q, s
 

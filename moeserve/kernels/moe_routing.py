@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels import pdl
+from moeserve.kernels.pdl import wait_prior
+
 # The whole [tokens, experts] tile lives in one program: beyond this the torch path wins.
 MAX_TILE = 8192
 
@@ -68,6 +71,7 @@ def _route_align_kernel(
     G_PAD: tl.constexpr = 1,
     ALIGN: tl.constexpr = True,
 ):
+    wait_prior()
     rows = tl.arange(0, T_PAD)
     cols = tl.arange(0, E_PAD)
     kk = tl.arange(0, K_PAD)
@@ -282,5 +286,6 @@ def route_and_align(
         # alone takes one warp: each of the top-k argmaxes is then a warp shuffle, not a
         # round trip through shared memory.
         num_warps=max(4, min(16, tile // 512)) if align or tile > 256 else 1,
+        launch_pdl=pdl.ON,
     )
     return weights, experts, (sorted_ids, block_expert, num_post_pad) if align else None

@@ -12,9 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels import pdl
+from moeserve.kernels.pdl import wait_prior
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BLOCK_D: tl.constexpr):
+    wait_prior()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -42,6 +46,7 @@ def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Te
         eps,
         BLOCK_D=triton.next_power_of_2(d),
         num_warps=4 if d <= 4096 else 8,
+        launch_pdl=pdl.ON,
     )
     return out
 
@@ -63,6 +68,7 @@ def _add_rms_norm_kernel(
     BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
+    wait_prior()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
@@ -116,6 +122,7 @@ def add_rms_norm(
         BLOCK_D=triton.next_power_of_2(d),
         SPLIT=split,
         num_warps=4 if d <= 4096 else 8,
+        launch_pdl=pdl.ON,
     )
     return s, out
 
@@ -164,6 +171,7 @@ def _rotary_kernel(
     TAIL: tl.constexpr = 0,
     BLOCK_TAIL: tl.constexpr = 1,
 ):
+    wait_prior()
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     if h < H:
@@ -282,6 +290,7 @@ def _rotary(
         TAIL=tail,
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         num_warps=1,
+        launch_pdl=pdl.ON,
     )
 
 

@@ -31,6 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels import pdl
+from moeserve.kernels.pdl import wait_prior
+
 # Positions per partition. Fixed rather than sized from the table width, so that parallelism
 # follows the actual context.
 PARTITION_SIZE = 256
@@ -108,6 +111,7 @@ def _decode_partition_kernel(
     SINGLE: tl.constexpr,  # J == 1: write the normalised output, no merge
     HAS_SINKS: tl.constexpr,
 ):
+    wait_prior()
     b = tl.program_id(0)
     g = tl.program_id(1)
     j = tl.program_id(2)
@@ -226,6 +230,7 @@ def _decode_merge_kernel(
     CHUNK: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
+    wait_prior()
     b = tl.program_id(0)
     h = tl.program_id(1)
     # Program j owns partitions j mod J, so programs j >= the sequence's partition count
@@ -384,6 +389,7 @@ def paged_decode_attention(
         SINGLE=single,
         HAS_SINKS=sinks_H is not None,
         num_warps=NUM_WARPS,
+        launch_pdl=pdl.ON,
     )
     if not single:
         _decode_merge_kernel[(b, h)](
@@ -404,6 +410,7 @@ def paged_decode_attention(
             CHUNK=_MERGE_CHUNK,
             HAS_SINKS=sinks_H is not None,
             num_warps=2,
+            launch_pdl=pdl.ON,
         )
     if dst is not out_BHX:
         out_BHX.copy_(dst)

@@ -13,11 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting
+from moeserve.kernels import interpreting, pdl
+from moeserve.kernels.pdl import wait_prior
 
 
 @triton.jit
 def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, C, stride_x, BLOCK: tl.constexpr):
+    wait_prior()
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -31,6 +33,7 @@ def _chunk_argmax_kernel(x_ptr, val_ptr, idx_ptr, V, C, stride_x, BLOCK: tl.cons
 def _pick_kernel(
     val_ptr, idx_ptr, out_ptr, host_ptr, C, BLOCK_C: tl.constexpr, TO_HOST: tl.constexpr
 ):
+    wait_prior()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     v = tl.load(val_ptr + row * C + offs, mask=offs < C, other=float("-inf"))
@@ -64,7 +67,9 @@ def argmax_rows(
     c = triton.cdiv(V, block)
     vals = torch.empty(B, c, dtype=torch.float32, device=x_BV.device)
     idx = torch.empty(B, c, dtype=torch.int32, device=x_BV.device)
-    _chunk_argmax_kernel[(B, c)](x_BV, vals, idx, V, c, x_BV.stride(0), BLOCK=block, num_warps=4)
+    _chunk_argmax_kernel[(B, c)](
+        x_BV, vals, idx, V, c, x_BV.stride(0), BLOCK=block, num_warps=4, launch_pdl=pdl.ON
+    )
     _pick_kernel[(B,)](
         vals,
         idx,
@@ -74,12 +79,14 @@ def argmax_rows(
         BLOCK_C=triton.next_power_of_2(c),
         TO_HOST=host_out is not None,
         num_warps=4,
+        launch_pdl=pdl.ON,
     )
     return out
 
 
 @triton.jit
 def _feed_ids_kernel(ids_ptr, feed_ptr, fed_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    wait_prior()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     row = tl.load(feed_ptr + offs, mask=ok, other=-1)
@@ -94,5 +101,7 @@ def feed_ids(ids_T: torch.Tensor, feed_T: torch.Tensor, fed_R: torch.Tensor) -> 
     out = torch.empty_like(ids_T)
     if n:
         block = 16 if interpreting() else max(16, min(1024, triton.next_power_of_2(n)))
-        _feed_ids_kernel[(triton.cdiv(n, block),)](ids_T, feed_T, fed_R, out, n, BLOCK=block)
+        _feed_ids_kernel[(triton.cdiv(n, block),)](
+            ids_T, feed_T, fed_R, out, n, BLOCK=block, launch_pdl=pdl.ON
+        )
     return out

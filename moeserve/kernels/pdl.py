@@ -1,0 +1,54 @@
+"""Programmatic dependent launch (Hopper and later) between this package's kernels.
+
+A decode step is a chain of small dependent kernels (at batch 1 most take a few microseconds).
+Launched plainly, each one's programs are scheduled only after the previous kernel has fully
+retired. With PDL (`launch_pdl=ON`) the next kernel is launched while the previous one drains:
+its programs start, compute their indices and wait at `wait_prior()` for the previous kernel's
+writes. On an H200, in a CUDA graph, that saved 0.6-1.0 us per kernel boundary of a chain of
+GEMVs (benchmarks/pdl_probe.py; benchmarks/RESULTS.md).
+
+Every kernel launched with ON calls `wait_prior()` first, before any load, store or early
+return: then a kernel's completion implies its predecessor's, so the ordering of any later
+kernel (with PDL or not) still holds transitively. Kernels of torch and cuBLAS in between are
+launched plainly and wait as usual. MOESERVE_PDL=0 turns it off (for A/B measurements);
+MOESERVE_PDL=force turns it on without a GPU to look at (the sm_90 compile check).
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from moeserve.kernels import interpreting
+
+try:  # Triton >= 3.3
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+
+
+def _supported() -> bool:
+    setting = os.environ.get("MOESERVE_PDL", "1")
+    if interpreting() or gdc_wait is None or setting == "0":
+        return False
+    if setting == "force":
+        return True
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+# Launch option for every kernel of this package (Triton's `launch_pdl`).
+ON: bool = _supported()
+_ON = tl.constexpr(ON)
+
+
+@triton.jit
+def wait_prior():
+    """Wait until the previous kernel on the stream has finished and its writes are visible,
+    then let the next kernel launch (its programs will wait likewise). A no-op without PDL."""
+    if _ON:
+        gdc_wait()
+        gdc_launch_dependents()
