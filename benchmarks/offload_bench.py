@@ -179,8 +179,8 @@ def main() -> None:
     ap.add_argument("--prefetch", action="store_true", help="turn on next-layer prefetch")
     ap.add_argument(
         "--expert-cache-kernels",
-        default="eager",
-        help="comma-separated: eager and/or fused (the engine option), run in turn",
+        default="auto",
+        help="comma-separated: auto, eager and/or fused (the engine option), run in turn",
     )
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument(
@@ -243,7 +243,7 @@ def main() -> None:
             free, total = torch.cuda.mem_get_info()
             r.update(
                 engine="moeserve",
-                mode=mode if kernels == "eager" else f"{mode}+{kernels}",
+                mode=mode if kernels == "auto" else f"{mode}+{kernels}",
                 quantization=quant,
                 slots=slots,
                 load_seconds=load_s,

@@ -176,10 +176,11 @@ def add_engine_args(p: EnvDefaults) -> None:
     )
     p.add_option(
         "--expert-cache-kernels",
-        default="eager",
-        choices=["eager", "fused"],
-        help="how cached experts run with the Triton kernels: eager (one at a time) or fused "
-        "(the fused MoE kernels over the cache slots; slower at batch 1 so far)",
+        default="auto",
+        choices=["auto", "eager", "fused"],
+        help="how cached experts run: eager (one at a time, torch), fused (the fused MoE "
+        "kernels over the cache slots; Triton kernels only), auto: fused with the Triton "
+        "kernels, else eager",
     )
     p.add_option(
         "--load-format",

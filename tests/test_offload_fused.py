@@ -274,14 +274,22 @@ def test_gpu_offloaded_fused_decode_matches_resident(ckpt: Path) -> None:
         assert all(s.misses > 0 for s in llm.engine.expert_cache_stats())
 
 
-def test_fused_cache_kernels_are_opt_in(ckpt: Path) -> None:
-    """Eager by default (the fused path measured slower at batch 1); a bad value is named,
-    and so is fused without the Triton kernels (refused, not ignored)."""
+def test_cache_kernels_follow_the_engine_kernels(ckpt: Path) -> None:
+    """auto (the default) takes the fused kernels where the engine runs the Triton kernels and
+    the eager path with torch's; eager is kept when asked for; a bad value is named, and so is
+    fused without the Triton kernels (refused, not ignored)."""
     from moeserve.config import ConfigError, OffloadConfig
 
-    assert OffloadConfig().kernels == "eager"
-    with pytest.raises(ConfigError, match="expert_cache_kernels must be eager or fused"):
+    assert OffloadConfig().kernels == "auto"
+    kw = dict(device="cpu", expert_cache_slots=2, progress=False)
+    fused = {
+        (kernels, choice): LLM(
+            ckpt, kernels=kernels, expert_cache_kernels=choice, **kw
+        ).engine.executor.expert_store.fused
+        for kernels, choice in (("triton", "auto"), ("torch", "auto"), ("triton", "eager"))
+    }
+    assert fused == {("triton", "auto"): True, ("torch", "auto"): False, ("triton", "eager"): False}
+    with pytest.raises(ConfigError, match="expert_cache_kernels must be auto, eager or fused"):
         OffloadConfig(kernels="triton")
     with pytest.raises(ConfigError, match="--expert-cache-kernels fused runs the Triton"):
-        LLM(ckpt, device="cpu", kernels="torch", expert_cache_slots=2,
-            expert_cache_kernels="fused", progress=False)  # fmt: skip
+        LLM(ckpt, kernels="torch", expert_cache_kernels="fused", **kw)

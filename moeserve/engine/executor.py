@@ -93,7 +93,8 @@ class Executor:
                 self.model,
                 offload,
                 slots,
-                fused=offload.kernels == "fused",
+                fused=offload.kernels == "fused"
+                or (offload.kernels == "auto" and self.kernels == "triton"),
             )
             if slots is not None
             else None

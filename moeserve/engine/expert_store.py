@@ -9,7 +9,7 @@ policy, or computed on the CPU from its host weights when that is cheaper (mode 
 L+1's router (the same route() as the layer's) and starts copying the experts it predicts, so
 they arrive while layer L computes; a wrong guess costs bandwidth, never correctness. On a
 CPU-only machine both tiers are host memory and the same logic runs, so CI tests it.
-With `--expert-cache-kernels fused` (and the Triton kernels) the device experts run through
+With the Triton kernels (`--expert-cache-kernels` auto or fused) the device experts run through
 the fused kernels over the slots (model/experts.SlotExperts): the hits in one launch sequence
 queued before the CPU experts run, the fetched misses in another once the compute stream
 waits for their copies; otherwise one torch expert at a time, in the same order.
