@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_check.sh                 # every stage
 #   bash benchmarks/gpu_check.sh tests speed     # some of them:
 #     tests       the gpu-marked tests
-#     kernels     benchmarks/kernel_bench.py --sweep: fused-MoE GEMMs and paged attention vs copy bw
+#     kernels     benchmarks/kernel_bench.py --sweep: fused-MoE GEMMs and paged attention vs copy bw;
+#                 benchmarks/pdl_probe.py: dependent launches with and without PDL
 #     speed       benchmarks/gpu_speed.py: decode b1/b64 vs the HBM floor, 4k prefill vs matmul
 #     profile     benchmarks/gpu_speed.py --profile: torch.profiler traces of decode steps
 #     http        benchmarks/http_vs_offline.py: HTTP at 64 streams vs the offline engine
@@ -13,12 +14,13 @@
 #     families    benchmarks/gpu_speed.py on DeepSeek-V2-Lite, gpt-oss-20b and Qwen3-30B-A3B
 #     prefix      benchmarks/prefix_ttft.py: TTFT behind a 4k system prompt, uncached vs cached
 #     quant       quantized experts: kernel_bench --quant, Mixtral-4l decode bf16 vs fp8,
-#                 gpt-oss-120b in MXFP4, Qwen3-30B-A3B offloaded on a 16 GB card bf16 vs fp8
+#                 gpt-oss-120b in MXFP4, Qwen3-30B-A3B offloaded on a 16 GB card bf16 vs fp8,
+#                 Mixtral-8x7B offloaded on a 24 GB card fp8 vs bf16
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
 case "${1:-}" in
-  -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -43,7 +45,8 @@ for stage in $stages; do
         2>&1 | tee "$OUT/gpu_tests.log" ;;
     kernels)
       python3 benchmarks/kernel_bench.py --sweep --json "$OUT/kernel_bench.json" 2>&1 \
-        | tee "$OUT/kernel_bench.log" ;;
+        | tee "$OUT/kernel_bench.log"
+      python3 benchmarks/pdl_probe.py 2>&1 | tee "$OUT/pdl_probe.log" ;;
     speed)
       python3 benchmarks/gpu_speed.py --modes graphs,graphs-sync,eager,torch \
         --json "$OUT/gpu_speed.json" 2>&1 | tee "$OUT/gpu_speed.log" ;;
@@ -90,7 +93,10 @@ for stage in $stages; do
       python3 benchmarks/offload_bench.py --dummy qwen3-30b-a3b --emulate-card-mib 16384 \
         --quantization none,fp8 --modes fetch --expert-cache-kernels eager,fused --batch 1 \
         --output-len 32 \
-        --json "$OUT/offload_qwen3_16g.json" 2>&1 | tee "$OUT/offload_qwen3_16g.log" ;;
+        --json "$OUT/offload_qwen3_16g.json" 2>&1 | tee "$OUT/offload_qwen3_16g.log"
+      python3 benchmarks/offload_bench.py --dummy mixtral-8x7b --emulate-card-mib 24576 \
+        --quantization fp8,none --modes fetch --batch 1 --output-len 16 \
+        --json "$OUT/offload_mixtral_24g.json" 2>&1 | tee "$OUT/offload_mixtral_24g.log" ;;
     *) echo "unknown stage $stage (one of: $all)"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
