@@ -7,6 +7,8 @@ so the weights are independent of the previous kernel and may be loaded before t
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import triton
 import triton.language as tl
@@ -73,17 +75,21 @@ def run(n_kernels: int, n: int, pdl: bool, early: bool) -> float:
 
 
 def main() -> None:
-    for n in (1024, 2048, 4096):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1024,2048,4096", help="n of each n x n bf16 weight")
+    ap.add_argument("--kernels", type=int, default=40, help="GEMVs in the chain")
+    args = ap.parse_args()
+    n_k = args.kernels
+    for n in (int(v) for v in args.sizes.split(",")):
         bytes_ = 2 * n * n
-        for n_k in (40,):
-            base = run(n_k, n, False, False)
-            pdl = run(n_k, n, True, False)
-            early = run(n_k, n, True, True)
-            print(
-                f"n={n} ({bytes_ / 1e6:.1f} MB a kernel) x{n_k}: plain {base / n_k * 1e6:.2f} us"
-                f" a kernel, pdl {pdl / n_k * 1e6:.2f}, pdl+early weight load "
-                f"{early / n_k * 1e6:.2f}; copy-rate floor {bytes_ / 4.29e12 * 1e6:.2f}"
-            )
+        base = run(n_k, n, False, False)
+        pdl = run(n_k, n, True, False)
+        early = run(n_k, n, True, True)
+        print(
+            f"n={n} ({bytes_ / 1e6:.1f} MB a kernel) x{n_k}: plain {base / n_k * 1e6:.2f} us"
+            f" a kernel, pdl {pdl / n_k * 1e6:.2f}, pdl+early weight load "
+            f"{early / n_k * 1e6:.2f}; copy-rate floor {bytes_ / 4.29e12 * 1e6:.2f}"
+        )
 
 
 if __name__ == "__main__":
