@@ -2,7 +2,7 @@
 source of every kernel module. A kernel launched with `launch_pdl` may start before the
 previous kernel has finished, so it must wait (`wait_prior()`) before its first load, store or
 return; and a kernel launched plainly after one that did not wait would lose the transitive
-ordering. Hence: every kernel waits first, and every launch passes `launch_pdl=pdl.ON`. The
+ordering. Hence: every kernel waits first, and every launch passes `**pdl.LAUNCH`. The
 sm_90 compile check (test_kernel_cuda_compile.py) compiles the waits with MOESERVE_PDL=force.
 """
 
@@ -61,25 +61,23 @@ def test_every_kernel_waits_for_its_predecessor_first() -> None:
     assert not late, f"kernels whose first statement is not wait_prior(): {late}"
 
 
-def test_every_launch_passes_launch_pdl() -> None:
+def test_every_launch_passes_the_pdl_option() -> None:
     kernels, launches = _kernels_and_launches()
     launched = {name.split(".")[1] for name, _ in launches}
     assert {name.split(".")[1] for name in kernels} <= launched
     plain = [
         f"{name} (line {call.lineno})"
         for name, call in launches
-        if not any(
-            kw.arg == "launch_pdl" and ast.unparse(kw.value) == "pdl.ON" for kw in call.keywords
-        )
+        if not any(kw.arg is None and ast.unparse(kw.value) == "pdl.LAUNCH" for kw in call.keywords)
     ]
-    assert not plain, f"launches without launch_pdl=pdl.ON: {plain}"
+    assert not plain, f"launches without **pdl.LAUNCH: {plain}"
 
 
 @pytest.mark.parametrize(("setting", "want"), [("0", False), ("force", True)])
 def test_switch(setting: str, want: bool) -> None:
     """MOESERVE_PDL=0 turns it off, force on without a GPU; the interpreter never uses it."""
     pytest.importorskip("triton")
-    code = "from moeserve.kernels import pdl; print(pdl.ON)"
+    code = "from moeserve.kernels import pdl; print(pdl.ON and pdl.LAUNCH == {'launch_pdl': True})"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOESERVE_PDL"] = setting
     out = subprocess.run(

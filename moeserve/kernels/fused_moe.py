@@ -176,7 +176,7 @@ def silu_mul(
             CLAMPED=kind == "clamped_swiglu",
             HAS_BIAS=bias_EF2 is not None,
             HAS_SLOT=expert_slot_E is not None,
-            launch_pdl=pdl.ON,
+            **pdl.LAUNCH,
         )
     return out_RF
 

@@ -194,7 +194,7 @@ def _fp8_gemv_partials(
         BLOCK_K=cfg["BLOCK_K"],
         GROUP=FP8_GROUP,
         num_warps=cfg["num_warps"],
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     return out
 
@@ -238,7 +238,7 @@ def linear_partials(
         num_warps=4,
         num_stages=1 if interpreting() else 4,
         **cfg,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     return out
 

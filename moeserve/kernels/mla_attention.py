@@ -228,7 +228,7 @@ def mla_decode_attention(
         TILE=64 if c_pad <= 128 else 32,
         SINGLE=single,
         num_warps=NUM_WARPS_WIDE if c_pad >= 256 else NUM_WARPS,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     if not single:
         _decode_merge_kernel[(b, h)](
@@ -249,6 +249,6 @@ def mla_decode_attention(
             CHUNK=_MERGE_CHUNK,
             HAS_SINKS=False,
             num_warps=2,
-            launch_pdl=pdl.ON,
+            **pdl.LAUNCH,
         )
     return out_BHC

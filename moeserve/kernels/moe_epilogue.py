@@ -136,6 +136,6 @@ def sum_over_k(
         RESIDUAL=residual_TD is not None,
         HAS_BIAS=b_down_ED is not None,
         HAS_SLOT=expert_slot_E is not None,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     return out_TD

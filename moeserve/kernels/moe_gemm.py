@@ -340,5 +340,5 @@ def moe_gemm(
         QUANT=code,
         GROUP=group,
         FP8_DOT=fp8_dot,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )

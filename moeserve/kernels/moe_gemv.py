@@ -350,7 +350,7 @@ def gemv_gate_up_act(
             GROUP=group,
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
-            launch_pdl=pdl.ON,
+            **pdl.LAUNCH,
         )
     return h_RF
 
@@ -399,5 +399,5 @@ def gemv_down(
             GROUP=group,
             num_warps=cfg["num_warps"],
             num_stages=cfg.get("num_stages", 3),
-            launch_pdl=pdl.ON,
+            **pdl.LAUNCH,
         )

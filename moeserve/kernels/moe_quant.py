@@ -146,7 +146,7 @@ def quantize_fp8_act(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             s.stride(0),
             GROUP=FP8_GROUP,
             PRE_ROUND=interpreting(),
-            launch_pdl=pdl.ON,
+            **pdl.LAUNCH,
         )
     return q, s
 

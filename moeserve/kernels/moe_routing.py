@@ -286,6 +286,6 @@ def route_and_align(
         # alone takes one warp: each of the top-k argmaxes is then a warp shuffle, not a
         # round trip through shared memory.
         num_warps=max(4, min(16, tile // 512)) if align or tile > 256 else 1,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     return weights, experts, (sorted_ids, block_expert, num_post_pad) if align else None

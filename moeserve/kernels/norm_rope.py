@@ -46,7 +46,7 @@ def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Te
         eps,
         BLOCK_D=triton.next_power_of_2(d),
         num_warps=4 if d <= 4096 else 8,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     return out
 
@@ -122,7 +122,7 @@ def add_rms_norm(
         BLOCK_D=triton.next_power_of_2(d),
         SPLIT=split,
         num_warps=4 if d <= 4096 else 8,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     return s, out
 
@@ -290,7 +290,7 @@ def _rotary(
         TAIL=tail,
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
         num_warps=1,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
 
 

@@ -389,7 +389,7 @@ def paged_decode_attention(
         SINGLE=single,
         HAS_SINKS=sinks_H is not None,
         num_warps=NUM_WARPS,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     if not single:
         _decode_merge_kernel[(b, h)](
@@ -410,7 +410,7 @@ def paged_decode_attention(
             CHUNK=_MERGE_CHUNK,
             HAS_SINKS=sinks_H is not None,
             num_warps=2,
-            launch_pdl=pdl.ON,
+            **pdl.LAUNCH,
         )
     if dst is not out_BHX:
         out_BHX.copy_(dst)

@@ -2,12 +2,12 @@
 
 A decode step is a chain of small dependent kernels (at batch 1 most take a few microseconds).
 Launched plainly, each one's programs are scheduled only after the previous kernel has fully
-retired. With PDL (`launch_pdl=ON`) the next kernel is launched while the previous one drains:
-its programs start, compute their indices and wait at `wait_prior()` for the previous kernel's
-writes. On an H200, in a CUDA graph, that saved 0.6-1.0 us per kernel boundary of a chain of
-GEMVs (benchmarks/pdl_probe.py; benchmarks/RESULTS.md).
+retired. With PDL (`**LAUNCH`: Triton's `launch_pdl`) the next kernel is launched while the
+previous one drains: its programs start, compute their indices and wait at `wait_prior()` for
+the previous kernel's writes. On an H200, in a CUDA graph, that saved 0.6-1.0 us per kernel
+boundary of a chain of GEMVs (benchmarks/pdl_probe.py; benchmarks/RESULTS.md).
 
-Every kernel launched with ON calls `wait_prior()` first, before any load, store or early
+Every kernel launched with PDL calls `wait_prior()` first, before any load, store or early
 return: then a kernel's completion implies its predecessor's, so the ordering of any later
 kernel (with PDL or not) still holds transitively. Kernels of torch and cuBLAS in between are
 launched plainly and wait as usual. MOESERVE_PDL=0 turns it off (for A/B measurements);
@@ -40,8 +40,10 @@ def _supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-# Launch option for every kernel of this package (Triton's `launch_pdl`).
 ON: bool = _supported()
+# Every kernel launch of this package passes **LAUNCH: Triton's `launch_pdl` where PDL is on,
+# nothing otherwise (a Triton without the option rejects the keyword).
+LAUNCH: dict[str, bool] = {"launch_pdl": True} if ON else {}
 _ON = tl.constexpr(ON)
 
 

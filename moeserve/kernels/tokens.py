@@ -68,7 +68,7 @@ def argmax_rows(
     vals = torch.empty(B, c, dtype=torch.float32, device=x_BV.device)
     idx = torch.empty(B, c, dtype=torch.int32, device=x_BV.device)
     _chunk_argmax_kernel[(B, c)](
-        x_BV, vals, idx, V, c, x_BV.stride(0), BLOCK=block, num_warps=4, launch_pdl=pdl.ON
+        x_BV, vals, idx, V, c, x_BV.stride(0), BLOCK=block, num_warps=4, **pdl.LAUNCH
     )
     _pick_kernel[(B,)](
         vals,
@@ -79,7 +79,7 @@ def argmax_rows(
         BLOCK_C=triton.next_power_of_2(c),
         TO_HOST=host_out is not None,
         num_warps=4,
-        launch_pdl=pdl.ON,
+        **pdl.LAUNCH,
     )
     return out
 
@@ -102,6 +102,6 @@ def feed_ids(ids_T: torch.Tensor, feed_T: torch.Tensor, fed_R: torch.Tensor) -> 
     if n:
         block = 16 if interpreting() else max(16, min(1024, triton.next_power_of_2(n)))
         _feed_ids_kernel[(triton.cdiv(n, block),)](
-            ids_T, feed_T, fed_R, out, n, BLOCK=block, launch_pdl=pdl.ON
+            ids_T, feed_T, fed_R, out, n, BLOCK=block, **pdl.LAUNCH
         )
     return out
