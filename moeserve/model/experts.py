@@ -309,7 +309,7 @@ class SlotExperts:
         first, last = min(slot_of), max(slot_of)
         lo = sum(counts[:first])
         hi = lo + sum(counts[first : last + 1])
-        table = [-1] * (num_e + 1)  # [E] -1: not this call's; [E + 1]: the sentinel's
+        table = [-1] * (num_e + 1)  # expert -> slot, -1: not this call's; index E: the sentinel
         for e, slot in slot_of.items():
             table[e] = slot
         # Pinned, so the copy does not wait for the stream; torch's host allocator keeps the
