@@ -20,9 +20,11 @@ the timed span), as fused_moe does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,14 +171,18 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             if down
             else mv.gemv_config(n // 2, k, QUANT)
         )
-        if QUANT == "fp8":  # around the shipped tiles, with the pipelining depth
-            splits, widths = ((3, 4, 6, 8), (512, 1024)) if down else ((1,), (256, 512))
-            grid = itertools.product((16, 32, 64), widths, (4, 8), splits, (2, 3, 4))
+        # around the shipped tiles, with the K tiles in flight (tl.range's num_stages)
+        if QUANT == "fp8":
+            splits, widths = ((3, 4, 6), (512, 1024)) if down else ((1,), (256, 512))
+            grid = itertools.product((16, 32), widths, (4, 8), splits, (1, 2, 4))
+        elif QUANT == "mxfp4":
+            splits = (2, 4, 8) if down else (1,)
+            grid = itertools.product((4, 8, 16), (256, 512), (4,), splits, (1, 2, 3))
         else:
-            splits = (1, 2, 4, 8) if down else (1,)
-            grid = itertools.product((4, 8, 16, 32), (128, 256, 512), (4, 8), splits, (3,))
+            splits = (1, 2, 4) if down else (1,)
+            grid = itertools.product((8, 16, 32), (128, 256), (4, 8), splits, (1, 3))
         cfgs = [base] + [
-            dict(BLOCK_N=a, BLOCK_K=b, num_warps=c, SPLIT_K=d, num_stages=st)
+            dict(BLOCK_N=a, BLOCK_K=b, num_warps=c, SPLIT_K=d, loop_stages=st)
             for a, b, c, d, st in (grid if sweep else ())
             if b >= (qt.group_size(QUANT) if QUANT else 1)
         ]
@@ -195,6 +201,9 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
                 s = bench(fn)
             except OutOfResources:
                 continue
+            if cfg is base and QUANT == "mxfp4":  # the portable decode, same tile
+                with _unpacked():
+                    print(f"  {name} shipped tile, unpacked decode: {bench(fn) * 1e6:6.1f} us")
             rows.append(
                 {
                     "gemm": name,
@@ -210,6 +219,17 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+@contextlib.contextmanager
+def _unpacked() -> Iterator[None]:
+    """The kernels' portable mxfp4 decode (the interpreter's) instead of the PTX one."""
+    saved = mv.packed_decode, mg.packed_decode
+    mv.packed_decode = mg.packed_decode = lambda: False
+    try:
+        yield
+    finally:
+        mv.packed_decode, mg.packed_decode = saved
 
 
 def whole_moe(t: int, gemv: bool) -> tuple[float, int]:
@@ -322,6 +342,13 @@ def gemv_report(args: argparse.Namespace, bw: float, result: dict[str, Any]) -> 
         # the touched experts' weights (and scales), read once
         floor = experts * 3 * D * F * BYTES_PER_WEIGHT[QUANT] / bw
         result["layer"].append({"tokens": t, "gemv_s": gemv, "grouped_s": grouped})
+        if QUANT == "mxfp4":
+            with _unpacked():
+                (slow, _), (slow_grouped, _) = whole_moe(t, True), whole_moe(t, False)
+            print(
+                f"T={t:4d} whole layer, unpacked decode: gemv {slow * 1e6:6.1f} us, "
+                f"grouped {slow_grouped * 1e6:6.1f} us"
+            )
         print(
             f"T={t:4d} whole layer in a graph: gemv {gemv * 1e6:6.1f} us "
             f"({floor / gemv:.2f} of floor), grouped {grouped * 1e6:6.1f} us "

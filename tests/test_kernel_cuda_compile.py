@@ -221,6 +221,14 @@ def test_every_kernel_compiles_for_sm90(monkeypatch: pytest.MonkeyPatch) -> None
     }
     launched = {f"{launch['module']}.{launch['name']}" for launch in launches.values()}
     assert kernels <= launched, sorted(kernels - launched)
+    # The interpreter runs the portable mxfp4 decode; the GPU takes the PTX one (PACKED).
+    packed = [
+        launch | dict(constexprs=launch["constexprs"] | dict(PACKED=True))
+        for launch in launches.values()
+        if launch["constexprs"].get("PACKED") is False and launch["constexprs"]["QUANT"] == 2
+    ]
+    assert packed, "no mxfp4 launch recorded"
+    launches |= {json.dumps(launch, sort_keys=True, default=str): launch for launch in packed}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     env["MOESERVE_PDL"] = "force"  # compile the kernels' grid-dependency waits too

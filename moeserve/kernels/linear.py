@@ -132,6 +132,7 @@ def _fp8_gemv_partials_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     wait_prior()
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -143,11 +144,12 @@ def _fp8_gemv_partials_kernel(
     k_end = tl.minimum(k_first + per_split, K)
     G: tl.constexpr = BLOCK_K // GROUP
     acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    for k0 in range(k_first, k_end, BLOCK_K):
+    for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
         xa, xb = x_tile(x_ptr, k0, K, 1, GROUP, G)
         acc += quant_tile(
-            w_ptr, scale_ptr, offs_n, n_ok, xa, xb, k0, K, stride_wn, stride_sn, 1, 1, GROUP, G
-        )
+            w_ptr, scale_ptr, offs_n, n_ok, xa, xb, k0, K, stride_wn, stride_sn, 1, 1, GROUP, G,
+            False,
+        )  # fmt: skip
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:  # in the first partial only, so the sum holds it once
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -158,18 +160,19 @@ def _fp8_gemv_partials_kernel(
 # The one-row FP8 GEMV's tile (BLOCK_N rows, BLOCK_K columns, warps) and the fewest K tiles a
 # split streams: a dense projection (Mixtral's qkv: 6144 x 4096) has few rows of tiles, so K
 # is cut finer than the MoE down projection's (moe_gemv) to give each SM several programs.
-_GEMV_TILE = (32, 512, 4)
+_GEMV_TILE = (32, 512, 4, 1)  # and K tiles in flight (moe_gemv._GEMV_TILES)
 _GEMV_MIN_K_TILES = 2
 
 
 def fp8_gemv_config(n: int, k: int) -> dict[str, int]:
     if interpreting():
         return gemv_config(n, k, "fp8", rows=1)
-    block_n, block_k, warps = _GEMV_TILE
+    block_n, block_k, warps, stages = _GEMV_TILE
     block_k = max(min(block_k, triton.next_power_of_2(k)), FP8_GROUP)
     programs = triton.cdiv(n, block_n)
     split = k_splits(programs, triton.cdiv(k, block_k), _GEMV_MIN_K_TILES, _MAX_SPLIT, per_sm=8)
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split)
+    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split)
+    return cfg | dict(loop_stages=stages)
 
 
 def _fp8_gemv_partials(
@@ -193,6 +196,7 @@ def _fp8_gemv_partials(
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
         GROUP=FP8_GROUP,
+        LOOP_STAGES=cfg.get("loop_stages", 1),
         num_warps=cfg["num_warps"],
         **pdl.LAUNCH,
     )

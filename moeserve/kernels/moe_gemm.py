@@ -15,7 +15,16 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits, pdl
-from moeserve.kernels.moe_quant import e2m1_as_fp16, e8m0_factor, load_weights, quant_code
+from moeserve.kernels.moe_quant import (
+    FP16_EXP_OFFSET,
+    PACKED_EXP_OFFSET,
+    e2m1_as_fp16,
+    e2m1x4_as_fp16,
+    e8m0_factor,
+    load_weights,
+    packed_decode,
+    quant_code,
+)
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP, real_k
 
@@ -154,6 +163,7 @@ def _moe_gemm_kernel(
     QUANT: tl.constexpr,  # moe_quant.QUANT_CODES: 0 plain weights, 1 fp8, 2 mxfp4
     GROUP: tl.constexpr,  # K elements per weight scale
     FP8_DOT: tl.constexpr,  # fp8 x fp8 tensor-core dots (QUANT 1, BLOCK_K divides 128)
+    PACKED: tl.constexpr,  # mxfp4: moe_quant.e2m1x4_as_fp16's packed decode
 ):
     wait_prior()
     # Programs that run back to back take GROUP_M row blocks for one column tile, so a B tile
@@ -204,16 +214,21 @@ def _moe_gemm_kernel(
             bk = k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
             bk_ok = bk * 2 < K
             b_ptrs = b_base + offs_n[None, :] * stride_bn + bk[:, None] * stride_bk
-            byte = tl.load(b_ptrs, mask=bk_ok[:, None] & col_ok[None, :], other=0).to(tl.int32)
+            byte = tl.load(b_ptrs, mask=bk_ok[:, None] & col_ok[None, :], other=0)
             a_mask = row_ok[:, None] & bk_ok[None, :]
             a_even = tl.load(a_rows + (2 * bk)[None, :] * stride_ak, mask=a_mask, other=0.0)
             a_odd = tl.load(a_rows + (2 * bk + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
-            lo = e2m1_as_fp16(byte, 0).to(a_even.dtype)
-            hi = e2m1_as_fp16(byte, 4).to(a_even.dtype)
-            part = tl.dot(a_even, lo, input_precision=DOT_PRECISION)
-            part = tl.dot(a_odd, hi, part, input_precision=DOT_PRECISION)
+            if PACKED:
+                lo, hi = e2m1x4_as_fp16(byte)
+                exp_offset: tl.constexpr = PACKED_EXP_OFFSET
+            else:
+                lo = e2m1_as_fp16(byte.to(tl.int32), 0)
+                hi = e2m1_as_fp16(byte.to(tl.int32), 4)
+                exp_offset: tl.constexpr = FP16_EXP_OFFSET
+            part = tl.dot(a_even, lo.to(a_even.dtype), input_precision=DOT_PRECISION)
+            part = tl.dot(a_odd, hi.to(a_even.dtype), part, input_precision=DOT_PRECISION)
             e = tl.load(s_base + offs_n * stride_bsn + k * stride_bsk, mask=col_ok, other=0)
-            acc += part * e8m0_factor(e)[None, :]
+            acc += part * e8m0_factor(e, exp_offset)[None, :]
         else:
             a_mask = row_ok[:, None] & k_ok[None, :]
             a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
@@ -340,5 +355,6 @@ def moe_gemm(
         QUANT=code,
         GROUP=group,
         FP8_DOT=fp8_dot,
+        PACKED=packed_decode(),
         **pdl.LAUNCH,
     )

@@ -29,7 +29,15 @@ import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_epilogue import activate, rnd
-from moeserve.kernels.moe_quant import e2m1_as_fp16, e8m0_factor, quant_code
+from moeserve.kernels.moe_quant import (
+    FP16_EXP_OFFSET,
+    PACKED_EXP_OFFSET,
+    e2m1_as_fp16,
+    e2m1x4_as_fp16,
+    e8m0_factor,
+    packed_decode,
+    quant_code,
+)
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import group_size, real_k
 
@@ -58,16 +66,17 @@ def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int
     From kernel_bench --gemv --sweep on an H200 (benchmarks/RESULTS.md), Mixtral's and
     gpt-oss's and Qwen3's experts at one token: the down projection splits K until each SM
     has about 8 programs (more or fewer cost up to 5%). mxfp4 decodes nibbles in the ALUs,
-    so its programs take few rows (4) and long K tiles; fp8 and bf16 read 32 rows a tile
-    over 8 warps in gate/up; bf16's down 16 rows of 128 columns over 8 warps, fp8's 32 rows
-    of 1024 columns over 4 (Mixtral: 3 splits, 35.4 us against 38.1 at 512 columns; the
-    pipelining depth makes no difference)."""
+    so its programs take few rows (4) and long K tiles; bf16 and fp8 gate/up read 16 rows of
+    256 columns over 4 warps with 3 (fp8: 4) K tiles in flight; bf16's down 32 rows of 128
+    columns over 8 warps, fp8's 32 rows of 1024 over 4 with one tile in flight. Depth and
+    tile go together: 3 tiles in flight at 32 x 256 over 8 warps took Mixtral's fp8 gate/up
+    421 us, against 63 at the shipped tile."""
     if interpreting():  # every program runs in Python: few, small ones
         return dict(BLOCK_N=16, BLOCK_K=group_size(quant) if quant else 16, num_warps=4, SPLIT_K=1)
     down = rows > 0
-    block_n, block_k, warps = _GEMV_TILES[quant, down]
+    block_n, block_k, warps, stages = _GEMV_TILES[quant, down]
     block_k = max(min(block_k, triton.next_power_of_2(K)), group_size(quant) if quant else 16)
-    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=1)
+    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=1, loop_stages=stages)
     if down:
         programs = rows * triton.cdiv(N, block_n)
         cfg["SPLIT_K"] = k_splits(
@@ -76,14 +85,17 @@ def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int
     return cfg
 
 
-# (quant, down projection) -> (BLOCK_N, BLOCK_K, num_warps), gemv_config's measurements.
-_GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int]] = {
-    ("", False): (32, 128, 8),
-    ("", True): (16, 128, 8),
-    ("fp8", False): (32, 256, 8),
-    ("fp8", True): (32, 1024, 4),
-    ("mxfp4", False): (4, 512, 4),
-    ("mxfp4", True): (4, 512, 4),
+# (quant, down projection) -> (BLOCK_N, BLOCK_K, num_warps, loop_stages), gemv_config's
+# measurements. loop_stages: K tiles whose loads are in flight at once. These loops have no
+# dot, so the kernel's num_stages does not pipeline them; without tl.range's num_stages a
+# program waits out a full memory latency per K tile.
+_GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
+    ("", False): (16, 256, 4, 3),
+    ("", True): (32, 128, 8, 3),
+    ("fp8", False): (16, 256, 4, 4),
+    ("fp8", True): (32, 1024, 4, 1),
+    ("mxfp4", False): (4, 512, 4, 2),
+    ("mxfp4", True): (4, 512, 4, 1),
 }
 # The fewest K tiles a split of the down GEMV streams, and the programs it aims for per SM.
 _MIN_K_TILES = 4
@@ -120,6 +132,7 @@ def quant_tile(
     QUANT: tl.constexpr,  # 1 fp8, 2 mxfp4
     GROUP: tl.constexpr,
     G: tl.constexpr,  # scale groups in the tile
+    PACKED: tl.constexpr,  # mxfp4: decode four bytes an instruction (moe_quant)
 ):
     """Sum over the K tile [k0, k0 + G*GROUP) of w[n, k] * x[k], per row and scale group:
     [BLOCK_N, G] float32, each group's dot scaled once (not each weight)."""
@@ -139,11 +152,16 @@ def quant_tile(
         bk = k0 // 2 + tl.arange(0, G)[:, None] * HALF + tl.arange(0, HALF)[None, :]
         bk = bk[None, :, :]
         m = n_ok[:, None, None] & (bk * 2 < K)
-        byte = tl.load(w_e + n3 * stride_wn + bk, mask=m, other=0).to(tl.int32)
-        lo = e2m1_as_fp16(byte, 0).to(tl.float32)
-        hi = e2m1_as_fp16(byte, 4).to(tl.float32)
-        part = tl.sum(lo * x_even + hi * x_odd, axis=2)
-        out = part * e8m0_factor(tl.load(s_ptrs, mask=s_ok, other=0))
+        byte = tl.load(w_e + n3 * stride_wn + bk, mask=m, other=0)
+        if PACKED:
+            lo, hi = e2m1x4_as_fp16(byte)
+            exp_offset: tl.constexpr = PACKED_EXP_OFFSET
+        else:
+            lo = e2m1_as_fp16(byte.to(tl.int32), 0)
+            hi = e2m1_as_fp16(byte.to(tl.int32), 4)
+            exp_offset: tl.constexpr = FP16_EXP_OFFSET
+        part = tl.sum(lo.to(tl.float32) * x_even + hi.to(tl.float32) * x_odd, axis=2)
+        out = part * e8m0_factor(tl.load(s_ptrs, mask=s_ok, other=0), exp_offset)
     return out
 
 
@@ -177,6 +195,8 @@ def _gate_up_act_kernel(
     BLOCK_K: tl.constexpr,
     QUANT: tl.constexpr,  # moe_quant.QUANT_CODES
     GROUP: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,  # K tiles in flight (the loop's software pipeline)
+    PACKED: tl.constexpr,  # mxfp4: moe_quant.e2m1x4_as_fp16's packed decode
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
@@ -195,7 +215,7 @@ def _gate_up_act_kernel(
         n = offs_n[:, None]
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
             kk = k0 + offs_k
             k_ok = kk < K
             x = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -210,15 +230,15 @@ def _gate_up_act_kernel(
         G: tl.constexpr = BLOCK_K // GROUP
         acc_g = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
             xa, xb = x_tile(x_row, k0, K, QUANT, GROUP, G)
             acc_g += quant_tile(
                 w_e, s_e, offs_n, n_ok, xa, xb, k0, K,
-                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G,
+                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G, PACKED,
             )  # fmt: skip
             acc_u += quant_tile(
                 w_e, s_e, offs_n + F, n_ok, xa, xb, k0, K,
-                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G,
+                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G, PACKED,
             )  # fmt: skip
         gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
         up = rnd(tl.sum(acc_u, axis=1), h_ptr)
@@ -254,6 +274,8 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     QUANT: tl.constexpr,
     GROUP: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
@@ -274,7 +296,7 @@ def _down_kernel(
     k_end = tl.minimum(k_first + per_split, K)
     if QUANT == 0:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(k_first, k_end, BLOCK_K):
+        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             kk = k0 + offs_k
             k_ok = kk < k_end
             h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
@@ -284,11 +306,11 @@ def _down_kernel(
     else:
         G: tl.constexpr = BLOCK_K // GROUP
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        for k0 in range(k_first, k_end, BLOCK_K):
+        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             ha, hb = x_tile(h_row, k0, K, QUANT, GROUP, G)
             acc += quant_tile(
                 w_e, s_e, offs_n, n_ok, ha, hb, k0, K,
-                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G,
+                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G, PACKED,
             )  # fmt: skip
     out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
     tl.store(out_row + offs_n, tl.sum(acc, axis=1), mask=n_ok)
@@ -348,8 +370,9 @@ def gemv_gate_up_act(
             BLOCK_K=cfg["BLOCK_K"],
             QUANT=code,
             GROUP=group,
+            LOOP_STAGES=cfg.get("loop_stages", 1),
+            PACKED=packed_decode(),
             num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 3),
             **pdl.LAUNCH,
         )
     return h_RF
@@ -397,7 +420,8 @@ def gemv_down(
             BLOCK_K=cfg["BLOCK_K"],
             QUANT=code,
             GROUP=group,
+            LOOP_STAGES=cfg.get("loop_stages", 1),
+            PACKED=packed_decode(),
             num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 3),
             **pdl.LAUNCH,
         )

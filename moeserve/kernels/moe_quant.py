@@ -62,8 +62,19 @@ def load_weights(
             # mxfp4: even k is the low nibble of byte k // 2, odd k the high one
             byte = tl.load(w_ptr + n * stride_wn + (k // 2) * stride_wk, mask=mask, other=0)
             code = (byte.to(tl.int32) >> ((k % 2) * 4)) & 0xF
-            w = e2m1_as_fp16(code, 0).to(tl.float32) * e8m0_factor(scale)
+            w = e2m1_as_fp16(code, 0).to(tl.float32) * e8m0_factor(scale, FP16_EXP_OFFSET)
     return w
+
+
+def packed_decode() -> bool:
+    """Whether the kernels decode mxfp4 with e2m1x4_as_fp16 (PTX: not under the interpreter,
+    which runs e2m1_as_fp16; both give the same values)."""
+    return not interpreting()
+
+
+# e2m1_as_fp16 and e2m1x4_as_fp16 return E2M1 * 2**-OFFSET; e8m0_factor folds 2**OFFSET back.
+FP16_EXP_OFFSET = tl.constexpr(14)
+PACKED_EXP_OFFSET = tl.constexpr(6)
 
 
 @triton.jit
@@ -73,17 +84,57 @@ def e2m1_as_fp16(byte, SHIFT: tl.constexpr):
     The nibble's three magnitude bits placed at float16's bits 9..11 make its exponent and
     top mantissa bit: a float16 of value E2M1 * 2**-14, the subnormal 0.5 * 2**-14 included;
     the sign goes to bit 15. Five integer operations and no select, where a table or a
-    per-case formula costs several times that (decode is ALU-bound: half a byte a weight).
-    e8m0_factor folds the 2**14 back into the group's scale."""
+    per-case formula costs several times that. The interpreter's decode (e2m1x4_as_fp16 is
+    PTX)."""
     bits = ((byte & (0x8 << SHIFT)) << (12 - SHIFT)) | ((byte & (0x7 << SHIFT)) << (9 - SHIFT))
     return bits.to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def e8m0_factor(e):
-    """2 ** (e - 127) * 2 ** 14 in float32 for an E8M0 exponent byte e (e2m1_as_fp16's scale):
-    e + 14 placed in a float32's exponent field."""
-    return ((e.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
+def e2m1x4_as_fp16(byte):
+    """(low nibbles, high nibbles) of uint8 `byte` as float16 E2M1 * 2**-6 (exact), four
+    bytes an instruction: decode is ALU-bound (half a byte a weight), and e2m1_as_fp16 spends
+    about eight instructions a nibble on 32-bit registers holding one byte each.
+
+    Each nibble's magnitude bits go to bits 2..4 of a byte and its sign to bit 7: an
+    float8_e4m3fn of value E2M1 * 2**-6 (0.5 becomes e4m3's subnormal 2**-7), for the four
+    low nibbles of a 32-bit word in one and, shift, and, shift, or; the high nibbles likewise;
+    then Hopper's cvt.rn.f16x2.e4m3x2 widens two at a time."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 lo, hi, t;
+        .reg .b16 l0, l1, h0, h1;
+        and.b32 lo, $4, 0x07070707;
+        shl.b32 lo, lo, 2;
+        and.b32 t, $4, 0x08080808;
+        shl.b32 t, t, 4;
+        or.b32 lo, lo, t;
+        shr.b32 hi, $4, 2;
+        and.b32 hi, hi, 0x1C1C1C1C;
+        and.b32 t, $4, 0x80808080;
+        or.b32 hi, hi, t;
+        mov.b32 {l0, l1}, lo;
+        mov.b32 {h0, h1}, hi;
+        cvt.rn.f16x2.e4m3x2 $0, l0;
+        cvt.rn.f16x2.e4m3x2 $1, l1;
+        cvt.rn.f16x2.e4m3x2 $2, h0;
+        cvt.rn.f16x2.e4m3x2 $3, h1;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r",
+        args=[byte],
+        dtype=(tl.float16, tl.float16),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def e8m0_factor(e, OFFSET: tl.constexpr):
+    """2 ** (e - 127) * 2 ** OFFSET in float32 for an E8M0 exponent byte e (the decodes'
+    scale): e + OFFSET placed in a float32's exponent field."""
+    return ((e.to(tl.int32) + OFFSET) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
