@@ -195,6 +195,12 @@ def make_checkpoint(
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # inits to 0: make it steer
                 b.add_(torch.randn_like(b) * 0.3)
+    if family == "gpt_oss":
+        # Older transformers (5.17, the GPU image's) hard-code the clamped SwiGLU's alpha
+        # 1.702 and limit 7.0 whatever config.json says (5.25 reads it): write down the values
+        # the reference actually runs, so our engine, which reads config.json, computes the same.
+        experts = model.model.layers[0].mlp.experts
+        cfg.swiglu_alpha, cfg.swiglu_limit = experts.alpha, experts.limit
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **save_kwargs)
     if hub_style:

@@ -31,10 +31,13 @@ def test_config_and_plan(ckpt: Path) -> None:
     assert cfg.layer_windows == (4, None, 4)
     assert cfg.attention_sinks and cfg.o_bias and cfg.qkv_bias and cfg.expert_bias
     assert cfg.router_logit_bias and cfg.norm_topk_prob
+    raw = json.loads((ckpt / "config.json").read_text())
+    # 0.1 (tests/checkpoints.py) where transformers reads it, its fixed 7.0 where not
+    assert raw["swiglu_limit"] in (0.1, 7.0)
     assert (cfg.expert_activation, cfg.swiglu_alpha, cfg.swiglu_limit) == (
         "clamped_swiglu",
         1.702,
-        0.1,
+        raw["swiglu_limit"],
     )
     assert cfg.rope_params["rope_type"] == "yarn" and cfg.rope_params["truncate"] is False
     plan = weight_plan(cfg)
