@@ -2,7 +2,8 @@
 
 import gc
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Generator, Iterator
 
 import pytest
 import torch
@@ -20,6 +21,22 @@ def _release_gpu_memory() -> Iterator[None]:
     if torch.cuda.is_available():
         gc.collect()
         torch.cuda.empty_cache()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Let a failed test's locals go once its report is written. pytest keeps the failure
+    (sys.last_traceback, for post-mortem debugging) until the next test's body starts, so
+    _release_gpu_memory could not free the engines its frames hold, and the next test's
+    engine would size its KV cache with their memory still taken."""
+    report = yield
+    if call.excinfo is not None and not item.config.getoption("usepdb", False):
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            if hasattr(sys, name):
+                delattr(sys, name)
+    return report
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -199,21 +199,15 @@ def _prompt() -> list[int]:
     return torch.randint(2, 120, (13,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def _generate(path: Path, prompt: list[int], steps: int, device: str, **options: Any) -> Any:
-    """The engine lives only in this frame: a failed assertion's traceback (which pytest
-    keeps) must not hold its KV cache, or the next GPU test finds the device full."""
-    llm = LLM(path, dtype="float32", device=device, progress=False, block_size=4, **options)
-    sp = SamplingParams(temperature=0, max_tokens=steps, logprobs=TOP, ignore_eos=True)
-    return llm.generate(prompt, sp)[0].outputs[0]
-
-
 def _assert_matches(
     path: Path, ref_path: Path, steps: int = STEPS, device: str = "cpu", **options: Any
 ) -> None:
     """moeserve on `path` (float32, CPU) greedy-decodes what transformers on `ref_path` does,
     with each step's top-5 log-probs within LP_TOL of transformers' for the same tokens."""
     prompt = _prompt()
-    out = _generate(path, prompt, steps, device, **options)
+    llm = LLM(path, dtype="float32", device=device, progress=False, block_size=4, **options)
+    sp = SamplingParams(temperature=0, max_tokens=steps, logprobs=TOP, ignore_eos=True)
+    out = llm.generate(prompt, sp)[0].outputs[0]
     ref_prompt, ref_decode, ref_tokens = reference(ref_path, prompt)
     # The first step's distribution is the prompt's last position; then one per decode step.
     ref_steps = torch.cat([ref_prompt[-1:], ref_decode])[:steps]
