@@ -12,7 +12,8 @@ others) in bf16 with random weights (moeserve's --load-format dummy, transformer
 - prefill of --prefill-len-token prompts (one per step) as a fraction of the matmul rate.
 Prints a table (tokens/s, fraction of floor, ratio to transformers) and writes JSON.
 --profile DIR also traces a few decode steps of the first mode at each batch with
-torch.profiler (Chrome traces, and a table of the costliest device kernels).
+torch.profiler (Chrome traces, a table of the costliest device kernels, and the device's
+timeline: the share of the span some kernel ran, the idle gaps between kernels by length).
 
     python benchmarks/gpu_speed.py --json out.json
     python benchmarks/gpu_speed.py --shape qwen3-30b-a3b --modes graphs --json out.json
@@ -117,9 +118,58 @@ def profile_decode(llm: LLM, batch: int, in_len: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         ms_decode(llm, batch, in_len, 16)
-    prof.export_chrome_trace(str(out / f"decode_b{batch}.json"))
+    trace = out / f"decode_b{batch}.json"
+    prof.export_chrome_trace(str(trace))
     print(f"decode at batch {batch}, 16 tokens, profiled:")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20))
+    t = device_timeline(json.loads(trace.read_text())["traceEvents"])
+    print(
+        f"device timeline: {t['kernels']} kernels over {t['span_us'] / 1e3:.2f} ms, busy "
+        f"{t['busy_fraction']:.2f}; idle {t['idle_us'] / 1e3:.2f} ms: "
+        + ", ".join(f"{n} of {label} us ({us:.0f} us)" for label, n, us in t["gaps"])
+    )
+
+
+# Idle stretches between kernels, by length (µs): launch latency, then host-paced stalls.
+GAP_BINS = (
+    ("<5", 0.0, 5.0),
+    ("5-20", 5.0, 20.0),
+    ("20-100", 20.0, 100.0),
+    ("100-1000", 100.0, 1000.0),
+    (">=1000", 1000.0, float("inf")),
+)
+
+
+def device_timeline(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """From a Chrome trace's events: the GPU kernels' span, the share of it that some kernel
+    covered, and the idle gaps between them by length. With programmatic dependent launch a
+    kernel starts before its predecessor ends and waits inside, so its wait counts as busy:
+    profile with MOESERVE_PDL=0 to see the gaps between launches."""
+    kernels = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "kernel" and "dur" in e
+    )
+    if not kernels:
+        return {"kernels": 0, "span_us": 0.0, "busy_fraction": 0.0, "idle_us": 0.0, "gaps": []}
+    busy = idle = 0.0
+    end = kernels[0][0]
+    counts, totals = [0] * len(GAP_BINS), [0.0] * len(GAP_BINS)
+    for start, stop in kernels:
+        if start > end:
+            gap = start - end
+            idle += gap
+            i = next(i for i, (_, lo, hi) in enumerate(GAP_BINS) if lo <= gap < hi)
+            counts[i] += 1
+            totals[i] += gap
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - kernels[0][0]
+    return {
+        "kernels": len(kernels),
+        "span_us": span,
+        "busy_fraction": busy / span if span else 0.0,
+        "idle_us": idle,
+        "gaps": [(b[0], n, us) for b, n, us in zip(GAP_BINS, counts, totals) if n],
+    }
 
 
 def main() -> int:

@@ -82,3 +82,26 @@ def test_prefix_ttft_runs_on_the_demo_model(tmp_path: Path) -> None:
         assert r["first_ttft_s"] > 0 and r["second_ttft_s"] > 0
     assert all(r["second_cached_tokens"] == 0 for r in runs["off"]["rounds"])
     assert "second TTFT ms" in res.stdout
+
+
+def test_device_timeline_measures_busy_share_and_gaps() -> None:
+    sys.path.insert(0, str(REPO))
+    from benchmarks.gpu_speed import device_timeline
+
+    def kernel(ts: float, dur: float) -> dict[str, object]:
+        return {"cat": "kernel", "name": "k", "ts": ts, "dur": dur}
+
+    events = [
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 5000.0},  # not a kernel
+        kernel(100.0, 10.0),
+        kernel(105.0, 10.0),  # overlaps the first (PDL): 100-115 busy
+        kernel(118.0, 2.0),  # 3 us gap
+        kernel(150.0, 50.0),  # 30 us gap
+        kernel(1400.0, 100.0),  # 1200 us gap (host-paced)
+    ]
+    t = device_timeline(events)
+    assert t["kernels"] == 5 and t["span_us"] == 1400.0
+    assert t["idle_us"] == 3.0 + 30.0 + 1200.0
+    assert abs(t["busy_fraction"] - (15 + 2 + 50 + 100) / 1400) < 1e-12
+    assert t["gaps"] == [("<5", 1, 3.0), ("20-100", 1, 30.0), (">=1000", 1, 1200.0)]
+    assert device_timeline(events[:1])["kernels"] == 0
