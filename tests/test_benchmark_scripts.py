@@ -105,3 +105,31 @@ def test_device_timeline_measures_busy_share_and_gaps() -> None:
     assert abs(t["busy_fraction"] - (15 + 2 + 50 + 100) / 1400) < 1e-12
     assert t["gaps"] == [("<5", 1, 3.0), ("20-100", 1, 30.0), (">=1000", 1, 1200.0)]
     assert device_timeline(events[:1])["kernels"] == 0
+
+
+def test_offload_host_profile_reports_per_step_own_time() -> None:
+    import cProfile
+    import time
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.offload_bench import host_profile_table
+
+    def wait_for_device() -> None:  # stands in for a routing read blocked on the GPU
+        time.sleep(0.01)
+
+    def step() -> None:
+        wait_for_device()
+        sum(range(1000))
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(4):
+        step()
+    profiler.disable()
+    text = host_profile_table(profiler, steps=4, top=2)
+    head, first, second = text.splitlines()
+    assert head.startswith("host profile: ") and "over 4 steps" in head
+    # time.sleep's own time leads: about 10 ms a step, one call a step
+    own, calls = (float(v) for v in first.split()[:2])
+    assert "sleep" in first and 9e3 < own < 5e4 and calls == 1.0
+    assert float(second.split()[0]) <= own
