@@ -16,12 +16,9 @@ import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_quant import (
-    FP16_EXP_OFFSET,
-    PACKED_EXP_OFFSET,
-    e2m1_as_fp16,
-    e2m1x4_as_fp16,
-    e8m0_factor,
     load_weights,
+    mxfp4_group_scale,
+    mxfp4_nibbles,
     packed_decode,
     quant_code,
 )
@@ -218,17 +215,11 @@ def _moe_gemm_kernel(
             a_mask = row_ok[:, None] & bk_ok[None, :]
             a_even = tl.load(a_rows + (2 * bk)[None, :] * stride_ak, mask=a_mask, other=0.0)
             a_odd = tl.load(a_rows + (2 * bk + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
-            if PACKED:
-                lo, hi = e2m1x4_as_fp16(byte)
-                exp_offset: tl.constexpr = PACKED_EXP_OFFSET
-            else:
-                lo = e2m1_as_fp16(byte.to(tl.int32), 0)
-                hi = e2m1_as_fp16(byte.to(tl.int32), 4)
-                exp_offset: tl.constexpr = FP16_EXP_OFFSET
+            lo, hi = mxfp4_nibbles(byte, PACKED)
             part = tl.dot(a_even, lo.to(a_even.dtype), input_precision=DOT_PRECISION)
             part = tl.dot(a_odd, hi.to(a_even.dtype), part, input_precision=DOT_PRECISION)
             e = tl.load(s_base + offs_n * stride_bsn + k * stride_bsk, mask=col_ok, other=0)
-            acc += part * e8m0_factor(e, exp_offset)[None, :]
+            acc += part * mxfp4_group_scale(e, PACKED)[None, :]
         else:
             a_mask = row_ok[:, None] & k_ok[None, :]
             a = tl.load(a_rows + kk[None, :] * stride_ak, mask=a_mask, other=0.0)

@@ -30,11 +30,8 @@ import triton.language as tl
 from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_quant import (
-    FP16_EXP_OFFSET,
-    PACKED_EXP_OFFSET,
-    e2m1_as_fp16,
-    e2m1x4_as_fp16,
-    e8m0_factor,
+    mxfp4_group_scale,
+    mxfp4_nibbles,
     packed_decode,
     quant_code,
 )
@@ -153,15 +150,9 @@ def quant_tile(
         bk = bk[None, :, :]
         m = n_ok[:, None, None] & (bk * 2 < K)
         byte = tl.load(w_e + n3 * stride_wn + bk, mask=m, other=0)
-        if PACKED:
-            lo, hi = e2m1x4_as_fp16(byte)
-            exp_offset: tl.constexpr = PACKED_EXP_OFFSET
-        else:
-            lo = e2m1_as_fp16(byte.to(tl.int32), 0)
-            hi = e2m1_as_fp16(byte.to(tl.int32), 4)
-            exp_offset: tl.constexpr = FP16_EXP_OFFSET
+        lo, hi = mxfp4_nibbles(byte, PACKED)
         part = tl.sum(lo.to(tl.float32) * x_even + hi.to(tl.float32) * x_odd, axis=2)
-        out = part * e8m0_factor(tl.load(s_ptrs, mask=s_ok, other=0), exp_offset)
+        out = part * mxfp4_group_scale(tl.load(s_ptrs, mask=s_ok, other=0), PACKED)
     return out
 
 

@@ -138,6 +138,24 @@ def e8m0_factor(e, OFFSET: tl.constexpr):
 
 
 @triton.jit
+def mxfp4_nibbles(byte, PACKED: tl.constexpr):
+    """(low nibbles, high nibbles) of uint8 `byte` as float16 E2M1 values scaled down by
+    2**-offset; mxfp4_group_scale(e, PACKED) is the factor that restores them."""
+    if PACKED:
+        lo, hi = e2m1x4_as_fp16(byte)
+    else:
+        lo = e2m1_as_fp16(byte.to(tl.int32), 0)
+        hi = e2m1_as_fp16(byte.to(tl.int32), 4)
+    return lo, hi
+
+
+@triton.jit
+def mxfp4_group_scale(e, PACKED: tl.constexpr):
+    """The float32 factor of E8M0 exponents e for values mxfp4_nibbles(..., PACKED) decoded."""
+    return e8m0_factor(e, PACKED_EXP_OFFSET if PACKED else FP16_EXP_OFFSET)
+
+
+@triton.jit
 def _round_to_e4m3(x):
     """x (|x| <= 448) rounded to nearest-even on the float8_e4m3fn grid, in float32: Triton
     3.9's interpreter converts float32 to float8 without carrying a rounded-up mantissa into
