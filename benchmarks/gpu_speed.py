@@ -150,23 +150,20 @@ def device_timeline(events: list[dict[str, Any]]) -> dict[str, Any]:
     )
     if not kernels:
         return {"kernels": 0, "span_us": 0.0, "busy_fraction": 0.0, "idle_us": 0.0, "gaps": []}
-    busy = idle = 0.0
     end = kernels[0][0]
     counts, totals = [0] * len(GAP_BINS), [0.0] * len(GAP_BINS)
     for start, stop in kernels:
         if start > end:
             gap = start - end
-            idle += gap
             i = next(i for i, (_, lo, hi) in enumerate(GAP_BINS) if lo <= gap < hi)
             counts[i] += 1
             totals[i] += gap
-        busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
-    span = end - kernels[0][0]
+    span, idle = end - kernels[0][0], sum(totals)
     return {
         "kernels": len(kernels),
         "span_us": span,
-        "busy_fraction": busy / span if span else 0.0,
+        "busy_fraction": 1.0 - idle / span if span else 0.0,
         "idle_us": idle,
         "gaps": [(b[0], n, us) for b, n, us in zip(GAP_BINS, counts, totals) if n],
     }

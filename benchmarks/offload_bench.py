@@ -15,6 +15,7 @@ with both bandwidths measured in this process. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -108,15 +109,12 @@ def run(
         if not decode_start and all(so_far.outputs):
             decode_start.append((_snapshot(eng), len(so_far.steps)))
 
-    profiler = cProfile.Profile() if host_profile else None
+    profiler = cProfile.Profile()
     start = _snapshot(eng)
-    if profiler is not None:
-        profiler.enable()
-    timed = drive(llm, prompts, params, tag=f"bench-{batch}", on_step=on_step)
-    if profiler is not None:
-        profiler.disable()
+    with profiler if host_profile else contextlib.nullcontext():
+        timed = drive(llm, prompts, params, tag=f"bench-{batch}", on_step=on_step)
     end = _snapshot(eng)
-    if profiler is not None:
+    if host_profile:
         print(host_profile_table(profiler, len(timed.steps), host_profile), flush=True)
     (decode0, first_decode_step) = decode_start[0]
     decode_tokens = sum(s.tokens for s in timed.steps[first_decode_step:])
