@@ -21,7 +21,7 @@ from moeserve.model.backend import (
     fused_rms_norm,
     split_k_rows,
 )
-from moeserve.model.experts import ExpertProvider
+from moeserve.model.experts import ExpertProvider, SlotTable
 from moeserve.model.layers import rms_norm
 from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.mla import LatentAttention, MLAttention
@@ -92,9 +92,10 @@ class DecoderLayer(nn.Module):
         cos_sin: CosSin,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-        experts: ExpertProvider | None = None,
+        experts: ExpertProvider | SlotTable | None = None,
     ) -> torch.Tensor:
-        """experts: the provider of this layer's routed experts (None: resident)."""
+        """experts: the provider of this layer's routed experts, or the slots of an expert
+        cache the GPU maps itself (None: resident)."""
         x_TD, h_TD = self.attention_block(x_TD, cos_sin, kv_cache, meta)
         if isinstance(self.mlp, MoE):  # the residual add happens inside (fused when it can)
             return self.mlp(h_TD, meta.valid_T, residual_TD=x_TD, experts=experts)
@@ -171,12 +172,13 @@ class MoEForCausalLM(nn.Module):
         positions_T: torch.Tensor,
         meta: AttentionMetadata,
         kv_caches: list[KVCache],
-        experts: Mapping[int, ExpertProvider] | None = None,
+        experts: Mapping[int, ExpertProvider | SlotTable] | None = None,
     ) -> torch.Tensor:
         """Hidden states [T, D] before the final norm, for every token of the batch.
 
         experts: layer index -> the provider of that layer's routed experts (the engine's
-        expert store, when offloading); layers without one run their resident experts."""
+        expert store, when offloading) or its SlotTable; layers without one run their
+        resident experts."""
         x_TD = F.embedding(input_ids_T, self.embed_tokens)
         cos_sin = self.rotary.cos_sin(positions_T, self.dtype)
         if not experts:

@@ -20,6 +20,7 @@ N a slice of rows, S split-K partials.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
 import torch
@@ -31,6 +32,22 @@ from moeserve.model.backend import split_k_rows
 from moeserve.model.dispatch import Dispatch, expert_counts
 from moeserve.model.quant import ExpertScales
 from moeserve.model.router import RouterSpec, route
+
+
+class SlotTable(ABC):
+    """A layer's routed experts in the slots of device tensors whose map the GPU keeps
+    itself: `resolve` is given a call's routing and returns the expert -> slot map for it,
+    queuing on the device whatever makes every routed expert present (engine/device_cache.py
+    copies misses from host memory and admits them). Nothing reads the device from the host,
+    so a CUDA graph holds the whole MoE layer. Calls route at most `max_rows` rows (T*K)."""
+
+    def __init__(self, slots: SlotExperts, max_rows: int) -> None:
+        self.slots = slots
+        self.max_rows = max_rows
+
+    @abstractmethod
+    def resolve(self, experts_TK: torch.Tensor) -> torch.Tensor:
+        """int32 [E]: expert e's slot for this call (any valid slot for one it does not use)."""
 
 
 class ExpertProvider(Protocol):
@@ -160,19 +177,26 @@ def fused_experts(
     b_down_ED: torch.Tensor | None = None,
     act: ExpertActivation = SILU,
     scales: ExpertScales | None = None,
+    table: SlotTable | None = None,
 ) -> torch.Tensor:
     """The routed experts' combined output [T, D] (plus residual_TD when given, fused into the
     last kernel), through the Triton kernels; the experts' biases and activation as given;
     quantized weights with their scales (dequantized in the kernels).
     triton_route (router.triton_routable): routing, alignment and counting in one program (a
     decode-sized batch), else the torch routing, its count and the alignment's torch ops.
-    counter_E: incremented by the tokens per expert."""
+    counter_E: incremented by the tokens per expert. table: the experts live in these slots
+    (an expert cache the GPU maps itself), not in the weights given."""
     from moeserve.kernels.fused_moe import fused_moe
     from moeserve.kernels.moe_gemm import moe_block_m
     from moeserve.kernels.moe_gemv import takes_gemv
 
     t = x_TD.shape[0]
     quant = scales.kernel_args() if scales is not None else {}
+    if table is not None:
+        slots = table.slots
+        w_gate_up_EFD, w_down_EDF, quant = slots.w_gate_up_SFD, slots.w_down_SDF, slots.quant
+        b_gate_up_EF, b_down_ED = slots.b_gate_up_SF, slots.b_down_SD
+        assert t * spec.top_k <= table.max_rows, "more routed rows than staging slots"
     if triton_route:
         f, d = w_gate_up_EFD.shape[1] // 2, w_down_EDF.shape[1]
         gemv = takes_gemv(t, f, quant.get("quant", ""))
@@ -194,6 +218,7 @@ def fused_experts(
             w_down_EDF,
             weights_TK,
             experts_TK,
+            expert_slot_E=table.resolve(experts_TK) if table is not None else None,
             align=align,
             gemv=gemv,
             residual_TD=residual_TD,
@@ -205,9 +230,10 @@ def fused_experts(
     weights_TK, experts_TK, _ = route(logits_TE, spec, bias_E=bias_E, valid_T=valid_T)
     if counter_E is not None:
         counter_E += expert_counts(experts_TK.flatten(), spec.num_experts)
+    slot_E = table.resolve(experts_TK) if table is not None else None
     if spec.scales_input:
         return _fused_scaled_input(
-            x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD, quant
+            x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD, quant, slot_E
         )
     return fused_moe(
         x_TD,
@@ -215,6 +241,7 @@ def fused_experts(
         w_down_EDF,
         weights_TK,
         experts_TK,
+        expert_slot_E=slot_E,
         residual_TD=residual_TD,
         b_gate_up_EF=b_gate_up_EF,
         b_down_ED=b_down_ED,
@@ -231,6 +258,7 @@ def _fused_scaled_input(
     experts_TK: torch.Tensor,
     residual_TD: torch.Tensor | None,
     quant: dict[str, Any],
+    expert_slot_E: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused GEMMs when the weights scale each expert's input (Llama 4): every (token,
     choice) is a row of its own, its input scaled in x's dtype, with weight 1; the K outputs of
@@ -238,11 +266,10 @@ def _fused_scaled_input(
     t, k = experts_TK.shape
     x_RD = (x_TD[:, None, :] * weights_TK.to(x_TD.dtype)[:, :, None]).reshape(t * k, -1)
     experts_R = experts_TK.reshape(t * k)
+    w = (w_gate_up_EFD, w_down_EDF, quant)
     if k == 1:
-        return fused_rows(
-            x_RD, experts_R, w_gate_up_EFD, w_down_EDF, quant, residual_RD=residual_TD
-        )
-    out_TD = fused_rows(x_RD, experts_R, w_gate_up_EFD, w_down_EDF, quant)
+        return fused_rows(x_RD, experts_R, *w, expert_slot_E=expert_slot_E, residual_RD=residual_TD)
+    out_TD = fused_rows(x_RD, experts_R, *w, expert_slot_E=expert_slot_E)
     out_TD = out_TD.view(t, k, -1).sum(1)
     return out_TD if residual_TD is None else residual_TD + out_TD
 

@@ -14,6 +14,8 @@ Shapes: T tokens, D hidden, E experts, F expert intermediate, K top-k.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,7 @@ from moeserve.model.dispatch import Dispatch, combine, sort_by_expert
 from moeserve.model.experts import (
     ExpertProvider,
     ResidentExperts,
+    SlotTable,
     fused_experts,
     fused_router_logits,
     router_logits,
@@ -163,20 +166,24 @@ class MoE(nn.Module):
         x_TD: torch.Tensor,
         valid_T: torch.Tensor | None = None,
         residual_TD: torch.Tensor | None = None,
-        experts: ExpertProvider | None = None,
+        experts: ExpertProvider | SlotTable | None = None,
     ) -> torch.Tensor:
         """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere.
         residual_TD: return residual + the layer's output (fused into the Triton path's last
         kernel when there is no shared expert to add first). experts: the provider of this
-        layer's routed experts (the engine's expert store); None: resident experts."""
+        layer's routed experts (the engine's expert store), or the slots of an expert cache
+        the GPU maps itself (the fused path over them); None: resident experts."""
         t = x_TD.shape[0]
-        if experts is None and t <= self.fused_max_tokens:
+        table = experts if isinstance(experts, SlotTable) else None
+        if (experts is None and t <= self.fused_max_tokens) or table is not None:
             triton_route = triton_routable(self.spec, t)
             logits_TE = fused_router_logits(x_TD, self.router, triton_route, self.router_logit_bias)
+            fused = functools.partial(self._fused, x_TD, logits_TE, triton_route, valid_T)
             if self.shared is None:
-                return self._fused(x_TD, logits_TE, triton_route, valid_T, residual_TD)
-            out_TD = self.add_shared(x_TD, self._fused(x_TD, logits_TE, triton_route, valid_T))
+                return fused(residual_TD, table)
+            out_TD = self.add_shared(x_TD, fused(None, table))
         else:
+            assert not isinstance(experts, SlotTable)
             d = self.route_and_dispatch(x_TD, valid_T)
             (experts or self.resident).run(d)
             out_TD = self.finish(d)
@@ -189,6 +196,7 @@ class MoE(nn.Module):
         triton_route: bool,
         valid_T: torch.Tensor | None,
         residual_TD: torch.Tensor | None = None,
+        table: SlotTable | None = None,
     ) -> torch.Tensor:
         return fused_experts(
             x_TD,
@@ -205,6 +213,7 @@ class MoE(nn.Module):
             b_down_ED=self.b_down,
             act=self.activation,
             scales=ExpertScales.of(self),
+            table=table,
         )
 
     def select_experts(
