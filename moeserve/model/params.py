@@ -37,7 +37,9 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             return torch.empty(*shape, dtype=dtype)
     data = torch.empty(*shape, dtype=dtype)
     cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(data.data_ptr(), nbytes, 0)
+    # Mapped (cudaHostRegisterMapped): kernels may read it too (the expert cache's in-graph
+    # fetch, kernels/expert_fetch.py); under unified addressing at the same address.
+    err = cudart.cudaHostRegister(data.data_ptr(), nbytes, 2)
     if int(err) != 0:
         log.warning(
             "cannot lock %.2f GB of host memory (cudaHostRegister error %d); copies will be slower",
