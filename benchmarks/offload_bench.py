@@ -214,6 +214,12 @@ def main() -> None:
         default="auto",
         help="comma-separated: auto, eager and/or fused (the engine option), run in turn",
     )
+    ap.add_argument(
+        "--expert-cache-graph-batch",
+        default="auto",
+        help="comma-separated: auto or the largest decode batch whose expert cache runs "
+        "inside the CUDA graph (0: never; the engine option), run in turn",
+    )
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument(
         "--emulate-card-mib",
@@ -245,12 +251,13 @@ def main() -> None:
     max_len = args.input_len + args.output_len + 16
     results: list[dict] = []
     runs = [
-        (q, m, k)
+        (q, m, k, g)
         for q in args.quantization.split(",")
         for m in args.modes.split(",")
         for k in args.expert_cache_kernels.split(",")
+        for g in args.expert_cache_graph_batch.split(",")
     ]
-    for quant, mode, kernels in runs:
+    for quant, mode, kernels, graph_batch in runs:
         t0 = time.perf_counter()
         torch.cuda.reset_peak_memory_stats()
         llm = LLM(
@@ -267,11 +274,14 @@ def main() -> None:
             gpu_memory_utilization=util,
             quantization=None if quant == "none" else quant,
             expert_cache_kernels=kernels,
+            expert_cache_graph_batch=None if graph_batch == "auto" else int(graph_batch),
         )
         load_s = time.perf_counter() - t0
         store = llm.engine.executor.expert_store
         slots = store.slots if store else "all"
         cost = store.cost if store else None
+        if graph_batch != "auto":
+            kernels = f"{kernels} g{graph_batch}"
         print(
             f"[{quant} {mode} {kernels}] loaded in {load_s:.0f}s, cache slots per layer: {slots}, "
             f"KV blocks {llm.engine.executor.num_blocks}, cost model: {cost}",
@@ -282,7 +292,7 @@ def main() -> None:
             free, total = torch.cuda.mem_get_info()
             r.update(
                 engine="moeserve",
-                mode=mode if kernels == "auto" else f"{mode}+{kernels}",
+                mode=mode if kernels == "auto" else f"{mode}+{kernels.replace(' ', '+')}",
                 quantization=quant,
                 slots=slots,
                 load_seconds=load_s,

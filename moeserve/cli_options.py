@@ -183,6 +183,15 @@ def add_engine_args(p: EnvDefaults) -> None:
         "kernels, else eager",
     )
     p.add_option(
+        "--expert-cache-graph-batch",
+        type=int,
+        default_text="0",
+        help="decode batches of up to N sequences replay one CUDA graph in which each "
+        "offloaded layer finds, copies and admits its missing experts on the GPU (needs decode "
+        "CUDA graphs, fused cache kernels, --offload-mode fetch or auto, lru, no --prefetch); "
+        "0: one graph per stage between offloaded layers (the default)",
+    )
+    p.add_option(
         "--load-format",
         default="safetensors",
         choices=["safetensors", "dummy"],

@@ -220,8 +220,13 @@ class OffloadConfig:
     # (bf16) and 3.1x (fp8) eager's rate for Qwen3-30B-A3B on a 16 GB card, 1.54x for FP8
     # Mixtral-8x7B on a 24 GB card (benchmarks/RESULTS.md, 2026-12-04).
     kernels: str = "auto"
+    # Decode batches of up to this many sequences run the cache on the GPU inside one CUDA
+    # graph (engine/device_cache.py); None or 0: never (opt-in until measured on a GPU).
+    graph_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.graph_batch is not None and self.graph_batch < 0:
+            raise ConfigError(f"expert_cache_graph_batch must be >= 0, got {self.graph_batch}")
         if self.cache_slots is not None and self.cache_slots < 1:
             raise ConfigError(f"expert_cache_slots must be >= 1, got {self.cache_slots}")
         if self.cache_bytes is not None and self.cache_bytes <= 0:
@@ -309,6 +314,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "expert_cache_policy": ("offload", "policy"),
     "prefetch": ("offload", "prefetch"),
     "expert_cache_kernels": ("offload", "kernels"),
+    "expert_cache_graph_batch": ("offload", "graph_batch"),
     "kernels": ("kernels", "kernels"),
     "enforce_eager": ("kernels", "enforce_eager"),
     "async_scheduling": ("kernels", "async_scheduling"),

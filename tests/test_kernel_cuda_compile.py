@@ -130,6 +130,23 @@ def _drive() -> None:
     mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
     tokens.argmax_rows(rand(2, 50, dtype=torch.float32))
     tokens.feed_ids(torch.arange(4), torch.tensor([-1, 0, -1, 1]), torch.tensor([7, 9]))
+    _drive_expert_fetch(rand)
+
+
+def _drive_expert_fetch(rand: Any) -> None:
+    """The in-graph expert cache: two resident experts of four, a call that misses two."""
+    from moeserve.kernels import expert_fetch as ef
+
+    E, M = 4, 2
+    host = [ef.byte_rows(rand(E, 64)), ef.byte_rows(rand(E, 8, dtype=torch.float32))]
+    pool = [ef.byte_rows(torch.zeros(4, 64, dtype=torch.bfloat16)), ef.byte_rows(torch.zeros(4, 8))]
+    slot = torch.tensor([0, 1, -1, -1], dtype=torch.int32)
+    staging = torch.tensor([2, 3], dtype=torch.int32)
+    i32 = dict(dtype=torch.int32)
+    out = (torch.zeros(E, **i32), torch.zeros(M, **i32), torch.zeros(E, **i32))
+    ef.resolve(torch.tensor([0, 2, 3, 4]), slot, staging, list(zip(host, pool)), out)
+    state = (slot, torch.zeros(E, **i32), torch.zeros(1, **i32), torch.zeros(3, dtype=torch.int64))
+    ef.adopt(out[2], out[1], state, staging)
 
 
 def _drive_quantized(rand: Any) -> None:

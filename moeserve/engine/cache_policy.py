@@ -48,6 +48,10 @@ class LRUPolicy(CachePolicy):
         allowed = set(candidates)
         return next((e for e in self._order if e in allowed), None)
 
+    def order(self) -> list[int]:
+        """The residents, least recently used first."""
+        return list(self._order)
+
 
 class LFUPolicy(CachePolicy):
     """Least frequently used, with scores decayed every step so old popularity fades.

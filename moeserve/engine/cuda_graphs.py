@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from moeserve.engine.batch import Work
+from moeserve.engine.device_cache import DeviceCache
 from moeserve.model.attention import KVCache
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.experts import ExpertProvider
@@ -60,13 +61,16 @@ class DecodeGraphs:
         fed_R: torch.Tensor | None = None,
         experts: Mapping[int, ExpertProvider] | None = None,
         windowed: bool = False,
+        device_cache: DeviceCache | None = None,
     ) -> None:
         """fed_R: the runner's device copy of the last step's sampled tokens (see run).
         experts: layer index -> the provider of its routed experts (offloading): the graphs
-        are then captured in stages between those layers. windowed: the sliding layers read
-        their own block tables (engine/kv_groups.py)."""
+        are then captured in stages between those layers, except for sizes up to
+        device_cache.max_batch, which run the expert cache on the GPU (device_cache.py) in one
+        graph. windowed: the sliding layers read their own block tables (engine/kv_groups.py)."""
         self.model = model
         self.experts = dict(experts or {})
+        self.device_cache = device_cache
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.scratch_block = scratch_block
@@ -91,8 +95,10 @@ class DecodeGraphs:
         self._tables = torch.zeros(p, m, dtype=torch.int64, device=dev)
         self._w_tables = torch.zeros(p, m, dtype=torch.int64, device=dev)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        # Expert providers: per size, a graph per stage and the staged forward they replay.
-        self.staged = bool(self.experts)
+        # Expert providers: per size, a graph per stage and the staged forward they replay
+        # (the sizes the device cache does not take).
+        in_graph = device_cache.max_batch if device_cache is not None else 0
+        self.staged = {s for s in self.sizes if self.experts and s > in_graph}
         self._stages: dict[int, tuple[list[torch.cuda.CUDAGraph], StagedForward]] = {}
         for turn in (1, 0):
             self._use_host(turn)
@@ -150,7 +156,8 @@ class DecodeGraphs:
 
         # Captured: rows whose token the last step sampled read it from fed_R (one kernel).
         ids = feed_ids(ids, self._vec[5, :size], self.fed_R)
-        hidden_PD = self.model(ids, pos, meta, self.kv_caches)
+        tables = self.device_cache.providers() if self.device_cache is not None else None
+        hidden_PD = self.model(ids, pos, meta, self.kv_caches, tables)
         return self.model.compute_logits(hidden_PD, float32=False)
 
     def capture(self) -> None:
@@ -158,7 +165,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory
-            if self.staged:
+            if size in self.staged:
                 self._capture_stages(size, pool, side)
                 continue
             side.wait_stream(torch.cuda.current_stream())
@@ -171,12 +178,14 @@ class DecodeGraphs:
                 logits_PV = self._forward(size)
             self._graphs[size] = (graph, logits_PV)
         torch.cuda.synchronize()
+        if self.device_cache is not None:  # the warm-ups ran it (padding rows: no change)
+            self.device_cache.after_replay()
         log.info(
             "captured %d decode CUDA graphs (batch %d..%d%s) in %.1f s",
             len(self.sizes),
             self.sizes[0],
             self.max_size,
-            ", one per stage between offloaded experts" if self.staged else "",
+            self._describe_offload(),
             time.monotonic() - t0,
         )
 
@@ -240,17 +249,35 @@ class DecodeGraphs:
             self._w_tables[:size, :width].copy_(
                 self._host_w_tables[:size, :width], non_blocking=True
             )
-        if fed and self.staged:  # the plain graphs resolve fed tokens themselves
+        staged = size in self.staged
+        if fed and staged:  # the plain graphs resolve fed tokens themselves
             ids, rows = self._vec[0, :b], self._vec[5, :b]
             torch.where(rows >= 0, self.fed_R[rows.clamp(min=0)], ids, out=ids)
-        if self.staged:
-            graphs, staged = self._stages[size]
+        if staged:
+            graphs, forward = self._stages[size]
             for j, graph in enumerate(graphs):
                 graph.replay()
                 if j < len(graphs) - 1:
-                    staged.run_experts(j)
-            assert staged.logits_TV is not None
-            return staged.logits_TV[:b]
+                    forward.run_experts(j)
+            assert forward.logits_TV is not None
+            return forward.logits_TV[:b]
         graph, logits_PV = self._graphs[size]
+        if self.device_cache is None:
+            graph.replay()
+            return logits_PV[:b]
+        self.device_cache.before_replay()
         graph.replay()
+        self.device_cache.after_replay()
         return logits_PV[:b]
+
+    def _describe_offload(self) -> str:
+        if not self.experts:
+            return ""
+        if not self.staged:
+            return ", offloaded experts fetched inside them"
+        if self.device_cache is None:
+            return ", one per stage between offloaded experts"
+        return (
+            f", offloaded experts fetched inside them up to batch {self.device_cache.max_batch}"
+            ", then one per stage between them"
+        )

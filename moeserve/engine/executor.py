@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from moeserve.config import ConfigError, EngineConfig, flag_of
+from moeserve.engine.device_cache import graph_fetch_batch, staging_slots
 from moeserve.engine.expert_store import ExpertCacheStats, ExpertStore
 from moeserve.engine.kv_budget import offload_reserve_bytes, plan_expert_slots, plan_num_blocks
 from moeserve.engine.kv_groups import KVGroups
@@ -62,6 +63,18 @@ class Executor:
                 f"max_model_len ({self.max_model_len}) when chunked prefill is disabled "
                 f"({flag_of('enable_chunked_prefill')}), or a long prompt never runs"
             )
+        self.kernels = resolve_kernels(config.kernels.kernels, torch.device(device))
+        if offload.kernels == "fused" and self.kernels != "triton":  # before any weight is read
+            raise ConfigError(
+                f"{flag_of('expert_cache_kernels')} fused runs the Triton kernels; this engine "
+                f"uses the {self.kernels} kernels ({flag_of('kernels')} triton, or auto on CUDA)"
+            )
+        on_cuda = torch.device(device).type == "cuda"
+        self.graphs = self.kernels == "triton" and on_cuda and not config.kernels.enforce_eager
+        fused = offload.kernels == "fused" or (
+            offload.kernels == "auto" and self.kernels == "triton"
+        )
+        graph_batch = graph_fetch_batch(offload, self.graphs, fused, sched.max_num_seqs)
         reserve = offload_reserve_bytes(ckpt.config, model_dtype, sched, self.max_model_len)
         slots = plan_expert_slots(
             ckpt.config,
@@ -70,13 +83,8 @@ class Executor:
             offload,
             cache.gpu_memory_utilization,
             reserve_bytes=reserve,
+            staging_experts=staging_slots(ckpt.config.num_experts, ckpt.config.top_k, graph_batch),
         )
-        self.kernels = resolve_kernels(config.kernels.kernels, torch.device(device))
-        if offload.kernels == "fused" and self.kernels != "triton":  # before any weight is read
-            raise ConfigError(
-                f"{flag_of('expert_cache_kernels')} fused runs the Triton kernels; this engine "
-                f"uses the {self.kernels} kernels ({flag_of('kernels')} triton, or auto on CUDA)"
-            )
         self.checkpoint, self.model = load_model(
             load.path,
             dtype=dtype,
@@ -89,13 +97,7 @@ class Executor:
         )
         # Experts in host memory run through a per-layer device cache, handed to every forward.
         self.expert_store = (
-            ExpertStore(
-                self.model,
-                offload,
-                slots,
-                fused=offload.kernels == "fused"
-                or (offload.kernels == "auto" and self.kernels == "triton"),
-            )
+            ExpertStore(self.model, offload, slots, fused=fused, graph_batch=graph_batch)
             if slots is not None
             else None
         )
@@ -107,8 +109,6 @@ class Executor:
             self.model, cache, sched, self.max_model_len, experts, self.kv_groups
         )
         self.block_size = cache.block_size
-        on_cuda = self.model.device.type == "cuda"
-        self.graphs = self.kernels == "triton" and on_cuda and not config.kernels.enforce_eager
         self.runner = Runner(
             self.model,
             self.num_blocks,
@@ -118,6 +118,7 @@ class Executor:
             max_num_seqs=sched.max_num_seqs,
             experts=experts,
             kv_groups=self.kv_groups,
+            device_cache=self.expert_store.device_cache if self.expert_store else None,
         )
         asynchronous = config.kernels.async_scheduling
         self.async_scheduling = on_cuda if asynchronous is None else asynchronous

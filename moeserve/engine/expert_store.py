@@ -23,6 +23,7 @@ Shapes: D hidden, F expert intermediate, E experts, S slots, R routed rows.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ import torch
 
 from moeserve.config import OffloadConfig
 from moeserve.engine.cache_policy import CachePolicy, make_policy
+from moeserve.engine.device_cache import DeviceCache, staging_slots
 from moeserve.kernels.quant import dequantize
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.dispatch import Dispatch, expert_counts
@@ -74,21 +76,20 @@ class CostModel:
 class LayerCache:
     """One sparse layer's slots; the ExpertProvider of that layer's routed experts."""
 
-    def __init__(self, layer: int, moe: MoE, slots: int, store: ExpertStore) -> None:
+    def __init__(self, layer: int, moe: MoE, slot_ids: range, store: ExpertStore) -> None:
+        """slot_ids: this layer's slots in the store's pool (the device cache may trade them
+        for others later; see pull)."""
         self.layer, self.moe, self.store = layer, moe, store
         e = moe.num_experts
-        dev = store.device
-        # A slot per tensor an expert has: weights, their scales when quantized (the copies
-        # move the quantized bytes), biases (gpt-oss).
         self.scales = ExpertScales.of(moe)
         self._host = host = moe.expert_tensors()
-        self._slots = [torch.empty(slots, *t.shape[1:], dtype=t.dtype, device=dev) for t in host]
+        self._slots = store.pool
         # Fused (store.fused): the device experts of a call run as one fused launch over
         # the slots; otherwise one at a time (_mlp).
         kind = self.scales.kind if self.scales is not None else ""
         self.fused = SlotExperts(self._slots, kind, moe.activation) if store.fused else None
         self.slot_of = [-1] * e
-        self.expert_in = [-1] * slots
+        self.expert_in = {s: -1 for s in slot_ids}  # pool slot -> its expert (-1: empty)
         self.policy: CachePolicy = make_policy(store.config.policy, e, store.config.lfu_decay)
         self.prefetched: set[int] = set()
         self.ready: dict[int, torch.cuda.Event] = {}  # expert -> its copy has landed
@@ -96,7 +97,7 @@ class LayerCache:
         # the host never blocks on a copy, so the wait is measured on the device.
         self._waits: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.next: LayerCache | None = None
-        self.stats = ExpertCacheStats(layer=layer, slots=slots)
+        self.stats = ExpertCacheStats(layer=layer, slots=len(slot_ids))
         self.trace: list[tuple[str, tuple[int, ...]]] | None = [] if store.record_trace else None
         self.expert_bytes = sum(t[0].numel() * t.element_size() for t in host)
 
@@ -105,7 +106,7 @@ class LayerCache:
         return self._host
 
     def _slot_tensors(self) -> list[torch.Tensor]:
-        """The device slots [S, ...] matching _host_tensors."""
+        """The device pool's slots [P, ...] matching _host_tensors (this layer's: expert_in)."""
         return self._slots
 
     def _mlp(self, x_ND: torch.Tensor, tensors: list[torch.Tensor], index: int) -> torch.Tensor:
@@ -124,10 +125,9 @@ class LayerCache:
     # ----------------------------------------------------------------- residency
     def _acquire(self, expert: int, pending: set[int]) -> bool:
         """Give `expert` a slot and start its copy; False if every slot is still needed."""
-        if -1 in self.expert_in:
-            slot = self.expert_in.index(-1)
-        else:
-            victim = self.policy.victim(e for e in self.expert_in if e not in pending)
+        slot = next((s for s, e in self.expert_in.items() if e < 0), None)
+        if slot is None:
+            victim = self.policy.victim(e for e in self.expert_in.values() if e not in pending)
             if victim is None:
                 return False
             slot = self.slot_of[victim]
@@ -140,7 +140,7 @@ class LayerCache:
         self.policy.admit(expert)
         self._copy_in(expert, slot)
         self.stats.bytes_copied += self.expert_bytes
-        self.stats.resident = sum(1 for x in self.expert_in if x >= 0)
+        self.stats.resident = sum(1 for x in self.expert_in.values() if x >= 0)
         return True
 
     def _copy_in(self, expert: int, slot: int) -> None:
@@ -204,9 +204,22 @@ class LayerCache:
                 self.prefetched.add(e)
                 self.stats.prefetches_issued += 1
 
+    def adopt_map(self, slot_E: list[int], stamp_E: list[int]) -> None:
+        """Take the device cache's map of this layer (device_cache.py): expert -> pool slot
+        (-1: in host memory), and the residents' last uses (LRU order)."""
+        self.slot_of = list(slot_E)
+        self.expert_in = {s: e for e, s in sorted(enumerate(slot_E), key=lambda x: x[1]) if s >= 0}
+        self.policy = make_policy("lru", len(slot_E), self.store.config.lfu_decay)
+        for e in sorted(self.expert_in.values(), key=lambda e: (stamp_E[e], e)):
+            self.policy.admit(e)
+
     # ------------------------------------------------------------------- compute
     def run(self, d: Dispatch) -> None:
         x_RD, counts_E, y_RD = d.x_RD, d.counts_E, d.y_RD
+        device_cache = self.store.device_cache
+        if device_cache is not None:  # the device's map is the truth after a graph replay
+            device_cache.pull()
+            device_cache.host_changed = True
         num_e = counts_E.shape[0]
         predict = self.next is not None and self.store.config.prefetch
         if predict:
@@ -315,9 +328,12 @@ class ExpertStore:
         *,
         fused: bool = False,
         record_trace: bool = False,
+        graph_batch: int = 0,
     ) -> None:
         """fused: run device experts through the fused Triton kernels (the engine's kernels
-        are Triton's), else with torch one at a time."""
+        are Triton's), else with torch one at a time. graph_batch: decode calls of up to this
+        many rows may also run with the device's own cache maps (device_cache.py), whose
+        staging slots the pool then adds (top_k for each row, at most E)."""
         self.config = config
         self.fused = fused
         self.device = model.device
@@ -325,23 +341,57 @@ class ExpertStore:
         self.copy_stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self.lock = threading.Lock()  # the metrics thread settles copy waits too
         moes = model.moe_layers()
-        num_e = moes[0][1].num_experts
+        first = moes[0][1]
+        num_e = first.num_experts
         self.slots = max(1, min(slots, num_e))
-        self.layers = [LayerCache(i, moe, self.slots, self) for i, moe in moes]
+        # One pool of slots for every layer (a layer's slots are its own until the device
+        # cache trades one for a staging slot), then the staging slots.
+        owned = len(moes) * self.slots
+        self.staging = staging_slots(num_e, first.spec.top_k, graph_batch)
+        shapes = [(t.shape[1:], t.dtype) for t in first.expert_tensors()]
+        assert all([(t.shape[1:], t.dtype) for t in m.expert_tensors()] == shapes for _, m in moes)
+        self.pool = [
+            torch.empty(owned + self.staging, *shape, dtype=dt, device=self.device)
+            for shape, dt in shapes
+        ]
+        self.layers = [
+            LayerCache(i, moe, range(j * self.slots, (j + 1) * self.slots), self)
+            for j, (i, moe) in enumerate(moes)
+        ]
         for a, b in zip(self.layers, self.layers[1:]):
             a.next = b
         self.cost = measure_cost(self.layers[0]) if config.mode == "auto" else None
         for layer in self.layers:
             layer.fill(list(range(self.slots)))
+        self.device_cache: DeviceCache | None = None
+        if graph_batch:
+            staging = range(owned, owned + self.staging)
+            self.device_cache = DeviceCache(self.layers, staging, graph_batch, self.pool)
 
     def providers(self) -> dict[int, ExpertProvider]:
         """Layer index -> the provider of its routed experts, for the model's forward."""
         return {layer.layer: layer for layer in self.layers}
 
     def stats(self) -> list[ExpertCacheStats]:
+        """Per layer: the host cache's counters plus the device cache's (its misses are
+        copied by the GPU itself: bytes_copied counts them)."""
         for layer in self.layers:
             layer.settle_waits()
-        return [layer.stats for layer in self.layers]
+        if self.device_cache is None:
+            return [layer.stats for layer in self.layers]
+        out = []
+        for layer, (hits, misses, evictions) in zip(self.layers, self.device_cache.counters()):
+            st = layer.stats
+            out.append(
+                dataclasses.replace(
+                    st,
+                    hits=st.hits + hits,
+                    misses=st.misses + misses,
+                    evictions=st.evictions + evictions,
+                    bytes_copied=st.bytes_copied + misses * layer.expert_bytes,
+                )
+            )
+        return out
 
     def reset_stats(self) -> None:
         """Zero the traffic counters (after startup work that is not traffic); the cache keeps
@@ -352,6 +402,8 @@ class ExpertStore:
             layer.settle_waits()
             old = layer.stats
             layer.stats = ExpertCacheStats(layer=old.layer, slots=old.slots, resident=old.resident)
+        if self.device_cache is not None:
+            self.device_cache.reset_counters()
 
 
 def measure_cost(layer: LayerCache) -> CostModel:

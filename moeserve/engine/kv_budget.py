@@ -102,6 +102,7 @@ def plan_expert_slots(
     gpu_memory_utilization: float,
     reserve_bytes: int = 0,
     memory_info: tuple[int, int] | None = None,
+    staging_experts: int = 0,
 ) -> int | None:
     """Device cache slots per sparse layer, or None when every expert stays on the device.
 
@@ -109,13 +110,15 @@ def plan_expert_slots(
     are offloaded only when all weights and `reserve_bytes` (offload_reserve_bytes) would not
     fit in gpu_memory_utilization of the device; the cache then takes what remains.
     memory_info: (free, total) bytes, by default torch.cuda.mem_get_info().
+    staging_experts: experts' worth of staging slots the cache adds (device_cache.py),
+    taken from the budget before it is cut into slots.
     """
     per_expert = expert_format(cfg).expert_bytes(cfg, dtype)  # quantized bytes when quantized
     per_slot = per_expert * cfg.num_sparse_layers  # one slot in every sparse layer
     if offload.cache_slots is not None:
         slots = offload.cache_slots
     elif offload.cache_bytes is not None:
-        slots = offload.cache_bytes // per_slot
+        slots = (offload.cache_bytes - staging_experts * per_expert) // per_slot
         if slots < 1:
             raise ConfigError(
                 f"expert_cache_gb {offload.cache_bytes / 2**30:.2f} GiB holds no expert: one slot "
@@ -131,7 +134,7 @@ def plan_expert_slots(
         usable = budget - reserve_bytes
         if dense + experts <= usable:
             return None
-        slots = (usable - dense) // per_slot
+        slots = (usable - dense - staging_experts * per_expert) // per_slot
         if slots < 1:
             raise ConfigError(
                 f"the dense weights ({dense / 2**30:.1f} GiB) and {reserve_bytes / 2**30:.1f} GiB "

@@ -28,8 +28,8 @@ class LLM:
     dtype, device, block_size, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_chunked_prefill, admission_wait_steps,
     expert_cache_slots, expert_cache_gb, offload_mode, expert_cache_policy, prefetch,
-    expert_cache_kernels, load_format, quantization, kernels, enforce_eager, async_scheduling, seed,
-    enable_prefix_caching; or
+    expert_cache_kernels, expert_cache_graph_batch, load_format, quantization, kernels,
+    enforce_eager, async_scheduling, seed, enable_prefix_caching; or
     a whole `config`.
     """
 

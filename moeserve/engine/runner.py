@@ -16,6 +16,7 @@ import torch
 from moeserve.config import ModelConfig
 from moeserve.engine.batch import Work, as_decode_rows
 from moeserve.engine.cuda_graphs import DecodeGraphs, capture_sizes
+from moeserve.engine.device_cache import DeviceCache
 from moeserve.engine.kv_groups import KVGroups
 from moeserve.engine.prompt_logprobs import PromptRows, compute
 from moeserve.engine.sampler import to_host
@@ -111,11 +112,14 @@ class Runner:
         max_num_seqs: int = 1,
         experts: Mapping[int, ExpertProvider] | None = None,
         kv_groups: KVGroups | None = None,
+        device_cache: DeviceCache | None = None,
     ) -> None:
         """max_num_seqs bounds the rows a step samples: `keep_sampled` holds that many.
         experts: layer index -> the provider of its routed experts (the expert store's, when
         offloading), handed to every forward; other layers run their resident experts.
-        kv_groups: with a sliding group, its layers read `window_block_ids` (kv_groups.py)."""
+        kv_groups: with a sliding group, its layers read `window_block_ids` (kv_groups.py).
+        device_cache: the expert store's maps on the device, for the decode graphs of the
+        batches it takes (device_cache.py)."""
         self.model = model
         self.experts = dict(experts or {})
         self.device = model.device
@@ -147,6 +151,7 @@ class Runner:
                 fed_R=self.fed_R,
                 experts=self.experts,
                 windowed=self.windowed,
+                device_cache=device_cache,
             )
             self.graphs.capture()
 
