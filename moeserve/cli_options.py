@@ -185,11 +185,12 @@ def add_engine_args(p: EnvDefaults) -> None:
     p.add_option(
         "--expert-cache-graph-batch",
         type=int,
-        default_text="0",
+        default_text="auto",
         help="decode batches of up to N sequences replay one CUDA graph in which each "
         "offloaded layer finds, copies and admits its missing experts on the GPU (needs decode "
         "CUDA graphs, fused cache kernels, --offload-mode fetch or auto, lru, no --prefetch); "
-        "0: one graph per stage between offloaded layers (the default)",
+        "0: one graph per stage between offloaded layers; auto: 4 where that path can run and "
+        "an expert is at most 32 MiB, else 0",
     )
     p.add_option(
         "--load-format",

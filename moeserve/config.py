@@ -221,7 +221,7 @@ class OffloadConfig:
     # Mixtral-8x7B on a 24 GB card (benchmarks/RESULTS.md, 2026-12-04).
     kernels: str = "auto"
     # Decode batches of up to this many sequences run the cache on the GPU inside one CUDA
-    # graph (engine/device_cache.py); None or 0: never (opt-in until measured on a GPU).
+    # graph (engine/device_cache.py); 0: never; None: device_cache.graph_fetch_batch decides.
     graph_batch: int | None = None
 
     def __post_init__(self) -> None:

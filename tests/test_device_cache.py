@@ -146,23 +146,28 @@ def test_interpreted_device_and_host_caches_hand_over() -> None:
 
 
 def test_graph_batch_follows_what_the_path_needs() -> None:
+    small, large = 4 << 20, 168 << 20  # FP8 Qwen3-30B-A3B's and FP8 Mixtral-8x7B's experts
     default = OffloadConfig()
-    assert graph_fetch_batch(default, graphs=True, fused=True, max_num_seqs=64) == 0
+    assert graph_fetch_batch(default, True, True, 64, small) == 4
+    assert graph_fetch_batch(default, True, True, 2, small) == 2
+    assert graph_fetch_batch(default, True, True, 64, large) == 0
+    assert graph_fetch_batch(default, False, True, 64, small) == 0  # unset: no error
+    assert graph_fetch_batch(default, True, False, 64, small) == 0
+    assert graph_fetch_batch(OffloadConfig(prefetch=True), True, True, 64, small) == 0
     four = OffloadConfig(graph_batch=4)
-    assert graph_fetch_batch(four, graphs=True, fused=True, max_num_seqs=64) == 4
-    assert graph_fetch_batch(four, graphs=True, fused=True, max_num_seqs=2) == 2
-    assert graph_fetch_batch(default, graphs=False, fused=True, max_num_seqs=64) == 0
-    assert graph_fetch_batch(OffloadConfig(graph_batch=0), True, True, 64) == 0
-    assert graph_fetch_batch(OffloadConfig(graph_batch=16), True, True, 64) == 16
+    assert graph_fetch_batch(four, True, True, 64, large) == 4  # asked for: large experts too
+    assert graph_fetch_batch(four, True, True, 2, small) == 2
+    assert graph_fetch_batch(OffloadConfig(graph_batch=0), True, True, 64, small) == 0
+    assert graph_fetch_batch(OffloadConfig(graph_batch=16), True, True, 64, small) == 16
     for config, flag in (
         (OffloadConfig(graph_batch=2, mode="cpu"), "--offload-mode"),
         (OffloadConfig(graph_batch=2, policy="lfu"), "--expert-cache-policy"),
         (OffloadConfig(graph_batch=2, prefetch=True), "--prefetch"),
     ):
         with pytest.raises(ConfigError, match=f"--expert-cache-graph-batch 2 needs.*{flag}"):
-            graph_fetch_batch(config, True, True, 64)
+            graph_fetch_batch(config, True, True, 64, small)
     with pytest.raises(ConfigError, match="decode CUDA graphs"):
-        graph_fetch_batch(OffloadConfig(graph_batch=1), False, True, 64)
+        graph_fetch_batch(OffloadConfig(graph_batch=1), False, True, 64, small)
     with pytest.raises(ConfigError, match="expert_cache_graph_batch must be >= 0"):
         OffloadConfig(graph_batch=-1)
 

@@ -148,12 +148,24 @@ def staging_slots(num_experts: int, top_k: int, graph_batch: int) -> int:
     return min(num_experts, top_k * graph_batch)
 
 
-def graph_fetch_batch(offload: OffloadConfig, graphs: bool, fused: bool, max_num_seqs: int) -> int:
+# The default: batches of up to AUTO_GRAPH_BATCH rows run in the graph when an expert (as
+# stored) is at most AUTO_GRAPH_EXPERT_BYTES. Many small experts make a step's cost the host's
+# per-lookup bookkeeping (~0.1 ms each, layers x top-k of them), which the graph removes: 5.0x
+# the decode rate for FP8 Qwen3-30B-A3B (4.5 MiB experts) on a 16 GB card. Large experts make
+# it the copies, which the host path overlaps with compute on the copy engine: 0.97x for FP8
+# Mixtral-8x7B (168 MiB experts) on a 24 GB card (H100, benchmarks/RESULTS.md, 2026-12-05).
+AUTO_GRAPH_BATCH = 4
+AUTO_GRAPH_EXPERT_BYTES = 32 << 20
+
+
+def graph_fetch_batch(
+    offload: OffloadConfig, graphs: bool, fused: bool, max_num_seqs: int, expert_bytes: int
+) -> int:
     """The decode batch up to which the expert cache runs on the GPU inside the decode graph
-    (0: never, the default until the GPU measurements of the path are in). It needs what the
-    in-graph path does: graphs, the fused kernels, every miss copied (not computed on the
-    CPU), LRU, no prefetch. Asked for where it cannot run, a ConfigError names what is
-    missing."""
+    (0: never). It needs what the in-graph path does: graphs, the fused kernels, every miss
+    copied (not computed on the CPU), LRU, no prefetch. Unset, it is AUTO_GRAPH_BATCH where
+    that path can run and experts are small (above), else 0; asked for where it cannot run, a
+    ConfigError names what is missing."""
     missing = None
     if not graphs:
         missing = "decode CUDA graphs (CUDA, the Triton kernels, no --enforce-eager)"
@@ -165,7 +177,11 @@ def graph_fetch_batch(offload: OffloadConfig, graphs: bool, fused: bool, max_num
         missing = f"no {flag_of('prefetch')}"
     elif offload.policy != "lru":
         missing = f"{flag_of('expert_cache_policy')} lru"
-    want = offload.graph_batch or 0
-    if missing is not None and want:
-        raise ConfigError(f"{flag_of('expert_cache_graph_batch')} {want} needs {missing}")
-    return min(want, max_num_seqs) if missing is None else 0
+    want = offload.graph_batch
+    if missing is not None:
+        if want:
+            raise ConfigError(f"{flag_of('expert_cache_graph_batch')} {want} needs {missing}")
+        return 0
+    if want is None:
+        want = AUTO_GRAPH_BATCH if expert_bytes <= AUTO_GRAPH_EXPERT_BYTES else 0
+    return min(want, max_num_seqs)

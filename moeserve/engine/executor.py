@@ -24,6 +24,7 @@ from moeserve.engine.prompt_logprobs import PromptRows
 from moeserve.engine.runner import Runner, Work, kv_bytes_per_block
 from moeserve.model.backend import ModelBackend
 from moeserve.model.loader import inspect_checkpoint, load_model, resolve_dtype
+from moeserve.model.quant import expert_format
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,13 @@ class Executor:
         fused = offload.kernels == "fused" or (
             offload.kernels == "auto" and self.kernels == "triton"
         )
-        graph_batch = graph_fetch_batch(offload, self.graphs, fused, sched.max_num_seqs)
+        graph_batch = graph_fetch_batch(
+            offload,
+            self.graphs,
+            fused,
+            sched.max_num_seqs,
+            expert_format(ckpt.config).expert_bytes(ckpt.config, model_dtype),
+        )
         reserve = offload_reserve_bytes(ckpt.config, model_dtype, sched, self.max_model_len)
         slots = plan_expert_slots(
             ckpt.config,
