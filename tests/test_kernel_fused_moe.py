@@ -373,3 +373,59 @@ def test_residual_add_matches_the_separate_add(split_k: int) -> None:
     )
     torch.testing.assert_close(got, res_TD + plain, rtol=0, atol=0)
     assert torch.equal(got[2], res_TD[2])
+
+
+@pytest.mark.parametrize("quant", ["", "fp8"])
+def test_shared_expert_in_the_gemv_epilogue(quant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At one token a DeepSeek-style shared expert runs in the routed GEMVs' kernels (its
+    partials added in the sum over k, before the residual): the same output as the routed
+    kernels followed by the shared MLP and the two adds; with a sigmoid gate (Qwen2-MoE)
+    or at more tokens the layer adds it itself."""
+    from moeserve.kernels.quant import quantize_fp8_rows
+    from moeserve.model.backend import ModelBackend
+
+    E, K, D, F_, S = 6, 2, 40, 24, 48  # S = 2 shared experts of F_
+    cfg = ModelConfig(
+        model_type="deepseek_v3",
+        vocab_size=32,
+        hidden_size=D,
+        num_layers=1,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=D,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=64,
+        rope_theta=1e4,
+        num_experts=E,
+        top_k=K,
+        moe_intermediate_size=F_,
+        shared_expert_intermediate_size=S,
+        shared_expert_gate=False,
+        dense_quant=quant,
+    )
+    moe = MoE(cfg, torch.float32, torch.device("cpu"), backend=ModelBackend(triton=True))
+    g = torch.Generator().manual_seed(30)
+    moe.router.copy_(torch.randn(E, D, generator=g))
+    moe.w_gate_up.copy_(torch.randn(E, 2 * F_, D, generator=g) / D**0.5)
+    moe.w_down.copy_(torch.randn(E, D, F_, generator=g) / F_**0.5)
+    mlp = moe.shared
+    for name, (n, k) in (("w_gate_up", (2 * S, D)), ("w_down", (D, S))):
+        w = torch.randn(n, k, generator=g) / k**0.5
+        if quant:
+            q, s = quantize_fp8_rows(w)
+            getattr(mlp, name).copy_(q)
+            getattr(mlp, name + "_scale").copy_(s)
+        else:
+            getattr(mlp, name).copy_(w)
+    x_1D, res_1D = torch.randn(1, D, generator=g), torch.randn(1, D, generator=g)
+    assert moe._kernel_shared(1) is not None and moe._kernel_shared(2) is None
+    got = moe(x_1D, residual_TD=res_1D)
+    with monkeypatch.context() as m:  # the routed kernels, then the shared MLP and two adds
+        m.setattr(moe, "_kernel_shared", lambda t: None)
+        apart = moe(x_1D, residual_TD=res_1D)
+    torch.testing.assert_close(got, apart, rtol=1e-5, atol=1e-5)
+    weights_TK, experts_TK = moe.select_experts(x_1D)
+    readable = moe.experts(x_1D, weights_TK, experts_TK) + mlp(x_1D)
+    torch.testing.assert_close(got, res_1D + readable, rtol=1e-4, atol=1e-4)
+    moe.shared_gate = torch.zeros(1, D)  # a gated shared expert stays outside the kernels
+    assert moe._kernel_shared(1) is None

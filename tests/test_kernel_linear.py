@@ -88,3 +88,15 @@ def test_fp8_weight_partials_match_the_dequantized_linear(
     want = (x.double() @ w_real.double().T + bias.double()).float()
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_float32_router_takes_float32_activations(device: str) -> None:
+    """A float32 router (DeepSeek, GLM) on bf16 activations: the partials are the float32
+    GEMM of the activations converted, as F.linear(x.float(), w) (no tf32, no bf16 round)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 96, generator=g).to(device, torch.bfloat16)
+    w = torch.randn(12, 96, generator=g).to(device)
+    got = linear.linear_partials(x, w).sum(0)
+    want = x.double() @ w.double().T
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)

@@ -27,7 +27,14 @@ import triton.language as tl
 from moeserve.kernels import interpreting, pdl
 from moeserve.kernels.moe_epilogue import SUM_KERNEL_MAX_TOKENS, activate, rnd, sum_over_k
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
-from moeserve.kernels.moe_gemv import gemv_config, gemv_down, gemv_gate_up_act, takes_gemv
+from moeserve.kernels.moe_gemv import (
+    SharedExpert,
+    gemv_config,
+    gemv_down,
+    gemv_gate_up_act,
+    shared_expert_partials,
+    takes_gemv,
+)
 from moeserve.kernels.moe_quant import fp8_dot_config, quantize_fp8_act, takes_fp8_dot
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import real_k
@@ -201,6 +208,7 @@ def fused_moe(
     w_down_scale: torch.Tensor | None = None,
     quant: str = "",
     fp8_dot: bool | None = None,
+    shared: SharedExpert | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
 
@@ -221,6 +229,8 @@ def fused_moe(
     scales w_gate_up_scale / w_down_scale (indexed like the weights); the kernels dequantize
     them in registers. fp8_dot: fp8 weights times per-token-group fp8 activations on the FP8
     tensor cores in the grouped GEMMs (default: moe_quant.takes_fp8_dot, i.e. prefill sizes).
+    shared: an ungated shared expert whose output the sum over k adds before the residual
+    (the GEMV path only).
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
@@ -236,6 +246,7 @@ def fused_moe(
     alloc = torch.zeros if interpreting() else torch.empty
     if gemv is None:
         gemv = split_k is None and takes_gemv(T, F, quant)
+    assert shared is None or gemv, "a shared expert runs in the GEMV path only"
     if gemv:
         experts_R = experts_TK.reshape(R)
         h_RF = gemv_gate_up_act(
@@ -272,6 +283,7 @@ def fused_moe(
             b_down_ED,
             expert_slot_E,
             num_experts,
+            shared_expert_partials(x_TD, shared) if shared is not None else None,
         )
 
     cfg_up = gemm_config(T, num_experts, K, 2 * F, D, dtype, quant)

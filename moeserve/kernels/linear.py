@@ -80,6 +80,7 @@ def _linear_partials_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    W_FLOAT32: tl.constexpr,
     GROUP: tl.constexpr,
 ):
     wait_prior()
@@ -102,6 +103,8 @@ def _linear_partials_kernel(
         k_ok = offs_k < K - (kb - k_first) * BLOCK_K
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if W_FLOAT32:  # a float32 router: the reference's GEMM on float32 activations
+            a = a.to(tl.float32)
         if HAS_SCALE:  # the tile's scale group: BLOCK_K divides GROUP
             g = (kb * BLOCK_K) // GROUP
             sc = tl.load(scale_ptr + offs_n * stride_sn + g, mask=col_ok, other=0.0)
@@ -210,7 +213,8 @@ def linear_partials(
     w_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 [split, T, N] whose sum over dim 0 is x @ w.T (+ bias_N, held by the first).
-    w_scale: w is FP8 with these scales [N, ceil(K/128)] (kernels.quant)."""
+    w_scale: w is FP8 with these scales [N, ceil(K/128)] (kernels.quant). A float32 w (a
+    float32 router) takes x in float32, as F.linear(x.float(), w) does."""
     t, k = x_TK.shape
     n = w_NK.shape[0]
     assert w_NK.shape[1] == k and x_TK.stride(1) == 1 and w_NK.stride(1) == 1
@@ -235,9 +239,10 @@ def linear_partials(
         out.stride(0),
         out.stride(1),
         w_scale.stride(0) if scaled else 0,
-        DOT_PRECISION="ieee" if x_TK.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if torch.float32 in (x_TK.dtype, w_NK.dtype) else "tf32",
         HAS_BIAS=bias_N is not None,
         HAS_SCALE=scaled,
+        W_FLOAT32=w_NK.dtype == torch.float32,
         GROUP=FP8_GROUP,
         num_warps=4,
         num_stages=1 if interpreting() else 4,

@@ -23,6 +23,8 @@ Shapes: R = T*K assignments, E experts (or cache slots), F intermediate, D hidde
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -157,6 +159,23 @@ def quant_tile(
 
 
 @triton.jit
+def _row_expert(
+    experts_ptr, slot_ptr, r, num_experts, ROUTED: tl.constexpr, HAS_SLOT: tl.constexpr
+):
+    """Assignment r's weight index (its expert, or that expert's slot); -1 for a sentinel.
+    Unrouted (a shared expert's rows): 0."""
+    if ROUTED:
+        e = tl.load(experts_ptr + r).to(tl.int64)
+        idx = e
+        if HAS_SLOT:
+            idx = tl.load(slot_ptr + tl.minimum(e, num_experts - 1)).to(tl.int64)
+        out = tl.where(e < num_experts, idx, -1)
+    else:
+        out = r * 0
+    return out
+
+
+@triton.jit
 def _gate_up_act_kernel(
     x_ptr,  # [T, K]
     w_ptr,  # [slots, 2F, K]: gate rows then up rows
@@ -179,6 +198,7 @@ def _gate_up_act_kernel(
     alpha,
     limit,
     ROWS_PER_X: tl.constexpr,  # top_k: assignment r reads token r // top_k
+    ROUTED: tl.constexpr,  # False: one expert (weight index 0) for every row (a shared expert)
     HAS_SLOT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     CLAMPED: tl.constexpr,
@@ -191,11 +211,9 @@ def _gate_up_act_kernel(
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
-    expert = tl.load(experts_ptr + r).to(tl.int64)
-    if expert >= num_experts:  # a sentinel: the sum over k drops its row
+    expert = _row_expert(experts_ptr, slot_ptr, r, num_experts, ROUTED, HAS_SLOT)
+    if expert < 0:  # a sentinel: the sum over k drops its row
         return
-    if HAS_SLOT:
-        expert = tl.load(slot_ptr + expert).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)
@@ -260,6 +278,7 @@ def _down_kernel(
     stride_se,
     stride_sn,
     stride_sk,
+    ROUTED: tl.constexpr,
     HAS_SLOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -270,11 +289,9 @@ def _down_kernel(
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
-    expert = tl.load(experts_ptr + r).to(tl.int64)
-    if expert >= num_experts:  # a sentinel: the sum over k drops its row
+    expert = _row_expert(experts_ptr, slot_ptr, r, num_experts, ROUTED, HAS_SLOT)
+    if expert < 0:  # a sentinel: the sum over k drops its row
         return
-    if HAS_SLOT:
-        expert = tl.load(slot_ptr + expert).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -310,7 +327,7 @@ def _down_kernel(
 def gemv_gate_up_act(
     x_TD: torch.Tensor,
     w_gate_up_EF2D: torch.Tensor,
-    experts_R: torch.Tensor,
+    experts_R: torch.Tensor | None,
     top_k: int,
     num_experts: int,
     *,
@@ -322,8 +339,11 @@ def gemv_gate_up_act(
     quant: str = "",
 ) -> torch.Tensor:
     """act(x[r // top_k] @ w_gate_up[e_r].T + b[e_r]) for every assignment r: [R, F].
-    quant, w_scale: the weights' storage format (kernels.quant)."""
-    R, F2, D = experts_R.numel(), w_gate_up_EF2D.shape[1], real_k(w_gate_up_EF2D, quant)
+    quant, w_scale: the weights' storage format (kernels.quant). experts_R None: one row per
+    token, all through weight index 0 (top_k 1)."""
+    routed = experts_R is not None
+    R = experts_R.numel() if routed else x_TD.shape[0]
+    F2, D = w_gate_up_EF2D.shape[1], real_k(w_gate_up_EF2D, quant)
     F = F2 // 2
     code, group = quant_code(quant)
     assert (w_scale is None) == (quant == ""), "quantized weights need their scales"
@@ -338,8 +358,8 @@ def gemv_gate_up_act(
             x_TD,
             w_gate_up_EF2D,
             h_RF,
-            experts_R,
-            expert_slot_E if expert_slot_E is not None else experts_R,  # unused pointers
+            experts_R if routed else h_RF,  # unused pointers
+            expert_slot_E if expert_slot_E is not None else h_RF,
             bias_EF2 if bias_EF2 is not None else h_RF,
             w_scale if w_scale is not None else h_RF,
             F,
@@ -354,6 +374,7 @@ def gemv_gate_up_act(
             float(alpha),
             float(limit),
             ROWS_PER_X=top_k,
+            ROUTED=routed,
             HAS_SLOT=expert_slot_E is not None,
             HAS_BIAS=bias_EF2 is not None,
             CLAMPED=kind == "clamped_swiglu",
@@ -373,7 +394,7 @@ def gemv_down(
     h_RF: torch.Tensor,
     w_down_EDF: torch.Tensor,
     out_SRD: torch.Tensor,
-    experts_R: torch.Tensor,
+    experts_R: torch.Tensor | None,
     num_experts: int,
     *,
     expert_slot_E: torch.Tensor | None = None,
@@ -382,8 +403,11 @@ def gemv_down(
     quant: str = "",
 ) -> None:
     """out_SRD[s, r] = h[r, K split s] @ w_down[e_r, :, K split s].T in float32, for the
-    S = out_SRD.shape[0] splits of K (unrounded partials: the sum over k adds and rounds)."""
-    R, D, F = experts_R.numel(), w_down_EDF.shape[1], real_k(w_down_EDF, quant)
+    S = out_SRD.shape[0] splits of K (unrounded partials: the sum over k adds and rounds).
+    experts_R None: every row through weight index 0."""
+    routed = experts_R is not None
+    R = experts_R.numel() if routed else h_RF.shape[0]
+    D, F = w_down_EDF.shape[1], real_k(w_down_EDF, quant)
     code, group = quant_code(quant)
     assert (w_scale is None) == (quant == ""), "quantized weights need their scales"
     assert out_SRD.dtype == torch.float32 and out_SRD.stride(2) == 1
@@ -394,8 +418,8 @@ def gemv_down(
             h_RF,
             w_down_EDF,
             out_SRD,
-            experts_R,
-            expert_slot_E if expert_slot_E is not None else experts_R,
+            experts_R if routed else out_SRD,  # unused pointers
+            expert_slot_E if expert_slot_E is not None else out_SRD,
             w_scale if w_scale is not None else out_SRD,
             D,
             F,
@@ -406,6 +430,7 @@ def gemv_down(
             out_SRD.stride(1),
             out_SRD.stride(0),
             *(w_scale.stride() if w_scale is not None else (0, 0, 0)),
+            ROUTED=routed,
             HAS_SLOT=expert_slot_E is not None,
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"],
@@ -416,3 +441,37 @@ def gemv_down(
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,
         )
+
+
+class SharedExpert(NamedTuple):
+    """An ungated shared expert (DeepSeek, GLM: n_shared_experts of them as one MLP) as the
+    GEMVs run it: gate/up [2S, D] (gate rows first), down [D, S], the model dtype or fp8 with
+    the [N, groups of K] scales of a dense linear (model/quant.py)."""
+
+    w_gate_up_FD: torch.Tensor
+    w_down_DF: torch.Tensor
+    gate_up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+    quant: str = ""
+
+
+def shared_expert_partials(x_TD: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
+    """The shared expert's down projection of every token as float32 K-split partials
+    [S, T, D]: the sum over k rounds and adds them to the routed experts' output, where the
+    readable path runs three more launches (the activation and two adds)."""
+    w_gu, w_d = shared.w_gate_up_FD[None], shared.w_down_DF[None]
+    scales = (shared.gate_up_scale, shared.down_scale)
+    if shared.quant:
+        assert None not in scales, "quantized weights need their scales"
+        s_gu, s_d = (s[None] for s in scales)
+    else:
+        s_gu = s_d = None
+    h_TF = gemv_gate_up_act(
+        x_TD, w_gu, None, 1, 1, activation=("silu", 0.0, 0.0), w_scale=s_gu, quant=shared.quant
+    )
+    T, D = x_TD.shape
+    cfg = gemv_config(D, real_k(w_d, shared.quant), shared.quant, rows=T)
+    alloc = torch.zeros if interpreting() else torch.empty
+    part_STD = alloc(cfg["SPLIT_K"], T, D, dtype=torch.float32, device=x_TD.device)
+    gemv_down(h_TF, w_d, part_STD, None, 1, cfg=cfg, w_scale=s_d, quant=shared.quant)
+    return part_STD

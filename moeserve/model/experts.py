@@ -21,7 +21,7 @@ N a slice of rows, S split-K partials.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from moeserve.model.backend import split_k_rows
 from moeserve.model.dispatch import Dispatch, expert_counts
 from moeserve.model.quant import ExpertScales
 from moeserve.model.router import RouterSpec, route
+
+if TYPE_CHECKING:  # the kernels import Triton, which only the Triton path needs
+    from moeserve.kernels.moe_gemv import SharedExpert
 
 
 class SlotTable(ABC):
@@ -151,13 +154,14 @@ def fused_router_logits(
 ) -> torch.Tensor:
     """The fused path's router logits [T, E] (+ the router's logit bias); at a few rows routed
     by the Triton program, float32 split-K partials [S, T, E] that the program adds up (one
-    launch, not cuBLAS's two). A router in another dtype than x (float32) takes router_logits."""
-    if router_ED.dtype != x_TD.dtype:
-        return router_logits(x_TD, router_ED, bias_E)
-    if triton_route and split_k_rows(x_TD):
+    launch, not cuBLAS's two; for a float32 router, not a conversion and cuBLAS's GEMV).
+    Otherwise a float32 router takes router_logits."""
+    if triton_route and split_k_rows(x_TD) and router_ED.dtype in (x_TD.dtype, torch.float32):
         from moeserve.kernels import linear
 
         return linear.linear_partials(x_TD, router_ED, bias_E)
+    if router_ED.dtype != x_TD.dtype:
+        return router_logits(x_TD, router_ED, bias_E)
     return F.linear(x_TD, router_ED, bias_E)
 
 
@@ -178,10 +182,15 @@ def fused_experts(
     act: ExpertActivation = SILU,
     scales: ExpertScales | None = None,
     table: SlotTable | None = None,
+    shared: SharedExpert | None = None,
+    logits_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The routed experts' combined output [T, D] (plus residual_TD when given, fused into the
     last kernel), through the Triton kernels; the experts' biases and activation as given;
-    quantized weights with their scales (dequantized in the kernels).
+    quantized weights with their scales (dequantized in the kernels). shared: an ungated
+    shared expert added in the same kernels (only where kernel_shared_expert says so).
+    logits_dtype: the router's dtype, to which logits given as split-K partials are rounded
+    (default x's).
     triton_route (router.triton_routable): routing, alignment and counting in one program (a
     decode-sized batch), else the torch routing, its count and the alignment's torch ops.
     counter_E: incremented by the tokens per expert. table: the experts live in these slots
@@ -210,7 +219,7 @@ def fused_experts(
             backend="triton",
             block_m=block_m,
             counts_E=counter_E,
-            logits_dtype=x_TD.dtype,
+            logits_dtype=logits_dtype or x_TD.dtype,
         )
         return fused_moe(
             x_TD,
@@ -225,6 +234,7 @@ def fused_experts(
             b_gate_up_EF=b_gate_up_EF,
             b_down_ED=b_down_ED,
             activation=(act.kind, act.alpha, act.limit),
+            shared=shared,
             **quant,
         )
     weights_TK, experts_TK, _ = route(logits_TE, spec, bias_E=bias_E, valid_T=valid_T)
@@ -232,6 +242,7 @@ def fused_experts(
         counter_E += expert_counts(experts_TK.flatten(), spec.num_experts)
     slot_E = table.resolve(experts_TK) if table is not None else None
     if spec.scales_input:
+        assert shared is None, "kernel_shared_expert keeps Llama 4's shared expert apart"
         return _fused_scaled_input(
             x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD, quant, slot_E
         )
@@ -246,8 +257,23 @@ def fused_experts(
         b_gate_up_EF=b_gate_up_EF,
         b_down_ED=b_down_ED,
         activation=(act.kind, act.alpha, act.limit),
+        shared=shared,
         **quant,
     )
+
+
+def kernel_shared_expert(
+    t: int, spec: RouterSpec, intermediate: int, quant: str, gated: bool
+) -> bool:
+    """Whether fused_experts runs a layer's shared expert in its own kernels for a batch of t
+    tokens: where the routed experts take the GEMVs (moe_gemv.takes_gemv) and the shared
+    expert is plain SwiGLU added after them (no sigmoid gate as Qwen2-MoE's, no input scaled
+    by the routing weight as Llama 4's). At batch 1 that is two launches for the shared
+    expert, its sum in the routed one's epilogue, instead of two GEMVs, the activation and
+    two adds."""
+    from moeserve.kernels.moe_gemv import takes_gemv
+
+    return not gated and not spec.scales_input and takes_gemv(t, intermediate, quant)
 
 
 def _fused_scaled_input(

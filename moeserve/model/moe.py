@@ -15,6 +15,7 @@ Shapes: T tokens, D hidden, E experts, F expert intermediate, K top-k.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +31,16 @@ from moeserve.model.experts import (
     SlotTable,
     fused_experts,
     fused_router_logits,
+    kernel_shared_expert,
     router_logits,
     silu_mul,
 )
 from moeserve.model.params import empty_param
 from moeserve.model.quant import ExpertFormat, ExpertScales, dense_weight, expert_format
 from moeserve.model.router import RouterSpec, route, triton_routable
+
+if TYPE_CHECKING:
+    from moeserve.kernels.moe_gemv import SharedExpert
 
 
 def _expert_param(
@@ -181,6 +186,9 @@ class MoE(nn.Module):
             fused = functools.partial(self._fused, x_TD, logits_TE, triton_route, valid_T)
             if self.shared is None:
                 return fused(residual_TD, table)
+            shared = self._kernel_shared(t)
+            if shared is not None:
+                return fused(residual_TD, table, shared)
             out_TD = self.add_shared(x_TD, fused(None, table))
         else:
             assert not isinstance(experts, SlotTable)
@@ -197,6 +205,7 @@ class MoE(nn.Module):
         valid_T: torch.Tensor | None,
         residual_TD: torch.Tensor | None = None,
         table: SlotTable | None = None,
+        shared: SharedExpert | None = None,
     ) -> torch.Tensor:
         return fused_experts(
             x_TD,
@@ -214,7 +223,30 @@ class MoE(nn.Module):
             act=self.activation,
             scales=ExpertScales.of(self),
             table=table,
+            shared=shared,
+            logits_dtype=self.router.dtype,
         )
+
+    def _kernel_shared(self, t: int) -> SharedExpert | None:
+        """The shared expert as the fused kernels take it, where they run it for t tokens
+        (experts.kernel_shared_expert); None: the caller adds it."""
+        mlp = self.shared
+        if mlp is None:
+            return None
+        # FP8 or plain, both projections alike (the loader may keep one float: a checkpoint's
+        # modules_to_not_convert).
+        fp8 = [s is not None for s in (mlp.w_gate_up_scale, mlp.w_down_scale)]
+        if fp8[0] != fp8[1]:
+            return None
+        f = self.w_gate_up.shape[1] // 2
+        if not kernel_shared_expert(
+            t, self.spec, f, self.format.kind, self.shared_gate is not None
+        ):
+            return None
+        from moeserve.kernels.moe_gemv import SharedExpert
+
+        quant = "fp8" if fp8[0] else ""
+        return SharedExpert(mlp.w_gate_up, mlp.w_down, mlp.w_gate_up_scale, mlp.w_down_scale, quant)
 
     def select_experts(
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None
