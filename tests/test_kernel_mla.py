@@ -77,11 +77,25 @@ def _kernel(case: dict, scale: float) -> torch.Tensor:
         case["q"], case["cache"], case["table"], case["ctx"], scale, case["latent"], out_BHC=out
     )
     assert got is out
+    # The rope part given apart (strided views of one tensor, as model/mla.py passes them).
+    c = case["latent"]
+    apart = mla_decode_attention(
+        case["q"][..., :c],
+        case["cache"],
+        case["table"],
+        case["ctx"],
+        scale,
+        c,
+        q_rope_BHR=case["q"][..., c:],
+    )
+    assert torch.equal(apart, out)
     return out
 
 
 def _readable(case: dict, scale: float) -> torch.Tensor:
-    return LatentAttention().decode(case["q"], case["clean"], case["meta"], scale, case["latent"])
+    c = case["latent"]
+    q = case["q"]
+    return LatentAttention().decode(q[..., :c], q[..., c:], case["clean"], case["meta"], scale)
 
 
 # (heads, latent, rope, block size, context lengths)
@@ -158,3 +172,22 @@ def test_cuda_graph_replay_after_inputs_change():
         graph.replay()
         eager = mla_decode_attention(q, cache, table, ctx, 0.1, 512)
         torch.testing.assert_close(out, eager, atol=0.0, rtol=0.0)
+
+
+def test_write_latent_rows_as_norm_cat_and_index_copy() -> None:
+    """One launch per step for the cache rows: the normalised latent and the rope key at
+    each token's slot, as the readable path's RMSNorm, concatenation and index copy."""
+    from moeserve.kernels.mla_attention import write_latent_rows
+    from moeserve.model.layers import rms_norm
+
+    g = torch.Generator().manual_seed(7)
+    t, c, r, n, s = 5, 24, 8, 4, 4
+    kv_TY = torch.randn(t, c + r + 3, generator=g)[:, : c + r]  # strided rows, as a view
+    weight_C = torch.randn(c, generator=g)
+    slots_T = torch.tensor([3, 14, 0, 9, 6])
+    cache = torch.full((n, s, 1, c + r), float("nan"))
+    write_latent_rows(kv_TY, weight_C, 1e-6, cache, slots_T)
+    want = torch.full_like(cache, float("nan")).view(-1, c + r)
+    rows = torch.cat((rms_norm(kv_TY[:, :c], weight_C, 1e-6), kv_TY[:, c:]), dim=-1)
+    want.index_copy_(0, slots_T, rows)
+    torch.testing.assert_close(cache.view(-1, c + r), want, rtol=1e-6, atol=1e-6, equal_nan=True)

@@ -53,6 +53,7 @@ CASES: dict[str, dict[str, Any]] = {
     "v3-no-interleave-bias": dict(
         version=3, q_lora_rank=None, rope_interleave=False, attention_bias=True
     ),
+    "v3-lora-q-bias": dict(version=3, q_lora_rank=16, attention_bias=True),
 }
 
 
@@ -92,10 +93,11 @@ def _ours(cfg: ModelConfig, ref: Any, decode_kernel: bool, fused: bool = False) 
     assert {plan[f"l.self_attn.{n}"][0].removeprefix("d.attn.") for n in theirs} == set(ours)
     with torch.no_grad():
         for n, p in theirs.items():
-            dst, _, *transform = plan[f"l.self_attn.{n}"]
+            dst, index, *transform = plan[f"l.self_attn.{n}"]
             for t in transform:
                 p = TRANSFORMS[t](p)
-            ours[dst.removeprefix("d.attn.")].copy_(p)
+            target = ours[dst.removeprefix("d.attn.")]
+            (target[index] if index else target).copy_(p)
     return layer
 
 

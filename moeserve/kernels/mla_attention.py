@@ -49,6 +49,7 @@ _LOG2E = 1.4426950408889634
     do_not_specialize=[
         "num_progs",
         "stride_btb",
+        "stride_qrb",
         "stride_ab",
         "stride_ah",
         "stride_aj",
@@ -58,6 +59,7 @@ _LOG2E = 1.4426950408889634
 )
 def _mla_partition_kernel(
     q_ptr,
+    qr_ptr,  # the rope part of the queries [B, H, R]
     cache_ptr,
     bt_ptr,
     ctx_ptr,
@@ -69,6 +71,8 @@ def _mla_partition_kernel(
     num_progs,
     stride_qb,
     stride_qh,
+    stride_qrb,
+    stride_qrh,
     stride_cn,
     stride_cs,
     stride_btb,
@@ -113,7 +117,8 @@ def _mla_partition_kernel(
     r_ok = rc < R
     q_row = q_ptr + b * stride_qb + heads[:, None] * stride_qh
     q_lat = tl.load(q_row + cc[None, :], mask=head_ok[:, None] & c_ok[None, :], other=0.0)
-    q_rope = tl.load(q_row + C + rc[None, :], mask=head_ok[:, None] & r_ok[None, :], other=0.0)
+    qr_row = qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh
+    q_rope = tl.load(qr_row + rc[None, :], mask=head_ok[:, None] & r_ok[None, :], other=0.0)
 
     m_i = tl.full([HB], _NEG_BIG, tl.float32)
     l_i = tl.zeros([HB], tl.float32)
@@ -163,18 +168,25 @@ def mla_decode_attention(
     scale: float,
     latent_dim: int,
     out_BHC: torch.Tensor | None = None,
+    q_rope_BHR: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One latent-space query per sequence (already written into the cache) over its first
     context_lens_B[b] cached rows (position p at block block_tables_BM[b, p // S], slot p % S):
-    the softmax-weighted sum of the rows' first latent_dim values, [B, H, C] in q's dtype."""
-    b, h, y = q_BHY.shape
-    c = latent_dim
-    r = y - c
+    the softmax-weighted sum of the rows' first latent_dim values, [B, H, C] in q's dtype.
+    q_rope_BHR: the queries' rope part, apart (q_BHY then holds the latent part only)."""
+    if q_rope_BHR is None:
+        q_rope_BHR = q_BHY[..., latent_dim:]
+        q_BHY = q_BHY[..., :latent_dim]
+    if q_rope_BHR.shape[:2] != q_BHY.shape[:2] or q_BHY.shape[-1] != latent_dim:
+        raise ValueError(f"q {tuple(q_BHY.shape)} and q_rope {tuple(q_rope_BHR.shape)}")
+    b, h, c = q_BHY.shape
+    r = q_rope_BHR.shape[-1]
+    y = c + r
     _, s, g, yc = cache_NS1Y.shape
     if g != 1 or yc != y or not 0 < c < y:
         raise ValueError(f"cache {tuple(cache_NS1Y.shape)} vs q {tuple(q_BHY.shape)}, C={c}")
-    if q_BHY.dtype not in _DTYPES or cache_NS1Y.dtype != q_BHY.dtype:
-        raise ValueError(f"dtypes {q_BHY.dtype}, {cache_NS1Y.dtype}")
+    if q_BHY.dtype not in _DTYPES or {cache_NS1Y.dtype, q_rope_BHR.dtype} != {q_BHY.dtype}:
+        raise ValueError(f"dtypes {q_BHY.dtype}, {q_rope_BHR.dtype}, {cache_NS1Y.dtype}")
     if s & (s - 1) or block_tables_BM.dim() != 2 or block_tables_BM.shape[0] < b:
         raise ValueError(f"unsupported block size {s} or table {tuple(block_tables_BM.shape)}")
     if context_lens_B.shape[0] < b:
@@ -182,6 +194,7 @@ def mla_decode_attention(
     if cache_NS1Y.stride(-1) != 1:
         raise ValueError("the cache's rows must have unit stride")
     q_BHY = q_BHY if q_BHY.stride(-1) == 1 else q_BHY.contiguous()
+    q_rope_BHR = q_rope_BHR if q_rope_BHR.stride(-1) == 1 else q_rope_BHR.contiguous()
     if out_BHC is None:
         out_BHC = q_BHY.new_empty(b, h, c)
     elif out_BHC.shape != (b, h, c) or out_BHC.dtype != q_BHY.dtype or out_BHC.stride(-1) != 1:
@@ -199,6 +212,7 @@ def mla_decode_attention(
     )
     _mla_partition_kernel[(b, head_blocks, num_progs)](
         q_BHY,
+        q_rope_BHR,
         cache_NS1Y,
         block_tables_BM,
         context_lens_B,
@@ -210,6 +224,8 @@ def mla_decode_attention(
         num_progs,
         q_BHY.stride(0),
         q_BHY.stride(1),
+        q_rope_BHR.stride(0),
+        q_rope_BHR.stride(1),
         cache_NS1Y.stride(0),
         cache_NS1Y.stride(1),
         *block_tables_BM.stride(),
@@ -252,3 +268,67 @@ def mla_decode_attention(
             **pdl.LAUNCH,
         )
     return out_BHC
+
+
+@triton.jit
+def _latent_rows_kernel(
+    kv_ptr,  # [T, Y]: the raw latent, then the rotated rope key
+    w_ptr,  # [C] the latent's RMSNorm weight
+    cache_ptr,  # [N * S, Y] rows
+    slot_ptr,  # [T]
+    eps,
+    stride_kv,
+    stride_row,
+    C: tl.constexpr,
+    R: tl.constexpr,
+    C_PAD: tl.constexpr,
+    R_PAD: tl.constexpr,
+):
+    wait_prior()
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    cc = tl.arange(0, C_PAD)
+    c_ok = cc < C
+    x = tl.load(kv_ptr + t * stride_kv + cc, mask=c_ok, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
+    # As kernels.norm_rope's RMSNorm: the normalised row rounded, then times the weight.
+    xn = (x * inv).to(cache_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)
+    row = cache_ptr + slot * stride_row
+    tl.store(row + cc, (w * xn).to(cache_ptr.dtype.element_ty), mask=c_ok)
+    rc = tl.arange(0, R_PAD)
+    r_ok = rc < R
+    rope = tl.load(kv_ptr + t * stride_kv + C + rc, mask=r_ok, other=0.0)
+    tl.store(row + C + rc, rope, mask=r_ok)
+
+
+def write_latent_rows(
+    kv_TY: torch.Tensor,
+    norm_weight_C: torch.Tensor,
+    eps: float,
+    cache_NS1Y: torch.Tensor,
+    slot_mapping_T: torch.Tensor,
+) -> None:
+    """Each token's cache row in one launch: its latent kv_TY[t, :C] RMS-normalised with
+    norm_weight_C, then its (already rotated) rope key kv_TY[t, C:], stored at row
+    slot_mapping_T[t] of the cache (the readable path's norm, concatenation and index copy)."""
+    t, y = kv_TY.shape
+    c = norm_weight_C.shape[0]
+    rows_RY = cache_NS1Y.view(-1, y)
+    assert kv_TY.stride(1) == 1 and cache_NS1Y.shape[-1] == y and kv_TY.dtype == cache_NS1Y.dtype
+    if t:
+        _latent_rows_kernel[(t,)](
+            kv_TY,
+            norm_weight_C,
+            rows_RY,
+            slot_mapping_T,
+            eps,
+            kv_TY.stride(0),
+            rows_RY.stride(0),
+            C=c,
+            R=y - c,
+            C_PAD=triton.next_power_of_2(c),
+            R_PAD=max(2, triton.next_power_of_2(y - c)),
+            num_warps=4,
+            **pdl.LAUNCH,
+        )

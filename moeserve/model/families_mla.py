@@ -67,22 +67,29 @@ def plan_mla_attention(plan: Plan, cfg: ModelConfig, src: str, dst: str) -> None
     q and the cached k_rope then rotate as halves, their dot products unchanged, and no step
     reorders them."""
     attn, out = f"{src}.self_attn", f"{dst}.attn"
-    names = {"kv_a_proj_with_mqa": "kv_a", "o_proj": "o"}
-    r = cfg.head_dim
+    r, lora = cfg.head_dim, cfg.q_lora_rank
     fold = cfg.rope_interleave
-    q_rows = (_rope_transform(cfg.qk_nope_head_dim + r, r),) if fold else ()
-    kv_rows = (_rope_transform(cfg.kv_lora_rank + r, r),) if fold else ()
-    if cfg.q_lora_rank is None:
-        plan[f"{attn}.q_proj.weight"] = (f"{out}.q_weight", (), *q_rows)
+    q_rope = (_rope_transform(cfg.qk_nope_head_dim + r, r),) if fold else ()
+    kv_rope = (_rope_transform(cfg.kv_lora_rank + r, r),) if fold else ()
+    # q_proj (or q_a_proj) and kv_a_proj_with_mqa fill the rows of one weight (MLAttention).
+    n_q = cfg.num_heads * (cfg.qk_nope_head_dim + r) if lora is None else lora
+    q, kv = (slice(0, n_q),), (slice(n_q, None),)
+    bias = cfg.attention_bias
+    if lora is None:
+        plan[f"{attn}.q_proj.weight"] = (f"{out}.qkv_a_weight", q, *q_rope)
+        if bias:
+            plan[f"{attn}.kv_a_proj_with_mqa.bias"] = (f"{out}.kv_a_bias", (), *kv_rope)
     else:
-        names["q_a_proj"] = "q_a"
-        plan[f"{attn}.q_b_proj.weight"] = (f"{out}.q_b_weight", (), *q_rows)
+        plan[f"{attn}.q_a_proj.weight"] = (f"{out}.qkv_a_weight", q)
+        plan[f"{attn}.q_b_proj.weight"] = (f"{out}.q_b_weight", (), *q_rope)
         plan[f"{attn}.q_a_layernorm.weight"] = (f"{out}.q_a_norm", ())
-    for hub, ours in names.items():
-        rows = kv_rows if ours == "kv_a" else ()
-        plan[f"{attn}.{hub}.weight"] = (f"{out}.{ours}_weight", (), *rows)
-        if cfg.attention_bias:
-            plan[f"{attn}.{hub}.bias"] = (f"{out}.{ours}_bias", (), *rows)
+        if bias:
+            plan[f"{attn}.q_a_proj.bias"] = (f"{out}.qkv_a_bias", q)
+            plan[f"{attn}.kv_a_proj_with_mqa.bias"] = (f"{out}.qkv_a_bias", kv, *kv_rope)
+    plan[f"{attn}.kv_a_proj_with_mqa.weight"] = (f"{out}.qkv_a_weight", kv, *kv_rope)
+    plan[f"{attn}.o_proj.weight"] = (f"{out}.o_weight", ())
+    if bias:
+        plan[f"{attn}.o_proj.bias"] = (f"{out}.o_bias", ())
     plan[f"{attn}.kv_a_layernorm.weight"] = (f"{out}.kv_a_norm", ())
     plan[f"{attn}.kv_b_proj.weight"] = (f"{out}.kv_b_weight", ())
 

@@ -64,27 +64,29 @@ class LatentAttention:
 
     def decode(
         self,
-        q_BHY: torch.Tensor,
+        q_lat_BHC: torch.Tensor,
+        q_rope_BHR: torch.Tensor,
         cache_NS1Y: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
-        latent_dim: int,
     ) -> torch.Tensor:
-        """Each decode's latent-space query (absorbed nope part, then rope part) over its
+        """Each decode's latent-space query (absorbed nope part, and rope part) over its
         sequence's cached rows: the softmax-weighted sum of latents [B, H, C]."""
-        nd = q_BHY.shape[0]
+        nd, _, c = q_lat_BHC.shape
         if self.decode_kernel:
             from moeserve.kernels.mla_attention import mla_decode_attention
 
             return mla_decode_attention(
-                q_BHY,
+                q_lat_BHC,
                 cache_NS1Y,
                 meta.block_tables_BM[:nd],
                 meta.context_lens_B[:nd],
                 scale,
-                latent_dim,
+                c,
+                q_rope_BHR=q_rope_BHR,
             )
-        return sdpa_decode(q_BHY, cache_NS1Y, cache_NS1Y[..., :latent_dim], meta, scale, None)
+        q_BHY = torch.cat((q_lat_BHC, q_rope_BHR), dim=-1)
+        return sdpa_decode(q_BHY, cache_NS1Y, cache_NS1Y[..., :c], meta, scale, None)
 
 
 def _causal_sdpa(
@@ -129,16 +131,18 @@ class MLAttention(nn.Module):
         p, w = cfg.qk_nope_head_dim, cfg.v_head_dim
         kw = dict(dtype=dtype, device=device)
         bias = cfg.attention_bias
-        self.q_weight = self.q_a_weight = self.q_a_bias = self.q_a_norm = None
-        if cfg.q_lora_rank is None:
-            self.q_weight = empty_param(h * (p + r), d, **kw)
-        else:
-            self.q_a_weight = empty_param(cfg.q_lora_rank, d, **kw)
-            self.q_a_bias = empty_param(cfg.q_lora_rank, **kw) if bias else None
-            self.q_a_norm = empty_param(cfg.q_lora_rank, **kw)
-            self.q_b_weight = empty_param(h * (p + r), cfg.q_lora_rank, **kw)
-        self.kv_a_weight = empty_param(c + r, d, **kw)
-        self.kv_a_bias = empty_param(c + r, **kw) if bias else None
+        lora = cfg.q_lora_rank
+        # The q projection (q_a_proj with a q_lora_rank) and kv_a_proj read the same input:
+        # one [Q + C + R, D] weight, one GEMV (rows 0..Q-1 q's). Their biases likewise; only
+        # kv_a has one without q_lora (transformers' q_proj has none), added apart.
+        self.q_rows = h * (p + r) if lora is None else lora
+        self.qkv_a_weight = empty_param(self.q_rows + c + r, d, **kw)
+        self.qkv_a_bias = empty_param(self.q_rows + c + r, **kw) if bias and lora else None
+        self.kv_a_bias = empty_param(c + r, **kw) if bias and not lora else None
+        self.q_a_norm = self.q_b_weight = None
+        if lora is not None:
+            self.q_a_norm = empty_param(lora, **kw)
+            self.q_b_weight = empty_param(h * (p + r), lora, **kw)
         self.kv_a_norm = empty_param(c, **kw)
         self.kv_b_weight = empty_param(h * (p + w), c, **kw)
         self.o_weight = empty_param(d, h * w, **kw)
@@ -174,48 +178,53 @@ class MLAttention(nn.Module):
         # this batch: at decode the readable ops are some twenty launches a layer.
         fused = self.backend is not None and self.backend.fused_elementwise(x_TD)
         norm = fused_rms_norm if fused else rms_norm
-        if self.q_weight is not None:
-            q_TX = F.linear(x_TD, self.q_weight)
-        else:
-            q_a = norm(F.linear(x_TD, self.q_a_weight, self.q_a_bias), self.q_a_norm, eps)
-            q_TX = F.linear(q_a, self.q_b_weight)
+        qkv_TN = F.linear(x_TD, self.qkv_a_weight, self.qkv_a_bias)
+        q_TX, kv_TY = qkv_TN[:, : self.q_rows], qkv_TN[:, self.q_rows :]
+        if self.kv_a_bias is not None:
+            kv_TY = kv_TY + self.kv_a_bias
+        if self.q_b_weight is not None:
+            q_TX = F.linear(norm(q_TX, self.q_a_norm, eps), self.q_b_weight)
         q_THX = q_TX.view(t, h, -1)
-        kv_TY = F.linear(x_TD, self.kv_a_weight, self.kv_a_bias)
+        (cache_NS1Y,) = kv_cache
         if fused:
+            from moeserve.kernels.mla_attention import write_latent_rows
             from moeserve.kernels.norm_rope import apply_rotary_
 
-            # q's and k's rope parts rotated in place, in one launch; the normalised latent
-            # then overwrites its raw part, and kv_TY is the cache row.
+            # q's and k's rope parts rotated in place, in one launch; then each token's cache
+            # row (the normalised latent, the rope key) written in one more.
             cos, sin, pos = cos_sin.for_kernel()
             apply_rotary_(q_THX[..., p:], kv_TY[:, None, c:], cos, sin, positions_T=pos)
-            kv_TY[:, :c] = norm(kv_TY[:, :c], self.kv_a_norm, eps)
-            q_rope_THR, rows_TY = q_THX[..., p:], kv_TY
+            write_latent_rows(kv_TY, self.kv_a_norm, eps, cache_NS1Y, meta.slot_mapping_T)
+            q_rope_THR = q_THX[..., p:]
         else:
             q_rope_THR = self._rotate(q_THX[..., p:], cos_sin)
             latent_TC = rms_norm(kv_TY[:, :c], self.kv_a_norm, eps)
             k_rope_TR = self._rotate(kv_TY[:, None, c:], cos_sin)[:, 0]
             rows_TY = torch.cat((latent_TC, k_rope_TR), dim=-1)
+            cache_NS1Y.view(-1, rows_TY.shape[1]).index_copy_(0, meta.slot_mapping_T, rows_TY)
         q_nope_THP = q_THX[..., :p]
-        (cache_NS1Y,) = kv_cache
-        cache_NS1Y.view(-1, rows_TY.shape[1]).index_copy_(0, meta.slot_mapping_T, rows_TY)
 
-        out_THW = q_THX.new_empty(t, h, cfg.v_head_dim)
         nd = meta.num_decodes
+        o_BHW = None
         if nd:
             w_k_HPC, w_v_HWC = self._absorbed_weights()
             q_lat_BHC = torch.bmm(q_nope_THP[:nd].transpose(0, 1), w_k_HPC).transpose(0, 1)
-            q_BHY = torch.cat((q_lat_BHC, q_rope_THR[:nd]), dim=-1)
-            o_lat_BHC = self.impl.decode(q_BHY, cache_NS1Y, meta, self.scale, c)
-            out_THW[:nd] = torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2)).transpose(
-                0, 1
-            )
+            o_lat_BHC = self.impl.decode(q_lat_BHC, q_rope_THR[:nd], cache_NS1Y, meta, self.scale)
+            o_BHW = torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2)).transpose(0, 1)
+        if o_BHW is not None and nd == t:  # decodes only: no buffer to assemble
+            return self._project(o_BHW.reshape(t, -1), partials_out)
+        out_THW = q_THX.new_empty(t, h, cfg.v_head_dim)
+        if o_BHW is not None:
+            out_THW[:nd] = o_BHW
         start = nd
         for b in range(nd, len(meta.query_lens)):
             n = meta.query_lens[b]
             q_QHX = torch.cat((q_nope_THP[start : start + n], q_rope_THR[start : start + n]), -1)
             out_THW[start : start + n] = self._prefill(q_QHX, cache_NS1Y, meta, b)
             start += n
-        o_TX = out_THW.reshape(t, -1)
+        return self._project(out_THW.reshape(t, -1), partials_out)
+
+    def _project(self, o_TX: torch.Tensor, partials_out: bool) -> torch.Tensor:
         if partials_out and self.o_bias is None:
             from moeserve.kernels.linear import linear_partials
 
