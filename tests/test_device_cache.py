@@ -110,6 +110,29 @@ def test_interpreted_in_graph_calls_match_resident_and_lru(kind: str) -> None:
     _check_pool(store)
 
 
+def test_interpreted_shared_expert_beside_the_device_cache() -> None:
+    """A DeepSeek-style shared expert (resident) with the routed experts behind the device
+    cache: at one token it runs in the same kernels and the sum adds it."""
+    from moeserve.model.moe import DenseMLP
+
+    moes, store = _device_store()
+    moe, table = moes[0], store.device_cache.tables[0]
+    d = moe.w_down.shape[1]
+    moe.shared = DenseMLP(d, 24, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for w in (moe.shared.w_gate_up, moe.shared.w_down):
+            w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+    assert moe._kernel_shared(1) is not None
+    store.device_cache.before_replay()
+    for _ in range(3):
+        x, res = 0.1 * torch.randn(1, d, generator=g), torch.randn(1, d, generator=g)
+        want = res + (_resident(moe, x) + moe.shared(x))
+        got = moe(x, residual_TD=res, experts=table)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    store.device_cache.after_replay()
+
+
 def test_interpreted_padding_rows_need_nothing() -> None:
     """A call of padding rows only (the graphs' warm-up) stages and admits nothing."""
     moes, store = _device_store()
