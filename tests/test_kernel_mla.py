@@ -92,10 +92,21 @@ def _kernel(case: dict, scale: float) -> torch.Tensor:
     return out
 
 
-def _readable(case: dict, scale: float) -> torch.Tensor:
+def _readable(case: dict, scale: float, heads_at_once: int | None = None) -> torch.Tensor:
+    """heads_at_once: the heads attend in groups of this many (each head is independent), so
+    the reference's expanded keys fit an 80 GB card at V3's 128 heads in float64."""
     c = case["latent"]
     q = case["q"]
-    return LatentAttention().decode(q[..., :c], q[..., c:], case["clean"], case["meta"], scale)
+    step = heads_at_once or q.shape[1]
+    return torch.cat(
+        [
+            LatentAttention().decode(
+                q[:, i : i + step, :c], q[:, i : i + step, c:], case["clean"], case["meta"], scale
+            )
+            for i in range(0, q.shape[1], step)
+        ],
+        dim=1,
+    )
 
 
 # (heads, latent, rope, block size, context lengths)
@@ -142,9 +153,9 @@ def test_cuda_deepseek_shapes(heads, batch, max_ctx):
     case = _make_case(heads, 512, 64, 16, ctxs, torch.bfloat16, "cuda", seed=batch)
     scale = 192**-0.5
     exact = dict(case, q=case["q"].double(), clean=case["clean"].double())
-    ref = _readable(exact, scale)
+    ref = _readable(exact, scale, heads_at_once=16)
     err_kernel = ((_kernel(case, scale).double() - ref).norm() / ref.norm()).item()
-    err_readable = ((_readable(case, scale).double() - ref).norm() / ref.norm()).item()
+    err_readable = ((_readable(case, scale, 16).double() - ref).norm() / ref.norm()).item()
     # As in test_kernel_paged_attention: the kernel also rounds probabilities to bf16.
     assert err_kernel <= 2.0 * err_readable + 1e-3, (err_kernel, err_readable)
     assert err_kernel < 1e-2
