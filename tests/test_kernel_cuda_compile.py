@@ -128,6 +128,7 @@ def _drive() -> None:
         pa.paged_decode_attention(rand(2, H, X), kc, vc, tables, lens, 0.25, **kw)
     latent = rand(N, S, 1, 24 + 8)
     mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
+    mla_attention.write_latent_rows(rand(T, 24 + 8), rand(24), 1e-6, latent, slots_T)
     tokens.argmax_rows(rand(2, 50, dtype=torch.float32))
     tokens.feed_ids(torch.arange(4), torch.tensor([-1, 0, -1, 1]), torch.tensor([7, 9]))
     _drive_expert_fetch(rand)
