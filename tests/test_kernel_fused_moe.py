@@ -20,8 +20,9 @@ from moeserve.kernels.moe_gemm import gemm_config  # noqa: E402
 from moeserve.model.moe import MoE  # noqa: E402
 
 
-def _moe(E: int, D: int, F_: int, K: int, dtype: torch.dtype, device: str, seed: int) -> MoE:
-    cfg = ModelConfig(
+def _config(E: int, D: int, F_: int, K: int, **kw) -> ModelConfig:
+    """One MoE layer's config (Mixtral's, unless kw says otherwise)."""
+    base = dict(
         model_type="mixtral",
         vocab_size=32,
         hidden_size=D,
@@ -36,7 +37,11 @@ def _moe(E: int, D: int, F_: int, K: int, dtype: torch.dtype, device: str, seed:
         top_k=K,
         moe_intermediate_size=F_,
     )
-    moe = MoE(cfg, dtype, torch.device(device))
+    return ModelConfig(**(base | kw))
+
+
+def _moe(E: int, D: int, F_: int, K: int, dtype: torch.dtype, device: str, seed: int) -> MoE:
+    moe = MoE(_config(E, D, F_, K), dtype, torch.device(device))
     g = torch.Generator().manual_seed(seed)
     # Scaled so activations stay O(1), like a trained layer's.
     moe.w_gate_up.copy_(torch.randn(E, 2 * F_, D, generator=g) / D**0.5)
@@ -385,20 +390,12 @@ def test_shared_expert_in_the_gemv_epilogue(quant: str, monkeypatch: pytest.Monk
     from moeserve.model.backend import ModelBackend
 
     E, K, D, F_, S = 6, 2, 40, 24, 48  # S = 2 shared experts of F_
-    cfg = ModelConfig(
+    cfg = _config(
+        E,
+        D,
+        F_,
+        K,
         model_type="deepseek_v3",
-        vocab_size=32,
-        hidden_size=D,
-        num_layers=1,
-        num_heads=1,
-        num_kv_heads=1,
-        head_dim=D,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=64,
-        rope_theta=1e4,
-        num_experts=E,
-        top_k=K,
-        moe_intermediate_size=F_,
         shared_expert_intermediate_size=S,
         shared_expert_gate=False,
         dense_quant=quant,

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import pdl
+from moeserve.kernels.norm_rope import rms_row
 from moeserve.kernels.paged_attention import MAX_PROGRAMS, _decode_merge_kernel, split_partials
 from moeserve.kernels.pdl import wait_prior
 
@@ -290,12 +291,8 @@ def _latent_rows_kernel(
     cc = tl.arange(0, C_PAD)
     c_ok = cc < C
     x = tl.load(kv_ptr + t * stride_kv + cc, mask=c_ok, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
-    # As kernels.norm_rope's RMSNorm: the normalised row rounded, then times the weight.
-    xn = (x * inv).to(cache_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)
     row = cache_ptr + slot * stride_row
-    tl.store(row + cc, (w * xn).to(cache_ptr.dtype.element_ty), mask=c_ok)
+    tl.store(row + cc, rms_row(x, w_ptr, cc, c_ok, C, eps, cache_ptr), mask=c_ok)
     rc = tl.arange(0, R_PAD)
     r_ok = rc < R
     rope = tl.load(kv_ptr + t * stride_kv + C + rc, mask=r_ok, other=0.0)

@@ -17,17 +17,23 @@ from moeserve.kernels.pdl import wait_prior
 
 
 @triton.jit
+def rms_row(x, w_ptr, offs, ok, D, eps, out_ptr):
+    """weight * normalise(x) of one float32 row, in out_ptr's dtype. The reference rounds the
+    normalised row to the model dtype, then multiplies the weight."""
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+    xn = (x * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    return (w * xn).to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BLOCK_D: tl.constexpr):
     wait_prior()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
-    # The reference rounds the normalised row to the model dtype, then multiplies the weight.
-    xn = (x * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (w * xn).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * stride_o + offs, rms_row(x, w_ptr, offs, ok, D, eps, out_ptr), mask=ok)
 
 
 def rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> torch.Tensor:
