@@ -74,6 +74,7 @@ def _drive() -> None:
     from moeserve.kernels import fused_moe as fm
     from moeserve.kernels import linear, mla_attention, moe_routing, norm_rope, tokens
     from moeserve.kernels import paged_attention as pa
+    from moeserve.kernels.moe_gemv import SharedExpert
 
     g = torch.Generator().manual_seed(0)
     bf = torch.bfloat16
@@ -95,6 +96,12 @@ def _drive() -> None:
             x, w1, w2, weights, experts, gemv=gemv, expert_slot_E=slots, b_gate_up_EF=b1,
             b_down_ED=b2, activation=clamped, residual_TD=rand(T, D),
         )  # fmt: skip
+    # One token with a shared expert twice as wide as a routed one (DeepSeek), in slots.
+    shared = SharedExpert(rand(4 * F, D), rand(D, 2 * F))
+    fm.fused_moe(
+        x[:1], w1, w2, weights[:1], experts[:1], gemv=True, expert_slot_E=slots,
+        residual_TD=rand(1, D), shared=shared,
+    )  # fmt: skip
     _drive_quantized(rand)
     moe_routing.route_and_align(rand(T, E, dtype=torch.float32), K, True, 16)
     moe_routing.route_and_align(
@@ -155,6 +162,7 @@ def _drive_quantized(rand: Any) -> None:
     biases) and, for fp8, the FP8 tensor-core GEMMs (BLOCK_K 128, as on the GPU)."""
     from moeserve.kernels import fused_moe as fm
     from moeserve.kernels import moe_gemm
+    from moeserve.kernels.moe_gemv import SharedExpert
     from moeserve.kernels.quant import quantize_fp8_rows, quantize_mxfp4
 
     T, E, K, D, F = 3, 4, 2, 160, 96
@@ -171,6 +179,10 @@ def _drive_quantized(rand: Any) -> None:
                 b_down_ED=b2, residual_TD=rand(T, D), **q,
             )  # fmt: skip
         fm.fused_moe(x, w1, w2, weights, experts, split_k=2, **q)
+        if quant == "fp8":  # an FP8 shared expert beside FP8 experts
+            (sw1, ss1), (sw2, ss2) = fn(rand(2 * F, D)), fn(rand(D, F))
+            shared = SharedExpert(sw1, sw2, ss1, ss2, "fp8")
+            fm.fused_moe(x[:1], w1, w2, weights[:1], experts[:1], gemv=True, shared=shared, **q)
         # GPU tile sizes: fp8 K tiles wider than a scale group (one scale per element);
         # mxfp4's are one group (two dots on the nibble halves)
         cfg = moe_gemm.gemm_config(T, E, K, D, F, torch.bfloat16)

@@ -380,16 +380,18 @@ def test_residual_add_matches_the_separate_add(split_k: int) -> None:
     assert torch.equal(got[2], res_TD[2])
 
 
-@pytest.mark.parametrize("quant", ["", "fp8"])
-def test_shared_expert_in_the_gemv_epilogue(quant: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """At one token a DeepSeek-style shared expert runs in the routed GEMVs' kernels (its
-    partials added in the sum over k, before the residual): the same output as the routed
-    kernels followed by the shared MLP and the two adds; with a sigmoid gate (Qwen2-MoE)
-    or at more tokens the layer adds it itself."""
+@pytest.mark.parametrize(("quant", "S"), [("", 48), ("", 24), ("fp8", 48)])
+def test_shared_expert_in_the_gemv_epilogue(
+    quant: str, S: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At one token a DeepSeek-style shared expert (S = 1 or 2 experts' width) runs in the
+    routed GEMVs' kernels (its partials added in the sum over k, before the residual): the
+    same output as the routed kernels followed by the shared MLP and the two adds; with a
+    sigmoid gate (Qwen2-MoE) or at more tokens the layer adds it itself."""
     from moeserve.kernels.quant import quantize_fp8_rows
     from moeserve.model.backend import ModelBackend
 
-    E, K, D, F_, S = 6, 2, 40, 24, 48  # S = 2 shared experts of F_
+    E, K, D, F_ = 6, 2, 40, 24
     cfg = _config(
         E,
         D,
@@ -399,21 +401,22 @@ def test_shared_expert_in_the_gemv_epilogue(quant: str, monkeypatch: pytest.Monk
         shared_expert_intermediate_size=S,
         shared_expert_gate=False,
         dense_quant=quant,
+        expert_quant=quant,
     )
     moe = MoE(cfg, torch.float32, torch.device("cpu"), backend=ModelBackend(triton=True))
     g = torch.Generator().manual_seed(30)
     moe.router.copy_(torch.randn(E, D, generator=g))
-    moe.w_gate_up.copy_(torch.randn(E, 2 * F_, D, generator=g) / D**0.5)
-    moe.w_down.copy_(torch.randn(E, D, F_, generator=g) / F_**0.5)
-    mlp = moe.shared
-    for name, (n, k) in (("w_gate_up", (2 * S, D)), ("w_down", (D, S))):
-        w = torch.randn(n, k, generator=g) / k**0.5
+    shapes = [(moe, "w_gate_up", (E, 2 * F_, D)), (moe, "w_down", (E, D, F_))]
+    shapes += [(moe.shared, "w_gate_up", (2 * S, D)), (moe.shared, "w_down", (D, S))]
+    for holder, name, shape in shapes:
+        w = torch.randn(shape, generator=g) / shape[-1] ** 0.5
         if quant:
-            q, s = quantize_fp8_rows(w)
-            getattr(mlp, name).copy_(q)
-            getattr(mlp, name + "_scale").copy_(s)
+            q, sc = quantize_fp8_rows(w)
+            getattr(holder, name).copy_(q)
+            getattr(holder, name + "_scale").copy_(sc)
         else:
-            getattr(mlp, name).copy_(w)
+            getattr(holder, name).copy_(w)
+    mlp = moe.shared
     x_1D, res_1D = torch.randn(1, D, generator=g), torch.randn(1, D, generator=g)
     assert moe._kernel_shared(1) is not None and moe._kernel_shared(2) is None
     got = moe(x_1D, residual_TD=res_1D)
