@@ -181,7 +181,7 @@ def _drive_quantized(rand: Any) -> None:
         fm.fused_moe(x, w1, w2, weights, experts, split_k=2, **q)
         if quant == "fp8":  # an FP8 shared expert beside FP8 experts
             (sw1, ss1), (sw2, ss2) = fn(rand(2 * F, D)), fn(rand(D, F))
-            shared = SharedExpert(sw1, sw2, ss1, ss2, "fp8")
+            shared = SharedExpert(sw1, sw2, ss1, ss2)
             fm.fused_moe(x[:1], w1, w2, weights[:1], experts[:1], gemv=True, shared=shared, **q)
         # GPU tile sizes: fp8 K tiles wider than a scale group (one scale per element);
         # mxfp4's are one group (two dots on the nibble halves)

@@ -452,7 +452,11 @@ class SharedExpert(NamedTuple):
     w_down_DF: torch.Tensor
     gate_up_scale: torch.Tensor | None = None
     down_scale: torch.Tensor | None = None
-    quant: str = ""
+
+    @property
+    def quant(self) -> str:
+        """Its storage: "fp8" with scales (both projections, as the caller checks), else ""."""
+        return "fp8" if self.gate_up_scale is not None else ""
 
 
 def shared_expert_partials(x_TD: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
@@ -461,11 +465,8 @@ def shared_expert_partials(x_TD: torch.Tensor, shared: SharedExpert) -> torch.Te
     readable path runs three more launches (the activation and two adds)."""
     w_gu, w_d = shared.w_gate_up_FD[None], shared.w_down_DF[None]
     scales = (shared.gate_up_scale, shared.down_scale)
-    if shared.quant:
-        assert None not in scales, "quantized weights need their scales"
-        s_gu, s_d = (s[None] for s in scales)
-    else:
-        s_gu = s_d = None
+    assert (scales[0] is None) == (scales[1] is None), "both projections stored alike"
+    s_gu, s_d = (None if s is None else s[None] for s in scales)
     h_TF = gemv_gate_up_act(
         x_TD, w_gu, None, 1, 1, activation=("silu", 0.0, 0.0), w_scale=s_gu, quant=shared.quant
     )

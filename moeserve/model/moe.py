@@ -245,8 +245,7 @@ class MoE(nn.Module):
             return None
         from moeserve.kernels.moe_gemv import SharedExpert
 
-        quant = "fp8" if fp8[0] else ""
-        return SharedExpert(mlp.w_gate_up, mlp.w_down, mlp.w_gate_up_scale, mlp.w_down_scale, quant)
+        return SharedExpert(mlp.w_gate_up, mlp.w_down, mlp.w_gate_up_scale, mlp.w_down_scale)
 
     def select_experts(
         self, x_TD: torch.Tensor, valid_T: torch.Tensor | None = None
