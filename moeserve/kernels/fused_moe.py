@@ -32,7 +32,6 @@ from moeserve.kernels.moe_gemv import (
     gemv_config,
     gemv_down,
     gemv_gate_up_act,
-    shared_expert_partials,
     takes_gemv,
 )
 from moeserve.kernels.moe_quant import fp8_dot_config, quantize_fp8_act, takes_fp8_dot
@@ -249,7 +248,7 @@ def fused_moe(
     assert shared is None or gemv, "a shared expert runs in the GEMV path only"
     if gemv:
         experts_R = experts_TK.reshape(R)
-        h_RF = gemv_gate_up_act(
+        h_RF, h_TS = gemv_gate_up_act(
             x_TD,
             w_gate_up_EF2D,
             experts_R,
@@ -260,9 +259,12 @@ def fused_moe(
             activation=activation,
             w_scale=w_gate_up_scale,
             quant=quant,
+            shared=shared,
         )
-        cfg = gemv_config(D, real_k(w_down_EDF, quant), quant, rows=R)
-        part_SRD = alloc(cfg["SPLIT_K"], R, D, dtype=torch.float32, device=device)
+        shared_rows = shared.down_rows(F) if shared is not None else 0
+        rows = R + T * shared_rows
+        cfg = gemv_config(D, real_k(w_down_EDF, quant), quant, rows=rows)
+        part_SRD = alloc(cfg["SPLIT_K"], rows, D, dtype=torch.float32, device=device)
         gemv_down(
             h_RF,
             w_down_EDF,
@@ -273,6 +275,7 @@ def fused_moe(
             cfg=cfg,
             w_scale=w_down_scale,
             quant=quant,
+            shared=(shared, h_TS) if shared is not None else None,
         )
         return sum_over_k(
             part_SRD,
@@ -283,7 +286,7 @@ def fused_moe(
             b_down_ED,
             expert_slot_E,
             num_experts,
-            shared_expert_partials(x_TD, shared) if shared is not None else None,
+            shared_rows,
         )
 
     cfg_up = gemm_config(T, num_experts, K, 2 * F, D, dtype, quant)

@@ -42,12 +42,11 @@ def activate(gate, up, out_ptr, alpha, limit, CLAMPED: tl.constexpr):
 
 @triton.jit
 def _sum_split_kernel(
-    part_ptr,  # [SPLIT, T*TOP_K, D] float32
+    part_ptr,  # [SPLIT, T*TOP_K (+ T*SHARED), D] float32
     experts_ptr,  # [T, TOP_K]
     weights_ptr,  # [T, TOP_K] float32
     out_ptr,  # [T, D]
     res_ptr,  # [T, D] residual stream (RESIDUAL)
-    shared_ptr,  # [SHARED_SPLIT, T, D] float32: a shared expert's partials (SHARED_SPLIT > 0)
     bias_ptr,  # [slots, D] (HAS_BIAS)
     slot_ptr,  # [E] expert -> weight index (HAS_SLOT)
     D,
@@ -56,9 +55,8 @@ def _sum_split_kernel(
     stride_out,
     stride_res,
     stride_bias,
-    stride_shared_split,
     SPLIT: tl.constexpr,
-    SHARED_SPLIT: tl.constexpr,
+    SHARED: tl.constexpr,  # a shared expert's partial rows per token, after the routed rows
     TOP_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     RESIDUAL: tl.constexpr,
@@ -90,10 +88,13 @@ def _sum_split_kernel(
         y = (y * w).to(out_ptr.dtype.element_ty)
         total += tl.where(expert < num_experts, y.to(tl.float32), 0.0)  # sentinel: no term
     out = total.to(out_ptr.dtype.element_ty)
-    if SHARED_SPLIT > 0:  # routed + shared, the shared expert's output rounded first
+    if SHARED > 0:  # routed + shared, the shared expert's output rounded first
         sh = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for s in range(SHARED_SPLIT):
-            sh += tl.load(shared_ptr + s * stride_shared_split + t * D + offs, mask=ok, other=0.0)
+        first = tl.num_programs(0) * TOP_K + t * SHARED
+        for s in range(SPLIT):
+            for p in range(SHARED):
+                row = part_ptr + s * stride_split + (first + p) * D
+                sh += tl.load(row + offs, mask=ok, other=0.0)
         out = (out.to(tl.float32) + rnd(sh, out_ptr)).to(out_ptr.dtype.element_ty)
     if RESIDUAL:  # residual + out, each rounded to the model dtype as the two torch ops
         res = tl.load(res_ptr + t * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
@@ -116,24 +117,24 @@ def sum_over_k(
     b_down_ED: torch.Tensor | None,
     expert_slot_E: torch.Tensor | None,
     num_experts: int,
-    shared_STD: torch.Tensor | None = None,
+    shared_rows: int = 0,
 ) -> torch.Tensor:
     """out[t] (+ residual[t]) = sum_k weights[t,k] * round(sum_s part[s, t*K+k] + bias)
-    (+ round(sum_s shared[s, t]), a shared expert's partials)."""
+    (+ round(sum_s,p part[s, T*K + t*shared_rows + p]), a shared expert's partials)."""
     T, D = out_TD.shape
     widest = 1024 if T > 16 else 256
     block_d = 16 if interpreting() else min(widest, max(16, triton.next_power_of_2(D)))
     res = residual_TD if residual_TD is not None else out_TD  # unused pointer when absent
     assert res.stride(1) == 1
     assert b_down_ED is None or b_down_ED.stride(1) == 1
-    assert shared_STD is None or (shared_STD.is_contiguous() and shared_STD.shape[1:] == (T, D))
+    assert part_SRD.shape[1:] == (T * experts_TK.shape[1] + T * shared_rows, D)
+    assert part_SRD.stride(1) == D and part_SRD.stride(2) == 1
     _sum_split_kernel[(T, triton.cdiv(D, block_d))](
         part_SRD,
         experts_TK.contiguous(),
         weights_TK.to(torch.float32).contiguous(),
         out_TD,
         res,
-        shared_STD if shared_STD is not None else out_TD,  # unused pointers when absent
         b_down_ED if b_down_ED is not None else out_TD,
         expert_slot_E if expert_slot_E is not None else out_TD,
         D,
@@ -142,9 +143,8 @@ def sum_over_k(
         out_TD.stride(0),
         res.stride(0),
         b_down_ED.stride(0) if b_down_ED is not None else 0,
-        shared_STD.stride(0) if shared_STD is not None else 0,
         SPLIT=part_SRD.shape[0],
-        SHARED_SPLIT=shared_STD.shape[0] if shared_STD is not None else 0,
+        SHARED=shared_rows,
         TOP_K=experts_TK.shape[1],
         BLOCK_D=block_d,
         RESIDUAL=residual_TD is not None,

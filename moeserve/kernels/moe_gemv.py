@@ -11,7 +11,10 @@ gate and up rows where it has them (no silu_mul launch, no [R, 2F] intermediate)
 Rounding follows the grouped path: GEMM 1's products are rounded to the model dtype, its bias
 added and rounded, then the activation as kernels.fused_moe's silu_mul; GEMM 2 writes float32
 rows that the sum over k rounds, weighs and adds (moe_epilogue's _sum_split_kernel). Sentinel
-assignments (expert >= num_experts) are skipped; the sum drops their rows.
+assignments (expert >= num_experts) are skipped; the sum drops their rows. An ungated shared
+expert (SharedExpert) is more programs after the routed rows of both launches (gate/up: F of
+its outputs each; down: one piece of its K each), whose partials the sum adds: at one token
+that saves DeepSeek-V2-Lite two launches a layer against its own pair of GEMVs.
 
 Quantized weights (kernels.quant) are read a tile of whole scale groups at a time: each
 group's dot with the activations is summed in float32 and multiplied by the group's scale
@@ -159,20 +162,13 @@ def quant_tile(
 
 
 @triton.jit
-def _row_expert(
-    experts_ptr, slot_ptr, r, num_experts, ROUTED: tl.constexpr, HAS_SLOT: tl.constexpr
-):
-    """Assignment r's weight index (its expert, or that expert's slot); -1 for a sentinel.
-    Unrouted (a shared expert's rows): 0."""
-    if ROUTED:
-        e = tl.load(experts_ptr + r).to(tl.int64)
-        idx = e
-        if HAS_SLOT:
-            idx = tl.load(slot_ptr + tl.minimum(e, num_experts - 1)).to(tl.int64)
-        out = tl.where(e < num_experts, idx, -1)
-    else:
-        out = r * 0
-    return out
+def _row_expert(experts_ptr, slot_ptr, r, num_experts, HAS_SLOT: tl.constexpr):
+    """Assignment r's weight index (its expert, or that expert's slot); -1 for a sentinel."""
+    e = tl.load(experts_ptr + r).to(tl.int64)
+    idx = e
+    if HAS_SLOT:
+        idx = tl.load(slot_ptr + tl.minimum(e, num_experts - 1)).to(tl.int64)
+    return tl.where(e < num_experts, idx, -1)
 
 
 @triton.jit
@@ -184,8 +180,13 @@ def _gate_up_act_kernel(
     slot_ptr,  # [E] expert -> weight index (HAS_SLOT)
     bias_ptr,  # [slots, 2F] (HAS_BIAS)
     s_ptr,  # [slots, 2F, ceil(K/GROUP)] weight scales (QUANT)
+    sw_ptr,  # [2S, K] the shared expert's gate rows then up rows (SHARED)
+    ss_ptr,  # [2S, ceil(K/GROUP)] their scales (SHARED and QUANT)
+    hs_ptr,  # [T, S] the shared expert's activations (SHARED)
     F,
     K,
+    S,
+    R,
     num_experts,
     stride_x,
     stride_we,
@@ -198,7 +199,7 @@ def _gate_up_act_kernel(
     alpha,
     limit,
     ROWS_PER_X: tl.constexpr,  # top_k: assignment r reads token r // top_k
-    ROUTED: tl.constexpr,  # False: one expert (weight index 0) for every row (a shared expert)
+    SHARED: tl.constexpr,  # shared-expert programs per token (F of its S rows each), or 0
     HAS_SLOT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     CLAMPED: tl.constexpr,
@@ -211,15 +212,31 @@ def _gate_up_act_kernel(
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
-    expert = _row_expert(experts_ptr, slot_ptr, r, num_experts, ROUTED, HAS_SLOT)
-    if expert < 0:  # a sentinel: the sum over k drops its row
-        return
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < F
-    offs_k = tl.arange(0, BLOCK_K)
+    local_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A routed assignment: rows [0, F) of its expert's gate (up: F on) into row r of h.
+    expert = _row_expert(experts_ptr, slot_ptr, tl.minimum(r, R - 1), num_experts, HAS_SLOT)
     x_row = x_ptr + (r // ROWS_PER_X) * stride_x
     w_e = w_ptr + expert * stride_we
     s_e = s_ptr + expert * stride_se
+    h_out = h_ptr + r * stride_h + local_n
+    offs_n = local_n
+    n_ok = local_n < F
+    up = F
+    if SHARED > 0:  # a shared-expert program: its rows [c*F, c*F + F) for token t
+        sh = r >= R
+        t = (r - R) // SHARED
+        first = tl.where(sh, ((r - R) % SHARED) * F, 0).to(tl.int32)
+        x_row = tl.where(sh, x_ptr + t * stride_x, x_row)
+        w_e = tl.where(sh, sw_ptr, w_e)  # the same strides as the routed weights
+        s_e = tl.where(sh, ss_ptr, s_e)
+        h_out = tl.where(sh, hs_ptr + t * S + first + local_n, h_out)
+        offs_n = first + local_n
+        n_ok = (local_n < F) & (offs_n < tl.where(sh, S, F))
+        up = tl.where(sh, S, F)
+        expert = tl.where(sh, 0, expert)
+    if expert < 0:  # a sentinel: the sum over k drops its row
+        return
+    offs_k = tl.arange(0, BLOCK_K)
     if QUANT == 0:
         n = offs_n[:, None]
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -230,11 +247,11 @@ def _gate_up_act_kernel(
             x = tl.load(x_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             m = n_ok[:, None] & k_ok[None, :]
             w_gate = tl.load(w_e + n * stride_wn + kk[None, :], mask=m, other=0.0)
-            w_up = tl.load(w_e + (n + F) * stride_wn + kk[None, :], mask=m, other=0.0)
+            w_up = tl.load(w_e + (n + up) * stride_wn + kk[None, :], mask=m, other=0.0)
             acc_g += w_gate.to(tl.float32) * x
             acc_u += w_up.to(tl.float32) * x
         gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
-        up = rnd(tl.sum(acc_u, axis=1), h_ptr)
+        upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
     else:
         G: tl.constexpr = BLOCK_K // GROUP
         acc_g = tl.zeros((BLOCK_N, G), dtype=tl.float32)
@@ -246,29 +263,35 @@ def _gate_up_act_kernel(
                 stride_wn, stride_sn, stride_sk, QUANT, GROUP, G, PACKED,
             )  # fmt: skip
             acc_u += quant_tile(
-                w_e, s_e, offs_n + F, n_ok, xa, xb, k0, K,
+                w_e, s_e, offs_n + up, n_ok, xa, xb, k0, K,
                 stride_wn, stride_sn, stride_sk, QUANT, GROUP, G, PACKED,
             )  # fmt: skip
         gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
-        up = rnd(tl.sum(acc_u, axis=1), h_ptr)
-    if HAS_BIAS:
+        upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
+    if HAS_BIAS:  # routed experts only (the caller keeps biased experts from a shared one)
         b_row = bias_ptr + expert * stride_bias + offs_n
         gate = rnd(gate + tl.load(b_row, mask=n_ok, other=0.0).to(tl.float32), h_ptr)
-        up = rnd(up + tl.load(b_row + F, mask=n_ok, other=0.0).to(tl.float32), h_ptr)
-    h = activate(gate, up, h_ptr, alpha, limit, CLAMPED)
-    tl.store(h_ptr + r * stride_h + offs_n, h, mask=n_ok)
+        upv = rnd(upv + tl.load(b_row + F, mask=n_ok, other=0.0).to(tl.float32), h_ptr)
+    h = activate(gate, upv, h_ptr, alpha, limit, CLAMPED)
+    tl.store(h_out, h, mask=n_ok)
 
 
 @triton.jit
 def _down_kernel(
     h_ptr,  # [R, K] (K = F)
     w_ptr,  # [slots, N, K] (N = D)
-    out_ptr,  # [SPLIT, R, N] float32: each K split's partial sums
+    out_ptr,  # [SPLIT, R + T*SHARED, N] float32: each K split's partial sums
     experts_ptr,
     slot_ptr,
     s_ptr,  # [slots, N, ceil(K/GROUP)] weight scales (QUANT)
+    hs_ptr,  # [T, S] the shared expert's activations (SHARED)
+    sw_ptr,  # [N, S] its down projection (SHARED)
+    ss_ptr,  # [N, ceil(S/GROUP)] its scales (SHARED and QUANT)
     N,
     K,
+    S,
+    PIECE,  # the shared expert's K per program (a multiple of GROUP)
+    R,
     num_experts,
     stride_h,
     stride_we,
@@ -278,7 +301,8 @@ def _down_kernel(
     stride_se,
     stride_sn,
     stride_sk,
-    ROUTED: tl.constexpr,
+    stride_ssn,
+    SHARED: tl.constexpr,  # shared-expert rows per token (PIECE of its S columns each), or 0
     HAS_SLOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -289,19 +313,33 @@ def _down_kernel(
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
-    expert = _row_expert(experts_ptr, slot_ptr, r, num_experts, ROUTED, HAS_SLOT)
+    expert = _row_expert(experts_ptr, slot_ptr, tl.minimum(r, R - 1), num_experts, HAS_SLOT)
+    h_row = h_ptr + r * stride_h
+    w_e = w_ptr + expert * stride_we
+    s_e = s_ptr + expert * stride_se
+    k_len = K
+    wn = stride_wn
+    sn = stride_sn
+    if SHARED > 0:  # a shared-expert program: its columns [p*PIECE, p*PIECE + PIECE), token t
+        sh = r >= R
+        t = (r - R) // SHARED
+        first = tl.where(sh, ((r - R) % SHARED) * PIECE, 0).to(tl.int32)
+        h_row = tl.where(sh, hs_ptr + t * S + first, h_row)
+        w_e = tl.where(sh, sw_ptr + first, w_e)
+        s_e = tl.where(sh, ss_ptr + (first // GROUP) * stride_sk, s_e)
+        k_len = tl.where(sh, tl.minimum(S - first, PIECE), K)
+        wn = tl.where(sh, S, stride_wn)
+        sn = tl.where(sh, stride_ssn, stride_sn)
+        expert = tl.where(sh, 0, expert)
     if expert < 0:  # a sentinel: the sum over k drops its row
         return
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    h_row = h_ptr + r * stride_h
-    w_e = w_ptr + expert * stride_we
-    s_e = s_ptr + expert * stride_se
     # This program's K range: whole tiles, the splits as even as the tiles allow.
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(2)) * BLOCK_K
+    per_split = tl.cdiv(tl.cdiv(k_len, BLOCK_K), tl.num_programs(2)) * BLOCK_K
     k_first = tl.program_id(2) * per_split
-    k_end = tl.minimum(k_first + per_split, K)
+    k_end = tl.minimum(k_first + per_split, k_len)
     if QUANT == 0:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
@@ -309,25 +347,59 @@ def _down_kernel(
             k_ok = kk < k_end
             h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             m = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_e + offs_n[:, None] * stride_wn + kk[None, :], mask=m, other=0.0)
+            w = tl.load(w_e + offs_n[:, None] * wn + kk[None, :], mask=m, other=0.0)
             acc += w.to(tl.float32) * h
     else:
         G: tl.constexpr = BLOCK_K // GROUP
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            ha, hb = x_tile(h_row, k0, K, QUANT, GROUP, G)
+            ha, hb = x_tile(h_row, k0, k_len, QUANT, GROUP, G)
             acc += quant_tile(
-                w_e, s_e, offs_n, n_ok, ha, hb, k0, K,
-                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G, PACKED,
+                w_e, s_e, offs_n, n_ok, ha, hb, k0, k_len,
+                wn, sn, stride_sk, QUANT, GROUP, G, PACKED,
             )  # fmt: skip
     out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
     tl.store(out_row + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
 
+class SharedExpert(NamedTuple):
+    """An ungated shared expert (DeepSeek, GLM: n_shared_experts of them as one MLP) as the
+    GEMVs run it beside the routed experts: gate/up [2S, D] (gate rows first), down [D, S],
+    the model dtype or fp8 with the [N, groups of K] scales of a dense linear (model/quant.py).
+    Its programs are extra rows of the routed launches: gate/up rows of F outputs each (the
+    routed width), down rows of `piece` columns of K each."""
+
+    w_gate_up_FD: torch.Tensor
+    w_down_DF: torch.Tensor
+    gate_up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+
+    @property
+    def quant(self) -> str:
+        """Its storage: "fp8" with scales (both projections, as the caller checks), else ""."""
+        return "fp8" if self.gate_up_scale is not None else ""
+
+    @property
+    def width(self) -> int:
+        return self.w_down_DF.shape[1]
+
+    def up_rows(self, F: int) -> int:
+        """Gate/up programs' rows per token: F of its S outputs each."""
+        return triton.cdiv(self.width, F)
+
+    def piece(self, F: int) -> int:
+        """Down programs' K columns: F, whole scale groups when quantized."""
+        g = group_size(self.quant) if self.quant else 1
+        return triton.cdiv(F, g) * g
+
+    def down_rows(self, F: int) -> int:
+        return triton.cdiv(self.width, self.piece(F))
+
+
 def gemv_gate_up_act(
     x_TD: torch.Tensor,
     w_gate_up_EF2D: torch.Tensor,
-    experts_R: torch.Tensor | None,
+    experts_R: torch.Tensor,
     top_k: int,
     num_experts: int,
     *,
@@ -337,12 +409,13 @@ def gemv_gate_up_act(
     cfg: dict[str, int] | None = None,
     w_scale: torch.Tensor | None = None,
     quant: str = "",
-) -> torch.Tensor:
-    """act(x[r // top_k] @ w_gate_up[e_r].T + b[e_r]) for every assignment r: [R, F].
-    quant, w_scale: the weights' storage format (kernels.quant). experts_R None: one row per
-    token, all through weight index 0 (top_k 1)."""
-    routed = experts_R is not None
-    R = experts_R.numel() if routed else x_TD.shape[0]
+    shared: SharedExpert | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """act(x[r // top_k] @ w_gate_up[e_r].T + b[e_r]) for every assignment r: [R, F]; with a
+    shared expert also silu(gate) * up of its [T, S] in the same launch (else None).
+    quant, w_scale: the weights' storage format (kernels.quant)."""
+    R = experts_R.numel()
+    T = x_TD.shape[0]
     F2, D = w_gate_up_EF2D.shape[1], real_k(w_gate_up_EF2D, quant)
     F = F2 // 2
     code, group = quant_code(quant)
@@ -353,17 +426,33 @@ def gemv_gate_up_act(
     assert bias_EF2 is None or bias_EF2.stride(1) == 1
     cfg = cfg or gemv_config(F, D, quant)
     kind, alpha, limit = activation
+    h_TS, shared_rows, S = None, 0, 0
+    sw = ss = h_RF  # unused pointers without a shared expert
+    if shared is not None:
+        assert shared.quant == quant and bias_EF2 is None and kind == "silu"
+        sw, ss, S = shared.w_gate_up_FD, shared.gate_up_scale, shared.width
+        # One set of strides for both: the shared rows index the routed weights' layout.
+        assert sw.stride() == w_gate_up_EF2D.stride()[1:]
+        assert ss is None or ss.stride() == w_scale.stride()[1:]
+        ss = ss if ss is not None else h_RF
+        h_TS = torch.empty(T, S, dtype=x_TD.dtype, device=x_TD.device)
+        shared_rows = shared.up_rows(F)
     if R:
-        _gate_up_act_kernel[(triton.cdiv(F, cfg["BLOCK_N"]), R)](
+        _gate_up_act_kernel[(triton.cdiv(F, cfg["BLOCK_N"]), R + T * shared_rows)](
             x_TD,
             w_gate_up_EF2D,
             h_RF,
-            experts_R if routed else h_RF,  # unused pointers
-            expert_slot_E if expert_slot_E is not None else h_RF,
+            experts_R,
+            expert_slot_E if expert_slot_E is not None else h_RF,  # unused pointers
             bias_EF2 if bias_EF2 is not None else h_RF,
             w_scale if w_scale is not None else h_RF,
+            sw,
+            ss,
+            h_TS if h_TS is not None else h_RF,
             F,
             D,
+            S,
+            R,
             num_experts,
             x_TD.stride(0),
             w_gate_up_EF2D.stride(0),
@@ -374,7 +463,7 @@ def gemv_gate_up_act(
             float(alpha),
             float(limit),
             ROWS_PER_X=top_k,
-            ROUTED=routed,
+            SHARED=shared_rows,
             HAS_SLOT=expert_slot_E is not None,
             HAS_BIAS=bias_EF2 is not None,
             CLAMPED=kind == "clamped_swiglu",
@@ -387,42 +476,60 @@ def gemv_gate_up_act(
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,
         )
-    return h_RF
+    return h_RF, h_TS
 
 
 def gemv_down(
     h_RF: torch.Tensor,
     w_down_EDF: torch.Tensor,
     out_SRD: torch.Tensor,
-    experts_R: torch.Tensor | None,
+    experts_R: torch.Tensor,
     num_experts: int,
     *,
     expert_slot_E: torch.Tensor | None = None,
     cfg: dict[str, int] | None = None,
     w_scale: torch.Tensor | None = None,
     quant: str = "",
+    shared: tuple[SharedExpert, torch.Tensor] | None = None,
 ) -> None:
     """out_SRD[s, r] = h[r, K split s] @ w_down[e_r, :, K split s].T in float32, for the
     S = out_SRD.shape[0] splits of K (unrounded partials: the sum over k adds and rounds).
-    experts_R None: every row through weight index 0."""
-    routed = experts_R is not None
-    R = experts_R.numel() if routed else h_RF.shape[0]
+    shared (the expert, its activations h_TS): rows R + t*n + p of out_SRD hold the partials
+    of its piece p for token t (n = its down_rows)."""
+    R = experts_R.numel()
     D, F = w_down_EDF.shape[1], real_k(w_down_EDF, quant)
     code, group = quant_code(quant)
     assert (w_scale is None) == (quant == ""), "quantized weights need their scales"
     assert out_SRD.dtype == torch.float32 and out_SRD.stride(2) == 1
     assert h_RF.stride(1) == 1 and w_down_EDF.stride(2) == 1
     cfg = cfg or gemv_config(D, F, quant)
+    shared_rows, S, piece, ssn = 0, 0, 0, 0
+    hs = sw = ss = out_SRD  # unused pointers without a shared expert
+    if shared is not None:
+        expert, hs = shared
+        assert expert.quant == quant and hs.is_contiguous()
+        sw, ss, S, piece = expert.w_down_DF, expert.down_scale, expert.width, expert.piece(F)
+        assert sw.is_contiguous() and (ss is None or ss.stride(1) == w_scale.stride(2))
+        ssn = ss.stride(0) if ss is not None else 0
+        ss = ss if ss is not None else out_SRD
+        shared_rows = expert.down_rows(F)
+        assert out_SRD.shape[1] == R + hs.shape[0] * shared_rows
     if R:
-        _down_kernel[(triton.cdiv(D, cfg["BLOCK_N"]), R, out_SRD.shape[0])](
+        _down_kernel[(triton.cdiv(D, cfg["BLOCK_N"]), out_SRD.shape[1], out_SRD.shape[0])](
             h_RF,
             w_down_EDF,
             out_SRD,
-            experts_R if routed else out_SRD,  # unused pointers
-            expert_slot_E if expert_slot_E is not None else out_SRD,
+            experts_R,
+            expert_slot_E if expert_slot_E is not None else out_SRD,  # unused pointers
             w_scale if w_scale is not None else out_SRD,
+            hs,
+            sw,
+            ss,
             D,
             F,
+            S,
+            piece,
+            R,
             num_experts,
             h_RF.stride(0),
             w_down_EDF.stride(0),
@@ -430,7 +537,8 @@ def gemv_down(
             out_SRD.stride(1),
             out_SRD.stride(0),
             *(w_scale.stride() if w_scale is not None else (0, 0, 0)),
-            ROUTED=routed,
+            ssn,
+            SHARED=shared_rows,
             HAS_SLOT=expert_slot_E is not None,
             BLOCK_N=cfg["BLOCK_N"],
             BLOCK_K=cfg["BLOCK_K"],
@@ -441,38 +549,3 @@ def gemv_down(
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,
         )
-
-
-class SharedExpert(NamedTuple):
-    """An ungated shared expert (DeepSeek, GLM: n_shared_experts of them as one MLP) as the
-    GEMVs run it: gate/up [2S, D] (gate rows first), down [D, S], the model dtype or fp8 with
-    the [N, groups of K] scales of a dense linear (model/quant.py)."""
-
-    w_gate_up_FD: torch.Tensor
-    w_down_DF: torch.Tensor
-    gate_up_scale: torch.Tensor | None = None
-    down_scale: torch.Tensor | None = None
-
-    @property
-    def quant(self) -> str:
-        """Its storage: "fp8" with scales (both projections, as the caller checks), else ""."""
-        return "fp8" if self.gate_up_scale is not None else ""
-
-
-def shared_expert_partials(x_TD: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
-    """The shared expert's down projection of every token as float32 K-split partials
-    [S, T, D]: the sum over k rounds and adds them to the routed experts' output, where the
-    readable path runs three more launches (the activation and two adds)."""
-    w_gu, w_d = shared.w_gate_up_FD[None], shared.w_down_DF[None]
-    scales = (shared.gate_up_scale, shared.down_scale)
-    assert (scales[0] is None) == (scales[1] is None), "both projections stored alike"
-    s_gu, s_d = (None if s is None else s[None] for s in scales)
-    h_TF = gemv_gate_up_act(
-        x_TD, w_gu, None, 1, 1, activation=("silu", 0.0, 0.0), w_scale=s_gu, quant=shared.quant
-    )
-    T, D = x_TD.shape
-    cfg = gemv_config(D, real_k(w_d, shared.quant), shared.quant, rows=T)
-    alloc = torch.zeros if interpreting() else torch.empty
-    part_STD = alloc(cfg["SPLIT_K"], T, D, dtype=torch.float32, device=x_TD.device)
-    gemv_down(h_TF, w_d, part_STD, None, 1, cfg=cfg, w_scale=s_d, quant=shared.quant)
-    return part_STD

@@ -233,10 +233,12 @@ class MoE(nn.Module):
         mlp = self.shared
         if mlp is None:
             return None
-        # FP8 or plain, both projections alike (the loader may keep one float: a checkpoint's
-        # modules_to_not_convert).
-        fp8 = [s is not None for s in (mlp.w_gate_up_scale, mlp.w_down_scale)]
-        if fp8[0] != fp8[1]:
+        # Its rows join the routed experts' launches: stored as they are (FP8 or the model
+        # dtype; the loader may keep one float, a checkpoint's modules_to_not_convert) and
+        # laid out alike (contiguous).
+        tensors = (mlp.w_gate_up, mlp.w_down, mlp.w_gate_up_scale, mlp.w_down_scale)
+        kinds = {"fp8" if s is not None else "" for s in tensors[2:]}
+        if kinds != {self.format.kind} or not all(w is None or w.is_contiguous() for w in tensors):
             return None
         f = self.w_gate_up.shape[1] // 2
         if not kernel_shared_expert(
