@@ -174,6 +174,20 @@ def test_programs_take_interleaved_partitions(monkeypatch, max_programs, window)
     )
 
 
+@pytest.mark.parametrize("sms", [1, 10**6], ids=["wide-partitions", "small-partitions"])
+def test_both_partitionings(monkeypatch, sms):
+    """A launch of fewer (sequence, kv head) pairs than SMs cuts contexts into SMALL_PARTITION
+    positions, a larger one into PARTITION_SIZE (what this machine's SM count picks is
+    replaced here): the same attention either way, windows included."""
+    monkeypatch.setattr(pa_module, "num_sms", lambda: sms)
+    gen = torch.Generator().manual_seed(11)
+    case = _make_case(3, 4, 2, 16, 16, [2 * P + 9, 70, 1], extra_cols=P // 16, gen=gen)
+    for window in (None, 100):
+        torch.testing.assert_close(
+            _run_kernel(case, 0.3, window), _run_readable(case, 0.3, window), atol=1e-5, rtol=1e-5
+        )
+
+
 def test_short_contexts_in_a_wide_table():
     """A table wide enough for many partitions while every context fits the first: the other
     partitions exit early and the merge sees only one."""

@@ -7,7 +7,8 @@ their programs) and leaves one partial result (running max, sum, unnormalised ou
 second kernel merges the J partials with log-sum-exp rescaling. With batch 1 and 8 kv heads a
 4k context runs on 8 * 16 = 128 programs instead of 8.
 
-J = min(partitions in the table's width, MAX_PROGRAMS // (B * G)): the grid depends only on
+J = min(partitions in the table's width, MAX_PROGRAMS // (B * G)), the partitions finer when
+B * G is below the SM count (SMALL_PARTITION, batch-1 decode): the grid depends only on
 shapes, never on the context lengths' values, so there is no device-to-host read and a captured
 graph stays valid when lengths change. The cap matters because tables are usually padded to the
 longest allowed context: without it a batch of 64 with 32k-wide tables would launch 65k
@@ -31,12 +32,18 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import pdl
+from moeserve.kernels import num_sms, pdl
 from moeserve.kernels.pdl import wait_prior
 
 # Positions per partition. Fixed rather than sized from the table width, so that parallelism
 # follows the actual context.
 PARTITION_SIZE = 256
+# A launch of fewer (sequence, kv head) pairs than SMs (batch-1 decode) cuts the context
+# finer: with 256-position partitions a context of a few hundred tokens was one program per
+# kv head streaming it alone, a few SMs busy. One 64-position tile a partition spreads it as
+# the MLA kernel does (kernels/mla_attention.py); the cap bounds the partials the merge reads.
+SMALL_PARTITION = 64
+SMALL_MAX_PARTS = 128
 # Most programs per launch (about 16 per SM on an H100) before partitions get interleaved.
 MAX_PROGRAMS = 2048
 # Positions per inner step (one K and one V tile), for head dims up to 128; half that above, to
@@ -288,6 +295,18 @@ def split_partials(
     return part_acc, part_max, torch.empty_like(part_max), part_acc.stride()[:3], part_max.stride()
 
 
+def _partitioning(b: int, g: int, x_pad: int, positions: int) -> tuple[int, int, int]:
+    """(positions per partition, per tile, programs J per (sequence, kv head)) of a decode
+    launch over block tables `positions` wide: shapes only, so a captured graph stays valid."""
+    if b * g < num_sms():
+        tile = SMALL_PARTITION if x_pad <= 128 else SMALL_PARTITION // 2
+        parts = min(triton.cdiv(positions, SMALL_PARTITION), SMALL_MAX_PARTS)
+        return SMALL_PARTITION, tile, max(1, min(parts, MAX_PROGRAMS // (b * g)))
+    parts = triton.cdiv(positions, PARTITION_SIZE)
+    tile = TILE_N if x_pad <= 128 else TILE_N // 2
+    return PARTITION_SIZE, tile, max(1, min(parts, MAX_PROGRAMS // (b * g)))
+
+
 def paged_decode_attention(
     q_BHX: torch.Tensor,
     k_cache_NSGX: torch.Tensor,
@@ -346,10 +365,9 @@ def paged_decode_attention(
         return out_BHX
 
     qpg = h // g
-    num_parts = triton.cdiv(block_tables_BM.shape[1] * s, PARTITION_SIZE)
-    num_progs = max(1, min(num_parts, MAX_PROGRAMS // (b * g)))
-    single = num_progs == 1  # shape-only: the merge would be an identity
     x_pad = max(16, triton.next_power_of_2(x))
+    partition, tile, num_progs = _partitioning(b, g, x_pad, block_tables_BM.shape[1] * s)
+    single = num_progs == 1  # shape-only: the merge would be an identity
     part_acc, part_max, part_sum, acc_strides, ml_strides = split_partials(b, h, num_progs, x, dst)
     win = 0 if window is None else int(window)
 
@@ -382,8 +400,8 @@ def paged_decode_attention(
         S=s,
         QH_PAD=max(16, triton.next_power_of_2(qpg)),
         X_PAD=x_pad,
-        PARTITION=PARTITION_SIZE,
-        TILE=TILE_N if x_pad <= 128 else TILE_N // 2,
+        PARTITION=partition,
+        TILE=tile,
         USE_WINDOW=window is not None,
         USE_CHUNK=chunk is not None,
         SINGLE=single,
@@ -406,7 +424,7 @@ def paged_decode_attention(
             *ml_strides[:2],
             X=x,
             X_PAD=x_pad,
-            PARTITION=PARTITION_SIZE,
+            PARTITION=partition,
             CHUNK=_MERGE_CHUNK,
             HAS_SINKS=sinks_H is not None,
             num_warps=2,
