@@ -136,6 +136,10 @@ def _drive() -> None:
     latent = rand(N, S, 1, 24 + 8)
     mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
     mla_attention.write_latent_rows(rand(T, 24 + 8), rand(24), 1e-6, latent, slots_T)
+    w_k = rand(4, 16 + 12, 24)[:, :16]  # kv_b's key half as the layer views it
+    qkv_a = torch.randn(2, T, 4 * (16 + 8) + 24 + 8, generator=g)
+    mla_attention.decode_inputs(qkv_a, w_k, rand(24), 1e-6, cos[:, :8], sin[:, :8], slots_T,
+                                latent, slots_T)  # fmt: skip
     tokens.argmax_rows(rand(2, 50, dtype=torch.float32))
     tokens.feed_ids(torch.arange(4), torch.tensor([-1, 0, -1, 1]), torch.tensor([7, 9]))
     _drive_expert_fetch(rand)

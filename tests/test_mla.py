@@ -128,20 +128,32 @@ def _meta(steps: list[tuple[int, int, list[int]]]) -> AttentionMetadata:
 
 
 @pytest.mark.parametrize(
-    ("decode_kernel", "fused"),
-    [(False, False), (True, False), (True, True)],
-    ids=["torch", "triton-interpreted", "triton-fused-norm-rope"],
+    ("decode_kernel", "fused", "partials"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+    ids=["torch", "triton-interpreted", "triton-fused-norm-rope", "triton-split-k-partials"],
 )
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mla_layer_matches_transformers(
-    case: str, decode_kernel: bool, fused: bool, monkeypatch: pytest.MonkeyPatch
+    case: str, decode_kernel: bool, fused: bool, partials: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Chunked prefills, decodes beside them and decode-only steps. `partials`: the layer
+    returns split-K partials of its output (as the decoder layer asks on the Triton path),
+    and decode-only steps of a plain q take the projection's partials straight into the
+    kernel that writes the queries and cache rows (mla_attention.decode_inputs)."""
     if decode_kernel:
         pytest.importorskip("triton")
     if fused:  # every batch takes the norm and rotary kernels (on CUDA: graph-captured ones)
         monkeypatch.setattr(backend_module, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
     ref, ref_rotary, cfg = _reference(CASES[case])
     layer = _ours(cfg, ref, decode_kernel, fused)
+    inputs_calls = []
+    if partials:
+        from moeserve.kernels import mla_attention
+
+        kernel = mla_attention.decode_inputs
+        monkeypatch.setattr(
+            mla_attention, "decode_inputs", lambda *a: inputs_calls.append(1) or kernel(*a)
+        )
     rotary = Rotary(cfg, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(3)
     a_len, b_len, decodes = 13, 9, 6
@@ -161,7 +173,9 @@ def test_mla_layer_matches_transformers(
         x = torch.cat([x_[s : s + n] for x_, s, n, _ in rows])
         pos = torch.cat([torch.arange(s, s + n) for _, s, n, _ in rows])
         with torch.no_grad():
-            out = layer(x, rotary.cos_sin(pos, torch.float32), kv, meta)
+            out = layer(x, rotary.cos_sin(pos, torch.float32), kv, meta, partials_out=partials)
+        if out.dim() == 3:  # partials (a layer with an output bias returns its output)
+            out = out.sum(0).to(x.dtype)
         return list(out.split([n for _, _, n, _ in rows]))
 
     for start in range(0, a_len, 5):  # prefill of A in chunks
@@ -177,6 +191,9 @@ def test_mla_layer_matches_transformers(
         got_b += out[1:]
     assert (torch.cat(got_a) - want_a).abs().max().item() <= TOL
     assert (torch.cat(got_b) - want_b).abs().max().item() <= TOL
+    # The three decode-only steps of a plain q without biases took the partials kernel.
+    plain = CASES[case]["q_lora_rank"] is None and not CASES[case].get("attention_bias")
+    assert len(inputs_calls) == (3 if partials and plain else 0)
 
 
 def test_softmax_scale_follows_yarn_mscale_all_dim() -> None:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import pdl
-from moeserve.kernels.norm_rope import rms_row
+from moeserve.kernels.norm_rope import load_partials, rms_row, rotate_halves
 from moeserve.kernels.paged_attention import MAX_PROGRAMS, _decode_merge_kernel, split_partials
 from moeserve.kernels.pdl import wait_prior
 
@@ -329,3 +329,147 @@ def write_latent_rows(
             num_warps=4,
             **pdl.LAUNCH,
         )
+
+
+@triton.jit
+def _decode_inputs_kernel(
+    qkv_ptr,  # [SPLIT, T, H*(P+R) + C + R] float32 partials of q and kv_a
+    wk_ptr,  # [H, P, C] kv_b's key half
+    norm_ptr,  # [C] the latent's RMSNorm weight
+    cos_ptr,  # [positions, R] tables (rotate-half order)
+    sin_ptr,
+    pos_ptr,  # [T]
+    cache_ptr,  # [N * S, Y] rows
+    slot_ptr,  # [T]
+    q_lat_ptr,  # [T, H, C]
+    q_rope_ptr,  # [T, H, R]
+    eps,
+    stride_split,
+    stride_t,
+    stride_wh,
+    stride_wp,
+    stride_cos,
+    stride_row,
+    H,
+    P: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    P_PAD: tl.constexpr,
+    C_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    wait_prior()
+    t = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    chunks: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
+    HALF: tl.constexpr = R // 2
+    row = qkv_ptr + t * stride_t
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    hh = tl.arange(0, HALF_PAD)
+    h_ok = hh < HALF
+    cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_cos
+    if j < H * chunks:  # head h's absorbed query, latent columns [cb*BLOCK_C, +BLOCK_C)
+        h = j // chunks
+        cb = j % chunks
+        head = row + h * (P + R)
+        pp = tl.arange(0, P_PAD)
+        p_ok = pp < P
+        q_nope = load_partials(head, pp, p_ok, stride_split, q_lat_ptr, SPLIT).to(tl.float32)
+        cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = cc < C
+        w = tl.load(
+            wk_ptr + h * stride_wh + pp[:, None] * stride_wp + cc[None, :],
+            mask=p_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        q_lat = tl.sum(w.to(tl.float32) * q_nope[:, None], axis=0)
+        tl.store(q_lat_ptr + (t * H + h) * C + cc, q_lat.to(q_lat_ptr.dtype.element_ty), mask=c_ok)
+        if cb == 0:  # and its rope part, rotated
+            x1 = load_partials(head + P, hh, h_ok, stride_split, q_lat_ptr, SPLIT)
+            x2 = load_partials(head + P + HALF, hh, h_ok, stride_split, q_lat_ptr, SPLIT)
+            y1, y2 = rotate_halves(x1, x2, cos_row, sin_row, hh, h_ok, HALF)
+            out = q_rope_ptr + (t * H + h) * R
+            tl.store(out + hh, y1.to(q_rope_ptr.dtype.element_ty), mask=h_ok)
+            tl.store(out + HALF + hh, y2.to(q_rope_ptr.dtype.element_ty), mask=h_ok)
+    else:  # the token's cache row: its normalised latent, then its rotated rope key
+        kv = row + H * (P + R)
+        cc = tl.arange(0, C_PAD)
+        c_ok = cc < C
+        x = load_partials(kv, cc, c_ok, stride_split, cache_ptr, SPLIT).to(tl.float32)
+        dst = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * stride_row
+        tl.store(dst + cc, rms_row(x, norm_ptr, cc, c_ok, C, eps, cache_ptr), mask=c_ok)
+        x1 = load_partials(kv + C, hh, h_ok, stride_split, cache_ptr, SPLIT)
+        x2 = load_partials(kv + C + HALF, hh, h_ok, stride_split, cache_ptr, SPLIT)
+        y1, y2 = rotate_halves(x1, x2, cos_row, sin_row, hh, h_ok, HALF)
+        tl.store(dst + C + hh, y1.to(cache_ptr.dtype.element_ty), mask=h_ok)
+        tl.store(dst + C + HALF + hh, y2.to(cache_ptr.dtype.element_ty), mask=h_ok)
+
+
+# Latent columns of the absorbed query per program: DeepSeek's 16 heads x 512 columns are
+# 128 programs reading 16 KB of kv_b each (one program per head would stream 128 KB alone).
+DECODE_INPUTS_BLOCK_C = 64
+
+
+def decode_inputs(
+    qkv_STN: torch.Tensor,
+    w_k_HPC: torch.Tensor,
+    norm_weight_C: torch.Tensor,
+    eps: float,
+    cos_PR: torch.Tensor,
+    sin_PR: torch.Tensor,
+    positions_T: torch.Tensor,
+    cache_NS1Y: torch.Tensor,
+    slot_mapping_T: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's MLA inputs from the float32 split-K partials of its stacked q / kv_a
+    projection (kernels.linear; no q low-rank), in one launch: the absorbed queries
+    q_nope @ kv_b's key half [T, H, C], the rotated rope queries [T, H, R], and each token's
+    cache row (normalised latent, rotated rope key) stored at its slot. Each projected value
+    is summed and rounded first, as F.linear's output would be. cos/sin: [positions, R]
+    tables, row positions_T[t] for token t."""
+    split, t, n = qkv_STN.shape
+    h, p, c = w_k_HPC.shape
+    y = cache_NS1Y.shape[-1]
+    r = y - c
+    rows_RY = cache_NS1Y.view(-1, y)
+    dtype = cache_NS1Y.dtype
+    assert n == h * (p + r) + c + r and cos_PR.shape[1] == r and r % 2 == 0
+    assert qkv_STN.dtype == torch.float32 and qkv_STN.stride(2) == 1 and qkv_STN.stride(1) == n
+    assert w_k_HPC.stride(2) == 1 and cos_PR.stride() == sin_PR.stride() and cos_PR.stride(1) == 1
+    q_lat_THC = torch.empty(t, h, c, dtype=dtype, device=qkv_STN.device)
+    q_rope_THR = torch.empty(t, h, r, dtype=dtype, device=qkv_STN.device)
+    block_c = min(DECODE_INPUTS_BLOCK_C, triton.next_power_of_2(c))
+    if t:
+        _decode_inputs_kernel[(t, h * triton.cdiv(c, block_c) + 1)](
+            qkv_STN,
+            w_k_HPC,
+            norm_weight_C,
+            cos_PR,
+            sin_PR,
+            positions_T,
+            rows_RY,
+            slot_mapping_T,
+            q_lat_THC,
+            q_rope_THR,
+            eps,
+            qkv_STN.stride(0),
+            qkv_STN.stride(1),
+            w_k_HPC.stride(0),
+            w_k_HPC.stride(1),
+            cos_PR.stride(0),
+            rows_RY.stride(0),
+            h,
+            P=p,
+            R=r,
+            C=c,
+            P_PAD=triton.next_power_of_2(p),
+            C_PAD=triton.next_power_of_2(c),
+            HALF_PAD=max(2, triton.next_power_of_2(r // 2)),
+            BLOCK_C=block_c,
+            SPLIT=split,
+            num_warps=4,
+            **pdl.LAUNCH,
+        )
+    return q_lat_THC, q_rope_THR

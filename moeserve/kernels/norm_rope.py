@@ -134,15 +134,31 @@ def add_rms_norm(
 
 
 @triton.jit
-def _load_half(ptr, offs, ok, stride_p, like_ptr, SPLIT: tl.constexpr):
-    """Half a head: loaded, or with SPLIT > 0 the sum of SPLIT float32 partials rounded to
-    like_ptr's dtype (what F.linear would have stored)."""
+def load_partials(ptr, offs, ok, stride_p, like_ptr, SPLIT: tl.constexpr):
+    """Values at ptr + offs: loaded, or with SPLIT > 0 the sum of SPLIT float32 partials
+    (stride_p apart) rounded to like_ptr's dtype (what F.linear would have stored)."""
     if SPLIT == 0:
         return tl.load(ptr + offs, mask=ok, other=0.0)
     acc = tl.load(ptr + offs, mask=ok, other=0.0)
     for p in tl.static_range(1, SPLIT):
         acc += tl.load(ptr + p * stride_p + offs, mask=ok, other=0.0)
     return acc.to(like_ptr.dtype.element_ty)
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos_row, sin_row, offs, ok, HALF):
+    """x * cos + rotate_half(x) * sin of one head's halves x1, x2 (model dtype) against a cos
+    and a sin row: float32 values rounded to x's dtype after each product and the sum (the
+    compiler may still contract a product into the add: bf16 results can differ by an ulp)."""
+    c1 = tl.load(cos_row + offs, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_row + HALF + offs, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_row + offs, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_row + HALF + offs, mask=ok, other=0.0).to(tl.float32)
+    dt = x1.dtype
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    y1 = (a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)
+    y2 = (a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)
+    return y1, y2
 
 
 @triton.jit
@@ -186,25 +202,14 @@ def _rotary_kernel(
         base = k_ptr + t * stride_kt + (h - H) * stride_kh
     offs = tl.arange(0, BLOCK)
     ok = offs < HALF
-    x1 = _load_half(base, offs, ok, stride_p, q_out_ptr, SPLIT)
-    x2 = _load_half(base + HALF, offs, ok, stride_p, q_out_ptr, SPLIT)
+    x1 = load_partials(base, offs, ok, stride_p, q_out_ptr, SPLIT)
+    x2 = load_partials(base + HALF, offs, ok, stride_p, q_out_ptr, SPLIT)
     # The cos/sin row: the table's row of this token's position, or the caller's row t.
     c = t
     if TABLE:
         c = tl.load(pos_ptr + t).to(tl.int64)
-    c1 = tl.load(cos_ptr + c * stride_ct + offs, mask=ok, other=0.0)
-    c2 = tl.load(cos_ptr + c * stride_ct + HALF + offs, mask=ok, other=0.0)
-    s1 = tl.load(sin_ptr + c * stride_ct + offs, mask=ok, other=0.0)
-    s2 = tl.load(sin_ptr + c * stride_ct + HALF + offs, mask=ok, other=0.0)
+    y1, y2 = rotate_halves(x1, x2, cos_ptr + c * stride_ct, sin_ptr + c * stride_ct, offs, ok, HALF)
     dt = x1.dtype
-    # x * cos + rotate_half(x) * sin, each product and the sum rounded to the model dtype (the
-    # compiler may still contract a product into the add: bf16 results can differ by an ulp).
-    y1 = (x1.to(tl.float32) * c1.to(tl.float32)).to(dt).to(tl.float32) + (
-        -x2.to(tl.float32) * s1.to(tl.float32)
-    ).to(dt).to(tl.float32)
-    y2 = (x2.to(tl.float32) * c2.to(tl.float32)).to(dt).to(tl.float32) + (
-        x1.to(tl.float32) * s2.to(tl.float32)
-    ).to(dt).to(tl.float32)
     if h < H:  # the rotated query: in place, or out of the partials into q_out
         out = q_out_ptr + t * stride_ot + h * stride_oh
         tl.store(out + offs, y1.to(dt), mask=ok)
@@ -218,14 +223,14 @@ def _rotary_kernel(
         tl.store(k_cache_ptr + dst + offs, y1.to(dt), mask=ok)
         tl.store(k_cache_ptr + dst + HALF + offs, y2.to(dt), mask=ok)
         vbase = v_ptr + t * stride_vt + g * stride_vh
-        v1 = _load_half(vbase, offs, ok, stride_p, q_out_ptr, SPLIT)
-        v2 = _load_half(vbase + HALF, offs, ok, stride_p, q_out_ptr, SPLIT)
+        v1 = load_partials(vbase, offs, ok, stride_p, q_out_ptr, SPLIT)
+        v2 = load_partials(vbase + HALF, offs, ok, stride_p, q_out_ptr, SPLIT)
         tl.store(v_cache_ptr + dst + offs, v1, mask=ok)
         tl.store(v_cache_ptr + dst + HALF + offs, v2, mask=ok)
     if TAIL > 0:  # partial rotary: the head's last TAIL entries pass through unrotated
         offs_t = 2 * HALF + tl.arange(0, BLOCK_TAIL)
         ok_t = offs_t < 2 * HALF + TAIL
-        x3 = _load_half(base, offs_t, ok_t, stride_p, q_out_ptr, SPLIT)
+        x3 = load_partials(base, offs_t, ok_t, stride_p, q_out_ptr, SPLIT)
         if h < H and SPLIT > 0:  # in place (SPLIT 0) the query's tail is already there
             tl.store(q_out_ptr + t * stride_ot + h * stride_oh + offs_t, x3, mask=ok_t)
         if WRITE_KV and h >= H:
@@ -233,7 +238,7 @@ def _rotary_kernel(
             dst = tl.load(slot_ptr + t) * stride_slot + g * (2 * HALF + TAIL)
             tl.store(k_cache_ptr + dst + offs_t, x3, mask=ok_t)
             vbase = v_ptr + t * stride_vt + g * stride_vh
-            v3 = _load_half(vbase, offs_t, ok_t, stride_p, q_out_ptr, SPLIT)
+            v3 = load_partials(vbase, offs_t, ok_t, stride_p, q_out_ptr, SPLIT)
             tl.store(v_cache_ptr + dst + offs_t, v3, mask=ok_t)
 
 

@@ -148,6 +148,9 @@ class MLAttention(nn.Module):
         self.o_weight = empty_param(d, h * w, **kw)
         self.o_bias = empty_param(d, **kw) if bias else None
         self.scale = mla_softmax_scale(cfg)
+        # Decode rows may go from the projection's split-K partials straight into the kernel
+        # that writes the queries and cache rows: q projected in one step, no biases.
+        self._plain_qkv = lora is None and not bias
 
     def _rotate(self, x_THR: torch.Tensor, cos_sin: CosSin) -> torch.Tensor:
         # Interleaved pairs were moved to rotate-half order at load (families_mla.py).
@@ -177,6 +180,27 @@ class MLAttention(nn.Module):
         # The Triton norm and rotary kernels (one launch each) where the backend takes them for
         # this batch: at decode the readable ops are some twenty launches a layer.
         fused = self.backend is not None and self.backend.fused_elementwise(x_TD)
+        (cache_NS1Y,) = kv_cache
+        if partials_out and meta.num_decodes == t and self._plain_qkv:
+            # A few decode rows: the projection's split-K partials go into one kernel that
+            # writes the absorbed and rope queries and the cache rows (no qkv tensor, no
+            # rotary or latent-row launch, no cuBLAS bmm for the absorbed query).
+            from moeserve.kernels.linear import linear_partials
+            from moeserve.kernels.mla_attention import decode_inputs
+
+            cos, sin, pos = cos_sin.for_kernel()
+            q_lat_BHC, q_rope_BHR = decode_inputs(
+                linear_partials(x_TD, self.qkv_a_weight),
+                self._absorbed_weights()[0],
+                self.kv_a_norm,
+                eps,
+                cos,
+                sin,
+                pos,
+                cache_NS1Y,
+                meta.slot_mapping_T,
+            )
+            return self._decode_out(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta, partials_out)
         norm = fused_rms_norm if fused else rms_norm
         qkv_TN = F.linear(x_TD, self.qkv_a_weight, self.qkv_a_bias)
         q_TX, kv_TY = qkv_TN[:, : self.q_rows], qkv_TN[:, self.q_rows :]
@@ -185,7 +209,6 @@ class MLAttention(nn.Module):
         if self.q_b_weight is not None:
             q_TX = F.linear(norm(q_TX, self.q_a_norm, eps), self.q_b_weight)
         q_THX = q_TX.view(t, h, -1)
-        (cache_NS1Y,) = kv_cache
         if fused:
             from moeserve.kernels.mla_attention import write_latent_rows
             from moeserve.kernels.norm_rope import apply_rotary_
@@ -205,17 +228,15 @@ class MLAttention(nn.Module):
         q_nope_THP = q_THX[..., :p]
 
         nd = meta.num_decodes
-        o_BHW = None
+        if nd == t:  # decodes only: no buffer to assemble
+            q_lat_BHC = torch.bmm(q_nope_THP.transpose(0, 1), self._absorbed_weights()[0])
+            q_lat_BHC = q_lat_BHC.transpose(0, 1)
+            return self._decode_out(q_lat_BHC, q_rope_THR, cache_NS1Y, meta, partials_out)
+        out_THW = q_THX.new_empty(t, h, cfg.v_head_dim)
         if nd:
             w_k_HPC, w_v_HWC = self._absorbed_weights()
             q_lat_BHC = torch.bmm(q_nope_THP[:nd].transpose(0, 1), w_k_HPC).transpose(0, 1)
-            o_lat_BHC = self.impl.decode(q_lat_BHC, q_rope_THR[:nd], cache_NS1Y, meta, self.scale)
-            o_BHW = torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2)).transpose(0, 1)
-        if o_BHW is not None and nd == t:  # decodes only: no buffer to assemble
-            return self._project(o_BHW.reshape(t, -1), partials_out)
-        out_THW = q_THX.new_empty(t, h, cfg.v_head_dim)
-        if o_BHW is not None:
-            out_THW[:nd] = o_BHW
+            out_THW[:nd] = self._decode(q_lat_BHC, q_rope_THR[:nd], cache_NS1Y, meta)
         start = nd
         for b in range(nd, len(meta.query_lens)):
             n = meta.query_lens[b]
@@ -223,6 +244,30 @@ class MLAttention(nn.Module):
             out_THW[start : start + n] = self._prefill(q_QHX, cache_NS1Y, meta, b)
             start += n
         return self._project(out_THW.reshape(t, -1), partials_out)
+
+    def _decode(
+        self,
+        q_lat_BHC: torch.Tensor,
+        q_rope_BHR: torch.Tensor,
+        cache_NS1Y: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """The decodes' attention through kv_b's value half: [B, H, W]."""
+        o_lat_BHC = self.impl.decode(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta, self.scale)
+        w_v_HWC = self._absorbed_weights()[1]
+        return torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2)).transpose(0, 1)
+
+    def _decode_out(
+        self,
+        q_lat_BHC: torch.Tensor,
+        q_rope_BHR: torch.Tensor,
+        cache_NS1Y: torch.Tensor,
+        meta: AttentionMetadata,
+        partials_out: bool,
+    ) -> torch.Tensor:
+        """A decode-only step's output (projected; partials when asked)."""
+        o_BHW = self._decode(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta)
+        return self._project(o_BHW.reshape(o_BHW.shape[0], -1), partials_out)
 
     def _project(self, o_TX: torch.Tensor, partials_out: bool) -> torch.Tensor:
         if partials_out and self.o_bias is None:
