@@ -202,3 +202,37 @@ def test_write_latent_rows_as_norm_cat_and_index_copy() -> None:
     rows = torch.cat((rms_norm(kv_TY[:, :c], weight_C, 1e-6), kv_TY[:, c:]), dim=-1)
     want.index_copy_(0, slots_T, rows)
     torch.testing.assert_close(cache.view(-1, c + r), want, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_decode_inputs_from_partials() -> None:
+    """A decode step's MLA inputs in one launch from the projection's split-K partials, for
+    several tokens at once: the absorbed queries (q_nope @ kv_b's key half), the rotated rope
+    queries, and each token's cache row, as the readable path computes them from the summed
+    projection."""
+    from moeserve.kernels.mla_attention import decode_inputs
+    from moeserve.model.layers import rms_norm
+    from moeserve.model.rotary import apply_rotary
+
+    g = torch.Generator().manual_seed(8)
+    t, h, p, w, c, r, n, s, split = 3, 4, 16, 12, 40, 8, 4, 4, 3
+    qkv_STN = torch.randn(split, t, h * (p + r) + c + r, generator=g)
+    kv_b = torch.randn(h, p + w, c, generator=g)
+    norm_C = torch.randn(c, generator=g)
+    cos_PR, sin_PR = torch.randn(20, r, generator=g), torch.randn(20, r, generator=g)
+    pos_T, slots_T = torch.tensor([17, 3, 9]), torch.tensor([14, 0, 9])
+    cache = torch.full((n, s, 1, c + r), float("nan"))
+    q_lat, q_rope = decode_inputs(
+        qkv_STN, kv_b[:, :p], norm_C, 1e-6, cos_PR, sin_PR, pos_T, cache, slots_T
+    )
+    qkv = qkv_STN.sum(0)
+    q_THX, kv_TY = qkv[:, : h * (p + r)].view(t, h, p + r), qkv[:, h * (p + r) :]
+    cos, sin = cos_PR[pos_T], sin_PR[pos_T]
+    want_lat = torch.einsum("thp,hpc->thc", q_THX[..., :p], kv_b[:, :p])
+    torch.testing.assert_close(q_lat, want_lat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q_rope, apply_rotary(q_THX[..., p:], cos, sin), rtol=1e-6, atol=1e-6)
+    rows = torch.cat(
+        (rms_norm(kv_TY[:, :c], norm_C, 1e-6), apply_rotary(kv_TY[:, None, c:], cos, sin)[:, 0]), -1
+    )
+    want = torch.full_like(cache, float("nan")).view(-1, c + r)
+    want.index_copy_(0, slots_T, rows)
+    torch.testing.assert_close(cache.view(-1, c + r), want, rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -331,7 +331,7 @@ def write_latent_rows(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _decode_inputs_kernel(
     qkv_ptr,  # [SPLIT, T, H*(P+R) + C + R] float32 partials of q and kv_a
     wk_ptr,  # [H, P, C] kv_b's key half
@@ -350,6 +350,7 @@ def _decode_inputs_kernel(
     stride_wp,
     stride_cos,
     stride_row,
+    T,
     H,
     P: tl.constexpr,
     R: tl.constexpr,
@@ -361,45 +362,49 @@ def _decode_inputs_kernel(
     SPLIT: tl.constexpr,
 ):
     wait_prior()
-    t = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
+    j = tl.program_id(0)
     chunks: tl.constexpr = (C + BLOCK_C - 1) // BLOCK_C
     HALF: tl.constexpr = R // 2
-    row = qkv_ptr + t * stride_t
-    pos = tl.load(pos_ptr + t).to(tl.int64)
     hh = tl.arange(0, HALF_PAD)
     h_ok = hh < HALF
-    cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_cos
-    if j < H * chunks:  # head h's absorbed query, latent columns [cb*BLOCK_C, +BLOCK_C)
+    if j < H * chunks:
+        # Head h's absorbed queries, latent columns [cb*BLOCK_C, +BLOCK_C), for every token:
+        # the key-half tile is read once (a step of T decodes reads kv_b once, as the bmm).
         h = j // chunks
         cb = j % chunks
-        head = row + h * (P + R)
         pp = tl.arange(0, P_PAD)
         p_ok = pp < P
-        q_nope = load_partials(head, pp, p_ok, stride_split, q_lat_ptr, SPLIT).to(tl.float32)
         cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = cc < C
         w = tl.load(
             wk_ptr + h * stride_wh + pp[:, None] * stride_wp + cc[None, :],
             mask=p_ok[:, None] & c_ok[None, :],
             other=0.0,
-        )
-        q_lat = tl.sum(w.to(tl.float32) * q_nope[:, None], axis=0)
-        tl.store(q_lat_ptr + (t * H + h) * C + cc, q_lat.to(q_lat_ptr.dtype.element_ty), mask=c_ok)
-        if cb == 0:  # and its rope part, rotated
-            x1 = load_partials(head + P, hh, h_ok, stride_split, q_lat_ptr, SPLIT)
-            x2 = load_partials(head + P + HALF, hh, h_ok, stride_split, q_lat_ptr, SPLIT)
-            y1, y2 = rotate_halves(x1, x2, cos_row, sin_row, hh, h_ok, HALF)
-            out = q_rope_ptr + (t * H + h) * R
-            tl.store(out + hh, y1.to(q_rope_ptr.dtype.element_ty), mask=h_ok)
-            tl.store(out + HALF + hh, y2.to(q_rope_ptr.dtype.element_ty), mask=h_ok)
-    else:  # the token's cache row: its normalised latent, then its rotated rope key
-        kv = row + H * (P + R)
+        ).to(tl.float32)
+        for t in range(T):
+            head = qkv_ptr + t * stride_t + h * (P + R)
+            q_nope = load_partials(head, pp, p_ok, stride_split, q_lat_ptr, SPLIT).to(tl.float32)
+            q_lat = tl.sum(w * q_nope[:, None], axis=0).to(q_lat_ptr.dtype.element_ty)
+            tl.store(q_lat_ptr + (t * H + h) * C + cc, q_lat, mask=c_ok)
+            if cb == 0:  # and its rope part, rotated
+                pos = tl.load(pos_ptr + t).to(tl.int64)
+                x1 = load_partials(head + P, hh, h_ok, stride_split, q_lat_ptr, SPLIT)
+                x2 = load_partials(head + P + HALF, hh, h_ok, stride_split, q_lat_ptr, SPLIT)
+                cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_cos
+                y1, y2 = rotate_halves(x1, x2, cos_row, sin_row, hh, h_ok, HALF)
+                out = q_rope_ptr + (t * H + h) * R
+                tl.store(out + hh, y1.to(q_rope_ptr.dtype.element_ty), mask=h_ok)
+                tl.store(out + HALF + hh, y2.to(q_rope_ptr.dtype.element_ty), mask=h_ok)
+    else:  # token t's cache row: its normalised latent, then its rotated rope key
+        tok = (j - H * chunks).to(tl.int64)
+        kv = qkv_ptr + tok * stride_t + H * (P + R)
         cc = tl.arange(0, C_PAD)
         c_ok = cc < C
         x = load_partials(kv, cc, c_ok, stride_split, cache_ptr, SPLIT).to(tl.float32)
-        dst = cache_ptr + tl.load(slot_ptr + t).to(tl.int64) * stride_row
+        dst = cache_ptr + tl.load(slot_ptr + tok).to(tl.int64) * stride_row
         tl.store(dst + cc, rms_row(x, norm_ptr, cc, c_ok, C, eps, cache_ptr), mask=c_ok)
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_cos
         x1 = load_partials(kv + C, hh, h_ok, stride_split, cache_ptr, SPLIT)
         x2 = load_partials(kv + C + HALF, hh, h_ok, stride_split, cache_ptr, SPLIT)
         y1, y2 = rotate_halves(x1, x2, cos_row, sin_row, hh, h_ok, HALF)
@@ -408,7 +413,8 @@ def _decode_inputs_kernel(
 
 
 # Latent columns of the absorbed query per program: DeepSeek's 16 heads x 512 columns are
-# 128 programs reading 16 KB of kv_b each (one program per head would stream 128 KB alone).
+# 128 programs reading 16 KB of kv_b each (one program per head would stream 128 KB alone),
+# each for every token of the step.
 DECODE_INPUTS_BLOCK_C = 64
 
 
@@ -442,7 +448,7 @@ def decode_inputs(
     q_rope_THR = torch.empty(t, h, r, dtype=dtype, device=qkv_STN.device)
     block_c = min(DECODE_INPUTS_BLOCK_C, triton.next_power_of_2(c))
     if t:
-        _decode_inputs_kernel[(t, h * triton.cdiv(c, block_c) + 1)](
+        _decode_inputs_kernel[(h * triton.cdiv(c, block_c) + t,)](
             qkv_STN,
             w_k_HPC,
             norm_weight_C,
@@ -460,6 +466,7 @@ def decode_inputs(
             w_k_HPC.stride(1),
             cos_PR.stride(0),
             rows_RY.stride(0),
+            t,
             h,
             P=p,
             R=r,
