@@ -236,3 +236,16 @@ def test_decode_inputs_from_partials() -> None:
     want = torch.full_like(cache, float("nan")).view(-1, c + r)
     want.index_copy_(0, slots_T, rows)
     torch.testing.assert_close(cache.view(-1, c + r), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_value_heads_as_the_bmm() -> None:
+    """A few decode rows' latent outputs through kv_b's value half (a strided view, as the
+    layer takes it), as the readable path's bmm."""
+    from moeserve.kernels.mla_attention import value_heads
+
+    g = torch.Generator().manual_seed(9)
+    t, h, p, w, c = 3, 4, 16, 20, 40
+    kv_b = torch.randn(h, p + w, c, generator=g)
+    o_lat = torch.randn(t, h, c, generator=g)
+    want = torch.bmm(o_lat.transpose(0, 1), kv_b[:, p:].transpose(1, 2)).transpose(0, 1)
+    torch.testing.assert_close(value_heads(o_lat, kv_b[:, p:]), want, rtol=1e-5, atol=1e-5)

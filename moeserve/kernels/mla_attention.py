@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import pdl
+from moeserve.kernels import interpreting, pdl
 from moeserve.kernels.norm_rope import load_partials, rms_row, rotate_halves
 from moeserve.kernels.paged_attention import MAX_PROGRAMS, _decode_merge_kernel, split_partials
 from moeserve.kernels.pdl import wait_prior
@@ -480,3 +480,70 @@ def decode_inputs(
             **pdl.LAUNCH,
         )
     return q_lat_THC, q_rope_THR
+
+
+@triton.jit(do_not_specialize=["T"])
+def _value_heads_kernel(
+    o_ptr,  # [T, H, C] the attention's latent outputs
+    wv_ptr,  # [H, W, C] kv_b's value half
+    out_ptr,  # [T, H, W]
+    T,
+    H,
+    stride_ot,
+    stride_oh,
+    stride_wh,
+    stride_ww,
+    stride_outt,
+    stride_outh,
+    W,
+    C: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    wait_prior()
+    h = tl.program_id(0)
+    ww = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    w_ok = ww < W
+    cc = tl.arange(0, BLOCK_C)
+    w_row = wv_ptr + h * stride_wh + ww[:, None] * stride_ww
+    for t in range(T):  # the weight tile stays in cache across the step's few tokens
+        o_row = o_ptr + t * stride_ot + h * stride_oh
+        acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
+        for c0 in tl.static_range(0, C, BLOCK_C):
+            c_ok = c0 + cc < C
+            o = tl.load(o_row + c0 + cc, mask=c_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_row + c0 + cc[None, :], mask=w_ok[:, None] & c_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * o[None, :]
+        out = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + t * stride_outt + h * stride_outh + ww, out, mask=w_ok)
+
+
+def value_heads(o_lat_THC: torch.Tensor, w_v_HWC: torch.Tensor) -> torch.Tensor:
+    """Each head's latent output through kv_b's value half, o_lat[t, h] @ w_v[h].T: [T, H, W]
+    (the readable path's bmm) for a decode step's few tokens, 16 value rows a program."""
+    t, h, c = o_lat_THC.shape
+    w = w_v_HWC.shape[1]
+    assert w_v_HWC.shape == (h, w, c) and w_v_HWC.stride(2) == 1 and o_lat_THC.stride(2) == 1
+    out = torch.empty(t, h, w, dtype=o_lat_THC.dtype, device=o_lat_THC.device)
+    block_w = 16
+    if t:
+        _value_heads_kernel[(h, triton.cdiv(w, block_w))](
+            o_lat_THC,
+            w_v_HWC,
+            out,
+            t,
+            h,
+            o_lat_THC.stride(0),
+            o_lat_THC.stride(1),
+            w_v_HWC.stride(0),
+            w_v_HWC.stride(1),
+            out.stride(0),
+            out.stride(1),
+            w,
+            C=c,
+            BLOCK_W=block_w,
+            BLOCK_C=16 if interpreting() else 128,
+            num_warps=4,
+            **pdl.LAUNCH,
+        )
+    return out

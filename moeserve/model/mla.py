@@ -251,10 +251,16 @@ class MLAttention(nn.Module):
         q_rope_BHR: torch.Tensor,
         cache_NS1Y: torch.Tensor,
         meta: AttentionMetadata,
+        few_rows: bool = False,
     ) -> torch.Tensor:
-        """The decodes' attention through kv_b's value half: [B, H, W]."""
+        """The decodes' attention through kv_b's value half: [B, H, W]. few_rows (a step
+        of split-K rows, the Triton path): the value heads in a Triton kernel, not a bmm."""
         o_lat_BHC = self.impl.decode(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta, self.scale)
         w_v_HWC = self._absorbed_weights()[1]
+        if few_rows and self.impl.decode_kernel:
+            from moeserve.kernels.mla_attention import value_heads
+
+            return value_heads(o_lat_BHC, w_v_HWC)
         return torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2)).transpose(0, 1)
 
     def _decode_out(
@@ -266,7 +272,7 @@ class MLAttention(nn.Module):
         partials_out: bool,
     ) -> torch.Tensor:
         """A decode-only step's output (projected; partials when asked)."""
-        o_BHW = self._decode(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta)
+        o_BHW = self._decode(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta, partials_out)
         return self._project(o_BHW.reshape(o_BHW.shape[0], -1), partials_out)
 
     def _project(self, o_TX: torch.Tensor, partials_out: bool) -> torch.Tensor:
