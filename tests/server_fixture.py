@@ -139,19 +139,23 @@ GREEDY: dict[str, Any] = {"temperature": 0.0}
 
 
 class EngineFault:
-    """Makes a running server's engine die: `arm(n)` and the n-th step from now raises
-    RuntimeError("device lost") inside the runner, as a lost device would."""
+    """Makes a running server's engine die: `arm(n, rows)` and the n-th step from now that
+    runs at least `rows` sequences raises RuntimeError("device lost") inside the runner, as a
+    lost device would. Counting such steps (not arming once a stream has begun) keeps a test
+    from racing the engine: on a loaded machine a short request may finish before a client
+    thread gets to arm."""
 
     def __init__(self, running: RunningServer) -> None:
         runner = running.engine.executor.runner
-        self._real, self._steps, self._die_at = runner.execute, 0, None
+        self._real, self._left, self._rows = runner.execute, None, 1
         runner.execute = self._execute
 
-    def arm(self, steps: int) -> None:
-        self._die_at = self._steps + steps
+    def arm(self, steps: int, rows: int = 1) -> None:
+        self._left, self._rows = steps, rows
 
     def _execute(self, work: Any, feed: Any = None, prompt: Any = None) -> Any:
-        self._steps += 1
-        if self._die_at is not None and self._steps >= self._die_at:
-            raise RuntimeError("device lost")
+        if self._left is not None and len(work) >= self._rows:
+            self._left -= 1
+            if self._left <= 0:
+                raise RuntimeError("device lost")
         return self._real(work, feed, prompt)

@@ -351,11 +351,11 @@ def test_an_engine_failure_mid_stream_is_an_error_event(ckpt: Path) -> None:
     running = start_server(ckpt, max_model_len=1024)
     try:
         fault = EngineFault(running)
+        fault.arm(3)  # the request's third step: its prefill and two decodes run first
         body = {"input": "x", "max_output_tokens": 900, "stream": True}
         with running.client().stream("POST", "/v1/responses", json=body) as r:
             lines = r.iter_lines()
             assert next(lines) == "event: response.created"
-            fault.arm(3)
             rest = [line for line in lines if line]
         assert rest[-2] == "event: error"
         error = json.loads(rest[-1][6:])

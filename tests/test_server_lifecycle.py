@@ -125,6 +125,7 @@ def test_dead_engine_fails_open_requests_and_health(ckpt: Path) -> None:
     running = start_server(ckpt, max_model_len=1024)
     try:
         fault = EngineFault(running)
+        fault.arm(5, rows=2)  # the fifth step that runs both requests
         http = running.client()
         results: dict[str, httpx.Response] = {}
         plain = threading.Thread(
@@ -132,10 +133,7 @@ def test_dead_engine_fails_open_requests_and_health(ckpt: Path) -> None:
         )
         plain.start()
         with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as resp:
-            lines = resp.iter_lines()
-            next(lines)
-            fault.arm(3)
-            events = sse_events(lines)
+            events = sse_events(resp.iter_lines())
         assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_dead"
         plain.join(30)
         err = assert_envelope(results["plain"], 500)
