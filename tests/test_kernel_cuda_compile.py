@@ -140,6 +140,8 @@ def _drive() -> None:
     qkv_a = torch.randn(2, T, 4 * (16 + 8) + 24 + 8, generator=g)
     mla_attention.decode_inputs(qkv_a, w_k, rand(24), 1e-6, cos[:, :8], sin[:, :8], slots_T,
                                 latent, slots_T)  # fmt: skip
+    mla_attention.decode_inputs(qkv_a, w_k, rand(24), 1e-6, cos[:, :8], sin[:, :8], None, latent,
+                                slots_T)  # fmt: skip
     mla_attention.value_heads(rand(T, 4, 24), rand(4, 16 + 12, 24)[:, 16:])
     tokens.argmax_rows(rand(2, 50, dtype=torch.float32))
     tokens.feed_ids(torch.arange(4), torch.tensor([-1, 0, -1, 1]), torch.tensor([7, 9]))

@@ -236,6 +236,13 @@ def test_decode_inputs_from_partials() -> None:
     want = torch.full_like(cache, float("nan")).view(-1, c + r)
     want.index_copy_(0, slots_T, rows)
     torch.testing.assert_close(cache.view(-1, c + r), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # cos/sin as each token's rows (no table for the dtype): the same results
+    again = torch.full_like(cache, float("nan"))
+    q_lat2, q_rope2 = decode_inputs(
+        qkv_STN, kv_b[:, :p], norm_C, 1e-6, cos, sin, None, again, slots_T
+    )
+    assert torch.equal(q_lat2, q_lat) and torch.equal(q_rope2, q_rope)
+    assert torch.equal(again.nan_to_num(), cache.nan_to_num())
 
 
 def test_value_heads_as_the_bmm() -> None:

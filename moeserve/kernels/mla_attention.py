@@ -338,7 +338,7 @@ def _decode_inputs_kernel(
     norm_ptr,  # [C] the latent's RMSNorm weight
     cos_ptr,  # [positions, R] tables (rotate-half order)
     sin_ptr,
-    pos_ptr,  # [T]
+    pos_ptr,  # [T] (TABLE)
     cache_ptr,  # [N * S, Y] rows
     slot_ptr,  # [T]
     q_lat_ptr,  # [T, H, C]
@@ -360,6 +360,7 @@ def _decode_inputs_kernel(
     HALF_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
     SPLIT: tl.constexpr,
+    TABLE: tl.constexpr,  # cos/sin are tables read at pos_ptr's positions, else rows [T, R]
 ):
     wait_prior()
     j = tl.program_id(0)
@@ -387,7 +388,9 @@ def _decode_inputs_kernel(
             q_lat = tl.sum(w * q_nope[:, None], axis=0).to(q_lat_ptr.dtype.element_ty)
             tl.store(q_lat_ptr + (t * H + h) * C + cc, q_lat, mask=c_ok)
             if cb == 0:  # and its rope part, rotated
-                pos = tl.load(pos_ptr + t).to(tl.int64)
+                pos = t
+                if TABLE:
+                    pos = tl.load(pos_ptr + t).to(tl.int64)
                 x1 = load_partials(head + P, hh, h_ok, stride_split, q_lat_ptr, SPLIT)
                 x2 = load_partials(head + P + HALF, hh, h_ok, stride_split, q_lat_ptr, SPLIT)
                 cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_cos
@@ -403,7 +406,9 @@ def _decode_inputs_kernel(
         x = load_partials(kv, cc, c_ok, stride_split, cache_ptr, SPLIT).to(tl.float32)
         dst = cache_ptr + tl.load(slot_ptr + tok).to(tl.int64) * stride_row
         tl.store(dst + cc, rms_row(x, norm_ptr, cc, c_ok, C, eps, cache_ptr), mask=c_ok)
-        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        pos = tok
+        if TABLE:
+            pos = tl.load(pos_ptr + tok).to(tl.int64)
         cos_row, sin_row = cos_ptr + pos * stride_cos, sin_ptr + pos * stride_cos
         x1 = load_partials(kv + C, hh, h_ok, stride_split, cache_ptr, SPLIT)
         x2 = load_partials(kv + C + HALF, hh, h_ok, stride_split, cache_ptr, SPLIT)
@@ -425,7 +430,7 @@ def decode_inputs(
     eps: float,
     cos_PR: torch.Tensor,
     sin_PR: torch.Tensor,
-    positions_T: torch.Tensor,
+    positions_T: torch.Tensor | None,
     cache_NS1Y: torch.Tensor,
     slot_mapping_T: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,7 +439,7 @@ def decode_inputs(
     q_nope @ kv_b's key half [T, H, C], the rotated rope queries [T, H, R], and each token's
     cache row (normalised latent, rotated rope key) stored at its slot. Each projected value
     is summed and rounded first, as F.linear's output would be. cos/sin: [positions, R]
-    tables, row positions_T[t] for token t."""
+    tables, row positions_T[t] for token t; or with positions_T None their rows [T, R]."""
     split, t, n = qkv_STN.shape
     h, p, c = w_k_HPC.shape
     y = cache_NS1Y.shape[-1]
@@ -454,7 +459,7 @@ def decode_inputs(
             norm_weight_C,
             cos_PR,
             sin_PR,
-            positions_T,
+            positions_T if positions_T is not None else slot_mapping_T,  # unused without
             rows_RY,
             slot_mapping_T,
             q_lat_THC,
@@ -476,6 +481,7 @@ def decode_inputs(
             HALF_PAD=max(2, triton.next_power_of_2(r // 2)),
             BLOCK_C=block_c,
             SPLIT=split,
+            TABLE=positions_T is not None,
             num_warps=4,
             **pdl.LAUNCH,
         )
