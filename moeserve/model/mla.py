@@ -234,7 +234,7 @@ class MLAttention(nn.Module):
             return self._decode_out(q_lat_BHC, q_rope_THR, cache_NS1Y, meta, partials_out)
         out_THW = q_THX.new_empty(t, h, cfg.v_head_dim)
         if nd:
-            w_k_HPC, w_v_HWC = self._absorbed_weights()
+            w_k_HPC = self._absorbed_weights()[0]
             q_lat_BHC = torch.bmm(q_nope_THP[:nd].transpose(0, 1), w_k_HPC).transpose(0, 1)
             out_THW[:nd] = self._decode(q_lat_BHC, q_rope_THR[:nd], cache_NS1Y, meta)
         start = nd
