@@ -380,18 +380,23 @@ def test_residual_add_matches_the_separate_add(split_k: int) -> None:
     assert torch.equal(got[2], res_TD[2])
 
 
-@pytest.mark.parametrize(("quant", "S"), [("", 48), ("", 24), ("fp8", 48)])
+@pytest.mark.parametrize(
+    ("quant", "F_", "S"),
+    [("", 24, 48), ("", 24, 24), ("fp8", 24, 48), ("fp8", 128, 256), ("fp8", 96, 200)],
+)
 def test_shared_expert_in_the_gemv_epilogue(
-    quant: str, S: int, monkeypatch: pytest.MonkeyPatch
+    quant: str, F_: int, S: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At one token a DeepSeek-style shared expert (S = 1 or 2 experts' width) runs in the
-    routed GEMVs' kernels (its partials added in the sum over k, before the residual): the
-    same output as the routed kernels followed by the shared MLP and the two adds; with a
-    sigmoid gate (Qwen2-MoE) or at more tokens the layer adds it itself."""
+    """At one token a DeepSeek-style shared expert (S = 1 or 2 experts' width, or not a
+    multiple of it) runs as more rows of the routed GEMVs' launches (its partials added in
+    the sum over k, before the residual): the same output as the routed kernels followed by
+    the shared MLP and the two adds; with a sigmoid gate (Qwen2-MoE) or at more tokens the
+    layer adds it itself. FP8: the down rows' K pieces are whole 128-column scale groups
+    (one piece when F is narrower, two of 128 at F 128, a short last one at S 200)."""
     from moeserve.kernels.quant import quantize_fp8_rows
     from moeserve.model.backend import ModelBackend
 
-    E, K, D, F_ = 6, 2, 40, 24
+    E, K, D = 6, 2, 40
     cfg = _config(
         E,
         D,
