@@ -220,20 +220,33 @@ def test_startup_logs_latent_cache_size(ckpt: Path, caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("n", [3, 1], ids=["three-prompts", "one-prompt"])
 def test_interpreted_kernels_match_readable_path(
-    tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, family: str, n: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The MLA decode kernel beside prefill chunks, with what a captured decode step runs
-    forced at every step: fused norms, split-K partials of the output projection."""
+    forced at every step: fused norms, split-K partials of the output projection. One
+    prompt: its one-token decode steps take the expert GEMVs with the shared expert's rows
+    in their launches."""
     pytest.importorskip("triton")
     import moeserve.model.backend as backend
 
     path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2)
     kw = dict(progress=False, device="cpu", max_num_batched_tokens=8, max_num_seqs=3)
-    prompts = [PROMPTS[i] for i in (1, 2, 6)]
+    prompts = [PROMPTS[i] for i in (1, 2, 6)][:n]
     want = _run(LLM(path, kernels="torch", **kw), prompts)
     monkeypatch.setattr(backend, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
+    import moeserve.kernels.fused_moe as fm
+
+    shared_launches, gemv = [], fm.gemv_gate_up_act
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        shared_launches.append(kwargs.get("shared") is not None)
+        return gemv(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "gemv_gate_up_act", counting)
     _assert_same(_run(LLM(path, kernels="triton", **kw), prompts), want, 1e-4)
+    assert any(shared_launches) == (n == 1)
 
 
 @pytest.mark.gpu
