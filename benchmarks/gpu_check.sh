@@ -16,11 +16,14 @@
 #     quant       quantized experts: kernel_bench --quant, Mixtral-4l decode bf16 vs fp8,
 #                 gpt-oss-120b in MXFP4, Qwen3-30B-A3B offloaded on a 16 GB card bf16 vs fp8,
 #                 Mixtral-8x7B offloaded on a 24 GB card fp8 vs bf16
+#     ab          batch-1 decode of this tree vs the tree in $BASE, alternated twice per shape
+#                 ($AB_SHAPES); make it with `git archive REV moeserve benchmarks | tar -x -C
+#                 bench_base` and carry bench_base to the device (not in the default stages)
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
 case "${1:-}" in
-  -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -97,7 +100,23 @@ for stage in $stages; do
       python3 benchmarks/offload_bench.py --dummy mixtral-8x7b --emulate-card-mib 24576 \
         --quantization fp8,none --modes fetch --batch 1 --output-len 16 \
         --json "$OUT/offload_mixtral_24g.json" 2>&1 | tee "$OUT/offload_mixtral_24g.log" ;;
-    *) echo "unknown stage $stage (one of: $all)"; status=2 ;;
+    ab)
+      # Each tree runs its own benchmarks/, which put their own checkout first on sys.path:
+      # a base run from this tree's scripts would measure this tree twice.
+      if [ ! -d "${BASE:-}/benchmarks" ]; then
+        echo "ab: set BASE to a tree with moeserve/ and benchmarks/"; status=2; continue
+      fi
+      for shape in ${AB_SHAPES:-deepseek-v2-lite qwen3-30b-a3b}; do
+        for round in 1 2; do
+          for tree in "$PWD" "$BASE"; do
+            printf '%s %s round %s: ' "$shape" "$tree" "$round" | tee -a "$OUT/ab.log"
+            (cd "$tree" && python3 benchmarks/gpu_speed.py --shape "$shape" --modes graphs \
+              --no-hf --prefill-len 0 --batch 1 --output-len 64 2>&1) | grep -m1 "tok/s" \
+              | tee -a "$OUT/ab.log"
+          done
+        done
+      done ;;
+    *) echo "unknown stage $stage (one of: $all ab)"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
