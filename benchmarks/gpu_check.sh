@@ -22,6 +22,7 @@
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
+extra="ab"  # stages that run only when named
 case "${1:-}" in
   -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
@@ -116,7 +117,7 @@ for stage in $stages; do
           done
         done
       done ;;
-    *) echo "unknown stage $stage (one of: $all ab)"; status=2 ;;
+    *) echo "unknown stage $stage (one of: $all $extra)"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
