@@ -17,8 +17,8 @@
 #                 gpt-oss-120b in MXFP4, Qwen3-30B-A3B offloaded on a 16 GB card bf16 vs fp8,
 #                 Mixtral-8x7B offloaded on a 24 GB card fp8 vs bf16
 #     ab          batch-1 decode of this tree vs the tree in $BASE, alternated twice per shape
-#                 ($AB_SHAPES); make it with `git archive REV moeserve benchmarks | tar -x -C
-#                 bench_base` and carry bench_base to the device (not in the default stages)
+#                 ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
+#                 benchmarks | tar -x -C bench_base`, carry bench_base (not a default stage)
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
