@@ -72,7 +72,7 @@ def _describe(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 def _drive() -> None:
     """Each wrapper on small bf16 inputs, in the variants the model takes."""
     from moeserve.kernels import fused_moe as fm
-    from moeserve.kernels import linear, mla_attention, moe_routing, norm_rope, tokens
+    from moeserve.kernels import linear, mla_attention, mla_rows, moe_routing, norm_rope, tokens
     from moeserve.kernels import paged_attention as pa
     from moeserve.kernels.moe_gemv import SharedExpert
 
@@ -135,14 +135,14 @@ def _drive() -> None:
         pa.paged_decode_attention(rand(2, H, X), kc, vc, tables, lens, 0.25, **kw)
     latent = rand(N, S, 1, 24 + 8)
     mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
-    mla_attention.write_latent_rows(rand(T, 24 + 8), rand(24), 1e-6, latent, slots_T)
+    mla_rows.write_latent_rows(rand(T, 24 + 8), rand(24), 1e-6, latent, slots_T)
     w_k = rand(4, 16 + 12, 24)[:, :16]  # kv_b's key half as the layer views it
     qkv_a = torch.randn(2, T, 4 * (16 + 8) + 24 + 8, generator=g)
-    mla_attention.decode_inputs(qkv_a, w_k, rand(24), 1e-6, cos[:, :8], sin[:, :8], slots_T,
+    mla_rows.decode_inputs(qkv_a, w_k, rand(24), 1e-6, cos[:, :8], sin[:, :8], slots_T,
                                 latent, slots_T)  # fmt: skip
-    mla_attention.decode_inputs(qkv_a, w_k, rand(24), 1e-6, cos[:, :8], sin[:, :8], None, latent,
+    mla_rows.decode_inputs(qkv_a, w_k, rand(24), 1e-6, cos[:, :8], sin[:, :8], None, latent,
                                 slots_T)  # fmt: skip
-    mla_attention.value_heads(rand(T, 4, 24), rand(4, 16 + 12, 24)[:, 16:])
+    mla_rows.value_heads(rand(T, 4, 24), rand(4, 16 + 12, 24)[:, 16:])
     tokens.argmax_rows(rand(2, 50, dtype=torch.float32))
     tokens.feed_ids(torch.arange(4), torch.tensor([-1, 0, -1, 1]), torch.tensor([7, 9]))
     _drive_expert_fetch(rand)

@@ -188,7 +188,7 @@ def test_cuda_graph_replay_after_inputs_change():
 def test_write_latent_rows_as_norm_cat_and_index_copy() -> None:
     """One launch per step for the cache rows: the normalised latent and the rope key at
     each token's slot, as the readable path's RMSNorm, concatenation and index copy."""
-    from moeserve.kernels.mla_attention import write_latent_rows
+    from moeserve.kernels.mla_rows import write_latent_rows
     from moeserve.model.layers import rms_norm
 
     g = torch.Generator().manual_seed(7)
@@ -209,7 +209,7 @@ def test_decode_inputs_from_partials() -> None:
     several tokens at once: the absorbed queries (q_nope @ kv_b's key half), the rotated rope
     queries, and each token's cache row, as the readable path computes them from the summed
     projection."""
-    from moeserve.kernels.mla_attention import decode_inputs
+    from moeserve.kernels.mla_rows import decode_inputs
     from moeserve.model.layers import rms_norm
     from moeserve.model.rotary import apply_rotary
 
@@ -248,7 +248,7 @@ def test_decode_inputs_from_partials() -> None:
 def test_value_heads_as_the_bmm() -> None:
     """A few decode rows' latent outputs through kv_b's value half (a strided view, as the
     layer takes it), as the readable path's bmm."""
-    from moeserve.kernels.mla_attention import value_heads
+    from moeserve.kernels.mla_rows import value_heads
 
     g = torch.Generator().manual_seed(9)
     t, h, p, w, c = 3, 4, 16, 20, 40

@@ -139,7 +139,7 @@ def test_mla_layer_matches_transformers(
     """Chunked prefills, decodes beside them and decode-only steps. `partials`: the layer
     returns split-K partials of its output (as the decoder layer asks on the Triton path),
     and decode-only steps of a plain q take the projection's partials straight into the
-    kernel that writes the queries and cache rows (mla_attention.decode_inputs)."""
+    kernel that writes the queries and cache rows (mla_rows.decode_inputs)."""
     if decode_kernel:
         pytest.importorskip("triton")
     if fused:  # every batch takes the norm and rotary kernels (on CUDA: graph-captured ones)
@@ -148,11 +148,11 @@ def test_mla_layer_matches_transformers(
     layer = _ours(cfg, ref, decode_kernel, fused)
     inputs_calls = []
     if partials:
-        from moeserve.kernels import mla_attention
+        from moeserve.kernels import mla_rows
 
-        kernel = mla_attention.decode_inputs
+        kernel = mla_rows.decode_inputs
         monkeypatch.setattr(
-            mla_attention, "decode_inputs", lambda *a: inputs_calls.append(1) or kernel(*a)
+            mla_rows, "decode_inputs", lambda *a: inputs_calls.append(1) or kernel(*a)
         )
     rotary = Rotary(cfg, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(3)

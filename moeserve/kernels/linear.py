@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits, pdl
-from moeserve.kernels.moe_gemv import gemv_config, quant_tile, x_tile
+from moeserve.kernels.moe_gemv import gemv_config
+from moeserve.kernels.moe_quant import quant_tile, x_tile
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP
 

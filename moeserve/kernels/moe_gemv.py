@@ -34,12 +34,7 @@ import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_epilogue import activate, rnd
-from moeserve.kernels.moe_quant import (
-    mxfp4_group_scale,
-    mxfp4_nibbles,
-    packed_decode,
-    quant_code,
-)
+from moeserve.kernels.moe_quant import packed_decode, quant_code, quant_tile, x_tile
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import group_size, real_k
 
@@ -102,63 +97,6 @@ _GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
 # The fewest K tiles a split of the down GEMV streams, and the programs it aims for per SM.
 _MIN_K_TILES = 4
 _DOWN_PROGRAMS_PER_SM = 8
-
-
-@triton.jit
-def x_tile(x_row, k0, K, QUANT: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr):
-    """The activations of the K tile [k0, k0 + G*GROUP) as [1, G, GROUP] float32, loaded once
-    for every weight row of the program; mxfp4: split into (even k, odd k) halves [1, G,
-    GROUP/2] in registers (a stride-2 load would be a scalar load per element)."""
-    kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
-    x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-    if QUANT == 2:
-        x_even, x_odd = tl.split(tl.reshape(x, (1, G, GROUP // 2, 2)))
-    else:
-        x_even, x_odd = x, x
-    return x_even, x_odd
-
-
-@triton.jit
-def quant_tile(
-    w_e,  # one expert's stored weight [N, K] (mxfp4: [N, K/2] bytes)
-    s_e,  # its scales [N, ceil(K/GROUP)]
-    rows,  # [BLOCK_N] output rows
-    n_ok,
-    x_even,  # x_tile's activations (fp8: both the whole tile)
-    x_odd,
-    k0,  # the tile's first K index (a multiple of GROUP)
-    K,
-    stride_wn,
-    stride_sn,
-    stride_sk,
-    QUANT: tl.constexpr,  # 1 fp8, 2 mxfp4
-    GROUP: tl.constexpr,
-    G: tl.constexpr,  # scale groups in the tile
-    PACKED: tl.constexpr,  # mxfp4: decode four bytes an instruction (moe_quant)
-):
-    """Sum over the K tile [k0, k0 + G*GROUP) of w[n, k] * x[k], per row and scale group:
-    [BLOCK_N, G] float32, each group's dot scaled once (not each weight)."""
-    g = k0 // GROUP + tl.arange(0, G)
-    n3 = rows[:, None, None]
-    s_ptrs = s_e + rows[:, None] * stride_sn + g[None, :] * stride_sk
-    s_ok = n_ok[:, None] & (g[None, :] * GROUP < K)
-    if QUANT == 1:
-        kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
-        w = tl.load(w_e + n3 * stride_wn + kk, mask=n_ok[:, None, None] & (kk < K), other=0.0)
-        part = tl.sum(w.to(tl.float32) * x_even, axis=2)
-        out = part * tl.load(s_ptrs, mask=s_ok, other=0.0)
-    else:
-        # mxfp4: a group's 32 elements are 16 bytes, even k in the low nibbles; the low and
-        # high nibbles meet the even and odd activations (no interleaving of weights).
-        HALF: tl.constexpr = GROUP // 2
-        bk = k0 // 2 + tl.arange(0, G)[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        bk = bk[None, :, :]
-        m = n_ok[:, None, None] & (bk * 2 < K)
-        byte = tl.load(w_e + n3 * stride_wn + bk, mask=m, other=0)
-        lo, hi = mxfp4_nibbles(byte, PACKED)
-        part = tl.sum(lo.to(tl.float32) * x_even + hi.to(tl.float32) * x_odd, axis=2)
-        out = part * mxfp4_group_scale(tl.load(s_ptrs, mask=s_ok, other=0), PACKED)
-    return out
 
 
 @triton.jit

@@ -1,7 +1,9 @@
 """Quantized expert weights inside the fused MoE's Triton kernels (formats: kernels.quant).
 
 load_weights reads a tile of a stored weight and dequantizes it in registers (weight-only
-quantization: the GEMM then runs in the activation dtype). For prefill with fp8 weights the
+quantization: the GEMM then runs in the activation dtype). x_tile and quant_tile are the
+GEMVs' form (moe_gemv, linear): a tile's dot with one activation row per scale group, each
+group's sum scaled once. For prefill with fp8 weights the
 grouped GEMM instead runs on the FP8 tensor cores: quantize_fp8_act quantizes the activations
 per row and group of 128 (dynamic scales, as vLLM's per-token-group fp8 path), and moe_gemm
 multiplies each 128-wide K tile's float32 product by both scales.
@@ -238,3 +240,60 @@ def fp8_dot_config(cfg: dict[str, int], k_dim: int) -> dict[str, int]:
     most = 32 if interpreting() else FP8_GROUP
     block_k = max(32, min(most, triton.next_power_of_2(k_dim)))
     return cfg | dict(BLOCK_K=block_k, num_stages=min(cfg["num_stages"], 3))
+
+
+@triton.jit
+def x_tile(x_row, k0, K, QUANT: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr):
+    """The activations of the K tile [k0, k0 + G*GROUP) as [1, G, GROUP] float32, loaded once
+    for every weight row of the program; mxfp4: split into (even k, odd k) halves [1, G,
+    GROUP/2] in registers (a stride-2 load would be a scalar load per element)."""
+    kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
+    x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+    if QUANT == 2:
+        x_even, x_odd = tl.split(tl.reshape(x, (1, G, GROUP // 2, 2)))
+    else:
+        x_even, x_odd = x, x
+    return x_even, x_odd
+
+
+@triton.jit
+def quant_tile(
+    w_e,  # one expert's stored weight [N, K] (mxfp4: [N, K/2] bytes)
+    s_e,  # its scales [N, ceil(K/GROUP)]
+    rows,  # [BLOCK_N] output rows
+    n_ok,
+    x_even,  # x_tile's activations (fp8: both the whole tile)
+    x_odd,
+    k0,  # the tile's first K index (a multiple of GROUP)
+    K,
+    stride_wn,
+    stride_sn,
+    stride_sk,
+    QUANT: tl.constexpr,  # 1 fp8, 2 mxfp4
+    GROUP: tl.constexpr,
+    G: tl.constexpr,  # scale groups in the tile
+    PACKED: tl.constexpr,  # mxfp4: decode four bytes an instruction (moe_quant)
+):
+    """Sum over the K tile [k0, k0 + G*GROUP) of w[n, k] * x[k], per row and scale group:
+    [BLOCK_N, G] float32, each group's dot scaled once (not each weight)."""
+    g = k0 // GROUP + tl.arange(0, G)
+    n3 = rows[:, None, None]
+    s_ptrs = s_e + rows[:, None] * stride_sn + g[None, :] * stride_sk
+    s_ok = n_ok[:, None] & (g[None, :] * GROUP < K)
+    if QUANT == 1:
+        kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
+        w = tl.load(w_e + n3 * stride_wn + kk, mask=n_ok[:, None, None] & (kk < K), other=0.0)
+        part = tl.sum(w.to(tl.float32) * x_even, axis=2)
+        out = part * tl.load(s_ptrs, mask=s_ok, other=0.0)
+    else:
+        # mxfp4: a group's 32 elements are 16 bytes, even k in the low nibbles; the low and
+        # high nibbles meet the even and odd activations (no interleaving of weights).
+        HALF: tl.constexpr = GROUP // 2
+        bk = k0 // 2 + tl.arange(0, G)[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        bk = bk[None, :, :]
+        m = n_ok[:, None, None] & (bk * 2 < K)
+        byte = tl.load(w_e + n3 * stride_wn + bk, mask=m, other=0)
+        lo, hi = mxfp4_nibbles(byte, PACKED)
+        part = tl.sum(lo.to(tl.float32) * x_even + hi.to(tl.float32) * x_odd, axis=2)
+        out = part * mxfp4_group_scale(tl.load(s_ptrs, mask=s_ok, other=0), PACKED)
+    return out

@@ -186,7 +186,7 @@ class MLAttention(nn.Module):
             # writes the absorbed and rope queries and the cache rows (no qkv tensor, no
             # rotary or latent-row launch, no cuBLAS bmm for the absorbed query).
             from moeserve.kernels.linear import linear_partials
-            from moeserve.kernels.mla_attention import decode_inputs
+            from moeserve.kernels.mla_rows import decode_inputs
 
             cos, sin, pos = cos_sin.for_kernel()
             q_lat_BHC, q_rope_BHR = decode_inputs(
@@ -210,7 +210,7 @@ class MLAttention(nn.Module):
             q_TX = F.linear(norm(q_TX, self.q_a_norm, eps), self.q_b_weight)
         q_THX = q_TX.view(t, h, -1)
         if fused:
-            from moeserve.kernels.mla_attention import write_latent_rows
+            from moeserve.kernels.mla_rows import write_latent_rows
             from moeserve.kernels.norm_rope import apply_rotary_
 
             # q's and k's rope parts rotated in place, in one launch; then each token's cache
@@ -258,7 +258,7 @@ class MLAttention(nn.Module):
         o_lat_BHC = self.impl.decode(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta, self.scale)
         w_v_HWC = self._absorbed_weights()[1]
         if few_rows and self.impl.decode_kernel:
-            from moeserve.kernels.mla_attention import value_heads
+            from moeserve.kernels.mla_rows import value_heads
 
             return value_heads(o_lat_BHC, w_v_HWC)
         return torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2)).transpose(0, 1)
