@@ -142,6 +142,11 @@ def _drive() -> None:
                                 latent, slots_T)  # fmt: skip
     mla_rows.decode_inputs(qkv_a, w_k, rand(24), 1e-6, cos[:, :8], sin[:, :8], None, latent,
                                 slots_T)  # fmt: skip
+    # A latent wider than one block of columns: the branches' tiles differ in shape.
+    wide = rand(N, S, 1, 96 + 8)
+    qkv_a = torch.randn(2, T, 4 * (16 + 8) + 96 + 8, generator=g)
+    mla_rows.decode_inputs(qkv_a, rand(4, 16, 96), rand(96), 1e-6, cos[:, :8], sin[:, :8],
+                           None, wide, slots_T)  # fmt: skip
     mla_rows.value_heads(rand(T, 4, 24), rand(4, 16 + 12, 24)[:, 16:])
     tokens.argmax_rows(rand(2, 50, dtype=torch.float32))
     tokens.feed_ids(torch.arange(4), torch.tensor([-1, 0, -1, 1]), torch.tensor([7, 9]))

@@ -172,11 +172,12 @@ def _decode_inputs_kernel(
     else:  # token t's cache row: its normalised latent, then its rotated rope key
         tok = (j - H * chunks).to(tl.int64)
         kv = qkv_ptr + tok * stride_t + H * (P + R)
-        cc = tl.arange(0, C_PAD)
-        c_ok = cc < C
-        x = load_partials(kv, cc, c_ok, stride_split, cache_ptr, SPLIT).to(tl.float32)
+        # Names apart from the other branch's: Triton needs one type per name across both.
+        lc = tl.arange(0, C_PAD)
+        l_ok = lc < C
+        x = load_partials(kv, lc, l_ok, stride_split, cache_ptr, SPLIT).to(tl.float32)
         dst = cache_ptr + tl.load(slot_ptr + tok).to(tl.int64) * stride_row
-        tl.store(dst + cc, rms_row(x, norm_ptr, cc, c_ok, C, eps, cache_ptr), mask=c_ok)
+        tl.store(dst + lc, rms_row(x, norm_ptr, lc, l_ok, C, eps, cache_ptr), mask=l_ok)
         _rope_from_partials(
             kv + C, dst + C, tok, pos_ptr, cos_ptr, sin_ptr,
             stride_cos, stride_split, R, HALF_PAD, SPLIT, TABLE,
