@@ -177,7 +177,7 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             grid = itertools.product((16, 32), widths, (4, 8), splits, (1, 2, 4))
         elif QUANT == "mxfp4":
             splits = (2, 4, 8) if down else (1,)
-            grid = itertools.product((4, 8, 16), (256, 512), (4,), splits, (1, 2, 3))
+            grid = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), splits, (1, 2, 3))
         else:
             splits = (1, 2, 4) if down else (1,)
             grid = itertools.product((8, 16, 32), (128, 256), (4, 8), splits, (1, 3))

@@ -291,7 +291,10 @@ def quant_tile(
         HALF: tl.constexpr = GROUP // 2
         bk = k0 // 2 + tl.arange(0, G)[:, None] * HALF + tl.arange(0, HALF)[None, :]
         bk = bk[None, :, :]
-        m = n_ok[:, None, None] & (bk * 2 < K)
+        # Masked by whole groups (K is a multiple of GROUP): a mask constant along the bytes
+        # of a group lets each thread load its bytes at once. `bk * 2 < K` is not provably
+        # constant across lanes (stride 2), which made every byte a load of its own.
+        m = n_ok[:, None, None] & (g[None, :, None] * GROUP < K)
         byte = tl.load(w_e + n3 * stride_wn + bk, mask=m, other=0)
         lo, hi = mxfp4_nibbles(byte, PACKED)
         part = tl.sum(lo.to(tl.float32) * x_even + hi.to(tl.float32) * x_odd, axis=2)
