@@ -50,11 +50,15 @@ BYTES_PER_WEIGHT = {"": 2, "fp8": 1 + 4 / 128, "mxfp4": 0.5 + 1 / 32}
 
 def _experts_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random [E, n, k] expert weights in bf16, or stored as --quant with their scales."""
-    w = torch.randn(E, n, k, dtype=torch.bfloat16, device="cuda") * 0.02
     if not QUANT:
-        return w, None
+        return torch.randn(E, n, k, dtype=torch.bfloat16, device="cuda") * 0.02, None
     quantize = qt.quantize_fp8_rows if QUANT == "fp8" else qt.quantize_mxfp4
-    return quantize(w)
+    # An expert at a time: the quantizers' float32 temporaries for all of gpt-oss-120b's
+    # 128 experts at once do not fit beside them on an 80 GB card.
+    parts = [
+        quantize(torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02) for _ in range(E)
+    ]
+    return torch.stack([w for w, _ in parts]), torch.stack([s for _, s in parts])
 
 
 def _bytes_per_expert(w: torch.Tensor, s: torch.Tensor | None) -> int:
@@ -176,8 +180,8 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             splits, widths = ((3, 4, 6), (512, 1024)) if down else ((1,), (256, 512))
             grid = itertools.product((16, 32), widths, (4, 8), splits, (1, 2, 4))
         elif QUANT == "mxfp4":
-            splits = (2, 4, 8) if down else (1,)
-            grid = itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), splits, (1, 2, 3))
+            splits, widths = ((2, 3, 4, 8), (256, 512)) if down else ((1,), (256, 512, 1024))
+            grid = itertools.product((4, 8, 16), widths, (4, 8), splits, (1, 2) if down else (2, 3))
         else:
             splits = (1, 2, 4) if down else (1,)
             grid = itertools.product((8, 16, 32), (128, 256), (4, 8), splits, (1, 3))

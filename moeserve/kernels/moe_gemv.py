@@ -62,8 +62,9 @@ def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int
 
     From kernel_bench --gemv --sweep on an H200 (benchmarks/RESULTS.md), Mixtral's and
     gpt-oss's and Qwen3's experts at one token: the down projection splits K until each SM
-    has about 8 programs (more or fewer cost up to 5%). mxfp4 decodes nibbles in the ALUs,
-    so its programs take few rows (4) and long K tiles; bf16 and fp8 gate/up read 16 rows of
+    has about 8 programs (more or fewer cost up to 5%; mxfp4 16). mxfp4 decodes nibbles in
+    the ALUs: its gate/up programs take 4 rows of 1024 columns, its down 16 rows of 256 in
+    splits of 3-4 K tiles (H100, gpt-oss-120b); bf16 and fp8 gate/up read 16 rows of
     256 columns over 4 warps with 3 (fp8: 4) K tiles in flight; bf16's down 32 rows of 128
     columns over 8 warps, fp8's 32 rows of 1024 over 4 with one tile in flight. Depth and
     tile go together: 3 tiles in flight at 32 x 256 over 8 warps took Mixtral's fp8 gate/up
@@ -76,9 +77,8 @@ def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int
     cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=1, loop_stages=stages)
     if down:
         programs = rows * triton.cdiv(N, block_n)
-        cfg["SPLIT_K"] = k_splits(
-            programs, triton.cdiv(K, block_k), _MIN_K_TILES, 8, per_sm=_DOWN_PROGRAMS_PER_SM
-        )
+        min_tiles, per_sm = _DOWN_SPLITS.get(quant, _DOWN_SPLITS[""])
+        cfg["SPLIT_K"] = k_splits(programs, triton.cdiv(K, block_k), min_tiles, 8, per_sm=per_sm)
     return cfg
 
 
@@ -91,12 +91,13 @@ _GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
     ("", True): (32, 128, 8, 3),
     ("fp8", False): (16, 256, 4, 4),
     ("fp8", True): (32, 1024, 4, 1),
-    ("mxfp4", False): (4, 512, 4, 2),
-    ("mxfp4", True): (4, 512, 4, 1),
+    ("mxfp4", False): (4, 1024, 4, 2),
+    ("mxfp4", True): (16, 256, 4, 1),
 }
 # The fewest K tiles a split of the down GEMV streams, and the programs it aims for per SM.
-_MIN_K_TILES = 4
-_DOWN_PROGRAMS_PER_SM = 8
+# gpt-oss-120b's MXFP4 down (K 2880, 12 tiles of 256) took 16.4 us in 4 splits, 18.6 us
+# unsplit at 4 x 512 (H100, 2026-12-06).
+_DOWN_SPLITS: dict[str, tuple[int, int]] = {"": (4, 8), "mxfp4": (3, 16)}
 
 
 @triton.jit
