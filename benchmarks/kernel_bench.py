@@ -11,6 +11,7 @@ decode traces of benchmarks/gpu_speed.py --profile.
 
     python benchmarks/kernel_bench.py --sweep --json out.json
     python benchmarks/kernel_bench.py --shape qwen3-30b-a3b --tokens 1,8,64 --sweep
+    python benchmarks/kernel_bench.py --shape gpt-oss-120b --linear   # dense projections, one row
 
 --quant fp8|mxfp4: the experts stored quantized (kernels/quant.py), bytes = packed weights +
 scales; fp8 GEMMs at prefill sizes take the FP8 tensor cores (activations quantized outside
@@ -268,6 +269,40 @@ def attention(b: int, ctx: int) -> dict[str, Any]:
     return {"batch": b, "context": ctx, "us": sec * 1e6, "bytes_per_s": bytes_ / sec}
 
 
+def linear_report(shape: str, bw: float) -> list[dict[str, Any]]:
+    """The shape's dense projections at one row (batch-1 decode), bf16: kernels.linear's GEMV
+    against its tensor-core dot path at the same row (the layer's path before 2026-12-06)."""
+    from moeserve.kernels import linear
+
+    raw = SHAPES[shape]
+    hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+    kv_heads = raw.get("num_key_value_heads", heads)
+    if raw.get("kv_lora_rank"):  # MLA with a plain q: q and kv_a stacked, as the layer does
+        rope = raw["qk_rope_head_dim"]
+        qkv = heads * (raw["qk_nope_head_dim"] + rope) + raw["kv_lora_rank"] + rope
+        o_in = heads * raw["v_head_dim"]
+    else:
+        head_dim = raw.get("head_dim") or hidden // heads
+        qkv, o_in = (heads + 2 * kv_heads) * head_dim, heads * head_dim
+    experts = raw.get("num_local_experts") or raw.get("n_routed_experts") or raw["num_experts"]
+    rows = []
+    for name, n, k in (("qkv", qkv, hidden), ("o", hidden, o_in), ("router", experts, hidden)):
+        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+        times = {
+            "gemv": bench(lambda w=w, x=x: linear.linear_partials(x, w)),
+            "dot": bench(lambda w=w, x=x: linear.dot_partials(x, w)),
+        }
+        cfg = linear.gemv_partials_config(n, k)
+        print(
+            f"{name:6s} {n} x {k} ({n * k * 2 / 1e6:.1f} MB): GEMV {times['gemv'] * 1e6:6.1f} us "
+            f"({n * k * 2 / times['gemv'] / bw:.2f} of copy bw, {cfg}), dot "
+            f"{times['dot'] * 1e6:6.1f} us ({n * k * 2 / times['dot'] / bw:.2f})"
+        )
+        rows.append(dict(name=name, n=n, k=k, us={m: t * 1e6 for m, t in times.items()}))
+    return rows
+
+
 def main() -> int:
     global E, K_TOP, D, F, QUANT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -287,6 +322,11 @@ def main() -> int:
         choices=("", "fp8", "mxfp4"),
         help="experts stored quantized (bytes = packed weights + scales)",
     )
+    ap.add_argument(
+        "--linear",
+        action="store_true",
+        help="only the shape's dense projections at one row: GEMV vs tensor-core dot",
+    )
     args = ap.parse_args()
     QUANT = args.quant
     cfg = parse_config(SHAPES[args.shape])
@@ -305,6 +345,11 @@ def main() -> int:
             for n, k, st, sk in grid
         ]
     result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": []}
+    if args.linear:
+        result["linear"] = linear_report(args.shape, bw)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return 0
     if args.gemv:
         return gemv_report(args, bw, result)
     for t in (int(x) for x in args.tokens.split(",")):

@@ -110,6 +110,9 @@ def _drive() -> None:
         counts_E=torch.zeros(E, dtype=torch.int64),
     )  # fmt: skip
     linear.linear_partials(rand(T, D), rand(40, D), rand(40))
+    # One row: the GEMV, on the model dtype and on a float32 router.
+    linear.linear_partials(rand(1, D), rand(40, D), rand(40))
+    linear.linear_partials(rand(1, D), rand(8, D, dtype=torch.float32))
     from moeserve.kernels.quant import quantize_fp8_rows
 
     w8, s8 = quantize_fp8_rows(rand(40, 160))

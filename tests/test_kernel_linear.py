@@ -20,8 +20,10 @@ def test_partials_sum_to_the_product(device: str, t: int, n: int, k: int) -> Non
     x = torch.randn(t, k, generator=g)
     w = torch.randn(n, k, generator=g)
     parts = linear.linear_partials(x.to(device), w.to(device))
-    cfg = linear.config(t, n, k)
-    assert parts.shape == (cfg["SPLIT"], t, n) and parts.dtype == torch.float32
+    split = (
+        linear.gemv_partials_config(n, k)["SPLIT_K"] if t == 1 else linear.config(t, n, k)["SPLIT"]
+    )
+    assert parts.shape == (split, t, n) and parts.dtype == torch.float32
     want = x.double() @ w.double().T
     torch.testing.assert_close(parts.sum(0).double().cpu(), want, rtol=1e-5, atol=1e-4)
 
@@ -43,6 +45,45 @@ def test_strided_rows(device: str, dtype: torch.dtype) -> None:
     want = (x.double() @ w.double().T).to(dtype)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("n", "k", "splits"), [(40, 300, 3), (8, 64, 1), (33, 17, 2)])
+def test_one_row_gemv_with_bias(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, n: int, k: int, splits: int
+) -> None:
+    """One row takes the GEMV (bf16 too: no dot under the interpreter): float32 products of
+    the stored values summed in float32, over `splits` K ranges (a short last one), the bias
+    in the first partial only."""
+    cfg = dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, SPLIT_K=splits, loop_stages=1)
+    monkeypatch.setattr(linear, "gemv_partials_config", lambda *a: cfg)
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    parts = linear.linear_partials(x, w, bias)
+    assert parts.shape == (splits, 1, n)
+    want = x.double() @ w.double().T + bias.double()
+    torch.testing.assert_close(parts.sum(0).double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_one_row_gemv_splits_to_fill_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpt-oss-120b's qkv (5120 x 2880) and o_proj (2880 x 4096) at one row: several programs
+    an SM, each at least two K tiles; its router one tile each; FP8 tiles hold whole
+    128-column groups."""
+    import moeserve.kernels as kernels
+
+    monkeypatch.setattr(linear, "interpreting", lambda: False)  # the GPU's tiles
+    monkeypatch.setattr(kernels, "num_sms", lambda: 132)  # an H100's
+    for n, k in ((5120, 2880), (2880, 4096)):
+        cfg = linear.gemv_partials_config(n, k)
+        programs = -(-n // cfg["BLOCK_N"]) * cfg["SPLIT_K"]
+        assert programs >= 6 * 132, (n, k, cfg)
+        assert -(-k // cfg["BLOCK_K"]) // cfg["SPLIT_K"] >= 2, cfg
+    router = linear.gemv_partials_config(128, 2880)  # a few rows: single-tile splits
+    assert router["SPLIT_K"] == -(-2880 // router["BLOCK_K"])
+    fp8 = linear.gemv_partials_config(5120, 2880, "fp8")
+    assert fp8["BLOCK_K"] % 128 == 0 and fp8["SPLIT_K"] > 1
 
 
 def test_config_splits_to_fill_the_device(monkeypatch: pytest.MonkeyPatch) -> None:

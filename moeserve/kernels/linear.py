@@ -5,7 +5,10 @@ the attention output projection the same way: two launches and a gap each, for a
 microseconds of work. Here the K range is cut among programs that each write a float32
 partial [split, T, N]; the consumer (the routing program, the residual-add norm) adds the
 partials in a fixed order and rounds to the model dtype, where F.linear would have rounded
-its output. One launch fewer per use, and the reduction costs nothing extra.
+its output. One launch fewer per use, and the reduction costs nothing extra. One row (batch-1
+decode) takes a GEMV (_gemv_partials_kernel): each program streams whole weight rows against
+the activation row with several K tiles in flight, where a tensor-core dot would pad the row to
+16 and leave a dense projection a few programs an SM.
 Twin: F.linear (what `reduce_partials` of these partials equals, up to float32 summation order).
 
 FP8 weights (kernels.quant: float8_e4m3fn [N, K] with a float32 scale per row and 128
@@ -121,18 +124,19 @@ def _linear_partials_kernel(
 
 
 @triton.jit
-def _fp8_gemv_partials_kernel(
+def _gemv_partials_kernel(
     x_ptr,  # [1, K]
-    w_ptr,  # [N, K] float8_e4m3fn
+    w_ptr,  # [N, K]: the model dtype, float32 (a router) or float8_e4m3fn (QUANT)
     out_ptr,  # [SPLIT, 1, N] float32
     bias_ptr,
-    scale_ptr,  # [N, ceil(K/GROUP)] float32
+    scale_ptr,  # [N, ceil(K/GROUP)] float32 (QUANT)
     N,
     K,
     stride_wn,
     stride_os,
     stride_sn,
     HAS_BIAS: tl.constexpr,
+    QUANT: tl.constexpr,  # 0 plain, 1 fp8 (moe_quant.QUANT_CODES)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
@@ -146,14 +150,25 @@ def _fp8_gemv_partials_kernel(
     per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
     k_first = s * per_split
     k_end = tl.minimum(k_first + per_split, K)
-    G: tl.constexpr = BLOCK_K // GROUP
-    acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-    for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-        xa, xb = x_tile(x_ptr, k0, K, 1, GROUP, G)
-        acc += quant_tile(
-            w_ptr, scale_ptr, offs_n, n_ok, xa, xb, k0, K, stride_wn, stride_sn, 1, 1, GROUP, G,
-            False,
-        )  # fmt: skip
+    if QUANT == 0:  # float32 products of the stored values, summed in float32 (as a dot)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+            kk = k0 + offs_k
+            k_ok = kk < k_end
+            x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            m = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=m, other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+    else:
+        G: tl.constexpr = BLOCK_K // GROUP
+        acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+            xa, xb = x_tile(x_ptr, k0, K, 1, GROUP, G)
+            acc += quant_tile(
+                w_ptr, scale_ptr, offs_n, n_ok, xa, xb, k0, K, stride_wn, stride_sn, 1, 1,
+                GROUP, G, False,
+            )  # fmt: skip
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:  # in the first partial only, so the sum holds it once
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -161,42 +176,55 @@ def _fp8_gemv_partials_kernel(
     tl.store(out_ptr + s * stride_os + offs_n, out, mask=n_ok)
 
 
-# The one-row FP8 GEMV's tile (BLOCK_N rows, BLOCK_K columns, warps) and the fewest K tiles a
-# split streams: a dense projection (Mixtral's qkv: 6144 x 4096) has few rows of tiles, so K
-# is cut finer than the MoE down projection's (moe_gemv) to give each SM several programs.
-_GEMV_TILE = (32, 512, 4, 1)  # and K tiles in flight (moe_gemv._GEMV_TILES)
+# The one-row GEMV's tiles (BLOCK_N rows, BLOCK_K columns, warps, K tiles in flight), plain
+# weights as the MoE gate/up GEMV's (moe_gemv._GEMV_TILES), and the fewest K tiles a split
+# streams: a dense projection (Mixtral's qkv: 6144 x 4096) has few rows of tiles, so K is cut
+# finer than the MoE down projection's to give each SM several programs. The 16-row tensor-core
+# dot at one row left gpt-oss-120b's qkv (5120 x 2880) 160 programs for 132 SMs: 12.8 us,
+# 2.3 TB/s (H100 profile, 2026-12-06).
+_GEMV_TILES = {"": (16, 256, 4, 3), "fp8": (32, 512, 4, 1)}
 _GEMV_MIN_K_TILES = 2
 
 
-def fp8_gemv_config(n: int, k: int) -> dict[str, int]:
+def gemv_partials_config(n: int, k: int, quant: str = "") -> dict[str, int]:
+    """The one-row GEMV's launch: its tile and the K splits that fill the SMs."""
     if interpreting():
-        return gemv_config(n, k, "fp8", rows=1)
-    block_n, block_k, warps, stages = _GEMV_TILE
-    block_k = max(min(block_k, triton.next_power_of_2(k)), FP8_GROUP)
+        return gemv_config(n, k, quant, rows=1)
+    block_n, block_k, warps, stages = _GEMV_TILES[quant]
+    least = FP8_GROUP if quant else 16
+    block_k = max(min(block_k, triton.next_power_of_2(k)), least)
     programs = triton.cdiv(n, block_n)
-    split = k_splits(programs, triton.cdiv(k, block_k), _GEMV_MIN_K_TILES, _MAX_SPLIT, per_sm=8)
-    cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split)
-    return cfg | dict(loop_stages=stages)
+    # A router's few rows split down to single tiles: its programs are all latency.
+    min_k = _GEMV_MIN_K_TILES if n * k >= 1 << 20 else 1
+    split = k_splits(programs, triton.cdiv(k, block_k), min_k, _MAX_SPLIT, per_sm=8)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split) | dict(
+        loop_stages=stages
+    )
 
 
-def _fp8_gemv_partials(
-    x_1K: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None, w_scale: torch.Tensor
+def _gemv_partials(
+    x_1K: torch.Tensor,
+    w_NK: torch.Tensor,
+    bias_N: torch.Tensor | None,
+    w_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     n, k = w_NK.shape
-    cfg = fp8_gemv_config(n, k)
+    quant = "fp8" if w_scale is not None else ""
+    cfg = gemv_partials_config(n, k, quant)
     out = torch.empty(cfg["SPLIT_K"], 1, n, dtype=torch.float32, device=x_1K.device)
-    _fp8_gemv_partials_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
+    _gemv_partials_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
         x_1K,
         w_NK,
         out,
-        bias_N if bias_N is not None else out,  # unused pointer without a bias
-        w_scale,
+        bias_N if bias_N is not None else out,  # unused pointers
+        w_scale if w_scale is not None else out,
         n,
         k,
         w_NK.stride(0),
         out.stride(0),
-        w_scale.stride(0),
+        w_scale.stride(0) if w_scale is not None else 0,
         HAS_BIAS=bias_N is not None,
+        QUANT=1 if quant else 0,
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
         GROUP=FP8_GROUP,
@@ -217,12 +245,25 @@ def linear_partials(
     w_scale: w is FP8 with these scales [N, ceil(K/128)] (kernels.quant). A float32 w (a
     float32 router) takes x in float32, as F.linear(x.float(), w) does."""
     t, k = x_TK.shape
-    n = w_NK.shape[0]
     assert w_NK.shape[1] == k and x_TK.stride(1) == 1 and w_NK.stride(1) == 1
     scaled = w_scale is not None
     assert not scaled or (w_NK.dtype == torch.float8_e4m3fn and w_scale.stride(1) == 1)
-    if scaled and t == 1:
-        return _fp8_gemv_partials(x_TK, w_NK, bias_N, w_scale)
+    if t == 1:  # a GEMV: one row needs no 16-row dot
+        return _gemv_partials(x_TK, w_NK, bias_N, w_scale)
+    return dot_partials(x_TK, w_NK, bias_N, w_scale)
+
+
+def dot_partials(
+    x_TK: torch.Tensor,
+    w_NK: torch.Tensor,
+    bias_N: torch.Tensor | None = None,
+    w_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """linear_partials on the tensor cores at any row count (rows past T padded to the dot's
+    16); linear_partials takes it from two rows up."""
+    t, k = x_TK.shape
+    n = w_NK.shape[0]
+    scaled = w_scale is not None
     cfg = config(t, n, k, scaled)
     out = torch.empty(cfg["SPLIT"], t, n, dtype=torch.float32, device=x_TK.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(t, cfg["BLOCK_M"]), cfg["SPLIT"])
