@@ -290,25 +290,37 @@ def test_every_kernel_compiles_for_sm90(monkeypatch: pytest.MonkeyPatch) -> None
 
 _SASS = """
 import inspect, json, os, re, subprocess, sys, tempfile
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from moeserve.kernels import moe_gemm as mg
 from moeserve.kernels import moe_gemv as mv
 
-# gpt-oss-120b's experts at one token (K = 2880: 90 groups), as the JIT specializes them:
-# pointers and the integers that are multiples of 16 marked divisible by 16, 1 a constant.
+# gpt-oss-120b's experts (K = 2880: 90 groups) as the JIT specializes them: pointers and the
+# integers that are multiples of 16 marked divisible by 16, the unit strides constants.
 D = F = 2880
-_PTR_TYPES = {"w_ptr": "*u8", "s_ptr": "*u8", "sw_ptr": "*u8", "ss_ptr": "*u8",
-              "experts_ptr": "*i32", "slot_ptr": "*i32", "out_ptr": "*fp32"}
-byte_loads = {}
-for name, fn, cfg in (
-    ("gate_up", mv._gate_up_act_kernel, mv.gemv_config(F, D, "mxfp4")),
-    ("down", mv._down_kernel, mv.gemv_config(D, F, "mxfp4", rows=4)),
+_PTR_TYPES = {"w_ptr": "*u8", "s_ptr": "*u8", "sw_ptr": "*u8", "ss_ptr": "*u8", "b_ptr": "*u8",
+              "b_scale_ptr": "*u8", "experts_ptr": "*i32", "slot_ptr": "*i32",
+              "sorted_ids_ptr": "*i32", "block_expert_ptr": "*i32", "num_post_pad_ptr": "*i32",
+              "expert_slot_ptr": "*i32", "out_ptr": "*fp32", "a_scale_ptr": "*fp32"}
+_UNIT = {"stride_sk": 1, "stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_bsk": 1}
+_ODD = ("R", "S", "PIECE", "P", "num_assignments", "num_experts", "stride_sn", "stride_ssn",
+        "stride_bsn")
+gemv = dict(QUANT=2, GROUP=32, PACKED=True, SHARED=0, HAS_SLOT=False, ROWS_PER_X=4,
+            HAS_BIAS=True, CLAMPED=True)
+gemm = mg.gemm_config(64, 128, 4, 2 * F, D, torch.bfloat16, "mxfp4") | dict(BLOCK_K=32)
+loads = {}
+for name, fn, consts, warps in (
+    ("gemv gate_up", mv._gate_up_act_kernel, gemv | (c := mv.gemv_config(F, D, "mxfp4")), c),
+    ("gemv down", mv._down_kernel, gemv | (c := mv.gemv_config(D, F, "mxfp4", rows=4)), c),
+    ("gemm", mg._moe_gemm_kernel, dict(QUANT=2, GROUP=32, PACKED=True, FP8_DOT=False,
+     ROWS_PER_A=4, MUL_ROUTED_WEIGHT=False, HAS_EXPERT_SLOT=False, HAS_BIAS=False,
+     DOT_PRECISION="ieee") | gemm, gemm),
 ):
-    consts = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], QUANT=2, GROUP=32,
-                  LOOP_STAGES=cfg["loop_stages"], PACKED=True, SHARED=0, HAS_SLOT=False,
-                  ROWS_PER_X=4, HAS_BIAS=True, CLAMPED=True, stride_sk=1)
-    params = inspect.signature(fn.fn).parameters.values()
+    consts = dict(consts, LOOP_STAGES=consts.get("loop_stages", 1), **_UNIT)
+    warps = warps["num_warps"]
+    params = list(inspect.signature(fn.fn).parameters.values())
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig, attrs = {}, {}
     for i, p in enumerate(params):
@@ -319,28 +331,29 @@ for name, fn, cfg in (
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[p.name] = "fp32" if p.name in ("alpha", "limit") else "i32"
-            if p.name in ("F", "K", "N") or p.name in ("stride_x", "stride_we", "stride_wn",
-                                                      "stride_h", "stride_out", "stride_split"):
+            if p.name not in _ODD:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=cfg["num_warps"]))
+    options = dict(num_warps=warps, num_stages=consts.get("num_stages", 3))
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     path = os.path.join(tempfile.mkdtemp(), "k.cubin")
     with open(path, "wb") as f:
         f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
     sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
-    byte_loads[name] = len(re.findall(r"LDG(?:STS)?\\.E\\.U8", sass))
-print(json.dumps(byte_loads))
+    loads[name] = dict(bytes=len(re.findall(r"LDG(?:STS)?\\.E\\.U8", sass)),
+                       async_=len(re.findall(r"LDGSTS\\.E", sass)))
+print(json.dumps(loads))
 """
 
 
 @pytest.mark.slow
-def test_mxfp4_gemv_loads_a_group_of_bytes_at_once() -> None:
-    """The MXFP4 GEMVs' weight bytes load as vectors, not one byte per load: a per-byte mask
-    (K as a stride-2 comparison) once compiled each thread's 16 weight bytes into 16 loads,
-    and the decode, ALU-bound already, waited on them. Only the E8M0 scales (a byte per
-    group and row) may still load a byte at a time."""
+def test_mxfp4_kernels_load_a_group_of_bytes_at_once() -> None:
+    """The MXFP4 expert kernels' weight bytes load as vectors, not one byte per load: a
+    per-byte mask (K as a stride-2 comparison) once compiled each thread's weight bytes into
+    a load each, and the decode, ALU-bound already, waited on them. The GEMVs' byte loads left
+    are the E8M0 scales (one for gate rows, one for up rows; one for down); the grouped
+    GEMM's weight and activation tiles go through cp.async (none did before)."""
     nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
     if not nvdisasm.exists():
         pytest.skip("this Triton ships no nvdisasm")
@@ -350,6 +363,6 @@ def test_mxfp4_gemv_loads_a_group_of_bytes_at_once() -> None:
         [sys.executable, "-c", _SASS], capture_output=True, text=True, env=env, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    byte_loads = json.loads(done.stdout.strip().splitlines()[-1])
-    # gate/up: one scale load for its gate rows and one for its up rows; down: one.
-    assert byte_loads == {"gate_up": 2, "down": 1}, byte_loads
+    loads = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loads["gemv gate_up"]["bytes"] == 2 and loads["gemv down"]["bytes"] == 1, loads
+    assert loads["gemm"]["async_"] >= 2, loads

@@ -208,13 +208,15 @@ def _moe_gemm_kernel(
             # give the even k (low nibbles) and the odd k (high nibbles), each a dot with
             # those columns of the activations, so no register shuffle interleaves them; the
             # group's scale then multiplies the tile's product once.
+            # K is a multiple of the group, so the tile lies inside K: masks by row and column
+            # only, which lets a thread load its bytes (and activations) as vectors; a mask
+            # on `bk * 2 < K` made every byte a load of its own. The activations load as
+            # one [BLOCK_M, BLOCK_K] tile split into even and odd columns in registers.
             bk = k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-            bk_ok = bk * 2 < K
             b_ptrs = b_base + offs_n[None, :] * stride_bn + bk[:, None] * stride_bk
-            byte = tl.load(b_ptrs, mask=bk_ok[:, None] & col_ok[None, :], other=0)
-            a_mask = row_ok[:, None] & bk_ok[None, :]
-            a_even = tl.load(a_rows + (2 * bk)[None, :] * stride_ak, mask=a_mask, other=0.0)
-            a_odd = tl.load(a_rows + (2 * bk + 1)[None, :] * stride_ak, mask=a_mask, other=0.0)
+            byte = tl.load(b_ptrs, mask=col_ok[None, :], other=0)
+            a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_ok[:, None], other=0.0)
+            a_even, a_odd = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_K // 2, 2)))
             lo, hi = mxfp4_nibbles(byte, PACKED)
             part = tl.dot(a_even, lo.to(a_even.dtype), input_precision=DOT_PRECISION)
             part = tl.dot(a_odd, hi.to(a_even.dtype), part, input_precision=DOT_PRECISION)
