@@ -247,9 +247,8 @@ def _moe_gemm_kernel(
                 acc += part * b_s[None, :]
             else:
                 b = load_weights(
-                    b_base, s_base, offs_n[None, :], kk[:, None], col_ok[None, :], b_mask,
-                    k * BLOCK_K, stride_bn, stride_bk, stride_bsn, stride_bsk,
-                    QUANT, GROUP, BLOCK_K <= GROUP,
+                    b_base, s_base, offs_n[None, :], kk[:, None], b_mask,
+                    stride_bn, stride_bk, stride_bsn, stride_bsk, QUANT, GROUP,
                 )  # fmt: skip
                 acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
 

@@ -32,39 +32,27 @@ def quant_code(quant: str) -> tuple[int, int]:
 
 @triton.jit
 def load_weights(
-    w_ptr,  # one expert's stored weight [N, K] (mxfp4: [N, K/2] bytes)
-    s_ptr,  # its scales [N, ceil(K/GROUP)]
+    w_ptr,  # one expert's stored weight [N, K]
+    s_ptr,  # its scales [N, ceil(K/GROUP)] (fp8)
     n,  # output-row indices, broadcastable against k
-    k,  # real K indices (not bytes)
-    n_ok,  # n < N, shaped as n
+    k,  # K indices
     mask,  # the tile's mask, shaped as n + k
-    k0,  # the tile's first K index
     stride_wn,
     stride_wk,
     stride_sn,
     stride_sk,
-    QUANT: tl.constexpr,  # 0 plain, 1 fp8, 2 mxfp4
+    QUANT: tl.constexpr,  # 0 plain, 1 fp8 (a tile across scale groups: a scale per element)
     GROUP: tl.constexpr,
-    ONE_GROUP: tl.constexpr,  # the tile lies in one scale group (BLOCK_K divides GROUP)
 ):
-    """The weights at [n, k]: as stored when plain, else dequantized to float32."""
+    """The weights at [n, k]: as stored when plain, else dequantized to float32. (The grouped
+    GEMM takes MXFP4, and FP8 tiles inside one group, apart: a scale per tile column.)"""
+    tl.static_assert(QUANT < 2, "mxfp4 tiles decode in moe_gemm")
     # One return at the end: Triton compiles the code after a return in a constexpr branch
     # too, and then finds two return types.
-    if QUANT == 0:
-        w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
-    else:
-        if ONE_GROUP:  # one scale per row: a [.., BLOCK_N] load instead of one per element
-            scale = tl.load(s_ptr + n * stride_sn + (k0 // GROUP) * stride_sk, mask=n_ok, other=0)
-        else:
-            scale = tl.load(s_ptr + n * stride_sn + (k // GROUP) * stride_sk, mask=mask, other=0)
-        if QUANT == 1:
-            w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
-            w = w.to(tl.float32) * scale
-        else:
-            # mxfp4: even k is the low nibble of byte k // 2, odd k the high one
-            byte = tl.load(w_ptr + n * stride_wn + (k // 2) * stride_wk, mask=mask, other=0)
-            code = (byte.to(tl.int32) >> ((k % 2) * 4)) & 0xF
-            w = e2m1_as_fp16(code, 0).to(tl.float32) * e8m0_factor(scale, FP16_EXP_OFFSET)
+    w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
+    if QUANT == 1:
+        scale = tl.load(s_ptr + n * stride_sn + (k // GROUP) * stride_sk, mask=mask, other=0)
+        w = w.to(tl.float32) * scale
     return w
 
 
