@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh tests speed     # some of them:
 #     tests       the gpu-marked tests
 #     kernels     benchmarks/kernel_bench.py --sweep: fused-MoE GEMMs and paged attention vs copy bw;
-#                 benchmarks/pdl_probe.py: dependent launches with and without PDL
+#                 benchmarks/pdl_probe.py: dependent launches with and without PDL;
+#                 kernel_bench --linear: one-row dense projections, GEMV vs tensor-core dot
 #     speed       benchmarks/gpu_speed.py: decode b1/b64 vs the HBM floor, 4k prefill vs matmul
 #     profile     benchmarks/gpu_speed.py --profile: torch.profiler traces of decode steps
 #     http        benchmarks/http_vs_offline.py: HTTP at 64 streams vs the offline engine
@@ -24,7 +25,7 @@ set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
 extra="ab"  # stages that run only when named
 case "${1:-}" in
-  -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -50,7 +51,10 @@ for stage in $stages; do
     kernels)
       python3 benchmarks/kernel_bench.py --sweep --json "$OUT/kernel_bench.json" 2>&1 \
         | tee "$OUT/kernel_bench.log"
-      python3 benchmarks/pdl_probe.py 2>&1 | tee "$OUT/pdl_probe.log" ;;
+      python3 benchmarks/pdl_probe.py 2>&1 | tee "$OUT/pdl_probe.log"
+      for shape in gpt-oss-120b deepseek-v2-lite qwen3-30b-a3b; do
+        python3 benchmarks/kernel_bench.py --shape "$shape" --linear 2>&1 | tee -a "$OUT/linear.log"
+      done ;;
     speed)
       python3 benchmarks/gpu_speed.py --modes graphs,graphs-sync,eager,torch \
         --json "$OUT/gpu_speed.json" 2>&1 | tee "$OUT/gpu_speed.log" ;;

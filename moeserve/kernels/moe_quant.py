@@ -47,8 +47,6 @@ def load_weights(
     """The weights at [n, k]: as stored when plain, else dequantized to float32. (The grouped
     GEMM takes MXFP4, and FP8 tiles inside one group, apart: a scale per tile column.)"""
     tl.static_assert(QUANT < 2, "mxfp4 tiles decode in moe_gemm")
-    # One return at the end: Triton compiles the code after a return in a constexpr branch
-    # too, and then finds two return types.
     w = tl.load(w_ptr + n * stride_wn + k * stride_wk, mask=mask, other=0.0)
     if QUANT == 1:
         scale = tl.load(s_ptr + n * stride_sn + (k // GROUP) * stride_sk, mask=mask, other=0)
