@@ -197,8 +197,8 @@ def gemv_partials_config(n: int, k: int, quant: str = "") -> dict[str, int]:
     # A router's few rows split down to single tiles: its programs are all latency.
     min_k = _GEMV_MIN_K_TILES if n * k >= 1 << 20 else 1
     split = k_splits(programs, triton.cdiv(k, block_k), min_k, _MAX_SPLIT, per_sm=8)
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split) | dict(
-        loop_stages=stages
+    return dict(
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split, loop_stages=stages
     )
 
 
