@@ -180,9 +180,15 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
         if QUANT == "fp8":
             splits, widths = ((3, 4, 6), (512, 1024)) if down else ((1,), (256, 512))
             grid = itertools.product((16, 32), widths, (4, 8), splits, (1, 2, 4))
-        elif QUANT == "mxfp4":
-            splits, widths = ((2, 3, 4, 8), (256, 512)) if down else ((1,), (256, 512, 1024))
-            grid = itertools.product((4, 8, 16), widths, (4, 8), splits, (1, 2) if down else (2, 3))
+        elif QUANT == "mxfp4":  # word tiles: rows in each thread when BLOCK_K = 256 x warps
+            rows_n = (8, 16, 32) if down else (2, 4, 8)
+            splits = (1, 2, 3) if down else (1,)
+            grid = (
+                (n, k, w, sk, st)
+                for n, (k, w), sk, st in itertools.product(
+                    rows_n, ((512, 2), (1024, 4), (2048, 8)), splits, (1, 2)
+                )
+            )
         else:
             splits = (1, 2, 4) if down else (1,)
             grid = itertools.product((8, 16, 32), (128, 256), (4, 8), splits, (1, 3))
@@ -206,9 +212,10 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
                 s = bench(fn)
             except OutOfResources:
                 continue
-            if cfg is base and QUANT == "mxfp4":  # the portable decode, same tile
-                with _unpacked():
-                    print(f"  {name} shipped tile, unpacked decode: {bench(fn) * 1e6:6.1f} us")
+            if cfg is base and QUANT == "mxfp4":  # each decode, same tile
+                for code, what in DECODES.items():
+                    with _decode(code):
+                        print(f"  {name} shipped tile, {what} decode: {bench(fn) * 1e6:6.1f} us")
             rows.append(
                 {
                     "gemm": name,
@@ -226,11 +233,15 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
     return rows
 
 
+# moe_quant.packed_decode()'s codes
+DECODES = {0: "portable", 1: "e4m3-conversion", 2: "byte-permute"}
+
+
 @contextlib.contextmanager
-def _unpacked() -> Iterator[None]:
-    """The kernels' portable mxfp4 decode (the interpreter's) instead of the PTX one."""
+def _decode(code: int) -> Iterator[None]:
+    """The kernels' mxfp4 decode `code` instead of the shipped one."""
     saved = mv.packed_decode, mg.packed_decode
-    mv.packed_decode = mg.packed_decode = lambda: False
+    mv.packed_decode = mg.packed_decode = lambda: code
     try:
         yield
     finally:
@@ -392,12 +403,13 @@ def gemv_report(args: argparse.Namespace, bw: float, result: dict[str, Any]) -> 
         floor = experts * 3 * D * F * BYTES_PER_WEIGHT[QUANT] / bw
         result["layer"].append({"tokens": t, "gemv_s": gemv, "grouped_s": grouped})
         if QUANT == "mxfp4":
-            with _unpacked():
-                (slow, _), (slow_grouped, _) = whole_moe(t, True), whole_moe(t, False)
-            print(
-                f"T={t:4d} whole layer, unpacked decode: gemv {slow * 1e6:6.1f} us, "
-                f"grouped {slow_grouped * 1e6:6.1f} us"
-            )
+            for code, what in DECODES.items():
+                with _decode(code):
+                    (one, _), (one_grouped, _) = whole_moe(t, True), whole_moe(t, False)
+                print(
+                    f"T={t:4d} whole layer, {what} decode: gemv {one * 1e6:6.1f} us, "
+                    f"grouped {one_grouped * 1e6:6.1f} us"
+                )
         print(
             f"T={t:4d} whole layer in a graph: gemv {gemv * 1e6:6.1f} us "
             f"({floor / gemv:.2f} of floor), grouped {grouped * 1e6:6.1f} us "

@@ -266,11 +266,12 @@ def test_every_kernel_compiles_for_sm90(monkeypatch: pytest.MonkeyPatch) -> None
     }
     launched = {f"{launch['module']}.{launch['name']}" for launch in launches.values()}
     assert kernels <= launched, sorted(kernels - launched)
-    # The interpreter runs the portable mxfp4 decode; the GPU takes the PTX one (PACKED).
+    # The interpreter runs the portable mxfp4 decode (PACKED 0); the GPU takes a PTX one.
     packed = [
-        launch | dict(constexprs=launch["constexprs"] | dict(PACKED=True))
+        launch | dict(constexprs=launch["constexprs"] | dict(PACKED=code))
         for launch in launches.values()
-        if launch["constexprs"].get("PACKED") is False and launch["constexprs"]["QUANT"] == 2
+        if launch["constexprs"].get("PACKED") == 0 and launch["constexprs"]["QUANT"] == 2
+        for code in (1, 2)
     ]
     assert packed, "no mxfp4 launch recorded"
     launches |= {json.dumps(launch, sort_keys=True, default=str): launch for launch in packed}
@@ -296,6 +297,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moeserve.kernels import moe_gemm as mg
 from moeserve.kernels import moe_gemv as mv
+from moeserve.kernels import moe_quant as mq
 
 # gpt-oss-120b's experts (K = 2880: 90 groups) as the JIT specializes them: pointers and the
 # integers that are multiples of 16 marked divisible by 16, the unit strides constants.
@@ -307,18 +309,33 @@ _PTR_TYPES = {"w_ptr": "*u8", "s_ptr": "*u8", "sw_ptr": "*u8", "ss_ptr": "*u8", 
 _UNIT = {"stride_sk": 1, "stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_bsk": 1}
 _ODD = ("R", "S", "PIECE", "P", "num_assignments", "num_experts", "stride_sn", "stride_ssn",
         "stride_bsn")
-gemv = dict(QUANT=2, GROUP=32, PACKED=True, SHARED=0, HAS_SLOT=False, ROWS_PER_X=4,
-            HAS_BIAS=True, CLAMPED=True)
+gemv = dict(QUANT=2, GROUP=32, PACKED=mq.MXFP4_DECODE, SHARED=0, HAS_SLOT=False, ROWS_PER_X=4,
+            HAS_BIAS=True, CLAMPED=True, EVEN_N=True, stride_wn=D // 2, stride_sn=D // 32)
 gemm = mg.gemm_config(64, 128, 4, 2 * F, D, torch.bfloat16, "mxfp4") | dict(BLOCK_K=32)
-loads = {}
+
+
+def loop_body(sass):
+    # the longest backward branch's body: the K loop
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines)
+              if (m := re.match(r"^[.](L_x_[0-9]+):", line))}
+    spans = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `[(][.](L_x_[0-9]+)[)]", line))
+             and labels.get(m.group(1), i) < i]
+    first, last = max(spans, key=lambda s: s[1] - s[0])
+    return "\\n".join(lines[first:last + 1])
+
+
+report = {}
 for name, fn, consts, warps in (
     ("gemv gate_up", mv._gate_up_act_kernel, gemv | (c := mv.gemv_config(F, D, "mxfp4")), c),
     ("gemv down", mv._down_kernel, gemv | (c := mv.gemv_config(D, F, "mxfp4", rows=4)), c),
-    ("gemm", mg._moe_gemm_kernel, dict(QUANT=2, GROUP=32, PACKED=True, FP8_DOT=False,
-     ROWS_PER_A=4, MUL_ROUTED_WEIGHT=False, HAS_EXPERT_SLOT=False, HAS_BIAS=False,
-     DOT_PRECISION="ieee") | gemm, gemm),
+    ("gemm", mg._moe_gemm_kernel, dict(QUANT=2, GROUP=32, PACKED=mq.MXFP4_DECODE,
+     FP8_DOT=False, ROWS_PER_A=4, MUL_ROUTED_WEIGHT=False, HAS_EXPERT_SLOT=False,
+     HAS_BIAS=False, DOT_PRECISION="ieee") | gemm, gemm),
 ):
     consts = dict(consts, LOOP_STAGES=consts.get("loop_stages", 1), **_UNIT)
+    block_n = consts.get("BLOCK_N")
     warps = warps["num_warps"]
     params = list(inspect.signature(fn.fn).parameters.values())
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
@@ -341,19 +358,25 @@ for name, fn, consts, warps in (
         f.write(kernel.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/nvdisasm")
     sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
-    loads[name] = dict(bytes=len(re.findall(r"LDG(?:STS)?\\.E\\.U8", sass)),
-                       async_=len(re.findall(r"LDGSTS\\.E", sass)))
-print(json.dumps(loads))
+    body = loop_body(sass)
+    report[name] = dict(block_n=block_n,
+                        bytes=len(re.findall(r"LDG(?:STS)?[.]E[.]U8", sass)),
+                        async_=len(re.findall(r"LDGSTS[.]E", sass)),
+                        loop_stores=len(re.findall(r"\\bSTS", body)))
+print(json.dumps(report))
 """
 
 
 @pytest.mark.slow
-def test_mxfp4_kernels_load_a_group_of_bytes_at_once() -> None:
+def test_mxfp4_kernels_load_words_and_keep_activations_in_registers() -> None:
     """The MXFP4 expert kernels' weight bytes load as vectors, not one byte per load: a
     per-byte mask (K as a stride-2 comparison) once compiled each thread's weight bytes into
     a load each, and the decode, ALU-bound already, waited on them. The GEMVs' byte loads left
-    are the E8M0 scales (one for gate rows, one for up rows; one for down); the grouped
-    GEMM's weight and activation tiles go through cp.async (none did before)."""
+    are the E8M0 scales (a row's word takes its group's: one load per row, gate and up rows
+    apart), and their K loops store nothing to shared memory: the activations load in the
+    weights' own register layout (moe_quant.x_pairs), where they once went through shared
+    memory and a barrier every K tile. The grouped GEMM's weight and activation tiles go
+    through cp.async (none did before)."""
     nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"
     if not nvdisasm.exists():
         pytest.skip("this Triton ships no nvdisasm")
@@ -363,6 +386,8 @@ def test_mxfp4_kernels_load_a_group_of_bytes_at_once() -> None:
         [sys.executable, "-c", _SASS], capture_output=True, text=True, env=env, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    loads = json.loads(done.stdout.strip().splitlines()[-1])
-    assert loads["gemv gate_up"]["bytes"] == 2 and loads["gemv down"]["bytes"] == 1, loads
-    assert loads["gemm"]["async_"] >= 2, loads
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    up, down = got["gemv gate_up"], got["gemv down"]
+    assert up["bytes"] == 2 * up["block_n"] and down["bytes"] == down["block_n"], got
+    assert up["loop_stores"] == 0 and down["loop_stores"] == 0, got
+    assert got["gemm"]["async_"] >= 2, got

@@ -252,6 +252,35 @@ def test_k_tiles_wider_than_a_scale_group(quant: str, monkeypatch: pytest.Monkey
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_k", [0, 256])
+def test_mxfp4_gemvs_on_bf16_activations(block_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 activations reach the MXFP4 GEMVs as int32 pairs (moe_quant.x_pairs: no
+    conversion), a path float32 activations do not take. At one token, with the interpreter's
+    one-group tiles and with 256-wide ones (D = 64, F = 96: a tile's last words masked), the
+    bf16 GEMVs stay within bf16's roundings of the intermediates (1.9% here, as before the
+    pairs) of the float32 MoE on the dequantized weights and of the same GEMVs on float32
+    activations; an even/odd mix-up costs 100%."""
+    if block_k:
+        gemv_config = moe_gemv.gemv_config
+
+        def wide(*args: object, **kw: object) -> dict[str, int]:
+            return gemv_config(*args, **kw) | dict(BLOCK_K=block_k)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(moe_gemv, "gemv_config", wide)
+        monkeypatch.setattr(fused_module, "gemv_config", wide)
+    c = make_case("mxfp4", 1, 6, 2, seed=21)
+    x = c["x"].to(torch.bfloat16)
+    q = dict(w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant="mxfp4")
+    rest = (c["wgu_q"], c["wd_q"], c["weights"], c["experts"])
+    got = fused_moe(x, *rest, gemv=True, **q)
+    assert got.dtype == torch.bfloat16
+    on_float32 = fused_moe(x.float(), *rest, gemv=True, **q)
+    ref = reference(x, c["wgu"], c["wd"], c["weights"], c["experts"])
+    assert _rel_err(on_float32, ref) < 1e-6
+    assert _rel_err(got, ref) < 0.03, _rel_err(got, ref)
+    assert _rel_err(got, on_float32) < 0.03, _rel_err(got, on_float32)
+
+
 @pytest.mark.parametrize(("T", "residual"), [(8, False), (70, True)])
 def test_fp8_tensor_core_path(T: int, residual: bool) -> None:
     """fp8 x fp8 dots with per-token-group activation scales (the interpreter runs float8
@@ -334,3 +363,31 @@ def test_gpu_quantized_bf16_accuracy(quant: str, T: int) -> None:
         assert _rel_err(got, fq) < 0.03, _rel_err(got, fq)
         got = fused_moe(*args, fp8_dot=False, **q)  # weight-only at prefill sizes too
     assert _rel_err(got, ref) < 0.01, _rel_err(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_gpu_mxfp4_decodes_agree(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The three MXFP4 decodes (moe_quant.packed_decode's codes: portable, e4m3 conversions,
+    byte permutes) give the same values at different powers of two that each group's scale
+    factor takes back, so the MoE's output is the same bits whichever the kernels take: the
+    GEMVs at T = 1, the grouped GEMMs at T = 64."""
+    from moeserve.kernels import moe_quant
+
+    c = make_case("mxfp4", T, 8, 2, seed=T, device="cuda", shape=(1024, 1440))
+    x = c["x"].to(torch.bfloat16)
+    q = dict(w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant="mxfp4")
+    outs = []
+    for code in (0, 1, 2):
+        monkeypatch.setattr(moe_quant, "MXFP4_DECODE", code)
+        assert moe_quant.packed_decode() == code
+        outs.append(fused_moe(x, c["wgu_q"], c["wd_q"], c["weights"], c["experts"], **q))
+    ref = reference(x, c["wgu"], c["wd"], c["weights"], c["experts"])
+    assert _rel_err(outs[0], ref) < 0.01
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    # activations one element into their storage: rows off the 4-byte grid the GEMVs load
+    # bf16 pairs on (moe_gemv copies such a view; an int32 load there faults)
+    wider = torch.zeros(T, x.shape[1] + 1, dtype=torch.bfloat16, device="cuda")
+    wider[:, 1:] = x
+    got = fused_moe(wider[:, 1:], c["wgu_q"], c["wd_q"], c["weights"], c["experts"], **q)
+    assert torch.equal(got, outs[-1])

@@ -164,11 +164,10 @@ def _gemv_partials_kernel(
         G: tl.constexpr = BLOCK_K // GROUP
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            xa, xb = x_tile(x_ptr, k0, K, 1, GROUP, G)
+            x = x_tile(x_ptr, k0, K, GROUP, G)
             acc += quant_tile(
-                w_ptr, scale_ptr, offs_n, n_ok, xa, xb, k0, K, stride_wn, stride_sn, 1, 1,
-                GROUP, G, False,
-            )  # fmt: skip
+                w_ptr, scale_ptr, offs_n, n_ok, x, k0, K, stride_wn, stride_sn, 1, GROUP, G
+            )
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:  # in the first partial only, so the sum holds it once
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)

@@ -34,7 +34,15 @@ import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_epilogue import activate, rnd
-from moeserve.kernels.moe_quant import packed_decode, quant_code, quant_tile, x_tile
+from moeserve.kernels.moe_quant import (
+    QUANT_CODES,
+    mxfp4_word_dot,
+    packed_decode,
+    quant_code,
+    quant_tile,
+    x_pairs,
+    x_tile,
+)
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import group_size, real_k
 
@@ -92,12 +100,12 @@ _GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
     ("fp8", False): (16, 256, 4, 4),
     ("fp8", True): (32, 1024, 4, 1),
     ("mxfp4", False): (4, 1024, 4, 2),
-    ("mxfp4", True): (16, 256, 4, 1),
+    ("mxfp4", True): (16, 1024, 4, 1),
 }
 # The fewest K tiles a split of the down GEMV streams, and the programs it aims for per SM.
 # gpt-oss-120b's MXFP4 down (K 2880, 12 tiles of 256) took 16.4 us in 4 splits, 18.6 us
 # unsplit at 4 x 512 (H100, 2026-12-06).
-_DOWN_SPLITS: dict[str, tuple[int, int]] = {"": (4, 8), "mxfp4": (3, 16)}
+_DOWN_SPLITS: dict[str, tuple[int, int]] = {"": (4, 8), "mxfp4": (1, 16)}
 
 
 @triton.jit
@@ -129,11 +137,11 @@ def _gate_up_act_kernel(
     num_experts,
     stride_x,
     stride_we,
-    stride_wn,
+    stride_wn: tl.constexpr,
     stride_h,
     stride_bias,
     stride_se,
-    stride_sn,
+    stride_sn: tl.constexpr,
     stride_sk,
     alpha,
     limit,
@@ -147,7 +155,8 @@ def _gate_up_act_kernel(
     QUANT: tl.constexpr,  # moe_quant.QUANT_CODES
     GROUP: tl.constexpr,
     LOOP_STAGES: tl.constexpr,  # K tiles in flight (the loop's software pipeline)
-    PACKED: tl.constexpr,  # mxfp4: moe_quant.e2m1x4_as_fp16's packed decode
+    PACKED: tl.constexpr,  # mxfp4: the decode, moe_quant.packed_decode()
+    EVEN_N: tl.constexpr,  # mxfp4: BLOCK_N divides the output rows (none masked)
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
@@ -191,19 +200,34 @@ def _gate_up_act_kernel(
             acc_u += w_up.to(tl.float32) * x
         gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
         upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
-    else:
+    elif QUANT == 1:
         G: tl.constexpr = BLOCK_K // GROUP
         acc_g = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
-            xa, xb = x_tile(x_row, k0, K, QUANT, GROUP, G)
+            x = x_tile(x_row, k0, K, GROUP, G)
             acc_g += quant_tile(
-                w_e, s_e, offs_n, n_ok, xa, xb, k0, K,
-                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G, PACKED,
-            )  # fmt: skip
+                w_e, s_e, offs_n, n_ok, x, k0, K, stride_wn, stride_sn, stride_sk, GROUP, G
+            )
             acc_u += quant_tile(
-                w_e, s_e, offs_n + up, n_ok, xa, xb, k0, K,
-                stride_wn, stride_sn, stride_sk, QUANT, GROUP, G, PACKED,
+                w_e, s_e, offs_n + up, n_ok, x, k0, K, stride_wn, stride_sn, stride_sk, GROUP, G
+            )
+        gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
+        upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
+    else:
+        GW: tl.constexpr = BLOCK_K // 8
+        acc_g = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
+            xe, xo = x_pairs(x_row, k0, K, GW)
+            row0 = tl.program_id(0) * BLOCK_N  # no shared expert takes mxfp4
+            acc_g += mxfp4_word_dot(
+                w_e, s_e, row0, F, xe, xo, k0, K,
+                stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
+            )  # fmt: skip
+            acc_u += mxfp4_word_dot(
+                w_e, s_e, row0 + F, 2 * F, xe, xo, k0, K,
+                stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
             )  # fmt: skip
         gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
         upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
@@ -234,11 +258,11 @@ def _down_kernel(
     num_experts,
     stride_h,
     stride_we,
-    stride_wn,
+    stride_wn: tl.constexpr,
     stride_out,
     stride_split,
     stride_se,
-    stride_sn,
+    stride_sn: tl.constexpr,
     stride_sk,
     stride_ssn,
     SHARED: tl.constexpr,  # shared-expert rows per token (PIECE of its S columns each), or 0
@@ -249,6 +273,7 @@ def _down_kernel(
     GROUP: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
     PACKED: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
@@ -288,14 +313,20 @@ def _down_kernel(
             m = n_ok[:, None] & k_ok[None, :]
             w = tl.load(w_e + offs_n[:, None] * wn + kk[None, :], mask=m, other=0.0)
             acc += w.to(tl.float32) * h
-    else:
+    elif QUANT == 1:
         G: tl.constexpr = BLOCK_K // GROUP
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            ha, hb = x_tile(h_row, k0, k_len, QUANT, GROUP, G)
-            acc += quant_tile(
-                w_e, s_e, offs_n, n_ok, ha, hb, k0, k_len,
-                wn, sn, stride_sk, QUANT, GROUP, G, PACKED,
+            h = x_tile(h_row, k0, k_len, GROUP, G)
+            acc += quant_tile(w_e, s_e, offs_n, n_ok, h, k0, k_len, wn, sn, stride_sk, GROUP, G)
+    else:
+        GW: tl.constexpr = BLOCK_K // 8
+        acc = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
+        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+            he, ho = x_pairs(h_row, k0, k_len, GW)
+            acc += mxfp4_word_dot(
+                w_e, s_e, tl.program_id(0) * BLOCK_N, N, he, ho, k0, k_len,
+                stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
             )  # fmt: skip
     out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
     tl.store(out_row + offs_n, tl.sum(acc, axis=1), mask=n_ok)
@@ -335,6 +366,15 @@ class SharedExpert(NamedTuple):
         return triton.cdiv(self.width, self.piece(F))
 
 
+def _pairs_aligned(x: torch.Tensor, code: int) -> torch.Tensor:
+    """x with every row on a 4-byte boundary where the MXFP4 GEMVs load its bf16 values in
+    pairs (moe_quant.x_pairs), a copy if a view's offset or row stride is odd."""
+    odd = x.stride(0) % 2 or x.data_ptr() % 4
+    if code == QUANT_CODES["mxfp4"] and x.dtype == torch.bfloat16 and odd:
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 def gemv_gate_up_act(
     x_TD: torch.Tensor,
     w_gate_up_EF2D: torch.Tensor,
@@ -362,6 +402,7 @@ def gemv_gate_up_act(
     alloc = torch.zeros if interpreting() else torch.empty  # sentinel rows stay unwritten
     h_RF = alloc(R, F, dtype=x_TD.dtype, device=x_TD.device)
     assert x_TD.stride(1) == 1 and w_gate_up_EF2D.stride(2) == 1
+    x_TD = _pairs_aligned(x_TD, code)
     assert bias_EF2 is None or bias_EF2.stride(1) == 1
     cfg = cfg or gemv_config(F, D, quant)
     kind, alpha, limit = activation
@@ -412,6 +453,7 @@ def gemv_gate_up_act(
             GROUP=group,
             LOOP_STAGES=cfg.get("loop_stages", 1),
             PACKED=packed_decode(),
+            EVEN_N=F % cfg["BLOCK_N"] == 0,
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,
         )
@@ -441,6 +483,7 @@ def gemv_down(
     assert (w_scale is None) == (quant == ""), "quantized weights need their scales"
     assert out_SRD.dtype == torch.float32 and out_SRD.stride(2) == 1
     assert h_RF.stride(1) == 1 and w_down_EDF.stride(2) == 1
+    h_RF = _pairs_aligned(h_RF, code)
     cfg = cfg or gemv_config(D, F, quant)
     shared_rows, S, piece, ssn = 0, 0, 0, 0
     hs = sw = ss = out_SRD  # unused pointers without a shared expert
@@ -485,6 +528,7 @@ def gemv_down(
             GROUP=group,
             LOOP_STAGES=cfg.get("loop_stages", 1),
             PACKED=packed_decode(),
+            EVEN_N=D % cfg["BLOCK_N"] == 0,
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,
         )

@@ -1,12 +1,12 @@
 """Quantized expert weights inside the fused MoE's Triton kernels (formats: kernels.quant).
 
 load_weights reads a tile of a stored weight and dequantizes it in registers (weight-only
-quantization: the GEMM then runs in the activation dtype). x_tile and quant_tile are the
+quantization: the GEMM then runs in the activation dtype). x_tile and quant_tile are the fp8
 GEMVs' form (moe_gemv, linear): a tile's dot with one activation row per scale group, each
-group's sum scaled once. For prefill with fp8 weights the
-grouped GEMM instead runs on the FP8 tensor cores: quantize_fp8_act quantizes the activations
-per row and group of 128 (dynamic scales, as vLLM's per-token-group fp8 path), and moe_gemm
-multiplies each 128-wide K tile's float32 product by both scales.
+group's sum scaled once; x_pairs and mxfp4_word_dot the MXFP4 GEMVs'. For prefill with fp8
+weights the grouped GEMM instead runs on the FP8 tensor cores: quantize_fp8_act quantizes the
+activations per row and group of 128 (dynamic scales, as vLLM's per-token-group fp8 path),
+and moe_gemm multiplies each 128-wide K tile's float32 product by both scales.
 """
 
 from __future__ import annotations
@@ -54,10 +54,16 @@ def load_weights(
     return w
 
 
-def packed_decode() -> bool:
-    """Whether the kernels decode mxfp4 with e2m1x4_as_fp16 (PTX: not under the interpreter,
-    which runs e2m1_as_fp16; both give the same values)."""
-    return not interpreting()
+# The kernels' MXFP4 decodes (their PACKED constexpr): 0 e2m1_as_fp16 (portable: the
+# interpreter's), 1 e2m1x4_as_fp16 (Hopper's e4m3 conversions, two weights each), 2
+# e2m1x4_as_fp16_prmt (integer ops and byte permutes only: Hopper's conversions issue at a
+# quarter of the integer rate). All three give the same values.
+MXFP4_DECODE = 1
+
+
+def packed_decode() -> int:
+    """The MXFP4 decode the kernels take (PTX ones are not for the interpreter)."""
+    return 0 if interpreting() else MXFP4_DECODE
 
 
 # e2m1_as_fp16 and e2m1x4_as_fp16 return E2M1 * 2**-OFFSET; e8m0_factor folds 2**OFFSET back.
@@ -119,6 +125,43 @@ def e2m1x4_as_fp16(byte):
 
 
 @triton.jit
+def e2m1x4_as_fp16_prmt(byte):
+    """e2m1x4_as_fp16's (low nibbles, high nibbles) of uint8 `byte` as float16 E2M1 * 2**-14
+    (exact), from integer ops and byte permutes only.
+
+    A nibble's magnitude bits at bits 1..3 of a byte and its sign at bit 7 make a
+    float8_e5m2 of value E2M1 * 2**-14 (0.5 becomes e5m2's subnormal), and an e5m2 byte is
+    the high byte of the float16 of the same value: four low (high) nibbles of a 32-bit
+    word become e5m2 bytes in two shifts and two ands (one shift), then each pair moves into
+    the high bytes of a float16x2 with one prmt."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 a, b, lo, hi;
+        shl.b32 a, $4, 1;
+        and.b32 a, a, 0x0E0E0E0E;
+        shl.b32 b, $4, 4;
+        and.b32 b, b, 0x80808080;
+        or.b32 lo, a, b;
+        shr.b32 a, $4, 3;
+        and.b32 a, a, 0x0E0E0E0E;
+        and.b32 b, $4, 0x80808080;
+        or.b32 hi, a, b;
+        prmt.b32 $0, lo, 0, 0x1404;
+        prmt.b32 $1, lo, 0, 0x3424;
+        prmt.b32 $2, hi, 0, 0x1404;
+        prmt.b32 $3, hi, 0, 0x3424;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r",
+        args=[byte],
+        dtype=(tl.float16, tl.float16),
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
 def e8m0_factor(e, OFFSET: tl.constexpr):
     """2 ** (e - 127) * 2 ** OFFSET in float32 for an E8M0 exponent byte e (the decodes'
     scale): e + OFFSET placed in a float32's exponent field."""
@@ -129,7 +172,9 @@ def e8m0_factor(e, OFFSET: tl.constexpr):
 def mxfp4_nibbles(byte, PACKED: tl.constexpr):
     """(low nibbles, high nibbles) of uint8 `byte` as float16 E2M1 values scaled down by
     2**-offset; mxfp4_group_scale(e, PACKED) is the factor that restores them."""
-    if PACKED:
+    if PACKED == 2:
+        lo, hi = e2m1x4_as_fp16_prmt(byte)
+    elif PACKED:
         lo, hi = e2m1x4_as_fp16(byte)
     else:
         lo = e2m1_as_fp16(byte.to(tl.int32), 0)
@@ -140,7 +185,7 @@ def mxfp4_nibbles(byte, PACKED: tl.constexpr):
 @triton.jit
 def mxfp4_group_scale(e, PACKED: tl.constexpr):
     """The float32 factor of E8M0 exponents e for values mxfp4_nibbles(..., PACKED) decoded."""
-    return e8m0_factor(e, PACKED_EXP_OFFSET if PACKED else FP16_EXP_OFFSET)
+    return e8m0_factor(e, PACKED_EXP_OFFSET if PACKED == 1 else FP16_EXP_OFFSET)
 
 
 @triton.jit
@@ -229,60 +274,129 @@ def fp8_dot_config(cfg: dict[str, int], k_dim: int) -> dict[str, int]:
 
 
 @triton.jit
-def x_tile(x_row, k0, K, QUANT: tl.constexpr, GROUP: tl.constexpr, G: tl.constexpr):
+def x_tile(x_row, k0, K, GROUP: tl.constexpr, G: tl.constexpr):
     """The activations of the K tile [k0, k0 + G*GROUP) as [1, G, GROUP] float32, loaded once
-    for every weight row of the program; mxfp4: split into (even k, odd k) halves [1, G,
-    GROUP/2] in registers (a stride-2 load would be a scalar load per element)."""
+    for every weight row of the program (fp8's quant_tile)."""
     kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
-    x = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
-    if QUANT == 2:
-        x_even, x_odd = tl.split(tl.reshape(x, (1, G, GROUP // 2, 2)))
-    else:
-        x_even, x_odd = x, x
-    return x_even, x_odd
+    return tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def quant_tile(
-    w_e,  # one expert's stored weight [N, K] (mxfp4: [N, K/2] bytes)
+    w_e,  # one expert's stored fp8 weight [N, K]
     s_e,  # its scales [N, ceil(K/GROUP)]
     rows,  # [BLOCK_N] output rows
     n_ok,
-    x_even,  # x_tile's activations (fp8: both the whole tile)
-    x_odd,
+    x,  # x_tile's activations
     k0,  # the tile's first K index (a multiple of GROUP)
     K,
     stride_wn,
     stride_sn,
     stride_sk,
-    QUANT: tl.constexpr,  # 1 fp8, 2 mxfp4
     GROUP: tl.constexpr,
     G: tl.constexpr,  # scale groups in the tile
-    PACKED: tl.constexpr,  # mxfp4: decode four bytes an instruction (moe_quant)
 ):
     """Sum over the K tile [k0, k0 + G*GROUP) of w[n, k] * x[k], per row and scale group:
     [BLOCK_N, G] float32, each group's dot scaled once (not each weight)."""
     g = k0 // GROUP + tl.arange(0, G)
-    n3 = rows[:, None, None]
-    s_ptrs = s_e + rows[:, None] * stride_sn + g[None, :] * stride_sk
+    kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
+    m = n_ok[:, None, None] & (kk < K)
+    w = tl.load(w_e + rows[:, None, None] * stride_wn + kk, mask=m, other=0.0)
+    part = tl.sum(w.to(tl.float32) * x, axis=2)
     s_ok = n_ok[:, None] & (g[None, :] * GROUP < K)
-    if QUANT == 1:
-        kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None, :, :]
-        w = tl.load(w_e + n3 * stride_wn + kk, mask=n_ok[:, None, None] & (kk < K), other=0.0)
-        part = tl.sum(w.to(tl.float32) * x_even, axis=2)
-        out = part * tl.load(s_ptrs, mask=s_ok, other=0.0)
+    return part * tl.load(s_e + rows[:, None] * stride_sn + g[None, :] * stride_sk, mask=s_ok)
+
+
+# The MXFP4 GEMVs' tiles are words: 4 bytes of a row, 8 weights (k = 8w .. 8w + 7, even k in
+# the low nibbles), against the 8 activations of the same k. Loaded as [rows, words, 4] for
+# both the weight bytes and the activation pairs, the two tiles take the same register layout
+# (4 contiguous elements a thread, lanes and warps along the words, rows in each thread), so
+# the activations meet the weights without going through shared memory and are converted once
+# for every row of the program; per word the products are one chain of multiply-adds.
+@triton.jit
+def x_pairs(x_row, k0, K, GW: tl.constexpr):
+    """The activations of the K tile [k0, k0 + 8*GW) for mxfp4_word_dot: (even k, odd k)
+    [1, GW, 4] float32, element [0, w, j] of k = k0 + 8w + 2j and the next. bf16 rows load as
+    one int32 per pair, whose halves are the two float32s' top bits (no conversion)."""
+    pk = (k0 // 2 + tl.arange(0, GW)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]
+    ok = (pk // 4) * 8 < K  # whole words: K is a multiple of 32
+    if x_row.dtype.element_ty == tl.bfloat16:
+        pair = tl.load(x_row.to(tl.pointer_type(tl.int32)) + pk, mask=ok, other=0)
+        x_even = (pair << 16).to(tl.float32, bitcast=True)
+        x_odd = (pair & -65536).to(tl.float32, bitcast=True)
     else:
-        # mxfp4: a group's 32 elements are 16 bytes, even k in the low nibbles; the low and
-        # high nibbles meet the even and odd activations (no interleaving of weights).
-        HALF: tl.constexpr = GROUP // 2
-        bk = k0 // 2 + tl.arange(0, G)[:, None] * HALF + tl.arange(0, HALF)[None, :]
-        bk = bk[None, :, :]
-        # Masked by whole groups (K is a multiple of GROUP): a mask constant along the bytes
-        # of a group lets each thread load its bytes at once. `bk * 2 < K` is not provably
-        # constant across lanes (stride 2), which made every byte a load of its own.
-        m = n_ok[:, None, None] & (g[None, :, None] * GROUP < K)
-        byte = tl.load(w_e + n3 * stride_wn + bk, mask=m, other=0)
-        lo, hi = mxfp4_nibbles(byte, PACKED)
-        part = tl.sum(lo.to(tl.float32) * x_even + hi.to(tl.float32) * x_odd, axis=2)
-        out = part * mxfp4_group_scale(tl.load(s_ptrs, mask=s_ok, other=0), PACKED)
-    return out
+        x_even = tl.load(x_row + pk * 2, mask=ok, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_row + pk * 2 + 1, mask=ok, other=0.0).to(tl.float32)
+    return x_even, x_odd
+
+
+@triton.jit
+def _quarters(t):
+    """The four elements of [N, W, 4] t's last dimension, as [N, W] tensors."""
+    a, b = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], 2, 2)))
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, b0, a1, b1
+
+
+@triton.jit
+def mxfp4_word_dot(
+    w_e,  # one expert's stored weight [N, K/2] bytes
+    s_e,  # its E8M0 scales [N, K/GROUP]
+    row0,  # the first of BLOCK_N output rows
+    rows_end,  # rows from here on are masked
+    x_even,  # x_pairs' activations
+    x_odd,
+    k0,  # the tile's first K index (a multiple of GROUP)
+    K,
+    stride_wn: tl.constexpr,  # constants: a row's loads take immediate offsets
+    stride_sn: tl.constexpr,
+    stride_sk,
+    BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    GW: tl.constexpr,  # words in the tile
+    PACKED: tl.constexpr,  # the decode (packed_decode)
+    EVEN_N: tl.constexpr,  # BLOCK_N divides the rows: no row is masked
+):
+    """[BLOCK_N, GW] float32: each row's word w of the tile [k0, k0 + 8*GW) dotted with the
+    activations of its 8 k, times the word's group scale. Summed over the words by the caller,
+    after its K loop.
+
+    The weights and scales load as one row of BLOCK_N*GW words reshaped to [BLOCK_N, GW]: a
+    [BLOCK_N, GW] pointer tile has no contiguous dimension but the bytes, and Triton 3.6 lays
+    such a tile's lanes along the rows, away from the activations' (a shared-memory round
+    trip per word); a single row takes the activations' layout."""
+    # 64-bit from the start: a row's offset is then the first row's plus a constant (an
+    # immediate of the load), where a 32-bit index widened per element costs four integer
+    # ops a word
+    m = tl.arange(0, BLOCK_N * GW).to(tl.int64)
+    row = row0.to(tl.int64) + m // GW
+    word = m % GW
+    at = (row * stride_wn + word * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
+    # masked by whole words, constant along a word's bytes (one load each); a row mask
+    # would be a compare per word (its row is m // GW)
+    ok = k0 + word * 8 < K
+    if not EVEN_N:
+        ok = ok & (row < rows_end)
+    ok = ok[None, :, None]
+    byte = tl.load((w_e + k0 // 2) + at, mask=ok, other=0)
+    byte = tl.reshape(byte, (BLOCK_N, GW, 4))
+    lo, hi = mxfp4_nibbles(byte, PACKED)
+    l0, l1, l2, l3 = _quarters(lo.to(tl.float32))
+    h0, h1, h2, h3 = _quarters(hi.to(tl.float32))
+    e0, e1, e2, e3 = _quarters(x_even)
+    o0, o1, o2, o3 = _quarters(x_odd)
+    # one chain: each addition fuses with its product
+    dot = l0 * e0 + h0 * o0
+    dot = dot + l1 * e1
+    dot = dot + h1 * o1
+    dot = dot + l2 * e2
+    dot = dot + h2 * o2
+    dot = dot + l3 * e3
+    dot = dot + h3 * o3
+    g = (k0 + word * 8) // GROUP
+    s_ok = g * GROUP < K
+    if not EVEN_N:
+        s_ok = s_ok & (row < rows_end)
+    e = tl.load(s_e + row * stride_sn + g * stride_sk, mask=s_ok, other=0)
+    return dot * mxfp4_group_scale(tl.reshape(e, (BLOCK_N, GW)), PACKED)
