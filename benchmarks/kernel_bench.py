@@ -181,12 +181,12 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             splits, widths = ((3, 4, 6), (512, 1024)) if down else ((1,), (256, 512))
             grid = itertools.product((16, 32), widths, (4, 8), splits, (1, 2, 4))
         elif QUANT == "mxfp4":  # word tiles: rows in each thread when BLOCK_K = 256 x warps
-            rows_n = (8, 16, 32) if down else (2, 4, 8)
+            rows_n = (4, 8, 16) if down else (2, 4, 8)
             splits = (1, 2, 3) if down else (1,)
             grid = (
-                (n, k, w, sk, st)
-                for n, (k, w), sk, st in itertools.product(
-                    rows_n, ((512, 2), (1024, 4), (2048, 8)), splits, (1, 2)
+                (n, k, w, sk, 1)
+                for n, (k, w), sk in itertools.product(
+                    rows_n, ((256, 1), (512, 2), (1024, 4)), splits
                 )
             )
         else:

@@ -18,8 +18,9 @@ that saves DeepSeek-V2-Lite two launches a layer against its own pair of GEMVs.
 
 Quantized weights (kernels.quant) are read a tile of whole scale groups at a time: each
 group's dot with the activations is summed in float32 and multiplied by the group's scale
-once, so a weight costs its conversion and one multiply-add (mxfp4: two nibbles a byte
-against the even and odd activations).
+once, so a weight costs its conversion and one multiply-add. MXFP4 tiles are 4-byte words
+against the activations of the same 8 k, both in one register layout (moe_quant.x_pairs,
+mxfp4_word_dot): the activations never pass through shared memory.
 
 Shapes: R = T*K assignments, E experts (or cache slots), F intermediate, D hidden.
 """
@@ -71,8 +72,9 @@ def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int
     From kernel_bench --gemv --sweep on an H200 (benchmarks/RESULTS.md), Mixtral's and
     gpt-oss's and Qwen3's experts at one token: the down projection splits K until each SM
     has about 8 programs (more or fewer cost up to 5%; mxfp4 16). mxfp4 decodes nibbles in
-    the ALUs: its gate/up programs take 4 rows of 1024 columns, its down 16 rows of 256 in
-    splits of 3-4 K tiles (H100, gpt-oss-120b); bf16 and fp8 gate/up read 16 rows of
+    the ALUs, one word a thread and row: its gate/up programs take 4 rows of 512 columns over
+    2 warps, its down 8 rows of 1024 over 4 warps in K tiles of 3 or more (unsplit for
+    gpt-oss-120b), loads unpipelined (H100, gpt-oss-120b); bf16 and fp8 gate/up read 16 rows of
     256 columns over 4 warps with 3 (fp8: 4) K tiles in flight; bf16's down 32 rows of 128
     columns over 8 warps, fp8's 32 rows of 1024 over 4 with one tile in flight. Depth and
     tile go together: 3 tiles in flight at 32 x 256 over 8 warps took Mixtral's fp8 gate/up
@@ -99,13 +101,13 @@ _GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
     ("", True): (32, 128, 8, 3),
     ("fp8", False): (16, 256, 4, 4),
     ("fp8", True): (32, 1024, 4, 1),
-    ("mxfp4", False): (4, 1024, 4, 2),
-    ("mxfp4", True): (16, 1024, 4, 1),
+    ("mxfp4", False): (4, 512, 2, 1),
+    ("mxfp4", True): (8, 1024, 4, 1),
 }
 # The fewest K tiles a split of the down GEMV streams, and the programs it aims for per SM.
-# gpt-oss-120b's MXFP4 down (K 2880, 12 tiles of 256) took 16.4 us in 4 splits, 18.6 us
-# unsplit at 4 x 512 (H100, 2026-12-06).
-_DOWN_SPLITS: dict[str, tuple[int, int]] = {"": (4, 8), "mxfp4": (1, 16)}
+# gpt-oss-120b's MXFP4 down (K 2880: 3 word tiles of 1024) takes 14.1 us unsplit, 15.0 in 2
+# splits, 16.6 in 3 (H100, 2026-12-06).
+_DOWN_SPLITS: dict[str, tuple[int, int]] = {"": (4, 8), "mxfp4": (3, 16)}
 
 
 @triton.jit
