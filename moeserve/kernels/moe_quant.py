@@ -304,7 +304,8 @@ def quant_tile(
     w = tl.load(w_e + rows[:, None, None] * stride_wn + kk, mask=m, other=0.0)
     part = tl.sum(w.to(tl.float32) * x, axis=2)
     s_ok = n_ok[:, None] & (g[None, :] * GROUP < K)
-    return part * tl.load(s_e + rows[:, None] * stride_sn + g[None, :] * stride_sk, mask=s_ok)
+    s_at = s_e + rows[:, None] * stride_sn + g[None, :] * stride_sk
+    return part * tl.load(s_at, mask=s_ok, other=0.0)
 
 
 # The MXFP4 GEMVs' tiles are words: 4 bytes of a row, 8 weights (k = 8w .. 8w + 7, even k in
