@@ -280,9 +280,10 @@ def attention(b: int, ctx: int) -> dict[str, Any]:
     return {"batch": b, "context": ctx, "us": sec * 1e6, "bytes_per_s": bytes_ / sec}
 
 
-def linear_report(shape: str, bw: float) -> list[dict[str, Any]]:
+def linear_report(shape: str, bw: float, sweep: bool = False) -> list[dict[str, Any]]:
     """The shape's dense projections at one row (batch-1 decode), bf16: kernels.linear's GEMV
-    against its tensor-core dot path at the same row (the layer's path before 2026-12-06)."""
+    against its tensor-core dot path at the same row (the layer's path before 2026-12-06);
+    sweep: the GEMV's tiles and K splits around the shipped ones."""
     from moeserve.kernels import linear
 
     raw = SHAPES[shape]
@@ -310,8 +311,35 @@ def linear_report(shape: str, bw: float) -> list[dict[str, Any]]:
             f"({n * k * 2 / times['gemv'] / bw:.2f} of copy bw, {cfg}), dot "
             f"{times['dot'] * 1e6:6.1f} us ({n * k * 2 / times['dot'] / bw:.2f})"
         )
-        rows.append(dict(name=name, n=n, k=k, us={m: t * 1e6 for m, t in times.items()}))
+        row = dict(name=name, n=n, k=k, us={m: t * 1e6 for m, t in times.items()}, sweep=[])
+        for c in _linear_sweep(n, k) if sweep else ():
+            try:
+                t = bench(lambda w=w, x=x, c=c: linear._gemv_partials(x, w, None, None, cfg=c))
+            except OutOfResources:
+                continue
+            row["sweep"].append(dict(config=c, us=t * 1e6))
+        if row["sweep"]:
+            best = min(row["sweep"], key=lambda r: r["us"])
+            print(
+                f"       best of {len(row['sweep'])}: {best['us']:6.1f} us "
+                f"({n * k * 2 / best['us'] / 1e-6 / bw:.2f}) {best['config']}"
+            )
+        rows.append(row)
     return rows
+
+
+def _linear_sweep(n: int, k: int) -> list[dict[str, int]]:
+    """One-row GEMV launches around kernels.linear's: rows and columns per program, warps,
+    K tiles in flight, and K splits (how many programs, against how many the SMs hold)."""
+    cfgs = []
+    tiles_warps = ((256, 4), (512, 4), (256, 2))
+    for bn, (bk, warps), stages in itertools.product((8, 16, 32), tiles_warps, (2, 3)):
+        tiles = -(-k // bk)
+        for split in sorted({1, 2, 3, 4, 6, 8} & set(range(1, tiles + 1))):
+            cfgs.append(
+                dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, SPLIT_K=split, loop_stages=stages)
+            )
+    return cfgs
 
 
 def main() -> int:
@@ -336,7 +364,8 @@ def main() -> int:
     ap.add_argument(
         "--linear",
         action="store_true",
-        help="only the shape's dense projections at one row: GEMV vs tensor-core dot",
+        help="only the shape's dense projections at one row: GEMV vs tensor-core dot "
+        "(--sweep: the GEMV's tiles and K splits too)",
     )
     args = ap.parse_args()
     QUANT = args.quant
@@ -357,7 +386,7 @@ def main() -> int:
         ]
     result: dict[str, Any] = {"copy_bytes_per_s": bw, "moe": [], "attention": []}
     if args.linear:
-        result["linear"] = linear_report(args.shape, bw)
+        result["linear"] = linear_report(args.shape, bw, args.sweep)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
         return 0

@@ -206,10 +206,11 @@ def _gemv_partials(
     w_NK: torch.Tensor,
     bias_N: torch.Tensor | None,
     w_scale: torch.Tensor | None,
+    cfg: dict[str, int] | None = None,  # gemv_partials_config's (kernel_bench sweeps it)
 ) -> torch.Tensor:
     n, k = w_NK.shape
     quant = "fp8" if w_scale is not None else ""
-    cfg = gemv_partials_config(n, k, quant)
+    cfg = cfg or gemv_partials_config(n, k, quant)
     out = torch.empty(cfg["SPLIT_K"], 1, n, dtype=torch.float32, device=x_1K.device)
     _gemv_partials_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
         x_1K,
