@@ -252,6 +252,27 @@ def test_k_tiles_wider_than_a_scale_group(quant: str, monkeypatch: pytest.Monkey
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_mxfp4_gemvs_mask_a_partial_row_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 64 rows over 96 (gate/up's F and down's D): the MXFP4 GEMVs mask rows only
+    when BLOCK_N does not divide them (EVEN_N false), a path the shipped tiles of real shapes
+    never take; every row inside the projection still counts (on a GPU the mask also keeps
+    the last block from reading past the weights)."""
+    gemv_config = moe_gemv.gemv_config
+
+    def wide_rows(*args: object, **kw: object) -> dict[str, int]:
+        return gemv_config(*args, **kw) | dict(BLOCK_N=64)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(moe_gemv, "gemv_config", wide_rows)
+    monkeypatch.setattr(fused_module, "gemv_config", wide_rows)
+    c = make_case("mxfp4", 1, 5, 2, seed=8, shape=(96, 96))
+    got = fused_moe(
+        c["x"], c["wgu_q"], c["wd_q"], c["weights"], c["experts"], gemv=True,
+        w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant="mxfp4",
+    )  # fmt: skip
+    want = reference(c["x"], c["wgu"], c["wd"], c["weights"], c["experts"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("block_k", [0, 256])
 def test_mxfp4_gemvs_on_bf16_activations(block_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 activations reach the MXFP4 GEMVs as int32 pairs (moe_quant.x_pairs: no
