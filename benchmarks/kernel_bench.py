@@ -212,10 +212,9 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
                 s = bench(fn)
             except OutOfResources:
                 continue
-            if cfg is base and QUANT == "mxfp4":  # each decode, same tile
-                for code, what in DECODES.items():
-                    with _decode(code):
-                        print(f"  {name} shipped tile, {what} decode: {bench(fn) * 1e6:6.1f} us")
+            if cfg is base and QUANT == "mxfp4":  # the portable decode, same tile
+                with _unpacked():
+                    print(f"  {name} shipped tile, unpacked decode: {bench(fn) * 1e6:6.1f} us")
             rows.append(
                 {
                     "gemm": name,
@@ -233,15 +232,11 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
     return rows
 
 
-# moe_quant.packed_decode()'s codes
-DECODES = {0: "portable", 1: "e4m3-conversion", 2: "byte-permute"}
-
-
 @contextlib.contextmanager
-def _decode(code: int) -> Iterator[None]:
-    """The kernels' mxfp4 decode `code` instead of the shipped one."""
+def _unpacked() -> Iterator[None]:
+    """The kernels' portable mxfp4 decode (the interpreter's) instead of the PTX one."""
     saved = mv.packed_decode, mg.packed_decode
-    mv.packed_decode = mg.packed_decode = lambda: code
+    mv.packed_decode = mg.packed_decode = lambda: False
     try:
         yield
     finally:
@@ -432,13 +427,12 @@ def gemv_report(args: argparse.Namespace, bw: float, result: dict[str, Any]) -> 
         floor = experts * 3 * D * F * BYTES_PER_WEIGHT[QUANT] / bw
         result["layer"].append({"tokens": t, "gemv_s": gemv, "grouped_s": grouped})
         if QUANT == "mxfp4":
-            for code, what in DECODES.items():
-                with _decode(code):
-                    (one, _), (one_grouped, _) = whole_moe(t, True), whole_moe(t, False)
-                print(
-                    f"T={t:4d} whole layer, {what} decode: gemv {one * 1e6:6.1f} us, "
-                    f"grouped {one_grouped * 1e6:6.1f} us"
-                )
+            with _unpacked():
+                (slow, _), (slow_grouped, _) = whole_moe(t, True), whole_moe(t, False)
+            print(
+                f"T={t:4d} whole layer, unpacked decode: gemv {slow * 1e6:6.1f} us, "
+                f"grouped {slow_grouped * 1e6:6.1f} us"
+            )
         print(
             f"T={t:4d} whole layer in a graph: gemv {gemv * 1e6:6.1f} us "
             f"({floor / gemv:.2f} of floor), grouped {grouped * 1e6:6.1f} us "

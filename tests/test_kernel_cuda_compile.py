@@ -266,12 +266,11 @@ def test_every_kernel_compiles_for_sm90(monkeypatch: pytest.MonkeyPatch) -> None
     }
     launched = {f"{launch['module']}.{launch['name']}" for launch in launches.values()}
     assert kernels <= launched, sorted(kernels - launched)
-    # The interpreter runs the portable mxfp4 decode (PACKED 0); the GPU takes a PTX one.
+    # The interpreter runs the portable mxfp4 decode; the GPU takes the PTX one (PACKED).
     packed = [
-        launch | dict(constexprs=launch["constexprs"] | dict(PACKED=code))
+        launch | dict(constexprs=launch["constexprs"] | dict(PACKED=True))
         for launch in launches.values()
-        if launch["constexprs"].get("PACKED") == 0 and launch["constexprs"]["QUANT"] == 2
-        for code in (1, 2)
+        if launch["constexprs"].get("PACKED") is False and launch["constexprs"]["QUANT"] == 2
     ]
     assert packed, "no mxfp4 launch recorded"
     launches |= {json.dumps(launch, sort_keys=True, default=str): launch for launch in packed}
@@ -297,7 +296,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from moeserve.kernels import moe_gemm as mg
 from moeserve.kernels import moe_gemv as mv
-from moeserve.kernels import moe_quant as mq
 
 # gpt-oss-120b's experts (K = 2880: 90 groups) as the JIT specializes them: pointers and the
 # integers that are multiples of 16 marked divisible by 16, the unit strides constants.
@@ -309,7 +307,7 @@ _PTR_TYPES = {"w_ptr": "*u8", "s_ptr": "*u8", "sw_ptr": "*u8", "ss_ptr": "*u8", 
 _UNIT = {"stride_sk": 1, "stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_bsk": 1}
 _ODD = ("R", "S", "PIECE", "P", "num_assignments", "num_experts", "stride_sn", "stride_ssn",
         "stride_bsn")
-gemv = dict(QUANT=2, GROUP=32, PACKED=mq.MXFP4_DECODE, SHARED=0, HAS_SLOT=False, ROWS_PER_X=4,
+gemv = dict(QUANT=2, GROUP=32, PACKED=True, SHARED=0, HAS_SLOT=False, ROWS_PER_X=4,
             HAS_BIAS=True, CLAMPED=True, EVEN_N=True, stride_wn=D // 2, stride_sn=D // 32)
 gemm = mg.gemm_config(64, 128, 4, 2 * F, D, torch.bfloat16, "mxfp4") | dict(BLOCK_K=32)
 
@@ -330,7 +328,7 @@ report = {}
 for name, fn, consts, warps in (
     ("gemv gate_up", mv._gate_up_act_kernel, gemv | (c := mv.gemv_config(F, D, "mxfp4")), c),
     ("gemv down", mv._down_kernel, gemv | (c := mv.gemv_config(D, F, "mxfp4", rows=4)), c),
-    ("gemm", mg._moe_gemm_kernel, dict(QUANT=2, GROUP=32, PACKED=mq.MXFP4_DECODE,
+    ("gemm", mg._moe_gemm_kernel, dict(QUANT=2, GROUP=32, PACKED=True,
      FP8_DOT=False, ROWS_PER_A=4, MUL_ROUTED_WEIGHT=False, HAS_EXPERT_SLOT=False,
      HAS_BIAS=False, DOT_PRECISION="ieee") | gemm, gemm),
 ):

@@ -160,7 +160,7 @@ def _moe_gemm_kernel(
     QUANT: tl.constexpr,  # moe_quant.QUANT_CODES: 0 plain weights, 1 fp8, 2 mxfp4
     GROUP: tl.constexpr,  # K elements per weight scale
     FP8_DOT: tl.constexpr,  # fp8 x fp8 tensor-core dots (QUANT 1, BLOCK_K divides 128)
-    PACKED: tl.constexpr,  # mxfp4: the decode, moe_quant.packed_decode()
+    PACKED: tl.constexpr,  # mxfp4: moe_quant.e2m1x4_as_fp16's packed decode
 ):
     wait_prior()
     # Programs that run back to back take GROUP_M row blocks for one column tile, so a B tile

@@ -39,6 +39,7 @@ from moeserve.kernels.moe_quant import (
     QUANT_CODES,
     mxfp4_word_dot,
     packed_decode,
+    pairs_aligned,
     quant_code,
     quant_tile,
     x_pairs,
@@ -157,7 +158,7 @@ def _gate_up_act_kernel(
     QUANT: tl.constexpr,  # moe_quant.QUANT_CODES
     GROUP: tl.constexpr,
     LOOP_STAGES: tl.constexpr,  # K tiles in flight (the loop's software pipeline)
-    PACKED: tl.constexpr,  # mxfp4: the decode, moe_quant.packed_decode()
+    PACKED: tl.constexpr,  # mxfp4: moe_quant.e2m1x4_as_fp16's packed decode
     EVEN_N: tl.constexpr,  # mxfp4: BLOCK_N divides the output rows (none masked)
 ):
     wait_prior()
@@ -368,15 +369,6 @@ class SharedExpert(NamedTuple):
         return triton.cdiv(self.width, self.piece(F))
 
 
-def _pairs_aligned(x: torch.Tensor, code: int) -> torch.Tensor:
-    """x with every row on a 4-byte boundary where the MXFP4 GEMVs load its bf16 values in
-    pairs (moe_quant.x_pairs), a copy if a view's offset or row stride is odd."""
-    odd = x.stride(0) % 2 or x.data_ptr() % 4
-    if code == QUANT_CODES["mxfp4"] and x.dtype == torch.bfloat16 and odd:
-        return x.clone(memory_format=torch.contiguous_format)
-    return x
-
-
 def gemv_gate_up_act(
     x_TD: torch.Tensor,
     w_gate_up_EF2D: torch.Tensor,
@@ -404,7 +396,8 @@ def gemv_gate_up_act(
     alloc = torch.zeros if interpreting() else torch.empty  # sentinel rows stay unwritten
     h_RF = alloc(R, F, dtype=x_TD.dtype, device=x_TD.device)
     assert x_TD.stride(1) == 1 and w_gate_up_EF2D.stride(2) == 1
-    x_TD = _pairs_aligned(x_TD, code)
+    if code == QUANT_CODES["mxfp4"]:
+        x_TD = pairs_aligned(x_TD)
     assert bias_EF2 is None or bias_EF2.stride(1) == 1
     cfg = cfg or gemv_config(F, D, quant)
     kind, alpha, limit = activation
@@ -485,7 +478,8 @@ def gemv_down(
     assert (w_scale is None) == (quant == ""), "quantized weights need their scales"
     assert out_SRD.dtype == torch.float32 and out_SRD.stride(2) == 1
     assert h_RF.stride(1) == 1 and w_down_EDF.stride(2) == 1
-    h_RF = _pairs_aligned(h_RF, code)
+    if code == QUANT_CODES["mxfp4"]:
+        h_RF = pairs_aligned(h_RF)
     cfg = cfg or gemv_config(D, F, quant)
     shared_rows, S, piece, ssn = 0, 0, 0, 0
     hs = sw = ss = out_SRD  # unused pointers without a shared expert

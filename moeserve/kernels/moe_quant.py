@@ -54,16 +54,10 @@ def load_weights(
     return w
 
 
-# The kernels' MXFP4 decodes (their PACKED constexpr): 0 e2m1_as_fp16 (portable: the
-# interpreter's), 1 e2m1x4_as_fp16 (Hopper's e4m3 conversions, two weights each), 2
-# e2m1x4_as_fp16_prmt (integer ops and byte permutes only: Hopper's conversions issue at a
-# quarter of the integer rate). All three give the same values.
-MXFP4_DECODE = 1
-
-
-def packed_decode() -> int:
-    """The MXFP4 decode the kernels take (PTX ones are not for the interpreter)."""
-    return 0 if interpreting() else MXFP4_DECODE
+def packed_decode() -> bool:
+    """Whether the kernels decode mxfp4 with e2m1x4_as_fp16 (PTX: not under the interpreter,
+    which runs e2m1_as_fp16; both give the same values)."""
+    return not interpreting()
 
 
 # e2m1_as_fp16 and e2m1x4_as_fp16 return E2M1 * 2**-OFFSET; e8m0_factor folds 2**OFFSET back.
@@ -125,43 +119,6 @@ def e2m1x4_as_fp16(byte):
 
 
 @triton.jit
-def e2m1x4_as_fp16_prmt(byte):
-    """e2m1x4_as_fp16's (low nibbles, high nibbles) of uint8 `byte` as float16 E2M1 * 2**-14
-    (exact), from integer ops and byte permutes only.
-
-    A nibble's magnitude bits at bits 1..3 of a byte and its sign at bit 7 make a
-    float8_e5m2 of value E2M1 * 2**-14 (0.5 becomes e5m2's subnormal), and an e5m2 byte is
-    the high byte of the float16 of the same value: four low (high) nibbles of a 32-bit
-    word become e5m2 bytes in two shifts and two ands (one shift), then each pair moves into
-    the high bytes of a float16x2 with one prmt."""
-    return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .b32 a, b, lo, hi;
-        shl.b32 a, $4, 1;
-        and.b32 a, a, 0x0E0E0E0E;
-        shl.b32 b, $4, 4;
-        and.b32 b, b, 0x80808080;
-        or.b32 lo, a, b;
-        shr.b32 a, $4, 3;
-        and.b32 a, a, 0x0E0E0E0E;
-        and.b32 b, $4, 0x80808080;
-        or.b32 hi, a, b;
-        prmt.b32 $0, lo, 0, 0x1404;
-        prmt.b32 $1, lo, 0, 0x3424;
-        prmt.b32 $2, hi, 0, 0x1404;
-        prmt.b32 $3, hi, 0, 0x3424;
-        }
-        """,
-        constraints="=r,=r,=r,=r,r",
-        args=[byte],
-        dtype=(tl.float16, tl.float16),
-        is_pure=True,
-        pack=4,
-    )
-
-
-@triton.jit
 def e8m0_factor(e, OFFSET: tl.constexpr):
     """2 ** (e - 127) * 2 ** OFFSET in float32 for an E8M0 exponent byte e (the decodes'
     scale): e + OFFSET placed in a float32's exponent field."""
@@ -172,9 +129,7 @@ def e8m0_factor(e, OFFSET: tl.constexpr):
 def mxfp4_nibbles(byte, PACKED: tl.constexpr):
     """(low nibbles, high nibbles) of uint8 `byte` as float16 E2M1 values scaled down by
     2**-offset; mxfp4_group_scale(e, PACKED) is the factor that restores them."""
-    if PACKED == 2:
-        lo, hi = e2m1x4_as_fp16_prmt(byte)
-    elif PACKED:
+    if PACKED:
         lo, hi = e2m1x4_as_fp16(byte)
     else:
         lo = e2m1_as_fp16(byte.to(tl.int32), 0)
@@ -185,7 +140,7 @@ def mxfp4_nibbles(byte, PACKED: tl.constexpr):
 @triton.jit
 def mxfp4_group_scale(e, PACKED: tl.constexpr):
     """The float32 factor of E8M0 exponents e for values mxfp4_nibbles(..., PACKED) decoded."""
-    return e8m0_factor(e, PACKED_EXP_OFFSET if PACKED == 1 else FP16_EXP_OFFSET)
+    return e8m0_factor(e, PACKED_EXP_OFFSET if PACKED else FP16_EXP_OFFSET)
 
 
 @triton.jit
@@ -331,6 +286,14 @@ def x_pairs(x_row, k0, K, GW: tl.constexpr):
     return x_even, x_odd
 
 
+def pairs_aligned(x: torch.Tensor) -> torch.Tensor:
+    """x with every row on a 4-byte boundary, as x_pairs loads bf16 rows (int32 pairs): a
+    copy if a view's offset or row stride is odd."""
+    if x.dtype == torch.bfloat16 and (x.stride(0) % 2 or x.data_ptr() % 4):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 @triton.jit
 def _quarters(t):
     """The four elements of [N, W, 4] t's last dimension, as [N, W] tensors."""
@@ -356,7 +319,7 @@ def mxfp4_word_dot(
     BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr,
     GW: tl.constexpr,  # words in the tile
-    PACKED: tl.constexpr,  # the decode (packed_decode)
+    PACKED: tl.constexpr,  # e2m1x4_as_fp16's decode (packed_decode)
     EVEN_N: tl.constexpr,  # BLOCK_N divides the rows: no row is masked
 ):
     """[BLOCK_N, GW] float32: each row's word w of the tile [k0, k0 + 8*GW) dotted with the
