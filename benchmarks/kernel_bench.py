@@ -11,6 +11,7 @@ decode traces of benchmarks/gpu_speed.py --profile.
 
     python benchmarks/kernel_bench.py --sweep --json out.json
     python benchmarks/kernel_bench.py --shape qwen3-30b-a3b --tokens 1,8,64 --sweep
+    python benchmarks/kernel_bench.py --shape deepseek-v2-lite --tokens 64 --sweep --sweep-tokens 64
     python benchmarks/kernel_bench.py --shape gpt-oss-120b --linear   # dense projections, one row
 
 --quant fp8|mxfp4: the experts stored quantized (kernels/quant.py), bytes = packed weights +
@@ -343,6 +344,11 @@ def main() -> int:
     ap.add_argument("--shape", default="mixtral-8x7b", choices=sorted(SHAPES))
     ap.add_argument("--tokens", default="1,8,64,256")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument(
+        "--sweep-tokens",
+        default="1,8",
+        help="token counts whose grouped GEMMs --sweep covers (default 1,8)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
         "--gemv",
@@ -388,7 +394,8 @@ def main() -> int:
     if args.gemv:
         return gemv_report(args, bw, result)
     for t in (int(x) for x in args.tokens.split(",")):
-        rows = moe_gemms(t, sweep if t in (1, 8) else None)
+        swept = {int(x) for x in args.sweep_tokens.split(",")}
+        rows = moe_gemms(t, sweep if t in swept else None)
         result["moe"] += rows
         for gemm in ("gate_up", "down"):
             mine = [r for r in rows if r["gemm"] == gemm]
