@@ -74,7 +74,7 @@ def _drive() -> None:
     from moeserve.kernels import fused_moe as fm
     from moeserve.kernels import linear, mla_attention, mla_rows, moe_routing, norm_rope, tokens
     from moeserve.kernels import paged_attention as pa
-    from moeserve.kernels.moe_gemv import SharedExpert
+    from moeserve.kernels.moe_gemv_plan import SharedExpert
 
     g = torch.Generator().manual_seed(0)
     bf = torch.bfloat16
@@ -177,7 +177,7 @@ def _drive_quantized(rand: Any) -> None:
     biases) and, for fp8, the FP8 tensor-core GEMMs (BLOCK_K 128, as on the GPU)."""
     from moeserve.kernels import fused_moe as fm
     from moeserve.kernels import moe_gemm
-    from moeserve.kernels.moe_gemv import SharedExpert
+    from moeserve.kernels.moe_gemv_plan import SharedExpert
     from moeserve.kernels.quant import quantize_fp8_rows, quantize_mxfp4
 
     T, E, K, D, F = 3, 4, 2, 160, 96

@@ -27,13 +27,8 @@ import triton.language as tl
 from moeserve.kernels import interpreting, pdl
 from moeserve.kernels.moe_epilogue import SUM_KERNEL_MAX_TOKENS, activate, rnd, sum_over_k
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
-from moeserve.kernels.moe_gemv import (
-    SharedExpert,
-    gemv_config,
-    gemv_down,
-    gemv_gate_up_act,
-    takes_gemv,
-)
+from moeserve.kernels.moe_gemv import gemv_down, gemv_gate_up_act
+from moeserve.kernels.moe_gemv_plan import SharedExpert, gemv_config, takes_gemv
 from moeserve.kernels.moe_quant import fp8_dot_config, quantize_fp8_act, takes_fp8_dot
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import real_k
@@ -223,7 +218,7 @@ def fused_moe(
     GEMMs instead of the config's (tests). residual_TD: returns residual + out instead (the
     decoder layer's residual add, done in the sum over k when K is split: one launch fewer).
     gemv: the per-assignment kernels of kernels.moe_gemv instead of the grouped GEMMs
-    (default: moe_gemv.takes_gemv, unless split_k is given).
+    (default: moe_gemv_plan.takes_gemv, unless split_k is given).
     quant ("fp8", "mxfp4"; kernels.quant): the weights are stored quantized, with their
     scales w_gate_up_scale / w_down_scale (indexed like the weights); the kernels dequantize
     them in registers. fp8_dot: fp8 weights times per-token-group fp8 activations on the FP8

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting, k_splits, pdl
-from moeserve.kernels.moe_gemv import gemv_config
+from moeserve.kernels.moe_gemv_plan import gemv_config
 from moeserve.kernels.moe_quant import quant_tile, x_tile
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP
@@ -176,7 +176,7 @@ def _gemv_partials_kernel(
 
 
 # The one-row GEMV's tiles (BLOCK_N rows, BLOCK_K columns, warps, K tiles in flight), plain
-# weights as the MoE gate/up GEMV's (moe_gemv._GEMV_TILES), and the fewest K tiles a split
+# weights as the MoE gate/up GEMV's (moe_gemv_plan._GEMV_TILES), and the fewest K tiles a split
 # streams: a dense projection (Mixtral's qkv: 6144 x 4096) has few rows of tiles, so K is cut
 # finer than the MoE down projection's to give each SM several programs. The 16-row tensor-core
 # dot at one row left gpt-oss-120b's qkv (5120 x 2880) 160 programs for 132 SMs: 12.8 us,

@@ -34,7 +34,7 @@ from moeserve.model.quant import ExpertScales
 from moeserve.model.router import RouterSpec, route
 
 if TYPE_CHECKING:  # the kernels import Triton, which only the Triton path needs
-    from moeserve.kernels.moe_gemv import SharedExpert
+    from moeserve.kernels.moe_gemv_plan import SharedExpert
 
 
 class SlotTable(ABC):
@@ -197,7 +197,7 @@ def fused_experts(
     (an expert cache the GPU maps itself), not in the weights given."""
     from moeserve.kernels.fused_moe import fused_moe
     from moeserve.kernels.moe_gemm import moe_block_m
-    from moeserve.kernels.moe_gemv import takes_gemv
+    from moeserve.kernels.moe_gemv_plan import takes_gemv
 
     t = x_TD.shape[0]
     quant = scales.kernel_args() if scales is not None else {}
@@ -266,12 +266,12 @@ def kernel_shared_expert(
     t: int, spec: RouterSpec, intermediate: int, quant: str, gated: bool
 ) -> bool:
     """Whether fused_experts runs a layer's shared expert in its own kernels for a batch of t
-    tokens: where the routed experts take the GEMVs (moe_gemv.takes_gemv) and the shared
+    tokens: where the routed experts take the GEMVs (moe_gemv_plan.takes_gemv) and the shared
     expert is plain SwiGLU added after them (no sigmoid gate as Qwen2-MoE's, no input scaled
     by the routing weight as Llama 4's). At batch 1 that is two launches for the shared
     expert, its sum in the routed one's epilogue, instead of two GEMVs, the activation and
     two adds."""
-    from moeserve.kernels.moe_gemv import takes_gemv
+    from moeserve.kernels.moe_gemv_plan import takes_gemv
 
     return not gated and not spec.scales_input and takes_gemv(t, intermediate, quant)
 

@@ -40,7 +40,7 @@ from moeserve.model.quant import ExpertFormat, ExpertScales, dense_weight, exper
 from moeserve.model.router import RouterSpec, route, triton_routable
 
 if TYPE_CHECKING:
-    from moeserve.kernels.moe_gemv import SharedExpert
+    from moeserve.kernels.moe_gemv_plan import SharedExpert
 
 
 def _expert_param(
@@ -245,7 +245,7 @@ class MoE(nn.Module):
             t, self.spec, f, self.format.kind, self.shared_gate is not None
         ):
             return None
-        from moeserve.kernels.moe_gemv import SharedExpert
+        from moeserve.kernels.moe_gemv_plan import SharedExpert
 
         return SharedExpert(mlp.w_gate_up, mlp.w_down, mlp.w_gate_up_scale, mlp.w_down_scale)
 
