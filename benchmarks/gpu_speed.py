@@ -11,9 +11,10 @@ others) in bf16 with random weights (moeserve's --load-format dummy, transformer
   next is queued), eager (Triton kernels, no graphs) and torch (the readable path);
 - prefill of --prefill-len-token prompts (one per step) as a fraction of the matmul rate.
 Prints a table (tokens/s, fraction of floor, ratio to transformers) and writes JSON.
---profile DIR also traces a few decode steps of the first mode at each batch with
-torch.profiler (Chrome traces, a table of the costliest device kernels, and the device's
-timeline: the share of the span some kernel ran, the idle gaps between kernels by length).
+--profile DIR also traces 16 decode-only steps (after the prefills) of the first mode at each
+batch with torch.profiler (Chrome traces, a table of the costliest device kernels, and the
+device's timeline: the share of the span some kernel ran, the idle gaps between kernels by
+length).
 
     python benchmarks/gpu_speed.py --json out.json
     python benchmarks/gpu_speed.py --shape qwen3-30b-a3b --modes graphs --json out.json
@@ -111,16 +112,35 @@ def ms_prefill(llm: LLM, prompt_len: int, n: int) -> dict[str, float]:
     return {"seconds": sum(times) / len(times), "steps": len(times)}
 
 
-def profile_decode(llm: LLM, batch: int, in_len: int, out: Path) -> None:
-    """A torch.profiler trace of a short decode at `batch` (profiler overhead included)."""
+def profile_decode(llm: LLM, batch: int, in_len: int, out: Path, steps: int = 16) -> None:
+    """A torch.profiler trace of `steps` decode steps at `batch` (profiler overhead included):
+    recording starts at the first step in which every sequence decodes, so the prefills
+    before it stay out of the kernel table."""
     from torch.profiler import ProfilerActivity, profile
 
     out.mkdir(parents=True, exist_ok=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        ms_decode(llm, batch, in_len, 16)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    seen = {"recording": False, "steps": 0}
+
+    def on_step(run: Any) -> None:
+        st = run.steps[-1].stats
+        decoding = st is not None and st.num_prefill_tokens == 0 and st.num_seqs == batch
+        if seen["recording"]:
+            seen["steps"] += 1
+            if seen["steps"] >= steps or not decoding:
+                prof.stop()
+                seen["recording"] = False
+        elif decoding and not seen["steps"]:
+            prof.start()
+            seen["recording"] = True
+
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    drive(llm, prompts(batch, in_len, batch), params, tag=f"p{batch}", on_step=on_step)
+    if seen["recording"]:
+        prof.stop()
     trace = out / f"decode_b{batch}.json"
     prof.export_chrome_trace(str(trace))
-    print(f"decode at batch {batch}, 16 tokens, profiled:")
+    print(f"decode at batch {batch}, {seen['steps']} decode-only steps profiled:")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20))
     t = device_timeline(json.loads(trace.read_text())["traceEvents"])
     print(
