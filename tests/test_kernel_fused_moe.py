@@ -381,6 +381,36 @@ def test_residual_add_matches_the_separate_add(split_k: int) -> None:
 
 
 @pytest.mark.parametrize(
+    ("T", "gemv", "split_k"),
+    [
+        (1, True, None),
+        (3, False, 2),
+        (5, False, 1),
+        (70, False, 1),  # past SUM_KERNEL_MAX_TOKENS: the torch sum and adds
+    ],
+)
+def test_shared_output_added_before_the_residual(T: int, gemv: bool, split_k: int | None) -> None:
+    """extra_TD (a shared expert's output computed apart): residual + (routed + extra), each
+    addition as the two torch adds, bit for bit, in the sum over k (GEMV and grouped paths,
+    split and not) or after the unsplit GEMM's torch sum. float32: the interpreter does not
+    round to bf16 as the GPU and torch do."""
+    E, K, D, F_ = 4, 2, 40, 24
+    moe = _moe(E, D, F_, K, torch.float32, "cpu", seed=40 + T)
+    g = torch.Generator().manual_seed(41)
+    x_TD = torch.randn(T, D, generator=g)
+    res_TD = 4 * torch.randn(T, D, generator=g)
+    extra_TD = torch.randn(T, D, generator=g)
+    weights_TK, experts_TK = _routing(T, E, K, seed=42)
+    experts_TK[0, 0] = E  # a sentinel assignment: its row still gets extra and residual
+    w = (moe.w_gate_up, moe.w_down, weights_TK, experts_TK)
+    run = dict(gemv=gemv, split_k=split_k)
+    routed = fused_moe(x_TD, *w, **run)
+    got = fused_moe(x_TD, *w, residual_TD=res_TD, extra_TD=extra_TD, **run)
+    assert torch.equal(got, res_TD + (routed + extra_TD))
+    assert torch.equal(fused_moe(x_TD, *w, extra_TD=extra_TD, **run), routed + extra_TD)
+
+
+@pytest.mark.parametrize(
     ("quant", "F_", "S"),
     [("", 24, 48), ("", 24, 24), ("fp8", 24, 48), ("fp8", 128, 256), ("fp8", 96, 200)],
 )

@@ -203,6 +203,7 @@ def fused_moe(
     quant: str = "",
     fp8_dot: bool | None = None,
     shared: SharedExpert | None = None,
+    extra_TD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
 
@@ -224,7 +225,8 @@ def fused_moe(
     them in registers. fp8_dot: fp8 weights times per-token-group fp8 activations on the FP8
     tensor cores in the grouped GEMMs (default: moe_quant.takes_fp8_dot, i.e. prefill sizes).
     shared: an ungated shared expert whose output the sum over k adds before the residual
-    (the GEMV path only).
+    (the GEMV path only). extra_TD: a shared expert's output computed apart, added (rounded as
+    torch's add) to the routed sum before the residual: in the sum over k where it runs.
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
@@ -241,6 +243,7 @@ def fused_moe(
     if gemv is None:
         gemv = split_k is None and takes_gemv(T, F, quant)
     assert shared is None or gemv, "a shared expert runs in the GEMV path only"
+    assert shared is None or extra_TD is None, "a shared expert is run or given, not both"
     if gemv:
         experts_R = experts_TK.reshape(R)
         h_RF, h_TS = gemv_gate_up_act(
@@ -282,6 +285,7 @@ def fused_moe(
             expert_slot_E,
             num_experts,
             shared_rows,
+            extra_TD,
         )
 
     cfg_up = gemm_config(T, num_experts, K, 2 * F, D, dtype, quant)
@@ -354,6 +358,7 @@ def fused_moe(
             b_down_ED,
             expert_slot_E,
             num_experts,
+            extra_TD=extra_TD,
         )
     # Zeroed because GEMM 2 skips sentinel assignments and the sum below reads every row.
     y_RD = torch.zeros(R, D, dtype=dtype, device=device)
@@ -373,4 +378,6 @@ def fused_moe(
         **scales_down,
     )
     torch.sum(y_RD.view(T, K, D), dim=1, out=out_TD)
+    if extra_TD is not None:
+        out_TD = out_TD + extra_TD
     return out_TD if residual_TD is None else residual_TD + out_TD

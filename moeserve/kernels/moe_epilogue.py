@@ -47,6 +47,7 @@ def _sum_split_kernel(
     weights_ptr,  # [T, TOP_K] float32
     out_ptr,  # [T, D]
     res_ptr,  # [T, D] residual stream (RESIDUAL)
+    extra_ptr,  # [T, D] a shared expert's output, in the model dtype (EXTRA)
     bias_ptr,  # [slots, D] (HAS_BIAS)
     slot_ptr,  # [E] expert -> weight index (HAS_SLOT)
     D,
@@ -54,12 +55,14 @@ def _sum_split_kernel(
     stride_split,
     stride_out,
     stride_res,
+    stride_extra,
     stride_bias,
     SPLIT: tl.constexpr,
     SHARED: tl.constexpr,  # a shared expert's partial rows per token, after the routed rows
     TOP_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     RESIDUAL: tl.constexpr,
+    EXTRA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SLOT: tl.constexpr,
 ):
@@ -96,6 +99,9 @@ def _sum_split_kernel(
                 row = part_ptr + s * stride_split + (first + p) * D
                 sh += tl.load(row + offs, mask=ok, other=0.0)
         out = (out.to(tl.float32) + rnd(sh, out_ptr)).to(out_ptr.dtype.element_ty)
+    if EXTRA:  # routed + a shared expert's output computed apart, as the torch add rounds
+        ex = tl.load(extra_ptr + t * stride_extra + offs, mask=ok, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + ex).to(out_ptr.dtype.element_ty)
     if RESIDUAL:  # residual + out, each rounded to the model dtype as the two torch ops
         res = tl.load(res_ptr + t * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
         out = (out.to(tl.float32) + res).to(out_ptr.dtype.element_ty)
@@ -118,14 +124,18 @@ def sum_over_k(
     expert_slot_E: torch.Tensor | None,
     num_experts: int,
     shared_rows: int = 0,
+    extra_TD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[t] (+ residual[t]) = sum_k weights[t,k] * round(sum_s part[s, t*K+k] + bias)
-    (+ round(sum_s,p part[s, T*K + t*shared_rows + p]), a shared expert's partials)."""
+    (+ round(sum_s,p part[s, T*K + t*shared_rows + p]), a shared expert's partials, or
+    + extra[t], its output computed apart), each addition rounded as torch's."""
     T, D = out_TD.shape
     widest = 1024 if T > 16 else 256
     block_d = 16 if interpreting() else min(widest, max(16, triton.next_power_of_2(D)))
     res = residual_TD if residual_TD is not None else out_TD  # unused pointer when absent
-    assert res.stride(1) == 1
+    extra = extra_TD if extra_TD is not None else out_TD
+    assert res.stride(1) == 1 and extra.stride(1) == 1
+    assert not (shared_rows and extra_TD is not None), "one shared expert, one way in"
     assert b_down_ED is None or b_down_ED.stride(1) == 1
     assert part_SRD.shape[1:] == (T * experts_TK.shape[1] + T * shared_rows, D)
     assert part_SRD.stride(1) == D and part_SRD.stride(2) == 1
@@ -135,6 +145,7 @@ def sum_over_k(
         weights_TK.to(torch.float32).contiguous(),
         out_TD,
         res,
+        extra,
         b_down_ED if b_down_ED is not None else out_TD,
         expert_slot_E if expert_slot_E is not None else out_TD,
         D,
@@ -142,12 +153,14 @@ def sum_over_k(
         part_SRD.stride(0),
         out_TD.stride(0),
         res.stride(0),
+        extra.stride(0),
         b_down_ED.stride(0) if b_down_ED is not None else 0,
         SPLIT=part_SRD.shape[0],
         SHARED=shared_rows,
         TOP_K=experts_TK.shape[1],
         BLOCK_D=block_d,
         RESIDUAL=residual_TD is not None,
+        EXTRA=extra_TD is not None,
         HAS_BIAS=b_down_ED is not None,
         HAS_SLOT=expert_slot_E is not None,
         **pdl.LAUNCH,

@@ -184,13 +184,15 @@ def fused_experts(
     table: SlotTable | None = None,
     shared: SharedExpert | None = None,
     logits_dtype: torch.dtype | None = None,
+    extra_TD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The routed experts' combined output [T, D] (plus residual_TD when given, fused into the
     last kernel), through the Triton kernels; the experts' biases and activation as given;
     quantized weights with their scales (dequantized in the kernels). shared: an ungated
     shared expert added in the same kernels (only where kernel_shared_expert says so).
     logits_dtype: the router's dtype, to which logits given as split-K partials are rounded
-    (default x's).
+    (default x's). extra_TD: a shared expert's output the caller computed, added to the
+    routed sum before the residual (in the last kernel where it can).
     triton_route (router.triton_routable): routing, alignment and counting in one program (a
     decode-sized batch), else the torch routing, its count and the alignment's torch ops.
     counter_E: incremented by the tokens per expert. table: the experts live in these slots
@@ -235,6 +237,7 @@ def fused_experts(
             b_down_ED=b_down_ED,
             activation=(act.kind, act.alpha, act.limit),
             shared=shared,
+            extra_TD=extra_TD,
             **quant,
         )
     weights_TK, experts_TK, _ = route(logits_TE, spec, bias_E=bias_E, valid_T=valid_T)
@@ -244,7 +247,15 @@ def fused_experts(
     if spec.scales_input:
         assert shared is None, "kernel_shared_expert keeps Llama 4's shared expert apart"
         return _fused_scaled_input(
-            x_TD, w_gate_up_EFD, w_down_EDF, weights_TK, experts_TK, residual_TD, quant, slot_E
+            x_TD,
+            w_gate_up_EFD,
+            w_down_EDF,
+            weights_TK,
+            experts_TK,
+            residual_TD,
+            quant,
+            slot_E,
+            extra_TD,
         )
     return fused_moe(
         x_TD,
@@ -258,6 +269,7 @@ def fused_experts(
         b_down_ED=b_down_ED,
         activation=(act.kind, act.alpha, act.limit),
         shared=shared,
+        extra_TD=extra_TD,
         **quant,
     )
 
@@ -285,18 +297,29 @@ def _fused_scaled_input(
     residual_TD: torch.Tensor | None,
     quant: dict[str, Any],
     expert_slot_E: torch.Tensor | None = None,
+    extra_TD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused GEMMs when the weights scale each expert's input (Llama 4): every (token,
     choice) is a row of its own, its input scaled in x's dtype, with weight 1; the K outputs of
-    a token are summed after (at top-1, Llama 4's routing, that is the kernel's own output)."""
+    a token are summed after (at top-1, Llama 4's routing, that is the kernel's own output).
+    extra_TD (the shared expert's output) is added before the residual."""
     t, k = experts_TK.shape
     x_RD = (x_TD[:, None, :] * weights_TK.to(x_TD.dtype)[:, :, None]).reshape(t * k, -1)
     experts_R = experts_TK.reshape(t * k)
     w = (w_gate_up_EFD, w_down_EDF, quant)
     if k == 1:
-        return fused_rows(x_RD, experts_R, *w, expert_slot_E=expert_slot_E, residual_RD=residual_TD)
+        return fused_rows(
+            x_RD,
+            experts_R,
+            *w,
+            expert_slot_E=expert_slot_E,
+            residual_RD=residual_TD,
+            extra_RD=extra_TD,
+        )
     out_TD = fused_rows(x_RD, experts_R, *w, expert_slot_E=expert_slot_E)
     out_TD = out_TD.view(t, k, -1).sum(1)
+    if extra_TD is not None:
+        out_TD = out_TD + extra_TD
     return out_TD if residual_TD is None else residual_TD + out_TD
 
 
@@ -310,6 +333,7 @@ def fused_rows(
     expert_slot_E: torch.Tensor | None = None,
     out_RD: torch.Tensor | None = None,
     residual_RD: torch.Tensor | None = None,
+    extra_RD: torch.Tensor | None = None,
     b_gate_up_EF: torch.Tensor | None = None,
     b_down_ED: torch.Tensor | None = None,
     act: ExpertActivation = SILU,
@@ -318,8 +342,9 @@ def fused_rows(
     """Each row through its own expert (experts_R int64; the sentinel id >= E gives a zero
     row), weight 1, by the fused kernels: the rows are the kernels' tokens at top-1.
     expert_slot_E: expert e's tensors are at index expert_slot_E[e] (an expert cache); quant:
-    ExpertScales.kernel_args() or {}. Written into out_RD when given. gemv: the
-    per-assignment kernels (fused_moe's default: by the row count)."""
+    ExpertScales.kernel_args() or {}. Written into out_RD when given. residual_RD and
+    extra_RD: added as fused_moe adds them. gemv: the per-assignment kernels (fused_moe's
+    default: by the row count)."""
     from moeserve.kernels.fused_moe import fused_moe
 
     ones_R1 = torch.ones(x_RD.shape[0], 1, dtype=torch.float32, device=x_RD.device)
@@ -332,6 +357,7 @@ def fused_rows(
         expert_slot_E=expert_slot_E,
         out_TD=out_RD,
         residual_TD=residual_RD,
+        extra_TD=extra_RD,
         b_gate_up_EF=b_gate_up_EF,
         b_down_ED=b_down_ED,
         activation=(act.kind, act.alpha, act.limit),

@@ -81,7 +81,14 @@ class DenseMLP(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         linear = self.backend.linear
-        h = silu_mul(linear(x_TD, self.w_gate_up, scale=self.w_gate_up_scale))
+        gate_up_TF2 = linear(x_TD, self.w_gate_up, scale=self.w_gate_up_scale)
+        if self.backend.fused_elementwise(x_TD) and gate_up_TF2.stride(1) == 1:
+            # one launch for the activation (torch's silu and product are two), same roundings
+            from moeserve.kernels.fused_moe import silu_mul as kernel
+
+            h = kernel(gate_up_TF2)
+        else:
+            h = silu_mul(gate_up_TF2)
         return linear(h, self.w_down, scale=self.w_down_scale)
 
 
@@ -174,8 +181,8 @@ class MoE(nn.Module):
         experts: ExpertProvider | SlotTable | None = None,
     ) -> torch.Tensor:
         """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere.
-        residual_TD: return residual + the layer's output (fused into the Triton path's last
-        kernel when there is no shared expert to add first). experts: the provider of this
+        residual_TD: return residual + the layer's output (on the Triton path added in its last
+        kernel, after the shared expert's output). experts: the provider of this
         layer's routed experts (the engine's expert store), or the slots of an expert cache
         the GPU maps itself (the fused path over them); None: resident experts."""
         t = x_TD.shape[0]
@@ -189,12 +196,12 @@ class MoE(nn.Module):
             shared = self._kernel_shared(t)
             if shared is not None:
                 return fused(residual_TD, table, shared)
-            out_TD = self.add_shared(x_TD, fused(None, table))
-        else:
-            assert not isinstance(experts, SlotTable)
-            d = self.route_and_dispatch(x_TD, valid_T)
-            (experts or self.resident).run(d)
-            out_TD = self.finish(d)
+            # computed apart, added in the routed sum's kernel before the residual
+            return fused(residual_TD, table, extra_TD=self.shared_output(x_TD))
+        assert not isinstance(experts, SlotTable)
+        d = self.route_and_dispatch(x_TD, valid_T)
+        (experts or self.resident).run(d)
+        out_TD = self.finish(d)
         return out_TD if residual_TD is None else residual_TD + out_TD
 
     def _fused(
@@ -206,6 +213,7 @@ class MoE(nn.Module):
         residual_TD: torch.Tensor | None = None,
         table: SlotTable | None = None,
         shared: SharedExpert | None = None,
+        extra_TD: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return fused_experts(
             x_TD,
@@ -225,6 +233,7 @@ class MoE(nn.Module):
             table=table,
             shared=shared,
             logits_dtype=self.router.dtype,
+            extra_TD=extra_TD,
         )
 
     def _kernel_shared(self, t: int) -> SharedExpert | None:
@@ -280,10 +289,15 @@ class MoE(nn.Module):
         """The routed experts' output plus the shared expert's, when the family has one."""
         if self.shared is None:
             return routed_TD
+        return routed_TD + self.shared_output(x_TD)
+
+    def shared_output(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output (times its sigmoid gate, Qwen2-MoE's), model dtype."""
+        assert self.shared is not None
         if self.shared_gate is None:
-            return routed_TD + self.shared(x_TD)
+            return self.shared(x_TD)
         gate_T1 = torch.sigmoid(F.linear(x_TD, self.shared_gate))
-        return routed_TD + gate_T1 * self.shared(x_TD)
+        return gate_T1 * self.shared(x_TD)
 
     def experts(
         self,
