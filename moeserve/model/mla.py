@@ -261,7 +261,12 @@ class MLAttention(nn.Module):
             from moeserve.kernels.mla_rows import value_heads
 
             return value_heads(o_lat_BHC, w_v_HWC)
-        return torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2)).transpose(0, 1)
+        # written through a [H, B, W] view of a [B, H, W] buffer (a strided batch for cuBLAS):
+        # the output projection then reads it without the copy a transposed result needs
+        b, h = o_lat_BHC.shape[:2]
+        out_BHW = o_lat_BHC.new_empty(b, h, w_v_HWC.shape[1])
+        torch.bmm(o_lat_BHC.transpose(0, 1), w_v_HWC.transpose(1, 2), out=out_BHW.transpose(0, 1))
+        return out_BHW
 
     def _decode_out(
         self,
