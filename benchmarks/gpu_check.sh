@@ -17,8 +17,8 @@
 #     quant       quantized experts: kernel_bench --quant, Mixtral-4l decode bf16 vs fp8,
 #                 gpt-oss-120b in MXFP4, Qwen3-30B-A3B offloaded on a 16 GB card bf16 vs fp8,
 #                 Mixtral-8x7B offloaded on a 24 GB card fp8 vs bf16
-#     ab          batch-1 decode of this tree vs the tree in $BASE, alternated twice per shape
-#                 ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
+#     ab          decode at batch $AB_BATCH (default 1) of this tree vs the tree in $BASE,
+#                 alternated twice per shape ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
 #                 benchmarks | tar -x -C bench_base`, carry bench_base (not a default stage)
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
@@ -116,7 +116,8 @@ for stage in $stages; do
           for tree in "$PWD" "$BASE"; do
             printf '%s %s round %s: ' "$shape" "$tree" "$round" | tee -a "$OUT/ab.log"
             (cd "$tree" && python3 benchmarks/gpu_speed.py --shape "$shape" --modes graphs \
-              --no-hf --prefill-len 0 --batch 1 --output-len 64 2>&1) | grep -m1 "tok/s" \
+              --no-hf --prefill-len 0 --batch "${AB_BATCH:-1}" --output-len 64 2>&1) \
+              | grep -m1 -E " b${AB_BATCH:-1} .*tok/s" \
               | tee -a "$OUT/ab.log"
           done
         done
