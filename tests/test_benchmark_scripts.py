@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 SCRIPTS = sorted(BENCH.glob("*.py"))
-_NEEDS_TRITON = {"kernel_bench.py", "mxfp4_dot_probe.py", "pdl_probe.py"}
+_NEEDS_TRITON = {"kernel_bench.py", "l2_prefetch_probe.py", "mxfp4_dot_probe.py", "pdl_probe.py"}
 
 
 def test_every_benchmark_script_answers_help() -> None:
