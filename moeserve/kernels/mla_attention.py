@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import pdl
-from moeserve.kernels.paged_attention import MAX_PROGRAMS, _decode_merge_kernel, split_partials
+from moeserve.kernels.decode_merge import merge_partials, split_partials
+from moeserve.kernels.paged_attention import MAX_PROGRAMS
 from moeserve.kernels.pdl import wait_prior
 
 # Query heads per program: the rows of one tl.dot tile (its minimum is 16).
@@ -31,7 +32,6 @@ HEADS_PER_PROGRAM = 16
 # DeepSeek's 512-wide latent: a [16, 512] float32 accumulator and a [32, 512] row tile per
 # step; 8 warps keep them in registers (4 suffice for small latents).
 NUM_WARPS, NUM_WARPS_WIDE = 4, 8
-_MERGE_CHUNK = 32
 # Context positions a partition covers, and the most programs one (sequence, head block)
 # spreads its partitions over. All heads of a sequence share its latent rows, so a batch-1
 # decode is one head block: 256-position partitions left a few-hundred-token context to one
@@ -207,9 +207,7 @@ def mla_decode_attention(
     num_progs = max(1, min(num_parts, MAX_PARTS, MAX_PROGRAMS // (b * head_blocks)))
     single = num_progs == 1  # shape-only: the merge would be an identity
     c_pad = max(16, triton.next_power_of_2(c))
-    part_acc, part_max, part_sum, acc_strides, ml_strides = split_partials(
-        b, h, num_progs, c, out_BHC
-    )
+    parts = split_partials(b, h, num_progs, c, out_BHC)
     _mla_partition_kernel[(b, head_blocks, num_progs)](
         q_BHY,
         q_rope_BHR,
@@ -217,9 +215,9 @@ def mla_decode_attention(
         block_tables_BM,
         context_lens_B,
         out_BHC,
-        part_acc,
-        part_max,
-        part_sum,
+        parts.acc,
+        parts.max,
+        parts.sum,
         float(scale) * _LOG2E,
         num_progs,
         q_BHY.stride(0),
@@ -231,8 +229,8 @@ def mla_decode_attention(
         *block_tables_BM.stride(),
         out_BHC.stride(0),
         out_BHC.stride(1),
-        *acc_strides,
-        *ml_strides[:2],
+        *parts.acc_strides,
+        *parts.ml_strides,
         H=h,
         C=c,
         R=r,
@@ -247,24 +245,5 @@ def mla_decode_attention(
         **pdl.LAUNCH,
     )
     if not single:
-        _decode_merge_kernel[(b, h)](
-            out_BHC,
-            context_lens_B,
-            part_acc,
-            part_max,
-            part_sum,
-            out_BHC,  # no sinks: an unused pointer
-            num_progs,
-            out_BHC.stride(0),
-            out_BHC.stride(1),
-            *acc_strides,
-            *ml_strides[:2],
-            X=c,
-            X_PAD=c_pad,
-            PARTITION=PARTITION_SIZE,
-            CHUNK=_MERGE_CHUNK,
-            HAS_SINKS=False,
-            num_warps=2,
-            **pdl.LAUNCH,
-        )
+        merge_partials(out_BHC, context_lens_B, parts, c_pad, PARTITION_SIZE)
     return out_BHC

@@ -4,8 +4,8 @@ Flash-decoding / split-K: the context of each sequence is cut into partitions of
 PARTITION_SIZE positions, spread over J programs per (sequence, kv head): program j takes
 partitions j, j + J, j + 2J, ... (interleaved, so short and long sequences both spread over
 their programs) and leaves one partial result (running max, sum, unnormalised output). A small
-second kernel merges the J partials with log-sum-exp rescaling. With batch 1 and 8 kv heads a
-4k context runs on 8 * 16 = 128 programs instead of 8.
+second kernel (kernels/decode_merge.py) merges the J partials with log-sum-exp rescaling.
+With batch 1 and 8 kv heads a 4k context runs on 8 * 16 = 128 programs instead of 8.
 
 J = min(partitions in the table's width, MAX_PROGRAMS // (B * G)), the partitions finer when
 B * G is below the SM count (SMALL_PARTITION, batch-1 decode): the grid depends only on
@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import num_sms, pdl
+from moeserve.kernels.decode_merge import merge_partials, split_partials
 from moeserve.kernels.pdl import wait_prior
 
 # Positions per partition. Fixed rather than sized from the table width, so that parallelism
@@ -50,9 +51,6 @@ MAX_PROGRAMS = 2048
 # bound registers. A multiple of 16 (tl.dot) that divides PARTITION_SIZE.
 TILE_N = 128
 NUM_WARPS = 4
-# Partial results the merge reads per step.
-_MERGE_CHUNK = 32
-
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # "No key yet" running max: finite, so exp2(m_old - m_new) never gives NaN. A constexpr: jitted
 # code may read no other globals (the interpreter does not enforce this; the compiler does).
@@ -213,86 +211,8 @@ def _decode_partition_kernel(
         tl.store(part_sum_ptr + ml_off, l_i, mask=row_ok)  # >= 1: at least one key seen
 
 
-@triton.jit(
-    do_not_specialize=["num_progs", "stride_ab", "stride_ah", "stride_aj", "stride_mb", "stride_mh"]
-)
-def _decode_merge_kernel(
-    out_ptr,
-    ctx_ptr,
-    part_acc_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    sinks_ptr,  # [H] (HAS_SINKS)
-    num_progs,
-    stride_ob,
-    stride_oh,
-    stride_ab,
-    stride_ah,
-    stride_aj,
-    stride_mb,
-    stride_mh,
-    X: tl.constexpr,
-    X_PAD: tl.constexpr,
-    PARTITION: tl.constexpr,
-    CHUNK: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
-):
-    wait_prior()
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    # Program j owns partitions j mod J, so programs j >= the sequence's partition count
-    # found nothing: stop there (a short context in a wide table reads few partials).
-    used = tl.minimum(tl.cdiv(tl.load(ctx_ptr + b).to(tl.int32), PARTITION), num_progs)
-    cols = tl.arange(0, X_PAD)
-    col_ok = cols < X
-    chunk = tl.arange(0, CHUNK)
-    ml_row = b * stride_mb + h * stride_mh
-    acc_row = part_acc_ptr + b * stride_ab + h * stride_ah
-
-    m = tl.max(tl.full([CHUNK], _NEG_BIG, tl.float32), 0)
-    l_sum = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
-    acc = tl.zeros([X_PAD], tl.float32)
-    for c0 in range(0, used, CHUNK):
-        js = c0 + chunk
-        m_c = tl.load(part_max_ptr + ml_row + js, mask=js < used, other=_NEG_BIG)
-        l_c = tl.load(part_sum_ptr + ml_row + js, mask=js < used, other=0.0)
-        # Neutral partials (l == 0, e.g. wholly before the window) wrote no output: skip it.
-        live = (js < used) & (l_c > 0)
-        a_c = tl.load(
-            acc_row + js[:, None] * stride_aj + cols[None, :],
-            mask=live[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        m_new = tl.maximum(m, tl.max(m_c, 0))
-        alpha = tl.exp2(m - m_new)
-        w = tl.where(live, tl.exp2(m_c - m_new), 0.0)
-        l_sum = l_sum * alpha + tl.sum(l_c * w, 0)
-        acc = acc * alpha + tl.sum(a_c * w[:, None], 0)
-        m = m_new
-
-    if HAS_SINKS:  # the sink's term in the denominator (merged max m, log2 units)
-        l_sum = l_sum + tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * _LOG2E_C - m)
-    o = acc / l_sum
-    o_ptr = out_ptr + b * stride_ob + h * stride_oh + cols
-    tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=col_ok)
-
-
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def split_partials(
-    b: int, h: int, num_progs: int, width: int, out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], tuple[int, ...]]:
-    """The split-K partials of a decode over num_progs context partitions (float32
-    accumulators [B, H, P, width], running max and sum [B, H, P]) and their strides; with one
-    partition, `out` stands for them (the SINGLE kernel never reads them). Allocated per call:
-    from the graph's private pool when captured."""
-    if num_progs == 1:
-        return out, out, out, (0, 0, 0), (0, 0, 0)
-    part_acc = torch.empty((b, h, num_progs, width), dtype=torch.float32, device=out.device)
-    part_max = torch.empty((b, h, num_progs), dtype=torch.float32, device=out.device)
-    return part_acc, part_max, torch.empty_like(part_max), part_acc.stride()[:3], part_max.stride()
 
 
 def _partitioning(b: int, g: int, x_pad: int, positions: int) -> tuple[int, int, int]:
@@ -368,7 +288,7 @@ def paged_decode_attention(
     x_pad = max(16, triton.next_power_of_2(x))
     partition, tile, num_progs = _partitioning(b, g, x_pad, block_tables_BM.shape[1] * s)
     single = num_progs == 1  # shape-only: the merge would be an identity
-    part_acc, part_max, part_sum, acc_strides, ml_strides = split_partials(b, h, num_progs, x, dst)
+    parts = split_partials(b, h, num_progs, x, dst)
     win = 0 if window is None else int(window)
 
     _decode_partition_kernel[(b, g, num_progs)](
@@ -378,9 +298,9 @@ def paged_decode_attention(
         block_tables_BM,
         context_lens_B,
         dst,
-        part_acc,
-        part_max,
-        part_sum,
+        parts.acc,
+        parts.max,
+        parts.sum,
         sinks_H if sinks_H is not None else dst,  # an unused pointer without sinks
         float(scale) * _LOG2E,
         win,
@@ -393,8 +313,8 @@ def paged_decode_attention(
         *block_tables_BM.stride(),
         dst.stride(0),
         dst.stride(1),
-        *acc_strides,
-        *ml_strides[:2],
+        *parts.acc_strides,
+        *parts.ml_strides,
         X=x,
         QPG=qpg,
         S=s,
@@ -410,26 +330,7 @@ def paged_decode_attention(
         **pdl.LAUNCH,
     )
     if not single:
-        _decode_merge_kernel[(b, h)](
-            dst,
-            context_lens_B,
-            part_acc,
-            part_max,
-            part_sum,
-            sinks_H if sinks_H is not None else dst,
-            num_progs,
-            dst.stride(0),
-            dst.stride(1),
-            *acc_strides,
-            *ml_strides[:2],
-            X=x,
-            X_PAD=x_pad,
-            PARTITION=partition,
-            CHUNK=_MERGE_CHUNK,
-            HAS_SINKS=sinks_H is not None,
-            num_warps=2,
-            **pdl.LAUNCH,
-        )
+        merge_partials(dst, context_lens_B, parts, x_pad, partition, sinks_H)
     if dst is not out_BHX:
         out_BHX.copy_(dst)
     return out_BHX
