@@ -319,6 +319,34 @@ def test_gpu_gemv_bf16_accuracy(T: int, F_: int) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("T", "gemv"), [(1, True), (8, False), (64, False), (100, False)])
+def test_gpu_shared_output_rounds_as_the_torch_adds(T: int, gemv: bool) -> None:
+    """extra_TD in bf16 on the GPU (the CPU test checks float32: the interpreter rounds to bf16
+    otherwise): residual + (routed + shared) bit for bit as the two torch adds, through the
+    sum kernel (GEMV, split and unsplit grouped) and the torch tail past 64 tokens; and the
+    activation kernel a dense MLP now takes rounds as torch's silu and product (within the
+    last bit of an exp)."""
+    from moeserve.kernels.fused_moe import silu_mul
+    from moeserve.model.experts import silu_mul as torch_silu_mul
+
+    E, K, D, F_ = 8, 2, 1024, 1408
+    moe = _moe(E, D, F_, K, torch.bfloat16, "cuda", seed=5)
+    x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    res_TD = 4 * torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    extra_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    weights_TK, experts_TK = _routing(T, E, K, seed=6, device="cuda")
+    w = (moe.w_gate_up, moe.w_down, weights_TK, experts_TK)
+    routed = fused_moe(x_TD, *w, gemv=gemv)
+    got = fused_moe(x_TD, *w, gemv=gemv, residual_TD=res_TD, extra_TD=extra_TD)
+    assert torch.equal(got, res_TD + (routed + extra_TD))
+    gate_up = 3 * torch.randn(T, 2 * F_, device="cuda", dtype=torch.bfloat16)
+    got_h, want_h = silu_mul(gate_up), torch_silu_mul(gate_up)
+    # the same two roundings; exp's last float32 bit may differ between Triton and torch
+    assert (got_h == want_h).float().mean() > 0.99
+    torch.testing.assert_close(got_h, want_h, rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.gpu
 def test_gpu_fp32_matches_readable() -> None:
     T, E, K, D, F_ = 37, 8, 2, 256, 320
     moe = _moe(E, D, F_, K, torch.float32, "cuda", seed=3)
