@@ -18,9 +18,11 @@ from moeserve.kernels.pdl import wait_prior
 
 # Partial results the merge reads per step.
 _MERGE_CHUNK = 32
-# "No partial yet" max: finite, so exp2(m_old - m_new) never gives NaN.
-_NEG_BIG = tl.constexpr(-1.0e30)
-_LOG2E_C = tl.constexpr(1.4426950408889634)
+# "No key yet" running max of the partition kernels and the merge: finite, so exp2(m_old -
+# m_new) never gives NaN. Constexprs: jitted code may read no other globals.
+NEG_BIG = tl.constexpr(-1.0e30)
+LOG2E = 1.4426950408889634  # scores are kept in log2 units (exp2)
+LOG2E_C = tl.constexpr(LOG2E)
 
 
 @triton.jit(
@@ -59,12 +61,12 @@ def _decode_merge_kernel(
     ml_row = b * stride_mb + h * stride_mh
     acc_row = part_acc_ptr + b * stride_ab + h * stride_ah
 
-    m = tl.max(tl.full([CHUNK], _NEG_BIG, tl.float32), 0)
+    m = tl.max(tl.full([CHUNK], NEG_BIG, tl.float32), 0)
     l_sum = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
     acc = tl.zeros([X_PAD], tl.float32)
     for c0 in range(0, used, CHUNK):
         js = c0 + chunk
-        m_c = tl.load(part_max_ptr + ml_row + js, mask=js < used, other=_NEG_BIG)
+        m_c = tl.load(part_max_ptr + ml_row + js, mask=js < used, other=NEG_BIG)
         l_c = tl.load(part_sum_ptr + ml_row + js, mask=js < used, other=0.0)
         # Neutral partials (l == 0, e.g. wholly before the window) wrote no output: skip it.
         live = (js < used) & (l_c > 0)
@@ -81,7 +83,7 @@ def _decode_merge_kernel(
         m = m_new
 
     if HAS_SINKS:  # the sink's term in the denominator (merged max m, log2 units)
-        l_sum = l_sum + tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * _LOG2E_C - m)
+        l_sum = l_sum + tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * LOG2E_C - m)
     o = acc / l_sum
     o_ptr = out_ptr + b * stride_ob + h * stride_oh + cols
     tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=col_ok)

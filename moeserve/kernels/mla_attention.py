@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import pdl
-from moeserve.kernels.decode_merge import merge_partials, split_partials
+from moeserve.kernels.decode_merge import LOG2E, NEG_BIG, merge_partials, split_partials
 from moeserve.kernels.paged_attention import MAX_PROGRAMS
 from moeserve.kernels.pdl import wait_prior
 
@@ -41,8 +41,6 @@ NUM_WARPS, NUM_WARPS_WIDE = 4, 8
 PARTITION_SIZE = 64
 MAX_PARTS = 64
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NEG_BIG = tl.constexpr(-1.0e30)  # finite "no key yet" max: exp2 of differences stays finite
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit(
@@ -107,7 +105,7 @@ def _mla_partition_kernel(
     ml_off = b * stride_mb + heads * stride_mh + j
     if j >= last_part:
         if not SINGLE:  # nothing of this sequence is ours: neutral max and sum
-            tl.store(part_max_ptr + ml_off, tl.full([HB], _NEG_BIG, tl.float32), mask=head_ok)
+            tl.store(part_max_ptr + ml_off, tl.full([HB], NEG_BIG, tl.float32), mask=head_ok)
             tl.store(part_sum_ptr + ml_off, tl.zeros([HB], tl.float32), mask=head_ok)
         return
 
@@ -120,7 +118,7 @@ def _mla_partition_kernel(
     qr_row = qr_ptr + b * stride_qrb + heads[:, None] * stride_qrh
     q_rope = tl.load(qr_row + rc[None, :], mask=head_ok[:, None] & r_ok[None, :], other=0.0)
 
-    m_i = tl.full([HB], _NEG_BIG, tl.float32)
+    m_i = tl.full([HB], NEG_BIG, tl.float32)
     l_i = tl.zeros([HB], tl.float32)
     acc = tl.zeros([HB, C_PAD], tl.float32)
     toks = tl.arange(0, TILE)
@@ -218,7 +216,7 @@ def mla_decode_attention(
         parts.acc,
         parts.max,
         parts.sum,
-        float(scale) * _LOG2E,
+        float(scale) * LOG2E,
         num_progs,
         q_BHY.stride(0),
         q_BHY.stride(1),

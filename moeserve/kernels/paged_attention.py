@@ -33,7 +33,13 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import num_sms, pdl
-from moeserve.kernels.decode_merge import merge_partials, split_partials
+from moeserve.kernels.decode_merge import (
+    LOG2E,
+    LOG2E_C,
+    NEG_BIG,
+    merge_partials,
+    split_partials,
+)
 from moeserve.kernels.pdl import wait_prior
 
 # Positions per partition. Fixed rather than sized from the table width, so that parallelism
@@ -52,11 +58,6 @@ MAX_PROGRAMS = 2048
 TILE_N = 128
 NUM_WARPS = 4
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# "No key yet" running max: finite, so exp2(m_old - m_new) never gives NaN. A constexpr: jitted
-# code may read no other globals (the interpreter does not enforce this; the compiler does).
-_NEG_BIG = tl.constexpr(-1.0e30)
-_LOG2E = 1.4426950408889634
-_LOG2E_C = tl.constexpr(_LOG2E)
 
 
 # Arguments that change from step to step are not specialised on (Triton would compile a
@@ -143,7 +144,7 @@ def _decode_partition_kernel(
     if p0 >= last_part:
         # Nothing of this sequence is ours: a neutral max/sum (the merge skips the output).
         if not SINGLE:
-            tl.store(part_max_ptr + ml_off, tl.full([QH_PAD], _NEG_BIG, tl.float32), mask=row_ok)
+            tl.store(part_max_ptr + ml_off, tl.full([QH_PAD], NEG_BIG, tl.float32), mask=row_ok)
             tl.store(part_sum_ptr + ml_off, tl.zeros([QH_PAD], tl.float32), mask=row_ok)
         return
 
@@ -152,7 +153,7 @@ def _decode_partition_kernel(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :], mask=q_mask, other=0.0
     )
 
-    m_i = tl.full([QH_PAD], _NEG_BIG, tl.float32)  # running max of log2-scaled scores
+    m_i = tl.full([QH_PAD], NEG_BIG, tl.float32)  # running max of log2-scaled scores
     l_i = tl.zeros([QH_PAD], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([QH_PAD, X_PAD], tl.float32)
 
@@ -199,7 +200,7 @@ def _decode_partition_kernel(
 
     if SINGLE:
         if HAS_SINKS:  # the sink's term in the denominator (running max m_i, log2 units)
-            sink = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * _LOG2E_C
+            sink = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * LOG2E_C
             l_i = l_i + tl.exp2(sink - m_i)
         o = acc / l_i[:, None]
         o_off = b * stride_ob + heads[:, None] * stride_oh + cols[None, :]
@@ -302,7 +303,7 @@ def paged_decode_attention(
         parts.max,
         parts.sum,
         sinks_H if sinks_H is not None else dst,  # an unused pointer without sinks
-        float(scale) * _LOG2E,
+        float(scale) * LOG2E,
         win,
         0 if chunk is None else int(chunk),
         num_progs,
