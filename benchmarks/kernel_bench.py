@@ -393,8 +393,8 @@ def main() -> int:
         return 0
     if args.gemv:
         return gemv_report(args, bw, result)
+    swept = {int(x) for x in args.sweep_tokens.split(",")}
     for t in (int(x) for x in args.tokens.split(",")):
-        swept = {int(x) for x in args.sweep_tokens.split(",")}
         rows = moe_gemms(t, sweep if t in swept else None)
         result["moe"] += rows
         for gemm in ("gate_up", "down"):
