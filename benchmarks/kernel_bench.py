@@ -181,14 +181,14 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
         if QUANT == "fp8":
             splits, widths = ((3, 4, 6), (512, 1024)) if down else ((1,), (256, 512))
             grid = itertools.product((16, 32), widths, (4, 8), splits, (1, 2, 4))
-        elif QUANT == "mxfp4":  # word tiles: rows in each thread when BLOCK_K = 256 x warps
+        elif QUANT == "mxfp4":  # rows in each thread when BLOCK_K = 256 (a group a thread:
+            # 1024) x warps
             rows_n = (4, 8, 16) if down else (2, 4, 8)
             splits = (1, 2, 3) if down else (1,)
+            per_warp = 1024 if mq.half_products() == 2 else 256
             grid = (
-                (n, k, w, sk, 1)
-                for n, (k, w), sk in itertools.product(
-                    rows_n, ((256, 1), (512, 2), (1024, 4)), splits
-                )
+                (n, per_warp * w, w, sk, 1)
+                for n, w, sk in itertools.product(rows_n, (1, 2, 4), splits)
             )
         else:
             splits = (1, 2, 4) if down else (1,)
@@ -235,13 +235,15 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def _unpacked() -> Iterator[None]:
-    """The kernels' portable mxfp4 decode (the interpreter's) instead of the PTX one."""
-    saved = mv.packed_decode, mg.packed_decode
+    """The kernels' portable mxfp4 decode (the interpreter's, float32 products) instead of
+    the PTX one."""
+    saved = mv.packed_decode, mg.packed_decode, mv.half_products
     mv.packed_decode = mg.packed_decode = lambda: False
+    mv.half_products = lambda: 0
     try:
         yield
     finally:
-        mv.packed_decode, mg.packed_decode = saved
+        mv.packed_decode, mg.packed_decode, mv.half_products = saved
 
 
 def whole_moe(t: int, gemv: bool) -> tuple[float, int]:

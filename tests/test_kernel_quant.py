@@ -407,7 +407,36 @@ def test_gpu_mxfp4_decodes_agree(T: int, monkeypatch: pytest.MonkeyPatch) -> Non
     wider[:, 1:] = x
     got = fused_moe(wider[:, 1:], c["wgu_q"], c["wd_q"], c["weights"], c["experts"], **q)
     assert torch.equal(got, packed)
+    # the GEMVs' float16 products (T = 1) are compared in test_gpu_mxfp4_half_products
+    monkeypatch.setenv("MOESERVE_MXFP4_F16", "0")
+    packed = fused_moe(x, c["wgu_q"], c["wd_q"], c["weights"], c["experts"], **q)
     for module in (moe_gemv, moe_gemm):
         monkeypatch.setattr(module, "packed_decode", lambda: False)
     portable = fused_moe(x, c["wgu_q"], c["wd_q"], c["weights"], c["experts"], **q)
     assert torch.equal(portable, packed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_gpu_mxfp4_half_products(mode: int, scale: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MXFP4 GEMVs' float16 products, a word (1) or a scale group (2, the default) a
+    thread, against the same kernels' float32 products, activations of unit scale and of
+    hundreds (the down projection's inputs then reach about 1e4): within 2e-3 relative (one
+    bf16 rounding of the output), and within the weight-only bound of the float32
+    reference."""
+    from moeserve.kernels.moe_quant import half_products
+
+    assert half_products() == 2
+    monkeypatch.setenv("MOESERVE_MXFP4_F16", str(mode))
+    c = make_case("mxfp4", 1, 8, 4, seed=5, device="cuda", shape=(2880, 2880))
+    x = (c["x"] * scale).to(torch.bfloat16)
+    q = dict(w_gate_up_scale=c["sgu"], w_down_scale=c["sd"], quant="mxfp4")
+    args = (x, c["wgu_q"], c["wd_q"], c["weights"], c["experts"])
+    half = fused_moe(*args, **q)
+    monkeypatch.setenv("MOESERVE_MXFP4_F16", "0")
+    single = fused_moe(*args, **q)
+    ref = reference(x, c["wgu"], c["wd"], c["weights"], c["experts"])
+    assert half.isfinite().all()
+    assert _rel_err(half, single.float()) < 2e-3, _rel_err(half, single.float())
+    assert _rel_err(half, ref) < 0.01, _rel_err(half, ref)

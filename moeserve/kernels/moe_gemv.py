@@ -36,11 +36,14 @@ from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_gemv_plan import SharedExpert, gemv_config
 from moeserve.kernels.moe_quant import (
     QUANT_CODES,
+    half_products,
+    mxfp4_group_dot,
     mxfp4_word_dot,
     packed_decode,
     pairs_aligned,
     quant_code,
     quant_tile,
+    x_group,
     x_pairs,
     x_tile,
 )
@@ -97,6 +100,7 @@ def _gate_up_act_kernel(
     LOOP_STAGES: tl.constexpr,  # K tiles in flight (the loop's software pipeline)
     PACKED: tl.constexpr,  # mxfp4: moe_quant.e2m1x4_as_fp16's packed decode
     EVEN_N: tl.constexpr,  # mxfp4: BLOCK_N divides the output rows (none masked)
+    HALF: tl.constexpr,  # mxfp4: float16 products, 1 a word, 2 a group (moe_quant.half_products)
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
@@ -155,20 +159,31 @@ def _gate_up_act_kernel(
         gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
         upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
     else:
-        GW: tl.constexpr = BLOCK_K // 8
+        GW: tl.constexpr = BLOCK_K // (32 if HALF == 2 else 8)
         acc_g = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
+        row0 = tl.program_id(0) * BLOCK_N  # no shared expert takes mxfp4
         for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
-            xe, xo = x_pairs(x_row, k0, K, GW)
-            row0 = tl.program_id(0) * BLOCK_N  # no shared expert takes mxfp4
-            acc_g += mxfp4_word_dot(
-                w_e, s_e, row0, F, xe, xo, k0, K,
-                stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
-            )  # fmt: skip
-            acc_u += mxfp4_word_dot(
-                w_e, s_e, row0 + F, 2 * F, xe, xo, k0, K,
-                stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
-            )  # fmt: skip
+            if HALF == 2:
+                x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(x_row, k0, K, GW)
+                acc_g += mxfp4_group_dot(
+                    w_e, s_e, row0, F, x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o, k0, K,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
+                )  # fmt: skip
+                acc_u += mxfp4_group_dot(
+                    w_e, s_e, row0 + F, 2 * F, x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o, k0, K,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
+                )  # fmt: skip
+            else:
+                xe, xo = x_pairs(x_row, k0, K, GW, HALF)
+                acc_g += mxfp4_word_dot(
+                    w_e, s_e, row0, F, xe, xo, k0, K,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
+                )  # fmt: skip
+                acc_u += mxfp4_word_dot(
+                    w_e, s_e, row0 + F, 2 * F, xe, xo, k0, K,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
+                )  # fmt: skip
         gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
         upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
     if HAS_BIAS:  # routed experts only (the caller keeps biased experts from a shared one)
@@ -214,6 +229,7 @@ def _down_kernel(
     LOOP_STAGES: tl.constexpr,
     PACKED: tl.constexpr,
     EVEN_N: tl.constexpr,
+    HALF: tl.constexpr,
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
@@ -260,14 +276,22 @@ def _down_kernel(
             h = x_tile(h_row, k0, k_len, GROUP, G)
             acc += quant_tile(w_e, s_e, offs_n, n_ok, h, k0, k_len, wn, sn, stride_sk, GROUP, G)
     else:
-        GW: tl.constexpr = BLOCK_K // 8
+        GW: tl.constexpr = BLOCK_K // (32 if HALF == 2 else 8)
         acc = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            he, ho = x_pairs(h_row, k0, k_len, GW)
-            acc += mxfp4_word_dot(
-                w_e, s_e, tl.program_id(0) * BLOCK_N, N, he, ho, k0, k_len,
-                stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
-            )  # fmt: skip
+            if HALF == 2:
+                x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(h_row, k0, k_len, GW)
+                acc += mxfp4_group_dot(
+                    w_e, s_e, tl.program_id(0) * BLOCK_N, N,
+                    x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o, k0, k_len,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
+                )  # fmt: skip
+            else:
+                he, ho = x_pairs(h_row, k0, k_len, GW, HALF)
+                acc += mxfp4_word_dot(
+                    w_e, s_e, tl.program_id(0) * BLOCK_N, N, he, ho, k0, k_len,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
+                )  # fmt: skip
     out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
     tl.store(out_row + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
@@ -351,6 +375,7 @@ def gemv_gate_up_act(
             GROUP=group,
             LOOP_STAGES=cfg.get("loop_stages", 1),
             PACKED=packed_decode(),
+            HALF=half_products(),
             EVEN_N=F % cfg["BLOCK_N"] == 0,
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,
@@ -427,6 +452,7 @@ def gemv_down(
             GROUP=group,
             LOOP_STAGES=cfg.get("loop_stages", 1),
             PACKED=packed_decode(),
+            HALF=half_products(),
             EVEN_N=D % cfg["BLOCK_N"] == 0,
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,

@@ -11,6 +11,8 @@ and moe_gemm multiplies each 128-wide K tile's float32 product by both scales.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -269,12 +271,32 @@ def quant_tile(
 # (4 contiguous elements a thread, lanes and warps along the words, rows in each thread), so
 # the activations meet the weights without going through shared memory and are converted once
 # for every row of the program; per word the products are one chain of multiply-adds.
+def half_products() -> int:
+    """How the MXFP4 GEMVs multiply: 2 in float16 pairs a scale group a thread
+    (mxfp4_group_dot), 1 a word a thread (e2m1x4_dot_fp16), 0 in float32 (the interpreter's:
+    the float16 forms are PTX). MOESERVE_MXFP4_F16=0/1 picks another for A/B runs."""
+    if not packed_decode():
+        return 0
+    return int(os.environ.get("MOESERVE_MXFP4_F16", "2"))
+
+
+# Activations are clamped to +-2**15 for the float16 products: a word's 8 stay below 2**15 and
+# a scale group's 16 a lane below 16 * 6 * 2**-6 * 2**15 = 49152 < 65504. An RMSNorm's output
+# is at most max|weight| * sqrt(D), gpt-oss's clamped SwiGLU at most limit * (limit + 1).
+X16_MAX = tl.constexpr(32768.0)
+
+
 @triton.jit
-def x_pairs(x_row, k0, K, GW: tl.constexpr):
+def x_pairs(x_row, k0, K, GW: tl.constexpr, HALF: tl.constexpr = 0, WORD_STRIDE: tl.constexpr = 8):
     """The activations of the K tile [k0, k0 + 8*GW) for mxfp4_word_dot: (even k, odd k)
     [1, GW, 4] float32, element [0, w, j] of k = k0 + 8w + 2j and the next. bf16 rows load as
-    one int32 per pair, whose halves are the two float32s' top bits (no conversion)."""
-    pk = (k0 // 2 + tl.arange(0, GW)[:, None] * 4 + tl.arange(0, 4)[None, :])[None, :, :]
+    one int32 per pair, whose halves are the two float32s' top bits (no conversion). HALF:
+    as float16 (e2m1x4_dot_fp16's operands) clamped to +-X16_MAX, converted once for every
+    row of the program. WORD_STRIDE: k between the words (32: one word of each scale
+    group, mxfp4_group_dot's)."""
+    pk = (k0 // 2 + tl.arange(0, GW)[:, None] * (WORD_STRIDE // 2) + tl.arange(0, 4)[None, :])[
+        None, :, :
+    ]
     ok = (pk // 4) * 8 < K  # whole words: K is a multiple of 32
     if x_row.dtype.element_ty == tl.bfloat16:
         pair = tl.load(x_row.to(tl.pointer_type(tl.int32)) + pk, mask=ok, other=0)
@@ -283,7 +305,12 @@ def x_pairs(x_row, k0, K, GW: tl.constexpr):
     else:
         x_even = tl.load(x_row + pk * 2, mask=ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_row + pk * 2 + 1, mask=ok, other=0.0).to(tl.float32)
-    return x_even, x_odd
+    if HALF:
+        xe = tl.clamp(x_even, -X16_MAX, X16_MAX).to(tl.float16)
+        xo = tl.clamp(x_odd, -X16_MAX, X16_MAX).to(tl.float16)
+    else:
+        xe, xo = x_even, x_odd
+    return xe, xo
 
 
 def pairs_aligned(x: torch.Tensor) -> torch.Tensor:
@@ -292,6 +319,207 @@ def pairs_aligned(x: torch.Tensor) -> torch.Tensor:
     if x.dtype == torch.bfloat16 and (x.stride(0) % 2 or x.data_ptr() % 4):
         return x.clone(memory_format=torch.contiguous_format)
     return x
+
+
+@triton.jit
+def e2m1x4_dot_fp16(byte, x_even, x_odd):
+    """The dot of a word's 8 E2M1 weights (4 bytes, even k in the low nibbles) with their 8
+    float16 activations, times 2**-PACKED_EXP_OFFSET, in float32: element 0 of each 4 (the
+    others are 0). Decoded as e2m1x4_as_fp16 into float16 pairs (k, k + 2), multiplied and
+    added as pairs (fma.rn.f16x2: two products an instruction, no conversion of each weight
+    to float32), then the two lanes (below 2**15: X16_MAX). Float16's 11 bits keep the sum
+    within a few 2**-12 relative, finer than the bf16 output's rounding."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 lo, hi, t, w0, w1, w2, w3, acc;
+        .reg .b16 l0, l1, h0, h1, a0, a1;
+        .reg .f32 f0;
+        and.b32 lo, $4, 0x07070707;
+        shl.b32 lo, lo, 2;
+        and.b32 t, $4, 0x08080808;
+        shl.b32 t, t, 4;
+        or.b32 lo, lo, t;
+        shr.b32 hi, $4, 2;
+        and.b32 hi, hi, 0x1C1C1C1C;
+        and.b32 t, $4, 0x80808080;
+        or.b32 hi, hi, t;
+        mov.b32 {l0, l1}, lo;
+        mov.b32 {h0, h1}, hi;
+        cvt.rn.f16x2.e4m3x2 w0, l0;
+        cvt.rn.f16x2.e4m3x2 w1, l1;
+        cvt.rn.f16x2.e4m3x2 w2, h0;
+        cvt.rn.f16x2.e4m3x2 w3, h1;
+        mul.rn.f16x2 acc, w0, $5;
+        fma.rn.f16x2 acc, w1, $6, acc;
+        fma.rn.f16x2 acc, w2, $7, acc;
+        fma.rn.f16x2 acc, w3, $8, acc;
+        mov.b32 {a0, a1}, acc;
+        add.rn.f16 a0, a0, a1;
+        cvt.f32.f16 f0, a0;
+        mov.b32 $0, f0;
+        mov.b32 $1, 0;
+        mov.b32 $2, 0;
+        mov.b32 $3, 0;
+        }
+        """,
+        constraints="=r,=r,=r,=r,r,r,r,r,r",
+        args=[byte, x_even, x_odd],
+        dtype=tl.float32,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def e2m1x4_mul_fp16(byte, x_even, x_odd):
+    """e2m1x4_fma_fp16 of a group's first word: no running sums yet."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 lo, hi, t, w0, w1, w2, w3;
+        .reg .b16 l0, l1, h0, h1;
+        and.b32 lo, $2, 0x07070707;
+        shl.b32 lo, lo, 2;
+        and.b32 t, $2, 0x08080808;
+        shl.b32 t, t, 4;
+        or.b32 lo, lo, t;
+        shr.b32 hi, $2, 2;
+        and.b32 hi, hi, 0x1C1C1C1C;
+        and.b32 t, $2, 0x80808080;
+        or.b32 hi, hi, t;
+        mov.b32 {l0, l1}, lo;
+        mov.b32 {h0, h1}, hi;
+        cvt.rn.f16x2.e4m3x2 w0, l0;
+        cvt.rn.f16x2.e4m3x2 w1, l1;
+        cvt.rn.f16x2.e4m3x2 w2, h0;
+        cvt.rn.f16x2.e4m3x2 w3, h1;
+        mul.rn.f16x2 t, w0, $3;
+        fma.rn.f16x2 t, w1, $4, t;
+        fma.rn.f16x2 t, w2, $5, t;
+        fma.rn.f16x2 $0, w3, $6, t;
+        mov.b32 $1, 0;
+        }
+        """,
+        constraints="=r,=r,r,r,r,r,r",
+        args=[byte, x_even, x_odd],
+        dtype=tl.float16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def e2m1x4_fma_fp16(byte, x_even, x_odd, acc):
+    """acc + a word's 8 E2M1 weights (4 bytes) times their float16 activations, as float16
+    pairs: acc is float16 [..., 4] whose first two elements are a pair of running sums (the
+    others 0). The decode is e2m1x4_dot_fp16's; four fma.rn.f16x2 a word, nothing else."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 lo, hi, t, w0, w1, w2, w3;
+        .reg .b16 l0, l1, h0, h1;
+        and.b32 lo, $2, 0x07070707;
+        shl.b32 lo, lo, 2;
+        and.b32 t, $2, 0x08080808;
+        shl.b32 t, t, 4;
+        or.b32 lo, lo, t;
+        shr.b32 hi, $2, 2;
+        and.b32 hi, hi, 0x1C1C1C1C;
+        and.b32 t, $2, 0x80808080;
+        or.b32 hi, hi, t;
+        mov.b32 {l0, l1}, lo;
+        mov.b32 {h0, h1}, hi;
+        cvt.rn.f16x2.e4m3x2 w0, l0;
+        cvt.rn.f16x2.e4m3x2 w1, l1;
+        cvt.rn.f16x2.e4m3x2 w2, h0;
+        cvt.rn.f16x2.e4m3x2 w3, h1;
+        fma.rn.f16x2 t, w0, $3, $7;
+        fma.rn.f16x2 t, w1, $4, t;
+        fma.rn.f16x2 t, w2, $5, t;
+        fma.rn.f16x2 $0, w3, $6, t;
+        mov.b32 $1, 0;
+        }
+        """,
+        constraints="=r,=r,r,r,r,r,r,r,r",
+        args=[byte, x_even, x_odd, acc],
+        dtype=tl.float16,
+        is_pure=True,
+        pack=4,
+    )
+
+
+@triton.jit
+def _group_word(byte, x_even, x_odd, acc, FIRST: tl.constexpr):
+    xe = tl.broadcast_to(x_even, byte.shape)
+    xo = tl.broadcast_to(x_odd, byte.shape)
+    return e2m1x4_mul_fp16(byte, xe, xo) if FIRST else e2m1x4_fma_fp16(byte, xe, xo, acc)
+
+
+@triton.jit
+def x_group(x_row, k0, K, GG: tl.constexpr):
+    """mxfp4_group_dot's activations of the K tile [k0, k0 + 32*GG): x_pairs of each of a
+    group's four words, float16."""
+    x0e, x0o = x_pairs(x_row, k0, K, GG, 1, 32)
+    x1e, x1o = x_pairs(x_row, k0 + 8, K, GG, 1, 32)
+    x2e, x2o = x_pairs(x_row, k0 + 16, K, GG, 1, 32)
+    x3e, x3o = x_pairs(x_row, k0 + 24, K, GG, 1, 32)
+    return x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o
+
+
+@triton.jit
+def mxfp4_group_dot(
+    w_e,  # one expert's stored weight [N, K/2] bytes
+    s_e,  # its E8M0 scales [N, K/GROUP]
+    row0,
+    rows_end,
+    x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o,  # x_group's
+    k0,
+    K,
+    stride_wn: tl.constexpr,
+    stride_sn: tl.constexpr,
+    stride_sk,
+    BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    GG: tl.constexpr,  # scale groups in the tile
+    EVEN_N: tl.constexpr,
+):  # fmt: skip
+    """[BLOCK_N, GG] float32: each row's scale group g of the tile [k0, k0 + 32*GG) dotted
+    with its 32 activations, times the group's scale. A thread takes a whole group of a row
+    (its four words loaded apart, each in x_pairs' layout): the 16 products of each lane of
+    a float16 pair chain through fma.rn.f16x2, then the group costs one scale, one
+    conversion of its two lanes and one float32 multiply-add, where mxfp4_word_dot's words
+    cost those each."""
+    m = tl.arange(0, BLOCK_N * GG).to(tl.int64)
+    row = row0.to(tl.int64) + m // GG
+    grp = m % GG
+    # the group's 16 bytes in one load, then its four words apart (in-thread reshapes)
+    at = (
+        (w_e + k0 // 2)
+        + (row * stride_wn + grp * 16)[None, :, None]
+        + tl.arange(0, 16)[None, None, :]
+    )
+    ok = k0 + grp * 32 < K
+    if not EVEN_N:
+        ok = ok & (row < rows_end)
+    ok = ok[None, :, None]
+    words = tl.reshape(tl.load(at, mask=ok, other=0), (BLOCK_N, GG, 2, 2, 4))
+    words = tl.permute(words, (0, 1, 4, 2, 3))  # [rows, groups, byte, word // 2, word % 2]
+    w02, w13 = tl.split(words)  # by word % 2: [rows, groups, byte, word // 2]
+    w0, w2 = tl.split(w02)
+    w1, w3 = tl.split(w13)
+    acc = _group_word(w0, x0e, x0o, None, True)
+    acc = _group_word(w1, x1e, x1o, acc, False)
+    acc = _group_word(w2, x2e, x2o, acc, False)
+    acc = _group_word(w3, x3e, x3o, acc, False)
+    lane0, lane1, _, _ = _quarters(acc)
+    dot = lane0.to(tl.float32) + lane1.to(tl.float32)  # up to 2 * 49152: past float16
+    g = k0 // GROUP + grp
+    s_ok = g * GROUP < K
+    if not EVEN_N:
+        s_ok = s_ok & (row < rows_end)
+    e = tl.load(s_e + row * stride_sn + g * stride_sk, mask=s_ok, other=0)
+    return dot * mxfp4_group_scale(tl.reshape(e, (BLOCK_N, GG)), True)
 
 
 @triton.jit
@@ -321,6 +549,7 @@ def mxfp4_word_dot(
     GW: tl.constexpr,  # words in the tile
     PACKED: tl.constexpr,  # e2m1x4_as_fp16's decode (packed_decode)
     EVEN_N: tl.constexpr,  # BLOCK_N divides the rows: no row is masked
+    HALF: tl.constexpr = 0,  # float16 products (half_products() == 1; x_pairs(..., HALF))
 ):
     """[BLOCK_N, GW] float32: each row's word w of the tile [k0, k0 + 8*GW) dotted with the
     activations of its 8 k, times the word's group scale. Summed over the words by the caller,
@@ -345,19 +574,25 @@ def mxfp4_word_dot(
     ok = ok[None, :, None]
     byte = tl.load((w_e + k0 // 2) + at, mask=ok, other=0)
     byte = tl.reshape(byte, (BLOCK_N, GW, 4))
-    lo, hi = mxfp4_nibbles(byte, PACKED)
-    l0, l1, l2, l3 = _quarters(lo.to(tl.float32))
-    h0, h1, h2, h3 = _quarters(hi.to(tl.float32))
-    e0, e1, e2, e3 = _quarters(x_even)
-    o0, o1, o2, o3 = _quarters(x_odd)
-    # one chain: each addition fuses with its product
-    dot = l0 * e0 + h0 * o0
-    dot = dot + l1 * e1
-    dot = dot + h1 * o1
-    dot = dot + l2 * e2
-    dot = dot + h2 * o2
-    dot = dot + l3 * e3
-    dot = dot + h3 * o3
+    if HALF:
+        shape: tl.constexpr = (BLOCK_N, GW, 4)
+        xe = tl.broadcast_to(x_even, shape)
+        xo = tl.broadcast_to(x_odd, shape)
+        dot, _, _, _ = _quarters(e2m1x4_dot_fp16(byte, xe, xo))
+    else:
+        lo, hi = mxfp4_nibbles(byte, PACKED)
+        l0, l1, l2, l3 = _quarters(lo.to(tl.float32))
+        h0, h1, h2, h3 = _quarters(hi.to(tl.float32))
+        e0, e1, e2, e3 = _quarters(x_even)
+        o0, o1, o2, o3 = _quarters(x_odd)
+        # one chain: each addition fuses with its product
+        dot = l0 * e0 + h0 * o0
+        dot = dot + l1 * e1
+        dot = dot + h1 * o1
+        dot = dot + l2 * e2
+        dot = dot + h2 * o2
+        dot = dot + l3 * e3
+        dot = dot + h3 * o3
     g = (k0 + word * 8) // GROUP
     s_ok = g * GROUP < K
     if not EVEN_N:
