@@ -514,7 +514,9 @@ def mxfp4_group_dot(
     acc = _group_word(w3, x3e, x3o, acc, False)
     lane0, lane1, _, _ = _quarters(acc)
     dot = lane0.to(tl.float32) + lane1.to(tl.float32)  # up to 2 * 49152: past float16
-    g = k0 // GROUP + grp
+    # (k0 + 32 grp) // GROUP, not k0 // GROUP + grp: a contiguous index would have the scales
+    # load as vectors of several groups a thread, then shuffled into the weights' layout
+    g = (k0 + grp * 32) // GROUP
     s_ok = g * GROUP < K
     if not EVEN_N:
         s_ok = s_ok & (row < rows_end)
