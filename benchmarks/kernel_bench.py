@@ -185,7 +185,7 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             # 1024) x warps
             rows_n = (4, 8, 16) if down else (2, 4, 8)
             splits = (1, 2, 3) if down else (1,)
-            per_warp = 1024 if mq.half_products() == 2 else 256
+            per_warp = 1024 if mv.half_products() == 2 else 256
             grid = (
                 (n, per_warp * w, w, sk, 1)
                 for n, w, sk in itertools.product(rows_n, (1, 2, 4), splits)

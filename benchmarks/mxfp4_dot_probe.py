@@ -1,6 +1,6 @@
 """Probe: an MXFP4 expert GEMV on the tensor cores, against the shipped one (moe_gemv).
 
-The shipped GEMV decodes each E2M1 nibble to float16 (moe_quant.e2m1x4_as_fp16), widens it to
+The shipped GEMV decodes each E2M1 nibble to float16 (mxfp4.e2m1x4_as_fp16), widens it to
 float32 and multiply-adds it with the activation: about 6.5 instructions a weight in its sm_90
 loop, which bound it more than memory does. Here the same float16 weights go into fp16 dots
 ([16, 32] activations, a scale group of K, against [32, BLOCK_N] weights; the activation row
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from moeserve.bench.synthetic import SHAPES  # noqa: E402
 from moeserve.kernels import interpreting  # noqa: E402
 from moeserve.kernels import moe_gemv as mv  # noqa: E402
-from moeserve.kernels import moe_quant as mq  # noqa: E402
+from moeserve.kernels import mxfp4 as mq  # noqa: E402
 from moeserve.kernels import quant as qt  # noqa: E402
 from moeserve.model.families import parse_config  # noqa: E402
 

@@ -372,7 +372,7 @@ def test_mxfp4_kernels_load_words_and_keep_activations_in_registers() -> None:
     a load each, and the decode, ALU-bound already, waited on them. The GEMVs' byte loads left
     are the E8M0 scales (a row's word takes its group's: one load per row, gate and up rows
     apart), and their K loops store nothing to shared memory: the activations load in the
-    weights' own register layout (moe_quant.x_pairs), where they once went through shared
+    weights' own register layout (mxfp4.x_pairs), where they once went through shared
     memory and a barrier every K tile. The grouped GEMM's weight and activation tiles go
     through cp.async (none did before)."""
     nvdisasm = Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm"

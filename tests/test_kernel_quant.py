@@ -275,7 +275,7 @@ def test_mxfp4_gemvs_mask_a_partial_row_block(monkeypatch: pytest.MonkeyPatch) -
 
 @pytest.mark.parametrize("block_k", [0, 256])
 def test_mxfp4_gemvs_on_bf16_activations(block_k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 activations reach the MXFP4 GEMVs as int32 pairs (moe_quant.x_pairs: no
+    """bf16 activations reach the MXFP4 GEMVs as int32 pairs (mxfp4.x_pairs: no
     conversion), a path float32 activations do not take. At one token, with the interpreter's
     one-group tiles and with 256-wide ones (D = 64, F = 96: a tile's last words masked), the
     bf16 GEMVs stay within bf16's roundings of the intermediates (1.9% here, as before the
@@ -402,7 +402,7 @@ def test_gpu_mxfp4_decodes_agree(T: int, monkeypatch: pytest.MonkeyPatch) -> Non
     ref = reference(x, c["wgu"], c["wd"], c["weights"], c["experts"])
     assert _rel_err(packed, ref) < 0.01
     # activations one element into their storage: rows off the 4-byte grid the GEMVs load
-    # bf16 pairs on (moe_quant.pairs_aligned copies such a view; an int32 load there faults)
+    # bf16 pairs on (mxfp4.pairs_aligned copies such a view; an int32 load there faults)
     wider = torch.zeros(T, x.shape[1] + 1, dtype=torch.bfloat16, device="cuda")
     wider[:, 1:] = x
     got = fused_moe(wider[:, 1:], c["wgu_q"], c["wd_q"], c["weights"], c["experts"], **q)
@@ -425,7 +425,7 @@ def test_gpu_mxfp4_half_products(mode: int, scale: float, monkeypatch: pytest.Mo
     hundreds (the down projection's inputs then reach about 1e4): within 2e-3 relative (one
     bf16 rounding of the output), and within the weight-only bound of the float32
     reference."""
-    from moeserve.kernels.moe_quant import half_products
+    from moeserve.kernels.mxfp4 import half_products
 
     assert half_products() == 2
     monkeypatch.setenv("MOESERVE_MXFP4_F16", str(mode))

@@ -17,11 +17,9 @@ import triton.language as tl
 from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_quant import (
     load_weights,
-    mxfp4_group_scale,
-    mxfp4_nibbles,
-    packed_decode,
     quant_code,
 )
+from moeserve.kernels.mxfp4 import mxfp4_group_scale, mxfp4_nibbles, packed_decode
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP, real_k
 
@@ -160,7 +158,7 @@ def _moe_gemm_kernel(
     QUANT: tl.constexpr,  # moe_quant.QUANT_CODES: 0 plain weights, 1 fp8, 2 mxfp4
     GROUP: tl.constexpr,  # K elements per weight scale
     FP8_DOT: tl.constexpr,  # fp8 x fp8 tensor-core dots (QUANT 1, BLOCK_K divides 128)
-    PACKED: tl.constexpr,  # mxfp4: moe_quant.e2m1x4_as_fp16's packed decode
+    PACKED: tl.constexpr,  # mxfp4: mxfp4.e2m1x4_as_fp16's packed decode
 ):
     wait_prior()
     # Programs that run back to back take GROUP_M row blocks for one column tile, so a B tile

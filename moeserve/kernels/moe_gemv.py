@@ -19,7 +19,7 @@ that saves DeepSeek-V2-Lite two launches a layer against its own pair of GEMVs.
 Quantized weights (kernels.quant) are read a tile of whole scale groups at a time: each
 group's dot with the activations is summed in float32 and multiplied by the group's scale
 once, so a weight costs its conversion and one multiply-add. MXFP4 tiles are 4-byte words
-against the activations of the same 8 k, both in one register layout (moe_quant.x_pairs,
+against the activations of the same 8 k, both in one register layout (mxfp4.x_pairs,
 mxfp4_word_dot): the activations never pass through shared memory.
 
 Shapes: R = T*K assignments, E experts (or cache slots), F intermediate, D hidden.
@@ -34,18 +34,15 @@ import triton.language as tl
 from moeserve.kernels import interpreting, pdl
 from moeserve.kernels.moe_epilogue import activate, rnd
 from moeserve.kernels.moe_gemv_plan import SharedExpert, gemv_config
-from moeserve.kernels.moe_quant import (
-    QUANT_CODES,
+from moeserve.kernels.moe_quant import QUANT_CODES, quant_code, quant_tile, x_tile
+from moeserve.kernels.mxfp4 import (
     half_products,
     mxfp4_group_dot,
     mxfp4_word_dot,
     packed_decode,
     pairs_aligned,
-    quant_code,
-    quant_tile,
     x_group,
     x_pairs,
-    x_tile,
 )
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import real_k
@@ -98,9 +95,9 @@ def _gate_up_act_kernel(
     QUANT: tl.constexpr,  # moe_quant.QUANT_CODES
     GROUP: tl.constexpr,
     LOOP_STAGES: tl.constexpr,  # K tiles in flight (the loop's software pipeline)
-    PACKED: tl.constexpr,  # mxfp4: moe_quant.e2m1x4_as_fp16's packed decode
+    PACKED: tl.constexpr,  # mxfp4: mxfp4.e2m1x4_as_fp16's packed decode
     EVEN_N: tl.constexpr,  # mxfp4: BLOCK_N divides the output rows (none masked)
-    HALF: tl.constexpr,  # mxfp4: float16 products, 1 a word, 2 a group (moe_quant.half_products)
+    HALF: tl.constexpr,  # mxfp4: float16 products, 1 a word, 2 a group (mxfp4.half_products)
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)

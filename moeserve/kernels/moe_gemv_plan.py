@@ -11,7 +11,7 @@ import torch
 import triton
 
 from moeserve.kernels import interpreting, k_splits
-from moeserve.kernels.moe_quant import half_products
+from moeserve.kernels.mxfp4 import half_products
 from moeserve.kernels.quant import group_size
 
 # Up to this many tokens, and for bf16 experts up to this intermediate width, the fused MoE
@@ -70,7 +70,7 @@ _GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
     ("fp8", True): (32, 1024, 4, 1),
     ("mxfp4", False): (4, 512, 2, 1),
     ("mxfp4", True): (8, 1024, 4, 1),
-    # a scale group a thread (moe_quant.mxfp4_group_dot): 1024 columns a warp
+    # a scale group a thread (mxfp4.mxfp4_group_dot): 1024 columns a warp
     ("mxfp4-group", False): (4, 1024, 1, 1),
     ("mxfp4-group", True): (8, 1024, 1, 1),
 }
@@ -79,6 +79,8 @@ _GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
 def _tile_kind(quant: str) -> str:
     """The tile table's key: MXFP4 GEMVs taking a scale group a thread have their own."""
     return "mxfp4-group" if quant == "mxfp4" and half_products() == 2 else quant
+
+
 # The fewest K tiles a split of the down GEMV streams, and the programs it aims for per SM.
 # gpt-oss-120b's MXFP4 down (K 2880: 3 word tiles of 1024) takes 14.1 us unsplit, 15.0 in 2
 # splits, 16.6 in 3 (H100, 2026-12-06).
