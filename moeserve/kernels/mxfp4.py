@@ -151,7 +151,10 @@ def half_products() -> int:
     the float16 forms are PTX). MOESERVE_MXFP4_F16=0/1 picks another for A/B runs."""
     if not packed_decode():
         return 0
-    return int(os.environ.get("MOESERVE_MXFP4_F16", "2"))
+    value = os.environ.get("MOESERVE_MXFP4_F16", "2")
+    if value not in ("0", "1", "2"):
+        raise ValueError(f"MOESERVE_MXFP4_F16 must be 0, 1 or 2, got {value!r}")
+    return int(value)
 
 
 # Activations are clamped to +-2**15 for the float16 products: a word's 8 stay below 2**15 and
