@@ -17,15 +17,17 @@
 #     quant       quantized experts: kernel_bench --quant, Mixtral-4l decode bf16 vs fp8,
 #                 gpt-oss-120b in MXFP4, Qwen3-30B-A3B offloaded on a 16 GB card bf16 vs fp8,
 #                 Mixtral-8x7B offloaded on a 24 GB card fp8 vs bf16
+#     f16         the MXFP4 GEMVs' float16 products against their float32 ones: gpu tests,
+#                 kernel_bench --gemv, gpt-oss-120b batch-1 decode alternated (not a default stage)
 #     ab          decode at batch $AB_BATCH (default 1) of this tree vs the tree in $BASE,
 #                 alternated twice per shape ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
 #                 benchmarks | tar -x -C bench_base`, carry bench_base (not a default stage)
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
-extra="ab"  # stages that run only when named
+extra="ab f16"  # stages that run only when named
 case "${1:-}" in
-  -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -105,6 +107,22 @@ for stage in $stages; do
       python3 benchmarks/offload_bench.py --dummy mixtral-8x7b --emulate-card-mib 24576 \
         --quantization fp8,none --modes fetch --batch 1 --output-len 16 \
         --json "$OUT/offload_mixtral_24g.json" 2>&1 | tee "$OUT/offload_mixtral_24g.log" ;;
+    f16)
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernel_quant.py \
+        -k "half_products or decodes_agree" 2>&1 | tee "$OUT/f16_tests.log"
+      for mode in 2 0; do
+        echo "MOESERVE_MXFP4_F16=$mode" | tee -a "$OUT/f16.log"
+        MOESERVE_MXFP4_F16=$mode python3 benchmarks/kernel_bench.py --shape gpt-oss-120b --gemv \
+          --tokens 1 --quant mxfp4 2>&1 | grep -v Warn | tee -a "$OUT/f16.log"
+      done
+      for round in 1 2; do
+        for mode in 2 0; do
+          printf 'gpt-oss-120b b1, MOESERVE_MXFP4_F16=%s: ' "$mode" | tee -a "$OUT/f16.log"
+          MOESERVE_MXFP4_F16=$mode python3 benchmarks/gpu_speed.py --shape gpt-oss-120b \
+            --modes graphs --no-hf --prefill-len 0 --batch 1 --output-len 64 2>&1 \
+            | grep -m1 " b1 .*tok/s" | tee -a "$OUT/f16.log"
+        done
+      done ;;
     ab)
       # Each tree runs its own benchmarks/, which put their own checkout first on sys.path:
       # a base run from this tree's scripts would measure this tree twice.
