@@ -142,7 +142,6 @@ def _gemv_partials_kernel(
     GROUP: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
 ):
-    wait_prior()
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     s = tl.program_id(1)
@@ -151,16 +150,24 @@ def _gemv_partials_kernel(
     k_first = s * per_split
     k_end = tl.minimum(k_first + per_split, K)
     if QUANT == 0:  # float32 products of the stored values, summed in float32 (as a dot)
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            kk = k0 + offs_k
+        # The first K tile's weights load before the wait (pdl.wait_prior): no kernel writes
+        # them, and the previous kernel is a short one whose run they overlap.
+        kk = k_first + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_end
+        w_rows = w_ptr + offs_n[:, None] * stride_wn
+        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        wait_prior()
+        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        acc = w.to(tl.float32) * x[None, :]
+        for k0 in tl.range(k_first + BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+            kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < k_end
             x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             m = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + kk[None, :], mask=m, other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
             acc += w.to(tl.float32) * x[None, :]
     else:
+        wait_prior()
         G: tl.constexpr = BLOCK_K // GROUP
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):

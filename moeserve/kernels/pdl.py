@@ -7,9 +7,10 @@ previous one drains: its programs start, compute their indices and wait at `wait
 the previous kernel's writes. On an H200, in a CUDA graph, that saved 0.6-1.0 us per kernel
 boundary of a chain of GEMVs (benchmarks/pdl_probe.py; benchmarks/RESULTS.md).
 
-Every kernel launched with PDL calls `wait_prior()` first, before any load, store or early
-return: then a kernel's completion implies its predecessor's, so the ordering of any later
-kernel (with PDL or not) still holds transitively. Kernels of torch and cuBLAS in between are
+Every kernel launched with PDL calls `wait_prior()` before any store, early return or load of
+data a kernel writes (loads of weights may come first, to overlap the previous kernel): then a
+kernel's completion implies its predecessor's, so the ordering of any later kernel (with PDL
+or not) still holds transitively. Kernels of torch and cuBLAS in between are
 launched plainly and wait as usual. MOESERVE_PDL=0 turns it off (for A/B measurements);
 MOESERVE_PDL=force turns it on without a GPU to look at (the sm_90 compile check).
 """
