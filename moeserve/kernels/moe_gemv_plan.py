@@ -17,13 +17,14 @@ from moeserve.kernels.quant import group_size
 # Up to this many tokens, and for bf16 experts up to this intermediate width, the fused MoE
 # takes these kernels (kernels.fused_moe). Beyond that many tokens the experts repeat across
 # tokens, and the grouped GEMM reads each expert's weights once for all its rows where these
-# read them once per row; for wide bf16 experts the grouped GEMM's K splits stream as fast.
-# Batch-1 decode on an H200, same run, GEMVs vs grouped GEMMs (benchmarks/RESULTS.md):
-# Qwen3-30B-A3B (F 768) 1.12x, Mixtral (F 14336) 0.97x, gpt-oss-20b (F 2880) 0.94x.
+# read them once per row; for very wide bf16 experts the grouped GEMM's K splits stream as fast.
+# Batch-1 decode, GEMVs vs grouped GEMMs in the same run (benchmarks/RESULTS.md): Qwen3-30B-A3B
+# (F 768) 1.12x and Mixtral (F 14336) 0.97x (H200, 2026-12-04); gpt-oss-20b (F 2880) 0.94x
+# then, 1.05x since (H100, 2026-12-07).
 # Quantized experts take them at any width: the grouped GEMM dequantizes every weight before
 # its dot, these scale each group's dot once (fp8 Mixtral layer 117 vs 224 us).
 GEMV_MAX_TOKENS = 1
-GEMV_MAX_INTERMEDIATE = 2048
+GEMV_MAX_INTERMEDIATE = 4096
 
 
 def takes_gemv(num_tokens: int, intermediate: int, quant: str = "") -> bool:
