@@ -169,13 +169,17 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
     touched = experts.unique().numel()
     experts_R = experts.flatten()
     h = torch.randn(t * K_TOP, F, dtype=torch.bfloat16, device="cuda")
+    act = _activation()
+    bounds = {"gate_up+act": float(x.abs().max()), "down": fm.activation_bound(act)}
     rows = []
     for name, n, k in (("gate_up+act", 2 * F, D), ("down", D, F)):
         down = name == "down"
+        bound = bounds[name]
+        half = mv.half_products(bound) if QUANT == "mxfp4" else 0
         base = (
-            mv.gemv_config(n, k, QUANT, rows=t * K_TOP)
+            mv.gemv_config(n, k, QUANT, rows=t * K_TOP, half=half)
             if down
-            else mv.gemv_config(n // 2, k, QUANT)
+            else mv.gemv_config(n // 2, k, QUANT, half=half)
         )
         # around the shipped tiles, with the K tiles in flight (tl.range's num_stages)
         if QUANT == "fp8":
@@ -185,7 +189,7 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             # 1024) x warps
             rows_n = (4, 8, 16) if down else (2, 4, 8)
             splits = (1, 2, 3) if down else (1,)
-            per_warp = 1024 if mv.half_products() == 2 else 256
+            per_warp = 1024 if half == 2 else 256
             grid = (
                 (n, per_warp * w, w, sk, 1)
                 for n, w, sk in itertools.product(rows_n, (1, 2, 4), splits)
@@ -201,13 +205,13 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
         for cfg in cfgs:
             if down:
                 out = torch.empty(cfg["SPLIT_K"], t * K_TOP, D, dtype=torch.float32, device="cuda")
-                fn = lambda cfg=cfg, out=out: mv.gemv_down(  # noqa: E731
-                    h, w2, out, experts_R, E, cfg=cfg, w_scale=s2, quant=QUANT
+                fn = lambda cfg=cfg, out=out, bound=bound: mv.gemv_down(  # noqa: E731
+                    h, w2, out, experts_R, E, cfg=cfg, w_scale=s2, quant=QUANT, x_bound=bound
                 )
             else:
-                fn = lambda cfg=cfg: mv.gemv_gate_up_act(  # noqa: E731
-                    x, w1, experts_R, K_TOP, E, activation=fm.SILU, cfg=cfg, w_scale=s1,
-                    quant=QUANT,
+                fn = lambda cfg=cfg, bound=bound: mv.gemv_gate_up_act(  # noqa: E731
+                    x, w1, experts_R, K_TOP, E, activation=act, cfg=cfg, w_scale=s1,
+                    quant=QUANT, x_bound=bound,
                 )  # fmt: skip
             try:
                 s = bench(fn)
@@ -233,13 +237,19 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def _activation() -> fm.Activation:
+    """The experts' activation: gpt-oss's clamped SwiGLU for MXFP4 (the format's checkpoints),
+    silu(gate) * up otherwise."""
+    return ("clamped_swiglu", 1.702, 7.0) if QUANT == "mxfp4" else fm.SILU
+
+
 @contextlib.contextmanager
 def _unpacked() -> Iterator[None]:
     """The kernels' portable mxfp4 decode (the interpreter's, float32 products) instead of
     the PTX one."""
     saved = mv.packed_decode, mg.packed_decode, mv.half_products
     mv.packed_decode = mg.packed_decode = lambda: False
-    mv.half_products = lambda: 0
+    mv.half_products = lambda bound: 0
     try:
         yield
     finally:
@@ -252,6 +262,7 @@ def whole_moe(t: int, gemv: bool) -> tuple[float, int]:
     x, w1, w2, experts, weights, s1, s2 = _layer(t)
     out = torch.empty_like(x)
     q = dict(w_gate_up_scale=s1, w_down_scale=s2, quant=QUANT)
+    q.update(activation=_activation(), x_bound=float(x.abs().max()))
     fm.fused_moe(x, w1, w2, weights, experts, out_TD=out, gemv=gemv, **q)  # compile
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):

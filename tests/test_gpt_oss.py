@@ -55,6 +55,31 @@ def test_config_and_plan(ckpt: Path) -> None:
     assert hub.rope_theta == 150000.0 and hub.rope_params == cfg.rope_params
 
 
+def test_moe_inputs_bounded_after_load(ckpt: Path) -> None:
+    """Each MoE layer learns a bound on its input (the MXFP4 GEMVs' float16 products need
+    one): max|post-norm weight| * sqrt(D) with 2% to spare, which the norm's output of the
+    most lopsided row (all of its mass on one element) reaches within 2%."""
+    from moeserve.model.layers import rms_norm
+    from moeserve.model.loader import load_model
+    from moeserve.model.moe import MoE
+
+    _, model = load_model(ckpt, dtype="bfloat16")
+    d = model.cfg.hidden_size
+    moe_layers = [layer for layer in model.layers if isinstance(layer.mlp, MoE)]
+    assert moe_layers
+    for layer in moe_layers:
+        norm = layer.post_norm.detach()
+        bound = layer.mlp.input_bound
+        assert bound == pytest.approx(float(norm.abs().max()) * d**0.5 * 1.02)
+        k = int(norm.abs().argmax())
+        spike = torch.zeros(3, d, dtype=torch.bfloat16)
+        spike[0, k] = 3e4
+        spike[1, k] = -1e-3
+        spike[2] = torch.randn(d) * 100
+        out = rms_norm(spike, norm, model.cfg.rms_norm_eps).abs().max(dim=-1).values
+        assert (out <= bound).all() and out[0] >= bound / 1.02 / 1.02, (out, bound)
+
+
 def test_mxfp4_config_plans_blocks_and_scales(ckpt: Path, tmp_path: Path) -> None:
     """An MXFP4 config.json: experts stored as E2M1 blocks and E8M0 scales (loading them
     against transformers: tests/test_quant_checkpoints.py)."""

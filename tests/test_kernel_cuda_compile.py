@@ -325,9 +325,11 @@ def loop_body(sass):
 
 
 report = {}
+up_cfg = mv.gemv_config(F, D, "mxfp4", half=2)
+down_cfg = mv.gemv_config(D, F, "mxfp4", rows=4, half=2)
 for name, fn, consts, warps in (
-    ("gemv gate_up", mv._gate_up_act_kernel, gemv | (c := mv.gemv_config(F, D, "mxfp4")), c),
-    ("gemv down", mv._down_kernel, gemv | (c := mv.gemv_config(D, F, "mxfp4", rows=4)), c),
+    ("gemv gate_up", mv._gate_up_act_kernel, gemv | up_cfg, up_cfg),
+    ("gemv down", mv._down_kernel, gemv | down_cfg, down_cfg),
     ("gemm", mg._moe_gemm_kernel, dict(QUANT=2, GROUP=32, PACKED=True,
      FP8_DOT=False, ROWS_PER_A=4, MUL_ROUTED_WEIGHT=False, HAS_EXPERT_SLOT=False,
      HAS_BIAS=False, DOT_PRECISION="ieee") | gemm, gemm),
@@ -345,7 +347,7 @@ for name, fn, consts, warps in (
             sig[p.name] = _PTR_TYPES.get(p.name, "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[p.name] = "fp32" if p.name in ("alpha", "limit") else "i32"
+            sig[p.name] = "fp32" if p.name in ("alpha", "limit", "x_scale") else "i32"
             if p.name not in _ODD:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)

@@ -30,6 +30,7 @@ from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
 from moeserve.kernels.moe_gemv import gemv_down, gemv_gate_up_act
 from moeserve.kernels.moe_gemv_plan import SharedExpert, gemv_config, takes_gemv
 from moeserve.kernels.moe_quant import fp8_dot_config, quantize_fp8_act, takes_fp8_dot
+from moeserve.kernels.mxfp4 import half_products
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import real_k
 
@@ -127,6 +128,17 @@ Activation = tuple[str, float, float]
 SILU: Activation = ("silu", 1.702, 7.0)
 
 
+def activation_bound(activation: Activation) -> float | None:
+    """A bound on |act(gate, up)|, the down projection's inputs, where there is one: gpt-oss's
+    clamped SwiGLU has |gate * sigmoid(alpha * gate)| <= max(limit, 0.279 / alpha) (the
+    minimum of x * sigmoid(alpha * x) is -0.2785 / alpha) and |up + 1| <= limit + 1, with 2%
+    for the roundings; silu(gate) * up has none."""
+    kind, alpha, limit = activation
+    if kind != "clamped_swiglu" or not alpha > 0:
+        return None
+    return max(limit, 0.279 / alpha) * (limit + 1) * 1.02
+
+
 def silu_mul(
     gate_up_RF2: torch.Tensor,
     out_RF: torch.Tensor | None = None,
@@ -204,6 +216,7 @@ def fused_moe(
     fp8_dot: bool | None = None,
     shared: SharedExpert | None = None,
     extra_TD: torch.Tensor | None = None,
+    x_bound: float | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_k weights[t,k] * down_e( silu(gate_e(x_t)) * up_e(x_t) ), e = experts[t,k].
 
@@ -227,6 +240,9 @@ def fused_moe(
     shared: an ungated shared expert whose output the sum over k adds before the residual
     (the GEMV path only). extra_TD: a shared expert's output computed apart, added (rounded as
     torch's add) to the routed sum before the residual: in the sum over k where it runs.
+    x_bound: a bound on |x| the caller knows (an RMSNorm's, model.decoder): with it MXFP4's
+    GEMVs multiply in float16 (mxfp4.half_products), as its down projection does after an
+    activation_bound.
     """
     T, D = x_TD.shape
     K = experts_TK.shape[1]
@@ -258,10 +274,13 @@ def fused_moe(
             w_scale=w_gate_up_scale,
             quant=quant,
             shared=shared,
+            x_bound=x_bound,
         )
         shared_rows = shared.down_rows(F) if shared is not None else 0
         rows = R + T * shared_rows
-        cfg = gemv_config(D, real_k(w_down_EDF, quant), quant, rows=rows)
+        h_bound = activation_bound(activation)
+        half = half_products(h_bound) if quant == "mxfp4" else 0
+        cfg = gemv_config(D, real_k(w_down_EDF, quant), quant, rows=rows, half=half)
         part_SRD = alloc(cfg["SPLIT_K"], rows, D, dtype=torch.float32, device=device)
         gemv_down(
             h_RF,
@@ -274,6 +293,7 @@ def fused_moe(
             w_scale=w_down_scale,
             quant=quant,
             shared=(shared, h_TS) if shared is not None else None,
+            x_bound=h_bound,
         )
         return sum_over_k(
             part_SRD,

@@ -43,6 +43,7 @@ from moeserve.kernels.mxfp4 import (
     pairs_aligned,
     x_group,
     x_pairs,
+    x_scale,
 )
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import real_k
@@ -85,6 +86,7 @@ def _gate_up_act_kernel(
     stride_sk,
     alpha,
     limit,
+    x_scale,  # mxfp4 HALF: the activations' power-of-two scale (mxfp4.x_scale)
     ROWS_PER_X: tl.constexpr,  # top_k: assignment r reads token r // top_k
     SHARED: tl.constexpr,  # shared-expert programs per token (F of its S rows each), or 0
     HAS_SLOT: tl.constexpr,
@@ -162,7 +164,7 @@ def _gate_up_act_kernel(
         row0 = tl.program_id(0) * BLOCK_N  # no shared expert takes mxfp4
         for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
             if HALF == 2:
-                x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(x_row, k0, K, GW)
+                x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(x_row, k0, K, GW, x_scale)
                 acc_g += mxfp4_group_dot(
                     w_e, s_e, row0, F, x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o, k0, K,
                     stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
@@ -172,7 +174,7 @@ def _gate_up_act_kernel(
                     stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
                 )  # fmt: skip
             else:
-                xe, xo = x_pairs(x_row, k0, K, GW, HALF)
+                xe, xo = x_pairs(x_row, k0, K, GW, HALF, 8, x_scale)
                 acc_g += mxfp4_word_dot(
                     w_e, s_e, row0, F, xe, xo, k0, K,
                     stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
@@ -181,8 +183,9 @@ def _gate_up_act_kernel(
                     w_e, s_e, row0 + F, 2 * F, xe, xo, k0, K,
                     stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
                 )  # fmt: skip
-        gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
-        upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
+        unscale = 1.0 / x_scale  # a power of two: exact
+        gate = rnd(tl.sum(acc_g, axis=1) * unscale, h_ptr)
+        upv = rnd(tl.sum(acc_u, axis=1) * unscale, h_ptr)
     if HAS_BIAS:  # routed experts only (the caller keeps biased experts from a shared one)
         b_row = bias_ptr + expert * stride_bias + offs_n
         gate = rnd(gate + tl.load(b_row, mask=n_ok, other=0.0).to(tl.float32), h_ptr)
@@ -217,6 +220,7 @@ def _down_kernel(
     stride_sn: tl.constexpr,
     stride_sk,
     stride_ssn,
+    x_scale,  # mxfp4 HALF: the activations' power-of-two scale (mxfp4.x_scale)
     SHARED: tl.constexpr,  # shared-expert rows per token (PIECE of its S columns each), or 0
     HAS_SLOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -277,18 +281,19 @@ def _down_kernel(
         acc = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             if HALF == 2:
-                x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(h_row, k0, k_len, GW)
+                x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(h_row, k0, k_len, GW, x_scale)
                 acc += mxfp4_group_dot(
                     w_e, s_e, tl.program_id(0) * BLOCK_N, N,
                     x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o, k0, k_len,
                     stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
                 )  # fmt: skip
             else:
-                he, ho = x_pairs(h_row, k0, k_len, GW, HALF)
+                he, ho = x_pairs(h_row, k0, k_len, GW, HALF, 8, x_scale)
                 acc += mxfp4_word_dot(
                     w_e, s_e, tl.program_id(0) * BLOCK_N, N, he, ho, k0, k_len,
                     stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
                 )  # fmt: skip
+        acc = acc * (1.0 / x_scale)  # a power of two: exact
     out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
     tl.store(out_row + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
@@ -307,10 +312,12 @@ def gemv_gate_up_act(
     w_scale: torch.Tensor | None = None,
     quant: str = "",
     shared: SharedExpert | None = None,
+    x_bound: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """act(x[r // top_k] @ w_gate_up[e_r].T + b[e_r]) for every assignment r: [R, F]; with a
     shared expert also silu(gate) * up of its [T, S] in the same launch (else None).
-    quant, w_scale: the weights' storage format (kernels.quant)."""
+    quant, w_scale: the weights' storage format (kernels.quant). x_bound: a bound on |x|
+    that the caller knows (mxfp4 then multiplies in float16: mxfp4.half_products)."""
     R = experts_R.numel()
     T = x_TD.shape[0]
     F2, D = w_gate_up_EF2D.shape[1], real_k(w_gate_up_EF2D, quant)
@@ -320,10 +327,12 @@ def gemv_gate_up_act(
     alloc = torch.zeros if interpreting() else torch.empty  # sentinel rows stay unwritten
     h_RF = alloc(R, F, dtype=x_TD.dtype, device=x_TD.device)
     assert x_TD.stride(1) == 1 and w_gate_up_EF2D.stride(2) == 1
+    half = 0
     if code == QUANT_CODES["mxfp4"]:
         x_TD = pairs_aligned(x_TD)
+        half = half_products(x_bound)
     assert bias_EF2 is None or bias_EF2.stride(1) == 1
-    cfg = cfg or gemv_config(F, D, quant)
+    cfg = cfg or gemv_config(F, D, quant, half=half)
     kind, alpha, limit = activation
     h_TS, shared_rows, S = None, 0, 0
     sw = ss = h_RF  # unused pointers without a shared expert
@@ -361,6 +370,7 @@ def gemv_gate_up_act(
             *(w_scale.stride() if w_scale is not None else (0, 0, 0)),
             float(alpha),
             float(limit),
+            x_scale(x_bound) if half else 1.0,
             ROWS_PER_X=top_k,
             SHARED=shared_rows,
             HAS_SLOT=expert_slot_E is not None,
@@ -372,7 +382,7 @@ def gemv_gate_up_act(
             GROUP=group,
             LOOP_STAGES=cfg.get("loop_stages", 1),
             PACKED=packed_decode(),
-            HALF=half_products(),
+            HALF=half,
             EVEN_N=F % cfg["BLOCK_N"] == 0,
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,
@@ -392,20 +402,24 @@ def gemv_down(
     w_scale: torch.Tensor | None = None,
     quant: str = "",
     shared: tuple[SharedExpert, torch.Tensor] | None = None,
+    x_bound: float | None = None,
 ) -> None:
     """out_SRD[s, r] = h[r, K split s] @ w_down[e_r, :, K split s].T in float32, for the
     S = out_SRD.shape[0] splits of K (unrounded partials: the sum over k adds and rounds).
     shared (the expert, its activations h_TS): rows R + t*n + p of out_SRD hold the partials
-    of its piece p for token t (n = its down_rows)."""
+    of its piece p for token t (n = its down_rows). x_bound: a bound on |h| (as in
+    gemv_gate_up_act; cfg, when given, gemv_config's for the same half_products)."""
     R = experts_R.numel()
     D, F = w_down_EDF.shape[1], real_k(w_down_EDF, quant)
     code, group = quant_code(quant)
     assert (w_scale is None) == (quant == ""), "quantized weights need their scales"
     assert out_SRD.dtype == torch.float32 and out_SRD.stride(2) == 1
     assert h_RF.stride(1) == 1 and w_down_EDF.stride(2) == 1
+    half = 0
     if code == QUANT_CODES["mxfp4"]:
         h_RF = pairs_aligned(h_RF)
-    cfg = cfg or gemv_config(D, F, quant)
+        half = half_products(x_bound)
+    cfg = cfg or gemv_config(D, F, quant, half=half)
     shared_rows, S, piece, ssn = 0, 0, 0, 0
     hs = sw = ss = out_SRD  # unused pointers without a shared expert
     if shared is not None:
@@ -441,6 +455,7 @@ def gemv_down(
             out_SRD.stride(0),
             *(w_scale.stride() if w_scale is not None else (0, 0, 0)),
             ssn,
+            x_scale(x_bound) if half else 1.0,
             SHARED=shared_rows,
             HAS_SLOT=expert_slot_E is not None,
             BLOCK_N=cfg["BLOCK_N"],
@@ -449,7 +464,7 @@ def gemv_down(
             GROUP=group,
             LOOP_STAGES=cfg.get("loop_stages", 1),
             PACKED=packed_decode(),
-            HALF=half_products(),
+            HALF=half,
             EVEN_N=D % cfg["BLOCK_N"] == 0,
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,

@@ -11,7 +11,6 @@ import torch
 import triton
 
 from moeserve.kernels import interpreting, k_splits
-from moeserve.kernels.mxfp4 import half_products
 from moeserve.kernels.quant import group_size
 
 # Up to this many tokens, and for bf16 experts up to this intermediate width, the fused MoE
@@ -31,7 +30,7 @@ def takes_gemv(num_tokens: int, intermediate: int, quant: str = "") -> bool:
     return num_tokens <= GEMV_MAX_TOKENS and (bool(quant) or intermediate <= GEMV_MAX_INTERMEDIATE)
 
 
-def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int]:
+def gemv_config(N: int, K: int, quant: str = "", rows: int = 0, half: int = 0) -> dict[str, int]:
     """BLOCK_N output rows per program, BLOCK_K columns per K tile, warps, and for the down
     projection of `rows` assignments SPLIT_K, the K splits that fill the SMs (gate/up does
     not split: its activation needs whole sums). Quantized weights: K tiles of whole scale
@@ -50,7 +49,8 @@ def gemv_config(N: int, K: int, quant: str = "", rows: int = 0) -> dict[str, int
     if interpreting():  # every program runs in Python: few, small ones
         return dict(BLOCK_N=16, BLOCK_K=group_size(quant) if quant else 16, num_warps=4, SPLIT_K=1)
     down = rows > 0
-    block_n, block_k, warps, stages = _GEMV_TILES[_tile_kind(quant), down]
+    kind = "mxfp4-group" if quant == "mxfp4" and half == 2 else quant
+    block_n, block_k, warps, stages = _GEMV_TILES[kind, down]
     block_k = max(min(block_k, triton.next_power_of_2(K)), group_size(quant) if quant else 16)
     cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=1, loop_stages=stages)
     if down:
@@ -75,11 +75,6 @@ _GEMV_TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
     ("mxfp4-group", False): (4, 1024, 1, 1),
     ("mxfp4-group", True): (8, 1024, 1, 1),
 }
-
-
-def _tile_kind(quant: str) -> str:
-    """The tile table's key: MXFP4 GEMVs taking a scale group a thread have their own."""
-    return "mxfp4-group" if quant == "mxfp4" and half_products() == 2 else quant
 
 
 # The fewest K tiles a split of the down GEMV streams, and the programs it aims for per SM.

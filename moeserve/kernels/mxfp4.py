@@ -9,6 +9,7 @@ leave out. Formats and storage: kernels.quant.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -145,22 +146,38 @@ def mxfp4_group_scale(e, PACKED: tl.constexpr):
     return e8m0_factor(e, PACKED_EXP_OFFSET if PACKED else FP16_EXP_OFFSET)
 
 
-def half_products() -> int:
-    """How the MXFP4 GEMVs multiply: 2 in float16 pairs a scale group a thread
-    (mxfp4_group_dot), 1 a word a thread (e2m1x4_dot_fp16), 0 in float32 (the interpreter's:
-    the float16 forms are PTX). MOESERVE_MXFP4_F16=0/1 picks another for A/B runs."""
+def half_products(bound: float | None) -> int:
+    """How the MXFP4 GEMVs multiply activations of magnitude at most `bound` (None: not known):
+    2 in float16 pairs a scale group a thread (mxfp4_group_dot), 1 a word a thread
+    (e2m1x4_dot_fp16), 0 in float32 (the interpreter's: the float16 forms are PTX; and any
+    activations without a bound, which float16 cannot be trusted with).
+    MOESERVE_MXFP4_F16=0/1 picks another for A/B runs."""
     if not packed_decode():
         return 0
     value = os.environ.get("MOESERVE_MXFP4_F16", "2")
     if value not in ("0", "1", "2"):
         raise ValueError(f"MOESERVE_MXFP4_F16 must be 0, 1 or 2, got {value!r}")
+    if bound is None or not math.isfinite(bound):
+        return 0
     return int(value)
 
 
-# Activations are clamped to +-2**15 for the float16 products: a word's 8 stay below 2**15 and
-# a scale group's 16 a lane below 16 * 6 * 2**-6 * 2**15 = 49152 < 65504. An RMSNorm's output
-# is at most max|weight| * sqrt(D), gpt-oss's clamped SwiGLU at most limit * (limit + 1).
-X16_MAX = tl.constexpr(32768.0)
+# Activations are scaled by x_scale (a power of two, folded back after the K loop) into
+# +-X16_LIMIT for the float16 products, and clamped there: a word's 8 products stay below 2**15
+# and a scale group's 16 a lane below 16 * 6 * 2**-6 * 2**15 = 49152 < 65504, while small
+# activations stay clear of float16's subnormals (below 2**-14, where products of activations
+# of 1e-3 lost their digits). An RMSNorm's output is at most max|weight| * sqrt(D), gpt-oss's
+# clamped SwiGLU at most limit * (limit + 1): the callers' bounds.
+X16_LIMIT = 32768.0
+X16_MAX = tl.constexpr(X16_LIMIT)
+
+
+def x_scale(bound: float | None) -> float:
+    """The power of two that takes activations of magnitude at most `bound` up to (at most)
+    X16_LIMIT; 1 without a bound."""
+    if bound is None or not math.isfinite(bound) or bound <= 0:
+        return 1.0
+    return 2.0 ** max(-60, min(60, math.floor(math.log2(X16_LIMIT / bound))))
 
 
 # The MXFP4 GEMVs' tiles are words: 4 bytes of a row, 8 weights (k = 8w .. 8w + 7, even k in
@@ -170,13 +187,15 @@ X16_MAX = tl.constexpr(32768.0)
 # the activations meet the weights without going through shared memory and are converted once
 # for every row of the program; per word the products are one chain of multiply-adds.
 @triton.jit
-def x_pairs(x_row, k0, K, GW: tl.constexpr, HALF: tl.constexpr = 0, WORD_STRIDE: tl.constexpr = 8):
+def x_pairs(
+    x_row, k0, K, GW: tl.constexpr, HALF: tl.constexpr = 0, WORD_STRIDE: tl.constexpr = 8, scale=1.0
+):
     """The activations of the K tile [k0, k0 + 8*GW) for mxfp4_word_dot: (even k, odd k)
     [1, GW, 4] float32, element [0, w, j] of k = k0 + 8w + 2j and the next. bf16 rows load as
     one int32 per pair, whose halves are the two float32s' top bits (no conversion). HALF:
-    as float16 (e2m1x4_dot_fp16's operands) clamped to +-X16_MAX, converted once for every
-    row of the program. WORD_STRIDE: k between the words (32: one word of each scale
-    group, mxfp4_group_dot's)."""
+    as float16 (e2m1x4_dot_fp16's operands) times `scale` (x_scale's) clamped to +-X16_MAX,
+    converted once for every row of the program. WORD_STRIDE: k between the words (32: one
+    word of each scale group, mxfp4_group_dot's)."""
     pk = (k0 // 2 + tl.arange(0, GW)[:, None] * (WORD_STRIDE // 2) + tl.arange(0, 4)[None, :])[
         None, :, :
     ]
@@ -189,8 +208,8 @@ def x_pairs(x_row, k0, K, GW: tl.constexpr, HALF: tl.constexpr = 0, WORD_STRIDE:
         x_even = tl.load(x_row + pk * 2, mask=ok, other=0.0).to(tl.float32)
         x_odd = tl.load(x_row + pk * 2 + 1, mask=ok, other=0.0).to(tl.float32)
     if HALF:
-        xe = tl.clamp(x_even, -X16_MAX, X16_MAX).to(tl.float16)
-        xo = tl.clamp(x_odd, -X16_MAX, X16_MAX).to(tl.float16)
+        xe = tl.clamp(x_even * scale, -X16_MAX, X16_MAX).to(tl.float16)
+        xo = tl.clamp(x_odd * scale, -X16_MAX, X16_MAX).to(tl.float16)
     else:
         xe, xo = x_even, x_odd
     return xe, xo
@@ -258,13 +277,13 @@ def _group_word(byte, x_even, x_odd, acc, FIRST: tl.constexpr):
 
 
 @triton.jit
-def x_group(x_row, k0, K, GG: tl.constexpr):
+def x_group(x_row, k0, K, GG: tl.constexpr, scale):
     """mxfp4_group_dot's activations of the K tile [k0, k0 + 32*GG): x_pairs of each of a
-    group's four words, float16."""
-    x0e, x0o = x_pairs(x_row, k0, K, GG, 1, 32)
-    x1e, x1o = x_pairs(x_row, k0 + 8, K, GG, 1, 32)
-    x2e, x2o = x_pairs(x_row, k0 + 16, K, GG, 1, 32)
-    x3e, x3o = x_pairs(x_row, k0 + 24, K, GG, 1, 32)
+    group's four words, float16, times `scale`."""
+    x0e, x0o = x_pairs(x_row, k0, K, GG, 1, 32, scale)
+    x1e, x1o = x_pairs(x_row, k0 + 8, K, GG, 1, 32, scale)
+    x2e, x2o = x_pairs(x_row, k0 + 16, K, GG, 1, 32, scale)
+    x3e, x3o = x_pairs(x_row, k0 + 24, K, GG, 1, 32, scale)
     return x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o
 
 
@@ -352,7 +371,7 @@ def mxfp4_word_dot(
     GW: tl.constexpr,  # words in the tile
     PACKED: tl.constexpr,  # e2m1x4_as_fp16's decode (packed_decode)
     EVEN_N: tl.constexpr,  # BLOCK_N divides the rows: no row is masked
-    HALF: tl.constexpr = 0,  # float16 products (half_products() == 1; x_pairs(..., HALF))
+    HALF: tl.constexpr = 0,  # float16 products (half_products(...) == 1; x_pairs(..., HALF))
 ):
     """[BLOCK_N, GW] float32: each row's word w of the tile [k0, k0 + 8*GW) dotted with the
     activations of its 8 k, times the word's group scale. Summed over the words by the caller,

@@ -199,6 +199,15 @@ class MoEForCausalLM(nn.Module):
         logits = F.linear(h, self.lm_head_weight)
         return logits.float() if float32 else logits
 
+    def bound_moe_inputs(self) -> None:
+        """Give each MoE layer a bound on its input, the post-attention RMSNorm's output:
+        |x_k| * rsqrt(mean(x**2)) <= sqrt(D), times max|weight|, with 2% for the roundings.
+        Call once the weights are loaded."""
+        root_d = self.cfg.hidden_size**0.5
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.input_bound = float(layer.post_norm.abs().max()) * root_d * 1.02
+
     def reset_expert_counts(self) -> None:
         for _, moe in self.moe_layers():
             moe.tokens_per_expert_E.zero_()

@@ -185,6 +185,7 @@ def fused_experts(
     shared: SharedExpert | None = None,
     logits_dtype: torch.dtype | None = None,
     extra_TD: torch.Tensor | None = None,
+    x_bound: float | None = None,
 ) -> torch.Tensor:
     """The routed experts' combined output [T, D] (plus residual_TD when given, fused into the
     last kernel), through the Triton kernels; the experts' biases and activation as given;
@@ -192,7 +193,8 @@ def fused_experts(
     shared expert added in the same kernels (only where kernel_shared_expert says so).
     logits_dtype: the router's dtype, to which logits given as split-K partials are rounded
     (default x's). extra_TD: a shared expert's output the caller computed, added to the
-    routed sum before the residual (in the last kernel where it can).
+    routed sum before the residual (in the last kernel where it can). x_bound: a bound on |x|
+    (MoE.input_bound; kernels.fused_moe).
     triton_route (router.triton_routable): routing, alignment and counting in one program (a
     decode-sized batch), else the torch routing, its count and the alignment's torch ops.
     counter_E: incremented by the tokens per expert. table: the experts live in these slots
@@ -238,6 +240,7 @@ def fused_experts(
             activation=(act.kind, act.alpha, act.limit),
             shared=shared,
             extra_TD=extra_TD,
+            x_bound=x_bound,
             **quant,
         )
     weights_TK, experts_TK, _ = route(logits_TE, spec, bias_E=bias_E, valid_T=valid_T)
@@ -270,6 +273,7 @@ def fused_experts(
         activation=(act.kind, act.alpha, act.limit),
         shared=shared,
         extra_TD=extra_TD,
+        x_bound=x_bound,
         **quant,
     )
 

@@ -351,6 +351,7 @@ def load_model(
     if dummy:
         model = MoEForCausalLM(cfg, torch_dtype, torch.device(device), home, backend)
         _fill_dummy(model)
+        model.bound_moe_inputs()
         return ckpt, model.eval()
     # Headers and names first: a bad shard fails before the model's memory is allocated.
     plan = weight_plan(cfg)
@@ -403,6 +404,7 @@ def load_model(
                 del tensor
     bar.close()
     assert filled == len(plan), (filled, len(plan))
+    model.bound_moe_inputs()
     return ckpt, model.eval()
 
 

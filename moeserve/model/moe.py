@@ -140,6 +140,9 @@ class MoE(nn.Module):
             self.b_gate_up = empty_param(e, 2 * f, dtype=dtype, device=home, pin=pin)
             self.b_down = empty_param(e, d, dtype=dtype, device=home, pin=pin)
         self.activation = ExpertActivation.from_config(cfg)
+        # A bound on |input| once the weights are loaded (MoEForCausalLM.bound_moe_inputs):
+        # MXFP4 experts then multiply in float16 (kernels.mxfp4.half_products).
+        self.input_bound: float | None = None
         self.resident = ResidentExperts(
             self.w_gate_up,
             self.w_down,
@@ -234,6 +237,7 @@ class MoE(nn.Module):
             shared=shared,
             logits_dtype=self.router.dtype,
             extra_TD=extra_TD,
+            x_bound=self.input_bound,
         )
 
     def _kernel_shared(self, t: int) -> SharedExpert | None:
