@@ -175,7 +175,7 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
     for name, n, k in (("gate_up+act", 2 * F, D), ("down", D, F)):
         down = name == "down"
         bound = bounds[name]
-        half = mv.half_products(bound) if QUANT == "mxfp4" else 0
+        half = QUANT == "mxfp4" and mv.half_products(bound)
         base = (
             mv.gemv_config(n, k, QUANT, rows=t * K_TOP, half=half)
             if down
@@ -189,7 +189,7 @@ def moe_gemvs(t: int, sweep: bool) -> list[dict[str, Any]]:
             # 1024) x warps
             rows_n = (4, 8, 16) if down else (2, 4, 8)
             splits = (1, 2, 3) if down else (1,)
-            per_warp = 1024 if half == 2 else 256
+            per_warp = 1024 if half else 256
             grid = (
                 (n, per_warp * w, w, sk, 1)
                 for n, w, sk in itertools.product(rows_n, (1, 2, 4), splits)
@@ -249,7 +249,7 @@ def _unpacked() -> Iterator[None]:
     the PTX one."""
     saved = mv.packed_decode, mg.packed_decode, mv.half_products
     mv.packed_decode = mg.packed_decode = lambda: False
-    mv.half_products = lambda bound: 0
+    mv.half_products = lambda bound: False
     try:
         yield
     finally:

@@ -307,7 +307,7 @@ _PTR_TYPES = {"w_ptr": "*u8", "s_ptr": "*u8", "sw_ptr": "*u8", "ss_ptr": "*u8", 
 _UNIT = {"stride_sk": 1, "stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_bsk": 1}
 _ODD = ("R", "S", "PIECE", "P", "num_assignments", "num_experts", "stride_sn", "stride_ssn",
         "stride_bsn")
-gemv = dict(QUANT=2, GROUP=32, PACKED=True, HALF=2, SHARED=0, HAS_SLOT=False, ROWS_PER_X=4,
+gemv = dict(QUANT=2, GROUP=32, PACKED=True, HALF=True, SHARED=0, HAS_SLOT=False, ROWS_PER_X=4,
             HAS_BIAS=True, CLAMPED=True, EVEN_N=True, stride_wn=D // 2, stride_sn=D // 32)
 gemm = mg.gemm_config(64, 128, 4, 2 * F, D, torch.bfloat16, "mxfp4") | dict(BLOCK_K=32)
 
@@ -325,8 +325,8 @@ def loop_body(sass):
 
 
 report = {}
-up_cfg = mv.gemv_config(F, D, "mxfp4", half=2)
-down_cfg = mv.gemv_config(D, F, "mxfp4", rows=4, half=2)
+up_cfg = mv.gemv_config(F, D, "mxfp4", half=True)
+down_cfg = mv.gemv_config(D, F, "mxfp4", rows=4, half=True)
 for name, fn, consts, warps in (
     ("gemv gate_up", mv._gate_up_act_kernel, gemv | up_cfg, up_cfg),
     ("gemv down", mv._down_kernel, gemv | down_cfg, down_cfg),

@@ -279,7 +279,7 @@ def fused_moe(
         shared_rows = shared.down_rows(F) if shared is not None else 0
         rows = R + T * shared_rows
         h_bound = activation_bound(activation)
-        half = half_products(h_bound) if quant == "mxfp4" else 0
+        half = quant == "mxfp4" and half_products(h_bound)
         cfg = gemv_config(D, real_k(w_down_EDF, quant), quant, rows=rows, half=half)
         part_SRD = alloc(cfg["SPLIT_K"], rows, D, dtype=torch.float32, device=device)
         gemv_down(

@@ -99,7 +99,7 @@ def _gate_up_act_kernel(
     LOOP_STAGES: tl.constexpr,  # K tiles in flight (the loop's software pipeline)
     PACKED: tl.constexpr,  # mxfp4: mxfp4.e2m1x4_as_fp16's packed decode
     EVEN_N: tl.constexpr,  # mxfp4: BLOCK_N divides the output rows (none masked)
-    HALF: tl.constexpr,  # mxfp4: float16 products, 1 a word, 2 a group (mxfp4.half_products)
+    HALF: tl.constexpr,  # mxfp4: float16 products, a scale group a thread (mxfp4.half_products)
 ):
     wait_prior()
     r = tl.program_id(1).to(tl.int64)
@@ -158,12 +158,12 @@ def _gate_up_act_kernel(
         gate = rnd(tl.sum(acc_g, axis=1), h_ptr)
         upv = rnd(tl.sum(acc_u, axis=1), h_ptr)
     else:
-        GW: tl.constexpr = BLOCK_K // (32 if HALF == 2 else 8)
+        GW: tl.constexpr = BLOCK_K // (32 if HALF else 8)
         acc_g = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
         row0 = tl.program_id(0) * BLOCK_N  # no shared expert takes mxfp4
         for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
-            if HALF == 2:
+            if HALF:
                 x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(x_row, k0, K, GW, x_scale)
                 acc_g += mxfp4_group_dot(
                     w_e, s_e, row0, F, x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o, k0, K,
@@ -174,14 +174,14 @@ def _gate_up_act_kernel(
                     stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
                 )  # fmt: skip
             else:
-                xe, xo = x_pairs(x_row, k0, K, GW, HALF, 8, x_scale)
+                xe, xo = x_pairs(x_row, k0, K, GW)
                 acc_g += mxfp4_word_dot(
                     w_e, s_e, row0, F, xe, xo, k0, K,
-                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
                 )  # fmt: skip
                 acc_u += mxfp4_word_dot(
                     w_e, s_e, row0 + F, 2 * F, xe, xo, k0, K,
-                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
                 )  # fmt: skip
         unscale = 1.0 / x_scale  # a power of two: exact
         gate = rnd(tl.sum(acc_g, axis=1) * unscale, h_ptr)
@@ -277,10 +277,10 @@ def _down_kernel(
             h = x_tile(h_row, k0, k_len, GROUP, G)
             acc += quant_tile(w_e, s_e, offs_n, n_ok, h, k0, k_len, wn, sn, stride_sk, GROUP, G)
     else:
-        GW: tl.constexpr = BLOCK_K // (32 if HALF == 2 else 8)
+        GW: tl.constexpr = BLOCK_K // (32 if HALF else 8)
         acc = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            if HALF == 2:
+            if HALF:
                 x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(h_row, k0, k_len, GW, x_scale)
                 acc += mxfp4_group_dot(
                     w_e, s_e, tl.program_id(0) * BLOCK_N, N,
@@ -288,10 +288,10 @@ def _down_kernel(
                     stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
                 )  # fmt: skip
             else:
-                he, ho = x_pairs(h_row, k0, k_len, GW, HALF, 8, x_scale)
+                he, ho = x_pairs(h_row, k0, k_len, GW)
                 acc += mxfp4_word_dot(
                     w_e, s_e, tl.program_id(0) * BLOCK_N, N, he, ho, k0, k_len,
-                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N, HALF,
+                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
                 )  # fmt: skip
         acc = acc * (1.0 / x_scale)  # a power of two: exact
     out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
@@ -327,7 +327,7 @@ def gemv_gate_up_act(
     alloc = torch.zeros if interpreting() else torch.empty  # sentinel rows stay unwritten
     h_RF = alloc(R, F, dtype=x_TD.dtype, device=x_TD.device)
     assert x_TD.stride(1) == 1 and w_gate_up_EF2D.stride(2) == 1
-    half = 0
+    half = False
     if code == QUANT_CODES["mxfp4"]:
         x_TD = pairs_aligned(x_TD)
         half = half_products(x_bound)
@@ -415,7 +415,7 @@ def gemv_down(
     assert (w_scale is None) == (quant == ""), "quantized weights need their scales"
     assert out_SRD.dtype == torch.float32 and out_SRD.stride(2) == 1
     assert h_RF.stride(1) == 1 and w_down_EDF.stride(2) == 1
-    half = 0
+    half = False
     if code == QUANT_CODES["mxfp4"]:
         h_RF = pairs_aligned(h_RF)
         half = half_products(x_bound)

@@ -30,7 +30,9 @@ def takes_gemv(num_tokens: int, intermediate: int, quant: str = "") -> bool:
     return num_tokens <= GEMV_MAX_TOKENS and (bool(quant) or intermediate <= GEMV_MAX_INTERMEDIATE)
 
 
-def gemv_config(N: int, K: int, quant: str = "", rows: int = 0, half: int = 0) -> dict[str, int]:
+def gemv_config(
+    N: int, K: int, quant: str = "", rows: int = 0, half: bool = False
+) -> dict[str, int]:
     """BLOCK_N output rows per program, BLOCK_K columns per K tile, warps, and for the down
     projection of `rows` assignments SPLIT_K, the K splits that fill the SMs (gate/up does
     not split: its activation needs whole sums). Quantized weights: K tiles of whole scale
@@ -49,7 +51,7 @@ def gemv_config(N: int, K: int, quant: str = "", rows: int = 0, half: int = 0) -
     if interpreting():  # every program runs in Python: few, small ones
         return dict(BLOCK_N=16, BLOCK_K=group_size(quant) if quant else 16, num_warps=4, SPLIT_K=1)
     down = rows > 0
-    kind = "mxfp4-group" if quant == "mxfp4" and half == 2 else quant
+    kind = "mxfp4-group" if quant == "mxfp4" and half else quant
     block_n, block_k, warps, stages = _GEMV_TILES[kind, down]
     block_k = max(min(block_k, triton.next_power_of_2(K)), group_size(quant) if quant else 16)
     cfg = dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=1, loop_stages=stages)

@@ -2,9 +2,9 @@
 
 The grouped GEMM (moe_gemm) decodes weight tiles with mxfp4_nibbles and mxfp4_group_scale;
 the one-token GEMVs (moe_gemv) take x_pairs and mxfp4_word_dot (float32 products, the
-interpreter's) or x_group and mxfp4_group_dot (float16 pairs, a scale group a thread: the GPU's,
-half_products). The decodes into float16 are exact; e8m0_factor restores the power of two they
-leave out. Formats and storage: kernels.quant.
+interpreter's) or x_group and mxfp4_group_dot (float16 pairs, a scale group a thread: the
+GPU's where half_products says so). The decodes into float16 are exact; e8m0_factor restores
+the power of two they leave out. Formats and storage: kernels.quant.
 """
 
 from __future__ import annotations
@@ -71,24 +71,6 @@ _REGS = (
 _WS = ("w0", "w1", "w2", "w3")
 # e2m1x4_as_fp16: $0-$3 the pairs, $4 the bytes
 _AS_FP16 = tl.constexpr(_REGS + _decode_ptx("$4", ("$0", "$1", "$2", "$3")) + "}")
-# e2m1x4_dot_fp16: $0 the float32 dot ($1-$3 zero), $4 the bytes, $5-$8 the activation pairs
-_DOT_FP16 = tl.constexpr(
-    _REGS
-    + _decode_ptx("$4", _WS)
-    + """
-        mul.rn.f16x2 acc, w0, $5;
-        fma.rn.f16x2 acc, w1, $6, acc;
-        fma.rn.f16x2 acc, w2, $7, acc;
-        fma.rn.f16x2 acc, w3, $8, acc;
-        mov.b32 {a0, a1}, acc;
-        add.rn.f16 a0, a0, a1;
-        cvt.f32.f16 f0, a0;
-        mov.b32 $0, f0;
-        mov.b32 $1, 0;
-        mov.b32 $2, 0;
-        mov.b32 $3, 0;
-        }"""
-)
 # e2m1x4_mul_fp16 / e2m1x4_fma_fp16: $0 the pair of sums ($1 zero), $2 the bytes, $3-$6 the
 # activation pairs, $7 the running sums
 _PRODUCTS = """
@@ -146,20 +128,17 @@ def mxfp4_group_scale(e, PACKED: tl.constexpr):
     return e8m0_factor(e, PACKED_EXP_OFFSET if PACKED else FP16_EXP_OFFSET)
 
 
-def half_products(bound: float | None) -> int:
-    """How the MXFP4 GEMVs multiply activations of magnitude at most `bound` (None: not known):
-    2 in float16 pairs a scale group a thread (mxfp4_group_dot), 1 a word a thread
-    (e2m1x4_dot_fp16), 0 in float32 (the interpreter's: the float16 forms are PTX; and any
-    activations without a bound, which float16 cannot be trusted with).
-    MOESERVE_MXFP4_F16=0/1 picks another for A/B runs."""
+def half_products(bound: float | None) -> bool:
+    """Whether the MXFP4 GEMVs multiply activations of magnitude at most `bound` (None: not
+    known) in float16 pairs, a scale group a thread (mxfp4_group_dot), rather than in float32
+    (mxfp4_word_dot): only on the GPU (the float16 forms are PTX) and with a bound, without
+    which float16 cannot be trusted. MOESERVE_MXFP4_F16=0 keeps float32 (for A/B runs)."""
     if not packed_decode():
-        return 0
-    value = os.environ.get("MOESERVE_MXFP4_F16", "2")
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"MOESERVE_MXFP4_F16 must be 0, 1 or 2, got {value!r}")
-    if bound is None or not math.isfinite(bound):
-        return 0
-    return int(value)
+        return False
+    value = os.environ.get("MOESERVE_MXFP4_F16", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MOESERVE_MXFP4_F16 must be 0 or 1, got {value!r}")
+    return value == "1" and bound is not None and math.isfinite(bound)
 
 
 # Activations are scaled by x_scale (a power of two, folded back after the K loop) into
@@ -193,9 +172,9 @@ def x_pairs(
     """The activations of the K tile [k0, k0 + 8*GW) for mxfp4_word_dot: (even k, odd k)
     [1, GW, 4] float32, element [0, w, j] of k = k0 + 8w + 2j and the next. bf16 rows load as
     one int32 per pair, whose halves are the two float32s' top bits (no conversion). HALF:
-    as float16 (e2m1x4_dot_fp16's operands) times `scale` (x_scale's) clamped to +-X16_MAX,
-    converted once for every row of the program. WORD_STRIDE: k between the words (32: one
-    word of each scale group, mxfp4_group_dot's)."""
+    as float16 (e2m1x4_mul/fma_fp16's operands) times `scale` (x_scale's) clamped to
+    +-X16_MAX, converted once for every row of the program. WORD_STRIDE: k between the words
+    (32: one word of each scale group, mxfp4_group_dot's)."""
     pk = (k0 // 2 + tl.arange(0, GW)[:, None] * (WORD_STRIDE // 2) + tl.arange(0, 4)[None, :])[
         None, :, :
     ]
@@ -224,24 +203,6 @@ def pairs_aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def e2m1x4_dot_fp16(byte, x_even, x_odd):
-    """The dot of a word's 8 E2M1 weights (4 bytes, even k in the low nibbles) with their 8
-    float16 activations, times 2**-PACKED_EXP_OFFSET, in float32: element 0 of each 4 (the
-    others are 0). Decoded as e2m1x4_as_fp16 into float16 pairs (k, k + 2), multiplied and
-    added as pairs (fma.rn.f16x2: two products an instruction, no conversion of each weight
-    to float32), then the two lanes (below 2**15: X16_MAX). Float16's 11 bits keep the sum
-    within a few 2**-12 relative, finer than the bf16 output's rounding."""
-    return tl.inline_asm_elementwise(
-        _DOT_FP16,
-        constraints="=r,=r,=r,=r,r,r,r,r,r",
-        args=[byte, x_even, x_odd],
-        dtype=tl.float32,
-        is_pure=True,
-        pack=4,
-    )
-
-
-@triton.jit
 def e2m1x4_mul_fp16(byte, x_even, x_odd):
     """e2m1x4_fma_fp16 of a group's first word: no running sums yet."""
     return tl.inline_asm_elementwise(
@@ -258,7 +219,7 @@ def e2m1x4_mul_fp16(byte, x_even, x_odd):
 def e2m1x4_fma_fp16(byte, x_even, x_odd, acc):
     """acc + a word's 8 E2M1 weights (4 bytes) times their float16 activations, as float16
     pairs: acc is float16 [..., 4] whose first two elements are a pair of running sums (the
-    others 0). The decode is e2m1x4_dot_fp16's; four fma.rn.f16x2 a word, nothing else."""
+    others 0). The decode is e2m1x4_as_fp16's; four fma.rn.f16x2 a word, nothing else."""
     return tl.inline_asm_elementwise(
         _FMA_FP16,
         constraints="=r,=r,r,r,r,r,r,r,r",
@@ -371,7 +332,6 @@ def mxfp4_word_dot(
     GW: tl.constexpr,  # words in the tile
     PACKED: tl.constexpr,  # e2m1x4_as_fp16's decode (packed_decode)
     EVEN_N: tl.constexpr,  # BLOCK_N divides the rows: no row is masked
-    HALF: tl.constexpr = 0,  # float16 products (half_products(...) == 1; x_pairs(..., HALF))
 ):
     """[BLOCK_N, GW] float32: each row's word w of the tile [k0, k0 + 8*GW) dotted with the
     activations of its 8 k, times the word's group scale. Summed over the words by the caller,
@@ -396,25 +356,19 @@ def mxfp4_word_dot(
     ok = ok[None, :, None]
     byte = tl.load((w_e + k0 // 2) + at, mask=ok, other=0)
     byte = tl.reshape(byte, (BLOCK_N, GW, 4))
-    if HALF:
-        shape: tl.constexpr = (BLOCK_N, GW, 4)
-        xe = tl.broadcast_to(x_even, shape)
-        xo = tl.broadcast_to(x_odd, shape)
-        dot, _, _, _ = _quarters(e2m1x4_dot_fp16(byte, xe, xo))
-    else:
-        lo, hi = mxfp4_nibbles(byte, PACKED)
-        l0, l1, l2, l3 = _quarters(lo.to(tl.float32))
-        h0, h1, h2, h3 = _quarters(hi.to(tl.float32))
-        e0, e1, e2, e3 = _quarters(x_even)
-        o0, o1, o2, o3 = _quarters(x_odd)
-        # one chain: each addition fuses with its product
-        dot = l0 * e0 + h0 * o0
-        dot = dot + l1 * e1
-        dot = dot + h1 * o1
-        dot = dot + l2 * e2
-        dot = dot + h2 * o2
-        dot = dot + l3 * e3
-        dot = dot + h3 * o3
+    lo, hi = mxfp4_nibbles(byte, PACKED)
+    l0, l1, l2, l3 = _quarters(lo.to(tl.float32))
+    h0, h1, h2, h3 = _quarters(hi.to(tl.float32))
+    e0, e1, e2, e3 = _quarters(x_even)
+    o0, o1, o2, o3 = _quarters(x_odd)
+    # one chain: each addition fuses with its product
+    dot = l0 * e0 + h0 * o0
+    dot = dot + l1 * e1
+    dot = dot + h1 * o1
+    dot = dot + l2 * e2
+    dot = dot + h2 * o2
+    dot = dot + l3 * e3
+    dot = dot + h3 * o3
     g = (k0 + word * 8) // GROUP
     s_ok = g * GROUP < K
     if not EVEN_N:
