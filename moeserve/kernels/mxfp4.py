@@ -298,11 +298,7 @@ def mxfp4_group_dot(
     # (k0 + 32 grp) // GROUP, not k0 // GROUP + grp: a contiguous index would have the scales
     # load as vectors of several groups a thread, then shuffled into the weights' layout
     g = (k0 + grp * 32) // GROUP
-    s_ok = g * GROUP < K
-    if not EVEN_N:
-        s_ok = s_ok & (row < rows_end)
-    e = tl.load(s_e + row * stride_sn + g * stride_sk, mask=s_ok, other=0)
-    return dot * mxfp4_group_scale(tl.reshape(e, (BLOCK_N, GG)), True)
+    return _times_scales(dot, s_e, row, rows_end, g, K, stride_sn, stride_sk, GROUP, True, EVEN_N)
 
 
 @triton.jit
@@ -370,8 +366,26 @@ def mxfp4_word_dot(
     dot = dot + l3 * e3
     dot = dot + h3 * o3
     g = (k0 + word * 8) // GROUP
+    return _times_scales(dot, s_e, row, rows_end, g, K, stride_sn, stride_sk, GROUP, PACKED, EVEN_N)
+
+
+@triton.jit
+def _times_scales(
+    dot,  # [BLOCK_N, W] float32
+    s_e,
+    row,  # [BLOCK_N * W] each element's row
+    rows_end,
+    g,  # [BLOCK_N * W] each element's scale group
+    K,
+    stride_sn: tl.constexpr,
+    stride_sk,
+    GROUP: tl.constexpr,
+    PACKED: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    """dot times the E8M0 scales of its rows' groups g (as the decode left the values)."""
     s_ok = g * GROUP < K
     if not EVEN_N:
         s_ok = s_ok & (row < rows_end)
     e = tl.load(s_e + row * stride_sn + g * stride_sk, mask=s_ok, other=0)
-    return dot * mxfp4_group_scale(tl.reshape(e, (BLOCK_N, GW)), PACKED)
+    return dot * mxfp4_group_scale(tl.reshape(e, dot.shape), PACKED)
