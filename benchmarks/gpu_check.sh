@@ -19,15 +19,18 @@
 #                 Mixtral-8x7B offloaded on a 24 GB card fp8 vs bf16
 #     f16         the MXFP4 GEMVs' float16 products against their float32 ones: gpu tests,
 #                 kernel_bench --gemv, gpt-oss-120b batch-1 decode alternated (not a default stage)
+#     gemvs       kernel_bench --gemv --sweep at one token: the expert GEMVs' tiles around the
+#                 shipped ones for gpt-oss-120b (MXFP4), gpt-oss-20b, Qwen3-30B-A3B and
+#                 DeepSeek-V2-Lite (bf16) (not a default stage)
 #     ab          decode at batch $AB_BATCH (default 1) of this tree vs the tree in $BASE,
 #                 alternated twice per shape ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
 #                 benchmarks | tar -x -C bench_base`, carry bench_base (not a default stage)
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
-extra="ab f16"  # stages that run only when named
+extra="ab f16 gemvs"  # stages that run only when named
 case "${1:-}" in
-  -h | --help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
@@ -122,6 +125,12 @@ for stage in $stages; do
             --modes graphs --no-hf --prefill-len 0 --batch 1 --output-len 64 2>&1 \
             | grep -m1 " b1 .*tok/s" | tee -a "$OUT/f16.log"
         done
+      done ;;
+    gemvs)
+      for shape in gpt-oss-120b:mxfp4 gpt-oss-20b: qwen3-30b-a3b: deepseek-v2-lite:; do
+        q=${shape#*:}
+        python3 benchmarks/kernel_bench.py --shape "${shape%%:*}" --gemv --tokens 1 --sweep \
+          ${q:+--quant $q} 2>&1 | grep -v Warn | tee -a "$OUT/gemv_sweep.log"
       done ;;
     ab)
       # Each tree runs its own benchmarks/, which put their own checkout first on sys.path:
