@@ -65,9 +65,7 @@ def _decode_ptx(byte: str, outs: tuple[str, str, str, str]) -> str:
 """
 
 
-_REGS = (
-    "{ .reg .b32 lo, hi, t, w0, w1, w2, w3, acc; .reg .b16 l0, l1, h0, h1, a0, a1; .reg .f32 f0;"
-)
+_REGS = "{ .reg .b32 lo, hi, t, w0, w1, w2, w3; .reg .b16 l0, l1, h0, h1;"
 _WS = ("w0", "w1", "w2", "w3")
 # e2m1x4_as_fp16: $0-$3 the pairs, $4 the bytes
 _AS_FP16 = tl.constexpr(_REGS + _decode_ptx("$4", ("$0", "$1", "$2", "$3")) + "}")
@@ -142,8 +140,8 @@ def half_products(bound: float | None) -> bool:
 
 
 # Activations are scaled by x_scale (a power of two, folded back after the K loop) into
-# +-X16_LIMIT for the float16 products, and clamped there: a word's 8 products stay below 2**15
-# and a scale group's 16 a lane below 16 * 6 * 2**-6 * 2**15 = 49152 < 65504, while small
+# +-X16_LIMIT for the float16 products, and clamped there: a scale group's 16 products a lane
+# stay below 16 * 6 * 2**-6 * 2**15 = 49152 < 65504, while small
 # activations stay clear of float16's subnormals (below 2**-14, where products of activations
 # of 1e-3 lost their digits). An RMSNorm's output is at most max|weight| * sqrt(D), gpt-oss's
 # clamped SwiGLU at most limit * (limit + 1): the callers' bounds.
