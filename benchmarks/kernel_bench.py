@@ -290,9 +290,10 @@ def attention(b: int, ctx: int) -> dict[str, Any]:
 
 
 def linear_report(shape: str, bw: float, sweep: bool = False) -> list[dict[str, Any]]:
-    """The shape's dense projections at one row (batch-1 decode), bf16: kernels.linear's GEMV
-    against its tensor-core dot path at the same row (the layer's path before 2026-12-06);
-    sweep: the GEMV's tiles and K splits around the shipped ones."""
+    """The shape's dense projections and LM head at one row (batch-1 decode), bf16:
+    kernels.linear's GEMV against its tensor-core dot path at the same row (the layer's path
+    before 2026-12-06) and cuBLAS (F.linear); sweep: the GEMV's tiles and K splits around the
+    shipped ones."""
     from moeserve.kernels import linear
 
     raw = SHAPES[shape]
@@ -307,18 +308,21 @@ def linear_report(shape: str, bw: float, sweep: bool = False) -> list[dict[str, 
         qkv, o_in = (heads + 2 * kv_heads) * head_dim, heads * head_dim
     experts = raw.get("num_local_experts") or raw.get("n_routed_experts") or raw["num_experts"]
     rows = []
-    for name, n, k in (("qkv", qkv, hidden), ("o", hidden, o_in), ("router", experts, hidden)):
+    projections = (("qkv", qkv, hidden), ("o", hidden, o_in), ("router", experts, hidden))
+    for name, n, k in projections + (("lm_head", raw["vocab_size"], hidden),):
         w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
         times = {
             "gemv": bench(lambda w=w, x=x: linear.linear_partials(x, w)),
             "dot": bench(lambda w=w, x=x: linear.dot_partials(x, w)),
+            "cublas": bench(lambda w=w, x=x: torch.nn.functional.linear(x, w)),
         }
         cfg = linear.gemv_partials_config(n, k)
         print(
             f"{name:6s} {n} x {k} ({n * k * 2 / 1e6:.1f} MB): GEMV {times['gemv'] * 1e6:6.1f} us "
             f"({n * k * 2 / times['gemv'] / bw:.2f} of copy bw, {cfg}), dot "
-            f"{times['dot'] * 1e6:6.1f} us ({n * k * 2 / times['dot'] / bw:.2f})"
+            f"{times['dot'] * 1e6:6.1f} us ({n * k * 2 / times['dot'] / bw:.2f}), cuBLAS "
+            f"{times['cublas'] * 1e6:6.1f} us ({n * k * 2 / times['cublas'] / bw:.2f})"
         )
         row = dict(name=name, n=n, k=k, us={m: t * 1e6 for m, t in times.items()}, sweep=[])
         for c in _linear_sweep(n, k) if sweep else ():

@@ -113,6 +113,8 @@ def _drive() -> None:
     # One row: the GEMV, on the model dtype and on a float32 router.
     linear.linear_partials(rand(1, D), rand(40, D), rand(40))
     linear.linear_partials(rand(1, D), rand(8, D, dtype=torch.float32))
+    # The partials' sum in one kernel (reduce_partials takes it on the GPU), to bf16.
+    linear.sum_partials(linear.linear_partials(rand(1, D), rand(40, D)), torch.bfloat16)
     from moeserve.kernels.quant import quantize_fp8_rows
 
     w8, s8 = quantize_fp8_rows(rand(40, 160))

@@ -141,3 +141,17 @@ def test_float32_router_takes_float32_activations(device: str) -> None:
     got = linear.linear_partials(x, w).sum(0)
     want = x.double() @ w.double().T
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize(("split", "t", "n"), [(1, 1, 3000), (3, 2, 70), (5, 1, 1025)])
+def test_partials_summed_in_one_kernel(device: str, split: int, t: int, n: int) -> None:
+    """The reduce kernel (reduce_partials on the GPU): the splits summed in order in float32
+    and rounded once to the output dtype, as the readable sum (bf16 on the GPU only: the
+    interpreter's bf16 conversion truncates)."""
+    g = torch.Generator().manual_seed(split * n)
+    parts = torch.randn(split, t, n, generator=g).to(device)
+    for dtype in (torch.float32,) + ((torch.bfloat16,) if device == "cuda" else ()):
+        got = linear.sum_partials(parts, dtype)
+        assert got.dtype == dtype and got.shape == (t, n)
+        torch.testing.assert_close(got.cpu(), parts.sum(0).to(dtype).cpu(), rtol=1e-6, atol=1e-6)

@@ -301,7 +301,42 @@ def dot_partials(
     return out
 
 
+@triton.jit
+def _reduce_kernel(part_ptr, out_ptr, M, stride_s, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    wait_prior()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M
+    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * stride_s + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_REDUCE_BLOCK = 1024
+
+
 def reduce_partials(partials_STN: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The readable sum of the partials, rounded as F.linear's output (a consumer's fallback
-    where its kernel cannot read them)."""
+    """The sum of the partials, rounded as F.linear's output (for a consumer that cannot read
+    them): on the GPU one kernel (launched with PDL, so the GEMV's neighbours overlap it as
+    they do each other), else the readable sum."""
+    if partials_STN.is_cuda and partials_STN.is_contiguous():
+        return sum_partials(partials_STN, dtype)
     return partials_STN.sum(0).to(dtype)
+
+
+def sum_partials(partials_STN: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """reduce_partials' kernel: the S contiguous partials summed in order, rounded once."""
+    split, t, n = partials_STN.shape
+    out = torch.empty(t, n, dtype=dtype, device=partials_STN.device)
+    m = t * n
+    _reduce_kernel[(triton.cdiv(m, _REDUCE_BLOCK),)](
+        partials_STN,
+        out,
+        m,
+        partials_STN.stride(0),
+        SPLIT=split,
+        BLOCK=_REDUCE_BLOCK,
+        num_warps=4,
+        **pdl.LAUNCH,
+    )
+    return out
