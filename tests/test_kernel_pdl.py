@@ -47,60 +47,74 @@ def _kernels_and_launches() -> tuple[dict[str, ast.FunctionDef], list[tuple[str,
     return kernels, launches
 
 
-# Kernels that may load their dense weights (pointers named w_*: written by no kernel, unlike
-# the expert cache's slots) before waiting, to overlap the previous kernel.
-WEIGHTS_FIRST = {"linear._gemv_partials_kernel"}
+# Kernels that may load weights (pointers named w_*) and the named pointers before waiting, to
+# overlap the previous kernel. The one-row GEMV's dense weights are written by no kernel. The
+# MoE down GEMV always follows the gate/up GEMV (test_down_gemv_follows_gate_up), whose
+# programs waited for every kernel before it: the routing, an expert cache's slot map and the
+# weights it copied are final when down starts; only gate/up's output is not.
+WEIGHTS_FIRST: dict[str, set[str]] = {
+    "linear._gemv_partials_kernel": set(),
+    "moe_gemv._down_kernel": {"experts_ptr", "slot_ptr"},
+}
 
 
 def _is_wait(node: ast.AST) -> bool:
     return isinstance(node, ast.Call) and getattr(node.func, "id", "") == "wait_prior"
 
 
-def _weights_only(stmt: ast.AST) -> bool:
-    """No store, atomic or return in stmt, and every tl.load's address starts from a w_*
-    pointer (offsets aside) and from no other *_ptr."""
+def _weights_only(stmt: ast.AST, allowed: frozenset[str] = frozenset()) -> bool:
+    """No store, atomic or return in stmt; every tl.load's address starts from a w_* pointer
+    or an `allowed` one (offsets aside) and from no other *_ptr; a helper called with *_ptr
+    arguments counts as loading them."""
     for node in ast.walk(stmt):
         if isinstance(node, ast.Return):
             return False
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Attribute):
             if node.func.attr == "store" or node.func.attr.startswith("atomic"):
                 return False
             if node.func.attr == "load":
                 names = {n.id for n in ast.walk(node.args[0]) if isinstance(n, ast.Name)}
-                weights = {n for n in names if n.startswith("w_")}
+                weights = {n for n in names if n.startswith("w_") or n in allowed}
                 others = {n for n in names - weights if n.endswith("_ptr")}
                 if not weights or others:
                     return False
+        elif isinstance(node.func, ast.Name) and node.func.id != "wait_prior":
+            args = {a.id for a in node.args if isinstance(a, ast.Name)}
+            if {a for a in args if a.endswith("_ptr")} - allowed:
+                return False
     return True
 
 
-def _waits_before_data(stmts: list[ast.stmt]) -> bool:
-    """Every path through stmts reaches wait_prior() having loaded only weights."""
+def _waits_before_data(stmts: list[ast.stmt], allowed: frozenset[str] = frozenset()) -> bool:
+    """Every path through stmts reaches wait_prior() having loaded only weights (and the
+    `allowed` pointers)."""
     for stmt in stmts:
         if isinstance(stmt, ast.Expr) and _is_wait(stmt.value):
             return True
         if any(_is_wait(n) for n in ast.walk(stmt)):
             return (
                 isinstance(stmt, ast.If)
-                and _weights_only(stmt.test)
-                and _waits_before_data(stmt.body)
-                and _waits_before_data(stmt.orelse)
+                and _weights_only(stmt.test, allowed)
+                and _waits_before_data(stmt.body, allowed)
+                and _waits_before_data(stmt.orelse, allowed)
             )
-        if not _weights_only(stmt):
+        if not _weights_only(stmt, allowed):
             return False
     return False
 
 
 def test_every_kernel_waits_for_its_predecessor_first() -> None:
     kernels, _ = _kernels_and_launches()
-    assert len(kernels) >= 15 and set(kernels) >= WEIGHTS_FIRST
+    assert len(kernels) >= 15 and set(kernels) >= set(WEIGHTS_FIRST)
     late = []
     for name, fn in kernels.items():
         body = fn.body
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
             body = body[1:]  # the docstring
         if name in WEIGHTS_FIRST:
-            ok = _waits_before_data(body)
+            ok = _waits_before_data(body, frozenset(WEIGHTS_FIRST[name]))
         else:
             first = body[0]
             ok = isinstance(first, ast.Expr) and _is_wait(first.value)
@@ -128,6 +142,32 @@ def test_weights_first_rule_catches_an_early_activation_load() -> None:
     assert not _waits_before_data(early.body)
     assert not _waits_before_data(branch.body)
     assert _waits_before_data(fine.body)
+    helper = ast.parse(
+        "def k(x_ptr, e_ptr, w_ptr):\n    e = row(e_ptr, 0)\n    w = tl.load(w_ptr + e)\n"
+        "    wait_prior()\n"
+    ).body[0]
+    assert isinstance(helper, ast.FunctionDef)
+    assert not _waits_before_data(helper.body)  # a helper's loads count
+    assert _waits_before_data(helper.body, frozenset({"e_ptr"}))
+
+
+def test_down_gemv_follows_gate_up() -> None:
+    """fused_moe launches the down GEMV right after the gate/up GEMV, with nothing between
+    them that launches a kernel (host-side plans and an uninitialised buffer only): what lets
+    _down_kernel read the routing before its wait (WEIGHTS_FIRST)."""
+    tree = ast.parse((KERNELS / "fused_moe.py").read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "fused_moe")
+    calls = [
+        n
+        for n in ast.walk(fn)
+        if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))
+    ]
+    calls.sort(key=lambda c: (c.lineno, c.col_offset))
+    names = [c.func.id if isinstance(c.func, ast.Name) else c.func.attr for c in calls]
+    start, end = names.index("gemv_gate_up_act"), names.index("gemv_down")
+    between = set(names[start + 1 : end])
+    host_side = {"down_rows", "activation_bound", "half_products", "gemv_config", "real_k", "alloc"}
+    assert start < end and between <= host_side, between
 
 
 def test_every_launch_passes_the_pdl_option() -> None:

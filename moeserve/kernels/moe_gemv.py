@@ -232,7 +232,10 @@ def _down_kernel(
     EVEN_N: tl.constexpr,
     HALF: tl.constexpr,
 ):
-    wait_prior()
+    # Before the wait: this kernel always follows the gate/up GEMV, whose programs waited for
+    # every kernel before it, so the routing, an expert cache's slot map and its copied
+    # weights are final; only h, gate/up's output, is not. The expert and (plain weights) the
+    # first K tile load here, overlapping gate/up's last programs.
     r = tl.program_id(1).to(tl.int64)
     expert = _row_expert(experts_ptr, slot_ptr, tl.minimum(r, R - 1), num_experts, HAS_SLOT)
     h_row = h_ptr + r * stride_h
@@ -252,8 +255,6 @@ def _down_kernel(
         wn = tl.where(sh, S, stride_wn)
         sn = tl.where(sh, stride_ssn, stride_sn)
         expert = tl.where(sh, 0, expert)
-    if expert < 0:  # a sentinel: the sum over k drops its row
-        return
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -262,13 +263,23 @@ def _down_kernel(
     k_first = tl.program_id(2) * per_split
     k_end = tl.minimum(k_first + per_split, k_len)
     if QUANT == 0:
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+        w_rows = w_e + offs_n[:, None] * wn
+        kk = k_first + offs_k
+        k_ok = kk < k_end
+        m = (n_ok & (offs_n * 0 + expert >= 0))[:, None] & k_ok[None, :]
+        w_first = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
+    wait_prior()
+    if expert < 0:  # a sentinel: the sum over k drops its row
+        return
+    if QUANT == 0:
+        h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        acc = w_first.to(tl.float32) * h
+        for k0 in tl.range(k_first + BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             kk = k0 + offs_k
             k_ok = kk < k_end
             h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             m = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_e + offs_n[:, None] * wn + kk[None, :], mask=m, other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
             acc += w.to(tl.float32) * h
     elif QUANT == 1:
         G: tl.constexpr = BLOCK_K // GROUP
