@@ -89,13 +89,15 @@ def test_interpreted_kernels_every_family(tmp_path: Path, family: str, overrides
     _assert_same(run("triton"), run("torch"), 1e-4)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # no shared expert / shared, bias
+# No shared expert / shared, qkv bias / per-head q/k norms.
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_interpreted_captured_step_path(
     tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a captured decode step runs, forced at every step: split-K partials of the router
     (added by the routing program), of qkv (by the rotary kernel, which reads cos/sin from the
-    table by position) and of the output projection (by the residual-add norm)."""
+    table by position, and norms Qwen3's q and k heads) and of the output projection (by the
+    residual-add norm)."""
     import moeserve.kernels.linear as linear
     import moeserve.model.backend as backend
 
@@ -126,9 +128,9 @@ def test_interpreted_captured_step_path(
     assert max(t for t, _ in calls) <= linear.MAX_ROWS
     cfg = llms[0].engine.model_config
     # Router and output projection; qkv at decode steps (a bias rides in its first partial)
-    # unless q/k norms or clipping sit between it and the rotary.
+    # unless full-width q/k norms or clipping sit between it and the rotary.
     want_n = {cfg.num_experts, cfg.hidden_size}
-    if cfg.qk_norm == "none" and cfg.clip_qkv is None:
+    if cfg.qk_norm in ("none", "head") and cfg.clip_qkv is None:
         want_n.add(cfg.q_size + 2 * cfg.kv_size)
     assert {n for _, n in calls} == want_n
 

@@ -378,8 +378,9 @@ def test_greedy_identical_batched_chunked_offloaded(ckpt: Path, alone, options: 
         assert len(stats) == 2 and all(s.misses > 0 for s in stats)  # layers 1, 2 offloaded
 
 
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["plain", "qk-norm"])
 def test_interpreted_fused_path_both_routings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qk_norm: bool
 ) -> None:
     """Triton kernels (interpreted on the CPU): the routing program with GLM's rules (sigmoid,
     bias, groups, scaling) and the fused GEMMs; then what a captured decode step runs (forced
@@ -389,10 +390,11 @@ def test_interpreted_fused_path_both_routings(
     import moeserve.kernels.moe_routing as moe_routing
     import moeserve.model.backend as backend
 
-    # No qkv bias or q/k norm: a forced decode step takes qkv's split-K partials straight
-    # into the rotary kernel (rotary_from_partials), prefills the in-place one.
+    # No qkv bias: a forced decode step takes qkv's split-K partials straight into the rotary
+    # kernel (rotary_from_partials), prefills the in-place one; either norms the q and k
+    # heads first (over the whole head, the unrotated half too) when the checkpoint has them.
     path = make_checkpoint(
-        tmp_path / "glm", "glm4_moe", num_hidden_layers=2, attention_bias=False, use_qk_norm=False
+        tmp_path / "glm", "glm4_moe", num_hidden_layers=2, attention_bias=False, use_qk_norm=qk_norm
     )
     prompts, params = PROMPTS[:3], SamplingParams(max_tokens=4, temperature=0.0, logprobs=2)
     kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)

@@ -134,6 +134,13 @@ def _drive() -> None:
     )
     qkv = torch.randn(2, T, (H + 2 * G) * X, generator=g)
     norm_rope.rotary_from_partials(qkv, H, G, cos, sin, (kc, vc, slots_T), bf)
+    # Per-head q/k norms first (Qwen3), on the full and on a partial rotary.
+    norm = (rand(X), rand(X), 1e-6)
+    norm_rope.rotary_from_partials(qkv, H, G, cos, sin, (kc, vc, slots_T), bf, None, norm)
+    norm_rope.apply_rotary_(
+        rand(T, H, X), rand(T, G, X), cos[:, :8], sin[:, :8], (rand(T, G, X), kc, vc, slots_T),
+        None, norm,
+    )  # fmt: skip
     # 270 positions: more than one partition, so the merge kernel runs too.
     tables, lens = torch.randperm(N).view(2, 72), torch.tensor([5, 270])
     for kw in ({}, {"window": 4}, {"chunk": 8}, {"sinks_H": rand(H, dtype=torch.float32)}):

@@ -184,3 +184,50 @@ def test_rotary_from_qkv_partials(device: str, dtype: torch.dtype, table: bool) 
     torch.testing.assert_close(got_q, q, **tol)
     torch.testing.assert_close(k_cache, want_k_cache, **tol)
     assert torch.equal(v_cache, want_v_cache)
+
+
+@pytest.mark.parametrize(("device", "dtype"), _device_cases())
+@pytest.mark.parametrize("from_partials", [False, True], ids=["in-place", "partials"])
+@pytest.mark.parametrize("rot", [16, 8], ids=["full", "partial"])
+def test_rotary_norms_heads_first(
+    device: str, dtype: torch.dtype, from_partials: bool, rot: int
+) -> None:
+    """qk_norm: each q and k head RMSNormed with its own weight before the rotation (Qwen3's
+    q_norm and k_norm; GLM's with partial rotary), in the rotary launch: the readable norm,
+    rotary and K/V write; values are not normed."""
+    from moeserve.kernels.norm_rope import rotary_from_partials
+    from moeserve.model.layers import write_kv
+
+    g = torch.Generator().manual_seed(rot + from_partials)
+    t, h, gk, x, split = 3, 4, 2, 16, 2
+    parts = (torch.randn(split, t, (h + 2 * gk) * x, generator=g) * 4).to(device)
+    qkv = parts.sum(0).to(dtype)
+    q = qkv[:, : h * x].reshape(t, h, x)
+    k = qkv[:, h * x : (h + gk) * x].reshape(t, gk, x)
+    v = qkv[:, (h + gk) * x :].reshape(t, gk, x)
+    q_w, k_w = (torch.rand(x, generator=g) + 0.5).to(device, dtype), torch.randn(x, generator=g)
+    k_w = k_w.to(device, dtype)
+    ang = torch.randn(t, rot // 2, generator=g).repeat(1, 2)
+    cos, sin = ang.cos().to(device, dtype), ang.sin().to(device, dtype)
+    slots = torch.tensor([5, 0, 12], device=device)
+    want_q = apply_rotary(rms_norm(q, q_w, 1e-6), cos, sin)
+    want_k = apply_rotary(rms_norm(k, k_w, 1e-6), cos, sin)
+    want_k_cache = torch.zeros(4, 4, gk, x, dtype=dtype, device=device)
+    want_v_cache = torch.zeros_like(want_k_cache)
+    write_kv(want_k_cache, want_v_cache, want_k, v, slots)
+    k_cache, v_cache = torch.zeros_like(want_k_cache), torch.zeros_like(want_v_cache)
+    norm = (q_w, k_w, 1e-6)
+    # The statistics' float32 sums run in another order: an ulp of the model dtype at most.
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-6, atol=2**-5)
+    if from_partials:
+        got_q = rotary_from_partials(
+            parts, h, gk, cos, sin, (k_cache, v_cache, slots), dtype, None, norm
+        )
+    else:
+        got_q, got_k = q.clone(), k.clone()
+        apply_rotary_(got_q, got_k, cos, sin, (v, k_cache, v_cache, slots), None, norm)
+        torch.testing.assert_close(got_k, want_k, **tol)
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(k_cache, want_k_cache, **tol)
+    assert torch.equal(v_cache, want_v_cache)
+    assert not torch.allclose(want_q, apply_rotary(q, cos, sin), rtol=0.1, atol=0.1)  # normed

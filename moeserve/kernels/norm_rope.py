@@ -15,6 +15,9 @@ import triton.language as tl
 from moeserve.kernels import pdl
 from moeserve.kernels.pdl import wait_prior
 
+# A per-head RMSNorm of q and k before the rotation: (q weight [X], k weight [X], eps).
+QKNorm = tuple[torch.Tensor, torch.Tensor, float]
+
 
 @triton.jit
 def rms_row(x, w_ptr, offs, ok, D, eps, out_ptr):
@@ -162,6 +165,28 @@ def rotate_halves(x1, x2, cos_row, sin_row, offs, ok, HALF):
 
 
 @triton.jit
+def norm_head(x1, x2, x3, w_ptr, offs, ok, offs_t, ok_t, X, eps, HALF, TAIL: tl.constexpr):
+    """weight * normalise(head) of one head held as its halves x1, x2 and its unrotated tail
+    x3 (model dtype), rounded as rms_row: float32 statistics over all X entries."""
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    ss = tl.sum(a1 * a1, 0) + tl.sum(a2 * a2, 0)
+    if TAIL > 0:
+        a3 = x3.to(tl.float32)
+        ss += tl.sum(a3 * a3, 0)
+    inv = 1.0 / tl.sqrt(ss / X + eps)
+    dt = x1.dtype
+    w1 = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + offs, mask=ok, other=0.0).to(tl.float32)
+    y1 = (w1 * (a1 * inv).to(dt).to(tl.float32)).to(dt)
+    y2 = (w2 * (a2 * inv).to(dt).to(tl.float32)).to(dt)
+    y3 = x3
+    if TAIL > 0:
+        w3 = tl.load(w_ptr + offs_t, mask=ok_t, other=0.0).to(tl.float32)
+        y3 = (w3 * (a3 * inv).to(dt).to(tl.float32)).to(dt)
+    return y1, y2, y3
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr,
     k_ptr,
@@ -185,6 +210,9 @@ def _rotary_kernel(
     v_cache_ptr,
     slot_ptr,
     stride_slot,
+    q_norm_ptr,  # [X] (NORM)
+    k_norm_ptr,
+    eps,
     HALF: tl.constexpr,
     BLOCK: tl.constexpr,
     WRITE_KV: tl.constexpr,
@@ -192,6 +220,7 @@ def _rotary_kernel(
     SPLIT: tl.constexpr,
     TAIL: tl.constexpr = 0,
     BLOCK_TAIL: tl.constexpr = 1,
+    NORM: tl.constexpr = False,  # q and k RMSNormed per head first (Qwen3's q_norm, k_norm)
 ):
     wait_prior()
     t = tl.program_id(0).to(tl.int64)
@@ -204,6 +233,19 @@ def _rotary_kernel(
     ok = offs < HALF
     x1 = load_partials(base, offs, ok, stride_p, q_out_ptr, SPLIT)
     x2 = load_partials(base + HALF, offs, ok, stride_p, q_out_ptr, SPLIT)
+    offs_t = 2 * HALF + tl.arange(0, BLOCK_TAIL)
+    ok_t = offs_t < 2 * HALF + TAIL
+    x3 = x1  # the unrotated tail (partial rotary), where there is one
+    if TAIL > 0:
+        x3 = load_partials(base, offs_t, ok_t, stride_p, q_out_ptr, SPLIT)
+    if NORM:
+        if h < H:  # noqa: SIM108 (a runtime branch in the kernel, not an expression)
+            w_ptr = q_norm_ptr
+        else:
+            w_ptr = k_norm_ptr
+        x1, x2, x3 = norm_head(
+            x1, x2, x3, w_ptr, offs, ok, offs_t, ok_t, 2 * HALF + TAIL, eps, HALF, TAIL
+        )
     # The cos/sin row: the table's row of this token's position, or the caller's row t.
     c = t
     if TABLE:
@@ -228,11 +270,11 @@ def _rotary_kernel(
         tl.store(v_cache_ptr + dst + offs, v1, mask=ok)
         tl.store(v_cache_ptr + dst + HALF + offs, v2, mask=ok)
     if TAIL > 0:  # partial rotary: the head's last TAIL entries pass through unrotated
-        offs_t = 2 * HALF + tl.arange(0, BLOCK_TAIL)
-        ok_t = offs_t < 2 * HALF + TAIL
-        x3 = load_partials(base, offs_t, ok_t, stride_p, q_out_ptr, SPLIT)
-        if h < H and SPLIT > 0:  # in place (SPLIT 0) the query's tail is already there
+        # In place (SPLIT 0) without a norm the query's and key's tails are already there.
+        if h < H and (SPLIT > 0 or NORM):
             tl.store(q_out_ptr + t * stride_ot + h * stride_oh + offs_t, x3, mask=ok_t)
+        if h >= H and SPLIT == 0 and NORM:
+            tl.store(base + offs_t, x3, mask=ok_t)
         if WRITE_KV and h >= H:
             g = h - H
             dst = tl.load(slot_ptr + t) * stride_slot + g * (2 * HALF + TAIL)
@@ -253,6 +295,7 @@ def _rotary(
     kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     stride_p: int,
     split: int,
+    qk_norm: QKNorm | None = None,
 ) -> None:
     """One launch over t tokens x (H query + G key heads); q, k, v are [T, heads, X] views.
     cos/sin narrower than X (partial rotary): the first cos.shape[1] of each head rotate, the
@@ -273,6 +316,11 @@ def _rotary(
     else:
         v, cache = k, (k, k, k, 0)  # unused pointers
     assert v is not None
+    if qk_norm is not None:
+        q_w, k_w, eps = qk_norm
+        assert q_w.shape == k_w.shape == (x,) and q_w.stride(0) == k_w.stride(0) == 1
+    else:
+        q_w, k_w, eps = q_out, q_out, 0.0  # unused pointers
     _rotary_kernel[(t, h + g)](
         q,
         k,
@@ -293,6 +341,9 @@ def _rotary(
         cos.stride(0),
         h,
         *cache,
+        q_w,
+        k_w,
+        float(eps),
         HALF=half,
         BLOCK=triton.next_power_of_2(half),
         WRITE_KV=kv_cache is not None,
@@ -300,6 +351,7 @@ def _rotary(
         SPLIT=split,
         TAIL=tail,
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
+        NORM=qk_norm is not None,
         num_warps=1,
         **pdl.LAUNCH,
     )
@@ -312,13 +364,16 @@ def apply_rotary_(
     sin_TX: torch.Tensor,
     kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     positions_T: torch.Tensor | None = None,
+    qk_norm: QKNorm | None = None,
 ) -> None:
     """Rotate q and k in place (rotate-half layout); one launch for both. kv_write: (v_TGX,
     k_cache_NSGX, v_cache_NSGX, slot_mapping_T): also store the rotated keys and the values
     into their slots of the paged cache (layers.write_kv's job), in the same launch.
-    positions_T: cos/sin are whole tables [P, X], and token t reads row positions_T[t]."""
+    positions_T: cos/sin are whole tables [P, X], and token t reads row positions_T[t].
+    qk_norm: (q_norm_X, k_norm_X, eps): each q and k head RMSNormed first (layers.rms_norm
+    over the head, as Qwen3's q_norm and k_norm), in the same launch."""
     v, cache = (kv_write[0], kv_write[1:]) if kv_write is not None else (None, None)
-    _rotary(q_THX, k_TGX, v, q_THX, cos_TX, sin_TX, positions_T, cache, 0, 0)
+    _rotary(q_THX, k_TGX, v, q_THX, cos_TX, sin_TX, positions_T, cache, 0, 0, qk_norm)
 
 
 def rotary_from_partials(
@@ -330,11 +385,13 @@ def rotary_from_partials(
     kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     dtype: torch.dtype,
     positions_T: torch.Tensor | None = None,
+    qk_norm: QKNorm | None = None,
 ) -> torch.Tensor:
     """The qkv projection's float32 split-K partials (kernels.linear) [split, T, (H+2G)X] to
     the rotated queries [T, H, X] in `dtype`, with the rotated keys and the values stored in
     their cache slots (kv_cache: k_cache, v_cache, slot_mapping_T). Each element is summed and
-    rounded to `dtype` first, as the projection's output would have been."""
+    rounded to `dtype` first, as the projection's output would have been; qk_norm as
+    apply_rotary_'s, on the rounded heads."""
     split, t, n = qkv_STN.shape
     x = n // (num_heads + 2 * num_kv_heads)
     assert qkv_STN.dtype == torch.float32 and qkv_STN.stride(2) == 1
@@ -343,5 +400,7 @@ def rotary_from_partials(
     k = rows[:, num_heads * x : (num_heads + num_kv_heads) * x].unflatten(1, (num_kv_heads, x))
     v = rows[:, (num_heads + num_kv_heads) * x :].unflatten(1, (num_kv_heads, x))
     q_out = torch.empty(t, num_heads, x, dtype=dtype, device=qkv_STN.device)
-    _rotary(q, k, v, q_out, cos_TX, sin_TX, positions_T, kv_cache, qkv_STN.stride(0), split)
+    _rotary(
+        q, k, v, q_out, cos_TX, sin_TX, positions_T, kv_cache, qkv_STN.stride(0), split, qk_norm
+    )
     return q_out

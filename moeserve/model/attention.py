@@ -193,8 +193,8 @@ class Attention(nn.Module):
             sinks_H=self.sinks,
         )
         # The qkv projection may go straight from split-K partials (bias in the first) into
-        # the rotary kernel.
-        self._plain_qkv = cfg.qk_norm == "none" and cfg.clip_qkv is None and self.rope
+        # the rotary kernel, which also takes per-head q/k norms.
+        self._plain_qkv = cfg.qk_norm in ("none", "head") and cfg.clip_qkv is None and self.rope
 
     def forward(
         self,
@@ -226,6 +226,7 @@ class Attention(nn.Module):
                 (k_cache, v_cache, meta.slot_mapping_T),
                 x_TD.dtype,
                 pos,
+                self._kernel_qk_norm(),
             )
             return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
         qkv = self.backend.linear(x_TD, self.qkv_weight, self.qkv_bias, self.qkv_weight_scale)
@@ -239,7 +240,8 @@ class Attention(nn.Module):
         k_TGX = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v_TGX = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         fused = self.backend.fused_elementwise(q_THX)
-        if cfg.qk_norm == "head":
+        # On the fused path the rotary kernel norms the heads itself.
+        if cfg.qk_norm == "head" and not (fused and self.rope):
             q_THX = self._head_norm(q_THX, self.q_norm, fused)
             k_TGX = self._head_norm(k_TGX, self.k_norm, fused)
         if not self.rope:
@@ -256,9 +258,8 @@ class Attention(nn.Module):
             # One launch rotates q and k and stores k and v in the cache (write_kv's job); it
             # reads cos/sin rows from the table by position (no gather).
             cos, sin, pos = cos_sin.for_kernel()
-            apply_rotary_(
-                q_THX, k_TGX, cos, sin, (v_TGX, k_cache, v_cache, meta.slot_mapping_T), pos
-            )
+            kv_write = (v_TGX, k_cache, v_cache, meta.slot_mapping_T)
+            apply_rotary_(q_THX, k_TGX, cos, sin, kv_write, pos, self._kernel_qk_norm())
         else:
             cos, sin = cos_sin.pair()
             q_THX, k_TGX = apply_rotary(q_THX, cos, sin), apply_rotary(k_TGX, cos, sin)
@@ -267,6 +268,13 @@ class Attention(nn.Module):
                 k_TGX = l2_norm(k_TGX, cfg.rms_norm_eps)
             write_kv(k_cache, v_cache, k_TGX, v_TGX, meta.slot_mapping_T)
         return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
+
+    def _kernel_qk_norm(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The per-head q/k norms for the rotary kernel (norm_rope.QKNorm), if the family has
+        them."""
+        if self.cfg.qk_norm != "head":
+            return None
+        return self.q_norm, self.k_norm, self.cfg.rms_norm_eps
 
     def _head_norm(self, x_THX: torch.Tensor, weight_X: torch.Tensor, fused: bool) -> torch.Tensor:
         """RMSNorm over each head: one kernel over [T*H, X] rows on the fused path (the
