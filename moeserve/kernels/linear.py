@@ -30,6 +30,7 @@ import triton.language as tl
 from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_gemv_plan import gemv_config
 from moeserve.kernels.moe_quant import quant_tile, x_tile
+from moeserve.kernels.norm_rope import load_partials
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP
 
@@ -306,10 +307,7 @@ def _reduce_kernel(part_ptr, out_ptr, M, stride_s, SPLIT: tl.constexpr, BLOCK: t
     wait_prior()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M
-    acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        acc += tl.load(part_ptr + s * stride_s + offs, mask=ok, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + offs, load_partials(part_ptr, offs, ok, stride_s, out_ptr, SPLIT), mask=ok)
 
 
 _REDUCE_BLOCK = 1024

@@ -194,7 +194,8 @@ class Attention(nn.Module):
         )
         # The qkv projection may go straight from split-K partials (bias in the first) into
         # the rotary kernel, which also takes per-head q/k norms.
-        self._plain_qkv = cfg.qk_norm in ("none", "head") and cfg.clip_qkv is None and self.rope
+        plain = cfg.qk_norm in ("none", "head") and cfg.clip_qkv is None
+        self._qkv_into_rotary = plain and self.rope
 
     def forward(
         self,
@@ -210,7 +211,7 @@ class Attention(nn.Module):
         t = x_TD.shape[0]
         k_cache, v_cache = kv_cache
         meta = meta.for_window(self.mask.window)
-        if partials_out and self._plain_qkv and meta.num_decodes == t:
+        if partials_out and self._qkv_into_rotary and meta.num_decodes == t:
             # A few decode rows: qkv partials go straight into the rotary kernel, which adds
             # them and stores q, and k and v in the cache (no qkv tensor, no reduction).
             from moeserve.kernels.linear import linear_partials
