@@ -94,11 +94,12 @@ def test_interpreted_kernels_every_family(tmp_path: Path, family: str, overrides
 def test_interpreted_captured_step_path(
     tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What a captured decode step runs, forced at every step: split-K partials of the router
-    (added by the routing program), of qkv (by the rotary kernel, which reads cos/sin from the
-    table by position, and norms Qwen3's q and k heads) and of the output projection (by the
-    residual-add norm)."""
+    """What a captured decode step runs, forced at every step: split-K partials of qkv (added
+    by the rotary kernel, which reads cos/sin from the table by position, and norms Qwen3's q
+    and k heads) and of the output projection (by the residual-add norm, which also runs the
+    router on its output: one float32 partial, added by the routing program)."""
     import moeserve.kernels.linear as linear
+    import moeserve.kernels.norm_rope as norm_rope
     import moeserve.model.backend as backend
 
     path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2)
@@ -110,6 +111,15 @@ def test_interpreted_captured_step_path(
     def counted(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
         calls.append((x.shape[0], w.shape[0]))
         return real(x, w, *rest)
+
+    routers: list[tuple[int, int]] = []
+    real_norm = norm_rope.add_rms_norm
+
+    def norm_counted(*args: object) -> tuple:
+        out = real_norm(*args)  # type: ignore[arg-type]
+        if len(args) > 4 and args[4] is not None:
+            routers.append(out[2].shape[1:])
+        return out
 
     llms: list[LLM] = []
 
@@ -124,12 +134,15 @@ def test_interpreted_captured_step_path(
     want = run("torch")
     monkeypatch.setattr(backend, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
     monkeypatch.setattr(linear, "linear_partials", counted)
+    monkeypatch.setattr(norm_rope, "add_rms_norm", norm_counted)
     _assert_same(run("triton"), want, 1e-4)
     assert max(t for t, _ in calls) <= linear.MAX_ROWS
     cfg = llms[0].engine.model_config
-    # Router and output projection; qkv at decode steps (a bias rides in its first partial)
-    # unless full-width q/k norms or clipping sit between it and the rotary.
-    want_n = {cfg.num_experts, cfg.hidden_size}
+    assert routers and {e for _, e in routers} == {cfg.num_experts}
+    assert max(t for t, _ in routers) <= linear.MAX_ROWS
+    # The output projection; qkv at decode steps (a bias rides in its first partial) unless
+    # full-width q/k norms or clipping sit between it and the rotary. Not the router.
+    want_n = {cfg.hidden_size}
     if cfg.qk_norm in ("none", "head") and cfg.clip_qkv is None:
         want_n.add(cfg.q_size + 2 * cfg.kv_size)
     assert {n for _, n in calls} == want_n

@@ -124,6 +124,11 @@ def _drive() -> None:
     norm_rope.add_rms_norm(
         rand(T, D), linear.linear_partials(rand(T, D), rand(D, D)), rand(D), 1e-6
     )
+    # With the MoE router's logits, bf16 and float32 routers (one with a bias).
+    for router in ((rand(40, D), rand(40)), (rand(8, D, dtype=torch.float32), None)):
+        norm_rope.add_rms_norm(
+            rand(1, D), linear.linear_partials(rand(1, D), rand(D, D)), rand(D), 1e-6, router
+        )
     H, G, X, S, N = 4, 2, 16, 4, 144
     cos, sin = rand(T, X), rand(T, X)
     norm_rope.apply_rotary_(rand(T, H, X), rand(T, G, X), cos, sin)

@@ -62,7 +62,8 @@ def test_add_rms_norm_matches_the_two_ops(device: str, dtype: torch.dtype) -> No
     x = (torch.randn(5, 40, generator=g) * 3).to(device, dtype)
     delta = torch.randn(5, 40, generator=g).to(device, dtype)
     w = torch.randn(40, generator=g).to(device, dtype)
-    total, normed = add_rms_norm(x, delta, w, 1e-6)
+    total, normed, logits = add_rms_norm(x, delta, w, 1e-6)
+    assert logits is None
     assert torch.equal(total, x + delta)  # the residual stream itself is exact
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(normed, rms_norm(x + delta, w, 1e-6), rtol=tol, atol=tol)
@@ -85,8 +86,8 @@ def test_add_rms_norm_adds_linear_partials(device: str, dtype: torch.dtype) -> N
     x = (torch.randn(3, 40, generator=g) * 3).to(device, dtype)
     parts = torch.randn(4, 3, 40, generator=g).to(device)
     w = torch.randn(40, generator=g).to(device, dtype)
-    total, normed = add_rms_norm(x, parts, w, 1e-6)
-    want_total, want_normed = add_rms_norm(x, parts.sum(0).to(dtype), w, 1e-6)
+    total, normed, _ = add_rms_norm(x, parts, w, 1e-6)
+    want_total, want_normed, _ = add_rms_norm(x, parts.sum(0).to(dtype), w, 1e-6)
     assert torch.equal(total, want_total)
     torch.testing.assert_close(normed, want_normed, rtol=1e-6, atol=1e-6)
     from moeserve.model.backend import fused_add_rms_norm
@@ -95,6 +96,42 @@ def test_add_rms_norm_adds_linear_partials(device: str, dtype: torch.dtype) -> N
     got = fused_add_rms_norm(x, strided, w, 1e-6)
     want = fused_add_rms_norm(x, strided.sum(0).to(dtype), w, 1e-6)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.float32),
+        ("cpu", torch.float16),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+    ],
+)
+@pytest.mark.parametrize("router_dtype", ["model", "float32"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_add_rms_norm_runs_the_router(
+    device: str, dtype: torch.dtype, router_dtype: str, bias: bool
+) -> None:
+    """With a router the norm kernel also returns its logits of the normed rows as one float32
+    partial: the residual stream and norm are those of the plain kernel, and the logits are
+    the router GEMV's on that norm (F.linear, a float32 router on float32 activations), with
+    the bias once. 7 experts over programs of 2 rows: the last program is half masked."""
+    from moeserve.kernels.norm_rope import add_rms_norm
+
+    g = torch.Generator().manual_seed(5)
+    t, d, e = 3, 40, 7
+    x = (torch.randn(t, d, generator=g) * 3).to(device, dtype)
+    parts = torch.randn(4, t, d, generator=g).to(device)
+    w = torch.randn(d, generator=g).to(device, dtype)
+    r_dtype = dtype if router_dtype == "model" else torch.float32
+    router = torch.randn(e, d, generator=g).to(device, r_dtype)
+    b = torch.randn(e, generator=g).to(device, dtype) if bias else None
+    total, normed, logits = add_rms_norm(x, parts, w, 1e-6, (router, b))
+    want_total, want_normed, none = add_rms_norm(x, parts, w, 1e-6)
+    assert none is None
+    assert torch.equal(total, want_total) and torch.equal(normed, want_normed)
+    assert logits is not None and logits.shape == (1, t, e) and logits.dtype == torch.float32
+    want = normed.float() @ router.float().T + (b.float() if b is not None else 0.0)
+    torch.testing.assert_close(logits[0], want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize(("device", "dtype"), _device_cases())

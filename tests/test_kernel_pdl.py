@@ -48,13 +48,15 @@ def _kernels_and_launches() -> tuple[dict[str, ast.FunctionDef], list[tuple[str,
 
 
 # Kernels that may load weights (pointers named w_*) and the named pointers before waiting, to
-# overlap the previous kernel. The one-row GEMV's dense weights are written by no kernel. The
+# overlap the previous kernel. The one-row GEMV's dense weights and the router rows the
+# residual-add norm multiplies are written by no kernel. The
 # MoE down GEMV always follows the gate/up GEMV (test_down_gemv_follows_gate_up), whose
 # programs waited for every kernel before it: the routing, an expert cache's slot map and the
 # weights it copied are final when down starts; only gate/up's output is not.
 WEIGHTS_FIRST: dict[str, set[str]] = {
     "linear._gemv_partials_kernel": set(),
     "moe_gemv._down_kernel": {"experts_ptr", "slot_ptr"},
+    "norm_rope._add_rms_norm_kernel": set(),
 }
 
 

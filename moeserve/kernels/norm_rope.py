@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import pdl
+from moeserve.kernels import interpreting, pdl
 from moeserve.kernels.pdl import wait_prior
 
 # A per-head RMSNorm of q and k before the rotation: (q weight [X], k weight [X], eps).
@@ -67,20 +67,38 @@ def _add_rms_norm_kernel(
     sum_ptr,
     out_ptr,
     w_ptr,
+    w_router_ptr,  # [E, D] (ROUTER_ROWS)
+    router_bias_ptr,  # [E] (ROUTER_BIAS)
+    logits_ptr,  # [1, T, E] float32 (ROUTER_ROWS)
     D,
+    E,
     stride_x,
     stride_d,
     stride_s,
     stride_o,
+    stride_wr,
+    stride_lt,
     eps,
     stride_dp,
     BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr,
+    ROUTER_ROWS: tl.constexpr,
+    ROUTER_BIAS: tl.constexpr,
 ):
-    wait_prior()
-    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     ok = offs < D
+    if ROUTER_ROWS > 0:
+        # This program's router rows load before the wait (no kernel writes them): their
+        # latency overlaps the attention's output projection still running.
+        e = tl.program_id(1) * ROUTER_ROWS + tl.arange(0, ROUTER_ROWS)
+        e_ok = e < E
+        w_r = tl.load(
+            w_router_ptr + e[:, None].to(tl.int64) * stride_wr + offs[None, :],
+            mask=e_ok[:, None] & ok[None, :],
+            other=0.0,
+        )
+    wait_prior()
+    row = tl.program_id(0).to(tl.int64)
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
     if SPLIT == 0:
         d = tl.load(d_ptr + row * stride_d + offs, mask=ok, other=0.0).to(tl.float32)
@@ -91,22 +109,47 @@ def _add_rms_norm_kernel(
         d = d.to(sum_ptr.dtype.element_ty).to(tl.float32)
     # The residual add rounds to the model dtype; the norm reads the rounded sum.
     s = (x + d).to(sum_ptr.dtype.element_ty)
-    tl.store(sum_ptr + row * stride_s + offs, s, mask=ok)
     s = s.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(s * s, 0) / D + eps)
     sn = (s * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (w * sn).to(out_ptr.dtype.element_ty), mask=ok)
+    out = (w * sn).to(out_ptr.dtype.element_ty)
+    # With router programs every program of the row computes the norm; the first stores it.
+    if tl.program_id(1) == 0:
+        tl.store(sum_ptr + row * stride_s + offs, s.to(sum_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + row * stride_o + offs, out, mask=ok)
+    if ROUTER_ROWS > 0:
+        # The router on the normed row as one float32 partial of a split-K GEMV (kernels.linear):
+        # the routing program rounds it as F.linear (a float32 router: on float32 activations).
+        logits = tl.sum(w_r.to(tl.float32) * out.to(tl.float32)[None, :], axis=1)
+        if ROUTER_BIAS:
+            logits += tl.load(router_bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+        tl.store(logits_ptr + row * stride_lt + e, logits, mask=e_ok)
+
+
+# Router rows a program of the residual-add norm multiplies: each program also redoes the row's
+# norm (a few KB from L2), so a row takes about this many weight values a program (a 2048-wide
+# model: four rows, 16 KB of bf16 held in registers across the wait) and ceil(E / rows)
+# programs.
+_ROUTER_VALUES = 8192
 
 
 def add_rms_norm(
-    x_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta)) in one pass; the readable twin is the two ops.
+    x_TD: torch.Tensor,
+    delta_TD: torch.Tensor,
+    weight_D: torch.Tensor,
+    eps: float,
+    router: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x + delta, rms_norm(x + delta), router logits) in one pass; the readable twin is the
+    two ops (and F.linear of the norm's output by the router).
 
     delta_TD may be float32 partials [split, T, D] of a linear layer (kernels.linear): they are
     added and rounded to x's dtype first, as the layer's output would have been. T > 0 rows,
-    each with unit column stride (the caller takes the readable ops otherwise)."""
+    each with unit column stride (the caller takes the readable ops otherwise).
+    router: (weight [E, D] in x's dtype or float32, bias [E] or None): also the MoE router's
+    logits of the normed rows, as float32 split-K partials [1, T, E] of one split
+    (kernels.linear's format, which the routing program reads); else None."""
     t, d = x_TD.shape
     split, stride_p = 0, 0
     if delta_TD.dim() == 3:
@@ -115,25 +158,47 @@ def add_rms_norm(
     assert t and x_TD.stride(1) == 1 and delta_TD.stride(1) == 1
     s = torch.empty((t, d), dtype=x_TD.dtype, device=x_TD.device)
     out = torch.empty_like(s)
-    _add_rms_norm_kernel[(t,)](
+    block_d = triton.next_power_of_2(d)
+    rows, programs, logits = 0, 1, None
+    w_r = b_r = out  # unused pointers without a router
+    if router is not None:
+        w_r, bias = router
+        e = w_r.shape[0]
+        assert w_r.shape == (e, d) and w_r.stride(1) == 1
+        assert w_r.dtype in (x_TD.dtype, torch.float32)
+        rows = min(triton.next_power_of_2(e), max(1, _ROUTER_VALUES // block_d))
+        if interpreting():
+            rows = min(rows, 2)  # several programs a row, as on the GPU
+        programs = triton.cdiv(e, rows)
+        logits = torch.empty((1, t, e), dtype=torch.float32, device=x_TD.device)
+        b_r = bias if bias is not None else out
+    _add_rms_norm_kernel[(t, programs)](
         x_TD,
         delta_TD,
         s,
         out,
         weight_D,
+        w_r,
+        b_r,
+        logits if logits is not None else out,
         d,
+        w_r.shape[0] if router is not None else 0,
         x_TD.stride(0),
         delta_TD.stride(0),
         s.stride(0),
         out.stride(0),
+        w_r.stride(0),
+        logits.stride(1) if logits is not None else 0,
         eps,
         stride_p,
-        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_D=block_d,
         SPLIT=split,
+        ROUTER_ROWS=rows,
+        ROUTER_BIAS=router is not None and router[1] is not None,
         num_warps=4 if d <= 4096 else 8,
         **pdl.LAUNCH,
     )
-    return s, out
+    return s, out, logits
 
 
 @triton.jit

@@ -93,11 +93,18 @@ def fused_rms_norm(x_TD: torch.Tensor, weight_D: torch.Tensor, eps: float) -> to
 
 
 def fused_add_rms_norm(
-    x_TD: torch.Tensor, delta_TD: torch.Tensor, weight_D: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta)): the residual-add norm kernel where it applies, else
-    the readable ops. delta_TD may be float32 split-K partials [S, T, D] of a linear layer
-    (kernels.linear), rounded to x's dtype as that layer's output would have been."""
+    x_TD: torch.Tensor,
+    delta_TD: torch.Tensor,
+    weight_D: torch.Tensor,
+    eps: float,
+    router: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x + delta, rms_norm(x + delta), router logits or None): the residual-add norm kernel
+    where it applies, else the readable ops. delta_TD may be float32 split-K partials [S, T, D]
+    of a linear layer (kernels.linear), rounded to x's dtype as that layer's output would have
+    been. router (weight, bias; MoE.router_in_norm): the kernel also returns the MoE router's
+    logits of the normed rows as split-K partials; None where it did not run (the MoE then
+    computes them)."""
     rows_ok = x_TD.shape[0] > 0 and x_TD.stride(1) == 1
     if delta_TD.dim() == 3 and not (rows_ok and delta_TD.stride(2) == 1):
         from moeserve.kernels.linear import reduce_partials
@@ -106,6 +113,6 @@ def fused_add_rms_norm(
     if rows_ok and delta_TD.stride(-1) == 1:
         from moeserve.kernels.norm_rope import add_rms_norm as kernel
 
-        return kernel(x_TD, delta_TD, weight_D, eps)
+        return kernel(x_TD, delta_TD, weight_D, eps, router)
     s_TD = x_TD + delta_TD
-    return s_TD, rms_norm(s_TD, weight_D, eps)
+    return s_TD, rms_norm(s_TD, weight_D, eps), None

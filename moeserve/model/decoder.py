@@ -74,17 +74,21 @@ class DecoderLayer(nn.Module):
         cos_sin: CosSin,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream after attention, and its post-attention norm (the MLP's input)."""
+        experts: ExpertProvider | SlotTable | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The residual stream after attention, its post-attention norm (the MLP's input) and,
+        where the norm kernel computed them, the MoE router's logits of it (else None)."""
         if not self.backend.fused_elementwise(x_TD):
             attn_TD = self.attn(rms_norm(x_TD, self.input_norm, self.eps), cos_sin, kv_cache, meta)
             x_TD = x_TD + attn_TD
-            return x_TD, rms_norm(x_TD, self.post_norm, self.eps)
+            return x_TD, rms_norm(x_TD, self.post_norm, self.eps), None
         # A few rows (a captured decode step): the projections return split-K partials, which
-        # the residual-add norm (and the rotary kernel, for qkv) add up themselves.
+        # the residual-add norm (and the rotary kernel, for qkv) add up themselves; the norm
+        # kernel also runs the MoE's router on its output when the MoE would take partials.
         h_TD = fused_rms_norm(x_TD, self.input_norm, self.eps)
         attn_TD = self.attn(h_TD, cos_sin, kv_cache, meta, partials_out=split_k_rows(x_TD))
-        return fused_add_rms_norm(x_TD, attn_TD, self.post_norm, self.eps)
+        router = self.mlp.router_in_norm(x_TD, experts) if isinstance(self.mlp, MoE) else None
+        return fused_add_rms_norm(x_TD, attn_TD, self.post_norm, self.eps, router)
 
     def forward(
         self,
@@ -96,9 +100,11 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """experts: the provider of this layer's routed experts, or the slots of an expert
         cache the GPU maps itself (None: resident)."""
-        x_TD, h_TD = self.attention_block(x_TD, cos_sin, kv_cache, meta)
+        x_TD, h_TD, logits_TE = self.attention_block(x_TD, cos_sin, kv_cache, meta, experts)
         if isinstance(self.mlp, MoE):  # the residual add happens inside (fused when it can)
-            return self.mlp(h_TD, meta.valid_T, residual_TD=x_TD, experts=experts)
+            return self.mlp(
+                h_TD, meta.valid_T, residual_TD=x_TD, experts=experts, logits_TE=logits_TE
+            )
         return x_TD + self.mlp(h_TD)
 
 

@@ -146,6 +146,12 @@ def router_logits(
     return F.linear(x_TD, router_ED, bias_E)
 
 
+def router_partials(x_TD: torch.Tensor, router_ED: torch.Tensor, triton_route: bool) -> bool:
+    """Whether the fused path takes the router's logits of these rows as split-K partials
+    (added up by the routing program) rather than as a tensor."""
+    return triton_route and split_k_rows(x_TD) and router_ED.dtype in (x_TD.dtype, torch.float32)
+
+
 def fused_router_logits(
     x_TD: torch.Tensor,
     router_ED: torch.Tensor,
@@ -156,7 +162,7 @@ def fused_router_logits(
     by the Triton program, float32 split-K partials [S, T, E] that the program adds up (one
     launch, not cuBLAS's two; for a float32 router, not a conversion and cuBLAS's GEMV).
     Otherwise a float32 router takes router_logits."""
-    if triton_route and split_k_rows(x_TD) and router_ED.dtype in (x_TD.dtype, torch.float32):
+    if router_partials(x_TD, router_ED, triton_route):
         from moeserve.kernels import linear
 
         return linear.linear_partials(x_TD, router_ED, bias_E)

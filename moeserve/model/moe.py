@@ -33,6 +33,7 @@ from moeserve.model.experts import (
     fused_router_logits,
     kernel_shared_expert,
     router_logits,
+    router_partials,
     silu_mul,
 )
 from moeserve.model.params import empty_param
@@ -176,23 +177,46 @@ class MoE(nn.Module):
         ts = [self.w_gate_up, self.w_down, self.w_gate_up_scale, self.w_down_scale]
         return [t for t in (*ts, self.b_gate_up, self.b_down) if t is not None]
 
+    def _fused_path(self, t: int, experts: ExpertProvider | SlotTable | None) -> bool:
+        return (experts is None and t <= self.fused_max_tokens) or isinstance(experts, SlotTable)
+
+    def router_in_norm(
+        self, x_TD: torch.Tensor, experts: ExpertProvider | SlotTable | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(router weight, logit bias) when forward() over these rows would take the router's
+        logits as split-K partials for the routing program (fused_router_logits): the
+        residual-add norm before this layer can then compute them (one launch fewer), passed
+        back as forward's logits_TE. None: forward computes its own."""
+        t = x_TD.shape[0]
+        if not self._fused_path(t, experts):
+            return None
+        if not router_partials(x_TD, self.router, triton_routable(self.spec, t)):
+            return None
+        return self.router, self.router_logit_bias
+
     def forward(
         self,
         x_TD: torch.Tensor,
         valid_T: torch.Tensor | None = None,
         residual_TD: torch.Tensor | None = None,
         experts: ExpertProvider | SlotTable | None = None,
+        logits_TE: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """valid_T (0/1 per token, or None): padding rows of a CUDA-graph batch route nowhere.
         residual_TD: return residual + the layer's output (on the Triton path added in its last
         kernel, after the shared expert's output). experts: the provider of this
         layer's routed experts (the engine's expert store), or the slots of an expert cache
-        the GPU maps itself (the fused path over them); None: resident experts."""
+        the GPU maps itself (the fused path over them); None: resident experts.
+        logits_TE: the router's logits of x_TD as the norm kernel computed them (router_in_norm
+        said where), else None."""
         t = x_TD.shape[0]
         table = experts if isinstance(experts, SlotTable) else None
-        if (experts is None and t <= self.fused_max_tokens) or table is not None:
+        if self._fused_path(t, experts):
             triton_route = triton_routable(self.spec, t)
-            logits_TE = fused_router_logits(x_TD, self.router, triton_route, self.router_logit_bias)
+            if logits_TE is None:
+                logits_TE = fused_router_logits(
+                    x_TD, self.router, triton_route, self.router_logit_bias
+                )
             fused = functools.partial(self._fused, x_TD, logits_TE, triton_route, valid_T)
             if self.shared is None:
                 return fused(residual_TD, table)

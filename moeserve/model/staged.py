@@ -81,7 +81,10 @@ class StagedForward:
         if last:
             self.logits_TV = m.compute_logits(x_TD)
             return
-        self._x_TD, h_TD = m.layers[stop].attention_block(x_TD, self._cos_sin, kv[stop], meta)
+        # its provider, so the norm leaves the router to route_and_dispatch
+        self._x_TD, h_TD, _ = m.layers[stop].attention_block(
+            x_TD, self._cos_sin, kv[stop], meta, self.providers[j]
+        )
         self._dispatched[j] = self._moe(j).route_and_dispatch(h_TD, meta.valid_T)
 
     @torch.inference_mode()
