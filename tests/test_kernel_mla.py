@@ -256,3 +256,95 @@ def test_value_heads_as_the_bmm() -> None:
     o_lat = torch.randn(t, h, c, generator=g)
     want = torch.bmm(o_lat.transpose(0, 1), kv_b[:, p:].transpose(1, 2)).transpose(0, 1)
     torch.testing.assert_close(value_heads(o_lat, kv_b[:, p:]), want, rtol=1e-5, atol=1e-5)
+
+
+# (context lengths, partition size, dtype): J == 1 (the partition kernel writes the output),
+# a few partitions, more than the merge's chunk of 32 (small partitions keep the interpreter
+# quick), two sequences with one far shorter than the table (partitions that found nothing).
+# float16 for a model dtype that rounds (the interpreter's tl.dot gets bf16 wrong).
+VALUES_CASES = [
+    pytest.param([5], P, torch.float32, id="one-partition"),
+    pytest.param([13], 4, torch.float32, id="few"),
+    pytest.param([150, 9], 4, torch.float32, id="over-a-chunk-two-seqs"),
+    pytest.param([23, 2], 4, torch.float16, id="f16-two-seqs"),
+    pytest.param([150], 4, torch.float16, id="f16-over-a-chunk"),
+]
+
+
+@pytest.mark.parametrize("ctxs,partition,dtype", VALUES_CASES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "three-launches"])
+def test_decode_values_merge_in_the_value_heads_kernel(monkeypatch, ctxs, partition, dtype, fused):
+    """mla_decode_values (the layer's decode at a few rows): the value-heads kernel merges the
+    partition kernel's partials itself, no merge launch; the same bits as the partition
+    kernel, merge_partials and value_heads apart (it rounds the merged latent to the model
+    dtype where the merge kernel stores it), and above FUSED_MERGE_MAX_ROWS those three."""
+    from moeserve.kernels.mla_rows import value_heads
+
+    monkeypatch.setattr(mla_module, "PARTITION_SIZE", partition)
+    monkeypatch.setattr(mla_module, "FUSED_MERGE_MAX_ROWS", 10**6 if fused else 0)
+    merges = []
+    merge = mla_module.merge_partials
+    monkeypatch.setattr(mla_module, "merge_partials", lambda *a: merges.append(1) or merge(*a))
+    heads, latent, rope, values, nope = 3, 24, 8, 20, 16
+    case = _make_case(heads, latent, rope, 4, ctxs, dtype, extra_cols=3, seed=len(ctxs))
+    g = torch.Generator().manual_seed(11)
+    w_v = torch.randn(heads, nope + values, latent, generator=g).to(dtype)[:, nope:]
+    q, c, scale = case["q"], latent, 0.3
+    args = (case["cache"], case["table"], case["ctx"], scale, c)
+    got = mla_module.mla_decode_values(q[..., :c], *args, w_v, q[..., c:])
+    fused_merges = len(merges)
+    o_lat = mla_decode_attention(q[..., :c], *args, q_rope_BHR=q[..., c:])
+    want = value_heads(o_lat, w_v)
+    assert torch.equal(got, want)
+    single = partition == P
+    assert fused_merges == (0 if fused or single else 1)
+    # And the merge itself right: the readable path's values (float32).
+    exact = dict(case, q=q.float(), clean=case["clean"].float())
+    ref = torch.einsum("bhc,hwc->bhw", _readable(exact, scale), w_v.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "ctxs,extra_cols",
+    [([4096], 2), ([150], 500), ([1000, 37], 1)],
+    ids=["b1-J64", "b1-short-in-wide-table", "b2-J16"],
+)
+def test_cuda_decode_values_fused_merge(ctxs, extra_cols):
+    """DeepSeek-V2-Lite's shapes in bf16, each case fused (b * J <= FUSED_MERGE_MAX_ROWS): the
+    three launches' values up to how the two kernels associate the float32 sum over the
+    partials (at most an ulp of the merged latent's bf16 rounding); a CUDA graph replays it."""
+    from moeserve.kernels.mla_rows import value_heads
+
+    heads, c = 16, 512
+    case = _make_case(heads, c, 64, 16, ctxs, torch.bfloat16, "cuda", extra_cols, seed=len(ctxs))
+    q, cache, table, ctx = case["q"], case["cache"].nan_to_num(0.0), case["table"], case["ctx"]
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    w_v = torch.randn(heads, 128 + 128, c, generator=gen, device="cuda").bfloat16()[:, 128:]
+    scale = 192**-0.5
+
+    def fused() -> torch.Tensor:
+        return mla_module.mla_decode_values(
+            q[..., :c], cache, table, ctx, scale, c, w_v, q[..., c:]
+        )
+
+    parts = -(-table.shape[1] * 16 // P)
+    assert len(ctxs) * min(parts, mla_module.MAX_PARTS) <= mla_module.FUSED_MERGE_MAX_ROWS
+    o_lat = mla_decode_attention(q[..., :c], cache, table, ctx, scale, c, q_rope_BHR=q[..., c:])
+    want = value_heads(o_lat, w_v).float()
+    torch.testing.assert_close(fused().float(), want, atol=2e-2, rtol=2**-7)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fused()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused()
+    full = ctx.clone()
+    for _ in range(2):  # new queries, contexts no longer than each table's blocks
+        q.copy_(torch.randn(q.shape, generator=gen, device="cuda"))
+        ctx.copy_(1 + (torch.rand(ctx.shape, generator=gen, device="cuda") * full).long())
+        graph.replay()
+        torch.testing.assert_close(out, fused(), atol=0.0, rtol=0.0)
