@@ -152,11 +152,6 @@ def _drive() -> None:
         pa.paged_decode_attention(rand(2, H, X), kc, vc, tables, lens, 0.25, **kw)
     latent = rand(N, S, 1, 24 + 8)
     mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
-    # The layer's decode at a few rows: the value-heads kernel merges the partials (MERGE).
-    q_mla, w_v = rand(2, 16, 24 + 8), rand(16, 16 + 12, 24)[:, 16:]
-    mla_attention.mla_decode_values(
-        q_mla[..., :24], latent, tables, lens, 0.2, 24, w_v, q_mla[..., 24:]
-    )
     mla_rows.write_latent_rows(rand(T, 24 + 8), rand(24), 1e-6, latent, slots_T)
     w_k = rand(4, 16 + 12, 24)[:, :16]  # kv_b's key half as the layer views it
     qkv_a = torch.randn(2, T, 4 * (16 + 8) + 24 + 8, generator=g)

@@ -128,50 +128,22 @@ def _meta(steps: list[tuple[int, int, list[int]]]) -> AttentionMetadata:
 
 
 @pytest.mark.parametrize(
-    ("decode_kernel", "fused", "partials", "partition"),
-    [
-        (False, False, False, None),
-        (True, False, False, None),
-        (True, True, False, None),
-        (True, True, True, None),
-        (True, True, True, 4),
-    ],
-    ids=[
-        "torch",
-        "triton-interpreted",
-        "triton-fused-norm-rope",
-        "triton-split-k-partials",
-        "triton-split-k-partials-merged",
-    ],
+    ("decode_kernel", "fused", "partials"),
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+    ids=["torch", "triton-interpreted", "triton-fused-norm-rope", "triton-split-k-partials"],
 )
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_mla_layer_matches_transformers(
-    case: str,
-    decode_kernel: bool,
-    fused: bool,
-    partials: bool,
-    partition: int | None,
-    monkeypatch: pytest.MonkeyPatch,
+    case: str, decode_kernel: bool, fused: bool, partials: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Chunked prefills, decodes beside them and decode-only steps. `partials`: the layer
     returns split-K partials of its output (as the decoder layer asks on the Triton path),
     and decode-only steps of a plain q take the projection's partials straight into the
-    kernel that writes the queries and cache rows (mla_rows.decode_inputs). `partition`:
-    the decode attention's partitions that small, so these short contexts span several and
-    decode-only steps merge them in the value-heads kernel (mla_decode_values)."""
+    kernel that writes the queries and cache rows (mla_rows.decode_inputs)."""
     if decode_kernel:
         pytest.importorskip("triton")
     if fused:  # every batch takes the norm and rotary kernels (on CUDA: graph-captured ones)
         monkeypatch.setattr(backend_module, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
-    merged = []
-    if partition is not None:
-        from moeserve.kernels import mla_attention
-
-        monkeypatch.setattr(mla_attention, "PARTITION_SIZE", partition)
-        values = mla_attention.merged_value_heads
-        monkeypatch.setattr(
-            mla_attention, "merged_value_heads", lambda *a: merged.append(1) or values(*a)
-        )
     ref, ref_rotary, cfg = _reference(CASES[case])
     layer = _ours(cfg, ref, decode_kernel, fused)
     inputs_calls = []
@@ -222,7 +194,6 @@ def test_mla_layer_matches_transformers(
     # The three decode-only steps of a plain q without biases took the partials kernel.
     plain = CASES[case]["q_lora_rank"] is None and not CASES[case].get("attention_bias")
     assert len(inputs_calls) == (3 if partials and plain else 0)
-    assert len(merged) == (3 if partition is not None else 0)
 
 
 def test_softmax_scale_follows_yarn_mscale_all_dim() -> None:

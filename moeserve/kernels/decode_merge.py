@@ -1,9 +1,8 @@
-"""The second step of a split-K (flash-decoding) attention decode: J programs per
+"""The second kernel of a split-K (flash-decoding) attention decode: J programs per
 (sequence, head block) each left a partial result over its context partitions (running max,
-sum, unnormalised output); the merge combines them with log-sum-exp rescaling. Shared by the
-paged decode (kernels/paged_attention.py) and the latent one (kernels/mla_attention.py): its
-own kernel (one program per (sequence, head)), or its two jitted passes called from a kernel
-that consumes the merged output (mla_rows' value heads), so the merge is written once.
+sum, unnormalised output); one program per (sequence, head) merges them with log-sum-exp
+rescaling. Shared by the paged decode (kernels/paged_attention.py) and the latent one
+(kernels/mla_attention.py).
 """
 
 from __future__ import annotations
@@ -18,64 +17,12 @@ from moeserve.kernels import pdl
 from moeserve.kernels.pdl import wait_prior
 
 # Partial results the merge reads per step.
-MERGE_CHUNK = 32
+_MERGE_CHUNK = 32
 # "No key yet" running max of the partition kernels and the merge: finite, so exp2(m_old -
 # m_new) never gives NaN. Constexprs: jitted code may read no other globals.
 NEG_BIG = tl.constexpr(-1.0e30)
 LOG2E = 1.4426950408889634  # scores are kept in log2 units (exp2)
 LOG2E_C = tl.constexpr(LOG2E)
-
-
-@triton.jit
-def partials_used(ctx_ptr, b, num_progs, PARTITION: tl.constexpr):
-    """Partials of sequence b that may hold keys. Program j owns partitions j mod J, so
-    programs j >= the sequence's partition count found nothing (a short context in a wide
-    table reads few partials)."""
-    return tl.minimum(tl.cdiv(tl.load(ctx_ptr + b).to(tl.int32), PARTITION), num_progs)
-
-
-@triton.jit
-def merged_max_sum(max_row, sum_row, used, CHUNK: tl.constexpr):
-    """Pass 1 of a merge over the first `used` partials of one (sequence, head), from their
-    running maxima max_row[j] and sums sum_row[j]: the merged max m and the denominator l,
-    the sum over j of sum_row[j] * 2^(max_row[j] - m) (log2 units; a sink's term is the
-    caller's)."""
-    chunk = tl.arange(0, CHUNK)
-    m = tl.max(tl.full([CHUNK], NEG_BIG, tl.float32), 0)
-    l_sum = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
-    for c0 in range(0, used, CHUNK):
-        js = c0 + chunk
-        m_c = tl.load(max_row + js, mask=js < used, other=NEG_BIG)
-        l_c = tl.load(sum_row + js, mask=js < used, other=0.0)
-        m_new = tl.maximum(m, tl.max(m_c, 0))
-        w = tl.where((js < used) & (l_c > 0), tl.exp2(m_c - m_new), 0.0)
-        l_sum = l_sum * tl.exp2(m - m_new) + tl.sum(l_c * w, 0)
-        m = m_new
-    return m, l_sum
-
-
-@triton.jit
-def merged_columns(
-    acc_row, max_row, sum_row, stride_aj, used, m, cols, col_ok, CHUNK: tl.constexpr
-):
-    """Pass 2: columns `cols` of the sum over the first `used` partials of
-    acc_row[j] * 2^(max_row[j] - m), with pass 1's m; divided by its l, the merged output
-    there. Neutral partials (sum 0, e.g. wholly before the window) wrote no output: skipped."""
-    chunk = tl.arange(0, CHUNK)
-    acc = tl.zeros(cols.shape, tl.float32)
-    for c0 in range(0, used, CHUNK):
-        js = c0 + chunk
-        m_c = tl.load(max_row + js, mask=js < used, other=NEG_BIG)
-        l_c = tl.load(sum_row + js, mask=js < used, other=0.0)
-        live = (js < used) & (l_c > 0)
-        a_c = tl.load(
-            acc_row + js[:, None] * stride_aj + cols[None, :],
-            mask=live[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        w = tl.where(live, tl.exp2(m_c - m), 0.0)
-        acc += tl.sum(a_c * w[:, None], 0)
-    return acc
 
 
 @triton.jit(
@@ -105,16 +52,39 @@ def _decode_merge_kernel(
     wait_prior()
     b = tl.program_id(0)
     h = tl.program_id(1)
-    used = partials_used(ctx_ptr, b, num_progs, PARTITION)
-    max_row = part_max_ptr + b * stride_mb + h * stride_mh
-    sum_row = part_sum_ptr + b * stride_mb + h * stride_mh
-    m, l_sum = merged_max_sum(max_row, sum_row, used, CHUNK)
-    if HAS_SINKS:  # the sink's term in the denominator (merged max m, log2 units)
-        l_sum = l_sum + tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * LOG2E_C - m)
+    # Program j owns partitions j mod J, so programs j >= the sequence's partition count
+    # found nothing: stop there (a short context in a wide table reads few partials).
+    used = tl.minimum(tl.cdiv(tl.load(ctx_ptr + b).to(tl.int32), PARTITION), num_progs)
     cols = tl.arange(0, X_PAD)
     col_ok = cols < X
+    chunk = tl.arange(0, CHUNK)
+    ml_row = b * stride_mb + h * stride_mh
     acc_row = part_acc_ptr + b * stride_ab + h * stride_ah
-    o = merged_columns(acc_row, max_row, sum_row, stride_aj, used, m, cols, col_ok, CHUNK) / l_sum
+
+    m = tl.max(tl.full([CHUNK], NEG_BIG, tl.float32), 0)
+    l_sum = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
+    acc = tl.zeros([X_PAD], tl.float32)
+    for c0 in range(0, used, CHUNK):
+        js = c0 + chunk
+        m_c = tl.load(part_max_ptr + ml_row + js, mask=js < used, other=NEG_BIG)
+        l_c = tl.load(part_sum_ptr + ml_row + js, mask=js < used, other=0.0)
+        # Neutral partials (l == 0, e.g. wholly before the window) wrote no output: skip it.
+        live = (js < used) & (l_c > 0)
+        a_c = tl.load(
+            acc_row + js[:, None] * stride_aj + cols[None, :],
+            mask=live[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m, tl.max(m_c, 0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.where(live, tl.exp2(m_c - m_new), 0.0)
+        l_sum = l_sum * alpha + tl.sum(l_c * w, 0)
+        acc = acc * alpha + tl.sum(a_c * w[:, None], 0)
+        m = m_new
+
+    if HAS_SINKS:  # the sink's term in the denominator (merged max m, log2 units)
+        l_sum = l_sum + tl.exp2(tl.load(sinks_ptr + h).to(tl.float32) * LOG2E_C - m)
+    o = acc / l_sum
     o_ptr = out_ptr + b * stride_ob + h * stride_oh + cols
     tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=col_ok)
 
@@ -169,7 +139,7 @@ def merge_partials(
         X=x,
         X_PAD=x_pad,
         PARTITION=partition,
-        CHUNK=MERGE_CHUNK,
+        CHUNK=_MERGE_CHUNK,
         HAS_SINKS=sinks_H is not None,
         num_warps=2,
         **pdl.LAUNCH,

@@ -8,14 +8,12 @@ rows' latent parts [C]; the caller maps it through kv_b_proj's value half.
 Split-K over the context as in kernels/paged_attention.py: programs per (sequence, block of
 HEADS_PER_PROGRAM heads, j), program j taking partitions j, j + J, ...; each reads a latent row
 once for all heads of its block (the rows are the keys and the values at once), keeps a running
-max and sum, and leaves partial results that decode_merge's merge kernel combines (skipped when
-J == 1). Where kv_b's value half follows at a few rows (mla_decode_values), the value-heads
-kernel (mla_rows.py) merges the partials itself: no merge launch. Only shapes size the launches
-(no host reads): a CUDA graph can capture them.
+max and sum, and leaves partial results that paged_attention's merge kernel combines (skipped
+when J == 1). Only shapes size the launch (no host reads): a CUDA graph can capture it.
 The twin readable path is moeserve.model.mla.LatentAttention without decode_kernel.
 
 Shapes: B sequences, H heads, C latent dims, R rope dims, Y = C + R, N blocks, S slots per block,
-M max blocks per sequence, J programs per (sequence, head block), W value dims.
+M max blocks per sequence, J programs per (sequence, head block).
 """
 
 from __future__ import annotations
@@ -25,14 +23,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import pdl
-from moeserve.kernels.decode_merge import (
-    LOG2E,
-    NEG_BIG,
-    Partials,
-    merge_partials,
-    split_partials,
-)
-from moeserve.kernels.mla_rows import merged_value_heads, value_heads
+from moeserve.kernels.decode_merge import LOG2E, NEG_BIG, merge_partials, split_partials
 from moeserve.kernels.paged_attention import MAX_PROGRAMS
 from moeserve.kernels.pdl import wait_prior
 
@@ -49,15 +40,6 @@ NUM_WARPS, NUM_WARPS_WIDE = 4, 8
 # reads ([J, H, C] float32 per sequence).
 PARTITION_SIZE = 64
 MAX_PARTS = 64
-# Partial rows (sequences x J) up to which the value-heads kernel merges the partials itself
-# (mla_decode_values). Each of its programs (one head's 16 value rows) merges that head's
-# partials of every sequence, b * J rows of C float32, where each of the merge kernel's b * H
-# programs merges J: at batch 1 a fused program reads what a merge program would (from L2,
-# just written) and the merge's launch, 4.3 us a layer on an H100, is saved; with more
-# sequences the fused programs' reads grow with b, and at batch 64 the merge kernel's programs
-# split them better. MAX_PARTS: a batch-1 decode fuses at any table width (a graph's table
-# spans the model length: J = MAX_PARTS from 4096 positions on).
-FUSED_MERGE_MAX_ROWS = MAX_PARTS
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -190,57 +172,6 @@ def mla_decode_attention(
     context_lens_B[b] cached rows (position p at block block_tables_BM[b, p // S], slot p % S):
     the softmax-weighted sum of the rows' first latent_dim values, [B, H, C] in q's dtype.
     q_rope_BHR: the queries' rope part, apart (q_BHY then holds the latent part only)."""
-    out_BHC, parts = _partitions(
-        q_BHY, cache_NS1Y, block_tables_BM, context_lens_B, scale, latent_dim, out_BHC, q_rope_BHR
-    )
-    if parts.num_progs > 1:
-        merge_partials(out_BHC, context_lens_B, parts, _c_pad(latent_dim), PARTITION_SIZE)
-    return out_BHC
-
-
-def mla_decode_values(
-    q_BHC: torch.Tensor,
-    cache_NS1Y: torch.Tensor,
-    block_tables_BM: torch.Tensor,
-    context_lens_B: torch.Tensor,
-    scale: float,
-    latent_dim: int,
-    w_v_HWC: torch.Tensor,
-    q_rope_BHR: torch.Tensor,
-) -> torch.Tensor:
-    """value_heads(mla_decode_attention(...), w_v_HWC): each decode's attention output through
-    kv_b's value half [H, W, C], [B, H, W], for a step of few sequences. Up to
-    FUSED_MERGE_MAX_ROWS partial rows the value-heads kernel merges the partitions' partials
-    itself: two launches, not three (see mla_rows.merged_value_heads for how exactly it
-    matches)."""
-    o_BHC, parts = _partitions(
-        q_BHC, cache_NS1Y, block_tables_BM, context_lens_B, scale, latent_dim, None, q_rope_BHR
-    )
-    b, j = o_BHC.shape[0], parts.num_progs
-    if j == 1:  # the partition kernel wrote the output
-        return value_heads(o_BHC, w_v_HWC)
-    if b * j <= FUSED_MERGE_MAX_ROWS:
-        return merged_value_heads(parts, context_lens_B, PARTITION_SIZE, w_v_HWC, o_BHC.dtype)
-    merge_partials(o_BHC, context_lens_B, parts, _c_pad(latent_dim), PARTITION_SIZE)
-    return value_heads(o_BHC, w_v_HWC)
-
-
-def _c_pad(c: int) -> int:
-    return max(16, triton.next_power_of_2(c))
-
-
-def _partitions(
-    q_BHY: torch.Tensor,
-    cache_NS1Y: torch.Tensor,
-    block_tables_BM: torch.Tensor,
-    context_lens_B: torch.Tensor,
-    scale: float,
-    latent_dim: int,
-    out_BHC: torch.Tensor | None,
-    q_rope_BHR: torch.Tensor | None,
-) -> tuple[torch.Tensor, Partials]:
-    """The partition kernel's launch: the output tensor [B, H, C] (written when J == 1) and
-    the partials (J > 1) for a merge."""
     if q_rope_BHR is None:
         q_rope_BHR = q_BHY[..., latent_dim:]
         q_BHY = q_BHY[..., :latent_dim]
@@ -267,13 +198,13 @@ def _partitions(
     elif out_BHC.shape != (b, h, c) or out_BHC.dtype != q_BHY.dtype or out_BHC.stride(-1) != 1:
         raise ValueError(f"out_BHC {tuple(out_BHC.shape)} {out_BHC.dtype} does not fit")
     if b == 0:
-        return out_BHC, split_partials(b, h, 1, c, out_BHC)
+        return out_BHC
 
     head_blocks = triton.cdiv(h, HEADS_PER_PROGRAM)
     num_parts = triton.cdiv(block_tables_BM.shape[1] * s, PARTITION_SIZE)
     num_progs = max(1, min(num_parts, MAX_PARTS, MAX_PROGRAMS // (b * head_blocks)))
     single = num_progs == 1  # shape-only: the merge would be an identity
-    c_pad = _c_pad(c)
+    c_pad = max(16, triton.next_power_of_2(c))
     parts = split_partials(b, h, num_progs, c, out_BHC)
     _mla_partition_kernel[(b, head_blocks, num_progs)](
         q_BHY,
@@ -311,4 +242,6 @@ def _partitions(
         num_warps=NUM_WARPS_WIDE if c_pad >= 256 else NUM_WARPS,
         **pdl.LAUNCH,
     )
-    return out_BHC, parts
+    if not single:
+        merge_partials(out_BHC, context_lens_B, parts, c_pad, PARTITION_SIZE)
+    return out_BHC

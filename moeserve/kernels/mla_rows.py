@@ -4,9 +4,7 @@ as Triton kernels: what goes into the latent cache and the queries, and what com
     write_latent_rows  each token's cache row (normalised latent, rotated rope key)
     decode_inputs      a few decodes' absorbed queries, rope queries and cache rows, from the
                        split-K partials of the stacked q / kv_a projection (plain q)
-    value_heads        the latent outputs through kv_b's value half (the readable path's bmm);
-                       merged_value_heads the same from the attention's split-K partials,
-                       merged in that kernel (no merge launch)
+    value_heads        the latent outputs through kv_b's value half (the readable path's bmm)
 
 Values round where the readable path (model/mla.py) rounds. CUDA-graph safe: no host reads.
 Shapes: T tokens, H heads, P nope dims, R rope dims, C kv_lora_rank, W v_head_dim, Y = C + R.
@@ -19,13 +17,6 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting, pdl
-from moeserve.kernels.decode_merge import (
-    MERGE_CHUNK,
-    Partials,
-    merged_columns,
-    merged_max_sum,
-    partials_used,
-)
 from moeserve.kernels.norm_rope import load_partials, rms_row, rotate_halves
 from moeserve.kernels.pdl import wait_prior
 
@@ -264,35 +255,15 @@ def decode_inputs(
     return q_lat_THC, q_rope_THR
 
 
-@triton.jit(
-    do_not_specialize=[
-        "T",
-        "num_progs",
-        "stride_ab",
-        "stride_ah",
-        "stride_aj",
-        "stride_mb",
-        "stride_mh",
-    ]
-)
+@triton.jit(do_not_specialize=["T"])
 def _value_heads_kernel(
-    o_ptr,  # [T, H, C] the attention's latent outputs (not MERGE)
+    o_ptr,  # [T, H, C] the attention's latent outputs
     wv_ptr,  # [H, W, C] kv_b's value half
     out_ptr,  # [T, H, W]
-    ctx_ptr,  # [T] context lengths (MERGE)
-    part_acc_ptr,  # [T, H, J, C] float32 split-K partials (MERGE)
-    part_max_ptr,  # [T, H, J]
-    part_sum_ptr,
     T,
     H,
-    num_progs,
     stride_ot,
     stride_oh,
-    stride_ab,
-    stride_ah,
-    stride_aj,
-    stride_mb,
-    stride_mh,
     stride_wh,
     stride_ww,
     stride_outt,
@@ -301,9 +272,6 @@ def _value_heads_kernel(
     C: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    PARTITION: tl.constexpr,
-    CHUNK: tl.constexpr,
-    MERGE: tl.constexpr,  # merge the partials here (decode_merge's passes), not read o_ptr
 ):
     wait_prior()
     h = tl.program_id(0)
@@ -313,106 +281,42 @@ def _value_heads_kernel(
     w_row = wv_ptr + h * stride_wh + ww[:, None] * stride_ww
     for t in range(T):  # the weight tile stays in cache across the step's few tokens
         o_row = o_ptr + t * stride_ot + h * stride_oh
-        if MERGE:  # pass 1 once per token, pass 2 per block of columns
-            used = partials_used(ctx_ptr, t, num_progs, PARTITION)
-            max_row = part_max_ptr + t * stride_mb + h * stride_mh
-            sum_row = part_sum_ptr + t * stride_mb + h * stride_mh
-            acc_row = part_acc_ptr + t * stride_ab + h * stride_ah
-            m, l_sum = merged_max_sum(max_row, sum_row, used, CHUNK)
         acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
         for c0 in tl.static_range(0, C, BLOCK_C):
             c_ok = c0 + cc < C
-            if MERGE:
-                o = merged_columns(
-                    acc_row, max_row, sum_row, stride_aj, used, m, c0 + cc, c_ok, CHUNK
-                )
-                # Rounded to the model dtype as merge_partials stores it.
-                o = (o / l_sum).to(out_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                o = tl.load(o_row + c0 + cc, mask=c_ok, other=0.0).to(tl.float32)
+            o = tl.load(o_row + c0 + cc, mask=c_ok, other=0.0).to(tl.float32)
             w = tl.load(w_row + c0 + cc[None, :], mask=w_ok[:, None] & c_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * o[None, :]
         out = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + t * stride_outt + h * stride_outh + ww, out, mask=w_ok)
 
 
-# Value rows per program: DeepSeek-V2-Lite's 16 heads x 128 rows are 128 programs.
-VALUE_HEADS_BLOCK_W = 16
-
-
 def value_heads(o_lat_THC: torch.Tensor, w_v_HWC: torch.Tensor) -> torch.Tensor:
     """Each head's latent output through kv_b's value half, o_lat[t, h] @ w_v[h].T: [T, H, W]
     (the readable path's bmm) for a decode step's few tokens, 16 value rows a program."""
     t, h, c = o_lat_THC.shape
-    assert o_lat_THC.stride(2) == 1
-    out_THW = o_lat_THC.new_empty(t, h, w_v_HWC.shape[1])
-    # Without MERGE the partials' arguments are unused: any pointer, zero strides.
-    none = Partials(o_lat_THC, o_lat_THC, o_lat_THC, (0, 0, 0), (0, 0), 1)
-    return _launch_value_heads(
-        w_v_HWC, out_THW, o_lat_THC, o_lat_THC.stride()[:2], none, o_lat_THC, 1
-    )
-
-
-def merged_value_heads(
-    parts: Partials,
-    context_lens_B: torch.Tensor,
-    partition: int,
-    w_v_HWC: torch.Tensor,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """value_heads of a split-K latent decode's output, merged from its partials (over
-    `partition`-position partitions) in the same kernel: merge_partials (no sinks) into a
-    [T, H, C] tensor of `dtype`, then value_heads of it, in one launch. The same merge code
-    and rounding: bit for bit under the interpreter; on a GPU the sum over the partials may
-    associate differently (each kernel's tile layout orders its reduction). Each program
-    merges its head's partials of every sequence: for few rows only."""
-    t, h, j, c = parts.acc.shape
-    assert parts.num_progs == j > 1 and parts.acc.stride(3) == 1
-    out_THW = torch.empty(t, h, w_v_HWC.shape[1], dtype=dtype, device=parts.acc.device)
-    return _launch_value_heads(
-        w_v_HWC, out_THW, parts.acc, (0, 0), parts, context_lens_B, partition
-    )
-
-
-def _launch_value_heads(
-    w_v_HWC: torch.Tensor,
-    out_THW: torch.Tensor,
-    o_lat: torch.Tensor,
-    o_strides: tuple[int, ...],
-    parts: Partials,
-    context_lens_B: torch.Tensor,
-    partition: int,
-) -> torch.Tensor:
-    t, h, w = out_THW.shape
-    c = w_v_HWC.shape[2]
-    assert w_v_HWC.shape == (h, w, c) and w_v_HWC.stride(2) == 1
+    w = w_v_HWC.shape[1]
+    assert w_v_HWC.shape == (h, w, c) and w_v_HWC.stride(2) == 1 and o_lat_THC.stride(2) == 1
+    out = torch.empty(t, h, w, dtype=o_lat_THC.dtype, device=o_lat_THC.device)
+    block_w = 16
     if t:
-        _value_heads_kernel[(h, triton.cdiv(w, VALUE_HEADS_BLOCK_W))](
-            o_lat,
+        _value_heads_kernel[(h, triton.cdiv(w, block_w))](
+            o_lat_THC,
             w_v_HWC,
-            out_THW,
-            context_lens_B,
-            parts.acc,
-            parts.max,
-            parts.sum,
+            out,
             t,
             h,
-            parts.num_progs,
-            *o_strides,
-            *parts.acc_strides,
-            *parts.ml_strides,
+            o_lat_THC.stride(0),
+            o_lat_THC.stride(1),
             w_v_HWC.stride(0),
             w_v_HWC.stride(1),
-            out_THW.stride(0),
-            out_THW.stride(1),
+            out.stride(0),
+            out.stride(1),
             w,
             C=c,
-            BLOCK_W=VALUE_HEADS_BLOCK_W,
+            BLOCK_W=block_w,
             BLOCK_C=16 if interpreting() else 128,
-            PARTITION=partition,
-            CHUNK=MERGE_CHUNK,
-            MERGE=parts.num_progs > 1,
             num_warps=4,
             **pdl.LAUNCH,
         )
-    return out_THW
+    return out

@@ -254,24 +254,13 @@ class MLAttention(nn.Module):
         few_rows: bool = False,
     ) -> torch.Tensor:
         """The decodes' attention through kv_b's value half: [B, H, W]. few_rows (a step
-        of split-K rows, the Triton path): the value heads in a Triton kernel, not a bmm, that
-        also merges the attention's split-K partials (no merge launch)."""
+        of split-K rows, the Triton path): the value heads in a Triton kernel, not a bmm."""
+        o_lat_BHC = self.impl.decode(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta, self.scale)
         w_v_HWC = self._absorbed_weights()[1]
         if few_rows and self.impl.decode_kernel:
-            from moeserve.kernels.mla_attention import mla_decode_values
+            from moeserve.kernels.mla_rows import value_heads
 
-            nd, _, c = q_lat_BHC.shape
-            return mla_decode_values(
-                q_lat_BHC,
-                cache_NS1Y,
-                meta.block_tables_BM[:nd],
-                meta.context_lens_B[:nd],
-                self.scale,
-                c,
-                w_v_HWC,
-                q_rope_BHR,
-            )
-        o_lat_BHC = self.impl.decode(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta, self.scale)
+            return value_heads(o_lat_BHC, w_v_HWC)
         # written through a [H, B, W] view of a [B, H, W] buffer (a strided batch for cuBLAS):
         # the output projection then reads it without the copy a transposed result needs
         b, h = o_lat_BHC.shape[:2]
