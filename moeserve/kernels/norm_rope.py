@@ -17,6 +17,8 @@ from moeserve.kernels.pdl import wait_prior
 
 # A per-head RMSNorm of q and k before the rotation: (q weight [X], k weight [X], eps).
 QKNorm = tuple[torch.Tensor, torch.Tensor, float]
+# An MoE router for the residual-add norm to run on its output: (weight [E, D], bias [E] or None).
+RouterRows = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @triton.jit
@@ -139,7 +141,7 @@ def add_rms_norm(
     delta_TD: torch.Tensor,
     weight_D: torch.Tensor,
     eps: float,
-    router: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    router: RouterRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x + delta, rms_norm(x + delta), router logits) in one pass; the readable twin is the
     two ops (and F.linear of the norm's output by the router).

@@ -13,12 +13,16 @@ Shapes: T tokens, D hidden, S split-K partials.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from moeserve.kernels.quant import dequantize
 from moeserve.model.layers import rms_norm
+
+if TYPE_CHECKING:
+    from moeserve.kernels.norm_rope import RouterRows
 
 # Below this many tokens an eager step launches torch's elementwise ops faster than Triton's
 # Python launcher runs; inside a CUDA graph launches cost nothing and one kernel beats six.
@@ -97,7 +101,7 @@ def fused_add_rms_norm(
     delta_TD: torch.Tensor,
     weight_D: torch.Tensor,
     eps: float,
-    router: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    router: RouterRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x + delta, rms_norm(x + delta), router logits or None): the residual-add norm kernel
     where it applies, else the readable ops. delta_TD may be float32 split-K partials [S, T, D]

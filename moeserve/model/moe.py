@@ -42,6 +42,7 @@ from moeserve.model.router import RouterSpec, route, triton_routable
 
 if TYPE_CHECKING:
     from moeserve.kernels.moe_gemv_plan import SharedExpert
+    from moeserve.kernels.norm_rope import RouterRows
 
 
 def _expert_param(
@@ -182,7 +183,7 @@ class MoE(nn.Module):
 
     def router_in_norm(
         self, x_TD: torch.Tensor, experts: ExpertProvider | SlotTable | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    ) -> RouterRows | None:
         """(router weight, logit bias) when forward() over these rows would take the router's
         logits as split-K partials for the routing program (fused_router_logits): the
         residual-add norm before this layer can then compute them (one launch fewer), passed
