@@ -11,6 +11,7 @@ others) in bf16 with random weights (moeserve's --load-format dummy, transformer
   next is queued), eager (Triton kernels, no graphs) and torch (the readable path);
 - prefill of --prefill-len-token prompts (one per step) as a fraction of the matmul rate.
 Prints a table (tokens/s, fraction of floor, ratio to transformers) and writes JSON.
+--set MODULE.NAME=INT overrides a kernel module's integer constant for the run (sweeps).
 --profile DIR also traces 16 decode-only steps (after the prefills) of the first mode at each
 batch with torch.profiler (Chrome traces, a table of the costliest device kernels, and the
 device's timeline: the share of the span some kernel ran, the idle gaps between kernels by
@@ -189,6 +190,32 @@ def device_timeline(events: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def set_kernel_constants(items: list[str]) -> list[str]:
+    """Apply --set MODULE.NAME=INT overrides to moeserve.kernels modules (before any model
+    is built: the kernels read these module globals at launch); returns what changed."""
+    import importlib
+
+    done = []
+    for item in items:
+        target, sep, value = item.partition("=")
+        module, _, name = target.rpartition(".")
+        if not (sep and module and name):
+            raise SystemExit(f"--set {item!r}: expected MODULE.NAME=INT")
+        try:
+            mod = importlib.import_module(f"moeserve.kernels.{module}")
+        except ImportError as e:
+            raise SystemExit(f"--set {item!r}: no module moeserve.kernels.{module}") from e
+        old = getattr(mod, name, None)
+        if type(old) is not int:
+            raise SystemExit(f"--set {item!r}: {module}.{name} is not an integer constant")
+        try:
+            setattr(mod, name, int(value))
+        except ValueError as e:
+            raise SystemExit(f"--set {item!r}: {value!r} is not an integer") from e
+        done.append(f"set {module}.{name} = {value} (was {old})")
+    return done
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="mixtral-8x7b", choices=sorted(SHAPES))
@@ -206,8 +233,18 @@ def main() -> int:
         help="quantize the experts at load (the floor counts their stored bytes)",
     )
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=INT",
+        help="override an integer constant of a moeserve.kernels module for this run (a "
+        "sweep of tiles or partition sizes), e.g. paged_attention.SMALL_PARTITION=32",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    for line in set_kernel_constants(args.set):
+        print(line)
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         raise SystemExit(f"--modes: {', '.join(sorted(unknown))} not among {', '.join(MODES)}")

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 SCRIPTS = sorted(BENCH.glob("*.py"))
@@ -135,3 +137,28 @@ def test_offload_host_profile_reports_per_step_own_time() -> None:
     own, calls = (float(v) for v in first.split()[:2])
     assert "sleep" in first and 9e3 < own < 5e4 and calls == 1.0
     assert float(second.split()[0]) <= own
+
+
+def test_gpu_speed_sets_kernel_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--set MODULE.NAME=INT changes the constant the kernels read at launch; anything else
+    (no such module, a non-integer constant, a bad value) stops the run with its name."""
+    sys.path.insert(0, str(REPO))
+    pytest.importorskip("triton")
+    import moeserve.kernels.paged_attention as pa
+    from benchmarks.gpu_speed import set_kernel_constants
+
+    monkeypatch.setattr(pa, "SMALL_PARTITION", pa.SMALL_PARTITION)  # restored after the test
+    was = pa.SMALL_PARTITION
+    assert set_kernel_constants(["paged_attention.SMALL_PARTITION=32"]) == [
+        f"set paged_attention.SMALL_PARTITION = 32 (was {was})"
+    ]
+    assert pa.SMALL_PARTITION == 32
+    for bad, why in [
+        ("nowhere.X=1", "no module"),
+        ("paged_attention.torch=1", "not an integer constant"),
+        ("paged_attention.SMALL_PARTITION=big", "not an integer"),
+        ("SMALL_PARTITION", "expected MODULE.NAME=INT"),
+    ]:
+        with pytest.raises(SystemExit, match=why):
+            set_kernel_constants([bad])
+    assert pa.SMALL_PARTITION == 32
