@@ -18,6 +18,8 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+# Tokens one request may bias: bounds what each of its steps adds to the sampler's work.
+MAX_LOGIT_BIAS = 1024
 
 StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "lark"]
 STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
@@ -78,6 +80,9 @@ class SamplingParams:
     each prompt token's logprob (given the tokens before it) and the top-k alternatives,
     in `RequestOutput.prompt_logprobs` (None for the first token). ``structured`` holds
     every output to a JSON schema, regex, choice or grammar (`StructuredOutput`).
+    ``logit_bias`` maps token ids to a value in [-100, 100] added to that token's logit before
+    the penalties, temperature and filters (OpenAI's field; -100 all but bans a token, 100
+    all but forces it); logprobs stay those of the raw logits.
     """
 
     n: int = 1
@@ -98,6 +103,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
     structured: StructuredOutput | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,6 +112,8 @@ class SamplingParams:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         self._validate()
+        if self.logit_bias is not None:  # a copy the caller cannot change under the engine
+            self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
 
     def _validate(self) -> None:
         _check_int("n", self.n, 1, MAX_N)
@@ -143,6 +151,25 @@ class SamplingParams:
             raise ValueError(
                 f"structured must be a StructuredOutput, got {type(self.structured).__name__}"
             )
+        self._validate_logit_bias()
+
+    def _validate_logit_bias(self) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(
+                f"logit_bias must map token ids to biases, got {type(self.logit_bias).__name__}"
+            )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(
+                f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}"
+            )
+        for tok, bias in self.logit_bias.items():
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {tok!r}")
+            _check_number(f"logit_bias[{tok}]", bias)
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias[{tok}] must be in [-100, 100], got {bias}")
 
     def _validate_stop(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -171,6 +198,12 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
         )
+
+    @property
+    def changes_logits(self) -> bool:
+        """True when the sampler must change this row's logits before choosing (penalties or
+        a logit bias): a greedy row then takes the argmax of the changed logits."""
+        return self.has_penalties or bool(self.logit_bias)
 
     @property
     def top_k_enabled(self) -> bool:

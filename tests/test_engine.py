@@ -155,6 +155,8 @@ def test_admission_errors(ckpt: Path) -> None:
         llm.generate([[5] * 60], SamplingParams(max_tokens=10))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([[5, 10**6]])
+    with pytest.raises(ValueError, match="logit_bias: token 1000000 is outside the vocabulary"):
+        llm.generate([[5, 6]], SamplingParams(logit_bias={10**6: 1.0}))
     with pytest.raises(ValueError, match="empty"):
         llm.generate([""])
     assert not llm.engine.has_unfinished()

@@ -61,7 +61,6 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     (COMP, {"guided_regex": "a+("}, "guided_regex"),
     (COMP, {"prompt_logprobs": 1}, "prompt_logprobs"),
     (COMP, {"suffix": "tail"}, "suffix"),
-    (COMP, {"logit_bias": {"5": 1.0}}, "logit_bias"),
     (COMP, {"tools": []}, "tools"),  # a chat field, not a completions one
     (COMP, {"temperature": 2.5}, "temperature"),
     (CHAT, {"temperature": 2.01}, "temperature"),
@@ -131,6 +130,48 @@ def test_output_neutral_fields_and_extensions_are_accepted(
     if "temperature" not in extra:
         key = "text" if route == COMP else "message"
         assert r.json()["choices"][0][key] == plain.json()["choices"][0][key]
+
+
+def test_logit_bias_forces_and_bans_tokens(srv: RunningServer) -> None:
+    """OpenAI's logit_bias through the SDK: +100 on a token makes every generated token that
+    one (greedy and sampled, chat and completions); -100 on the greedy choice changes it."""
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+    http = srv.client()
+    (x,) = http.post("/tokenize", json={"prompt": "x", "add_special_tokens": False}).json()[
+        "tokens"
+    ]
+    for temperature in (0.0, 1.0):
+        out = client.completions.create(
+            model=MODEL_NAME,
+            prompt="Hello",
+            max_tokens=4,
+            temperature=temperature,
+            logit_bias={str(x): 100},
+        )
+        assert out.choices[0].text == "xxxx"
+        chat = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=3,
+            temperature=temperature,
+            logit_bias={str(x): 100},
+        )
+        assert chat.choices[0].message.content == "xxx"
+    plain = client.completions.create(
+        model=MODEL_NAME, prompt="Hello", max_tokens=1, temperature=0, logprobs=1
+    )
+    first = plain.choices[0].logprobs.tokens[0]
+    (first_id,) = http.post(
+        "/tokenize", json={"prompt": first, "add_special_tokens": False}
+    ).json()["tokens"]
+    banned = client.completions.create(
+        model=MODEL_NAME,
+        prompt="Hello",
+        max_tokens=1,
+        temperature=0,
+        logit_bias={str(first_id): -100},
+    )
+    assert banned.choices[0].text not in ("", first)
 
 
 def test_a_returned_assistant_message_can_be_sent_back(srv: RunningServer) -> None:

@@ -145,6 +145,49 @@ def test_penalties_change_the_greedy_choice() -> None:
     assert Sampler(3).sample(logits, [penalised]).token_ids == [1]
 
 
+def test_logit_bias_moves_greedy_and_random_rows_only_where_asked() -> None:
+    """+100 forces a token and -100 bans one, in greedy and random rows, after the grammar (a
+    masked token stays masked) and before the penalties; logprobs stay the raw ones; a row
+    without a bias in the same batch is untouched."""
+    from moeserve.engine.sampler import GrammarMask, apply_logit_bias
+
+    V = 8
+    logits = random_logits(4, V, seed=11)
+    top = logits.argmax(-1).tolist()
+    forced = (top[0] + 1) % V
+    rows = [
+        Row(SamplingParams(temperature=0, logit_bias={forced: 100})),
+        Row(SamplingParams(temperature=0, logit_bias={top[1]: -100, V + 3: 5.0})),
+        Row(SamplingParams(temperature=0)),
+        Row(SamplingParams(temperature=1.0, logit_bias={2: 100.0}, logprobs=1)),
+    ]
+    sampler = Sampler(V, seed=0)
+    for _ in range(20):
+        out = sampler.sample(logits, rows)
+        assert out.token_ids[0] == forced
+        assert out.token_ids[1] == logits[1].topk(2).indices[1].item()  # the runner-up
+        assert out.token_ids[2] == top[2]
+        assert out.token_ids[3] == 2
+    assert out.logprobs[3] == pytest.approx(torch.log_softmax(logits[3], -1)[2].item())
+    # Greedy rows alone (the argmax fast path) see their bias too.
+    assert sampler.sample(logits[:3], rows[:3]).token_ids[:2] == out.token_ids[:2]
+    # A bias is added to the logit (not set), and sums with a second row's own bias.
+    params = [SamplingParams(logit_bias={1: 2.5}), SamplingParams(logit_bias={1: -1.0, 4: 3.0})]
+    want = logits[:2].clone()
+    want[0, 1] += 2.5
+    want[1, 1] -= 1.0
+    want[1, 4] += 3.0
+    assert torch.equal(apply_logit_bias(logits[:2], params), want)
+    # The grammar runs first: its -inf stays, however large the bias.
+    bits = torch.tensor([[0b1111_1011]], dtype=torch.int32)  # token 2 not allowed
+    masked = Row(SamplingParams(temperature=0, logit_bias={2: 100.0}))
+    out = sampler.sample(logits[3:4], [masked], grammar=GrammarMask([0], bits))
+    assert out.token_ids[0] != 2
+    # Penalties after the bias: a forced token that repeats is still forced.
+    penal = Row(SamplingParams(temperature=0, logit_bias={5: 100.0}, presence_penalty=2.0), [], [5])
+    assert sampler.sample(logits[:1], [penal]).token_ids == [5]
+
+
 def test_logprobs_are_raw_log_softmax_sorted() -> None:
     logits = random_logits(3, 30, seed=7)
     rows = [
@@ -210,6 +253,13 @@ def test_empty_batch_and_shape_check() -> None:
         ({"logprobs": 21}, "logprobs"),
         ({"seed": 1.5}, "seed"),
         ({"temperature": float("nan")}, "temperature"),
+        ({"logit_bias": {5: 100.5}}, "logit_bias"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {True: 1.0}}, "logit_bias"),
+        ({"logit_bias": {5: float("inf")}}, "logit_bias"),
+        ({"logit_bias": {i: 1.0 for i in range(1025)}}, "logit_bias"),
+        ({"logit_bias": [5]}, "logit_bias"),
     ],
 )
 def test_sampling_params_validation_names_the_field(kwargs: dict, field_name: str) -> None:

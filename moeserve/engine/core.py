@@ -178,6 +178,9 @@ class EngineCore:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"stop_token_ids: {bad[0]} is outside the vocabulary")
+        bad = [t for t in params.logit_bias or () if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias: token {bad[0]} is outside the vocabulary")
         grammars = None
         if params.structured is not None:
             if self.grammars is None:

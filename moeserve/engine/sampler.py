@@ -152,17 +152,19 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Turns a step's logits into one token per row.
 
-    Order of operations per row: repetition/presence/frequency penalties, then (random rows
-    only) temperature, top-k, top-p, min-p, then an exponential race ``argmax(p / q)`` with
-    ``q ~ Exp(1)``. Greedy rows take the argmax of the penalised logits. A row with
+    Order of operations per row: the logit bias, repetition/presence/frequency penalties,
+    then (random rows only) temperature, top-k, top-p, min-p, then an exponential race
+    ``argmax(p / q)`` with ``q ~ Exp(1)``. Greedy rows take the argmax of the biased and
+    penalised logits. A row with
     ``params.seed`` draws its noise from a generator seeded by ``(seed, len(output_ids))``,
     so its tokens do not depend on the other rows in the batch and are reproduced when the
     sequence is recomputed after preemption. Columns ``>= vocab_size`` are dropped (the
     engine passes the model's whole vocabulary, so none are).
 
     A grammar mask (structured outputs) sets its rows' disallowed tokens to -inf first.
-    Logprobs are ``log_softmax`` of the RAW logits (before the grammar, penalties, temperature
-    and filtering) in float32 over the first ``vocab_size`` columns, as vLLM and OpenAI report.
+    Logprobs are ``log_softmax`` of the RAW logits (before the grammar, bias, penalties,
+    temperature and filtering) in float32 over the first ``vocab_size`` columns, as vLLM and
+    OpenAI report.
     """
 
     def __init__(self, vocab_size: int, seed: int | None = None) -> None:
@@ -200,7 +202,7 @@ class Sampler:
         logits_BV = logits_BV[:, : self.vocab_size]
         params = [row.params for row in rows]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if not lp_rows and all(p.greedy and not p.has_penalties for p in params):
+        if not lp_rows and all(p.greedy and not p.changes_logits for p in params):
             if grammar is not None:
                 logits_BV = apply_grammar(logits_BV, grammar)
             return _greedy(logits_BV, out_B)
@@ -212,6 +214,8 @@ class Sampler:
             raw_lp = torch.log_softmax(logits_BV[_index(lp_rows, device)], dim=-1)
         if grammar is not None:
             logits_BV = apply_grammar(logits_BV, grammar)
+        if any(p.logit_bias for p in params):
+            logits_BV = apply_logit_bias(logits_BV, params)
 
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
@@ -292,6 +296,24 @@ def _padded_ids(lists: list[list[int]], V: int, device: torch.device) -> torch.T
     width = max(1, max(len(ids) for ids in lists))
     ids_PL = torch.tensor([ids + [V] * (width - len(ids)) for ids in lists], dtype=torch.long)
     return ids_PL.clamp_(0, V).to(device, non_blocking=True)
+
+
+def apply_logit_bias(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """A copy of ``logits_BV`` with each row's ``logit_bias`` added (one scatter-add of every
+    biased (row, token) pair). A -inf (grammar-masked) logit stays -inf. The engine refuses
+    tokens past the vocabulary; any that reach here are skipped rather than indexed (on CUDA
+    an index out of range is a device assert that ends the process)."""
+    rows, toks, vals = [], [], []
+    V = logits_BV.shape[1]
+    for i, p in enumerate(params):
+        for tok, bias in (p.logit_bias or {}).items():
+            if tok < V:
+                rows.append(i)
+                toks.append(tok)
+                vals.append(bias)
+    device = logits_BV.device
+    index = (_index(rows, device), _index(toks, device))
+    return logits_BV.index_put(index, _on(device, vals, logits_BV.dtype), accumulate=True)
 
 
 def apply_penalties(logits_PV: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:

@@ -93,6 +93,8 @@ def sampling_params(
     }
     if req.stop is not None:
         kwargs["stop"] = req.stop
+    if req.logit_bias:
+        kwargs["logit_bias"] = _token_keys(req.logit_bias)
     structured = structured_output(req)  # 400 for a schema/regex/grammar that does not compile
     if structured is not None:
         kwargs["structured"] = structured
@@ -106,13 +108,26 @@ def sampling_params(
         raise from_value_error(e, _PARAM_NAMES) from None
     assert state.client is not None  # inference routes run only once the model is loaded
     vocab = state.client.model_config.vocab_size
-    bad = [t for t in params.stop_token_ids if t >= vocab]
-    if bad:
-        raise bad_request(
-            f"stop_token_ids: {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-            param="stop_token_ids",
-        )
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+        bad = [t for t in ids or () if t >= vocab]
+        if bad:
+            raise bad_request(
+                f"{name}: token {bad[0]} is outside the vocabulary (0..{vocab - 1})", param=name
+            )
     return params
+
+
+def _token_keys(bias: dict[str, float]) -> dict[int, float]:
+    """logit_bias's keys (token ids as JSON object keys) as ints; 400 for one that is not."""
+    out = {}
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit():
+            raise bad_request(
+                f"logit_bias keys must be token ids (non-negative integers), got {key!r}",
+                param="logit_bias",
+            )
+        out[int(key)] = value
+    return out
 
 
 def fit_context(

@@ -5,8 +5,8 @@ silent coercion. An unknown field is a 400 naming it, as OpenAI's API answers, s
 (`max_token`) or an option this server lacks never vanishes silently. Accepted besides
 OpenAI's sampling fields: the vLLM-style extras that are honoured (`top_k`, `min_p`, ...) and
 OpenAI fields that do not change the output (`user`, `metadata`, `store`, ...). Options that
-OpenAI or vLLM define but this server does not implement yet (`logit_bias`, `suffix`,
-`functions`, ...) parse, then `unsupported_option` refuses them with a 400 naming the
+OpenAI or vLLM define but this server does not implement yet (`suffix`, `functions`,
+`prediction`, ...) parse, then `unsupported_option` refuses them with a 400 naming the
 field, unless their value is the no-op default. Range checks live in SamplingParams (one
 place for the engine and the server); these models only check types and shapes.
 """
@@ -38,7 +38,6 @@ def _absent(value: Any) -> bool:
 _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "functions": _absent,
     "function_call": lambda v: v is None or v == "none",
-    "logit_bias": _absent,
     "suffix": lambda v: v is None or v == "",
     "audio": _absent,
     "modalities": lambda v: v is None or v == ["text"],
@@ -74,6 +73,8 @@ class SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # OpenAI's: token id (a JSON object key, so a string) -> bias in [-100, 100].
+    logit_bias: dict[str, float] | None = None
     # OpenAI fields that do not change the output: accepted, not used.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -83,7 +84,6 @@ class SamplingFields(_Request):
     prompt_cache_key: str | None = None
     parallel_tool_calls: bool | None = None  # chat with tools: may the model call several
     # Defined by OpenAI or vLLM, not implemented: see _NOT_IMPLEMENTED.
-    logit_bias: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
