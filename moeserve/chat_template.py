@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
@@ -60,6 +61,14 @@ class ChatTemplateRenderer(ImmutableSandboxedEnvironment):
         self.globals.update(
             raise_exception=_raise_exception, strftime_now=_strftime_now, range=self._range
         )
+
+    def variables(self, source: str) -> frozenset[str]:
+        """The names ``source`` reads from its context (jinja2.meta's undeclared variables:
+        not the ones it sets itself); empty when it does not parse."""
+        try:
+            return frozenset(jinja2.meta.find_undeclared_variables(self.parse(source)))
+        except jinja2.TemplateError:
+            return frozenset()
 
     def render(self, source: str, **variables: Any) -> str:
         """Render ``source``; every failure (syntax, raise_exception, sandbox, budget) is a

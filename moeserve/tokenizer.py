@@ -8,6 +8,7 @@ moeserve.detokenizer's.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable
@@ -127,6 +128,12 @@ class Tokenizer:
     def chat_templates(self) -> dict[str, str]:
         """Every chat template by name ("default", "tool_use", ...)."""
         return dict(self._templates)
+
+    @functools.cached_property
+    def template_variables(self) -> frozenset[str]:
+        """The variables any of the chat templates reads from its context (messages, tools,
+        add_generation_prompt, a family's own such as enable_thinking or reasoning_effort)."""
+        return frozenset().union(*(self._renderer.variables(t) for t in self._templates.values()))
 
     def apply_chat_template(
         self,

@@ -64,6 +64,12 @@ BAD_REQUESTS: list[tuple[str, Any, str | None]] = [
     (COMP, {"prompt": "Hi", "best_of": 3}, "best_of"),
     (COMP, {"prompt": "Hi", "stream_options": {"include_usage": 1}}, "stream_options"),
     (CHAT, {"messages": []}, "messages"),
+    # this model's template reads no enable_thinking: refused, not ignored
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": "a"}], "chat_template_kwargs": {"x": 1}},
+        "chat_template_kwargs",
+    ),
     (CHAT, {"max_tokens": 2}, "messages"),
     (CHAT, {"messages": [{"role": "user"}], "top_logprobs": 2}, "top_logprobs"),
     (

@@ -303,3 +303,16 @@ def test_min_tokens_is_a_lower_bound() -> None:
     assert tok.min_tokens("x" * 90_000) >= 10_000  # and it bounds something
     # The demo's word-level vocabulary maps any unknown word to one token: no bound.
     assert Tokenizer.from_dir(model_or_demo(None)).min_tokens("x" * 10_000) == 0
+
+
+def test_template_variables_are_what_the_templates_read() -> None:
+    """The context variables a template reads (not those it sets), unparsable ones none."""
+    from moeserve.chat_template import ChatTemplateRenderer
+
+    env = ChatTemplateRenderer()
+    src = (
+        "{% set ns = namespace(x=1) %}{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking is defined %}{{ bos_token }}{% endif %}"
+    )
+    assert env.variables(src) == {"messages", "enable_thinking", "bos_token"}  # not globals
+    assert env.variables("{% if %}") == frozenset()

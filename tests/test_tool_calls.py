@@ -331,6 +331,43 @@ def test_bad_tool_requests_are_400s_naming_the_field(
     assert_envelope(_chat(srv, **body), 400, param)
 
 
+def test_chat_template_kwargs_reach_the_template(
+    srv: RunningServer, ckpt: Path, tok: Tokenizer
+) -> None:
+    """vLLM's chat_template_kwargs: Qwen3's enable_thinking=false renders the empty think
+    block, as transformers renders it, in the chat route's prompt and in /tokenize's; a key
+    no template reads, or one the server sets itself, is a 400 naming the field."""
+    hf = AutoTokenizer.from_pretrained(ckpt)
+    text = hf.apply_chat_template(
+        USER, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert text.endswith("<think>\n\n</think>\n\n")
+    want = tok.encode(text, add_special_tokens=False)
+    plain = hf.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    assert len(want) > len(tok.encode(plain, add_special_tokens=False))
+    c = srv.client()
+    body = {"messages": USER, "chat_template_kwargs": {"enable_thinking": False}}
+    assert c.post("/tokenize", json=body).json()["tokens"] == want
+    r = c.post("/v1/chat/completions", json={**body, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(want)
+    for kwargs in ({"not_in_the_template": 1}, {"messages": []}, {"add_generation_prompt": False}):
+        r = c.post("/v1/chat/completions", json={"messages": USER, "chat_template_kwargs": kwargs})
+        assert_envelope(r, 400, "chat_template_kwargs")
+        assert repr(next(iter(kwargs))) in r.json()["error"]["message"]
+        assert_envelope(
+            c.post("/tokenize", json={**body, "chat_template_kwargs": kwargs}),
+            400,
+            "chat_template_kwargs",
+        )
+    r = c.post("/v1/chat/completions", json={"messages": USER, "chat_template_kwargs": ["x"]})
+    assert_envelope(r, 400, "chat_template_kwargs")
+    r = c.post(
+        "/tokenize", json={"prompt": "hi", "chat_template_kwargs": {"enable_thinking": True}}
+    )
+    assert_envelope(r, 400, "chat_template_kwargs")
+
+
 def test_histories_with_malformed_tool_calls_are_400s(srv: RunningServer) -> None:
     bad = copy.deepcopy(HISTORY)
     del bad[2]["tool_calls"][0]["function"]

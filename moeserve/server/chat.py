@@ -127,7 +127,14 @@ async def run_chat(
     tokenizer = state.client.tokenizer if state.client else None
     if tokenizer is None:
         raise bad_request("this model has no tokenizer.json, so chat is not available")
-    template_vars = _reasoning_effort(req, tokenizer.chat_template)
+    template_vars = template_kwargs(req.chat_template_kwargs, tokenizer)
+    effort = _reasoning_effort(req, tokenizer)
+    if effort and "reasoning_effort" in template_vars:
+        raise bad_request(
+            "reasoning_effort is given twice (the field and chat_template_kwargs): give it once",
+            param="reasoning_effort",
+        )
+    template_vars |= effort
     assert state.client is not None
     model_type = state.client.model_config.model_type
     tools = tool_request(req, tokenizer, model_type, state.config.tool_call_parser)
@@ -187,7 +194,7 @@ def _render(
     messages: list[dict[str, Any]],
     converted: list[dict[str, Any]] | None,
     tools: list[dict[str, Any]] | None,
-    variables: dict[str, str],
+    variables: dict[str, Any],
 ) -> str:
     """The prompt, tool calls' arguments given to the template as objects (transformers'
     convention, which most templates serialise with tojson); a template that fails on them
@@ -204,10 +211,37 @@ def _render(
     )
 
 
+# Template variables the server sets from the request itself (and the tokenizer's special
+# tokens): a chat_template_kwargs entry may not replace them.
+_SERVER_TEMPLATE_VARS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+
+def template_kwargs(kwargs: dict[str, Any] | None, tokenizer: Tokenizer) -> dict[str, Any]:
+    """chat_template_kwargs, checked: extra variables for the chat template (Qwen3's
+    enable_thinking, ...). A 400 names a key the server sets itself, or one that no chat
+    template of this model mentions (it would change nothing: refused, not ignored)."""
+    if not kwargs:
+        return {}
+    read = tokenizer.template_variables
+    for key in kwargs:
+        if key in _SERVER_TEMPLATE_VARS or key in tokenizer.special_tokens:
+            raise bad_request(
+                f"chat_template_kwargs: {key!r} is set by the server from the request and the "
+                "tokenizer; it cannot be given here",
+                param="chat_template_kwargs",
+            )
+        if key not in read:
+            raise bad_request(
+                f"chat_template_kwargs: this model's chat template does not read {key!r}",
+                param="chat_template_kwargs",
+            )
+    return dict(kwargs)
+
+
 _EFFORTS = ("low", "medium", "high")
 
 
-def _reasoning_effort(req: ChatCompletionRequest, template: str | None) -> dict[str, str]:
+def _reasoning_effort(req: ChatCompletionRequest, tokenizer: Tokenizer) -> dict[str, str]:
     """reasoning_effort as the chat template's variable (gpt-oss's template reads it); a 400
     for a value the template does not take or a template that does not read it."""
     effort = req.reasoning_effort
@@ -218,7 +252,7 @@ def _reasoning_effort(req: ChatCompletionRequest, template: str | None) -> dict[
             f"reasoning_effort must be one of {', '.join(_EFFORTS)}, got {effort!r}",
             param="reasoning_effort",
         )
-    if template is None or "reasoning_effort" not in template:
+    if "reasoning_effort" not in tokenizer.template_variables:
         raise bad_request(
             "reasoning_effort is not supported for this model: its chat template does not read it",
             param="reasoning_effort",

@@ -47,7 +47,6 @@ _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "prompt_logprobs": _absent,
     "continue_final_message": _absent,
     "chat_template": _absent,
-    "chat_template_kwargs": _absent,
 }
 
 
@@ -161,7 +160,8 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Any = None
     continue_final_message: Any = None
     chat_template: Any = None
-    chat_template_kwargs: Any = None
+    # vLLM's: extra variables for the chat template (Qwen3's enable_thinking, ...).
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # ------------------------------------------------------------------------------ responses

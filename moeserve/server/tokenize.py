@@ -16,6 +16,7 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from moeserve.server.chat import template_kwargs
 from moeserve.server.common import parse_body
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import ChatMessage
@@ -38,6 +39,8 @@ class TokenizeRequest(_Body):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
+    # As the chat route's (messages only): extra variables for the chat template.
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 
@@ -57,13 +60,19 @@ def tokenizer_router(state: ServerState, auth: Depends) -> APIRouter:
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give either `prompt` or `messages`", param="prompt")
         if req.prompt is not None:
+            if req.chat_template_kwargs:
+                raise bad_request(
+                    "chat_template_kwargs applies to `messages`, not a prompt",
+                    param="chat_template_kwargs",
+                )
             text, special = req.prompt, req.add_special_tokens is not False
         else:
             assert req.messages is not None
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            variables = template_kwargs(req.chat_template_kwargs, tok)
             try:
                 text = tok.apply_chat_template(
-                    messages, add_generation_prompt=req.add_generation_prompt
+                    messages, add_generation_prompt=req.add_generation_prompt, **variables
                 )
             except ValueError as e:
                 raise bad_request(str(e), param="messages") from None
