@@ -141,14 +141,19 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> str:
         """Render ``messages`` with the model's template, as transformers does (sandboxed).
 
         Template variables: messages (keys whose value is None dropped), tools, documents,
         add_generation_prompt, the special tokens (bos_token, eos_token, ...) and ``kwargs``.
+        continue_final_message: the text ends where the last message's content ends (no
+        end-of-turn after it), for the model to continue that message (transformers' rule).
         ``ValueError`` when there is no template, or it raises, escapes or runs too long.
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt false")
         name = "tool_use" if tools is not None and "tool_use" in self._templates else "default"
         template = self._templates.get(name)
         if template is None:
@@ -158,16 +163,38 @@ class Tokenizer:
         # Like transformers: a key set to None (OpenAI's content=None) counts as absent.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         variables = {**self.special_tokens, "documents": None, **kwargs}
-        return self._renderer.render(
+        text = self._renderer.render(
             template,
             messages=messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             **variables,
         )
+        return _cut_after_final(text, messages) if continue_final_message else text
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
+
+
+def _cut_after_final(text: str, messages: list[dict[str, Any]]) -> str:
+    """`text` cut right after the last message's content (its last text part), where the
+    template put it: the template's end-of-turn after it is dropped. transformers' rule,
+    trailing whitespace included: kept where the template kept it."""
+    final = messages[-1].get("content") if messages else None
+    if isinstance(final, list):
+        texts = [p["text"] for p in final if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        final = texts[-1] if texts else None
+    if not isinstance(final, str) or not final.strip():
+        raise ValueError("continue_final_message needs a last message with text to continue")
+    at = text.rfind(final.strip())
+    if at < 0:
+        raise ValueError(
+            "continue_final_message: the chat template does not write the last message's "
+            "content as given, so there is no place to continue it from"
+        )
+    kept = len(final.lstrip())
+    end = at + kept if text[at : at + kept] == final else at + len(final.strip())
+    return text[:end]
 
 
 def encode_prompt(

@@ -91,6 +91,39 @@ def test_chat_template_matches_transformers(
     assert tok.chat_template == CHAT_TEMPLATE
 
 
+def test_continue_final_message_matches_transformers(
+    tok: Tokenizer, hf: Any, tmp_path: Path
+) -> None:
+    """The prompt ends inside the last message, as transformers cuts it: with this fixture's
+    template and Qwen3's (spaces around the message kept or trimmed by the template)."""
+    from tests.tool_templates import QWEN3
+
+    transformers = pytest.importorskip("transformers")
+    write_test_tokenizer(tmp_path, chat_template=False)
+    (tmp_path / "chat_template.jinja").write_text(QWEN3)
+    qwen = (Tokenizer.from_dir(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path))
+    prefix = [{"role": "user", "content": "Capital of France?"}]
+    for ours, theirs in ((tok, hf), qwen):
+        for final in ("The capital is", "It is  ", " Paris,"):
+            chat = [*prefix, {"role": "assistant", "content": final}]
+            got = ours.apply_chat_template(
+                chat, add_generation_prompt=False, continue_final_message=True
+            )
+            want = theirs.apply_chat_template(
+                chat, tokenize=False, add_generation_prompt=False, continue_final_message=True
+            )
+            assert got == want
+            assert got.rstrip().endswith(("is", "Paris,"))
+    with pytest.raises(ValueError, match="add_generation_prompt false"):
+        tok.apply_chat_template(CHATS[1], continue_final_message=True)
+    with pytest.raises(ValueError, match="text to continue"):
+        tok.apply_chat_template(
+            [*prefix, {"role": "assistant", "content": " "}],
+            add_generation_prompt=False,
+            continue_final_message=True,
+        )
+
+
 def test_chat_template_raise_exception_and_missing(tok: Tokenizer, tmp_path: Path) -> None:
     bad_roles = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     with pytest.raises(ValueError, match="roles must alternate"):

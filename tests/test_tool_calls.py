@@ -368,6 +368,31 @@ def test_chat_template_kwargs_reach_the_template(
     assert_envelope(r, 400, "chat_template_kwargs")
 
 
+def test_continue_final_message_ends_the_prompt_inside_it(
+    srv: RunningServer, ckpt: Path, tok: Tokenizer
+) -> None:
+    """vLLM's continue_final_message with add_generation_prompt false: the prompt is
+    transformers' rendering cut after the last message's text (chat and /tokenize), and the
+    reply is the continuation; without add_generation_prompt false it is a 400."""
+    chat = [*USER, {"role": "assistant", "content": "The weather in Paris is"}]
+    hf = AutoTokenizer.from_pretrained(ckpt)
+    text = hf.apply_chat_template(
+        chat, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    assert text.endswith("The weather in Paris is")
+    want = tok.encode(text, add_special_tokens=False)
+    c = srv.client()
+    body = {"messages": chat, "continue_final_message": True, "add_generation_prompt": False}
+    assert c.post("/tokenize", json=body).json()["tokens"] == want
+    r = c.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(want)
+    for extra in ({}, {"add_generation_prompt": True}):
+        body = {"messages": chat, "continue_final_message": True, **extra}
+        assert_envelope(c.post("/v1/chat/completions", json=body), 400, "continue_final_message")
+        assert_envelope(c.post("/tokenize", json=body), 400, "continue_final_message")
+
+
 def test_histories_with_malformed_tool_calls_are_400s(srv: RunningServer) -> None:
     bad = copy.deepcopy(HISTORY)
     del bad[2]["tool_calls"][0]["function"]

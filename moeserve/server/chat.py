@@ -127,6 +127,7 @@ async def run_chat(
     tokenizer = state.client.tokenizer if state.client else None
     if tokenizer is None:
         raise bad_request("this model has no tokenizer.json, so chat is not available")
+    turn = template_turn(req.add_generation_prompt, req.continue_final_message)
     template_vars = template_kwargs(req.chat_template_kwargs, tokenizer)
     effort = _reasoning_effort(req, tokenizer)
     if effort and "reasoning_effort" in template_vars:
@@ -161,7 +162,7 @@ async def run_chat(
         assert state.client is not None
         try:
             text = await state.offload(
-                _render, tokenizer, messages, converted, tools.tools, template_vars
+                _render, tokenizer, messages, converted, tools.tools, turn | template_vars
             )
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
@@ -198,22 +199,39 @@ def _render(
 ) -> str:
     """The prompt, tool calls' arguments given to the template as objects (transformers'
     convention, which most templates serialise with tojson); a template that fails on them
-    (DeepSeek-V3's concatenates the arguments as text) gets them as the client sent them."""
+    (DeepSeek-V3's concatenates the arguments as text) gets them as the client sent them.
+    variables: apply_chat_template's (template_turn's) and the template's own."""
     if converted is not None:
         try:
-            return tokenizer.apply_chat_template(
-                converted, add_generation_prompt=True, tools=tools, **variables
-            )
+            return tokenizer.apply_chat_template(converted, tools=tools, **variables)
         except ValueError:
             pass
-    return tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tools=tools, **variables
-    )
+    return tokenizer.apply_chat_template(messages, tools=tools, **variables)
+
+
+def template_turn(
+    add_generation_prompt: bool | None, continue_final_message: bool | None
+) -> dict[str, bool]:
+    """How the prompt ends, as apply_chat_template's arguments: an open assistant turn
+    (default), or inside the last message (continue_final_message, which needs
+    add_generation_prompt false: vLLM's pair); a 400 for both at once."""
+    if continue_final_message and add_generation_prompt is not False:
+        raise bad_request(
+            "continue_final_message needs add_generation_prompt set to false (the prompt "
+            "ends inside the last message, not in a new assistant turn)",
+            param="continue_final_message",
+        )
+    return {
+        "add_generation_prompt": add_generation_prompt is not False,
+        "continue_final_message": bool(continue_final_message),
+    }
 
 
 # Template variables the server sets from the request itself (and the tokenizer's special
 # tokens): a chat_template_kwargs entry may not replace them.
-_SERVER_TEMPLATE_VARS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+_SERVER_TEMPLATE_VARS = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}
+)
 
 
 def template_kwargs(kwargs: dict[str, Any] | None, tokenizer: Tokenizer) -> dict[str, Any]:

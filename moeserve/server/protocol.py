@@ -45,7 +45,6 @@ _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "web_search_options": _absent,
     "guided_decoding_backend": _absent,
     "prompt_logprobs": _absent,
-    "continue_final_message": _absent,
     "chat_template": _absent,
 }
 
@@ -158,7 +157,10 @@ class ChatCompletionRequest(SamplingFields):
     prediction: Any = None
     web_search_options: Any = None
     reasoning_effort: Any = None
-    continue_final_message: Any = None
+    # vLLM's: end the prompt inside the last (assistant) message, for the model to continue
+    # it; needs add_generation_prompt false.
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
     chat_template: Any = None
     # vLLM's: extra variables for the chat template (Qwen3's enable_thinking, ...).
     chat_template_kwargs: dict[str, Any] | None = None

@@ -16,7 +16,7 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from moeserve.server.chat import template_kwargs
+from moeserve.server.chat import template_kwargs, template_turn
 from moeserve.server.common import parse_body
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import ChatMessage
@@ -38,8 +38,9 @@ class TokenizeRequest(_Body):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None
-    add_generation_prompt: bool = True
-    # As the chat route's (messages only): extra variables for the chat template.
+    add_generation_prompt: bool | None = None  # default true
+    # As the chat route's (messages only).
+    continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
@@ -60,20 +61,17 @@ def tokenizer_router(state: ServerState, auth: Depends) -> APIRouter:
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give either `prompt` or `messages`", param="prompt")
         if req.prompt is not None:
-            if req.chat_template_kwargs:
-                raise bad_request(
-                    "chat_template_kwargs applies to `messages`, not a prompt",
-                    param="chat_template_kwargs",
-                )
+            for name in ("chat_template_kwargs", "continue_final_message"):
+                if getattr(req, name):
+                    raise bad_request(f"{name} applies to `messages`, not a prompt", param=name)
             text, special = req.prompt, req.add_special_tokens is not False
         else:
             assert req.messages is not None
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            turn = template_turn(req.add_generation_prompt, req.continue_final_message)
             variables = template_kwargs(req.chat_template_kwargs, tok)
             try:
-                text = tok.apply_chat_template(
-                    messages, add_generation_prompt=req.add_generation_prompt, **variables
-                )
+                text = tok.apply_chat_template(messages, **turn, **variables)
             except ValueError as e:
                 raise bad_request(str(e), param="messages") from None
             special = bool(req.add_special_tokens)
