@@ -57,12 +57,14 @@ class IncrementalDetokenizer:
         """All output text decoded so far (held-back characters included), cut at a stop."""
         return self._text
 
-    def step(self, new_token_ids: list[int]) -> tuple[str, bool]:
-        """Add tokens; return (text newly safe to emit, whether a stop string matched)."""
+    def step(self, new_token_ids: list[int], check_stop: bool = True) -> tuple[str, bool]:
+        """Add tokens; return (text newly safe to emit, whether a stop string matched).
+        check_stop=False: stop strings the new text completes do not count (an output short
+        of its min_tokens), now or later."""
         if self.stopped or self._finished:
             return "", self.stopped
         self._ids.extend(new_token_ids)
-        self._advance(final=False)
+        self._advance(final=False, check_stop=check_stop)
         return self._release(final=False), self.stopped
 
     def flush(self) -> str:
@@ -76,22 +78,24 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
-    def _advance(self, final: bool) -> None:
+    def _advance(self, final: bool, check_stop: bool = True) -> None:
         if self._prefix_text is None:
             self._prefix_text = self._decode(self._ids[self._prefix : self._read])
         full = self._decode(self._ids[self._prefix :])
         if len(full) <= len(self._prefix_text) or (not final and full.endswith(_REPLACEMENT)):
             return  # nothing new, or a character still incomplete: wait
-        self._append(full[len(self._prefix_text) :])
+        self._append(full[len(self._prefix_text) :], check_stop)
         self._prefix, self._read, self._prefix_text = self._read, len(self._ids), None
         if self._prefix > 256:  # keep the id list short on long outputs
             del self._ids[: self._prefix]
             self._read -= self._prefix
             self._prefix = 0
 
-    def _append(self, delta: str) -> None:
+    def _append(self, delta: str, check_stop: bool = True) -> None:
         old_len = len(self._text)
         self._text += delta
+        if not check_stop:
+            return
         best: tuple[int, str] | None = None
         for s in self._stop:
             # Only matches that end in the new text: earlier ones were checked before.

@@ -191,8 +191,8 @@ class SplitDetokenizer:
     def output_text(self) -> str:
         return self._content.output_text
 
-    def step(self, new_token_ids: list[int]) -> tuple[str, bool]:
-        return self._route(self._splitter.feed(new_token_ids)), self.stopped
+    def step(self, new_token_ids: list[int], check_stop: bool = True) -> tuple[str, bool]:
+        return self._route(self._splitter.feed(new_token_ids), check_stop), self.stopped
 
     def flush(self) -> str:
         text = "" if self.stopped else self._route(self._splitter.finish())
@@ -203,11 +203,11 @@ class SplitDetokenizer:
         out, self._reasoning_text = self._reasoning_text, ""
         return out
 
-    def _route(self, runs: list[tuple[Kind, list[int]]]) -> str:
+    def _route(self, runs: list[tuple[Kind, list[int]]], check_stop: bool = True) -> str:
         content = ""
         for kind, ids in runs:
             if kind == "reasoning":
                 self._reasoning_text += self._reasoning.step(ids)[0]
             elif not self.stopped:
-                content += self._content.step(ids)[0]
+                content += self._content.step(ids, check_stop)[0]
         return content

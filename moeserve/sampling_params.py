@@ -80,9 +80,11 @@ class SamplingParams:
     each prompt token's logprob (given the tokens before it) and the top-k alternatives,
     in `RequestOutput.prompt_logprobs` (None for the first token). ``structured`` holds
     every output to a JSON schema, regex, choice or grammar (`StructuredOutput`).
-    ``logit_bias`` maps token ids to a value in [-100, 100] added to that token's logit before
-    the penalties, temperature and filters (OpenAI's field; -100 all but bans a token, 100
-    all but forces it); logprobs stay those of the raw logits.
+    ``min_tokens``: no EOS (unless ``ignore_eos``), stop token or stop string ends the output
+    before this many tokens (vLLM's field). ``logit_bias`` maps token ids to a value in
+    [-100, 100] added to that token's logit before the penalties, temperature and filters
+    (OpenAI's field; -100 all but bans a token, 100 all but forces it); logprobs stay those of
+    the raw logits.
     """
 
     n: int = 1
@@ -104,6 +106,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     structured: StructuredOutput | None = None
     logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -152,6 +155,16 @@ class SamplingParams:
                 f"structured must be a StructuredOutput, got {type(self.structured).__name__}"
             )
         self._validate_logit_bias()
+        _check_int("min_tokens", self.min_tokens, 0, None)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+        if self.min_tokens and self.structured is not None:
+            raise ValueError(
+                "min_tokens cannot be combined with structured outputs (the grammar decides "
+                "where the output may end)"
+            )
 
     def _validate_logit_bias(self) -> None:
         if self.logit_bias is None:

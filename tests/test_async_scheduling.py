@@ -157,3 +157,48 @@ def test_cli_flags_reach_the_engine(ckpt: Path, monkeypatch: pytest.MonkeyPatch)
         LLM(ckpt, progress=False, admission_wait_steps=-1)
     with pytest.raises(ConfigError, match="--admission-wait-steps"):
         config("--admission-wait-steps", "-1")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_min_tokens_holds_off_eos_stop_tokens_and_stop_strings(
+    ckpt: Path, async_scheduling: bool
+) -> None:
+    """vLLM's min_tokens: with EOS forced by a logit bias the output is EOS alone, and with
+    min_tokens=5 five other tokens come first (EOS banned until then, in either scheduling
+    mode: the count includes tokens still in flight); a stop token likewise; a stop string
+    the first tokens complete is not honoured, one after min_tokens is."""
+    llm = LLM(ckpt, progress=False, async_scheduling=async_scheduling)
+    eos = min(llm.engine.eos_token_ids)
+    forced = SamplingParams(max_tokens=12, temperature=0, logit_bias={eos: 100.0})
+    [alone] = llm.generate("Hello", forced)
+    assert alone.outputs[0].token_ids == [eos]
+    held = SamplingParams(max_tokens=12, temperature=0, logit_bias={eos: 100.0}, min_tokens=5)
+    [out] = llm.generate("Hello", held)
+    ids = out.outputs[0].token_ids
+    assert len(ids) == 6 and ids[-1] == eos and eos not in ids[:-1]
+    assert out.outputs[0].finish_reason == "stop"
+    stop_tok = ids[0]
+    by_token = SamplingParams(
+        max_tokens=12, temperature=0, stop_token_ids=[stop_tok], logit_bias={stop_tok: 100.0}
+    )
+    assert llm.generate("Hello", by_token)[0].outputs[0].token_ids == [stop_tok]
+    later = SamplingParams(
+        max_tokens=12,
+        temperature=0,
+        stop_token_ids=[stop_tok],
+        logit_bias={stop_tok: 100.0},
+        min_tokens=3,
+    )
+    got = llm.generate("Hello", later)[0].outputs[0].token_ids
+    assert len(got) == 4 and got[-1] == stop_tok and stop_tok not in got[:-1]
+    # Stop strings: the plain greedy text, cut at a string its first token completes only
+    # once min_tokens allows.
+    plain = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    text = plain[0].outputs[0].text
+    stop = text[:1]
+    assert stop
+    for min_tokens, want in ((0, ""), (1, ""), (8, text)):
+        cut = SamplingParams(
+            max_tokens=8, temperature=0, ignore_eos=True, stop=[stop], min_tokens=min_tokens
+        )
+        assert llm.generate("Hello", cut)[0].outputs[0].text == want, min_tokens

@@ -174,6 +174,29 @@ def test_logit_bias_forces_and_bans_tokens(srv: RunningServer) -> None:
     assert banned.choices[0].text not in ("", first)
 
 
+def test_min_tokens_holds_off_the_end(srv: RunningServer) -> None:
+    """vLLM's min_tokens: EOS forced by a logit bias ends a completion at once, unless
+    min_tokens asks for more first; more than max_tokens, or than the context leaves, is a
+    400 naming it."""
+    http = srv.client()
+    eos_text = http.get("/tokenizer_info").json()["eos_token"]
+    (eos,) = http.post("/tokenize", json={"prompt": eos_text, "add_special_tokens": False}).json()[
+        "tokens"
+    ]
+    forced = {"max_tokens": 8, "temperature": 0, "logit_bias": {str(eos): 100}}
+    r = http.post(COMP, json={**PROMPT, **forced}).json()
+    assert (r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"]) == (1, "stop")
+    for route, base in ((COMP, PROMPT), (CHAT, MESSAGES)):
+        r = http.post(route, json={**base, **forced, "min_tokens": 3}).json()
+        assert (r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"]) == (4, "stop")
+    assert_envelope(http.post(COMP, json={**PROMPT, "min_tokens": 3}), 400, "min_tokens")
+    big = {"prompt": "Hello", "min_tokens": 10**6}  # no max_tokens: the rest of the context
+    r = http.post(COMP, json=big)
+    assert r.status_code == 400 and "min_tokens" in r.json()["error"]["message"]
+    r = http.post(COMP, json={"prompt": "Hello", "min_tokens": 2, "logit_bias": {str(eos): 100}})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
 def test_a_returned_assistant_message_can_be_sent_back(srv: RunningServer) -> None:
     """The openai SDK's message objects dumped back into a conversation carry empty
     refusal/annotations/audio/function_call/tool_calls fields."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moeserve.engine.sampler import Sampler, apply_penalties
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import SamplingParams, StructuredOutput
 
 
 @dataclass
@@ -188,6 +188,29 @@ def test_logit_bias_moves_greedy_and_random_rows_only_where_asked() -> None:
     assert sampler.sample(logits[:1], [penal]).token_ids == [5]
 
 
+def test_rows_short_of_min_tokens_cannot_end() -> None:
+    """Until a row has min_tokens outputs its stop tokens and EOS are at -inf, a +100 bias
+    included (ignore_eos: EOS ends nothing, so stays allowed); from then on they may win.
+    Greedy rows alone take this path too (not the argmax fast path)."""
+    V, eos, stop = 6, 5, 4
+    logits = torch.zeros(1, V)
+    params = SamplingParams(
+        temperature=0, min_tokens=3, stop_token_ids=[stop], logit_bias={eos: 100.0, stop: 50.0}
+    )
+    sampler = Sampler(V)
+    ends = frozenset({eos})
+    for produced, want in ((0, 0), (2, 0), (3, eos)):
+        row = Row(params, output_ids=[1] * produced)
+        assert sampler.sample(logits, [row], eos_token_ids=ends).token_ids == [want]
+    no_eos = Row(SamplingParams(temperature=0, min_tokens=3, ignore_eos=True, logit_bias={eos: 9}))
+    assert sampler.sample(logits, [no_eos], eos_token_ids=ends).token_ids == [eos]
+    for temperature in (0.0, 1.0):  # a random row, and a logprobs batch
+        short = SamplingParams(temperature=temperature, min_tokens=2, logit_bias={eos: 100.0})
+        rows = [Row(short), Row(SamplingParams(temperature=0, logprobs=1))]
+        out = sampler.sample(logits.expand(2, -1), rows, eos_token_ids=ends)
+        assert out.token_ids[0] != eos
+
+
 def test_logprobs_are_raw_log_softmax_sorted() -> None:
     logits = random_logits(3, 30, seed=7)
     rows = [
@@ -260,6 +283,9 @@ def test_empty_batch_and_shape_check() -> None:
         ({"logit_bias": {5: float("inf")}}, "logit_bias"),
         ({"logit_bias": {i: 1.0 for i in range(1025)}}, "logit_bias"),
         ({"logit_bias": [5]}, "logit_bias"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 17}, "min_tokens"),  # more than max_tokens (16)
+        ({"min_tokens": 2, "structured": StructuredOutput("regex", "a+")}, "min_tokens"),
     ],
 )
 def test_sampling_params_validation_names_the_field(kwargs: dict, field_name: str) -> None:

@@ -311,10 +311,14 @@ class EngineCore:
         seqs = [out.scheduled[i].seq for i in rows]
         grammar = self._grammar_mask(seqs, logits.is_cuda) if self._penalised else None
         if self.async_scheduling:  # the greedy kernel writes straight into the feed buffer
-            sample = self.sampler.launch(logits, seqs, ex.fed_R[: len(seqs)], grammar)
+            sample = self.sampler.launch(
+                logits, seqs, ex.fed_R[: len(seqs)], grammar, self.eos_token_ids
+            )
             ex.keep_sampled(sample.tokens_B)
         else:
-            sample = self.sampler.launch(logits, seqs, grammar=grammar)
+            sample = self.sampler.launch(
+                logits, seqs, grammar=grammar, eos_token_ids=self.eos_token_ids
+            )
         self.scheduler.update(out, dict.fromkeys((s.seq_id for s in seqs), PENDING))
         slots = [s.num_output_tokens - 1 for s in seqs]
         rows_of = {s.seq_id: r for r, s in enumerate(seqs)}

@@ -27,6 +27,8 @@ class Finisher(Protocol):
 class _Texts:
     detoks: list[IncrementalDetokenizer] | list[SplitDetokenizer]
     stopped: list[bool]
+    min_tokens: int
+    counts: list[int]  # output tokens seen per sequence
 
 
 class OutputProcessor:
@@ -66,7 +68,7 @@ class OutputProcessor:
                 )
                 for _ in range(p.n)
             ]
-        self._requests[req.request_id] = _Texts(detoks, [False] * p.n)
+        self._requests[req.request_id] = _Texts(detoks, [False] * p.n, p.min_tokens, [0] * p.n)
 
     def abort(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -81,8 +83,11 @@ class OutputProcessor:
                     if texts.stopped[o.index]:
                         continue
                     detok = texts.detoks[o.index]
+                    texts.counts[o.index] += len(o.token_ids)
                     if not (o.finish_reason == "stop" and isinstance(o.stop_reason, int)):
-                        o.text, hit = detok.step(o.token_ids)  # a stop token adds no text
+                        # A stop token adds no text; no stop string counts before min_tokens.
+                        check = texts.counts[o.index] >= texts.min_tokens
+                        o.text, hit = detok.step(o.token_ids, check)
                         if hit:
                             o.finish_reason, o.stop_reason = "stop", detok.stop_str
                             metrics = self._core.finish_seq(ro.request_id, o.index, "stop")

@@ -152,7 +152,8 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Turns a step's logits into one token per row.
 
-    Order of operations per row: the logit bias, repetition/presence/frequency penalties,
+    Order of operations per row: the logit bias, the ban on ending before min_tokens
+    (stop tokens and EOS at -inf), repetition/presence/frequency penalties,
     then (random rows only) temperature, top-k, top-p, min-p, then an exponential race
     ``argmax(p / q)`` with ``q ~ Exp(1)``. Greedy rows take the argmax of the biased and
     penalised logits. A row with
@@ -179,9 +180,10 @@ class Sampler:
         logits_BV: torch.Tensor,
         rows: Sequence[SampleRow],
         grammar: GrammarMask | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> SamplerOutput:
         """Sample one token per row; ``logits_BV`` (any float dtype/device) is not modified."""
-        return self.launch(logits_BV, rows, grammar=grammar).result()
+        return self.launch(logits_BV, rows, grammar=grammar, eos_token_ids=eos_token_ids).result()
 
     def launch(
         self,
@@ -189,11 +191,14 @@ class Sampler:
         rows: Sequence[SampleRow],
         out_B: torch.Tensor | None = None,
         grammar: GrammarMask | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> PendingSample:
         """Queue the sampling of one token per row on the logits' device; nothing waits for
         the device until the result's `result()`. out_B: where the greedy path may write the
         tokens (the result's tokens_B is then out_B). grammar: the rows whose tokens a
-        grammar restricts, applied before everything else but the raw logprobs."""
+        grammar restricts, applied before everything else but the raw logprobs.
+        eos_token_ids: what a row short of its min_tokens may not end with (unless
+        ignore_eos), besides its stop_token_ids."""
         if logits_BV.dim() != 2 or logits_BV.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [rows, vocab] with {len(rows)} rows, got {tuple(logits_BV.shape)}"
@@ -202,7 +207,8 @@ class Sampler:
         logits_BV = logits_BV[:, : self.vocab_size]
         params = [row.params for row in rows]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if not lp_rows and all(p.greedy and not p.changes_logits for p in params):
+        short = [i for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens]
+        if not lp_rows and not short and all(p.greedy and not p.changes_logits for p in params):
             if grammar is not None:
                 logits_BV = apply_grammar(logits_BV, grammar)
             return _greedy(logits_BV, out_B)
@@ -216,6 +222,8 @@ class Sampler:
             logits_BV = apply_grammar(logits_BV, grammar)
         if any(p.logit_bias for p in params):
             logits_BV = apply_logit_bias(logits_BV, params)
+        if short:
+            logits_BV = ban_endings(logits_BV, [(i, params[i]) for i in short], eos_token_ids)
 
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
@@ -314,6 +322,25 @@ def apply_logit_bias(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) 
     device = logits_BV.device
     index = (_index(rows, device), _index(toks, device))
     return logits_BV.index_put(index, _on(device, vals, logits_BV.dtype), accumulate=True)
+
+
+def ban_endings(
+    logits_BV: torch.Tensor, rows: list[tuple[int, SamplingParams]], eos_token_ids: frozenset[int]
+) -> torch.Tensor:
+    """A copy of ``logits_BV`` where each listed row (short of its min_tokens) cannot pick a
+    token that would end it: its stop_token_ids and, unless ignore_eos, EOS, at -inf."""
+    V = logits_BV.shape[1]
+    pairs = [
+        (i, t)
+        for i, p in rows
+        for t in {*p.stop_token_ids, *(() if p.ignore_eos else eos_token_ids)}
+        if t < V
+    ]
+    if not pairs:
+        return logits_BV
+    device = logits_BV.device
+    index = (_index([i for i, _ in pairs], device), _index([t for _, t in pairs], device))
+    return logits_BV.index_put(index, torch.tensor(float("-inf"), device=device))
 
 
 def apply_penalties(logits_PV: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:

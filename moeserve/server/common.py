@@ -38,6 +38,7 @@ _SAMPLING_FIELDS = (
     "frequency_penalty",
     "repetition_penalty",
     "ignore_eos",
+    "min_tokens",
     "stop_token_ids",
     "skip_special_tokens",
     "include_stop_str_in_output",
@@ -74,8 +75,8 @@ def check_model(req: SamplingFields, state: ServerState) -> None:
 def sampling_params(
     req: SamplingFields, state: ServerState, *, logprobs: int | None, max_tokens: int | None
 ) -> SamplingParams:
-    """Validated SamplingParams; an absent max_tokens is 1 here and fit_context later sets it to
-    the rest of the context."""
+    """Validated SamplingParams; an absent max_tokens is 1 (or min_tokens) here and fit_context
+    later sets it to the rest of the context."""
     option = unsupported_option(req)
     if option is not None:
         raise bad_request(
@@ -99,8 +100,11 @@ def sampling_params(
     if structured is not None:
         kwargs["structured"] = structured
     try:
+        # Without max_tokens, fit_context sets the rest of the context (min_tokens checked
+        # against it there).
+        absent = max(1, req.min_tokens or 0)
         params = SamplingParams(
-            **kwargs, logprobs=logprobs, max_tokens=1 if max_tokens is None else max_tokens
+            **kwargs, logprobs=logprobs, max_tokens=absent if max_tokens is None else max_tokens
         )
         if params.seed is not None and params.n > 1:  # sample i uses seed + i: check the last
             dataclasses.replace(params, seed=params.seed + params.n - 1)
@@ -141,7 +145,14 @@ def fit_context(
                 f"this model's maximum context length is {max_model_len} tokens, but the "
                 f"prompt has {prompt_len} tokens, which leaves no room to generate"
             )
-        return dataclasses.replace(params, max_tokens=max_model_len - prompt_len)
+        room = max_model_len - prompt_len
+        if params.min_tokens > room:
+            raise _context_error(
+                f"this model's maximum context length is {max_model_len} tokens, but the "
+                f"prompt has {prompt_len} tokens, which leaves room for {room}, fewer than "
+                f"min_tokens ({params.min_tokens})"
+            )
+        return dataclasses.replace(params, max_tokens=room)
     if prompt_len + max_tokens > max_model_len:
         raise _context_error(
             f"this model's maximum context length is {max_model_len} tokens, but "
