@@ -61,6 +61,7 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     (COMP, {"guided_regex": "a+("}, "guided_regex"),
     (COMP, {"prompt_logprobs": 1}, "prompt_logprobs"),
     (COMP, {"suffix": "tail"}, "suffix"),
+    (COMP, {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     (COMP, {"tools": []}, "tools"),  # a chat field, not a completions one
     (COMP, {"temperature": 2.5}, "temperature"),
     (CHAT, {"temperature": 2.01}, "temperature"),
@@ -100,6 +101,8 @@ ACCEPTED: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     (COMP, {"logit_bias": {}, "suffix": "", "guided_json": None}),
+    (COMP, {"guided_decoding_backend": "guidance"}),
+    (CHAT, {"guided_decoding_backend": "auto"}),
     (CHAT, {"tools": [], "tool_choice": "none", "parallel_tool_calls": False}),
     (CHAT, {"response_format": {"type": "text"}, "modalities": ["text"]}),
     (

@@ -43,7 +43,9 @@ _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "modalities": lambda v: v is None or v == ["text"],
     "prediction": _absent,
     "web_search_options": _absent,
-    "guided_decoding_backend": _absent,
+    # Structured outputs run on llguidance, vLLM's "guidance" backend: naming another is a
+    # request for something else.
+    "guided_decoding_backend": lambda v: v is None or v in ("auto", "guidance"),
     "prompt_logprobs": _absent,
     "chat_template": _absent,
 }
