@@ -226,3 +226,54 @@ def test_streaming_echo_with_logprobs_is_refused(srv: RunningServer) -> None:
     body = {"prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 2, "stream": True}
     resp = srv.client().post("/v1/completions", json=body)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "stream"
+
+
+def test_vllm_prompt_logprobs_on_completions_and_chat(
+    srv: RunningServer, reference: torch.nn.Module
+) -> None:
+    """vLLM's prompt_logprobs field: per prompt token (the first null) the token and the top
+    n by id, with log-probs against transformers, ranks (the prompt token's over the whole
+    vocabulary) and text; on chat at the top level; with echo + logprobs each gets its own
+    top-n; a 400 when streaming or out of range."""
+    tok = srv.state.client.tokenizer
+    http = srv.client()
+    ids = tok.encode(PROMPTS[0])
+    ref_lp = ref_logprobs(reference, ids)
+
+    def check_vllm(entries: list, ids: list[int], n: int) -> None:
+        assert len(entries) == len(ids) and entries[0] is None
+        for p, row in enumerate(entries[1:], start=1):
+            dist = ref_lp[p - 1]
+            mine = row[str(ids[p])]
+            assert abs(mine["logprob"] - float(dist[ids[p]])) <= TOL
+            # 1 + the tokens above it (near-ties within TOL of it may fall either way)
+            above = [int((dist > dist[ids[p]] + d).sum()) + 1 for d in (TOL, -TOL)]
+            assert above[0] <= mine["rank"] <= above[1]
+            assert mine["decoded_token"] == srv.state.token_text(ids[p])
+            top = dist.topk(n).indices.tolist()
+            assert set(row) == {str(t) for t in top} | {str(ids[p])}
+            for rank, t in enumerate(top, 1):
+                if t != ids[p]:
+                    assert row[str(t)]["rank"] == rank
+
+    body = {"prompt": ids, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3}
+    out = http.post("/v1/completions", json=body).json()
+    check_vllm(out["choices"][0]["prompt_logprobs"], ids, 3)
+    plain = http.post("/v1/completions", json={**body, "prompt_logprobs": None}).json()
+    assert plain["choices"][0]["prompt_logprobs"] is None
+    assert plain["choices"][0]["text"] == out["choices"][0]["text"]
+    both = http.post(
+        "/v1/completions", json={**body, "echo": True, "logprobs": 1, "prompt_logprobs": 4}
+    ).json()["choices"][0]
+    check_vllm(both["prompt_logprobs"], ids, 4)
+    assert all(t is None or len(t) <= 2 for t in both["logprobs"]["top_logprobs"][: len(ids)])
+    messages = [{"role": "user", "content": "hello"}]
+    chat = http.post(
+        "/v1/chat/completions", json={"messages": messages, "max_tokens": 1, "prompt_logprobs": 0}
+    ).json()
+    lps = chat["prompt_logprobs"]
+    assert lps[0] is None and len(lps) == chat["usage"]["prompt_tokens"]
+    assert all(len(row) == 1 and next(iter(row.values()))["rank"] >= 1 for row in lps[1:])
+    for bad, param in (({"stream": True}, "stream"), ({"prompt_logprobs": 21}, "prompt_logprobs")):
+        r = http.post("/v1/completions", json={**body, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param

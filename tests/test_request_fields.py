@@ -59,7 +59,6 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     (COMP, {"guided_json": "{not json"}, "guided_json"),
     (COMP, {"guided_choice": []}, "guided_choice"),
     (COMP, {"guided_regex": "a+("}, "guided_regex"),
-    (COMP, {"prompt_logprobs": 1}, "prompt_logprobs"),
     (COMP, {"suffix": "tail"}, "suffix"),
     (COMP, {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     (COMP, {"tools": []}, "tools"),  # a chat field, not a completions one

@@ -12,6 +12,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # best first
+    rank: int | None = None  # 1 + the tokens more likely than it (prompt log-probs)
 
 
 @dataclass

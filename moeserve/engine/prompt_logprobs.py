@@ -27,7 +27,7 @@ class PromptRows:
     spans: list[tuple[int, int, int]] = field(default_factory=list)  # (work index, first, end)
     targets: list[int] = field(default_factory=list)  # prompt token p + 1, spans in order
     n_top: int = 0
-    result: torch.Tensor | None = None  # [rows, 1 + 2 * n_top] float64: chosen, top, ids
+    result: torch.Tensor | None = None  # [rows, 2 + 2 * n_top] float64: chosen, rank, top, ids
 
     def add(self, work_index: int, first: int, end: int, prompt_ids: list[int], n: int) -> None:
         """Positions [first, end) of work item `work_index`, whose prompt is `prompt_ids`."""
@@ -46,7 +46,8 @@ class PromptRows:
             TokenLogprob(
                 self.targets[lo + j],
                 row[0],
-                [(int(t), v) for v, t in zip(row[1 : 1 + n], row[1 + k : 1 + k + n], strict=True)],
+                [(int(t), v) for v, t in zip(row[2 : 2 + n], row[2 + k : 2 + k + n], strict=True)],
+                int(row[1]),
             )
             for j, row in enumerate(rows)
         ]
@@ -60,14 +61,16 @@ def compute(
     vocab_size: int,
 ) -> torch.Tensor:
     """logits_of: hidden rows -> their logits (the model's compute_logits).
-    [X, 1 + 2 * n_top] float64: per row the target's log-prob, the top-n log-probs and
-    their token ids (float64 holds the ids exactly: one transfer to the host)."""
+    [X, 2 + 2 * n_top] float64: per row the target's log-prob, its rank (1 + the tokens with a
+    higher log-prob, vLLM's), the top-n log-probs and their token ids (float64 holds the ids
+    exactly: one transfer to the host)."""
     step = max(1, SLICE_ELEMENTS // vocab_size)
     parts = []
     for lo in range(0, hidden_XD.shape[0], step):
         logits = logits_of(hidden_XD[lo : lo + step])[:, :vocab_size].float()
         lp = torch.log_softmax(logits, dim=-1)
         chosen = lp.gather(1, targets_X[lo : lo + step, None])
+        rank = (lp > chosen).sum(dim=-1, keepdim=True) + 1
         vals, ids = lp.topk(min(n_top, vocab_size), dim=-1)
-        parts.append(torch.cat([chosen.double(), vals.double(), ids.double()], dim=1))
+        parts.append(torch.cat([chosen.double(), rank.double(), vals.double(), ids.double()], 1))
     return torch.cat(parts)

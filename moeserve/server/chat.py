@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from moeserve.engine.messages import EngineRequest
-from moeserve.engine.outputs import CompletionOutput
+from moeserve.engine.outputs import CompletionOutput, TokenLogprob
 from moeserve.reasoning import reasoning_format
 from moeserve.sampling_params import MAX_LOGPROBS
 from moeserve.server.common import (
@@ -30,6 +30,7 @@ from moeserve.server.common import (
     parse_body,
     refuse_oversized,
     sampling_params,
+    vllm_prompt_logprobs,
 )
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import (
@@ -335,8 +336,10 @@ class _Chat:
 
     async def collect(self) -> JSONResponse:
         results = [CompletionOutput(index=i) for i in range(self.engine_req.params.n)]
+        prompt_lps: list[TokenLogprob | None] = []
         async with aclosing(self._outputs()) as outs:
             async for _, delta in outs:
+                prompt_lps.extend(delta.prompt_logprobs or [])
                 for o in delta.outputs:
                     results[o.index].merge(o)
         choices = []
@@ -357,12 +360,16 @@ class _Chat:
                     finish_reason=self._finish_reason(o),
                 )
             )
+        n = self.req.prompt_logprobs
         body = ChatCompletionResponse(
             id=self.cid,
             created=self.created,
             model=self.model,
             choices=choices,
             usage=self._usage(),
+            prompt_logprobs=None
+            if n is None
+            else vllm_prompt_logprobs(self.engine_req.prompt_ids, prompt_lps, n, self.state),
         )
         return JSONResponse(body.model_dump())
 

@@ -15,6 +15,8 @@ from moeserve.server.errors import APIError, bad_request, from_value_error, pars
 from moeserve.server.protocol import (
     ChatTokenLogprob,
     CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
     SamplingFields,
     TopLogprob,
     unsupported_option,
@@ -39,6 +41,7 @@ _SAMPLING_FIELDS = (
     "repetition_penalty",
     "ignore_eos",
     "min_tokens",
+    "prompt_logprobs",
     "stop_token_ids",
     "skip_special_tokens",
     "include_stop_str_in_output",
@@ -84,6 +87,8 @@ def sampling_params(
             "rather than answered without it)",
             param=option,
         )
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs is not supported when streaming", param="stream")
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
         raise bad_request(
             f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {req.temperature}",
@@ -243,6 +248,33 @@ def prompt_logprobs(
     out.token_logprobs += generated.token_logprobs
     out.top_logprobs += generated.top_logprobs
     out.text_offset += generated.text_offset
+    return out
+
+
+def vllm_prompt_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprob | None], n: int, state: ServerState
+) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token (the first null) a map from token id to its
+    log-prob, rank and text: the prompt's token (its rank over the vocabulary) and the top
+    `n` alternatives (ranks 1..n)."""
+    if len(entries) != len(prompt_ids):  # the engine sends one entry per prompt token
+        raise RuntimeError(f"got {len(entries)} prompt log-probs for {len(prompt_ids)} tokens")
+    out: PromptLogprobs = []
+    for token, e in zip(prompt_ids, entries, strict=True):
+        if e is None:
+            out.append(None)
+            continue
+        row = {
+            str(token): PromptLogprob(
+                logprob=_finite(e.logprob), rank=e.rank, decoded_token=state.token_text(token)
+            )
+        }
+        for rank, (t, lp) in enumerate(e.top[:n], 1):
+            row.setdefault(
+                str(t),
+                PromptLogprob(logprob=_finite(lp), rank=rank, decoded_token=state.token_text(t)),
+            )
+        out.append(row)
     return out
 
 

@@ -28,12 +28,14 @@ from moeserve.server.common import (
     prompt_logprobs,
     refuse_oversized,
     sampling_params,
+    vllm_prompt_logprobs,
 )
 from moeserve.server.errors import bad_request
 from moeserve.server.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    CompletionResponseChoice,
     PromptTokensDetails,
     UsageInfo,
 )
@@ -76,8 +78,9 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         raise bad_request("best_of is not supported (except equal to n)", param="best_of")
     prompts = split_prompts(req.prompt)
     params = sampling_params(req, state, logprobs=req.logprobs, max_tokens=max_tokens)
-    if prompt_lp:
-        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+    if prompt_lp:  # the engine computes the larger of echo's and prompt_logprobs' top-n
+        wanted = max(req.logprobs or 0, req.prompt_logprobs or 0)
+        params = dataclasses.replace(params, prompt_logprobs=wanted)
     cid = new_id("cmpl")
     request.state.request_id = cid
     if state.config.log_prompts:
@@ -165,17 +168,26 @@ class _Completion:
                 logprobs = None
                 if o.logprobs is not None:
                     logprobs, _ = completion_logprobs(o.logprobs, self.state, len(self.echo[p]))
-                if self.reqs[p].params.prompt_logprobs is not None:
-                    assert logprobs is not None  # echo + logprobs
-                    logprobs = prompt_logprobs(
-                        self.reqs[p].prompt_ids, prompt_lps[p], self.state, logprobs
+                ids = self.reqs[p].prompt_ids
+                if self.req.echo and logprobs is not None:  # echo + logprobs: prompt first
+                    k = self.req.logprobs or 0
+                    echoed = [
+                        e if e is None else dataclasses.replace(e, top=e.top[:k])
+                        for e in prompt_lps[p]
+                    ]
+                    logprobs = prompt_logprobs(ids, echoed, self.state, logprobs)
+                vllm = None
+                if self.req.prompt_logprobs is not None:
+                    vllm = vllm_prompt_logprobs(
+                        ids, prompt_lps[p], self.req.prompt_logprobs, self.state
                     )
                 choices.append(
-                    CompletionChoice(
+                    CompletionResponseChoice(
                         index=p * self.n + o.index,
                         text=self.echo[p] + o.text,
                         logprobs=logprobs,
                         finish_reason=finish_reason(o.finish_reason),
+                        prompt_logprobs=vllm,
                     )
                 )
         body = CompletionResponse(

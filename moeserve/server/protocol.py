@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_serializer
 
 
 class _Request(BaseModel):
@@ -46,7 +46,6 @@ _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     # Structured outputs run on llguidance, vLLM's "guidance" backend: naming another is a
     # request for something else.
     "guided_decoding_backend": lambda v: v is None or v in ("auto", "guidance"),
-    "prompt_logprobs": _absent,
     "chat_template": _absent,
 }
 
@@ -71,6 +70,9 @@ class SamplingFields(_Request):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
+    # vLLM's: each prompt token's log-prob and this many alternatives (0..20), in the
+    # response's `prompt_logprobs` (not when streaming).
+    prompt_logprobs: int | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
@@ -92,7 +94,6 @@ class SamplingFields(_Request):
     guided_decoding_backend: Any = None
     structured_outputs: Any = None
     response_format: Any = None
-    prompt_logprobs: Any = None
 
     @property
     def include_usage(self) -> bool:
@@ -190,11 +191,31 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of a prompt token's log-prob, keyed by token id in `prompt_logprobs`."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+# Per prompt token (the first None): the token and its alternatives, by token id.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
+    """A choice as a stream chunk carries it."""
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+
+
+class CompletionResponseChoice(CompletionChoice):
+    """A whole response's choice: vLLM's prompt_logprobs too (null unless asked)."""
+
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -202,7 +223,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[SerializeAsAny[CompletionChoice]]
     usage: UsageInfo | None = None
 
 
@@ -263,6 +284,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):
