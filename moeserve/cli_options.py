@@ -301,6 +301,13 @@ def add_serve_args(p: EnvDefaults) -> None:
         help="how the model writes tool calls, for tool_choice auto",
     )
     p.add_option(
+        "--trust-request-chat-template",
+        action="store_true",
+        default=False,
+        help="render a chat request's own chat_template (sandboxed, with time and size "
+        "budgets); off: such a request is a 400, as vLLM's default",
+    )
+    p.add_option(
         "--no-ui",
         action="store_true",
         default=False,

@@ -135,6 +135,12 @@ class Tokenizer:
         add_generation_prompt, a family's own such as enable_thinking or reasoning_effort)."""
         return frozenset().union(*(self._renderer.variables(t) for t in self._templates.values()))
 
+    def variables_of(self, chat_template: str | None) -> frozenset[str]:
+        """template_variables, or those of a template's source given by the caller."""
+        if chat_template is None:
+            return self.template_variables
+        return self._renderer.variables(chat_template)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -142,9 +148,11 @@ class Tokenizer:
         *,
         tools: list[dict[str, Any]] | None = None,
         continue_final_message: bool = False,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render ``messages`` with the model's template, as transformers does (sandboxed).
+        """Render ``messages`` with the model's template (or ``chat_template``, a template's
+        source given by the caller), as transformers does (sandboxed).
 
         Template variables: messages (keys whose value is None dropped), tools, documents,
         add_generation_prompt, the special tokens (bos_token, eos_token, ...) and ``kwargs``.
@@ -155,7 +163,7 @@ class Tokenizer:
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message needs add_generation_prompt false")
         name = "tool_use" if tools is not None and "tool_use" in self._templates else "default"
-        template = self._templates.get(name)
+        template = chat_template if chat_template is not None else self._templates.get(name)
         if template is None:
             raise ValueError(f"{self.name} has no chat_template; give one or use a plain prompt")
         if not all(isinstance(m, dict) for m in messages):

@@ -29,6 +29,7 @@ from tests.server_fixture import (
     build_checkpoint,
     serving,
     sse_events,
+    start_server,
 )
 from tests.test_harmony import TOOL_CALL, _Script
 from tests.tokenizer_fixture import write_test_tokenizer
@@ -393,6 +394,37 @@ def test_continue_final_message_ends_the_prompt_inside_it(
         assert_envelope(c.post("/tokenize", json=body), 400, "continue_final_message")
 
 
+def test_request_chat_template_needs_the_flag(
+    srv: RunningServer, ckpt: Path, tok: Tokenizer
+) -> None:
+    """vLLM's chat_template in a request: a 400 naming it unless the server was started with
+    --trust-request-chat-template; then the request's template renders (its own variables
+    accepted in chat_template_kwargs), in the chat route and /tokenize alike."""
+    mine = (
+        "{% for m in messages %}<<{{ m.content }}>>{% endfor %}"
+        "{% if add_generation_prompt %}{{ greeting | default('A:') }}{% endif %}"
+    )
+    body = {"messages": [{"role": "user", "content": "Hi"}], "chat_template": mine}
+    assert_envelope(srv.client().post("/v1/chat/completions", json=body), 400, "chat_template")
+    assert_envelope(srv.client().post("/tokenize", json=body), 400, "chat_template")
+    trusted = start_server(ckpt, max_model_len=2048, trust_request_chat_template=True)
+    try:
+        c = trusted.client()
+        kw = {"chat_template_kwargs": {"greeting": "Bot:"}}
+        for extra, text in (({}, "<<Hi>>A:"), (kw, "<<Hi>>Bot:")):
+            want = tok.encode(text, add_special_tokens=False)
+            assert c.post("/tokenize", json={**body, **extra}).json()["tokens"] == want
+            r = c.post("/v1/chat/completions", json={**body, **extra, "max_tokens": 1})
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want)
+        # enable_thinking is the model's template's variable, not this one's
+        bad = {**body, "chat_template_kwargs": {"enable_thinking": False}}
+        assert_envelope(c.post("/v1/chat/completions", json=bad), 400, "chat_template_kwargs")
+        broken = {**body, "chat_template": "{{ raise_exception('no') }}"}
+        assert_envelope(c.post("/v1/chat/completions", json=broken), 400, "messages")
+    finally:
+        trusted.stop()
+
+
 def test_histories_with_malformed_tool_calls_are_400s(srv: RunningServer) -> None:
     bad = copy.deepcopy(HISTORY)
     del bad[2]["tool_calls"][0]["function"]
@@ -594,6 +626,12 @@ def test_the_tool_call_parser_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     assert parsed() is None  # from the checkpoint
     assert parsed("--tool-call-parser", "mistral") == "mistral"
+    args = build_parser().parse_args(["serve", "--model", str(tmp_path)])
+    assert server_config(args).trust_request_chat_template is False
+    args = build_parser().parse_args(
+        ["serve", "--model", str(tmp_path), "--trust-request-chat-template"]
+    )
+    assert server_config(args).trust_request_chat_template is True
     monkeypatch.setenv("MOESERVE_TOOL_CALL_PARSER", "hermes")
     assert parsed() == "hermes"
     with pytest.raises(SystemExit) as exc:

@@ -129,7 +129,8 @@ async def run_chat(
     if tokenizer is None:
         raise bad_request("this model has no tokenizer.json, so chat is not available")
     turn = template_turn(req.add_generation_prompt, req.continue_final_message)
-    template_vars = template_kwargs(req.chat_template_kwargs, tokenizer)
+    turn |= request_template(req.chat_template, state)
+    template_vars = template_kwargs(req.chat_template_kwargs, tokenizer, req.chat_template)
     effort = _reasoning_effort(req, tokenizer)
     if effort and "reasoning_effort" in template_vars:
         raise bad_request(
@@ -212,7 +213,7 @@ def _render(
 
 def template_turn(
     add_generation_prompt: bool | None, continue_final_message: bool | None
-) -> dict[str, bool]:
+) -> dict[str, Any]:
     """How the prompt ends, as apply_chat_template's arguments: an open assistant turn
     (default), or inside the last message (continue_final_message, which needs
     add_generation_prompt false: vLLM's pair); a 400 for both at once."""
@@ -231,17 +232,41 @@ def template_turn(
 # Template variables the server sets from the request itself (and the tokenizer's special
 # tokens): a chat_template_kwargs entry may not replace them.
 _SERVER_TEMPLATE_VARS = frozenset(
-    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message"}
+    {
+        "messages",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+    }
 )
 
 
-def template_kwargs(kwargs: dict[str, Any] | None, tokenizer: Tokenizer) -> dict[str, Any]:
+def request_template(source: str | None, state: ServerState) -> dict[str, str]:
+    """A request's chat_template as apply_chat_template's argument: only on a server started
+    with --trust-request-chat-template (else a 400 naming it)."""
+    if source is None:
+        return {}
+    if not state.config.trust_request_chat_template:
+        raise bad_request(
+            "chat_template in a request is off on this server: start it with "
+            "--trust-request-chat-template to render requests' own templates",
+            param="chat_template",
+        )
+    return {"chat_template": source}
+
+
+def template_kwargs(
+    kwargs: dict[str, Any] | None, tokenizer: Tokenizer, chat_template: str | None = None
+) -> dict[str, Any]:
     """chat_template_kwargs, checked: extra variables for the chat template (Qwen3's
     enable_thinking, ...). A 400 names a key the server sets itself, or one that no chat
-    template of this model mentions (it would change nothing: refused, not ignored)."""
+    template of this model (or the request's `chat_template`) mentions (it would change
+    nothing: refused, not ignored)."""
     if not kwargs:
         return {}
-    read = tokenizer.template_variables
+    read = tokenizer.variables_of(chat_template)
     for key in kwargs:
         if key in _SERVER_TEMPLATE_VARS or key in tokenizer.special_tokens:
             raise bad_request(
@@ -271,7 +296,7 @@ def _reasoning_effort(req: ChatCompletionRequest, tokenizer: Tokenizer) -> dict[
             f"reasoning_effort must be one of {', '.join(_EFFORTS)}, got {effort!r}",
             param="reasoning_effort",
         )
-    if "reasoning_effort" not in tokenizer.template_variables:
+    if "reasoning_effort" not in tokenizer.variables_of(req.chat_template):
         raise bad_request(
             "reasoning_effort is not supported for this model: its chat template does not read it",
             param="reasoning_effort",

@@ -46,7 +46,6 @@ _NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     # Structured outputs run on llguidance, vLLM's "guidance" backend: naming another is a
     # request for something else.
     "guided_decoding_backend": lambda v: v is None or v in ("auto", "guidance"),
-    "chat_template": _absent,
 }
 
 
@@ -165,7 +164,8 @@ class ChatCompletionRequest(SamplingFields):
     # it; needs add_generation_prompt false.
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
-    chat_template: Any = None
+    # vLLM's: a template's source to render this request with (--trust-request-chat-template).
+    chat_template: str | None = None
     # vLLM's: extra variables for the chat template (Qwen3's enable_thinking, ...).
     chat_template_kwargs: dict[str, Any] | None = None
 

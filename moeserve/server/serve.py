@@ -133,6 +133,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         allowed_hosts=allowed_hosts(args.allowed_hosts),
         tool_call_parser=args.tool_call_parser,
         ui=not args.no_ui,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
 
 

@@ -63,6 +63,8 @@ class ServerConfig:
     tool_call_parser: str | None = None
     # The web page at / and /ui and its JSON at /ui/stats (server/ui.py); off: --no-ui.
     ui: bool = True
+    # A request's own chat_template renders (in the sandbox, under its budgets); off: a 400.
+    trust_request_chat_template: bool = False
 
 
 class ServerState:

@@ -16,7 +16,7 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from moeserve.server.chat import template_kwargs, template_turn
+from moeserve.server.chat import request_template, template_kwargs, template_turn
 from moeserve.server.common import parse_body
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import ChatMessage
@@ -42,6 +42,7 @@ class TokenizeRequest(_Body):
     # As the chat route's (messages only).
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None
     return_token_strs: bool = False
 
 
@@ -61,7 +62,7 @@ def tokenizer_router(state: ServerState, auth: Depends) -> APIRouter:
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give either `prompt` or `messages`", param="prompt")
         if req.prompt is not None:
-            for name in ("chat_template_kwargs", "continue_final_message"):
+            for name in ("chat_template_kwargs", "continue_final_message", "chat_template"):
                 if getattr(req, name):
                     raise bad_request(f"{name} applies to `messages`, not a prompt", param=name)
             text, special = req.prompt, req.add_special_tokens is not False
@@ -69,7 +70,8 @@ def tokenizer_router(state: ServerState, auth: Depends) -> APIRouter:
             assert req.messages is not None
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
             turn = template_turn(req.add_generation_prompt, req.continue_final_message)
-            variables = template_kwargs(req.chat_template_kwargs, tok)
+            turn |= request_template(req.chat_template, state)
+            variables = template_kwargs(req.chat_template_kwargs, tok, req.chat_template)
             try:
                 text = tok.apply_chat_template(messages, **turn, **variables)
             except ValueError as e:
