@@ -84,7 +84,7 @@ class SamplingParams:
     before this many tokens (vLLM's field). ``logit_bias`` maps token ids to a value in
     [-100, 100] added to that token's logit before the penalties, temperature and filters
     (OpenAI's field; -100 all but bans a token, 100 all but forces it); logprobs stay those of
-    the raw logits.
+    the raw logits. ``allowed_token_ids``: only these tokens may be sampled (vLLM's field).
     """
 
     n: int = 1
@@ -107,6 +107,7 @@ class SamplingParams:
     structured: StructuredOutput | None = None
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -117,6 +118,8 @@ class SamplingParams:
         self._validate()
         if self.logit_bias is not None:  # a copy the caller cannot change under the engine
             self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = sorted(set(self.allowed_token_ids))
 
     def _validate(self) -> None:
         _check_int("n", self.n, 1, MAX_N)
@@ -155,6 +158,19 @@ class SamplingParams:
                 f"structured must be a StructuredOutput, got {type(self.structured).__name__}"
             )
         self._validate_logit_bias()
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
+                raise ValueError(
+                    f"allowed_token_ids must be a non-empty list, got {self.allowed_token_ids!r}"
+                )
+            for tok in self.allowed_token_ids:
+                if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                    raise ValueError(f"allowed_token_ids must be token ids >= 0, got {tok!r}")
+            if self.structured is not None:
+                raise ValueError(
+                    "allowed_token_ids cannot be combined with structured outputs (the grammar "
+                    "decides which tokens may follow)"
+                )
         _check_int("min_tokens", self.min_tokens, 0, None)
         if self.min_tokens > self.max_tokens:
             raise ValueError(
@@ -214,9 +230,10 @@ class SamplingParams:
 
     @property
     def changes_logits(self) -> bool:
-        """True when the sampler must change this row's logits before choosing (penalties or
-        a logit bias): a greedy row then takes the argmax of the changed logits."""
-        return self.has_penalties or bool(self.logit_bias)
+        """True when the sampler must change this row's logits before choosing (penalties, a
+        logit bias, allowed tokens): a greedy row then takes the argmax of the changed
+        logits."""
+        return self.has_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
 
     @property
     def top_k_enabled(self) -> bool:

@@ -199,6 +199,29 @@ def test_min_tokens_holds_off_the_end(srv: RunningServer) -> None:
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 
 
+def test_allowed_token_ids_limit_the_output(srv: RunningServer) -> None:
+    """vLLM's allowed_token_ids: every generated token is one of them (sampled or greedy);
+    ids outside the vocabulary, or only endings with min_tokens, are 400s naming it."""
+    http = srv.client()
+    allowed = http.post("/tokenize", json={"prompt": "ab", "add_special_tokens": False}).json()[
+        "tokens"
+    ]
+    for temperature in (0.0, 1.0):
+        body = {**PROMPT, "max_tokens": 6, "temperature": temperature, "ignore_eos": True}
+        r = http.post(COMP, json={**body, "allowed_token_ids": allowed, "logprobs": 0}).json()
+        tokens = r["choices"][0]["logprobs"]["tokens"]
+        assert len(tokens) == 6 and set(tokens) <= {"a", "b"}
+    assert_envelope(
+        http.post(COMP, json={**PROMPT, "allowed_token_ids": [10**6]}), 400, "allowed_token_ids"
+    )
+    eos_text = http.get("/tokenizer_info").json()["eos_token"]
+    (eos,) = http.post("/tokenize", json={"prompt": eos_text, "add_special_tokens": False}).json()[
+        "tokens"
+    ]
+    r = http.post(COMP, json={**PROMPT, "min_tokens": 2, "allowed_token_ids": [eos]})
+    assert_envelope(r, 400, "allowed_token_ids")
+
+
 def test_a_returned_assistant_message_can_be_sent_back(srv: RunningServer) -> None:
     """The openai SDK's message objects dumped back into a conversation carry empty
     refusal/annotations/audio/function_call/tool_calls fields."""

@@ -188,6 +188,31 @@ def test_logit_bias_moves_greedy_and_random_rows_only_where_asked() -> None:
     assert sampler.sample(logits[:1], [penal]).token_ids == [5]
 
 
+def test_allowed_token_ids_limit_what_a_row_may_pick() -> None:
+    """Only the allowed tokens survive, in greedy (alone: not the argmax fast path) and
+    random rows; the other rows of the batch keep every token; logprobs stay raw."""
+    V = 10
+    logits = random_logits(3, V, seed=4)
+    best = logits.argmax(-1).tolist()
+    allowed = sorted({(best[0] + 3) % V, (best[0] + 5) % V})
+    rows = [
+        Row(SamplingParams(temperature=0, allowed_token_ids=allowed)),
+        Row(SamplingParams(temperature=0)),
+        Row(SamplingParams(temperature=1.5, allowed_token_ids=[7, 2], logprobs=0)),
+    ]
+    sampler = Sampler(V, seed=0)
+    greedy = max(allowed, key=lambda t: logits[0, t].item())
+    assert sampler.sample(logits[:2], rows[:2]).token_ids == [greedy, best[1]]
+    seen = set()
+    for _ in range(200):
+        out = sampler.sample(logits, rows)
+        assert out.token_ids[:2] == [greedy, best[1]]
+        seen.add(out.token_ids[2])
+    assert seen == {2, 7}
+    raw = torch.log_softmax(logits[2], -1)[out.token_ids[2]].item()
+    assert out.logprobs[2] == pytest.approx(raw)
+
+
 def test_rows_short_of_min_tokens_cannot_end() -> None:
     """Until a row has min_tokens outputs its stop tokens and EOS are at -inf, a +100 bias
     included (ignore_eos: EOS ends nothing, so stays allowed); from then on they may win.
@@ -283,6 +308,13 @@ def test_empty_batch_and_shape_check() -> None:
         ({"logit_bias": {5: float("inf")}}, "logit_bias"),
         ({"logit_bias": {i: 1.0 for i in range(1025)}}, "logit_bias"),
         ({"logit_bias": [5]}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+        ({"allowed_token_ids": (1, 2)}, "allowed_token_ids"),
+        (
+            {"allowed_token_ids": [1], "structured": StructuredOutput("regex", "a")},
+            "allowed_token_ids",
+        ),
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 17}, "min_tokens"),  # more than max_tokens (16)
         ({"min_tokens": 2, "structured": StructuredOutput("regex", "a+")}, "min_tokens"),

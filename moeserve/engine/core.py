@@ -178,9 +178,17 @@ class EngineCore:
         bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequest(f"stop_token_ids: {bad[0]} is outside the vocabulary")
-        bad = [t for t in params.logit_bias or () if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"logit_bias: token {bad[0]} is outside the vocabulary")
+        for name in ("logit_bias", "allowed_token_ids"):
+            bad = [t for t in getattr(params, name) or () if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(f"{name}: token {bad[0]} is outside the vocabulary")
+        endings = {*params.stop_token_ids, *(() if params.ignore_eos else self.eos_token_ids)}
+        allowed = set(params.allowed_token_ids or ())
+        if params.min_tokens and allowed and allowed <= endings:
+            raise InvalidRequest(
+                "allowed_token_ids: every allowed token ends the output, so min_tokens cannot "
+                "be met"
+            )
         grammars = None
         if params.structured is not None:
             if self.grammars is None:

@@ -152,7 +152,8 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Turns a step's logits into one token per row.
 
-    Order of operations per row: the logit bias, the ban on ending before min_tokens
+    Order of operations per row: allowed tokens only, the logit bias, the ban on ending
+    before min_tokens
     (stop tokens and EOS at -inf), repetition/presence/frequency penalties,
     then (random rows only) temperature, top-k, top-p, min-p, then an exponential race
     ``argmax(p / q)`` with ``q ~ Exp(1)``. Greedy rows take the argmax of the biased and
@@ -220,6 +221,9 @@ class Sampler:
             raw_lp = torch.log_softmax(logits_BV[_index(lp_rows, device)], dim=-1)
         if grammar is not None:
             logits_BV = apply_grammar(logits_BV, grammar)
+        allowed = [(i, p.allowed_token_ids) for i, p in enumerate(params) if p.allowed_token_ids]
+        if allowed:
+            logits_BV = allow_only(logits_BV, allowed)
         if any(p.logit_bias for p in params):
             logits_BV = apply_logit_bias(logits_BV, params)
         if short:
@@ -304,6 +308,17 @@ def _padded_ids(lists: list[list[int]], V: int, device: torch.device) -> torch.T
     width = max(1, max(len(ids) for ids in lists))
     ids_PL = torch.tensor([ids + [V] * (width - len(ids)) for ids in lists], dtype=torch.long)
     return ids_PL.clamp_(0, V).to(device, non_blocking=True)
+
+
+def allow_only(logits_BV: torch.Tensor, rows: list[tuple[int, list[int]]]) -> torch.Tensor:
+    """A copy of ``logits_BV`` where each listed row keeps only its allowed tokens' logits
+    (the rest at -inf; ids past the logits' width are the engine's to refuse)."""
+    V, device = logits_BV.shape[1], logits_BV.device
+    keep = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
+    pairs = [(j, t) for j, (_, ids) in enumerate(rows) for t in ids if t < V]
+    keep[_index([j for j, _ in pairs], device), _index([t for _, t in pairs], device)] = True
+    idx = _index([i for i, _ in rows], device)
+    return logits_BV.index_copy(0, idx, logits_BV[idx].masked_fill(~keep, float("-inf")))
 
 
 def apply_logit_bias(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

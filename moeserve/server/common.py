@@ -41,6 +41,7 @@ _SAMPLING_FIELDS = (
     "repetition_penalty",
     "ignore_eos",
     "min_tokens",
+    "allowed_token_ids",
     "prompt_logprobs",
     "stop_token_ids",
     "skip_special_tokens",
@@ -117,7 +118,8 @@ def sampling_params(
         raise from_value_error(e, _PARAM_NAMES) from None
     assert state.client is not None  # inference routes run only once the model is loaded
     vocab = state.client.model_config.vocab_size
-    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias)):
+    checked = ("stop_token_ids", "logit_bias", "allowed_token_ids")
+    for name, ids in ((name, getattr(params, name)) for name in checked):
         bad = [t for t in ids or () if t >= vocab]
         if bad:
             raise bad_request(

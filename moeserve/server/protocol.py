@@ -69,6 +69,7 @@ class SamplingFields(_Request):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
     # vLLM's: each prompt token's log-prob and this many alternatives (0..20), in the
     # response's `prompt_logprobs` (not when streaming).
     prompt_logprobs: int | None = None
