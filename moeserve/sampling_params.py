@@ -18,8 +18,10 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
-# Tokens one request may bias: bounds what each of its steps adds to the sampler's work.
+# Tokens one request may bias, or allow: bounds what each of its steps adds to the
+# sampler's host work.
 MAX_LOGIT_BIAS = 1024
+MAX_ALLOWED_TOKEN_IDS = 16384
 
 StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "lark"]
 STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
@@ -162,6 +164,11 @@ class SamplingParams:
             if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
                 raise ValueError(
                     f"allowed_token_ids must be a non-empty list, got {self.allowed_token_ids!r}"
+                )
+            if len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+                raise ValueError(
+                    f"allowed_token_ids may hold at most {MAX_ALLOWED_TOKEN_IDS} tokens, got "
+                    f"{len(self.allowed_token_ids)}"
                 )
             for tok in self.allowed_token_ids:
                 if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:

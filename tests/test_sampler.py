@@ -310,6 +310,7 @@ def test_empty_batch_and_shape_check() -> None:
         ({"logit_bias": [5]}, "logit_bias"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+        ({"allowed_token_ids": list(range(16385))}, "allowed_token_ids"),
         ({"allowed_token_ids": (1, 2)}, "allowed_token_ids"),
         (
             {"allowed_token_ids": [1], "structured": StructuredOutput("regex", "a")},
