@@ -153,15 +153,14 @@ class Sampler:
     """Turns a step's logits into one token per row.
 
     Order of operations per row: allowed tokens only, the logit bias, the ban on ending
-    before min_tokens
-    (stop tokens and EOS at -inf), repetition/presence/frequency penalties,
-    then (random rows only) temperature, top-k, top-p, min-p, then an exponential race
-    ``argmax(p / q)`` with ``q ~ Exp(1)``. Greedy rows take the argmax of the biased and
-    penalised logits. A row with
-    ``params.seed`` draws its noise from a generator seeded by ``(seed, len(output_ids))``,
-    so its tokens do not depend on the other rows in the batch and are reproduced when the
-    sequence is recomputed after preemption. Columns ``>= vocab_size`` are dropped (the
-    engine passes the model's whole vocabulary, so none are).
+    before min_tokens (stop tokens and EOS at -inf), repetition/presence/frequency
+    penalties, then (random rows only) temperature, top-k, top-p, min-p, then an exponential
+    race ``argmax(p / q)`` with ``q ~ Exp(1)``. Greedy rows take the argmax of the logits so
+    changed. A row with ``params.seed`` draws its noise from a generator seeded by
+    ``(seed, len(output_ids))``, so its tokens do not depend on the other rows in the batch
+    and are reproduced when the sequence is recomputed after preemption. Columns
+    ``>= vocab_size`` are dropped (the engine passes the model's whole vocabulary, so none
+    are).
 
     A grammar mask (structured outputs) sets its rows' disallowed tokens to -inf first.
     Logprobs are ``log_softmax`` of the RAW logits (before the grammar, bias, penalties,
