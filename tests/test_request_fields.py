@@ -222,6 +222,34 @@ def test_allowed_token_ids_limit_the_output(srv: RunningServer) -> None:
     assert_envelope(r, 400, "allowed_token_ids")
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(srv: RunningServer) -> None:
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens run (echo shows them, usage
+    counts them), chat's rendered prompt likewise; a prompt longer than the context then
+    fits; -1 keeps what the context holds; 0 is a 400 naming it."""
+    http = srv.client()
+    text = "abcdefgh " * 20
+    ids = http.post("/tokenize", json={"prompt": text}).json()["tokens"]
+    body = {"prompt": text, "max_tokens": 2, "temperature": 0, "truncate_prompt_tokens": 5}
+    r = http.post(COMP, json={**body, "echo": True}).json()
+    assert r["usage"]["prompt_tokens"] == 5
+    detok = http.post("/detokenize", json={"tokens": ids[-5:]}).json()["prompt"]
+    assert r["choices"][0]["text"].startswith(detok)
+    same = http.post(COMP, json={**body, "prompt": ids[-5:], "truncate_prompt_tokens": None})
+    assert same.json()["choices"][0]["text"] == r["choices"][0]["text"][len(detok) :]
+    chat = {**MESSAGES, "messages": [{"role": "user", "content": text}]}
+    r = http.post(CHAT, json={**chat, "truncate_prompt_tokens": 7}).json()
+    assert r["usage"]["prompt_tokens"] == 7
+    long = {"prompt": "abcdefgh " * 200, "max_tokens": 2}  # past the 128-token context
+    assert http.post(COMP, json=long).status_code == 400
+    r = http.post(COMP, json={**long, "truncate_prompt_tokens": 50})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 50
+    r = http.post(COMP, json={**long, "truncate_prompt_tokens": -1})  # then no room is left
+    assert r.status_code == 400 and "context length" in r.json()["error"]["message"]
+    assert_envelope(
+        http.post(COMP, json={**body, "truncate_prompt_tokens": 0}), 400, "truncate_prompt_tokens"
+    )
+
+
 def test_a_returned_assistant_message_can_be_sent_back(srv: RunningServer) -> None:
     """The openai SDK's message objects dumped back into a conversation carry empty
     refusal/annotations/audio/function_call/tool_calls fields."""

@@ -30,6 +30,7 @@ from moeserve.server.common import (
     parse_body,
     refuse_oversized,
     sampling_params,
+    truncation,
     vllm_prompt_logprobs,
 )
 from moeserve.server.errors import APIError, bad_request
@@ -155,6 +156,7 @@ async def run_chat(
                 param="tool_choice",
             )
         params = dataclasses.replace(params, structured=tools.structured())
+    keep = truncation(req, state.client.max_model_len)
     cid = new_id(id_prefix)
     request.state.request_id = cid
     if state.config.log_prompts:
@@ -168,16 +170,19 @@ async def run_chat(
             )
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
-        refuse_oversized(state, text, max_tokens)
+        refuse_oversized(state, text, max_tokens, keep)
         if len(text) > OFFLOAD_LEN:
             ids = await state.offload(tokenizer.encode, text, add_special_tokens=False)
         else:
             ids = tokenizer.encode(text, add_special_tokens=False)
         if not ids:
             raise bad_request("the chat template rendered an empty prompt", param="messages")
+        prompt: str | None = text
+        if keep is not None and len(ids) > keep:  # the rendered prompt's last `keep` tokens
+            ids, prompt = ids[-keep:], None
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
-        engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=text, split_reasoning=split)
+        engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=prompt, split_reasoning=split)
         chat = (job_class or _Chat)(state, req, cid, engine_req, ticket, request, tools)
         if req.stream:
             return SSEResponse(

@@ -141,6 +141,21 @@ def _token_keys(bias: dict[str, float]) -> dict[int, float]:
     return out
 
 
+def truncation(req: SamplingFields, max_model_len: int) -> int | None:
+    """truncate_prompt_tokens as the number of prompt tokens to keep (the last ones), or None;
+    a 400 for a value that is neither -1 (the context's length) nor >= 1."""
+    k = req.truncate_prompt_tokens
+    if k is None:
+        return None
+    if k == -1:
+        return max_model_len
+    if k < 1:
+        raise bad_request(
+            f"truncate_prompt_tokens must be -1 or >= 1, got {k}", param="truncate_prompt_tokens"
+        )
+    return k
+
+
 def fit_context(
     params: SamplingParams, prompt_len: int, max_tokens: int | None, max_model_len: int
 ) -> SamplingParams:
@@ -169,9 +184,14 @@ def fit_context(
     return params
 
 
-def refuse_oversized(state: ServerState, text: str, max_tokens: int | None) -> None:
+def refuse_oversized(
+    state: ServerState, text: str, max_tokens: int | None, keep: int | None = None
+) -> None:
     """context_length_exceeded for a prompt text that cannot fit, from its byte length alone,
-    before it is tokenised (a 1 MB prompt would otherwise be tokenised in full first)."""
+    before it is tokenised (a 1 MB prompt would otherwise be tokenised in full first); none
+    when the prompt is to be cut to its last `keep` tokens."""
+    if keep is not None:
+        return
     assert state.client is not None
     tok = state.client.tokenizer
     at_least = tok.min_tokens(text) if tok is not None else 0

@@ -28,6 +28,7 @@ from moeserve.server.common import (
     prompt_logprobs,
     refuse_oversized,
     sampling_params,
+    truncation,
     vllm_prompt_logprobs,
 )
 from moeserve.server.errors import bad_request
@@ -81,6 +82,8 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     if prompt_lp:  # the engine computes the larger of echo's and prompt_logprobs' top-n
         wanted = max(req.logprobs or 0, req.prompt_logprobs or 0)
         params = dataclasses.replace(params, prompt_logprobs=wanted)
+    assert state.client is not None  # sampling_params checked it
+    keep = truncation(req, state.client.max_model_len)
     cid = new_id("cmpl")
     request.state.request_id = cid
     if state.config.log_prompts:
@@ -91,10 +94,12 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         reqs = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                refuse_oversized(state, prompt, max_tokens)
+                refuse_oversized(state, prompt, max_tokens, keep)
             ids = await state.encode(prompt)
-            p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
             text = prompt if isinstance(prompt, str) else None
+            if keep is not None and len(ids) > keep:  # the last `keep` tokens (echo shows them)
+                ids, text = ids[-keep:], None
+            p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
             reqs.append(EngineRequest(f"{cid}-{i}", ids, p, prompt=text))
         request.state.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         job = _Completion(state, req, cid, reqs, ticket, request, echo_only)

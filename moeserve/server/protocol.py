@@ -70,6 +70,8 @@ class SamplingFields(_Request):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
+    # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds).
+    truncate_prompt_tokens: int | None = None
     # vLLM's: each prompt token's log-prob and this many alternatives (0..20), in the
     # response's `prompt_logprobs` (not when streaming).
     prompt_logprobs: int | None = None
