@@ -313,9 +313,10 @@ def allow_only(logits_BV: torch.Tensor, rows: list[tuple[int, list[int]]]) -> to
     """A copy of ``logits_BV`` where each listed row keeps only its allowed tokens' logits
     (the rest at -inf; ids past the logits' width are the engine's to refuse)."""
     V, device = logits_BV.shape[1], logits_BV.device
-    keep = torch.zeros(len(rows), V, dtype=torch.bool, device=device)
-    pairs = [(j, t) for j, (_, ids) in enumerate(rows) for t in ids if t < V]
-    keep[_index([j for j, _ in pairs], device), _index([t for _, t in pairs], device)] = True
+    keep = torch.zeros(len(rows), V + 1, dtype=torch.bool)  # column V: the ids past it
+    for j, (_, ids) in enumerate(rows):  # one tensor per row, not a Python loop over ids
+        keep[j, torch.tensor(ids).clamp_(max=V)] = True
+    keep = keep[:, :V].to(device, non_blocking=True)
     idx = _index([i for i, _ in rows], device)
     return logits_BV.index_copy(0, idx, logits_BV[idx].masked_fill(~keep, float("-inf")))
 

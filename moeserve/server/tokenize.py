@@ -16,11 +16,11 @@ from fastapi.params import Depends
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from moeserve.server.chat import request_template, template_kwargs, template_turn
 from moeserve.server.common import parse_body
 from moeserve.server.errors import APIError, bad_request
 from moeserve.server.protocol import ChatMessage
 from moeserve.server.state import OFFLOAD_LEN, ServerState
+from moeserve.server.template_args import template_args
 from moeserve.tokenizer import Tokenizer
 
 
@@ -69,11 +69,16 @@ def tokenizer_router(state: ServerState, auth: Depends) -> APIRouter:
         else:
             assert req.messages is not None
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            turn = template_turn(req.add_generation_prompt, req.continue_final_message)
-            turn |= request_template(req.chat_template, state)
-            variables = template_kwargs(req.chat_template_kwargs, tok, req.chat_template)
+            args = template_args(
+                tok,
+                state,
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.chat_template,
+                req.chat_template_kwargs,
+            )
             try:
-                text = tok.apply_chat_template(messages, **turn, **variables)
+                text = tok.apply_chat_template(messages, **args)
             except ValueError as e:
                 raise bad_request(str(e), param="messages") from None
             special = bool(req.add_special_tokens)
