@@ -113,6 +113,8 @@ def _drive() -> None:
     # One row: the GEMV, on the model dtype and on a float32 router.
     linear.linear_partials(rand(1, D), rand(40, D), rand(40))
     linear.linear_partials(rand(1, D), rand(8, D, dtype=torch.float32))
+    # One row with the input RMSNorm inside the GEMV (bf16 and FP8 weights).
+    linear.linear_partials(rand(1, D), rand(40, D), norm=(rand(D), 1e-6))
     # The partials' sum in one kernel (reduce_partials takes it on the GPU), to bf16.
     linear.sum_partials(linear.linear_partials(rand(1, D), rand(40, D)), torch.bfloat16)
     from moeserve.kernels.quant import quantize_fp8_rows
@@ -120,6 +122,7 @@ def _drive() -> None:
     w8, s8 = quantize_fp8_rows(rand(40, 160))
     for rows in (1, T):  # one row: the FP8 GEMV; more: the dequantizing dot
         linear.linear_partials(rand(rows, 160), w8, rand(40), w_scale=s8)
+    linear.linear_partials(rand(1, 160), w8, w_scale=s8, norm=(rand(160), 1e-6))
     norm_rope.rms_norm(rand(T, D), rand(D), 1e-6)
     norm_rope.add_rms_norm(
         rand(T, D), linear.linear_partials(rand(T, D), rand(D, D)), rand(D), 1e-6

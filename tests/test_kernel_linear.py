@@ -67,6 +67,53 @@ def test_one_row_gemv_with_bias(
     torch.testing.assert_close(parts.sum(0).double(), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.float32),
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+    ],
+)
+@pytest.mark.parametrize("quant", ["", "fp8"])
+@pytest.mark.parametrize("fused", [1, 0])
+def test_input_norm_inside_the_gemv_matches_the_norm_kernel(
+    monkeypatch: pytest.MonkeyPatch, device: str, dtype: torch.dtype, quant: str, fused: int
+) -> None:
+    """norm=(weight, eps): one row is RMSNormed inside the GEMV (every program reads the
+    whole row for its statistics, a K range that is not a power of two and several splits
+    included) exactly as the norm kernel rounds it, then projected; fused 0 takes the norm
+    kernel first. More rows take the norm kernel then the dot."""
+    from moeserve.kernels.norm_rope import rms_norm
+    from moeserve.kernels.quant import dequantize, quantize_fp8_rows
+
+    monkeypatch.setattr(linear, "NORM_IN_GEMV", fused)
+    n, k = 40, 300
+    g = torch.Generator().manual_seed(k + fused)
+    x = (torch.randn(1, k, generator=g) * 3).to(device, dtype)
+    norm_w = (torch.rand(k, generator=g) + 0.5).to(device, dtype)
+    w = torch.randn(n, k, generator=g)
+    scale = None
+    if quant:
+        w, scale = (a.to(device) for a in quantize_fp8_rows(w * 0.05))
+        w_real = dequantize(w, scale, "fp8", dtype)
+    else:
+        w = w_real = w.to(device, dtype)
+    normed = rms_norm(x, norm_w, 1e-6)
+    want = linear.linear_partials(normed, w, w_scale=scale).sum(0)
+    got = linear.linear_partials(x, w, w_scale=scale, norm=(norm_w, 1e-6)).sum(0)
+    # The same normed bf16 row up to the statistics' summation order: equal within float32
+    # summation of the products.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # And the product itself (FP8 groups are scaled once a group, not rounded a weight).
+    ref = normed.double() @ w_real.double().T
+    tol = 2e-2 if quant and dtype == torch.bfloat16 else 1e-3
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    # Against a norm that was never applied: the test would notice a GEMV that skipped it.
+    plain = linear.linear_partials(x, w, w_scale=scale).sum(0)
+    assert not torch.allclose(plain, got, rtol=1e-2, atol=1e-2)
+
+
 def test_one_row_gemv_splits_to_fill_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """gpt-oss-120b's qkv (5120 x 2880) and o_proj (2880 x 4096) at one row: several programs
     an SM, each at least two K tiles; its router one tile each; FP8 tiles hold whole

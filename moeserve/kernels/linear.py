@@ -30,7 +30,7 @@ import triton.language as tl
 from moeserve.kernels import interpreting, k_splits, pdl
 from moeserve.kernels.moe_gemv_plan import gemv_config
 from moeserve.kernels.moe_quant import quant_tile, x_tile
-from moeserve.kernels.norm_rope import load_partials
+from moeserve.kernels.norm_rope import inv_rms, load_partials, rms_norm, scale_normed
 from moeserve.kernels.pdl import wait_prior
 from moeserve.kernels.quant import FP8_GROUP
 
@@ -39,6 +39,11 @@ from moeserve.kernels.quant import FP8_GROUP
 MAX_ROWS = 16
 FP8_MAX_ROWS = 64
 _MAX_SPLIT = 32
+# An RMSNorm the projection applies to its input first: (weight [K], eps).
+InputNorm = tuple[torch.Tensor, float]
+# 1: a one-row GEMV norms its input itself; 0: the norm kernel runs first (A/B: gpu_speed.py
+# --set linear.NORM_IN_GEMV=0).
+NORM_IN_GEMV = 1
 
 
 def applicable(x_TD: torch.Tensor, scaled: bool = False) -> bool:
@@ -131,17 +136,21 @@ def _gemv_partials_kernel(
     out_ptr,  # [SPLIT, 1, N] float32
     bias_ptr,
     scale_ptr,  # [N, ceil(K/GROUP)] float32 (QUANT)
+    norm_ptr,  # [K] (NORM)
     N,
     K,
     stride_wn,
     stride_os,
     stride_sn,
+    eps,
     HAS_BIAS: tl.constexpr,
     QUANT: tl.constexpr,  # 0 plain, 1 fp8 (moe_quant.QUANT_CODES)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,
     LOOP_STAGES: tl.constexpr,
+    NORM: tl.constexpr = False,  # x is RMSNormed first (norm_rope.rms_norm's rounding)
+    BLOCK_ROW: tl.constexpr = 1,  # (NORM) K padded to a power of two
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -158,21 +167,32 @@ def _gemv_partials_kernel(
         w_rows = w_ptr + offs_n[:, None] * stride_wn
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         wait_prior()
+        inv = _row_inv_rms(x_ptr, K, eps, NORM, BLOCK_ROW)
         x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            x = scale_normed(x, inv, norm_ptr, kk, k_ok, x_ptr.dtype.element_ty).to(tl.float32)
         acc = w.to(tl.float32) * x[None, :]
         for k0 in tl.range(k_first + BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < k_end
             x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM:
+                x = scale_normed(x, inv, norm_ptr, kk, k_ok, x_ptr.dtype.element_ty)
+                x = x.to(tl.float32)
             m = n_ok[:, None] & k_ok[None, :]
             w = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
             acc += w.to(tl.float32) * x[None, :]
     else:
         wait_prior()
+        inv = _row_inv_rms(x_ptr, K, eps, NORM, BLOCK_ROW)
         G: tl.constexpr = BLOCK_K // GROUP
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
         for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             x = x_tile(x_ptr, k0, K, GROUP, G)
+            if NORM:  # x_tile's [1, G, GROUP] indices
+                kk = (k0 + tl.arange(0, G)[:, None] * GROUP + tl.arange(0, GROUP)[None, :])[None]
+                x = scale_normed(x, inv, norm_ptr, kk, kk < K, x_ptr.dtype.element_ty)
+                x = x.to(tl.float32)
             acc += quant_tile(
                 w_ptr, scale_ptr, offs_n, n_ok, x, k0, K, stride_wn, stride_sn, 1, GROUP, G
             )
@@ -181,6 +201,16 @@ def _gemv_partials_kernel(
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         out += bias * (s == 0).to(tl.float32)
     tl.store(out_ptr + s * stride_os + offs_n, out, mask=n_ok)
+
+
+@triton.jit
+def _row_inv_rms(x_ptr, K, eps, NORM: tl.constexpr, BLOCK_ROW: tl.constexpr):
+    """With NORM, 1 / RMS of the whole row at x_ptr (each program reads it: a few KB from L2,
+    where a norm kernel before the GEMV would cost a launch); else 1."""
+    if not NORM:
+        return 1.0
+    offs = tl.arange(0, BLOCK_ROW)
+    return inv_rms(tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32), K, eps)
 
 
 # The one-row GEMV's tiles (BLOCK_N rows, BLOCK_K columns, warps, K tiles in flight), plain
@@ -215,6 +245,7 @@ def _gemv_partials(
     bias_N: torch.Tensor | None,
     w_scale: torch.Tensor | None,
     cfg: dict[str, int] | None = None,  # gemv_partials_config's (kernel_bench sweeps it)
+    norm: InputNorm | None = None,
 ) -> torch.Tensor:
     n, k = w_NK.shape
     quant = "fp8" if w_scale is not None else ""
@@ -226,17 +257,21 @@ def _gemv_partials(
         out,
         bias_N if bias_N is not None else out,  # unused pointers
         w_scale if w_scale is not None else out,
+        norm[0] if norm is not None else x_1K,
         n,
         k,
         w_NK.stride(0),
         out.stride(0),
         w_scale.stride(0) if w_scale is not None else 0,
+        float(norm[1]) if norm is not None else 0.0,
         HAS_BIAS=bias_N is not None,
         QUANT=1 if quant else 0,
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
         GROUP=FP8_GROUP,
         LOOP_STAGES=cfg.get("loop_stages", 1),
+        NORM=norm is not None,
+        BLOCK_ROW=triton.next_power_of_2(k) if norm is not None else 1,
         num_warps=cfg["num_warps"],
         **pdl.LAUNCH,
     )
@@ -248,15 +283,22 @@ def linear_partials(
     w_NK: torch.Tensor,
     bias_N: torch.Tensor | None = None,
     w_scale: torch.Tensor | None = None,
+    norm: InputNorm | None = None,
 ) -> torch.Tensor:
     """float32 [split, T, N] whose sum over dim 0 is x @ w.T (+ bias_N, held by the first).
     w_scale: w is FP8 with these scales [N, ceil(K/128)] (kernels.quant). A float32 w (a
-    float32 router) takes x in float32, as F.linear(x.float(), w) does."""
+    float32 router) takes x in float32, as F.linear(x.float(), w) does. norm: x is first
+    RMSNormed as norm_rope.rms_norm does; one row does it inside the GEMV (one launch fewer
+    ahead of an attention block), more take the norm kernel."""
     t, k = x_TK.shape
     assert w_NK.shape[1] == k and x_TK.stride(1) == 1 and w_NK.stride(1) == 1
     scaled = w_scale is not None
     assert not scaled or (w_NK.dtype == torch.float8_e4m3fn and w_scale.stride(1) == 1)
-    if t == 1:  # a GEMV: one row needs no 16-row dot
+    if t == 1 and (norm is None or NORM_IN_GEMV):  # a GEMV: one row needs no 16-row dot
+        return _gemv_partials(x_TK, w_NK, bias_N, w_scale, norm=norm)
+    if norm is not None:
+        x_TK = rms_norm(x_TK, *norm)
+    if t == 1:
         return _gemv_partials(x_TK, w_NK, bias_N, w_scale)
     return dot_partials(x_TK, w_NK, bias_N, w_scale)
 

@@ -22,13 +22,24 @@ RouterRows = tuple[torch.Tensor, torch.Tensor | None]
 
 
 @triton.jit
-def rms_row(x, w_ptr, offs, ok, D, eps, out_ptr):
-    """weight * normalise(x) of one float32 row, in out_ptr's dtype. The reference rounds the
-    normalised row to the model dtype, then multiplies the weight."""
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
-    xn = (x * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+def inv_rms(x, D, eps):
+    """1 / RMS of one float32 row [BLOCK] (entries past D zero), + eps inside the root."""
+    return 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+
+
+@triton.jit
+def scale_normed(x, inv, w_ptr, offs, ok, dtype: tl.constexpr):
+    """weight * x * inv at offs (any shape), in `dtype`: the reference rounds the normalised
+    values to the model dtype, then multiplies the weight."""
+    xn = (x * inv).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    return (w * xn).to(out_ptr.dtype.element_ty)
+    return (w * xn).to(dtype)
+
+
+@triton.jit
+def rms_row(x, w_ptr, offs, ok, D, eps, out_ptr):
+    """weight * normalise(x) of one float32 row, in out_ptr's dtype."""
+    return scale_normed(x, inv_rms(x, D, eps), w_ptr, offs, ok, out_ptr.dtype.element_ty)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.model.backend import ModelBackend, fused_rms_norm
+from moeserve.model.backend import InputNorm, ModelBackend, fused_rms_norm
 from moeserve.model.layers import (
     l2_norm,
     rms_norm,
@@ -204,9 +204,12 @@ class Attention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         partials_out: bool = False,
+        input_norm: InputNorm | None = None,
     ) -> torch.Tensor:
         """The attention output [T, D]; with partials_out, float32 split-K partials of it
-        [S, T, D] (kernels.linear) for a consumer that adds them (the residual-add norm)."""
+        [S, T, D] (kernels.linear) for a consumer that adds them (the residual-add norm).
+        input_norm: x_TD is the residual stream, RMSNormed here first (inside the qkv
+        projection where a few decode rows take its GEMV)."""
         cfg = self.cfg
         t = x_TD.shape[0]
         k_cache, v_cache = kv_cache
@@ -219,7 +222,9 @@ class Attention(nn.Module):
 
             cos, sin, pos = cos_sin.for_kernel()
             q_THX = rotary_from_partials(
-                linear_partials(x_TD, self.qkv_weight, self.qkv_bias, self.qkv_weight_scale),
+                linear_partials(
+                    x_TD, self.qkv_weight, self.qkv_bias, self.qkv_weight_scale, input_norm
+                ),
                 cfg.num_heads,
                 cfg.num_kv_heads,
                 cos,
@@ -230,6 +235,8 @@ class Attention(nn.Module):
                 self._kernel_qk_norm(),
             )
             return self._attend_and_project(q_THX, kv_cache, meta, partials_out)
+        if input_norm is not None:
+            x_TD = fused_rms_norm(x_TD, *input_norm)
         qkv = self.backend.linear(x_TD, self.qkv_weight, self.qkv_bias, self.qkv_weight_scale)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         if cfg.qk_norm == "full":

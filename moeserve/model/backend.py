@@ -79,6 +79,11 @@ class ModelBackend:
         return F.linear(x_TK, dequantize(w_NK, scale, "fp8", x_TK.dtype), bias_N)
 
 
+# An RMSNorm a layer applies to its input first (weight [D], eps): passed down so that a
+# kernel of the layer can fuse it (kernels.linear's GEMV).
+InputNorm = tuple[torch.Tensor, float]
+
+
 def split_k_rows(x_TD: torch.Tensor) -> bool:
     """Whether a linear layer of these few rows returns split-K partials (kernels.linear) for
     its consumer to add up. Triton path only."""

@@ -85,8 +85,14 @@ class DecoderLayer(nn.Module):
         # A few rows (a captured decode step): the projections return split-K partials, which
         # the residual-add norm (and the rotary kernel, for qkv) add up themselves; the norm
         # kernel also runs the MoE's router on its output when the MoE would take partials.
-        h_TD = fused_rms_norm(x_TD, self.input_norm, self.eps)
-        attn_TD = self.attn(h_TD, cos_sin, kv_cache, meta, partials_out=split_k_rows(x_TD))
+        attn_TD = self.attn(
+            x_TD,
+            cos_sin,
+            kv_cache,
+            meta,
+            partials_out=split_k_rows(x_TD),
+            input_norm=(self.input_norm, self.eps),
+        )
         router = self.mlp.router_in_norm(x_TD, experts) if isinstance(self.mlp, MoE) else None
         return fused_add_rms_norm(x_TD, attn_TD, self.post_norm, self.eps, router)
 

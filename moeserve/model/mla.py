@@ -25,7 +25,7 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.model.attention import KVCache
-from moeserve.model.backend import ModelBackend, fused_rms_norm
+from moeserve.model.backend import InputNorm, ModelBackend, fused_rms_norm
 from moeserve.model.layers import rms_norm, sdpa_decode
 from moeserve.model.metadata import AttentionMetadata
 from moeserve.model.params import empty_param
@@ -171,9 +171,12 @@ class MLAttention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         partials_out: bool = False,
+        input_norm: InputNorm | None = None,
     ) -> torch.Tensor:
         """The attention output [T, D]; with partials_out (and no output bias), float32
-        split-K partials of it [S, T, D] (kernels.linear) for the residual-add norm."""
+        split-K partials of it [S, T, D] (kernels.linear) for the residual-add norm.
+        input_norm: x_TD is the residual stream, RMSNormed here first (inside the q/kv_a
+        projection where a few decode rows take its GEMV)."""
         cfg = self.cfg
         t, h, c, p = x_TD.shape[0], cfg.num_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim
         eps = cfg.rms_norm_eps
@@ -190,7 +193,7 @@ class MLAttention(nn.Module):
 
             cos, sin, pos = cos_sin.for_kernel()
             q_lat_BHC, q_rope_BHR = decode_inputs(
-                linear_partials(x_TD, self.qkv_a_weight),
+                linear_partials(x_TD, self.qkv_a_weight, norm=input_norm),
                 self._absorbed_weights()[0],
                 self.kv_a_norm,
                 eps,
@@ -202,6 +205,8 @@ class MLAttention(nn.Module):
             )
             return self._decode_out(q_lat_BHC, q_rope_BHR, cache_NS1Y, meta, partials_out)
         norm = fused_rms_norm if fused else rms_norm
+        if input_norm is not None:
+            x_TD = norm(x_TD, *input_norm)
         qkv_TN = F.linear(x_TD, self.qkv_a_weight, self.qkv_a_bias)
         q_TX, kv_TY = qkv_TN[:, : self.q_rows], qkv_TN[:, self.q_rows :]
         if self.kv_a_bias is not None:
