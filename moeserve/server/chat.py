@@ -238,6 +238,7 @@ class _Chat:
         self.completion_tokens = 0
         self.split = engine_req.split_reasoning
         self.cached_tokens = 0  # the prefix cache's hit, as the engine reports it
+        self._prompt_ids_sent = False  # return_token_ids: the first chunk carried them
 
     def _usage(self) -> UsageInfo:
         self.request.state.completion_tokens = self.completion_tokens
@@ -252,7 +253,8 @@ class _Chat:
     def _logprobs(self, o: CompletionOutput) -> ChatChoiceLogprobs | None:
         if o.logprobs is None:
             return None
-        return ChatChoiceLogprobs(content=chat_logprobs(o.logprobs, self.state))
+        as_ids = self.req.return_tokens_as_token_ids
+        return ChatChoiceLogprobs(content=chat_logprobs(o.logprobs, self.state, as_ids))
 
     async def _outputs(self) -> AsyncIterator[tuple[int, Any]]:
         assert self.state.client is not None
@@ -281,14 +283,15 @@ class _Chat:
             if calls:
                 message.tool_calls = tool_call_items(calls)
             self._num_calls[o.index] = len(calls)
-            choices.append(
-                ChatChoice(
-                    index=o.index,
-                    message=message,
-                    logprobs=self._logprobs(o),
-                    finish_reason=self._finish_reason(o),
-                )
+            choice = ChatChoice(
+                index=o.index,
+                message=message,
+                logprobs=self._logprobs(o),
+                finish_reason=self._finish_reason(o),
             )
+            if self.req.return_token_ids:
+                choice.token_ids = list(o.token_ids)
+            choices.append(choice)
         n = self.req.prompt_logprobs
         body = ChatCompletionResponse(
             id=self.cid,
@@ -300,6 +303,8 @@ class _Chat:
             if n is None
             else vllm_prompt_logprobs(self.engine_req.prompt_ids, prompt_lps, n, self.state),
         )
+        if self.req.return_token_ids:
+            body.prompt_token_ids = list(self.engine_req.prompt_ids)
         return JSONResponse(body.model_dump())
 
     def _parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -340,6 +345,9 @@ class _Chat:
         chunk = ChatCompletionChunk(
             id=self.cid, created=self.created, model=self.model, choices=choices, usage=usage
         )
+        if self.req.return_token_ids and not self._prompt_ids_sent:  # the first chunk's
+            self._prompt_ids_sent = True
+            chunk.prompt_token_ids = list(self.engine_req.prompt_ids)
         return sse(chunk.model_dump(exclude=None if usage else {"usage"}))
 
     def _running_usage(self) -> UsageInfo | None:
@@ -348,36 +356,47 @@ class _Chat:
 
     def _delta_chunks(self, o: CompletionOutput, template: ChunkTemplate) -> list[bytes]:
         """The chunks of one engine delta: its text (reasoning_content before content), then
-        its finish. Plain deltas (no logprobs, no running usage) render from the template."""
+        its finish. Plain deltas (no logprobs, no running usage, no token ids) render from the
+        template. With return_token_ids the delta's first chunk carries its new ids (a chunk
+        of its own when the text is held back)."""
         logprobs = self._logprobs(o)
         text, calls = self._stream_calls(o) if self.tools.active else (o.text, [])
         reasoning = o.reasoning_text
         chunks: list[bytes] = []
-        plain = logprobs is None and not self.req.continuous_usage
+        plain = logprobs is None and not self.req.continuous_usage and not self.req.return_token_ids
         if plain:
             if reasoning:
                 chunks.append(template.render(o.index, reasoning, None, "reasoning_content"))
             if text:
                 chunks.append(template.render(o.index, text, None))
-        elif text or reasoning or logprobs is not None:
-            content = text or (None if reasoning else "")
-            delta = DeltaMessage(content=content, reasoning_content=reasoning or None)
-            choice = ChatStreamChoice(index=o.index, delta=delta, logprobs=logprobs)
-            chunks.append(self._chunk([choice], self._running_usage()))
-        for call in call_deltas(calls, self._num_calls[o.index]):
-            delta = DeltaMessage(tool_calls=[call])
-            choice = ChatStreamChoice(index=o.index, delta=delta)
-            chunks.append(self._chunk([choice], self._running_usage()))
-        self._num_calls[o.index] += len(calls)
-        reason = self._finish_reason(o)
-        if plain:
+            for call in call_deltas(calls, self._num_calls[o.index]):
+                choice = ChatStreamChoice(index=o.index, delta=DeltaMessage(tool_calls=[call]))
+                chunks.append(self._chunk([choice]))
+            self._num_calls[o.index] += len(calls)
+            reason = self._finish_reason(o)
             if reason is not None:
                 chunks.append(template.render(o.index, None, reason))
             return chunks
+        choices: list[ChatStreamChoice] = []
+        if text or reasoning or logprobs is not None:
+            content = text or (None if reasoning else "")
+            delta = DeltaMessage(content=content, reasoning_content=reasoning or None)
+            choices.append(ChatStreamChoice(index=o.index, delta=delta, logprobs=logprobs))
+        choices += [
+            ChatStreamChoice(index=o.index, delta=DeltaMessage(tool_calls=[call]))
+            for call in call_deltas(calls, self._num_calls[o.index])
+        ]
+        self._num_calls[o.index] += len(calls)
+        reason = self._finish_reason(o)
         if reason is not None:
-            choice = ChatStreamChoice(index=o.index, delta=DeltaMessage(), finish_reason=reason)
-            chunks.append(self._chunk([choice], self._running_usage()))
-        return chunks
+            choices.append(
+                ChatStreamChoice(index=o.index, delta=DeltaMessage(), finish_reason=reason)
+            )
+        if self.req.return_token_ids and o.token_ids:
+            if not choices:
+                choices.append(ChatStreamChoice(index=o.index, delta=DeltaMessage()))
+            choices[0].token_ids = list(o.token_ids)
+        return [self._chunk([choice], self._running_usage()) for choice in choices]
 
     async def stream(self) -> AsyncIterator[bytes]:
         """Role chunk per choice, content deltas, a finish chunk per choice, [usage], [DONE];

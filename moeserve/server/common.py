@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -223,21 +224,29 @@ def _finite(logprob: float) -> float:
     return max(logprob, -9999.0)
 
 
+def token_namer(state: ServerState, as_ids: bool | None) -> Callable[[int], str]:
+    """How log-probs name a token: its text, or with vLLM's `return_tokens_as_token_ids`
+    "token_id:<id>" (what a token with no text of its own is called anyway)."""
+    return (lambda t: f"token_id:{t}") if as_ids else state.token_text
+
+
 def completion_logprobs(
-    entries: list[TokenLogprob], state: ServerState, offset: int
+    entries: list[TokenLogprob], state: ServerState, offset: int, as_ids: bool | None = None
 ) -> tuple[CompletionLogprobs, int]:
     """The legacy format for `entries`, text offsets from `offset`; returns the next offset.
-    top_logprobs holds the k alternatives plus the chosen token, as OpenAI's does."""
+    top_logprobs holds the k alternatives plus the chosen token, as OpenAI's does. as_ids:
+    tokens named by id (token_namer); the offsets still count the tokens' text."""
+    name = token_namer(state, as_ids)
     out = CompletionLogprobs()
     for e in entries:
-        text = state.token_text(e.token_id)
-        top = {state.token_text(t): _finite(lp) for t, lp in e.top}
-        top.setdefault(text, _finite(e.logprob))
-        out.tokens.append(text)
+        token = name(e.token_id)
+        top = {name(t): _finite(lp) for t, lp in e.top}
+        top.setdefault(token, _finite(e.logprob))
+        out.tokens.append(token)
         out.token_logprobs.append(_finite(e.logprob))
         out.top_logprobs.append(top)
         out.text_offset.append(offset)
-        offset += len(text)
+        offset += len(state.token_text(e.token_id))
     return out, offset
 
 
@@ -246,24 +255,27 @@ def prompt_logprobs(
     entries: list[TokenLogprob | None],
     state: ServerState,
     generated: CompletionLogprobs,
+    as_ids: bool | None = None,
 ) -> CompletionLogprobs:
     """The legacy format with the prompt's tokens first (echo): its first token's log-prob and
-    alternatives are null, as OpenAI's and vLLM's; `generated` follows."""
+    alternatives are null, as OpenAI's and vLLM's; `generated` follows. as_ids: as
+    completion_logprobs'."""
     if len(entries) != len(prompt_ids):  # the engine sends one entry per prompt token
         raise RuntimeError(f"got {len(entries)} prompt log-probs for {len(prompt_ids)} tokens")
+    name = token_namer(state, as_ids)
     out = CompletionLogprobs()
     offset = 0
-    for token, e in zip(prompt_ids, entries, strict=True):
-        text = state.token_text(token)
-        out.tokens.append(text)
+    for token_id, e in zip(prompt_ids, entries, strict=True):
+        token = name(token_id)
+        out.tokens.append(token)
         out.text_offset.append(offset)
-        offset += len(text)
+        offset += len(state.token_text(token_id))
         if e is None:
             out.token_logprobs.append(None)
             out.top_logprobs.append(None)
             continue
-        top = {state.token_text(t): _finite(lp) for t, lp in e.top}
-        top.setdefault(text, _finite(e.logprob))
+        top = {name(t): _finite(lp) for t, lp in e.top}
+        top.setdefault(token, _finite(e.logprob))
         out.token_logprobs.append(_finite(e.logprob))
         out.top_logprobs.append(top)
     out.tokens += generated.tokens
@@ -300,12 +312,16 @@ def vllm_prompt_logprobs(
     return out
 
 
-def chat_logprobs(entries: list[TokenLogprob], state: ServerState) -> list[ChatTokenLogprob]:
-    """The chat format: one entry per token with its bytes and the top alternatives."""
+def chat_logprobs(
+    entries: list[TokenLogprob], state: ServerState, as_ids: bool | None = None
+) -> list[ChatTokenLogprob]:
+    """The chat format: one entry per token with its bytes and the top alternatives (as_ids:
+    as completion_logprobs')."""
+    name = token_namer(state, as_ids)
     result = []
     for e in entries:
-        text = state.token_text(e.token_id)
-        top = [_top(state.token_text(t), lp) for t, lp in e.top]
+        text = name(e.token_id)
+        top = [_top(name(t), lp) for t, lp in e.top]
         result.append(
             ChatTokenLogprob(
                 token=text, logprob=_finite(e.logprob), bytes=_bytes(text), top_logprobs=top

@@ -135,6 +135,7 @@ class _Completion:
         self.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         self.completion_tokens = 0
         self.cached = [0] * len(reqs)  # per prompt, its prefix-cache hit
+        self._prompt_ids_sent: set[int] = set()  # choices whose chunk carried the prompt's ids
 
     def _echo_text(self, r: EngineRequest) -> str:
         if r.prompt is not None:
@@ -171,8 +172,11 @@ class _Completion:
                     o = CompletionOutput(o.index, logprobs=dropped, finish_reason="length")
                 self.completion_tokens += len(o.token_ids)
                 logprobs = None
+                as_ids = self.req.return_tokens_as_token_ids
                 if o.logprobs is not None:
-                    logprobs, _ = completion_logprobs(o.logprobs, self.state, len(self.echo[p]))
+                    logprobs, _ = completion_logprobs(
+                        o.logprobs, self.state, len(self.echo[p]), as_ids
+                    )
                 ids = self.reqs[p].prompt_ids
                 if self.req.echo and logprobs is not None:  # echo + logprobs: prompt first
                     k = self.req.logprobs or 0
@@ -180,21 +184,23 @@ class _Completion:
                         e if e is None else dataclasses.replace(e, top=e.top[:k])
                         for e in prompt_lps[p]
                     ]
-                    logprobs = prompt_logprobs(ids, echoed, self.state, logprobs)
+                    logprobs = prompt_logprobs(ids, echoed, self.state, logprobs, as_ids)
                 vllm = None
                 if self.req.prompt_logprobs is not None:
                     vllm = vllm_prompt_logprobs(
                         ids, prompt_lps[p], self.req.prompt_logprobs, self.state
                     )
-                choices.append(
-                    CompletionResponseChoice(
-                        index=p * self.n + o.index,
-                        text=self.echo[p] + o.text,
-                        logprobs=logprobs,
-                        finish_reason=finish_reason(o.finish_reason),
-                        prompt_logprobs=vllm,
-                    )
+                choice = CompletionResponseChoice(
+                    index=p * self.n + o.index,
+                    text=self.echo[p] + o.text,
+                    logprobs=logprobs,
+                    finish_reason=finish_reason(o.finish_reason),
+                    prompt_logprobs=vllm,
                 )
+                if self.req.return_token_ids:
+                    choice.prompt_token_ids = list(ids)
+                    choice.token_ids = list(o.token_ids)
+                choices.append(choice)
         body = CompletionResponse(
             id=self.cid,
             created=self.created,
@@ -205,10 +211,17 @@ class _Completion:
         return JSONResponse(body.model_dump())
 
     def _chunk(
-        self, index: int, text: str, logprobs: Any = None, reason: str | None = None
+        self,
+        index: int,
+        text: str,
+        logprobs: Any = None,
+        reason: str | None = None,
+        token_ids: list[int] | None = None,
     ) -> bytes:
+        """One choice's chunk; token_ids (return_token_ids): the ids it adds, and a choice's
+        first chunk carries the prompt's."""
         usage = self._usage() if self.req.continuous_usage else None
-        if logprobs is None and usage is None:
+        if logprobs is None and usage is None and not self.req.return_token_ids:
             if self._template is None:
                 self._template = ChunkTemplate(
                     {
@@ -221,6 +234,11 @@ class _Completion:
                 )
             return self._template.render(index, text, reason)
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=reason)
+        if self.req.return_token_ids:
+            choice.token_ids = token_ids or []
+            if index not in self._prompt_ids_sent:
+                self._prompt_ids_sent.add(index)
+                choice.prompt_token_ids = list(self.reqs[index // self.n].prompt_ids)
         body = CompletionResponse(
             id=self.cid, created=self.created, model=self.model, choices=[choice], usage=usage
         )
@@ -240,17 +258,24 @@ class _Completion:
                     if delta.num_cached_tokens is not None:
                         self.cached[p] = delta.num_cached_tokens
                     for o in delta.outputs:
+                        if self.echo_only:  # the token run for the prompt is dropped
+                            done = "length" if o.finish_reason is not None else None
+                            o = CompletionOutput(o.index, finish_reason=done)
                         index = p * self.n + o.index
                         self.completion_tokens += len(o.token_ids)
                         self.request.state.completion_tokens = self.completion_tokens
                         logprobs = None
                         if o.logprobs is not None:
                             logprobs, offsets[index] = completion_logprobs(
-                                o.logprobs, self.state, offsets.get(index, 0)
+                                o.logprobs,
+                                self.state,
+                                offsets.get(index, 0),
+                                self.req.return_tokens_as_token_ids,
                             )
-                        if o.text or logprobs is not None or o.finish_reason is not None:
+                        ids = o.token_ids if self.req.return_token_ids else []
+                        if o.text or ids or logprobs is not None or o.finish_reason is not None:
                             yield self._chunk(
-                                index, o.text, logprobs, finish_reason(o.finish_reason)
+                                index, o.text, logprobs, finish_reason(o.finish_reason), ids
                             )
             usage = self._usage()
             if self.req.include_usage:

@@ -80,6 +80,11 @@ class SamplingFields(_Request):
     include_stop_str_in_output: bool | None = None
     # OpenAI's: token id (a JSON object key, so a string) -> bias in [-100, 100].
     logit_bias: dict[str, float] | None = None
+    # vLLM's: log-probs name each token "token_id:<id>" instead of its text.
+    return_tokens_as_token_ids: bool | None = None
+    # vLLM's: the prompt's token ids and each choice's generated ids in the response
+    # (streaming: the prompt's in the first chunk, each chunk's new ids in it).
+    return_token_ids: bool | None = None
     # OpenAI fields that do not change the output: accepted, not used.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -206,13 +211,32 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
+def _drop_unset(out: dict[str, Any], model: BaseModel, keys: tuple[str, ...]) -> dict[str, Any]:
+    """`out` without those of `keys` the model never set (vLLM's extras appear only when
+    asked for, so other responses keep OpenAI's shape)."""
+    for key in keys:
+        if key not in model.model_fields_set:
+            out.pop(key, None)
+    return out
+
+
+_TOKEN_IDS = ("prompt_token_ids", "token_ids")
+
+
 class CompletionChoice(BaseModel):
-    """A choice as a stream chunk carries it."""
+    """A choice as a stream chunk carries it; the token ids with `return_token_ids` (the
+    prompt's in a choice's first chunk)."""
 
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_ids(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), self, _TOKEN_IDS)
 
 
 class CompletionResponseChoice(CompletionChoice):
@@ -266,11 +290,7 @@ class ChatResponseMessage(BaseModel):
 
     @model_serializer(mode="wrap")
     def _drop_unset_reasoning(self, handler: Any) -> dict[str, Any]:
-        out = handler(self)
-        for key in ("reasoning_content", "tool_calls"):
-            if key not in self.model_fields_set:
-                out.pop(key, None)
-        return out
+        return _drop_unset(handler(self), self, ("reasoning_content", "tool_calls"))
 
 
 class ChatChoice(BaseModel):
@@ -278,6 +298,11 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_ids(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), self, _TOKEN_IDS)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -288,6 +313,11 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_ids(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), self, _TOKEN_IDS)
 
 
 class DeltaMessage(BaseModel):
@@ -309,6 +339,11 @@ class ChatStreamChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: this chunk's new ids
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_ids(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), self, _TOKEN_IDS)
 
 
 class ChatCompletionChunk(BaseModel):
@@ -318,6 +353,11 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: the first chunk's
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_ids(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), self, _TOKEN_IDS)
 
 
 class ModelCard(BaseModel):
