@@ -174,6 +174,25 @@ def test_second_prompt_reuses_the_first_ones_blocks() -> None:
     drive(sched, model)
 
 
+def test_a_salt_shares_blocks_only_with_its_own_salt() -> None:
+    """cache_salt: the chain's root, so a prompt cached under one salt (or none) is a miss
+    under another, and a hit under the same."""
+    sched = make()
+    model = FakeModel.of(sched)
+    base = list(range(200, 218))  # 4 full blocks
+
+    def run(salt: str | None) -> int:
+        sched.add(s := seq(base + [1]))
+        s.cache_salt = salt
+        drive(sched, model)
+        assert s.num_cached_tokens is not None
+        return s.num_cached_tokens
+
+    assert run("tenant-a") == 0
+    assert run("tenant-b") == 0 and run(None) == 0
+    assert run("tenant-a") == 16 and run("tenant-b") == 16 and run(None) == 16
+
+
 def test_prompt_logprobs_sequences_compute_everything() -> None:
     @dataclass
     class Params:

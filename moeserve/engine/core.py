@@ -210,6 +210,7 @@ class EngineCore:
                     max_tokens=params.max_tokens,
                     params=p,
                     arrival_time=now,
+                    cache_salt=req.cache_salt,
                 )
             )
         for seq in seqs:  # the scheduler refuses what could never fit (RequestTooLarge)

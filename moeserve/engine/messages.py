@@ -30,6 +30,9 @@ class EngineRequest:
     # Split the output's text into reasoning and content by the model's reasoning format
     # (moeserve/reasoning.py); no effect for a model without one.
     split_reasoning: bool = False
+    # The prefix cache's salt: a request shares cached blocks only with requests of the same
+    # salt (vLLM's cache_salt: one tenant cannot time another's prompts by their cache hits).
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)

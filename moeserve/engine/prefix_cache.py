@@ -38,11 +38,19 @@ def block_hash(parent: bytes, tokens: list[int]) -> bytes:
     return h.digest()
 
 
+def chain_root(salt: str | None) -> bytes:
+    """The parent of a sequence's first block: a salt (EngineRequest.cache_salt) changes every
+    hash of the chain, so only sequences of the same salt share blocks."""
+    if salt is None:
+        return _ROOT
+    return hashlib.blake2b(_ROOT + salt.encode(), digest_size=16).digest()
+
+
 def extend_hashes(seq: Sequence, num_blocks: int, block_size: int) -> int:
     """Hash `seq`'s full blocks up to `num_blocks` (stopping at a token still on the device);
     returns how many of the first `num_blocks` are hashed."""
     hashes, ids, bs = seq.block_hashes, seq.token_ids, block_size
-    parent = hashes[-1] if hashes else _ROOT
+    parent = hashes[-1] if hashes else chain_root(seq.cache_salt)
     for j in range(len(hashes), min(num_blocks, seq.num_tokens // bs)):
         tokens = ids[j * bs : (j + 1) * bs]
         if PENDING in tokens:

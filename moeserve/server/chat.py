@@ -174,7 +174,9 @@ async def run_chat(
             ids, prompt = ids[-keep:], None
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
-        engine_req = EngineRequest(f"{cid}-0", ids, p, prompt=prompt, split_reasoning=split)
+        engine_req = EngineRequest(
+            f"{cid}-0", ids, p, prompt=prompt, split_reasoning=split, cache_salt=req.cache_salt
+        )
         chat = (job_class or _Chat)(state, req, cid, engine_req, ticket, request, tools)
         if req.stream:
             return SSEResponse(

@@ -89,6 +89,8 @@ def sampling_params(
             "rather than answered without it)",
             param=option,
         )
+    if req.cache_salt is not None and not req.cache_salt:
+        raise bad_request("cache_salt must be a non-empty string", param="cache_salt")
     if req.prompt_logprobs is not None and req.stream:
         raise bad_request("prompt_logprobs is not supported when streaming", param="stream")
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:

@@ -80,6 +80,8 @@ class SamplingFields(_Request):
     include_stop_str_in_output: bool | None = None
     # OpenAI's: token id (a JSON object key, so a string) -> bias in [-100, 100].
     logit_bias: dict[str, float] | None = None
+    # vLLM's: only requests with the same salt share prefix-cache blocks.
+    cache_salt: str | None = None
     # vLLM's: log-probs name each token "token_id:<id>" instead of its text.
     return_tokens_as_token_ids: bool | None = None
     # vLLM's: the prompt's token ids and each choice's generated ids in the response

@@ -1,0 +1,140 @@
+"""vLLM's request extras beyond sampling, through the server: token ids in the response
+(`return_token_ids`), log-prob tokens named by id (`return_tokens_as_token_ids`) and the
+prefix cache's salt (`cache_salt`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.checkpoints import make_checkpoint
+from tests.server_fixture import MODEL_NAME, RunningServer, serving, sse_events
+
+PROMPTS = ["the quick brown fox", "hello world", "a b c d e f g h i j k l m n o p"]
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("extras") / "mixtral", "mixtral", tokenizer=True)
+    yield from serving(ckpt, max_model_len=128)
+
+
+def test_vllm_token_ids_on_completions(srv: RunningServer) -> None:
+    """return_token_ids: the prompt's ids and the generated ids on each choice (streaming: the
+    prompt's in a choice's first chunk, each chunk's new ids in it, adding up to the whole);
+    return_tokens_as_token_ids: log-probs name tokens "token_id:<id>" (prompt and generated,
+    with echo) while text_offset still counts their text. Neither key appears unasked."""
+    tok = srv.state.client.tokenizer
+    http = srv.client()
+    ids = tok.encode(PROMPTS[2])
+    body = {"prompt": PROMPTS[2], "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert "token_ids" not in plain and "prompt_token_ids" not in plain
+    out = http.post("/v1/completions", json={**body, "return_token_ids": True}).json()
+    choice = out["choices"][0]
+    assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 5
+    assert out["usage"]["completion_tokens"] == 5
+    assert tok.decode(choice["token_ids"], True) == choice["text"] == plain["text"]
+    # As ids, with echo: the prompt's and the generated tokens, in order.
+    named = http.post(
+        "/v1/completions",
+        json={**body, "echo": True, "logprobs": 2, "return_tokens_as_token_ids": True},
+    ).json()["choices"][0]["logprobs"]
+    assert named["tokens"] == [f"token_id:{t}" for t in ids + choice["token_ids"]]
+    for top, token in zip(named["top_logprobs"][1:], named["tokens"][1:], strict=True):
+        assert token in top and all(k.startswith("token_id:") for k in top)
+    # Offsets count text, as without ids: the prompt's tokens', then the echo's length on.
+    texts = [srv.state.token_text(t) for t in ids]
+    offsets = [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    gen = [len(srv.state.token_text(t)) for t in choice["token_ids"]]
+    offsets += [len(PROMPTS[2]) + sum(gen[:i]) for i in range(len(gen))]
+    assert named["text_offset"] == offsets
+    # Streaming, two samples: each choice's chunks add up to its ids.
+    stream = {**body, "stream": True, "n": 2, "return_token_ids": True, "logprobs": 0}
+    stream["return_tokens_as_token_ids"] = True
+    with http.stream("POST", "/v1/completions", json=stream) as r:
+        events = [e for e in sse_events(r.iter_lines()) if e != "[DONE]"]
+    got: dict[int, list[int]] = {0: [], 1: []}
+    prompts: dict[int, list] = {0: [], 1: []}
+    for e in events:
+        for c in e["choices"]:
+            got[c["index"]] += c["token_ids"]
+            prompts[c["index"]].append(c.get("prompt_token_ids"))
+            named = [int(t.removeprefix("token_id:")) for t in c["logprobs"]["tokens"]]
+            assert named == c["token_ids"]
+    assert got == {0: choice["token_ids"], 1: choice["token_ids"]}
+    assert all(p[0] == ids and not any(p[1:]) for p in prompts.values())
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=5, temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    assert r.choices[0].model_extra["token_ids"] == choice["token_ids"]
+
+
+def test_vllm_token_ids_on_chat(srv: RunningServer) -> None:
+    """return_token_ids on chat: the rendered prompt's ids at the top level (streaming: in the
+    first chunk only) and each choice's generated ids; return_tokens_as_token_ids names the
+    log-probs' tokens (their bytes null)."""
+    tok = srv.state.client.tokenizer
+    http = srv.client()
+    messages = [{"role": "user", "content": "hello there"}]
+    body = {"messages": messages, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    plain = http.post("/v1/chat/completions", json=body).json()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]
+    out = http.post(
+        "/v1/chat/completions",
+        json={**body, "return_token_ids": True, "logprobs": True, "top_logprobs": 1,
+              "return_tokens_as_token_ids": True},
+    ).json()  # fmt: skip
+    rendered = srv.client().post("/tokenize", json={"messages": messages}).json()["tokens"]
+    assert out["prompt_token_ids"] == rendered
+    assert len(out["prompt_token_ids"]) == out["usage"]["prompt_tokens"]
+    choice = out["choices"][0]
+    assert len(choice["token_ids"]) == 4 == out["usage"]["completion_tokens"]
+    assert tok.decode(choice["token_ids"], True) == choice["message"]["content"]
+    content = choice["logprobs"]["content"]
+    assert [e["token"] for e in content] == [f"token_id:{t}" for t in choice["token_ids"]]
+    assert all(e["bytes"] is None for e in content)
+    with http.stream(
+        "POST", "/v1/chat/completions", json={**body, "stream": True, "return_token_ids": True}
+    ) as r:
+        events = [e for e in sse_events(r.iter_lines()) if e != "[DONE]"]
+    assert events[0]["prompt_token_ids"] == rendered
+    assert not any("prompt_token_ids" in e for e in events[1:])
+    streamed = [t for e in events for c in e["choices"] for t in c.get("token_ids", [])]
+    assert streamed == choice["token_ids"]
+    assert (
+        "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+        == (plain["choices"][0]["message"]["content"])
+    )
+
+
+def test_cache_salt_separates_prefix_cache_hits(srv: RunningServer) -> None:
+    """cache_salt: a prompt cached under one salt is found again only under the same salt
+    (usage.prompt_tokens_details.cached_tokens), on completions and chat; an empty salt is a
+    400 naming it."""
+    http = srv.client()
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 3)
+
+    def cached(salt: str | None, route: str = "/v1/completions") -> int:
+        body: dict = {"max_tokens": 1, "temperature": 0}
+        if salt is not None:
+            body["cache_salt"] = salt
+        if route == "/v1/completions":
+            body["prompt"] = prompt
+        else:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        r = http.post(route, json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("s1") == 0
+    assert cached("s2") == 0 and cached(None) == 0
+    assert cached("s1") > 0 and cached("s2") > 0 and cached(None) > 0
+    chat = "/v1/chat/completions"
+    assert cached("s3", chat) == 0 and cached("s3", chat) > 0 and cached("s4", chat) == 0
+    r = http.post("/v1/completions", json={"prompt": "hi", "cache_salt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
