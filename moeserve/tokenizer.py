@@ -206,16 +206,20 @@ def _cut_after_final(text: str, messages: list[dict[str, Any]]) -> str:
 
 
 def encode_prompt(
-    tokenizer: Tokenizer | None, vocab_size: int, prompt: str | list[int]
+    tokenizer: Tokenizer | None,
+    vocab_size: int,
+    prompt: str | list[int],
+    add_special_tokens: bool = True,
 ) -> list[int]:
-    """Token ids of a prompt: text encoded, or ids checked against the model's vocabulary.
+    """Token ids of a prompt: text encoded (with the tokenizer's special tokens, BOS etc.,
+    unless add_special_tokens is False), or ids checked against the model's vocabulary.
     ValueError says what is wrong."""
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty")
         if tokenizer is None:
             raise ValueError("this model has no tokenizer.json: send token ids")
-        return tokenizer.encode(prompt)
+        return tokenizer.encode(prompt, add_special_tokens)
     ids = list(prompt)
     if not ids:
         raise ValueError("prompt is empty")

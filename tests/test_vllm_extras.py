@@ -138,3 +138,29 @@ def test_cache_salt_separates_prefix_cache_hits(srv: RunningServer) -> None:
     assert cached("s3", chat) == 0 and cached("s3", chat) > 0 and cached("s4", chat) == 0
     r = http.post("/v1/completions", json={"prompt": "hi", "cache_salt": ""})
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
+def test_add_special_tokens(srv: RunningServer) -> None:
+    """add_special_tokens: a completion's text prompt gets the tokenizer's special tokens by
+    default and not with false; a chat prompt (its template wrote them) the other way round."""
+    tok = srv.state.client.tokenizer
+    http = srv.client()
+    with_special, bare = tok.encode(PROMPTS[0], True), tok.encode(PROMPTS[0], False)
+    assert with_special != bare  # this tokenizer adds some (a BOS)
+
+    def prompt_ids(route: str, **extra: object) -> list[int]:
+        body: dict = {"max_tokens": 1, "return_token_ids": True, **extra}
+        r = http.post(route, json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        return out.get("prompt_token_ids") or out["choices"][0]["prompt_token_ids"]
+
+    done = "/v1/completions"
+    assert prompt_ids(done, prompt=PROMPTS[0]) == with_special
+    assert prompt_ids(done, prompt=PROMPTS[0], add_special_tokens=False) == bare
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    rendered = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    chat = "/v1/chat/completions"
+    assert prompt_ids(chat, messages=messages) == rendered
+    text = tok.decode(rendered, False)
+    assert prompt_ids(chat, messages=messages, add_special_tokens=True) == tok.encode(text, True)

@@ -89,9 +89,10 @@ class EngineClient:
     def num_open_requests(self) -> int:
         return len(self._queues)
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt; ValueError for an empty one or ids outside the vocabulary."""
-        return encode_prompt(self.tokenizer, self.model_config.vocab_size, prompt)
+        vocab = self.model_config.vocab_size
+        return encode_prompt(self.tokenizer, vocab, prompt, add_special_tokens)
 
     def attach(self, stats_sink: Callable[[StepStats], None] | None = None) -> None:
         """Bind to the running event loop (before the first request); each step's statistics

@@ -163,10 +163,11 @@ async def run_chat(
         except ValueError as e:
             raise bad_request(str(e), param="messages") from None
         refuse_oversized(state, text, max_tokens, keep)
+        special = bool(req.add_special_tokens)  # the template wrote them (vLLM's default)
         if len(text) > OFFLOAD_LEN:
-            ids = await state.offload(tokenizer.encode, text, add_special_tokens=False)
+            ids = await state.offload(tokenizer.encode, text, add_special_tokens=special)
         else:
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = tokenizer.encode(text, add_special_tokens=special)
         if not ids:
             raise bad_request("the chat template rendered an empty prompt", param="messages")
         prompt: str | None = text

@@ -95,7 +95,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 refuse_oversized(state, prompt, max_tokens, keep)
-            ids = await state.encode(prompt)
+            ids = await state.encode(prompt, req.add_special_tokens is not False)
             text = prompt if isinstance(prompt, str) else None
             if keep is not None and len(ids) > keep:  # the last `keep` tokens (echo shows them)
                 ids, text = ids[-keep:], None

@@ -80,6 +80,9 @@ class SamplingFields(_Request):
     include_stop_str_in_output: bool | None = None
     # OpenAI's: token id (a JSON object key, so a string) -> bias in [-100, 100].
     logit_bias: dict[str, float] | None = None
+    # vLLM's: the tokenizer's special tokens (BOS, ...) around a text prompt; default true
+    # for completions, false for chat (its template writes them).
+    add_special_tokens: bool | None = None
     # vLLM's: only requests with the same salt share prefix-cache blocks.
     cache_salt: str | None = None
     # vLLM's: log-probs name each token "token_id:<id>" instead of its text.

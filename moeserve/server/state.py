@@ -305,13 +305,13 @@ class ServerState:
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
-    async def encode(self, prompt: str | list[int]) -> list[int]:
+    async def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         """Engine.encode_prompt (ValueError for an empty prompt or ids outside the vocab),
         off the event loop when the prompt is long."""
         assert self.client is not None
         if len(prompt) > OFFLOAD_LEN:
-            return await self.offload(self.client.encode_prompt, prompt)
-        return self.client.encode_prompt(prompt)
+            return await self.offload(self.client.encode_prompt, prompt, add_special_tokens)
+        return self.client.encode_prompt(prompt, add_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token alone, for logprobs (output.token_text), cached."""
