@@ -123,6 +123,13 @@ def add_engine_args(p: EnvDefaults) -> None:
         "prompt into the decodes, which cannot replay a CUDA graph; 0: at once",
     )
     p.add_option(
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        default="fcfs",
+        help="fcfs: first come, first served; priority: a request's `priority` (lower first) "
+        "orders admission, and a KV shortage preempts the lowest first",
+    )
+    p.add_option(
         "--no-chunked-prefill",
         action="store_true",
         default=False,

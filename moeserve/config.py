@@ -174,10 +174,16 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # While decodes run, new requests wait up to this many steps to start together (0: at once).
     admission_wait_steps: int = 8
+    # "fcfs", or "priority": requests' priority orders admission and preemption (vLLM's).
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         if self.admission_wait_steps < 0:
             raise ConfigError(f"admission_wait_steps must be >= 0, got {self.admission_wait_steps}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(
+                f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}"
+            )
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -308,6 +314,7 @@ _OPTIONS: dict[str, tuple[str, str]] = {
     "max_model_len": ("scheduler", "max_model_len"),
     "enable_chunked_prefill": ("scheduler", "enable_chunked_prefill"),
     "admission_wait_steps": ("scheduler", "admission_wait_steps"),
+    "scheduling_policy": ("scheduler", "scheduling_policy"),
     "expert_cache_slots": ("offload", "cache_slots"),
     "expert_cache_gb": ("offload", "cache_bytes"),
     "offload_mode": ("offload", "mode"),

@@ -4,20 +4,26 @@ prefix cache's salt (`cache_salt`)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
 
 from tests.checkpoints import make_checkpoint
-from tests.server_fixture import MODEL_NAME, RunningServer, serving, sse_events
+from tests.server_fixture import MODEL_NAME, RunningServer, serving, sse_events, start_server
 
 PROMPTS = ["the quick brown fox", "hello world", "a b c d e f g h i j k l m n o p"]
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("extras") / "mixtral", "mixtral", tokenizer=True)
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("extras") / "mixtral", "mixtral", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def srv(ckpt: Path) -> Iterator[RunningServer]:
     yield from serving(ckpt, max_model_len=128)
 
 
@@ -164,3 +170,34 @@ def test_add_special_tokens(srv: RunningServer) -> None:
     assert prompt_ids(chat, messages=messages) == rendered
     text = tok.decode(rendered, False)
     assert prompt_ids(chat, messages=messages, add_special_tokens=True) == tok.encode(text, True)
+
+
+def test_priority_needs_the_priority_policy(srv: RunningServer, ckpt: Path) -> None:
+    """priority: 0 is accepted anywhere; another value is a 400 naming it unless the server
+    runs --scheduling-policy priority, where requests of every priority complete (the
+    ordering itself: tests/test_scheduler.py)."""
+    http = srv.client()
+    body = {"prompt": "hello", "max_tokens": 2}
+    assert http.post("/v1/completions", json={**body, "priority": 0}).status_code == 200
+    r = http.post("/v1/completions", json={**body, "priority": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+    assert "--scheduling-policy priority" in r.json()["error"]["message"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "priority": -1}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 400
+    prio = start_server(ckpt, engine_kwargs={"scheduling_policy": "priority", "max_num_seqs": 2})
+    try:
+        http = prio.client()
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(
+                pool.map(
+                    lambda p: http.post(
+                        "/v1/completions", json={**body, "max_tokens": 4, "priority": p}
+                    ),
+                    [5, -2, 0, 3, -1, 9],
+                )
+            )
+        assert all(r.status_code == 200 for r in results)
+        assert all(r.json()["usage"]["completion_tokens"] == 4 for r in results)
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    finally:
+        prio.stop()

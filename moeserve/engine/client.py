@@ -45,6 +45,7 @@ class EngineClient:
         self.vocab_size = info.vocab_size
         self.offloads_experts = info.offloads_experts
         self.weight_bytes = info.weight_bytes
+        self.by_priority = info.by_priority
         self.tokenizer = tokenizer
         self.stats_sink: Callable[[StepStats], None] | None = None
         self.error: BaseException | None = None

@@ -125,6 +125,7 @@ class EngineCore:
             kv_groups=ex.kv_groups,
             enable_prefix_caching=config.cache.enable_prefix_caching,
             share_prompts=True,
+            policy=sched.scheduling_policy,
         )
         self.sampler = Sampler(self.vocab_size, seed=config.seed)
         self._requests: dict[str, _Request] = {}
@@ -160,6 +161,7 @@ class EngineCore:
             self.vocab_size,
             self.offloads_experts,
             self.executor.weight_bytes,
+            self.scheduler.by_priority,
         )
 
     # ----------------------------------------------------------------- requests
@@ -168,6 +170,10 @@ class EngineCore:
         rid, ids, params = req.request_id, req.prompt_ids, req.params
         if rid in self._requests:
             raise InvalidRequest(f"request id {rid!r} is already in use")
+        if req.priority and not self.scheduler.by_priority:
+            raise InvalidRequest(
+                "priority needs the priority scheduling policy (--scheduling-policy priority)"
+            )
         if not ids:
             raise InvalidRequest("prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -211,6 +217,7 @@ class EngineCore:
                     params=p,
                     arrival_time=now,
                     cache_salt=req.cache_salt,
+                    priority=req.priority,
                 )
             )
         for seq in seqs:  # the scheduler refuses what could never fit (RequestTooLarge)

@@ -27,6 +27,7 @@ class LLM:
     Keyword arguments are the engine options, named as the CLI flags (config.OPTION_NAMES):
     dtype, device, block_size, kv_cache_memory, gpu_memory_utilization, max_num_seqs,
     max_num_batched_tokens, max_model_len, enable_chunked_prefill, admission_wait_steps,
+    scheduling_policy,
     expert_cache_slots, expert_cache_gb, offload_mode, expert_cache_policy, prefetch,
     expert_cache_kernels, expert_cache_graph_batch, load_format, quantization, kernels,
     enforce_eager, async_scheduling, seed, enable_prefix_caching; or

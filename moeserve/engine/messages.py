@@ -33,6 +33,9 @@ class EngineRequest:
     # The prefix cache's salt: a request shares cached blocks only with requests of the same
     # salt (vLLM's cache_salt: one tenant cannot time another's prompts by their cache hits).
     cache_salt: str | None = None
+    # Under the scheduler's priority policy (--scheduling-policy priority): a lower value is
+    # admitted first and preempted last. Must be 0 under "fcfs".
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class EngineInfo:
     offloads_experts: bool
     # Bytes of the weights as stored, by (part, format, location): MoEForCausalLM.weight_bytes.
     weight_bytes: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    by_priority: bool = False  # the scheduler orders requests by priority
 
 
 @dataclass(frozen=True)

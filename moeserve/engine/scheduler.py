@@ -10,6 +10,7 @@ this class changes a sequence's scheduling state.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,8 +63,17 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _priority_key(seq: Sequence) -> tuple[int, float, int]:
+    """Order under the priority policy: lower priority value, then earlier arrival, first."""
+    return seq.priority, seq.arrival_time, seq.seq_id
+
+
+POLICIES = ("fcfs", "priority")
+
+
 class Scheduler:
-    """FCFS continuous-batching scheduler; owns the `BlockPool` (see `block_pool`)."""
+    """Continuous-batching scheduler, first come first served or by priority; owns the
+    `BlockPool` (see `block_pool`)."""
 
     def __init__(
         self,
@@ -78,6 +88,7 @@ class Scheduler:
         kv_groups: KVGroups | None = None,
         enable_prefix_caching: bool = False,
         share_prompts: bool = False,
+        policy: str = "fcfs",
     ) -> None:
         """admission_wait_steps > 0: while other sequences run, hold new requests back until
         max_num_seqs // 8 of them can start together or the oldest has waited that many steps
@@ -87,7 +98,10 @@ class Scheduler:
         window moves past them (engine/kv_groups.py). enable_prefix_caching: full blocks stay
         cached by content and new sequences start from their longest cached prefix;
         share_prompts: the n sequences of a request compute their prompt once
-        (engine/prefix_cache.py)."""
+        (engine/prefix_cache.py). policy "priority" (vLLM's): the waiting queue is ordered by
+        (Sequence.priority, arrival), a lower value first; running sequences get their blocks
+        in that order, and the one a shortage preempts is the last in it (under "fcfs": the
+        newest admitted)."""
         sizes = {
             "num_blocks": num_blocks,
             "block_size": block_size,
@@ -105,6 +119,9 @@ class Scheduler:
             )
         if admission_wait_steps < 0:
             raise ValueError(f"admission_wait_steps must be >= 0, got {admission_wait_steps}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.by_priority = policy == "priority"
         if max_num_batched_tokens < max_num_seqs:
             # Otherwise a full batch of decodes would not fit in one step's budget.
             raise ValueError(
@@ -159,7 +176,10 @@ class Scheduler:
             )
         self._seqs[seq.seq_id] = seq
         self._by_request.setdefault(seq.request_id, []).append(seq)
-        self._waiting.append(seq)
+        if self.by_priority:
+            bisect.insort(self._waiting, seq, key=_priority_key)
+        else:
+            self._waiting.append(seq)
         self._queued_at[seq.seq_id] = self._num_schedules
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -230,6 +250,8 @@ class Scheduler:
         # Under async scheduling a seq's last token may still be on the device when this runs:
         # one that reached max_tokens or max_model_len with it only awaits the engine's finish.
         running = [s for s in self._running.values() if not self._complete(s)]
+        if self.by_priority:  # the first in priority order get their blocks first
+            running.sort(key=_priority_key)
         decodes = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in running if s.num_tokens - s.num_computed_tokens > 1]
         assert len(decodes) + len(prefills) == len(running), "a running seq has nothing to run"
@@ -367,16 +389,17 @@ class Scheduler:
         return blocks * self.block_size - seq.num_computed_tokens
 
     def _make_room(self, seq: Sequence, n: int, done: set[int], out: SchedulerOutput) -> bool:
-        """Preempt newest-admitted unscheduled others until `seq` can add `n` tokens."""
+        """Preempt newest-admitted unscheduled others until `seq` can add `n` tokens (by
+        priority: the last in priority order, which may be `seq` itself: then False)."""
         while self._capacity(seq) < n:
-            victim = next(
-                (
-                    v
-                    for v in reversed(self._running.values())
-                    if v is not seq and v.seq_id not in done
-                ),
-                None,
-            )
+            others = (v for v in self._running.values() if v.seq_id not in done)
+            if self.by_priority:
+                victim = max(others, key=_priority_key, default=None)
+                if victim is seq:
+                    return False
+            else:
+                victim = next((v for v in reversed(self._running.values()) if v is not seq
+                               and v.seq_id not in done), None)  # fmt: skip
             if victim is None:
                 return False
             self._preempt(victim, out)
@@ -426,6 +449,9 @@ class Scheduler:
         self._num_preemptions_total += 1
         out.preempted.append(seq)
         self._queued_at[seq.seq_id] = -self.admission_wait_steps - 1  # back as soon as it fits
+        if self.by_priority:  # its place by priority, ahead of later arrivals of its level
+            bisect.insort(self._waiting, seq, key=_priority_key)
+            return
         # The front of the queue holds the preempted seqs in arrival order; insert among them.
         key = (seq.arrival_time, seq.seq_id)
         i = 0

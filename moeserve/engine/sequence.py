@@ -61,6 +61,7 @@ class Sequence:
     num_registered_blocks: int = 0
     num_cached_tokens: int | None = None
     cache_salt: str | None = None  # the hashes' salt (EngineRequest.cache_salt)
+    priority: int = 0  # under the priority policy: lower runs first (EngineRequest.priority)
     # prompt + outputs kept as one list so `token_ids` is O(1) per access and
     # `append_token` O(1) per step, instead of a concatenation every time.
     _all_ids: list[int] = field(init=False, repr=False)

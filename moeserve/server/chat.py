@@ -176,7 +176,13 @@ async def run_chat(
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
         engine_req = EngineRequest(
-            f"{cid}-0", ids, p, prompt=prompt, split_reasoning=split, cache_salt=req.cache_salt
+            f"{cid}-0",
+            ids,
+            p,
+            prompt=prompt,
+            split_reasoning=split,
+            cache_salt=req.cache_salt,
+            priority=req.priority or 0,
         )
         chat = (job_class or _Chat)(state, req, cid, engine_req, ticket, request, tools)
         if req.stream:

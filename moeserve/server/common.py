@@ -89,6 +89,12 @@ def sampling_params(
             "rather than answered without it)",
             param=option,
         )
+    assert state.client is not None  # inference routes run only once the model is loaded
+    if req.priority and not state.client.by_priority:
+        raise bad_request(
+            "priority needs a server started with --scheduling-policy priority",
+            param="priority",
+        )
     if req.cache_salt is not None and not req.cache_salt:
         raise bad_request("cache_salt must be a non-empty string", param="cache_salt")
     if req.prompt_logprobs is not None and req.stream:
@@ -119,7 +125,6 @@ def sampling_params(
             dataclasses.replace(params, seed=params.seed + params.n - 1)
     except ValueError as e:
         raise from_value_error(e, _PARAM_NAMES) from None
-    assert state.client is not None  # inference routes run only once the model is loaded
     vocab = state.client.model_config.vocab_size
     checked = ("stop_token_ids", "logit_bias", "allowed_token_ids")
     for name, ids in ((name, getattr(params, name)) for name in checked):

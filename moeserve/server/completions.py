@@ -100,7 +100,16 @@ async def create_completion(request: Request, state: ServerState) -> Response:
             if keep is not None and len(ids) > keep:  # the last `keep` tokens (echo shows them)
                 ids, text = ids[-keep:], None
             p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
-            reqs.append(EngineRequest(f"{cid}-{i}", ids, p, prompt=text, cache_salt=req.cache_salt))
+            reqs.append(
+                EngineRequest(
+                    f"{cid}-{i}",
+                    ids,
+                    p,
+                    prompt=text,
+                    cache_salt=req.cache_salt,
+                    priority=req.priority or 0,
+                )
+            )
         request.state.prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         job = _Completion(state, req, cid, reqs, ticket, request, echo_only)
         if req.stream:

@@ -83,6 +83,8 @@ class SamplingFields(_Request):
     # vLLM's: the tokenizer's special tokens (BOS, ...) around a text prompt; default true
     # for completions, false for chat (its template writes them).
     add_special_tokens: bool | None = None
+    # vLLM's: under --scheduling-policy priority, lower runs first (else only 0).
+    priority: int | None = None
     # vLLM's: only requests with the same salt share prefix-cache blocks.
     cache_salt: str | None = None
     # vLLM's: log-probs name each token "token_id:<id>" instead of its text.
