@@ -22,6 +22,7 @@ MAX_STOP_STRING_CHARS = 256
 # sampler's host work.
 MAX_LOGIT_BIAS = 1024
 MAX_ALLOWED_TOKEN_IDS = 16384
+MAX_BAD_WORDS = 256
 
 StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "lark"]
 STRUCTURED_KINDS: tuple[str, ...] = get_args(StructuredKind)
@@ -87,6 +88,10 @@ class SamplingParams:
     [-100, 100] added to that token's logit before the penalties, temperature and filters
     (OpenAI's field; -100 all but bans a token, 100 all but forces it); logprobs stay those of
     the raw logits. ``allowed_token_ids``: only these tokens may be sampled (vLLM's field).
+    ``bad_words`` (vLLM's field): words the output may not contain. Each word's tokens, at
+    the start of a text and after a space (tokenizer.bad_word_ids), form a sequence whose
+    last token is banned when the output's last tokens are the rest of it (a one-token word
+    is always banned). The engine fills ``bad_words_token_ids`` from the model's tokenizer.
     """
 
     n: int = 1
@@ -110,6 +115,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None  # the engine's (from bad_words)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -122,6 +129,8 @@ class SamplingParams:
             self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = sorted(set(self.allowed_token_ids))
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words) or None
 
     def _validate(self) -> None:
         _check_int("n", self.n, 1, MAX_N)
@@ -160,6 +169,7 @@ class SamplingParams:
                 f"structured must be a StructuredOutput, got {type(self.structured).__name__}"
             )
         self._validate_logit_bias()
+        self._validate_bad_words()
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
                 raise ValueError(
@@ -188,6 +198,24 @@ class SamplingParams:
                 "min_tokens cannot be combined with structured outputs (the grammar decides "
                 "where the output may end)"
             )
+
+    def _validate_bad_words(self) -> None:
+        if self.bad_words is None:
+            return
+        if not isinstance(self.bad_words, (list, tuple)):
+            raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise ValueError(
+                f"bad_words may hold at most {MAX_BAD_WORDS} words, got {len(self.bad_words)}"
+            )
+        for word in self.bad_words:
+            if not isinstance(word, str) or not word.strip():
+                raise ValueError(f"bad_words must be non-empty strings, got {word!r}")
+            if len(word) > MAX_STOP_STRING_CHARS:
+                raise ValueError(
+                    f"bad_words must be at most {MAX_STOP_STRING_CHARS} characters, got one "
+                    f"of {len(word)}"
+                )
 
     def _validate_logit_bias(self) -> None:
         if self.logit_bias is None:
@@ -238,9 +266,14 @@ class SamplingParams:
     @property
     def changes_logits(self) -> bool:
         """True when the sampler must change this row's logits before choosing (penalties, a
-        logit bias, allowed tokens): a greedy row then takes the argmax of the changed
-        logits."""
-        return self.has_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
+        logit bias, allowed tokens, bad words): a greedy row then takes the argmax of the
+        changed logits."""
+        return (
+            self.has_penalties
+            or bool(self.logit_bias)
+            or self.allowed_token_ids is not None
+            or bool(self.bad_words_token_ids)
+        )
 
     @property
     def top_k_enabled(self) -> bool:

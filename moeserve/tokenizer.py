@@ -102,6 +102,22 @@ class Tokenizer:
             return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def bad_word_ids(self, words: list[str]) -> list[list[int]]:
+        """Each word's token sequence as it would start a text and, where it tokenises to a
+        different first token of the same length, as it would follow a space (vLLM's rule, so
+        that `bad_words` bans a word in the middle of a text too). ValueError for a word with
+        no tokens."""
+        out: list[list[int]] = []
+        for word in words:
+            plain = self.encode(word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise ValueError(f"bad_words: {word!r} has no tokens")
+            out.append(plain)
+            spaced = self.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return out
+
     def min_tokens(self, text: str) -> int:
         """A lower bound on len(encode(text)) from its UTF-8 length alone (0 when the
         tokenizer allows no sound bound): a prompt far past the context is refused without

@@ -236,6 +236,26 @@ def test_rows_short_of_min_tokens_cannot_end() -> None:
         assert out.token_ids[0] != eos
 
 
+def test_bad_words_ban_the_token_that_would_complete_one() -> None:
+    """A one-token bad word is never picked; a longer one's last token only where the output
+    ends with the rest of it (a +100 bias included); other rows are untouched. Greedy rows
+    alone take this path too."""
+    V = 8
+    logits = torch.zeros(1, V)
+    words = [[3], [1, 2, 5], [6, 7]]
+    params = SamplingParams(temperature=0, logit_bias={3: 100.0, 5: 90.0, 7: 80.0})
+    params = SamplingParams(**{**params.__dict__, "bad_words_token_ids": words})
+    assert params.changes_logits
+    sampler = Sampler(V)
+    for output, want in (([], 5), ([1], 5), ([1, 2], 7), ([0, 6], 5), ([1, 2, 6], 5)):
+        row = Row(params, output_ids=output)
+        got = sampler.sample(logits, [row]).token_ids[0]
+        assert got != 3 and got == want, (output, got)
+    row = Row(params, output_ids=[9, 1, 2])
+    other = Row(SamplingParams(temperature=0, logit_bias={3: 100.0}))
+    assert sampler.sample(logits.expand(2, -1), [row, other]).token_ids == [7, 3]
+
+
 def test_logprobs_are_raw_log_softmax_sorted() -> None:
     logits = random_logits(3, 30, seed=7)
     rows = [
@@ -319,6 +339,11 @@ def test_empty_batch_and_shape_check() -> None:
         ({"min_tokens": -1}, "min_tokens"),
         ({"min_tokens": 17}, "min_tokens"),  # more than max_tokens (16)
         ({"min_tokens": 2, "structured": StructuredOutput("regex", "a+")}, "min_tokens"),
+        ({"bad_words": "x"}, "bad_words"),
+        ({"bad_words": [" "]}, "bad_words"),
+        ({"bad_words": [3]}, "bad_words"),
+        ({"bad_words": ["w"] * 257}, "bad_words"),
+        ({"bad_words": ["w" * 257]}, "bad_words"),
     ],
 )
 def test_sampling_params_validation_names_the_field(kwargs: dict, field_name: str) -> None:

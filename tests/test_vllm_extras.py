@@ -1,6 +1,6 @@
-"""vLLM's request extras beyond sampling, through the server: token ids in the response
-(`return_token_ids`), log-prob tokens named by id (`return_tokens_as_token_ids`) and the
-prefix cache's salt (`cache_salt`)."""
+"""vLLM's request extras: token ids in the response (`return_token_ids`), log-prob tokens
+named by id (`return_tokens_as_token_ids`), the prefix cache's salt (`cache_salt`),
+`add_special_tokens`, `priority` and `bad_words` (offline and through the server)."""
 
 from __future__ import annotations
 
@@ -201,3 +201,61 @@ def test_priority_needs_the_priority_policy(srv: RunningServer, ckpt: Path) -> N
         assert http.post("/v1/chat/completions", json=chat).status_code == 200
     finally:
         prio.stop()
+
+
+def _contains(seq: list[int], sub: list[int]) -> bool:
+    return any(seq[i : i + len(sub)] == sub for i in range(len(seq) - len(sub) + 1))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_bad_words_never_complete(ckpt: Path, async_scheduling: bool) -> None:
+    """bad_words: a word of one token and one of two, taken from the greedy output itself,
+    never appear in the output once banned (so the output changes), in both scheduling
+    modes; the same through the server; a blank word is a 400 naming the field."""
+    from moeserve import LLM, SamplingParams
+
+    llm = LLM(
+        ckpt, device="cpu", progress=False, max_model_len=64, async_scheduling=async_scheduling
+    )
+    tok = llm.tokenizer
+    params = dict(max_tokens=16, temperature=0, ignore_eos=True)
+    base = llm.generate([PROMPTS[0]], SamplingParams(**params))[0].outputs[0].token_ids
+    one = next(t for t in base if [t] in tok.bad_word_ids([tok.decode([t], False)]))
+    pair = next(
+        base[i : i + 2]
+        for i in range(len(base) - 1)
+        if base[i : i + 2] in tok.bad_word_ids([tok.decode(base[i : i + 2], False)])
+    )
+    for banned, word in (([one], tok.decode([one], False)), (pair, tok.decode(pair, False))):
+        out = llm.generate([PROMPTS[0]], SamplingParams(**params, bad_words=[word]))
+        ids = out[0].outputs[0].token_ids
+        assert ids != base and not _contains(ids, banned), (word, banned, ids)
+        # Up to where the banned tokens first came, the output is unchanged.
+        first = next(i for i in range(len(base)) if base[i : i + len(banned)] == banned)
+        assert ids[: first + len(banned) - 1] == base[: first + len(banned) - 1]
+    # One request with bad words beside plain ones: those keep their outputs.
+    both = llm.generate(
+        [PROMPTS[0], PROMPTS[0]],
+        [SamplingParams(**params, bad_words=[tok.decode(pair, False)]), SamplingParams(**params)],
+    )
+    assert both[1].outputs[0].token_ids == base and not _contains(
+        both[0].outputs[0].token_ids, pair
+    )
+
+
+def test_bad_words_through_the_server(srv: RunningServer) -> None:
+    http = srv.client()
+    tok = srv.state.client.tokenizer
+    body = {"prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    base = http.post("/v1/completions", json={**body, "return_token_ids": True}).json()
+    ids = base["choices"][0]["token_ids"]
+    word = tok.decode(ids[:1], False)
+    out = http.post(
+        "/v1/completions", json={**body, "return_token_ids": True, "bad_words": [word]}
+    ).json()
+    assert ids[0] not in out["choices"][0]["token_ids"][:1]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "bad_words": [word]}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    for bad in ([""], ["  "], "word"):
+        r = http.post("/v1/completions", json={**body, "bad_words": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", r.text

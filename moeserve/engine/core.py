@@ -136,6 +136,7 @@ class EngineCore:
         # step with one of them running waits for the last step's tokens before it is scheduled.
         self._penalised: set[str] = set()
         self.grammars: Grammars | None = None  # set_tokenizer
+        self.tokenizer: Tokenizer | None = None  # set_tokenizer (bad_words)
         self._seq_ids = itertools.count()
         self.num_steps = 0  # steps that ran the model
 
@@ -148,6 +149,7 @@ class EngineCore:
         """The model's tokenizer, which structured outputs compile their grammars against (call
         after set_eos: EOS is what a grammar allows where it may end)."""
         self.grammars = Grammars(tokenizer, self.vocab_size, self.eos_token_ids)
+        self.tokenizer = tokenizer
 
     @property
     def offloads_experts(self) -> bool:
@@ -195,6 +197,11 @@ class EngineCore:
                 "allowed_token_ids: every allowed token ends the output, so min_tokens cannot "
                 "be met"
             )
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise InvalidRequest("bad_words need the model's tokenizer.json")
+            words = self.tokenizer.bad_word_ids(params.bad_words)  # ValueError: a 400
+            params = replace(params, bad_words_token_ids=words)
         grammars = None
         if params.structured is not None:
             if self.grammars is None:
@@ -222,7 +229,8 @@ class EngineCore:
             )
         for seq in seqs:  # the scheduler refuses what could never fit (RequestTooLarge)
             self.scheduler.add(seq)
-        if params.has_penalties or grammars is not None:
+        # Penalties, grammars and bad words read the output so far: their steps wait for it.
+        if params.has_penalties or grammars is not None or params.bad_words_token_ids:
             self._penalised.add(rid)
         metrics = RequestMetrics(arrival_time=now, num_prompt_tokens=len(ids))
         self._requests[rid] = _Request(params, seqs, metrics, [0.0] * params.n)

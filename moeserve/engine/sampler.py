@@ -153,7 +153,8 @@ class Sampler:
     """Turns a step's logits into one token per row.
 
     Order of operations per row: allowed tokens only, the logit bias, the ban on ending
-    before min_tokens (stop tokens and EOS at -inf), repetition/presence/frequency
+    before min_tokens (stop tokens and EOS at -inf), the bad words' next tokens (-inf),
+    repetition/presence/frequency
     penalties, then (random rows only) temperature, top-k, top-p, min-p, then an exponential
     race ``argmax(p / q)`` with ``q ~ Exp(1)``. Greedy rows take the argmax of the logits so
     changed. A row with ``params.seed`` draws its noise from a generator seeded by
@@ -227,6 +228,8 @@ class Sampler:
             logits_BV = apply_logit_bias(logits_BV, params)
         if short:
             logits_BV = ban_endings(logits_BV, [(i, params[i]) for i in short], eos_token_ids)
+        if any(p.bad_words_token_ids for p in params):
+            logits_BV = ban_bad_words(logits_BV, rows)
 
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         if pen_rows:
@@ -351,6 +354,25 @@ def ban_endings(
         for t in {*p.stop_token_ids, *(() if p.ignore_eos else eos_token_ids)}
         if t < V
     ]
+    if not pairs:
+        return logits_BV
+    device = logits_BV.device
+    index = (_index([i for i, _ in pairs], device), _index([t for _, t in pairs], device))
+    return logits_BV.index_put(index, torch.tensor(float("-inf"), device=device))
+
+
+def ban_bad_words(logits_BV: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """A copy of ``logits_BV`` where each row's bad words cannot be completed: the last token
+    of every bad-word sequence whose other tokens end the row's output (a one-token word:
+    always), at -inf. The output must be up to date (the engine waits for it)."""
+    V = logits_BV.shape[1]
+    pairs = []
+    for i, row in enumerate(rows):
+        out = row.output_ids
+        for word in row.params.bad_words_token_ids or ():
+            *head, last = word
+            if last < V and (not head or out[len(out) - len(head) :] == head):
+                pairs.append((i, last))
     if not pairs:
         return logits_BV
     device = logits_BV.device

@@ -43,6 +43,7 @@ _SAMPLING_FIELDS = (
     "ignore_eos",
     "min_tokens",
     "allowed_token_ids",
+    "bad_words",
     "prompt_logprobs",
     "stop_token_ids",
     "skip_special_tokens",

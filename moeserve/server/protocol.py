@@ -70,6 +70,7 @@ class SamplingFields(_Request):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None  # vLLM's: words the output may not contain
     # vLLM's: keep only the prompt's last k tokens (-1: as many as the context holds).
     truncate_prompt_tokens: int | None = None
     # vLLM's: each prompt token's log-prob and this many alternatives (0..20), in the
