@@ -259,3 +259,22 @@ def test_bad_words_through_the_server(srv: RunningServer) -> None:
     for bad in ([""], ["  "], "word"):
         r = http.post("/v1/completions", json={**body, "bad_words": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words", r.text
+
+
+def test_offline_priorities(ckpt: Path) -> None:
+    """LLM.generate(priority=[...]) under scheduling_policy="priority": with one sequence at a
+    time the prompts run lowest value first; without the policy a non-zero one is refused."""
+    from moeserve import LLM, SamplingParams
+
+    llm = LLM(
+        ckpt, device="cpu", progress=False, max_model_len=64, max_num_seqs=1,
+        max_num_batched_tokens=64, scheduling_policy="priority",
+    )  # fmt: skip
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=2), priority=[2, 0, 1])
+    starts = [o.metrics.first_token_time for o in outs]
+    assert starts[1] < starts[2] < starts[0]
+    with pytest.raises(ValueError, match="priorities"):
+        llm.generate(PROMPTS, SamplingParams(max_tokens=2), priority=[1])
+    plain = LLM(ckpt, device="cpu", progress=False, max_model_len=64)
+    with pytest.raises(ValueError, match="priority"):
+        plain.generate(PROMPTS[:1], SamplingParams(max_tokens=2), priority=[3])

@@ -67,8 +67,10 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (a string or a list of token ids); outputs in input order.
+        priority: one per prompt, lower first (needs scheduling_policy="priority").
 
         A bad prompt raises ValueError before anything runs.
         """
@@ -81,13 +83,16 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(priorities)} priorities")
         encoded = [self.encode_prompt(p) for p in prompts]
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
         results: dict[str, RequestOutput] = {}
         try:
-            for rid, prompt, toks, p in zip(ids, prompts, encoded, params):
+            for rid, prompt, toks, p, prio in zip(ids, prompts, encoded, params, priorities):
                 text = prompt if isinstance(prompt, str) else None
-                self.loop.admit(EngineRequest(rid, toks, p, prompt=text))
+                self.loop.admit(EngineRequest(rid, toks, p, prompt=text, priority=prio))
                 outs = [CompletionOutput(index=i) for i in range(p.n)]
                 results[rid] = RequestOutput(rid, toks, outs, prompt=text)
             bar = tqdm(total=len(ids), disable=not use_tqdm, desc="generating")
