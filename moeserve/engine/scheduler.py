@@ -392,14 +392,20 @@ class Scheduler:
         """Preempt newest-admitted unscheduled others until `seq` can add `n` tokens (by
         priority: the last in priority order, which may be `seq` itself: then False)."""
         while self._capacity(seq) < n:
-            others = (v for v in self._running.values() if v.seq_id not in done)
             if self.by_priority:
-                victim = max(others, key=_priority_key, default=None)
+                candidates = (v for v in self._running.values() if v.seq_id not in done)
+                victim = max(candidates, key=_priority_key, default=None)
                 if victim is seq:
                     return False
             else:
-                victim = next((v for v in reversed(self._running.values()) if v is not seq
-                               and v.seq_id not in done), None)  # fmt: skip
+                victim = next(
+                    (
+                        v
+                        for v in reversed(self._running.values())
+                        if v is not seq and v.seq_id not in done
+                    ),
+                    None,
+                )
             if victim is None:
                 return False
             self._preempt(victim, out)
