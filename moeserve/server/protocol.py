@@ -101,7 +101,8 @@ class SamplingFields(_Request):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     parallel_tool_calls: bool | None = None  # chat with tools: may the model call several
-    # Defined by OpenAI or vLLM, not implemented: see _NOT_IMPLEMENTED.
+    # Structured outputs, OpenAI's and vLLM's spellings (shapes checked in server/structured.py;
+    # a guided_decoding_backend other than llguidance's: _NOT_IMPLEMENTED).
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
