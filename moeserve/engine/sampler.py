@@ -342,6 +342,15 @@ def apply_logit_bias(logits_BV: torch.Tensor, params: Sequence[SamplingParams]) 
     return logits_BV.index_put(index, _on(device, vals, logits_BV.dtype), accumulate=True)
 
 
+def _banned(logits_BV: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """A copy of ``logits_BV`` with each (row, token) of `pairs` at -inf (itself if none)."""
+    if not pairs:
+        return logits_BV
+    device = logits_BV.device
+    index = (_index([i for i, _ in pairs], device), _index([t for _, t in pairs], device))
+    return logits_BV.index_put(index, torch.tensor(float("-inf"), device=device))
+
+
 def ban_endings(
     logits_BV: torch.Tensor, rows: list[tuple[int, SamplingParams]], eos_token_ids: frozenset[int]
 ) -> torch.Tensor:
@@ -354,11 +363,7 @@ def ban_endings(
         for t in {*p.stop_token_ids, *(() if p.ignore_eos else eos_token_ids)}
         if t < V
     ]
-    if not pairs:
-        return logits_BV
-    device = logits_BV.device
-    index = (_index([i for i, _ in pairs], device), _index([t for _, t in pairs], device))
-    return logits_BV.index_put(index, torch.tensor(float("-inf"), device=device))
+    return _banned(logits_BV, pairs)
 
 
 def ban_bad_words(logits_BV: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
@@ -366,18 +371,14 @@ def ban_bad_words(logits_BV: torch.Tensor, rows: Sequence[SampleRow]) -> torch.T
     of every bad-word sequence whose other tokens end the row's output (a one-token word:
     always), at -inf. The output must be up to date (the engine waits for it)."""
     V = logits_BV.shape[1]
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for i, row in enumerate(rows):
         out = row.output_ids
         for word in row.params.bad_words_token_ids or ():
             *head, last = word
             if last < V and (not head or out[len(out) - len(head) :] == head):
                 pairs.append((i, last))
-    if not pairs:
-        return logits_BV
-    device = logits_BV.device
-    index = (_index([i for i, _ in pairs], device), _index([t for _, t in pairs], device))
-    return logits_BV.index_put(index, torch.tensor(float("-inf"), device=device))
+    return _banned(logits_BV, pairs)
 
 
 def apply_penalties(logits_PV: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
