@@ -172,6 +172,24 @@ def test_down_gemv_follows_gate_up() -> None:
     assert start < end and between <= host_side, between
 
 
+def test_gate_up_lets_down_launch_only_after_its_wait() -> None:
+    """Under the early trigger (pdl.EARLY_TRIGGER) a kernel lets its successor launch before
+    its own wait; the down GEMV reads the routing before its wait, so the gate/up GEMV ahead
+    of it must trigger late (wait_prior(LATE=True)), else down could read the routing of the
+    previous step."""
+    tree = ast.parse((KERNELS / "moe_gemv.py").read_text())
+    fn = next(
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef) and n.name == "_gate_up_act_kernel"
+    )
+    waits = [n for n in ast.walk(fn) if _is_wait(n)]
+    assert waits and all(
+        any(kw.arg == "LATE" and ast.literal_eval(kw.value) is True for kw in w.keywords)
+        for w in waits
+    )
+
+
 def test_every_launch_passes_the_pdl_option() -> None:
     kernels, launches = _kernels_and_launches()
     launched = {name.split(".")[1] for name, _ in launches}

@@ -44,6 +44,9 @@ InputNorm = tuple[torch.Tensor, float]
 # 1: a one-row GEMV norms its input itself; 0: the norm kernel runs first (A/B: gpu_speed.py
 # --set linear.NORM_IN_GEMV=0).
 NORM_IN_GEMV = 1
+# K tiles (1, 2 or 4) a plain one-row GEMV program loads before its PDL wait, and the fewest
+# a split of a large projection streams (--set linear.GEMV_PRE_TILES, A/B).
+GEMV_PRE_TILES = 1
 
 
 def applicable(x_TD: torch.Tensor, scaled: bool = False) -> bool:
@@ -151,6 +154,7 @@ def _gemv_partials_kernel(
     LOOP_STAGES: tl.constexpr,
     NORM: tl.constexpr = False,  # x is RMSNormed first (norm_rope.rms_norm's rounding)
     BLOCK_ROW: tl.constexpr = 1,  # (NORM) K padded to a power of two
+    PRE_TILES: tl.constexpr = 1,  # plain weights: K tiles loaded before the PDL wait
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -160,9 +164,10 @@ def _gemv_partials_kernel(
     k_first = s * per_split
     k_end = tl.minimum(k_first + per_split, K)
     if QUANT == 0:  # float32 products of the stored values, summed in float32 (as a dot)
-        # The first K tile's weights load before the wait (pdl.wait_prior): no kernel writes
-        # them, and the previous kernel is a short one whose run they overlap.
-        kk = k_first + tl.arange(0, BLOCK_K)
+        # The first PRE_TILES K tiles' weights (one wide tile) load before the wait
+        # (pdl.wait_prior): no kernel writes them, and the kernels before are short ones
+        # whose run they overlap.
+        kk = k_first + tl.arange(0, BLOCK_K * PRE_TILES)
         k_ok = kk < k_end
         w_rows = w_ptr + offs_n[:, None] * stride_wn
         w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -172,7 +177,9 @@ def _gemv_partials_kernel(
         if NORM:
             x = scale_normed(x, inv, norm_ptr, kk, k_ok, x_ptr.dtype.element_ty).to(tl.float32)
         acc = w.to(tl.float32) * x[None, :]
-        for k0 in tl.range(k_first + BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+        if PRE_TILES > 1:  # the tiles' products summed in K order, as the loop adds them
+            acc = tl.sum(tl.reshape(acc, (BLOCK_N, PRE_TILES, BLOCK_K)), axis=1)
+        for k0 in tl.range(k_first + PRE_TILES * BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < k_end
             x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
@@ -232,7 +239,7 @@ def gemv_partials_config(n: int, k: int, quant: str = "") -> dict[str, int]:
     block_k = max(min(block_k, triton.next_power_of_2(k)), least)
     programs = triton.cdiv(n, block_n)
     # A router's few rows split down to single tiles: its programs are all latency.
-    min_k = _GEMV_MIN_K_TILES if n * k >= 1 << 20 else 1
+    min_k = max(_GEMV_MIN_K_TILES, GEMV_PRE_TILES) if n * k >= 1 << 20 else 1
     split = k_splits(programs, triton.cdiv(k, block_k), min_k, _MAX_SPLIT, per_sm=8)
     return dict(
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split, loop_stages=stages
@@ -272,6 +279,7 @@ def _gemv_partials(
         LOOP_STAGES=cfg.get("loop_stages", 1),
         NORM=norm is not None,
         BLOCK_ROW=triton.next_power_of_2(k) if norm is not None else 1,
+        PRE_TILES=GEMV_PRE_TILES,
         num_warps=cfg["num_warps"],
         **pdl.LAUNCH,
     )

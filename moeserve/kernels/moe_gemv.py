@@ -101,7 +101,8 @@ def _gate_up_act_kernel(
     EVEN_N: tl.constexpr,  # mxfp4: BLOCK_N divides the output rows (none masked)
     HALF: tl.constexpr,  # mxfp4: float16 products, a scale group a thread (mxfp4.half_products)
 ):
-    wait_prior()
+    # LATE: the down GEMV after this kernel reads the routing before its own wait.
+    wait_prior(LATE=True)
     r = tl.program_id(1).to(tl.int64)
     local_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # A routed assignment: rows [0, F) of its expert's gate (up: F on) into row r of h.

@@ -10,7 +10,10 @@ boundary of a chain of GEMVs (benchmarks/pdl_probe.py; benchmarks/RESULTS.md).
 Every kernel launched with PDL calls `wait_prior()` before any store, early return or load of
 data a kernel writes (loads of weights may come first, to overlap the previous kernel): then a
 kernel's completion implies its predecessor's, so the ordering of any later kernel (with PDL
-or not) still holds transitively. Kernels of torch and cuBLAS in between are
+or not) still holds transitively. With the early trigger (EARLY_TRIGGER) a kernel lets the next one
+launch before its own wait, so launches run two or more kernels ahead of the one computing;
+a kernel whose successor reads, before its wait, data from the kernel before it (the MoE down
+GEMV reads the routing) triggers after its wait instead (`wait_prior(LATE=True)`). Kernels of torch and cuBLAS in between are
 launched plainly and wait as usual. MOESERVE_PDL=0 turns it off (for A/B measurements);
 MOESERVE_PDL=force turns it on without a GPU to look at (the sm_90 compile check).
 """
@@ -46,12 +49,22 @@ ON: bool = _supported()
 # nothing otherwise (a Triton without the option rejects the keyword).
 LAUNCH: dict[str, bool] = {"launch_pdl": True} if ON else {}
 _ON = tl.constexpr(ON)
+# 1: a kernel lets the next one launch before its own wait, so a chain of short kernels can be
+# launched (and load their weights) two or more deep; 0: after it (MOESERVE_PDL_EARLY, A/B).
+EARLY_TRIGGER: int = int(os.environ.get("MOESERVE_PDL_EARLY", "0"))
+_EARLY = tl.constexpr(EARLY_TRIGGER)
 
 
 @triton.jit
-def wait_prior():
+def wait_prior(LATE: tl.constexpr = False):
     """Wait until the previous kernel on the stream has finished and its writes are visible,
-    then let the next kernel launch (its programs will wait likewise). A no-op without PDL."""
+    and let the next kernel launch (its programs will wait likewise). A no-op without PDL.
+    LATE: the next kernel launches only after this wait, for a successor that reads, before
+    its own wait, what the kernel before this one wrote."""
     if _ON:
-        gdc_wait()
-        gdc_launch_dependents()
+        if _EARLY and not LATE:
+            gdc_launch_dependents()
+            gdc_wait()
+        else:
+            gdc_wait()
+            gdc_launch_dependents()
