@@ -10,11 +10,12 @@ boundary of a chain of GEMVs (benchmarks/pdl_probe.py; benchmarks/RESULTS.md).
 Every kernel launched with PDL calls `wait_prior()` before any store, early return or load of
 data a kernel writes (loads of weights may come first, to overlap the previous kernel): then a
 kernel's completion implies its predecessor's, so the ordering of any later kernel (with PDL
-or not) still holds transitively. With the early trigger (EARLY_TRIGGER) a kernel lets the next one
-launch before its own wait, so launches run two or more kernels ahead of the one computing;
-a kernel whose successor reads, before its wait, data from the kernel before it (the MoE down
-GEMV reads the routing) triggers after its wait instead (`wait_prior(LATE=True)`). Kernels of torch and cuBLAS in between are
-launched plainly and wait as usual. MOESERVE_PDL=0 turns it off (for A/B measurements);
+or not) still holds transitively. With the early trigger (EARLY_TRIGGER) a kernel lets the
+next one launch before its own wait, so launches run two or more kernels ahead of the one
+computing; a kernel whose successor reads, before its wait, data from the kernel before it
+(the MoE down GEMV reads the routing) triggers after its wait instead
+(`wait_prior(LATE=True)`). Kernels of torch and cuBLAS in between are launched plainly and
+wait as usual. MOESERVE_PDL=0 turns it off (for A/B measurements);
 MOESERVE_PDL=force turns it on without a GPU to look at (the sm_90 compile check).
 """
 
