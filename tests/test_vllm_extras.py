@@ -1,6 +1,7 @@
 """vLLM's request extras: token ids in the response (`return_token_ids`), log-prob tokens
 named by id (`return_tokens_as_token_ids`), the prefix cache's salt (`cache_salt`),
-`add_special_tokens`, `priority` and `bad_words` (offline and through the server)."""
+`add_special_tokens`, `priority`, `bad_words` (offline and through the server) and
+`request_id`."""
 
 from __future__ import annotations
 
@@ -144,6 +145,41 @@ def test_cache_salt_separates_prefix_cache_hits(srv: RunningServer) -> None:
     assert cached("s3", chat) == 0 and cached("s3", chat) > 0 and cached("s4", chat) == 0
     r = http.post("/v1/completions", json={"prompt": "hi", "cache_salt": ""})
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
+def test_request_id_names_the_response(srv: RunningServer) -> None:
+    """request_id: the response's id is "cmpl-<id>" / "chatcmpl-<id>" (every streamed chunk's
+    too), vLLM's; two requests in flight under one request_id both complete, each with its own
+    output; an id that is not 1-128 visible ASCII characters is a 400 naming it."""
+    http = srv.client()
+    body = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    out = http.post("/v1/completions", json={**body, "request_id": "job-7"}).json()
+    assert out["id"] == "cmpl-job-7"
+    assert http.post("/v1/completions", json=body).json()["id"] != "cmpl-job-7"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    r = http.post("/v1/chat/completions", json={**chat, "request_id": "job-8"})
+    assert r.json()["id"] == "chatcmpl-job-8"
+    with http.stream(
+        "POST", "/v1/chat/completions", json={**chat, "request_id": "job-9", "stream": True}
+    ) as resp:
+        events = sse_events(resp.iter_lines())
+    chunks = [e for e in events if e != "[DONE]"]
+    assert chunks and all(c["id"] == "chatcmpl-job-9" for c in chunks)
+    # The same id twice at once (the second sent while the first streams): the engine's ids
+    # stay apart, so both complete.
+    long = {**body, "max_tokens": 100, "request_id": "same", "stream": True}
+    with http.stream("POST", "/v1/completions", json=long) as resp:
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line)
+        again = http.post("/v1/completions", json={**body, "request_id": "same"})
+        rest = sse_events(lines)
+    assert again.status_code == 200 and again.json()["id"] == "cmpl-same"
+    assert again.json()["choices"][0]["text"] == out["choices"][0]["text"]
+    text = "".join(e["choices"][0]["text"] for e in sse_events([first]) + rest if e != "[DONE]")
+    assert len(srv.state.client.tokenizer.encode(text)) >= 90  # the long one ran to the end
+    for bad in ["", "has space", "x" * 129, "é"]:
+        r = http.post("/v1/completions", json={**body, "request_id": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", bad
 
 
 def test_add_special_tokens(srv: RunningServer) -> None:

@@ -29,6 +29,7 @@ from moeserve.server.common import (
     new_id,
     parse_body,
     refuse_oversized,
+    response_id,
     sampling_params,
     truncation,
     vllm_prompt_logprobs,
@@ -149,7 +150,8 @@ async def run_chat(
             )
         params = dataclasses.replace(params, structured=tools.structured())
     keep = truncation(req, state.client.max_model_len)
-    cid = new_id(id_prefix)
+    cid = response_id(id_prefix, req)
+    uid = new_id(id_prefix)  # the engine's ids: unique whatever request_id says
     request.state.request_id = cid
     if state.config.log_prompts:
         request.state.prompt = messages
@@ -176,7 +178,7 @@ async def run_chat(
         p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
         request.state.prompt_tokens = len(ids)
         engine_req = EngineRequest(
-            f"{cid}-0",
+            f"{uid}-0",
             ids,
             p,
             prompt=prompt,

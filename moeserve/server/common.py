@@ -13,6 +13,7 @@ from starlette.requests import Request
 from moeserve.engine.outputs import TokenLogprob
 from moeserve.sampling_params import SamplingParams
 from moeserve.server.errors import APIError, bad_request, from_value_error, parse_json
+from moeserve.server.middleware import REQUEST_ID
 from moeserve.server.protocol import (
     ChatTokenLogprob,
     CompletionLogprobs,
@@ -64,6 +65,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def response_id(prefix: str, req: SamplingFields) -> str:
+    """The id a response shows: vLLM's `<prefix>-<request_id>` where the client named one
+    (sampling_params checked it). The engine's own ids stay unique (new_id): two requests may
+    name the same request_id."""
+    return f"{prefix}-{req.request_id}" if req.request_id is not None else new_id(prefix)
+
+
 def check_model(req: SamplingFields, state: ServerState) -> None:
     """404 for a model this server does not serve (absent means the served one)."""
     name = state.config.served_model_name
@@ -98,6 +106,10 @@ def sampling_params(
         )
     if req.cache_salt is not None and not req.cache_salt:
         raise bad_request("cache_salt must be a non-empty string", param="cache_salt")
+    if req.request_id is not None and not REQUEST_ID.fullmatch(req.request_id):
+        raise bad_request(
+            "request_id must be 1 to 128 visible ASCII characters", param="request_id"
+        )
     if req.prompt_logprobs is not None and req.stream:
         raise bad_request("prompt_logprobs is not supported when streaming", param="stream")
     if req.temperature is not None and req.temperature > MAX_TEMPERATURE:

@@ -27,6 +27,7 @@ from moeserve.server.common import (
     parse_body,
     prompt_logprobs,
     refuse_oversized,
+    response_id,
     sampling_params,
     truncation,
     vllm_prompt_logprobs,
@@ -84,7 +85,8 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         params = dataclasses.replace(params, prompt_logprobs=wanted)
     assert state.client is not None  # sampling_params checked it
     keep = truncation(req, state.client.max_model_len)
-    cid = new_id("cmpl")
+    cid = response_id("cmpl", req)
+    uid = new_id("cmpl")  # the engine's ids: unique whatever request_id says
     request.state.request_id = cid
     if state.config.log_prompts:
         request.state.prompt = req.prompt
@@ -102,7 +104,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
             p = fit_context(params, len(ids), max_tokens, state.client.max_model_len)
             reqs.append(
                 EngineRequest(
-                    f"{cid}-{i}",
+                    f"{uid}-{i}",
                     ids,
                     p,
                     prompt=text,

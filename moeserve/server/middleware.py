@@ -85,7 +85,7 @@ async def send_error(send: Send, error: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: safe to echo and to log
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # visible ASCII: safe to echo and to log
 
 
 def _client_request_id(scope: Scope) -> str | None:
@@ -93,7 +93,7 @@ def _client_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             text = value.decode("latin-1")
-            return text if _REQUEST_ID.fullmatch(text) else None
+            return text if REQUEST_ID.fullmatch(text) else None
     return None
 
 

@@ -88,6 +88,8 @@ class SamplingFields(_Request):
     priority: int | None = None
     # vLLM's: only requests with the same salt share prefix-cache blocks.
     cache_salt: str | None = None
+    # vLLM's: the response's id is "<cmpl|chatcmpl>-<request_id>" (1-128 visible ASCII).
+    request_id: str | None = None
     # vLLM's: log-probs name each token "token_id:<id>" instead of its text.
     return_tokens_as_token_ids: bool | None = None
     # vLLM's: the prompt's token ids and each choice's generated ids in the response
