@@ -187,6 +187,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     # vLLM's: extra variables for the chat template (Qwen3's enable_thinking, ...).
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's: documents for a retrieval-augmented chat template (objects of strings, such
+    # as {"title": ..., "text": ...}); a template that does not read them: a 400.
+    documents: list[dict[str, str]] | None = None
 
 
 # ------------------------------------------------------------------------------ responses

@@ -1,7 +1,7 @@
 """The chat template's arguments a request may set, checked: how the prompt ends
 (add_generation_prompt, continue_final_message), a request's own template
-(--trust-request-chat-template), extra template variables (chat_template_kwargs) and
-reasoning_effort. Shared by the chat route and /tokenize; each problem is a 400 naming its
+(--trust-request-chat-template), extra template variables (chat_template_kwargs), documents
+and reasoning_effort. Shared by the chat route and /tokenize; each problem is a 400 naming its
 field."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def chat_template_args(
         req.continue_final_message,
         req.chat_template,
         req.chat_template_kwargs,
+        req.documents,
     )
     effort = _reasoning_effort(req, tokenizer)
     if effort and "reasoning_effort" in args:
@@ -43,13 +44,33 @@ def template_args(
     continue_final_message: bool | None,
     chat_template: str | None,
     chat_template_kwargs: dict[str, Any] | None,
+    documents: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """apply_chat_template's keyword arguments for these request fields."""
     return (
         _turn(add_generation_prompt, continue_final_message)
         | _request_template(chat_template, state)
         | _template_kwargs(chat_template_kwargs, tokenizer, chat_template)
+        | _documents(documents, tokenizer, chat_template)
     )
+
+
+def _documents(
+    documents: list[dict[str, str]] | None, tokenizer: Tokenizer, chat_template: str | None
+) -> dict[str, Any]:
+    """vLLM's (and transformers') `documents` for a RAG chat template (Command-R's, Granite's:
+    objects with "title" and "text", as the template reads them). vLLM drops them where the
+    template does not read `documents`; here that is a 400 naming the field (refused, not
+    ignored)."""
+    if documents is None:
+        return {}
+    if "documents" not in tokenizer.variables_of(chat_template):
+        raise bad_request(
+            "documents: this model's chat template does not read documents (it has no "
+            "retrieval-augmented format), so they would change nothing",
+            param="documents",
+        )
+    return {"documents": documents}
 
 
 def _turn(

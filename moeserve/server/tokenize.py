@@ -43,6 +43,7 @@ class TokenizeRequest(_Body):
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     chat_template: str | None = None
+    documents: list[dict[str, str]] | None = None
     return_token_strs: bool = False
 
 
@@ -62,7 +63,12 @@ def tokenizer_router(state: ServerState, auth: Depends) -> APIRouter:
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give either `prompt` or `messages`", param="prompt")
         if req.prompt is not None:
-            for name in ("chat_template_kwargs", "continue_final_message", "chat_template"):
+            for name in (
+                "chat_template_kwargs",
+                "continue_final_message",
+                "chat_template",
+                "documents",
+            ):
                 if getattr(req, name):
                     raise bad_request(f"{name} applies to `messages`, not a prompt", param=name)
             text, special = req.prompt, req.add_special_tokens is not False
@@ -76,6 +82,7 @@ def tokenizer_router(state: ServerState, auth: Depends) -> APIRouter:
                 req.continue_final_message,
                 req.chat_template,
                 req.chat_template_kwargs,
+                req.documents,
             )
             try:
                 text = tok.apply_chat_template(messages, **args)
