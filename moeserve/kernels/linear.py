@@ -167,16 +167,18 @@ def _gemv_partials_kernel(
         # The first PRE_TILES K tiles' weights (one wide tile) load before the wait
         # (pdl.wait_prior): no kernel writes them, and the kernels before are short ones
         # whose run they overlap.
-        kk = k_first + tl.arange(0, BLOCK_K * PRE_TILES)
-        k_ok = kk < k_end
+        # (Names of their own: the loop's tiles are narrower.)
+        kk0 = k_first + tl.arange(0, BLOCK_K * PRE_TILES)
+        k_ok0 = kk0 < k_end
         w_rows = w_ptr + offs_n[:, None] * stride_wn
-        w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w0 = tl.load(w_rows + kk0[None, :], mask=n_ok[:, None] & k_ok0[None, :], other=0.0)
         wait_prior()
         inv = _row_inv_rms(x_ptr, K, eps, NORM, BLOCK_ROW)
-        x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        x0 = tl.load(x_ptr + kk0, mask=k_ok0, other=0.0).to(tl.float32)
         if NORM:
-            x = scale_normed(x, inv, norm_ptr, kk, k_ok, x_ptr.dtype.element_ty).to(tl.float32)
-        acc = w.to(tl.float32) * x[None, :]
+            x0 = scale_normed(x0, inv, norm_ptr, kk0, k_ok0, x_ptr.dtype.element_ty)
+            x0 = x0.to(tl.float32)
+        acc = w0.to(tl.float32) * x0[None, :]
         if PRE_TILES > 1:  # the tiles' products summed in K order, as the loop adds them
             acc = tl.sum(tl.reshape(acc, (BLOCK_N, PRE_TILES, BLOCK_K)), axis=1)
         for k0 in tl.range(k_first + PRE_TILES * BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
