@@ -22,13 +22,17 @@
 #     gemvs       kernel_bench --gemv --sweep at one token: the expert GEMVs' tiles around the
 #                 shipped ones for gpt-oss-120b (MXFP4), gpt-oss-20b, Qwen3-30B-A3B and
 #                 DeepSeek-V2-Lite (bf16) (not a default stage)
+#     early       the early PDL trigger (MOESERVE_PDL_EARLY=1): the gpu tests of the captured
+#                 decode paths under it, then batch-1 decode of Qwen3-30B-A3B, DeepSeek-V2-Lite
+#                 and gpt-oss-20b with it off, on, and on with linear.GEMV_PRE_TILES 2 and 4,
+#                 alternated twice (not a default stage)
 #     ab          decode at batch $AB_BATCH (default 1) of this tree vs the tree in $BASE,
 #                 alternated twice per shape ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
 #                 benchmarks | tar -x -C bench_base`, carry bench_base (not a default stage)
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
-extra="ab f16 gemvs"  # stages that run only when named
+extra="ab early f16 gemvs"  # stages that run only when named
 case "${1:-}" in
   -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
@@ -124,6 +128,25 @@ for stage in $stages; do
           MOESERVE_MXFP4_F16=$mode python3 benchmarks/gpu_speed.py --shape gpt-oss-120b \
             --modes graphs --no-hf --prefill-len 0 --batch 1 --output-len 64 2>&1 \
             | grep -m1 " b1 .*tok/s" | tee -a "$OUT/f16.log"
+        done
+      done ;;
+    early)
+      # Each setting compiles into its own Triton cache: the trigger is a jit-time constant.
+      MOESERVE_PDL_EARLY=1 TRITON_CACHE_DIR=/tmp/triton_early1 python3 -m pytest -q \
+        -p no:cacheprovider -m gpu tests/test_kernel_linear.py tests/test_kernel_fused_moe.py \
+        tests/test_fast_path.py tests/test_deepseek.py tests/test_gpt_oss.py \
+        tests/test_offload_fused.py tests/test_decode_rows.py tests/test_staged.py 2>&1 \
+        | tee "$OUT/early_tests.log"
+      for shape in qwen3-30b-a3b deepseek-v2-lite gpt-oss-20b; do
+        for round in 1 2; do
+          for setting in 0:1 1:1 1:2 1:4; do
+            e=${setting%%:*} pre=${setting#*:}
+            printf '%s b1, early=%s pre_tiles=%s: ' "$shape" "$e" "$pre" | tee -a "$OUT/early.log"
+            MOESERVE_PDL_EARLY=$e TRITON_CACHE_DIR=/tmp/triton_early$e python3 \
+              benchmarks/gpu_speed.py --set linear.GEMV_PRE_TILES=$pre --shape $shape \
+              --modes graphs --no-hf --prefill-len 0 --batch 1 --output-len 64 2>&1 \
+              | grep -m1 " b1 .*tok/s" | tee -a "$OUT/early.log"
+          done
         done
       done ;;
     gemvs)
