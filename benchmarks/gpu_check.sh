@@ -23,9 +23,10 @@
 #                 shipped ones for gpt-oss-120b (MXFP4), gpt-oss-20b, Qwen3-30B-A3B and
 #                 DeepSeek-V2-Lite (bf16) (not a default stage)
 #     early       the early PDL trigger (MOESERVE_PDL_EARLY=1): the gpu tests of the captured
-#                 decode paths under it, then batch-1 decode of Qwen3-30B-A3B, DeepSeek-V2-Lite
-#                 and gpt-oss-20b with it off, on, and on with linear.GEMV_PRE_TILES 2 and 4,
-#                 alternated twice (not a default stage)
+#                 decode paths under it, then batch-1 decode of $EARLY_SHAPES (default
+#                 Qwen3-30B-A3B and DeepSeek-V2-Lite) with it off, on, and on with
+#                 linear.GEMV_PRE_TILES 2 and 4, $EARLY_ROUNDS times (default 1; not a default
+#                 stage)
 #     ab          decode at batch $AB_BATCH (default 1) of this tree vs the tree in $BASE,
 #                 alternated twice per shape ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
 #                 benchmarks | tar -x -C bench_base`, carry bench_base (not a default stage)
@@ -137,8 +138,8 @@ for stage in $stages; do
         tests/test_fast_path.py tests/test_deepseek.py tests/test_gpt_oss.py \
         tests/test_offload_fused.py tests/test_decode_rows.py tests/test_staged.py 2>&1 \
         | tee "$OUT/early_tests.log"
-      for shape in qwen3-30b-a3b deepseek-v2-lite gpt-oss-20b; do
-        for round in 1 2; do
+      for shape in ${EARLY_SHAPES:-qwen3-30b-a3b deepseek-v2-lite}; do
+        for round in $(seq "${EARLY_ROUNDS:-1}"); do
           for setting in 0:1 1:1 1:2 1:4; do
             e=${setting%%:*} pre=${setting#*:}
             printf '%s b1, early=%s pre_tiles=%s: ' "$shape" "$e" "$pre" | tee -a "$OUT/early.log"
