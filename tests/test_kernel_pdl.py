@@ -173,7 +173,7 @@ def test_down_gemv_follows_gate_up() -> None:
 
 
 def test_gate_up_lets_down_launch_only_after_its_wait() -> None:
-    """Under the early trigger (pdl.EARLY_TRIGGER) a kernel lets its successor launch before
+    """Under the early trigger (MOESERVE_PDL_EARLY=1) a kernel lets its successor launch before
     its own wait; the down GEMV reads the routing before its wait, so the gate/up GEMV ahead
     of it must trigger late (wait_prior(LATE=True)), else down could read the routing of the
     previous step."""

@@ -257,6 +257,7 @@ def _gemv_partials(
     norm: InputNorm | None = None,
 ) -> torch.Tensor:
     n, k = w_NK.shape
+    assert GEMV_PRE_TILES in (1, 2, 4), GEMV_PRE_TILES  # one power-of-two wide tile
     quant = "fp8" if w_scale is not None else ""
     cfg = cfg or gemv_partials_config(n, k, quant)
     out = torch.empty(cfg["SPLIT_K"], 1, n, dtype=torch.float32, device=x_1K.device)

@@ -10,7 +10,7 @@ boundary of a chain of GEMVs (benchmarks/pdl_probe.py; benchmarks/RESULTS.md).
 Every kernel launched with PDL calls `wait_prior()` before any store, early return or load of
 data a kernel writes (loads of weights may come first, to overlap the previous kernel): then a
 kernel's completion implies its predecessor's, so the ordering of any later kernel (with PDL
-or not) still holds transitively. With the early trigger (EARLY_TRIGGER) a kernel lets the
+or not) still holds transitively. With the early trigger (MOESERVE_PDL_EARLY=1) a kernel lets the
 next one launch before its own wait, so launches run two or more kernels ahead of the one
 computing; a kernel whose successor reads, before its wait, data from the kernel before it
 (the MoE down GEMV reads the routing) triggers after its wait instead
@@ -50,10 +50,10 @@ ON: bool = _supported()
 # nothing otherwise (a Triton without the option rejects the keyword).
 LAUNCH: dict[str, bool] = {"launch_pdl": True} if ON else {}
 _ON = tl.constexpr(ON)
-# 1: a kernel lets the next one launch before its own wait, so a chain of short kernels can be
-# launched (and load their weights) two or more deep; 0: after it (MOESERVE_PDL_EARLY, A/B).
-EARLY_TRIGGER: int = int(os.environ.get("MOESERVE_PDL_EARLY", "0"))
-_EARLY = tl.constexpr(EARLY_TRIGGER)
+# MOESERVE_PDL_EARLY=1: a kernel lets the next one launch before its own wait, so a chain of
+# short kernels can be launched (and load their weights) two or more deep; 0: after it. Read
+# from the environment only: a jit-time constant that gpu_speed.py's --set could not change.
+_EARLY = tl.constexpr(os.environ.get("MOESERVE_PDL_EARLY", "0") == "1")
 
 
 @triton.jit
