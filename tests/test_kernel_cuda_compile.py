@@ -72,7 +72,15 @@ def _describe(fn: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
 def _drive() -> None:
     """Each wrapper on small bf16 inputs, in the variants the model takes."""
     from moeserve.kernels import fused_moe as fm
-    from moeserve.kernels import linear, mla_attention, mla_rows, moe_routing, norm_rope, tokens
+    from moeserve.kernels import (
+        linear,
+        mla_attention,
+        mla_rows,
+        moe_gemv_plan,
+        moe_routing,
+        norm_rope,
+        tokens,
+    )
     from moeserve.kernels import paged_attention as pa
     from moeserve.kernels.moe_gemv_plan import SharedExpert
 
@@ -96,12 +104,25 @@ def _drive() -> None:
             x, w1, w2, weights, experts, gemv=gemv, expert_slot_E=slots, b_gate_up_EF=b1,
             b_down_ED=b2, activation=clamped, residual_TD=rand(T, D),
         )  # fmt: skip
-    # One token with a shared expert twice as wide as a routed one (DeepSeek), in slots.
+    # One token with a shared expert twice as wide as a routed one (DeepSeek), in slots;
+    # then with the sum over k in the down GEMV, and also with biases and the residual.
     shared = SharedExpert(rand(4 * F, D), rand(D, 2 * F))
-    fm.fused_moe(
-        x[:1], w1, w2, weights[:1], experts[:1], gemv=True, expert_slot_E=slots,
-        residual_TD=rand(1, D), shared=shared,
-    )  # fmt: skip
+    for in_down in (0, 4):
+        moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS, was = in_down, moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS
+        try:
+            fm.fused_moe(
+                x[:1], w1, w2, weights[:1], experts[:1], gemv=True, expert_slot_E=slots,
+                residual_TD=rand(1, D), shared=shared,
+            )  # fmt: skip
+            if in_down:
+                fm.fused_moe(x, w1, w2, weights, experts, gemv=True)
+                fm.fused_moe(
+                    x, w1, w2, weights, experts, gemv=True, expert_slot_E=slots,
+                    b_gate_up_EF=b1, b_down_ED=b2, activation=clamped, residual_TD=rand(T, D),
+                    extra_TD=rand(T, D),
+                )  # fmt: skip
+        finally:
+            moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS = was
     _drive_quantized(rand)
     moe_routing.route_and_align(rand(T, E, dtype=torch.float32), K, True, 16)
     moe_routing.route_and_align(

@@ -221,6 +221,46 @@ def test_gemv_down_split_k_partials_add_up(split: int) -> None:
     torch.testing.assert_close(parts.sum(0), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("T", "split", "bias", "extra"), [(1, 1, False, False), (1, 3, True, True), (3, 2, True, False)]
+)
+def test_sum_in_down_equals_the_sum_kernel(T: int, split: int, bias: bool, extra: bool) -> None:
+    """The down GEMV's last program per column tile runs the sum over k (weights, biases
+    through the slot map, a shared output, the residual; a sentinel's term dropped) bit for
+    bit as the sum kernel after it, and leaves its arrival counters zero."""
+    from moeserve.kernels import moe_gemv
+    from moeserve.kernels.moe_epilogue import sum_over_k
+
+    E, K, D, F_ = 4, 2, 40, 56  # D: a masked tail in the last column tile
+    R = T * K
+    g = torch.Generator().manual_seed(50 + T)
+    h_RF = torch.randn(R, F_, generator=g)
+    slot_E = torch.tensor([3, 0, 4, 1])
+    w_EDF = torch.randn(5, D, F_, generator=g)
+    b_ED = torch.randn(5, D, generator=g) if bias else None
+    weights_TK = torch.rand(T, K, generator=g)
+    experts_TK = torch.randint(0, E, (T, K), generator=g)
+    experts_TK[0, 1] = E  # routes nowhere
+    res_TD, extra_TD = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+    extra_TD = extra_TD if extra else None
+    cfg = moe_gemv.gemv_config(D, F_) | dict(SPLIT_K=split)
+    experts_R = experts_TK.reshape(R)
+    run = dict(expert_slot_E=slot_E, cfg=cfg)
+
+    parts = torch.zeros(split, R, D)
+    moe_gemv.gemv_down(h_RF, w_EDF, parts, experts_R, E, **run)
+    want = sum_over_k(
+        parts, experts_TK, weights_TK, torch.empty(T, D), res_TD, b_ED, slot_E, E, 0, extra_TD
+    )
+    got = torch.full((T, D), float("nan"))
+    into = moe_gemv.DownSum(weights_TK, got, res_TD, b_ED, extra_TD)
+    assert moe_gemv.gemv_down(
+        h_RF, w_EDF, torch.zeros(split, R, D), experts_R, E, **run, sum_into=into
+    )
+    assert torch.equal(got, want)
+    assert not moe_gemv._ARRIVALS[torch.device("cpu")].any()
+
+
 def test_silu_mul_matches_torch() -> None:
     g = torch.Generator().manual_seed(11)
     wide = torch.randn(5, 2 * 40 + 6, generator=g) * 4
@@ -391,6 +431,45 @@ def test_gpu_cuda_graph_replay(T: int) -> None:
         assert (replayed[: T // 3] == 0).all()
 
 
+@pytest.mark.gpu
+def test_gpu_sum_in_down_equals_the_sum_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At one token (Qwen3-30B-A3B's expert shape) the down GEMV's last programs sum over k
+    bit for bit as the sum kernel, on every trial (a missed arrival or a stale partial would
+    differ), eager and replayed, and leave the counters zero."""
+    from moeserve.kernels import moe_gemv, moe_gemv_plan
+
+    E, K, D, F_ = 128, 8, 2048, 768
+    moe = _moe(E, D, F_, K, torch.bfloat16, "cuda", seed=3)
+    x_TD = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+    res_TD = torch.randn(1, D, device="cuda", dtype=torch.bfloat16)
+    weights_TK, experts_TK = _routing(1, E, K, seed=4, device="cuda")
+    out_TD = torch.empty(1, D, device="cuda", dtype=torch.bfloat16)
+    w = (moe.w_gate_up, moe.w_down, weights_TK, experts_TK)
+
+    def run() -> torch.Tensor:
+        return fused_moe(x_TD, *w, out_TD=out_TD, residual_TD=res_TD, gemv=True)
+
+    monkeypatch.setattr(moe_gemv_plan, "SUM_IN_DOWN_MAX_TOKENS", 1)
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for trial in range(50):
+        new_w, new_e = _routing(1, E, K, seed=100 + trial, device="cuda")
+        weights_TK.copy_(new_w)
+        experts_TK.copy_(new_e)
+        x_TD.normal_()
+        graph.replay()
+        replayed = out_TD.clone()
+        eager = run().clone()
+        with monkeypatch.context() as m:
+            m.setattr(moe_gemv_plan, "SUM_IN_DOWN_MAX_TOKENS", 0)
+            apart = fused_moe(x_TD, *w, residual_TD=res_TD, gemv=True)
+        assert torch.equal(replayed, apart) and torch.equal(eager, apart), trial
+    assert not moe_gemv._ARRIVALS[torch.device("cuda", torch.cuda.current_device())].any()
+
+
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_residual_add_matches_the_separate_add(split_k: int) -> None:
     """residual_TD: the decoder's residual add, inside the sum over k when K is split."""
@@ -451,6 +530,7 @@ def test_shared_expert_in_the_gemv_epilogue(
     the shared MLP and the two adds; with a sigmoid gate (Qwen2-MoE) or at more tokens the
     layer adds it itself. FP8: the down rows' K pieces are whole 128-column scale groups
     (one piece when F is narrower, two of 128 at F 128, a short last one at S 200)."""
+    from moeserve.kernels import moe_gemv_plan
     from moeserve.kernels.quant import quantize_fp8_rows
     from moeserve.model.backend import ModelBackend
 
@@ -490,5 +570,8 @@ def test_shared_expert_in_the_gemv_epilogue(
     weights_TK, experts_TK = moe.select_experts(x_1D)
     readable = moe.experts(x_1D, weights_TK, experts_TK) + mlp(x_1D)
     torch.testing.assert_close(got, res_1D + readable, rtol=1e-4, atol=1e-4)
+    with monkeypatch.context() as m:  # the sum over k in the down GEMV's last programs
+        m.setattr(moe_gemv_plan, "SUM_IN_DOWN_MAX_TOKENS", 1)
+        assert torch.equal(moe(x_1D, residual_TD=res_1D), got)
     moe.shared_gate = torch.zeros(1, D)  # a gated shared expert stays outside the kernels
     assert moe._kernel_shared(1) is None

@@ -27,8 +27,8 @@ import triton.language as tl
 from moeserve.kernels import interpreting, pdl
 from moeserve.kernels.moe_epilogue import SUM_KERNEL_MAX_TOKENS, activate, rnd, sum_over_k
 from moeserve.kernels.moe_gemm import gemm_config, moe_gemm, pow2_at_least_16
-from moeserve.kernels.moe_gemv import gemv_down, gemv_gate_up_act
-from moeserve.kernels.moe_gemv_plan import SharedExpert, gemv_config, takes_gemv
+from moeserve.kernels.moe_gemv import DownSum, gemv_down, gemv_gate_up_act
+from moeserve.kernels.moe_gemv_plan import SharedExpert, gemv_config, sums_in_down, takes_gemv
 from moeserve.kernels.moe_quant import fp8_dot_config, quantize_fp8_act, takes_fp8_dot
 from moeserve.kernels.mxfp4 import half_products
 from moeserve.kernels.pdl import wait_prior
@@ -262,6 +262,10 @@ def fused_moe(
     assert shared is None or extra_TD is None, "a shared expert is run or given, not both"
     if gemv:
         experts_R = experts_TK.reshape(R)
+        # Before gate/up: no launch may come between it and the down GEMV (moe_gemv).
+        into = DownSum(
+            weights_TK.to(torch.float32).contiguous(), out_TD, residual_TD, b_down_ED, extra_TD
+        )
         h_RF, h_TS = gemv_gate_up_act(
             x_TD,
             w_gate_up_EF2D,
@@ -282,7 +286,7 @@ def fused_moe(
         half = quant == "mxfp4" and half_products(h_bound)
         cfg = gemv_config(D, real_k(w_down_EDF, quant), quant, rows=rows, half=half)
         part_SRD = alloc(cfg["SPLIT_K"], rows, D, dtype=torch.float32, device=device)
-        gemv_down(
+        if gemv_down(
             h_RF,
             w_down_EDF,
             part_SRD,
@@ -294,7 +298,9 @@ def fused_moe(
             quant=quant,
             shared=(shared, h_TS) if shared is not None else None,
             x_bound=h_bound,
-        )
+            sum_into=into if sums_in_down(T) else None,
+        ):
+            return out_TD
         return sum_over_k(
             part_SRD,
             experts_TK,

@@ -41,7 +41,7 @@ def activate(gate, up, out_ptr, alpha, limit, CLAMPED: tl.constexpr):
 
 
 @triton.jit
-def _sum_split_kernel(
+def sum_token(
     part_ptr,  # [SPLIT, T*TOP_K (+ T*SHARED), D] float32
     experts_ptr,  # [T, TOP_K]
     weights_ptr,  # [T, TOP_K] float32
@@ -50,6 +50,10 @@ def _sum_split_kernel(
     extra_ptr,  # [T, D] a shared expert's output, in the model dtype (EXTRA)
     bias_ptr,  # [slots, D] (HAS_BIAS)
     slot_ptr,  # [E] expert -> weight index (HAS_SLOT)
+    t,  # int64
+    T,
+    offs,
+    ok,
     D,
     num_experts,
     stride_split,
@@ -60,26 +64,23 @@ def _sum_split_kernel(
     SPLIT: tl.constexpr,
     SHARED: tl.constexpr,  # a shared expert's partial rows per token, after the routed rows
     TOP_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     RESIDUAL: tl.constexpr,
     EXTRA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_SLOT: tl.constexpr,
+    PART_CACHE: tl.constexpr,  # the partials' cache modifier: ".cg" where other programs wrote them
 ):
-    wait_prior()
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = offs < D
-    total = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    """Token t's output at columns offs: each expert's partials summed over the K splits,
+    then (as the unsplit GEMM 2 and the sum after it) the expert output rounded, biased,
+    weighed, rounded, the k terms added in float32 and rounded once; then the shared
+    expert's and the residual, each add rounded as torch's."""
+    total = tl.zeros(offs.shape, dtype=tl.float32)
     for k in range(TOP_K):
         expert = tl.load(experts_ptr + t * TOP_K + k)
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc = tl.zeros(offs.shape, dtype=tl.float32)
         for s in range(SPLIT):
-            acc += tl.load(
-                part_ptr + s * stride_split + (t * TOP_K + k) * D + offs, mask=ok, other=0.0
-            )
-        # As the unsplit GEMM 2 and the sum after it: expert output rounded, weighed, rounded,
-        # then the k terms added in float32 and rounded once.
+            row = part_ptr + s * stride_split + (t * TOP_K + k) * D
+            acc += tl.load(row + offs, mask=ok, other=0.0, cache_modifier=PART_CACHE)
         w = tl.load(weights_ptr + t * TOP_K + k).to(tl.float32)
         y = rnd(acc, out_ptr)
         if HAS_BIAS:  # the expert's bias on its rounded output, rounded again
@@ -92,12 +93,12 @@ def _sum_split_kernel(
         total += tl.where(expert < num_experts, y.to(tl.float32), 0.0)  # sentinel: no term
     out = total.to(out_ptr.dtype.element_ty)
     if SHARED > 0:  # routed + shared, the shared expert's output rounded first
-        sh = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        first = tl.num_programs(0) * TOP_K + t * SHARED
+        sh = tl.zeros(offs.shape, dtype=tl.float32)
+        first = T * TOP_K + t * SHARED
         for s in range(SPLIT):
             for p in range(SHARED):
                 row = part_ptr + s * stride_split + (first + p) * D
-                sh += tl.load(row + offs, mask=ok, other=0.0)
+                sh += tl.load(row + offs, mask=ok, other=0.0, cache_modifier=PART_CACHE)
         out = (out.to(tl.float32) + rnd(sh, out_ptr)).to(out_ptr.dtype.element_ty)
     if EXTRA:  # routed + a shared expert's output computed apart, as the torch add rounds
         ex = tl.load(extra_ptr + t * stride_extra + offs, mask=ok, other=0.0).to(tl.float32)
@@ -106,6 +107,42 @@ def _sum_split_kernel(
         res = tl.load(res_ptr + t * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
         out = (out.to(tl.float32) + res).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + t * stride_out + offs, out, mask=ok)
+
+
+@triton.jit
+def _sum_split_kernel(
+    part_ptr,
+    experts_ptr,
+    weights_ptr,
+    out_ptr,
+    res_ptr,
+    extra_ptr,
+    bias_ptr,
+    slot_ptr,
+    D,
+    num_experts,
+    stride_split,
+    stride_out,
+    stride_res,
+    stride_extra,
+    stride_bias,
+    SPLIT: tl.constexpr,
+    SHARED: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    EXTRA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SLOT: tl.constexpr,
+):
+    wait_prior()
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    sum_token(
+        part_ptr, experts_ptr, weights_ptr, out_ptr, res_ptr, extra_ptr, bias_ptr, slot_ptr,
+        tl.program_id(0).to(tl.int64), tl.num_programs(0), offs, offs < D, D, num_experts,
+        stride_split, stride_out, stride_res, stride_extra, stride_bias,
+        SPLIT, SHARED, TOP_K, RESIDUAL, EXTRA, HAS_BIAS, HAS_SLOT, "",
+    )  # fmt: skip
 
 
 # Up to this many tokens GEMM 2 writes float32 rows (one partial when K is not split) and one

@@ -27,12 +27,14 @@ Shapes: R = T*K assignments, E experts (or cache slots), F intermediate, D hidde
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from moeserve.kernels import interpreting, pdl
-from moeserve.kernels.moe_epilogue import activate, rnd
+from moeserve.kernels.moe_epilogue import activate, rnd, sum_token
 from moeserve.kernels.moe_gemv_plan import SharedExpert, gemv_config
 from moeserve.kernels.moe_quant import QUANT_CODES, quant_code, quant_tile, x_tile
 from moeserve.kernels.mxfp4 import (
@@ -222,6 +224,18 @@ def _down_kernel(
     stride_sk,
     stride_ssn,
     x_scale,  # mxfp4 HALF: the activations' power-of-two scale (mxfp4.x_scale)
+    # The sum over k in the last program of each column tile (SUM; moe_epilogue.sum_token):
+    count_ptr,  # [column tiles] int32 arrivals, zero between launches
+    weights_ptr,  # [T, TOP_K] float32 routing weights
+    final_ptr,  # [T, N] the layer's output
+    res_ptr,  # [T, N] residual (RESIDUAL)
+    extra_ptr,  # [T, N] a shared expert's output computed apart (EXTRA)
+    bias_ptr,  # [slots, N] down biases (HAS_BIAS)
+    T,
+    stride_final,
+    stride_res,
+    stride_extra,
+    stride_bias,
     SHARED: tl.constexpr,  # shared-expert rows per token (PIECE of its S columns each), or 0
     HAS_SLOT: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -232,6 +246,12 @@ def _down_kernel(
     PACKED: tl.constexpr,
     EVEN_N: tl.constexpr,
     HALF: tl.constexpr,
+    SUM: tl.constexpr,
+    SPLIT: tl.constexpr,  # K splits (the grid's third axis), for SUM
+    TOP_K: tl.constexpr,
+    RESIDUAL: tl.constexpr,
+    EXTRA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     # Before the wait: this kernel always follows the gate/up GEMV, whose programs waited for
     # every kernel before it, so the routing, an expert cache's slot map and its copied
@@ -270,44 +290,59 @@ def _down_kernel(
         m = (n_ok & (offs_n * 0 + expert >= 0))[:, None] & k_ok[None, :]
         w_first = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
     wait_prior()
-    if expert < 0:  # a sentinel: the sum over k drops its row
-        return
-    if QUANT == 0:
-        h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        acc = w_first.to(tl.float32) * h
-        for k0 in tl.range(k_first + BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            kk = k0 + offs_k
-            k_ok = kk < k_end
+    if expert >= 0:  # a sentinel's row: no partial (the sum over k drops its term)
+        if QUANT == 0:
             h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            m = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
-            acc += w.to(tl.float32) * h
-    elif QUANT == 1:
-        G: tl.constexpr = BLOCK_K // GROUP
-        acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            h = x_tile(h_row, k0, k_len, GROUP, G)
-            acc += quant_tile(w_e, s_e, offs_n, n_ok, h, k0, k_len, wn, sn, stride_sk, GROUP, G)
-    else:
-        GW: tl.constexpr = BLOCK_K // (32 if HALF else 8)
-        acc = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
-        for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
-            if HALF:
-                x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(h_row, k0, k_len, GW, x_scale)
-                acc += mxfp4_group_dot(
-                    w_e, s_e, tl.program_id(0) * BLOCK_N, N,
-                    x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o, k0, k_len,
-                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
+            acc = w_first.to(tl.float32) * h
+            for k0 in tl.range(k_first + BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+                kk = k0 + offs_k
+                k_ok = kk < k_end
+                h = tl.load(h_row + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+                m = n_ok[:, None] & k_ok[None, :]
+                w = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
+                acc += w.to(tl.float32) * h
+        elif QUANT == 1:
+            G: tl.constexpr = BLOCK_K // GROUP
+            acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
+            for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+                h = x_tile(h_row, k0, k_len, GROUP, G)
+                acc += quant_tile(w_e, s_e, offs_n, n_ok, h, k0, k_len, wn, sn, stride_sk, GROUP, G)
+        else:
+            GW: tl.constexpr = BLOCK_K // (32 if HALF else 8)
+            acc = tl.zeros((BLOCK_N, GW), dtype=tl.float32)
+            for k0 in tl.range(k_first, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+                if HALF:
+                    x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o = x_group(h_row, k0, k_len, GW, x_scale)
+                    acc += mxfp4_group_dot(
+                        w_e, s_e, tl.program_id(0) * BLOCK_N, N,
+                        x0e, x0o, x1e, x1o, x2e, x2o, x3e, x3o, k0, k_len,
+                        stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, EVEN_N,
+                    )  # fmt: skip
+                else:
+                    he, ho = x_pairs(h_row, k0, k_len, GW)
+                    acc += mxfp4_word_dot(
+                        w_e, s_e, tl.program_id(0) * BLOCK_N, N, he, ho, k0, k_len,
+                        stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
+                    )  # fmt: skip
+            acc = acc * (1.0 / x_scale)  # a power of two: exact
+        out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
+        tl.store(out_row + offs_n, tl.sum(acc, axis=1), mask=n_ok)
+    if SUM:
+        # The tile's last program to finish adds up all its partials, in the sum kernel's
+        # order (exact as it): one launch fewer. The barrier puts every thread's stores
+        # before the count; the count is acquire-release at GPU scope.
+        tl.debug_barrier()
+        tile = tl.program_id(0)
+        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(1) * tl.num_programs(2) - 1:
+            tl.store(count_ptr + tile, 0)  # zero for the next launch, which waits for this one
+            for tok in range(T):
+                sum_token(
+                    out_ptr, experts_ptr, weights_ptr, final_ptr, res_ptr, extra_ptr,
+                    bias_ptr, slot_ptr, tok, T, offs_n, n_ok, N, num_experts, stride_split,
+                    stride_final, stride_res, stride_extra, stride_bias,
+                    SPLIT, SHARED, TOP_K, RESIDUAL, EXTRA, HAS_BIAS, HAS_SLOT, ".cg",
                 )  # fmt: skip
-            else:
-                he, ho = x_pairs(h_row, k0, k_len, GW)
-                acc += mxfp4_word_dot(
-                    w_e, s_e, tl.program_id(0) * BLOCK_N, N, he, ho, k0, k_len,
-                    stride_wn, stride_sn, stride_sk, BLOCK_N, GROUP, GW, PACKED, EVEN_N,
-                )  # fmt: skip
-        acc = acc * (1.0 / x_scale)  # a power of two: exact
-    out_row = out_ptr + tl.program_id(2) * stride_split + r * stride_out
-    tl.store(out_row + offs_n, tl.sum(acc, axis=1), mask=n_ok)
 
 
 def gemv_gate_up_act(
@@ -402,6 +437,37 @@ def gemv_gate_up_act(
     return h_RF, h_TS
 
 
+class DownSum(NamedTuple):
+    """The sum over k (moe_epilogue.sum_over_k's inputs) for gemv_down to run in the last
+    program of each column tile."""
+
+    weights_TK: torch.Tensor  # float32
+    out_TD: torch.Tensor
+    residual_TD: torch.Tensor | None = None
+    b_down_ED: torch.Tensor | None = None
+    extra_TD: torch.Tensor | None = None
+
+
+# Arrival counters of gemv_down's column tiles, one zeroed buffer per device: the launches
+# that use them run one after another on the device's compute stream, and each leaves them
+# zero. Allocated outside graph capture (the engine's warm-up runs first).
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+_ARRIVAL_TILES = 4096
+
+
+def _arrivals(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's zeroed counters, or None where none can be made now (under graph
+    capture: its allocation would be the graph's)."""
+    counts = _ARRIVALS.get(device)
+    if counts is None:
+        if tiles > _ARRIVAL_TILES or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        ):
+            return None
+        counts = _ARRIVALS[device] = torch.zeros(_ARRIVAL_TILES, dtype=torch.int32, device=device)
+    return counts if tiles <= counts.numel() else None
+
+
 def gemv_down(
     h_RF: torch.Tensor,
     w_down_EDF: torch.Tensor,
@@ -415,12 +481,16 @@ def gemv_down(
     quant: str = "",
     shared: tuple[SharedExpert, torch.Tensor] | None = None,
     x_bound: float | None = None,
-) -> None:
+    sum_into: DownSum | None = None,
+) -> bool:
     """out_SRD[s, r] = h[r, K split s] @ w_down[e_r, :, K split s].T in float32, for the
     S = out_SRD.shape[0] splits of K (unrounded partials: the sum over k adds and rounds).
     shared (the expert, its activations h_TS): rows R + t*n + p of out_SRD hold the partials
     of its piece p for token t (n = its down_rows). x_bound: a bound on |h| (as in
-    gemv_gate_up_act; cfg, when given, gemv_config's for the same half_products)."""
+    gemv_gate_up_act; cfg, when given, gemv_config's for the same half_products).
+    sum_into: also run the sum over k of these partials into sum_into.out_TD (the last
+    program of each column tile does, once the others' partials are in); returns whether
+    it did (not under a graph capture that found no counters: the caller sums)."""
     R = experts_R.numel()
     D, F = w_down_EDF.shape[1], real_k(w_down_EDF, quant)
     code, group = quant_code(quant)
@@ -443,8 +513,21 @@ def gemv_down(
         ss = ss if ss is not None else out_SRD
         shared_rows = expert.down_rows(F)
         assert out_SRD.shape[1] == R + hs.shape[0] * shared_rows
+    tiles = triton.cdiv(D, cfg["BLOCK_N"])
+    counts = _arrivals(out_SRD.device, tiles) if sum_into is not None and R else None
+    fin = res = extra = bias = out_SRD  # unused pointers without the sum
+    weights = None
+    if counts is not None:
+        assert out_SRD.stride(1) == D
+        fin, weights = sum_into.out_TD, sum_into.weights_TK
+        assert weights.dtype == torch.float32 and weights.is_contiguous()
+        assert experts_R.is_contiguous() and fin.stride(1) == 1
+        res = sum_into.residual_TD if sum_into.residual_TD is not None else fin
+        extra = sum_into.extra_TD if sum_into.extra_TD is not None else fin
+        bias = sum_into.b_down_ED if sum_into.b_down_ED is not None else fin
+        assert res.stride(1) == 1 and extra.stride(1) == 1 and bias.stride(-1) == 1
     if R:
-        _down_kernel[(triton.cdiv(D, cfg["BLOCK_N"]), out_SRD.shape[1], out_SRD.shape[0])](
+        _down_kernel[(tiles, out_SRD.shape[1], out_SRD.shape[0])](
             h_RF,
             w_down_EDF,
             out_SRD,
@@ -468,6 +551,17 @@ def gemv_down(
             *(w_scale.stride() if w_scale is not None else (0, 0, 0)),
             ssn,
             x_scale(x_bound) if half else 1.0,
+            counts if counts is not None else out_SRD,
+            weights if weights is not None else out_SRD,
+            fin,
+            res,
+            extra,
+            bias,
+            fin.shape[0] if counts is not None else 0,
+            fin.stride(0),
+            res.stride(0),
+            extra.stride(0),
+            bias.stride(0),
             SHARED=shared_rows,
             HAS_SLOT=expert_slot_E is not None,
             BLOCK_N=cfg["BLOCK_N"],
@@ -478,6 +572,13 @@ def gemv_down(
             PACKED=packed_decode(),
             HALF=half,
             EVEN_N=D % cfg["BLOCK_N"] == 0,
+            SUM=counts is not None,
+            SPLIT=out_SRD.shape[0],
+            TOP_K=R // fin.shape[0] if counts is not None else 1,
+            RESIDUAL=counts is not None and sum_into.residual_TD is not None,
+            EXTRA=counts is not None and sum_into.extra_TD is not None,
+            HAS_BIAS=counts is not None and sum_into.b_down_ED is not None,
             num_warps=cfg["num_warps"],
             **pdl.LAUNCH,
         )
+    return counts is not None
