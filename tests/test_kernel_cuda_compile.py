@@ -179,8 +179,13 @@ def _drive() -> None:
     )  # fmt: skip
     # 270 positions: more than one partition, so the merge kernel runs too.
     tables, lens = torch.randperm(N).view(2, 72), torch.tensor([5, 270])
-    for kw in ({}, {"window": 4}, {"chunk": 8}, {"sinks_H": rand(H, dtype=torch.float32)}):
-        pa.paged_decode_attention(rand(2, H, X), kc, vc, tables, lens, 0.25, **kw)
+    for merge in (0, 1):  # the merge kernel, then the merge in the last program
+        pa.MERGE_IN_LAST, was = merge, pa.MERGE_IN_LAST
+        try:
+            for kw in ({}, {"window": 4}, {"chunk": 8}, {"sinks_H": rand(H, dtype=torch.float32)}):
+                pa.paged_decode_attention(rand(2, H, X), kc, vc, tables, lens, 0.25, **kw)
+        finally:
+            pa.MERGE_IN_LAST = was
     latent = rand(N, S, 1, 24 + 8)
     mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
     mla_rows.write_latent_rows(rand(T, 24 + 8), rand(24), 1e-6, latent, slots_T)

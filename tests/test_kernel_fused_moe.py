@@ -228,7 +228,7 @@ def test_sum_in_down_equals_the_sum_kernel(T: int, split: int, bias: bool, extra
     """The down GEMV's last program per column tile runs the sum over k (weights, biases
     through the slot map, a shared output, the residual; a sentinel's term dropped) bit for
     bit as the sum kernel after it, and leaves its arrival counters zero."""
-    from moeserve.kernels import moe_gemv
+    from moeserve.kernels import arrivals, moe_gemv
     from moeserve.kernels.moe_epilogue import sum_over_k
 
     E, K, D, F_ = 4, 2, 40, 56  # D: a masked tail in the last column tile
@@ -258,7 +258,7 @@ def test_sum_in_down_equals_the_sum_kernel(T: int, split: int, bias: bool, extra
         h_RF, w_EDF, torch.zeros(split, R, D), experts_R, E, **run, sum_into=into
     )
     assert torch.equal(got, want)
-    assert not moe_gemv._ARRIVALS[torch.device("cpu")].any()
+    assert not arrivals._COUNTERS[torch.device("cpu")].any()
 
 
 def test_silu_mul_matches_torch() -> None:
@@ -436,7 +436,7 @@ def test_gpu_sum_in_down_equals_the_sum_kernel(monkeypatch: pytest.MonkeyPatch) 
     """At one token (Qwen3-30B-A3B's expert shape) the down GEMV's last programs sum over k
     bit for bit as the sum kernel, on every trial (a missed arrival or a stale partial would
     differ), eager and replayed, and leave the counters zero."""
-    from moeserve.kernels import moe_gemv, moe_gemv_plan
+    from moeserve.kernels import arrivals, moe_gemv_plan
 
     E, K, D, F_ = 128, 8, 2048, 768
     moe = _moe(E, D, F_, K, torch.bfloat16, "cuda", seed=3)
@@ -467,7 +467,7 @@ def test_gpu_sum_in_down_equals_the_sum_kernel(monkeypatch: pytest.MonkeyPatch) 
             m.setattr(moe_gemv_plan, "SUM_IN_DOWN_MAX_TOKENS", 0)
             apart = fused_moe(x_TD, *w, residual_TD=res_TD, gemv=True)
         assert torch.equal(replayed, apart) and torch.equal(eager, apart), trial
-    assert not moe_gemv._ARRIVALS[torch.device("cuda", torch.cuda.current_device())].any()
+    assert not arrivals._COUNTERS[torch.device("cuda", torch.cuda.current_device())].any()
 
 
 @pytest.mark.parametrize("split_k", [1, 2])

@@ -149,6 +149,31 @@ def test_matches_readable_path(batch, heads, groups, head_dim, block, ctxs, wind
     )
 
 
+@pytest.mark.parametrize(
+    "kw", [{}, {"sinks": True}, {"chunk": 40}], ids=["plain", "sinks", "chunk"]
+)
+@pytest.mark.parametrize("batch,heads,groups,head_dim,block,ctxs,window", CPU_CASES)
+def test_merge_in_the_last_program(
+    monkeypatch, batch, heads, groups, head_dim, block, ctxs, window, kw
+):
+    """MERGE_IN_LAST: the last of each (sequence, kv head)'s programs merges the partials
+    (one partial at a time) instead of the merge kernel (in chunks): the same output up to
+    the float sums' order, sinks and attention chunks included; the counters left zero."""
+    from moeserve.kernels import arrivals
+
+    gen = torch.Generator().manual_seed(sum(ctxs) + head_dim + len(kw))
+    case = _make_case(batch, heads, groups, head_dim, block, ctxs, gen=gen)
+    extra = {"chunk": kw.get("chunk")}
+    if kw.get("sinks"):
+        extra["sinks_H"] = torch.randn(heads, generator=gen)
+    args = (case["q"], case["k"], case["v"], case["table"], case["ctx"], head_dim**-0.5, window)
+    want = paged_decode_attention(*args, **extra)
+    monkeypatch.setattr(pa_module, "MERGE_IN_LAST", 1)
+    got = paged_decode_attention(*args, out_BHX=torch.full_like(want, float("nan")), **extra)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert not arrivals._COUNTERS.get(torch.device("cpu"), torch.zeros(1)).any()
+
+
 @pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("ctx_dtype", [torch.int32, torch.int64])
 def test_index_dtypes(table_dtype, ctx_dtype):
@@ -245,7 +270,9 @@ def _random_ctxs(batch: int, max_ctx: int, gen: torch.Generator) -> list[int]:
         (7, 3000, None, torch.float16),
     ],
 )
-def test_cuda_mixtral_shapes(batch, max_ctx, window, dtype):
+@pytest.mark.parametrize("merge_in_last", [0, 1])
+def test_cuda_mixtral_shapes(monkeypatch, batch, max_ctx, window, dtype, merge_in_last):
+    monkeypatch.setattr(pa_module, "MERGE_IN_LAST", merge_in_last)
     heads, groups, x, block = 32, 8, 128, 16
     scale = x**-0.5
     gen = torch.Generator(device="cuda").manual_seed(batch * 10_000 + max_ctx)
@@ -269,7 +296,11 @@ def test_cuda_mixtral_shapes(batch, max_ctx, window, dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_after_inputs_change():
+@pytest.mark.parametrize("merge_in_last", [0, 1])
+def test_cuda_graph_replay_after_inputs_change(monkeypatch, merge_in_last):
+    """Replays equal eager runs bit for bit (with MERGE_IN_LAST, 20 of them: a program that
+    merged before every partial was in would differ)."""
+    monkeypatch.setattr(pa_module, "MERGE_IN_LAST", merge_in_last)
     heads, groups, x, block, batch, max_ctx = 32, 8, 128, 16, 5, 2048
     scale = x**-0.5
     gen = torch.Generator(device="cuda").manual_seed(11)
@@ -303,7 +334,7 @@ def test_cuda_graph_replay_after_inputs_change():
     with torch.cuda.graph(graph):
         paged_decode_attention(q, k, v, table, ctx, scale, out_BHX=out)
 
-    for _ in range(3):
+    for _ in range(20 if merge_in_last else 3):
         fill(q, k, v, table, ctx)
         out.fill_(float("nan"))
         graph.replay()

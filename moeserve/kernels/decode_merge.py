@@ -89,6 +89,61 @@ def _decode_merge_kernel(
     tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def merge_heads(
+    out_ptr,
+    part_acc_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    sinks_ptr,
+    b,
+    heads,  # [QH_PAD] the query heads to merge
+    row_ok,
+    cols,  # [X_PAD]
+    col_ok,
+    used,  # partials written for this sequence (the rest found nothing)
+    stride_ob,
+    stride_oh,
+    stride_ab,
+    stride_ah,
+    stride_aj,
+    stride_mb,
+    stride_mh,
+    HAS_SINKS: tl.constexpr,
+):
+    """The merge of _decode_merge_kernel for several heads at once, in the partition
+    kernel's last program: partials one at a time (not in chunks), so the float sums run
+    in another order than the merge kernel's. The partials are other programs' writes:
+    read from L2."""
+    ml = b * stride_mb + heads * stride_mh
+    a_rows = part_acc_ptr + b * stride_ab + heads[:, None] * stride_ah + cols[None, :]
+    m = tl.full(heads.shape, NEG_BIG, tl.float32)
+    l_sum = tl.zeros(heads.shape, tl.float32)
+    acc = tl.zeros(a_rows.shape, tl.float32)
+    for j in tl.range(0, used, num_stages=2):
+        m_c = tl.load(part_max_ptr + ml + j, mask=row_ok, other=NEG_BIG, cache_modifier=".cg")
+        l_c = tl.load(part_sum_ptr + ml + j, mask=row_ok, other=0.0, cache_modifier=".cg")
+        live = row_ok & (l_c > 0)  # a neutral partial wrote no output
+        a_c = tl.load(
+            a_rows + j * stride_aj,
+            mask=live[:, None] & col_ok[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        m_new = tl.maximum(m, m_c)
+        alpha = tl.exp2(m - m_new)
+        w = tl.where(live, tl.exp2(m_c - m_new), 0.0)
+        l_sum = l_sum * alpha + l_c * w
+        acc = acc * alpha[:, None] + a_c * w[:, None]
+        m = m_new
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=row_ok, other=0.0).to(tl.float32) * LOG2E_C
+        l_sum = l_sum + tl.exp2(sink - m)
+    o = acc / l_sum[:, None]
+    o_ptr = out_ptr + b * stride_ob + heads[:, None] * stride_oh + cols[None, :]
+    tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 class Partials(NamedTuple):
     """A split-K decode's partial results over J context partitions: float32 accumulators
     [B, H, J, width], running max and sum [B, H, J], and their strides (the first three of the

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import interpreting, pdl
+from moeserve.kernels import arrivals, interpreting, pdl
 from moeserve.kernels.moe_epilogue import activate, rnd, sum_token
 from moeserve.kernels.moe_gemv_plan import SharedExpert, gemv_config
 from moeserve.kernels.moe_quant import QUANT_CODES, quant_code, quant_tile, x_tile
@@ -448,26 +448,6 @@ class DownSum(NamedTuple):
     extra_TD: torch.Tensor | None = None
 
 
-# Arrival counters of gemv_down's column tiles, one zeroed buffer per device: the launches
-# that use them run one after another on the device's compute stream, and each leaves them
-# zero. Allocated outside graph capture (the engine's warm-up runs first).
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-_ARRIVAL_TILES = 4096
-
-
-def _arrivals(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The device's zeroed counters, or None where none can be made now (under graph
-    capture: its allocation would be the graph's)."""
-    counts = _ARRIVALS.get(device)
-    if counts is None:
-        if tiles > _ARRIVAL_TILES or (
-            device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        ):
-            return None
-        counts = _ARRIVALS[device] = torch.zeros(_ARRIVAL_TILES, dtype=torch.int32, device=device)
-    return counts if tiles <= counts.numel() else None
-
-
 def gemv_down(
     h_RF: torch.Tensor,
     w_down_EDF: torch.Tensor,
@@ -514,7 +494,7 @@ def gemv_down(
         shared_rows = expert.down_rows(F)
         assert out_SRD.shape[1] == R + hs.shape[0] * shared_rows
     tiles = triton.cdiv(D, cfg["BLOCK_N"])
-    counts = _arrivals(out_SRD.device, tiles) if sum_into is not None and R else None
+    counts = arrivals.counters(out_SRD.device, tiles) if sum_into is not None and R else None
     fin = res = extra = bias = out_SRD  # unused pointers without the sum
     weights = None
     if counts is not None:

@@ -32,11 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-from moeserve.kernels import num_sms, pdl
+from moeserve.kernels import arrivals, num_sms, pdl
 from moeserve.kernels.decode_merge import (
     LOG2E,
     LOG2E_C,
     NEG_BIG,
+    merge_heads,
     merge_partials,
     split_partials,
 )
@@ -57,6 +58,10 @@ MAX_PROGRAMS = 2048
 # bound registers. A multiple of 16 (tl.dot) that divides PARTITION_SIZE.
 TILE_N = 128
 NUM_WARPS = 4
+# 1: the last of a (sequence, kv head)'s J programs merges its partials (kernels.arrivals;
+# no merge launch). 0 (the merge kernel) until its gpu tests and rates have run on a GPU
+# (`gpu_speed.py --set paged_attention.MERGE_IN_LAST=1`).
+MERGE_IN_LAST = 0
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -84,6 +89,7 @@ def _decode_partition_kernel(
     part_max_ptr,
     part_sum_ptr,
     sinks_ptr,  # [H] (HAS_SINKS)
+    count_ptr,  # [B * G] int32 arrivals, zero between launches (MERGE)
     scale_log2e,
     window,
     chunk,
@@ -116,6 +122,7 @@ def _decode_partition_kernel(
     USE_CHUNK: tl.constexpr,
     SINGLE: tl.constexpr,  # J == 1: write the normalised output, no merge
     HAS_SINKS: tl.constexpr,
+    MERGE: tl.constexpr,  # the last of the J programs merges the partials (no merge launch)
 ):
     wait_prior()
     b = tl.program_id(0)
@@ -146,6 +153,12 @@ def _decode_partition_kernel(
         if not SINGLE:
             tl.store(part_max_ptr + ml_off, tl.full([QH_PAD], NEG_BIG, tl.float32), mask=row_ok)
             tl.store(part_sum_ptr + ml_off, tl.zeros([QH_PAD], tl.float32), mask=row_ok)
+        if MERGE:
+            _arrive_and_merge(
+                out_ptr, ctx, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, count_ptr,
+                b, g, heads, row_ok, cols, col_ok, num_progs, stride_ob, stride_oh,
+                stride_ab, stride_ah, stride_aj, stride_mb, stride_mh, PARTITION, HAS_SINKS,
+            )  # fmt: skip
         return
 
     q_mask = row_ok[:, None] & col_ok[None, :]
@@ -210,6 +223,33 @@ def _decode_partition_kernel(
         tl.store(part_acc_ptr + a_off, acc, mask=q_mask)
         tl.store(part_max_ptr + ml_off, m_i, mask=row_ok)
         tl.store(part_sum_ptr + ml_off, l_i, mask=row_ok)  # >= 1: at least one key seen
+        if MERGE:
+            _arrive_and_merge(
+                out_ptr, ctx, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, count_ptr,
+                b, g, heads, row_ok, cols, col_ok, num_progs, stride_ob, stride_oh,
+                stride_ab, stride_ah, stride_aj, stride_mb, stride_mh, PARTITION, HAS_SINKS,
+            )  # fmt: skip
+
+
+@triton.jit
+def _arrive_and_merge(
+    out_ptr, ctx, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, count_ptr,
+    b, g, heads, row_ok, cols, col_ok, num_progs, stride_ob, stride_oh,
+    stride_ab, stride_ah, stride_aj, stride_mb, stride_mh,
+    PARTITION: tl.constexpr, HAS_SINKS: tl.constexpr,
+):  # fmt: skip
+    """Count this program's partial in; the last of the J to arrive merges them all. The
+    barrier puts every thread's stores before the count (acquire-release, GPU scope)."""
+    tl.debug_barrier()
+    counter = count_ptr + b * tl.num_programs(1) + g
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_progs - 1:
+        tl.store(counter, 0)  # zero for the next launch, which waits for this one
+        used = tl.minimum(tl.cdiv(ctx, PARTITION), num_progs)
+        merge_heads(
+            out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, b, heads, row_ok,
+            cols, col_ok, used, stride_ob, stride_oh, stride_ab, stride_ah, stride_aj,
+            stride_mb, stride_mh, HAS_SINKS,
+        )  # fmt: skip
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -291,6 +331,7 @@ def paged_decode_attention(
     single = num_progs == 1  # shape-only: the merge would be an identity
     parts = split_partials(b, h, num_progs, x, dst)
     win = 0 if window is None else int(window)
+    counts = None if single or not MERGE_IN_LAST else arrivals.counters(dst.device, b * g)
 
     _decode_partition_kernel[(b, g, num_progs)](
         q_BHX,
@@ -303,6 +344,7 @@ def paged_decode_attention(
         parts.max,
         parts.sum,
         sinks_H if sinks_H is not None else dst,  # an unused pointer without sinks
+        counts if counts is not None else dst,
         float(scale) * LOG2E,
         win,
         0 if chunk is None else int(chunk),
@@ -327,10 +369,11 @@ def paged_decode_attention(
         USE_CHUNK=chunk is not None,
         SINGLE=single,
         HAS_SINKS=sinks_H is not None,
+        MERGE=counts is not None,
         num_warps=NUM_WARPS,
         **pdl.LAUNCH,
     )
-    if not single:
+    if not single and counts is None:
         merge_partials(dst, context_lens_B, parts, x_pad, partition, sinks_H)
     if dst is not out_BHX:
         out_BHX.copy_(dst)
