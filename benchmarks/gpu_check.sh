@@ -22,18 +22,20 @@
 #     gemvs       kernel_bench --gemv --sweep at one token: the expert GEMVs' tiles around the
 #                 shipped ones for gpt-oss-120b (MXFP4), gpt-oss-20b, Qwen3-30B-A3B and
 #                 DeepSeek-V2-Lite (bf16) (not a default stage)
-#     early       the early PDL trigger (MOESERVE_PDL_EARLY=1): the gpu tests of the captured
-#                 decode paths under it, then batch-1 decode of $EARLY_SHAPES (default
-#                 Qwen3-30B-A3B and DeepSeek-V2-Lite) with it off, on, and on with
-#                 linear.GEMV_PRE_TILES 2 and 4, $EARLY_ROUNDS times (default 1; not a default
-#                 stage)
+#     optin       the opt-in decode changes: the early PDL trigger (MOESERVE_PDL_EARLY=1), the
+#                 sum over k in the down GEMV (moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS=4) and the
+#                 attention merge in the last partition program (paged_attention.MERGE_IN_LAST=1):
+#                 the gpu tests of the captured decode paths with all three on, then batch-1
+#                 decode of $OPTIN_SHAPES (default Qwen3-30B-A3B and DeepSeek-V2-Lite) in the
+#                 settings $OPTIN_SETS (early:pre_tiles:sum:merge; pre_tiles is
+#                 linear.GEMV_PRE_TILES), $OPTIN_ROUNDS times (default 1; not a default stage)
 #     ab          decode at batch $AB_BATCH (default 1) of this tree vs the tree in $BASE,
 #                 alternated twice per shape ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
 #                 benchmarks | tar -x -C bench_base`, carry bench_base (not a default stage)
 # Results land in $OUT (the device tool's output folder) or bench_out/.
 set -uo pipefail
 all="tests kernels speed profile http throughput offload mixtral families prefix quant"
-extra="ab early f16 gemvs"  # stages that run only when named
+extra="ab optin f16 gemvs"  # stages that run only when named
 case "${1:-}" in
   -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
@@ -131,22 +133,30 @@ for stage in $stages; do
             | grep -m1 " b1 .*tok/s" | tee -a "$OUT/f16.log"
         done
       done ;;
-    early)
-      # Each setting compiles into its own Triton cache: the trigger is a jit-time constant.
-      MOESERVE_PDL_EARLY=1 TRITON_CACHE_DIR=/tmp/triton_early1 python3 -m pytest -q \
-        -p no:cacheprovider -m gpu tests/test_kernel_linear.py tests/test_kernel_fused_moe.py \
-        tests/test_fast_path.py tests/test_deepseek.py tests/test_gpt_oss.py \
-        tests/test_offload_fused.py tests/test_decode_rows.py tests/test_staged.py 2>&1 \
-        | tee "$OUT/early_tests.log"
-      for shape in ${EARLY_SHAPES:-qwen3-30b-a3b deepseek-v2-lite}; do
-        for round in $(seq "${EARLY_ROUNDS:-1}"); do
-          for setting in 0:1 1:1 1:2 1:4; do
-            e=${setting%%:*} pre=${setting#*:}
-            printf '%s b1, early=%s pre_tiles=%s: ' "$shape" "$e" "$pre" | tee -a "$OUT/early.log"
+    optin)
+      # Each trigger setting compiles into its own Triton cache: it is a jit-time constant.
+      MOESERVE_PDL_EARLY=1 TRITON_CACHE_DIR=/tmp/triton_early1 python3 -c "
+import sys, pytest
+from moeserve.kernels import moe_gemv_plan, paged_attention
+moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS = 4
+paged_attention.MERGE_IN_LAST = 1
+sys.exit(pytest.main(sys.argv[1:]))" -q -p no:cacheprovider -m gpu \
+        tests/test_kernel_fused_moe.py tests/test_kernel_paged_attention.py \
+        tests/test_kernel_linear.py tests/test_fast_path.py tests/test_deepseek.py \
+        tests/test_gpt_oss.py tests/test_offload_fused.py tests/test_decode_rows.py \
+        tests/test_staged.py 2>&1 | tee "$OUT/optin_tests.log"
+      for shape in ${OPTIN_SHAPES:-qwen3-30b-a3b deepseek-v2-lite}; do
+        for round in $(seq "${OPTIN_ROUNDS:-1}"); do
+          for setting in ${OPTIN_SETS:-0:1:0:0 1:1:0:0 1:1:4:1 0:1:4:1 1:2:4:1 1:4:4:1}; do
+            IFS=: read -r e pre sum merge <<< "$setting"
+            printf '%s b1, early=%s pre_tiles=%s sum_in_down=%s merge_in_last=%s: ' \
+              "$shape" "$e" "$pre" "$sum" "$merge" | tee -a "$OUT/optin.log"
             MOESERVE_PDL_EARLY=$e TRITON_CACHE_DIR=/tmp/triton_early$e python3 \
-              benchmarks/gpu_speed.py --set linear.GEMV_PRE_TILES=$pre --shape $shape \
+              benchmarks/gpu_speed.py --set linear.GEMV_PRE_TILES="$pre" \
+              --set moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS="$sum" \
+              --set paged_attention.MERGE_IN_LAST="$merge" --shape "$shape" \
               --modes graphs --no-hf --prefill-len 0 --batch 1 --output-len 64 2>&1 \
-              | grep -m1 " b1 .*tok/s" | tee -a "$OUT/early.log"
+              | grep -m1 " b1 .*tok/s" | tee -a "$OUT/optin.log"
           done
         done
       done ;;
