@@ -116,6 +116,7 @@ def _drive() -> None:
             )  # fmt: skip
             if in_down:
                 fm.fused_moe(x, w1, w2, weights, experts, gemv=True)
+                _drive_quantized(rand)  # fp8 and mxfp4 down GEMVs with the sum in them
                 fm.fused_moe(
                     x, w1, w2, weights, experts, gemv=True, expert_slot_E=slots,
                     b_gate_up_EF=b1, b_down_ED=b2, activation=clamped, residual_TD=rand(T, D),
