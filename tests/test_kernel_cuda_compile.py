@@ -137,13 +137,6 @@ def _drive() -> None:
     linear.linear_partials(rand(1, D), rand(8, D, dtype=torch.float32))
     # One row with the input RMSNorm inside the GEMV (bf16 and FP8 weights).
     linear.linear_partials(rand(1, D), rand(40, D), norm=(rand(D), 1e-6))
-    # Two and four K tiles loaded before the PDL wait (linear.GEMV_PRE_TILES), norm too.
-    for pre in (2, 4):
-        linear.GEMV_PRE_TILES, was = pre, linear.GEMV_PRE_TILES
-        try:
-            linear.linear_partials(rand(1, D), rand(40, D), norm=(rand(D), 1e-6))
-        finally:
-            linear.GEMV_PRE_TILES = was
     # The partials' sum in one kernel (reduce_partials takes it on the GPU), to bf16.
     linear.sum_partials(linear.linear_partials(rand(1, D), rand(40, D)), torch.bfloat16)
     from moeserve.kernels.quant import quantize_fp8_rows

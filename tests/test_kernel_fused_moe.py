@@ -570,8 +570,9 @@ def test_shared_expert_in_the_gemv_epilogue(
     weights_TK, experts_TK = moe.select_experts(x_1D)
     readable = moe.experts(x_1D, weights_TK, experts_TK) + mlp(x_1D)
     torch.testing.assert_close(got, res_1D + readable, rtol=1e-4, atol=1e-4)
-    with monkeypatch.context() as m:  # the sum over k in the down GEMV's last programs
-        m.setattr(moe_gemv_plan, "SUM_IN_DOWN_MAX_TOKENS", 1)
+    assert moe_gemv_plan.sums_in_down(1, 1)  # got: the sum over k in the down GEMV
+    with monkeypatch.context() as m:  # the sum kernel: the same bits
+        m.setattr(moe_gemv_plan, "SUM_IN_DOWN_MAX_TOKENS", 0)
         assert torch.equal(moe(x_1D, residual_TD=res_1D), got)
     moe.shared_gate = torch.zeros(1, D)  # a gated shared expert stays outside the kernels
     assert moe._kernel_shared(1) is None

@@ -50,7 +50,6 @@ def test_strided_rows(device: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("n", "k", "splits"), [(40, 300, 3), (8, 64, 1), (33, 17, 2)])
-@pytest.mark.parametrize("pre", [1, 2, 4])
 def test_one_row_gemv_with_bias(
     monkeypatch: pytest.MonkeyPatch,
     device: str,
@@ -58,15 +57,12 @@ def test_one_row_gemv_with_bias(
     n: int,
     k: int,
     splits: int,
-    pre: int,
 ) -> None:
     """One row takes the GEMV (bf16 too: no dot under the interpreter): float32 products of
     the stored values summed in float32, over `splits` K ranges (a short last one), the bias
-    in the first partial only; the first `pre` K tiles of each range load as one wide tile
-    before the PDL wait (linear.GEMV_PRE_TILES), also where the range is shorter."""
+    in the first partial only."""
     cfg = dict(BLOCK_N=16, BLOCK_K=16, num_warps=4, SPLIT_K=splits, loop_stages=1)
     monkeypatch.setattr(linear, "gemv_partials_config", lambda *a: cfg)
-    monkeypatch.setattr(linear, "GEMV_PRE_TILES", pre)
     g = torch.Generator().manual_seed(n + k)
     x = torch.randn(1, k, generator=g).to(device, dtype)
     w = torch.randn(n, k, generator=g).to(device, dtype)
@@ -86,14 +82,13 @@ def test_one_row_gemv_with_bias(
     ],
 )
 @pytest.mark.parametrize("quant", ["", "fp8"])
-@pytest.mark.parametrize(("fused", "pre"), [(1, 1), (0, 1), (1, 4)])
+@pytest.mark.parametrize("fused", [1, 0])
 def test_input_norm_inside_the_gemv_matches_the_norm_kernel(
     monkeypatch: pytest.MonkeyPatch,
     device: str,
     dtype: torch.dtype,
     quant: str,
     fused: int,
-    pre: int,
 ) -> None:
     """norm=(weight, eps): one row is RMSNormed inside the GEMV (every program reads the
     whole row for its statistics, a K range that is not a power of two and several splits
@@ -103,7 +98,6 @@ def test_input_norm_inside_the_gemv_matches_the_norm_kernel(
     from moeserve.kernels.quant import dequantize, quantize_fp8_rows
 
     monkeypatch.setattr(linear, "NORM_IN_GEMV", fused)
-    monkeypatch.setattr(linear, "GEMV_PRE_TILES", pre)  # plain weights: tiles before the wait
     n, k = 40, 300
     g = torch.Generator().manual_seed(k + fused)
     x = (torch.randn(1, k, generator=g) * 3).to(device, dtype)

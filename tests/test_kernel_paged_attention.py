@@ -167,6 +167,7 @@ def test_merge_in_the_last_program(
     if kw.get("sinks"):
         extra["sinks_H"] = torch.randn(heads, generator=gen)
     args = (case["q"], case["k"], case["v"], case["table"], case["ctx"], head_dim**-0.5, window)
+    monkeypatch.setattr(pa_module, "MERGE_IN_LAST", 0)
     want = paged_decode_attention(*args, **extra)
     monkeypatch.setattr(pa_module, "MERGE_IN_LAST", 1)
     got = paged_decode_attention(*args, out_BHX=torch.full_like(want, float("nan")), **extra)

@@ -298,7 +298,7 @@ def fused_moe(
             quant=quant,
             shared=(shared, h_TS) if shared is not None else None,
             x_bound=h_bound,
-            sum_into=into if sums_in_down(T) else None,
+            sum_into=into if sums_in_down(T, cfg["SPLIT_K"]) else None,
         ):
             return out_TD
         return sum_over_k(

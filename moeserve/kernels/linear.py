@@ -44,9 +44,6 @@ InputNorm = tuple[torch.Tensor, float]
 # 1: a one-row GEMV norms its input itself; 0: the norm kernel runs first (A/B: gpu_speed.py
 # --set linear.NORM_IN_GEMV=0).
 NORM_IN_GEMV = 1
-# K tiles (1, 2 or 4) a plain one-row GEMV program loads before its PDL wait, and the fewest
-# a split of a large projection streams (--set linear.GEMV_PRE_TILES, A/B).
-GEMV_PRE_TILES = 1
 
 
 def applicable(x_TD: torch.Tensor, scaled: bool = False) -> bool:
@@ -154,7 +151,6 @@ def _gemv_partials_kernel(
     LOOP_STAGES: tl.constexpr,
     NORM: tl.constexpr = False,  # x is RMSNormed first (norm_rope.rms_norm's rounding)
     BLOCK_ROW: tl.constexpr = 1,  # (NORM) K padded to a power of two
-    PRE_TILES: tl.constexpr = 1,  # plain weights: K tiles loaded before the PDL wait
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -164,11 +160,10 @@ def _gemv_partials_kernel(
     k_first = s * per_split
     k_end = tl.minimum(k_first + per_split, K)
     if QUANT == 0:  # float32 products of the stored values, summed in float32 (as a dot)
-        # The first PRE_TILES K tiles' weights (one wide tile) load before the wait
-        # (pdl.wait_prior): no kernel writes them, and the kernels before are short ones
-        # whose run they overlap.
-        # (Names of their own: the loop's tiles are narrower.)
-        kk0 = k_first + tl.arange(0, BLOCK_K * PRE_TILES)
+        # The first K tile's weights load before the wait (pdl.wait_prior): no kernel writes
+        # them, and the kernels before are short ones whose run they overlap. (Two or four
+        # tiles there ran decode at 0.45x and 0.28x: benchmarks/RESULTS.md.)
+        kk0 = k_first + tl.arange(0, BLOCK_K)
         k_ok0 = kk0 < k_end
         w_rows = w_ptr + offs_n[:, None] * stride_wn
         w0 = tl.load(w_rows + kk0[None, :], mask=n_ok[:, None] & k_ok0[None, :], other=0.0)
@@ -179,9 +174,7 @@ def _gemv_partials_kernel(
             x0 = scale_normed(x0, inv, norm_ptr, kk0, k_ok0, x_ptr.dtype.element_ty)
             x0 = x0.to(tl.float32)
         acc = w0.to(tl.float32) * x0[None, :]
-        if PRE_TILES > 1:  # the tiles' products summed in K order, as the loop adds them
-            acc = tl.sum(tl.reshape(acc, (BLOCK_N, PRE_TILES, BLOCK_K)), axis=1)
-        for k0 in tl.range(k_first + PRE_TILES * BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+        for k0 in tl.range(k_first + BLOCK_K, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_ok = kk < k_end
             x = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
@@ -241,7 +234,7 @@ def gemv_partials_config(n: int, k: int, quant: str = "") -> dict[str, int]:
     block_k = max(min(block_k, triton.next_power_of_2(k)), least)
     programs = triton.cdiv(n, block_n)
     # A router's few rows split down to single tiles: its programs are all latency.
-    min_k = max(_GEMV_MIN_K_TILES, GEMV_PRE_TILES) if n * k >= 1 << 20 else 1
+    min_k = _GEMV_MIN_K_TILES if n * k >= 1 << 20 else 1
     split = k_splits(programs, triton.cdiv(k, block_k), min_k, _MAX_SPLIT, per_sm=8)
     return dict(
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, SPLIT_K=split, loop_stages=stages
@@ -257,7 +250,6 @@ def _gemv_partials(
     norm: InputNorm | None = None,
 ) -> torch.Tensor:
     n, k = w_NK.shape
-    assert GEMV_PRE_TILES in (1, 2, 4), GEMV_PRE_TILES  # one power-of-two wide tile
     quant = "fp8" if w_scale is not None else ""
     cfg = cfg or gemv_partials_config(n, k, quant)
     out = torch.empty(cfg["SPLIT_K"], 1, n, dtype=torch.float32, device=x_1K.device)
@@ -282,7 +274,6 @@ def _gemv_partials(
         LOOP_STAGES=cfg.get("loop_stages", 1),
         NORM=norm is not None,
         BLOCK_ROW=triton.next_power_of_2(k) if norm is not None else 1,
-        PRE_TILES=GEMV_PRE_TILES,
         num_warps=cfg["num_warps"],
         **pdl.LAUNCH,
     )

@@ -25,16 +25,17 @@ from moeserve.kernels.quant import group_size
 GEMV_MAX_TOKENS = 1
 GEMV_MAX_INTERMEDIATE = 4096
 
-# Up to this many tokens the down GEMV's last program of each column tile runs the sum over
-# k (moe_gemv.gemv_down's sum_into), one token after another, in place of the sum kernel.
-# 0 (the sum kernel always) until its gpu tests and rates have run on a GPU: it is exact on
-# the CPU, and on the GPU its correctness rests on the arrival count's memory ordering
-# (`gpu_speed.py --set moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS=4` turns it on).
-SUM_IN_DOWN_MAX_TOKENS = 0
+# Up to this many tokens, an unsplit down GEMV's last program of each column tile runs the
+# sum over k (moe_gemv.gemv_down's sum_into), one token after another, in place of the sum
+# kernel; 0: the sum kernel always (A/B: `gpu_speed.py --set
+# moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS=0`). Batch 1 on an H100 (benchmarks/RESULTS.md):
+# Qwen3-30B-A3B, unsplit, 1.015x; DeepSeek-V2-Lite in 2 splits 1.00x and gpt-oss-20b in 3
+# 0.98x, hence unsplit only.
+SUM_IN_DOWN_MAX_TOKENS = 1
 
 
-def sums_in_down(num_tokens: int) -> bool:
-    return num_tokens <= SUM_IN_DOWN_MAX_TOKENS
+def sums_in_down(num_tokens: int, splits: int) -> bool:
+    return num_tokens <= SUM_IN_DOWN_MAX_TOKENS and splits == 1
 
 
 def takes_gemv(num_tokens: int, intermediate: int, quant: str = "") -> bool:

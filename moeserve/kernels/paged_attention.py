@@ -59,9 +59,10 @@ MAX_PROGRAMS = 2048
 TILE_N = 128
 NUM_WARPS = 4
 # 1: the last of a (sequence, kv head)'s J programs merges its partials (kernels.arrivals;
-# no merge launch). 0 (the merge kernel) until its gpu tests and rates have run on a GPU
-# (`gpu_speed.py --set paged_attention.MERGE_IN_LAST=1`).
-MERGE_IN_LAST = 0
+# no merge launch); 0: the merge kernel. Qwen3-30B-A3B batch 1 (H100, benchmarks/RESULTS.md):
+# 1.009x, but 0.987x under the early PDL trigger, whose launches run ahead of the merge
+# kernel anyway. A/B: `gpu_speed.py --set paged_attention.MERGE_IN_LAST=0`.
+MERGE_IN_LAST = 0 if pdl.EARLY else 1
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

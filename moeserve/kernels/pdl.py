@@ -53,7 +53,8 @@ _ON = tl.constexpr(ON)
 # MOESERVE_PDL_EARLY=1: a kernel lets the next one launch before its own wait, so a chain of
 # short kernels can be launched (and load their weights) two or more deep; 0: after it. Read
 # from the environment only: a jit-time constant that gpu_speed.py's --set could not change.
-_EARLY = tl.constexpr(os.environ.get("MOESERVE_PDL_EARLY", "0") == "1")
+EARLY: bool = os.environ.get("MOESERVE_PDL_EARLY", "0") == "1"
+_EARLY = tl.constexpr(EARLY)
 
 
 @triton.jit
