@@ -162,7 +162,7 @@ def _gemv_partials_kernel(
     if QUANT == 0:  # float32 products of the stored values, summed in float32 (as a dot)
         # The first K tile's weights load before the wait (pdl.wait_prior): no kernel writes
         # them, and the kernels before are short ones whose run they overlap. (Two or four
-        # tiles there ran decode at 0.45x and 0.28x: benchmarks/RESULTS.md.)
+        # tiles there ran decode at 0.44x and 0.28x: benchmarks/RESULTS.md.)
         kk0 = k_first + tl.arange(0, BLOCK_K)
         k_ok0 = kk0 < k_end
         w_rows = w_ptr + offs_n[:, None] * stride_wn
