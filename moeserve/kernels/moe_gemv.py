@@ -10,7 +10,8 @@ gate and up rows where it has them (no silu_mul launch, no [R, 2F] intermediate)
 
 Rounding follows the grouped path: GEMM 1's products are rounded to the model dtype, its bias
 added and rounded, then the activation as kernels.fused_moe's silu_mul; GEMM 2 writes float32
-rows that the sum over k rounds, weighs and adds (moe_epilogue's _sum_split_kernel). Sentinel
+rows that the sum over k rounds, weighs and adds (moe_epilogue's sum_token: in the sum
+kernel, or in the down GEMV's last program of each column tile, gemv_down's sum_into). Sentinel
 assignments (expert >= num_experts) are skipped; the sum drops their rows. An ungated shared
 expert (SharedExpert) is more programs after the routed rows of both launches (gate/up: F of
 its outputs each; down: one piece of its K each), whose partials the sum adds: at one token
