@@ -58,8 +58,9 @@ MAX_PROGRAMS = 2048
 # bound registers. A multiple of 16 (tl.dot) that divides PARTITION_SIZE.
 TILE_N = 128
 NUM_WARPS = 4
-# 1: the last of a (sequence, kv head)'s J programs merges its partials (kernels.arrivals;
-# no merge launch); 0: the merge kernel. Qwen3-30B-A3B batch 1 (H100, benchmarks/RESULTS.md):
+# 1: in launches of fewer (sequence, kv head) pairs than SMs (batch-1 decode, where it was
+# measured), the last of each pair's J programs merges its partials (kernels.arrivals; no
+# merge launch); 0: the merge kernel. Qwen3-30B-A3B batch 1 (H100, benchmarks/RESULTS.md):
 # 1.009x, but 0.987x under the early PDL trigger, whose launches run ahead of the merge
 # kernel anyway. A/B: `gpu_speed.py --set paged_attention.MERGE_IN_LAST=0`.
 MERGE_IN_LAST = 0 if pdl.EARLY else 1
@@ -332,7 +333,9 @@ def paged_decode_attention(
     single = num_progs == 1  # shape-only: the merge would be an identity
     parts = split_partials(b, h, num_progs, x, dst)
     win = 0 if window is None else int(window)
-    counts = None if single or not MERGE_IN_LAST else arrivals.counters(dst.device, b * g)
+    counts = None
+    if MERGE_IN_LAST and not single and b * g < num_sms():  # measured at batch 1 only
+        counts = arrivals.counters(dst.device, b * g)
 
     _decode_partition_kernel[(b, g, num_progs)](
         q_BHX,
