@@ -22,12 +22,13 @@
 #     gemvs       kernel_bench --gemv --sweep at one token: the expert GEMVs' tiles around the
 #                 shipped ones for gpt-oss-120b (MXFP4), gpt-oss-20b, Qwen3-30B-A3B and
 #                 DeepSeek-V2-Lite (bf16) (not a default stage)
-#     optin       the early PDL trigger (MOESERVE_PDL_EARLY=1, opt-in): the gpu tests of the
-#                 captured decode paths under it, then batch-1 decode of $OPTIN_SHAPES (default
-#                 Qwen3-30B-A3B and DeepSeek-V2-Lite) in the settings $OPTIN_SETS
-#                 (early:sum:merge, the last two moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS and
-#                 paged_attention.MERGE_IN_LAST), $OPTIN_ROUNDS times (default 1; not a default
-#                 stage)
+#     optin       the opt-in decode changes, the early PDL trigger (MOESERVE_PDL_EARLY=1) and the
+#                 rotary in the decode kernel (paged_attention.ROPE_IN_DECODE=1): the gpu tests
+#                 of the captured decode paths with both on, then batch-1 decode of
+#                 $OPTIN_SHAPES (default Qwen3-30B-A3B, gpt-oss-20b, DeepSeek-V2-Lite) in the settings
+#                 $OPTIN_SETS (early:sum:merge:rope, sum and merge being
+#                 moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS and paged_attention.MERGE_IN_LAST),
+#                 $OPTIN_ROUNDS times (default 1; not a default stage)
 #     ab          decode at batch $AB_BATCH (default 1) of this tree vs the tree in $BASE,
 #                 alternated twice per shape ($AB_SHAPES); make it with `mkdir bench_base; git archive REV moeserve
 #                 benchmarks | tar -x -C bench_base`, carry bench_base (not a default stage)
@@ -134,20 +135,25 @@ for stage in $stages; do
       done ;;
     optin)
       # Each trigger setting compiles into its own Triton cache: it is a jit-time constant.
-      MOESERVE_PDL_EARLY=1 TRITON_CACHE_DIR=/tmp/triton_early1 python3 -m pytest -q \
-        -p no:cacheprovider -m gpu tests/test_kernel_fused_moe.py \
-        tests/test_kernel_paged_attention.py tests/test_kernel_linear.py tests/test_fast_path.py \
-        tests/test_deepseek.py tests/test_gpt_oss.py tests/test_offload_fused.py \
-        tests/test_decode_rows.py tests/test_staged.py 2>&1 | tee "$OUT/optin_tests.log"
-      for shape in ${OPTIN_SHAPES:-qwen3-30b-a3b deepseek-v2-lite}; do
+      MOESERVE_PDL_EARLY=1 TRITON_CACHE_DIR=/tmp/triton_early1 python3 -c "
+import sys, pytest
+from moeserve.kernels import paged_attention
+paged_attention.ROPE_IN_DECODE = 1
+sys.exit(pytest.main(sys.argv[1:]))" -q -p no:cacheprovider -m gpu \
+        tests/test_kernel_fused_moe.py tests/test_kernel_paged_attention.py \
+        tests/test_kernel_linear.py tests/test_fast_path.py tests/test_deepseek.py \
+        tests/test_gpt_oss.py tests/test_offload_fused.py tests/test_decode_rows.py \
+        tests/test_staged.py 2>&1 | tee "$OUT/optin_tests.log"
+      for shape in ${OPTIN_SHAPES:-qwen3-30b-a3b gpt-oss-20b deepseek-v2-lite}; do
         for round in $(seq "${OPTIN_ROUNDS:-1}"); do
-          for setting in ${OPTIN_SETS:-0:1:1 1:1:0 1:0:0 0:0:0}; do
-            IFS=: read -r e sum merge <<< "$setting"
-            printf '%s b1, early=%s sum_in_down=%s merge_in_last=%s: ' \
-              "$shape" "$e" "$sum" "$merge" | tee -a "$OUT/optin.log"
+          for setting in ${OPTIN_SETS:-0:1:1:0 0:1:1:1 1:1:0:0 1:1:0:1 0:0:0:0}; do
+            IFS=: read -r e sum merge rope <<< "$setting"
+            printf '%s b1, early=%s sum_in_down=%s merge_in_last=%s rope_in_decode=%s: ' \
+              "$shape" "$e" "$sum" "$merge" "$rope" | tee -a "$OUT/optin.log"
             MOESERVE_PDL_EARLY=$e TRITON_CACHE_DIR=/tmp/triton_early$e python3 \
               benchmarks/gpu_speed.py --set moe_gemv_plan.SUM_IN_DOWN_MAX_TOKENS="$sum" \
-              --set paged_attention.MERGE_IN_LAST="$merge" --shape "$shape" \
+              --set paged_attention.MERGE_IN_LAST="$merge" \
+              --set paged_attention.ROPE_IN_DECODE="$rope" --shape "$shape" \
               --modes graphs --no-hf --prefill-len 0 --batch 1 --output-len 64 2>&1 \
               | grep -m1 " b1 .*tok/s" | tee -a "$OUT/optin.log"
           done

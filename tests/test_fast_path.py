@@ -149,6 +149,45 @@ def test_interpreted_captured_step_path(
     assert {n for _, n in calls} == want_n
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_interpreted_rope_in_the_decode_kernel(
+    tmp_path: Path, family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paged_attention.ROPE_IN_DECODE: the captured step's decode kernel rotates its queries
+    from the qkv partials and writes the new keys and values itself (Qwen3's per-head q/k
+    norms; gpt-oss's sinks and sliding windows): the readable path's outputs."""
+    import moeserve.kernels.paged_attention as pa
+    import moeserve.model.backend as backend
+    from moeserve.model.attention import PagedAttention
+
+    layers = {"num_hidden_layers": 2} if family != "gpt_oss" else {}
+    path = make_checkpoint(tmp_path / family, family, **layers)
+    kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
+    prompts, params = PROMPTS[:4], [_params(i) for i in range(4)]
+
+    def run(kernels: str) -> list[tuple[list[int], list[float]]]:
+        outs = LLM(path, kernels=kernels, **kw).generate(prompts, params)
+        return [
+            (o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
+            for o in outs
+        ]
+
+    want = run("torch")
+    rotated: list[int] = []
+    real = PagedAttention.attend_rotating
+
+    def counted(self: PagedAttention, *args: object) -> torch.Tensor | None:
+        out = real(self, *args)  # type: ignore[arg-type]
+        rotated.append(out is not None)
+        return out
+
+    monkeypatch.setattr(backend, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
+    monkeypatch.setattr(pa, "ROPE_IN_DECODE", 1)
+    monkeypatch.setattr(PagedAttention, "attend_rotating", counted)
+    _assert_same(run("triton"), want, 1e-4)
+    assert rotated and all(rotated)
+
+
 def test_kernel_choice_is_validated() -> None:
     with pytest.raises(ConfigError, match="kernels must be one of"):
         resolve_kernels("cuda", torch.device("cpu"))

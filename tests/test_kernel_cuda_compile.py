@@ -180,6 +180,17 @@ def _drive() -> None:
                 pa.paged_decode_attention(rand(2, H, X), kc, vc, tables, lens, 0.25, **kw)
         finally:
             pa.MERGE_IN_LAST = was
+    # The queries rotated in the partition programs from qkv partials (two splits), with and
+    # without per-head q/k norms, cos/sin from a table by position and as rows.
+    qkv2 = torch.randn(2, 2, (H + 2 * G) * X, generator=g)
+    pos2, slots2 = lens - 1, torch.tensor([3, 200])
+    for qk in (None, norm):
+        for cs in ((cos, sin, None), (rand(300, X), rand(300, X), pos2)):
+            rope = pa.RopeFromQKV(qkv2, cs[0][:2], cs[1][:2], cs[2], slots2, qk)
+            if cs[2] is not None:
+                rope = rope._replace(cos=cs[0], sin=cs[1])
+            out = rand(2, H, X)
+            pa.paged_decode_attention(out, kc, vc, tables, lens, 0.25, out_BHX=out, rope=rope)
     latent = rand(N, S, 1, 24 + 8)
     mla_attention.mla_decode_attention(rand(2, 16, 24 + 8), latent, tables, lens, 0.2, 24)
     mla_rows.write_latent_rows(rand(T, 24 + 8), rand(24), 1e-6, latent, slots_T)

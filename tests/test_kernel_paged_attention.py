@@ -175,6 +175,83 @@ def test_merge_in_the_last_program(
     assert not arrivals._COUNTERS.get(torch.device("cpu"), torch.zeros(1)).any()
 
 
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize(
+    "batch,heads,groups,head_dim,block,ctxs,window",
+    [
+        (1, 8, 2, 16, 8, [1], None),
+        (3, 4, 2, 32, 16, [2 * P + 37, P, 5], None),
+        (3, 4, 1, 16, 8, [600, 40, 2], 100),
+        (2, 2, 2, 64, 256, [600, 3], None),
+    ],
+)
+def test_rope_in_the_decode_equals_the_rotary_kernel_first(
+    monkeypatch, batch, heads, groups, head_dim, block, ctxs, window, norm
+):
+    """rope=RopeFromQKV: the partition programs rotate their queries from the qkv partials
+    and the one holding the newest position writes its key and value first: the same
+    attention and the same cache as norm_rope.rotary_from_partials followed by the decode
+    (per-head q/k norms or not, several splits, windows, a table read at positions)."""
+    _check_rope_in_decode(batch, heads, groups, head_dim, block, ctxs, window, norm, "cpu")
+
+
+def _check_rope_in_decode(
+    batch: int,
+    heads: int,
+    groups: int,
+    x: int,
+    block: int,
+    ctxs: list[int],
+    window: int | None,
+    norm: bool,
+    device: str,
+    dtype: torch.dtype = torch.float32,
+    tol: float = 1e-5,
+) -> None:
+    from moeserve.kernels.norm_rope import rotary_from_partials
+    from moeserve.kernels.paged_attention import RopeFromQKV
+
+    gen = torch.Generator(device=device).manual_seed(sum(ctxs) + x + norm)
+    case = _make_case(batch, heads, groups, x, block, ctxs, dtype, device, gen=gen)
+    kw = dict(generator=gen, device=device)
+    qkv = torch.randn(3, batch, (heads + 2 * groups) * x, **kw)  # three K splits
+    table = torch.randn(4096, 2 * x, **kw).to(dtype)
+    cos, sin = table[:, :x], table[:, x:]
+    pos = case["ctx"] - 1
+    blocks = case["table"].gather(1, (pos // block)[:, None])[:, 0]
+    slots = blocks * block + pos % block
+    qk_norm = None
+    if norm:
+        qk_norm = (
+            (torch.rand(x, **kw) + 0.5).to(dtype),
+            (torch.rand(x, **kw) + 0.5).to(dtype),
+            1e-6,
+        )
+    k_ref, v_ref = case["k"].clone(), case["v"].clone()
+    q = rotary_from_partials(
+        qkv, heads, groups, cos, sin, (k_ref, v_ref, slots), dtype, pos, qk_norm
+    )
+    args = (case["table"], case["ctx"], x**-0.5, window)
+    want = paged_decode_attention(q, k_ref, v_ref, *args)
+    k, v = case["k"].clone(), case["v"].clone()
+    out = torch.full((batch, heads, x), float("nan"), dtype=dtype, device=device)
+    rope = RopeFromQKV(qkv, cos, sin, pos, slots, qk_norm)
+    got = paged_decode_attention(out, k, v, *args, out_BHX=out, rope=rope)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    # A norm's sum in another order may move a bf16 key by an ulp; values are exact.
+    k_tol = 1e-6 if dtype == torch.float32 else tol
+    torch.testing.assert_close(k, k_ref, atol=k_tol, rtol=k_tol, equal_nan=True)
+    assert torch.equal(v.nan_to_num(7.0), v_ref.nan_to_num(7.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("batch,ctxs", [(1, [300]), (1, [2048]), (5, [2000, 70, 1, 513, 64])])
+def test_cuda_rope_in_the_decode(batch, ctxs, norm):
+    """The same at Qwen3-30B-A3B's heads (32 q, 4 kv, 128 wide) in bf16."""
+    _check_rope_in_decode(batch, 32, 4, 128, 16, ctxs, None, norm, "cuda", torch.bfloat16, 2e-2)
+
+
 @pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("ctx_dtype", [torch.int32, torch.int64])
 def test_index_dtypes(table_dtype, ctx_dtype):

@@ -28,6 +28,8 @@ The twin readable path is moeserve.model.attention.PagedAttention without decode
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -64,6 +66,17 @@ NUM_WARPS = 4
 # 1.009x, but 0.987x under the early PDL trigger, whose launches run ahead of the merge
 # kernel anyway. A/B: `gpu_speed.py --set paged_attention.MERGE_IN_LAST=0`.
 MERGE_IN_LAST = 0 if pdl.EARLY else 1
+# 1: a decode from the qkv projection's partials rotates its queries in the partition
+# programs and writes the new keys and values there (RopeFromQKV; no rotary launch). 0 until
+# measured on a GPU (`gpu_speed.py --set paged_attention.ROPE_IN_DECODE=1`).
+ROPE_IN_DECODE = 0
+
+
+def rotates(head_dim: int, rotary_dim: int) -> bool:
+    """The partition programs can rotate these heads: a full rotary of a power-of-two head."""
+    return rotary_dim == head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -125,6 +138,24 @@ def _decode_partition_kernel(
     SINGLE: tl.constexpr,  # J == 1: write the normalised output, no merge
     HAS_SINKS: tl.constexpr,
     MERGE: tl.constexpr,  # the last of the J programs merges the partials (no merge launch)
+    # ROPE: q from the qkv projection's float32 split-K partials, rotated here (no rotary
+    # launch); the program holding the newest position writes its key and value first.
+    qkv_ptr,  # [QKV_SPLIT, B, (H + 2G) * X] float32
+    stride_qkv_p,
+    stride_qkv_b,
+    cos_ptr,  # [P, X // 2 * 2] rows at positions (TABLE) or [B, X] rows
+    sin_ptr,
+    pos_ptr,  # [B] (TABLE)
+    stride_c,
+    slot_ptr,  # [B] the new token's cache slot
+    q_norm_ptr,  # [X] (QK_NORM)
+    k_norm_ptr,
+    eps,
+    num_heads,
+    ROPE: tl.constexpr,
+    QKV_SPLIT: tl.constexpr,
+    QK_NORM: tl.constexpr,
+    TABLE: tl.constexpr,
 ):
     wait_prior()
     b = tl.program_id(0)
@@ -164,9 +195,35 @@ def _decode_partition_kernel(
         return
 
     q_mask = row_ok[:, None] & col_ok[None, :]
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :], mask=q_mask, other=0.0
-    )
+    if ROPE:
+        qkv_row = qkv_ptr + b.to(tl.int64) * stride_qkv_b
+        c = b.to(tl.int64)
+        if TABLE:
+            c = tl.load(pos_ptr + b).to(tl.int64)
+        cos_row, sin_row = cos_ptr + c * stride_c, sin_ptr + c * stride_c
+        if (last_part > 0) & (j == (last_part - 1) % num_progs):  # the newest position's K, V
+            one = rows < 1
+            kh = num_heads + g + rows * 0
+            k = _rope_heads(qkv_row, kh, one, stride_qkv_p, cos_row, sin_row, k_norm_ptr, eps,
+                            k_ptr, X, QKV_SPLIT, QK_NORM, True)  # fmt: skip
+            v = _rope_heads(qkv_row, kh + tl.num_programs(1), one, stride_qkv_p, cos_row,
+                            sin_row, k_norm_ptr, eps, k_ptr, X, QKV_SPLIT, False,
+                            False)  # fmt: skip
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            kv_row = (slot // S) * stride_kn + (slot % S) * stride_ks + g * stride_kg
+            kv_mask = one[:, None] & (cols < X)[None, :]
+            tl.store(k_ptr + kv_row + rows[:, None] * 0 + cols[None, :], k, mask=kv_mask)
+            v_row = (slot // S) * stride_vn + (slot % S) * stride_vs + g * stride_vg
+            tl.store(v_ptr + v_row + rows[:, None] * 0 + cols[None, :], v, mask=kv_mask)
+            tl.debug_barrier()  # stored before this program's threads read that position
+        q = _rope_heads(qkv_row, heads, row_ok, stride_qkv_p, cos_row, sin_row, q_norm_ptr, eps,
+                        k_ptr, X, QKV_SPLIT, QK_NORM, True)  # fmt: skip
+    else:
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + cols[None, :],
+            mask=q_mask,
+            other=0.0,
+        )
 
     m_i = tl.full([QH_PAD], NEG_BIG, tl.float32)  # running max of log2-scaled scores
     l_i = tl.zeros([QH_PAD], tl.float32)  # running sum of exp2(score - m_i)
@@ -234,6 +291,44 @@ def _decode_partition_kernel(
 
 
 @triton.jit
+def _rope_heads(
+    qkv_row, heads, row_ok, stride_p, cos_row, sin_row, norm_ptr, eps, like_ptr,
+    X: tl.constexpr, SPLIT: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr,
+):  # fmt: skip
+    """Heads `heads` of one token's qkv row [rows, X] in like_ptr's dtype: the SPLIT float32
+    partials summed and rounded (as the projection's output), each head RMSNormed (NORM) and
+    rotated (ROTATE, rotate-half layout), rounded as norm_rope's rotary kernel rounds."""
+    HALF: tl.constexpr = X // 2
+    offs = tl.arange(0, HALF)
+    ptr = qkv_row + heads[:, None] * X + offs[None, :]
+    m = row_ok[:, None]
+    a1 = tl.zeros([heads.shape[0], HALF], tl.float32)
+    a2 = tl.zeros([heads.shape[0], HALF], tl.float32)
+    for s in tl.static_range(SPLIT):
+        a1 += tl.load(ptr + s * stride_p, mask=m, other=0.0)
+        a2 += tl.load(ptr + s * stride_p + HALF, mask=m, other=0.0)
+    dt = like_ptr.dtype.element_ty
+    x1, x2 = a1.to(dt), a2.to(dt)
+    if NORM:
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        inv = 1.0 / tl.sqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / X + eps)
+        w1 = tl.load(norm_ptr + offs).to(tl.float32)[None, :]
+        w2 = tl.load(norm_ptr + HALF + offs).to(tl.float32)[None, :]
+        x1 = (w1 * (f1 * inv[:, None]).to(dt).to(tl.float32)).to(dt)
+        x2 = (w2 * (f2 * inv[:, None]).to(dt).to(tl.float32)).to(dt)
+    if ROTATE:
+        c1 = tl.load(cos_row + offs).to(tl.float32)[None, :]
+        c2 = tl.load(cos_row + HALF + offs).to(tl.float32)[None, :]
+        s1 = tl.load(sin_row + offs).to(tl.float32)[None, :]
+        s2 = tl.load(sin_row + HALF + offs).to(tl.float32)[None, :]
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        x1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
+        x2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
+    # [rows, HALF] twice -> [rows, X], the halves side by side
+    return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), (heads.shape[0], X))
+
+
+@triton.jit
 def _arrive_and_merge(
     out_ptr, ctx, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, count_ptr,
     b, g, heads, row_ok, cols, col_ok, num_progs, stride_ob, stride_oh,
@@ -252,6 +347,20 @@ def _arrive_and_merge(
             cols, col_ok, used, stride_ob, stride_oh, stride_ab, stride_ah, stride_aj,
             stride_mb, stride_mh, HAS_SINKS,
         )  # fmt: skip
+
+
+class RopeFromQKV(NamedTuple):
+    """The decode's queries, keys and values as the qkv projection's float32 split-K partials
+    [S, B, (H + 2G) * X] (kernels.linear), with what norm_rope.rotary_from_partials takes:
+    cos/sin tables read at positions_B (or rows [B, X] with positions_B None), each new
+    token's cache slot, and the per-head q/k norms (weights, eps) or None."""
+
+    qkv_STN: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions_B: torch.Tensor | None
+    slots_B: torch.Tensor
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -282,6 +391,7 @@ def paged_decode_attention(
     *,
     chunk: int | None = None,
     sinks_H: torch.Tensor | None = None,
+    rope: RopeFromQKV | None = None,
 ) -> torch.Tensor:
     """One new query token per sequence (already written into the cache) attends over its
     sequence's first context_lens_B[b] cached positions (position p lives at block
@@ -293,6 +403,10 @@ def paged_decode_attention(
     into out_BHX when given).
     GQA: H is a multiple of G; query head h uses kv head h // (H // G).
     sinks_H: a logit per query head in each softmax's denominator (gpt-oss), or None.
+    rope: the queries, keys and values as the qkv projection's split-K partials instead: the
+    programs rotate their queries themselves and write the new key and value into the cache
+    first (norm_rope.rotary_from_partials's work, no launch of its own); q_BHX then only
+    gives the shape and dtype (out_BHX will do).
     Only shapes size the launch (no host reads), so the call can be captured in a CUDA graph.
     """
     b, h, x = q_BHX.shape
@@ -336,6 +450,22 @@ def paged_decode_attention(
     counts = None
     if MERGE_IN_LAST and not single and b * g < num_sms():  # measured at batch 1 only
         counts = arrivals.counters(dst.device, b * g)
+    if rope is not None:
+        if not rotates(x, rope.cos.shape[1]):
+            raise ValueError(f"rope in the decode needs a full rotary of a power-of-two head ({x})")
+        qkv = rope.qkv_STN
+        if qkv.dtype != torch.float32 or qkv.shape[1:] != (b, (h + 2 * g) * x):
+            raise ValueError(f"qkv partials {tuple(qkv.shape)} {qkv.dtype} for {b}x{h}+2x{g} heads")
+        assert qkv.stride(2) == 1 and rope.cos.stride() == rope.sin.stride()
+        assert rope.cos.stride(1) == 1
+        q_w, k_w, eps = rope.qk_norm if rope.qk_norm is not None else (dst, dst, 0.0)
+        pos = rope.positions_B if rope.positions_B is not None else rope.slots_B
+        rope_args = (qkv, qkv.stride(0), qkv.stride(1), rope.cos, rope.sin, pos,
+                     rope.cos.stride(0), rope.slots_B, q_w, k_w, float(eps))  # fmt: skip
+    else:
+        rope_args = (dst, 0, 0, dst, dst, dst, 0, dst, dst, dst, 0.0)
+    names = ("qkv_ptr", "stride_qkv_p", "stride_qkv_b", "cos_ptr", "sin_ptr", "pos_ptr",
+             "stride_c", "slot_ptr", "q_norm_ptr", "k_norm_ptr", "eps")  # fmt: skip
 
     _decode_partition_kernel[(b, g, num_progs)](
         q_BHX,
@@ -374,6 +504,12 @@ def paged_decode_attention(
         SINGLE=single,
         HAS_SINKS=sinks_H is not None,
         MERGE=counts is not None,
+        **dict(zip(names, rope_args, strict=True)),
+        num_heads=h,
+        ROPE=rope is not None,
+        QKV_SPLIT=rope.qkv_STN.shape[0] if rope is not None else 1,
+        QK_NORM=rope is not None and rope.qk_norm is not None,
+        TABLE=rope is not None and rope.positions_B is not None,
         num_warps=NUM_WARPS,
         **pdl.LAUNCH,
     )

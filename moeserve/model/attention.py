@@ -85,6 +85,46 @@ class PagedAttention:
             packs_prefills=varlen_prefill_supported(device, dtype, cfg.head_dim),
         )
 
+    def attend_rotating(
+        self,
+        qkv_STN: torch.Tensor,
+        rope: tuple[
+            torch.Tensor,
+            torch.Tensor,
+            torch.Tensor | None,
+            tuple[torch.Tensor, torch.Tensor, float] | None,
+        ],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        mask: LayerMask,
+    ) -> torch.Tensor | None:
+        """Decodes only, from the qkv projection's split-K partials: the decode kernel rotates
+        the queries and writes the new keys and values itself (kernels.paged_attention's
+        ROPE_IN_DECODE); None where it does not (the caller runs the rotary kernel first).
+        rope: (cos, sin, positions, per-head q/k norms) as the rotary kernel takes them."""
+        from moeserve.kernels import paged_attention as pa
+
+        cos, sin, pos, qk_norm = rope
+        k_cache_NSGX, v_cache_NSGX = kv_cache
+        x = k_cache_NSGX.shape[-1]
+        if not (self.decode_kernel and pa.ROPE_IN_DECODE and pa.rotates(x, cos.shape[1])):
+            return None
+        nd, h = meta.num_decodes, qkv_STN.shape[-1] // x - 2 * k_cache_NSGX.shape[2]
+        out_THX = torch.empty(nd, h, x, dtype=k_cache_NSGX.dtype, device=qkv_STN.device)
+        return pa.paged_decode_attention(
+            out_THX,
+            k_cache_NSGX,
+            v_cache_NSGX,
+            meta.block_tables_BM[:nd],
+            meta.context_lens_B[:nd],
+            mask.scale,
+            mask.window,
+            out_BHX=out_THX,
+            chunk=mask.chunk,
+            sinks_H=mask.sinks_H,
+            rope=pa.RopeFromQKV(qkv_STN, cos, sin, pos, meta.slot_mapping_T[:nd], qk_norm),
+        )
+
     def attend(
         self,
         q_THX: torch.Tensor,
@@ -221,10 +261,17 @@ class Attention(nn.Module):
             from moeserve.kernels.norm_rope import rotary_from_partials
 
             cos, sin, pos = cos_sin.for_kernel()
+            qkv_STN = linear_partials(
+                x_TD, self.qkv_weight, self.qkv_bias, self.qkv_weight_scale, input_norm
+            )
+            if isinstance(self.impl, PagedAttention):  # the decode kernel may rotate q itself
+                o_THX = self.impl.attend_rotating(
+                    qkv_STN, (cos, sin, pos, self._kernel_qk_norm()), kv_cache, meta, self.mask
+                )
+                if o_THX is not None:
+                    return self._project(o_THX, partials_out)
             q_THX = rotary_from_partials(
-                linear_partials(
-                    x_TD, self.qkv_weight, self.qkv_bias, self.qkv_weight_scale, input_norm
-                ),
+                qkv_STN,
                 cfg.num_heads,
                 cfg.num_kv_heads,
                 cos,
@@ -308,9 +355,10 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         partials_out: bool,
     ) -> torch.Tensor:
-        t = q_THX.shape[0]
-        o_THX = self.impl.attend(q_THX, kv_cache, meta, self.mask)
-        o_TQ = o_THX.reshape(t, self.cfg.q_size)
+        return self._project(self.impl.attend(q_THX, kv_cache, meta, self.mask), partials_out)
+
+    def _project(self, o_THX: torch.Tensor, partials_out: bool) -> torch.Tensor:
+        o_TQ = o_THX.reshape(o_THX.shape[0], self.cfg.q_size)
         if partials_out:
             from moeserve.kernels.linear import linear_partials
 
