@@ -23,6 +23,10 @@ Sinks (gpt-oss): a per-head logit that joins every softmax's denominator and add
 the output; it is folded in once at the end (exp2(sink - m) added to the sum), after the last
 partition or in the merge.
 
+From the qkv projection's split-K partials (RopeFromQKV, ROPE_IN_DECODE) each program builds
+its own queries (sum, round, per-head norm, rotation: norm_rope's rotary kernel's work) and the
+one holding the newest position first writes that token's key and value into the cache.
+
 The twin readable path is moeserve.model.attention.PagedAttention without decode_kernel.
 """
 
