@@ -30,8 +30,8 @@ def _params(i: int, logprobs: int | None = 2) -> SamplingParams:
     )
 
 
-def _run(llm: LLM) -> list[tuple[list[int], list[float]]]:
-    outs = llm.generate(PROMPTS, [_params(i) for i in range(len(PROMPTS))])
+def _run(llm: LLM, n: int = len(PROMPTS)) -> list[tuple[list[int], list[float]]]:
+    outs = llm.generate(PROMPTS[:n], [_params(i) for i in range(n)])
     return [
         (o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []]) for o in outs
     ]
@@ -76,17 +76,13 @@ def test_interpreted_kernels_match_readable_path(ckpt: Path) -> None:
 )
 def test_interpreted_kernels_every_family(tmp_path: Path, family: str, overrides: dict) -> None:
     path = make_checkpoint(tmp_path / family, family, num_hidden_layers=2, **overrides)
+    _assert_same(_run_four(path, "triton"), _run_four(path, "torch"), 1e-4)
+
+
+def _run_four(path: Path, kernels: str) -> list[tuple[list[int], list[float]]]:
+    """The first four prompts on the CPU, four sequences at a time."""
     kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
-    prompts, params = PROMPTS[:4], [_params(i) for i in range(4)]
-
-    def run(kernels: str) -> list[tuple[list[int], list[float]]]:
-        outs = LLM(path, kernels=kernels, **kw).generate(prompts, params)
-        return [
-            (o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
-            for o in outs
-        ]
-
-    _assert_same(run("triton"), run("torch"), 1e-4)
+    return _run(LLM(path, kernels=kernels, **kw), 4)
 
 
 # No shared expert / shared, qkv bias / per-head q/k norms / the router's logit bias, sinks.
@@ -162,17 +158,7 @@ def test_interpreted_rope_in_the_decode_kernel(
 
     layers = {"num_hidden_layers": 2} if family != "gpt_oss" else {}
     path = make_checkpoint(tmp_path / family, family, **layers)
-    kw = dict(progress=False, device="cpu", max_num_batched_tokens=12, max_num_seqs=4)
-    prompts, params = PROMPTS[:4], [_params(i) for i in range(4)]
-
-    def run(kernels: str) -> list[tuple[list[int], list[float]]]:
-        outs = LLM(path, kernels=kernels, **kw).generate(prompts, params)
-        return [
-            (o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs or []])
-            for o in outs
-        ]
-
-    want = run("torch")
+    want = _run_four(path, "torch")
     rotated: list[int] = []
     real = PagedAttention.attend_rotating
 
@@ -184,7 +170,7 @@ def test_interpreted_rope_in_the_decode_kernel(
     monkeypatch.setattr(backend, "FUSED_ELEMENTWISE_MIN_TOKENS", 1)
     monkeypatch.setattr(pa, "ROPE_IN_DECODE", 1)
     monkeypatch.setattr(PagedAttention, "attend_rotating", counted)
-    _assert_same(run("triton"), want, 1e-4)
+    _assert_same(_run_four(path, "triton"), want, 1e-4)
     assert rotated and all(rotated)
 
 
