@@ -147,7 +147,7 @@ def _decode_partition_kernel(
     qkv_ptr,  # [QKV_SPLIT, B, (H + 2G) * X] float32
     stride_qkv_p,
     stride_qkv_b,
-    cos_ptr,  # [P, X // 2 * 2] rows at positions (TABLE) or [B, X] rows
+    cos_ptr,  # [P, X] rows read at positions (TABLE), or [B, X] rows
     sin_ptr,
     pos_ptr,  # [B] (TABLE)
     stride_c,
