@@ -304,7 +304,7 @@ def fused_moe(
         return sum_over_k(
             part_SRD,
             experts_TK,
-            weights_TK,
+            into.weights_TK,  # float32 already: no second conversion
             out_TD,
             residual_TD,
             b_down_ED,
