@@ -144,6 +144,27 @@ def merge_heads(
     tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def arrive_and_merge(
+    out_ptr, ctx, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, count_ptr,
+    b, g, heads, row_ok, cols, col_ok, num_progs, stride_ob, stride_oh,
+    stride_ab, stride_ah, stride_aj, stride_mb, stride_mh,
+    PARTITION: tl.constexpr, HAS_SINKS: tl.constexpr,
+):  # fmt: skip
+    """Count this program's partial in; the last of the J to arrive merges them all. The
+    barrier puts every thread's stores before the count (acquire-release, GPU scope)."""
+    tl.debug_barrier()
+    counter = count_ptr + b * tl.num_programs(1) + g
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_progs - 1:
+        tl.store(counter, 0)  # zero for the next launch, which waits for this one
+        used = tl.minimum(tl.cdiv(ctx, PARTITION), num_progs)
+        merge_heads(
+            out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, b, heads, row_ok,
+            cols, col_ok, used, stride_ob, stride_oh, stride_ab, stride_ah, stride_aj,
+            stride_mb, stride_mh, HAS_SINKS,
+        )  # fmt: skip
+
+
 class Partials(NamedTuple):
     """A split-K decode's partial results over J context partitions: float32 accumulators
     [B, H, J, width], running max and sum [B, H, J], and their strides (the first three of the

@@ -43,10 +43,11 @@ from moeserve.kernels.decode_merge import (
     LOG2E,
     LOG2E_C,
     NEG_BIG,
-    merge_heads,
+    arrive_and_merge,
     merge_partials,
     split_partials,
 )
+from moeserve.kernels.norm_rope import rotate_halves
 from moeserve.kernels.pdl import wait_prior
 
 # Positions per partition. Fixed rather than sized from the table width, so that parallelism
@@ -191,7 +192,7 @@ def _decode_partition_kernel(
             tl.store(part_max_ptr + ml_off, tl.full([QH_PAD], NEG_BIG, tl.float32), mask=row_ok)
             tl.store(part_sum_ptr + ml_off, tl.zeros([QH_PAD], tl.float32), mask=row_ok)
         if MERGE:
-            _arrive_and_merge(
+            arrive_and_merge(
                 out_ptr, ctx, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, count_ptr,
                 b, g, heads, row_ok, cols, col_ok, num_progs, stride_ob, stride_oh,
                 stride_ab, stride_ah, stride_aj, stride_mb, stride_mh, PARTITION, HAS_SINKS,
@@ -287,7 +288,7 @@ def _decode_partition_kernel(
         tl.store(part_max_ptr + ml_off, m_i, mask=row_ok)
         tl.store(part_sum_ptr + ml_off, l_i, mask=row_ok)  # >= 1: at least one key seen
         if MERGE:
-            _arrive_and_merge(
+            arrive_and_merge(
                 out_ptr, ctx, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, count_ptr,
                 b, g, heads, row_ok, cols, col_ok, num_progs, stride_ob, stride_oh,
                 stride_ab, stride_ah, stride_aj, stride_mb, stride_mh, PARTITION, HAS_SINKS,
@@ -320,37 +321,11 @@ def _rope_heads(
         w2 = tl.load(norm_ptr + HALF + offs).to(tl.float32)[None, :]
         x1 = (w1 * (f1 * inv[:, None]).to(dt).to(tl.float32)).to(dt)
         x2 = (w2 * (f2 * inv[:, None]).to(dt).to(tl.float32)).to(dt)
-    if ROTATE:
-        c1 = tl.load(cos_row + offs).to(tl.float32)[None, :]
-        c2 = tl.load(cos_row + HALF + offs).to(tl.float32)[None, :]
-        s1 = tl.load(sin_row + offs).to(tl.float32)[None, :]
-        s2 = tl.load(sin_row + HALF + offs).to(tl.float32)[None, :]
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        x1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
-        x2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
+    if ROTATE:  # norm_rope's rotation (its cos/sin rows broadcast over the heads)
+        y1, y2 = rotate_halves(x1, x2, cos_row, sin_row, offs[None, :], offs[None, :] < HALF, HALF)
+        x1, x2 = y1.to(dt), y2.to(dt)
     # [rows, HALF] twice -> [rows, X], the halves side by side
     return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), (heads.shape[0], X))
-
-
-@triton.jit
-def _arrive_and_merge(
-    out_ptr, ctx, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, count_ptr,
-    b, g, heads, row_ok, cols, col_ok, num_progs, stride_ob, stride_oh,
-    stride_ab, stride_ah, stride_aj, stride_mb, stride_mh,
-    PARTITION: tl.constexpr, HAS_SINKS: tl.constexpr,
-):  # fmt: skip
-    """Count this program's partial in; the last of the J to arrive merges them all. The
-    barrier puts every thread's stores before the count (acquire-release, GPU scope)."""
-    tl.debug_barrier()
-    counter = count_ptr + b * tl.num_programs(1) + g
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_progs - 1:
-        tl.store(counter, 0)  # zero for the next launch, which waits for this one
-        used = tl.minimum(tl.cdiv(ctx, PARTITION), num_progs)
-        merge_heads(
-            out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr, b, heads, row_ok,
-            cols, col_ok, used, stride_ob, stride_oh, stride_ab, stride_ah, stride_aj,
-            stride_mb, stride_mh, HAS_SINKS,
-        )  # fmt: skip
 
 
 class RopeFromQKV(NamedTuple):
